@@ -1,0 +1,135 @@
+//! The job process → agent channel: one JSON document per line on stdout, each prefixed with
+//! [`REPORT_PREFIX`]. Anything else the process prints is relayed as a log line. The agent
+//! parses these with [`parse_line`].
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+
+/// Prefix of a report line on the job's stdout.
+pub const REPORT_PREFIX: &str = "@@kiln ";
+
+/// Memory at a phase boundary, as measured from inside the job process.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseReport {
+    /// Phase name (`model_loaded`, `forward_done`, …).
+    pub phase: String,
+    /// Step within the job (0 when not applicable).
+    pub step: u32,
+    /// Unix epoch milliseconds.
+    pub at_ms: u64,
+    /// cuMemGetInfo free (0 on CPU).
+    pub cuda_free: u64,
+    /// cuMemGetInfo total (0 on CPU).
+    pub cuda_total: u64,
+    /// Resident set size of the job process.
+    pub host_rss: u64,
+    /// Tensor bytes by category (weights, scales, grads, optimizer_state, activations, kv_cache).
+    pub tensor_bytes: BTreeMap<String, u64>,
+    /// Free-form numbers (loss, seq_len…).
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// The result of a successful job, by kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobOutput {
+    /// memtest finished.
+    Memtest {
+        /// Bytes allocated.
+        allocated_bytes: u64,
+        /// "cuda" or "host".
+        device: String,
+    },
+}
+
+/// One message from the job process to its agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Report {
+    /// A phase boundary.
+    Phase(PhaseReport),
+    /// A line of human-readable output.
+    Log {
+        /// The text.
+        line: String,
+    },
+    /// A generated token.
+    Token {
+        /// Token id.
+        id: u32,
+        /// Its text.
+        text: String,
+    },
+    /// Progress of long work.
+    Progress {
+        /// Units done.
+        done: u64,
+        /// Units in all (0 = unknown).
+        total: u64,
+        /// Unit name.
+        unit: String,
+        /// Short message.
+        message: String,
+    },
+    /// The job succeeded with this output (the last report of a successful job).
+    Result(JobOutput),
+    /// The job failed (the last report of a failed job); the process exits non-zero.
+    Error {
+        /// What went wrong and how to fix it.
+        message: String,
+    },
+}
+
+/// Writes reports to stdout. Cheap to clone; each report is one `write` + flush.
+#[derive(Debug, Clone, Default)]
+pub struct Reporter;
+
+impl Reporter {
+    /// Sends one report. Errors writing stdout (agent gone) are ignored: the job goes on and
+    /// the guard or the agent's exit handling decides its fate.
+    pub fn send(&self, report: &Report) {
+        let mut line = String::from(REPORT_PREFIX);
+        line.push_str(&serde_json::to_string(report).expect("reports always serialize"));
+        line.push('\n');
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(line.as_bytes());
+        let _ = out.flush();
+    }
+
+    /// Sends a log line.
+    pub fn log(&self, line: impl Into<String>) {
+        self.send(&Report::Log { line: line.into() });
+    }
+
+    /// Sends a phase report.
+    pub fn phase(&self, phase: PhaseReport) {
+        self.send(&Report::Phase(phase));
+    }
+}
+
+/// Parses one stdout line of a job process: `Some(report)` for a report line, `None` for a
+/// plain line (to be relayed as a log line) or a malformed report.
+pub fn parse_line(line: &str) -> Option<Report> {
+    let json = line.strip_prefix(REPORT_PREFIX)?;
+    serde_json::from_str(json).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_round_trips_through_a_line() {
+        let r = Report::Progress {
+            done: 3,
+            total: 10,
+            unit: "steps".into(),
+            message: "loss 1.5".into(),
+        };
+        let line = format!("{REPORT_PREFIX}{}", serde_json::to_string(&r).unwrap());
+        assert_eq!(parse_line(&line), Some(r));
+        assert_eq!(parse_line("hello"), None);
+        assert_eq!(parse_line("@@kiln {broken"), None);
+    }
+}
