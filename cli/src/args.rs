@@ -1,0 +1,388 @@
+//! Every flag of every verb, defined once with its help text. `cmd/` holds what each verb does.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Kiln: a gRPC coordinator for GPU work on NVFP4 language models.
+///
+/// Start a coordinator and one agent per GPU box, then submit memtest, generate, train and
+/// export jobs. Every job runs under a hard memory budget enforced by the agent's guard, and
+/// streams per-phase memory telemetry back. `kiln demo` shows the whole loop on one machine.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format of data verbs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// A human-readable table.
+    #[default]
+    Table,
+    /// Stable JSON (field names follow the proto, snake_case); what scripts should read.
+    Json,
+    /// Comma-separated values (telemetry only; other verbs print JSON for csv).
+    Csv,
+}
+
+/// How to reach the coordinator; shared by every client verb.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Coordinator address.
+    #[arg(long, env = "KILN_COORDINATOR", default_value = "http://127.0.0.1:7070", global = true)]
+    pub coordinator: String,
+    /// Bearer token sent with every request (when the coordinator requires one).
+    #[arg(long, env = "KILN_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table, global = true)]
+    pub output: OutputFormat,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the coordinator: the gRPC API, the sled store and the scheduler.
+    Coordinator(CoordinatorArgs),
+    /// Run a GPU agent: dial the coordinator, report GPUs, run jobs under the guard.
+    Agent(AgentArgs),
+    /// Submit a job (memtest, generate, train, export).
+    Submit(SubmitArgs),
+    /// List jobs, newest first.
+    Jobs(JobsArgs),
+    /// Show one job.
+    Job(JobIdArgs),
+    /// Cancel a queued or running job (a running job's process is killed).
+    Cancel(JobIdArgs),
+    /// Stream a job's events until it ends; exits non-zero unless it succeeded.
+    Watch(JobIdArgs),
+    /// Show a job's memory telemetry: phase samples and the guard's time series.
+    Telemetry(TelemetryArgs),
+    /// List agents and their GPUs.
+    Agents(ClientOnlyArgs),
+    /// Stop placing new jobs on an agent; its running jobs finish.
+    Drain(DrainArgs),
+    /// Benchmarks (each prints its baseline measured in the same run).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// One-command quick start: coordinator + agent in-process, jobs through the real API.
+    Demo(DemoArgs),
+    /// Internal: the job process an agent starts (reads a job request on stdin).
+    #[command(hide = true, name = "job-exec")]
+    JobExec,
+}
+
+/// `kiln coordinator`.
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: String,
+    /// Directory of the sled store (jobs, events, telemetry). Created if missing.
+    #[arg(long, default_value = "./kiln-data")]
+    pub data_dir: PathBuf,
+    /// TOML config file (fields of CoordinatorConfig; flags override it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Seconds an agent may be disconnected before its running jobs become LOST.
+    #[arg(long)]
+    pub lease_secs: Option<u64>,
+}
+
+/// `kiln agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Coordinator address.
+    #[arg(long, env = "KILN_COORDINATOR", default_value = "http://127.0.0.1:7070")]
+    pub coordinator: String,
+    /// Agent name (unique among agents). Defaults to the host name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// GPUs to offer: `all`, `none` (a CPU agent) or a list of NVML indices like `0,2`.
+    #[arg(long, default_value = "all")]
+    pub gpus: String,
+    /// Cap each GPU's capacity at this many GiB (the seed's --gpu-limit-gb).
+    #[arg(long)]
+    pub gpu_limit_gb: Option<f64>,
+    /// Host memory offered to CPU jobs, in GiB (default: all of MemTotal).
+    #[arg(long)]
+    pub mem_limit_gb: Option<f64>,
+    /// Default seconds between guard polls (a job's own --poll-secs wins).
+    #[arg(long, default_value_t = 0.5)]
+    pub poll_secs: f64,
+    /// Default seconds over budget before the guard kills (0 = at the first sample over).
+    #[arg(long, default_value_t = 0.0)]
+    pub over_secs: f64,
+    /// Directory for job scratch space and generate sessions.
+    #[arg(long, default_value = "./kiln-agent")]
+    pub work_dir: PathBuf,
+}
+
+/// Flags every submit kind shares.
+#[derive(Debug, Clone, Args)]
+pub struct SubmitCommon {
+    /// Memory budget per GPU (host memory for --gpus 0), in GiB. The guard kills the job
+    /// when its processes use more.
+    #[arg(long)]
+    pub budget_gb: Option<f64>,
+    /// Higher runs first.
+    #[arg(long, default_value_t = 0)]
+    pub priority: i32,
+    /// Number of GPUs; 0 asks for a CPU slot (host memory).
+    #[arg(long, default_value_t = 1)]
+    pub gpus: u32,
+    /// Seconds over budget before the guard kills (0 = at the first sample over).
+    #[arg(long, default_value_t = 0.0)]
+    pub over_secs: f64,
+    /// Seconds between guard polls.
+    #[arg(long, default_value_t = 0.5)]
+    pub poll_secs: f64,
+    /// Attempts in all when the job is LOST with its agent (1 = never retry).
+    #[arg(long, default_value_t = 3)]
+    pub max_attempts: u32,
+    /// A label for the job.
+    #[arg(long, default_value = "")]
+    pub name: String,
+    /// Stream the job's events until it ends; exit non-zero unless it succeeded.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+/// `kiln submit`.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The job kind.
+    #[command(subcommand)]
+    pub kind: SubmitKind,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// The job kinds.
+#[derive(Debug, Subcommand)]
+pub enum SubmitKind {
+    /// Allocate memory in steps on the device (host memory with --gpus 0), reporting a phase
+    /// after each step. For validating budgets and the guard.
+    Memtest(MemtestArgs),
+    /// Generate text with a model.
+    Generate(GenerateArgs),
+    /// Train a model on a JSONL chat dataset.
+    Train(TrainArgs),
+    /// Export a checkpoint to safetensors or an NVFP4 layout.
+    Export(ExportArgs),
+}
+
+/// `kiln submit memtest`.
+#[derive(Debug, Args)]
+pub struct MemtestArgs {
+    /// GiB to allocate in all.
+    #[arg(long)]
+    pub gib: f64,
+    /// Number of equal allocation steps.
+    #[arg(long, default_value_t = 4)]
+    pub steps: u32,
+    /// Seconds to hold the memory after the last step.
+    #[arg(long, default_value_t = 1.0)]
+    pub hold_secs: f64,
+    /// Seconds to pause between steps.
+    #[arg(long, default_value_t = 0.2)]
+    pub step_pause_secs: f64,
+    #[command(flatten)]
+    pub common: SubmitCommon,
+}
+
+/// `kiln submit generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// `tiny` (bundled) or a Hugging Face model directory on the agent's host.
+    #[arg(long, default_value = "tiny")]
+    pub model: String,
+    /// The user message (rendered with the model's chat template).
+    #[arg(long)]
+    pub prompt: String,
+    /// Send the prompt raw, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// System message for the chat template.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Maximum new tokens.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: u32,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: u32,
+    /// Nucleus sampling threshold (0 or 1 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub top_p: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// `cache` (KV cache), `replay` (recompute each token) or `ab` (both; reports agreement).
+    #[arg(long, default_value = "cache")]
+    pub kv: String,
+    /// Continue (or start) this multi-turn session; its turns go to the agent holding it.
+    #[arg(long)]
+    pub session: Option<String>,
+    /// `cpu` or `cuda` (default: what the agent has).
+    #[arg(long, default_value = "")]
+    pub device: String,
+    #[command(flatten)]
+    pub common: SubmitCommon,
+}
+
+/// `kiln submit train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// `tiny`, a Hugging Face directory, or a Kiln checkpoint directory to start from.
+    #[arg(long, default_value = "tiny")]
+    pub model: String,
+    /// JSONL chat dataset (`whoami` = the bundled WhoAmI set).
+    #[arg(long, default_value = "whoami")]
+    pub dataset: String,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 100)]
+    pub steps: u32,
+    /// Sequence length in tokens.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: u32,
+    /// Samples per step.
+    #[arg(long, default_value_t = 8)]
+    pub batch: u32,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// `nvfp4-ste` (full-precision master weights), `nvfp4-full` (packed weights only) or `none`.
+    #[arg(long, default_value = "nvfp4-ste")]
+    pub quant: String,
+    /// Rows per chunk of the packed optimizer step (nvfp4-full); bounds its peak memory.
+    #[arg(long, default_value_t = 32)]
+    pub step_chunk_rows: u32,
+    /// RNG seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output checkpoint directory on the agent's host.
+    #[arg(long)]
+    pub out: String,
+    /// Resume from the latest checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// `cpu` or `cuda` (default: what the agent has).
+    #[arg(long, default_value = "")]
+    pub device: String,
+    #[command(flatten)]
+    pub common: SubmitCommon,
+}
+
+/// `kiln submit export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Checkpoint directory to export (on the agent's host).
+    #[arg(long)]
+    pub checkpoint: String,
+    /// `safetensors` (bf16, HF layout), `nvfp4-modelopt` or `nvfp4-compressed-tensors`.
+    #[arg(long, default_value = "nvfp4-modelopt")]
+    pub format: String,
+    /// Output directory.
+    #[arg(long)]
+    pub out: String,
+    #[command(flatten)]
+    pub common: SubmitCommon,
+}
+
+/// `kiln jobs`.
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// Only jobs in this state (QUEUED, RUNNING, SUCCEEDED, KILLED…); repeatable.
+    #[arg(long = "state")]
+    pub states: Vec<String>,
+    /// Only jobs of this kind (memtest, generate, train, export).
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Only jobs placed on this agent.
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// At most this many jobs (follows pages as needed).
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Verbs that take one job id.
+#[derive(Debug, Args)]
+pub struct JobIdArgs {
+    /// The job id (as printed by `kiln submit` and `kiln jobs`).
+    pub id: u64,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Verbs that only need the coordinator.
+#[derive(Debug, Args)]
+pub struct ClientOnlyArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `kiln telemetry`.
+#[derive(Debug, Args)]
+pub struct TelemetryArgs {
+    /// The job id.
+    pub id: u64,
+    /// Only this phase (e.g. model_loaded, memtest_step).
+    #[arg(long)]
+    pub phase: Option<String>,
+    /// Include the guard's time series, not only phase samples.
+    #[arg(long)]
+    pub guard: bool,
+    /// Draw memory over time to this file (.png or .svg); implies --guard.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `kiln drain`.
+#[derive(Debug, Args)]
+pub struct DrainArgs {
+    /// The agent's name (see `kiln agents`).
+    pub agent: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `kiln demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep the demo's data directory here instead of a temporary one.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// `kiln bench`.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Coordinator throughput, dispatch latency and restart recovery over loopback gRPC.
+    Scheduler(BenchSchedulerArgs),
+}
+
+/// `kiln bench scheduler`.
+#[derive(Debug, Args)]
+pub struct BenchSchedulerArgs {
+    /// Simulated agents.
+    #[arg(long, default_value_t = 100)]
+    pub agents: usize,
+    /// Jobs submitted for the throughput phase.
+    #[arg(long, default_value_t = 20_000)]
+    pub submits: usize,
+    /// Queued jobs for the recovery phase.
+    #[arg(long, default_value_t = 10_000)]
+    pub recovery_jobs: usize,
+}

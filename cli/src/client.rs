@@ -1,0 +1,65 @@
+//! Connecting to the coordinator: the channel, the bearer-token interceptor, and turning
+//! transport and status errors into messages that say what to do.
+
+use crate::args::ClientArgs;
+use anyhow::{anyhow, Context};
+use kiln_proto::v1::coordinator_client::CoordinatorClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// Adds `authorization: Bearer <token>` when a token is configured.
+#[derive(Clone)]
+pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The coordinator client every verb uses.
+pub type Client = CoordinatorClient<InterceptedService<Channel, BearerToken>>;
+
+/// Connects to the coordinator named by `--coordinator` / `KILN_COORDINATOR`.
+pub async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
+    connect_url(&args.coordinator, args.token.as_deref()).await
+}
+
+/// Connects to `url`, failing with a message that names the address and the fix.
+pub async fn connect_url(url: &str, token: Option<&str>) -> anyhow::Result<Client> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("invalid coordinator address {url:?} (expected e.g. http://127.0.0.1:7070)"))?
+        .connect_timeout(std::time::Duration::from_secs(5));
+    let channel = endpoint.connect().await.map_err(|e| {
+        anyhow!(
+            "cannot reach the coordinator at {url}: {e}. Is `kiln coordinator` running there? \
+             Set --coordinator or KILN_COORDINATOR to its address."
+        )
+    })?;
+    let token = match token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .context("the token contains characters not allowed in a header")?,
+        ),
+        None => None,
+    };
+    Ok(CoordinatorClient::with_interceptor(channel, BearerToken(token)))
+}
+
+/// Turns a gRPC status into an error that keeps the coordinator's message.
+pub fn status_error(status: tonic::Status) -> anyhow::Error {
+    let code = match status.code() {
+        tonic::Code::NotFound => "not found",
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::ResourceExhausted => "resource exhausted",
+        tonic::Code::FailedPrecondition => "failed precondition",
+        tonic::Code::Unavailable => "coordinator unavailable",
+        tonic::Code::Unauthenticated => "unauthenticated (check --token / KILN_TOKEN)",
+        _ => "error",
+    };
+    anyhow!("{code}: {}", status.message())
+}

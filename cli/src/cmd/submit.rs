@@ -1,0 +1,159 @@
+//! `kiln submit memtest|generate|train|export`: flags → SubmitJobRequest, print the accepted
+//! job, and with --follow stream its events until it ends.
+
+use super::{gib_to_bytes, print_json, watch};
+use crate::args::{OutputFormat, SubmitArgs, SubmitCommon, SubmitKind};
+use crate::client::{connect, status_error};
+use crate::output::job_json;
+use anyhow::bail;
+use kiln_proto::v1::{self, job_spec::Spec};
+use std::process::ExitCode;
+
+/// The default memory budget when --budget-gb is not given, per kind.
+fn default_budget_gb(kind: &SubmitKind) -> f64 {
+    match kind {
+        // memtest's natural budget is what it allocates plus room for the process itself.
+        SubmitKind::Memtest(m) => m.gib + 1.0,
+        SubmitKind::Generate(_) | SubmitKind::Export(_) => 4.0,
+        SubmitKind::Train(_) => 8.0,
+    }
+}
+
+fn resources(common: &SubmitCommon, budget_gb: f64) -> anyhow::Result<v1::JobResources> {
+    if !(budget_gb > 0.0 && budget_gb.is_finite()) {
+        bail!("--budget-gb must be a positive number of GiB (got {budget_gb})");
+    }
+    if common.max_attempts == 0 {
+        bail!("--max-attempts must be at least 1");
+    }
+    if common.poll_secs <= 0.0 || common.over_secs < 0.0 {
+        bail!("--poll-secs must be > 0 and --over-secs must be ≥ 0");
+    }
+    Ok(v1::JobResources {
+        gpus: common.gpus,
+        budget_bytes: gib_to_bytes(budget_gb),
+        over_secs: common.over_secs,
+        poll_secs: common.poll_secs,
+        max_attempts: common.max_attempts,
+    })
+}
+
+/// Turns the parsed flags into a request; validates what the coordinator cannot know.
+pub fn build_request(kind: &SubmitKind) -> anyhow::Result<(v1::SubmitJobRequest, bool)> {
+    let common = match kind {
+        SubmitKind::Memtest(a) => &a.common,
+        SubmitKind::Generate(a) => &a.common,
+        SubmitKind::Train(a) => &a.common,
+        SubmitKind::Export(a) => &a.common,
+    };
+    let spec = match kind {
+        SubmitKind::Memtest(m) => {
+            if !(m.gib > 0.0) || m.steps == 0 {
+                bail!("memtest needs --gib > 0 and --steps ≥ 1");
+            }
+            Spec::Memtest(v1::MemtestSpec {
+                bytes: gib_to_bytes(m.gib),
+                steps: m.steps,
+                hold_secs: m.hold_secs,
+                step_pause_secs: m.step_pause_secs,
+            })
+        }
+        SubmitKind::Generate(g) => {
+            if !["cache", "replay", "ab"].contains(&g.kv.as_str()) {
+                bail!("--kv must be cache, replay or ab (got {:?})", g.kv);
+            }
+            let (prompt, messages) = if g.raw {
+                (g.prompt.clone(), vec![])
+            } else {
+                let mut msgs = Vec::new();
+                if let Some(sys) = &g.system {
+                    msgs.push(v1::ChatMessage { role: "system".into(), content: sys.clone() });
+                }
+                msgs.push(v1::ChatMessage { role: "user".into(), content: g.prompt.clone() });
+                (String::new(), msgs)
+            };
+            Spec::Generate(v1::GenerateSpec {
+                model: g.model.clone(),
+                prompt,
+                messages,
+                max_tokens: g.max_tokens,
+                sampling: Some(v1::Sampling {
+                    temperature: g.temperature,
+                    top_k: g.top_k,
+                    top_p: g.top_p,
+                    seed: g.seed,
+                }),
+                kv: g.kv.clone(),
+                session_id: g.session.clone().unwrap_or_default(),
+                device: g.device.clone(),
+            })
+        }
+        SubmitKind::Train(t) => {
+            if !["nvfp4-ste", "nvfp4-full", "none"].contains(&t.quant.as_str()) {
+                bail!("--quant must be nvfp4-ste, nvfp4-full or none (got {:?})", t.quant);
+            }
+            if t.steps == 0 || t.batch == 0 || t.seq_len < 2 || t.step_chunk_rows == 0 {
+                bail!("--steps, --batch and --step-chunk-rows must be ≥ 1 and --seq-len ≥ 2");
+            }
+            Spec::Train(v1::TrainSpec {
+                model: t.model.clone(),
+                dataset: t.dataset.clone(),
+                steps: t.steps,
+                seq_len: t.seq_len,
+                batch: t.batch,
+                lr: t.lr,
+                quant: t.quant.clone(),
+                step_chunk_rows: t.step_chunk_rows,
+                seed: t.seed,
+                out_dir: t.out.clone(),
+                resume: t.resume,
+                device: t.device.clone(),
+            })
+        }
+        SubmitKind::Export(e) => {
+            if !["safetensors", "nvfp4-modelopt", "nvfp4-compressed-tensors"].contains(&e.format.as_str()) {
+                bail!(
+                    "--format must be safetensors, nvfp4-modelopt or nvfp4-compressed-tensors (got {:?})",
+                    e.format
+                );
+            }
+            Spec::Export(v1::ExportSpec {
+                checkpoint: e.checkpoint.clone(),
+                format: e.format.clone(),
+                out_dir: e.out.clone(),
+            })
+        }
+    };
+    let budget = common.budget_gb.unwrap_or_else(|| default_budget_gb(kind));
+    let req = v1::SubmitJobRequest {
+        spec: Some(v1::JobSpec { spec: Some(spec) }),
+        resources: Some(resources(common, budget)?),
+        priority: common.priority,
+        name: common.name.clone(),
+    };
+    Ok((req, common.follow))
+}
+
+/// `kiln submit`.
+pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let (req, follow) = build_request(&args.kind)?;
+    let mut client = connect(&args.client).await?;
+    let job = client
+        .submit_job(req)
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .job
+        .ok_or_else(|| anyhow::anyhow!("the coordinator accepted the job but returned no record"))?;
+    if follow {
+        if args.client.output == OutputFormat::Table {
+            eprintln!("submitted job {} ({})", job.id, crate::output::job_state(&job));
+        }
+        return watch::follow(&mut client, job.id, args.client.output).await;
+    }
+    match args.client.output {
+        OutputFormat::Table => println!("submitted job {} ({})", job.id, crate::output::job_state(&job)),
+        _ => print_json(&job_json(&job)),
+    }
+    Ok(ExitCode::SUCCESS)
+}

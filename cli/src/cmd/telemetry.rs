@@ -1,0 +1,106 @@
+//! `kiln telemetry ID`: a job's phase samples (and with --guard the guard's time series) as a
+//! table, JSON or CSV, and with --plot a chart of memory over time (PNG or SVG).
+
+use super::print_json;
+use crate::args::{OutputFormat, TelemetryArgs};
+use crate::client::{connect, status_error};
+use crate::output::{telemetry_csv, telemetry_json, telemetry_table};
+use anyhow::{bail, Context};
+use kiln_proto::v1::{self, TelemetrySource};
+use plotters::prelude::*;
+use std::path::Path;
+use std::process::ExitCode;
+
+/// `kiln telemetry`.
+pub async fn run(args: TelemetryArgs) -> anyhow::Result<ExitCode> {
+    let mut client = connect(&args.client).await?;
+    // Fail with NOT_FOUND for an unknown job rather than printing an empty table.
+    let job = client
+        .get_job(v1::GetJobRequest { id: args.id })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let rows = client
+        .query_telemetry(v1::QueryTelemetryRequest {
+            job_id: args.id,
+            phase: args.phase.clone().unwrap_or_default(),
+            include_guard: args.guard || args.plot.is_some(),
+            ..Default::default()
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .rows;
+    if let Some(path) = &args.plot {
+        plot(path, &job, &rows)?;
+        eprintln!("wrote {}", path.display());
+    }
+    match args.client.output {
+        OutputFormat::Table => println!("{}", telemetry_table(&rows)),
+        OutputFormat::Json => print_json(&serde_json::Value::Array(rows.iter().map(telemetry_json).collect())),
+        OutputFormat::Csv => print!("{}", telemetry_csv(&rows)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Draws the job's memory (MiB) over time (seconds from the first sample): the guard's series
+/// as a line, phase samples as labelled points, the budget as a horizontal line.
+pub fn plot(path: &Path, job: &v1::Job, rows: &[v1::TelemetryRow]) -> anyhow::Result<()> {
+    if rows.is_empty() {
+        bail!("job {} has no telemetry yet; nothing to plot", job.id);
+    }
+    let is_svg = match path.extension().and_then(|e| e.to_str()) {
+        Some("svg") => true,
+        Some("png") => false,
+        _ => bail!("--plot {}: use a .png or .svg file name", path.display()),
+    };
+    let t0 = rows.iter().filter_map(|r| r.sample.as_ref()).map(|s| s.at_ms).min().unwrap_or(0);
+    let point = |r: &v1::TelemetryRow| {
+        let s = r.sample.clone().unwrap_or_default();
+        (
+            (s.at_ms.saturating_sub(t0)) as f64 / 1000.0,
+            s.pid_mem as f64 / (1u64 << 20) as f64,
+            s.phase,
+        )
+    };
+    let guard: Vec<_> = rows.iter().filter(|r| r.source == TelemetrySource::Guard as i32).map(point).collect();
+    let phases: Vec<_> = rows.iter().filter(|r| r.source == TelemetrySource::Phase as i32).map(point).collect();
+    let budget_mib = job.resources.as_ref().map(|r| r.budget_bytes).unwrap_or(0) as f64 / (1u64 << 20) as f64;
+    let t_max = guard.iter().chain(&phases).map(|p| p.0).fold(0.0, f64::max).max(1.0);
+    let m_max = guard.iter().chain(&phases).map(|p| p.1).fold(budget_mib, f64::max).max(1.0) * 1.1;
+    let title = format!("job {} memory (budget {:.0} MiB)", job.id, budget_mib);
+    let draw = |root: DrawingArea<_, _>| -> anyhow::Result<()> {
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(&title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..t_max * 1.02, 0.0..m_max)?;
+        chart.configure_mesh().x_desc("seconds").y_desc("MiB (job processes)").draw()?;
+        chart
+            .draw_series(LineSeries::new(guard.iter().map(|p| (p.0, p.1)), &BLUE))?
+            .label("guard samples")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+        chart
+            .draw_series(LineSeries::new(vec![(0.0, budget_mib), (t_max * 1.02, budget_mib)], &RED))?
+            .label("budget")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        chart
+            .draw_series(phases.iter().map(|p| Circle::new((p.0, p.1), 4, GREEN.filled())))?
+            .label("phase samples")
+            .legend(|(x, y)| Circle::new((x + 10, y), 4, GREEN.filled()));
+        chart.draw_series(phases.iter().map(|p| {
+            Text::new(p.2.clone(), (p.0, p.1), ("sans-serif", 12).into_font())
+        }))?;
+        chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+        root.present()?;
+        Ok(())
+    };
+    if is_svg {
+        draw(SVGBackend::new(path, (1000, 600)).into_drawing_area())
+    } else {
+        draw(BitMapBackend::new(path, (1000, 600)).into_drawing_area())
+    }
+    .with_context(|| format!("drawing {}", path.display()))
+}

@@ -1,0 +1,275 @@
+//! How data verbs print: the stable JSON form of jobs, agents and telemetry rows (field names
+//! follow the proto, snake_case; enum values are the upper-case names of DESIGN.md), and the
+//! human tables.
+
+use comfy_table::{presets::UTF8_BORDERS_ONLY, Cell, Table};
+use kiln_proto::v1::{self, job_result, job_spec, JobKind, JobState};
+use kiln_proto::{agent_status_name, kind_name, source_name, state_name};
+use serde_json::{json, Value};
+
+/// Bytes as GiB with two decimals.
+pub fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// Bytes as MiB with one decimal.
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// The state of a job as users see it.
+pub fn job_state(job: &v1::Job) -> &'static str {
+    state_name(JobState::try_from(job.state).unwrap_or(JobState::Unspecified))
+}
+
+/// The kind of a job as users see it.
+pub fn job_kind(job: &v1::Job) -> &'static str {
+    kind_name(JobKind::try_from(job.kind).unwrap_or(JobKind::Unspecified))
+}
+
+fn kill_json(k: &v1::KillRecord) -> Value {
+    json!({
+        "pid": k.pid, "pid_mem": k.pid_mem, "total_mem": k.total_mem,
+        "limit": k.limit, "phase": k.phase, "at_ms": k.at_ms,
+    })
+}
+
+fn spec_json(spec: Option<&v1::JobSpec>) -> Value {
+    match spec.and_then(|s| s.spec.as_ref()) {
+        Some(job_spec::Spec::Memtest(m)) => json!({
+            "bytes": m.bytes, "steps": m.steps, "hold_secs": m.hold_secs,
+            "step_pause_secs": m.step_pause_secs,
+        }),
+        Some(job_spec::Spec::Generate(g)) => json!({
+            "model": g.model, "prompt": g.prompt,
+            "messages": g.messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>(),
+            "max_tokens": g.max_tokens,
+            "sampling": g.sampling.as_ref().map(|s| json!({
+                "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed,
+            })),
+            "kv": g.kv, "session_id": g.session_id, "device": g.device,
+        }),
+        Some(job_spec::Spec::Train(t)) => json!({
+            "model": t.model, "dataset": t.dataset, "steps": t.steps, "seq_len": t.seq_len,
+            "batch": t.batch, "lr": t.lr, "quant": t.quant, "step_chunk_rows": t.step_chunk_rows,
+            "seed": t.seed, "out_dir": t.out_dir, "resume": t.resume, "device": t.device,
+        }),
+        Some(job_spec::Spec::Export(e)) => json!({
+            "checkpoint": e.checkpoint, "format": e.format, "out_dir": e.out_dir,
+        }),
+        None => Value::Null,
+    }
+}
+
+fn result_json(result: Option<&v1::JobResult>) -> Value {
+    match result.and_then(|r| r.result.as_ref()) {
+        Some(job_result::Result::Memtest(m)) => json!({
+            "allocated_bytes": m.allocated_bytes, "device": m.device,
+        }),
+        Some(job_result::Result::Generate(g)) => json!({
+            "text": g.text, "token_ids": g.token_ids, "prefill_ms": g.prefill_ms,
+            "decode_tokens_per_s": g.decode_tokens_per_s, "session_seq_len": g.session_seq_len,
+            "ab_tokens_agree": g.ab_tokens_agree, "ab_max_logit_diff": g.ab_max_logit_diff,
+        }),
+        Some(job_result::Result::Train(t)) => json!({
+            "loss": t.loss, "checkpoint": t.checkpoint, "tokens_per_s": t.tokens_per_s,
+        }),
+        Some(job_result::Result::Export(e)) => json!({
+            "files": e.files, "tensor_count": e.tensor_count, "verified": e.verified,
+        }),
+        None => Value::Null,
+    }
+}
+
+/// The stable JSON form of a job.
+pub fn job_json(job: &v1::Job) -> Value {
+    let res = job.resources.clone().unwrap_or_default();
+    let mut v = json!({
+        "id": job.id,
+        "name": job.name,
+        "kind": job_kind(job),
+        "state": job_state(job),
+        "attempt": job.attempt,
+        "priority": job.priority,
+        "gpus": res.gpus,
+        "budget_bytes": res.budget_bytes,
+        "over_secs": res.over_secs,
+        "poll_secs": res.poll_secs,
+        "max_attempts": res.max_attempts,
+        "agent": job.agent,
+        "gpu_indices": job.gpu_indices,
+        "submitted_at_ms": job.submitted_at_ms,
+        "started_at_ms": job.started_at_ms,
+        "finished_at_ms": job.finished_at_ms,
+        "error": job.error,
+        "peak_mem": job.peak_mem,
+        "session_id": job.session_id,
+        "spec": spec_json(job.spec.as_ref()),
+        "result": result_json(job.result.as_ref()),
+    });
+    if let Some(k) = &job.kill {
+        v["kill"] = kill_json(k);
+    }
+    v
+}
+
+/// A table of jobs.
+pub fn jobs_table(jobs: &[v1::Job]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY).set_header([
+        "ID", "KIND", "STATE", "ATTEMPT", "PRIO", "GPUS", "BUDGET", "PEAK", "AGENT", "NAME",
+    ]);
+    for j in jobs {
+        let res = j.resources.clone().unwrap_or_default();
+        t.add_row(vec![
+            Cell::new(j.id),
+            Cell::new(job_kind(j)),
+            Cell::new(job_state(j)),
+            Cell::new(j.attempt),
+            Cell::new(j.priority),
+            Cell::new(res.gpus),
+            Cell::new(gib(res.budget_bytes)),
+            Cell::new(if j.peak_mem > 0 { mib(j.peak_mem) } else { "-".into() }),
+            Cell::new(if j.agent.is_empty() { "-" } else { &j.agent }),
+            Cell::new(&j.name),
+        ]);
+    }
+    t
+}
+
+/// The stable JSON form of an agent.
+pub fn agent_json(a: &v1::Agent) -> Value {
+    let status = v1::AgentStatus::try_from(a.status).unwrap_or(v1::AgentStatus::Unspecified);
+    json!({
+        "name": a.name,
+        "status": agent_status_name(status),
+        "nvml": a.nvml,
+        "host_mem_bytes": a.host_mem_bytes,
+        "last_seen_ms": a.last_seen_ms,
+        "running_jobs": a.running_jobs,
+        "sessions": a.sessions,
+        "version": a.version,
+        "gpus": a.gpus.iter().map(|g| json!({
+            "index": g.index, "uuid": g.uuid, "name": g.name,
+            "total_bytes": g.total_bytes, "foreign_used_bytes": g.foreign_used_bytes,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A table of agents, one row per GPU (or one row for a CPU agent).
+pub fn agents_table(agents: &[v1::Agent]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY)
+        .set_header(["AGENT", "STATUS", "DEVICE", "CAPACITY", "FOREIGN", "JOBS"]);
+    for a in agents {
+        let status = v1::AgentStatus::try_from(a.status).unwrap_or(v1::AgentStatus::Unspecified);
+        let jobs = a.running_jobs.iter().map(|j| j.to_string()).collect::<Vec<_>>().join(",");
+        t.add_row(vec![
+            Cell::new(&a.name),
+            Cell::new(agent_status_name(status)),
+            Cell::new("host (gpus=0)"),
+            Cell::new(gib(a.host_mem_bytes)),
+            Cell::new("-"),
+            Cell::new(&jobs),
+        ]);
+        for g in &a.gpus {
+            t.add_row(vec![
+                Cell::new(""),
+                Cell::new(""),
+                Cell::new(format!("gpu{} {}", g.index, g.name)),
+                Cell::new(gib(g.total_bytes)),
+                Cell::new(gib(g.foreign_used_bytes)),
+                Cell::new(""),
+            ]);
+        }
+    }
+    t
+}
+
+/// The stable JSON form of a telemetry row (flattened: sample fields at the top level).
+pub fn telemetry_json(r: &v1::TelemetryRow) -> Value {
+    let s = r.sample.clone().unwrap_or_default();
+    let source = v1::TelemetrySource::try_from(r.source).unwrap_or(v1::TelemetrySource::Unspecified);
+    json!({
+        "job_id": r.job_id,
+        "attempt": r.attempt,
+        "agent": r.agent,
+        "gpu_index": r.gpu_index,
+        "source": source_name(source),
+        "phase": s.phase,
+        "step": s.step,
+        "at_ms": s.at_ms,
+        "pid_mem": s.pid_mem,
+        "device_used": s.device_used,
+        "device_total": s.device_total,
+        "cuda_free": s.cuda_free,
+        "cuda_total": s.cuda_total,
+        "host_rss": s.host_rss,
+        "tensor_bytes": s.tensor_bytes.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "metrics": s.metrics.iter().collect::<std::collections::BTreeMap<_, _>>(),
+    })
+}
+
+/// CSV of telemetry rows (tensor bytes as `category=bytes` pairs joined by `;`).
+pub fn telemetry_csv(rows: &[v1::TelemetryRow]) -> String {
+    let mut out = String::from(
+        "job_id,attempt,agent,gpu_index,source,phase,step,at_ms,pid_mem,device_used,device_total,cuda_free,cuda_total,host_rss,tensor_bytes\n",
+    );
+    for r in rows {
+        let s = r.sample.clone().unwrap_or_default();
+        let source = v1::TelemetrySource::try_from(r.source).unwrap_or(v1::TelemetrySource::Unspecified);
+        let mut tb: Vec<_> = s.tensor_bytes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        tb.sort();
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            r.job_id,
+            r.attempt,
+            r.agent,
+            r.gpu_index,
+            source_name(source),
+            s.phase,
+            s.step,
+            s.at_ms,
+            s.pid_mem,
+            s.device_used,
+            s.device_total,
+            s.cuda_free,
+            s.cuda_total,
+            s.host_rss,
+            tb.join(";")
+        ));
+    }
+    out
+}
+
+/// A table of telemetry rows; times are relative to the first row.
+pub fn telemetry_table(rows: &[v1::TelemetryRow]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY).set_header([
+        "JOB", "T+S", "SOURCE", "PHASE", "STEP", "PID MEM", "DEVICE USED", "DEVICE TOTAL", "TENSORS",
+    ]);
+    let t0 = rows.iter().filter_map(|r| r.sample.as_ref()).map(|s| s.at_ms).min().unwrap_or(0);
+    for r in rows {
+        let s = r.sample.clone().unwrap_or_default();
+        let source = v1::TelemetrySource::try_from(r.source).unwrap_or(v1::TelemetrySource::Unspecified);
+        let mut tb: Vec<_> = s
+            .tensor_bytes
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k} {}", mib(*v)))
+            .collect();
+        tb.sort();
+        t.add_row(vec![
+            Cell::new(r.job_id),
+            Cell::new(format!("{:.2}", (s.at_ms.saturating_sub(t0)) as f64 / 1000.0)),
+            Cell::new(source_name(source)),
+            Cell::new(&s.phase),
+            Cell::new(s.step),
+            Cell::new(mib(s.pid_mem)),
+            Cell::new(gib(s.device_used)),
+            Cell::new(gib(s.device_total)),
+            Cell::new(tb.join(", ")),
+        ]);
+    }
+    t
+}
