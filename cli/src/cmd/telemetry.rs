@@ -43,12 +43,25 @@ pub async fn run(args: TelemetryArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The font every chart uses, bundled so plotting needs no system fonts (DejaVu Sans; its
+/// license is in cli/assets/DejaVuSans.LICENSE).
+static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
+
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Registering a valid bundled TrueType font cannot fail.
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
 /// Draws the job's memory (MiB) over time (seconds from the first sample): the guard's series
 /// as a line, phase samples as labelled points, the budget as a horizontal line.
 pub fn plot(path: &Path, job: &v1::Job, rows: &[v1::TelemetryRow]) -> anyhow::Result<()> {
     if rows.is_empty() {
         bail!("job {} has no telemetry yet; nothing to plot", job.id);
     }
+    register_font();
     let is_svg = match path.extension().and_then(|e| e.to_str()) {
         Some("svg") => true,
         Some("png") => false,
