@@ -1,0 +1,195 @@
+//! The control plane end to end, with real processes: `kiln coordinator`, `kiln agent` (CPU
+//! agents: host memory stands in for GPU memory, the guard reads /proc) and client verbs.
+
+mod common;
+
+use common::{children_of, Cluster};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+#[test]
+fn memtest_succeeds_with_phase_samples_in_telemetry() {
+    let mut c = Cluster::start();
+    c.start_agent("a1", 2.0);
+    let out = c.kiln(&[
+        "submit", "memtest", "--gpus", "0", "--gib", "0.125", "--steps", "2", "--budget-gb", "1",
+        "--hold-secs", "0.2", "--follow", "-o", "json",
+    ]);
+    assert!(out.status.success(), "follow exited non-zero: {}", String::from_utf8_lossy(&out.stderr));
+    // --follow -o json prints one JSON document per line: events, then the final job.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["state"], "SUCCEEDED", "{last:#}");
+    assert_eq!(last["attempt"], 1);
+    assert_eq!(last["kind"], "MEMTEST");
+    let id = last["id"].as_u64().unwrap();
+    let rows = c.json(&["telemetry", &id.to_string()]);
+    let rows = rows.as_array().unwrap();
+    let steps: Vec<_> = rows.iter().filter(|r| r["phase"] == "memtest_step").collect();
+    assert_eq!(steps.len(), 2, "one phase sample per step: {rows:#?}");
+    for r in &steps {
+        assert!(r["pid_mem"].as_u64().unwrap() > 0, "{r:#}");
+        assert!(r["device_total"].as_u64().unwrap() > 0, "{r:#}");
+        assert!(r["device_used"].as_u64().is_some(), "{r:#}");
+    }
+    // The second step holds twice the memory of the first.
+    assert!(steps[1]["pid_mem"].as_u64() > steps[0]["pid_mem"].as_u64());
+    let csv = c.kiln(&["telemetry", &id.to_string(), "-o", "csv"]);
+    assert!(String::from_utf8_lossy(&csv.stdout).starts_with("job_id,attempt,agent"));
+}
+
+#[test]
+fn memtest_over_budget_is_killed_and_the_agent_lives_on() {
+    let mut c = Cluster::start();
+    c.start_agent("a1", 4.0);
+    let out = c.kiln(&[
+        "submit", "memtest", "--gpus", "0", "--gib", "1", "--steps", "4", "--budget-gb", "0.3",
+        "--over-secs", "0", "--poll-secs", "0.1", "--step-pause-secs", "0.3", "--hold-secs", "2",
+        "--follow", "-o", "json",
+    ]);
+    assert!(!out.status.success(), "a killed job must make --follow exit non-zero");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let job: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(job["state"], "KILLED", "{job:#}");
+    let kill = &job["kill"];
+    let (pid_mem, limit) = (kill["pid_mem"].as_u64().unwrap(), kill["limit"].as_u64().unwrap());
+    assert!(pid_mem > limit, "pid_mem {pid_mem} must exceed limit {limit}");
+    assert_eq!(limit, (0.3f64 * (1u64 << 30) as f64).round() as u64);
+    assert!(kill["pid"].as_u64().unwrap() > 0);
+    assert!(kill["total_mem"].as_u64().unwrap() >= pid_mem);
+    assert!(kill["phase"].as_str().unwrap().starts_with("memtest"), "{kill:#}");
+    // The agent survived and runs the next job.
+    let id = c.submit_memtest(0.05, 1.0, 0.0, &[]);
+    c.wait_state(id, "SUCCEEDED", T);
+}
+
+#[test]
+fn jobs_that_fit_share_capacity_and_a_third_waits() {
+    let mut c = Cluster::start();
+    c.start_agent("a1", 1.0);
+    let ids: Vec<u64> = (0..3).map(|_| c.submit_memtest(0.05, 0.45, 3.0, &[])).collect();
+    c.wait_for(T, || {
+        let running = c.json(&["jobs", "--state", "RUNNING"]);
+        running.as_array().unwrap().len() == 2
+    });
+    let queued = c.json(&["jobs", "--state", "QUEUED"]);
+    assert_eq!(queued.as_array().unwrap().len(), 1, "{queued:#}");
+    for id in ids {
+        c.wait_state(id, "SUCCEEDED", T);
+    }
+}
+
+#[test]
+fn impossible_budget_is_rejected_at_submit() {
+    let mut c = Cluster::start();
+    c.start_agent("a1", 1.0);
+    let out = c.kiln(&["submit", "memtest", "--gpus", "0", "--gib", "0.1", "--budget-gb", "500"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("resource exhausted"), "{err}");
+    let jobs = c.json(&["jobs"]);
+    assert!(jobs.as_array().unwrap().is_empty(), "a rejected job must not be stored");
+}
+
+#[test]
+fn unknown_job_id_is_not_found() {
+    let c = Cluster::start();
+    for verb in ["job", "cancel", "watch", "telemetry"] {
+        let out = c.kiln(&[verb, "424242"]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not found"), "kiln {verb}: {err}");
+    }
+}
+
+#[test]
+fn cancel_of_a_running_job_kills_its_process() {
+    let mut c = Cluster::start();
+    c.start_agent("a1", 2.0);
+    let id = c.submit_memtest(0.05, 0.5, 60.0, &[]);
+    c.wait_state(id, "RUNNING", T);
+    let agent_pid = c.agent_pid("a1");
+    c.wait_for(T, || !children_of(agent_pid).is_empty());
+    let job = c.json(&["cancel", &id.to_string()]);
+    assert_eq!(job["state"], "CANCELLED");
+    c.wait_for(Duration::from_secs(10), || children_of(agent_pid).is_empty());
+    // Cancelling again is a precondition failure, not a silent success.
+    let out = c.kiln(&["cancel", &id.to_string()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("failed precondition"));
+}
+
+#[test]
+fn cancel_of_a_queued_job() {
+    let mut c = Cluster::start();
+    c.start_agent("a1", 0.5);
+    let blocker = c.submit_memtest(0.05, 0.45, 5.0, &[]);
+    c.wait_state(blocker, "RUNNING", T);
+    let queued = c.submit_memtest(0.05, 0.45, 0.0, &[]);
+    assert_eq!(c.job(queued)["state"], "QUEUED");
+    assert_eq!(c.json(&["cancel", &queued.to_string()])["state"], "CANCELLED");
+    c.wait_state(blocker, "SUCCEEDED", T);
+    assert_eq!(c.job(queued)["state"], "CANCELLED", "a cancelled job must never run");
+}
+
+#[test]
+fn coordinator_kill9_loses_nothing_and_reconciles_the_running_job() {
+    let mut c = Cluster::start();
+    c.start_agent("a1", 1.0);
+    // One long job fills the agent; the others queue behind it.
+    let running = c.submit_memtest(0.05, 0.9, 4.0, &[]);
+    c.wait_state(running, "RUNNING", T);
+    let queued: Vec<u64> = (0..5).map(|_| c.submit_memtest(0.02, 0.9, 0.0, &[])).collect();
+    c.kill9_coordinator();
+    c.start_coordinator();
+    // Every acknowledged job is there.
+    for id in queued.iter().chain([&running]) {
+        let job = c.job(*id);
+        assert_ne!(job["state"], "LOST", "{job:#}");
+    }
+    // The running job is reconciled with its agent (same attempt) and finishes.
+    let job = c.wait_state(running, "SUCCEEDED", T);
+    assert_eq!(job["attempt"], 1, "the agent reconnected in time; no retry was needed");
+    for id in queued {
+        c.wait_state(id, "SUCCEEDED", T);
+    }
+}
+
+#[test]
+fn a_dead_agents_job_is_lost_then_retried_on_another_agent() {
+    let mut c = Cluster::start();
+    c.start_agent("a1", 1.0);
+    let id = c.submit_memtest(0.05, 0.5, 30.0, &[]);
+    let job = c.wait_state(id, "RUNNING", T);
+    assert_eq!(job["agent"], "a1");
+    c.kill9_agent("a1");
+    c.start_agent("a2", 1.0);
+    // Lease runs out → LOST → requeued as attempt 2 → placed on a2.
+    c.wait_for(T, || {
+        let j = c.job(id);
+        j["attempt"] == 2 && j["agent"] == "a2"
+    });
+    // The event log shows the loss.
+    let out = c.kiln(&["watch", &id.to_string(), "-o", "json"]);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(log.contains("\"LOST\""), "{log}");
+    // Cancel it rather than wait 30 s; the point was the retry.
+    c.json(&["cancel", &id.to_string()]);
+}
+
+#[test]
+fn drained_agent_gets_no_new_jobs() {
+    let mut c = Cluster::start();
+    c.start_agent("a1", 1.0);
+    let agent = c.json(&["drain", "a1"]);
+    assert_eq!(agent["status"], "DRAINING");
+    let id = c.submit_memtest(0.02, 0.2, 0.0, &[]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(c.job(id)["state"], "QUEUED");
+    c.start_agent("a2", 1.0);
+    let job = c.wait_state(id, "SUCCEEDED", T);
+    assert_eq!(job["agent"], "a2");
+    let out = c.kiln(&["drain", "nope"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+}
