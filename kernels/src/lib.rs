@@ -1,1 +1,18 @@
-//! NVFP4 format and compute kernels (see the NVFP4 section of DESIGN.md).
+//! `kiln-kernels`: the NVFP4 format and the compute kernels (DESIGN.md, "NVFP4" and
+//! "Compute paths"). Map:
+//!
+//! - [`error`] — [`KernelError`], every failure of this crate with a message naming the fix.
+//! - [`nvfp4`] — the format: E2M1/E4M3 codecs (`nvfp4::codec`: `f32_to_e2m1`, `e2m1_to_f32`,
+//!   `f32_to_e4m3`, `e4m3_to_f32`, `f32_to_e2m1_stochastic`, `sr_uniform`) and
+//!   [`nvfp4::Nvfp4Tensor`] (`quantize` — ModelOpt bit-exact, `quantize_stochastic`,
+//!   `dequantize`, `dequantize_rows`, `byte_size`, `from_parts`).
+//! - [`cpu`] — the CPU reference path: `cpu::matmul_nvfp4` (`y = x·Wᵀ`), `cpu::fake_quant_ste`
+//!   (straight-through forward value), `cpu::adamw_step_nvfp4` (chunked AdamW on packed
+//!   weights, scratch bounded by the chunk).
+
+pub mod cpu;
+pub mod error;
+pub mod nvfp4;
+
+pub use error::KernelError;
+pub use nvfp4::Nvfp4Tensor;
