@@ -1,1 +1,2 @@
 //! Kiln's coordinator.
+pub mod scheduler;
