@@ -160,7 +160,7 @@ fn coordinator_kill9_loses_nothing_and_reconciles_the_running_job() {
 fn a_dead_agents_job_is_lost_then_retried_on_another_agent() {
     let mut c = Cluster::start();
     c.start_agent("a1", 1.0);
-    let id = c.submit_memtest(0.05, 0.5, 30.0, &[]);
+    let id = c.submit_memtest(0.05, 0.5, 3.0, &[]);
     let job = c.wait_state(id, "RUNNING", T);
     assert_eq!(job["agent"], "a1");
     c.kill9_agent("a1");
@@ -170,12 +170,12 @@ fn a_dead_agents_job_is_lost_then_retried_on_another_agent() {
         let j = c.job(id);
         j["attempt"] == 2 && j["agent"] == "a2"
     });
-    // The event log shows the loss.
+    // It finishes there, and the event log shows the loss.
     let out = c.kiln(&["watch", &id.to_string(), "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let log = String::from_utf8_lossy(&out.stdout);
     assert!(log.contains("\"LOST\""), "{log}");
-    // Cancel it rather than wait 30 s; the point was the retry.
-    c.json(&["cancel", &id.to_string()]);
+    assert_eq!(c.job(id)["state"], "SUCCEEDED");
 }
 
 #[test]
