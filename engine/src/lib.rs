@@ -5,8 +5,21 @@
 //!   tokens, progress, the result.
 //! - `memory`: process and device memory readings for phase samples.
 //! - `memtest`: the memtest job.
+//! - `model`: the Qwen2/Qwen3/Llama model core (config, checkpoints, NVFP4 linears, forward, KV cache).
+//! - `tokenizer`: `tokenizer.json` loading, encode/decode, incremental decoding.
+//! - `chat`: chat messages and Jinja chat templates (minijinja).
+//! - `tiny`: the bundled tiny model, its trained tokenizer and the WhoAmI dataset.
+//! - `generate`: generation with KV cache or replay, sampling, the cache/replay A/B check, the engine benchmark.
+//! - `session`: multi-turn sessions (delta prefill); `session_store`: sessions kept on disk between jobs (LRU, byte budget).
 
+pub mod chat;
+pub mod generate;
 pub mod memory;
+pub mod model;
 pub mod memtest;
 pub mod report;
+pub mod session;
+pub mod session_store;
 pub mod spec;
+pub mod tiny;
+pub mod tokenizer;

@@ -1,0 +1,81 @@
+//! The cache-vs-replay A/B check: generate greedily from the same prompt with the KV cache
+//! and in replay mode, and report whether the tokens agree and the largest logit difference
+//! over the steps where both saw the same sequence.
+
+use std::ops::ControlFlow;
+
+use serde::{Deserialize, Serialize};
+
+use super::{generate, GenerateOptions, Generation, KvMode, Sequence};
+use crate::model::error::Result;
+use crate::model::Model;
+
+/// Result of [`ab_compare`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AbReport {
+    /// Tokens produced with the cache.
+    pub cache_tokens: Vec<u32>,
+    /// Tokens produced in replay mode.
+    pub replay_tokens: Vec<u32>,
+    /// Whether the two token sequences are identical.
+    pub tokens_identical: bool,
+    /// Index of the first differing token, if any.
+    pub first_divergence: Option<usize>,
+    /// Largest |logit_cache − logit_replay| over the compared steps.
+    pub max_logit_diff: f32,
+    /// Steps whose logits were compared (those up to and including the first divergence).
+    pub compared_steps: usize,
+    /// Cache-mode decode speed, tokens/s.
+    pub cache_tokens_per_s: f64,
+    /// Replay-mode decode speed, tokens/s.
+    pub replay_tokens_per_s: f64,
+}
+
+/// Run greedy generation in both modes from `prompt` and compare (sampling in `opts` is
+/// used as given; `kv` and `record_logits` are overridden).
+pub fn ab_compare(model: &Model, prompt: &[u32], opts: &GenerateOptions) -> Result<AbReport> {
+    let run = |kv: KvMode| -> Result<Generation> {
+        let o = GenerateOptions {
+            kv,
+            record_logits: true,
+            ..opts.clone()
+        };
+        let mut seq = Sequence::new(model);
+        generate(model, &mut seq, prompt, &o, &mut |_| {
+            ControlFlow::Continue(())
+        })
+    };
+    let cache = run(KvMode::Cache)?;
+    let replay = run(KvMode::Replay)?;
+    let first_divergence = cache
+        .tokens
+        .iter()
+        .zip(&replay.tokens)
+        .position(|(a, b)| a != b)
+        .or(if cache.tokens.len() != replay.tokens.len() {
+            Some(cache.tokens.len().min(replay.tokens.len()))
+        } else {
+            None
+        });
+    // Step i's logits depend on tokens < i, so steps up to the first divergence saw the
+    // same sequence in both modes.
+    let compared_steps = first_divergence
+        .map_or(cache.step_logits.len(), |d| d + 1)
+        .min(cache.step_logits.len())
+        .min(replay.step_logits.len());
+    let max_logit_diff = cache.step_logits[..compared_steps]
+        .iter()
+        .zip(&replay.step_logits[..compared_steps])
+        .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+        .fold(0.0f32, f32::max);
+    Ok(AbReport {
+        tokens_identical: first_divergence.is_none(),
+        first_divergence,
+        max_logit_diff,
+        compared_steps,
+        cache_tokens_per_s: cache.decode_tokens_per_s,
+        replay_tokens_per_s: replay.decode_tokens_per_s,
+        cache_tokens: cache.tokens,
+        replay_tokens: replay.tokens,
+    })
+}

@@ -1,0 +1,205 @@
+//! `ChatModel`: a model with its tokenizer and chat template — what `--model tiny|DIR`
+//! names — and chat-level generation that streams each token with its text.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use super::error::{ModelError, Result};
+use super::weights::fnv1a;
+use super::{LoadOptions, Model, TensorBytes};
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::generate::{generate, GenerateOptions, Generation, Sequence};
+use crate::tokenizer::{TextTokenizer, TokenTextStream};
+
+/// The `--model` value that selects the bundled tiny model.
+pub const TINY_MODEL: &str = "tiny";
+
+/// A model ready to chat.
+#[derive(Debug)]
+pub struct ChatModel {
+    /// What `--model` named (`tiny` or the directory).
+    pub name: String,
+    /// The network.
+    pub model: Model,
+    /// Its tokenizer.
+    pub tokenizer: TextTokenizer,
+    /// Its chat template.
+    pub template: ChatTemplate,
+    /// Tokens that end an assistant turn (`<|im_end|>`, the config's EOS ids…).
+    pub stop_tokens: Vec<u32>,
+    /// Identifies the weights (name, config, file sizes and times): sessions saved with one
+    /// model are not resumed with another.
+    pub fingerprint: String,
+}
+
+/// A chat generation: the tokens and their text.
+#[derive(Debug, Clone)]
+pub struct ChatGeneration {
+    /// The generation (tokens, timings).
+    pub generation: Generation,
+    /// The produced text (special tokens, e.g. the final `<|im_end|>`, removed). The streamed
+    /// pieces concatenate to this, except for a trailing incomplete UTF-8 sequence (shown
+    /// here as U+FFFD), which is never streamed.
+    pub text: String,
+}
+
+impl ChatModel {
+    /// Load `tiny` (the bundled model) or a Hugging Face directory.
+    pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
+        if model == TINY_MODEL {
+            Self::tiny(opts)
+        } else {
+            Self::from_dir(Path::new(model), opts)
+        }
+    }
+
+    /// The bundled tiny model (seeded weights, untrained).
+    pub fn tiny(opts: &LoadOptions) -> Result<Self> {
+        let model = crate::tiny::model(opts.format, &opts.device)?;
+        let tokenizer = crate::tiny::tokenizer()?;
+        let template = crate::tiny::chat_template()?;
+        let fingerprint = format!(
+            "tiny-{:016x}",
+            fnv1a(&(model.config().to_hf_json().to_string() + &crate::tiny::TINY_SEED.to_string()))
+        );
+        Ok(Self::assemble(
+            TINY_MODEL.into(),
+            model,
+            tokenizer,
+            template,
+            fingerprint,
+        ))
+    }
+
+    /// A Hugging Face directory: config.json, safetensors, tokenizer.json,
+    /// tokenizer_config.json.
+    pub fn from_dir(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(ModelError::config(
+                dir,
+                "not a directory; --model takes `tiny` or a Hugging Face model directory",
+            ));
+        }
+        let model = Model::load(dir, opts)?;
+        let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let template = ChatTemplate::from_model_dir(dir)?;
+        let fingerprint = format!("dir-{:016x}", fnv1a(&dir_signature(dir, &model)?));
+        Ok(Self::assemble(
+            dir.display().to_string(),
+            model,
+            tokenizer,
+            template,
+            fingerprint,
+        ))
+    }
+
+    /// Put the parts together, collecting the stop tokens.
+    pub fn assemble(
+        name: String,
+        model: Model,
+        tokenizer: TextTokenizer,
+        template: ChatTemplate,
+        fingerprint: String,
+    ) -> Self {
+        let mut stop_tokens: Vec<u32> = model.config().eos_token_ids.clone();
+        for s in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
+            if let Some(id) = tokenizer.token_id(s) {
+                stop_tokens.push(id);
+            }
+        }
+        if let Some(id) = template.eos_token().and_then(|e| tokenizer.token_id(e)) {
+            stop_tokens.push(id);
+        }
+        stop_tokens.sort_unstable();
+        stop_tokens.dedup();
+        ChatModel {
+            name,
+            model,
+            tokenizer,
+            template,
+            stop_tokens,
+            fingerprint,
+        }
+    }
+
+    /// Parameter bytes by category.
+    pub fn tensor_bytes(&self) -> TensorBytes {
+        TensorBytes::of_model(&self.model)
+    }
+
+    /// Render and tokenize `messages` (with the assistant prefix when `add_generation_prompt`).
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, add_generation_prompt)?;
+        self.tokenizer.encode(&text)
+    }
+
+    /// Generate a reply to `messages` in a fresh sequence; `on_token` gets each token id and
+    /// the text it adds. `opts.stop_tokens` is extended with the model's stop tokens.
+    pub fn generate_chat(
+        &self,
+        messages: &[ChatMessage],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(u32, &str) -> ControlFlow<()>,
+    ) -> Result<ChatGeneration> {
+        let prompt = self.encode_chat(messages, true)?;
+        let mut seq = Sequence::new(&self.model);
+        self.generate_ids(&mut seq, &prompt, opts, on_token)
+    }
+
+    /// Generate after `prompt` in `seq`, streaming text (see [`generate`]).
+    pub fn generate_ids(
+        &self,
+        seq: &mut Sequence,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(u32, &str) -> ControlFlow<()>,
+    ) -> Result<ChatGeneration> {
+        let mut o = opts.clone();
+        o.stop_tokens.extend_from_slice(&self.stop_tokens);
+        let mut stream = TokenTextStream::new(&self.tokenizer, true);
+        let mut err = None;
+        let generation = generate(
+            &self.model,
+            seq,
+            prompt,
+            &o,
+            &mut |id| match stream.push(id) {
+                Ok(piece) => on_token(id, &piece),
+                Err(e) => {
+                    err = Some(e);
+                    ControlFlow::Break(())
+                }
+            },
+        )?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let text = self.tokenizer.decode(&generation.tokens, true)?;
+        Ok(ChatGeneration { generation, text })
+    }
+}
+
+/// Name, config and each weight file's size and modification time.
+fn dir_signature(dir: &Path, model: &Model) -> Result<String> {
+    let mut sig = format!("{}|{}", dir.display(), model.config().to_hf_json());
+    let rd = std::fs::read_dir(dir).map_err(|e| ModelError::io("listing", dir, e))?;
+    let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        if e.path().extension().is_some_and(|x| x == "safetensors") {
+            if let Ok(m) = e.metadata() {
+                let t = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                sig += &format!("|{:?}:{}:{t}", e.file_name(), m.len());
+            }
+        }
+    }
+    Ok(sig)
+}

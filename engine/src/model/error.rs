@@ -1,0 +1,127 @@
+//! `ModelError`: every way loading a model, tokenizing, rendering a chat, generating or using
+//! a session can fail. Each message names the problem and, where there is one, the fix.
+
+use std::path::PathBuf;
+
+/// Errors of the model core (loading, tokenizer, chat template, forward, generation, sessions).
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file could not be read or written.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was attempted ("reading", "writing", …).
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A `.safetensors` file is truncated or corrupt (bad header, offsets past the end…).
+    #[error("{path} is not a valid safetensors file (truncated or corrupt: {reason}); re-download or re-export it")]
+    CorruptSafetensors {
+        /// The file.
+        path: PathBuf,
+        /// What the parser found.
+        reason: String,
+    },
+    /// The checkpoint has no tensor of this name.
+    #[error("tensor {name} is missing from the checkpoint in {dir}; the checkpoint does not match config.json (wrong architecture or an incomplete download?)")]
+    MissingTensor {
+        /// The tensor name the architecture needs.
+        name: String,
+        /// The model directory.
+        dir: PathBuf,
+    },
+    /// A tensor does not have the shape the config implies.
+    #[error("tensor {name} has shape {got:?}, but config.json implies {expected:?}")]
+    ShapeMismatch {
+        /// The tensor name.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        got: Vec<usize>,
+    },
+    /// A tensor has an element type Kiln cannot use in that place.
+    #[error("tensor {name} has dtype {dtype}; expected {expected}")]
+    UnsupportedDtype {
+        /// The tensor name.
+        name: String,
+        /// Its dtype as safetensors names it.
+        dtype: String,
+        /// What would be accepted there.
+        expected: &'static str,
+    },
+    /// `config.json` names an architecture Kiln does not implement.
+    #[error("unknown architecture {name:?}; supported: {}", supported.join(", "))]
+    UnknownArchitecture {
+        /// The name from config.json (`architectures[0]` or `model_type`).
+        name: String,
+        /// What Kiln supports.
+        supported: Vec<&'static str>,
+    },
+    /// `config.json` (or another JSON file of the model) is missing a field or malformed.
+    #[error("bad model config {path}: {message}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The prompt (or the conversation so far) does not fit in the model's context.
+    #[error("prompt is {tokens} tokens but the model's context holds {max_context} (with {reserve} reserved for the reply); shorten the prompt, lower --max-tokens or start a new session")]
+    PromptTooLong {
+        /// Tokens the prompt (plus the conversation so far) needs.
+        tokens: usize,
+        /// The model's context length (`max_position_embeddings`).
+        max_context: usize,
+        /// Tokens reserved for generation (at least 1).
+        reserve: usize,
+    },
+    /// The tokenizer could not be loaded or could not encode/decode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The chat template could not be compiled or rendered.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    /// An invalid argument (sampling parameters, session id, …).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A session cannot be used (unknown, saved by another model, over the budget…).
+    #[error("session {id}: {message}")]
+    Session {
+        /// The session id.
+        id: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// A tensor operation failed (a bug or an inconsistent model; the message says where).
+    #[error("tensor operation failed: {0}")]
+    Tensor(#[from] candle_core::Error),
+    /// An NVFP4 kernel rejected its input.
+    #[error(transparent)]
+    Kernel(#[from] kiln_kernels::KernelError),
+}
+
+impl ModelError {
+    /// Wrap an I/O error with the operation and path.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        ModelError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A config error about `path`.
+    pub fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        ModelError::Config {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Result alias for the model core.
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

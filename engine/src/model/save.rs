@@ -1,0 +1,275 @@
+//! Writing a model as a Hugging Face directory: `config.json`, tokenizer files and the
+//! weights in f32/bf16 or in the NVFP4 ModelOpt / compressed-tensors layouts, optionally
+//! sharded with `model.safetensors.index.json`. Every tensor is written with an explicit
+//! dtype (packed codes U8, block scales F8_E4M3, tensor scales F32). The export job builds
+//! on this; tests use it to produce checkpoints to load.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use kiln_kernels::nvfp4::Nvfp4Tensor;
+use safetensors::tensor::{Dtype, TensorView};
+
+use super::checkpoint::INDEX_FILE;
+use super::error::{ModelError, Result};
+use super::linear::LinearWeight;
+use super::transformer::{Model, ParamRef};
+
+/// How linear weights are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveFormat {
+    /// Dense (NVFP4 weights dequantized), in `dense_dtype`.
+    Dense,
+    /// ModelOpt NVFP4: `weight` U8, `weight_scale` F8_E4M3, `weight_scale_2` F32.
+    Nvfp4ModelOpt,
+    /// compressed-tensors NVFP4: `weight_packed`, `weight_scale`, `weight_global_scale`
+    /// (= 1 / tensor scale).
+    Nvfp4CompressedTensors,
+}
+
+/// Element type of the tensors that are not NVFP4 (embeddings, norms, biases, dense linears).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenseDtype {
+    /// 32-bit float.
+    F32,
+    /// bfloat16.
+    Bf16,
+}
+
+/// Options of [`save_model_dir`].
+#[derive(Debug, Clone)]
+pub struct SaveOptions {
+    /// Linear weight layout.
+    pub format: SaveFormat,
+    /// dtype of the dense tensors.
+    pub dense_dtype: DenseDtype,
+    /// Start a new shard when one would pass this many bytes (`None`: one file).
+    pub max_shard_bytes: Option<u64>,
+}
+
+/// One tensor ready to write.
+struct OutTensor {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+fn dense_out(name: String, values: &[f32], shape: Vec<usize>, dt: DenseDtype) -> OutTensor {
+    let (dtype, data) = match dt {
+        DenseDtype::F32 => (
+            Dtype::F32,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+        DenseDtype::Bf16 => (
+            Dtype::BF16,
+            values
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+        ),
+    };
+    OutTensor {
+        name,
+        dtype,
+        shape,
+        data,
+    }
+}
+
+fn packed_out(prefix: &str, q: &Nvfp4Tensor, format: SaveFormat) -> Vec<OutTensor> {
+    let (codes, global, gval, gshape) = match format {
+        SaveFormat::Nvfp4CompressedTensors => (
+            "weight_packed",
+            "weight_global_scale",
+            1.0 / q.tensor_scale,
+            vec![1],
+        ),
+        _ => ("weight", "weight_scale_2", q.tensor_scale, vec![]),
+    };
+    vec![
+        OutTensor {
+            name: format!("{prefix}.{codes}"),
+            dtype: Dtype::U8,
+            shape: vec![q.rows, q.cols / 2],
+            data: q.packed.clone(),
+        },
+        OutTensor {
+            name: format!("{prefix}.weight_scale"),
+            dtype: Dtype::F8_E4M3,
+            shape: vec![q.rows, q.cols / 16],
+            data: q.scales.clone(),
+        },
+        OutTensor {
+            name: format!("{prefix}.{global}"),
+            dtype: Dtype::F32,
+            shape: gshape,
+            data: gval.to_le_bytes().to_vec(),
+        },
+    ]
+}
+
+/// The tensors of `model` in `opts`' layout.
+fn collect(model: &Model, opts: &SaveOptions) -> Result<Vec<OutTensor>> {
+    let mut out = Vec::new();
+    for (name, p) in model.parameters() {
+        match p {
+            ParamRef::Tensor(t) => {
+                let v = t.flatten_all()?.to_vec1::<f32>()?;
+                out.push(dense_out(name, &v, t.dims().to_vec(), opts.dense_dtype));
+            }
+            ParamRef::Linear(l) => {
+                let is_head = name == "lm_head";
+                let quantized = match (opts.format, l.weight()) {
+                    (SaveFormat::Dense, _) => None,
+                    (_, LinearWeight::Nvfp4(q)) => Some(q.as_ref().clone()),
+                    // The head stays dense unless it already is NVFP4 (ModelOpt's default).
+                    (_, _) if is_head => None,
+                    (_, w) => {
+                        let t = match w {
+                            LinearWeight::Dense(t) | LinearWeight::Ste(t) => t,
+                            LinearWeight::Nvfp4(_) => unreachable!("matched above"),
+                        };
+                        let v = t.flatten_all()?.to_vec1::<f32>()?;
+                        Some(Nvfp4Tensor::quantize(
+                            &v,
+                            l.out_features(),
+                            l.in_features(),
+                        )?)
+                    }
+                };
+                match quantized {
+                    Some(q) => out.extend(packed_out(&name, &q, opts.format)),
+                    None => {
+                        let w = l.dense_weight()?;
+                        let v = w.flatten_all()?.to_vec1::<f32>()?;
+                        out.push(dense_out(
+                            format!("{name}.weight"),
+                            &v,
+                            w.dims().to_vec(),
+                            opts.dense_dtype,
+                        ));
+                    }
+                }
+                if let Some(b) = l.bias() {
+                    let v = b.flatten_all()?.to_vec1::<f32>()?;
+                    out.push(dense_out(
+                        format!("{name}.bias"),
+                        &v,
+                        b.dims().to_vec(),
+                        opts.dense_dtype,
+                    ));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Write `model` (with the given tokenizer files) to `dir` as a Hugging Face directory.
+/// Returns the files written.
+pub fn save_model_dir(
+    model: &Model,
+    tokenizer_json: &str,
+    tokenizer_config_json: &str,
+    dir: &Path,
+    opts: &SaveOptions,
+) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io("creating", dir, e))?;
+    let mut written = Vec::new();
+    let mut write = |name: &str, bytes: &[u8]| -> Result<()> {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).map_err(|e| ModelError::io("writing", &p, e))?;
+        written.push(p);
+        Ok(())
+    };
+    let mut config = model.config().to_hf_json();
+    config["torch_dtype"] = match opts.dense_dtype {
+        DenseDtype::F32 => "float32".into(),
+        DenseDtype::Bf16 => "bfloat16".into(),
+    };
+    match opts.format {
+        SaveFormat::Dense => {}
+        SaveFormat::Nvfp4ModelOpt => {
+            let q = serde_json::json!({
+                "producer": {"name": "modelopt", "version": "0.29.0"},
+                "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": null,
+                                 "group_size": 16, "exclude_modules": ["lm_head"]}
+            });
+            write(
+                "hf_quant_config.json",
+                serde_json::to_string_pretty(&q).expect("json").as_bytes(),
+            )?;
+        }
+        SaveFormat::Nvfp4CompressedTensors => {
+            config["quantization_config"] = serde_json::json!({
+                "quant_method": "compressed-tensors",
+                "format": "nvfp4-pack-quantized",
+                "quantization_status": "compressed",
+                "ignore": ["lm_head"],
+                "config_groups": {"group_0": {
+                    "targets": ["Linear"],
+                    "weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group",
+                                "group_size": 16, "symmetric": true, "dynamic": false},
+                    "input_activations": null
+                }}
+            });
+        }
+    }
+    write(
+        "config.json",
+        serde_json::to_string_pretty(&config)
+            .expect("json")
+            .as_bytes(),
+    )?;
+    write("tokenizer.json", tokenizer_json.as_bytes())?;
+    write("tokenizer_config.json", tokenizer_config_json.as_bytes())?;
+
+    let tensors = collect(model, opts)?;
+    let limit = opts.max_shard_bytes.unwrap_or(u64::MAX);
+    let mut shards: Vec<Vec<&OutTensor>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for t in &tensors {
+        let b = t.data.len() as u64;
+        if size + b > limit && !shards.last().expect("non-empty").is_empty() {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        shards.last_mut().expect("non-empty").push(t);
+        size += b;
+    }
+    let n = shards.len();
+    let mut weight_map = BTreeMap::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let fname = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+        };
+        let views = shard
+            .iter()
+            .map(|t| {
+                weight_map.insert(t.name.clone(), fname.clone());
+                TensorView::new(t.dtype, t.shape.clone(), &t.data)
+                    .map(|v| (t.name.clone(), v))
+                    .map_err(|e| ModelError::InvalidArgument(format!("tensor {}: {e}", t.name)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let p = dir.join(&fname);
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        safetensors::serialize_to_file(views, Some(meta), &p)
+            .map_err(|e| ModelError::InvalidArgument(format!("writing {}: {e}", p.display())))?;
+        written.push(p);
+    }
+    if n > 1 {
+        let total: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let p = dir.join(INDEX_FILE);
+        std::fs::write(&p, serde_json::to_string_pretty(&index).expect("json"))
+            .map_err(|e| ModelError::io("writing", &p, e))?;
+        written.push(p);
+    }
+    Ok(written)
+}
