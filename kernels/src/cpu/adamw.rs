@@ -165,7 +165,12 @@ pub fn adamw_step_nvfp4(
         let base = r0 * cols;
         for (i, &wv) in b.iter().enumerate() {
             let (w2, _, _) = sc.update(wv, grad[base + i], m[base + i], v[base + i]);
-            amax = amax.max(w2.abs());
+            // f32::max ignores NaN, so a non-finite update is recorded as an infinite amax
+            amax = if w2.is_finite() {
+                amax.max(w2.abs())
+            } else {
+                f32::INFINITY
+            };
         }
         chunks += 1;
     }

@@ -14,5 +14,5 @@ pub use codec::{
 };
 pub use tensor::{
     block_scale_code, checked_amax, dequantize_rows_into, quantize_rows_into,
-    tensor_scale_for_amax, Nvfp4Tensor, Rounding, BLOCK, TENSOR_SCALE_DIVISOR,
+    tensor_scale_for_amax, Nvfp4Tensor, Rounding, BLOCK, MIN_TENSOR_SCALE, TENSOR_SCALE_DIVISOR,
 };

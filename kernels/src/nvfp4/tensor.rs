@@ -53,13 +53,17 @@ pub struct Nvfp4Tensor {
     pub tensor_scale: f32,
 }
 
+/// Smallest tensor scale used as is (2^-100); below it the tensor scale is 1.0 (see
+/// [`tensor_scale_for_amax`]).
+pub const MIN_TENSOR_SCALE: f32 = f32::from_bits((127 - 100) << 23);
+
 /// The tensor scale for a tensor whose largest magnitude is `amax`: `amax / 2688` in f32.
-/// A tensor that is all zeros (or so tiny that the division underflows to 0) gets 1.0 instead,
-/// so the scale stays finite and positive (ModelOpt would produce NaN there); every code of
-/// such a tensor is then zero.
+/// A tensor that is all zeros, or so tiny (amax < 2688·2^-100 ≈ 2e-27) that the scale products
+/// could underflow, gets 1.0 instead, so the scale stays finite, positive and normal (ModelOpt
+/// would produce NaN for an all-zero tensor); every code of such a tensor is zero.
 pub fn tensor_scale_for_amax(amax: f32) -> f32 {
     let ws2 = amax / TENSOR_SCALE_DIVISOR;
-    if ws2 > 0.0 {
+    if ws2 >= MIN_TENSOR_SCALE {
         ws2
     } else {
         1.0

@@ -1,0 +1,143 @@
+// gemv_nvfp4.cu — decode-time fused dequantize + GEMV: y[m, n] = sum_k x[m, k] * W[n, k] for
+// M = 1..8 rows of x, W in NVFP4 [N, K] (packed [N, K/2], scales [N, K/16], one tensor scale).
+//
+// Hopper has no FP4 tensor cores, so E2M1 is decoded in software: the top nibble of each 16-bit
+// half of a packed word is moved into an f16 bit pattern (sign -> bit 15, the 3 magnitude bits
+// -> bits 9..11), which is the E2M1 value times 2^-14 exactly (subnormal f16 for 0.5); it is
+// widened to f32 (exact) and multiplied with x in f32. Products are summed per 16-element
+// block, multiplied by the block's E4M3 scale (decoded the same way: the 7 magnitude bits of an
+// E4M3 byte shifted into an f16 are the scale times 2^-8 exactly, subnormals included), and
+// the 2^22 and the tensor scale are applied once per output. All math is f32: the only
+// rounding is f32 accumulation.
+//
+// Layout: x f32 [M, K] row-major, y f32 [M, N] row-major. Requires K % 32 == 0 (one 16-byte
+// load = 32 elements = 2 scale blocks per lane per row).
+// Launch: 256 threads (register caps: 3 resident blocks per SM at M = 1, 2 at M = 2..3, 1 above, so nothing spills) = 8 warps = (8 / KSPLIT) row groups x KSPLIT warps that split K; a row
+// group handles R = 4 consecutive rows; grid.x = ceil(N / (4 * 8 / KSPLIT)). Weights are read
+// with ld.global.nc.L1::no_allocate so that x stays in L1.
+
+#define KILN_GEMV_R 4
+
+__device__ __forceinline__ uint4 kiln_ld_stream(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// f16 bit pair -> two f32 (exact widening).
+__device__ __forceinline__ void kiln_h2_to_f2(u32 h, float& lo, float& hi) {
+    asm("{.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.f32.f16 %0, l;\n\tcvt.f32.f16 %1, h;}"
+        : "=f"(lo), "=f"(hi) : "r"(h));
+}
+
+// Decode one packed word (8 elements, element e in nibble e) into f[0..8) = e2m1 * 2^-14.
+__device__ __forceinline__ void kiln_decode8(u32 q, float f[8]) {
+#pragma unroll
+    for (int t = 0; t < 4; t++) {
+        // top nibbles of the two halves are elements 3 - t and 7 - t
+        u32 h = (q & 0x80008000u) | ((q >> 3) & 0x0E000E00u);
+        kiln_h2_to_f2(h, f[3 - t], f[7 - t]);
+        q <<= 4;
+    }
+}
+
+template <int M>
+__device__ __forceinline__ void kiln_gemv_body(const float* __restrict__ x,
+        const u8* __restrict__ packed, const u8* __restrict__ scales,
+        const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
+    constexpr int R = KILN_GEMV_R;
+    __shared__ float red[8][R][M];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int groups = 8 / ksplit;
+    const int g = warp / ksplit, kp = warp % ksplit;
+    const int row0 = (blockIdx.x * groups + g) * R;
+    const int units = K >> 5;  // 16-byte units per row
+    const int per = (units + ksplit - 1) / ksplit;
+    const int u_begin = kp * per;
+    const int u_end = min(units, u_begin + per);
+
+    const uint4* wrow[R];
+    const u16* srow[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        int n = min(row0 + r, N - 1);
+        wrow[r] = reinterpret_cast<const uint4*>(packed + (size_t)n * (size_t)(K >> 1));
+        srow[r] = reinterpret_cast<const u16*>(scales + (size_t)n * (size_t)(K >> 4));
+    }
+    float acc[R][M];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int m = 0; m < M; m++) acc[r][m] = 0.0f;
+
+    for (int u = u_begin + lane; u < u_end; u += 32) {
+        uint4 w[R];
+        float sc[R][2];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            w[r] = kiln_ld_stream(wrow[r] + u);
+            u32 s2 = __ldg(srow[r] + u);  // scale bytes of the unit's two blocks
+            kiln_h2_to_f2(((s2 & 0x7Fu) << 7) | ((s2 & 0x7F00u) << 15), sc[r][0], sc[r][1]);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {  // word j: elements u*32 + 8j .. +8, scale block j/2
+            float f[R][8];
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                u32 q = j == 0 ? w[r].x : j == 1 ? w[r].y : j == 2 ? w[r].z : w[r].w;
+                kiln_decode8(q, f[r]);
+            }
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                const float4* xp = reinterpret_cast<const float4*>(x + (size_t)m * K + (size_t)u * 32 + j * 8);
+                float4 a = __ldg(xp), b = __ldg(xp + 1);
+                float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    float p = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < 8; e++) p = fmaf(xv[e], f[r][e], p);
+                    acc[r][m] = fmaf(p, sc[r][j >> 1], acc[r][m]);
+                }
+            }
+        }
+    }
+    // reduce over the warp, then over the KSPLIT warps of the row group
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            float v = acc[r][m];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+            if (lane == 0) red[warp][r][m] = v;
+        }
+    __syncthreads();
+    // undo the 2^-14 (E2M1) and 2^-8 (E4M3) of the f16 decodes
+    const float post = __ldg(tensor_scale) * 4194304.0f;
+    for (int t = threadIdx.x; t < groups * R * M; t += blockDim.x) {
+        int gg = t / (R * M), r = (t / M) % R, m = t % M;
+        int n = (blockIdx.x * groups + gg) * R + r;
+        float v = 0.0f;
+        for (int k = 0; k < ksplit; k++) v += red[gg * ksplit + k][r][m];
+        if (n < N) y[(size_t)m * N + n] = v * post;
+    }
+}
+
+#define KILN_GEMV(MM, MINB)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256, MINB) kiln_gemv_nvfp4_m##MM(            \
+            const float* __restrict__ x, const u8* __restrict__ packed,                       \
+            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,            \
+            float* __restrict__ y, int N, int K, int ksplit) {                                \
+        kiln_gemv_body<MM>(x, packed, scales, tensor_scale, y, N, K, ksplit);                 \
+    }
+
+KILN_GEMV(1, 3)
+KILN_GEMV(2, 2)
+KILN_GEMV(3, 2)
+KILN_GEMV(4, 1)
+KILN_GEMV(5, 1)
+KILN_GEMV(6, 1)
+KILN_GEMV(7, 1)
+KILN_GEMV(8, 1)

@@ -1,0 +1,151 @@
+// nvfp4_common.cuh — device helpers shared by every Kiln NVFP4 kernel (prepended to each .cu
+// file by the Rust loader; NVRTC sees one translation unit per kernel file).
+//
+// These are the CUDA twins of kernels/src/nvfp4/codec.rs and tensor.rs. Every float operation
+// that must match the CPU bit for bit uses an explicit round-to-nearest intrinsic
+// (__fmul_rn, __fdiv_rn, ...) so the compiler cannot contract it into an FMA.
+// No headers: bf16/f16 are handled as raw bits.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define KILN_E4M3_MIN_SUBNORMAL 0.001953125f  // 2^-9
+#define KILN_TENSOR_SCALE_DIVISOR 2688.0f     // 6 * 448
+#define KILN_MIN_TENSOR_SCALE 7.888609052210118e-31f  // 2^-100
+
+// f32 -> E4M3 (e4m3fn), round to nearest even, saturating at +-448 (never NaN for finite x).
+__device__ __forceinline__ u8 kiln_f32_to_e4m3(float x) {
+    u32 bits = __float_as_uint(x);
+    u8 sign = (u8)((bits >> 24) & 0x80);
+    float a = fabsf(x);
+    if (a != a) return sign | 0x7F;
+    if (a >= 448.0f) return sign | 0x7E;
+    if (a < 0.015625f) {  // subnormal range: m * 2^-9, m in 0..=8 (8 is the smallest normal)
+        return sign | (u8)rintf(__fmul_rn(a, 512.0f));
+    }
+    u32 ab = __float_as_uint(a);
+    int exp = (int)(ab >> 23) - 127;
+    u32 mant = ab & 0x7FFFFF;
+    u32 m3 = mant >> 20;
+    u32 rem = mant & 0xFFFFF;
+    if (rem > 0x80000u || (rem == 0x80000u && (m3 & 1u))) m3 += 1;
+    int e = exp + 7;
+    if (m3 == 8) { m3 = 0; e += 1; }
+    if (e > 15 || (e == 15 && m3 == 7)) return sign | 0x7E;
+    return sign | (u8)(e << 3) | (u8)m3;
+}
+
+__device__ __forceinline__ float kiln_e4m3_to_f32(u8 b) {
+    u32 exp = (b >> 3) & 0xF, man = b & 7;
+    float mag;
+    if (exp == 0) mag = __fmul_rn((float)man, KILN_E4M3_MIN_SUBNORMAL);
+    else if (exp == 15 && man == 7) mag = __uint_as_float(0x7FC00000u);
+    else mag = __uint_as_float(((exp + 120u) << 23) | (man << 20));
+    return (b & 0x80) ? -mag : mag;
+}
+
+// Magnitude code (0..7) of |q| rounded to nearest even on the E2M1 grid, saturating at 6.
+// Equivalent to the CPU's boundary chain (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5) for finite q:
+// below 1 the grid has step 0.5 (rint(2a) with ties to even), from 1 up it is a float with one
+// mantissa bit (round the f32 bits to one mantissa bit, ties to even), capped at 6.
+__device__ __forceinline__ u32 kiln_e2m1_mag(float a) {
+    if (a < 1.0f) return (u32)rintf(a + a);
+    u32 b = __float_as_uint(a);
+    b += 0x1FFFFFu + ((b >> 22) & 1u);
+    u32 code = (b >> 22) - 252u;  // (E - 126) * 2 + m
+    return code > 7u ? 7u : code;
+}
+
+// 4-bit code: sign from the sign bit of w, magnitude from |q|.
+__device__ __forceinline__ u32 kiln_f32_to_e2m1(float q, float w) {
+    u32 s = (__float_as_uint(w) >> 28) & 8u;
+    return s | kiln_e2m1_mag(fabsf(q));
+}
+
+__constant__ float KILN_E2M1_GRID[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+
+// Stochastic rounding: pick the upper neighbour with probability (|q| - lo) / (hi - lo).
+__device__ __forceinline__ u32 kiln_e2m1_sr(float q, float w, float u) {
+    u32 s = (__float_as_uint(w) >> 28) & 8u;
+    float a = fabsf(q);
+    if (a != a) return s;
+    if (a >= 6.0f) return s | 7u;
+    u32 lo_idx = a < 0.5f ? 0u : a < 1.0f ? 1u : a < 1.5f ? 2u : a < 2.0f ? 3u
+               : a < 3.0f ? 4u : a < 4.0f ? 5u : 6u;
+    float lo = KILN_E2M1_GRID[lo_idx], hi = KILN_E2M1_GRID[lo_idx + 1];
+    float p = __fdiv_rn(__fsub_rn(a, lo), __fsub_rn(hi, lo));
+    return s | (u < p ? lo_idx + 1u : lo_idx);
+}
+
+__device__ __forceinline__ float kiln_e2m1_to_f32(u32 c) {
+    float m = KILN_E2M1_GRID[c & 7u];
+    return (c & 8u) ? -m : m;
+}
+
+// SplitMix64 finaliser of (seed, index): a uniform in [0, 1) with 24 bits (as codec.rs).
+__device__ __forceinline__ float kiln_sr_uniform(u64 seed, u64 index) {
+    u64 z = seed + (index + 1ull) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return __fmul_rn((float)(u32)(z >> 40), 5.9604644775390625e-08f);  // 2^-24
+}
+
+// amax -> tensor scale (ModelOpt weight_scale_2), as tensor_scale_for_amax() on the CPU.
+__device__ __forceinline__ float kiln_tensor_scale(float amax) {
+    float ws2 = __fdiv_rn(amax, KILN_TENSOR_SCALE_DIVISOR);
+    return ws2 >= KILN_MIN_TENSOR_SCALE ? ws2 : 1.0f;
+}
+
+__device__ __forceinline__ u8 kiln_block_scale_code(float block_amax, float ws2) {
+    float s = __fdiv_rn(block_amax, __fmul_rn(6.0f, ws2));
+    if (s == 0.0f) s = 1.0f;
+    return kiln_f32_to_e4m3(fmaxf(s, KILN_E4M3_MIN_SUBNORMAL));
+}
+
+// Quantize 16 values: returns the scale byte, writes 8 packed bytes into out (as 2 words).
+// stochastic != 0 draws kiln_sr_uniform(seed, first_index + i) for element i.
+__device__ __forceinline__ u8 kiln_quantize_block16(const float v[16], float ws2, int stochastic,
+                                                   u64 seed, u64 first_index, u32 out[2]) {
+    float bamax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 16; i++) bamax = fmaxf(bamax, fabsf(v[i]));
+    u8 sb = kiln_block_scale_code(bamax, ws2);
+    float denom = __fmul_rn(kiln_e4m3_to_f32(sb), ws2);
+    out[0] = 0u;
+    out[1] = 0u;
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+        float q = __fdiv_rn(v[i], denom);
+        u32 c = stochastic ? kiln_e2m1_sr(q, v[i], kiln_sr_uniform(seed, first_index + (u64)i))
+                           : kiln_f32_to_e2m1(q, v[i]);
+        out[i >> 3] |= c << ((i & 7) * 4);
+    }
+    return sb;
+}
+
+__device__ __forceinline__ float kiln_bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }
+
+__device__ __forceinline__ u16 kiln_f32_to_bf16(float f) {
+    u32 x = __float_as_uint(f);
+    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (u16)((x >> 16) | 0x40u);  // quiet NaN
+    x += 0x7FFFu + ((x >> 16) & 1u);
+    return (u16)(x >> 16);
+}
+
+// Warp-wide max / min helpers.
+__device__ __forceinline__ float kiln_warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+    return v;
+}
+__device__ __forceinline__ u64 kiln_warp_min_u64(u64 v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        u64 w = __shfl_xor_sync(0xFFFFFFFFu, v, o);
+        v = w < v ? w : v;
+    }
+    return v;
+}

@@ -1,0 +1,185 @@
+//! Run-time compilation of the CUDA C kernels in `kernels/cuda/` with NVRTC, with the PTX
+//! cached on disk keyed by a hash of (common header + source + target arch + options).
+//!
+//! Cache directory: `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`
+//! (subfolder `ptx/`). A cache that cannot be written only costs a recompile next time.
+
+use std::path::PathBuf;
+
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
+
+use crate::KernelError;
+
+/// One `.cu` file and the kernels it defines.
+pub struct KernelSource {
+    /// File name under `kernels/cuda/`.
+    pub file: &'static str,
+    /// Its text (embedded at build time).
+    pub source: &'static str,
+}
+
+/// Device helpers prepended to every kernel file.
+pub const COMMON: &str = include_str!("../../cuda/nvfp4_common.cuh");
+
+/// Every kernel file, in load order.
+pub const SOURCES: &[KernelSource] = &[
+    KernelSource {
+        file: "amax.cu",
+        source: include_str!("../../cuda/amax.cu"),
+    },
+    KernelSource {
+        file: "quantize_nvfp4.cu",
+        source: include_str!("../../cuda/quantize_nvfp4.cu"),
+    },
+    KernelSource {
+        file: "dequantize_nvfp4.cu",
+        source: include_str!("../../cuda/dequantize_nvfp4.cu"),
+    },
+    KernelSource {
+        file: "gemv_nvfp4.cu",
+        source: include_str!("../../cuda/gemv_nvfp4.cu"),
+    },
+    KernelSource {
+        file: "adamw_nvfp4.cu",
+        source: include_str!("../../cuda/adamw_nvfp4.cu"),
+    },
+];
+
+/// NVRTC options (besides the arch). Keep IEEE division/sqrt and no flush-to-zero: the
+/// quantizer must match the CPU bit for bit.
+const OPTIONS: &[&str] = &[
+    "--std=c++17",
+    "--ftz=false",
+    "--prec-div=true",
+    "--prec-sqrt=true",
+];
+
+/// The virtual architecture to compile for, from the device's compute capability.
+pub fn arch_for(major: i32, minor: i32) -> &'static str {
+    match (major, minor) {
+        (9, 0) => "compute_90",
+        (8, 0) => "compute_80",
+        (8, 6) => "compute_86",
+        (8, 9) => "compute_89",
+        (10, 0) => "compute_100",
+        (12, 0) => "compute_120",
+        (ma, mi) => Box::leak(format!("compute_{ma}{mi}").into_boxed_str()),
+    }
+}
+
+/// Where compiled PTX is kept.
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("KILN_CACHE_DIR") {
+        return Some(PathBuf::from(d).join("ptx"));
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("kiln").join("ptx"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("kiln").join("ptx"))
+}
+
+/// FNV-1a 64: stable across Rust versions (unlike `DefaultHasher`), fine for a cache key.
+fn fnv1a64(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in *p {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The full translation unit NVRTC compiles for `src`.
+pub fn full_source(src: &KernelSource) -> String {
+    format!("{COMMON}\n#line 1 \"{}\"\n{}", src.file, src.source)
+}
+
+/// Compile `src` for `arch`, or load the PTX from the disk cache. Returns the PTX and whether it
+/// came from the cache.
+pub fn compile_cached(src: &KernelSource, arch: &'static str) -> Result<(Ptx, bool), KernelError> {
+    let full = full_source(src);
+    let opts = OPTIONS.join(" ");
+    let key = fnv1a64(&[full.as_bytes(), arch.as_bytes(), opts.as_bytes()]);
+    let stem = src.file.trim_end_matches(".cu");
+    let path = cache_dir().map(|d| d.join(format!("{stem}-{arch}-{key:016x}.ptx")));
+    if let Some(p) = &path {
+        if let Ok(text) = std::fs::read_to_string(p) {
+            if text.contains(".entry") {
+                tracing::debug!(file = src.file, path = %p.display(), "PTX from cache");
+                return Ok((Ptx::from_src(text), true));
+            }
+        }
+    }
+    let ptx = compile(src, &full, arch)?;
+    if let Some(p) = &path {
+        let text = ptx.to_src();
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(p.parent().expect("cache path has a parent"))?;
+            let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+            std::fs::write(&tmp, text.as_bytes())?;
+            std::fs::rename(&tmp, p)
+        };
+        if let Err(e) = write() {
+            tracing::warn!(path = %p.display(), error = %e, "could not cache compiled PTX");
+        }
+    }
+    Ok((ptx, false))
+}
+
+/// Compile without the cache (used by the compile check and on a cache miss).
+pub fn compile(src: &KernelSource, full: &str, arch: &'static str) -> Result<Ptx, KernelError> {
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options: OPTIONS.iter().map(|s| s.to_string()).collect(),
+        name: Some(src.file.to_string()),
+        ..Default::default()
+    };
+    compile_ptx_with_opts(full, opts).map_err(|e| KernelError::Nvrtc {
+        kernel: src.file,
+        log: match e {
+            CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+            other => format!("{other:?}"),
+        },
+    })
+}
+
+/// Whether the NVRTC library can be loaded (it can be present without a GPU driver).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen the library; never calls into it.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compiles every kernel file with NVRTC when the library is present (no GPU needed), so a
+    /// syntax error in a `.cu` file fails `cargo test` wherever NVRTC is installed.
+    #[test]
+    fn every_kernel_compiles_with_nvrtc() {
+        if !nvrtc_present() {
+            eprintln!("skipping: libnvrtc not found (set LD_LIBRARY_PATH to a CUDA 13 NVRTC to run this check)");
+            return;
+        }
+        for src in SOURCES {
+            let ptx =
+                compile(src, &full_source(src), "compute_90").unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                ptx.to_src().contains(".entry"),
+                "{} produced no kernels",
+                src.file
+            );
+        }
+    }
+
+    #[test]
+    fn cache_key_depends_on_every_part() {
+        let a = fnv1a64(&[b"abc", b"compute_90"]);
+        assert_ne!(a, fnv1a64(&[b"abc", b"compute_80"]));
+        assert_ne!(a, fnv1a64(&[b"abd", b"compute_90"]));
+        assert_ne!(fnv1a64(&[b"ab", b"c"]), fnv1a64(&[b"a", b"bc"]));
+    }
+}

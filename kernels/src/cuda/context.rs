@@ -1,0 +1,208 @@
+//! `CudaKernels`: one CUDA device, its stream, the loaded kernel functions and the cuBLAS /
+//! cuBLASLt handles. Creating it checks every CUDA library first (cudarc's loader panics on a
+//! missing library; Kiln returns [`KernelError::CudaUnavailable`] instead).
+
+use std::sync::Arc;
+
+use cudarc::cublas::CudaBlas;
+use cudarc::cublaslt::CudaBlasLT;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+
+use super::compile::{arch_for, compile_cached, SOURCES};
+use crate::KernelError;
+
+/// Checks that the CUDA driver, NVRTC, cuBLAS and cuBLASLt libraries can be loaded, without
+/// calling into any of them. The error names the first missing one.
+pub fn check_cuda_libraries() -> Result<(), KernelError> {
+    type Probe = unsafe fn() -> bool;
+    // SAFETY: each check only dlopens the library (libloading) and never calls into it.
+    let checks: [(&str, Probe); 4] = [
+        (
+            "libcuda.so (the NVIDIA driver)",
+            cudarc::driver::sys::is_culib_present,
+        ),
+        (
+            "libnvrtc.so.13 (NVRTC, CUDA 13)",
+            cudarc::nvrtc::sys::is_culib_present,
+        ),
+        (
+            "libcublas.so.13 (cuBLAS, CUDA 13)",
+            cudarc::cublas::sys::is_culib_present,
+        ),
+        (
+            "libcublasLt.so.13 (cuBLASLt, CUDA 13)",
+            cudarc::cublaslt::sys::is_culib_present,
+        ),
+    ];
+    for (name, present) in checks {
+        if !unsafe { present() } {
+            return Err(KernelError::CudaUnavailable(name.to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// Turn a driver error into Kiln's error with what was being done.
+pub(crate) fn drv(context: &str) -> impl FnOnce(DriverError) -> KernelError + '_ {
+    move |e| KernelError::Cuda {
+        context: context.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// The loaded kernel functions (names as in the `.cu` files).
+pub(crate) struct Functions {
+    pub amax_f32: CudaFunction,
+    pub amax_bf16: CudaFunction,
+    pub tensor_scale_from_amax: CudaFunction,
+    pub quantize_f32: CudaFunction,
+    pub quantize_bf16: CudaFunction,
+    pub quantize_sr_f32: CudaFunction,
+    pub quantize_sr_bf16: CudaFunction,
+    pub dequantize_f32: CudaFunction,
+    pub dequantize_bf16: CudaFunction,
+    pub f32_to_bf16: CudaFunction,
+    pub bf16_to_f32: CudaFunction,
+    pub gemv: Vec<CudaFunction>,
+    pub adamw_amax: CudaFunction,
+    pub adamw_apply: CudaFunction,
+}
+
+/// One CUDA device with Kiln's kernels loaded. All work goes to one stream, in order.
+pub struct CudaKernels {
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) f: Functions,
+    pub(crate) blas: CudaBlas,
+    pub(crate) blaslt: CudaBlasLT,
+    pub(crate) sm_count: u32,
+    name: String,
+    compute_capability: (i32, i32),
+    ptx_from_cache: usize,
+}
+
+impl CudaKernels {
+    /// Open device `ordinal`, compile (or load cached) kernels and create the BLAS handles.
+    /// Errors: a missing CUDA library ([`KernelError::CudaUnavailable`]), no such device or a
+    /// driver failure ([`KernelError::Cuda`]), a kernel that does not compile
+    /// ([`KernelError::Nvrtc`]).
+    pub fn new(ordinal: usize) -> Result<Self, KernelError> {
+        check_cuda_libraries()?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| KernelError::Cuda {
+            context: format!("opening CUDA device {ordinal}"),
+            message: format!("{e} (is a GPU visible? check nvidia-smi and CUDA_VISIBLE_DEVICES)"),
+        })?;
+        // One stream only: cudarc's per-buffer event tracking is for multi-stream use and
+        // would add work to every launch.
+        // SAFETY: this crate never uses a second stream on this context.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let name = ctx.name().map_err(drv("reading the device name"))?;
+        let compute_capability = ctx
+            .compute_capability()
+            .map_err(drv("reading the compute capability"))?;
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(drv("reading the multiprocessor count"))? as u32;
+        let arch = arch_for(compute_capability.0, compute_capability.1);
+        let mut modules: Vec<(&str, Arc<CudaModule>)> = Vec::new();
+        let mut ptx_from_cache = 0;
+        for src in SOURCES {
+            let (ptx, cached) = compile_cached(src, arch)?;
+            ptx_from_cache += cached as usize;
+            let module = ctx.load_module(ptx).map_err(|e| KernelError::Cuda {
+                context: format!("loading the PTX of {}", src.file),
+                message: e.to_string(),
+            })?;
+            modules.push((src.file, module));
+        }
+        let func = |file: &str, name: &str| -> Result<CudaFunction, KernelError> {
+            let m = &modules
+                .iter()
+                .find(|(f, _)| *f == file)
+                .expect("known kernel file")
+                .1;
+            m.load_function(name).map_err(|e| KernelError::Cuda {
+                context: format!("loading kernel {name} from {file}"),
+                message: e.to_string(),
+            })
+        };
+        let f = Functions {
+            amax_f32: func("amax.cu", "kiln_amax_f32")?,
+            amax_bf16: func("amax.cu", "kiln_amax_bf16")?,
+            tensor_scale_from_amax: func("amax.cu", "kiln_tensor_scale_from_amax")?,
+            quantize_f32: func("quantize_nvfp4.cu", "kiln_quantize_nvfp4_f32")?,
+            quantize_bf16: func("quantize_nvfp4.cu", "kiln_quantize_nvfp4_bf16")?,
+            quantize_sr_f32: func("quantize_nvfp4.cu", "kiln_quantize_nvfp4_sr_f32")?,
+            quantize_sr_bf16: func("quantize_nvfp4.cu", "kiln_quantize_nvfp4_sr_bf16")?,
+            dequantize_f32: func("dequantize_nvfp4.cu", "kiln_dequantize_nvfp4_f32")?,
+            dequantize_bf16: func("dequantize_nvfp4.cu", "kiln_dequantize_nvfp4_bf16")?,
+            f32_to_bf16: func("dequantize_nvfp4.cu", "kiln_f32_to_bf16")?,
+            bf16_to_f32: func("dequantize_nvfp4.cu", "kiln_bf16_to_f32")?,
+            gemv: (1..=8)
+                .map(|m| func("gemv_nvfp4.cu", &format!("kiln_gemv_nvfp4_m{m}")))
+                .collect::<Result<_, _>>()?,
+            adamw_amax: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_amax")?,
+            adamw_apply: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_apply")?,
+        };
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| KernelError::Cuda {
+            context: "creating the cuBLAS handle".into(),
+            message: e.to_string(),
+        })?;
+        let blaslt = CudaBlasLT::new(stream.clone()).map_err(|e| KernelError::Cuda {
+            context: "creating the cuBLASLt handle".into(),
+            message: e.to_string(),
+        })?;
+        tracing::info!(device = %name, ?compute_capability, sm_count, ptx_from_cache, "CUDA kernels ready");
+        Ok(CudaKernels {
+            ctx,
+            stream,
+            f,
+            blas,
+            blaslt,
+            sm_count,
+            name,
+            compute_capability,
+            ptx_from_cache,
+        })
+    }
+
+    /// The device's name (e.g. "NVIDIA H100 80GB HBM3").
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Compute capability (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// Streaming multiprocessors on the device.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    /// How many kernel files were loaded from the PTX disk cache rather than compiled.
+    pub fn ptx_from_cache(&self) -> usize {
+        self.ptx_from_cache
+    }
+
+    /// The stream every operation is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The CUDA context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Wait for all queued work; surfaces asynchronous kernel errors.
+    pub fn synchronize(&self) -> Result<(), KernelError> {
+        self.stream
+            .synchronize()
+            .map_err(drv("synchronizing the stream"))
+    }
+}

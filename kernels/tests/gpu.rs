@@ -1,0 +1,253 @@
+//! GPU checks of every CUDA kernel against the CPU reference, on fresh random inputs (the seed
+//! is printed). They skip, with a message, when CUDA is not usable on this machine;
+//! `scripts/gpu-kernels.sh` runs them on the GPU machine.
+
+use half::bf16;
+use kiln_kernels::cpu::{adamw_step_nvfp4, matmul_nvfp4, AdamWParams};
+use kiln_kernels::cuda::CudaKernels;
+use kiln_kernels::{KernelError, Nvfp4Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn gpu() -> Option<CudaKernels> {
+    match CudaKernels::new(0) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            eprintln!("skipping GPU test: CUDA is not usable here: {e}");
+            None
+        }
+    }
+}
+
+fn rng(test: &str) -> ChaCha8Rng {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("{test}: seed {seed}");
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// Random weights: normal-ish values, a few outliers, exact zeros, negative zeros, and rows
+/// scaled down by up to 2^-24 so subnormal and clamped block scales occur.
+fn weights(r: &mut ChaCha8Rng, rows: usize, cols: usize) -> Vec<f32> {
+    let mut w = Vec::with_capacity(rows * cols);
+    for i in 0..rows * cols {
+        let row_scale = 2f32.powi(-(((i / cols) % 25) as i32));
+        let v: f32 = match r.random_range(0..100) {
+            0 => 0.0,
+            1 => -0.0,
+            2 => r.random_range(-40.0..40.0),
+            _ => r.random_range(-1.0f32..1.0) * r.random_range(0.0f32..1.0),
+        };
+        w.push(v * row_scale * 0.05);
+    }
+    w
+}
+
+#[test]
+fn quantize_and_dequantize_are_bit_identical_to_the_cpu() {
+    let Some(k) = gpu() else { return };
+    let mut r = rng("quantize");
+    for &(rows, cols) in &[
+        (1, 16),
+        (3, 48),
+        (37, 160),
+        (256, 1024),
+        (1000, 4864),
+        (129, 896),
+    ] {
+        let w = weights(&mut r, rows, cols);
+        let cpu = Nvfp4Tensor::quantize(&w, rows, cols).unwrap();
+        let gpu = k.quantize(&w, rows, cols).unwrap();
+        assert_same(&cpu, &gpu, &format!("f32 [{rows}, {cols}]"));
+        let wb: Vec<bf16> = w.iter().map(|&x| bf16::from_f32(x)).collect();
+        let wbf: Vec<f32> = wb.iter().map(|x| x.to_f32()).collect();
+        assert_same(
+            &Nvfp4Tensor::quantize(&wbf, rows, cols).unwrap(),
+            &k.quantize_bf16(&wb, rows, cols).unwrap(),
+            &format!("bf16 [{rows}, {cols}]"),
+        );
+        let seed = r.random();
+        assert_same(
+            &Nvfp4Tensor::quantize_stochastic(&w, rows, cols, seed).unwrap(),
+            &k.quantize_stochastic(&w, rows, cols, seed).unwrap(),
+            &format!("stochastic [{rows}, {cols}]"),
+        );
+        let d_cpu = cpu.dequantize();
+        let d_gpu = k.dequantize(&cpu).unwrap();
+        let diff = d_cpu
+            .iter()
+            .zip(&d_gpu)
+            .position(|(a, b)| a.to_bits() != b.to_bits());
+        assert!(
+            diff.is_none(),
+            "dequantize [{rows}, {cols}] differs at {diff:?}"
+        );
+    }
+}
+
+fn assert_same(cpu: &Nvfp4Tensor, gpu: &Nvfp4Tensor, what: &str) {
+    assert_eq!(
+        cpu.tensor_scale.to_bits(),
+        gpu.tensor_scale.to_bits(),
+        "{what}: tensor scale"
+    );
+    if let Some(i) = cpu.scales.iter().zip(&gpu.scales).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: scale {i} differs: cpu {:#04x} gpu {:#04x}",
+            cpu.scales[i], gpu.scales[i]
+        );
+    }
+    if let Some(i) = cpu.packed.iter().zip(&gpu.packed).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: packed byte {i} differs: cpu {:#04x} gpu {:#04x}",
+            cpu.packed[i], gpu.packed[i]
+        );
+    }
+}
+
+#[test]
+fn quantize_reports_non_finite_input() {
+    let Some(k) = gpu() else { return };
+    let mut w = vec![0.5f32; 64];
+    w[37] = f32::NAN;
+    w[50] = f32::INFINITY;
+    let e = k.quantize(&w, 2, 32).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            KernelError::NonFinite {
+                index: 37,
+                row: 1,
+                col: 5,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+/// ‖y − ref‖ / ‖ref‖ with ref in f64 on the dequantized weights; prints the worst element.
+fn rel_error(y: &[f32], x: &[f32], m: usize, wd: &[f32], n: usize, k: usize) -> f64 {
+    let (mut num, mut den, mut worst) = (0.0f64, 0.0f64, (0.0f64, 0usize));
+    for i in 0..m {
+        for j in 0..n {
+            let r: f64 = (0..k)
+                .map(|t| x[i * k + t] as f64 * wd[j * k + t] as f64)
+                .sum();
+            let d = (y[i * n + j] as f64 - r).abs();
+            assert!(
+                y[i * n + j].is_finite(),
+                "y[{i},{j}] = {} (unwritten or overflow)",
+                y[i * n + j]
+            );
+            num += d * d;
+            den += r * r;
+            if d > worst.0 {
+                worst = (d, i * n + j);
+            }
+        }
+    }
+    let rel = (num / den).sqrt();
+    eprintln!(
+        "  rel error {rel:.2e}, worst |diff| {:.3e} at {}",
+        worst.0, worst.1
+    );
+    rel
+}
+
+#[test]
+fn gemv_matches_an_f64_reference_within_1e_3() {
+    let Some(k) = gpu() else { return };
+    let mut r = rng("gemv");
+    for &(n, kk) in &[(96, 32), (1000, 896), (300, 4864), (64, 8192)] {
+        let w = weights(&mut r, n, kk);
+        let q = Nvfp4Tensor::quantize(&w, n, kk).unwrap();
+        let wd = q.dequantize();
+        for m in 1..=8 {
+            let x: Vec<f32> = (0..m * kk).map(|_| r.random_range(-2.0f32..2.0)).collect();
+            let y = k.matmul_nvfp4(&x, m, &q).unwrap();
+            eprintln!("GEMV m={m} [{n}, {kk}]");
+            let rel = rel_error(&y, &x, m, &wd, n, kk);
+            assert!(
+                rel <= 1e-3,
+                "GEMV m={m} [{n}, {kk}]: relative error {rel:e} > 1e-3"
+            );
+            // and it agrees with the CPU path
+            let yc = matmul_nvfp4(&x, m, &q);
+            assert!(rel_error(&yc, &x, m, &wd, n, kk) <= 1e-5);
+        }
+    }
+}
+
+#[test]
+fn large_m_matmul_through_cublaslt_matches_within_bf16_tolerance() {
+    let Some(k) = gpu() else { return };
+    let mut r = rng("large-m matmul");
+    for &(m, n, kk) in &[(37, 200, 896), (64, 130, 48)] {
+        let w = weights(&mut r, n, kk);
+        let q = Nvfp4Tensor::quantize(&w, n, kk).unwrap();
+        let x: Vec<f32> = (0..m * kk).map(|_| r.random_range(-2.0f32..2.0)).collect();
+        let y = k.matmul_nvfp4(&x, m, &q).unwrap();
+        eprintln!("matmul m={m} [{n}, {kk}]");
+        let rel = rel_error(&y, &x, m, &q.dequantize(), n, kk);
+        assert!(
+            rel <= 1e-2,
+            "large-M matmul relative error {rel:e} > 1e-2 (bf16 operands)"
+        );
+    }
+}
+
+#[test]
+fn adamw_step_matches_the_cpu() {
+    let Some(k) = gpu() else { return };
+    let mut r = rng("adamw");
+    let (rows, cols) = (300, 896);
+    let w0 = Nvfp4Tensor::quantize(&weights(&mut r, rows, cols), rows, cols).unwrap();
+    let hp = AdamWParams {
+        lr: 1e-3,
+        ..AdamWParams::default()
+    };
+    let (mut wc, mut wg) = (w0.clone(), w0.clone());
+    let n = rows * cols;
+    let (mut mc, mut vc) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let (mut mg, mut vg) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let seed = r.random();
+    for step in 1..=3 {
+        let g: Vec<f32> = (0..n).map(|_| r.random_range(-0.01f32..0.01)).collect();
+        adamw_step_nvfp4(&mut wc, &g, &mut mc, &mut vc, hp, step, 32, seed).unwrap();
+        let st = k
+            .adamw_step_nvfp4(&mut wg, &g, &mut mg, &mut vg, hp, step, 7, seed)
+            .unwrap();
+        assert_eq!(st.chunks, rows.div_ceil(7));
+    }
+    let moment_diff = mc
+        .iter()
+        .zip(&mg)
+        .chain(vc.iter().zip(&vg))
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    let code_diff = (0..rows * cols)
+        .filter(|&i| wc.code(i / cols, i % cols) != wg.code(i / cols, i % cols))
+        .count();
+    let scale_diff = wc
+        .scales
+        .iter()
+        .zip(&wg.scales)
+        .filter(|(a, b)| a != b)
+        .count();
+    eprintln!(
+        "adamw: tensor scale cpu {:e} gpu {:e}; differing moments {moment_diff}, codes {code_diff}/{n}, scales {scale_diff}",
+        wc.tensor_scale, wg.tensor_scale
+    );
+    // Same f32 operations in the same order: expected identical. Allow a handful of last-bit
+    // differences, which would flip a stochastic rounding rarely.
+    assert!(moment_diff <= n / 10_000, "{moment_diff} moments differ");
+    assert!(
+        code_diff <= n / 10_000 && scale_diff <= n / 160_000,
+        "{code_diff} codes / {scale_diff} scales differ"
+    );
+    let rel = (wc.tensor_scale - wg.tensor_scale).abs() / wc.tensor_scale;
+    assert!(rel <= 1e-6, "tensor scale differs by {rel:e}");
+}
