@@ -1,9 +1,9 @@
 // amax.cu — absolute maximum of a tensor, and the index of its first non-finite element.
 //
 // Layout: x is a flat array of n elements, f32 (kiln_amax_f32) or bf16 bits (kiln_amax_bf16).
-// Outputs (device, initialised by the host): *amax_bits = 0 (the f32 bits of max |x|; for
-// non-negative floats the bit order is the value order, so atomicMax on u32 works) and
-// *first_bad = u64::MAX (atomicMin of the flat index of any NaN/inf).
+// Outputs (device, zeroed by the host): *amax_bits (the f32 bits of max |x|; for non-negative
+// floats the bit order is the value order, so atomicMax on u32 works) and *first_bad_inv
+// (atomicMax of ~index over every NaN/inf, so it ends as ~(first bad index), 0 if none).
 // Launch: 1-D grid-stride, 256 threads per block, vector loads of 16 bytes.
 
 template <typename T> struct AmaxVec;
@@ -13,7 +13,7 @@ __device__ __forceinline__ void kiln_amax_acc(float v, u64 idx, float& m, u64& b
     else m = fmaxf(m, fabsf(v));
 }
 
-__device__ __forceinline__ void kiln_amax_finish(float m, u64 bad, u32* amax_bits, u64* first_bad) {
+__device__ __forceinline__ void kiln_amax_finish(float m, u64 bad, u32* amax_bits, u64* first_bad_inv) {
     __shared__ float sm[32];
     __shared__ u64 sb[32];
     m = kiln_warp_max(m);
@@ -29,13 +29,13 @@ __device__ __forceinline__ void kiln_amax_finish(float m, u64 bad, u32* amax_bit
         bad = kiln_warp_min_u64(bad);
         if (lane == 0) {
             atomicMax(amax_bits, __float_as_uint(m));
-            if (bad != ~0ull) atomicMin(first_bad, bad);
+            if (bad != ~0ull) atomicMax(first_bad_inv, ~bad);
         }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-kiln_amax_f32(const float* __restrict__ x, u64 n, u32* amax_bits, u64* first_bad) {
+kiln_amax_f32(const float* __restrict__ x, u64 n, u32* amax_bits, u64* first_bad_inv) {
     float m = 0.0f;
     u64 bad = ~0ull;
     u64 stride = (u64)gridDim.x * blockDim.x;
@@ -50,11 +50,11 @@ kiln_amax_f32(const float* __restrict__ x, u64 n, u32* amax_bits, u64* first_bad
     }
     for (u64 i = n4 * 4 + (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
         kiln_amax_acc(x[i], i, m, bad);
-    kiln_amax_finish(m, bad, amax_bits, first_bad);
+    kiln_amax_finish(m, bad, amax_bits, first_bad_inv);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-kiln_amax_bf16(const u16* __restrict__ x, u64 n, u32* amax_bits, u64* first_bad) {
+kiln_amax_bf16(const u16* __restrict__ x, u64 n, u32* amax_bits, u64* first_bad_inv) {
     float m = 0.0f;
     u64 bad = ~0ull;
     u64 stride = (u64)gridDim.x * blockDim.x;
@@ -71,7 +71,7 @@ kiln_amax_bf16(const u16* __restrict__ x, u64 n, u32* amax_bits, u64* first_bad)
     }
     for (u64 i = n8 * 8 + (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
         kiln_amax_acc(kiln_bf16_to_f32(x[i]), i, m, bad);
-    kiln_amax_finish(m, bad, amax_bits, first_bad);
+    kiln_amax_finish(m, bad, amax_bits, first_bad_inv);
 }
 
 // Turn the amax into the tensor scale (one thread): *tensor_scale = kiln_tensor_scale(amax).

@@ -10,6 +10,7 @@
 //!   (straight-through forward value), `cpu::adamw_step_nvfp4` (chunked AdamW on packed
 //!   weights, scratch bounded by the chunk).
 
+pub mod bench;
 pub mod cpu;
 pub mod cuda;
 pub mod error;

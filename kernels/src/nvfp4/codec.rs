@@ -229,4 +229,59 @@ mod tests {
         assert!(seen_low && seen_high);
         assert_ne!(sr_uniform(1, 5), sr_uniform(2, 5));
     }
+
+    /// The CUDA encoder (`kiln_e2m1_mag` in nvfp4_common.cuh) rounds with bit arithmetic
+    /// instead of the boundary chain; check they agree around every boundary and on a dense
+    /// sample of [0, 8].
+    #[test]
+    fn cuda_bit_trick_e2m1_encoder_matches_the_boundary_chain() {
+        fn mag_bits(a: f32) -> u8 {
+            if a < 1.0 {
+                return (a + a).round_ties_even() as u8;
+            }
+            let mut b = a.to_bits();
+            b = b.wrapping_add(0x1F_FFFF + ((b >> 22) & 1));
+            ((b >> 22).wrapping_sub(252)).min(7) as u8
+        }
+        let mut check = |a: f32| {
+            assert_eq!(
+                mag_bits(a),
+                f32_to_e2m1(a) & 7,
+                "a = {a:e} ({:#x})",
+                a.to_bits()
+            )
+        };
+        for t in [
+            0.0f32, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0,
+            8.0,
+        ] {
+            let b = t.to_bits() as i64;
+            for d in -64i64..=64 {
+                let bits = (b + d).max(0) as u32;
+                check(f32::from_bits(bits));
+            }
+        }
+        let mut bits = 0u32;
+        while bits < 0x4100_0000 {
+            check(f32::from_bits(bits));
+            bits += 997;
+        }
+        check(f32::INFINITY);
+        check(1.0e30);
+    }
+
+    /// The GEMV's decodes: an E2M1 code placed in f16 bits is the value · 2^-14, an E4M3 byte's
+    /// low 7 bits placed in f16 bits are the value · 2^-8 (subnormals included).
+    #[test]
+    fn cuda_f16_decode_tricks_are_exact() {
+        for c in 0u16..16 {
+            let h = ((c & 8) << 12) | ((c & 7) << 9);
+            let v = half::f16::from_bits(h).to_f32() * 16384.0;
+            assert_eq!(v.to_bits(), e2m1_to_f32(c as u8).to_bits(), "e2m1 code {c}");
+        }
+        for b in 0u16..0x7F {
+            let v = half::f16::from_bits(b << 7).to_f32() * 256.0;
+            assert_eq!(v, e4m3_to_f32(b as u8), "e4m3 {b:#x}");
+        }
+    }
 }

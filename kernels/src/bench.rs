@@ -1,0 +1,569 @@
+//! The kernel benchmark behind `kiln bench kernels`: for each shape and kernel, validate against
+//! the CPU reference first, then time (warm-up, CUDA events, median of many samples, inputs
+//! rotated so repeated runs do not just hit L2), and report median µs, effective GB/s, the
+//! share of the device-copy bandwidth measured in the same run, and the ratio to the cuBLAS
+//! bf16 baseline on the same shape.
+
+use std::time::Instant;
+
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::cpu::{adamw_step_nvfp4, AdamWParams};
+use crate::cuda::context::drv;
+use crate::cuda::ops::DeviceInput;
+use crate::cuda::{CudaKernels, DeviceNvfp4};
+use crate::nvfp4::{Nvfp4Tensor, Rounding};
+use crate::KernelError;
+
+/// The issue's shapes `[N, K]` (out × in): square, Qwen2.5-0.5B MLP up/down, its vocab
+/// projection, Qwen2.5-7B MLP up/down.
+pub const DEFAULT_SHAPES: &[(usize, usize)] = &[
+    (8192, 8192),
+    (4864, 896),
+    (896, 4864),
+    (151936, 896),
+    (18944, 3584),
+    (3584, 18944),
+];
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// Shapes `[N, K]`.
+    pub shapes: Vec<(usize, usize)>,
+    /// Timed samples per kernel (the median is reported).
+    pub samples: usize,
+    /// Rows of x for the large-M matmul row.
+    pub large_m: usize,
+    /// RNG seed for the inputs (printed, so a run can be repeated).
+    pub seed: u64,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig {
+            shapes: DEFAULT_SHAPES.to_vec(),
+            samples: 25,
+            large_m: 256,
+            seed: 0x6b696c6e,
+        }
+    }
+}
+
+/// One measured kernel on one shape.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    /// Kernel name.
+    pub kernel: String,
+    /// `NxK`.
+    pub shape: String,
+    /// Median time per call in µs.
+    pub median_us: f64,
+    /// Bytes the kernel must move (each input read once, each output written once) / time.
+    pub gbps: f64,
+    /// `gbps` as a percentage of the device-copy bandwidth measured in this run.
+    pub pct_of_copy: f64,
+    /// Baseline time / this time, where there is a baseline (>1 means faster than it).
+    pub speedup_vs_baseline: Option<f64>,
+    /// What the baseline is, or other remarks.
+    pub note: String,
+}
+
+/// A whole run.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    /// The GPU.
+    pub device: String,
+    /// Device-to-device copy bandwidth (bytes read + written per second), GB/s.
+    pub copy_gbps: f64,
+    /// Validation results, one line per check.
+    pub checks: Vec<String>,
+    /// Timings.
+    pub rows: Vec<BenchRow>,
+    /// Input seed.
+    pub seed: u64,
+}
+
+/// Timed closure result: median seconds per call.
+struct Timer<'a> {
+    k: &'a CudaKernels,
+    samples: usize,
+}
+
+impl Timer<'_> {
+    /// Median seconds per call of `f(i)` (i rotates input sets), timed with CUDA events in
+    /// batches long enough (≥ ~0.5 ms) for event resolution not to matter.
+    fn time(
+        &self,
+        mut f: impl FnMut(usize) -> Result<(), KernelError>,
+    ) -> Result<f64, KernelError> {
+        let ctx = self.k.context();
+        let stream = self.k.stream();
+        let ev = || {
+            ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(drv("creating an event"))
+        };
+        let (start, end) = (ev()?, ev()?);
+        // warm-up (module load, cuBLAS heuristics, clocks)
+        for i in 0..3 {
+            f(i)?;
+        }
+        self.k.synchronize()?;
+        // estimate one call to choose the batch size
+        start.record(stream).map_err(drv("recording an event"))?;
+        for i in 0..3 {
+            f(i)?;
+        }
+        end.record(stream).map_err(drv("recording an event"))?;
+        let est = start.elapsed_ms(&end).map_err(drv("reading an event"))? as f64 / 3.0;
+        let reps = ((0.5 / est.max(1e-4)).ceil() as usize).clamp(1, 1000);
+        let mut times = Vec::with_capacity(self.samples);
+        let mut i = 0;
+        for _ in 0..self.samples {
+            start.record(stream).map_err(drv("recording an event"))?;
+            for _ in 0..reps {
+                f(i)?;
+                i += 1;
+            }
+            end.record(stream).map_err(drv("recording an event"))?;
+            times.push(
+                start.elapsed_ms(&end).map_err(drv("reading an event"))? as f64 / 1e3 / reps as f64,
+            );
+        }
+        times.sort_by(|a, b| a.partial_cmp(b).expect("finite times"));
+        Ok(times[times.len() / 2])
+    }
+}
+
+/// How many copies of a buffer set of `bytes` to rotate through so the working set is ≥ 160 MB
+/// (over 3× the H100's 50 MB L2).
+fn rotation(bytes: usize) -> usize {
+    (160_000_000usize.div_ceil(bytes.max(1))).clamp(1, 64)
+}
+
+fn upload<T: cudarc::driver::DeviceRepr>(
+    k: &CudaKernels,
+    v: &[T],
+) -> Result<CudaSlice<T>, KernelError> {
+    k.stream()
+        .clone_htod(v)
+        .map_err(drv("uploading benchmark data"))
+}
+
+/// Run the benchmark. `progress` receives one line per step (for a progress display).
+pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchReport, KernelError> {
+    let k = CudaKernels::new(0)?;
+    let timer = Timer {
+        k: &k,
+        samples: cfg.samples.max(3),
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut checks = Vec::new();
+    let mut rows = Vec::new();
+
+    // Device copy bandwidth: 1 GiB device-to-device, bytes read + written.
+    progress("device copy bandwidth");
+    let copy_bytes = 1usize << 30;
+    let src = upload(&k, &vec![0x5au8; copy_bytes])?;
+    let mut dst = k
+        .stream()
+        .alloc_zeros::<u8>(copy_bytes)
+        .map_err(drv("allocating"))?;
+    let t_copy = timer.time(|_| {
+        k.stream()
+            .memcpy_dtod(&src, &mut dst)
+            .map_err(drv("copying"))
+    })?;
+    drop((src, dst));
+    let copy_gbps = 2.0 * copy_bytes as f64 / t_copy / 1e9;
+    rows.push(BenchRow {
+        kernel: "device copy (D2D, 1 GiB)".into(),
+        shape: "-".into(),
+        median_us: t_copy * 1e6,
+        gbps: copy_gbps,
+        pct_of_copy: 100.0,
+        speedup_vs_baseline: None,
+        note: "bytes read + written; the ceiling for memory-bound kernels".into(),
+    });
+    let mut push =
+        |kernel: &str, n: usize, kk: usize, t: f64, bytes: f64, base: Option<f64>, note: String| {
+            let gbps = bytes / t / 1e9;
+            rows.push(BenchRow {
+                kernel: kernel.to_string(),
+                shape: format!("{n}x{kk}"),
+                median_us: t * 1e6,
+                gbps,
+                pct_of_copy: 100.0 * gbps / copy_gbps,
+                speedup_vs_baseline: base.map(|b| b / t),
+                note,
+            });
+        };
+
+    for &(n, kk) in &cfg.shapes {
+        let ne = n * kk;
+        progress(&format!("[{n}, {kk}]: generating and validating"));
+        let t0 = Instant::now();
+        let w: Vec<f32> = (0..ne)
+            .map(|_| rng.random_range(-1.0f32..1.0) * rng.random_range(0.0f32..0.06))
+            .collect();
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let wbf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+        drop(w);
+        // validate: quantize bit-exact (bf16 input), dequantize exact, GEMV vs f64, AdamW vs CPU
+        let cpu_q = Nvfp4Tensor::quantize(&wbf, n, kk)?;
+        let gpu_q = k.quantize_bf16(&wb, n, kk)?;
+        let exact = cpu_q == gpu_q;
+        let deq_exact = k
+            .dequantize(&cpu_q)?
+            .iter()
+            .zip(cpu_q.dequantize())
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        let x: Vec<f32> = (0..8 * kk)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        let y1 = k.matmul_nvfp4(&x[..kk], 1, &cpu_q)?;
+        let rel1 = gemv_rel_error(&y1, &x[..kk], &cpu_q);
+        let (adam_ok, adam_note) = validate_adamw(&k, &cpu_q, &mut rng)?;
+        let line = format!(
+            "[{n}, {kk}]: quantize bit-identical to CPU: {exact}; dequantize bit-identical: {deq_exact}; \
+             GEMV M=1 rel. error vs f64 {rel1:.2e}; AdamW vs CPU: {adam_note} ({:.1} s)",
+            t0.elapsed().as_secs_f64()
+        );
+        progress(&line);
+        checks.push(line);
+        if !(exact && deq_exact && rel1 <= 1e-3 && adam_ok) {
+            return Err(KernelError::InvalidArgument(format!(
+                "validation failed, not timing: {}",
+                checks.last().unwrap()
+            )));
+        }
+
+        progress(&format!("[{n}, {kk}]: timing"));
+        let packed_bytes = ne / 2 + ne / 16;
+        // --- quantize bf16 -> NVFP4 ---
+        let q_bytes = (ne * 2 + packed_bytes) as f64;
+        let sets = rotation(ne * 2);
+        let xs: Vec<CudaSlice<bf16>> = (0..sets)
+            .map(|_| upload(&k, &wb))
+            .collect::<Result<_, _>>()?;
+        let mut outs: Vec<DeviceNvfp4> = (0..sets.min(8))
+            .map(|_| k.alloc_nvfp4(n, kk))
+            .collect::<Result<_, _>>()?;
+        let mut status = k.alloc_status()?;
+        let nout = outs.len();
+        let t_q = timer.time(|i| {
+            k.quantize_async(
+                DeviceInput::Bf16(&xs[i % sets]),
+                n,
+                kk,
+                Rounding::Nearest,
+                &mut status,
+                &mut outs[i % nout],
+            )
+        })?;
+        push(
+            "quantize bf16->nvfp4 (amax + quantize)",
+            n,
+            kk,
+            t_q,
+            q_bytes,
+            None,
+            "two passes over the input: amax must be known before any block".into(),
+        );
+        let ws2 = cpu_q.tensor_scale;
+        let t_q1 = timer.time(|i| {
+            k.quantize_with_scale_async(
+                DeviceInput::Bf16(&xs[i % sets]),
+                n,
+                kk,
+                ws2,
+                Rounding::Nearest,
+                &mut outs[i % nout],
+            )
+        })?;
+        push(
+            "quantize bf16->nvfp4 (known tensor scale)",
+            n,
+            kk,
+            t_q1,
+            q_bytes,
+            None,
+            "one pass".into(),
+        );
+        drop(xs);
+        drop(outs);
+
+        // --- dequantize NVFP4 -> bf16 ---
+        let sets = rotation(packed_bytes + ne * 2);
+        let ws: Vec<DeviceNvfp4> = (0..rotation(packed_bytes))
+            .map(|_| k.upload_nvfp4(&cpu_q))
+            .collect::<Result<_, _>>()?;
+        let nws = ws.len();
+        {
+            let mut outs: Vec<CudaSlice<bf16>> = (0..sets.min(4))
+                .map(|_| {
+                    k.stream()
+                        .alloc_zeros::<bf16>(ne)
+                        .map_err(drv("allocating"))
+                })
+                .collect::<Result<_, _>>()?;
+            let no = outs.len();
+            let t_d = timer
+                .time(|i| k.dequantize_bf16_rows_async(&ws[i % nws], 0, n, &mut outs[i % no]))?;
+            push(
+                "dequantize nvfp4->bf16",
+                n,
+                kk,
+                t_d,
+                (packed_bytes + ne * 2) as f64,
+                None,
+                String::new(),
+            );
+        }
+
+        // --- GEMV: NVFP4 fused vs cuBLAS bf16, M = 1 and 8 ---
+        let wsb: Vec<CudaSlice<bf16>> = (0..rotation(ne * 2))
+            .map(|_| upload(&k, &wb))
+            .collect::<Result<_, _>>()?;
+        let nwb = wsb.len();
+        for m in [1usize, 8] {
+            let dx = upload(&k, &x[..m * kk])?;
+            let xb: Vec<bf16> = x[..m * kk].iter().map(|&v| bf16::from_f32(v)).collect();
+            let dxb = upload(&k, &xb)?;
+            let mut dy = k
+                .stream()
+                .alloc_zeros::<f32>(m * n)
+                .map_err(drv("allocating"))?;
+            let mut dyb = k
+                .stream()
+                .alloc_zeros::<bf16>(m * n)
+                .map_err(drv("allocating"))?;
+            let t_base = timer
+                .time(|i| k.bf16_gemm_cublas_async(&dxb, m, &wsb[i % nwb], n, kk, &mut dyb))?;
+            let t_g = timer.time(|i| k.gemv_async(&dx, m, &ws[i % nws], &mut dy))?;
+            let g_bytes = (packed_bytes + m * kk * 4 + m * n * 4) as f64;
+            let b_bytes = (ne * 2 + m * kk * 2 + m * n * 2) as f64;
+            push(
+                &format!("cuBLAS bf16 GEMV M={m} (baseline)"),
+                n,
+                kk,
+                t_base,
+                b_bytes,
+                None,
+                "cublasGemmEx, dense bf16 weights".into(),
+            );
+            push(
+                &format!("NVFP4 fused GEMV M={m}"),
+                n,
+                kk,
+                t_g,
+                g_bytes,
+                Some(t_base),
+                "speed-up vs cuBLAS bf16 on the same shape".into(),
+            );
+        }
+
+        // --- large M: dequantize to bf16 + cuBLASLt vs cuBLAS bf16 ---
+        {
+            let m = cfg.large_m;
+            let xb: Vec<bf16> = (0..m * kk)
+                .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0)))
+                .collect();
+            let dxb = upload(&k, &xb)?;
+            let mut dyb = k
+                .stream()
+                .alloc_zeros::<bf16>(m * n)
+                .map_err(drv("allocating"))?;
+            let scratch_len = (64usize << 20).div_ceil(kk).min(n) * kk;
+            let mut scratch = k
+                .stream()
+                .alloc_zeros::<bf16>(scratch_len)
+                .map_err(drv("allocating"))?;
+            let t_base = timer
+                .time(|i| k.bf16_gemm_cublas_async(&dxb, m, &wsb[i % nwb], n, kk, &mut dyb))?;
+            let t_l = timer.time(|i| {
+                k.matmul_nvfp4_large_async(&dxb, m, &ws[i % nws], &mut scratch, &mut dyb)
+            })?;
+            let tflops = 2.0 * (m * n * kk) as f64 / t_l / 1e12;
+            push(
+                &format!("NVFP4 dequant+cuBLASLt M={m}"),
+                n,
+                kk,
+                t_l,
+                (packed_bytes + m * kk * 2 + m * n * 2) as f64,
+                Some(t_base),
+                format!(
+                    "{tflops:.0} TFLOP/s; baseline cuBLAS bf16 GEMM M={m} {:.1} us",
+                    t_base * 1e6
+                ),
+            );
+        }
+        drop(wsb);
+
+        // --- AdamW step on packed weights (fused, chunk 32 rows) ---
+        {
+            let g: Vec<f32> = (0..ne).map(|_| rng.random_range(-1e-3f32..1e-3)).collect();
+            let dg = upload(&k, &g)?;
+            let mut dm = k
+                .stream()
+                .alloc_zeros::<f32>(ne)
+                .map_err(drv("allocating"))?;
+            let mut dv = k
+                .stream()
+                .alloc_zeros::<f32>(ne)
+                .map_err(drv("allocating"))?;
+            let mut dw = k.upload_nvfp4(&cpu_q)?;
+            let mut st = k.alloc_status()?;
+            let hp = AdamWParams {
+                lr: 1e-5,
+                ..AdamWParams::default()
+            };
+            let mut step = 0u64;
+            let t_a = timer.time(|_| {
+                step += 1;
+                k.adamw_step_async(&mut dw, &dg, &mut dm, &mut dv, hp, step, 32, 7, &mut st)
+                    .map(|_| ())
+            })?;
+            // minimum traffic: packed+scales read and written, grad read, m and v read and written
+            let a_bytes = (2 * packed_bytes + ne * 4 + 4 * ne * 4) as f64;
+            push(
+                "AdamW step on packed weights (chunk 32 rows)",
+                n,
+                kk,
+                t_a,
+                a_bytes,
+                None,
+                "two passes (amax of the update, then apply): ≈1.5x the minimum bytes".into(),
+            );
+        }
+        drop(ws);
+    }
+    Ok(BenchReport {
+        device: k.device_name().to_string(),
+        copy_gbps,
+        checks,
+        rows,
+        seed: cfg.seed,
+    })
+}
+
+/// ‖y − ref‖/‖ref‖ for M = 1 with ref computed in f64 on the dequantized weights.
+fn gemv_rel_error(y: &[f32], x: &[f32], w: &Nvfp4Tensor) -> f64 {
+    use rayon::prelude::*;
+    let wd = w.dequantize();
+    let k = w.cols;
+    let (num, den) = wd
+        .par_chunks(k)
+        .zip(y.par_iter())
+        .map(|(row, &yv)| {
+            let r: f64 = row.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let d = if yv.is_finite() {
+                yv as f64 - r
+            } else {
+                f64::INFINITY
+            };
+            (d * d, r * r)
+        })
+        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    (num / den).sqrt()
+}
+
+/// One AdamW step on GPU and CPU from the same state; identical up to rare last-bit flips.
+fn validate_adamw(
+    k: &CudaKernels,
+    w: &Nvfp4Tensor,
+    rng: &mut ChaCha8Rng,
+) -> Result<(bool, String), KernelError> {
+    let ne = w.rows * w.cols;
+    let g: Vec<f32> = (0..ne).map(|_| rng.random_range(-1e-2f32..1e-2)).collect();
+    let hp = AdamWParams {
+        lr: 1e-3,
+        ..AdamWParams::default()
+    };
+    let (mut wc, mut wg) = (w.clone(), w.clone());
+    let (mut mc, mut vc) = (vec![0.0f32; ne], vec![0.0f32; ne]);
+    let (mut mg, mut vg) = (vec![0.0f32; ne], vec![0.0f32; ne]);
+    adamw_step_nvfp4(&mut wc, &g, &mut mc, &mut vc, hp, 1, 32, 11)?;
+    k.adamw_step_nvfp4(&mut wg, &g, &mut mg, &mut vg, hp, 1, 32, 11)?;
+    let packed_diff = wc
+        .packed
+        .iter()
+        .zip(&wg.packed)
+        .filter(|(a, b)| a != b)
+        .count();
+    let scale_diff = wc
+        .scales
+        .iter()
+        .zip(&wg.scales)
+        .filter(|(a, b)| a != b)
+        .count();
+    let m_diff = mc
+        .iter()
+        .zip(&mg)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    let ok = packed_diff <= ne / 20_000
+        && scale_diff <= ne / 320_000
+        && m_diff == 0
+        && wc.tensor_scale == wg.tensor_scale;
+    Ok((
+        ok,
+        format!("{packed_diff} packed bytes, {scale_diff} scales, {m_diff} moments differ"),
+    ))
+}
+
+impl BenchReport {
+    /// A plain-text table (for the benchmark binary and logs).
+    pub fn to_text(&self) -> String {
+        let mut s = format!(
+            "device: {}\ncopy bandwidth: {:.0} GB/s (read + write)\nseed: {:#x}\n\n",
+            self.device, self.copy_gbps, self.seed
+        );
+        for c in &self.checks {
+            s.push_str(&format!("check  {c}\n"));
+        }
+        s.push_str(&format!(
+            "\n{:<46} {:>12} {:>11} {:>9} {:>7} {:>9}  {}\n",
+            "kernel", "shape", "median us", "GB/s", "% copy", "vs base", "note"
+        ));
+        for r in &self.rows {
+            s.push_str(&format!(
+                "{:<46} {:>12} {:>11.2} {:>9.0} {:>6.1}% {:>9}  {}\n",
+                r.kernel,
+                r.shape,
+                r.median_us,
+                r.gbps,
+                r.pct_of_copy,
+                r.speedup_vs_baseline
+                    .map(|x| format!("{x:.2}x"))
+                    .unwrap_or_else(|| "-".into()),
+                r.note
+            ));
+        }
+        s
+    }
+}
+
+/// Parse `8192x8192,4864x896` into shapes.
+pub fn parse_shapes(s: &str) -> Result<Vec<(usize, usize)>, String> {
+    s.split(',')
+        .map(|p| {
+            let (a, b) = p
+                .trim()
+                .split_once(['x', 'X'])
+                .ok_or_else(|| format!("shape {p:?} is not NxK"))?;
+            let n = a.trim().parse().map_err(|_| format!("bad N in {p:?}"))?;
+            let k: usize = b.trim().parse().map_err(|_| format!("bad K in {p:?}"))?;
+            if k == 0 || k % 32 != 0 || n == 0 {
+                return Err(format!(
+                    "shape {p:?}: N must be > 0 and K a positive multiple of 32"
+                ));
+            }
+            Ok((n, k))
+        })
+        .collect()
+}
