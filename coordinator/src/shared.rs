@@ -241,6 +241,7 @@ impl State {
             self.set_state(store, job_id, JobState::Queued, reason)
         } else {
             let reason = format!("{why}; no attempts left ({attempt} of {max})");
+            active.job.error = format!("lost: {reason}");
             self.set_state(store, job_id, JobState::Lost, reason)
         }
     }
