@@ -4,7 +4,10 @@ use kiln_coordinator::bench::{run_scheduler_bench, BenchOptions};
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let mut opts = BenchOptions::default();
     if let Some(&agents) = args.first() {
         opts.agents = agents;

@@ -40,7 +40,11 @@ impl Shared {
             ));
         }
         let (result, _) = self.mutate(|state, store| {
-            if state.agents.get(&reg.name).is_some_and(|a| a.link.is_some()) {
+            if state
+                .agents
+                .get(&reg.name)
+                .is_some_and(|a| a.link.is_some())
+            {
                 return Err(ApiError::AlreadyExists(format!(
                     "an agent named {} is already connected; give this one another --name",
                     reg.name
@@ -242,7 +246,12 @@ fn apply_heartbeat(entry: &mut AgentEntry, hb: Heartbeat) -> bool {
 fn reconcile(state: &mut State, store: &Store, reg: &Register) -> Result<(), ApiError> {
     let name = &reg.name;
     let reported: HashMap<u64, u32> = reg.running.iter().map(|r| (r.job_id, r.attempt)).collect();
-    let tx = state.agents[name].link.as_ref().expect("just linked").tx.clone();
+    let tx = state.agents[name]
+        .link
+        .as_ref()
+        .expect("just linked")
+        .tx
+        .clone();
     for r in &reg.running {
         let current = state.jobs.get(&r.job_id).is_some_and(|a| {
             a.job.agent == *name && a.job.attempt == r.attempt && is_placed(a.job.state())
@@ -261,10 +270,17 @@ fn reconcile(state: &mut State, store: &Store, reg: &Register) -> Result<(), Api
             .allocations
             .get(&r.job_id)
             .is_some_and(|a| a.cancelled && a.attempt == r.attempt);
-        let reason = if cancelled { "cancelled" } else { "stale attempt" };
+        let reason = if cancelled {
+            "cancelled"
+        } else {
+            "stale attempt"
+        };
         tracing::warn!(agent = %name, job = r.job_id, attempt = r.attempt, reason,
             "agent runs a job it should not; killing it");
-        state.effect(Effect::Send(tx.clone(), kill_msg(r.job_id, r.attempt, reason)));
+        state.effect(Effect::Send(
+            tx.clone(),
+            Box::new(kill_msg(r.job_id, r.attempt, reason)),
+        ));
     }
     let held: Vec<(u64, bool, u32)> = state.agents[name]
         .allocations
@@ -276,7 +292,12 @@ fn reconcile(state: &mut State, store: &Store, reg: &Register) -> Result<(), Api
             continue;
         }
         if cancelled {
-            state.agents.get_mut(name).expect("known").allocations.remove(&job_id);
+            state
+                .agents
+                .get_mut(name)
+                .expect("known")
+                .allocations
+                .remove(&job_id);
         } else {
             let why = format!("agent {name} reconnected without it");
             state.lose_job(store, job_id, &why)?;
@@ -298,7 +319,12 @@ fn apply_update(
     let current = state.jobs.get(&job_id).is_some_and(|a| {
         a.job.agent == agent && a.job.attempt == attempt && is_placed(a.job.state())
     });
-    let tx = state.agents[agent].link.as_ref().expect("current link").tx.clone();
+    let tx = state.agents[agent]
+        .link
+        .as_ref()
+        .expect("current link")
+        .tx
+        .clone();
     if !current {
         let entry = state.agents.get_mut(agent).expect("current agent");
         let cancelled = entry
@@ -314,8 +340,16 @@ fn apply_update(
             }
             return Ok(false);
         }
-        tracing::warn!(agent, job_id, attempt, "rejected a report from a stale attempt");
-        state.effect(Effect::Send(tx, kill_msg(job_id, attempt, "stale attempt")));
+        tracing::warn!(
+            agent,
+            job_id,
+            attempt,
+            "rejected a report from a stale attempt"
+        );
+        state.effect(Effect::Send(
+            tx,
+            Box::new(kill_msg(job_id, attempt, "stale attempt")),
+        ));
         return Ok(false);
     }
     let now = now_ms();

@@ -22,7 +22,10 @@ pub(crate) enum Effect {
     /// Publish a stored job event to watchers.
     Event(JobEvent),
     /// Send a message to one agent connection (dropped if that connection is gone).
-    Send(mpsc::UnboundedSender<CoordinatorMessage>, CoordinatorMessage),
+    Send(
+        mpsc::UnboundedSender<CoordinatorMessage>,
+        Box<CoordinatorMessage>,
+    ),
 }
 
 /// What the committer has made durable.
@@ -82,7 +85,9 @@ pub(crate) async fn run_committer(
                 });
             if let Err(err) = flushed {
                 tracing::error!(%err, "flush failed; no further change can be acknowledged");
-                shared.commit_tx.send_modify(|s| s.failed = Some(err.to_string()));
+                shared
+                    .commit_tx
+                    .send_modify(|s| s.failed = Some(err.to_string()));
                 return Err(err);
             }
             shared.commit_tx.send_modify(|s| s.durable = target);
@@ -94,7 +99,7 @@ pub(crate) async fn run_committer(
                     }
                     Effect::Send(tx, msg) => {
                         // A closed connection is fine: reconciliation handles its jobs.
-                        let _ = tx.send(msg);
+                        let _ = tx.send(*msg);
                     }
                 }
             }

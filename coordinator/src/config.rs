@@ -70,7 +70,9 @@ impl CoordinatorConfig {
         ];
         for (name, v) in positive {
             if !(v.is_finite() && v > 0.0) {
-                return Err(format!("{name} must be a positive number of seconds, got {v}"));
+                return Err(format!(
+                    "{name} must be a positive number of seconds, got {v}"
+                ));
             }
         }
         if !(self.reserve_after_secs.is_finite() && self.reserve_after_secs >= 0.0) {

@@ -33,7 +33,9 @@ pub(crate) fn validate_submit(
         return invalid("spec is missing: set exactly one of memtest, generate, train, export");
     };
     let (kind, session_id) = match &spec.spec {
-        None => return invalid("spec is empty: set exactly one of memtest, generate, train, export"),
+        None => {
+            return invalid("spec is empty: set exactly one of memtest, generate, train, export")
+        }
         Some(job_spec::Spec::Memtest(_)) => (JobKind::Memtest, String::new()),
         Some(job_spec::Spec::Generate(g)) => (JobKind::Generate, g.session_id.clone()),
         Some(job_spec::Spec::Train(_)) => (JobKind::Train, String::new()),
@@ -141,7 +143,7 @@ impl Shared {
         let mut job = validate_submit(req, &self.config)?;
         let job = self
             .mutate_durably(|state, store| {
-                let resources = job.resources.clone().unwrap_or_default();
+                let resources = job.resources.unwrap_or_default();
                 check_capacity(&state.agents, &resources)?;
                 let now = now_ms();
                 job.id = state.next_job_id;
@@ -163,12 +165,10 @@ impl Shared {
                         last_phase: String::new(),
                     },
                 );
-                let queued = kiln_proto::v1::job_event::Event::State(
-                    kiln_proto::v1::StateChange {
-                        state: JobState::Queued as i32,
-                        reason: "submitted".into(),
-                    },
-                );
+                let queued = kiln_proto::v1::job_event::Event::State(kiln_proto::v1::StateChange {
+                    state: JobState::Queued as i32,
+                    reason: "submitted".into(),
+                });
                 state.record_event(store, job.id, queued, now)?;
                 Ok(job)
             })
@@ -210,7 +210,9 @@ impl Shared {
                 continue;
             }
             if jobs.len() == page {
-                next_page_token = jobs.last().map_or(String::new(), |j: &Job| j.id.to_string());
+                next_page_token = jobs
+                    .last()
+                    .map_or(String::new(), |j: &Job| j.id.to_string());
                 break;
             }
             jobs.push(job);
@@ -254,7 +256,7 @@ impl Shared {
                                 msg: Some(kiln_proto::v1::coordinator_message::Msg::Kill(kill)),
                             };
                             let tx = link.tx.clone();
-                            state.effect(Effect::Send(tx, msg));
+                            state.effect(Effect::Send(tx, Box::new(msg)));
                         }
                     }
                 }
@@ -345,7 +347,10 @@ mod tests {
         let err = ok(1, 81 << 30).unwrap_err().to_string();
         assert!(err.contains("80.00 GiB"), "{err}");
         assert!(ok(2, 40 << 30).is_ok());
-        assert!(ok(2, 41 << 30).unwrap_err().to_string().contains("40.00 GiB"));
+        assert!(ok(2, 41 << 30)
+            .unwrap_err()
+            .to_string()
+            .contains("40.00 GiB"));
         assert!(ok(3, 1).unwrap_err().to_string().contains("3 GPU"));
         assert!(ok(0, 16 << 30).is_ok());
         let err = ok(0, 17 << 30).unwrap_err().to_string();

@@ -77,7 +77,7 @@ fn place(state: &mut State, store: &Store, policy: Policy) -> Result<usize, ApiE
         .values()
         .filter(|a| a.job.state() == JobState::Queued)
         .map(|a| {
-            let r = a.job.resources.clone().unwrap_or_default();
+            let r = a.job.resources.unwrap_or_default();
             Candidate {
                 job_id: a.job.id,
                 priority: a.job.priority,
@@ -101,7 +101,10 @@ fn place(state: &mut State, store: &Store, policy: Policy) -> Result<usize, ApiE
     let placed = plan.placements.len();
     for p in plan.placements {
         let agent_name = slots[p.agent].name.clone();
-        let active = state.jobs.get_mut(&p.job_id).expect("candidates are active");
+        let active = state
+            .jobs
+            .get_mut(&p.job_id)
+            .expect("candidates are active");
         active.job.attempt += 1;
         active.job.agent = agent_name.clone();
         active.job.gpu_indices = p.gpu_indices.clone();
@@ -109,7 +112,10 @@ fn place(state: &mut State, store: &Store, policy: Policy) -> Result<usize, ApiE
         active.job.error.clear();
         let attempt = active.job.attempt;
         let budget = active.job.resources.as_ref().map_or(0, |r| r.budget_bytes);
-        let entry = state.agents.get_mut(&agent_name).expect("placed on a known agent");
+        let entry = state
+            .agents
+            .get_mut(&agent_name)
+            .expect("placed on a known agent");
         entry.allocations.insert(
             p.job_id,
             Allocation {
@@ -119,7 +125,12 @@ fn place(state: &mut State, store: &Store, policy: Policy) -> Result<usize, ApiE
                 cancelled: false,
             },
         );
-        let tx = entry.link.as_ref().expect("schedulable agents are connected").tx.clone();
+        let tx = entry
+            .link
+            .as_ref()
+            .expect("schedulable agents are connected")
+            .tx
+            .clone();
         let where_ = if p.gpu_indices.is_empty() {
             format!("placed on agent {agent_name} (host memory)")
         } else {
@@ -130,7 +141,7 @@ fn place(state: &mut State, store: &Store, policy: Policy) -> Result<usize, ApiE
         let msg = CoordinatorMessage {
             msg: Some(coordinator_message::Msg::Assign(Assign { job: Some(job) })),
         };
-        state.effect(Effect::Send(tx, msg));
+        state.effect(Effect::Send(tx, Box::new(msg)));
     }
     Ok(placed)
 }

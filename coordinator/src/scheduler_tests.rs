@@ -73,7 +73,10 @@ fn foreign_usage_and_committed_budgets_reduce_free_memory() {
     agents[0].gpus[0].foreign = 30 * GB;
     agents[0].gpus[0].committed = 20 * GB;
     let plan1 = plan(&mut agents.clone(), &[job(1, 1, 31)], 2_000, POLICY);
-    assert!(plan1.placements.is_empty(), "31 GB must not fit in 30 GB free");
+    assert!(
+        plan1.placements.is_empty(),
+        "31 GB must not fit in 30 GB free"
+    );
     let plan2 = plan(&mut agents, &[job(1, 1, 30)], 2_000, POLICY);
     assert_eq!(placed(&plan2), vec![1]);
 }
@@ -220,7 +223,10 @@ fn a_starving_job_eventually_runs_while_small_jobs_keep_arriving() {
             },
         );
         if placed(&plan).contains(&1) {
-            assert!(pass >= 5, "the big job ran at pass {pass}, before it waited 5 s");
+            assert!(
+                pass >= 5,
+                "the big job ran at pass {pass}, before it waited 5 s"
+            );
             return;
         }
         running.retain_mut(|(_, left)| {
@@ -279,7 +285,12 @@ fn host_slot_reservation_blocks_later_cpu_jobs() {
     agents[0].host_committed = 10 * GB;
     let mut big = job(1, 0, 12);
     big.queued_since_ms = 0;
-    let plan = plan(&mut agents, &[big, job(2, 0, 2)], POLICY.reserve_after_ms, POLICY);
+    let plan = plan(
+        &mut agents,
+        &[big, job(2, 0, 2)],
+        POLICY.reserve_after_ms,
+        POLICY,
+    );
     assert_eq!(plan.reservations.len(), 1);
     assert!(plan.placements.is_empty());
 }

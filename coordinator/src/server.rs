@@ -40,11 +40,16 @@ pub async fn run(
     let recovered = {
         let dir = dir.clone();
         let rx = shutdown_rx.clone();
-        tokio::task::spawn_blocking(move || Store::open(&dir).and_then(|s| Shared::recover(s, config, rx)))
-            .await
-            .map_err(|e| CoordinatorError::Task(e.to_string()))?
+        tokio::task::spawn_blocking(move || {
+            Store::open(&dir).and_then(|s| Shared::recover(s, config, rx))
+        })
+        .await
+        .map_err(|e| CoordinatorError::Task(e.to_string()))?
     };
-    let shared = Arc::new(recovered.map_err(|source| CoordinatorError::Open { dir: dir.clone(), source })?);
+    let shared = Arc::new(recovered.map_err(|source| CoordinatorError::Open {
+        dir: dir.clone(),
+        source,
+    })?);
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, dir = %dir.display(), "coordinator serving");
 
@@ -53,8 +58,12 @@ pub async fn run(
     let leases = tokio::spawn(lease_loop(shared.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
-    health.set_serving::<AgentLinkServer<AgentLinkService>>().await;
+    health
+        .set_serving::<CoordinatorServer<CoordinatorService>>()
+        .await;
+    health
+        .set_serving::<AgentLinkServer<AgentLinkService>>()
+        .await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(kiln_proto::FILE_DESCRIPTOR_SET)
@@ -103,7 +112,8 @@ pub async fn run(
 
     let _ = shutdown_tx.send(true);
     for task in [scheduler, leases] {
-        task.await.map_err(|e| CoordinatorError::Task(e.to_string()))?;
+        task.await
+            .map_err(|e| CoordinatorError::Task(e.to_string()))?;
     }
     let _ = stop_commit_tx.send(true);
     let committed = committer

@@ -283,7 +283,9 @@ impl Shared {
             ..Default::default()
         };
         for agent in store.agents()? {
-            state.agents.insert(agent.name.clone(), disconnected(agent, started));
+            state
+                .agents
+                .insert(agent.name.clone(), disconnected(agent, started));
         }
         let (mut queued, mut placed) = (0usize, 0usize);
         for job in store.all_jobs() {
@@ -302,7 +304,7 @@ impl Shared {
                     };
                     disconnected(agent, started)
                 });
-                let resources = job.resources.clone().unwrap_or_default();
+                let resources = job.resources.unwrap_or_default();
                 entry.allocations.insert(
                     job.id,
                     Allocation {

@@ -122,23 +122,28 @@ impl Store {
             Some(_) => self.jobs.range(..end),
             None => self.jobs.range::<&[u8], _>(..),
         };
-        range
-            .rev()
-            .map(|r| r.map_err(StoreError::from).and_then(|(_, v)| decode("jobs", &v)))
+        range.rev().map(|r| {
+            r.map_err(StoreError::from)
+                .and_then(|(_, v)| decode("jobs", &v))
+        })
     }
 
     /// Every job, oldest first (recovery).
     pub fn all_jobs(&self) -> impl Iterator<Item = Result<Job, StoreError>> + '_ {
-        self.jobs
-            .iter()
-            .map(|r| r.map_err(StoreError::from).and_then(|(_, v)| decode("jobs", &v)))
+        self.jobs.iter().map(|r| {
+            r.map_err(StoreError::from)
+                .and_then(|(_, v)| decode("jobs", &v))
+        })
     }
 
     /// The stored attempt snapshots of a job, in attempt order.
     pub fn attempts(&self, job_id: u64) -> Result<Vec<Job>, StoreError> {
         self.attempts
             .scan_prefix(job_id.to_be_bytes())
-            .map(|r| r.map_err(StoreError::from).and_then(|(_, v)| decode("attempts", &v)))
+            .map(|r| {
+                r.map_err(StoreError::from)
+                    .and_then(|(_, v)| decode("attempts", &v))
+            })
             .collect()
     }
 
@@ -156,7 +161,10 @@ impl Store {
         let end = key2(job_id, u64::MAX);
         self.events
             .range(start..=end)
-            .map(|r| r.map_err(StoreError::from).and_then(|(_, v)| decode("events", &v)))
+            .map(|r| {
+                r.map_err(StoreError::from)
+                    .and_then(|(_, v)| decode("events", &v))
+            })
             .collect()
     }
 
@@ -193,7 +201,10 @@ impl Store {
             Some(id) => self.telemetry.scan_prefix(id.to_be_bytes()),
             None => self.telemetry.iter(),
         };
-        iter.map(|r| r.map_err(StoreError::from).and_then(|(_, v)| decode("telemetry", &v)))
+        iter.map(|r| {
+            r.map_err(StoreError::from)
+                .and_then(|(_, v)| decode("telemetry", &v))
+        })
     }
 
     /// Writes an agent record.
@@ -207,7 +218,10 @@ impl Store {
     pub fn agents(&self) -> Result<Vec<Agent>, StoreError> {
         self.agents
             .iter()
-            .map(|r| r.map_err(StoreError::from).and_then(|(_, v)| decode("agents", &v)))
+            .map(|r| {
+                r.map_err(StoreError::from)
+                    .and_then(|(_, v)| decode("agents", &v))
+            })
             .collect()
     }
 }

@@ -3,8 +3,8 @@
 
 mod common;
 
-use futures::StreamExt;
 use common::*;
+use futures::StreamExt;
 use kiln_proto::v1::{job_event, JobEvent, JobState, WatchJobRequest};
 
 fn state_trail(events: &[JobEvent]) -> Vec<(JobState, u32)> {
@@ -30,7 +30,10 @@ async fn agent_loss_requeues_the_job_which_succeeds_on_a_second_agent() {
     drop(a); // the stream breaks; the lease (0.5 s) runs out
     let mut b = agent(&h, "b", 80, 0).await;
     let again = expect_assign(&mut b).await;
-    assert_eq!((again.id, again.attempt, again.agent.as_str()), (job.id, 2, "b"));
+    assert_eq!(
+        (again.id, again.attempt, again.agent.as_str()),
+        (job.id, 2, "b")
+    );
     b.started(job.id, 2, 12).unwrap();
     b.finished(job.id, 2, JobState::Succeeded).unwrap();
     let done = wait_state(&mut h, job.id, JobState::Succeeded).await;
@@ -38,7 +41,10 @@ async fn agent_loss_requeues_the_job_which_succeeds_on_a_second_agent() {
 
     let events: Vec<JobEvent> = h
         .client
-        .watch_job(WatchJobRequest { id: job.id, after_seq: 0 })
+        .watch_job(WatchJobRequest {
+            id: job.id,
+            after_seq: 0,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -67,7 +73,14 @@ async fn a_job_out_of_attempts_stays_lost() {
     let mut h = start(dir.path()).await;
     let mut req = memtest_request(1, GIB);
     req.resources.as_mut().unwrap().max_attempts = 1;
-    let job = h.client.submit_job(req).await.unwrap().into_inner().job.unwrap();
+    let job = h
+        .client
+        .submit_job(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
     let mut a = agent(&h, "a", 80, 0).await;
     expect_assign(&mut a).await;
     drop(a);
@@ -88,10 +101,16 @@ async fn a_quick_reconnect_keeps_the_running_job() {
     wait_state(&mut h, job.id, JobState::Running).await;
     drop(a);
     let mut reg = kiln_coordinator::bench::register("a", 1, 80 * GIB, 0);
-    reg.running.push(kiln_proto::v1::RunningJob { job_id: job.id, attempt: 1, pid: 5 });
+    reg.running.push(kiln_proto::v1::RunningJob {
+        job_id: job.id,
+        attempt: 1,
+        pid: 5,
+    });
     // Reconnect (retrying while the old stream is still being torn down).
     let a = loop {
-        let ch = kiln_coordinator::bench::channel(&h.server.url).await.unwrap();
+        let ch = kiln_coordinator::bench::channel(&h.server.url)
+            .await
+            .unwrap();
         match kiln_coordinator::bench::AgentConn::connect(ch, reg.clone()).await {
             Ok(conn) => break conn,
             Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,

@@ -19,7 +19,8 @@ async fn a_stale_attempt_report_is_rejected_and_answered_with_kill() {
     wait_state(&mut h, j.id, JobState::Running).await;
 
     // A report from an attempt that is not current: not applied, and Kill comes back.
-    a.finished(job.id, j.attempt + 1, JobState::Succeeded).unwrap();
+    a.finished(job.id, j.attempt + 1, JobState::Succeeded)
+        .unwrap();
     let kill = expect_kill(&mut a).await;
     assert_eq!((kill.job_id, kill.attempt), (job.id, j.attempt + 1));
     assert_eq!(kill.reason, "stale attempt");
@@ -54,11 +55,19 @@ async fn cancel_running_sends_kill_and_ignores_the_late_finish() {
     a.started(j.id, j.attempt, 99).unwrap();
     wait_state(&mut h, j.id, JobState::Running).await;
 
-    let cancelled = h.client.cancel_job(CancelJobRequest { id: job.id }).await.unwrap().into_inner();
+    let cancelled = h
+        .client
+        .cancel_job(CancelJobRequest { id: job.id })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(cancelled.state(), JobState::Cancelled);
     assert!(cancelled.finished_at_ms > 0);
     let kill = expect_kill(&mut a).await;
-    assert_eq!((kill.job_id, kill.attempt, kill.reason.as_str()), (job.id, 1, "cancelled"));
+    assert_eq!(
+        (kill.job_id, kill.attempt, kill.reason.as_str()),
+        (job.id, 1, "cancelled")
+    );
 
     // The budget stays held until the process is confirmed gone: a 6 GiB job must wait.
     let next_job = submit(&mut h, 0, 6).await;
@@ -70,7 +79,11 @@ async fn cancel_running_sends_kill_and_ignores_the_late_finish() {
     assert_eq!(get(&mut h, job.id).await.state(), JobState::Cancelled);
 
     // Cancelling a finished job is a precondition failure.
-    let err = h.client.cancel_job(CancelJobRequest { id: job.id }).await.unwrap_err();
+    let err = h
+        .client
+        .cancel_job(CancelJobRequest { id: job.id })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("CANCELLED"), "{}", err.message());
     h.server.stop().await.unwrap();
@@ -81,7 +94,12 @@ async fn cancel_queued_is_immediate_and_never_placed() {
     let dir = tempfile::tempdir().unwrap();
     let mut h = start(dir.path()).await;
     let job = submit(&mut h, 1, 1).await;
-    let c = h.client.cancel_job(CancelJobRequest { id: job.id }).await.unwrap().into_inner();
+    let c = h
+        .client
+        .cancel_job(CancelJobRequest { id: job.id })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(c.state(), JobState::Cancelled);
     let mut a = agent(&h, "a", 80, 0).await;
     expect_silence(&mut a, Duration::from_millis(300)).await;

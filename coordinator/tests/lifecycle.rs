@@ -73,9 +73,14 @@ async fn submit_assign_run_succeed_with_telemetry_and_events() {
         .unwrap()
         .into_inner()
         .rows;
-    let names: Vec<&str> = phases.iter().map(|r| r.sample.as_ref().unwrap().phase.as_str()).collect();
+    let names: Vec<&str> = phases
+        .iter()
+        .map(|r| r.sample.as_ref().unwrap().phase.as_str())
+        .collect();
     assert_eq!(names, vec!["model_loaded", "forward_done"]);
-    assert!(phases.iter().all(|r| r.source() == TelemetrySource::Phase && r.agent == "gpu-a"));
+    assert!(phases
+        .iter()
+        .all(|r| r.source() == TelemetrySource::Phase && r.agent == "gpu-a"));
     assert_eq!(phases[0].sample.as_ref().unwrap().pid_mem, 2 * GIB);
     assert_eq!(phases[0].sample.as_ref().unwrap().device_total, 80 * GIB);
 
@@ -91,8 +96,14 @@ async fn submit_assign_run_succeed_with_telemetry_and_events() {
         .into_inner()
         .rows;
     assert_eq!(with_guard.len(), 5);
-    let at: Vec<u64> = with_guard.iter().map(|r| r.sample.as_ref().unwrap().at_ms).collect();
-    assert!(at.windows(2).all(|w| w[0] <= w[1]), "rows in time order: {at:?}");
+    let at: Vec<u64> = with_guard
+        .iter()
+        .map(|r| r.sample.as_ref().unwrap().at_ms)
+        .collect();
+    assert!(
+        at.windows(2).all(|w| w[0] <= w[1]),
+        "rows in time order: {at:?}"
+    );
     let only_forward = h
         .client
         .query_telemetry(QueryTelemetryRequest {
@@ -108,7 +119,10 @@ async fn submit_assign_run_succeed_with_telemetry_and_events() {
     // The whole event log, gap-free from 1, ending at the terminal state; the stream ends.
     let events: Vec<JobEvent> = h
         .client
-        .watch_job(WatchJobRequest { id: job.id, after_seq: 0 })
+        .watch_job(WatchJobRequest {
+            id: job.id,
+            after_seq: 0,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -126,11 +140,19 @@ async fn submit_assign_run_succeed_with_telemetry_and_events() {
         .collect();
     assert_eq!(
         states,
-        vec![JobState::Queued, JobState::Assigned, JobState::Running, JobState::Succeeded]
+        vec![
+            JobState::Queued,
+            JobState::Assigned,
+            JobState::Running,
+            JobState::Succeeded
+        ]
     );
     let after: Vec<JobEvent> = h
         .client
-        .watch_job(WatchJobRequest { id: job.id, after_seq: 3 })
+        .watch_job(WatchJobRequest {
+            id: job.id,
+            after_seq: 3,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -149,7 +171,10 @@ async fn watch_streams_live_events_until_the_job_ends() {
     let job = submit(&mut h, 1, 1).await;
     let mut watch = h
         .client
-        .watch_job(WatchJobRequest { id: job.id, after_seq: 0 })
+        .watch_job(WatchJobRequest {
+            id: job.id,
+            after_seq: 0,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -157,7 +182,8 @@ async fn watch_streams_live_events_until_the_job_ends() {
     assert_eq!(first.seq, 1);
     let j = expect_assign(&mut a).await;
     a.started(j.id, j.attempt, 1).unwrap();
-    a.update(j.id, j.attempt, phase("prefill_done", GIB)).unwrap();
+    a.update(j.id, j.attempt, phase("prefill_done", GIB))
+        .unwrap();
     a.finished(j.id, j.attempt, JobState::Failed).unwrap();
     let rest: Vec<JobEvent> = tokio::time::timeout(WAIT, watch.map(|e| e.unwrap()).collect())
         .await
@@ -177,7 +203,11 @@ async fn bad_requests_get_the_right_status_codes() {
     assert_eq!(early.state(), JobState::Queued);
 
     let _a = agent(&h, "a", 80, 16).await;
-    let err = h.client.get_job(GetJobRequest { id: 999_999 }).await.unwrap_err();
+    let err = h
+        .client
+        .get_job(GetJobRequest { id: 999_999 })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let err = h
         .client
@@ -186,16 +216,32 @@ async fn bad_requests_get_the_right_status_codes() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 
-    let err = h.client.submit_job(memtest_request(1, 81 * GIB)).await.unwrap_err();
+    let err = h
+        .client
+        .submit_job(memtest_request(1, 81 * GIB))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("80.00 GiB"), "{}", err.message());
-    let err = h.client.submit_job(memtest_request(0, 17 * GIB)).await.unwrap_err();
+    let err = h
+        .client
+        .submit_job(memtest_request(0, 17 * GIB))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("16.00 GiB"), "{}", err.message());
-    let err = h.client.submit_job(memtest_request(2, GIB)).await.unwrap_err();
+    let err = h
+        .client
+        .submit_job(memtest_request(2, GIB))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
 
-    let err = h.client.submit_job(memtest_request(1, 0)).await.unwrap_err();
+    let err = h
+        .client
+        .submit_job(memtest_request(1, 0))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let mut no_spec = memtest_request(1, GIB);
     no_spec.spec = None;
@@ -203,7 +249,9 @@ async fn bad_requests_get_the_right_status_codes() {
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = h
         .client
-        .drain_agent(kiln_proto::v1::DrainAgentRequest { name: "nobody".into() })
+        .drain_agent(kiln_proto::v1::DrainAgentRequest {
+            name: "nobody".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -212,15 +260,17 @@ async fn bad_requests_get_the_right_status_codes() {
 
 #[tokio::test]
 async fn health_and_reflection_are_served() {
-    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
     use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
     let dir = tempfile::tempdir().unwrap();
     let h = start(dir.path()).await;
     let ch = h.server.channel().await.unwrap();
     let mut health = HealthClient::new(ch.clone());
     for service in ["", "kiln.v1.Coordinator", "kiln.v1.AgentLink"] {
         let status = health
-            .check(HealthCheckRequest { service: service.into() })
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .unwrap()
             .into_inner()
@@ -229,8 +279,9 @@ async fn health_and_reflection_are_served() {
     }
 
     use tonic_reflection::pb::v1::{
-        server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
-        server_reflection_response::MessageResponse, ServerReflectionRequest,
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
     };
     let mut reflection = ServerReflectionClient::new(ch);
     let request = ServerReflectionRequest {
@@ -247,8 +298,15 @@ async fn health_and_reflection_are_served() {
         panic!("unexpected reflection response");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in ["kiln.v1.Coordinator", "kiln.v1.AgentLink", "grpc.health.v1.Health"] {
-        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    for want in [
+        "kiln.v1.Coordinator",
+        "kiln.v1.AgentLink",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
     }
     h.server.stop().await.unwrap();
 }

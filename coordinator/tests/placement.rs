@@ -5,7 +5,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use kiln_proto::v1::{AgentStatus, DrainAgentRequest, JobState, ListAgentsRequest, ListJobsRequest};
+use kiln_proto::v1::{
+    AgentStatus, DrainAgentRequest, JobState, ListAgentsRequest, ListJobsRequest,
+};
 
 #[tokio::test]
 async fn two_jobs_that_fit_run_together_and_a_third_waits() {
@@ -13,7 +15,11 @@ async fn two_jobs_that_fit_run_together_and_a_third_waits() {
     let mut h = start(dir.path()).await;
     // A CPU agent's host memory stands in for a GPU: 10 GiB, jobs of 4 GiB.
     let mut a = agent(&h, "cpu", 0, 10).await;
-    let jobs = [submit(&mut h, 0, 4).await, submit(&mut h, 0, 4).await, submit(&mut h, 0, 4).await];
+    let jobs = [
+        submit(&mut h, 0, 4).await,
+        submit(&mut h, 0, 4).await,
+        submit(&mut h, 0, 4).await,
+    ];
     let first = expect_assign(&mut a).await;
     let second = expect_assign(&mut a).await;
     assert_eq!((first.id, second.id), (jobs[0].id, jobs[1].id));
@@ -25,7 +31,13 @@ async fn two_jobs_that_fit_run_together_and_a_third_waits() {
     expect_silence(&mut a, Duration::from_millis(300)).await;
     assert_eq!(get(&mut h, jobs[2].id).await.state(), JobState::Queued);
 
-    let agents = h.client.list_agents(ListAgentsRequest {}).await.unwrap().into_inner().agents;
+    let agents = h
+        .client
+        .list_agents(ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
     assert_eq!(agents.len(), 1);
     assert_eq!(agents[0].status(), AgentStatus::Ready);
     assert_eq!(agents[0].running_jobs, vec![first.id, second.id]);
@@ -37,29 +49,51 @@ async fn two_jobs_that_fit_run_together_and_a_third_waits() {
     // Filters and paging on ListJobs, newest first.
     let page = h
         .client
-        .list_jobs(ListJobsRequest { page_size: 2, ..Default::default() })
+        .list_jobs(ListJobsRequest {
+            page_size: 2,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(page.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), vec![jobs[2].id, jobs[1].id]);
+    assert_eq!(
+        page.jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![jobs[2].id, jobs[1].id]
+    );
     let rest = h
         .client
-        .list_jobs(ListJobsRequest { page_size: 2, page_token: page.next_page_token, ..Default::default() })
+        .list_jobs(ListJobsRequest {
+            page_size: 2,
+            page_token: page.next_page_token,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(rest.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), vec![jobs[0].id]);
+    assert_eq!(
+        rest.jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![jobs[0].id]
+    );
     assert!(rest.next_page_token.is_empty());
     let succeeded = h
         .client
-        .list_jobs(ListJobsRequest { states: vec![JobState::Succeeded as i32], ..Default::default() })
+        .list_jobs(ListJobsRequest {
+            states: vec![JobState::Succeeded as i32],
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(succeeded.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), vec![jobs[0].id]);
+    assert_eq!(
+        succeeded.jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![jobs[0].id]
+    );
     let on_cpu = h
         .client
-        .list_jobs(ListJobsRequest { agent: "cpu".into(), ..Default::default() })
+        .list_jobs(ListJobsRequest {
+            agent: "cpu".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -75,7 +109,14 @@ async fn higher_priority_runs_first_then_submission_order() {
     let low = submit(&mut h, 1, 8).await;
     let mut req = memtest_request(1, 8 * GIB);
     req.priority = 10;
-    let high = h.client.submit_job(req).await.unwrap().into_inner().job.unwrap();
+    let high = h
+        .client
+        .submit_job(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
     let low2 = submit(&mut h, 1, 8).await;
     let mut a = agent(&h, "a", 10, 0).await; // room for one at a time
     let order = [high.id, low.id, low2.id];

@@ -12,8 +12,13 @@ use kiln_proto::v1::coordinator_client::CoordinatorClient;
 use kiln_proto::v1::{JobState, ListJobsRequest, RunningJob};
 
 async fn restart(h: Harness, dir: &std::path::Path) -> Harness {
-    h.server.stop().await.expect("first coordinator stops cleanly");
-    let server = RunningCoordinator::start(config(dir)).await.expect("restart");
+    h.server
+        .stop()
+        .await
+        .expect("first coordinator stops cleanly");
+    let server = RunningCoordinator::start(config(dir))
+        .await
+        .expect("restart");
     let client = server.client().await.unwrap();
     Harness { server, client }
 }
@@ -28,7 +33,11 @@ async fn every_acknowledged_job_survives_a_restart() {
         tasks.push(tokio::spawn(async move {
             let mut ids = Vec::new();
             for _ in 0..25 {
-                let job = client.submit_job(memtest_request(1, GIB)).await.unwrap().into_inner();
+                let job = client
+                    .submit_job(memtest_request(1, GIB))
+                    .await
+                    .unwrap()
+                    .into_inner();
                 ids.push(job.job.unwrap().id);
             }
             ids
@@ -42,7 +51,10 @@ async fn every_acknowledged_job_survives_a_restart() {
     let mut h = restart(h, dir.path()).await;
     let listed = h
         .client
-        .list_jobs(ListJobsRequest { page_size: 1000, ..Default::default() })
+        .list_jobs(ListJobsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -71,16 +83,29 @@ async fn a_running_job_is_reconciled_when_its_agent_reconnects() {
 
     let mut h = restart(h, dir.path()).await;
     assert_eq!(get(&mut h, running.id).await.state(), JobState::Running);
-    assert_eq!(get(&mut h, assigned_only.id).await.state(), JobState::Assigned);
+    assert_eq!(
+        get(&mut h, assigned_only.id).await.state(),
+        JobState::Assigned
+    );
     assert_eq!(get(&mut h, too_big_now.id).await.state(), JobState::Queued);
 
     // The agent comes back still running `running`, plus a job it should not have.
     let mut reg = register("a", 1, 80 * GIB, 0);
     reg.running = vec![
-        RunningJob { job_id: running.id, attempt: 1, pid: 100 },
-        RunningJob { job_id: 777_777, attempt: 3, pid: 101 },
+        RunningJob {
+            job_id: running.id,
+            attempt: 1,
+            pid: 100,
+        },
+        RunningJob {
+            job_id: 777_777,
+            attempt: 3,
+            pid: 101,
+        },
     ];
-    let mut a = AgentConn::connect(channel(&h.server.url).await.unwrap(), reg).await.unwrap();
+    let mut a = AgentConn::connect(channel(&h.server.url).await.unwrap(), reg)
+        .await
+        .unwrap();
     let kill = expect_kill(&mut a).await;
     assert_eq!((kill.job_id, kill.attempt), (777_777, 3));
     // The assigned job the agent does not report is LOST and requeued as attempt 2.
@@ -108,7 +133,11 @@ async fn a_running_job_whose_agent_never_returns_is_lost_and_requeued() {
     let mut h = restart(h, dir.path()).await;
     let requeued = wait_state(&mut h, job.id, JobState::Queued).await;
     assert_eq!(requeued.attempt, 1);
-    assert!(requeued.error.contains("did not reconnect"), "{}", requeued.error);
+    assert!(
+        requeued.error.contains("did not reconnect"),
+        "{}",
+        requeued.error
+    );
     let mut b = agent(&h, "b", 80, 0).await;
     let j = expect_assign(&mut b).await;
     assert_eq!((j.id, j.attempt), (job.id, 2));

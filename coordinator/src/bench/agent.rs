@@ -88,7 +88,12 @@ impl AgentConn {
     }
 
     /// Sends a report about one attempt of one job.
-    pub fn update(&self, job_id: u64, attempt: u32, update: job_update::Update) -> Result<(), BenchError> {
+    pub fn update(
+        &self,
+        job_id: u64,
+        attempt: u32,
+        update: job_update::Update,
+    ) -> Result<(), BenchError> {
         self.send(agent_message::Msg::Job(JobUpdate {
             job_id,
             attempt,
@@ -98,7 +103,11 @@ impl AgentConn {
 
     /// Reports the job's process started.
     pub fn started(&self, job_id: u64, attempt: u32, pid: u32) -> Result<(), BenchError> {
-        self.update(job_id, attempt, job_update::Update::Started(JobStarted { pid }))
+        self.update(
+            job_id,
+            attempt,
+            job_update::Update::Started(JobStarted { pid }),
+        )
     }
 
     /// Reports the job ended in `state`.
@@ -137,7 +146,9 @@ impl AgentConn {
     ) -> Result<Option<CoordinatorMessage>, BenchError> {
         tokio::time::timeout(timeout, self.recv())
             .await
-            .map_err(|_| BenchError::Timeout(format!("no coordinator message within {timeout:?}")))?
+            .map_err(|_| {
+                BenchError::Timeout(format!("no coordinator message within {timeout:?}"))
+            })?
     }
 }
 

@@ -187,7 +187,11 @@ async fn submit_many(
         tasks.push(tokio::spawn(async move {
             let mut ids = Vec::new();
             while next.fetch_add(1, Ordering::Relaxed) < n {
-                let job = client.submit_job(memtest_request(1, GIB)).await?.into_inner().job;
+                let job = client
+                    .submit_job(memtest_request(1, GIB))
+                    .await?
+                    .into_inner()
+                    .job;
                 ids.push(job.map_or(0, |j| j.id));
             }
             Ok::<_, BenchError>(ids)
@@ -310,7 +314,11 @@ async fn dispatch(
             let mut sent = Vec::new();
             while next.fetch_add(1, Ordering::Relaxed) < n {
                 let t0 = Instant::now();
-                let job = client.submit_job(memtest_request(1, GIB)).await?.into_inner().job;
+                let job = client
+                    .submit_job(memtest_request(1, GIB))
+                    .await?
+                    .into_inner()
+                    .job;
                 sent.push((job.map_or(0, |j| j.id), t0));
             }
             Ok::<_, BenchError>(sent)
@@ -337,7 +345,11 @@ async fn dispatch(
     }
     let mut latencies: Vec<Duration> = submitted
         .iter()
-        .map(|(id, t0)| arrived.get(id).map_or(Duration::MAX, |t1| t1.duration_since(*t0)))
+        .map(|(id, t0)| {
+            arrived
+                .get(id)
+                .map_or(Duration::MAX, |t1| t1.duration_since(*t0))
+        })
         .collect();
     latencies.sort();
     server.stop().await?;
@@ -387,7 +399,11 @@ async fn recover(
     }
     let all_listed = t0.elapsed();
     second.stop().await?;
-    let missing: Vec<u64> = acked.iter().filter(|id| !listed.contains(id)).copied().collect();
+    let missing: Vec<u64> = acked
+        .iter()
+        .filter(|id| !listed.contains(id))
+        .copied()
+        .collect();
     if !missing.is_empty() {
         return Err(BenchError::Lost(format!(
             "{} of {} acknowledged jobs missing after restart (first: {:?})",

@@ -101,7 +101,10 @@ impl fmt::Display for BenchReport {
         table.load_preset(UTF8_FULL_CONDENSED);
         table.set_header(vec!["measure", "measured", "target", "context", "verdict"]);
         table.add_row(vec![
-            format!("durable submits/s ({} jobs, {} clients)", o.submit_jobs, o.submit_clients),
+            format!(
+                "durable submits/s ({} jobs, {} clients)",
+                o.submit_jobs, o.submit_clients
+            ),
             format!("{:.0}/s", self.submits_per_s),
             format!("≥ {TARGET_SUBMITS_PER_S:.0}/s"),
             format!(

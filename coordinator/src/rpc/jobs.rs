@@ -4,8 +4,8 @@ use std::pin::Pin;
 
 use futures::Stream;
 use kiln_proto::v1::{
-    job_event, CancelJobRequest, GetJobRequest, Job, JobEvent, ListJobsRequest,
-    ListJobsResponse, SubmitJobRequest, SubmitJobResponse, WatchJobRequest,
+    job_event, CancelJobRequest, GetJobRequest, Job, JobEvent, ListJobsRequest, ListJobsResponse,
+    SubmitJobRequest, SubmitJobResponse, WatchJobRequest,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;

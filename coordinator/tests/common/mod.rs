@@ -32,8 +32,7 @@ pub fn config(dir: &Path) -> CoordinatorConfig {
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_test_writer()
         .try_init();
@@ -47,14 +46,20 @@ pub struct Harness {
 
 pub async fn start(dir: &Path) -> Harness {
     init_tracing();
-    let server = RunningCoordinator::start(config(dir)).await.expect("start coordinator");
+    let server = RunningCoordinator::start(config(dir))
+        .await
+        .expect("start coordinator");
     let client = server.client().await.expect("client");
     Harness { server, client }
 }
 
 /// An agent with one GPU of `gpu_gib` and `host_gib` host memory.
 pub async fn agent(h: &Harness, name: &str, gpu_gib: u64, host_gib: u64) -> AgentConn {
-    agent_with(h, register(name, (gpu_gib > 0) as u32, gpu_gib * GIB, host_gib * GIB)).await
+    agent_with(
+        h,
+        register(name, (gpu_gib > 0) as u32, gpu_gib * GIB, host_gib * GIB),
+    )
+    .await
 }
 
 pub async fn agent_with(h: &Harness, reg: Register) -> AgentConn {
@@ -73,7 +78,11 @@ pub async fn submit(h: &mut Harness, gpus: u32, budget_gib: u64) -> Job {
 }
 
 pub async fn get(h: &mut Harness, id: u64) -> Job {
-    h.client.get_job(GetJobRequest { id }).await.expect("get").into_inner()
+    h.client
+        .get_job(GetJobRequest { id })
+        .await
+        .expect("get")
+        .into_inner()
 }
 
 /// Polls until the job is in `state`.
