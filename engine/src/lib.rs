@@ -5,6 +5,7 @@
 //!   tokens, progress, the result.
 //! - `memory`: process and device memory readings for phase samples.
 //! - `memtest`: the memtest job.
+//! - `exec`: the job process entry point (`kiln job-exec`): request on stdin, reports on stdout.
 //! - `model`: the Qwen2/Qwen3/Llama model core (config, checkpoints, NVFP4 linears, forward, KV cache).
 //! - `tokenizer`: `tokenizer.json` loading, encode/decode, incremental decoding.
 //! - `chat`: chat messages and Jinja chat templates (minijinja).
@@ -13,6 +14,7 @@
 //! - `session`: multi-turn sessions (delta prefill); `session_store`: sessions kept on disk between jobs (LRU, byte budget).
 
 pub mod chat;
+pub mod exec;
 pub mod generate;
 pub mod memory;
 pub mod model;

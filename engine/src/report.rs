@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 
 /// Prefix of a report line on the job's stdout.
 pub const REPORT_PREFIX: &str = "@@kiln ";
@@ -81,19 +82,42 @@ pub enum Report {
     },
 }
 
-/// Writes reports to stdout. Cheap to clone; each report is one `write` + flush.
+/// Writes reports to stdout (the default), or collects them in memory for tests
+/// ([`Reporter::capture`]). Cheap to clone; each report is one `write` + flush.
 #[derive(Debug, Clone, Default)]
-pub struct Reporter;
+pub struct Reporter {
+    /// `None`: stdout. `Some`: reports are appended here instead.
+    captured: Option<Arc<Mutex<Vec<Report>>>>,
+}
 
 impl Reporter {
+    /// A reporter that writes report lines to stdout (what a job process uses).
+    pub fn stdout() -> Self {
+        Self::default()
+    }
+
+    /// A reporter that keeps the reports in memory, and the handle to read them back.
+    pub fn capture() -> (Self, Arc<Mutex<Vec<Report>>>) {
+        let sink = Arc::new(Mutex::new(Vec::new()));
+        (
+            Self {
+                captured: Some(sink.clone()),
+            },
+            sink,
+        )
+    }
+
     /// Sends one report. Errors writing stdout (agent gone) are ignored: the job goes on and
     /// the guard or the agent's exit handling decides its fate.
     pub fn send(&self, report: &Report) {
-        let mut line = String::from(REPORT_PREFIX);
-        line.push_str(&serde_json::to_string(report).expect("reports always serialize"));
-        line.push('\n');
+        if let Some(sink) = &self.captured {
+            sink.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(report.clone());
+            return;
+        }
         let mut out = std::io::stdout().lock();
-        let _ = out.write_all(line.as_bytes());
+        let _ = out.write_all(format_line(report).as_bytes());
         let _ = out.flush();
     }
 
@@ -106,6 +130,14 @@ impl Reporter {
     pub fn phase(&self, phase: PhaseReport) {
         self.send(&Report::Phase(phase));
     }
+}
+
+/// The stdout line of one report, newline included.
+pub fn format_line(report: &Report) -> String {
+    let mut line = String::from(REPORT_PREFIX);
+    line.push_str(&serde_json::to_string(report).expect("reports always serialize"));
+    line.push('\n');
+    line
 }
 
 /// Parses one stdout line of a job process: `Some(report)` for a report line, `None` for a
@@ -127,8 +159,9 @@ mod tests {
             unit: "steps".into(),
             message: "loss 1.5".into(),
         };
-        let line = format!("{REPORT_PREFIX}{}", serde_json::to_string(&r).unwrap());
-        assert_eq!(parse_line(&line), Some(r));
+        let line = format_line(&r);
+        assert!(line.ends_with('\n'));
+        assert_eq!(parse_line(line.trim_end()), Some(r));
         assert_eq!(parse_line("hello"), None);
         assert_eq!(parse_line("@@kiln {broken"), None);
     }
