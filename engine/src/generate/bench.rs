@@ -206,6 +206,15 @@ pub fn run_engine_bench(
         opts.prompt_tokens,
         opts.tiny_new_tokens,
     )?);
+    // The same weights with f32 linears: separates the NVFP4 dequantization cost (paid per
+    // forward, whatever its length) from the cost the cache saves.
+    let dense = crate::tiny::model(LinearFormat::Dense, &Device::Cpu)?;
+    decode.push(decode_row(
+        "tiny (f32 linears)",
+        &dense,
+        opts.prompt_tokens,
+        opts.tiny_new_tokens,
+    )?);
     progress("tiny model: 3-turn session");
     turns.extend(turn_rows("tiny", &tiny, opts.turn_new_tokens)?);
     if opts.big_new_tokens > 0 {
@@ -243,7 +252,7 @@ impl EngineBench {
         let _ = writeln!(s, "Decode (CPU, {} threads, greedy, batch 1)", self.threads);
         let _ = writeln!(
             s,
-            "{:<20} {:>6} {:>6} {:>11} {:>12} {:>13} {:>8} {:>7} {:>10}",
+            "{:<20} {:>6} {:>6} {:>11} {:>12} {:>13} {:>8} {:>7} {:>12}",
             "model",
             "prompt",
             "new",
@@ -257,7 +266,7 @@ impl EngineBench {
         for r in &self.decode {
             let _ = writeln!(
                 s,
-                "{:<20} {:>6} {:>6} {:>11.1} {:>12.1} {:>13.1} {:>7.2}x {:>7} {:>10.2e}",
+                "{:<20} {:>6} {:>6} {:>11.1} {:>12.1} {:>13.1} {:>7.2}x {:>7} {:>12.2e}",
                 r.model,
                 r.prompt_tokens,
                 r.new_tokens,
