@@ -1,36 +1,35 @@
 // dequantize_nvfp4.cu — NVFP4 -> f32 or bf16, value = (e2m1 * e4m3_scale) * tensor_scale in f32
 // (bit-identical to Nvfp4Tensor::dequantize; bf16 output rounds that f32 to nearest even).
 //
-// Layout: nblocks blocks of 16 elements; block b reads packed[8b .. 8b+8), scales[b] and writes
-// out[16b .. 16b+16). tensor_scale is a device pointer to one f32.
-// Launch: one thread per block of 16, 256 threads per CUDA block; 16-byte stores.
+// Layout: nblocks blocks of 16 elements; packed [nblocks*8] bytes, scales [nblocks], out
+// [nblocks*16]. tensor_scale is a device pointer to one f32.
+// Each thread owns E consecutive elements: bf16 out E = 8 (reads 4 packed bytes, writes one
+// 16-byte vector), f32 out E = 4 (reads 2 packed bytes, writes one float4); warps touch
+// contiguous memory on every load and store.
+// Launch: nblocks * 16 / E threads, 256 per CUDA block.
 
 template <bool BF16>
 __device__ __forceinline__ void kiln_dequant_body(const u8* __restrict__ packed,
         const u8* __restrict__ scales, const float* __restrict__ tensor_scale, u64 nblocks,
         void* __restrict__ out) {
-    u64 b = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (b >= nblocks) return;
-    uint2 p = __ldg(reinterpret_cast<const uint2*>(packed) + b);
-    float s = kiln_e4m3_to_f32(__ldg(scales + b));
+    constexpr int E = BF16 ? 8 : 4;
+    u64 t = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= nblocks * (16 / E)) return;
+    u32 codes = BF16 ? __ldg(reinterpret_cast<const u32*>(packed) + t)
+                     : (u32)__ldg(reinterpret_cast<const u16*>(packed) + t);
+    float s = kiln_e4m3_to_f32(__ldg(scales + t / (16 / E)));
     float ts = __ldg(tensor_scale);
-    float v[16];
-    u32 w[2] = {p.x, p.y};
+    float v[E];
 #pragma unroll
-    for (int i = 0; i < 16; i++)
-        v[i] = __fmul_rn(__fmul_rn(kiln_e2m1_to_f32((w[i >> 3] >> ((i & 7) * 4)) & 0xFu), s), ts);
+    for (int i = 0; i < E; i++) v[i] = __fmul_rn(__fmul_rn(kiln_e2m1_to_f32((codes >> (4 * i)) & 0xFu), s), ts);
     if (BF16) {
-        uint4* o = reinterpret_cast<uint4*>(static_cast<u16*>(out) + b * 16);
-        u32 h[8];
+        u32 h[4];
 #pragma unroll
-        for (int i = 0; i < 8; i++)
+        for (int i = 0; i < 4; i++)
             h[i] = (u32)kiln_f32_to_bf16(v[2 * i]) | ((u32)kiln_f32_to_bf16(v[2 * i + 1]) << 16);
-        o[0] = make_uint4(h[0], h[1], h[2], h[3]);
-        o[1] = make_uint4(h[4], h[5], h[6], h[7]);
+        reinterpret_cast<uint4*>(out)[t] = make_uint4(h[0], h[1], h[2], h[3]);
     } else {
-        float4* o = reinterpret_cast<float4*>(static_cast<float*>(out) + b * 16);
-#pragma unroll
-        for (int j = 0; j < 4; j++) o[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+        reinterpret_cast<float4*>(out)[t] = make_float4(v[0], v[1], v[2], v[3]);
     }
 }
 

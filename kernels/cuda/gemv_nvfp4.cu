@@ -12,11 +12,11 @@
 //
 // Layout: x f32 [M, K] row-major, y f32 [M, N] row-major. Requires K % 32 == 0 (one 16-byte
 // load = 32 elements = 2 scale blocks per lane per row).
-// Launch: 256 threads (register caps: 3 resident blocks per SM at M = 1, 2 at M = 2..3, 1 above, so nothing spills) = 8 warps = (8 / KSPLIT) row groups x KSPLIT warps that split K; a row
-// group handles R = 4 consecutive rows; grid.x = ceil(N / (4 * 8 / KSPLIT)). Weights are read
-// with ld.global.nc.L1::no_allocate so that x stays in L1.
-
-#define KILN_GEMV_R 4
+// Launch: 256 threads = 8 warps = (8 / KSPLIT) row groups x KSPLIT warps that split K; a row
+// group handles R consecutive rows (kernel name suffix _r8 / _r4); grid.x =
+// ceil(N / (R * 8 / KSPLIT)). Each lane keeps the next unit's R 16-byte weight loads in flight
+// while it computes the current one. Weights are read with ld.global.nc.L1::no_allocate so
+// that x stays in L1.
 
 __device__ __forceinline__ uint4 kiln_ld_stream(const uint4* p) {
     uint4 v;
@@ -42,11 +42,10 @@ __device__ __forceinline__ void kiln_decode8(u32 q, float f[8]) {
     }
 }
 
-template <int M>
+template <int M, int R>
 __device__ __forceinline__ void kiln_gemv_body(const float* __restrict__ x,
         const u8* __restrict__ packed, const u8* __restrict__ scales,
         const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
-    constexpr int R = KILN_GEMV_R;
     __shared__ float red[8][R][M];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int groups = 8 / ksplit;
@@ -56,48 +55,68 @@ __device__ __forceinline__ void kiln_gemv_body(const float* __restrict__ x,
     const int per = (units + ksplit - 1) / ksplit;
     const int u_begin = kp * per;
     const int u_end = min(units, u_begin + per);
+    const size_t wstride = (size_t)(K >> 5);  // uint4 per row
+    const size_t sstride = (size_t)(K >> 5);  // u16 (2 scale bytes) per row
+    const uint4* wbase = reinterpret_cast<const uint4*>(packed) + (size_t)min(row0, N - 1) * wstride;
+    const u16* sbase = reinterpret_cast<const u16*>(scales) + (size_t)min(row0, N - 1) * sstride;
+    int rlast = N - 1 - min(row0, N - 1);  // rows past N re-read the last row (never written)
 
-    const uint4* wrow[R];
-    const u16* srow[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        int n = min(row0 + r, N - 1);
-        wrow[r] = reinterpret_cast<const uint4*>(packed + (size_t)n * (size_t)(K >> 1));
-        srow[r] = reinterpret_cast<const u16*>(scales + (size_t)n * (size_t)(K >> 4));
-    }
     float acc[R][M];
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int m = 0; m < M; m++) acc[r][m] = 0.0f;
 
-    for (int u = u_begin + lane; u < u_end; u += 32) {
+    uint4 wn[R];
+    u32 sn[R];
+    int u = u_begin + lane;
+    if (u < u_end) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            int rr = min(r, rlast);
+            wn[r] = kiln_ld_stream(wbase + rr * wstride + u);
+            sn[r] = __ldg(sbase + rr * sstride + u);
+        }
+    }
+    while (u < u_end) {
         uint4 w[R];
         float sc[R][2];
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            w[r] = kiln_ld_stream(wrow[r] + u);
-            u32 s2 = __ldg(srow[r] + u);  // scale bytes of the unit's two blocks
-            kiln_h2_to_f2(((s2 & 0x7Fu) << 7) | ((s2 & 0x7F00u) << 15), sc[r][0], sc[r][1]);
+            w[r] = wn[r];
+            // the unit's two scale bytes, decoded via f16 (value * 2^-8)
+            kiln_h2_to_f2(((sn[r] & 0x7Fu) << 7) | ((sn[r] & 0x7F00u) << 15), sc[r][0], sc[r][1]);
+        }
+        const int uc = u;
+        u += 32;
+        if (u < u_end) {  // prefetch the next unit
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                int rr = min(r, rlast);
+                wn[r] = kiln_ld_stream(wbase + rr * wstride + u);
+                sn[r] = __ldg(sbase + rr * sstride + u);
+            }
         }
 #pragma unroll
-        for (int j = 0; j < 4; j++) {  // word j: elements u*32 + 8j .. +8, scale block j/2
-            float f[R][8];
+        for (int j = 0; j < 4; j++) {  // word j: elements uc*32 + 8j .. +8, scale block j/2
+            float xv[M][8];
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                const float4* xp = reinterpret_cast<const float4*>(x + (size_t)m * K + (size_t)uc * 32 + j * 8);
+                float4 a = __ldg(xp), b = __ldg(xp + 1);
+                xv[m][0] = a.x; xv[m][1] = a.y; xv[m][2] = a.z; xv[m][3] = a.w;
+                xv[m][4] = b.x; xv[m][5] = b.y; xv[m][6] = b.z; xv[m][7] = b.w;
+            }
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 u32 q = j == 0 ? w[r].x : j == 1 ? w[r].y : j == 2 ? w[r].z : w[r].w;
-                kiln_decode8(q, f[r]);
-            }
+                float f[8];
+                kiln_decode8(q, f);
 #pragma unroll
-            for (int m = 0; m < M; m++) {
-                const float4* xp = reinterpret_cast<const float4*>(x + (size_t)m * K + (size_t)u * 32 + j * 8);
-                float4 a = __ldg(xp), b = __ldg(xp + 1);
-                float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-                for (int r = 0; r < R; r++) {
+                for (int m = 0; m < M; m++) {
                     float p = 0.0f;
 #pragma unroll
-                    for (int e = 0; e < 8; e++) p = fmaf(xv[e], f[r][e], p);
+                    for (int e = 0; e < 8; e++) p = fmaf(xv[m][e], f[e], p);
                     acc[r][m] = fmaf(p, sc[r][j >> 1], acc[r][m]);
                 }
             }
@@ -125,19 +144,20 @@ __device__ __forceinline__ void kiln_gemv_body(const float* __restrict__ x,
     }
 }
 
-#define KILN_GEMV(MM, MINB)                                                                   \
-    extern "C" __global__ void __launch_bounds__(256, MINB) kiln_gemv_nvfp4_m##MM(            \
+#define KILN_GEMV(MM, RR, MINB)                                                               \
+    extern "C" __global__ void __launch_bounds__(256, MINB) kiln_gemv_nvfp4_m##MM##_r##RR(    \
             const float* __restrict__ x, const u8* __restrict__ packed,                       \
             const u8* __restrict__ scales, const float* __restrict__ tensor_scale,            \
             float* __restrict__ y, int N, int K, int ksplit) {                                \
-        kiln_gemv_body<MM>(x, packed, scales, tensor_scale, y, N, K, ksplit);                 \
+        kiln_gemv_body<MM, RR>(x, packed, scales, tensor_scale, y, N, K, ksplit);             \
     }
 
-KILN_GEMV(1, 3)
-KILN_GEMV(2, 2)
-KILN_GEMV(3, 2)
-KILN_GEMV(4, 1)
-KILN_GEMV(5, 1)
-KILN_GEMV(6, 1)
-KILN_GEMV(7, 1)
-KILN_GEMV(8, 1)
+KILN_GEMV(1, 8, 1)
+KILN_GEMV(1, 4, 3)
+KILN_GEMV(2, 4, 2)
+KILN_GEMV(3, 4, 2)
+KILN_GEMV(4, 4, 1)
+KILN_GEMV(5, 4, 1)
+KILN_GEMV(6, 4, 1)
+KILN_GEMV(7, 4, 1)
+KILN_GEMV(8, 4, 1)

@@ -37,13 +37,20 @@ __device__ __forceinline__ u8 kiln_f32_to_e4m3(float x) {
     return sign | (u8)(e << 3) | (u8)m3;
 }
 
+// f16 bits (low 16 bits of h) -> f32, exact.
+__device__ __forceinline__ float kiln_f16bits_to_f32(u32 h) {
+    float f;
+    asm("{.reg .b16 t;\n\tcvt.u16.u32 t, %1;\n\tcvt.f32.f16 %0, t;}" : "=f"(f) : "r"(h));
+    return f;
+}
+
+// E4M3 -> f32 without tables or branches: the 7 magnitude bits shifted into an f16 are the
+// value times 2^-8 exactly (subnormals included); 0x7F/0xFF are NaN.
 __device__ __forceinline__ float kiln_e4m3_to_f32(u8 b) {
-    u32 exp = (b >> 3) & 0xF, man = b & 7;
-    float mag;
-    if (exp == 0) mag = __fmul_rn((float)man, KILN_E4M3_MIN_SUBNORMAL);
-    else if (exp == 15 && man == 7) mag = __uint_as_float(0x7FC00000u);
-    else mag = __uint_as_float(((exp + 120u) << 23) | (man << 20));
-    return (b & 0x80) ? -mag : mag;
+    u32 v = b;
+    float mag = __fmul_rn(kiln_f16bits_to_f32((v & 0x7Fu) << 7), 256.0f);
+    if ((v & 0x7Fu) == 0x7Fu) mag = __uint_as_float(0x7FC00000u);
+    return (v & 0x80u) ? -mag : mag;
 }
 
 // Magnitude code (0..7) of |q| rounded to nearest even on the E2M1 grid, saturating at 6.
@@ -64,7 +71,11 @@ __device__ __forceinline__ u32 kiln_f32_to_e2m1(float q, float w) {
     return s | kiln_e2m1_mag(fabsf(q));
 }
 
-__constant__ float KILN_E2M1_GRID[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+// E2M1 magnitude code (0..7) -> its value, exactly, without a table (a per-thread index into
+// __constant__ memory would serialise): the code placed in f16 bits 9..11 is value * 2^-14.
+__device__ __forceinline__ float kiln_e2m1_mag_value(u32 idx) {
+    return __fmul_rn(kiln_f16bits_to_f32((idx & 7u) << 9), 16384.0f);
+}
 
 // Stochastic rounding: pick the upper neighbour with probability (|q| - lo) / (hi - lo).
 __device__ __forceinline__ u32 kiln_e2m1_sr(float q, float w, float u) {
@@ -74,14 +85,13 @@ __device__ __forceinline__ u32 kiln_e2m1_sr(float q, float w, float u) {
     if (a >= 6.0f) return s | 7u;
     u32 lo_idx = a < 0.5f ? 0u : a < 1.0f ? 1u : a < 1.5f ? 2u : a < 2.0f ? 3u
                : a < 3.0f ? 4u : a < 4.0f ? 5u : 6u;
-    float lo = KILN_E2M1_GRID[lo_idx], hi = KILN_E2M1_GRID[lo_idx + 1];
+    float lo = kiln_e2m1_mag_value(lo_idx), hi = kiln_e2m1_mag_value(lo_idx + 1u);
     float p = __fdiv_rn(__fsub_rn(a, lo), __fsub_rn(hi, lo));
     return s | (u < p ? lo_idx + 1u : lo_idx);
 }
 
 __device__ __forceinline__ float kiln_e2m1_to_f32(u32 c) {
-    float m = KILN_E2M1_GRID[c & 7u];
-    return (c & 8u) ? -m : m;
+    return __fmul_rn(kiln_f16bits_to_f32(((c & 8u) << 12) | ((c & 7u) << 9)), 16384.0f);
 }
 
 // SplitMix64 finaliser of (seed, index): a uniform in [0, 1) with 24 bits (as codec.rs).
@@ -105,25 +115,31 @@ __device__ __forceinline__ u8 kiln_block_scale_code(float block_amax, float ws2)
     return kiln_f32_to_e4m3(fmaxf(s, KILN_E4M3_MIN_SUBNORMAL));
 }
 
-// Quantize 16 values: returns the scale byte, writes 8 packed bytes into out (as 2 words).
-// stochastic != 0 draws kiln_sr_uniform(seed, first_index + i) for element i.
-__device__ __forceinline__ u8 kiln_quantize_block16(const float v[16], float ws2, int stochastic,
-                                                   u64 seed, u64 first_index, u32 out[2]) {
+// Quantize this lane's E consecutive values of a 16-element block whose other 16/E - 1 parts
+// are held by the neighbouring lanes (lanes of a block are consecutive and aligned; every
+// lane of the warp must call this). Returns the E 4-bit codes (element i in bits 4i..4i+3)
+// and the block's scale byte in *sb. stochastic != 0 draws kiln_sr_uniform(seed,
+// first_index + i) for element i of this lane.
+template <int E>
+__device__ __forceinline__ u32 kiln_quantize_lane(const float v[E], float ws2, int stochastic,
+                                                  u64 seed, u64 first_index, u8* sb) {
     float bamax = 0.0f;
 #pragma unroll
-    for (int i = 0; i < 16; i++) bamax = fmaxf(bamax, fabsf(v[i]));
-    u8 sb = kiln_block_scale_code(bamax, ws2);
-    float denom = __fmul_rn(kiln_e4m3_to_f32(sb), ws2);
-    out[0] = 0u;
-    out[1] = 0u;
+    for (int i = 0; i < E; i++) bamax = fmaxf(bamax, fabsf(v[i]));
 #pragma unroll
-    for (int i = 0; i < 16; i++) {
+    for (int o = 1; o < 16 / E; o <<= 1) bamax = fmaxf(bamax, __shfl_xor_sync(0xFFFFFFFFu, bamax, o));
+    u8 s = kiln_block_scale_code(bamax, ws2);
+    *sb = s;
+    float denom = __fmul_rn(kiln_e4m3_to_f32(s), ws2);
+    u32 out = 0u;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
         float q = __fdiv_rn(v[i], denom);
         u32 c = stochastic ? kiln_e2m1_sr(q, v[i], kiln_sr_uniform(seed, first_index + (u64)i))
                            : kiln_f32_to_e2m1(q, v[i]);
-        out[i >> 3] |= c << ((i & 7) * 4);
+        out |= c << (4 * i);
     }
-    return sb;
+    return out;
 }
 
 __device__ __forceinline__ float kiln_bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }

@@ -63,7 +63,10 @@ pub(crate) struct Functions {
     pub dequantize_bf16: CudaFunction,
     pub f32_to_bf16: CudaFunction,
     pub bf16_to_f32: CudaFunction,
+    /// `kiln_gemv_nvfp4_m{M}_r4` for M = 1..=8.
     pub gemv: Vec<CudaFunction>,
+    /// `kiln_gemv_nvfp4_m1_r8`: M = 1 with 8 rows per warp.
+    pub gemv_m1_r8: CudaFunction,
     pub adamw_amax: CudaFunction,
     pub adamw_apply: CudaFunction,
 }
@@ -142,8 +145,9 @@ impl CudaKernels {
             f32_to_bf16: func("dequantize_nvfp4.cu", "kiln_f32_to_bf16")?,
             bf16_to_f32: func("dequantize_nvfp4.cu", "kiln_bf16_to_f32")?,
             gemv: (1..=8)
-                .map(|m| func("gemv_nvfp4.cu", &format!("kiln_gemv_nvfp4_m{m}")))
+                .map(|m| func("gemv_nvfp4.cu", &format!("kiln_gemv_nvfp4_m{m}_r4")))
                 .collect::<Result<_, _>>()?,
+            gemv_m1_r8: func("gemv_nvfp4.cu", "kiln_gemv_nvfp4_m1_r8")?,
             adamw_amax: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_amax")?,
             adamw_apply: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_apply")?,
         };

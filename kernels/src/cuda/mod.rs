@@ -13,4 +13,4 @@ pub mod host;
 pub mod ops;
 
 pub use context::{check_cuda_libraries, CudaKernels};
-pub use ops::{DeviceNvfp4, DeviceStatus};
+pub use ops::{DeviceInput, DeviceNvfp4, DeviceStatus, GemvVariant};

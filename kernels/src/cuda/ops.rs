@@ -281,6 +281,11 @@ impl CudaKernels {
         rounding: Rounding,
     ) -> Result<(), KernelError> {
         let nblocks = out.nblocks() as u64;
+        // threads own 8 (bf16) or 4 (f32) elements
+        let per_thread = match x {
+            DeviceInput::F32(_) => 4,
+            DeviceInput::Bf16(_) => 8,
+        };
         let (func, seed) = match (x, rounding) {
             (DeviceInput::F32(_), Rounding::Nearest) => (&self.f.quantize_f32, 0u64),
             (DeviceInput::Bf16(_), Rounding::Nearest) => (&self.f.quantize_bf16, 0),
@@ -311,7 +316,7 @@ impl CudaKernels {
             .arg(&mut out.tensor_scale);
         // SAFETY: argument list matches KILN_QUANT; x holds nblocks*16 elements, packed
         // nblocks*8 bytes, scales nblocks bytes (checked by check_quant_shapes / alloc_nvfp4).
-        unsafe { b.launch(grid(nblocks as usize)) }
+        unsafe { b.launch(grid(nblocks as usize * 16 / per_thread)) }
             .map(|_| ())
             .map_err(drv("launching kiln_quantize_nvfp4"))
     }
@@ -337,7 +342,7 @@ impl CudaKernels {
             .arg(&nblocks)
             .arg(out);
         // SAFETY: matches kiln_dequantize_nvfp4_f32; lengths checked above.
-        unsafe { b.launch(grid(nblocks as usize)) }
+        unsafe { b.launch(grid(nblocks as usize * 4)) }
             .map(|_| ())
             .map_err(drv("launching kiln_dequantize_nvfp4_f32"))
     }
@@ -369,7 +374,7 @@ impl CudaKernels {
             .arg(&nblocks)
             .arg(out);
         // SAFETY: matches kiln_dequantize_nvfp4_bf16; ranges checked above.
-        unsafe { b.launch(grid(nblocks as usize)) }
+        unsafe { b.launch(grid(nblocks as usize * 2)) }
             .map(|_| ())
             .map_err(drv("launching kiln_dequantize_nvfp4_bf16"))
     }
@@ -433,6 +438,18 @@ impl CudaKernels {
         w: &DeviceNvfp4,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), KernelError> {
+        self.gemv_variant_async(x, m, w, y, GemvVariant::default_for(m))
+    }
+
+    /// [`CudaKernels::gemv_async`] with an explicit kernel variant (the benchmark compares them).
+    pub fn gemv_variant_async(
+        &self,
+        x: &CudaSlice<f32>,
+        m: usize,
+        w: &DeviceNvfp4,
+        y: &mut CudaSlice<f32>,
+        variant: GemvVariant,
+    ) -> Result<(), KernelError> {
         let (n, k) = (w.rows, w.cols);
         if !(1..=8).contains(&m) {
             return Err(KernelError::InvalidArgument(format!(
@@ -451,15 +468,24 @@ impl CudaKernels {
                 y.len()
             )));
         }
-        let ksplit = gemv_ksplit(n, k, self.sm_count as usize);
-        let rows_per_block = 4 * (8 / ksplit);
+        let (func, r) = match variant {
+            GemvVariant::Rows8 if m == 1 => (&self.f.gemv_m1_r8, 8),
+            GemvVariant::Rows8 => {
+                return Err(KernelError::InvalidArgument(
+                    "the 8-rows-per-warp GEMV exists for m = 1 only".into(),
+                ))
+            }
+            GemvVariant::Rows4 => (&self.f.gemv[m - 1], 4),
+        };
+        let ksplit = gemv_ksplit(n, k, r, self.sm_count as usize);
+        let rows_per_block = r * (8 / ksplit);
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(rows_per_block) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         let (ni, ki, ks) = (n as i32, k as i32, ksplit as i32);
-        let mut b = self.stream.launch_builder(&self.f.gemv[m - 1]);
+        let mut b = self.stream.launch_builder(func);
         b.arg(x)
             .arg(&w.packed)
             .arg(&w.scales)
@@ -468,16 +494,16 @@ impl CudaKernels {
             .arg(&ni)
             .arg(&ki)
             .arg(&ks);
-        // SAFETY: matches kiln_gemv_nvfp4_m{m}; shapes checked above.
+        // SAFETY: matches kiln_gemv_nvfp4_m{m}_r{r}; shapes checked above.
         unsafe { b.launch(cfg) }
             .map(|_| ())
             .map_err(drv("launching kiln_gemv_nvfp4"))
     }
 
-    /// Queue one chunked AdamW step on device-resident packed weights (see
-    /// [`crate::cpu::adamw_step_nvfp4`], whose arithmetic this matches). Fused kernels: the
-    /// weights are never materialised in f32, so the scratch is the 4-byte amax in `status`
-    /// whatever `chunk_rows` is; `chunk_rows` only sets how many rows each launch covers.
+    /// Queue one AdamW step on device-resident packed weights (see
+    /// [`crate::cpu::adamw_step_nvfp4`], whose arithmetic and result this matches bit for bit).
+    /// Fused kernels: the weights are never materialised in f32, so the scratch is the 4-byte
+    /// amax in `status` whatever `chunk_rows` is (which must still be ≥ 1).
     #[allow(clippy::too_many_arguments)]
     pub fn adamw_step_async(
         &self,
@@ -522,58 +548,41 @@ impl CudaKernels {
         let s = &self.stream;
         s.memset_zeros(&mut status.amax_bits)
             .map_err(drv("resetting amax"))?;
-        let bpr = w.cols / BLOCK;
-        let chunk_rows = chunk_rows.min(w.rows.max(1));
-        let chunks: Vec<(usize, usize)> = (0..w.rows)
-            .step_by(chunk_rows)
-            .map(|r0| (r0, (r0 + chunk_rows).min(w.rows)))
-            .collect();
-        for &(r0, r1) in &chunks {
-            let (b0, b1) = (r0 * bpr, r1 * bpr);
-            let nb = (b1 - b0) as u64;
-            let (p, sv) = (w.packed.slice(b0 * 8..b1 * 8), w.scales.slice(b0..b1));
-            let (g, mv, vv) = (
-                grad.slice(b0 * 16..b1 * 16),
-                m.slice(b0 * 16..b1 * 16),
-                v.slice(b0 * 16..b1 * 16),
-            );
+        // The fused kernels never hold a chunk of f32 weights, so there is nothing for a chunk
+        // to bound: each pass is one launch over the whole tensor (chunk_rows is validated
+        // only, for the same contract as the CPU path).
+        let nb = w.nblocks() as u64;
+        let first_block: u64 = 0;
+        {
             let mut b = s.launch_builder(&self.f.adamw_amax);
-            b.arg(&p)
-                .arg(&sv)
+            b.arg(&w.packed)
+                .arg(&w.scales)
                 .arg(&w.tensor_scale)
-                .arg(&g)
-                .arg(&mv)
-                .arg(&vv)
+                .arg(grad)
+                .arg(&*m)
+                .arg(&*v)
                 .arg(&nb)
                 .arg(&h)
                 .arg(&mut status.amax_bits);
-            // SAFETY: matches kiln_adamw_nvfp4_amax; views cover nb blocks.
-            unsafe { b.launch(grid(nb as usize)) }
+            // SAFETY: matches kiln_adamw_nvfp4_amax; buffers cover nb blocks (checked above).
+            unsafe { b.launch(grid(nb as usize * 4)) }
                 .map_err(drv("launching kiln_adamw_nvfp4_amax"))?;
         }
-        for &(r0, r1) in &chunks {
-            let (b0, b1) = (r0 * bpr, r1 * bpr);
-            let nb = (b1 - b0) as u64;
-            let first_block = b0 as u64;
-            let mut p = w.packed.slice_mut(b0 * 8..b1 * 8);
-            let mut sv = w.scales.slice_mut(b0..b1);
-            let g = grad.slice(b0 * 16..b1 * 16);
-            let mut mv = m.slice_mut(b0 * 16..b1 * 16);
-            let mut vv = v.slice_mut(b0 * 16..b1 * 16);
+        {
             let mut b = s.launch_builder(&self.f.adamw_apply);
-            b.arg(&mut p)
-                .arg(&mut sv)
+            b.arg(&mut w.packed)
+                .arg(&mut w.scales)
                 .arg(&w.tensor_scale)
-                .arg(&g)
-                .arg(&mut mv)
-                .arg(&mut vv)
+                .arg(grad)
+                .arg(m)
+                .arg(v)
                 .arg(&nb)
                 .arg(&h)
                 .arg(&status.amax_bits)
                 .arg(&sc.sr_seed)
                 .arg(&first_block);
-            // SAFETY: matches kiln_adamw_nvfp4_apply; views cover nb blocks.
-            unsafe { b.launch(grid(nb as usize)) }
+            // SAFETY: matches kiln_adamw_nvfp4_apply; buffers cover nb blocks.
+            unsafe { b.launch(grid(nb as usize * 4)) }
                 .map_err(drv("launching kiln_adamw_nvfp4_apply"))?;
         }
         let mut b = s.launch_builder(&self.f.tensor_scale_from_amax);
@@ -589,19 +598,36 @@ impl CudaKernels {
         .map_err(drv("launching kiln_tensor_scale_from_amax"))?;
         Ok(AdamWStepStats {
             peak_temp_bytes: 0,
-            chunks: chunks.len(),
+            chunks: 1,
             old_tensor_scale: f32::NAN,
             new_tensor_scale: f32::NAN,
         })
     }
 }
 
+/// Which GEMV kernel: rows of W per warp (more rows keep more bytes in flight per lane, at the
+/// cost of registers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemvVariant {
+    /// 4 rows per warp (every m).
+    Rows4,
+    /// 8 rows per warp (m = 1 only).
+    Rows8,
+}
+
+impl GemvVariant {
+    /// The variant `gemv_async` uses for `m` rows of x.
+    pub fn default_for(_m: usize) -> Self {
+        GemvVariant::Rows4
+    }
+}
+
 /// How many warps split K in the GEMV: enough warps to fill the GPU (≥ 16 per SM) while
 /// each warp still covers at least 32 16-byte units (a full pass of its lanes), and at most
 /// 64 units per warp when there are warps enough.
-pub fn gemv_ksplit(n: usize, k: usize, sm_count: usize) -> usize {
+pub fn gemv_ksplit(n: usize, k: usize, rows_per_warp: usize, sm_count: usize) -> usize {
     let units = k / 32;
-    let groups = n.div_ceil(4);
+    let groups = n.div_ceil(rows_per_warp);
     let mut ks = 1;
     while ks < 8 && units / (2 * ks) >= 32 && (groups * ks < 16 * sm_count || units / ks > 64) {
         ks *= 2;
@@ -615,11 +641,11 @@ mod tests {
 
     #[test]
     fn ksplit_choices_for_the_benchmark_shapes() {
-        assert_eq!(gemv_ksplit(8192, 8192, 132), 4);
-        assert_eq!(gemv_ksplit(4864, 896, 132), 1);
-        assert_eq!(gemv_ksplit(896, 4864, 132), 4);
-        assert_eq!(gemv_ksplit(18944, 3584, 132), 2);
-        assert_eq!(gemv_ksplit(3584, 18944, 132), 8);
-        assert_eq!(gemv_ksplit(10, 32, 132), 1);
+        assert_eq!(gemv_ksplit(8192, 8192, 4, 132), 4);
+        assert_eq!(gemv_ksplit(4864, 896, 4, 132), 1);
+        assert_eq!(gemv_ksplit(896, 4864, 4, 132), 4);
+        assert_eq!(gemv_ksplit(18944, 3584, 4, 132), 2);
+        assert_eq!(gemv_ksplit(3584, 18944, 4, 132), 8);
+        assert_eq!(gemv_ksplit(10, 32, 4, 132), 1);
     }
 }

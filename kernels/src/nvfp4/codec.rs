@@ -243,7 +243,7 @@ mod tests {
             b = b.wrapping_add(0x1F_FFFF + ((b >> 22) & 1));
             ((b >> 22).wrapping_sub(252)).min(7) as u8
         }
-        let mut check = |a: f32| {
+        let check = |a: f32| {
             assert_eq!(
                 mag_bits(a),
                 f32_to_e2m1(a) & 7,
