@@ -117,8 +117,22 @@ impl Session {
         let delta = model.tokenizer.encode(&delta_text)?;
         let closing = model.tokenizer.encode(&closing_text)?;
         let seq_len_before = self.seq.len();
+        // Room for the delta, at least one reply token and the closing (plus the reply's
+        // last token when it is not the stop token the closing starts with); the reply is
+        // capped so the closed turn always fits.
+        let ctx = model.model.config().max_position_embeddings;
+        let fixed = seq_len_before + delta.len() + closing.len();
+        if fixed + 1 > ctx {
+            return Err(ModelError::PromptTooLong {
+                tokens: seq_len_before + delta.len(),
+                max_context: ctx,
+                reserve: closing.len() + 1,
+            });
+        }
+        let mut opts = opts.clone();
+        opts.max_tokens = opts.max_tokens.min(ctx - fixed);
 
-        let out = model.generate_ids(&mut self.seq, &delta, opts, on_token)?;
+        let out = model.generate_ids(&mut self.seq, &delta, &opts, on_token)?;
         // The last produced token was chosen but not forwarded. If it is the stop token the
         // closing text starts with, the closing forwards it; otherwise forward it first.
         let last = *out

@@ -241,3 +241,30 @@ fn sessions_are_tied_to_their_model_and_ids_are_checked() {
     assert!(store.load("../x", cm.model.device()).is_err());
     let _ = ChatMessage::user("unused");
 }
+
+#[test]
+fn a_full_session_is_refused_clearly_and_replies_are_capped_to_fit() {
+    let cm = tiny();
+    let mut s = Session::new("long", &cm).unwrap();
+    let o = GenerateOptions {
+        max_tokens: 400,
+        ..opts(KvMode::Cache)
+    };
+    // The first turn leaves less room than max_tokens: the reply is capped so the closed
+    // turn ends exactly at the context limit at most.
+    let long_question = "tell me a story ".repeat(60);
+    let r = s.turn(&cm, &long_question, &o, &mut no_stream()).unwrap();
+    assert!(r.seq_len_after <= 512, "{}", r.seq_len_after);
+    assert_eq!(s.seq.cache.len(), s.seq.tokens.len());
+    let before = (s.seq.tokens.clone(), s.messages.clone());
+    let err = s
+        .turn(&cm, &long_question, &o, &mut no_stream())
+        .unwrap_err();
+    assert!(matches!(err, ModelError::PromptTooLong { .. }), "{err}");
+    assert!(err.to_string().contains("start a new session"), "{err}");
+    assert_eq!(
+        (s.seq.tokens.clone(), s.messages.clone()),
+        before,
+        "a refused turn changes nothing"
+    );
+}
