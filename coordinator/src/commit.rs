@@ -8,6 +8,7 @@
 //! the effects. So nothing is told before it is on disk, and a burst of N submits costs one
 //! fsync instead of N.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kiln_proto::v1::{CoordinatorMessage, JobEvent};
@@ -15,6 +16,15 @@ use tokio::sync::{mpsc, watch};
 
 use crate::error::ApiError;
 use crate::shared::Shared;
+
+/// Flushes done by every committer in this process (the benchmark reports submits per
+/// flush from it, which shows how much group commit batches).
+static FLUSHES: AtomicU64 = AtomicU64::new(0);
+
+/// Flushes done so far by every committer in this process.
+pub(crate) fn flush_count() -> u64 {
+    FLUSHES.load(Ordering::Relaxed)
+}
 
 /// Something to do once the change that caused it is durable.
 #[derive(Debug)]
@@ -90,6 +100,7 @@ pub(crate) async fn run_committer(
                     .send_modify(|s| s.failed = Some(err.to_string()));
                 return Err(err);
             }
+            FLUSHES.fetch_add(1, Ordering::Relaxed);
             shared.commit_tx.send_modify(|s| s.durable = target);
             for effect in effects {
                 match effect {

@@ -15,6 +15,7 @@ use serde::Deserialize;
 /// default_max_attempts = 3
 /// default_poll_secs = 0.5
 /// reserve_after_secs = 30
+/// fsync = true
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
@@ -40,6 +41,10 @@ pub struct CoordinatorConfig {
     /// reserves the capacity where it would fit soonest, so smaller jobs stop backfilling
     /// there until it runs. Default 30.
     pub reserve_after_secs: f64,
+    /// Whether each group flush also `fdatasync`s the store's log file, so acknowledged
+    /// changes survive power loss and not only a crash of the coordinator process. `false`
+    /// trades that for speed on disks with slow syncs. Default true.
+    pub fsync: bool,
 }
 
 impl Default for CoordinatorConfig {
@@ -51,6 +56,7 @@ impl Default for CoordinatorConfig {
             default_max_attempts: 3,
             default_poll_secs: 0.5,
             reserve_after_secs: 30.0,
+            fsync: true,
         }
     }
 }

@@ -41,7 +41,7 @@ pub async fn run(
         let dir = dir.clone();
         let rx = shutdown_rx.clone();
         tokio::task::spawn_blocking(move || {
-            Store::open(&dir).and_then(|s| Shared::recover(s, config, rx))
+            Store::open(&dir, config.fsync).and_then(|s| Shared::recover(s, config, rx))
         })
         .await
         .map_err(|e| CoordinatorError::Task(e.to_string()))?

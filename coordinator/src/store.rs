@@ -6,12 +6,16 @@
 //!   **not durable** until a [`Store::flush`] that *started after* the put has returned `Ok`.
 //!   The coordinator never tells anyone about a change before that (see `commit.rs`, which
 //!   batches concurrent changes onto one flush — group commit).
-//! - sled's own background flush is turned off, so nothing becomes durable behind our back
-//!   except through an explicit flush.
-//! - A change to a job is several puts (job record, attempt snapshot, event). They become
-//!   durable together at the next flush; a crash before that flush loses the whole change,
-//!   which by the rule above was never acknowledged. The job record is authoritative on
-//!   recovery; the next event number is read from the event log, so logs stay gap-free.
+//! - What "durable" means: sled 0.34's flush writes its log to the file and waits for the
+//!   write-back (`sync_file_range`), which survives the process dying (`kill -9`). It does not
+//!   flush the device's write cache or the file's metadata, so with `fsync = true` (the
+//!   default) [`Store::flush`] also calls `fdatasync` on sled's log file, which makes a
+//!   flushed change survive power loss as well.
+//! - sled's own background flush is turned off. sled may still write a full log buffer on its
+//!   own, so a crash can leave all, part or none of an unflushed change on disk — always a
+//!   change that was never acknowledged. A change to a job is several puts (job record,
+//!   attempt snapshot, event); on recovery the job record is authoritative and the next event
+//!   number is read from the event log, so logs stay gap-free.
 //! - Errors are sled's I/O or corruption errors, or a stored value that does not decode.
 //!   After a failed flush nothing written since the last good flush may be assumed durable:
 //!   the coordinator stops, and a restart recovers from what is on disk.
@@ -48,6 +52,8 @@ pub enum StoreError {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    /// sled's log file, to `fdatasync` after each flush (`None`: flush only).
+    log_file: Option<std::sync::Arc<std::fs::File>>,
     jobs: sled::Tree,
     attempts: sled::Tree,
     events: sled::Tree,
@@ -68,15 +74,23 @@ fn decode<M: Message + Default>(tree: &'static str, bytes: &[u8]) -> Result<M, S
 
 impl Store {
     /// Opens (or creates) the store in `dir`. Fails with a sled error when another process
-    /// holds the directory.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    /// holds the directory. With `fsync`, every flush also `fdatasync`s sled's log file.
+    pub fn open(dir: &Path, fsync: bool) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(sled::Error::Io)?;
         let db = sled::Config::new()
             .path(dir)
             .flush_every_ms(None)
             .mode(sled::Mode::HighThroughput)
             .open()?;
+        let log_file = if fsync {
+            // sled 0.34 keeps its log in `<dir>/db`.
+            let file = std::fs::File::open(dir.join("db")).map_err(sled::Error::Io)?;
+            Some(std::sync::Arc::new(file))
+        } else {
+            None
+        };
         Ok(Store {
+            log_file,
             jobs: db.open_tree("jobs")?,
             attempts: db.open_tree("attempts")?,
             events: db.open_tree("events")?,
@@ -86,9 +100,13 @@ impl Store {
         })
     }
 
-    /// Makes every put that happened before this call durable (fsync). Blocking.
+    /// Makes every put that happened before this call durable (see the module docs).
+    /// Blocking.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
+        if let Some(file) = &self.log_file {
+            file.sync_data().map_err(sled::Error::Io)?;
+        }
         Ok(())
     }
 
@@ -248,7 +266,7 @@ mod tests {
     fn flushed_writes_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = Store::open(dir.path(), true).unwrap();
             for id in 1..=3 {
                 store
                     .put_job(&Job {
@@ -262,7 +280,7 @@ mod tests {
             store.put_event(&event(2, 2)).unwrap();
             store.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path(), true).unwrap();
         let ids: Vec<u64> = store.all_jobs().map(|j| j.unwrap().id).collect();
         assert_eq!(ids, vec![1, 2, 3]);
         let newest: Vec<u64> = store
@@ -280,14 +298,14 @@ mod tests {
     #[test]
     fn a_second_open_of_the_same_dir_fails_while_the_first_is_open() {
         let dir = tempfile::tempdir().unwrap();
-        let _first = Store::open(dir.path()).unwrap();
-        assert!(Store::open(dir.path()).is_err());
+        let _first = Store::open(dir.path(), true).unwrap();
+        assert!(Store::open(dir.path(), true).is_err());
     }
 
     #[test]
     fn telemetry_is_ordered_by_job_then_time() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path(), true).unwrap();
         for (job, at) in [(2, 5), (1, 9), (1, 3)] {
             store
                 .put_telemetry(&TelemetryRow {

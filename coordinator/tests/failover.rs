@@ -122,3 +122,29 @@ async fn a_quick_reconnect_keeps_the_running_job() {
     wait_state(&mut h, job.id, JobState::Succeeded).await;
     h.server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_connected_but_silent_agent_loses_its_stream_and_then_its_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    init_tracing();
+    // Silence limit = lease + 3 × heartbeat = 0.3 + 0.3 s.
+    let config = kiln_coordinator::CoordinatorConfig {
+        lease_secs: 0.3,
+        heartbeat_secs: 0.1,
+        ..config(dir.path())
+    };
+    let server = kiln_coordinator::bench::RunningCoordinator::start(config)
+        .await
+        .unwrap();
+    let client = server.client().await.unwrap();
+    let mut h = Harness { server, client };
+    let mut a = agent(&h, "quiet", 80, 0).await;
+    let job = submit(&mut h, 1, 1).await;
+    expect_assign(&mut a).await;
+    // Never heartbeat: the coordinator closes the stream, then the lease runs out.
+    let end = a.recv_timeout(WAIT).await.unwrap();
+    assert!(end.is_none(), "expected the stream to end, got {end:?}");
+    let requeued = wait_state(&mut h, job.id, JobState::Queued).await;
+    assert!(requeued.error.contains("lease"), "{}", requeued.error);
+    h.server.stop().await.unwrap();
+}

@@ -2,7 +2,8 @@
 //! agents in this process over real loopback gRPC and real sled directories, and measures
 //! durable submits per second, dispatch latency (submit → the agent has the assignment) and
 //! restart recovery time with many queued jobs. It measures its own baseline in the same run:
-//! raw sled insert + flush per operation, i.e. what durability costs without group commit.
+//! raw sled insert + flush + fdatasync per operation, i.e. what durability costs without
+//! group commit.
 //! Every loop is bounded in count and time.
 
 mod agent;
@@ -71,7 +72,7 @@ pub struct BenchOptions {
     pub dispatch_clients: usize,
     /// Queued jobs in the restart-recovery phase.
     pub recovery_jobs: usize,
-    /// Operations of the raw sled insert+flush baseline.
+    /// Operations of the raw sled insert + flush + fdatasync baseline.
     pub baseline_ops: usize,
     /// Where the temporary sled directories go (the system temp dir when `None`).
     pub work_dir: Option<PathBuf>,
@@ -211,13 +212,15 @@ fn config_in(dir: PathBuf) -> CoordinatorConfig {
     }
 }
 
-/// Raw sled: insert one job-sized record and flush, `ops` times. Returns ops/s.
+/// Raw sled, what the store would do per submit without group commit: insert one job-sized
+/// record, flush, and `fdatasync` the log file, `ops` times. Returns ops/s.
 fn sled_flush_per_op(dir: PathBuf, ops: usize) -> Result<f64, BenchError> {
     let db = sled::Config::new()
-        .path(dir)
+        .path(&dir)
         .flush_every_ms(None)
         .mode(sled::Mode::HighThroughput)
         .open()?;
+    let log = std::fs::File::open(dir.join("db"))?;
     let record = kiln_proto::v1::Job {
         spec: memtest_request(1, GIB).spec,
         ..Default::default()
@@ -227,6 +230,7 @@ fn sled_flush_per_op(dir: PathBuf, ops: usize) -> Result<f64, BenchError> {
     for i in 0..ops as u64 {
         db.insert(i.to_be_bytes(), record.as_slice())?;
         db.flush()?;
+        log.sync_data()?;
     }
     Ok(ops as f64 / start.elapsed().as_secs_f64())
 }
@@ -257,12 +261,15 @@ pub async fn run_scheduler_bench(opts: BenchOptions) -> Result<BenchReport, Benc
 
     // Durable submits with concurrent clients (no agents: the pure submit path).
     let server = RunningCoordinator::start(config_in(root.path().join("submit"))).await?;
+    let flushes_before = crate::commit::flush_count();
     let (ids, took) = bounded(
         "submit phase",
         submit_many(&server, opts.submit_jobs, opts.submit_clients),
     )
     .await?;
+    let flushes = crate::commit::flush_count() - flushes_before;
     report.submits_per_s = ids.len() as f64 / took.as_secs_f64();
+    report.submits_per_flush = ids.len() as f64 / flushes.max(1) as f64;
     server.stop().await?;
 
     let (p50, p99, max, rate) = bounded("dispatch phase", dispatch(&root, &opts)).await?;
