@@ -28,9 +28,10 @@ mod rpc;
 pub mod scheduler;
 mod server;
 mod shared;
-pub mod store;
+mod store;
 mod telemetry;
 
 pub use config::CoordinatorConfig;
 pub use error::{ApiError, CoordinatorError};
 pub use server::run;
+pub use store::StoreError;

@@ -154,7 +154,9 @@ impl Store {
         })
     }
 
-    /// The stored attempt snapshots of a job, in attempt order.
+    /// The stored attempt snapshots of a job, in attempt order. No RPC serves attempt
+    /// history yet; the tree is kept for it (and for operators inspecting the store).
+    #[allow(dead_code)]
     pub fn attempts(&self, job_id: u64) -> Result<Vec<Job>, StoreError> {
         self.attempts
             .scan_prefix(job_id.to_be_bytes())
