@@ -11,6 +11,7 @@
 //!   weights, scratch bounded by the chunk).
 
 pub mod bench;
+pub mod checkpoint;
 pub mod cpu;
 pub mod cuda;
 pub mod error;

@@ -2,6 +2,8 @@
 //! is printed). They skip, with a message, when CUDA is not usable on this machine;
 //! `scripts/gpu-kernels.sh` runs them on the GPU machine.
 
+mod common;
+
 use half::bf16;
 use kiln_kernels::cpu::{adamw_step_nvfp4, matmul_nvfp4, AdamWParams};
 use kiln_kernels::cuda::CudaKernels;
@@ -250,4 +252,42 @@ fn adamw_step_matches_the_cpu() {
     );
     let rel = (wc.tensor_scale - wg.tensor_scale).abs() / wc.tensor_scale;
     assert!(rel <= 1e-6, "tensor scale differs by {rel:e}");
+}
+
+#[test]
+fn quantize_checkpoint_writes_the_same_bytes_on_cpu_and_cuda() {
+    use kiln_kernels::checkpoint::{quantize_checkpoint, NvfpFormat, QuantDevice, QuantizeOptions};
+    if gpu().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    common::write_tiny_model(&src, true);
+    for format in [NvfpFormat::ModelOpt, NvfpFormat::CompressedTensors] {
+        let mut outs = Vec::new();
+        for (name, device) in [("cpu", QuantDevice::Cpu), ("cuda", QuantDevice::Cuda)] {
+            let out = tmp.path().join(format!("{}-{name}", format.name()));
+            let s =
+                quantize_checkpoint(&src, &out, &QuantizeOptions { format, device }, &mut |_| {})
+                    .unwrap();
+            assert_eq!(s.quantized, 3);
+            outs.push(out);
+        }
+        let mut files: Vec<_> = std::fs::read_dir(&outs[0])
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        files.sort();
+        for f in files {
+            let a = std::fs::read(outs[0].join(&f)).unwrap();
+            let b = std::fs::read(outs[1].join(&f)).unwrap();
+            assert!(
+                a == b,
+                "{}: {:?} differs between cpu and cuda",
+                format.name(),
+                f
+            );
+        }
+        eprintln!("{}: cpu and cuda outputs are byte-identical", format.name());
+    }
 }
