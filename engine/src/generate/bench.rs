@@ -85,9 +85,28 @@ pub struct TurnRow {
     pub replay_prefill_ms: f64,
 }
 
+/// One linear layer shape at batch 1 (a decode step), NVFP4 against f32.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LinearRow {
+    /// Which projection of the 0.5B shape.
+    pub name: String,
+    /// Output features (N).
+    pub n: usize,
+    /// Input features (K).
+    pub k: usize,
+    /// Layers of the model with this projection.
+    pub per_token: usize,
+    /// Median time of `x[1,K]·Wᵀ` with W in NVFP4, µs.
+    pub nvfp4_us: f64,
+    /// Median time with W in f32 (candle matmul), µs.
+    pub f32_us: f64,
+}
+
 /// All results.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EngineBench {
+    /// Per-layer linear timings of the 0.5B shape (empty when it is skipped).
+    pub linears: Vec<LinearRow>,
     /// Decode rows.
     pub decode: Vec<DecodeRow>,
     /// Session rows.
@@ -191,6 +210,56 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
     Ok(d)
 }
 
+/// Median of `reps` timings of `f`, µs (one warm-up call first).
+fn median_us(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut v: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Batch-1 timings of the Qwen2.5-0.5B linear shapes, NVFP4 vs f32: where decode time goes.
+fn linear_rows() -> Result<Vec<LinearRow>> {
+    let c = ModelConfig::qwen2_5_0_5b();
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let shapes = [
+        ("q_proj / o_proj", h, h, 2 * c.num_hidden_layers),
+        ("k_proj / v_proj", c.kv_size(), h, 2 * c.num_hidden_layers),
+        ("gate_proj / up_proj", i, h, 2 * c.num_hidden_layers),
+        ("down_proj", h, i, c.num_hidden_layers),
+    ];
+    let src = RandomWeights::new(2, LinearFormat::Dense, Device::Cpu);
+    let mut rows = Vec::new();
+    for (name, n, k, per_token) in shapes {
+        let w = src.uniform(name, n, k, 0.05);
+        let q = kiln_kernels::nvfp4::Nvfp4Tensor::quantize(&w, n, k)?;
+        let wt = candle_core::Tensor::from_vec(w, (n, k), &Device::Cpu)?;
+        let x: Vec<f32> = (0..k).map(|j| (j as f32 * 0.01).sin()).collect();
+        let xt = candle_core::Tensor::from_vec(x.clone(), (1, k), &Device::Cpu)?;
+        let nvfp4_us = median_us(15, || {
+            std::hint::black_box(kiln_kernels::cpu::matmul_nvfp4(&x, 1, &q));
+        });
+        let f32_us = median_us(15, || {
+            std::hint::black_box(xt.matmul(&wt.t().expect("2-D")).expect("matmul"));
+        });
+        rows.push(LinearRow {
+            name: name.into(),
+            n,
+            k,
+            per_token,
+            nvfp4_us,
+            f32_us,
+        });
+    }
+    Ok(rows)
+}
+
 /// Run the benchmark; `progress` gets a line before each part.
 pub fn run_engine_bench(
     opts: &BenchOptions,
@@ -198,6 +267,7 @@ pub fn run_engine_bench(
 ) -> Result<EngineBench> {
     let mut decode = Vec::new();
     let mut turns = Vec::new();
+    let mut linears = Vec::new();
     progress("tiny model: decode with cache vs replay");
     let tiny = ChatModel::tiny(&Default::default())?;
     decode.push(decode_row(
@@ -218,6 +288,8 @@ pub fn run_engine_bench(
     progress("tiny model: 3-turn session");
     turns.extend(turn_rows("tiny", &tiny, opts.turn_new_tokens)?);
     if opts.big_new_tokens > 0 {
+        progress("Qwen2.5-0.5B shape: batch-1 linear layers, NVFP4 vs f32");
+        linears = linear_rows()?;
         progress("Qwen2.5-0.5B shape (random NVFP4 weights): building");
         let big = qwen_0_5b_random()?;
         progress("Qwen2.5-0.5B shape: decode with cache vs replay");
@@ -239,6 +311,7 @@ pub fn run_engine_bench(
         turns.extend(turn_rows("qwen2.5-0.5b-shape", &cm, opts.big_new_tokens)?);
     }
     Ok(EngineBench {
+        linears,
         decode,
         turns,
         threads: rayon::current_num_threads(),
@@ -249,6 +322,48 @@ impl EngineBench {
     /// The results as printable tables with ratios.
     pub fn to_table(&self) -> String {
         let mut s = String::new();
+        if !self.linears.is_empty() {
+            let _ = writeln!(
+                s,
+                "Batch-1 linear layers of the Qwen2.5-0.5B shape (median of 15)"
+            );
+            let _ = writeln!(
+                s,
+                "{:<20} {:>6} {:>6} {:>9} {:>10} {:>9} {:>8} {:>12} {:>12}",
+                "layer",
+                "N",
+                "K",
+                "per token",
+                "nvfp4 µs",
+                "f32 µs",
+                "f32/fp4",
+                "nvfp4 GW/s",
+                "per-token ms"
+            );
+            let mut total = (0.0, 0.0);
+            for r in &self.linears {
+                total.0 += r.nvfp4_us * r.per_token as f64 / 1e3;
+                total.1 += r.f32_us * r.per_token as f64 / 1e3;
+                let _ = writeln!(
+                    s,
+                    "{:<20} {:>6} {:>6} {:>9} {:>10.0} {:>9.0} {:>7.2}x {:>12.2} {:>12.1}",
+                    r.name,
+                    r.n,
+                    r.k,
+                    r.per_token,
+                    r.nvfp4_us,
+                    r.f32_us,
+                    r.f32_us / r.nvfp4_us.max(1e-9),
+                    (r.n * r.k) as f64 / r.nvfp4_us / 1e3,
+                    r.nvfp4_us * r.per_token as f64 / 1e3
+                );
+            }
+            let _ = writeln!(
+                s,
+                "all linears of one decode step: NVFP4 {:.0} ms, f32 {:.0} ms (GW/s = 10^9 weights per second)\n",
+                total.0, total.1
+            );
+        }
         let _ = writeln!(s, "Decode (CPU, {} threads, greedy, batch 1)", self.threads);
         let _ = writeln!(
             s,
