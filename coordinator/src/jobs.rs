@@ -149,10 +149,12 @@ impl Shared {
                 job.id = state.next_job_id;
                 state.next_job_id += 1;
                 job.submitted_at_ms = now;
-                if state.agents.is_empty() {
+                if state.agents.is_empty() && !state.told_no_agents {
+                    state.told_no_agents = true;
                     tracing::info!(
                         job = job.id,
-                        "no agent has registered yet: job accepted and queued until one does"
+                        "no agent has registered yet: jobs are accepted without a capacity \
+                         check and queued until one does"
                     );
                 }
                 state.write_job(store, &job)?;

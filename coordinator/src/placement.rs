@@ -72,10 +72,35 @@ fn place(state: &mut State, store: &Store, policy: Policy) -> Result<usize, ApiE
     if !state.agents.values().any(|a| a.schedulable()) {
         return Ok(0);
     }
+    let now = now_ms();
+    let mut slots = agent_slots(state);
+    // Jobs that cannot fit in any free slot now and have not waited long enough to reserve
+    // capacity would be skipped by the scheduler anyway; leaving them out keeps a pass over a
+    // long queue of unplaceable jobs cheap (it runs under the state lock).
+    let schedulable = slots.iter().filter(|a| a.schedulable);
+    let max_gpu_free = schedulable
+        .clone()
+        .flat_map(|a| a.gpus.iter().map(GpuSlot::free))
+        .max()
+        .unwrap_or(0);
+    let max_host_free = schedulable
+        .map(|a| a.host_capacity.saturating_sub(a.host_committed))
+        .max()
+        .unwrap_or(0);
     let queue: Vec<Candidate> = state
         .jobs
         .values()
         .filter(|a| a.job.state() == JobState::Queued)
+        .filter(|a| {
+            let r = a.job.resources.unwrap_or_default();
+            let free = if r.gpus == 0 {
+                max_host_free
+            } else {
+                max_gpu_free
+            };
+            r.budget_bytes <= free
+                || now.saturating_sub(a.queued_since_ms) >= policy.reserve_after_ms
+        })
         .map(|a| {
             let r = a.job.resources.unwrap_or_default();
             Candidate {
@@ -92,8 +117,7 @@ fn place(state: &mut State, store: &Store, policy: Policy) -> Result<usize, ApiE
     if queue.is_empty() {
         return Ok(0);
     }
-    let mut slots = agent_slots(state);
-    let plan = scheduler::plan(&mut slots, &queue, now_ms(), policy);
+    let plan = scheduler::plan(&mut slots, &queue, now, policy);
     for r in &plan.reservations {
         tracing::debug!(job = r.job_id, agent = %slots[r.agent].name, gpus = ?r.gpu_indices,
             "capacity reserved for a job that waited too long");

@@ -136,6 +136,8 @@ pub(crate) struct State {
     pub outbox: Vec<Effect>,
     /// Set by a change that wrote to the store or queued an effect.
     pub dirty: bool,
+    /// The "no agent registered yet" notice was logged (once per process).
+    pub told_no_agents: bool,
 }
 
 impl State {
