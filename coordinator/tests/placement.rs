@@ -152,3 +152,33 @@ async fn a_draining_agent_gets_no_new_work_but_its_jobs_finish() {
     assert_eq!(expect_assign(&mut b).await.id, waiting.id);
     h.server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_job_that_waited_too_long_stops_backfill_until_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    init_tracing();
+    let config = kiln_coordinator::CoordinatorConfig {
+        reserve_after_secs: 0.2,
+        ..config(dir.path())
+    };
+    let server = kiln_coordinator::bench::RunningCoordinator::start(config)
+        .await
+        .unwrap();
+    let client = server.client().await.unwrap();
+    let mut h = Harness { server, client };
+    let mut a = agent(&h, "cpu", 0, 10).await;
+    let running = submit(&mut h, 0, 6).await;
+    assert_eq!(expect_assign(&mut a).await.id, running.id);
+    let big = submit(&mut h, 0, 8).await; // 4 GiB free: waits
+    let early_small = submit(&mut h, 0, 2).await; // backfills at once: big has not waited long
+    assert_eq!(expect_assign(&mut a).await.id, early_small.id);
+    a.finished(early_small.id, 1, JobState::Succeeded).unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await; // big is now starving
+    let late_small = submit(&mut h, 0, 2).await;
+    expect_silence(&mut a, Duration::from_millis(1500)).await; // reserved for big
+    a.finished(running.id, 1, JobState::Succeeded).unwrap();
+    assert_eq!(expect_assign(&mut a).await.id, big.id);
+    a.finished(big.id, 1, JobState::Succeeded).unwrap();
+    assert_eq!(expect_assign(&mut a).await.id, late_small.id);
+    h.server.stop().await.unwrap();
+}
