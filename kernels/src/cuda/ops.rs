@@ -281,10 +281,11 @@ impl CudaKernels {
         rounding: Rounding,
     ) -> Result<(), KernelError> {
         let nblocks = out.nblocks() as u64;
-        // threads own 8 (bf16) or 4 (f32) elements
-        let per_thread = match x {
-            DeviceInput::F32(_) => 4,
-            DeviceInput::Bf16(_) => 8,
+        // round to nearest: a thread per block of 16; stochastic: 8 (bf16) or 4 (f32) elements
+        let per_thread = match (x, rounding) {
+            (_, Rounding::Nearest) => 16,
+            (DeviceInput::F32(_), _) => 4,
+            (DeviceInput::Bf16(_), _) => 8,
         };
         let (func, seed) = match (x, rounding) {
             (DeviceInput::F32(_), Rounding::Nearest) => (&self.f.quantize_f32, 0u64),
