@@ -375,18 +375,34 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                 Some(t_base),
                 "speed-up vs cuBLAS bf16 on the same shape".into(),
             );
+            let mut variants = Vec::new();
             if m == 1 {
-                let t_g8 = timer.time(|i| {
-                    k.gemv_variant_async(&dx, 1, &ws[i % nws], &mut dy, GemvVariant::Rows8)
-                })?;
+                variants.push(GemvVariant::Rows8);
+            }
+            if k.gemv_tc_fits(m, kk) {
+                variants.push(GemvVariant::TensorCore);
+            }
+            for v in variants {
+                // validate this variant before timing it
+                let yv = k.gemv_variant(&x[..m * kk], m, &cpu_q, v)?;
+                let rel = gemv_rel_error(&yv[..n], &x[..kk], &cpu_q);
+                let label = format!("  variant {v:?}, M={m}");
+                if !(rel <= 1e-3) {
+                    checks.push(format!(
+                        "[{n}, {kk}]: GEMV {v:?} M={m} FAILED validation: rel. error {rel:e}"
+                    ));
+                    progress(checks.last().unwrap());
+                    continue;
+                }
+                let t_v = timer.time(|i| k.gemv_variant_async(&dx, m, &ws[i % nws], &mut dy, v))?;
                 push(
-                    "  variant: 8 rows per warp, M=1",
+                    &label,
                     n,
                     kk,
-                    t_g8,
+                    t_v,
                     g_bytes,
                     Some(t_base),
-                    "speed-up vs cuBLAS bf16".into(),
+                    format!("validated: rel. error {rel:.1e} (row 0 of x)"),
                 );
             }
         }

@@ -5,10 +5,20 @@
 //! - [`nvfp4`] — the format: E2M1/E4M3 codecs (`nvfp4::codec`: `f32_to_e2m1`, `e2m1_to_f32`,
 //!   `f32_to_e4m3`, `e4m3_to_f32`, `f32_to_e2m1_stochastic`, `sr_uniform`) and
 //!   [`nvfp4::Nvfp4Tensor`] (`quantize` — ModelOpt bit-exact, `quantize_stochastic`,
-//!   `dequantize`, `dequantize_rows`, `byte_size`, `from_parts`).
+//!   `dequantize`, `dequantize_rows`, `dequantize_rows_into`, `byte_size`, `from_parts`).
 //! - [`cpu`] — the CPU reference path: `cpu::matmul_nvfp4` (`y = x·Wᵀ`), `cpu::fake_quant_ste`
 //!   (straight-through forward value), `cpu::adamw_step_nvfp4` (chunked AdamW on packed
-//!   weights, scratch bounded by the chunk).
+//!   weights, scratch bounded by the chunk; `AdamWParams`, `AdamWScalars`, `AdamWStepStats`).
+//! - [`cuda`] — the CUDA path (cudarc, dynamic loading, kernels in `kernels/cuda/*.cu` compiled
+//!   by NVRTC with the PTX cached on disk): `cuda::CudaKernels::new(ordinal)` checks the
+//!   libraries first (`KernelError::CudaUnavailable`), then offers host-slice twins of the CPU
+//!   API (`quantize`, `quantize_bf16`, `quantize_stochastic`, `dequantize`, `matmul_nvfp4`,
+//!   `adamw_step_nvfp4`) and device-resident ops on `cuda::DeviceNvfp4` (`quantize_async`,
+//!   `gemv_async`, `matmul_nvfp4_large_async`, `adamw_step_async`, …).
+//! - [`checkpoint`] — safetensors read/write (`read_safetensors_file`, `write_safetensors_file`,
+//!   `list_shards`), the ModelOpt / compressed-tensors NVFP4 layouts (`nvfp4_to_tensors`,
+//!   `nvfp4_from_tensors`) and `quantize_checkpoint` behind `kiln quantize`.
+//! - [`bench`] — the validate-then-time kernel benchmark behind `kiln bench kernels`.
 
 pub mod bench;
 pub mod checkpoint;

@@ -6,7 +6,7 @@ mod common;
 
 use half::bf16;
 use kiln_kernels::cpu::{adamw_step_nvfp4, matmul_nvfp4, AdamWParams};
-use kiln_kernels::cuda::CudaKernels;
+use kiln_kernels::cuda::{CudaKernels, GemvVariant};
 use kiln_kernels::{KernelError, Nvfp4Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -179,6 +179,23 @@ fn gemv_matches_an_f64_reference_within_1e_3() {
             // and it agrees with the CPU path
             let yc = matmul_nvfp4(&x, m, &q);
             assert!(rel_error(&yc, &x, m, &wd, n, kk) <= 1e-5);
+            // every kernel variant that can take this shape
+            let mut variants = vec![GemvVariant::Rows4];
+            if m == 1 {
+                variants.push(GemvVariant::Rows8);
+            }
+            if k.gemv_tc_fits(m, kk) {
+                variants.push(GemvVariant::TensorCore);
+            }
+            for v in variants {
+                let y = k.gemv_variant(&x, m, &q, v).unwrap();
+                eprintln!("  variant {v:?}");
+                let rel = rel_error(&y, &x, m, &wd, n, kk);
+                assert!(
+                    rel <= 1e-3,
+                    "GEMV {v:?} m={m} [{n}, {kk}]: relative error {rel:e} > 1e-3"
+                );
+            }
         }
     }
 }

@@ -67,6 +67,8 @@ pub(crate) struct Functions {
     pub gemv: Vec<CudaFunction>,
     /// `kiln_gemv_nvfp4_m1_r8`: M = 1 with 8 rows per warp.
     pub gemv_m1_r8: CudaFunction,
+    /// `kiln_gemv_nvfp4_tc_m{M}` for M = 1..=8 (tensor cores).
+    pub gemv_tc: Vec<CudaFunction>,
     pub adamw_amax: CudaFunction,
     pub adamw_apply: CudaFunction,
 }
@@ -79,6 +81,7 @@ pub struct CudaKernels {
     pub(crate) blas: CudaBlas,
     pub(crate) blaslt: CudaBlasLT,
     pub(crate) sm_count: u32,
+    pub(crate) smem_optin: usize,
     name: String,
     compute_capability: (i32, i32),
     ptx_from_cache: usize,
@@ -148,9 +151,22 @@ impl CudaKernels {
                 .map(|m| func("gemv_nvfp4.cu", &format!("kiln_gemv_nvfp4_m{m}_r4")))
                 .collect::<Result<_, _>>()?,
             gemv_m1_r8: func("gemv_nvfp4.cu", "kiln_gemv_nvfp4_m1_r8")?,
+            gemv_tc: (1..=8)
+                .map(|m| func("gemv_nvfp4_tc.cu", &format!("kiln_gemv_nvfp4_tc_m{m}")))
+                .collect::<Result<_, _>>()?,
             adamw_amax: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_amax")?,
             adamw_apply: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_apply")?,
         };
+        let smem_optin = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(drv("reading the shared-memory limit"))? as usize;
+        for func in &f.gemv_tc {
+            func.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem_optin as i32,
+            )
+            .map_err(drv("raising the GEMV kernel's shared-memory limit"))?;
+        }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| KernelError::Cuda {
             context: "creating the cuBLAS handle".into(),
             message: e.to_string(),
@@ -167,6 +183,7 @@ impl CudaKernels {
             blas,
             blaslt,
             sm_count,
+            smem_optin,
             name,
             compute_capability,
             ptx_from_cache,

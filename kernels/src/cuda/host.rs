@@ -163,6 +163,25 @@ impl CudaKernels {
         Ok(y.into_iter().map(|v| v.to_f32()).collect())
     }
 
+    /// The GEMV with an explicit kernel variant (for tests and comparisons); m in 1..=8.
+    pub fn gemv_variant(
+        &self,
+        x: &[f32],
+        m: usize,
+        w: &Nvfp4Tensor,
+        variant: super::ops::GemvVariant,
+    ) -> Result<Vec<f32>, KernelError> {
+        let s = &self.stream;
+        let dw = self.upload_nvfp4(w)?;
+        let dx = s.clone_htod(x).map_err(drv("uploading x"))?;
+        // poison y so an unwritten element shows as NaN
+        let mut dy = s
+            .clone_htod(&vec![f32::NAN; m * w.rows])
+            .map_err(drv("allocating y"))?;
+        self.gemv_variant_async(&dx, m, &dw, &mut dy, variant)?;
+        s.clone_dtoh(&dy).map_err(drv("downloading y"))
+    }
+
     /// [`crate::cpu::adamw_step_nvfp4`] on the GPU: same arguments, same arithmetic; moments and
     /// weights are uploaded, stepped and downloaded. `peak_temp_bytes` is the device scratch
     /// (the fused kernels hold no f32 copy of the weights).

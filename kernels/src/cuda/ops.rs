@@ -469,6 +469,33 @@ impl CudaKernels {
                 y.len()
             )));
         }
+        if variant == GemvVariant::TensorCore {
+            if !self.gemv_tc_fits(m, k) {
+                return Err(KernelError::InvalidArgument(format!(
+                    "the tensor-core GEMV needs K % 128 == 0 and {m}·K·4 bytes of shared memory (K = {k})"
+                )));
+            }
+            let ksplit = gemv_tc_ksplit(n, k, self.sm_count as usize);
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(16 * (8 / ksplit)) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: (m * k * 4 + 4096) as u32,
+            };
+            let (ni, ki, ks) = (n as i32, k as i32, ksplit as i32);
+            let mut b = self.stream.launch_builder(&self.f.gemv_tc[m - 1]);
+            b.arg(x)
+                .arg(&w.packed)
+                .arg(&w.scales)
+                .arg(&w.tensor_scale)
+                .arg(y)
+                .arg(&ni)
+                .arg(&ki)
+                .arg(&ks);
+            // SAFETY: matches kiln_gemv_nvfp4_tc_m{m}; shapes and shared memory checked above.
+            return unsafe { b.launch(cfg) }
+                .map(|_| ())
+                .map_err(drv("launching kiln_gemv_nvfp4_tc"));
+        }
         let (func, r) = match variant {
             GemvVariant::Rows8 if m == 1 => (&self.f.gemv_m1_r8, 8),
             GemvVariant::Rows8 => {
@@ -476,7 +503,7 @@ impl CudaKernels {
                     "the 8-rows-per-warp GEMV exists for m = 1 only".into(),
                 ))
             }
-            GemvVariant::Rows4 => (&self.f.gemv[m - 1], 4),
+            _ => (&self.f.gemv[m - 1], 4),
         };
         let ksplit = gemv_ksplit(n, k, r, self.sm_count as usize);
         let rows_per_block = r * (8 / ksplit);
@@ -499,6 +526,12 @@ impl CudaKernels {
         unsafe { b.launch(cfg) }
             .map(|_| ())
             .map_err(drv("launching kiln_gemv_nvfp4"))
+    }
+
+    /// Whether the tensor-core GEMV can take `m` rows of x with this K (K % 128 == 0 and x as
+    /// bf16 hi/lo fits in shared memory).
+    pub fn gemv_tc_fits(&self, m: usize, k: usize) -> bool {
+        k.is_multiple_of(128) && m * k * 4 + 4096 <= self.smem_optin
     }
 
     /// Queue one AdamW step on device-resident packed weights (see
@@ -614,6 +647,9 @@ pub enum GemvVariant {
     Rows4,
     /// 8 rows per warp (m = 1 only).
     Rows8,
+    /// Tensor cores (mma.sync bf16, x split into bf16 hi + lo): K % 128 == 0 and
+    /// m·K·4 bytes of shared memory.
+    TensorCore,
 }
 
 impl GemvVariant {
@@ -621,6 +657,18 @@ impl GemvVariant {
     pub fn default_for(_m: usize) -> Self {
         GemvVariant::Rows4
     }
+}
+
+/// How many warps split the 128-wide super-tiles of K in the tensor-core GEMV: enough warp
+/// tasks (16-row tiles × splits) to fill the GPU, each keeping ≥ 4 super-tiles.
+pub fn gemv_tc_ksplit(n: usize, k: usize, sm_count: usize) -> usize {
+    let nsup = k / 128;
+    let tiles = n.div_ceil(16);
+    let mut ks = 1;
+    while ks < 8 && nsup / (2 * ks) >= 4 && tiles * ks < 16 * sm_count {
+        ks *= 2;
+    }
+    ks
 }
 
 /// How many warps split K in the GEMV: enough warps to fill the GPU (≥ 16 per SM) while
