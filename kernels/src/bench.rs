@@ -162,7 +162,14 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
         samples: cfg.samples.max(3),
     };
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut checks = Vec::new();
+    let mut checks = vec![format!(
+        "tensor-core GEMV start-up check: {}",
+        if k.tc_gemv_ok() {
+            "passed (default GEMV where the shape fits)"
+        } else {
+            "FAILED (CUDA-core GEMV used)"
+        }
+    )];
     let mut rows = Vec::new();
 
     // Device copy bandwidth: 1 GiB device-to-device, bytes read + written.
@@ -373,15 +380,20 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                 t_g,
                 g_bytes,
                 Some(t_base),
-                "speed-up vs cuBLAS bf16 on the same shape".into(),
+                format!(
+                    "default kernel ({:?}); speed-up vs cuBLAS bf16 on the same shape",
+                    k.default_gemv_variant(m, kk)
+                ),
             );
-            let mut variants = Vec::new();
+            let default = k.default_gemv_variant(m, kk);
+            let mut variants = vec![GemvVariant::Rows4];
             if m == 1 {
                 variants.push(GemvVariant::Rows8);
             }
             if k.gemv_tc_fits(m, kk) {
                 variants.push(GemvVariant::TensorCore);
             }
+            variants.retain(|v| *v != default);
             for v in variants {
                 // validate this variant before timing it
                 let yv = k.gemv_variant(&x[..m * kk], m, &cpu_q, v)?;

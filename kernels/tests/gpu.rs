@@ -162,6 +162,7 @@ fn rel_error(y: &[f32], x: &[f32], m: usize, wd: &[f32], n: usize, k: usize) -> 
 #[test]
 fn gemv_matches_an_f64_reference_within_1e_3() {
     let Some(k) = gpu() else { return };
+    eprintln!("tensor-core GEMV start-up check passed: {}", k.tc_gemv_ok());
     let mut r = rng("gemv");
     for &(n, kk) in &[(96, 32), (1000, 896), (300, 4864), (64, 8192)] {
         let w = weights(&mut r, n, kk);
@@ -184,7 +185,7 @@ fn gemv_matches_an_f64_reference_within_1e_3() {
             if m == 1 {
                 variants.push(GemvVariant::Rows8);
             }
-            if k.gemv_tc_fits(m, kk) {
+            if k.gemv_tc_fits(m, kk) && k.tc_gemv_ok() {
                 variants.push(GemvVariant::TensorCore);
             }
             for v in variants {

@@ -40,6 +40,10 @@ pub const SOURCES: &[KernelSource] = &[
         source: include_str!("../../cuda/gemv_nvfp4.cu"),
     },
     KernelSource {
+        file: "gemv_nvfp4_tc.cu",
+        source: include_str!("../../cuda/gemv_nvfp4_tc.cu"),
+    },
+    KernelSource {
         file: "adamw_nvfp4.cu",
         source: include_str!("../../cuda/adamw_nvfp4.cu"),
     },
@@ -172,6 +176,22 @@ mod tests {
                 "{} produced no kernels",
                 src.file
             );
+        }
+    }
+
+    /// Every `.cu` file in `kernels/cuda/` is compiled and loaded (a kernel file missing from
+    /// `SOURCES` would only fail on a GPU).
+    #[test]
+    fn every_cu_file_is_listed() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda");
+        for e in std::fs::read_dir(dir).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            if name.ends_with(".cu") {
+                assert!(
+                    SOURCES.iter().any(|s| s.file == name),
+                    "{name} is not in SOURCES"
+                );
+            }
         }
     }
 

@@ -82,6 +82,7 @@ pub struct CudaKernels {
     pub(crate) blaslt: CudaBlasLT,
     pub(crate) sm_count: u32,
     pub(crate) smem_optin: usize,
+    pub(crate) tc_gemv_ok: bool,
     name: String,
     compute_capability: (i32, i32),
     ptx_from_cache: usize,
@@ -128,7 +129,10 @@ impl CudaKernels {
             let m = &modules
                 .iter()
                 .find(|(f, _)| *f == file)
-                .expect("known kernel file")
+                .ok_or_else(|| KernelError::Cuda {
+                    context: format!("loading kernel {name}"),
+                    message: format!("{file} is not among the compiled kernel files"),
+                })?
                 .1;
             m.load_function(name).map_err(|e| KernelError::Cuda {
                 context: format!("loading kernel {name} from {file}"),
@@ -176,7 +180,7 @@ impl CudaKernels {
             message: e.to_string(),
         })?;
         tracing::info!(device = %name, ?compute_capability, sm_count, ptx_from_cache, "CUDA kernels ready");
-        Ok(CudaKernels {
+        let mut k = CudaKernels {
             ctx,
             stream,
             f,
@@ -187,7 +191,39 @@ impl CudaKernels {
             name,
             compute_capability,
             ptx_from_cache,
-        })
+            tc_gemv_ok: false,
+        };
+        k.tc_gemv_ok = k.probe_tc_gemv()?;
+        Ok(k)
+    }
+
+    /// Run the tensor-core GEMV once on a small matrix that exercises every E2M1 code and
+    /// subnormal block scales and compare it with the CPU; if it disagrees (a driver or chip
+    /// that flushes bf16 subnormals would), the default GEMV stays on the CUDA-core kernel and
+    /// a warning says so.
+    fn probe_tc_gemv(&self) -> Result<bool, KernelError> {
+        let (q, x) = probe_data()?;
+        let want = crate::cpu::matmul_nvfp4(&x, 1, &q);
+        let got = self.gemv_variant(&x, 1, &q, super::ops::GemvVariant::TensorCore)?;
+        let num: f64 = want
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
+        let den: f64 = want.iter().map(|a| (*a as f64).powi(2)).sum();
+        let ok = got.iter().all(|v| v.is_finite()) && (num / den).sqrt() <= 1e-4;
+        if !ok {
+            tracing::warn!(
+                rel_error = (num / den).sqrt(),
+                "tensor-core GEMV disagrees with the CPU on this device; using the CUDA-core GEMV"
+            );
+        }
+        Ok(ok)
+    }
+
+    /// Whether the tensor-core GEMV passed its start-up check on this device.
+    pub fn tc_gemv_ok(&self) -> bool {
+        self.tc_gemv_ok
     }
 
     /// The device's name (e.g. "NVIDIA H100 80GB HBM3").
@@ -225,5 +261,39 @@ impl CudaKernels {
         self.stream
             .synchronize()
             .map_err(drv("synchronizing the stream"))
+    }
+}
+
+/// The tensor-core GEMV probe's inputs: every E2M1 code, including 0.5 (a bf16 subnormal in
+/// the decode), and subnormal E4M3 block scales.
+pub(crate) fn probe_data() -> Result<(crate::Nvfp4Tensor, Vec<f32>), KernelError> {
+    let (n, k) = (32usize, 256usize);
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| {
+            // every 4th row 1e-5 smaller: subnormal E4M3 block scales; quarter steps: the
+            // 0.5 code (a bf16 subnormal in the decode) appears
+            let row_scale = if (i / k) % 4 == 3 { 1e-5 } else { 1.0 };
+            ((i * 7 % 25) as f32 - 12.0) * 0.25 * row_scale
+        })
+        .collect();
+    let q = crate::Nvfp4Tensor::quantize(&w, n, k)?;
+    let x: Vec<f32> = (0..k).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.37).collect();
+    Ok((q, x))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_probe_covers_half_codes_and_subnormal_scales() {
+        let (q, x) = super::probe_data().unwrap();
+        assert_eq!(x.len(), q.cols);
+        let codes: std::collections::BTreeSet<u8> = (0..q.rows * q.cols)
+            .map(|i| q.code(i / q.cols, i % q.cols))
+            .collect();
+        assert!(codes.contains(&1) && codes.contains(&9), "{codes:?}");
+        assert!(
+            q.scales.iter().any(|&s| s > 0 && s < 0x08),
+            "no subnormal scale"
+        );
     }
 }

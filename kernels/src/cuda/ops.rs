@@ -439,9 +439,18 @@ impl CudaKernels {
         w: &DeviceNvfp4,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), KernelError> {
-        self.gemv_variant_async(x, m, w, y, GemvVariant::default_for(m))
+        self.gemv_variant_async(x, m, w, y, self.default_gemv_variant(m, w.cols))
     }
 
+    /// The GEMV kernel `gemv_async` uses: the tensor-core kernel when it passed its start-up
+    /// check and the shape fits it, else the CUDA-core kernel with 4 rows per warp.
+    pub fn default_gemv_variant(&self, m: usize, k: usize) -> GemvVariant {
+        if self.tc_gemv_ok && self.gemv_tc_fits(m, k) {
+            GemvVariant::TensorCore
+        } else {
+            GemvVariant::Rows4
+        }
+    }
     /// [`CudaKernels::gemv_async`] with an explicit kernel variant (the benchmark compares them).
     pub fn gemv_variant_async(
         &self,
@@ -650,13 +659,6 @@ pub enum GemvVariant {
     /// Tensor cores (mma.sync bf16, x split into bf16 hi + lo): K % 128 == 0 and
     /// m·K·4 bytes of shared memory.
     TensorCore,
-}
-
-impl GemvVariant {
-    /// The variant `gemv_async` uses for `m` rows of x.
-    pub fn default_for(_m: usize) -> Self {
-        GemvVariant::Rows4
-    }
 }
 
 /// How many warps split the 128-wide super-tiles of K in the tensor-core GEMV: enough warp
