@@ -46,7 +46,9 @@ pub enum MemtestError {
         reason: String,
     },
     /// The pattern read back was not the one written (memory is not behaving).
-    #[error("memtest: read-back check failed in step {step}: wrote {wrote:#04x}, read {read:#04x}")]
+    #[error(
+        "memtest: read-back check failed in step {step}: wrote {wrote:#04x}, read {read:#04x}"
+    )]
     Verify {
         /// The step (1-based).
         step: u32,
@@ -64,7 +66,12 @@ pub fn run(
     reporter: &Reporter,
 ) -> Result<JobOutput, MemtestError> {
     let sizes = step_sizes(spec)?;
-    tracing::info!(bytes = spec.bytes, steps = spec.steps, ?device, "memtest starting");
+    tracing::info!(
+        bytes = spec.bytes,
+        steps = spec.steps,
+        ?device,
+        "memtest starting"
+    );
     match device {
         DeviceSpec::Cpu => run_host(spec, &sizes, reporter),
         DeviceSpec::Cuda(ordinal) => cuda::run(spec, &sizes, ordinal, reporter),
@@ -124,7 +131,10 @@ fn progress(reporter: &Reporter, done: u32, total: u32, allocated: u64) {
         done: done.into(),
         total: total.into(),
         unit: "steps".into(),
-        message: format!("{:.1} MiB allocated", allocated as f64 / (1u64 << 20) as f64),
+        message: format!(
+            "{:.1} MiB allocated",
+            allocated as f64 / (1u64 << 20) as f64
+        ),
     });
 }
 
@@ -202,7 +212,10 @@ mod cuda {
     use super::*;
     use cudarc::driver::{CudaContext, CudaSlice, DevicePtrMut};
 
-    fn err(what: &'static str, ordinal: u32) -> impl Fn(cudarc::driver::DriverError) -> MemtestError {
+    fn err(
+        what: &'static str,
+        ordinal: u32,
+    ) -> impl Fn(cudarc::driver::DriverError) -> MemtestError {
         move |e| MemtestError::Cuda {
             what,
             ordinal,
@@ -226,13 +239,14 @@ mod cuda {
                     .into(),
             });
         }
-        let ctx = CudaContext::new(ordinal as usize).map_err(|e| MemtestError::CudaUnavailable {
-            ordinal,
-            reason: format!(
+        let ctx =
+            CudaContext::new(ordinal as usize).map_err(|e| MemtestError::CudaUnavailable {
+                ordinal,
+                reason: format!(
                 "creating a context failed ({e}); check CUDA_VISIBLE_DEVICES={:?} and nvidia-smi",
                 std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default()
             ),
-        })?;
+            })?;
         let stream = ctx.default_stream();
         let mem_info = || -> Result<(u64, u64), MemtestError> {
             let (free, total) = ctx.mem_get_info().map_err(err("cuMemGetInfo", ordinal))?;
@@ -244,7 +258,8 @@ mod cuda {
             let step = i as u32 + 1;
             let len = size as usize;
             // SAFETY: filled right below before anything reads it.
-            let mut block = unsafe { stream.alloc::<u8>(len) }.map_err(err("cuMemAlloc", ordinal))?;
+            let mut block =
+                unsafe { stream.alloc::<u8>(len) }.map_err(err("cuMemAlloc", ordinal))?;
             let value = pattern(step);
             if len > 0 {
                 let (dptr, _record) = block.device_ptr_mut(&stream);
@@ -267,7 +282,9 @@ mod cuda {
                     }
                 }
             }
-            stream.synchronize().map_err(err("cuStreamSynchronize", ordinal))?;
+            stream
+                .synchronize()
+                .map_err(err("cuStreamSynchronize", ordinal))?;
             blocks.push(block);
             allocated += size;
             reporter.phase(phase("memtest_step", step, allocated, Some(mem_info()?)));
@@ -278,7 +295,9 @@ mod cuda {
         }
         sleep_secs(spec.hold_secs);
         drop(blocks);
-        stream.synchronize().map_err(err("cuStreamSynchronize", ordinal))?;
+        stream
+            .synchronize()
+            .map_err(err("cuStreamSynchronize", ordinal))?;
         reporter.phase(phase("memtest_freed", spec.steps, 0, Some(mem_info()?)));
         Ok(JobOutput::Memtest {
             allocated_bytes: allocated,
@@ -350,7 +369,11 @@ mod tests {
         for r in reports.iter() {
             if let Report::Phase(p) = r {
                 assert!(p.host_rss > 0, "host_rss read from /proc");
-                assert_eq!((p.cuda_free, p.cuda_total), (0, 0), "no CUDA on a CPU memtest");
+                assert_eq!(
+                    (p.cuda_free, p.cuda_total),
+                    (0, 0),
+                    "no CUDA on a CPU memtest"
+                );
             }
         }
         let progress = reports
@@ -367,7 +390,12 @@ mod tests {
             eprintln!("skipping: a CUDA driver is present here (the GPU script covers this path)");
             return;
         }
-        let err = run(&spec(1 << 20, 1), DeviceSpec::Cuda(0), &Reporter::capture().0).unwrap_err();
+        let err = run(
+            &spec(1 << 20, 1),
+            DeviceSpec::Cuda(0),
+            &Reporter::capture().0,
+        )
+        .unwrap_err();
         assert!(matches!(err, MemtestError::CudaUnavailable { .. }), "{err}");
         assert!(err.to_string().contains("libcuda"), "{err}");
     }
