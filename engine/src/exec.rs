@@ -30,12 +30,26 @@ pub enum ExecError {
     /// The memtest job failed.
     #[error(transparent)]
     Memtest(#[from] crate::memtest::MemtestError),
+    /// The generate job failed.
+    #[error("generate: {0}")]
+    Generate(crate::model::ModelError),
+    /// The train job failed.
+    #[error("train: {0}")]
+    Train(crate::model::ModelError),
+    /// The export job failed.
+    #[error("export: {0}")]
+    Export(crate::model::ModelError),
 }
 
 /// Runs one request to completion (no reporting of the outcome; see [`job_process_main`]).
 pub fn run_request(request: &JobRequest, reporter: &Reporter) -> Result<JobOutput, ExecError> {
     match &request.spec {
         JobSpec::Memtest(spec) => Ok(crate::memtest::run(spec, request.device, reporter)?),
+        JobSpec::Generate(spec) => {
+            crate::generate::job::run_job(request, spec, reporter).map_err(ExecError::Generate)
+        }
+        JobSpec::Train(spec) => crate::train::run_job(spec, reporter).map_err(ExecError::Train),
+        JobSpec::Export(spec) => crate::export::run_job(spec, reporter).map_err(ExecError::Export),
     }
 }
 
@@ -117,6 +131,8 @@ mod tests {
             device: DeviceSpec::Cpu,
             budget_bytes: 1 << 30,
             work_dir: std::env::temp_dir(),
+            sessions_dir: None,
+            sessions_budget_bytes: 0,
             spec: JobSpec::Memtest(MemtestSpec {
                 bytes: 1 << 20,
                 steps: 2,

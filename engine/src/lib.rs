@@ -12,16 +12,20 @@
 //! - `tiny`: the bundled tiny model, its trained tokenizer and the WhoAmI dataset.
 //! - `generate`: generation with KV cache or replay, sampling, the cache/replay A/B check, the engine benchmark.
 //! - `session`: multi-turn sessions (delta prefill); `session_store`: sessions kept on disk between jobs (LRU, byte budget).
+//! - `train`: the train job (STE / full NVFP4 / f32, assistant-token loss, AdamW, resumable checkpoints).
+//! - `export`: the export job (bf16 safetensors, NVFP4 ModelOpt / compressed-tensors, verified by reloading).
 
 pub mod chat;
 pub mod exec;
+pub mod export;
 pub mod generate;
 pub mod memory;
-pub mod model;
 pub mod memtest;
+pub mod model;
 pub mod report;
 pub mod session;
 pub mod session_store;
 pub mod spec;
 pub mod tiny;
 pub mod tokenizer;
+pub mod train;

@@ -31,6 +31,34 @@ pub struct PhaseReport {
     pub metrics: BTreeMap<String, f64>,
 }
 
+impl PhaseReport {
+    /// A sample of `phase` at `step` taken now: time and host RSS filled in (the CUDA fields
+    /// stay 0 on the CPU path).
+    pub fn now(phase: &str, step: u32) -> Self {
+        PhaseReport {
+            phase: phase.to_string(),
+            step,
+            at_ms: crate::memory::now_ms(),
+            host_rss: crate::memory::self_rss_bytes(),
+            ..Default::default()
+        }
+    }
+
+    /// With these tensor bytes by category.
+    pub fn bytes<'a>(mut self, categories: impl IntoIterator<Item = (&'a str, u64)>) -> Self {
+        for (k, v) in categories {
+            self.tensor_bytes.insert(k.to_string(), v);
+        }
+        self
+    }
+
+    /// With a metric.
+    pub fn metric(mut self, name: &str, value: f64) -> Self {
+        self.metrics.insert(name.to_string(), value);
+        self
+    }
+}
+
 /// The result of a successful job, by kind.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -41,6 +69,41 @@ pub enum JobOutput {
         allocated_bytes: u64,
         /// "cuda" or "host".
         device: String,
+    },
+    /// generate finished (field names as in the proto's `GenerateResult`).
+    Generate {
+        /// The generated text (special tokens removed).
+        text: String,
+        /// The generated token ids (the stop token included when one ended it).
+        token_ids: Vec<u32>,
+        /// Prefill time, ms.
+        prefill_ms: f64,
+        /// Decode speed, tokens/s.
+        decode_tokens_per_s: f64,
+        /// Session sequence length after this turn (0 without a session).
+        session_seq_len: u32,
+        /// With kv = ab: cache and replay produced identical greedy tokens.
+        ab_tokens_agree: bool,
+        /// With kv = ab: the largest |logit difference| between cache and replay.
+        ab_max_logit_diff: f32,
+    },
+    /// train finished (proto `TrainResult`).
+    Train {
+        /// Loss after each step of this job, in order.
+        loss: Vec<f32>,
+        /// The checkpoint directory written.
+        checkpoint: String,
+        /// Training throughput (tokens forwarded per second).
+        tokens_per_s: f64,
+    },
+    /// export finished (proto `ExportResult`).
+    Export {
+        /// Files written, relative to the output directory.
+        files: Vec<String>,
+        /// Tensors written.
+        tensor_count: u32,
+        /// The export was loaded back and matched the source.
+        verified: bool,
     },
 }
 
@@ -129,6 +192,16 @@ impl Reporter {
     /// Sends a phase report.
     pub fn phase(&self, phase: PhaseReport) {
         self.send(&Report::Phase(phase));
+    }
+
+    /// Sends a progress report.
+    pub fn progress(&self, done: u64, total: u64, unit: &str, message: impl Into<String>) {
+        self.send(&Report::Progress {
+            done,
+            total,
+            unit: unit.to_string(),
+            message: message.into(),
+        });
     }
 }
 

@@ -25,6 +25,8 @@ pub struct AbReport {
     pub max_logit_diff: f32,
     /// Steps whose logits were compared (those up to and including the first divergence).
     pub compared_steps: usize,
+    /// Cache-mode prefill time, ms.
+    pub cache_prefill_ms: f64,
     /// Cache-mode decode speed, tokens/s.
     pub cache_tokens_per_s: f64,
     /// Replay-mode decode speed, tokens/s.
@@ -73,6 +75,7 @@ pub fn ab_compare(model: &Model, prompt: &[u32], opts: &GenerateOptions) -> Resu
         first_divergence,
         max_logit_diff,
         compared_steps,
+        cache_prefill_ms: cache.prefill_ms,
         cache_tokens_per_s: cache.decode_tokens_per_s,
         replay_tokens_per_s: replay.decode_tokens_per_s,
         cache_tokens: cache.tokens,

@@ -6,9 +6,11 @@
 //! - `sampling` — [`SamplingParams`], [`Sampler`].
 //! - `ab` — run cache and replay side by side and compare tokens and logits.
 //! - `bench` — the engine benchmark (`kiln bench engine`).
+//! - `job` — the generate job (phases, token stream, sessions from the agent's store).
 
 pub mod ab;
 pub mod bench;
+pub mod job;
 pub mod sampling;
 
 use std::ops::ControlFlow;

@@ -101,17 +101,7 @@ impl ChatModel {
         template: ChatTemplate,
         fingerprint: String,
     ) -> Self {
-        let mut stop_tokens: Vec<u32> = model.config().eos_token_ids.clone();
-        for s in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
-            if let Some(id) = tokenizer.token_id(s) {
-                stop_tokens.push(id);
-            }
-        }
-        if let Some(id) = template.eos_token().and_then(|e| tokenizer.token_id(e)) {
-            stop_tokens.push(id);
-        }
-        stop_tokens.sort_unstable();
-        stop_tokens.dedup();
+        let stop_tokens = stop_tokens(model.config(), &tokenizer, &template);
         ChatModel {
             name,
             model,
@@ -181,6 +171,27 @@ impl ChatModel {
         let text = self.tokenizer.decode(&generation.tokens, true)?;
         Ok(ChatGeneration { generation, text })
     }
+}
+
+/// Tokens that end an assistant turn: the config's EOS ids, `<|im_end|>`, `<|endoftext|>`,
+/// `<|eot_id|>` where the vocabulary has them, and the template's EOS token.
+pub fn stop_tokens(
+    cfg: &super::ModelConfig,
+    tokenizer: &TextTokenizer,
+    template: &ChatTemplate,
+) -> Vec<u32> {
+    let mut stop_tokens: Vec<u32> = cfg.eos_token_ids.clone();
+    for s in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
+        if let Some(id) = tokenizer.token_id(s) {
+            stop_tokens.push(id);
+        }
+    }
+    if let Some(id) = template.eos_token().and_then(|e| tokenizer.token_id(e)) {
+        stop_tokens.push(id);
+    }
+    stop_tokens.sort_unstable();
+    stop_tokens.dedup();
+    stop_tokens
 }
 
 /// Name, config and each weight file's size and modification time.

@@ -96,6 +96,32 @@ pub enum ModelError {
         /// What is wrong and what to do.
         message: String,
     },
+    /// A training dataset cannot be used (missing file, malformed line, no assistant turn…).
+    #[error("dataset {path}{}: {message}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    Dataset {
+        /// The dataset path (or `whoami`).
+        path: String,
+        /// The 1-based line, when one line is at fault.
+        line: Option<usize>,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// A training checkpoint cannot be resumed or written.
+    #[error("checkpoint {path}: {message}")]
+    TrainCheckpoint {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// An exported model did not load back equal to its source.
+    #[error("export verification failed for tensor {name}: {message}")]
+    ExportMismatch {
+        /// The tensor.
+        name: String,
+        /// How it differs.
+        message: String,
+    },
     /// A tensor operation failed (a bug or an inconsistent model; the message says where).
     #[error("tensor operation failed: {0}")]
     Tensor(#[from] candle_core::Error),

@@ -5,6 +5,7 @@
 //! - `error` — [`ModelError`], every failure of the model core, naming the fix.
 //! - `config` — [`ModelConfig`] from `config.json`, [`Architecture`].
 //! - `checkpoint` — [`Checkpoint`]: memory-mapped safetensors files (single or sharded).
+//! - `files` — [`ModelFiles`]: tokenizer and template files carried into checkpoints and exports.
 //! - `weights` — [`WeightSource`]: where tensors come from (checkpoint or seeded random),
 //!   NVFP4 quantize-at-load or packed ModelOpt / compressed-tensors weights.
 //! - `linear` — [`Linear`]: dense, NVFP4-packed or straight-through fake-quant linear layers.
@@ -21,6 +22,7 @@ pub mod bundle;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod kv_cache;
 pub mod linear;
 pub mod rope;
@@ -38,6 +40,7 @@ pub use bundle::{ChatGeneration, ChatModel, TINY_MODEL};
 pub use checkpoint::Checkpoint;
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
+pub use files::ModelFiles;
 pub use kv_cache::KvCache;
 pub use linear::{Linear, LinearWeight};
 pub use save::{save_model_dir, DenseDtype, SaveFormat, SaveOptions};

@@ -11,6 +11,7 @@ use kiln_kernels::nvfp4::Nvfp4Tensor;
 use safetensors::tensor::{Dtype, TensorView};
 
 use super::checkpoint::INDEX_FILE;
+use super::config::ModelConfig;
 use super::error::{ModelError, Result};
 use super::linear::LinearWeight;
 use super::transformer::{Model, ParamRef};
@@ -166,6 +167,92 @@ fn collect(model: &Model, opts: &SaveOptions) -> Result<Vec<OutTensor>> {
     Ok(out)
 }
 
+/// `(out, in)` of the linear layer `prefix` in a model of shape `cfg`.
+fn linear_dims(cfg: &ModelConfig, prefix: &str) -> Option<(usize, usize)> {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    Some(match prefix.rsplit('.').next()? {
+        "q_proj" => (cfg.q_size(), h),
+        "k_proj" | "v_proj" => (cfg.kv_size(), h),
+        "o_proj" => (h, cfg.q_size()),
+        "gate_proj" | "up_proj" => (i, h),
+        "down_proj" => (h, i),
+        "lm_head" => (cfg.vocab_size, h),
+        _ => return None,
+    })
+}
+
+/// The dtype (when it is fixed) and shape `config.json` implies for a tensor written as
+/// `dtype`; `None` for a name this writer never produces.
+pub fn expected_layout(
+    cfg: &ModelConfig,
+    name: &str,
+    dtype: Dtype,
+) -> Option<(Option<Dtype>, Vec<usize>)> {
+    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+    if name == "model.embed_tokens.weight" {
+        return Some((None, vec![cfg.vocab_size, h]));
+    }
+    if name == "model.norm.weight" || name.ends_with("layernorm.weight") {
+        return Some((None, vec![h]));
+    }
+    if name.ends_with("q_norm.weight") || name.ends_with("k_norm.weight") {
+        return Some((None, vec![hd]));
+    }
+    let (prefix, suffix) = name.rsplit_once('.')?;
+    let (o, i) = linear_dims(cfg, prefix)?;
+    Some(match suffix {
+        "weight" if dtype == Dtype::U8 => (Some(Dtype::U8), vec![o, i / 2]),
+        "weight" => (None, vec![o, i]),
+        "weight_packed" => (Some(Dtype::U8), vec![o, i / 2]),
+        "weight_scale" => (Some(Dtype::F8_E4M3), vec![o, i / 16]),
+        "weight_scale_2" => (Some(Dtype::F32), vec![]),
+        "weight_global_scale" => (Some(Dtype::F32), vec![1]),
+        "bias" => (None, vec![o]),
+        _ => return None,
+    })
+}
+
+/// Check a tensor against the layout the config implies, and its byte length against its
+/// dtype and shape, before anything is written (the seed's export bug — scales written back
+/// with the wrong element type — fails here instead of producing a model that prints `!!!!`).
+fn check_tensor(cfg: &ModelConfig, t: &OutTensor) -> Result<()> {
+    let (dtype, shape) = expected_layout(cfg, &t.name, t.dtype).ok_or_else(|| {
+        ModelError::InvalidArgument(format!(
+            "tensor {} has no known place in a {} checkpoint",
+            t.name,
+            cfg.architecture.hf_name()
+        ))
+    })?;
+    if t.shape != shape {
+        return Err(ModelError::ShapeMismatch {
+            name: t.name.clone(),
+            expected: shape,
+            got: t.shape.clone(),
+        });
+    }
+    if let Some(d) = dtype.filter(|&d| d != t.dtype) {
+        return Err(ModelError::UnsupportedDtype {
+            name: t.name.clone(),
+            dtype: format!("{:?}", t.dtype),
+            expected: match d {
+                Dtype::U8 => "U8 (packed E2M1 pairs)",
+                Dtype::F8_E4M3 => "F8_E4M3 (block scales)",
+                _ => "F32 (tensor scale)",
+            },
+        });
+    }
+    let numel: usize = t.shape.iter().product();
+    if t.data.len() * 8 != numel * t.dtype.bitsize() {
+        return Err(ModelError::InvalidArgument(format!(
+            "tensor {}: {} bytes do not hold {numel} elements of {:?}",
+            t.name,
+            t.data.len(),
+            t.dtype
+        )));
+    }
+    Ok(())
+}
+
 /// Write `model` (with the given tokenizer files) to `dir` as a Hugging Face directory.
 /// Returns the files written.
 pub fn save_model_dir(
@@ -226,6 +313,9 @@ pub fn save_model_dir(
     write("tokenizer_config.json", tokenizer_config_json.as_bytes())?;
 
     let tensors = collect(model, opts)?;
+    for t in &tensors {
+        check_tensor(model.config(), t)?;
+    }
     let limit = opts.max_shard_bytes.unwrap_or(u64::MAX);
     let mut shards: Vec<Vec<&OutTensor>> = vec![Vec::new()];
     let mut size = 0u64;

@@ -1,0 +1,275 @@
+//! The generate job: load only what inference needs (NVFP4 linears, no optimizer state or
+//! master weights), render the prompt, generate with the KV cache, in replay mode or both
+//! (`ab`), streaming every token as a Token report, with phase samples `model_loaded`,
+//! `prefill_done` and `decode_done`. With a session id, the turn continues a conversation
+//! kept in the agent's session store (delta prefill) and the result carries the session's
+//! sequence length after the turn.
+
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use candle_core::Device;
+
+use super::{ab, GenerateOptions, Generation, KvMode, SamplingParams, Sequence};
+use crate::chat::ChatMessage;
+use crate::model::error::{ModelError, Result};
+use crate::model::{ChatModel, LinearFormat, LoadOptions, ModelConfig};
+use crate::report::{JobOutput, PhaseReport, Report, Reporter};
+use crate::session::Session;
+use crate::session_store::SessionStore;
+use crate::spec::{DeviceSpec, GenerateSpec, JobRequest, KvSpec, SamplingSpec};
+use crate::tokenizer::TokenTextStream;
+
+/// KV cache bytes per position (keys and values of every layer, f32).
+fn kv_bytes_per_token(cfg: &ModelConfig) -> u64 {
+    (2 * cfg.num_hidden_layers * cfg.kv_size() * 4) as u64
+}
+
+/// The sampler parameters of a spec (`top_p` 0 means off, as in the proto).
+pub fn sampling_params(s: &SamplingSpec) -> Result<SamplingParams> {
+    let p = SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k as usize,
+        top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
+        seed: s.seed,
+    };
+    p.validate()?;
+    Ok(p)
+}
+
+fn check_spec(spec: &GenerateSpec, device: DeviceSpec) -> Result<()> {
+    let bad = |m: &str| Err(ModelError::InvalidArgument(m.to_string()));
+    if spec.model.is_empty() {
+        return bad("model is empty; pass `tiny` or a model directory");
+    }
+    if spec.max_tokens == 0 {
+        return bad("max_tokens must be ≥ 1");
+    }
+    match (spec.prompt.is_empty(), spec.messages.is_empty()) {
+        (true, true) => return bad("no prompt: pass a prompt or chat messages"),
+        (false, false) => return bad("pass either a raw prompt or chat messages, not both"),
+        _ => {}
+    }
+    if spec.device == "cuda" {
+        return bad("the generation path runs on the CPU in this build; submit with --device cpu (or leave it empty)");
+    }
+    if let DeviceSpec::Cuda(i) = device {
+        tracing::info!(
+            gpu = i,
+            "the engine's model path is CPU-only in this build; generating on the CPU"
+        );
+    }
+    Ok(())
+}
+
+/// Per-job state for streaming: the first token marks the end of the prefill.
+struct Stream<'a> {
+    reporter: &'a Reporter,
+    cfg: ModelConfig,
+    weights: (u64, u64),
+    /// Positions in the sequence once the prompt is forwarded.
+    prefill_len: usize,
+    started: Instant,
+    first: bool,
+}
+
+impl Stream<'_> {
+    fn on_token(&mut self, id: u32, text: &str) {
+        if self.first {
+            self.first = false;
+            self.reporter.phase(
+                PhaseReport::now("prefill_done", 0)
+                    .bytes([
+                        ("weights", self.weights.0),
+                        ("scales", self.weights.1),
+                        (
+                            "kv_cache",
+                            kv_bytes_per_token(&self.cfg) * self.prefill_len as u64,
+                        ),
+                    ])
+                    .metric("prompt_tokens", self.prefill_len as f64)
+                    .metric("ms", self.started.elapsed().as_secs_f64() * 1e3),
+            );
+        }
+        self.reporter.send(&Report::Token {
+            id,
+            text: text.to_string(),
+        });
+    }
+}
+
+/// Run a generate job.
+pub fn run_job(
+    request: &JobRequest,
+    spec: &GenerateSpec,
+    reporter: &Reporter,
+) -> Result<JobOutput> {
+    check_spec(spec, request.device)?;
+    let sampling = sampling_params(&spec.sampling)?;
+    let t = Instant::now();
+    let cm = ChatModel::load(
+        &spec.model,
+        &LoadOptions {
+            format: LinearFormat::Nvfp4,
+            device: Device::Cpu,
+        },
+    )?;
+    let weights = cm.model.weight_bytes();
+    reporter.phase(
+        PhaseReport::now("model_loaded", 0)
+            .bytes([
+                ("weights", weights.0),
+                ("scales", weights.1),
+                ("kv_cache", 0),
+                ("activations", 0),
+            ])
+            .metric("load_ms", t.elapsed().as_secs_f64() * 1e3),
+    );
+    let opts = GenerateOptions {
+        max_tokens: spec.max_tokens as usize,
+        sampling,
+        kv: match spec.kv {
+            KvSpec::Replay => KvMode::Replay,
+            KvSpec::Cache | KvSpec::Ab => KvMode::Cache,
+        },
+        ..Default::default()
+    };
+    let mut stream = Stream {
+        reporter,
+        cfg: cm.model.config().clone(),
+        weights,
+        prefill_len: 0,
+        started: Instant::now(),
+        first: true,
+    };
+    let (text, generation, kv_len, session_seq_len, ab) = if spec.session_id.is_empty() {
+        let prompt = if spec.messages.is_empty() {
+            cm.tokenizer.encode(&spec.prompt)?
+        } else {
+            cm.encode_chat(&spec.messages, true)?
+        };
+        stream.prefill_len = prompt.len();
+        if spec.kv == KvSpec::Ab {
+            let mut o = opts.clone();
+            o.stop_tokens = cm.stop_tokens.clone();
+            stream.started = Instant::now();
+            let r = ab::ab_compare(&cm.model, &prompt, &o)?;
+            let mut ts = TokenTextStream::new(&cm.tokenizer, true);
+            for &id in &r.cache_tokens {
+                let piece = ts.push(id)?;
+                stream.on_token(id, &piece);
+            }
+            let text = cm.tokenizer.decode(&r.cache_tokens, true)?;
+            reporter.log(format!(
+                "A/B: cache and replay tokens {} (first divergence {:?}), max |Δlogit| {:.3e} over {} steps; cache {:.1} tok/s, replay {:.1} tok/s",
+                if r.tokens_identical { "identical" } else { "DIFFER" },
+                r.first_divergence,
+                r.max_logit_diff,
+                r.compared_steps,
+                r.cache_tokens_per_s,
+                r.replay_tokens_per_s
+            ));
+            let g = Generation {
+                prompt_tokens: prompt.len(),
+                tokens: r.cache_tokens.clone(),
+                stop: super::StopReason::MaxTokens,
+                prefill_ms: r.cache_prefill_ms,
+                decode_ms: 0.0,
+                decode_steps: r.cache_tokens.len().saturating_sub(1),
+                decode_tokens_per_s: r.cache_tokens_per_s,
+                step_logits: Vec::new(),
+            };
+            let len = prompt.len() + r.cache_tokens.len();
+            (
+                text,
+                g,
+                len,
+                0,
+                Some((r.tokens_identical, r.max_logit_diff)),
+            )
+        } else {
+            let mut seq = Sequence::new(&cm.model);
+            stream.started = Instant::now();
+            let out = cm.generate_ids(&mut seq, &prompt, &opts, &mut |id, piece| {
+                stream.on_token(id, piece);
+                ControlFlow::Continue(())
+            })?;
+            (out.text, out.generation, seq.len(), 0, None)
+        }
+    } else {
+        if spec.kv == KvSpec::Ab {
+            return Err(ModelError::InvalidArgument(
+                "kv = ab compares two fresh generations and cannot continue a session; use cache or replay with --session".into(),
+            ));
+        }
+        let user = session_user_message(spec)?;
+        let store = SessionStore::open(&request.sessions_dir(), request.sessions_budget())?;
+        let mut session = match store.load(&spec.session_id, &Device::Cpu)? {
+            Some(s) => s,
+            None => Session::new(&spec.session_id, &cm)?,
+        };
+        stream.prefill_len = session.seq_len();
+        stream.started = Instant::now();
+        let rep = session.turn(&cm, &user, &opts, &mut |id, piece| {
+            stream.on_token(id, piece);
+            ControlFlow::Continue(())
+        })?;
+        let saved = store.save(&session)?;
+        reporter.log(format!(
+            "session {}: turn {} forwarded {} new tokens (delta prefill {:.1} ms), sequence {} → {} tokens; stored {} bytes{}",
+            session.id,
+            rep.turn,
+            rep.delta_tokens,
+            rep.generation.prefill_ms,
+            rep.seq_len_before,
+            rep.seq_len_after,
+            saved.bytes,
+            if saved.evicted.is_empty() {
+                String::new()
+            } else {
+                format!(", evicted {:?}", saved.evicted)
+            }
+        ));
+        let len = rep.seq_len_after;
+        (rep.text, rep.generation, len, len as u32, None)
+    };
+    reporter.phase(
+        PhaseReport::now("decode_done", generation.tokens.len() as u32)
+            .bytes([
+                ("weights", weights.0),
+                ("scales", weights.1),
+                (
+                    "kv_cache",
+                    kv_bytes_per_token(cm.model.config()) * kv_len as u64,
+                ),
+            ])
+            .metric("tokens", generation.tokens.len() as f64)
+            .metric("prefill_ms", generation.prefill_ms)
+            .metric("decode_tokens_per_s", generation.decode_tokens_per_s)
+            .metric("seq_len", kv_len as f64),
+    );
+    let (ab_tokens_agree, ab_max_logit_diff) = ab.unwrap_or((false, 0.0));
+    Ok(JobOutput::Generate {
+        text,
+        token_ids: generation.tokens,
+        prefill_ms: generation.prefill_ms,
+        decode_tokens_per_s: generation.decode_tokens_per_s,
+        session_seq_len,
+        ab_tokens_agree,
+        ab_max_logit_diff,
+    })
+}
+
+/// The user text of a session turn: one user message (or a raw prompt, taken as the user's
+/// text); the session holds the history.
+fn session_user_message(spec: &GenerateSpec) -> Result<String> {
+    if !spec.prompt.is_empty() {
+        return Ok(spec.prompt.clone());
+    }
+    match spec.messages.as_slice() {
+        [ChatMessage { role, content }] if role == "user" => Ok(content.clone()),
+        _ => Err(ModelError::InvalidArgument(
+            "a session turn takes exactly one user message (the session keeps the history; system messages are not supported in sessions)".into(),
+        )),
+    }
+}
