@@ -115,24 +115,6 @@ __device__ __forceinline__ u8 kiln_block_scale_code(float block_amax, float ws2)
     return kiln_f32_to_e4m3(fmaxf(s, KILN_E4M3_MIN_SUBNORMAL));
 }
 
-// Magnitude code of fl(aw / d) for aw >= 0 without a division per element: r = 1/d correctly
-// rounded makes q = aw * r within 2 ulp of fl(aw / d), so q gives the same code unless it lies
-// within 16 ulp of a rounding boundary of the E2M1 grid (midpoints 0.25, 0.75, 1.25, ... 5);
-// there (about 1 value in 2^17) the exact IEEE division decides.
-__device__ __forceinline__ u32 kiln_e2m1_mag_div(float aw, float d, float r) {
-    float q = __fmul_rn(aw, r);
-    bool near;
-    if (q < 1.0f) {
-        float t = q + q;
-        near = fabsf(t - floorf(t) - 0.5f) < 1.9073486328125e-06f;  // 2^-19
-    } else {
-        int rem = (int)(__float_as_uint(q) & 0x3FFFFFu) - 0x200000;
-        near = abs(rem) <= 16;
-    }
-    if (near) q = __fdiv_rn(aw, d);
-    return kiln_e2m1_mag(q);
-}
-
 // Round-to-nearest quantize of one whole block of 16 values held by one thread: returns the
 // scale byte and the 16 codes in out[0] (elements 0..7) and out[1] (8..15).
 __device__ __forceinline__ u8 kiln_quantize_block16_rn(const float v[16], float ws2, u32 out[2]) {
@@ -141,12 +123,13 @@ __device__ __forceinline__ u8 kiln_quantize_block16_rn(const float v[16], float 
     for (int i = 0; i < 16; i++) bamax = fmaxf(bamax, fabsf(v[i]));
     u8 sb = kiln_block_scale_code(bamax, ws2);
     float d = __fmul_rn(kiln_e4m3_to_f32(sb), ws2);
-    float r = __frcp_rn(d);
     out[0] = 0u;
     out[1] = 0u;
 #pragma unroll
     for (int i = 0; i < 16; i++) {
-        u32 c = ((__float_as_uint(v[i]) >> 28) & 8u) | kiln_e2m1_mag_div(fabsf(v[i]), d, r);
+        // IEEE division, as the CPU. (A reciprocal multiply with an exact fallback near the
+        // rounding boundaries gave the same codes but ran slower on the H100: BENCHMARKS.md.)
+        u32 c = kiln_f32_to_e2m1(__fdiv_rn(v[i], d), v[i]);
         out[i >> 3] |= c << ((i & 7) * 4);
     }
     return sb;

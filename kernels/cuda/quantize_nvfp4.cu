@@ -5,10 +5,9 @@
 // so a block never straddles rows). Block b writes packed[8b .. 8b+8) (even element in the low
 // nibble) and scales[b] (E4M3 bits).
 // Round to nearest (kiln_quantize_nvfp4_{f32,bf16}): one thread per block of 16, so the block
-// scale is computed once; the per-element IEEE division is replaced by a multiply with the
-// correctly rounded reciprocal, with the exact division only near a rounding boundary
-// (kiln_e2m1_mag_div), which gives the same codes. Stochastic (..._sr_...): each thread owns
-// E = 8 (bf16) or 4 (f32) elements and uses the exact division (SR needs q itself).
+// scale is computed once per block (measured faster on the H100 than 2 or 4 lanes per block
+// sharing the amax by shuffles). Stochastic (..._sr_...): each thread owns E = 8 (bf16) or 4
+// (f32) elements. Both use IEEE division, exactly as the CPU.
 // Tensor scale: ws2 = kiln_tensor_scale(amax) read from *amax_bits (written by amax.cu), or the
 // host value fixed_ws2 when amax_bits is null.
 // SR: element i of block b draws kiln_sr_uniform(seed, (first_block + b) * 16 + i).
@@ -41,8 +40,7 @@ template <> __device__ __forceinline__ void kiln_load16<u16>(const u16* x, u64 b
     }
 }
 
-// Round to nearest: one thread per block of 16 (the block scale is computed once per block and
-// the per-element division is replaced by kiln_e2m1_mag_div).
+// Round to nearest: one thread per block of 16.
 template <typename T>
 __device__ __forceinline__ void kiln_quantize_rn_body(const T* __restrict__ x, u64 nblocks,
         const u32* amax_bits, float fixed_ws2, int reverse, u8* __restrict__ packed,

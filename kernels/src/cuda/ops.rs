@@ -442,10 +442,14 @@ impl CudaKernels {
         self.gemv_variant_async(x, m, w, y, self.default_gemv_variant(m, w.cols))
     }
 
-    /// The GEMV kernel `gemv_async` uses: the tensor-core kernel when it passed its start-up
-    /// check and the shape fits it, else the CUDA-core kernel with 4 rows per warp.
+    /// The GEMV kernel `gemv_async` uses: for m ≥ 2 the tensor-core kernel when it passed its
+    /// start-up check and the shape fits it, else (and always for m = 1) the CUDA-core kernel
+    /// with 4 rows per warp.
+    /// On the H100 (BENCHMARKS.md) the CUDA-core kernel wins at m = 1 and the tensor-core one
+    /// at m = 8 (2-3x faster there); m = 2..7 follow the tensor-core kernel, whose cost barely
+    /// depends on m.
     pub fn default_gemv_variant(&self, m: usize, k: usize) -> GemvVariant {
-        if self.tc_gemv_ok && self.gemv_tc_fits(m, k) {
+        if m >= 2 && self.tc_gemv_ok && self.gemv_tc_fits(m, k) {
             GemvVariant::TensorCore
         } else {
             GemvVariant::Rows4
