@@ -483,7 +483,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
             // minimum traffic: packed+scales read and written, grad read, m and v read and written
             let a_bytes = (2 * packed_bytes + ne * 4 + 4 * ne * 4) as f64;
             push(
-                "AdamW step on packed weights (chunk 32 rows)",
+                "AdamW step on packed weights (fused, 2 passes)",
                 n,
                 kk,
                 t_a,
