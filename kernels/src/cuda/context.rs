@@ -204,7 +204,7 @@ impl CudaKernels {
     fn probe_tc_gemv(&self) -> Result<bool, KernelError> {
         let (q, x) = probe_data()?;
         let want = crate::cpu::matmul_nvfp4(&x, 1, &q);
-        let got = self.gemv_variant(&x, 1, &q, super::ops::GemvVariant::TensorCore)?;
+        let got = self.gemv_variant(&x, 1, &q, super::gemv::GemvVariant::TensorCore)?;
         let num: f64 = want
             .iter()
             .zip(&got)

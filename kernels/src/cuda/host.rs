@@ -169,7 +169,7 @@ impl CudaKernels {
         x: &[f32],
         m: usize,
         w: &Nvfp4Tensor,
-        variant: super::ops::GemvVariant,
+        variant: super::gemv::GemvVariant,
     ) -> Result<Vec<f32>, KernelError> {
         let s = &self.stream;
         let dw = self.upload_nvfp4(w)?;

@@ -3,16 +3,15 @@
 //! the benchmark can time them. Non-finite inputs are found by the amax pass and reported
 //! through [`DeviceStatus`] when the caller reads it.
 
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::context::{drv, CudaKernels};
-use crate::cpu::{AdamWParams, AdamWScalars, AdamWStepStats};
 use crate::nvfp4::{Nvfp4Tensor, Rounding, BLOCK};
 use crate::KernelError;
 
 /// Threads per CUDA block for the element-wise kernels.
-const THREADS: u32 = 256;
+pub(crate) const THREADS: u32 = 256;
 
 /// An NVFP4 matrix in device memory, same layout as [`Nvfp4Tensor`]; the tensor scale is a
 /// one-element device buffer so kernels can produce and consume it without a host round trip.
@@ -39,8 +38,8 @@ impl DeviceNvfp4 {
 /// Scratch written by the amax pass: the f32 bits of max |x| and (inverted, so that zero means
 /// "none") the flat index of the first NaN/inf.
 pub struct DeviceStatus {
-    amax_bits: CudaSlice<u32>,
-    first_bad_inv: CudaSlice<u64>,
+    pub(crate) amax_bits: CudaSlice<u32>,
+    pub(crate) first_bad_inv: CudaSlice<u64>,
 }
 
 /// An input matrix on the device, f32 or bf16.
@@ -61,21 +60,7 @@ impl DeviceInput<'_> {
     }
 }
 
-/// AdamW scalars as the kernel's `KilnAdamW` struct (passed by value).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct KilnAdamW {
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    decay: f32,
-    step_size: f32,
-    bc2_sqrt: f32,
-}
-// SAFETY: plain-old-data with the same layout as the CUDA struct.
-unsafe impl DeviceRepr for KilnAdamW {}
-
-fn grid(n: usize) -> LaunchConfig {
+pub(crate) fn grid(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: ((n as u64).div_ceil(THREADS as u64).max(1) as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
@@ -428,279 +413,5 @@ impl CudaKernels {
         unsafe { b.launch(cfg) }
             .map(|_| ())
             .map_err(drv("launching a bf16 conversion"))
-    }
-
-    /// Queue the fused dequantize-GEMV `y[m, N] = x[m, K] · Wᵀ` for `m` in 1..=8, x and y f32.
-    /// Requires `K % 32 == 0` (use [`CudaKernels::matmul_nvfp4_large_async`] otherwise).
-    pub fn gemv_async(
-        &self,
-        x: &CudaSlice<f32>,
-        m: usize,
-        w: &DeviceNvfp4,
-        y: &mut CudaSlice<f32>,
-    ) -> Result<(), KernelError> {
-        self.gemv_variant_async(x, m, w, y, self.default_gemv_variant(m, w.cols))
-    }
-
-    /// The GEMV kernel `gemv_async` uses: for m ≥ 2 the tensor-core kernel when it passed its
-    /// start-up check and the shape fits it, else (and always for m = 1) the CUDA-core kernel
-    /// with 4 rows per warp.
-    /// On the H100 (BENCHMARKS.md) the CUDA-core kernel wins at m = 1 and the tensor-core one
-    /// at m = 8 (2-3x faster there); m = 2..7 follow the tensor-core kernel, whose cost barely
-    /// depends on m.
-    pub fn default_gemv_variant(&self, m: usize, k: usize) -> GemvVariant {
-        if m >= 2 && self.tc_gemv_ok && self.gemv_tc_fits(m, k) {
-            GemvVariant::TensorCore
-        } else {
-            GemvVariant::Rows4
-        }
-    }
-    /// [`CudaKernels::gemv_async`] with an explicit kernel variant (the benchmark compares them).
-    pub fn gemv_variant_async(
-        &self,
-        x: &CudaSlice<f32>,
-        m: usize,
-        w: &DeviceNvfp4,
-        y: &mut CudaSlice<f32>,
-        variant: GemvVariant,
-    ) -> Result<(), KernelError> {
-        let (n, k) = (w.rows, w.cols);
-        if !(1..=8).contains(&m) {
-            return Err(KernelError::InvalidArgument(format!(
-                "GEMV takes 1 to 8 rows of x, got {m}"
-            )));
-        }
-        if !k.is_multiple_of(32) {
-            return Err(KernelError::InvalidArgument(format!(
-                "GEMV needs K % 32 == 0, got K = {k}"
-            )));
-        }
-        if x.len() != m * k || y.len() != m * n {
-            return Err(KernelError::InvalidArgument(format!(
-                "GEMV shapes: x has {} elements (want {m}×{k}), y has {} (want {m}×{n})",
-                x.len(),
-                y.len()
-            )));
-        }
-        if variant == GemvVariant::TensorCore {
-            if !self.gemv_tc_fits(m, k) {
-                return Err(KernelError::InvalidArgument(format!(
-                    "the tensor-core GEMV needs K % 128 == 0 and {m}·K·4 bytes of shared memory (K = {k})"
-                )));
-            }
-            let ksplit = gemv_tc_ksplit(n, k, self.sm_count as usize);
-            let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(16 * (8 / ksplit)) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: (m * k * 4 + 4096) as u32,
-            };
-            let (ni, ki, ks) = (n as i32, k as i32, ksplit as i32);
-            let mut b = self.stream.launch_builder(&self.f.gemv_tc[m - 1]);
-            b.arg(x)
-                .arg(&w.packed)
-                .arg(&w.scales)
-                .arg(&w.tensor_scale)
-                .arg(y)
-                .arg(&ni)
-                .arg(&ki)
-                .arg(&ks);
-            // SAFETY: matches kiln_gemv_nvfp4_tc_m{m}; shapes and shared memory checked above.
-            return unsafe { b.launch(cfg) }
-                .map(|_| ())
-                .map_err(drv("launching kiln_gemv_nvfp4_tc"));
-        }
-        let (func, r) = match variant {
-            GemvVariant::Rows8 if m == 1 => (&self.f.gemv_m1_r8, 8),
-            GemvVariant::Rows8 => {
-                return Err(KernelError::InvalidArgument(
-                    "the 8-rows-per-warp GEMV exists for m = 1 only".into(),
-                ))
-            }
-            _ => (&self.f.gemv[m - 1], 4),
-        };
-        let ksplit = gemv_ksplit(n, k, r, self.sm_count as usize);
-        let rows_per_block = r * (8 / ksplit);
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(rows_per_block) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (ni, ki, ks) = (n as i32, k as i32, ksplit as i32);
-        let mut b = self.stream.launch_builder(func);
-        b.arg(x)
-            .arg(&w.packed)
-            .arg(&w.scales)
-            .arg(&w.tensor_scale)
-            .arg(y)
-            .arg(&ni)
-            .arg(&ki)
-            .arg(&ks);
-        // SAFETY: matches kiln_gemv_nvfp4_m{m}_r{r}; shapes checked above.
-        unsafe { b.launch(cfg) }
-            .map(|_| ())
-            .map_err(drv("launching kiln_gemv_nvfp4"))
-    }
-
-    /// Whether the tensor-core GEMV can take `m` rows of x with this K (K % 128 == 0 and x as
-    /// bf16 hi/lo fits in shared memory).
-    pub fn gemv_tc_fits(&self, m: usize, k: usize) -> bool {
-        k.is_multiple_of(128) && m * k * 4 + 4096 <= self.smem_optin
-    }
-
-    /// Queue one AdamW step on device-resident packed weights (see
-    /// [`crate::cpu::adamw_step_nvfp4`], whose arithmetic and result this matches bit for bit).
-    /// Fused kernels: the weights are never materialised in f32, so the scratch is the 4-byte
-    /// amax in `status` whatever `chunk_rows` is (which must still be ≥ 1).
-    #[allow(clippy::too_many_arguments)]
-    pub fn adamw_step_async(
-        &self,
-        w: &mut DeviceNvfp4,
-        grad: &CudaSlice<f32>,
-        m: &mut CudaSlice<f32>,
-        v: &mut CudaSlice<f32>,
-        hp: AdamWParams,
-        step: u64,
-        chunk_rows: usize,
-        seed: u64,
-        status: &mut DeviceStatus,
-    ) -> Result<AdamWStepStats, KernelError> {
-        let n = w.rows * w.cols;
-        for (what, len) in [
-            ("gradient", grad.len()),
-            ("first moment m", m.len()),
-            ("second moment v", v.len()),
-        ] {
-            if len != n {
-                return Err(KernelError::LengthMismatch {
-                    what,
-                    expected: n,
-                    got: len,
-                });
-            }
-        }
-        if chunk_rows == 0 {
-            return Err(KernelError::InvalidArgument(
-                "chunk_rows must be at least 1".into(),
-            ));
-        }
-        let sc = AdamWScalars::new(hp, step, seed);
-        let h = KilnAdamW {
-            beta1: sc.beta1,
-            beta2: sc.beta2,
-            eps: sc.eps,
-            decay: sc.decay,
-            step_size: sc.step_size,
-            bc2_sqrt: sc.bc2_sqrt,
-        };
-        let s = &self.stream;
-        s.memset_zeros(&mut status.amax_bits)
-            .map_err(drv("resetting amax"))?;
-        // The fused kernels never hold a chunk of f32 weights, so there is nothing for a chunk
-        // to bound: each pass is one launch over the whole tensor (chunk_rows is validated
-        // only, for the same contract as the CPU path).
-        let nb = w.nblocks() as u64;
-        let first_block: u64 = 0;
-        {
-            let mut b = s.launch_builder(&self.f.adamw_amax);
-            b.arg(&w.packed)
-                .arg(&w.scales)
-                .arg(&w.tensor_scale)
-                .arg(grad)
-                .arg(&*m)
-                .arg(&*v)
-                .arg(&nb)
-                .arg(&h)
-                .arg(&mut status.amax_bits);
-            // SAFETY: matches kiln_adamw_nvfp4_amax; buffers cover nb blocks (checked above).
-            unsafe { b.launch(grid(nb as usize * 4)) }
-                .map_err(drv("launching kiln_adamw_nvfp4_amax"))?;
-        }
-        {
-            let mut b = s.launch_builder(&self.f.adamw_apply);
-            b.arg(&mut w.packed)
-                .arg(&mut w.scales)
-                .arg(&w.tensor_scale)
-                .arg(grad)
-                .arg(m)
-                .arg(v)
-                .arg(&nb)
-                .arg(&h)
-                .arg(&status.amax_bits)
-                .arg(&sc.sr_seed)
-                .arg(&first_block);
-            // SAFETY: matches kiln_adamw_nvfp4_apply; buffers cover nb blocks.
-            unsafe { b.launch(grid(nb as usize * 4)) }
-                .map_err(drv("launching kiln_adamw_nvfp4_apply"))?;
-        }
-        let mut b = s.launch_builder(&self.f.tensor_scale_from_amax);
-        b.arg(&status.amax_bits).arg(&mut w.tensor_scale);
-        // SAFETY: matches kiln_tensor_scale_from_amax (two one-element buffers).
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (32, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }
-        .map_err(drv("launching kiln_tensor_scale_from_amax"))?;
-        Ok(AdamWStepStats {
-            peak_temp_bytes: 0,
-            chunks: 1,
-            old_tensor_scale: f32::NAN,
-            new_tensor_scale: f32::NAN,
-        })
-    }
-}
-
-/// Which GEMV kernel: rows of W per warp (more rows keep more bytes in flight per lane, at the
-/// cost of registers).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GemvVariant {
-    /// 4 rows per warp (every m).
-    Rows4,
-    /// 8 rows per warp (m = 1 only).
-    Rows8,
-    /// Tensor cores (mma.sync bf16, x split into bf16 hi + lo): K % 128 == 0 and
-    /// m·K·4 bytes of shared memory.
-    TensorCore,
-}
-
-/// How many warps split the 128-wide super-tiles of K in the tensor-core GEMV: enough warp
-/// tasks (16-row tiles × splits) to fill the GPU, each keeping ≥ 4 super-tiles.
-pub fn gemv_tc_ksplit(n: usize, k: usize, sm_count: usize) -> usize {
-    let nsup = k / 128;
-    let tiles = n.div_ceil(16);
-    let mut ks = 1;
-    while ks < 8 && nsup / (2 * ks) >= 4 && tiles * ks < 16 * sm_count {
-        ks *= 2;
-    }
-    ks
-}
-
-/// How many warps split K in the GEMV: enough warps to fill the GPU (≥ 16 per SM) while
-/// each warp still covers at least 32 16-byte units (a full pass of its lanes), and at most
-/// 64 units per warp when there are warps enough.
-pub fn gemv_ksplit(n: usize, k: usize, rows_per_warp: usize, sm_count: usize) -> usize {
-    let units = k / 32;
-    let groups = n.div_ceil(rows_per_warp);
-    let mut ks = 1;
-    while ks < 8 && units / (2 * ks) >= 32 && (groups * ks < 16 * sm_count || units / ks > 64) {
-        ks *= 2;
-    }
-    ks
-}
-
-#[cfg(test)]
-mod tests {
-    use super::gemv_ksplit;
-
-    #[test]
-    fn ksplit_choices_for_the_benchmark_shapes() {
-        assert_eq!(gemv_ksplit(8192, 8192, 4, 132), 4);
-        assert_eq!(gemv_ksplit(4864, 896, 4, 132), 1);
-        assert_eq!(gemv_ksplit(896, 4864, 4, 132), 4);
-        assert_eq!(gemv_ksplit(18944, 3584, 4, 132), 2);
-        assert_eq!(gemv_ksplit(3584, 18944, 4, 132), 8);
-        assert_eq!(gemv_ksplit(10, 32, 4, 132), 1);
     }
 }

@@ -4,6 +4,12 @@
 //! share of the device-copy bandwidth measured in the same run, and the ratio to the cuBLAS
 //! bf16 baseline on the same shape.
 
+mod report;
+mod timing;
+mod validate;
+
+pub use report::parse_shapes;
+
 use std::time::Instant;
 
 use cudarc::driver::CudaSlice;
@@ -12,12 +18,15 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::cpu::{adamw_step_nvfp4, AdamWParams};
+use crate::cpu::AdamWParams;
 use crate::cuda::context::drv;
 use crate::cuda::ops::DeviceInput;
 use crate::cuda::{CudaKernels, DeviceNvfp4, GemvVariant};
 use crate::nvfp4::{Nvfp4Tensor, Rounding};
+
 use crate::KernelError;
+use timing::{rotation, upload, Timer};
+use validate::{gemv_rel_error, validate_adamw};
 
 /// The shapes `[N, K]` (out × in): square, Qwen2.5-0.5B MLP up/down, its vocab
 /// projection, Qwen2.5-7B MLP up/down.
@@ -86,72 +95,6 @@ pub struct BenchReport {
     pub rows: Vec<BenchRow>,
     /// Input seed.
     pub seed: u64,
-}
-
-/// Timed closure result: median seconds per call.
-struct Timer<'a> {
-    k: &'a CudaKernels,
-    samples: usize,
-}
-
-impl Timer<'_> {
-    /// Median seconds per call of `f(i)` (i rotates input sets), timed with CUDA events in
-    /// batches long enough (≥ ~0.5 ms) for event resolution not to matter.
-    fn time(
-        &self,
-        mut f: impl FnMut(usize) -> Result<(), KernelError>,
-    ) -> Result<f64, KernelError> {
-        let ctx = self.k.context();
-        let stream = self.k.stream();
-        let ev = || {
-            ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(drv("creating an event"))
-        };
-        let (start, end) = (ev()?, ev()?);
-        // warm-up (module load, cuBLAS heuristics, clocks)
-        for i in 0..3 {
-            f(i)?;
-        }
-        self.k.synchronize()?;
-        // estimate one call to choose the batch size
-        start.record(stream).map_err(drv("recording an event"))?;
-        for i in 0..3 {
-            f(i)?;
-        }
-        end.record(stream).map_err(drv("recording an event"))?;
-        let est = start.elapsed_ms(&end).map_err(drv("reading an event"))? as f64 / 3.0;
-        let reps = ((0.5 / est.max(1e-4)).ceil() as usize).clamp(1, 1000);
-        let mut times = Vec::with_capacity(self.samples);
-        let mut i = 0;
-        for _ in 0..self.samples {
-            start.record(stream).map_err(drv("recording an event"))?;
-            for _ in 0..reps {
-                f(i)?;
-                i += 1;
-            }
-            end.record(stream).map_err(drv("recording an event"))?;
-            times.push(
-                start.elapsed_ms(&end).map_err(drv("reading an event"))? as f64 / 1e3 / reps as f64,
-            );
-        }
-        times.sort_by(|a, b| a.partial_cmp(b).expect("finite times"));
-        Ok(times[times.len() / 2])
-    }
-}
-
-/// How many copies of a buffer set of `bytes` to rotate through so the working set is ≥ 160 MB
-/// (over 3× the H100's 50 MB L2).
-fn rotation(bytes: usize) -> usize {
-    (160_000_000usize.div_ceil(bytes.max(1))).clamp(1, 64)
-}
-
-fn upload<T: cudarc::driver::DeviceRepr>(
-    k: &CudaKernels,
-    v: &[T],
-) -> Result<CudaSlice<T>, KernelError> {
-    k.stream()
-        .clone_htod(v)
-        .map_err(drv("uploading benchmark data"))
 }
 
 /// Run the benchmark. `progress` receives one line per step (for a progress display).
@@ -501,121 +444,4 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
         rows,
         seed: cfg.seed,
     })
-}
-
-/// ‖y − ref‖/‖ref‖ for M = 1 with ref computed in f64 on the dequantized weights.
-fn gemv_rel_error(y: &[f32], x: &[f32], w: &Nvfp4Tensor) -> f64 {
-    use rayon::prelude::*;
-    let wd = w.dequantize();
-    let k = w.cols;
-    let (num, den) = wd
-        .par_chunks(k)
-        .zip(y.par_iter())
-        .map(|(row, &yv)| {
-            let r: f64 = row.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum();
-            let d = if yv.is_finite() {
-                yv as f64 - r
-            } else {
-                f64::INFINITY
-            };
-            (d * d, r * r)
-        })
-        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
-    (num / den).sqrt()
-}
-
-/// One AdamW step on GPU and CPU from the same state; identical up to rare last-bit flips.
-fn validate_adamw(
-    k: &CudaKernels,
-    w: &Nvfp4Tensor,
-    rng: &mut ChaCha8Rng,
-) -> Result<(bool, String), KernelError> {
-    let ne = w.rows * w.cols;
-    let g: Vec<f32> = (0..ne).map(|_| rng.random_range(-1e-2f32..1e-2)).collect();
-    let hp = AdamWParams {
-        lr: 1e-3,
-        ..AdamWParams::default()
-    };
-    let (mut wc, mut wg) = (w.clone(), w.clone());
-    let (mut mc, mut vc) = (vec![0.0f32; ne], vec![0.0f32; ne]);
-    let (mut mg, mut vg) = (vec![0.0f32; ne], vec![0.0f32; ne]);
-    adamw_step_nvfp4(&mut wc, &g, &mut mc, &mut vc, hp, 1, 32, 11)?;
-    k.adamw_step_nvfp4(&mut wg, &g, &mut mg, &mut vg, hp, 1, 32, 11)?;
-    let packed_diff = wc
-        .packed
-        .iter()
-        .zip(&wg.packed)
-        .filter(|(a, b)| a != b)
-        .count();
-    let scale_diff = wc
-        .scales
-        .iter()
-        .zip(&wg.scales)
-        .filter(|(a, b)| a != b)
-        .count();
-    let m_diff = mc
-        .iter()
-        .zip(&mg)
-        .filter(|(a, b)| a.to_bits() != b.to_bits())
-        .count();
-    let ok = packed_diff <= ne / 20_000
-        && scale_diff <= ne / 320_000
-        && m_diff == 0
-        && wc.tensor_scale == wg.tensor_scale;
-    Ok((
-        ok,
-        format!("{packed_diff} packed bytes, {scale_diff} scales, {m_diff} moments differ"),
-    ))
-}
-
-impl BenchReport {
-    /// A plain-text table (for the benchmark binary and logs).
-    pub fn to_text(&self) -> String {
-        let mut s = format!(
-            "device: {}\ncopy bandwidth: {:.0} GB/s (read + write)\nseed: {:#x}\n\n",
-            self.device, self.copy_gbps, self.seed
-        );
-        for c in &self.checks {
-            s.push_str(&format!("check  {c}\n"));
-        }
-        s.push_str(&format!(
-            "\n{:<46} {:>12} {:>11} {:>9} {:>7} {:>9}  {}\n",
-            "kernel", "shape", "median us", "GB/s", "% copy", "vs base", "note"
-        ));
-        for r in &self.rows {
-            s.push_str(&format!(
-                "{:<46} {:>12} {:>11.2} {:>9.0} {:>6.1}% {:>9}  {}\n",
-                r.kernel,
-                r.shape,
-                r.median_us,
-                r.gbps,
-                r.pct_of_copy,
-                r.speedup_vs_baseline
-                    .map(|x| format!("{x:.2}x"))
-                    .unwrap_or_else(|| "-".into()),
-                r.note
-            ));
-        }
-        s
-    }
-}
-
-/// Parse `8192x8192,4864x896` into shapes.
-pub fn parse_shapes(s: &str) -> Result<Vec<(usize, usize)>, String> {
-    s.split(',')
-        .map(|p| {
-            let (a, b) = p
-                .trim()
-                .split_once(['x', 'X'])
-                .ok_or_else(|| format!("shape {p:?} is not NxK"))?;
-            let n = a.trim().parse().map_err(|_| format!("bad N in {p:?}"))?;
-            let k: usize = b.trim().parse().map_err(|_| format!("bad K in {p:?}"))?;
-            if k == 0 || !k.is_multiple_of(32) || n == 0 {
-                return Err(format!(
-                    "shape {p:?}: N must be > 0 and K a positive multiple of 32"
-                ));
-            }
-            Ok((n, k))
-        })
-        .collect()
 }

@@ -1,0 +1,73 @@
+//! Timing with CUDA events (warm-up, batches, median) and input rotation past the L2.
+
+use cudarc::driver::CudaSlice;
+
+use crate::cuda::context::drv;
+use crate::cuda::CudaKernels;
+use crate::KernelError;
+
+/// Timed closure result: median seconds per call.
+pub(super) struct Timer<'a> {
+    pub(super) k: &'a CudaKernels,
+    pub(super) samples: usize,
+}
+
+impl Timer<'_> {
+    /// Median seconds per call of `f(i)` (i rotates input sets), timed with CUDA events in
+    /// batches long enough (≥ ~0.5 ms) for event resolution not to matter.
+    pub(super) fn time(
+        &self,
+        mut f: impl FnMut(usize) -> Result<(), KernelError>,
+    ) -> Result<f64, KernelError> {
+        let ctx = self.k.context();
+        let stream = self.k.stream();
+        let ev = || {
+            ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(drv("creating an event"))
+        };
+        let (start, end) = (ev()?, ev()?);
+        // warm-up (module load, cuBLAS heuristics, clocks)
+        for i in 0..3 {
+            f(i)?;
+        }
+        self.k.synchronize()?;
+        // estimate one call to choose the batch size
+        start.record(stream).map_err(drv("recording an event"))?;
+        for i in 0..3 {
+            f(i)?;
+        }
+        end.record(stream).map_err(drv("recording an event"))?;
+        let est = start.elapsed_ms(&end).map_err(drv("reading an event"))? as f64 / 3.0;
+        let reps = ((0.5 / est.max(1e-4)).ceil() as usize).clamp(1, 1000);
+        let mut times = Vec::with_capacity(self.samples);
+        let mut i = 0;
+        for _ in 0..self.samples {
+            start.record(stream).map_err(drv("recording an event"))?;
+            for _ in 0..reps {
+                f(i)?;
+                i += 1;
+            }
+            end.record(stream).map_err(drv("recording an event"))?;
+            times.push(
+                start.elapsed_ms(&end).map_err(drv("reading an event"))? as f64 / 1e3 / reps as f64,
+            );
+        }
+        times.sort_by(|a, b| a.partial_cmp(b).expect("finite times"));
+        Ok(times[times.len() / 2])
+    }
+}
+
+/// How many copies of a buffer set of `bytes` to rotate through so the working set is ≥ 160 MB
+/// (over 3× the H100's 50 MB L2).
+pub(super) fn rotation(bytes: usize) -> usize {
+    (160_000_000usize.div_ceil(bytes.max(1))).clamp(1, 64)
+}
+
+pub(super) fn upload<T: cudarc::driver::DeviceRepr>(
+    k: &CudaKernels,
+    v: &[T],
+) -> Result<CudaSlice<T>, KernelError> {
+    k.stream()
+        .clone_htod(v)
+        .map_err(drv("uploading benchmark data"))
+}

@@ -1,0 +1,129 @@
+//! The AdamW step on device-resident packed weights (`adamw_nvfp4.cu`): two fused passes, no f32
+//! copy of the weights.
+
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::context::{drv, CudaKernels};
+use super::ops::{grid, DeviceNvfp4, DeviceStatus};
+use crate::cpu::{AdamWParams, AdamWScalars, AdamWStepStats};
+use crate::KernelError;
+
+/// AdamW scalars as the kernel's `KilnAdamW` struct (passed by value).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct KilnAdamW {
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    decay: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+}
+// SAFETY: plain-old-data with the same layout as the CUDA struct.
+unsafe impl DeviceRepr for KilnAdamW {}
+
+impl CudaKernels {
+    /// Queue one AdamW step on device-resident packed weights (see
+    /// [`crate::cpu::adamw_step_nvfp4`], whose arithmetic and result this matches bit for bit).
+    /// Fused kernels: the weights are never materialised in f32, so the scratch is the 4-byte
+    /// amax in `status` whatever `chunk_rows` is (which must still be ≥ 1).
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw_step_async(
+        &self,
+        w: &mut DeviceNvfp4,
+        grad: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        hp: AdamWParams,
+        step: u64,
+        chunk_rows: usize,
+        seed: u64,
+        status: &mut DeviceStatus,
+    ) -> Result<AdamWStepStats, KernelError> {
+        let n = w.rows * w.cols;
+        for (what, len) in [
+            ("gradient", grad.len()),
+            ("first moment m", m.len()),
+            ("second moment v", v.len()),
+        ] {
+            if len != n {
+                return Err(KernelError::LengthMismatch {
+                    what,
+                    expected: n,
+                    got: len,
+                });
+            }
+        }
+        if chunk_rows == 0 {
+            return Err(KernelError::InvalidArgument(
+                "chunk_rows must be at least 1".into(),
+            ));
+        }
+        let sc = AdamWScalars::new(hp, step, seed);
+        let h = KilnAdamW {
+            beta1: sc.beta1,
+            beta2: sc.beta2,
+            eps: sc.eps,
+            decay: sc.decay,
+            step_size: sc.step_size,
+            bc2_sqrt: sc.bc2_sqrt,
+        };
+        let s = &self.stream;
+        s.memset_zeros(&mut status.amax_bits)
+            .map_err(drv("resetting amax"))?;
+        // The fused kernels never hold a chunk of f32 weights, so there is nothing for a chunk
+        // to bound: each pass is one launch over the whole tensor (chunk_rows is validated
+        // only, for the same contract as the CPU path).
+        let nb = w.nblocks() as u64;
+        let first_block: u64 = 0;
+        {
+            let mut b = s.launch_builder(&self.f.adamw_amax);
+            b.arg(&w.packed)
+                .arg(&w.scales)
+                .arg(&w.tensor_scale)
+                .arg(grad)
+                .arg(&*m)
+                .arg(&*v)
+                .arg(&nb)
+                .arg(&h)
+                .arg(&mut status.amax_bits);
+            // SAFETY: matches kiln_adamw_nvfp4_amax; buffers cover nb blocks (checked above).
+            unsafe { b.launch(grid(nb as usize * 4)) }
+                .map_err(drv("launching kiln_adamw_nvfp4_amax"))?;
+        }
+        {
+            let mut b = s.launch_builder(&self.f.adamw_apply);
+            b.arg(&mut w.packed)
+                .arg(&mut w.scales)
+                .arg(&w.tensor_scale)
+                .arg(grad)
+                .arg(m)
+                .arg(v)
+                .arg(&nb)
+                .arg(&h)
+                .arg(&status.amax_bits)
+                .arg(&sc.sr_seed)
+                .arg(&first_block);
+            // SAFETY: matches kiln_adamw_nvfp4_apply; buffers cover nb blocks.
+            unsafe { b.launch(grid(nb as usize * 4)) }
+                .map_err(drv("launching kiln_adamw_nvfp4_apply"))?;
+        }
+        let mut b = s.launch_builder(&self.f.tensor_scale_from_amax);
+        b.arg(&status.amax_bits).arg(&mut w.tensor_scale);
+        // SAFETY: matches kiln_tensor_scale_from_amax (two one-element buffers).
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(drv("launching kiln_tensor_scale_from_amax"))?;
+        Ok(AdamWStepStats {
+            peak_temp_bytes: 0,
+            chunks: 1,
+            old_tensor_scale: f32::NAN,
+            new_tensor_scale: f32::NAN,
+        })
+    }
+}
