@@ -67,6 +67,9 @@ pub struct AgentConfig {
     pub reconnect_max_secs: f64,
     /// Seconds between heartbeats when the coordinator does not say (its `Registered` wins).
     pub heartbeat_secs: f64,
+    /// Byte budget of the generate sessions kept between jobs in `work_dir/sessions`
+    /// (0 = the engine's default, 1 GiB); least recently used sessions are evicted beyond it.
+    pub sessions_budget_bytes: u64,
     /// Most job updates kept while the coordinator is unreachable; beyond it the oldest log,
     /// phase and guard updates are dropped (job starts and ends never are).
     pub outbox_capacity: usize,
@@ -92,6 +95,7 @@ impl Default for AgentConfig {
             reconnect_min_secs: 0.25,
             reconnect_max_secs: 10.0,
             heartbeat_secs: 2.0,
+            sessions_budget_bytes: 0,
             outbox_capacity: 10_000,
         }
     }

@@ -10,22 +10,68 @@ use std::path::PathBuf;
 
 /// The engine's spec for a protocol spec, or why this agent cannot run it.
 pub fn engine_spec(spec: Option<&v1::JobSpec>) -> Result<spec::JobSpec, String> {
-    match spec.and_then(|s| s.spec.as_ref()) {
-        Some(job_spec::Spec::Memtest(m)) => Ok(spec::JobSpec::Memtest(spec::MemtestSpec {
+    Ok(match spec.and_then(|s| s.spec.as_ref()) {
+        Some(job_spec::Spec::Memtest(m)) => spec::JobSpec::Memtest(spec::MemtestSpec {
             bytes: m.bytes,
             steps: m.steps,
             hold_secs: m.hold_secs,
             step_pause_secs: m.step_pause_secs,
-        })),
-        Some(job_spec::Spec::Generate(_)) => Err(unsupported("generate")),
-        Some(job_spec::Spec::Train(_)) => Err(unsupported("train")),
-        Some(job_spec::Spec::Export(_)) => Err(unsupported("export")),
-        None => Err("the assignment carries no job spec (coordinator bug)".into()),
-    }
+        }),
+        Some(job_spec::Spec::Generate(g)) => spec::JobSpec::Generate(spec::GenerateSpec {
+            model: g.model.clone(),
+            prompt: g.prompt.clone(),
+            messages: g
+                .messages
+                .iter()
+                .map(|m| spec::ChatMessageSpec {
+                    role: m.role.clone(),
+                    content: m.content.clone(),
+                })
+                .collect(),
+            max_tokens: g.max_tokens,
+            sampling: g
+                .sampling
+                .map(|s| spec::SamplingSpec {
+                    temperature: s.temperature,
+                    top_k: s.top_k,
+                    top_p: s.top_p,
+                    seed: s.seed,
+                })
+                .unwrap_or_default(),
+            kv: spec::KvSpec::parse(&g.kv)?,
+            session_id: g.session_id.clone(),
+            device: g.device.clone(),
+        }),
+        Some(job_spec::Spec::Train(t)) => spec::JobSpec::Train(spec::TrainSpec {
+            model: t.model.clone(),
+            dataset: t.dataset.clone(),
+            steps: t.steps,
+            seq_len: t.seq_len,
+            batch: t.batch,
+            lr: t.lr,
+            quant: spec::QuantSpec::parse(&t.quant)?,
+            step_chunk_rows: t.step_chunk_rows,
+            seed: t.seed,
+            out_dir: t.out_dir.clone(),
+            resume: t.resume,
+            device: t.device.clone(),
+        }),
+        Some(job_spec::Spec::Export(e)) => spec::JobSpec::Export(spec::ExportSpec {
+            checkpoint: e.checkpoint.clone(),
+            format: spec::ExportFormat::parse(&e.format)?,
+            out_dir: e.out_dir.clone(),
+        }),
+        None => return Err("the assignment carries no job spec (coordinator bug)".into()),
+    })
 }
 
-fn unsupported(kind: &str) -> String {
-    format!("this agent's engine cannot run {kind} jobs yet (upgrade the agent's kiln binary)")
+/// Where a job process finds the agent's sessions and their byte budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionsPlace {
+    /// The session store directory.
+    pub dir: PathBuf,
+    /// Its byte budget (0 = the engine's default).
+    pub budget_bytes: u64,
 }
 
 /// The request written to the job process's stdin.
@@ -33,6 +79,7 @@ pub fn job_request(
     job: &v1::Job,
     device: DeviceSpec,
     work_dir: PathBuf,
+    sessions: &SessionsPlace,
 ) -> Result<JobRequest, String> {
     Ok(JobRequest {
         job_id: job.id,
@@ -40,6 +87,8 @@ pub fn job_request(
         device,
         budget_bytes: job.resources.as_ref().map_or(0, |r| r.budget_bytes),
         work_dir,
+        sessions_dir: Some(sessions.dir.clone()),
+        sessions_budget_bytes: sessions.budget_bytes,
         spec: engine_spec(job.spec.as_ref())?,
     })
 }
@@ -53,6 +102,41 @@ pub fn job_result(output: JobOutput) -> v1::JobResult {
         } => job_result::Result::Memtest(v1::MemtestResult {
             allocated_bytes,
             device,
+        }),
+        JobOutput::Generate {
+            text,
+            token_ids,
+            prefill_ms,
+            decode_tokens_per_s,
+            session_seq_len,
+            ab_tokens_agree,
+            ab_max_logit_diff,
+        } => job_result::Result::Generate(v1::GenerateResult {
+            text,
+            token_ids,
+            prefill_ms,
+            decode_tokens_per_s,
+            session_seq_len,
+            ab_tokens_agree,
+            ab_max_logit_diff,
+        }),
+        JobOutput::Train {
+            loss,
+            checkpoint,
+            tokens_per_s,
+        } => job_result::Result::Train(v1::TrainResult {
+            loss,
+            checkpoint,
+            tokens_per_s,
+        }),
+        JobOutput::Export {
+            files,
+            tensor_count,
+            verified,
+        } => job_result::Result::Export(v1::ExportResult {
+            files,
+            tensor_count,
+            verified,
         }),
     };
     v1::JobResult {
@@ -112,8 +196,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn memtest_spec_converts_and_other_kinds_are_named() {
-        let spec = v1::JobSpec {
+    fn every_kind_converts_and_bad_enums_are_named() {
+        let memtest = v1::JobSpec {
             spec: Some(job_spec::Spec::Memtest(v1::MemtestSpec {
                 bytes: 10,
                 steps: 2,
@@ -121,19 +205,73 @@ mod tests {
                 step_pause_secs: 0.25,
             })),
         };
-        match engine_spec(Some(&spec)).unwrap() {
-            spec::JobSpec::Memtest(m) => {
-                assert_eq!(
-                    (m.bytes, m.steps, m.hold_secs, m.step_pause_secs),
-                    (10, 2, 1.5, 0.25)
-                )
-            }
-        }
-        let train = v1::JobSpec {
-            spec: Some(job_spec::Spec::Train(Default::default())),
+        let spec::JobSpec::Memtest(m) = engine_spec(Some(&memtest)).unwrap() else {
+            panic!("memtest expected")
         };
-        assert!(engine_spec(Some(&train)).unwrap_err().contains("train"));
+        assert_eq!(
+            (m.bytes, m.steps, m.hold_secs, m.step_pause_secs),
+            (10, 2, 1.5, 0.25)
+        );
+        let generate = v1::JobSpec {
+            spec: Some(job_spec::Spec::Generate(v1::GenerateSpec {
+                model: "tiny".into(),
+                messages: vec![v1::ChatMessage {
+                    role: "user".into(),
+                    content: "hi".into(),
+                }],
+                max_tokens: 5,
+                sampling: Some(v1::Sampling {
+                    temperature: 0.5,
+                    top_k: 3,
+                    top_p: 0.9,
+                    seed: 7,
+                }),
+                kv: "ab".into(),
+                session_id: "s1".into(),
+                ..Default::default()
+            })),
+        };
+        let spec::JobSpec::Generate(g) = engine_spec(Some(&generate)).unwrap() else {
+            panic!("generate expected")
+        };
+        assert_eq!(g.kv, spec::KvSpec::Ab);
+        assert_eq!((g.sampling.top_k, g.sampling.seed), (3, 7));
+        assert_eq!(
+            (g.messages[0].role.as_str(), g.session_id.as_str()),
+            ("user", "s1")
+        );
+        let train = v1::JobSpec {
+            spec: Some(job_spec::Spec::Train(v1::TrainSpec {
+                quant: "nvfp4-full".into(),
+                steps: 3,
+                ..Default::default()
+            })),
+        };
+        let spec::JobSpec::Train(t) = engine_spec(Some(&train)).unwrap() else {
+            panic!("train expected")
+        };
+        assert_eq!((t.quant, t.steps), (spec::QuantSpec::Nvfp4Full, 3));
+        let bad_export = v1::JobSpec {
+            spec: Some(job_spec::Spec::Export(v1::ExportSpec {
+                format: "gguf".into(),
+                ..Default::default()
+            })),
+        };
+        assert!(engine_spec(Some(&bad_export)).unwrap_err().contains("gguf"));
         assert!(engine_spec(None).is_err());
+    }
+
+    #[test]
+    fn outputs_become_results() {
+        let r = job_result(JobOutput::Train {
+            loss: vec![2.0, 1.5],
+            checkpoint: "/ck".into(),
+            tokens_per_s: 10.0,
+        });
+        let Some(job_result::Result::Train(t)) = r.result else {
+            panic!("train result expected")
+        };
+        assert_eq!((t.loss, t.checkpoint.as_str()), (vec![2.0, 1.5], "/ck"));
     }
 
     #[test]

@@ -113,7 +113,7 @@ impl Launch {
         let dir = job_dir(state, key);
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create the job directory {}: {e}", dir.display()))?;
-        let request = convert::job_request(job, device, dir.clone())?;
+        let request = convert::job_request(job, device, dir.clone(), &state.sessions)?;
         let request_json = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
 
         let program = &state.config.job_command[0];

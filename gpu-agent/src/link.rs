@@ -135,7 +135,7 @@ pub fn register_message(state: &AgentState) -> Register {
         running: state.running(),
         version: env!("CARGO_PKG_VERSION").into(),
         nvml: state.devices.nvml_available(),
-        sessions: Vec::new(),
+        sessions: state.session_ids(),
     }
 }
 
@@ -147,7 +147,7 @@ fn heartbeat_message(state: &AgentState) -> Heartbeat {
             .foreign_usage(&state.kiln_pids(&table))
             .into_iter()
             .collect(),
-        sessions: Vec::new(),
+        sessions: state.session_ids(),
     }
 }
 

@@ -7,6 +7,7 @@
 //! lock, always lists every job the coordinator has not yet been told the end of.
 
 use crate::config::AgentConfig;
+use crate::convert::SessionsPlace;
 use crate::devices::Devices;
 use crate::outbox::{Outbox, Outgoing};
 use crate::procfs::{self, ProcEntry};
@@ -39,6 +40,8 @@ pub struct AgentState {
     pub outbox: Outbox,
     /// Monotonic clock origin for the guard.
     pub clock: Instant,
+    /// Where generate sessions are kept between jobs.
+    pub sessions: SessionsPlace,
     jobs: Mutex<HashMap<JobKey, JobHandle>>,
     /// Signalled whenever a job ends.
     job_ended: Notify,
@@ -48,11 +51,16 @@ impl AgentState {
     /// State for a fresh agent.
     pub fn new(config: AgentConfig, devices: Devices) -> Self {
         let outbox = Outbox::new(config.outbox_capacity);
+        let sessions = SessionsPlace {
+            dir: config.work_dir.join("sessions"),
+            budget_bytes: config.sessions_budget_bytes,
+        };
         Self {
             config,
             devices,
             outbox,
             clock: Instant::now(),
+            sessions,
             jobs: Mutex::new(HashMap::new()),
             job_ended: Notify::new(),
         }
@@ -160,6 +168,23 @@ impl AgentState {
             }
             if tokio::time::timeout_at(deadline, ended).await.is_err() {
                 return self.live_jobs() == 0;
+            }
+        }
+    }
+
+    /// Ids of the generate sessions this agent holds (empty, with a warning, when the store
+    /// cannot be read).
+    pub fn session_ids(&self) -> Vec<String> {
+        let listed = kiln_engine::session_store::SessionStore::open(
+            &self.sessions.dir,
+            self.sessions.budget_bytes,
+        )
+        .and_then(|store| store.list());
+        match listed {
+            Ok(list) => list.into_iter().map(|s| s.id).collect(),
+            Err(e) => {
+                tracing::warn!(dir = %self.sessions.dir.display(), error = %e, "cannot list sessions");
+                Vec::new()
             }
         }
     }

@@ -55,16 +55,29 @@ async fn job_error_report_fails_the_job_with_its_message() {
     let fin = server.finished(12, T).await;
     assert_eq!(fin.state, JobState::Failed as i32);
     assert_eq!(fin.error, "memtest: invalid spec: steps must be at least 1");
-    // A kind this engine cannot run yet fails before any process starts, with the reason.
+    // A spec the agent cannot translate fails before any process starts, with the reason.
     let mut job = memtest_job(13, MIB, 1, 0.0, 1 << 30);
     job.spec = Some(kiln_proto::v1::JobSpec {
-        spec: Some(kiln_proto::v1::job_spec::Spec::Export(Default::default())),
+        spec: Some(kiln_proto::v1::job_spec::Spec::Export(
+            kiln_proto::v1::ExportSpec {
+                checkpoint: "tiny".into(),
+                format: "gguf".into(),
+                out_dir: dir.path().join("out").display().to_string(),
+            },
+        )),
     });
     job.kind = kiln_proto::v1::JobKind::Export as i32;
     server.assign(job);
     let fin = server.finished(13, T).await;
     assert_eq!(fin.state, JobState::Failed as i32);
-    assert!(!fin.error.is_empty());
+    assert!(fin.error.contains("gguf"), "{}", fin.error);
+    let started = server.updates(13).iter().any(|u| {
+        matches!(
+            u.update,
+            Some(kiln_proto::v1::job_update::Update::Started(_))
+        )
+    });
+    assert!(!started, "no process for an untranslatable spec");
     agent.shutdown().await.unwrap();
 }
 

@@ -16,6 +16,9 @@ async fn memtest_within_budget_succeeds_with_phase_samples() {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
     let server = LinkServer::start();
+    // A generate session kept from an earlier run is announced at registration.
+    std::fs::create_dir_all(dir.path().join("sessions")).unwrap();
+    std::fs::write(dir.path().join("sessions/chat-1.session.safetensors"), b"x").unwrap();
     let agent = RunningAgent::start(cpu_agent(&server, dir.path(), "cpu-ok"));
     server
         .wait_until("registration", T, |s| s.connections() == 1)
@@ -25,6 +28,7 @@ async fn memtest_within_budget_succeeds_with_phase_samples() {
     assert!(!reg.nvml && reg.gpus.is_empty());
     assert_eq!(reg.host_mem_bytes, 8 << 30);
     assert!(reg.running.is_empty());
+    assert_eq!(reg.sessions, vec!["chat-1".to_string()]);
 
     server.assign(memtest_job(1, 64 * MIB, 4, 0.5, 1 << 30));
     let pid = server.started_pid(1, T).await;
