@@ -193,6 +193,7 @@ impl Devices {
         let mut worst = MemSample::default();
         for &index in gpus {
             let (per_pid, used, total) = self.gpu_usage(index)?;
+            warn_if_pids_invisible(table, &per_pid);
             let mine: u64 = per_pid
                 .iter()
                 .filter(|(pid, _)| pids.contains(pid))
@@ -228,6 +229,30 @@ impl Devices {
             }
         }
         out
+    }
+}
+
+/// NVML names processes by their pid in the host's PID namespace. When the agent runs in
+/// another one (a container without `--pid=host`), none of them match the job's tree and the
+/// guard would read 0 bytes: say so, once, with the fix.
+fn warn_if_pids_invisible(table: &[ProcEntry], per_pid: &HashMap<u32, u64>) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if per_pid.is_empty() || WARNED.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    let visible: HashSet<u32> = table.iter().map(|e| e.pid).collect();
+    let invisible: Vec<u32> = per_pid
+        .keys()
+        .copied()
+        .filter(|p| !visible.contains(p))
+        .collect();
+    if !invisible.is_empty() && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            pids = ?invisible,
+            "NVML reports GPU processes that are not in this /proc: if the agent runs in a \
+             container, give it the host PID namespace (--pid=host) or the guard cannot \
+             attribute GPU memory to its jobs"
+        );
     }
 }
 

@@ -332,9 +332,10 @@ pub fn guard_samples(updates: &[JobUpdate]) -> Vec<v1::GuardSample> {
         .collect()
 }
 
-/// The job binary every test agent runs.
+/// The job binary every test agent runs (`KILN_JOB_EXEC` overrides the path cargo built it
+/// at, for test binaries carried to another machine).
 pub fn job_exec() -> std::ffi::OsString {
-    env!("CARGO_BIN_EXE_kiln-job-exec").into()
+    std::env::var_os("KILN_JOB_EXEC").unwrap_or_else(|| env!("CARGO_BIN_EXE_kiln-job-exec").into())
 }
 
 /// A CPU agent config for `server`, working in `dir`.
