@@ -32,7 +32,12 @@ pub enum OutputFormat {
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// Coordinator address.
-    #[arg(long, env = "KILN_COORDINATOR", default_value = "http://127.0.0.1:7070", global = true)]
+    #[arg(
+        long,
+        env = "KILN_COORDINATOR",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
     pub coordinator: String,
     /// Bearer token sent with every request (when the coordinator requires one).
     #[arg(long, env = "KILN_TOKEN", global = true, hide_env_values = true)]
@@ -65,6 +70,8 @@ pub enum Command {
     Agents(ClientOnlyArgs),
     /// Stop placing new jobs on an agent; its running jobs finish.
     Drain(DrainArgs),
+    /// Quantize a Hugging Face checkpoint to NVFP4 (local; no coordinator needed).
+    Quantize(crate::cmd::quantize::QuantizeArgs),
     /// Benchmarks (each prints its baseline measured in the same run).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -89,14 +96,18 @@ pub struct CoordinatorArgs {
     pub config: Option<PathBuf>,
     /// Seconds an agent may be disconnected before its running jobs become LOST.
     #[arg(long)]
-    pub lease_secs: Option<u64>,
+    pub lease_secs: Option<f64>,
 }
 
 /// `kiln agent`.
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// Coordinator address.
-    #[arg(long, env = "KILN_COORDINATOR", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        env = "KILN_COORDINATOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
     pub coordinator: String,
     /// Agent name (unique among agents). Defaults to the host name.
     #[arg(long)]
@@ -371,6 +382,11 @@ pub struct DemoArgs {
 pub enum BenchCommand {
     /// Coordinator throughput, dispatch latency and restart recovery over loopback gRPC.
     Scheduler(BenchSchedulerArgs),
+    /// NVFP4 CUDA kernels against the device-copy bandwidth and cuBLAS bf16 (needs a GPU).
+    Kernels(crate::cmd::bench_kernels::BenchKernelsArgs),
+    /// Engine decode (KV cache vs replay) on the tiny and a 0.5B-shaped model, and multi-turn
+    /// session latency (CPU).
+    Engine(crate::cmd::bench_engine::BenchEngineArgs),
 }
 
 /// `kiln bench scheduler`.
@@ -380,8 +396,14 @@ pub struct BenchSchedulerArgs {
     #[arg(long, default_value_t = 100)]
     pub agents: usize,
     /// Jobs submitted for the throughput phase.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 5_000)]
     pub submits: usize,
+    /// Concurrent submitting clients.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Jobs whose dispatch latency is measured.
+    #[arg(long, default_value_t = 2_000)]
+    pub dispatch_jobs: usize,
     /// Queued jobs for the recovery phase.
     #[arg(long, default_value_t = 10_000)]
     pub recovery_jobs: usize,

@@ -31,7 +31,9 @@ pub async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
 /// Connects to `url`, failing with a message that names the address and the fix.
 pub async fn connect_url(url: &str, token: Option<&str>) -> anyhow::Result<Client> {
     let endpoint = Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("invalid coordinator address {url:?} (expected e.g. http://127.0.0.1:7070)"))?
+        .with_context(|| {
+            format!("invalid coordinator address {url:?} (expected e.g. http://127.0.0.1:7070)")
+        })?
         .connect_timeout(std::time::Duration::from_secs(5));
     let channel = endpoint.connect().await.map_err(|e| {
         anyhow!(
@@ -47,7 +49,10 @@ pub async fn connect_url(url: &str, token: Option<&str>) -> anyhow::Result<Clien
         ),
         None => None,
     };
-    Ok(CoordinatorClient::with_interceptor(channel, BearerToken(token)))
+    Ok(CoordinatorClient::with_interceptor(
+        channel,
+        BearerToken(token),
+    ))
 }
 
 /// Turns a gRPC status into an error that keeps the coordinator's message.

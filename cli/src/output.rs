@@ -129,7 +129,11 @@ pub fn jobs_table(jobs: &[v1::Job]) -> Table {
             Cell::new(j.priority),
             Cell::new(res.gpus),
             Cell::new(gib(res.budget_bytes)),
-            Cell::new(if j.peak_mem > 0 { mib(j.peak_mem) } else { "-".into() }),
+            Cell::new(if j.peak_mem > 0 {
+                mib(j.peak_mem)
+            } else {
+                "-".into()
+            }),
             Cell::new(if j.agent.is_empty() { "-" } else { &j.agent }),
             Cell::new(&j.name),
         ]);
@@ -163,7 +167,12 @@ pub fn agents_table(agents: &[v1::Agent]) -> Table {
         .set_header(["AGENT", "STATUS", "DEVICE", "CAPACITY", "FOREIGN", "JOBS"]);
     for a in agents {
         let status = v1::AgentStatus::try_from(a.status).unwrap_or(v1::AgentStatus::Unspecified);
-        let jobs = a.running_jobs.iter().map(|j| j.to_string()).collect::<Vec<_>>().join(",");
+        let jobs = a
+            .running_jobs
+            .iter()
+            .map(|j| j.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
         t.add_row(vec![
             Cell::new(&a.name),
             Cell::new(agent_status_name(status)),
@@ -189,7 +198,8 @@ pub fn agents_table(agents: &[v1::Agent]) -> Table {
 /// The stable JSON form of a telemetry row (flattened: sample fields at the top level).
 pub fn telemetry_json(r: &v1::TelemetryRow) -> Value {
     let s = r.sample.clone().unwrap_or_default();
-    let source = v1::TelemetrySource::try_from(r.source).unwrap_or(v1::TelemetrySource::Unspecified);
+    let source =
+        v1::TelemetrySource::try_from(r.source).unwrap_or(v1::TelemetrySource::Unspecified);
     json!({
         "job_id": r.job_id,
         "attempt": r.attempt,
@@ -217,8 +227,13 @@ pub fn telemetry_csv(rows: &[v1::TelemetryRow]) -> String {
     );
     for r in rows {
         let s = r.sample.clone().unwrap_or_default();
-        let source = v1::TelemetrySource::try_from(r.source).unwrap_or(v1::TelemetrySource::Unspecified);
-        let mut tb: Vec<_> = s.tensor_bytes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let source =
+            v1::TelemetrySource::try_from(r.source).unwrap_or(v1::TelemetrySource::Unspecified);
+        let mut tb: Vec<_> = s
+            .tensor_bytes
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         tb.sort();
         out.push_str(&format!(
             "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
@@ -246,12 +261,26 @@ pub fn telemetry_csv(rows: &[v1::TelemetryRow]) -> String {
 pub fn telemetry_table(rows: &[v1::TelemetryRow]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_BORDERS_ONLY).set_header([
-        "JOB", "T+S", "SOURCE", "PHASE", "STEP", "PID MEM", "DEVICE USED", "DEVICE TOTAL", "TENSORS",
+        "JOB",
+        "T+S",
+        "SOURCE",
+        "PHASE",
+        "STEP",
+        "PID MEM",
+        "DEVICE USED",
+        "DEVICE TOTAL",
+        "TENSORS",
     ]);
-    let t0 = rows.iter().filter_map(|r| r.sample.as_ref()).map(|s| s.at_ms).min().unwrap_or(0);
+    let t0 = rows
+        .iter()
+        .filter_map(|r| r.sample.as_ref())
+        .map(|s| s.at_ms)
+        .min()
+        .unwrap_or(0);
     for r in rows {
         let s = r.sample.clone().unwrap_or_default();
-        let source = v1::TelemetrySource::try_from(r.source).unwrap_or(v1::TelemetrySource::Unspecified);
+        let source =
+            v1::TelemetrySource::try_from(r.source).unwrap_or(v1::TelemetrySource::Unspecified);
         let mut tb: Vec<_> = s
             .tensor_bytes
             .iter()
@@ -261,7 +290,10 @@ pub fn telemetry_table(rows: &[v1::TelemetryRow]) -> Table {
         tb.sort();
         t.add_row(vec![
             Cell::new(r.job_id),
-            Cell::new(format!("{:.2}", (s.at_ms.saturating_sub(t0)) as f64 / 1000.0)),
+            Cell::new(format!(
+                "{:.2}",
+                (s.at_ms.saturating_sub(t0)) as f64 / 1000.0
+            )),
             Cell::new(source_name(source)),
             Cell::new(&s.phase),
             Cell::new(s.step),

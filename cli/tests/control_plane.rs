@@ -13,10 +13,27 @@ fn memtest_succeeds_with_phase_samples_in_telemetry() {
     let mut c = Cluster::start();
     c.start_agent("a1", 2.0);
     let out = c.kiln(&[
-        "submit", "memtest", "--gpus", "0", "--gib", "0.125", "--steps", "2", "--budget-gb", "1",
-        "--hold-secs", "0.2", "--follow", "-o", "json",
+        "submit",
+        "memtest",
+        "--gpus",
+        "0",
+        "--gib",
+        "0.125",
+        "--steps",
+        "2",
+        "--budget-gb",
+        "1",
+        "--hold-secs",
+        "0.2",
+        "--follow",
+        "-o",
+        "json",
     ]);
-    assert!(out.status.success(), "follow exited non-zero: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "follow exited non-zero: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // --follow -o json prints one JSON document per line: events, then the final job.
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
@@ -26,7 +43,10 @@ fn memtest_succeeds_with_phase_samples_in_telemetry() {
     let id = last["id"].as_u64().unwrap();
     let rows = c.json(&["telemetry", &id.to_string()]);
     let rows = rows.as_array().unwrap();
-    let steps: Vec<_> = rows.iter().filter(|r| r["phase"] == "memtest_step").collect();
+    let steps: Vec<_> = rows
+        .iter()
+        .filter(|r| r["phase"] == "memtest_step")
+        .collect();
     assert_eq!(steps.len(), 2, "one phase sample per step: {rows:#?}");
     for r in &steps {
         assert!(r["pid_mem"].as_u64().unwrap() > 0, "{r:#}");
@@ -44,21 +64,51 @@ fn memtest_over_budget_is_killed_and_the_agent_lives_on() {
     let mut c = Cluster::start();
     c.start_agent("a1", 4.0);
     let out = c.kiln(&[
-        "submit", "memtest", "--gpus", "0", "--gib", "1", "--steps", "4", "--budget-gb", "0.3",
-        "--over-secs", "0", "--poll-secs", "0.1", "--step-pause-secs", "0.3", "--hold-secs", "2",
-        "--follow", "-o", "json",
+        "submit",
+        "memtest",
+        "--gpus",
+        "0",
+        "--gib",
+        "1",
+        "--steps",
+        "4",
+        "--budget-gb",
+        "0.3",
+        "--over-secs",
+        "0",
+        "--poll-secs",
+        "0.1",
+        "--step-pause-secs",
+        "0.3",
+        "--hold-secs",
+        "2",
+        "--follow",
+        "-o",
+        "json",
     ]);
-    assert!(!out.status.success(), "a killed job must make --follow exit non-zero");
+    assert!(
+        !out.status.success(),
+        "a killed job must make --follow exit non-zero"
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let job: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(job["state"], "KILLED", "{job:#}");
     let kill = &job["kill"];
-    let (pid_mem, limit) = (kill["pid_mem"].as_u64().unwrap(), kill["limit"].as_u64().unwrap());
-    assert!(pid_mem > limit, "pid_mem {pid_mem} must exceed limit {limit}");
+    let (pid_mem, limit) = (
+        kill["pid_mem"].as_u64().unwrap(),
+        kill["limit"].as_u64().unwrap(),
+    );
+    assert!(
+        pid_mem > limit,
+        "pid_mem {pid_mem} must exceed limit {limit}"
+    );
     assert_eq!(limit, (0.3f64 * (1u64 << 30) as f64).round() as u64);
     assert!(kill["pid"].as_u64().unwrap() > 0);
     assert!(kill["total_mem"].as_u64().unwrap() >= pid_mem);
-    assert!(kill["phase"].as_str().unwrap().starts_with("memtest"), "{kill:#}");
+    assert!(
+        kill["phase"].as_str().unwrap().starts_with("memtest"),
+        "{kill:#}"
+    );
     // The agent survived and runs the next job.
     let id = c.submit_memtest(0.05, 1.0, 0.0, &[]);
     c.wait_state(id, "SUCCEEDED", T);
@@ -68,7 +118,9 @@ fn memtest_over_budget_is_killed_and_the_agent_lives_on() {
 fn jobs_that_fit_share_capacity_and_a_third_waits() {
     let mut c = Cluster::start();
     c.start_agent("a1", 1.0);
-    let ids: Vec<u64> = (0..3).map(|_| c.submit_memtest(0.05, 0.45, 3.0, &[])).collect();
+    let ids: Vec<u64> = (0..3)
+        .map(|_| c.submit_memtest(0.05, 0.45, 3.0, &[]))
+        .collect();
     c.wait_for(T, || {
         let running = c.json(&["jobs", "--state", "RUNNING"]);
         running.as_array().unwrap().len() == 2
@@ -84,12 +136,24 @@ fn jobs_that_fit_share_capacity_and_a_third_waits() {
 fn impossible_budget_is_rejected_at_submit() {
     let mut c = Cluster::start();
     c.start_agent("a1", 1.0);
-    let out = c.kiln(&["submit", "memtest", "--gpus", "0", "--gib", "0.1", "--budget-gb", "500"]);
+    let out = c.kiln(&[
+        "submit",
+        "memtest",
+        "--gpus",
+        "0",
+        "--gib",
+        "0.1",
+        "--budget-gb",
+        "500",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("resource exhausted"), "{err}");
     let jobs = c.json(&["jobs"]);
-    assert!(jobs.as_array().unwrap().is_empty(), "a rejected job must not be stored");
+    assert!(
+        jobs.as_array().unwrap().is_empty(),
+        "a rejected job must not be stored"
+    );
 }
 
 #[test]
@@ -113,7 +177,9 @@ fn cancel_of_a_running_job_kills_its_process() {
     c.wait_for(T, || !children_of(agent_pid).is_empty());
     let job = c.json(&["cancel", &id.to_string()]);
     assert_eq!(job["state"], "CANCELLED");
-    c.wait_for(Duration::from_secs(10), || children_of(agent_pid).is_empty());
+    c.wait_for(Duration::from_secs(10), || {
+        children_of(agent_pid).is_empty()
+    });
     // Cancelling again is a precondition failure, not a silent success.
     let out = c.kiln(&["cancel", &id.to_string()]);
     assert!(!out.status.success());
@@ -128,9 +194,16 @@ fn cancel_of_a_queued_job() {
     c.wait_state(blocker, "RUNNING", T);
     let queued = c.submit_memtest(0.05, 0.45, 0.0, &[]);
     assert_eq!(c.job(queued)["state"], "QUEUED");
-    assert_eq!(c.json(&["cancel", &queued.to_string()])["state"], "CANCELLED");
+    assert_eq!(
+        c.json(&["cancel", &queued.to_string()])["state"],
+        "CANCELLED"
+    );
     c.wait_state(blocker, "SUCCEEDED", T);
-    assert_eq!(c.job(queued)["state"], "CANCELLED", "a cancelled job must never run");
+    assert_eq!(
+        c.job(queued)["state"],
+        "CANCELLED",
+        "a cancelled job must never run"
+    );
 }
 
 #[test]
@@ -140,7 +213,9 @@ fn coordinator_kill9_loses_nothing_and_reconciles_the_running_job() {
     // One long job fills the agent; the others queue behind it.
     let running = c.submit_memtest(0.05, 0.9, 4.0, &[]);
     c.wait_state(running, "RUNNING", T);
-    let queued: Vec<u64> = (0..5).map(|_| c.submit_memtest(0.02, 0.9, 0.0, &[])).collect();
+    let queued: Vec<u64> = (0..5)
+        .map(|_| c.submit_memtest(0.02, 0.9, 0.0, &[]))
+        .collect();
     c.kill9_coordinator();
     c.start_coordinator();
     // Every acknowledged job is there.
@@ -150,7 +225,10 @@ fn coordinator_kill9_loses_nothing_and_reconciles_the_running_job() {
     }
     // The running job is reconciled with its agent (same attempt) and finishes.
     let job = c.wait_state(running, "SUCCEEDED", T);
-    assert_eq!(job["attempt"], 1, "the agent reconnected in time; no retry was needed");
+    assert_eq!(
+        job["attempt"], 1,
+        "the agent reconnected in time; no retry was needed"
+    );
     for id in queued {
         c.wait_state(id, "SUCCEEDED", T);
     }
@@ -172,7 +250,11 @@ fn a_dead_agents_job_is_lost_then_retried_on_another_agent() {
     });
     // It finishes there, and the event log shows the loss.
     let out = c.kiln(&["watch", &id.to_string(), "-o", "json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let log = String::from_utf8_lossy(&out.stdout);
     assert!(log.contains("\"LOST\""), "{log}");
     assert_eq!(c.job(id)["state"], "SUCCEEDED");

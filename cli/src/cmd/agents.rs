@@ -18,7 +18,9 @@ pub async fn list(args: ClientOnlyArgs) -> anyhow::Result<ExitCode> {
         .agents;
     match args.client.output {
         OutputFormat::Table => println!("{}", agents_table(&agents)),
-        _ => print_json(&serde_json::Value::Array(agents.iter().map(agent_json).collect())),
+        _ => print_json(&serde_json::Value::Array(
+            agents.iter().map(agent_json).collect(),
+        )),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -27,7 +29,9 @@ pub async fn list(args: ClientOnlyArgs) -> anyhow::Result<ExitCode> {
 pub async fn drain(args: DrainArgs) -> anyhow::Result<ExitCode> {
     let mut client = connect(&args.client).await?;
     let agent = client
-        .drain_agent(v1::DrainAgentRequest { name: args.agent.clone() })
+        .drain_agent(v1::DrainAgentRequest {
+            name: args.agent.clone(),
+        })
         .await
         .map_err(status_error)?
         .into_inner();

@@ -8,14 +8,21 @@ use std::process::ExitCode;
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Scheduler(a) => {
-            let report = kiln_coordinator::bench::run_scheduler_bench(kiln_coordinator::bench::BenchOptions {
-                agents: a.agents,
-                submits: a.submits,
-                recovery_jobs: a.recovery_jobs,
-                ..Default::default()
-            })
+            let report = kiln_coordinator::bench::run_scheduler_bench(
+                kiln_coordinator::bench::BenchOptions {
+                    agents: a.agents,
+                    submit_jobs: a.submits,
+                    submit_clients: a.clients,
+                    dispatch_jobs: a.dispatch_jobs,
+                    recovery_jobs: a.recovery_jobs,
+                    ..Default::default()
+                },
+            )
             .await?;
             println!("{report}");
+        }
+        BenchCommand::Kernels(_) | BenchCommand::Engine(_) => {
+            unreachable!("runs without a runtime; see cmd::dispatch")
         }
     }
     Ok(ExitCode::SUCCESS)

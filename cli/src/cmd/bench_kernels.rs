@@ -35,7 +35,12 @@ pub struct BenchKernelsArgs {
 
 /// Run `kiln bench kernels` (blocking).
 pub fn run(args: BenchKernelsArgs) -> anyhow::Result<()> {
-    let mut cfg = BenchConfig { samples: args.samples, large_m: args.large_m, seed: args.seed, ..BenchConfig::default() };
+    let mut cfg = BenchConfig {
+        samples: args.samples,
+        large_m: args.large_m,
+        seed: args.seed,
+        ..BenchConfig::default()
+    };
     if let Some(s) = &args.shapes {
         cfg.shapes = bench::parse_shapes(s).map_err(anyhow::Error::msg)?;
     }
@@ -49,13 +54,23 @@ pub fn run(args: BenchKernelsArgs) -> anyhow::Result<()> {
 }
 
 fn print_report(r: &BenchReport) {
-    println!("device: {}   copy bandwidth (read + write): {:.0} GB/s   seed: {:#x}", r.device, r.copy_gbps, r.seed);
+    println!(
+        "device: {}   copy bandwidth (read + write): {:.0} GB/s   seed: {:#x}",
+        r.device, r.copy_gbps, r.seed
+    );
     for c in &r.checks {
         println!("validated {c}");
     }
     let mut t = Table::new();
-    t.load_preset(UTF8_BORDERS_ONLY)
-        .set_header(vec!["kernel", "shape", "median µs", "GB/s", "% of copy", "vs cuBLAS bf16", "note"]);
+    t.load_preset(UTF8_BORDERS_ONLY).set_header(vec![
+        "kernel",
+        "shape",
+        "median µs",
+        "GB/s",
+        "% of copy",
+        "vs cuBLAS bf16",
+        "note",
+    ]);
     let right = |s: String| Cell::new(s).set_alignment(CellAlignment::Right);
     for row in &r.rows {
         t.add_row(vec![
@@ -64,7 +79,11 @@ fn print_report(r: &BenchReport) {
             right(format!("{:.2}", row.median_us)),
             right(format!("{:.0}", row.gbps)),
             right(format!("{:.1}%", row.pct_of_copy)),
-            right(row.speedup_vs_baseline.map(|x| format!("{x:.2}x")).unwrap_or_else(|| "-".into())),
+            right(
+                row.speedup_vs_baseline
+                    .map(|x| format!("{x:.2}x"))
+                    .unwrap_or_else(|| "-".into()),
+            ),
             Cell::new(&row.note),
         ]);
     }

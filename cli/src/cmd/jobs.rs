@@ -49,7 +49,9 @@ pub async fn list(args: JobsArgs) -> anyhow::Result<ExitCode> {
     jobs.truncate(args.limit);
     match args.client.output {
         OutputFormat::Table => println!("{}", jobs_table(&jobs)),
-        _ => print_json(&serde_json::Value::Array(jobs.iter().map(job_json).collect())),
+        _ => print_json(&serde_json::Value::Array(
+            jobs.iter().map(job_json).collect(),
+        )),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -61,7 +63,10 @@ pub fn print_job(job: &v1::Job) {
     if !job.name.is_empty() {
         println!("  name:      {}", job.name);
     }
-    println!("  attempt:   {} of at most {}", job.attempt, res.max_attempts);
+    println!(
+        "  attempt:   {} of at most {}",
+        job.attempt, res.max_attempts
+    );
     println!(
         "  resources: {} GPU(s), budget {} each, priority {}",
         res.gpus,

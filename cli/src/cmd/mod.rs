@@ -2,8 +2,11 @@
 
 mod agents;
 mod bench;
+pub mod bench_engine;
+pub mod bench_kernels;
 mod demo;
 mod jobs;
+pub mod quantize;
 mod servers;
 mod submit;
 mod telemetry;
@@ -15,9 +18,20 @@ use std::process::ExitCode;
 /// Runs the verb. Client verbs and servers run on a multi-threaded tokio runtime; the job
 /// process runs without one (its job decides what it needs).
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    if let Command::JobExec = cli.command {
-        let code = kiln_engine::exec::job_process_main();
-        return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+    match cli.command {
+        Command::JobExec => {
+            let code = kiln_engine::exec::job_process_main();
+            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+        }
+        // Local, synchronous verbs: no runtime, no coordinator.
+        Command::Quantize(a) => return quantize::run(a).map(|()| ExitCode::SUCCESS),
+        Command::Bench(crate::args::BenchCommand::Kernels(a)) => {
+            return bench_kernels::run(a).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Bench(crate::args::BenchCommand::Engine(a)) => {
+            return bench_engine::run(a).map(|()| ExitCode::SUCCESS)
+        }
+        _ => {}
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -36,7 +50,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Drain(a) => agents::drain(a).await,
             Command::Bench(b) => bench::run(b).await,
             Command::Demo(a) => demo::run(a).await,
-            Command::JobExec => unreachable!("handled above"),
+            Command::JobExec | Command::Quantize(_) => unreachable!("handled above"),
         }
     })
 }
@@ -64,5 +78,8 @@ pub fn gib_to_bytes(gib: f64) -> u64 {
 
 /// Prints JSON prettily.
 pub fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("values always serialize"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("values always serialize")
+    );
 }

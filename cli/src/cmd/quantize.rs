@@ -7,7 +7,10 @@ use std::path::PathBuf;
 use anyhow::Context;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Cell, CellAlignment, Table};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_kernels::checkpoint::{quantize_checkpoint, NvfpFormat, QuantDevice, QuantizeOptions, QuantizeProgress, QuantizeSummary};
+use kiln_kernels::checkpoint::{
+    quantize_checkpoint, NvfpFormat, QuantDevice, QuantizeOptions, QuantizeProgress,
+    QuantizeSummary,
+};
 
 /// Output layout of `kiln quantize`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -73,13 +76,19 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<()> {
     };
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {bytes}/{total_bytes} {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {bytes}/{total_bytes} {msg}",
+        )
+        .expect("valid template"),
     );
     let (mut done_q, mut done_k) = (0usize, 0usize);
     let summary = quantize_checkpoint(&args.model, &args.out, &opts, &mut |p| match p {
         QuantizeProgress::Start { bytes, .. } => bar.set_length(bytes),
-        QuantizeProgress::Tensor { name, bytes, quantized } => {
+        QuantizeProgress::Tensor {
+            name,
+            bytes,
+            quantized,
+        } => {
             if quantized {
                 done_q += 1;
             } else {
@@ -105,7 +114,8 @@ fn mib(b: u64) -> String {
 
 fn print_summary(s: &QuantizeSummary, out: &std::path::Path) {
     let mut t = Table::new();
-    t.load_preset(UTF8_BORDERS_ONLY).set_header(vec!["tensors", "count", "bytes in", "bytes out"]);
+    t.load_preset(UTF8_BORDERS_ONLY)
+        .set_header(vec!["tensors", "count", "bytes in", "bytes out"]);
     t.add_row(vec![
         Cell::new("quantized to NVFP4 (linear weights)"),
         Cell::new(s.quantized).set_alignment(CellAlignment::Right),
@@ -123,7 +133,8 @@ fn print_summary(s: &QuantizeSummary, out: &std::path::Path) {
     let kept_b: u64 = s.kept.values().map(|(_, b)| b).sum();
     t.add_row(vec![
         Cell::new("total"),
-        Cell::new(s.quantized + s.kept.values().map(|(n, _)| n).sum::<usize>()).set_alignment(CellAlignment::Right),
+        Cell::new(s.quantized + s.kept.values().map(|(n, _)| n).sum::<usize>())
+            .set_alignment(CellAlignment::Right),
         Cell::new(mib(s.quantized_bytes_in + kept_b)).set_alignment(CellAlignment::Right),
         Cell::new(mib(s.quantized_bytes_out + kept_b)).set_alignment(CellAlignment::Right),
     ]);
@@ -137,6 +148,9 @@ fn print_summary(s: &QuantizeSummary, out: &std::path::Path) {
         out.display()
     );
     if !s.exclude_modules.is_empty() {
-        println!("left unquantized (exclude_modules): {}", s.exclude_modules.join(", "));
+        println!(
+            "left unquantized (exclude_modules): {}",
+            s.exclude_modules.join(", ")
+        );
     }
 }

@@ -7,12 +7,15 @@ use anyhow::Context;
 use std::process::ExitCode;
 
 /// Builds the coordinator's config from the TOML file (if any) and the flags.
-pub fn coordinator_config(args: &CoordinatorArgs) -> anyhow::Result<kiln_coordinator::CoordinatorConfig> {
+pub fn coordinator_config(
+    args: &CoordinatorArgs,
+) -> anyhow::Result<kiln_coordinator::CoordinatorConfig> {
     let mut config = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading config file {}", path.display()))?;
-            toml_config(&text).with_context(|| format!("parsing config file {}", path.display()))?
+            kiln_coordinator::CoordinatorConfig::from_toml(&text)
+                .with_context(|| format!("parsing config file {}", path.display()))?
         }
         None => kiln_coordinator::CoordinatorConfig::default(),
     };
@@ -26,16 +29,17 @@ pub fn coordinator_config(args: &CoordinatorArgs) -> anyhow::Result<kiln_coordin
     Ok(config)
 }
 
-fn toml_config(text: &str) -> anyhow::Result<kiln_coordinator::CoordinatorConfig> {
-    Ok(toml::from_str(text)?)
-}
-
 /// `kiln coordinator`.
 pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let config = coordinator_config(&args)?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
-        .with_context(|| format!("cannot listen on {} (is another coordinator running? use --listen)", args.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (is another coordinator running? use --listen)",
+                args.listen
+            )
+        })?;
     tracing::info!(addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "kiln coordinator listening");
     kiln_coordinator::run(listener, config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
@@ -51,7 +55,9 @@ pub fn gpu_selection(s: &str) -> anyhow::Result<kiln_agent::GpuSelection> {
                 .split(',')
                 .map(|p| p.trim().parse::<u32>())
                 .collect::<Result<Vec<_>, _>>()
-                .with_context(|| format!("--gpus {list:?}: expected all, none or indices like 0,2"))?;
+                .with_context(|| {
+                    format!("--gpus {list:?}: expected all, none or indices like 0,2")
+                })?;
             Ok(kiln_agent::GpuSelection::List(idx))
         }
     }
@@ -83,4 +89,32 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(coordinator = %config.coordinator, name = %config.name, "kiln agent starting");
     kiln_agent::run(config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_example_config_in_deploy_parses_and_validates() {
+        let text = include_str!("../../../deploy/kiln.toml");
+        let config = kiln_coordinator::CoordinatorConfig::from_toml(text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.lease_secs, 10.0);
+    }
+
+    #[test]
+    fn gpu_selection_parses_lists_and_rejects_junk() {
+        assert!(matches!(
+            super::gpu_selection("all").unwrap(),
+            kiln_agent::GpuSelection::All
+        ));
+        assert!(matches!(
+            super::gpu_selection("none").unwrap(),
+            kiln_agent::GpuSelection::None
+        ));
+        assert!(matches!(
+            super::gpu_selection("0,2").unwrap(),
+            kiln_agent::GpuSelection::List(v) if v == vec![0, 2]
+        ));
+        assert!(super::gpu_selection("zero").is_err());
+    }
 }

@@ -67,9 +67,15 @@ pub fn build_request(kind: &SubmitKind) -> anyhow::Result<(v1::SubmitJobRequest,
             } else {
                 let mut msgs = Vec::new();
                 if let Some(sys) = &g.system {
-                    msgs.push(v1::ChatMessage { role: "system".into(), content: sys.clone() });
+                    msgs.push(v1::ChatMessage {
+                        role: "system".into(),
+                        content: sys.clone(),
+                    });
                 }
-                msgs.push(v1::ChatMessage { role: "user".into(), content: g.prompt.clone() });
+                msgs.push(v1::ChatMessage {
+                    role: "user".into(),
+                    content: g.prompt.clone(),
+                });
                 (String::new(), msgs)
             };
             Spec::Generate(v1::GenerateSpec {
@@ -90,7 +96,10 @@ pub fn build_request(kind: &SubmitKind) -> anyhow::Result<(v1::SubmitJobRequest,
         }
         SubmitKind::Train(t) => {
             if !["nvfp4-ste", "nvfp4-full", "none"].contains(&t.quant.as_str()) {
-                bail!("--quant must be nvfp4-ste, nvfp4-full or none (got {:?})", t.quant);
+                bail!(
+                    "--quant must be nvfp4-ste, nvfp4-full or none (got {:?})",
+                    t.quant
+                );
             }
             if t.steps == 0 || t.batch == 0 || t.seq_len < 2 || t.step_chunk_rows == 0 {
                 bail!("--steps, --batch and --step-chunk-rows must be ≥ 1 and --seq-len ≥ 2");
@@ -111,7 +120,9 @@ pub fn build_request(kind: &SubmitKind) -> anyhow::Result<(v1::SubmitJobRequest,
             })
         }
         SubmitKind::Export(e) => {
-            if !["safetensors", "nvfp4-modelopt", "nvfp4-compressed-tensors"].contains(&e.format.as_str()) {
+            if !["safetensors", "nvfp4-modelopt", "nvfp4-compressed-tensors"]
+                .contains(&e.format.as_str())
+            {
                 bail!(
                     "--format must be safetensors, nvfp4-modelopt or nvfp4-compressed-tensors (got {:?})",
                     e.format
@@ -144,15 +155,25 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         .map_err(status_error)?
         .into_inner()
         .job
-        .ok_or_else(|| anyhow::anyhow!("the coordinator accepted the job but returned no record"))?;
+        .ok_or_else(|| {
+            anyhow::anyhow!("the coordinator accepted the job but returned no record")
+        })?;
     if follow {
         if args.client.output == OutputFormat::Table {
-            eprintln!("submitted job {} ({})", job.id, crate::output::job_state(&job));
+            eprintln!(
+                "submitted job {} ({})",
+                job.id,
+                crate::output::job_state(&job)
+            );
         }
         return watch::follow(&mut client, job.id, args.client.output).await;
     }
     match args.client.output {
-        OutputFormat::Table => println!("submitted job {} ({})", job.id, crate::output::job_state(&job)),
+        OutputFormat::Table => println!(
+            "submitted job {} ({})",
+            job.id,
+            crate::output::job_state(&job)
+        ),
         _ => print_json(&job_json(&job)),
     }
     Ok(ExitCode::SUCCESS)

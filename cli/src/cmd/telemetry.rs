@@ -37,7 +37,9 @@ pub async fn run(args: TelemetryArgs) -> anyhow::Result<ExitCode> {
     }
     match args.client.output {
         OutputFormat::Table => println!("{}", telemetry_table(&rows)),
-        OutputFormat::Json => print_json(&serde_json::Value::Array(rows.iter().map(telemetry_json).collect())),
+        OutputFormat::Json => print_json(&serde_json::Value::Array(
+            rows.iter().map(telemetry_json).collect(),
+        )),
         OutputFormat::Csv => print!("{}", telemetry_csv(&rows)),
     }
     Ok(ExitCode::SUCCESS)
@@ -67,7 +69,12 @@ pub fn plot(path: &Path, job: &v1::Job, rows: &[v1::TelemetryRow]) -> anyhow::Re
         Some("png") => false,
         _ => bail!("--plot {}: use a .png or .svg file name", path.display()),
     };
-    let t0 = rows.iter().filter_map(|r| r.sample.as_ref()).map(|s| s.at_ms).min().unwrap_or(0);
+    let t0 = rows
+        .iter()
+        .filter_map(|r| r.sample.as_ref())
+        .map(|s| s.at_ms)
+        .min()
+        .unwrap_or(0);
     let point = |r: &v1::TelemetryRow| {
         let s = r.sample.clone().unwrap_or_default();
         (
@@ -76,44 +83,113 @@ pub fn plot(path: &Path, job: &v1::Job, rows: &[v1::TelemetryRow]) -> anyhow::Re
             s.phase,
         )
     };
-    let guard: Vec<_> = rows.iter().filter(|r| r.source == TelemetrySource::Guard as i32).map(point).collect();
-    let phases: Vec<_> = rows.iter().filter(|r| r.source == TelemetrySource::Phase as i32).map(point).collect();
-    let budget_mib = job.resources.as_ref().map(|r| r.budget_bytes).unwrap_or(0) as f64 / (1u64 << 20) as f64;
-    let t_max = guard.iter().chain(&phases).map(|p| p.0).fold(0.0, f64::max).max(1.0);
-    let m_max = guard.iter().chain(&phases).map(|p| p.1).fold(budget_mib, f64::max).max(1.0) * 1.1;
-    let title = format!("job {} memory (budget {:.0} MiB)", job.id, budget_mib);
-    let draw = |root: DrawingArea<_, _>| -> anyhow::Result<()> {
+    let guard: Vec<_> = rows
+        .iter()
+        .filter(|r| r.source == TelemetrySource::Guard as i32)
+        .map(point)
+        .collect();
+    let phases: Vec<_> = rows
+        .iter()
+        .filter(|r| r.source == TelemetrySource::Phase as i32)
+        .map(point)
+        .collect();
+    let budget_mib =
+        job.resources.as_ref().map(|r| r.budget_bytes).unwrap_or(0) as f64 / (1u64 << 20) as f64;
+    let t_max = guard
+        .iter()
+        .chain(&phases)
+        .map(|p| p.0)
+        .fold(0.0, f64::max)
+        .max(1.0);
+    let m_max = guard
+        .iter()
+        .chain(&phases)
+        .map(|p| p.1)
+        .fold(budget_mib, f64::max)
+        .max(1.0)
+        * 1.1;
+    let chart = Chart {
+        title: format!("job {} memory (budget {:.0} MiB)", job.id, budget_mib),
+        guard,
+        phases,
+        budget_mib,
+        t_max,
+        m_max,
+    };
+    if is_svg {
+        chart.draw(SVGBackend::new(path, (1000, 600)).into_drawing_area())
+    } else {
+        chart.draw(BitMapBackend::new(path, (1000, 600)).into_drawing_area())
+    }
+    .with_context(|| format!("drawing {}", path.display()))
+}
+
+/// What `plot` draws, independent of the backend.
+struct Chart {
+    title: String,
+    /// (seconds, MiB, phase) of guard polls.
+    guard: Vec<(f64, f64, String)>,
+    /// (seconds, MiB, phase) of phase samples.
+    phases: Vec<(f64, f64, String)>,
+    budget_mib: f64,
+    t_max: f64,
+    m_max: f64,
+}
+
+impl Chart {
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: DrawingArea<DB, plotters::coord::Shift>,
+    ) -> anyhow::Result<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        let x_end = self.t_max * 1.02;
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)
-            .caption(&title, ("sans-serif", 22))
+            .caption(&self.title, ("sans-serif", 22))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d(0.0..t_max * 1.02, 0.0..m_max)?;
-        chart.configure_mesh().x_desc("seconds").y_desc("MiB (job processes)").draw()?;
+            .build_cartesian_2d(0.0..x_end, 0.0..self.m_max)?;
         chart
-            .draw_series(LineSeries::new(guard.iter().map(|p| (p.0, p.1)), &BLUE))?
+            .configure_mesh()
+            .x_desc("seconds")
+            .y_desc("MiB (job processes)")
+            .draw()?;
+        chart
+            .draw_series(LineSeries::new(
+                self.guard.iter().map(|p| (p.0, p.1)),
+                &BLUE,
+            ))?
             .label("guard samples")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
         chart
-            .draw_series(LineSeries::new(vec![(0.0, budget_mib), (t_max * 1.02, budget_mib)], &RED))?
+            .draw_series(LineSeries::new(
+                vec![(0.0, self.budget_mib), (x_end, self.budget_mib)],
+                &RED,
+            ))?
             .label("budget")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
         chart
-            .draw_series(phases.iter().map(|p| Circle::new((p.0, p.1), 4, GREEN.filled())))?
+            .draw_series(
+                self.phases
+                    .iter()
+                    .map(|p| Circle::new((p.0, p.1), 4, GREEN.filled())),
+            )?
             .label("phase samples")
             .legend(|(x, y)| Circle::new((x + 10, y), 4, GREEN.filled()));
-        chart.draw_series(phases.iter().map(|p| {
-            Text::new(p.2.clone(), (p.0, p.1), ("sans-serif", 12).into_font())
-        }))?;
-        chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+        chart.draw_series(
+            self.phases
+                .iter()
+                .map(|p| Text::new(p.2.clone(), (p.0, p.1), ("sans-serif", 12).into_font())),
+        )?;
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()?;
         root.present()?;
         Ok(())
-    };
-    if is_svg {
-        draw(SVGBackend::new(path, (1000, 600)).into_drawing_area())
-    } else {
-        draw(BitMapBackend::new(path, (1000, 600)).into_drawing_area())
     }
-    .with_context(|| format!("drawing {}", path.display()))
 }

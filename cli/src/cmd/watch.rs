@@ -67,8 +67,17 @@ impl EventPrinter {
                             b.finish();
                         }
                         let st = JobState::try_from(s.state).unwrap_or(JobState::Unspecified);
-                        let reason = if s.reason.is_empty() { String::new() } else { format!(" ({})", s.reason) };
-                        format!("job {} attempt {}: {}{reason}", ev.job_id, ev.attempt, kiln_proto::state_name(st))
+                        let reason = if s.reason.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", s.reason)
+                        };
+                        format!(
+                            "job {} attempt {}: {}{reason}",
+                            ev.job_id,
+                            ev.attempt,
+                            kiln_proto::state_name(st)
+                        )
                     }
                     Event::Log(l) => format!("  | {}", l.line),
                     Event::Phase(p) => {
@@ -86,7 +95,11 @@ impl EventPrinter {
                             mib(p.pid_mem),
                             mib(p.device_used),
                             mib(p.device_total),
-                            if tb.is_empty() { String::new() } else { format!(" [{}]", tb.join(" ")) }
+                            if tb.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" [{}]", tb.join(" "))
+                            }
                         )
                     }
                     Event::Token(_) | Event::Progress(_) => unreachable!(),
@@ -102,7 +115,8 @@ impl EventPrinter {
 }
 
 fn event_json(ev: &v1::JobEvent) -> serde_json::Value {
-    let mut v = json!({"job_id": ev.job_id, "seq": ev.seq, "at_ms": ev.at_ms, "attempt": ev.attempt});
+    let mut v =
+        json!({"job_id": ev.job_id, "seq": ev.seq, "at_ms": ev.at_ms, "attempt": ev.attempt});
     match &ev.event {
         Some(Event::State(s)) => {
             let st = JobState::try_from(s.state).unwrap_or(JobState::Unspecified);
@@ -122,8 +136,14 @@ fn event_json(ev: &v1::JobEvent) -> serde_json::Value {
             v["pid_mem"] = p.pid_mem.into();
             v["device_used"] = p.device_used.into();
             v["device_total"] = p.device_total.into();
-            v["tensor_bytes"] = json!(p.tensor_bytes.iter().collect::<std::collections::BTreeMap<_, _>>());
-            v["metrics"] = json!(p.metrics.iter().collect::<std::collections::BTreeMap<_, _>>());
+            v["tensor_bytes"] = json!(p
+                .tensor_bytes
+                .iter()
+                .collect::<std::collections::BTreeMap<_, _>>());
+            v["metrics"] = json!(p
+                .metrics
+                .iter()
+                .collect::<std::collections::BTreeMap<_, _>>());
         }
         Some(Event::Token(t)) => {
             v["type"] = "token".into();
@@ -143,12 +163,18 @@ fn event_json(ev: &v1::JobEvent) -> serde_json::Value {
 }
 
 /// Streams events of job `id` until the job is final; returns 0 only for SUCCEEDED.
-pub async fn follow(client: &mut Client, id: u64, output: OutputFormat) -> anyhow::Result<ExitCode> {
+pub async fn follow(
+    client: &mut Client,
+    id: u64,
+    output: OutputFormat,
+) -> anyhow::Result<ExitCode> {
     let mut after_seq = 0;
     let mut printer = EventPrinter::default();
     let mut broken_since: Option<Instant> = None;
     loop {
-        let stream = client.watch_job(v1::WatchJobRequest { id, after_seq }).await;
+        let stream = client
+            .watch_job(v1::WatchJobRequest { id, after_seq })
+            .await;
         let mut stream = match stream {
             Ok(s) => s.into_inner(),
             Err(status) if status.code() == tonic::Code::Unavailable => {

@@ -17,7 +17,11 @@ pub fn kiln_bin() -> PathBuf {
 
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Coordinator + agents as child processes.
@@ -76,7 +80,11 @@ impl Cluster {
             if out.status.success() {
                 break;
             }
-            assert!(Instant::now() < deadline, "coordinator did not come up: {}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "coordinator did not come up: {}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -93,7 +101,15 @@ impl Cluster {
     pub fn start_agent(&mut self, name: &str, mem_gb: f64) {
         let log = self.log_file(&format!("agent-{name}"));
         let child = Command::new(kiln_bin())
-            .args(["agent", "--coordinator", &self.url(), "--name", name, "--gpus", "none"])
+            .args([
+                "agent",
+                "--coordinator",
+                &self.url(),
+                "--name",
+                name,
+                "--gpus",
+                "none",
+            ])
             .args(["--mem-limit-gb", &mem_gb.to_string(), "--poll-secs", "0.1"])
             .arg("--work-dir")
             .arg(self.dir.path().join(format!("agent-{name}")))
@@ -149,7 +165,10 @@ impl Cluster {
             self.logs()
         );
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("kiln {a:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+            panic!(
+                "kiln {a:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
         })
     }
 
@@ -159,8 +178,22 @@ impl Cluster {
         let budget = budget_gb.to_string();
         let hold = hold_secs.to_string();
         let mut args = vec![
-            "submit", "memtest", "--gpus", "0", "--gib", &gib, "--steps", "4", "--budget-gb", &budget,
-            "--hold-secs", &hold, "--step-pause-secs", "0.2", "--poll-secs", "0.1",
+            "submit",
+            "memtest",
+            "--gpus",
+            "0",
+            "--gib",
+            &gib,
+            "--steps",
+            "4",
+            "--budget-gb",
+            &budget,
+            "--hold-secs",
+            &hold,
+            "--step-pause-secs",
+            "0.2",
+            "--poll-secs",
+            "0.1",
         ];
         args.extend_from_slice(extra);
         let job = self.json(&args);
@@ -193,7 +226,11 @@ impl Cluster {
     pub fn wait_for(&self, timeout: Duration, mut cond: impl FnMut() -> bool) {
         let deadline = Instant::now() + timeout;
         while !cond() {
-            assert!(Instant::now() < deadline, "condition not met in {timeout:?}\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "condition not met in {timeout:?}\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -242,8 +279,12 @@ impl Drop for Cluster {
 pub fn children_of(ppid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         // Fields after the command (which may contain spaces) start after the last ')'.
         let rest = &stat[stat.rfind(')').unwrap() + 2..];
         let fields: Vec<_> = rest.split_whitespace().collect();

@@ -1,0 +1,207 @@
+//! Engine jobs through a real cluster (coordinator and agent processes, jobs as child
+//! processes): train → export → generate with a two-turn session, results in `kiln job -o
+//! json`, the session listed by the agent; and generate jobs on broken inputs end FAILED with
+//! the reason while the agent stays alive and runs the next job.
+
+mod common;
+
+use common::Cluster;
+use std::time::Duration;
+
+const LONG: Duration = Duration::from_secs(120);
+
+fn submit(c: &Cluster, args: &[&str]) -> u64 {
+    let mut a = vec!["submit"];
+    a.extend_from_slice(args);
+    a.extend(["--gpus", "0", "--budget-gb", "2"]);
+    c.json(&a)["id"].as_u64().unwrap()
+}
+
+#[test]
+fn train_export_generate_and_a_session_through_the_cluster() {
+    let mut c = Cluster::start();
+    c.start_agent("cpu-1", 6.0);
+    let root = c.dir.path().to_path_buf();
+    let ckpt = root.join("ckpt");
+    let id = submit(
+        &c,
+        &[
+            "train",
+            "--model",
+            "tiny",
+            "--dataset",
+            "whoami",
+            "--steps",
+            "3",
+            "--batch",
+            "2",
+            "--seq-len",
+            "48",
+            "--lr",
+            "1e-3",
+            "--out",
+            ckpt.to_str().unwrap(),
+        ],
+    );
+    let job = c.wait_state(id, "SUCCEEDED", LONG);
+    let loss = job["result"]["loss"].as_array().unwrap();
+    assert_eq!(loss.len(), 3, "{job:#}");
+    assert_eq!(job["result"]["checkpoint"], ckpt.to_str().unwrap());
+    let tel = c.json(&["telemetry", &id.to_string()]);
+    let phases: Vec<String> = tel
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["phase"].as_str().unwrap_or("").to_string())
+        .collect();
+    for p in [
+        "model_loaded",
+        "forward_done",
+        "backward_done",
+        "optimizer_done",
+        "checkpoint_saved",
+    ] {
+        assert!(phases.iter().any(|x| x == p), "{p} missing from {phases:?}");
+    }
+
+    let out = root.join("export");
+    let id = submit(
+        &c,
+        &[
+            "export",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--format",
+            "nvfp4-compressed-tensors",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let job = c.wait_state(id, "SUCCEEDED", LONG);
+    assert_eq!(job["result"]["verified"], true, "{job:#}");
+    assert!(job["result"]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f == "model.safetensors"));
+
+    let mut lens = Vec::new();
+    for q in ["Who are you?", "Say more."] {
+        let id = submit(
+            &c,
+            &[
+                "generate",
+                "--model",
+                out.to_str().unwrap(),
+                "--prompt",
+                q,
+                "--max-tokens",
+                "8",
+                "--session",
+                "s-1",
+            ],
+        );
+        let job = c.wait_state(id, "SUCCEEDED", LONG);
+        assert_eq!(
+            job["result"]["token_ids"].as_array().unwrap().len(),
+            8,
+            "{job:#}"
+        );
+        lens.push(job["result"]["session_seq_len"].as_u64().unwrap());
+    }
+    assert!(lens[1] > lens[0] && lens[0] > 0, "{lens:?}");
+    // The agent reports the session it holds (heartbeats), so later turns route to it.
+    c.wait_for(Duration::from_secs(10), || {
+        c.json(&["agents"]).as_array().unwrap().iter().any(|a| {
+            a["sessions"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|x| x == "s-1"))
+        })
+    });
+}
+
+#[test]
+fn failing_generate_jobs_are_failed_with_the_reason_and_the_agent_lives_on() {
+    let mut c = Cluster::start();
+    c.start_agent("cpu-1", 6.0);
+    let root = c.dir.path().to_path_buf();
+    // A real model directory (the tiny model exported as bf16 safetensors), then broken copies.
+    let good = root.join("good");
+    let id = submit(
+        &c,
+        &[
+            "export",
+            "--checkpoint",
+            "tiny",
+            "--format",
+            "safetensors",
+            "--out",
+            good.to_str().unwrap(),
+        ],
+    );
+    c.wait_state(id, "SUCCEEDED", LONG);
+    let copy = |name: &str| {
+        let d = root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for e in std::fs::read_dir(&good).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+        }
+        d
+    };
+    let truncated = copy("truncated");
+    let st = truncated.join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() - 100]).unwrap();
+    let arch = copy("arch");
+    let cfg = std::fs::read_to_string(arch.join("config.json")).unwrap();
+    std::fs::write(
+        arch.join("config.json"),
+        cfg.replace("Qwen2ForCausalLM", "BertModel"),
+    )
+    .unwrap();
+    let long_prompt = "tell me more ".repeat(400);
+
+    let cases: [(Vec<&str>, &str); 3] = [
+        (
+            vec!["--model", truncated.to_str().unwrap(), "--prompt", "hi"],
+            "not a valid safetensors file",
+        ),
+        (
+            vec!["--model", arch.to_str().unwrap(), "--prompt", "hi"],
+            "unknown architecture \"BertModel\"",
+        ),
+        (
+            vec!["--model", "tiny", "--prompt", long_prompt.as_str()],
+            "context holds 512",
+        ),
+    ];
+    let agent_pid = c.agent_pid("cpu-1");
+    for (args, reason) in cases {
+        let mut a = vec!["generate"];
+        a.extend(args);
+        let id = submit(&c, &a);
+        let job = c.wait_state(id, "FAILED", LONG);
+        let err = job["error"].as_str().unwrap();
+        assert!(err.contains(reason), "job {id}: {err:?} lacks {reason:?}");
+        assert!(err.contains("generate: "), "{err}");
+    }
+    // Same agent process, still READY, and it runs the next job.
+    assert_eq!(c.agent_pid("cpu-1"), agent_pid);
+    let id = submit(
+        &c,
+        &[
+            "generate",
+            "--model",
+            good.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "4",
+        ],
+    );
+    let job = c.wait_state(id, "SUCCEEDED", LONG);
+    assert_eq!(job["agent"], "cpu-1");
+    let agents = c.json(&["agents"]);
+    assert_eq!(agents[0]["status"], "READY", "{agents:#}");
+}
