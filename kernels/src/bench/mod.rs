@@ -4,10 +4,12 @@
 //! share of the device-copy bandwidth measured in the same run, and the ratio to the cuBLAS
 //! bf16 baseline on the same shape.
 
+pub mod cpu;
 mod report;
 mod timing;
 mod validate;
 
+pub use cpu::{run_cpu, CpuBenchConfig, CpuBenchReport};
 pub use report::parse_shapes;
 
 use std::time::Instant;

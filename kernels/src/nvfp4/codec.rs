@@ -19,11 +19,8 @@ pub const E4M3_MIN_SUBNORMAL: f32 = 1.0 / 512.0;
 #[inline]
 pub fn e2m1_to_f32(code: u8) -> f32 {
     let mag = E2M1_GRID[(code & 0x7) as usize];
-    if code & 0x8 != 0 {
-        -mag
-    } else {
-        mag
-    }
+    // the sign bit (bit 3) moved to the f32 sign: no branch (random signs would mispredict)
+    f32::from_bits(mag.to_bits() | (u32::from(code & 0x8) << 28))
 }
 
 /// Encode `x` as E2M1: round to nearest on the grid, ties to the even code, |x| > 5 → 6
