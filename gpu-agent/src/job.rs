@@ -1,23 +1,17 @@
 //! One job attempt from assignment to end: start the job process in its own process group with
-//! the request on stdin, relay its report lines and output as events, run the guard on every
-//! poll, kill the whole tree when the guard or the coordinator says so, and turn the way it
-//! ended into `JobFinished`. A job that crashes only ends its own task.
+//! the request on stdin, read its output, poll the guard, pass kill requests on, and clean up
+//! the tree after it ends (`job_run` holds what is decided about each line and sample). A job
+//! that crashes only ends its own task.
 
 use crate::convert;
-use crate::devices::MemSample;
-use crate::guard::{Guard, GuardPolicy, SampleThrottle, Verdict};
-use crate::outbox::Outgoing;
-use crate::procfs::{self, ProcEntry};
+use crate::guard::GuardPolicy;
+use crate::job_run::{failed, JobRun};
+use crate::procfs;
 use crate::state::{AgentState, JobKey};
-use kiln_engine::memory::now_ms;
-use kiln_engine::report::{parse_line, JobOutput, Report};
 use kiln_engine::spec::DeviceSpec;
-use kiln_proto::v1::{
-    self, job_event::Event, job_update::Update, GuardSample, JobEvent, JobFinished, JobStarted,
-    JobState, JobUpdate, KillRecord,
-};
+use kiln_proto::v1::{self, job_update::Update, JobFinished, JobStarted, JobState};
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
@@ -50,15 +44,6 @@ pub fn start(state: &Arc<AgentState>, job: v1::Job) {
         state.finish(key, pid, finished);
         let _ = std::fs::remove_dir_all(job_dir(&state, key));
     });
-}
-
-fn failed(reason: String, peak_mem: u64) -> JobFinished {
-    JobFinished {
-        state: JobState::Failed as i32,
-        error: reason,
-        peak_mem,
-        ..Default::default()
-    }
 }
 
 fn job_dir(state: &AgentState, key: JobKey) -> PathBuf {
@@ -202,11 +187,11 @@ impl Launch {
         let status = loop {
             tokio::select! {
                 status = child.wait() => break status,
-                reason = kill_rx.recv(), if kill_open && run.end.is_none() => match reason {
+                reason = kill_rx.recv(), if kill_open && !run.ending() => match reason {
                     Some(reason) => run.cancel(reason),
                     None => kill_open = false,
                 },
-                _ = ticker.tick(), if run.end.is_none() => run.poll(),
+                _ = ticker.tick(), if !run.ending() => run.poll(),
                 line = line_rx.recv(), if lines_open => match line {
                     Some((stream, line)) => run.on_line(stream, line),
                     None => lines_open = false,
@@ -214,7 +199,7 @@ impl Launch {
             }
         };
         // Nothing of the job may outlive it: its leader is gone, end the rest of the tree.
-        procfs::kill_tree(pid, &run.known);
+        procfs::kill_tree(pid, run.known());
         if lines_open {
             let drain = async {
                 while let Some((stream, line)) = line_rx.recv().await {
@@ -233,7 +218,7 @@ impl Launch {
             Ok(status) => run.finished(status),
             Err(e) => failed(
                 format!("waiting for the job process failed: {e}"),
-                run.guard.peak(),
+                run.peak(),
             ),
         };
         (pid, finished)
@@ -242,8 +227,10 @@ impl Launch {
 
 /// Which output a line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stream {
+pub(crate) enum Stream {
+    /// The job's stdout (report lines and plain output).
     Stdout,
+    /// The job's stderr.
     Stderr,
 }
 
@@ -266,324 +253,5 @@ async fn read_lines(
                 }
             }
         }
-    }
-}
-
-/// Why the agent ended a job itself.
-enum End {
-    /// The coordinator (or the agent's shutdown) cancelled it.
-    Cancelled(String),
-    /// The guard killed it; the record and the log line that says so.
-    Killed(KillRecord, String),
-}
-
-/// The state of one running job process.
-struct JobRun {
-    state: Arc<AgentState>,
-    key: JobKey,
-    pid: u32,
-    gpus: Vec<u32>,
-    guard: Guard,
-    throttle: SampleThrottle,
-    last_phase: String,
-    result: Option<JobOutput>,
-    error_report: Option<String>,
-    last_stderr: Option<String>,
-    end: Option<End>,
-    sample_failed: bool,
-    /// Every process seen in the job's tree so far (killed with it even once orphaned).
-    known: Vec<ProcEntry>,
-}
-
-impl JobRun {
-    fn new(
-        state: Arc<AgentState>,
-        key: JobKey,
-        pid: u32,
-        gpus: Vec<u32>,
-        policy: GuardPolicy,
-    ) -> Self {
-        Self {
-            state,
-            key,
-            pid,
-            gpus,
-            guard: Guard::new(policy),
-            throttle: SampleThrottle::default(),
-            last_phase: String::new(),
-            result: None,
-            error_report: None,
-            last_stderr: None,
-            end: None,
-            sample_failed: false,
-            known: Vec::new(),
-        }
-    }
-
-    fn push(&self, update: Update) {
-        self.state.outbox.push(Outgoing {
-            update: JobUpdate {
-                job_id: self.key.0,
-                attempt: self.key.1,
-                update: Some(update),
-            },
-            pid: self.pid,
-        });
-    }
-
-    fn event(&self, at_ms: u64, event: Event) {
-        self.push(Update::Event(JobEvent {
-            job_id: self.key.0,
-            seq: 0,
-            at_ms,
-            attempt: self.key.1,
-            event: Some(event),
-        }));
-    }
-
-    fn agent_log(&self, line: String) {
-        self.event(now_ms(), Event::Log(convert::log_line("agent", line)));
-    }
-
-    /// Measures the job now; `None` (after one warning) when it cannot be measured.
-    fn sample(&mut self) -> Option<MemSample> {
-        let table = procfs::read_all();
-        for e in procfs::tree_of(&table, self.pid) {
-            if !self
-                .known
-                .iter()
-                .any(|k| k.pid == e.pid && k.start_time == e.start_time)
-            {
-                self.known.push(e.clone());
-            }
-        }
-        match self.state.devices.sample_job(&table, self.pid, &self.gpus) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                if !self.sample_failed {
-                    self.sample_failed = true;
-                    let line = format!("guard: cannot measure the job's memory: {e}; the budget is not enforced while this lasts");
-                    tracing::error!(job_id = self.key.0, pid = self.pid, "{line}");
-                    self.agent_log(line);
-                }
-                None
-            }
-        }
-    }
-
-    /// One guard poll.
-    fn poll(&mut self) {
-        if let Some(mem) = self.sample() {
-            self.observe(mem);
-        }
-    }
-
-    /// Runs the guard on a sample; sends it downsampled; kills when the guard says so.
-    fn observe(&mut self, mem: MemSample) {
-        if self.end.is_some() {
-            return;
-        }
-        let now = self.state.now_secs();
-        let verdict = self.guard.observe(now, mem.pid_mem);
-        let sample = GuardSample {
-            at_ms: now_ms(),
-            pid_mem: mem.pid_mem,
-            device_used: mem.device_used,
-            device_total: mem.device_total,
-        };
-        if verdict == Verdict::Kill {
-            // Kill first, report after: the budget is hard.
-            procfs::kill_tree(self.pid, &self.known);
-            self.throttle.force(now, mem.pid_mem);
-            self.push(Update::Guard(sample));
-            let limit = self.guard.policy().limit_bytes;
-            let record = KillRecord {
-                pid: self.pid,
-                pid_mem: mem.pid_mem,
-                total_mem: mem.device_used,
-                limit,
-                phase: self.last_phase.clone(),
-                at_ms: sample.at_ms,
-            };
-            let line = format!(
-                "guard: killed pid={} pid_mem={} total_mem={} limit={} phase={}",
-                record.pid, record.pid_mem, record.total_mem, record.limit, record.phase
-            );
-            tracing::warn!(job_id = self.key.0, attempt = self.key.1, pid = record.pid, pid_mem = record.pid_mem, total_mem = record.total_mem, limit = record.limit, phase = %record.phase, "{line}");
-            self.agent_log(line.clone());
-            self.end = Some(End::Killed(record, line));
-        } else if self.throttle.should_send(now, mem.pid_mem) {
-            self.push(Update::Guard(sample));
-        }
-    }
-
-    fn cancel(&mut self, reason: String) {
-        procfs::kill_tree(self.pid, &self.known);
-        tracing::info!(job_id = self.key.0, attempt = self.key.1, pid = self.pid, %reason, "job killed on request");
-        self.agent_log(format!("killed pid={} on request: {reason}", self.pid));
-        self.end = Some(End::Cancelled(reason));
-    }
-
-    fn on_line(&mut self, stream: Stream, line: String) {
-        if stream == Stream::Stderr {
-            self.event(
-                now_ms(),
-                Event::Log(convert::log_line("stderr", line.clone())),
-            );
-            if !line.trim().is_empty() {
-                self.last_stderr = Some(line);
-            }
-            return;
-        }
-        let Some(report) = parse_line(&line) else {
-            self.event(now_ms(), Event::Log(convert::log_line("stdout", line)));
-            return;
-        };
-        match report {
-            Report::Result(out) => self.result = Some(out),
-            Report::Error { message } => self.error_report = Some(message),
-            Report::Phase(p) => {
-                let at_ms = p.at_ms;
-                self.last_phase = p.phase.clone();
-                let mem = if self.end.is_none() {
-                    self.sample()
-                } else {
-                    None
-                };
-                let mem_for_event = mem.unwrap_or_default();
-                if let Some(ev) = convert::report_event(Report::Phase(p), || mem_for_event) {
-                    self.event(at_ms, ev);
-                }
-                // A phase boundary is a sample like any poll.
-                if let Some(mem) = mem {
-                    self.observe(mem);
-                }
-            }
-            other => {
-                if let Some(ev) = convert::report_event(other, MemSample::default) {
-                    self.event(now_ms(), ev);
-                }
-            }
-        }
-    }
-
-    fn finished(self, status: ExitStatus) -> JobFinished {
-        let peak_mem = self.guard.peak();
-        match self.end {
-            Some(End::Killed(record, line)) => JobFinished {
-                state: JobState::Killed as i32,
-                kill: Some(record),
-                error: line,
-                peak_mem,
-                ..Default::default()
-            },
-            Some(End::Cancelled(reason)) => JobFinished {
-                state: JobState::Cancelled as i32,
-                error: reason,
-                peak_mem,
-                ..Default::default()
-            },
-            None => match (self.result, status.success()) {
-                (Some(out), true) => JobFinished {
-                    state: JobState::Succeeded as i32,
-                    result: Some(convert::job_result(out)),
-                    peak_mem,
-                    ..Default::default()
-                },
-                (result, _) => failed(
-                    failure_reason(
-                        self.error_report,
-                        status,
-                        result.is_some(),
-                        self.last_stderr,
-                    ),
-                    peak_mem,
-                ),
-            },
-        }
-    }
-}
-
-/// Why a job that the agent did not end itself failed.
-pub fn failure_reason(
-    error_report: Option<String>,
-    status: ExitStatus,
-    had_result: bool,
-    last_stderr: Option<String>,
-) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    if let Some(message) = error_report {
-        return message;
-    }
-    let mut reason = match (status.code(), status.signal()) {
-        (_, Some(sig)) => {
-            let name = signal_name(sig);
-            if sig == libc::SIGKILL {
-                format!("job process was killed by signal {sig} ({name}) from outside the agent; the kernel's OOM killer does this when the host runs out of memory")
-            } else {
-                format!("job process crashed: killed by signal {sig} ({name})")
-            }
-        }
-        (Some(0), _) if had_result => {
-            "job process reported a result but its exit was not clean".into()
-        }
-        (Some(0), _) => "job process exited with status 0 without reporting a result".into(),
-        (Some(code), _) if had_result => {
-            format!("job process reported a result but exited with status {code}")
-        }
-        (Some(code), _) => {
-            format!("job process exited with status {code} without reporting an error")
-        }
-        (None, None) => format!("job process ended abnormally ({status})"),
-    };
-    if let Some(line) = last_stderr {
-        reason.push_str("; last stderr line: ");
-        reason.push_str(&line);
-    }
-    reason
-}
-
-fn signal_name(sig: i32) -> &'static str {
-    match sig {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGTERM => "SIGTERM",
-        _ => "signal",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::process::ExitStatusExt;
-
-    #[test]
-    fn failure_reasons_say_what_happened() {
-        let segv = ExitStatus::from_raw(libc::SIGSEGV);
-        assert_eq!(
-            failure_reason(None, segv, false, None),
-            "job process crashed: killed by signal 11 (SIGSEGV)"
-        );
-        let exit3 = ExitStatus::from_raw(3 << 8);
-        assert_eq!(
-            failure_reason(None, exit3, false, Some("boom".into())),
-            "job process exited with status 3 without reporting an error; last stderr line: boom"
-        );
-        assert_eq!(
-            failure_reason(Some("memtest: bad".into()), exit3, false, None),
-            "memtest: bad"
-        );
-        let ok = ExitStatus::from_raw(0);
-        assert!(failure_reason(None, ok, false, None).contains("without reporting a result"));
-        let killed = ExitStatus::from_raw(libc::SIGKILL);
-        assert!(failure_reason(None, killed, false, None).contains("OOM killer"));
     }
 }

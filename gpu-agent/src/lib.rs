@@ -9,7 +9,8 @@
 //! - `guard`: the guard's pure decisions (over-budget windows, sample downsampling).
 //! - `outbox`: job updates queued for the coordinator, kept across disconnections.
 //! - `state`: the shared state: config, devices, outbox, the running jobs.
-//! - `job`: one job attempt: spawn, relay, guard, kill, how it ended.
+//! - `job`: one job attempt: spawn in its own process group, read output, poll, clean up.
+//! - `job_run`: a running job's state: relay lines as events, guard samples, kills, the end.
 //! - `convert`: protocol ↔ job-process contract.
 //! - `link`: the `AgentLink.Connect` session: register, heartbeats, reconnect with backoff.
 //!
@@ -21,6 +22,7 @@ pub mod devices;
 pub mod error;
 pub mod guard;
 mod job;
+mod job_run;
 mod link;
 pub mod outbox;
 pub mod procfs;
@@ -28,7 +30,7 @@ mod state;
 
 pub use config::{AgentConfig, GpuSelection};
 pub use error::AgentError;
-pub use job::failure_reason;
+pub use job_run::failure_reason;
 pub use link::Backoff;
 
 use std::future::Future;
