@@ -97,6 +97,10 @@ pub struct CoordinatorArgs {
     /// Seconds an agent may be disconnected before its running jobs become LOST.
     #[arg(long)]
     pub lease_secs: Option<f64>,
+    /// Require this bearer token from every client and agent (set it whenever the coordinator
+    /// listens beyond loopback).
+    #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// `kiln agent`.

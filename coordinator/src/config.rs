@@ -41,6 +41,10 @@ pub struct CoordinatorConfig {
     /// reserves the capacity where it would fit soonest, so smaller jobs stop backfilling
     /// there until it runs. Default 30.
     pub reserve_after_secs: f64,
+    /// Shared secret: when set, every call (users' and agents') must carry
+    /// `authorization: Bearer <token>`, else UNAUTHENTICATED. Default none (no check); set it
+    /// whenever the coordinator listens beyond loopback. `KILN_TOKEN` sets it from the CLI.
+    pub token: Option<String>,
     /// Whether each group flush also `fdatasync`s the store's log file, so acknowledged
     /// changes survive power loss and not only a crash of the coordinator process. `false`
     /// trades that for speed on disks with slow syncs. Default true.
@@ -56,6 +60,7 @@ impl Default for CoordinatorConfig {
             default_max_attempts: 3,
             default_poll_secs: 0.5,
             reserve_after_secs: 30.0,
+            token: None,
             fsync: true,
         }
     }

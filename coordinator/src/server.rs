@@ -94,6 +94,7 @@ pub async fn run(
         }
         let _ = signal_tx.send(true);
     };
+    let auth = BearerAuth::new(shared.config.token.as_deref());
     let keepalive = Duration::from_secs_f64(shared.config.heartbeat_secs.max(1.0));
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(keepalive))
@@ -101,12 +102,18 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(CoordinatorServer::new(CoordinatorService {
-            shared: shared.clone(),
-        }))
-        .add_service(AgentLinkServer::new(AgentLinkService {
-            shared: shared.clone(),
-        }))
+        .add_service(CoordinatorServer::with_interceptor(
+            CoordinatorService {
+                shared: shared.clone(),
+            },
+            auth.clone(),
+        ))
+        .add_service(AgentLinkServer::with_interceptor(
+            AgentLinkService {
+                shared: shared.clone(),
+            },
+            auth,
+        ))
         .serve_with_incoming_shutdown(incoming, signal)
         .await;
 
@@ -141,6 +148,46 @@ pub async fn run(
     final_flush?;
     tracing::info!(dir = %dir.display(), "coordinator stopped; store flushed");
     Ok(())
+}
+
+/// Checks `authorization: Bearer <token>` on every call when a token is configured.
+#[derive(Clone)]
+struct BearerAuth {
+    expected: Option<Arc<str>>,
+}
+
+impl BearerAuth {
+    fn new(token: Option<&str>) -> Self {
+        BearerAuth {
+            expected: token.map(|t| Arc::from(format!("Bearer {t}").as_str())),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let Some(expected) = &self.expected else {
+            return Ok(req);
+        };
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        match given {
+            Some(g) if constant_time_eq(g.as_bytes(), expected.as_bytes()) => Ok(req),
+            Some(_) => Err(tonic::Status::unauthenticated(
+                "wrong token: pass the coordinator's token with --token or KILN_TOKEN",
+            )),
+            None => Err(tonic::Status::unauthenticated(
+                "this coordinator requires a token: pass it with --token or KILN_TOKEN",
+            )),
+        }
+    }
+}
+
+/// Compares without an early exit, so response time does not leak the matching prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Runs scheduling passes when woken, and once a second regardless.

@@ -26,6 +26,9 @@ pub fn coordinator_config(
     if let Some(l) = args.lease_secs {
         config.lease_secs = l;
     }
+    if args.token.is_some() {
+        config.token = args.token.clone();
+    }
     Ok(config)
 }
 
