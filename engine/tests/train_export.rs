@@ -211,3 +211,35 @@ fn exports_keep_every_dtype_and_load_back() {
     assert_eq!(cfg["torch_dtype"], "bfloat16");
     assert_eq!(cfg["architectures"][0], "Qwen2ForCausalLM");
 }
+
+#[test]
+fn full_nvfp4_training_lowers_the_loss_with_packed_weights_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let out = train(
+        &spec(&ckpt, 10, 1e-2, QuantSpec::Nvfp4Full),
+        &Reporter::capture().0,
+    )
+    .unwrap();
+    eprintln!("nvfp4-full losses: {:?}", out.losses);
+    let l = &out.losses;
+    assert!(l[l.len() - 1] < l[0] * 0.5, "loss did not fall: {l:?}");
+    // Resuming continues from the saved moments and step.
+    let mut s = spec(&ckpt, 12, 1e-2, QuantSpec::Nvfp4Full);
+    s.resume = true;
+    let more = train(&s, &Reporter::capture().0).unwrap();
+    assert_eq!((more.step, more.losses.len()), (12, 2));
+    // Resuming in another mode is refused with the reason.
+    let mut s = spec(&ckpt, 20, 1e-2, QuantSpec::Nvfp4Ste);
+    s.resume = true;
+    let e = train(&s, &Reporter::capture().0).unwrap_err().to_string();
+    assert!(e.contains("--quant nvfp4-full"), "{e}");
+    // Without --resume an existing checkpoint is not overwritten.
+    let e = train(
+        &spec(&ckpt, 20, 1e-2, QuantSpec::Nvfp4Full),
+        &Reporter::capture().0,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("--resume"), "{e}");
+}
