@@ -123,13 +123,20 @@ __device__ __forceinline__ u8 kiln_quantize_block16_rn(const float v[16], float 
     for (int i = 0; i < 16; i++) bamax = fmaxf(bamax, fabsf(v[i]));
     u8 sb = kiln_block_scale_code(bamax, ws2);
     float d = __fmul_rn(kiln_e4m3_to_f32(sb), ws2);
+    // v / d without a division per element (Markstein): with r the correctly rounded 1/d,
+    // q1 = RN(v r), the exact remainder v - q1 d (one fma) and q = RN(q1 + rem r) is the
+    // correctly rounded quotient whenever nothing underflows. d is normal (>= 2^-109) and the
+    // E2M1 code only depends on q where q >= 0.25, i.e. v normal, so the codes equal the
+    // CPU's IEEE division (kernels/tests/quantize_division.rs checks this on adversarial
+    // inputs; below 0.25 a last-bit difference of q cannot change the code).
+    const float r = __frcp_rn(d);
     out[0] = 0u;
     out[1] = 0u;
 #pragma unroll
     for (int i = 0; i < 16; i++) {
-        // IEEE division, as the CPU. (A reciprocal multiply with an exact fallback near the
-        // rounding boundaries gave the same codes but ran slower on the H100: BENCHMARKS.md.)
-        u32 c = kiln_f32_to_e2m1(__fdiv_rn(v[i], d), v[i]);
+        const float q1 = __fmul_rn(v[i], r);
+        const float q = __fmaf_rn(__fmaf_rn(-q1, d, v[i]), r, q1);
+        u32 c = kiln_f32_to_e2m1(q, v[i]);
         out[i >> 3] |= c << ((i & 7) * 4);
     }
     return sb;

@@ -164,7 +164,14 @@ fn gemv_matches_an_f64_reference_within_1e_3() {
     let Some(k) = gpu() else { return };
     eprintln!("tensor-core GEMV start-up check passed: {}", k.tc_gemv_ok());
     let mut r = rng("gemv");
-    for &(n, kk) in &[(96, 32), (1000, 896), (300, 4864), (64, 8192)] {
+    for &(n, kk) in &[
+        (96, 32),
+        (1000, 896),
+        (300, 4864),
+        (64, 8192),
+        (37, 384),
+        (530, 1152),
+    ] {
         let w = weights(&mut r, n, kk);
         let q = Nvfp4Tensor::quantize(&w, n, kk).unwrap();
         let wd = q.dequantize();
@@ -187,6 +194,11 @@ fn gemv_matches_an_f64_reference_within_1e_3() {
             }
             if k.gemv_tc_fits(m, kk) && k.tc_gemv_ok() {
                 variants.push(GemvVariant::TensorCore);
+            }
+            for tiles in [1u8, 2, 4] {
+                if k.gemv_tc2_fits(m, kk, tiles as usize) && k.tc_gemv_ok() {
+                    variants.push(GemvVariant::TensorCore2 { tiles });
+                }
             }
             for v in variants {
                 let y = k.gemv_variant(&x, m, &q, v).unwrap();

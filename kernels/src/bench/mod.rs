@@ -5,6 +5,7 @@
 //! bf16 baseline on the same shape.
 
 pub mod cpu;
+mod quantize;
 mod report;
 mod timing;
 mod validate;
@@ -22,9 +23,8 @@ use serde::Serialize;
 
 use crate::cpu::AdamWParams;
 use crate::cuda::context::drv;
-use crate::cuda::ops::DeviceInput;
 use crate::cuda::{CudaKernels, DeviceNvfp4, GemvVariant};
-use crate::nvfp4::{Nvfp4Tensor, Rounding};
+use crate::nvfp4::Nvfp4Tensor;
 
 use crate::KernelError;
 use timing::{rotation, upload, Timer};
@@ -52,6 +52,8 @@ pub struct BenchConfig {
     pub large_m: usize,
     /// RNG seed for the inputs (printed, so a run can be repeated).
     pub seed: u64,
+    /// Time only the GEMVs (after the same validation), e.g. under a profiler.
+    pub gemv_only: bool,
 }
 
 impl Default for BenchConfig {
@@ -61,6 +63,7 @@ impl Default for BenchConfig {
             samples: 25,
             large_m: 256,
             seed: 0x6b696c6e,
+            gemv_only: false,
         }
     }
 }
@@ -196,76 +199,16 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
 
         progress(&format!("[{n}, {kk}]: timing"));
         let packed_bytes = ne / 2 + ne / 16;
-        // --- quantize bf16 -> NVFP4 ---
-        let q_bytes = (ne * 2 + packed_bytes) as f64;
-        let sets = rotation(ne * 2);
-        let xs: Vec<CudaSlice<bf16>> = (0..sets)
-            .map(|_| upload(&k, &wb))
-            .collect::<Result<_, _>>()?;
-        let mut outs: Vec<DeviceNvfp4> = (0..sets.min(8))
-            .map(|_| k.alloc_nvfp4(n, kk))
-            .collect::<Result<_, _>>()?;
-        let mut status = k.alloc_status()?;
-        let nout = outs.len();
-        let t_q = timer.time(|i| {
-            k.quantize_async(
-                DeviceInput::Bf16(&xs[i % sets]),
-                n,
-                kk,
-                Rounding::Nearest,
-                &mut status,
-                &mut outs[i % nout],
-            )
-        })?;
-        push(
-            "quantize bf16->nvfp4 (amax + quantize)",
-            n,
-            kk,
-            t_q,
-            q_bytes,
-            None,
-            "two passes over the input: amax must be known before any block".into(),
-        );
-        let t_amax = timer.time(|i| k.amax_async(DeviceInput::Bf16(&xs[i % sets]), &mut status))?;
-        push(
-            "  amax pass alone (part of the above)",
-            n,
-            kk,
-            t_amax,
-            (ne * 2) as f64,
-            None,
-            "reads the bf16 input once".into(),
-        );
-        let ws2 = cpu_q.tensor_scale;
-        let t_q1 = timer.time(|i| {
-            k.quantize_with_scale_async(
-                DeviceInput::Bf16(&xs[i % sets]),
-                n,
-                kk,
-                ws2,
-                Rounding::Nearest,
-                &mut outs[i % nout],
-            )
-        })?;
-        push(
-            "quantize bf16->nvfp4 (known tensor scale)",
-            n,
-            kk,
-            t_q1,
-            q_bytes,
-            None,
-            "one pass".into(),
-        );
-        drop(xs);
-        drop(outs);
-
+        if !cfg.gemv_only {
+            quantize::time_quantize(&k, &timer, &wb, n, kk, cpu_q.tensor_scale, &mut push)?;
+        }
         // --- dequantize NVFP4 -> bf16 ---
         let sets = rotation(packed_bytes + ne * 2);
         let ws: Vec<DeviceNvfp4> = (0..rotation(packed_bytes))
             .map(|_| k.upload_nvfp4(&cpu_q))
             .collect::<Result<_, _>>()?;
         let nws = ws.len();
-        {
+        if !cfg.gemv_only {
             let mut outs: Vec<CudaSlice<bf16>> = (0..sets.min(4))
                 .map(|_| {
                     k.stream()
@@ -292,7 +235,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
             .map(|_| upload(&k, &wb))
             .collect::<Result<_, _>>()?;
         let nwb = wsb.len();
-        for m in [1usize, 8] {
+        for m in [1usize, 4, 8] {
             let dx = upload(&k, &x[..m * kk])?;
             let xb: Vec<bf16> = x[..m * kk].iter().map(|&v| bf16::from_f32(v)).collect();
             let dxb = upload(&k, &xb)?;
@@ -327,16 +270,21 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                 Some(t_base),
                 format!(
                     "default kernel ({:?}); speed-up vs cuBLAS bf16 on the same shape",
-                    k.default_gemv_variant(m, kk)
+                    k.default_gemv_variant_for(m, n, kk)
                 ),
             );
-            let default = k.default_gemv_variant(m, kk);
+            let default = k.default_gemv_variant_for(m, n, kk);
             let mut variants = vec![GemvVariant::Rows4];
             if m == 1 {
                 variants.push(GemvVariant::Rows8);
             }
             if k.gemv_tc_fits(m, kk) {
                 variants.push(GemvVariant::TensorCore);
+            }
+            for tiles in [1u8, 2, 4] {
+                if k.gemv_tc2_fits(m, kk, tiles as usize) {
+                    variants.push(GemvVariant::TensorCore2 { tiles });
+                }
             }
             variants.retain(|v| *v != default);
             for v in variants {
@@ -365,7 +313,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
         }
 
         // --- large M: dequantize to bf16 + cuBLASLt vs cuBLAS bf16 ---
-        {
+        if !cfg.gemv_only {
             let m = cfg.large_m;
             let xb: Vec<bf16> = (0..m * kk)
                 .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0)))
@@ -402,7 +350,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
         drop(wsb);
 
         // --- AdamW step on packed weights (fused, chunk 32 rows) ---
-        {
+        if !cfg.gemv_only {
             let g: Vec<f32> = (0..ne).map(|_| rng.random_range(-1e-3f32..1e-3)).collect();
             let dg = upload(&k, &g)?;
             let mut dm = k

@@ -2,7 +2,8 @@
 //! `kiln bench kernels`), for carrying to a GPU machine without the whole CLI.
 //!
 //! Usage:
-//! `kiln-kernel-bench [--shapes 8192x8192,4864x896] [--samples N] [--json FILE]` (GPU), or
+//! `kiln-kernel-bench [--shapes 8192x8192,4864x896] [--samples N] [--gemv-only] [--json FILE]`
+//! (GPU; `--gemv-only` times only the GEMVs, e.g. under a profiler), or
 //! `kiln-kernel-bench --cpu [--shapes NxK,...] [--ms 1,4,8,64] [--samples N] [--json FILE]`
 //! (the CPU section: NVFP4 matmul on the CPU vs f32 dense; no GPU needed; `--shapes` adds
 //! shapes to the Qwen2.5-0.5B linears).
@@ -26,6 +27,11 @@ fn main() -> ExitCode {
         match args[i].as_str() {
             "--cpu" => {
                 cpu = true;
+                i += 1;
+                continue;
+            }
+            "--gemv-only" => {
+                cfg.gemv_only = true;
                 i += 1;
                 continue;
             }

@@ -44,6 +44,10 @@ pub const SOURCES: &[KernelSource] = &[
         source: include_str!("../../cuda/gemv_nvfp4_tc.cu"),
     },
     KernelSource {
+        file: "gemv_nvfp4_tc2.cu",
+        source: include_str!("../../cuda/gemv_nvfp4_tc2.cu"),
+    },
+    KernelSource {
         file: "adamw_nvfp4.cu",
         source: include_str!("../../cuda/adamw_nvfp4.cu"),
     },

@@ -69,6 +69,8 @@ pub(crate) struct Functions {
     pub gemv_m1_r8: CudaFunction,
     /// `kiln_gemv_nvfp4_tc_m{M}` for M = 1..=8 (tensor cores).
     pub gemv_tc: Vec<CudaFunction>,
+    /// `kiln_gemv_nvfp4_tc2_m{M}_t{T}` for M = 1..=4 and T = 1, 2, 4 (index `[M-1][log2 T]`).
+    pub gemv_tc2: Vec<[CudaFunction; 3]>,
     pub adamw_amax: CudaFunction,
     pub adamw_apply: CudaFunction,
 }
@@ -158,13 +160,24 @@ impl CudaKernels {
             gemv_tc: (1..=8)
                 .map(|m| func("gemv_nvfp4_tc.cu", &format!("kiln_gemv_nvfp4_tc_m{m}")))
                 .collect::<Result<_, _>>()?,
+            gemv_tc2: (1..=4)
+                .map(|m| -> Result<[CudaFunction; 3], KernelError> {
+                    let f = |t: usize| {
+                        func(
+                            "gemv_nvfp4_tc2.cu",
+                            &format!("kiln_gemv_nvfp4_tc2_m{m}_t{t}"),
+                        )
+                    };
+                    Ok([f(1)?, f(2)?, f(4)?])
+                })
+                .collect::<Result<_, _>>()?,
             adamw_amax: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_amax")?,
             adamw_apply: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_apply")?,
         };
         let smem_optin = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(drv("reading the shared-memory limit"))? as usize;
-        for func in &f.gemv_tc {
+        for func in f.gemv_tc.iter().chain(f.gemv_tc2.iter().flatten()) {
             func.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem_optin as i32,
@@ -202,23 +215,32 @@ impl CudaKernels {
     /// that flushes bf16 subnormals would), the default GEMV stays on the CUDA-core kernel and
     /// a warning says so.
     fn probe_tc_gemv(&self) -> Result<bool, KernelError> {
+        use super::gemv::GemvVariant;
         let (q, x) = probe_data()?;
-        let want = crate::cpu::matmul_nvfp4(&x, 1, &q);
-        let got = self.gemv_variant(&x, 1, &q, super::gemv::GemvVariant::TensorCore)?;
-        let num: f64 = want
-            .iter()
-            .zip(&got)
-            .map(|(a, b)| ((a - b) as f64).powi(2))
-            .sum();
+        let want = crate::cpu::matmul_nvfp4_ref(&x, 1, &q);
         let den: f64 = want.iter().map(|a| (*a as f64).powi(2)).sum();
-        let ok = got.iter().all(|v| v.is_finite()) && (num / den).sqrt() <= 1e-4;
-        if !ok {
-            tracing::warn!(
-                rel_error = (num / den).sqrt(),
-                "tensor-core GEMV disagrees with the CPU on this device; using the CUDA-core GEMV"
-            );
+        for v in [
+            GemvVariant::TensorCore,
+            GemvVariant::TensorCore2 { tiles: 1 },
+            GemvVariant::TensorCore2 { tiles: 2 },
+            GemvVariant::TensorCore2 { tiles: 4 },
+        ] {
+            let got = self.gemv_variant(&x, 1, &q, v)?;
+            let num: f64 = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            if !(got.iter().all(|v| v.is_finite()) && (num / den).sqrt() <= 1e-4) {
+                tracing::warn!(
+                    variant = ?v,
+                    rel_error = (num / den).sqrt(),
+                    "tensor-core GEMV disagrees with the CPU on this device; using the CUDA-core GEMV"
+                );
+                return Ok(false);
+            }
         }
-        Ok(ok)
+        Ok(true)
     }
 
     /// Whether the tensor-core GEMV passed its start-up check on this device.

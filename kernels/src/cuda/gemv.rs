@@ -18,22 +18,37 @@ impl CudaKernels {
         w: &DeviceNvfp4,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), KernelError> {
-        self.gemv_variant_async(x, m, w, y, self.default_gemv_variant(m, w.cols))
+        self.gemv_variant_async(x, m, w, y, self.default_gemv_variant_for(m, w.rows, w.cols))
     }
 
-    /// The GEMV kernel `gemv_async` uses: for m ≥ 2 the tensor-core kernel when it passed its
-    /// start-up check and the shape fits it, else (and always for m = 1) the CUDA-core kernel
-    /// with 4 rows per warp.
-    /// On the H100 (BENCHMARKS.md) the CUDA-core kernel wins at m = 1 and the tensor-core one
-    /// at m = 8 (2-3x faster there); m = 2..7 follow the tensor-core kernel, whose cost barely
-    /// depends on m.
+    /// The GEMV kernel `gemv_async` uses. When the tensor-core kernels passed their start-up
+    /// check: for m <= 4 the v2 tensor-core kernel where x fits in shared memory (2 tiles per
+    /// warp when there are at least 32 rows per SM, else 1), for m = 5..8 the first
+    /// tensor-core kernel where x fits; otherwise the CUDA-core kernel with 4 rows per warp.
+    /// Chosen from the H100 measurements in BENCHMARKS.md.
     pub fn default_gemv_variant(&self, m: usize, k: usize) -> GemvVariant {
-        if m >= 2 && self.tc_gemv_ok && self.gemv_tc_fits(m, k) {
+        self.default_gemv_variant_for(m, usize::MAX, k)
+    }
+
+    /// [`CudaKernels::default_gemv_variant`] when N is known (picks the v2 kernel's tiles).
+    pub fn default_gemv_variant_for(&self, m: usize, n: usize, k: usize) -> GemvVariant {
+        if !self.tc_gemv_ok {
+            return GemvVariant::Rows4;
+        }
+        let tiles = if n >= 32 * self.sm_count as usize {
+            2
+        } else {
+            1
+        };
+        if self.gemv_tc2_fits(m, k, tiles) {
+            GemvVariant::TensorCore2 { tiles: tiles as u8 }
+        } else if m >= 2 && self.gemv_tc_fits(m, k) {
             GemvVariant::TensorCore
         } else {
             GemvVariant::Rows4
         }
     }
+
     /// [`CudaKernels::gemv_async`] with an explicit kernel variant (the benchmark compares them).
     pub fn gemv_variant_async(
         &self,
@@ -60,6 +75,37 @@ impl CudaKernels {
                 x.len(),
                 y.len()
             )));
+        }
+        if let GemvVariant::TensorCore2 { tiles } = variant {
+            let t = tiles as usize;
+            if !self.gemv_tc2_fits(m, k, t) {
+                return Err(KernelError::InvalidArgument(format!(
+                    "the tensor-core GEMV v2 takes m <= 4, K % 128 == 0, {t} tiles (1, 2 or 4) and \
+                     {} bytes of shared memory (m = {m}, K = {k})",
+                    tc2_smem_bytes(m, k, t)
+                )));
+            }
+            let ksplit = gemv_tc2_ksplit(n, k, t, self.sm_count as usize);
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(16 * t * (8 / ksplit)) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: tc2_smem_bytes(m, k, t) as u32,
+            };
+            let (ni, ki, ks) = (n as i32, k as i32, ksplit as i32);
+            let func = &self.f.gemv_tc2[m - 1][t.trailing_zeros() as usize];
+            let mut b = self.stream.launch_builder(func);
+            b.arg(x)
+                .arg(&w.packed)
+                .arg(&w.scales)
+                .arg(&w.tensor_scale)
+                .arg(y)
+                .arg(&ni)
+                .arg(&ki)
+                .arg(&ks);
+            // SAFETY: matches kiln_gemv_nvfp4_tc2_m{m}_t{t}; shapes and shared memory checked.
+            return unsafe { b.launch(cfg) }
+                .map(|_| ())
+                .map_err(drv("launching kiln_gemv_nvfp4_tc2"));
         }
         if variant == GemvVariant::TensorCore {
             if !self.gemv_tc_fits(m, k) {
@@ -125,6 +171,44 @@ impl CudaKernels {
     pub fn gemv_tc_fits(&self, m: usize, k: usize) -> bool {
         k.is_multiple_of(128) && m * k * 4 + 4096 <= self.smem_optin
     }
+
+    /// Whether the tensor-core GEMV v2 with `tiles` 16-row tiles per warp can take `m` rows of
+    /// x with this K (m <= 4, K % 128 == 0, x as bf16 hi/lo fits in shared memory).
+    pub fn gemv_tc2_fits(&self, m: usize, k: usize, tiles: usize) -> bool {
+        (1..=4).contains(&m)
+            && matches!(tiles, 1 | 2 | 4)
+            && k.is_multiple_of(128)
+            && tc2_smem_bytes(m, k, tiles) <= self.smem_optin
+    }
+}
+
+/// Dynamic shared memory of the tensor-core GEMV v2: x as bf16 hi/lo (4·m·K bytes), a zero
+/// area for unused B columns and the cross-warp reduction.
+pub fn tc2_smem_bytes(m: usize, k: usize, tiles: usize) -> usize {
+    4 * m * k + 256 * m + 8 * tiles * 16 * m * 4
+}
+
+/// Super-tiles of weight loads each warp of the v2 kernel keeps in flight per tile (must match
+/// the `KILN_GEMV_TC2(M, T, D)` instantiations in `gemv_nvfp4_tc2.cu`).
+pub fn tc2_depth(tiles: usize) -> usize {
+    match tiles {
+        1 => 4,
+        2 => 3,
+        _ => 1,
+    }
+}
+
+/// How many warps split the super-tiles (128 k) in the v2 kernel: enough warp tasks to fill
+/// the GPU (16 per SM), while each warp keeps at least 2·depth super-tiles.
+pub fn gemv_tc2_ksplit(n: usize, k: usize, tiles: usize, sm_count: usize) -> usize {
+    let nsup = k / 128;
+    let groups = n.div_ceil(16 * tiles);
+    let d = tc2_depth(tiles);
+    let mut ks = 1;
+    while ks < 8 && nsup / (2 * ks) >= d && groups * ks < 16 * sm_count {
+        ks *= 2;
+    }
+    ks
 }
 
 /// Which GEMV kernel: rows of W per warp (more rows keep more bytes in flight per lane, at the
@@ -138,6 +222,13 @@ pub enum GemvVariant {
     /// Tensor cores (mma.sync bf16, x split into bf16 hi + lo): K % 128 == 0 and
     /// m·K·4 bytes of shared memory.
     TensorCore,
+    /// Tensor cores, v2 (`gemv_nvfp4_tc2.cu`): m <= 4 with one MMA per tile and step (x rows'
+    /// hi/lo parts in B's columns), `tiles` (1, 2 or 4) 16-row tiles per warp and several
+    /// super-tiles of loads in flight.
+    TensorCore2 {
+        /// 16-row tiles per warp.
+        tiles: u8,
+    },
 }
 
 /// How many warps split the 128-wide super-tiles of K in the tensor-core GEMV: enough warp

@@ -1,0 +1,226 @@
+// gemv_nvfp4_tc2.cu — decode-time fused dequantize + GEMV on the tensor cores for M = 1..4:
+// y[m, n] = sum_k x[m, k] * W[n, k], W in NVFP4 [N, K] (K % 128 == 0).
+//
+// Same decode and fragment order as gemv_nvfp4_tc.cu (read that header first): each lane
+// decodes E2M1 pairs into bf16 (value * 2^-126), multiplies them by its block's E4M3 scale
+// * 2^117 (exact), and feeds mma.sync.m16n8k16 (bf16 in, f32 accumulate). What differs:
+// - B's 8 columns hold x row m as bf16 hi (column 2m) and lo (column 2m + 1), so ONE MMA per
+//   16-row tile and 16-k step serves all M <= 4 rows at full f32-level accuracy (the older
+//   kernel ran two MMAs, hi and lo, and used one column per x row).
+// - each warp runs T 16-row tiles at once, so every B fragment read from shared memory serves
+//   T MMAs, and keeps D super-tiles (128 k) of weight loads in flight per tile (a ring of
+//   registers), so enough bytes are in flight per SM to cover DRAM latency.
+// - x is staged in 8-element items (all threads busy even for small K).
+//
+// Layout: x f32 [M, K], y f32 [M, N] row-major; packed [N, K/2]; scales [N, K/16] E4M3;
+// tensor_scale one f32 on the device.
+// Launch: 256 threads = 8 warps = (8 / KSPLIT) row groups of T tiles x KSPLIT warps splitting
+// the super-tiles; grid.x = ceil(N / (16 * T * (8 / KSPLIT))); dynamic shared memory
+// 4 * M * K + 256 * M + 8 * T * 16 * M * 4 bytes.
+
+__device__ __forceinline__ uint4 kiln_tc2_ld(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ u32 kiln_tc2_pack_bf16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// The top nibble of each 16-bit half of q as a bf16 pair: e2m1 value * 2^-126.
+__device__ __forceinline__ u32 kiln_tc2_pair(u32 q) {
+    return (q & 0x80008000u) | ((q >> 6) & 0x01C001C0u);
+}
+
+__device__ __forceinline__ u32 kiln_tc2_mul(u32 a, u32 b) {
+    u32 r;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(0x80008000u));
+    return r;
+}
+
+// E4M3 byte -> bf16x2 (both halves) holding scale * 2^117, sign included (exact: <= 4
+// significant bits; subnormal scales become normal bf16).
+__device__ __forceinline__ u32 kiln_tc2_scale(u32 b) {
+    float s = __fmul_rn(kiln_f16bits_to_f32((b & 0x7Fu) << 7), 4.2535295865117308e37f);  // *2^8*2^117
+    u32 h = (__float_as_uint(s) >> 16) | ((b & 0x80u) << 8);
+    return h | (h << 16);
+}
+
+__device__ __forceinline__ void kiln_tc2_mma(float c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int M, int T, int D>
+__device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
+        const u8* __restrict__ packed, const u8* __restrict__ scales,
+        const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
+    extern __shared__ uint4 kiln_tc2_smem[];
+    constexpr int C = 2 * M;  // B columns in use
+    const int nsup = K >> 7;
+    uint2* xs = reinterpret_cast<uint2*>(kiln_tc2_smem);  // [nsup][8 t][4 j][C]
+    uint2* zeros = xs + (size_t)nsup * 32 * C;                 // [32 C]: B for unused columns
+    float* red = reinterpret_cast<float*>(zeros + 32 * C);     // [8 warps][T][16][M]
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, j = lane & 3;
+    const int groups = 8 / ksplit;
+    const int rg = warp / ksplit, kp = warp % ksplit;
+    const int tile0 = (blockIdx.x * groups + rg) * T;
+    const int per = (nsup + ksplit - 1) / ksplit;
+    const int s_begin = min(nsup, kp * per), s_end = min(nsup, s_begin + per);
+    const size_t rstride = (size_t)(K >> 5);  // uint4 (and u16 scale pairs) per row
+
+    // per (tile, half): the row's first uint4 of W (+ lane j), also its first u16 scale pair
+    const uint4* wbase = reinterpret_cast<const uint4*>(packed);
+    const u16* sbase = reinterpret_cast<const u16*>(scales);
+    u32 roff[T][2];
+#pragma unroll
+    for (int tt = 0; tt < T; tt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+            roff[tt][h] = (u32)min((tile0 + tt) * 16 + g + 8 * h, N - 1) * (u32)rstride + (u32)j;
+
+    // the first D super-tiles' loads go out before x is staged
+    uint4 wb[D][T][2];
+    u32 sb[D][T][2];
+#pragma unroll
+    for (int d = 0; d < D; d++) {
+        const int s = s_begin + d;
+#pragma unroll
+        for (int tt = 0; tt < T; tt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                if (s < s_end) {
+                    wb[d][tt][h] = kiln_tc2_ld(wbase + roff[tt][h] + (size_t)s * 4);
+                    sb[d][tt][h] = __ldg(sbase + roff[tt][h] + (size_t)s * 4);
+                } else {
+                    wb[d][tt][h] = make_uint4(0, 0, 0, 0);
+                    sb[d][tt][h] = 0;
+                }
+            }
+    }
+
+    // stage x: item (m, s, jj, t2) = x[m][128 s + 32 jj + 8 t2 .. +8] -> k-tiles 2 t2, 2 t2 + 1
+    for (int c = threadIdx.x; c < M * nsup * 16; c += blockDim.x) {
+        const int m = c / (nsup * 16), r = c % (nsup * 16);
+        const int s = r >> 4, jj = (r >> 2) & 3, t2 = r & 3;
+        const float4* xp = reinterpret_cast<const float4*>(x + (size_t)m * K + 128 * s + 32 * jj + 8 * t2);
+        const float4 f0 = __ldg(xp), f1 = __ldg(xp + 1);
+        const float v[8] = {f0.x, f0.y, f0.z, f0.w, f1.x, f1.y, f1.z, f1.w};
+#pragma unroll
+        for (int odd = 0; odd < 2; odd++) {
+            const int p0 = odd ? 1 : 3;  // pair 0 = elements (p0, p0 + 4), pair 1 = (p0 - 1, p0 + 3)
+            const float e[4] = {v[p0], v[p0 + 4], v[p0 - 1], v[p0 + 3]};
+            const u32 hi01 = kiln_tc2_pack_bf16x2(e[0], e[1]), hi23 = kiln_tc2_pack_bf16x2(e[2], e[3]);
+            const float r0 = e[0] - __uint_as_float(hi01 << 16), r1 = e[1] - __uint_as_float(hi01 & 0xFFFF0000u);
+            const float r2 = e[2] - __uint_as_float(hi23 << 16), r3 = e[3] - __uint_as_float(hi23 & 0xFFFF0000u);
+            const int t = 2 * t2 + odd;
+            uint2* dst = xs + ((size_t)(s * 8 + t) * 4 + jj) * C + 2 * m;
+            dst[0] = make_uint2(hi01, hi23);
+            dst[1] = make_uint2(kiln_tc2_pack_bf16x2(r0, r1), kiln_tc2_pack_bf16x2(r2, r3));
+        }
+    }
+    for (int c = threadIdx.x; c < 32 * C; c += blockDim.x) zeros[c] = make_uint2(0u, 0u);
+    __syncthreads();
+
+    float acc[T][4];
+#pragma unroll
+    for (int tt = 0; tt < T; tt++)
+#pragma unroll
+        for (int q = 0; q < 4; q++) acc[tt][q] = 0.0f;
+    // lanes whose B column is unused read zeros (same offsets, no per-step select)
+    const uint2* xl = g < C ? xs + j * C + g : zeros;
+    const size_t xstep = g < C ? (size_t)32 * C : 0;
+
+    for (int s0 = s_begin; s0 < s_end; s0 += D) {
+#pragma unroll
+        for (int d = 0; d < D; d++) {
+            const int s = s0 + d;
+            if (s < s_end) {
+                uint4 w[T][2];
+                u32 sc[T][2][2];
+#pragma unroll
+                for (int tt = 0; tt < T; tt++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        w[tt][h] = wb[d][tt][h];
+                        sc[tt][h][0] = kiln_tc2_scale(sb[d][tt][h] & 0xFFu);
+                        sc[tt][h][1] = kiln_tc2_scale((sb[d][tt][h] >> 8) & 0xFFu);
+                    }
+                if (s + D < s_end) {
+#pragma unroll
+                    for (int tt = 0; tt < T; tt++)
+#pragma unroll
+                        for (int h = 0; h < 2; h++) {
+                            wb[d][tt][h] = kiln_tc2_ld(wbase + roff[tt][h] + (size_t)(s + D) * 4);
+                            sb[d][tt][h] = __ldg(sbase + roff[tt][h] + (size_t)(s + D) * 4);
+                        }
+                }
+                const uint2* xt = xl + (size_t)s * xstep;
+#pragma unroll
+                for (int t = 0; t < 8; t++) {
+                    const uint2 bv = xt[t * 4 * C];
+                    const u32 b0 = bv.x, b1 = bv.y;
+                    const int wi = t >> 1, blk = t >> 2, sh = 8 * (t & 1);
+#pragma unroll
+                    for (int tt = 0; tt < T; tt++) {
+                        const u32 q0 = (wi == 0 ? w[tt][0].x : wi == 1 ? w[tt][0].y : wi == 2 ? w[tt][0].z : w[tt][0].w) << sh;
+                        const u32 q1 = (wi == 0 ? w[tt][1].x : wi == 1 ? w[tt][1].y : wi == 2 ? w[tt][1].z : w[tt][1].w) << sh;
+                        const u32 a0 = kiln_tc2_mul(kiln_tc2_pair(q0), sc[tt][0][blk]);
+                        const u32 a2 = kiln_tc2_mul(kiln_tc2_pair(q0 << 4), sc[tt][0][blk]);
+                        const u32 a1 = kiln_tc2_mul(kiln_tc2_pair(q1), sc[tt][1][blk]);
+                        const u32 a3 = kiln_tc2_mul(kiln_tc2_pair(q1 << 4), sc[tt][1][blk]);
+                        kiln_tc2_mma(acc[tt], a0, a1, a2, a3, b0, b1);
+                    }
+                }
+            }
+        }
+    }
+    // D fragment: acc[0..1] = (row g, columns 2j, 2j+1) = x row j hi and lo parts; acc[2..3]
+    // the same for row g + 8. Lanes with j < M hold results.
+    if (j < M) {
+#pragma unroll
+        for (int tt = 0; tt < T; tt++) {
+            float* rw = red + ((size_t)warp * T + tt) * 16 * M;
+            rw[g * M + j] = acc[tt][0] + acc[tt][1];
+            rw[(g + 8) * M + j] = acc[tt][2] + acc[tt][3];
+        }
+    }
+    __syncthreads();
+    const float post = __ldg(tensor_scale) * 512.0f;  // undo the 2^-9 of the scaled A
+    for (int i = threadIdx.x; i < groups * T * 16 * M; i += blockDim.x) {
+        const int gg = i / (T * 16 * M), tt = (i / (16 * M)) % T, row = (i / M) % 16, m = i % M;
+        const int n = ((blockIdx.x * groups + gg) * T + tt) * 16 + row;
+        float v = 0.0f;
+        for (int k = 0; k < ksplit; k++)
+            v += red[(((size_t)(gg * ksplit + k)) * T + tt) * 16 * M + row * M + m];
+        if (n < N) y[(size_t)m * N + n] = v * post;
+    }
+}
+
+#define KILN_GEMV_TC2(MM, TT, DD)                                                              \
+    extern "C" __global__ void __launch_bounds__(256, 2) kiln_gemv_nvfp4_tc2_m##MM##_t##TT(    \
+            const float* __restrict__ x, const u8* __restrict__ packed,                        \
+            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,             \
+            float* __restrict__ y, int N, int K, int ksplit) {                                 \
+        kiln_gemv_tc2_body<MM, TT, DD>(x, packed, scales, tensor_scale, y, N, K, ksplit);      \
+    }
+
+KILN_GEMV_TC2(1, 1, 4)
+KILN_GEMV_TC2(1, 2, 3)
+KILN_GEMV_TC2(1, 4, 1)
+KILN_GEMV_TC2(2, 1, 4)
+KILN_GEMV_TC2(2, 2, 3)
+KILN_GEMV_TC2(2, 4, 1)
+KILN_GEMV_TC2(3, 1, 4)
+KILN_GEMV_TC2(3, 2, 3)
+KILN_GEMV_TC2(3, 4, 1)
+KILN_GEMV_TC2(4, 1, 4)
+KILN_GEMV_TC2(4, 2, 3)
+KILN_GEMV_TC2(4, 4, 1)
