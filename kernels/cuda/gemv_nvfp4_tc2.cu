@@ -16,7 +16,7 @@
 // tensor_scale one f32 on the device.
 // Launch: 256 threads = 8 warps = (8 / KSPLIT) row groups of T tiles x KSPLIT warps splitting
 // the super-tiles; grid.x = ceil(N / (16 * T * (8 / KSPLIT))); dynamic shared memory
-// 4 * M * K + 256 * M + 8 * T * 16 * M * 4 bytes.
+// 4 * M * K + 512 * M + 8 * T * 16 * M * 4 bytes (tc2_smem_bytes in gemv.rs).
 
 __device__ __forceinline__ uint4 kiln_tc2_ld(const uint4* p) {
     uint4 v;

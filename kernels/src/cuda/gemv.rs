@@ -183,9 +183,9 @@ impl CudaKernels {
 }
 
 /// Dynamic shared memory of the tensor-core GEMV v2: x as bf16 hi/lo (4·m·K bytes), a zero
-/// area for unused B columns and the cross-warp reduction.
+/// area for unused B columns (32·2m uint2) and the cross-warp reduction.
 pub fn tc2_smem_bytes(m: usize, k: usize, tiles: usize) -> usize {
-    4 * m * k + 256 * m + 8 * tiles * 16 * m * 4
+    4 * m * k + 512 * m + 8 * tiles * 16 * m * 4
 }
 
 /// Super-tiles of weight loads each warp of the v2 kernel keeps in flight per tile (must match
