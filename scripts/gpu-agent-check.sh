@@ -121,8 +121,9 @@ print()
 print(f"{'check':<50} result")
 for name, good in checks:
     print(f"{name:<50} {'ok' if good else 'FAILED'}")
-print(f"\nkill record: pid={k.get('pid')} pid_mem={k.get('pid_mem', 0)/gib:.2f} GiB "
-      f"total_mem={k.get('total_mem', 0)/gib:.2f} GiB limit={k.get('limit', 0)/gib:.2f} GiB phase={k.get('phase')}")
-print(f"within-budget peak: {ok.get('peak_mem', 0)/gib:.2f} GiB")
+mib = 1 << 20
+print(f"\nkill record: pid={k.get('pid')} pid_mem={k.get('pid_mem', 0)/mib:.1f} MiB "
+      f"total_mem={k.get('total_mem', 0)/mib:.1f} MiB limit={k.get('limit', 0)/mib:.1f} MiB phase={k.get('phase')}")
+print(f"within-budget peak: {ok.get('peak_mem', 0)/mib:.1f} MiB")
 sys.exit(0 if all(g for _, g in checks) else 1)
 EOF
