@@ -9,18 +9,23 @@
 //   kernel ran two MMAs, hi and lo, and used one column per x row).
 // - each warp runs T 16-row tiles at once, so every B fragment read from shared memory serves
 //   T MMAs, and keeps D super-tiles (128 k) of weight loads in flight per tile (a ring of
-//   registers), so enough bytes are in flight per SM to cover DRAM latency.
+//   registers), so enough bytes are in flight per SM to cover DRAM latency. Each lane reads
+//   only 16 B of a row per super-tile, so the loads ask L2 to fetch 256 B (L2::256B): the
+//   row's next super-tiles then come from L2 and DRAM sees whole 256-byte bursts.
 // - x is staged in 8-element items (all threads busy even for small K).
 //
 // Layout: x f32 [M, K], y f32 [M, N] row-major; packed [N, K/2]; scales [N, K/16] E4M3;
 // tensor_scale one f32 on the device.
+// Kernels are named _m{M}_t{T}_d{D}; each has a register cap (min blocks per SM) so that several
+// blocks fit on an SM: the loop is latency-bound (decode chains, HMMA, shared-memory loads),
+// so more resident warps help as much as more bytes in flight.
 // Launch: 256 threads = 8 warps = (8 / KSPLIT) row groups of T tiles x KSPLIT warps splitting
 // the super-tiles; grid.x = ceil(N / (16 * T * (8 / KSPLIT))); dynamic shared memory
 // 4 * M * K + 512 * M + 8 * T * 16 * M * 4 bytes (tc2_smem_bytes in gemv.rs).
 
 __device__ __forceinline__ uint4 kiln_tc2_ld(const uint4* p) {
     uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
@@ -204,23 +209,24 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
     }
 }
 
-#define KILN_GEMV_TC2(MM, TT, DD)                                                              \
-    extern "C" __global__ void __launch_bounds__(256, 2) kiln_gemv_nvfp4_tc2_m##MM##_t##TT(    \
+#define KILN_GEMV_TC2(MM, TT, DD, MINB)                                                        \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                    \
+            kiln_gemv_nvfp4_tc2_m##MM##_t##TT##_d##DD(                                          \
             const float* __restrict__ x, const u8* __restrict__ packed,                        \
             const u8* __restrict__ scales, const float* __restrict__ tensor_scale,             \
             float* __restrict__ y, int N, int K, int ksplit) {                                 \
         kiln_gemv_tc2_body<MM, TT, DD>(x, packed, scales, tensor_scale, y, N, K, ksplit);      \
     }
 
-KILN_GEMV_TC2(1, 1, 4)
-KILN_GEMV_TC2(1, 2, 3)
-KILN_GEMV_TC2(1, 4, 1)
-KILN_GEMV_TC2(2, 1, 4)
-KILN_GEMV_TC2(2, 2, 3)
-KILN_GEMV_TC2(2, 4, 1)
-KILN_GEMV_TC2(3, 1, 4)
-KILN_GEMV_TC2(3, 2, 3)
-KILN_GEMV_TC2(3, 4, 1)
-KILN_GEMV_TC2(4, 1, 4)
-KILN_GEMV_TC2(4, 2, 3)
-KILN_GEMV_TC2(4, 4, 1)
+// (M, tiles T, depth D, min blocks per SM): keep in sync with TC2_KERNELS in gemv.rs.
+KILN_GEMV_TC2(1, 1, 2, 4)
+KILN_GEMV_TC2(1, 1, 3, 4)
+KILN_GEMV_TC2(1, 2, 2, 3)
+KILN_GEMV_TC2(1, 2, 3, 2)
+KILN_GEMV_TC2(1, 4, 1, 2)
+KILN_GEMV_TC2(2, 1, 3, 4)
+KILN_GEMV_TC2(2, 2, 3, 2)
+KILN_GEMV_TC2(3, 1, 3, 4)
+KILN_GEMV_TC2(3, 2, 3, 2)
+KILN_GEMV_TC2(4, 1, 3, 4)
+KILN_GEMV_TC2(4, 2, 3, 2)

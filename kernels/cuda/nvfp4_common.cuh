@@ -58,7 +58,9 @@ __device__ __forceinline__ float kiln_e4m3_to_f32(u8 b) {
 // below 1 the grid has step 0.5 (rint(2a) with ties to even), from 1 up it is a float with one
 // mantissa bit (round the f32 bits to one mantissa bit, ties to even), capped at 6.
 __device__ __forceinline__ u32 kiln_e2m1_mag(float a) {
-    if (a < 1.0f) return (u32)rintf(a + a);
+    // below 1: rint(2a) without a float-to-int conversion: adding 2^22 (whose ulp is 0.5)
+    // rounds a to a multiple of 0.5, ties to even, and the bits count the halves
+    if (a < 1.0f) return __float_as_uint(__fadd_rn(a, 4194304.0f)) - 0x4A800000u;
     u32 b = __float_as_uint(a);
     b += 0x1FFFFFu + ((b >> 22) & 1u);
     u32 code = (b >> 22) - 252u;  // (E - 126) * 2 + m

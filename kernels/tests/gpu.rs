@@ -6,7 +6,7 @@ mod common;
 
 use half::bf16;
 use kiln_kernels::cpu::{adamw_step_nvfp4, matmul_nvfp4, AdamWParams};
-use kiln_kernels::cuda::{CudaKernels, GemvVariant};
+use kiln_kernels::cuda::{CudaKernels, GemvVariant, TC2_KERNELS};
 use kiln_kernels::{KernelError, Nvfp4Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -203,9 +203,12 @@ fn gemv_matches_an_f64_reference_within_1e_3() {
             if k.gemv_tc_fits(m, kk) && k.tc_gemv_ok() {
                 variants.push(GemvVariant::TensorCore);
             }
-            for tiles in [1u8, 2, 4] {
-                if k.gemv_tc2_fits(m, kk, tiles as usize) && k.tc_gemv_ok() {
-                    variants.push(GemvVariant::TensorCore2 { tiles });
+            for &(mm, t, d) in TC2_KERNELS {
+                if mm == m && k.gemv_tc2_fits(m, kk, t) && k.tc_gemv_ok() {
+                    variants.push(GemvVariant::TensorCore2 {
+                        tiles: t as u8,
+                        depth: d as u8,
+                    });
                 }
             }
             for v in variants {

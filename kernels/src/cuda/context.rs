@@ -69,8 +69,8 @@ pub(crate) struct Functions {
     pub gemv_m1_r8: CudaFunction,
     /// `kiln_gemv_nvfp4_tc_m{M}` for M = 1..=8 (tensor cores).
     pub gemv_tc: Vec<CudaFunction>,
-    /// `kiln_gemv_nvfp4_tc2_m{M}_t{T}` for M = 1..=4 and T = 1, 2, 4 (index `[M-1][log2 T]`).
-    pub gemv_tc2: Vec<[CudaFunction; 3]>,
+    /// `kiln_gemv_nvfp4_tc2_m{M}_t{T}_d{D}`, one per entry of `gemv::TC2_KERNELS`, same order.
+    pub gemv_tc2: Vec<CudaFunction>,
     pub adamw_amax: CudaFunction,
     pub adamw_apply: CudaFunction,
 }
@@ -160,15 +160,13 @@ impl CudaKernels {
             gemv_tc: (1..=8)
                 .map(|m| func("gemv_nvfp4_tc.cu", &format!("kiln_gemv_nvfp4_tc_m{m}")))
                 .collect::<Result<_, _>>()?,
-            gemv_tc2: (1..=4)
-                .map(|m| -> Result<[CudaFunction; 3], KernelError> {
-                    let f = |t: usize| {
-                        func(
-                            "gemv_nvfp4_tc2.cu",
-                            &format!("kiln_gemv_nvfp4_tc2_m{m}_t{t}"),
-                        )
-                    };
-                    Ok([f(1)?, f(2)?, f(4)?])
+            gemv_tc2: super::gemv::TC2_KERNELS
+                .iter()
+                .map(|&(m, t, d)| {
+                    func(
+                        "gemv_nvfp4_tc2.cu",
+                        &format!("kiln_gemv_nvfp4_tc2_m{m}_t{t}_d{d}"),
+                    )
                 })
                 .collect::<Result<_, _>>()?,
             adamw_amax: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_amax")?,
@@ -177,7 +175,7 @@ impl CudaKernels {
         let smem_optin = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(drv("reading the shared-memory limit"))? as usize;
-        for func in f.gemv_tc.iter().chain(f.gemv_tc2.iter().flatten()) {
+        for func in f.gemv_tc.iter().chain(f.gemv_tc2.iter()) {
             func.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem_optin as i32,
@@ -219,12 +217,14 @@ impl CudaKernels {
         let (q, x) = probe_data()?;
         let want = crate::cpu::matmul_nvfp4_ref(&x, 1, &q);
         let den: f64 = want.iter().map(|a| (*a as f64).powi(2)).sum();
-        for v in [
-            GemvVariant::TensorCore,
-            GemvVariant::TensorCore2 { tiles: 1 },
-            GemvVariant::TensorCore2 { tiles: 2 },
-            GemvVariant::TensorCore2 { tiles: 4 },
-        ] {
+        let tc2 = super::gemv::TC2_KERNELS
+            .iter()
+            .filter(|&&(m, _, _)| m == 1)
+            .map(|&(_, t, d)| GemvVariant::TensorCore2 {
+                tiles: t as u8,
+                depth: d as u8,
+            });
+        for v in std::iter::once(GemvVariant::TensorCore).chain(tc2) {
             let got = self.gemv_variant(&x, 1, &q, v)?;
             let num: f64 = want
                 .iter()

@@ -35,13 +35,13 @@ impl CudaKernels {
         if !self.tc_gemv_ok {
             return GemvVariant::Rows4;
         }
-        let tiles = if n >= 32 * self.sm_count as usize {
-            2
-        } else {
-            1
-        };
+        let _ = n;
+        let (tiles, depth) = (1, 3);
         if self.gemv_tc2_fits(m, k, tiles) {
-            GemvVariant::TensorCore2 { tiles: tiles as u8 }
+            GemvVariant::TensorCore2 {
+                tiles: tiles as u8,
+                depth: depth as u8,
+            }
         } else if m >= 2 && self.gemv_tc_fits(m, k) {
             GemvVariant::TensorCore
         } else {
@@ -76,23 +76,24 @@ impl CudaKernels {
                 y.len()
             )));
         }
-        if let GemvVariant::TensorCore2 { tiles } = variant {
-            let t = tiles as usize;
-            if !self.gemv_tc2_fits(m, k, t) {
+        if let GemvVariant::TensorCore2 { tiles, depth } = variant {
+            let (t, d) = (tiles as usize, depth as usize);
+            let Some(idx) = tc2_index(m, t, d).filter(|_| self.gemv_tc2_fits(m, k, t)) else {
                 return Err(KernelError::InvalidArgument(format!(
-                    "the tensor-core GEMV v2 takes m <= 4, K % 128 == 0, {t} tiles (1, 2 or 4) and \
-                     {} bytes of shared memory (m = {m}, K = {k})",
+                    "the tensor-core GEMV v2 takes K % 128 == 0, {} bytes of shared memory and \
+                     one of the built (m, tiles, depth) {TC2_KERNELS:?}; got m = {m}, K = {k}, \
+                     tiles = {t}, depth = {d}",
                     tc2_smem_bytes(m, k, t)
                 )));
-            }
-            let ksplit = gemv_tc2_ksplit(n, k, t, self.sm_count as usize);
+            };
+            let ksplit = gemv_tc2_ksplit(n, k, t, d, self.sm_count as usize);
             let cfg = LaunchConfig {
                 grid_dim: (n.div_ceil(16 * t * (8 / ksplit)) as u32, 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: tc2_smem_bytes(m, k, t) as u32,
             };
             let (ni, ki, ks) = (n as i32, k as i32, ksplit as i32);
-            let func = &self.f.gemv_tc2[m - 1][t.trailing_zeros() as usize];
+            let func = &self.f.gemv_tc2[idx];
             let mut b = self.stream.launch_builder(func);
             b.arg(x)
                 .arg(&w.packed)
@@ -102,7 +103,7 @@ impl CudaKernels {
                 .arg(&ni)
                 .arg(&ki)
                 .arg(&ks);
-            // SAFETY: matches kiln_gemv_nvfp4_tc2_m{m}_t{t}; shapes and shared memory checked.
+            // SAFETY: matches kiln_gemv_nvfp4_tc2_m{m}_t{t}_d{d}; shapes and shared memory checked.
             return unsafe { b.launch(cfg) }
                 .map(|_| ())
                 .map_err(drv("launching kiln_gemv_nvfp4_tc2"));
@@ -176,7 +177,7 @@ impl CudaKernels {
     /// x with this K (m <= 4, K % 128 == 0, x as bf16 hi/lo fits in shared memory).
     pub fn gemv_tc2_fits(&self, m: usize, k: usize, tiles: usize) -> bool {
         (1..=4).contains(&m)
-            && matches!(tiles, 1 | 2 | 4)
+            && TC2_KERNELS.iter().any(|&(mm, t, _)| mm == m && t == tiles)
             && k.is_multiple_of(128)
             && tc2_smem_bytes(m, k, tiles) <= self.smem_optin
     }
@@ -188,22 +189,32 @@ pub fn tc2_smem_bytes(m: usize, k: usize, tiles: usize) -> usize {
     4 * m * k + 512 * m + 8 * tiles * 16 * m * 4
 }
 
-/// Super-tiles of weight loads each warp of the v2 kernel keeps in flight per tile (must match
-/// the `KILN_GEMV_TC2(M, T, D)` instantiations in `gemv_nvfp4_tc2.cu`).
-pub fn tc2_depth(tiles: usize) -> usize {
-    match tiles {
-        1 => 4,
-        2 => 3,
-        _ => 1,
-    }
+/// The v2 kernels built, as (m, tiles per warp, super-tiles in flight per tile); the same list
+/// as the `KILN_GEMV_TC2` lines of `gemv_nvfp4_tc2.cu`, in the same order.
+pub const TC2_KERNELS: &[(usize, usize, usize)] = &[
+    (1, 1, 2),
+    (1, 1, 3),
+    (1, 2, 2),
+    (1, 2, 3),
+    (1, 4, 1),
+    (2, 1, 3),
+    (2, 2, 3),
+    (3, 1, 3),
+    (3, 2, 3),
+    (4, 1, 3),
+    (4, 2, 3),
+];
+
+/// Index of (m, tiles, depth) in [`TC2_KERNELS`].
+pub fn tc2_index(m: usize, tiles: usize, depth: usize) -> Option<usize> {
+    TC2_KERNELS.iter().position(|&e| e == (m, tiles, depth))
 }
 
 /// How many warps split the super-tiles (128 k) in the v2 kernel: enough warp tasks to fill
 /// the GPU (16 per SM), while each warp keeps at least 2·depth super-tiles.
-pub fn gemv_tc2_ksplit(n: usize, k: usize, tiles: usize, sm_count: usize) -> usize {
+pub fn gemv_tc2_ksplit(n: usize, k: usize, tiles: usize, d: usize, sm_count: usize) -> usize {
     let nsup = k / 128;
     let groups = n.div_ceil(16 * tiles);
-    let d = tc2_depth(tiles);
     let mut ks = 1;
     while ks < 8 && nsup / (2 * ks) >= d && groups * ks < 16 * sm_count {
         ks *= 2;
@@ -228,6 +239,8 @@ pub enum GemvVariant {
     TensorCore2 {
         /// 16-row tiles per warp.
         tiles: u8,
+        /// Super-tiles (128 k) of weight loads in flight per tile.
+        depth: u8,
     },
 }
 
@@ -259,6 +272,24 @@ pub fn gemv_ksplit(n: usize, k: usize, rows_per_warp: usize, sm_count: usize) ->
 #[cfg(test)]
 mod tests {
     use super::gemv_ksplit;
+
+    #[test]
+    fn every_listed_tc2_kernel_is_instantiated_in_the_cu_file() {
+        let src = include_str!("../../cuda/gemv_nvfp4_tc2.cu");
+        let built: Vec<(usize, usize, usize)> = src
+            .lines()
+            .filter_map(|l| l.strip_prefix("KILN_GEMV_TC2("))
+            .map(|l| {
+                let v: Vec<usize> = l
+                    .trim_end_matches(')')
+                    .split(',')
+                    .map(|t| t.trim().parse().unwrap())
+                    .collect();
+                (v[0], v[1], v[2])
+            })
+            .collect();
+        assert_eq!(built, super::TC2_KERNELS);
+    }
 
     #[test]
     fn ksplit_choices_for_the_benchmark_shapes() {
