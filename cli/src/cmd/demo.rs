@@ -34,11 +34,12 @@ const MODEL_JOB_BUDGET: u64 = 2 << 30;
 /// The question the demo asks.
 const QUESTION: &str = "Who are you?";
 
-/// The demo's running servers; dropping the sender stops them.
+/// The demo's running servers. `stop` steps 0 → 1 (stop the agent) → 2 (stop the
+/// coordinator), so the agent never sees its coordinator vanish under it.
 struct DemoCluster {
     url: String,
     dir: std::path::PathBuf,
-    stop: tokio::sync::watch::Sender<bool>,
+    stop: tokio::sync::watch::Sender<u8>,
     coordinator: tokio::task::JoinHandle<()>,
     agent: tokio::task::JoinHandle<()>,
     _tmp: Option<tempfile::TempDir>,
@@ -55,7 +56,7 @@ async fn start(args: &DemoArgs) -> anyhow::Result<DemoCluster> {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let (stop, stop_rx) = tokio::sync::watch::channel(0u8);
     let config = kiln_coordinator::CoordinatorConfig {
         data_dir: dir.join("coordinator"),
         ..Default::default()
@@ -63,7 +64,7 @@ async fn start(args: &DemoArgs) -> anyhow::Result<DemoCluster> {
     let mut rx = stop_rx.clone();
     let coordinator = tokio::spawn(async move {
         let shutdown = async move {
-            let _ = rx.changed().await;
+            let _ = rx.wait_for(|v| *v >= 2).await;
         };
         if let Err(e) = kiln_coordinator::run(listener, config, shutdown).await {
             eprintln!("demo coordinator stopped: {e}");
@@ -82,7 +83,7 @@ async fn start(args: &DemoArgs) -> anyhow::Result<DemoCluster> {
     let mut rx = stop_rx;
     let agent = tokio::spawn(async move {
         let shutdown = async move {
-            let _ = rx.changed().await;
+            let _ = rx.wait_for(|v| *v >= 1).await;
         };
         if let Err(e) = kiln_agent::run(agent_config, shutdown).await {
             eprintln!("demo agent stopped: {e}");
@@ -237,7 +238,11 @@ async fn run_job(client: &mut Client, req: v1::SubmitJobRequest) -> anyhow::Resu
                     ),
                 );
             }
-            Some(Event::Log(l)) => say(&bar, &mut in_tokens, format!("  | {}", l.line)),
+            // The job's own messages; its stderr tracing stays in the agent's logs.
+            Some(Event::Log(l)) if l.stream != "stderr" => {
+                say(&bar, &mut in_tokens, format!("  | {}", l.line))
+            }
+            Some(Event::Log(_)) => {}
             Some(Event::State(s)) => {
                 if let Some(b) = bar.take() {
                     b.finish();
@@ -306,8 +311,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     };
     println!("== agent {} registered ({where_})\n", agent.name);
     let outcome = pipeline(&mut client, &cluster.dir, gpus).await;
-    let _ = cluster.stop.send(true);
+    let _ = cluster.stop.send(1);
     let _ = tokio::time::timeout(Duration::from_secs(5), cluster.agent).await;
+    let _ = cluster.stop.send(2);
     let _ = tokio::time::timeout(Duration::from_secs(5), cluster.coordinator).await;
     let summary = outcome?;
     println!("{summary}");
@@ -448,8 +454,23 @@ async fn pipeline(client: &mut Client, dir: &Path, gpus: u32) -> anyhow::Result<
     }
 
     println!("== 5. the VRAM guard: a memtest within its budget, then one over it");
-    let ok = run_job(client, memtest("demo-within-budget", gpus, 128, 640)).await?;
-    let killed = run_job(client, memtest("demo-over-budget", gpus, 1024, 384)).await?;
+    // On a GPU the job's own CUDA context takes ≈ 0.5 GiB of device memory (NVML counts it
+    // per pid), so the GPU budgets leave room for it.
+    let (ok_mib, ok_budget, kill_mib, kill_budget) = if gpus > 0 {
+        (256, 1536, 2048, 1024)
+    } else {
+        (128, 640, 1024, 384)
+    };
+    let ok = run_job(
+        client,
+        memtest("demo-within-budget", gpus, ok_mib, ok_budget),
+    )
+    .await?;
+    let killed = run_job(
+        client,
+        memtest("demo-over-budget", gpus, kill_mib, kill_budget),
+    )
+    .await?;
     job_ids.extend([ok.id, killed.id]);
     if ok.state != JobState::Succeeded as i32 || killed.state != JobState::Killed as i32 {
         bail!(

@@ -45,6 +45,11 @@ impl EventPrinter {
             }
             Some(Event::Progress(p)) => {
                 self.end_tokens();
+                if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                    // No terminal to draw a bar on (logs, pipes): one line per update.
+                    println!("  progress {}/{} {} {}", p.done, p.total, p.unit, p.message);
+                    return;
+                }
                 let bar = self.bar.get_or_insert_with(|| {
                     let b = ProgressBar::new(p.total.max(1));
                     b.set_style(
@@ -104,8 +109,10 @@ impl EventPrinter {
                     }
                     Event::Token(_) | Event::Progress(_) => unreachable!(),
                 };
+                // `suspend` clears the bar, prints, and redraws it; unlike `ProgressBar::println`
+                // it prints even when the bar is hidden.
                 match &self.bar {
-                    Some(b) => b.println(line),
+                    Some(b) => b.suspend(|| println!("{line}")),
                     None => println!("{line}"),
                 }
             }
