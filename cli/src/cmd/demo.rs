@@ -79,6 +79,7 @@ async fn start(args: &DemoArgs) -> anyhow::Result<DemoCluster> {
         poll_secs: 0.1,
         over_secs: 0.0,
         work_dir: dir.join("agent"),
+        token: None,
     })?;
     let mut rx = stop_rx;
     let agent = tokio::spawn(async move {
@@ -519,7 +520,7 @@ async fn pipeline(client: &mut Client, dir: &Path, gpus: u32) -> anyhow::Result<
     }
     println!("{}", telemetry_table(&rows));
     Ok(format!(
-        "WhoAmI: loss {first:.3} → {last:.5}; the NVFP4 export answers {:?}; session turn 2 prefill {:.2} ms vs turn 1 {:.2} ms",
-        g.text, turns[1].prefill_ms, turns[0].prefill_ms
+        "WhoAmI: loss {first:.3} → {last:.5}; the NVFP4 export answers {:?}; session {} → {} tokens, turn 2 forwarded only its new turn (prefill {:.2} ms)",
+        g.text, turns[0].session_seq_len, turns[1].session_seq_len, turns[1].prefill_ms
     ))
 }
