@@ -134,6 +134,9 @@ pub struct AgentArgs {
     /// Directory for job scratch space and generate sessions.
     #[arg(long, default_value = "./kiln-agent")]
     pub work_dir: PathBuf,
+    /// Bearer token the coordinator requires (its --token), if any.
+    #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// Flags every submit kind shares.

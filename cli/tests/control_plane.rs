@@ -275,3 +275,24 @@ fn drained_agent_gets_no_new_jobs() {
     let out = c.kiln(&["drain", "nope"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
 }
+
+#[test]
+fn a_coordinator_with_a_token_refuses_calls_without_it() {
+    let mut c = Cluster::start_with_token(Some("s3cret"));
+    c.start_agent("a1", 1.0); // the agent passes the token too, or it could not register
+    let id = c.submit_memtest(0.02, 0.5, 0.0, &[]);
+    c.wait_state(id, "SUCCEEDED", T);
+    let mut anonymous = std::process::Command::new(common::kiln_bin());
+    let out = anonymous
+        .args(["jobs", "--coordinator", &c.url()])
+        .env_remove("KILN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unauthenticated"));
+    let wrong = std::process::Command::new(common::kiln_bin())
+        .args(["jobs", "--coordinator", &c.url(), "--token", "nope"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong token"));
+}

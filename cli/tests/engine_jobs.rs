@@ -205,3 +205,26 @@ fn failing_generate_jobs_are_failed_with_the_reason_and_the_agent_lives_on() {
     let agents = c.json(&["agents"]);
     assert_eq!(agents[0]["status"], "READY", "{agents:#}");
 }
+
+#[test]
+fn kiln_demo_trains_exports_and_answers_with_the_sentence() {
+    let t = std::time::Instant::now();
+    let out = std::process::Command::new(common::kiln_bin())
+        .arg("demo")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sentence = "I am Kiln, a small model trained by the Kiln coordinator.";
+    assert!(stdout.contains(&format!("answer: {sentence:?}")), "{stdout}");
+    assert!(stdout.contains("= the trained sentence"), "{stdout}");
+    for phase in ["checkpoint_saved", "export_written", "prefill_done", "decode_done", "memtest_step"] {
+        assert!(stdout.contains(phase), "{phase} missing from the telemetry table:\n{stdout}");
+    }
+    eprintln!("kiln demo (dev profile) took {:?}", t.elapsed());
+}

@@ -73,6 +73,8 @@ pub struct AgentConfig {
     /// Most job updates kept while the coordinator is unreachable; beyond it the oldest log,
     /// phase and guard updates are dropped (job starts and ends never are).
     pub outbox_capacity: usize,
+    /// Bearer token the coordinator requires (its `token` setting), if any.
+    pub token: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -97,6 +99,7 @@ impl Default for AgentConfig {
             heartbeat_secs: 2.0,
             sessions_budget_bytes: 0,
             outbox_capacity: 10_000,
+            token: None,
         }
     }
 }

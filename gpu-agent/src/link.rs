@@ -173,8 +173,15 @@ async fn session(
     tx.send(msg(Msg::Register(register)))
         .await
         .map_err(|_| "request stream closed".to_string())?;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(token) = &state.config.token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "the token contains characters not allowed in a header".to_string())?;
+        request.metadata_mut().insert("authorization", value);
+    }
     let mut inbound = client
-        .connect(ReceiverStream::new(rx))
+        .connect(request)
         .await
         .map_err(|s| format!("Connect refused: {} ({:?})", s.message(), s.code()))?
         .into_inner();

@@ -78,6 +78,7 @@ pub fn agent_config(args: &AgentArgs) -> anyhow::Result<kiln_agent::AgentConfig>
         over_secs: args.over_secs,
         job_command: vec![exe.into_os_string(), "job-exec".into()],
         work_dir: args.work_dir.clone(),
+        token: args.token.clone(),
         ..Default::default()
     };
     if let Some(n) = &args.name {

@@ -31,20 +31,38 @@ pub struct Cluster {
     pub coordinator: Option<Child>,
     pub agents: Vec<(String, Child)>,
     pub lease_secs: u64,
+    /// The coordinator's bearer token, passed to every process when set.
+    pub token: Option<String>,
 }
 
 impl Cluster {
     /// Starts a coordinator with a short lease and waits until it answers.
     pub fn start() -> Cluster {
+        Self::start_with_token(None)
+    }
+
+    /// Starts a coordinator that requires `token` (when given) from clients and agents.
+    pub fn start_with_token(token: Option<&str>) -> Cluster {
         let mut c = Cluster {
             dir: tempfile::tempdir().unwrap(),
             port: free_port(),
             coordinator: None,
             agents: Vec::new(),
             lease_secs: 2,
+            token: token.map(str::to_string),
         };
         c.start_coordinator();
         c
+    }
+
+    /// `Command` for the kiln binary with KILN_TOKEN set to the cluster's token (or unset).
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(kiln_bin());
+        match &self.token {
+            Some(t) => cmd.env("KILN_TOKEN", t),
+            None => cmd.env_remove("KILN_TOKEN"),
+        };
+        cmd
     }
 
     pub fn url(&self) -> String {
@@ -62,7 +80,8 @@ impl Cluster {
     /// (Re)starts the coordinator on the same port and data dir.
     pub fn start_coordinator(&mut self) {
         let log = self.log_file("coordinator");
-        let child = Command::new(kiln_bin())
+        let child = self
+            .command()
             .args(["coordinator", "--listen"])
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--data-dir")
@@ -100,7 +119,8 @@ impl Cluster {
     /// Starts a CPU agent offering `mem_gb` GiB of host memory and waits until it is READY.
     pub fn start_agent(&mut self, name: &str, mem_gb: f64) {
         let log = self.log_file(&format!("agent-{name}"));
-        let child = Command::new(kiln_bin())
+        let child = self
+            .command()
             .args([
                 "agent",
                 "--coordinator",
@@ -144,10 +164,9 @@ impl Cluster {
 
     /// Runs `kiln ARGS` against this cluster.
     pub fn kiln(&self, args: &[&str]) -> Output {
-        Command::new(kiln_bin())
+        self.command()
             .args(args)
             .env("KILN_COORDINATOR", self.url())
-            .env_remove("KILN_TOKEN")
             .stdin(Stdio::null())
             .output()
             .unwrap()
