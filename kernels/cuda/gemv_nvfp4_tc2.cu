@@ -9,9 +9,12 @@
 //   kernel ran two MMAs, hi and lo, and used one column per x row).
 // - each warp runs T 16-row tiles at once, so every B fragment read from shared memory serves
 //   T MMAs, and keeps D super-tiles (128 k) of weight loads in flight per tile (a ring of
-//   registers), so enough bytes are in flight per SM to cover DRAM latency. Each lane reads
-//   only 16 B of a row per super-tile, so the loads ask L2 to fetch 256 B (L2::256B): the
-//   row's next super-tiles then come from L2 and DRAM sees whole 256-byte bursts.
+//   registers), so enough bytes are in flight per SM to cover DRAM latency. (Asking L2 to
+//   fetch 256 B per load, L2::256B, measured 10-25% slower on the H100: BENCHMARKS.md.)
+// - "wide" kernels (_w, K % 512 == 0) load per lane 4 consecutive 16-byte pieces of a row at
+//   once (64 B; the 4 lanes of a row: 256 contiguous bytes) and one 8-byte load of the 4
+//   super-tiles' scale pairs, then run those 4 super-tiles: lane j's super-tile s = 4U + u
+//   holds k = 512U + 128j + 32u .. +32 (the x staging follows the same order).
 // - x is staged in 8-element items (all threads busy even for small K).
 //
 // Layout: x f32 [M, K], y f32 [M, N] row-major; packed [N, K/2]; scales [N, K/16] E4M3;
@@ -25,7 +28,7 @@
 
 __device__ __forceinline__ uint4 kiln_tc2_ld(const uint4* p) {
     uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
@@ -62,10 +65,20 @@ __device__ __forceinline__ void kiln_tc2_mma(float c[4], u32 a0, u32 a1, u32 a2,
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-template <int M, int T, int D>
+// The scale pairs of a load unit: G consecutive u16 (G = 1: one u16 in a u32; G = 4: one
+// 8-byte load).
+template <int G> struct KilnTc2Scales { typedef u64 T; };
+template <> struct KilnTc2Scales<1> { typedef u32 T; };
+__device__ __forceinline__ u32 kiln_tc2_ld_scales(const u16* p, u32) { return __ldg(p); }
+__device__ __forceinline__ u64 kiln_tc2_ld_scales(const u16* p, u64) {
+    return __ldg(reinterpret_cast<const unsigned long long*>(p));
+}
+
+template <int M, int T, int D, int G>
 __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
         const u8* __restrict__ packed, const u8* __restrict__ scales,
         const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
+    static_assert(G == 1 || G == 4, "super-tiles per load unit");
     extern __shared__ uint4 kiln_tc2_smem[];
     constexpr int C = 2 * M;  // B columns in use
     const int nsup = K >> 7;
@@ -77,11 +90,13 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
     const int groups = 8 / ksplit;
     const int rg = warp / ksplit, kp = warp % ksplit;
     const int tile0 = (blockIdx.x * groups + rg) * T;
-    const int per = (nsup + ksplit - 1) / ksplit;
-    const int s_begin = min(nsup, kp * per), s_end = min(nsup, s_begin + per);
+    const int nunits = nsup / G;  // load units (G super-tiles each)
+    const int per = (nunits + ksplit - 1) / ksplit;
+    const int u_begin = min(nunits, kp * per), u_end = min(nunits, u_begin + per);
     const size_t rstride = (size_t)(K >> 5);  // uint4 (and u16 scale pairs) per row
 
-    // per (tile, half): the row's first uint4 of W (+ lane j), also its first u16 scale pair
+    // per (tile, half): the row's first uint4 of W for this lane, also its first u16 scale
+    // pair; unit U's piece u is at + 4 G U + u
     const uint4* wbase = reinterpret_cast<const uint4*>(packed);
     const u16* sbase = reinterpret_cast<const u16*>(scales);
     u32 roff[T][2];
@@ -89,33 +104,40 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
     for (int tt = 0; tt < T; tt++)
 #pragma unroll
         for (int h = 0; h < 2; h++)
-            roff[tt][h] = (u32)min((tile0 + tt) * 16 + g + 8 * h, N - 1) * (u32)rstride + (u32)j;
+            roff[tt][h] = (u32)min((tile0 + tt) * 16 + g + 8 * h, N - 1) * (u32)rstride + (u32)(G * j);
 
-    // the first D super-tiles' loads go out before x is staged
-    uint4 wb[D][T][2];
-    u32 sb[D][T][2];
+    // the first D units' loads go out before x is staged
+    uint4 wb[D][T][2][G];
+    typedef typename KilnTc2Scales<G>::T SW;
+    SW sb[D][T][2];
 #pragma unroll
     for (int d = 0; d < D; d++) {
-        const int s = s_begin + d;
+        const int U = u_begin + d;
 #pragma unroll
         for (int tt = 0; tt < T; tt++)
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                if (s < s_end) {
-                    wb[d][tt][h] = kiln_tc2_ld(wbase + roff[tt][h] + (size_t)s * 4);
-                    sb[d][tt][h] = __ldg(sbase + roff[tt][h] + (size_t)s * 4);
+                if (U < u_end) {
+#pragma unroll
+                    for (int u = 0; u < G; u++)
+                        wb[d][tt][h][u] = kiln_tc2_ld(wbase + roff[tt][h] + (size_t)U * 4 * G + u);
+                    sb[d][tt][h] = kiln_tc2_ld_scales(sbase + roff[tt][h] + (size_t)U * 4 * G, SW());
                 } else {
-                    wb[d][tt][h] = make_uint4(0, 0, 0, 0);
+#pragma unroll
+                    for (int u = 0; u < G; u++) wb[d][tt][h][u] = make_uint4(0, 0, 0, 0);
                     sb[d][tt][h] = 0;
                 }
             }
     }
 
-    // stage x: item (m, s, jj, t2) = x[m][128 s + 32 jj + 8 t2 .. +8] -> k-tiles 2 t2, 2 t2 + 1
+    // stage x: item (m, s, jj, t2) = the 8 elements 8 t2 .. +8 of lane jj's 32-element chunk of
+    // super-tile s (k0 = 128 s + 32 jj, or 512 (s/4) + 128 jj + 32 (s%4) for G = 4)
+    // -> k-tiles 2 t2, 2 t2 + 1
     for (int c = threadIdx.x; c < M * nsup * 16; c += blockDim.x) {
         const int m = c / (nsup * 16), r = c % (nsup * 16);
         const int s = r >> 4, jj = (r >> 2) & 3, t2 = r & 3;
-        const float4* xp = reinterpret_cast<const float4*>(x + (size_t)m * K + 128 * s + 32 * jj + 8 * t2);
+        const int k0 = G == 1 ? 128 * s + 32 * jj : 512 * (s >> 2) + 128 * jj + 32 * (s & 3);
+        const float4* xp = reinterpret_cast<const float4*>(x + (size_t)m * K + k0 + 8 * t2);
         const float4 f0 = __ldg(xp), f1 = __ldg(xp + 1);
         const float v[8] = {f0.x, f0.y, f0.z, f0.w, f1.x, f1.y, f1.z, f1.w};
 #pragma unroll
@@ -143,45 +165,61 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
     const uint2* xl = g < C ? xs + j * C + g : zeros;
     const size_t xstep = g < C ? (size_t)32 * C : 0;
 
-    for (int s0 = s_begin; s0 < s_end; s0 += D) {
+    for (int U0 = u_begin; U0 < u_end; U0 += D) {
 #pragma unroll
         for (int d = 0; d < D; d++) {
-            const int s = s0 + d;
-            if (s < s_end) {
-                uint4 w[T][2];
-                u32 sc[T][2][2];
+            const int U = U0 + d;
+            if (U < u_end) {
+                uint4 w[T][2][G];
+                SW sw[T][2];
 #pragma unroll
                 for (int tt = 0; tt < T; tt++)
 #pragma unroll
                     for (int h = 0; h < 2; h++) {
-                        w[tt][h] = wb[d][tt][h];
-                        sc[tt][h][0] = kiln_tc2_scale(sb[d][tt][h] & 0xFFu);
-                        sc[tt][h][1] = kiln_tc2_scale((sb[d][tt][h] >> 8) & 0xFFu);
+#pragma unroll
+                        for (int u = 0; u < G; u++) w[tt][h][u] = wb[d][tt][h][u];
+                        sw[tt][h] = sb[d][tt][h];
                     }
-                if (s + D < s_end) {
+                if (U + D < u_end) {
 #pragma unroll
                     for (int tt = 0; tt < T; tt++)
 #pragma unroll
                         for (int h = 0; h < 2; h++) {
-                            wb[d][tt][h] = kiln_tc2_ld(wbase + roff[tt][h] + (size_t)(s + D) * 4);
-                            sb[d][tt][h] = __ldg(sbase + roff[tt][h] + (size_t)(s + D) * 4);
+#pragma unroll
+                            for (int u = 0; u < G; u++)
+                                wb[d][tt][h][u] = kiln_tc2_ld(wbase + roff[tt][h] + (size_t)(U + D) * 4 * G + u);
+                            sb[d][tt][h] = kiln_tc2_ld_scales(sbase + roff[tt][h] + (size_t)(U + D) * 4 * G, SW());
                         }
                 }
-                const uint2* xt = xl + (size_t)s * xstep;
 #pragma unroll
-                for (int t = 0; t < 8; t++) {
-                    const uint2 bv = xt[t * 4 * C];
-                    const u32 b0 = bv.x, b1 = bv.y;
-                    const int wi = t >> 1, blk = t >> 2, sh = 8 * (t & 1);
+                for (int u = 0; u < G; u++) {
+                    const int s = U * G + u;
+                    u32 sc[T][2][2];
 #pragma unroll
-                    for (int tt = 0; tt < T; tt++) {
-                        const u32 q0 = (wi == 0 ? w[tt][0].x : wi == 1 ? w[tt][0].y : wi == 2 ? w[tt][0].z : w[tt][0].w) << sh;
-                        const u32 q1 = (wi == 0 ? w[tt][1].x : wi == 1 ? w[tt][1].y : wi == 2 ? w[tt][1].z : w[tt][1].w) << sh;
-                        const u32 a0 = kiln_tc2_mul(kiln_tc2_pair(q0), sc[tt][0][blk]);
-                        const u32 a2 = kiln_tc2_mul(kiln_tc2_pair(q0 << 4), sc[tt][0][blk]);
-                        const u32 a1 = kiln_tc2_mul(kiln_tc2_pair(q1), sc[tt][1][blk]);
-                        const u32 a3 = kiln_tc2_mul(kiln_tc2_pair(q1 << 4), sc[tt][1][blk]);
-                        kiln_tc2_mma(acc[tt], a0, a1, a2, a3, b0, b1);
+                    for (int tt = 0; tt < T; tt++)
+#pragma unroll
+                        for (int h = 0; h < 2; h++) {
+                            const u32 pair = (u32)(sw[tt][h] >> (16 * u)) & 0xFFFFu;
+                            sc[tt][h][0] = kiln_tc2_scale(pair & 0xFFu);
+                            sc[tt][h][1] = kiln_tc2_scale((pair >> 8) & 0xFFu);
+                        }
+                    const uint2* xt = xl + (size_t)s * xstep;
+#pragma unroll
+                    for (int t = 0; t < 8; t++) {
+                        const uint2 bv = xt[t * 4 * C];
+                        const u32 b0 = bv.x, b1 = bv.y;
+                        const int wi = t >> 1, blk = t >> 2, sh = 8 * (t & 1);
+#pragma unroll
+                        for (int tt = 0; tt < T; tt++) {
+                            const uint4 wa = w[tt][0][u], wc = w[tt][1][u];
+                            const u32 q0 = (wi == 0 ? wa.x : wi == 1 ? wa.y : wi == 2 ? wa.z : wa.w) << sh;
+                            const u32 q1 = (wi == 0 ? wc.x : wi == 1 ? wc.y : wi == 2 ? wc.z : wc.w) << sh;
+                            const u32 a0 = kiln_tc2_mul(kiln_tc2_pair(q0), sc[tt][0][blk]);
+                            const u32 a2 = kiln_tc2_mul(kiln_tc2_pair(q0 << 4), sc[tt][0][blk]);
+                            const u32 a1 = kiln_tc2_mul(kiln_tc2_pair(q1), sc[tt][1][blk]);
+                            const u32 a3 = kiln_tc2_mul(kiln_tc2_pair(q1 << 4), sc[tt][1][blk]);
+                            kiln_tc2_mma(acc[tt], a0, a1, a2, a3, b0, b1);
+                        }
                     }
                 }
             }
@@ -209,24 +247,28 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
     }
 }
 
-#define KILN_GEMV_TC2(MM, TT, DD, MINB)                                                        \
-    extern "C" __global__ void __launch_bounds__(256, MINB)                                    \
-            kiln_gemv_nvfp4_tc2_m##MM##_t##TT##_d##DD(                                          \
-            const float* __restrict__ x, const u8* __restrict__ packed,                        \
-            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,             \
-            float* __restrict__ y, int N, int K, int ksplit) {                                 \
-        kiln_gemv_tc2_body<MM, TT, DD>(x, packed, scales, tensor_scale, y, N, K, ksplit);      \
+#define KILN_GEMV_TC2(MM, TT, DD, MINB, WIDE)                                                  \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                     \
+            kiln_gemv_nvfp4_tc2_m##MM##_t##TT##_d##DD##WIDE(                                     \
+            const float* __restrict__ x, const u8* __restrict__ packed,                         \
+            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,              \
+            float* __restrict__ y, int N, int K, int ksplit) {                                  \
+        kiln_gemv_tc2_body<MM, TT, DD, sizeof(#WIDE) == 1 ? 1 : 4>(x, packed, scales,           \
+                                                                   tensor_scale, y, N, K, ksplit); \
     }
 
-// (M, tiles T, depth D, min blocks per SM): keep in sync with TC2_KERNELS in gemv.rs.
-KILN_GEMV_TC2(1, 1, 2, 4)
-KILN_GEMV_TC2(1, 1, 3, 4)
-KILN_GEMV_TC2(1, 2, 2, 3)
-KILN_GEMV_TC2(1, 2, 3, 2)
-KILN_GEMV_TC2(1, 4, 1, 2)
-KILN_GEMV_TC2(2, 1, 3, 4)
-KILN_GEMV_TC2(2, 2, 3, 2)
-KILN_GEMV_TC2(3, 1, 3, 4)
-KILN_GEMV_TC2(3, 2, 3, 2)
-KILN_GEMV_TC2(4, 1, 3, 4)
-KILN_GEMV_TC2(4, 2, 3, 2)
+// (M, tiles T, depth D in load units, min blocks per SM, _w = wide): keep in sync with
+// TC2_KERNELS in gemv.rs.
+KILN_GEMV_TC2(1, 1, 4, 2, )
+KILN_GEMV_TC2(1, 2, 3, 2, )
+KILN_GEMV_TC2(1, 4, 1, 2, )
+KILN_GEMV_TC2(1, 1, 1, 2, _w)
+KILN_GEMV_TC2(1, 2, 1, 1, _w)
+KILN_GEMV_TC2(2, 1, 4, 2, )
+KILN_GEMV_TC2(2, 4, 1, 2, )
+KILN_GEMV_TC2(3, 1, 4, 2, )
+KILN_GEMV_TC2(3, 4, 1, 2, )
+KILN_GEMV_TC2(4, 1, 4, 2, )
+KILN_GEMV_TC2(4, 2, 3, 2, )
+KILN_GEMV_TC2(4, 4, 1, 2, )
+KILN_GEMV_TC2(4, 1, 1, 2, _w)

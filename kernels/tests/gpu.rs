@@ -6,7 +6,7 @@ mod common;
 
 use half::bf16;
 use kiln_kernels::cpu::{adamw_step_nvfp4, matmul_nvfp4, AdamWParams};
-use kiln_kernels::cuda::{CudaKernels, GemvVariant, TC2_KERNELS};
+use kiln_kernels::cuda::{tc2_variants, CudaKernels, GemvVariant};
 use kiln_kernels::{KernelError, Nvfp4Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -203,12 +203,15 @@ fn gemv_matches_an_f64_reference_within_1e_3() {
             if k.gemv_tc_fits(m, kk) && k.tc_gemv_ok() {
                 variants.push(GemvVariant::TensorCore);
             }
-            for &(mm, t, d) in TC2_KERNELS {
-                if mm == m && k.gemv_tc2_fits(m, kk, t) && k.tc_gemv_ok() {
-                    variants.push(GemvVariant::TensorCore2 {
-                        tiles: t as u8,
-                        depth: d as u8,
-                    });
+            for v in tc2_variants(m) {
+                let GemvVariant::TensorCore2 { tiles, wide, .. } = v else {
+                    continue;
+                };
+                if k.gemv_tc2_fits(m, kk, tiles as usize)
+                    && (!wide || kk % 512 == 0)
+                    && k.tc_gemv_ok()
+                {
+                    variants.push(v);
                 }
             }
             for v in variants {

@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::cpu::AdamWParams;
 use crate::cuda::context::drv;
-use crate::cuda::{CudaKernels, DeviceNvfp4, GemvVariant, TC2_KERNELS};
+use crate::cuda::{tc2_variants, CudaKernels, DeviceNvfp4, GemvVariant};
 use crate::nvfp4::Nvfp4Tensor;
 
 use crate::KernelError;
@@ -281,12 +281,12 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
             if k.gemv_tc_fits(m, kk) {
                 variants.push(GemvVariant::TensorCore);
             }
-            for &(mm, t, d) in TC2_KERNELS {
-                if mm == m && k.gemv_tc2_fits(m, kk, t) {
-                    variants.push(GemvVariant::TensorCore2 {
-                        tiles: t as u8,
-                        depth: d as u8,
-                    });
+            for v in tc2_variants(m) {
+                let GemvVariant::TensorCore2 { tiles, wide, .. } = v else {
+                    continue;
+                };
+                if k.gemv_tc2_fits(m, kk, tiles as usize) && (!wide || kk % 512 == 0) {
+                    variants.push(v);
                 }
             }
             variants.retain(|v| *v != default);

@@ -241,7 +241,7 @@ mod x86 {
                 }
             }
         }
-        if k % 32 != 0 {
+        if !k.is_multiple_of(32) {
             // one last 16-element block
             let b = k / 16 - 1;
             let mut buf = [0u8; 16];

@@ -21,31 +21,41 @@ impl CudaKernels {
         self.gemv_variant_async(x, m, w, y, self.default_gemv_variant_for(m, w.rows, w.cols))
     }
 
-    /// The GEMV kernel `gemv_async` uses. When the tensor-core kernels passed their start-up
-    /// check: for m <= 4 the v2 tensor-core kernel where x fits in shared memory (2 tiles per
-    /// warp when there are at least 32 rows per SM, else 1), for m = 5..8 the first
-    /// tensor-core kernel where x fits; otherwise the CUDA-core kernel with 4 rows per warp.
-    /// Chosen from the H100 measurements in BENCHMARKS.md.
+    /// The GEMV kernel `gemv_async` uses, chosen from the H100 measurements in BENCHMARKS.md
+    /// (N unknown: as for a large matrix). See [`CudaKernels::default_gemv_variant_for`].
     pub fn default_gemv_variant(&self, m: usize, k: usize) -> GemvVariant {
-        self.default_gemv_variant_for(m, usize::MAX, k)
+        self.default_gemv_variant_for(m, usize::MAX / k.max(1), k)
     }
 
-    /// [`CudaKernels::default_gemv_variant`] when N is known (picks the v2 kernel's tiles).
+    /// The GEMV kernel for `m` rows of x and an `[n, k]` W. When the tensor-core kernels passed
+    /// their start-up check: m = 1 runs the v2 tensor-core kernel with 2 tiles per warp and 3
+    /// super-tiles in flight on matrices of at least 16M weights, the CUDA-core kernel (4 rows
+    /// per warp) on smaller ones (launch-latency bound: it starts fastest); m = 2..4 the v2
+    /// kernel (4 tiles per warp for K >= 2048, else 1 tile with 4 super-tiles in flight);
+    /// m = 5..8 the first tensor-core kernel where x fits in shared memory. Everything else,
+    /// and every shape when the start-up check failed, runs the CUDA-core kernel.
     pub fn default_gemv_variant_for(&self, m: usize, n: usize, k: usize) -> GemvVariant {
         if !self.tc_gemv_ok {
             return GemvVariant::Rows4;
         }
-        let _ = n;
-        let (tiles, depth) = (1, 3);
-        if self.gemv_tc2_fits(m, k, tiles) {
-            GemvVariant::TensorCore2 {
-                tiles: tiles as u8,
-                depth: depth as u8,
+        let tc2 = |tiles: u8, depth: u8| GemvVariant::TensorCore2 {
+            tiles,
+            depth,
+            wide: false,
+        };
+        let pick = match m {
+            1 if n.saturating_mul(k) >= 16 << 20 => tc2(2, 3),
+            1 => GemvVariant::Rows4,
+            2..=4 if k >= 2048 => tc2(4, 1),
+            2..=4 => tc2(1, 4),
+            _ => GemvVariant::TensorCore,
+        };
+        match pick {
+            GemvVariant::TensorCore2 { tiles, .. } if self.gemv_tc2_fits(m, k, tiles as usize) => {
+                pick
             }
-        } else if m >= 2 && self.gemv_tc_fits(m, k) {
-            GemvVariant::TensorCore
-        } else {
-            GemvVariant::Rows4
+            _ if m >= 2 && self.gemv_tc_fits(m, k) => GemvVariant::TensorCore,
+            _ => GemvVariant::Rows4,
         }
     }
 
@@ -76,17 +86,19 @@ impl CudaKernels {
                 y.len()
             )));
         }
-        if let GemvVariant::TensorCore2 { tiles, depth } = variant {
+        if let GemvVariant::TensorCore2 { tiles, depth, wide } = variant {
             let (t, d) = (tiles as usize, depth as usize);
-            let Some(idx) = tc2_index(m, t, d).filter(|_| self.gemv_tc2_fits(m, k, t)) else {
+            let Some(idx) = tc2_index(m, t, d, wide)
+                .filter(|_| self.gemv_tc2_fits(m, k, t) && (!wide || k.is_multiple_of(512)))
+            else {
                 return Err(KernelError::InvalidArgument(format!(
-                    "the tensor-core GEMV v2 takes K % 128 == 0, {} bytes of shared memory and \
-                     one of the built (m, tiles, depth) {TC2_KERNELS:?}; got m = {m}, K = {k}, \
-                     tiles = {t}, depth = {d}",
+                    "the tensor-core GEMV v2 takes K % 128 == 0 (% 512 when wide), {} bytes of \
+                     shared memory and one of the built (m, tiles, depth, wide) {TC2_KERNELS:?}; \
+                     got m = {m}, K = {k}, tiles = {t}, depth = {d}, wide = {wide}",
                     tc2_smem_bytes(m, k, t)
                 )));
             };
-            let ksplit = gemv_tc2_ksplit(n, k, t, d, self.sm_count as usize);
+            let ksplit = gemv_tc2_ksplit(n, k, t, d, wide, self.sm_count as usize);
             let cfg = LaunchConfig {
                 grid_dim: (n.div_ceil(16 * t * (8 / ksplit)) as u32, 1, 1),
                 block_dim: (256, 1, 1),
@@ -177,7 +189,9 @@ impl CudaKernels {
     /// x with this K (m <= 4, K % 128 == 0, x as bf16 hi/lo fits in shared memory).
     pub fn gemv_tc2_fits(&self, m: usize, k: usize, tiles: usize) -> bool {
         (1..=4).contains(&m)
-            && TC2_KERNELS.iter().any(|&(mm, t, _)| mm == m && t == tiles)
+            && TC2_KERNELS
+                .iter()
+                .any(|&(mm, t, _, _)| mm == m && t == tiles)
             && k.is_multiple_of(128)
             && tc2_smem_bytes(m, k, tiles) <= self.smem_optin
     }
@@ -189,31 +203,62 @@ pub fn tc2_smem_bytes(m: usize, k: usize, tiles: usize) -> usize {
     4 * m * k + 512 * m + 8 * tiles * 16 * m * 4
 }
 
-/// The v2 kernels built, as (m, tiles per warp, super-tiles in flight per tile); the same list
-/// as the `KILN_GEMV_TC2` lines of `gemv_nvfp4_tc2.cu`, in the same order.
-pub const TC2_KERNELS: &[(usize, usize, usize)] = &[
-    (1, 1, 2),
-    (1, 1, 3),
-    (1, 2, 2),
-    (1, 2, 3),
-    (1, 4, 1),
-    (2, 1, 3),
-    (2, 2, 3),
-    (3, 1, 3),
-    (3, 2, 3),
-    (4, 1, 3),
-    (4, 2, 3),
+/// The v2 kernels built, as (m, tiles per warp, load units in flight per tile, wide); the same
+/// list as the `KILN_GEMV_TC2` lines of `gemv_nvfp4_tc2.cu`, in the same order. A load unit is
+/// one super-tile (128 k), or four for the wide kernels (K % 512 == 0).
+pub const TC2_KERNELS: &[(usize, usize, usize, bool)] = &[
+    (1, 1, 4, false),
+    (1, 2, 3, false),
+    (1, 4, 1, false),
+    (1, 1, 1, true),
+    (1, 2, 1, true),
+    (2, 1, 4, false),
+    (2, 4, 1, false),
+    (3, 1, 4, false),
+    (3, 4, 1, false),
+    (4, 1, 4, false),
+    (4, 2, 3, false),
+    (4, 4, 1, false),
+    (4, 1, 1, true),
 ];
 
-/// Index of (m, tiles, depth) in [`TC2_KERNELS`].
-pub fn tc2_index(m: usize, tiles: usize, depth: usize) -> Option<usize> {
-    TC2_KERNELS.iter().position(|&e| e == (m, tiles, depth))
+/// Index of (m, tiles, depth, wide) in [`TC2_KERNELS`].
+pub fn tc2_index(m: usize, tiles: usize, depth: usize, wide: bool) -> Option<usize> {
+    TC2_KERNELS
+        .iter()
+        .position(|&e| e == (m, tiles, depth, wide))
+}
+
+/// Whether the experimental v2 kernels (the wide ones) are offered to the benchmark, the GPU
+/// tests and the start-up probe: `KILN_GEMV_EXPERIMENTAL=1`. Never the default.
+pub fn tc2_experimental() -> bool {
+    std::env::var("KILN_GEMV_EXPERIMENTAL").is_ok_and(|v| v == "1")
+}
+
+/// The v2 variants for `m` rows of x (wide ones only when [`tc2_experimental`]).
+pub fn tc2_variants(m: usize) -> impl Iterator<Item = GemvVariant> {
+    let exp = tc2_experimental();
+    TC2_KERNELS
+        .iter()
+        .filter(move |&&(mm, _, _, wide)| mm == m && (exp || !wide))
+        .map(|&(_, t, d, wide)| GemvVariant::TensorCore2 {
+            tiles: t as u8,
+            depth: d as u8,
+            wide,
+        })
 }
 
 /// How many warps split the super-tiles (128 k) in the v2 kernel: enough warp tasks to fill
 /// the GPU (16 per SM), while each warp keeps at least 2·depth super-tiles.
-pub fn gemv_tc2_ksplit(n: usize, k: usize, tiles: usize, d: usize, sm_count: usize) -> usize {
-    let nsup = k / 128;
+pub fn gemv_tc2_ksplit(
+    n: usize,
+    k: usize,
+    tiles: usize,
+    d: usize,
+    wide: bool,
+    sm_count: usize,
+) -> usize {
+    let nsup = k / if wide { 512 } else { 128 };
     let groups = n.div_ceil(16 * tiles);
     let mut ks = 1;
     while ks < 8 && nsup / (2 * ks) >= d && groups * ks < 16 * sm_count {
@@ -239,8 +284,10 @@ pub enum GemvVariant {
     TensorCore2 {
         /// 16-row tiles per warp.
         tiles: u8,
-        /// Super-tiles (128 k) of weight loads in flight per tile.
+        /// Load units of weights in flight per tile.
         depth: u8,
+        /// Load unit = 4 super-tiles (64 contiguous bytes per lane, K % 512 == 0) instead of 1.
+        wide: bool,
     },
 }
 
@@ -276,16 +323,13 @@ mod tests {
     #[test]
     fn every_listed_tc2_kernel_is_instantiated_in_the_cu_file() {
         let src = include_str!("../../cuda/gemv_nvfp4_tc2.cu");
-        let built: Vec<(usize, usize, usize)> = src
+        let built: Vec<(usize, usize, usize, bool)> = src
             .lines()
             .filter_map(|l| l.strip_prefix("KILN_GEMV_TC2("))
             .map(|l| {
-                let v: Vec<usize> = l
-                    .trim_end_matches(')')
-                    .split(',')
-                    .map(|t| t.trim().parse().unwrap())
-                    .collect();
-                (v[0], v[1], v[2])
+                let v: Vec<&str> = l.trim_end_matches(')').split(',').map(str::trim).collect();
+                let n = |i: usize| v[i].parse::<usize>().unwrap();
+                (n(0), n(1), n(2), v[4] == "_w")
             })
             .collect();
         assert_eq!(built, super::TC2_KERNELS);

@@ -16,5 +16,5 @@ pub mod host;
 pub mod ops;
 
 pub use context::{check_cuda_libraries, CudaKernels};
-pub use gemv::{GemvVariant, TC2_KERNELS};
+pub use gemv::{tc2_experimental, tc2_variants, GemvVariant, TC2_KERNELS};
 pub use ops::{DeviceInput, DeviceNvfp4, DeviceStatus};
