@@ -221,10 +221,22 @@ fn kiln_demo_trains_exports_and_answers_with_the_sentence() {
         String::from_utf8_lossy(&out.stderr)
     );
     let sentence = "I am Kiln, a small model trained by the Kiln coordinator.";
-    assert!(stdout.contains(&format!("answer: {sentence:?}")), "{stdout}");
+    assert!(
+        stdout.contains(&format!("answer: {sentence:?}")),
+        "{stdout}"
+    );
     assert!(stdout.contains("= the trained sentence"), "{stdout}");
-    for phase in ["checkpoint_saved", "export_written", "prefill_done", "decode_done", "memtest_step"] {
-        assert!(stdout.contains(phase), "{phase} missing from the telemetry table:\n{stdout}");
+    for phase in [
+        "checkpoint_saved",
+        "export_written",
+        "prefill_done",
+        "decode_done",
+        "memtest_step",
+    ] {
+        assert!(
+            stdout.contains(phase),
+            "{phase} missing from the telemetry table:\n{stdout}"
+        );
     }
     eprintln!("kiln demo (dev profile) took {:?}", t.elapsed());
 }
