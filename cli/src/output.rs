@@ -83,7 +83,7 @@ fn result_json(result: Option<&v1::JobResult>) -> Value {
 
 /// The stable JSON form of a job.
 pub fn job_json(job: &v1::Job) -> Value {
-    let res = job.resources.clone().unwrap_or_default();
+    let res = job.resources.unwrap_or_default();
     let mut v = json!({
         "id": job.id,
         "name": job.name,
@@ -120,7 +120,7 @@ pub fn jobs_table(jobs: &[v1::Job]) -> Table {
         "ID", "KIND", "STATE", "ATTEMPT", "PRIO", "GPUS", "BUDGET", "PEAK", "AGENT", "NAME",
     ]);
     for j in jobs {
-        let res = j.resources.clone().unwrap_or_default();
+        let res = j.resources.unwrap_or_default();
         t.add_row(vec![
             Cell::new(j.id),
             Cell::new(job_kind(j)),

@@ -58,7 +58,7 @@ pub async fn list(args: JobsArgs) -> anyhow::Result<ExitCode> {
 
 /// Prints one job for people.
 pub fn print_job(job: &v1::Job) {
-    let res = job.resources.clone().unwrap_or_default();
+    let res = job.resources.unwrap_or_default();
     println!("job {} ({}) {}", job.id, job_kind(job), job_state(job));
     if !job.name.is_empty() {
         println!("  name:      {}", job.name);

@@ -48,7 +48,7 @@ pub fn build_request(kind: &SubmitKind) -> anyhow::Result<(v1::SubmitJobRequest,
     };
     let spec = match kind {
         SubmitKind::Memtest(m) => {
-            if !(m.gib > 0.0) || m.steps == 0 {
+            if m.gib.is_nan() || m.gib <= 0.0 || m.steps == 0 {
                 bail!("memtest needs --gib > 0 and --steps ≥ 1");
             }
             Spec::Memtest(v1::MemtestSpec {
