@@ -13,7 +13,8 @@
 //!   split and interleaved with byte shuffles, mapped to `2·e2m1` as i8 with one `vpshufb`
 //!   (a 16-entry table in a register), widened to f32, scaled and FMA'd with x.
 //! - anything else (and x86 without AVX2): a 256-entry table of two f32 per packed byte and
-//!   plain 16-lane loops that LLVM vectorizes for the baseline target (SSE2, NEON).
+//!   plain 16-lane loops that LLVM vectorizes for the baseline target (SSE2, NEON); for M > 1
+//!   it decodes each row of W once into a row buffer and takes plain dot products.
 //!
 //! Rows of W run in parallel (rayon); x rows are taken in groups of up to 4 per pass over a
 //! row of W (the row stays in L1 between passes).
@@ -96,12 +97,22 @@ pub fn matmul_fused(x: &[f32], m: usize, w: &Nvfp4Tensor, imp: FusedImpl) -> Vec
     yt.par_chunks_mut(rows_per_task * m)
         .zip(w.packed.par_chunks(rows_per_task * pb))
         .zip(w.scales.par_chunks(rows_per_task * sb))
-        .for_each(|((out, p), s)| {
+        .for_each_init(Vec::new, |row_buf: &mut Vec<f32>, ((out, p), s)| {
             for ((orow, prow), srow) in out
                 .chunks_exact_mut(m)
                 .zip(p.chunks_exact(pb))
                 .zip(s.chunks_exact(sb))
             {
+                if imp == FusedImpl::Portable && m > 1 {
+                    // without SIMD table lookups, decoding once per row and then taking plain
+                    // dot products beats decoding again for every row of x
+                    row_buf.resize(k, 0.0);
+                    decode_row_portable(prow, srow, row_buf);
+                    for (o, xrow) in orow.iter_mut().zip(x.chunks_exact(k)) {
+                        *o = dot8(row_buf, xrow) * w.tensor_scale;
+                    }
+                    continue;
+                }
                 let mut i0 = 0;
                 while i0 < m {
                     let g = (m - i0).min(GROUP);
@@ -148,6 +159,35 @@ fn row_dot<const G: usize>(
     for (o, v) in out.iter_mut().zip(r) {
         *o = v * tensor_scale;
     }
+}
+
+/// One row of W as `2·e2m1 · e4m3/2` (exactly `e2m1 · e4m3`; the tensor scale is applied to
+/// the dot products).
+fn decode_row_portable(p: &[u8], s: &[u8], out: &mut [f32]) {
+    for ((oblk, pblk), &sbyte) in out
+        .chunks_exact_mut(BLOCK)
+        .zip(p.chunks_exact(BLOCK / 2))
+        .zip(s)
+    {
+        let sf = e4m3_to_f32(sbyte) * 0.5;
+        for (pair, &byte) in oblk.chunks_exact_mut(2).zip(pblk) {
+            let [lo, hi] = PAIRS[byte as usize];
+            pair[0] = lo * sf;
+            pair[1] = hi * sf;
+        }
+    }
+}
+
+/// f32 dot product with 8 independent accumulators (vectorizes for the baseline target).
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for ((s, &xv), &yv) in acc.iter_mut().zip(x).zip(y) {
+            *s += xv * yv;
+        }
+    }
+    // K is a multiple of 16: no remainder
+    acc.iter().sum()
 }
 
 /// Portable inner loop: `Σ_k (2·e2m1 · e4m3/2) · x[g, k]` for each of the G rows of x.

@@ -31,7 +31,8 @@ impl CudaKernels {
     /// their start-up check: m = 1 runs the v2 tensor-core kernel with 2 tiles per warp and 3
     /// super-tiles in flight on matrices of at least 16M weights, the CUDA-core kernel (4 rows
     /// per warp) on smaller ones (launch-latency bound: it starts fastest); m = 2..4 the v2
-    /// kernel (4 tiles per warp for K >= 2048, else 1 tile with 4 super-tiles in flight);
+    /// kernel (4 tiles per warp for K >= 8192; for m = 4 with K >= 2048 and N >= 4096, 2
+    /// tiles x 3 deep; else 1 tile with 4 super-tiles in flight);
     /// m = 5..8 the first tensor-core kernel where x fits in shared memory. Everything else,
     /// and every shape when the start-up check failed, runs the CUDA-core kernel.
     pub fn default_gemv_variant_for(&self, m: usize, n: usize, k: usize) -> GemvVariant {
@@ -46,7 +47,8 @@ impl CudaKernels {
         let pick = match m {
             1 if n.saturating_mul(k) >= 16 << 20 => tc2(2, 3),
             1 => GemvVariant::Rows4,
-            2..=4 if k >= 2048 => tc2(4, 1),
+            2..=4 if k >= 8192 => tc2(4, 1),
+            4 if k >= 2048 && n >= 4096 => tc2(2, 3),
             2..=4 => tc2(1, 4),
             _ => GemvVariant::TensorCore,
         };
