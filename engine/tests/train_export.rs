@@ -188,6 +188,13 @@ fn exports_keep_every_dtype_and_load_back() {
         for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
             assert!(out.join(f).is_file(), "{f}");
         }
+        // Readable by a server running as another user.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(out.join("model.safetensors"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644);
         // The export generates exactly like the in-memory tiny model (NVFP4 bit-exact, f32 rest).
         assert_eq!(answer(out.to_str().unwrap(), "Hi"), answer("tiny", "Hi"));
     }

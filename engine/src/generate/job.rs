@@ -208,7 +208,11 @@ pub fn run_job(
             Some(s) => s,
             None => Session::new(&spec.session_id, &cm)?,
         };
-        stream.prefill_len = session.seq_len();
+        // The turn forwards the rendered user turn after what the session holds.
+        let delta = cm
+            .template
+            .delta(&session.messages, &ChatMessage::user(user.clone()))?;
+        stream.prefill_len = session.seq_len() + cm.tokenizer.encode(&delta)?.len();
         stream.started = Instant::now();
         let rep = session.turn(&cm, &user, &opts, &mut |id, piece| {
             stream.on_token(id, piece);

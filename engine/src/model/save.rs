@@ -350,6 +350,15 @@ pub fn save_model_dir(
         meta.insert("format".to_string(), "pt".to_string());
         safetensors::serialize_to_file(views, Some(meta), &p)
             .map_err(|e| ModelError::InvalidArgument(format!("writing {}: {e}", p.display())))?;
+        // The safetensors writer goes through a private (0600) temporary file; give the
+        // weights the permissions of the other files so a server running as another user
+        // (vLLM, TensorRT-LLM) can read them.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))
+                .map_err(|e| ModelError::io("setting permissions of", &p, e))?;
+        }
         written.push(p);
     }
     if n > 1 {
