@@ -6,9 +6,12 @@
 //!   `f32_to_e4m3`, `e4m3_to_f32`, `f32_to_e2m1_stochastic`, `sr_uniform`) and
 //!   [`nvfp4::Nvfp4Tensor`] (`quantize` — ModelOpt bit-exact, `quantize_stochastic`,
 //!   `dequantize`, `dequantize_rows`, `dequantize_rows_into`, `byte_size`, `from_parts`).
-//! - [`cpu`] — the CPU reference path: `cpu::matmul_nvfp4` (`y = x·Wᵀ`), `cpu::fake_quant_ste`
-//!   (straight-through forward value), `cpu::adamw_step_nvfp4` (chunked AdamW on packed
-//!   weights, scratch bounded by the chunk; `AdamWParams`, `AdamWScalars`, `AdamWStepStats`).
+//! - [`cpu`] — the CPU path: `cpu::matmul_nvfp4` (`y = x·Wᵀ`; the fused decode-and-dot kernel
+//!   `cpu::matmul_fused` for M ≤ 8 — AVX2 or portable, `cpu::FusedImpl` — and chunked
+//!   dequantize + f32 GEMM above), `cpu::matmul_nvfp4_ref` (the plain reference every fast path
+//!   and GPU kernel is checked against), `cpu::fake_quant_ste` (straight-through forward value),
+//!   `cpu::adamw_step_nvfp4` (chunked AdamW on packed weights, scratch bounded by the chunk;
+//!   `AdamWParams`, `AdamWScalars`, `AdamWStepStats`).
 //! - [`cuda`] — the CUDA path (cudarc, dynamic loading, kernels in `kernels/cuda/*.cu` compiled
 //!   by NVRTC with the PTX cached on disk): `cuda::CudaKernels::new(ordinal)` checks the
 //!   libraries first (`KernelError::CudaUnavailable`), then offers host-slice twins of the CPU
@@ -18,7 +21,9 @@
 //! - [`checkpoint`] — safetensors read/write (`read_safetensors_file`, `write_safetensors_file`,
 //!   `list_shards`), the ModelOpt / compressed-tensors NVFP4 layouts (`nvfp4_to_tensors`,
 //!   `nvfp4_from_tensors`) and `quantize_checkpoint` behind `kiln quantize`.
-//! - [`bench`] — the validate-then-time kernel benchmark behind `kiln bench kernels`.
+//! - [`bench`] — the validate-then-time kernel benchmark behind `kiln bench kernels`
+//!   (`bench::run`, GPU) and its CPU section (`bench::run_cpu`: NVFP4 matmul vs f32 dense, no
+//!   GPU needed; `kiln-kernel-bench --cpu`).
 
 pub mod bench;
 pub mod checkpoint;
