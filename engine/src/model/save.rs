@@ -372,3 +372,69 @@ pub fn save_model_dir(
     }
     Ok(written)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out(name: &str, dtype: Dtype, shape: Vec<usize>) -> OutTensor {
+        let n: usize = shape.iter().product();
+        OutTensor {
+            name: name.into(),
+            dtype,
+            data: vec![0; n * dtype.bitsize() / 8],
+            shape,
+        }
+    }
+
+    #[test]
+    fn the_layout_check_catches_wrong_scale_dtypes_and_shapes_before_writing() {
+        let cfg = crate::tiny::config().unwrap();
+        let p = "model.layers.0.mlp.down_proj"; // [128, 384]
+        check_tensor(
+            &cfg,
+            &out(&format!("{p}.weight"), Dtype::U8, vec![128, 192]),
+        )
+        .unwrap();
+        check_tensor(
+            &cfg,
+            &out(&format!("{p}.weight_scale"), Dtype::F8_E4M3, vec![128, 24]),
+        )
+        .unwrap();
+        check_tensor(
+            &cfg,
+            &out(&format!("{p}.weight_scale_2"), Dtype::F32, vec![]),
+        )
+        .unwrap();
+        // The seed's bug: block scales written back with another element type.
+        let e = check_tensor(
+            &cfg,
+            &out(&format!("{p}.weight_scale"), Dtype::F32, vec![128, 24]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("weight_scale") && e.contains("F8_E4M3"), "{e}");
+        let e = check_tensor(
+            &cfg,
+            &out(&format!("{p}.weight_scale_2"), Dtype::BF16, vec![]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("F32"), "{e}");
+        let e = check_tensor(
+            &cfg,
+            &out(&format!("{p}.weight"), Dtype::BF16, vec![384, 128]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&format!("{p}.weight"))
+                && e.contains("[384, 128]")
+                && e.contains("[128, 384]"),
+            "{e}"
+        );
+        let mut bad = out("model.norm.weight", Dtype::F32, vec![128]);
+        bad.data.pop();
+        assert!(check_tensor(&cfg, &bad).is_err());
+    }
+}
