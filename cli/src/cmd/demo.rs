@@ -18,7 +18,7 @@ use crate::output::{job_state, mib, telemetry_table};
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_proto::v1::{self, job_event::Event, job_result, job_spec::Spec, JobState};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -206,6 +206,13 @@ async fn run_job(client: &mut Client, req: v1::SubmitJobRequest) -> anyhow::Resu
                 print!("{}", t.text);
                 let _ = std::io::stdout().flush();
                 in_tokens = true;
+            }
+            // Without a terminal the bar is hidden: a line every 10 steps instead.
+            Some(Event::Progress(p)) if !std::io::stderr().is_terminal() => {
+                if p.done % 10 == 0 || p.done == p.total {
+                    let line = format!("  {} {}/{} {}", p.unit, p.done, p.total, p.message);
+                    say(&bar, &mut in_tokens, line);
+                }
             }
             Some(Event::Progress(p)) => {
                 let b = bar.get_or_insert_with(|| {
