@@ -187,6 +187,7 @@ async fn run_job(client: &mut Client, req: v1::SubmitJobRequest) -> anyhow::Resu
         .map_err(status_error)?
         .into_inner();
     let mut bar: Option<ProgressBar> = None;
+    let tty = std::io::stderr().is_terminal();
     let mut in_tokens = false;
     let say = |bar: &Option<ProgressBar>, in_tokens: &mut bool, line: String| {
         if std::mem::take(in_tokens) {
@@ -208,12 +209,11 @@ async fn run_job(client: &mut Client, req: v1::SubmitJobRequest) -> anyhow::Resu
                 in_tokens = true;
             }
             // Without a terminal the bar is hidden: a line every 10 steps instead.
-            Some(Event::Progress(p)) if !std::io::stderr().is_terminal() => {
-                if p.done % 10 == 0 || p.done == p.total {
-                    let line = format!("  {} {}/{} {}", p.unit, p.done, p.total, p.message);
-                    say(&bar, &mut in_tokens, line);
-                }
+            Some(Event::Progress(p)) if !tty && (p.done % 10 == 0 || p.done == p.total) => {
+                let line = format!("  {} {}/{} {}", p.unit, p.done, p.total, p.message);
+                say(&bar, &mut in_tokens, line);
             }
+            Some(Event::Progress(_)) if !tty => {}
             Some(Event::Progress(p)) => {
                 let b = bar.get_or_insert_with(|| {
                     let b = ProgressBar::new(p.total.max(1));
