@@ -215,7 +215,12 @@ impl JobRun {
                 } else {
                     None
                 };
-                let mem_for_event = mem.unwrap_or_default();
+                let mut mem_for_event = mem.unwrap_or_default();
+                // The report can arrive after a fast job's process has exited: on a CPU slot
+                // the job's own RSS reading (taken at the boundary) is the same quantity.
+                if self.gpus.is_empty() && mem_for_event.pid_mem == 0 {
+                    mem_for_event.pid_mem = p.host_rss;
+                }
                 if let Some(ev) = convert::report_event(Report::Phase(p), || mem_for_event) {
                     self.event(at_ms, ev);
                 }
