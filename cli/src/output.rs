@@ -61,16 +61,23 @@ fn spec_json(spec: Option<&v1::JobSpec>) -> Value {
     }
 }
 
-fn result_json(result: Option<&v1::JobResult>) -> Value {
+fn result_json(result: Option<&v1::JobResult>, ab: bool) -> Value {
     match result.and_then(|r| r.result.as_ref()) {
         Some(job_result::Result::Memtest(m)) => json!({
             "allocated_bytes": m.allocated_bytes, "device": m.device,
         }),
-        Some(job_result::Result::Generate(g)) => json!({
-            "text": g.text, "token_ids": g.token_ids, "prefill_ms": g.prefill_ms,
-            "decode_tokens_per_s": g.decode_tokens_per_s, "session_seq_len": g.session_seq_len,
-            "ab_tokens_agree": g.ab_tokens_agree, "ab_max_logit_diff": g.ab_max_logit_diff,
-        }),
+        Some(job_result::Result::Generate(g)) => {
+            let mut v = json!({
+                "text": g.text, "token_ids": g.token_ids, "prefill_ms": g.prefill_ms,
+                "decode_tokens_per_s": g.decode_tokens_per_s, "session_seq_len": g.session_seq_len,
+            });
+            // The A/B fields mean something only for `--kv ab` jobs.
+            if ab {
+                v["ab_tokens_agree"] = g.ab_tokens_agree.into();
+                v["ab_max_logit_diff"] = g.ab_max_logit_diff.into();
+            }
+            v
+        }
         Some(job_result::Result::Train(t)) => json!({
             "loss": t.loss, "checkpoint": t.checkpoint, "tokens_per_s": t.tokens_per_s,
         }),
@@ -79,6 +86,11 @@ fn result_json(result: Option<&v1::JobResult>) -> Value {
         }),
         None => Value::Null,
     }
+}
+
+/// Whether a job is a generate job run with `--kv ab`.
+fn is_ab(job: &v1::Job) -> bool {
+    matches!(job.spec.as_ref().and_then(|s| s.spec.as_ref()), Some(job_spec::Spec::Generate(g)) if g.kv == "ab")
 }
 
 /// The stable JSON form of a job.
@@ -105,7 +117,7 @@ pub fn job_json(job: &v1::Job) -> Value {
         "peak_mem": job.peak_mem,
         "session_id": job.session_id,
         "spec": spec_json(job.spec.as_ref()),
-        "result": result_json(job.result.as_ref()),
+        "result": result_json(job.result.as_ref(), is_ab(job)),
     });
     if let Some(k) = &job.kill {
         v["kill"] = kill_json(k);

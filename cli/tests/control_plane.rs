@@ -55,6 +55,24 @@ fn memtest_succeeds_with_phase_samples_in_telemetry() {
     }
     // The second step holds twice the memory of the first.
     assert!(steps[1]["pid_mem"].as_u64() > steps[0]["pid_mem"].as_u64());
+    // --plot draws the guard's series and the phases to a real PNG.
+    let png = c.dir.path().join("mem.png");
+    let out = c.kiln(&[
+        "telemetry",
+        &id.to_string(),
+        "--plot",
+        png.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(
+        bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000,
+        "not a drawn PNG"
+    );
     let csv = c.kiln(&["telemetry", &id.to_string(), "-o", "csv"]);
     assert!(String::from_utf8_lossy(&csv.stdout).starts_with("job_id,attempt,agent"));
 }

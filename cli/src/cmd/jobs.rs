@@ -92,7 +92,16 @@ pub fn print_job(job: &v1::Job) {
     if !job.error.is_empty() {
         println!("  error:     {}", job.error);
     }
-    let v = job_json(job);
+    let mut v = job_json(job);
+    if let Some(loss) = v["result"]["loss"]
+        .as_array()
+        .filter(|l| l.len() > 4)
+        .cloned()
+    {
+        // A long loss curve reads better as its ends; `-o json` has every step.
+        let (first, last) = (&loss[0], &loss[loss.len() - 1]);
+        v["result"]["loss"] = format!("{first} → {last} over {} steps", loss.len()).into();
+    }
     if !v["result"].is_null() {
         println!("  result:    {}", v["result"]);
     }

@@ -101,15 +101,28 @@ pub fn plot(path: &Path, job: &v1::Job, rows: &[v1::TelemetryRow]) -> anyhow::Re
         .map(|p| p.0)
         .fold(0.0, f64::max)
         .max(1.0);
-    let m_max = guard
+    let data_max = guard
         .iter()
         .chain(&phases)
         .map(|p| p.1)
-        .fold(budget_mib, f64::max)
-        .max(1.0)
-        * 1.1;
+        .fold(0.0, f64::max)
+        .max(1.0);
+    // Draw the budget line only when it is on the data's scale; a budget far above the job's
+    // use would flatten the curve into the axis.
+    let budget_on_scale = budget_mib <= data_max * 3.0;
+    let m_max = if budget_on_scale {
+        data_max.max(budget_mib)
+    } else {
+        data_max
+    } * 1.15;
     let chart = Chart {
-        title: format!("job {} memory (budget {:.0} MiB)", job.id, budget_mib),
+        title: format!(
+            "job {} memory (budget {:.0} MiB{})",
+            job.id,
+            budget_mib,
+            if budget_on_scale { "" } else { ", off scale" }
+        ),
+        budget_on_scale,
         guard,
         phases,
         budget_mib,
@@ -132,6 +145,7 @@ struct Chart {
     /// (seconds, MiB, phase) of phase samples.
     phases: Vec<(f64, f64, String)>,
     budget_mib: f64,
+    budget_on_scale: bool,
     t_max: f64,
     m_max: f64,
 }
@@ -164,13 +178,15 @@ impl Chart {
             ))?
             .label("guard samples")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
-        chart
-            .draw_series(LineSeries::new(
-                vec![(0.0, self.budget_mib), (x_end, self.budget_mib)],
-                &RED,
-            ))?
-            .label("budget")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        if self.budget_on_scale {
+            chart
+                .draw_series(LineSeries::new(
+                    vec![(0.0, self.budget_mib), (x_end, self.budget_mib)],
+                    &RED,
+                ))?
+                .label("budget")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        }
         chart
             .draw_series(
                 self.phases
@@ -179,11 +195,14 @@ impl Chart {
             )?
             .label("phase samples")
             .legend(|(x, y)| Circle::new((x + 10, y), 4, GREEN.filled()));
-        chart.draw_series(
-            self.phases
-                .iter()
-                .map(|p| Text::new(p.2.clone(), (p.0, p.1), ("sans-serif", 12).into_font())),
-        )?;
+        // Name the phases when there are few enough to read; long runs show points only.
+        if self.phases.len() <= 16 {
+            chart.draw_series(
+                self.phases
+                    .iter()
+                    .map(|p| Text::new(p.2.clone(), (p.0, p.1), ("sans-serif", 12).into_font())),
+            )?;
+        }
         chart
             .configure_series_labels()
             .border_style(BLACK)
