@@ -198,6 +198,13 @@ impl Launch {
                 },
             }
         };
+        // A kill that raced the exit (the agent killed the tree, then sent the reason) still
+        // decides how the job ended: it was cancelled, not crashed.
+        if !run.ending() {
+            if let Ok(reason) = kill_rx.try_recv() {
+                run.cancel(reason);
+            }
+        }
         // Nothing of the job may outlive it: its leader is gone, end the rest of the tree.
         procfs::kill_tree(pid, run.known());
         if lines_open {

@@ -148,8 +148,9 @@ impl AgentState {
     pub fn kill_all(&self, reason: &str) {
         let jobs = self.jobs();
         for h in jobs.values() {
-            procfs::kill_tree(h.pid, &[]);
+            // The reason first, so the job's loop knows why its process died.
             let _ = h.kill_tx.send(reason.to_string());
+            procfs::kill_tree(h.pid, &[]);
         }
     }
 
