@@ -136,8 +136,13 @@ impl Shared {
             if let Ok(entry) = current_entry(state, name, link_id) {
                 entry.link = None;
                 entry.disconnected_at = Some(Instant::now());
-                tracing::warn!(agent = name, jobs = entry.allocations.len(),
-                    "agent stream ended; its jobs become LOST unless it reconnects within the lease");
+                let jobs = entry.allocations.len();
+                if jobs > 0 {
+                    tracing::warn!(agent = name, jobs,
+                        "agent stream ended; its jobs become LOST unless it reconnects within the lease");
+                } else {
+                    tracing::info!(agent = name, "agent stream ended (no jobs on it)");
+                }
             }
             Ok(())
         });
