@@ -108,6 +108,34 @@ pub struct AdamWStepStats {
     pub new_tensor_scale: f32,
 }
 
+/// Checks the arguments every AdamW step implementation (CPU, CUDA) shares: the gradient and
+/// both moments hold `n` elements each, and `chunk_rows` is at least 1.
+pub(crate) fn check_step_args(
+    n: usize,
+    [grad, m, v]: [usize; 3],
+    chunk_rows: usize,
+) -> Result<(), KernelError> {
+    for (what, len) in [
+        ("gradient", grad),
+        ("first moment m", m),
+        ("second moment v", v),
+    ] {
+        if len != n {
+            return Err(KernelError::LengthMismatch {
+                what,
+                expected: n,
+                got: len,
+            });
+        }
+    }
+    if chunk_rows == 0 {
+        return Err(KernelError::InvalidArgument(
+            "chunk_rows must be at least 1".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// One AdamW step on packed NVFP4 weights, `chunk_rows` rows at a time.
 ///
 /// - `w`: the packed weights `[rows, cols]`, updated in place (requantized with stochastic
@@ -131,24 +159,7 @@ pub fn adamw_step_nvfp4(
 ) -> Result<AdamWStepStats, KernelError> {
     let (rows, cols) = (w.rows, w.cols);
     let n = rows * cols;
-    for (what, len) in [
-        ("gradient", grad.len()),
-        ("first moment m", m.len()),
-        ("second moment v", v.len()),
-    ] {
-        if len != n {
-            return Err(KernelError::LengthMismatch {
-                what,
-                expected: n,
-                got: len,
-            });
-        }
-    }
-    if chunk_rows == 0 {
-        return Err(KernelError::InvalidArgument(
-            "chunk_rows must be at least 1".into(),
-        ));
-    }
+    check_step_args(n, [grad.len(), m.len(), v.len()], chunk_rows)?;
     checked_amax(grad, cols)?;
     let sc = AdamWScalars::new(hp, step, seed);
     let chunk_rows = chunk_rows.min(rows.max(1));

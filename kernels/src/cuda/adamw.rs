@@ -41,24 +41,7 @@ impl CudaKernels {
         status: &mut DeviceStatus,
     ) -> Result<AdamWStepStats, KernelError> {
         let n = w.rows * w.cols;
-        for (what, len) in [
-            ("gradient", grad.len()),
-            ("first moment m", m.len()),
-            ("second moment v", v.len()),
-        ] {
-            if len != n {
-                return Err(KernelError::LengthMismatch {
-                    what,
-                    expected: n,
-                    got: len,
-                });
-            }
-        }
-        if chunk_rows == 0 {
-            return Err(KernelError::InvalidArgument(
-                "chunk_rows must be at least 1".into(),
-            ));
-        }
+        crate::cpu::adamw::check_step_args(n, [grad.len(), m.len(), v.len()], chunk_rows)?;
         let sc = AdamWScalars::new(hp, step, seed);
         let h = KilnAdamW {
             beta1: sc.beta1,

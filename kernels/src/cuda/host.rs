@@ -198,19 +198,7 @@ impl CudaKernels {
         seed: u64,
     ) -> Result<AdamWStepStats, KernelError> {
         let n = w.rows * w.cols;
-        for (what, len) in [
-            ("gradient", grad.len()),
-            ("first moment m", m.len()),
-            ("second moment v", v.len()),
-        ] {
-            if len != n {
-                return Err(KernelError::LengthMismatch {
-                    what,
-                    expected: n,
-                    got: len,
-                });
-            }
-        }
+        crate::cpu::adamw::check_step_args(n, [grad.len(), m.len(), v.len()], chunk_rows)?;
         crate::nvfp4::checked_amax(grad, w.cols)?;
         let s = &self.stream;
         let mut dw = self.upload_nvfp4(w)?;
