@@ -35,8 +35,7 @@ fn memtest_succeeds_with_phase_samples_in_telemetry() {
         String::from_utf8_lossy(&out.stderr)
     );
     // --follow -o json prints one JSON document per line: events, then the final job.
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let last = common::final_job(&out);
     assert_eq!(last["state"], "SUCCEEDED", "{last:#}");
     assert_eq!(last["attempt"], 1);
     assert_eq!(last["kind"], "MEMTEST");
@@ -108,8 +107,7 @@ fn memtest_over_budget_is_killed_and_the_agent_lives_on() {
         !out.status.success(),
         "a killed job must make --follow exit non-zero"
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let job: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let job = common::final_job(&out);
     assert_eq!(job["state"], "KILLED", "{job:#}");
     let kill = &job["kill"];
     let (pid_mem, limit) = (

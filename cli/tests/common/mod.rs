@@ -294,6 +294,14 @@ impl Drop for Cluster {
     }
 }
 
+/// The last line of `--follow -o json` output: the final job record (the lines before it
+/// are the job's events).
+pub fn final_job(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().expect("--follow printed nothing");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {last}"))
+}
+
 /// Pids of live processes whose parent is `ppid`.
 pub fn children_of(ppid: u32) -> Vec<u32> {
     let mut out = Vec::new();
