@@ -78,3 +78,34 @@ kiln_amax_bf16(const u16* __restrict__ x, u64 n, u32* amax_bits, u64* first_bad_
 extern "C" __global__ void kiln_tensor_scale_from_amax(const u32* amax_bits, float* tensor_scale) {
     if (threadIdx.x == 0 && blockIdx.x == 0) *tensor_scale = kiln_tensor_scale(__uint_as_float(*amax_bits));
 }
+
+// A pure read of n 16-byte words (folded with xor into one word per block, written to
+// out[blockIdx.x] so nothing is optimised away): the benchmark's read-bandwidth ceiling for a
+// kernel that reads a given number of bytes. Launch: grid-stride, 256 threads per block,
+// 4 loads in flight per thread.
+extern "C" __global__ void __launch_bounds__(256)
+kiln_stream_read(const uint4* __restrict__ p, u64 n, u32* __restrict__ out) {
+    u32 acc = 0;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    for (; i + 3 * stride < n; i += 4 * stride) {
+        uint4 v[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) v[u] = kiln_tc_ld_stream(p + i + u * stride);
+#pragma unroll
+        for (int u = 0; u < 4; u++) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+    }
+    for (; i < n; i += stride) {
+        const uint4 v = kiln_tc_ld_stream(p + i);
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xFFFFFFFFu, acc, o);
+    __shared__ u32 part[8];
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32 a = 0;
+        for (int w = 0; w < (int)(blockDim.x >> 5); w++) a ^= part[w];
+        out[blockIdx.x] = a;
+    }
+}

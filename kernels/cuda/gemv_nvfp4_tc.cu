@@ -18,45 +18,8 @@
 // Launch: 256 threads = 8 warps = (8 / KSPLIT) row tiles of 16 x KSPLIT warps splitting the
 // super-tiles; grid.x = ceil(N / (16 * 8 / KSPLIT)); dynamic shared memory M*K*4 + 4096 bytes.
 
-__device__ __forceinline__ uint4 kiln_tc_ld_stream(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
-
-// Two f32 -> bf16x2 (round to nearest even), lo in the low half.
-__device__ __forceinline__ u32 kiln_pack_bf16x2(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-// The top nibble of each 16-bit half of q as a bf16 pair: e2m1 value * 2^-126.
-__device__ __forceinline__ u32 kiln_e2m1_pair_bf16(u32 q) {
-    return (q & 0x80008000u) | ((q >> 6) & 0x01C001C0u);
-}
-
-// a * b exactly (both halves), via fma with -0.
-__device__ __forceinline__ u32 kiln_bf16x2_mul(u32 a, u32 b) {
-    u32 r;
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(0x80008000u));
-    return r;
-}
-
-// E4M3 scale byte -> bf16x2 (both halves) holding scale * 2^117 (exact: <= 4 significant bits).
-__device__ __forceinline__ u32 kiln_scale_bf16x2(u32 b) {
-    float s = __fmul_rn(kiln_f16bits_to_f32((b & 0x7Fu) << 7), 4.2535295865117308e37f);  // *2^8*2^117
-    u32 h = __float_as_uint(s) >> 16;
-    return h | (h << 16);
-}
-
-__device__ __forceinline__ void kiln_mma_bf16(float c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
+// The load, decode and MMA helpers (kiln_tc_ld_stream, kiln_e2m1_pair_bf16, ...) are in
+// nvfp4_common.cuh, shared with the v2 and v3 kernels.
 
 template <int M>
 __device__ __forceinline__ void kiln_gemv_tc_body(const float* __restrict__ x,

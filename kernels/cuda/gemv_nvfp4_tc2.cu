@@ -26,44 +26,8 @@
 // the super-tiles; grid.x = ceil(N / (16 * T * (8 / KSPLIT))); dynamic shared memory
 // 4 * M * K + 512 * M + 8 * T * 16 * M * 4 bytes (tc2_smem_bytes in gemv.rs).
 
-__device__ __forceinline__ uint4 kiln_tc2_ld(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
-
-__device__ __forceinline__ u32 kiln_tc2_pack_bf16x2(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-// The top nibble of each 16-bit half of q as a bf16 pair: e2m1 value * 2^-126.
-__device__ __forceinline__ u32 kiln_tc2_pair(u32 q) {
-    return (q & 0x80008000u) | ((q >> 6) & 0x01C001C0u);
-}
-
-__device__ __forceinline__ u32 kiln_tc2_mul(u32 a, u32 b) {
-    u32 r;
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(0x80008000u));
-    return r;
-}
-
-// E4M3 byte -> bf16x2 (both halves) holding scale * 2^117, sign included (exact: <= 4
-// significant bits; subnormal scales become normal bf16).
-__device__ __forceinline__ u32 kiln_tc2_scale(u32 b) {
-    float s = __fmul_rn(kiln_f16bits_to_f32((b & 0x7Fu) << 7), 4.2535295865117308e37f);  // *2^8*2^117
-    u32 h = (__float_as_uint(s) >> 16) | ((b & 0x80u) << 8);
-    return h | (h << 16);
-}
-
-__device__ __forceinline__ void kiln_tc2_mma(float c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
+// The load, decode and MMA helpers are in nvfp4_common.cuh (shared with gemv_nvfp4_tc.cu and
+// gemv_nvfp4_tc3.cu).
 
 // The scale pairs of a load unit: G consecutive u16 (G = 1: one u16 in a u32; G = 4: one
 // 8-byte load).
@@ -120,7 +84,7 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
                 if (U < u_end) {
 #pragma unroll
                     for (int u = 0; u < G; u++)
-                        wb[d][tt][h][u] = kiln_tc2_ld(wbase + roff[tt][h] + (size_t)U * 4 * G + u);
+                        wb[d][tt][h][u] = kiln_tc_ld_stream(wbase + roff[tt][h] + (size_t)U * 4 * G + u);
                     sb[d][tt][h] = kiln_tc2_ld_scales(sbase + roff[tt][h] + (size_t)U * 4 * G, SW());
                 } else {
 #pragma unroll
@@ -130,29 +94,7 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
             }
     }
 
-    // stage x: item (m, s, jj, t2) = the 8 elements 8 t2 .. +8 of lane jj's 32-element chunk of
-    // super-tile s (k0 = 128 s + 32 jj, or 512 (s/4) + 128 jj + 32 (s%4) for G = 4)
-    // -> k-tiles 2 t2, 2 t2 + 1
-    for (int c = threadIdx.x; c < M * nsup * 16; c += blockDim.x) {
-        const int m = c / (nsup * 16), r = c % (nsup * 16);
-        const int s = r >> 4, jj = (r >> 2) & 3, t2 = r & 3;
-        const int k0 = G == 1 ? 128 * s + 32 * jj : 512 * (s >> 2) + 128 * jj + 32 * (s & 3);
-        const float4* xp = reinterpret_cast<const float4*>(x + (size_t)m * K + k0 + 8 * t2);
-        const float4 f0 = __ldg(xp), f1 = __ldg(xp + 1);
-        const float v[8] = {f0.x, f0.y, f0.z, f0.w, f1.x, f1.y, f1.z, f1.w};
-#pragma unroll
-        for (int odd = 0; odd < 2; odd++) {
-            const int p0 = odd ? 1 : 3;  // pair 0 = elements (p0, p0 + 4), pair 1 = (p0 - 1, p0 + 3)
-            const float e[4] = {v[p0], v[p0 + 4], v[p0 - 1], v[p0 + 3]};
-            const u32 hi01 = kiln_tc2_pack_bf16x2(e[0], e[1]), hi23 = kiln_tc2_pack_bf16x2(e[2], e[3]);
-            const float r0 = e[0] - __uint_as_float(hi01 << 16), r1 = e[1] - __uint_as_float(hi01 & 0xFFFF0000u);
-            const float r2 = e[2] - __uint_as_float(hi23 << 16), r3 = e[3] - __uint_as_float(hi23 & 0xFFFF0000u);
-            const int t = 2 * t2 + odd;
-            uint2* dst = xs + ((size_t)(s * 8 + t) * 4 + jj) * C + 2 * m;
-            dst[0] = make_uint2(hi01, hi23);
-            dst[1] = make_uint2(kiln_tc2_pack_bf16x2(r0, r1), kiln_tc2_pack_bf16x2(r2, r3));
-        }
-    }
+    kiln_tc_stage_x<M, G>(x, xs, K);
     for (int c = threadIdx.x; c < 32 * C; c += blockDim.x) zeros[c] = make_uint2(0u, 0u);
     __syncthreads();
 
@@ -187,7 +129,7 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
                         for (int h = 0; h < 2; h++) {
 #pragma unroll
                             for (int u = 0; u < G; u++)
-                                wb[d][tt][h][u] = kiln_tc2_ld(wbase + roff[tt][h] + (size_t)(U + D) * 4 * G + u);
+                                wb[d][tt][h][u] = kiln_tc_ld_stream(wbase + roff[tt][h] + (size_t)(U + D) * 4 * G + u);
                             sb[d][tt][h] = kiln_tc2_ld_scales(sbase + roff[tt][h] + (size_t)(U + D) * 4 * G, SW());
                         }
                 }
@@ -200,8 +142,8 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
 #pragma unroll
                         for (int h = 0; h < 2; h++) {
                             const u32 pair = (u32)(sw[tt][h] >> (16 * u)) & 0xFFFFu;
-                            sc[tt][h][0] = kiln_tc2_scale(pair & 0xFFu);
-                            sc[tt][h][1] = kiln_tc2_scale((pair >> 8) & 0xFFu);
+                            sc[tt][h][0] = kiln_scale_bf16x2(pair & 0xFFu);
+                            sc[tt][h][1] = kiln_scale_bf16x2((pair >> 8) & 0xFFu);
                         }
                     const uint2* xt = xl + (size_t)s * xstep;
 #pragma unroll
@@ -214,11 +156,11 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
                             const uint4 wa = w[tt][0][u], wc = w[tt][1][u];
                             const u32 q0 = (wi == 0 ? wa.x : wi == 1 ? wa.y : wi == 2 ? wa.z : wa.w) << sh;
                             const u32 q1 = (wi == 0 ? wc.x : wi == 1 ? wc.y : wi == 2 ? wc.z : wc.w) << sh;
-                            const u32 a0 = kiln_tc2_mul(kiln_tc2_pair(q0), sc[tt][0][blk]);
-                            const u32 a2 = kiln_tc2_mul(kiln_tc2_pair(q0 << 4), sc[tt][0][blk]);
-                            const u32 a1 = kiln_tc2_mul(kiln_tc2_pair(q1), sc[tt][1][blk]);
-                            const u32 a3 = kiln_tc2_mul(kiln_tc2_pair(q1 << 4), sc[tt][1][blk]);
-                            kiln_tc2_mma(acc[tt], a0, a1, a2, a3, b0, b1);
+                            const u32 a0 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q0), sc[tt][0][blk]);
+                            const u32 a2 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q0 << 4), sc[tt][0][blk]);
+                            const u32 a1 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q1), sc[tt][1][blk]);
+                            const u32 a3 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q1 << 4), sc[tt][1][blk]);
+                            kiln_mma_bf16(acc[tt], a0, a1, a2, a3, b0, b1);
                         }
                     }
                 }

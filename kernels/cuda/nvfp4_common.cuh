@@ -194,3 +194,84 @@ __device__ __forceinline__ u64 kiln_warp_min_u64(u64 v) {
     }
     return v;
 }
+
+// ---- Tensor-core GEMV helpers (gemv_nvfp4_tc.cu, gemv_nvfp4_tc2.cu, gemv_nvfp4_tc3.cu) ----
+// Hopper has no FP4 MMA: each lane decodes E2M1 in software into bf16 pairs (the sign and
+// the three magnitude bits of a nibble moved into a bf16 bit pattern give value * 2^-126
+// exactly), multiplies them by its block's E4M3 scale * 2^117 (exact: the product has at most
+// 5 significant bits) and feeds mma.sync.m16n8k16 (bf16 in, f32 accumulate); x goes in as
+// bf16 hi + lo parts, so the result keeps f32-level accuracy.
+
+// 16 bytes of a weight stream, not kept in L1 (read once).
+__device__ __forceinline__ uint4 kiln_tc_ld_stream(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// Two f32 -> bf16x2 (round to nearest even), lo in the low half.
+__device__ __forceinline__ u32 kiln_pack_bf16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// The top nibble of each 16-bit half of q as a bf16 pair: e2m1 value * 2^-126.
+__device__ __forceinline__ u32 kiln_e2m1_pair_bf16(u32 q) {
+    return (q & 0x80008000u) | ((q >> 6) & 0x01C001C0u);
+}
+
+// a * b exactly (both halves), via fma with -0.
+__device__ __forceinline__ u32 kiln_bf16x2_mul(u32 a, u32 b) {
+    u32 r;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(0x80008000u));
+    return r;
+}
+
+// E4M3 byte -> bf16x2 (both halves) holding scale * 2^117, sign included (exact: <= 4
+// significant bits; subnormal scales become normal bf16).
+__device__ __forceinline__ u32 kiln_scale_bf16x2(u32 b) {
+    float s = __fmul_rn(kiln_f16bits_to_f32((b & 0x7Fu) << 7), 4.2535295865117308e37f);  // *2^8*2^117
+    u32 h = (__float_as_uint(s) >> 16) | ((b & 0x80u) << 8);
+    return h | (h << 16);
+}
+
+__device__ __forceinline__ void kiln_mma_bf16(float c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Stage x f32 [M, K] into shared memory for the v2/v3 tensor-core GEMVs, all threads of the
+// block taking part: xs[s][t][j][2M] uint2 = B fragment (b0, b1) of k-tile t of super-tile s
+// for lane j, column 2m = x row m's bf16 hi part, 2m + 1 its lo part. Item (m, s, jj, t2) is
+// the 8 elements 8 t2 .. +8 of lane jj's 32-element chunk of super-tile s (k0 = 128 s + 32 jj,
+// or 512 (s/4) + 128 jj + 32 (s%4) when G = 4) -> k-tiles 2 t2 and 2 t2 + 1, in the order the
+// nibble decode produces pairs.
+template <int M, int G>
+__device__ __forceinline__ void kiln_tc_stage_x(const float* __restrict__ x, uint2* xs, int K) {
+    constexpr int C = 2 * M;
+    const int nsup = K >> 7;
+    for (int c = threadIdx.x; c < M * nsup * 16; c += blockDim.x) {
+        const int m = c / (nsup * 16), r = c % (nsup * 16);
+        const int s = r >> 4, jj = (r >> 2) & 3, t2 = r & 3;
+        const int k0 = G == 1 ? 128 * s + 32 * jj : 512 * (s >> 2) + 128 * jj + 32 * (s & 3);
+        const float4* xp = reinterpret_cast<const float4*>(x + (size_t)m * K + k0 + 8 * t2);
+        const float4 f0 = __ldg(xp), f1 = __ldg(xp + 1);
+        const float v[8] = {f0.x, f0.y, f0.z, f0.w, f1.x, f1.y, f1.z, f1.w};
+#pragma unroll
+        for (int odd = 0; odd < 2; odd++) {
+            const int p0 = odd ? 1 : 3;  // pair 0 = elements (p0, p0 + 4), pair 1 = (p0 - 1, p0 + 3)
+            const float e[4] = {v[p0], v[p0 + 4], v[p0 - 1], v[p0 + 3]};
+            const u32 hi01 = kiln_pack_bf16x2(e[0], e[1]), hi23 = kiln_pack_bf16x2(e[2], e[3]);
+            const float r0 = e[0] - __uint_as_float(hi01 << 16), r1 = e[1] - __uint_as_float(hi01 & 0xFFFF0000u);
+            const float r2 = e[2] - __uint_as_float(hi23 << 16), r3 = e[3] - __uint_as_float(hi23 & 0xFFFF0000u);
+            const int t = 2 * t2 + odd;
+            uint2* dst = xs + ((size_t)(s * 8 + t) * 4 + jj) * C + 2 * m;
+            dst[0] = make_uint2(hi01, hi23);
+            dst[1] = make_uint2(kiln_pack_bf16x2(r0, r1), kiln_pack_bf16x2(r2, r3));
+        }
+    }
+}

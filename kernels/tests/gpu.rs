@@ -6,7 +6,7 @@ mod common;
 
 use half::bf16;
 use kiln_kernels::cpu::{adamw_step_nvfp4, matmul_nvfp4, AdamWParams};
-use kiln_kernels::cuda::{tc2_variants, CudaKernels, GemvVariant};
+use kiln_kernels::cuda::CudaKernels;
 use kiln_kernels::{KernelError, Nvfp4Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -179,6 +179,8 @@ fn gemv_matches_an_f64_reference_within_1e_3() {
         (64, 8192),
         (37, 384),
         (530, 1152),
+        (530, 1280),
+        (2000, 3584),
     ] {
         let w = weights(&mut r, n, kk);
         let q = Nvfp4Tensor::quantize(&w, n, kk).unwrap();
@@ -196,24 +198,7 @@ fn gemv_matches_an_f64_reference_within_1e_3() {
             let yc = matmul_nvfp4(&x, m, &q);
             assert!(rel_error(&yc, &x, m, &wd, n, kk) <= 1e-5);
             // every kernel variant that can take this shape
-            let mut variants = vec![GemvVariant::Rows4];
-            if m == 1 {
-                variants.push(GemvVariant::Rows8);
-            }
-            if k.gemv_tc_fits(m, kk) && k.tc_gemv_ok() {
-                variants.push(GemvVariant::TensorCore);
-            }
-            for v in tc2_variants(m) {
-                let GemvVariant::TensorCore2 { tiles, wide, .. } = v else {
-                    continue;
-                };
-                if k.gemv_tc2_fits(m, kk, tiles as usize)
-                    && (!wide || kk % 512 == 0)
-                    && k.tc_gemv_ok()
-                {
-                    variants.push(v);
-                }
-            }
+            let variants = k.gemv_variants_for(m, n, kk);
             for v in variants {
                 let y = k.gemv_variant(&x, m, &q, v).unwrap();
                 eprintln!("  variant {v:?}");

@@ -23,11 +23,11 @@ use serde::Serialize;
 
 use crate::cpu::AdamWParams;
 use crate::cuda::context::drv;
-use crate::cuda::{tc2_variants, CudaKernels, DeviceNvfp4, GemvVariant};
+use crate::cuda::{CudaKernels, DeviceNvfp4};
 use crate::nvfp4::Nvfp4Tensor;
 
 use crate::KernelError;
-use timing::{rotation, upload, Timer};
+use timing::{rotation, stream_read_async, upload, Timer};
 use validate::{gemv_rel_error, validate_adamw};
 
 /// The shapes `[N, K]` (out × in): square, Qwen2.5-0.5B MLP up/down, its vocab
@@ -235,6 +235,31 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
             .map(|_| upload(&k, &wb))
             .collect::<Result<_, _>>()?;
         let nwb = wsb.len();
+        // the read-bandwidth ceiling for the GEMV's bytes: a pure read of as many bytes
+        {
+            let rb = packed_bytes.div_ceil(16) * 16;
+            let host: Vec<u8> = (0..rb)
+                .map(|i| (i as u32).wrapping_mul(2654435761) as u8 | 1)
+                .collect();
+            let bufs: Vec<CudaSlice<u8>> = (0..rotation(rb))
+                .map(|_| upload(&k, &host))
+                .collect::<Result<_, _>>()?;
+            let nb = bufs.len();
+            let mut out = k
+                .stream()
+                .alloc_zeros::<u32>(4 * k.sm_count() as usize)
+                .map_err(drv("allocating"))?;
+            let t_r = timer.time(|i| stream_read_async(&k, &bufs[i % nb], &mut out))?;
+            push(
+                "read-only stream of the packed bytes (ceiling)",
+                n,
+                kk,
+                t_r,
+                rb as f64,
+                None,
+                "a pure read kernel, same bytes as the GEMV's W".into(),
+            );
+        }
         for m in [1usize, 4, 8] {
             let dx = upload(&k, &x[..m * kk])?;
             let xb: Vec<bf16> = x[..m * kk].iter().map(|&v| bf16::from_f32(v)).collect();
@@ -274,21 +299,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                 ),
             );
             let default = k.default_gemv_variant_for(m, n, kk);
-            let mut variants = vec![GemvVariant::Rows4];
-            if m == 1 {
-                variants.push(GemvVariant::Rows8);
-            }
-            if k.gemv_tc_fits(m, kk) {
-                variants.push(GemvVariant::TensorCore);
-            }
-            for v in tc2_variants(m) {
-                let GemvVariant::TensorCore2 { tiles, wide, .. } = v else {
-                    continue;
-                };
-                if k.gemv_tc2_fits(m, kk, tiles as usize) && (!wide || kk % 512 == 0) {
-                    variants.push(v);
-                }
-            }
+            let mut variants = k.gemv_variants_for(m, n, kk);
             variants.retain(|v| *v != default);
             for v in variants {
                 // validate this variant before timing it

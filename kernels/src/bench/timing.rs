@@ -1,6 +1,6 @@
 //! Timing with CUDA events (warm-up, batches, median) and input rotation past the L2.
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::cuda::context::drv;
 use crate::cuda::CudaKernels;
@@ -70,4 +70,30 @@ pub(super) fn upload<T: cudarc::driver::DeviceRepr>(
     k.stream()
         .clone_htod(v)
         .map_err(drv("uploading benchmark data"))
+}
+
+/// Queue a pure read of `buf` (a multiple of 16 bytes) with `kiln_stream_read`, 4 blocks of 256
+/// threads per SM; `out` takes one word per block (`4 × SMs`).
+pub(super) fn stream_read_async(
+    k: &CudaKernels,
+    buf: &CudaSlice<u8>,
+    out: &mut CudaSlice<u32>,
+) -> Result<(), KernelError> {
+    let blocks = 4 * k.sm_count as usize;
+    assert!(
+        buf.len().is_multiple_of(16) && out.len() >= blocks,
+        "stream_read_async arguments"
+    );
+    let n = (buf.len() / 16) as u64;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = k.stream.launch_builder(&k.f.stream_read);
+    b.arg(buf).arg(&n).arg(out);
+    // SAFETY: matches kiln_stream_read; buf holds n 16-byte words, out one word per block.
+    unsafe { b.launch(cfg) }
+        .map(|_| ())
+        .map_err(drv("launching kiln_stream_read"))
 }

@@ -55,6 +55,8 @@ pub(crate) struct Functions {
     pub amax_f32: CudaFunction,
     pub amax_bf16: CudaFunction,
     pub tensor_scale_from_amax: CudaFunction,
+    /// `kiln_stream_read`: a pure read (the benchmark's read-bandwidth ceiling).
+    pub stream_read: CudaFunction,
     pub quantize_f32: CudaFunction,
     pub quantize_bf16: CudaFunction,
     pub quantize_sr_f32: CudaFunction,
@@ -71,6 +73,8 @@ pub(crate) struct Functions {
     pub gemv_tc: Vec<CudaFunction>,
     /// `kiln_gemv_nvfp4_tc2_m{M}_t{T}_d{D}`, one per entry of `gemv::TC2_KERNELS`, same order.
     pub gemv_tc2: Vec<CudaFunction>,
+    /// `kiln_gemv_nvfp4_tc3_m{M}_k{KC}_p{P}_w{W}`, one per entry of `gemv_tc3::TC3_KERNELS`.
+    pub gemv_tc3: Vec<CudaFunction>,
     pub adamw_amax: CudaFunction,
     pub adamw_apply: CudaFunction,
 }
@@ -84,6 +88,7 @@ pub struct CudaKernels {
     pub(crate) blaslt: CudaBlasLT,
     pub(crate) sm_count: u32,
     pub(crate) smem_optin: usize,
+    pub(crate) smem_per_sm: usize,
     pub(crate) tc_gemv_ok: bool,
     name: String,
     compute_capability: (i32, i32),
@@ -145,6 +150,7 @@ impl CudaKernels {
             amax_f32: func("amax.cu", "kiln_amax_f32")?,
             amax_bf16: func("amax.cu", "kiln_amax_bf16")?,
             tensor_scale_from_amax: func("amax.cu", "kiln_tensor_scale_from_amax")?,
+            stream_read: func("amax.cu", "kiln_stream_read")?,
             quantize_f32: func("quantize_nvfp4.cu", "kiln_quantize_nvfp4_f32")?,
             quantize_bf16: func("quantize_nvfp4.cu", "kiln_quantize_nvfp4_bf16")?,
             quantize_sr_f32: func("quantize_nvfp4.cu", "kiln_quantize_nvfp4_sr_f32")?,
@@ -170,13 +176,25 @@ impl CudaKernels {
                     )
                 })
                 .collect::<Result<_, _>>()?,
+            gemv_tc3: super::gemv_tc3::TC3_KERNELS
+                .iter()
+                .map(|&(m, kc, p, w)| {
+                    func(
+                        "gemv_nvfp4_tc3.cu",
+                        &format!("kiln_gemv_nvfp4_tc3_m{m}_k{kc}_p{p}_w{w}"),
+                    )
+                })
+                .collect::<Result<_, _>>()?,
             adamw_amax: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_amax")?,
             adamw_apply: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_apply")?,
         };
         let smem_optin = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(drv("reading the shared-memory limit"))? as usize;
-        for func in f.gemv_tc.iter().chain(f.gemv_tc2.iter()) {
+        let smem_per_sm = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
+            .map_err(drv("reading the shared memory per SM"))? as usize;
+        for func in f.gemv_tc.iter().chain(&f.gemv_tc2).chain(&f.gemv_tc3) {
             func.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem_optin as i32,
@@ -200,6 +218,7 @@ impl CudaKernels {
             blaslt,
             sm_count,
             smem_optin,
+            smem_per_sm,
             name,
             compute_capability,
             ptx_from_cache,
@@ -222,7 +241,18 @@ impl CudaKernels {
         // benchmark's and the GPU tests' validation before use (they are never the default)
         let tc2 = super::gemv::tc2_variants(1)
             .filter(|v| !matches!(v, GemvVariant::TensorCore2 { wide: true, .. }));
-        for v in std::iter::once(GemvVariant::TensorCore).chain(tc2) {
+        let tc3 = super::gemv_tc3::TC3_KERNELS
+            .iter()
+            .filter(|&&(m, kc, p, w)| m == 1 && self.gemv_tc3_fits(1, q.cols, kc, p, w))
+            .map(|&(_, kc, p, w)| GemvVariant::TensorCore3 {
+                kc: kc as u16,
+                stages: p as u8,
+                warps: w as u8,
+            });
+        for v in std::iter::once(GemvVariant::TensorCore)
+            .chain(tc2)
+            .chain(tc3)
+        {
             let got = self.gemv_variant(&x, 1, &q, v)?;
             let num: f64 = want
                 .iter()

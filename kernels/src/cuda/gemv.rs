@@ -88,6 +88,9 @@ impl CudaKernels {
                 y.len()
             )));
         }
+        if let GemvVariant::TensorCore3 { kc, stages, warps } = variant {
+            return self.gemv_tc3_launch(x, m, w, y, kc as usize, stages as usize, warps as usize);
+        }
         if let GemvVariant::TensorCore2 { tiles, depth, wide } = variant {
             let (t, d) = (tiles as usize, depth as usize);
             let Some(idx) = tc2_index(m, t, d, wide)
@@ -179,6 +182,41 @@ impl CudaKernels {
         unsafe { b.launch(cfg) }
             .map(|_| ())
             .map_err(drv("launching kiln_gemv_nvfp4"))
+    }
+
+    /// Every GEMV kernel that can take `m` rows of x and an `[n, k]` W on this device (the
+    /// benchmark and the GPU tests run them all): the CUDA-core kernels always; the tensor-core
+    /// ones when they passed the start-up check and fit (the wide v2 kernels only when
+    /// [`tc2_experimental`]).
+    pub fn gemv_variants_for(&self, m: usize, n: usize, k: usize) -> Vec<GemvVariant> {
+        let _ = n;
+        let mut v = vec![GemvVariant::Rows4];
+        if m == 1 {
+            v.push(GemvVariant::Rows8);
+        }
+        if !self.tc_gemv_ok {
+            return v;
+        }
+        if self.gemv_tc_fits(m, k) {
+            v.push(GemvVariant::TensorCore);
+        }
+        v.extend(tc2_variants(m).filter(|var| match *var {
+            GemvVariant::TensorCore2 { tiles, wide, .. } => {
+                self.gemv_tc2_fits(m, k, tiles as usize) && (!wide || k.is_multiple_of(512))
+            }
+            _ => false,
+        }));
+        v.extend(
+            super::gemv_tc3::TC3_KERNELS
+                .iter()
+                .filter(|&&(mm, kc, p, w)| mm == m && self.gemv_tc3_fits(m, k, kc, p, w))
+                .map(|&(_, kc, p, w)| GemvVariant::TensorCore3 {
+                    kc: kc as u16,
+                    stages: p as u8,
+                    warps: w as u8,
+                }),
+        );
+        v
     }
 
     /// Whether the tensor-core GEMV can take `m` rows of x with this K (K % 128 == 0 and x as
@@ -290,6 +328,16 @@ pub enum GemvVariant {
         depth: u8,
         /// Load unit = 4 super-tiles (64 contiguous bytes per lane, K % 512 == 0) instead of 1.
         wide: bool,
+    },
+    /// Tensor cores, v3 (`gemv_nvfp4_tc3.cu`, sm_90+): persistent blocks, weights streamed into
+    /// shared memory by bulk copies; m <= 4, K % 256 == 0.
+    TensorCore3 {
+        /// k per chunk (one bulk copy of `kc / 2` bytes per row and stage).
+        kc: u16,
+        /// Shared-memory stages per warp.
+        stages: u8,
+        /// Warps per block.
+        warps: u8,
     },
 }
 
