@@ -52,6 +52,10 @@ pub const SOURCES: &[KernelSource] = &[
         source: include_str!("../../cuda/gemv_nvfp4_tc3.cu"),
     },
     KernelSource {
+        file: "gemv_nvfp4_tc4.cu",
+        source: include_str!("../../cuda/gemv_nvfp4_tc4.cu"),
+    },
+    KernelSource {
         file: "adamw_nvfp4.cu",
         source: include_str!("../../cuda/adamw_nvfp4.cu"),
     },

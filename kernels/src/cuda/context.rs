@@ -73,6 +73,8 @@ pub(crate) struct Functions {
     pub gemv_tc: Vec<CudaFunction>,
     /// `kiln_gemv_nvfp4_tc2_m{M}_t{T}_d{D}`, one per entry of `gemv::TC2_KERNELS`, same order.
     pub gemv_tc2: Vec<CudaFunction>,
+    /// `kiln_gemv_nvfp4_tc4_m{M}_t{T}_d{D}`, one per entry of `gemv::TC4_KERNELS`.
+    pub gemv_tc4: Vec<CudaFunction>,
     /// `kiln_gemv_nvfp4_tc3_m{M}_k{KC}_p{P}_w{W}`, one per entry of `gemv_tc3::TC3_KERNELS`.
     pub gemv_tc3: Vec<CudaFunction>,
     pub adamw_amax: CudaFunction,
@@ -176,6 +178,15 @@ impl CudaKernels {
                     )
                 })
                 .collect::<Result<_, _>>()?,
+            gemv_tc4: super::gemv::TC4_KERNELS
+                .iter()
+                .map(|&(m, t, d)| {
+                    func(
+                        "gemv_nvfp4_tc4.cu",
+                        &format!("kiln_gemv_nvfp4_tc4_m{m}_t{t}_d{d}"),
+                    )
+                })
+                .collect::<Result<_, _>>()?,
             gemv_tc3: super::gemv_tc3::TC3_KERNELS
                 .iter()
                 .map(|&(m, kc, p, w)| {
@@ -194,7 +205,13 @@ impl CudaKernels {
         let smem_per_sm = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
             .map_err(drv("reading the shared memory per SM"))? as usize;
-        for func in f.gemv_tc.iter().chain(&f.gemv_tc2).chain(&f.gemv_tc3) {
+        for func in f
+            .gemv_tc
+            .iter()
+            .chain(&f.gemv_tc2)
+            .chain(&f.gemv_tc3)
+            .chain(&f.gemv_tc4)
+        {
             func.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem_optin as i32,

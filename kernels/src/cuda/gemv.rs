@@ -4,7 +4,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::context::{drv, CudaKernels};
+use super::context::CudaKernels;
 use super::ops::DeviceNvfp4;
 use crate::KernelError;
 
@@ -91,6 +91,25 @@ impl CudaKernels {
         if let GemvVariant::TensorCore3 { kc, stages, warps } = variant {
             return self.gemv_tc3_launch(x, m, w, y, kc as usize, stages as usize, warps as usize);
         }
+        if let GemvVariant::TensorCore4 { tiles, depth } = variant {
+            let (t, d) = (tiles as usize, depth as usize);
+            let Some(idx) = tc4_index(m, t, d).filter(|_| self.gemv_tc4_fits(m, k, t, d)) else {
+                return Err(KernelError::InvalidArgument(format!(
+                    "the tensor-core GEMV v4 takes K % 128 == 0, {} bytes of shared memory (this \
+                     device allows {}) and one of the built (m, tiles, depth) {TC4_KERNELS:?}; got \
+                     m = {m}, K = {k}, tiles = {t}, depth = {d}",
+                    tc4_smem_bytes(m, k, t),
+                    self.smem_optin
+                )));
+            };
+            let ksplit = gemv_tc2_ksplit(n, k, t, d, false, self.sm_count as usize);
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(16 * t * (8 / ksplit)) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: tc4_smem_bytes(m, k, t) as u32,
+            };
+            return self.launch_gemv(&self.f.gemv_tc4[idx], cfg, x, w, y, ksplit, "tc4");
+        }
         if let GemvVariant::TensorCore2 { tiles, depth, wide } = variant {
             let (t, d) = (tiles as usize, depth as usize);
             let Some(idx) = tc2_index(m, t, d, wide)
@@ -109,21 +128,7 @@ impl CudaKernels {
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: tc2_smem_bytes(m, k, t) as u32,
             };
-            let (ni, ki, ks) = (n as i32, k as i32, ksplit as i32);
-            let func = &self.f.gemv_tc2[idx];
-            let mut b = self.stream.launch_builder(func);
-            b.arg(x)
-                .arg(&w.packed)
-                .arg(&w.scales)
-                .arg(&w.tensor_scale)
-                .arg(y)
-                .arg(&ni)
-                .arg(&ki)
-                .arg(&ks);
-            // SAFETY: matches kiln_gemv_nvfp4_tc2_m{m}_t{t}_d{d}; shapes and shared memory checked.
-            return unsafe { b.launch(cfg) }
-                .map(|_| ())
-                .map_err(drv("launching kiln_gemv_nvfp4_tc2"));
+            return self.launch_gemv(&self.f.gemv_tc2[idx], cfg, x, w, y, ksplit, "tc2");
         }
         if variant == GemvVariant::TensorCore {
             if !self.gemv_tc_fits(m, k) {
@@ -137,20 +142,7 @@ impl CudaKernels {
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: (m * k * 4 + 4096) as u32,
             };
-            let (ni, ki, ks) = (n as i32, k as i32, ksplit as i32);
-            let mut b = self.stream.launch_builder(&self.f.gemv_tc[m - 1]);
-            b.arg(x)
-                .arg(&w.packed)
-                .arg(&w.scales)
-                .arg(&w.tensor_scale)
-                .arg(y)
-                .arg(&ni)
-                .arg(&ki)
-                .arg(&ks);
-            // SAFETY: matches kiln_gemv_nvfp4_tc_m{m}; shapes and shared memory checked above.
-            return unsafe { b.launch(cfg) }
-                .map(|_| ())
-                .map_err(drv("launching kiln_gemv_nvfp4_tc"));
+            return self.launch_gemv(&self.f.gemv_tc[m - 1], cfg, x, w, y, ksplit, "tc");
         }
         let (func, r) = match variant {
             GemvVariant::Rows8 if m == 1 => (&self.f.gemv_m1_r8, 8),
@@ -168,7 +160,23 @@ impl CudaKernels {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (ni, ki, ks) = (n as i32, k as i32, ksplit as i32);
+        self.launch_gemv(func, cfg, x, w, y, ksplit, "cuda-core")
+    }
+
+    /// Launch one of the GEMV kernels, which all take (x, packed, scales, tensor_scale, y, N,
+    /// K, ksplit); the caller checked the shapes and picked `cfg` for that kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn launch_gemv(
+        &self,
+        func: &cudarc::driver::CudaFunction,
+        cfg: LaunchConfig,
+        x: &CudaSlice<f32>,
+        w: &DeviceNvfp4,
+        y: &mut CudaSlice<f32>,
+        ksplit: usize,
+        which: &str,
+    ) -> Result<(), KernelError> {
+        let (ni, ki, ks) = (w.rows as i32, w.cols as i32, ksplit as i32);
         let mut b = self.stream.launch_builder(func);
         b.arg(x)
             .arg(&w.packed)
@@ -178,10 +186,14 @@ impl CudaKernels {
             .arg(&ni)
             .arg(&ki)
             .arg(&ks);
-        // SAFETY: matches kiln_gemv_nvfp4_m{m}_r{r}; shapes checked above.
+        // SAFETY: every GEMV kernel has this argument list; the caller checked x (m × K), y
+        // (m × N), K's alignment and the shared memory for this kernel.
         unsafe { b.launch(cfg) }
             .map(|_| ())
-            .map_err(drv("launching kiln_gemv_nvfp4"))
+            .map_err(|e| KernelError::Cuda {
+                context: format!("launching the {which} GEMV kernel"),
+                message: e.to_string(),
+            })
     }
 
     /// Every GEMV kernel that can take `m` rows of x and an `[n, k]` W on this device (the
@@ -207,6 +219,15 @@ impl CudaKernels {
             _ => false,
         }));
         v.extend(
+            TC4_KERNELS
+                .iter()
+                .filter(|&&(mm, t, d)| mm == m && self.gemv_tc4_fits(m, k, t, d))
+                .map(|&(_, t, d)| GemvVariant::TensorCore4 {
+                    tiles: t as u8,
+                    depth: d as u8,
+                }),
+        );
+        v.extend(
             super::gemv_tc3::TC3_KERNELS
                 .iter()
                 .filter(|&&(mm, kc, p, w)| mm == m && self.gemv_tc3_fits(m, k, kc, p, w))
@@ -217,6 +238,14 @@ impl CudaKernels {
                 }),
         );
         v
+    }
+
+    /// Whether the tensor-core GEMV v4 (table decode) with `tiles` tiles and `depth` super-tiles
+    /// in flight is built for `m` and fits this K (K % 128 == 0, tables + x in shared memory).
+    pub fn gemv_tc4_fits(&self, m: usize, k: usize, tiles: usize, depth: usize) -> bool {
+        tc4_index(m, tiles, depth).is_some()
+            && k.is_multiple_of(128)
+            && tc4_smem_bytes(m, k, tiles) <= self.smem_optin
     }
 
     /// Whether the tensor-core GEMV can take `m` rows of x with this K (K % 128 == 0 and x as
@@ -235,6 +264,28 @@ impl CudaKernels {
             && k.is_multiple_of(128)
             && tc2_smem_bytes(m, k, tiles) <= self.smem_optin
     }
+}
+
+/// Dynamic shared memory of the v4 GEMV: the 64 KiB decode tables, then as the v2 kernel.
+pub fn tc4_smem_bytes(m: usize, k: usize, tiles: usize) -> usize {
+    65536 + tc2_smem_bytes(m, k, tiles)
+}
+
+/// The v4 kernels built, as (m, tiles per warp, super-tiles in flight per tile); the same list
+/// as the `KILN_GEMV_TC4` lines of `gemv_nvfp4_tc4.cu`, in the same order.
+pub const TC4_KERNELS: &[(usize, usize, usize)] = &[
+    (1, 1, 4),
+    (1, 2, 3),
+    (1, 2, 2),
+    (1, 4, 1),
+    (2, 2, 3),
+    (4, 2, 3),
+    (4, 1, 4),
+];
+
+/// Index of (m, tiles, depth) in [`TC4_KERNELS`].
+pub fn tc4_index(m: usize, tiles: usize, depth: usize) -> Option<usize> {
+    TC4_KERNELS.iter().position(|&e| e == (m, tiles, depth))
 }
 
 /// Dynamic shared memory of the tensor-core GEMV v2: x as bf16 hi/lo (4·m·K bytes), a zero
@@ -329,6 +380,14 @@ pub enum GemvVariant {
         /// Load unit = 4 super-tiles (64 contiguous bytes per lane, K % 512 == 0) instead of 1.
         wide: bool,
     },
+    /// Tensor cores, v4 (`gemv_nvfp4_tc4.cu`): the v2 kernel with E2M1 / E4M3 decoded through
+    /// shared-memory tables (one PRMT + one LDS per pair of weights); m <= 4.
+    TensorCore4 {
+        /// 16-row tiles per warp.
+        tiles: u8,
+        /// Super-tiles of weights in flight per tile.
+        depth: u8,
+    },
     /// Tensor cores, v3 (`gemv_nvfp4_tc3.cu`, sm_90+): persistent blocks, weights streamed into
     /// shared memory by bulk copies; m <= 4, K % 256 == 0.
     TensorCore3 {
@@ -383,6 +442,24 @@ mod tests {
             })
             .collect();
         assert_eq!(built, super::TC2_KERNELS);
+    }
+
+    #[test]
+    fn every_listed_tc4_kernel_is_instantiated_in_the_cu_file() {
+        let src = include_str!("../../cuda/gemv_nvfp4_tc4.cu");
+        let built: Vec<(usize, usize, usize)> = src
+            .lines()
+            .filter_map(|l| l.strip_prefix("KILN_GEMV_TC4("))
+            .map(|l| {
+                let v: Vec<usize> = l
+                    .trim_end_matches(')')
+                    .split(',')
+                    .map(|t| t.trim().parse().unwrap())
+                    .collect();
+                (v[0], v[1], v[2])
+            })
+            .collect();
+        assert_eq!(built, super::TC4_KERNELS);
     }
 
     #[test]

@@ -3,9 +3,9 @@
 //! module holds the list of built kernels, their shared-memory size, how a shape is split into
 //! rounds, warp groups and K chunks, and the launch.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use super::context::{drv, CudaKernels};
+use super::context::CudaKernels;
 use super::ops::DeviceNvfp4;
 use crate::KernelError;
 
@@ -152,21 +152,7 @@ impl CudaKernels {
             block_dim: (32 * warps as u32, 1, 1),
             shared_mem_bytes: tc3_smem_bytes(m, k, kc, stages, warps) as u32,
         };
-        let (ni, ki, ks) = (n as i32, k as i32, plan.ksplit as i32);
-        let mut b = self.stream.launch_builder(&self.f.gemv_tc3[idx]);
-        b.arg(x)
-            .arg(&w.packed)
-            .arg(&w.scales)
-            .arg(&w.tensor_scale)
-            .arg(y)
-            .arg(&ni)
-            .arg(&ki)
-            .arg(&ks);
-        // SAFETY: matches kiln_gemv_nvfp4_tc3_m{m}_k{kc}_p{p}_w{w}; the caller checked x and y
-        // against (m, n, k); shared memory and K checked above.
-        unsafe { b.launch(cfg) }
-            .map(|_| ())
-            .map_err(drv("launching kiln_gemv_nvfp4_tc3"))
+        self.launch_gemv(&self.f.gemv_tc3[idx], cfg, x, w, y, plan.ksplit, "tc3")
     }
 }
 
