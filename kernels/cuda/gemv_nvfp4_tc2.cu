@@ -94,7 +94,7 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
             }
     }
 
-    kiln_tc_stage_x<M, G>(x, xs, K);
+    kiln_tc_stage_x<M, G>(x, xs, K, K);
     for (int c = threadIdx.x; c < 32 * C; c += blockDim.x) zeros[c] = make_uint2(0u, 0u);
     __syncthreads();
 

@@ -117,7 +117,7 @@ __device__ __forceinline__ void kiln_gemv_tc3_body(const float* __restrict__ x,
     };
     for (int q = 0; q < P && q < ntasks; q++) issue(q);
 
-    kiln_tc_stage_x<M, 1>(x, xs, K);
+    kiln_tc_stage_x<M, 1>(x, xs, K, K);
     for (int c = threadIdx.x; c < 32 * C; c += blockDim.x) zeros[c] = make_uint2(0u, 0u);
     __syncthreads();
 

@@ -24,21 +24,23 @@
 
 #define KILN_TC4_TABLE_BYTES 65536
 
-// Build the two tables (all threads of the block).
+// Build the two tables (all threads of the block): task (i, table) computes one value and
+// writes it to the 32 lane columns of row i.
 __device__ __forceinline__ void kiln_tc4_build_tables(u32* table) {
-    for (int e = threadIdx.x; e < 256 * 16; e += blockDim.x) {
-        const int i = e >> 4, part = e & 15;  // part 0..7: e2m1 words, 8..15: e4m3 words
+    for (int e = threadIdx.x; e < 512; e += blockDim.x) {
+        const int i = e >> 1, second = e & 1;
         u32 v;
-        if (part < 8) {
+        if (!second) {
             const u32 lo = kiln_f32_to_bf16(kiln_e2m1_to_f32(i & 15));
             const u32 hi = kiln_f32_to_bf16(kiln_e2m1_to_f32(i >> 4));
             v = lo | (hi << 16);
         } else {
-            const u32 s = kiln_f32_to_bf16(kiln_e4m3_to_f32((u8)i));
-            v = s | (s << 16);
+            const u32 sc = kiln_f32_to_bf16(kiln_e4m3_to_f32((u8)i));
+            v = sc | (sc << 16);
         }
-        uint4* dst = reinterpret_cast<uint4*>(table + i * 64 + part * 4);
-        *dst = make_uint4(v, v, v, v);
+        uint4* dst = reinterpret_cast<uint4*>(table + i * 64 + second * 32);
+#pragma unroll
+        for (int q = 0; q < 8; q++) dst[q] = make_uint4(v, v, v, v);
     }
 }
 
@@ -59,21 +61,37 @@ template <int M>
 __device__ __forceinline__ void kiln_tc4_stage_x(const float* __restrict__ x, uint2* xs, int K) {
     constexpr int C = 2 * M;
     const int nsup = K >> 7;
-    // item (m, s, j, t2): x[m][128 s + 32 j + 8 t2 .. + 8] -> k-tiles 2 t2, 2 t2 + 1
-    for (int c = threadIdx.x; c < M * nsup * 16; c += blockDim.x) {
-        const int m = c / (nsup * 16), r = c % (nsup * 16);
-        const int s = r >> 4, jj = (r >> 2) & 3, t2 = r & 3;
-        const float4* xp = reinterpret_cast<const float4*>(x + (size_t)m * K + 128 * s + 32 * jj + 8 * t2);
-        const float4 f[2] = {__ldg(xp), __ldg(xp + 1)};
+    const int total = M * nsup * 16;
+    // item (m, s, j, t2): x[m][128 s + 32 j + 8 t2 .. + 8] -> k-tiles 2 t2, 2 t2 + 1; 4 items
+    // per thread and pass, loads first (one L2 round trip per pass)
+    for (int c0 = threadIdx.x; c0 < total; c0 += 4 * blockDim.x) {
+        float4 f[4][2];
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const float e[4] = {f[h].x, f[h].y, f[h].z, f[h].w};
-            const u32 hi01 = kiln_pack_bf16x2(e[0], e[1]), hi23 = kiln_pack_bf16x2(e[2], e[3]);
-            const float r0 = e[0] - __uint_as_float(hi01 << 16), r1 = e[1] - __uint_as_float(hi01 & 0xFFFF0000u);
-            const float r2 = e[2] - __uint_as_float(hi23 << 16), r3 = e[3] - __uint_as_float(hi23 & 0xFFFF0000u);
-            uint2* dst = xs + ((size_t)(s * 8 + 2 * t2 + h) * 4 + jj) * C + 2 * m;
-            dst[0] = make_uint2(hi01, hi23);
-            dst[1] = make_uint2(kiln_pack_bf16x2(r0, r1), kiln_pack_bf16x2(r2, r3));
+        for (int u = 0; u < 4; u++) {
+            const int c = c0 + u * blockDim.x;
+            if (c < total) {
+                const int m = c / (nsup * 16), r = c % (nsup * 16);
+                const float4* xp = reinterpret_cast<const float4*>(x + (size_t)m * K + 8 * r);
+                f[u][0] = __ldg(xp);
+                f[u][1] = __ldg(xp + 1);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int c = c0 + u * blockDim.x;
+            if (c >= total) break;
+            const int m = c / (nsup * 16), r = c % (nsup * 16);
+            const int s = r >> 4, jj = (r >> 2) & 3, t2 = r & 3;
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const float e[4] = {f[u][h].x, f[u][h].y, f[u][h].z, f[u][h].w};
+                const u32 hi01 = kiln_pack_bf16x2(e[0], e[1]), hi23 = kiln_pack_bf16x2(e[2], e[3]);
+                const float r0 = e[0] - __uint_as_float(hi01 << 16), r1 = e[1] - __uint_as_float(hi01 & 0xFFFF0000u);
+                const float r2 = e[2] - __uint_as_float(hi23 << 16), r3 = e[3] - __uint_as_float(hi23 & 0xFFFF0000u);
+                uint2* dst = xs + ((size_t)(s * 8 + 2 * t2 + h) * 4 + jj) * C + 2 * m;
+                dst[0] = make_uint2(hi01, hi23);
+                dst[1] = make_uint2(kiln_pack_bf16x2(r0, r1), kiln_pack_bf16x2(r2, r3));
+            }
         }
     }
 }

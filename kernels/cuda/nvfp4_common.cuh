@@ -244,34 +244,53 @@ __device__ __forceinline__ void kiln_mma_bf16(float c[4], u32 a0, u32 a1, u32 a2
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Stage x f32 [M, K] into shared memory for the v2/v3 tensor-core GEMVs, all threads of the
-// block taking part: xs[s][t][j][2M] uint2 = B fragment (b0, b1) of k-tile t of super-tile s
+// Stage x f32 [M, K] (rows row_stride apart) into shared memory for the v2/v3/v5 tensor-core
+// GEMVs, all threads of the block taking part: xs[s][t][j][2M] uint2 = B fragment (b0, b1) of k-tile t of super-tile s
 // for lane j, column 2m = x row m's bf16 hi part, 2m + 1 its lo part. Item (m, s, jj, t2) is
 // the 8 elements 8 t2 .. +8 of lane jj's 32-element chunk of super-tile s (k0 = 128 s + 32 jj,
 // or 512 (s/4) + 128 jj + 32 (s%4) when G = 4) -> k-tiles 2 t2 and 2 t2 + 1, in the order the
 // nibble decode produces pairs.
 template <int M, int G>
-__device__ __forceinline__ void kiln_tc_stage_x(const float* __restrict__ x, uint2* xs, int K) {
+__device__ __forceinline__ void kiln_tc_stage_x(const float* __restrict__ x, uint2* xs, int K,
+                                                int row_stride) {
     constexpr int C = 2 * M;
-    const int nsup = K >> 7;
-    for (int c = threadIdx.x; c < M * nsup * 16; c += blockDim.x) {
-        const int m = c / (nsup * 16), r = c % (nsup * 16);
-        const int s = r >> 4, jj = (r >> 2) & 3, t2 = r & 3;
-        const int k0 = G == 1 ? 128 * s + 32 * jj : 512 * (s >> 2) + 128 * jj + 32 * (s & 3);
-        const float4* xp = reinterpret_cast<const float4*>(x + (size_t)m * K + k0 + 8 * t2);
-        const float4 f0 = __ldg(xp), f1 = __ldg(xp + 1);
-        const float v[8] = {f0.x, f0.y, f0.z, f0.w, f1.x, f1.y, f1.z, f1.w};
+    const int nsup = K >> 7, total = M * nsup * 16;
+    // 4 items per thread and pass, all loads issued before any is used (x comes from L2 while
+    // the weight stream fills the memory queues: one round trip per pass, not per item)
+    for (int c0 = threadIdx.x; c0 < total; c0 += 4 * blockDim.x) {
+        float4 f[4][2];
 #pragma unroll
-        for (int odd = 0; odd < 2; odd++) {
-            const int p0 = odd ? 1 : 3;  // pair 0 = elements (p0, p0 + 4), pair 1 = (p0 - 1, p0 + 3)
-            const float e[4] = {v[p0], v[p0 + 4], v[p0 - 1], v[p0 + 3]};
-            const u32 hi01 = kiln_pack_bf16x2(e[0], e[1]), hi23 = kiln_pack_bf16x2(e[2], e[3]);
-            const float r0 = e[0] - __uint_as_float(hi01 << 16), r1 = e[1] - __uint_as_float(hi01 & 0xFFFF0000u);
-            const float r2 = e[2] - __uint_as_float(hi23 << 16), r3 = e[3] - __uint_as_float(hi23 & 0xFFFF0000u);
-            const int t = 2 * t2 + odd;
-            uint2* dst = xs + ((size_t)(s * 8 + t) * 4 + jj) * C + 2 * m;
-            dst[0] = make_uint2(hi01, hi23);
-            dst[1] = make_uint2(kiln_pack_bf16x2(r0, r1), kiln_pack_bf16x2(r2, r3));
+        for (int u = 0; u < 4; u++) {
+            const int c = c0 + u * blockDim.x;
+            if (c < total) {
+                const int m = c / (nsup * 16), r = c % (nsup * 16);
+                const int s = r >> 4, jj = (r >> 2) & 3, t2 = r & 3;
+                const int k0 = G == 1 ? 128 * s + 32 * jj : 512 * (s >> 2) + 128 * jj + 32 * (s & 3);
+                const float4* xp = reinterpret_cast<const float4*>(x + (size_t)m * row_stride + k0 + 8 * t2);
+                f[u][0] = __ldg(xp);
+                f[u][1] = __ldg(xp + 1);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int c = c0 + u * blockDim.x;
+            if (c >= total) break;
+            const int m = c / (nsup * 16), r = c % (nsup * 16);
+            const int s = r >> 4, jj = (r >> 2) & 3, t2 = r & 3;
+            const float v[8] = {f[u][0].x, f[u][0].y, f[u][0].z, f[u][0].w,
+                                f[u][1].x, f[u][1].y, f[u][1].z, f[u][1].w};
+#pragma unroll
+            for (int odd = 0; odd < 2; odd++) {
+                const int p0 = odd ? 1 : 3;  // pair 0 = elements (p0, p0 + 4), pair 1 = (p0 - 1, p0 + 3)
+                const float e[4] = {v[p0], v[p0 + 4], v[p0 - 1], v[p0 + 3]};
+                const u32 hi01 = kiln_pack_bf16x2(e[0], e[1]), hi23 = kiln_pack_bf16x2(e[2], e[3]);
+                const float r0 = e[0] - __uint_as_float(hi01 << 16), r1 = e[1] - __uint_as_float(hi01 & 0xFFFF0000u);
+                const float r2 = e[2] - __uint_as_float(hi23 << 16), r3 = e[3] - __uint_as_float(hi23 & 0xFFFF0000u);
+                const int t = 2 * t2 + odd;
+                uint2* dst = xs + ((size_t)(s * 8 + t) * 4 + jj) * C + 2 * m;
+                dst[0] = make_uint2(hi01, hi23);
+                dst[1] = make_uint2(kiln_pack_bf16x2(r0, r1), kiln_pack_bf16x2(r2, r3));
+            }
         }
     }
 }

@@ -56,6 +56,10 @@ pub const SOURCES: &[KernelSource] = &[
         source: include_str!("../../cuda/gemv_nvfp4_tc4.cu"),
     },
     KernelSource {
+        file: "gemv_nvfp4_tc5.cu",
+        source: include_str!("../../cuda/gemv_nvfp4_tc5.cu"),
+    },
+    KernelSource {
         file: "adamw_nvfp4.cu",
         source: include_str!("../../cuda/adamw_nvfp4.cu"),
     },

@@ -73,6 +73,8 @@ pub(crate) struct Functions {
     pub gemv_tc: Vec<CudaFunction>,
     /// `kiln_gemv_nvfp4_tc2_m{M}_t{T}_d{D}`, one per entry of `gemv::TC2_KERNELS`, same order.
     pub gemv_tc2: Vec<CudaFunction>,
+    /// `kiln_gemv_nvfp4_tc5_m{M}_t{T}_d{D}`, one per entry of `gemv_tc5::TC5_KERNELS`.
+    pub gemv_tc5: Vec<CudaFunction>,
     /// `kiln_gemv_nvfp4_tc4_m{M}_t{T}_d{D}`, one per entry of `gemv::TC4_KERNELS`.
     pub gemv_tc4: Vec<CudaFunction>,
     /// `kiln_gemv_nvfp4_tc3_m{M}_k{KC}_p{P}_w{W}`, one per entry of `gemv_tc3::TC3_KERNELS`.
@@ -91,6 +93,7 @@ pub struct CudaKernels {
     pub(crate) sm_count: u32,
     pub(crate) smem_optin: usize,
     pub(crate) smem_per_sm: usize,
+    pub(crate) gemv_scratch: super::gemv_tc5::ScratchCell,
     pub(crate) tc_gemv_ok: bool,
     name: String,
     compute_capability: (i32, i32),
@@ -178,6 +181,15 @@ impl CudaKernels {
                     )
                 })
                 .collect::<Result<_, _>>()?,
+            gemv_tc5: super::gemv_tc5::TC5_KERNELS
+                .iter()
+                .map(|&(m, t, d)| {
+                    func(
+                        "gemv_nvfp4_tc5.cu",
+                        &format!("kiln_gemv_nvfp4_tc5_m{m}_t{t}_d{d}"),
+                    )
+                })
+                .collect::<Result<_, _>>()?,
             gemv_tc4: super::gemv::TC4_KERNELS
                 .iter()
                 .map(|&(m, t, d)| {
@@ -236,6 +248,7 @@ impl CudaKernels {
             sm_count,
             smem_optin,
             smem_per_sm,
+            gemv_scratch: Default::default(),
             name,
             compute_capability,
             ptx_from_cache,
@@ -266,8 +279,16 @@ impl CudaKernels {
                 stages: p as u8,
                 warps: w as u8,
             });
+        let tc5 = super::gemv_tc5::TC5_KERNELS
+            .iter()
+            .filter(|&&(m, t, d)| m == 1 && self.gemv_tc5_fits(1, q.cols, t, d))
+            .map(|&(_, t, d)| GemvVariant::TensorCore5 {
+                tiles: t as u8,
+                depth: d as u8,
+            });
         for v in std::iter::once(GemvVariant::TensorCore)
             .chain(tc2)
+            .chain(tc5)
             .chain(tc3)
         {
             let got = self.gemv_variant(&x, 1, &q, v)?;

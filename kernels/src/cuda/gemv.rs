@@ -91,6 +91,9 @@ impl CudaKernels {
         if let GemvVariant::TensorCore3 { kc, stages, warps } = variant {
             return self.gemv_tc3_launch(x, m, w, y, kc as usize, stages as usize, warps as usize);
         }
+        if let GemvVariant::TensorCore5 { tiles, depth } = variant {
+            return self.gemv_tc5_launch(x, m, w, y, tiles as usize, depth as usize);
+        }
         if let GemvVariant::TensorCore4 { tiles, depth } = variant {
             let (t, d) = (tiles as usize, depth as usize);
             let Some(idx) = tc4_index(m, t, d).filter(|_| self.gemv_tc4_fits(m, k, t, d)) else {
@@ -218,6 +221,15 @@ impl CudaKernels {
             }
             _ => false,
         }));
+        v.extend(
+            super::gemv_tc5::TC5_KERNELS
+                .iter()
+                .filter(|&&(mm, t, d)| mm == m && self.gemv_tc5_fits(m, k, t, d))
+                .map(|&(_, t, d)| GemvVariant::TensorCore5 {
+                    tiles: t as u8,
+                    depth: d as u8,
+                }),
+        );
         v.extend(
             TC4_KERNELS
                 .iter()
@@ -379,6 +391,14 @@ pub enum GemvVariant {
         depth: u8,
         /// Load unit = 4 super-tiles (64 contiguous bytes per lane, K % 512 == 0) instead of 1.
         wide: bool,
+    },
+    /// Tensor cores, v5 (`gemv_nvfp4_tc5.cu`): the v2 decode with K split across blocks (each
+    /// stages only its slice of x; a deterministic last-block reduction); m <= 4.
+    TensorCore5 {
+        /// 16-row tiles per warp.
+        tiles: u8,
+        /// Super-tiles of weights in flight per tile.
+        depth: u8,
     },
     /// Tensor cores, v4 (`gemv_nvfp4_tc4.cu`): the v2 kernel with E2M1 / E4M3 decoded through
     /// shared-memory tables (one PRMT + one LDS per pair of weights); m <= 4.

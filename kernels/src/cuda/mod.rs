@@ -1,7 +1,7 @@
 //! The CUDA path (cudarc, dynamic loading): NVRTC-compiled kernels from `kernels/cuda/`
 //! (`compile`), the device context and kernel handles (`context`), device-resident NVFP4 ops
 //! (`ops`: quantize, dequantize, conversions; `gemv`: the decode GEMV kernels, `gemv_tc3` the
-//! bulk-copy one; `adamw`: the
+//! bulk-copy one, `gemv_tc5` the split-K one; `adamw`: the
 //! packed-weight optimizer step), host-slice conveniences checked against the CPU reference
 //! (`host`) and cuBLAS / cuBLASLt calls (`blas`).
 //!
@@ -14,6 +14,7 @@ pub mod compile;
 pub mod context;
 pub mod gemv;
 pub mod gemv_tc3;
+pub mod gemv_tc5;
 pub mod host;
 pub mod ops;
 

@@ -1,0 +1,189 @@
+// gemv_nvfp4_tc5.cu — decode-time fused dequantize + GEMV, v5: the v2 kernel's decode and
+// tensor-core MMA (gemv_nvfp4_tc2.cu, read that header first) with K split across blocks
+// instead of across the warps of a block. y[m, n] = sum_k x[m, k] * W[n, k], M = 1..4,
+// W in NVFP4 [N, K] (K % 128 == 0).
+//
+// Why: Nsight Compute on the H100 (v2, 8192 x 8192, M = 1) put ~22% of all warp stall samples
+// in the prologue, where every block converts and stages all of x (32 KiB at K = 8192) while
+// its x loads queue behind the weight loads it has just issued. Here block (bx, by) covers
+// rows [bx R, bx R + R) (R = 8 warps x T tiles x 16) and only the super-tiles of K slice by
+// (of gridDim.y), so it stages 1 / gridDim.y of x. Each warp owns T tiles and walks the slice
+// with D super-tiles of loads in flight, as v2 does.
+//
+// With gridDim.y > 1 the slices' partial sums go to scratch [gridDim.y][M][N] (f32); the last
+// block of a row range to finish (a counter per row range, reset by that block for the next
+// launch) adds them in slice order — deterministic — scales by the tensor scale and writes y.
+// Launch: 256 threads, grid (ceil(N / R), slices); dynamic shared memory
+// 4 M (K / slices rounded up to 128) + 512 M bytes (tc5_smem_bytes in gemv.rs).
+
+template <int M, int T, int D>
+__device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
+        const u8* __restrict__ packed, const u8* __restrict__ scales,
+        const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K,
+        float* __restrict__ partial, u32* __restrict__ counters) {
+    extern __shared__ uint4 kiln_tc5_smem[];
+    constexpr int C = 2 * M;  // B columns in use
+    const int nsup = K >> 7;
+    const int per = (nsup + gridDim.y - 1) / gridDim.y;
+    const int s_begin = min(nsup, (int)blockIdx.y * per), s_end = min(nsup, s_begin + per);
+    const int nsl = s_end - s_begin;
+    uint2* xs = reinterpret_cast<uint2*>(kiln_tc5_smem);  // [per][8 t][4 j][C]
+    uint2* zeros = xs + (size_t)per * 32 * C;              // [32 C]: B for unused columns
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, j = lane & 3;
+    const int tile0 = (blockIdx.x * 8 + warp) * T;
+    const size_t rstride = (size_t)(K >> 5);  // uint4 (and u16 scale pairs) per row
+    const uint4* wbase = reinterpret_cast<const uint4*>(packed);
+    const u16* sbase = reinterpret_cast<const u16*>(scales);
+    u32 roff[T][2];
+#pragma unroll
+    for (int tt = 0; tt < T; tt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+            roff[tt][h] = (u32)min((tile0 + tt) * 16 + g + 8 * h, N - 1) * (u32)rstride + (u32)j;
+
+    // the first D super-tiles' loads go out before x is staged
+    uint4 wb[D][T][2];
+    u32 sb[D][T][2];
+#pragma unroll
+    for (int d = 0; d < D; d++) {
+        const int U = s_begin + d;
+#pragma unroll
+        for (int tt = 0; tt < T; tt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                if (U < s_end) {
+                    wb[d][tt][h] = kiln_tc_ld_stream(wbase + roff[tt][h] + (size_t)U * 4);
+                    sb[d][tt][h] = __ldg(sbase + roff[tt][h] + (size_t)U * 4);
+                } else {
+                    wb[d][tt][h] = make_uint4(0, 0, 0, 0);
+                    sb[d][tt][h] = 0;
+                }
+            }
+    }
+
+    // stage this slice of x (super-tiles s_begin .. s_end, stored from local index 0)
+    kiln_tc_stage_x<M, 1>(x + 128 * s_begin, xs, nsl * 128, K);
+    for (int c = threadIdx.x; c < 32 * C; c += blockDim.x) zeros[c] = make_uint2(0u, 0u);
+    __syncthreads();
+
+    float acc[T][4];
+#pragma unroll
+    for (int tt = 0; tt < T; tt++)
+#pragma unroll
+        for (int q = 0; q < 4; q++) acc[tt][q] = 0.0f;
+    const uint2* xl = g < C ? xs + j * C + g : zeros;
+    const size_t xstep = g < C ? (size_t)32 * C : 0;
+
+    for (int U0 = s_begin; U0 < s_end; U0 += D) {
+#pragma unroll
+        for (int d = 0; d < D; d++) {
+            const int U = U0 + d;
+            if (U < s_end) {
+                uint4 w[T][2];
+                u32 sw[T][2];
+#pragma unroll
+                for (int tt = 0; tt < T; tt++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        w[tt][h] = wb[d][tt][h];
+                        sw[tt][h] = sb[d][tt][h];
+                    }
+                if (U + D < s_end) {
+#pragma unroll
+                    for (int tt = 0; tt < T; tt++)
+#pragma unroll
+                        for (int h = 0; h < 2; h++) {
+                            wb[d][tt][h] = kiln_tc_ld_stream(wbase + roff[tt][h] + (size_t)(U + D) * 4);
+                            sb[d][tt][h] = __ldg(sbase + roff[tt][h] + (size_t)(U + D) * 4);
+                        }
+                }
+                u32 sc[T][2][2];
+#pragma unroll
+                for (int tt = 0; tt < T; tt++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        sc[tt][h][0] = kiln_scale_bf16x2(sw[tt][h] & 0xFFu);
+                        sc[tt][h][1] = kiln_scale_bf16x2((sw[tt][h] >> 8) & 0xFFu);
+                    }
+                const uint2* xt = xl + (size_t)(U - s_begin) * xstep;
+#pragma unroll
+                for (int t = 0; t < 8; t++) {
+                    const uint2 bv = xt[t * 4 * C];
+                    const int wi = t >> 1, blk = t >> 2, sh = 8 * (t & 1);
+#pragma unroll
+                    for (int tt = 0; tt < T; tt++) {
+                        const uint4 wa = w[tt][0], wc = w[tt][1];
+                        const u32 q0 = (wi == 0 ? wa.x : wi == 1 ? wa.y : wi == 2 ? wa.z : wa.w) << sh;
+                        const u32 q1 = (wi == 0 ? wc.x : wi == 1 ? wc.y : wi == 2 ? wc.z : wc.w) << sh;
+                        const u32 a0 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q0), sc[tt][0][blk]);
+                        const u32 a2 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q0 << 4), sc[tt][0][blk]);
+                        const u32 a1 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q1), sc[tt][1][blk]);
+                        const u32 a3 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q1 << 4), sc[tt][1][blk]);
+                        kiln_mma_bf16(acc[tt], a0, a1, a2, a3, bv.x, bv.y);
+                    }
+                }
+            }
+        }
+    }
+    // D fragment: acc[0..1] = (row g, columns 2j, 2j+1) = x row j hi and lo parts; acc[2..3]
+    // the same for row g + 8. Lanes with j < M hold results.
+    const float post = __ldg(tensor_scale) * 512.0f;  // undo the 2^-9 of the scaled A
+    if (gridDim.y == 1) {
+        if (j < M) {
+#pragma unroll
+            for (int tt = 0; tt < T; tt++) {
+                const int n0 = (tile0 + tt) * 16 + g;
+                if (n0 < N) y[(size_t)j * N + n0] = (acc[tt][0] + acc[tt][1]) * post;
+                if (n0 + 8 < N) y[(size_t)j * N + n0 + 8] = (acc[tt][2] + acc[tt][3]) * post;
+            }
+        }
+        return;
+    }
+    float* mine = partial + (size_t)blockIdx.y * M * N;
+    if (j < M) {
+#pragma unroll
+        for (int tt = 0; tt < T; tt++) {
+            const int n0 = (tile0 + tt) * 16 + g;
+            if (n0 < N) mine[(size_t)j * N + n0] = acc[tt][0] + acc[tt][1];
+            if (n0 + 8 < N) mine[(size_t)j * N + n0 + 8] = acc[tt][2] + acc[tt][3];
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    __shared__ u32 last;
+    if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int rows = 8 * T * 16, r0 = blockIdx.x * rows;
+    for (int i = threadIdx.x; i < rows * M; i += blockDim.x) {
+        const int m = i / rows, n = r0 + i % rows;
+        if (n >= N) continue;
+        float v = 0.0f;
+        for (int s = 0; s < (int)gridDim.y; s++) v += __ldcg(partial + ((size_t)s * M + m) * N + n);
+        y[(size_t)m * N + n] = v * post;
+    }
+    if (threadIdx.x == 0) counters[blockIdx.x] = 0u;  // ready for the next launch
+}
+
+#define KILN_GEMV_TC5(MM, TT, DD, MINB)                                                         \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                     \
+            kiln_gemv_nvfp4_tc5_m##MM##_t##TT##_d##DD(                                          \
+            const float* __restrict__ x, const u8* __restrict__ packed,                         \
+            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,              \
+            float* __restrict__ y, int N, int K, float* __restrict__ partial,                   \
+            u32* __restrict__ counters) {                                                       \
+        kiln_gemv_tc5_body<MM, TT, DD>(x, packed, scales, tensor_scale, y, N, K, partial,       \
+                                       counters);                                               \
+    }
+
+// (M, tiles T, depth D in super-tiles, min blocks per SM): keep in sync with TC5_KERNELS in
+// gemv_tc5.rs.
+KILN_GEMV_TC5(1, 2, 3, 2)
+KILN_GEMV_TC5(1, 1, 4, 2)
+KILN_GEMV_TC5(1, 2, 2, 2)
+KILN_GEMV_TC5(1, 1, 6, 2)
+KILN_GEMV_TC5(2, 2, 3, 2)
+KILN_GEMV_TC5(4, 2, 3, 2)
+KILN_GEMV_TC5(4, 1, 4, 2)

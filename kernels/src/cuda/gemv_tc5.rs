@@ -1,0 +1,181 @@
+//! The v5 tensor-core GEMV (`gemv_nvfp4_tc5.cu`): the v2 decode with K split across blocks, so
+//! each block stages only its slice of x; the slices' partial sums meet in a scratch buffer and
+//! the last block of each row range adds them in order (deterministic). This module holds the
+//! list of built kernels, the split choice, the scratch buffer and the launch.
+
+use std::sync::Mutex;
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::context::{drv, CudaKernels};
+use super::ops::DeviceNvfp4;
+use crate::KernelError;
+
+/// The v5 kernels built, as (m, tiles per warp, super-tiles in flight per tile); the same list
+/// as the `KILN_GEMV_TC5` lines of `gemv_nvfp4_tc5.cu`, in the same order.
+pub const TC5_KERNELS: &[(usize, usize, usize)] = &[
+    (1, 2, 3),
+    (1, 1, 4),
+    (1, 2, 2),
+    (1, 1, 6),
+    (2, 2, 3),
+    (4, 2, 3),
+    (4, 1, 4),
+];
+
+/// Index of (m, tiles, depth) in [`TC5_KERNELS`].
+pub fn tc5_index(m: usize, tiles: usize, depth: usize) -> Option<usize> {
+    TC5_KERNELS.iter().position(|&e| e == (m, tiles, depth))
+}
+
+/// Rows of W one v5 block covers: 8 warps × `tiles` tiles × 16 rows.
+pub fn tc5_rows_per_block(tiles: usize) -> usize {
+    8 * tiles * 16
+}
+
+/// How many K slices (grid.y) a v5 launch uses for `[n, k]` on `slots` resident blocks: the
+/// fewest waves × (super-tiles per block + 2, the block's fixed start-up and reduction cost),
+/// then the fewest slices (less partial-sum traffic).
+pub fn tc5_slices(n: usize, k: usize, tiles: usize, slots: usize) -> usize {
+    let nsup = k / 128;
+    let rowblocks = n.div_ceil(tc5_rows_per_block(tiles));
+    let mut best = (usize::MAX, 1);
+    for s in 1..=32.min(nsup.max(1)) {
+        let cost = (rowblocks * s).div_ceil(slots.max(1)) * (nsup.div_ceil(s) + 2);
+        if cost < best.0 {
+            best = (cost, s);
+        }
+    }
+    best.1
+}
+
+/// Dynamic shared memory of a v5 launch: the slice of x as bf16 hi/lo and the zero area.
+pub fn tc5_smem_bytes(m: usize, k: usize, slices: usize) -> usize {
+    4 * m * (k / 128).div_ceil(slices) * 128 + 512 * m
+}
+
+/// The partial sums and per-row-range counters of the split-K GEMV (grown on demand; the
+/// counters are zero between launches: the last block of a row range resets its own).
+#[derive(Default)]
+pub struct GemvScratch {
+    bufs: Option<(CudaSlice<f32>, CudaSlice<u32>)>,
+}
+
+impl CudaKernels {
+    /// Whether the v5 GEMV is built for (m, tiles, depth) and takes this K (K % 128 == 0).
+    pub fn gemv_tc5_fits(&self, m: usize, k: usize, tiles: usize, depth: usize) -> bool {
+        tc5_index(m, tiles, depth).is_some()
+            && k.is_multiple_of(128)
+            && tc5_smem_bytes(m, k, 1) <= self.smem_optin
+    }
+
+    /// The K slices a v5 launch of this shape uses.
+    pub fn tc5_slices_for(&self, n: usize, k: usize, tiles: usize) -> usize {
+        // 2 blocks of 256 threads per SM (the kernels cap registers at 128)
+        tc5_slices(n, k, tiles, 2 * self.sm_count as usize)
+    }
+
+    /// Launch the v5 GEMV (shapes already checked by `gemv_variant_async`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemv_tc5_launch(
+        &self,
+        x: &CudaSlice<f32>,
+        m: usize,
+        w: &DeviceNvfp4,
+        y: &mut CudaSlice<f32>,
+        tiles: usize,
+        depth: usize,
+    ) -> Result<(), KernelError> {
+        let (n, k) = (w.rows, w.cols);
+        let Some(idx) =
+            tc5_index(m, tiles, depth).filter(|_| self.gemv_tc5_fits(m, k, tiles, depth))
+        else {
+            return Err(KernelError::InvalidArgument(format!(
+                "the tensor-core GEMV v5 takes K % 128 == 0 and one of the built (m, tiles, \
+                 depth) {TC5_KERNELS:?}; got m = {m}, K = {k}, tiles = {tiles}, depth = {depth}"
+            )));
+        };
+        let slices = self.tc5_slices_for(n, k, tiles);
+        let rowblocks = n.div_ceil(tc5_rows_per_block(tiles));
+        let mut scratch = self
+            .gemv_scratch
+            .lock()
+            .map_err(|_| KernelError::InvalidArgument("GEMV scratch lock poisoned".into()))?;
+        let need = (slices * m * n, rowblocks);
+        let grow = match &scratch.bufs {
+            Some((p, c)) => p.len() < need.0 || c.len() < need.1,
+            None => true,
+        };
+        if grow {
+            let s = &self.stream;
+            let p = s
+                .alloc_zeros::<f32>(need.0.max(1))
+                .map_err(drv("allocating the GEMV partial sums"))?;
+            let c = s
+                .alloc_zeros::<u32>(need.1.max(1))
+                .map_err(drv("allocating the GEMV counters"))?;
+            scratch.bufs = Some((p, c));
+        }
+        let (partial, counters) = scratch.bufs.as_mut().expect("allocated above");
+        let cfg = LaunchConfig {
+            grid_dim: (rowblocks as u32, slices as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: tc5_smem_bytes(m, k, slices) as u32,
+        };
+        let (ni, ki) = (n as i32, k as i32);
+        let mut b = self.stream.launch_builder(&self.f.gemv_tc5[idx]);
+        b.arg(x)
+            .arg(&w.packed)
+            .arg(&w.scales)
+            .arg(&w.tensor_scale)
+            .arg(y)
+            .arg(&ni)
+            .arg(&ki)
+            .arg(partial)
+            .arg(counters);
+        // SAFETY: matches kiln_gemv_nvfp4_tc5_m{m}_t{t}_d{d}; x (m × K) and y (m × N) checked by
+        // the caller; the partial buffer holds slices × m × N floats and one counter per row
+        // range, all zero between launches; everything is on this one stream.
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(drv("launching kiln_gemv_nvfp4_tc5"))
+    }
+}
+
+/// The scratch a [`CudaKernels`] keeps for the split-K GEMV.
+pub(crate) type ScratchCell = Mutex<GemvScratch>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_tc5_kernel_is_instantiated_in_the_cu_file() {
+        let src = include_str!("../../cuda/gemv_nvfp4_tc5.cu");
+        let built: Vec<(usize, usize, usize)> = src
+            .lines()
+            .filter_map(|l| l.strip_prefix("KILN_GEMV_TC5("))
+            .map(|l| {
+                let v: Vec<usize> = l
+                    .trim_end_matches(')')
+                    .split(',')
+                    .map(|t| t.trim().parse().unwrap())
+                    .collect();
+                (v[0], v[1], v[2])
+            })
+            .collect();
+        assert_eq!(built, TC5_KERNELS);
+    }
+
+    #[test]
+    fn slices_for_the_benchmark_shapes_on_an_h100() {
+        let slots = 264;
+        assert_eq!(tc5_slices(8192, 8192, 2, slots), 8);
+        assert_eq!(tc5_slices(18944, 3584, 2, slots), 3);
+        assert_eq!(tc5_slices(3584, 18944, 2, slots), 17);
+        // many row ranges: no split (one wave more costs less than a second start-up)
+        assert_eq!(tc5_slices(151936, 896, 2, slots), 1);
+        // a tiny K never splits below one super-tile per slice
+        assert_eq!(tc5_slices(64, 128, 2, slots), 1);
+    }
+}
