@@ -38,7 +38,9 @@ __device__ __forceinline__ u64 kiln_tc2_ld_scales(const u16* p, u64) {
     return __ldg(reinterpret_cast<const unsigned long long*>(p));
 }
 
-template <int M, int T, int D, int G>
+// PROBE (diagnostics for the benchmark, never a GEMV): bit 0 skips staging x, bit 1 replaces
+// the decode and MMA by folding the loaded words into the accumulator (y is garbage).
+template <int M, int T, int D, int G, int PROBE = 0>
 __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
         const u8* __restrict__ packed, const u8* __restrict__ scales,
         const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
@@ -94,7 +96,7 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
             }
     }
 
-    kiln_tc_stage_x<M, G>(x, xs, K, K);
+    if (!(PROBE & 1)) kiln_tc_stage_x<M, G>(x, xs, K, K);
     for (int c = threadIdx.x; c < 32 * C; c += blockDim.x) zeros[c] = make_uint2(0u, 0u);
     __syncthreads();
 
@@ -160,7 +162,10 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
                             const u32 a2 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q0 << 4), sc[tt][0][blk]);
                             const u32 a1 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q1), sc[tt][1][blk]);
                             const u32 a3 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q1 << 4), sc[tt][1][blk]);
-                            kiln_mma_bf16(acc[tt], a0, a1, a2, a3, b0, b1);
+                            if (PROBE & 2)
+                                acc[tt][0] = __uint_as_float(__float_as_uint(acc[tt][0]) ^ q0 ^ q1 ^ b0 ^ sc[tt][0][blk]);
+                            else
+                                kiln_mma_bf16(acc[tt], a0, a1, a2, a3, b0, b1);
                         }
                     }
                 }
@@ -214,3 +219,16 @@ KILN_GEMV_TC2(4, 1, 4, 2, )
 KILN_GEMV_TC2(4, 2, 3, 2, )
 KILN_GEMV_TC2(4, 4, 1, 2, )
 KILN_GEMV_TC2(4, 1, 1, 2, _w)
+
+// Diagnostics (kiln-kernel-bench, GEMV rows marked "probe"): the m1_t2_d3 kernel's loads and
+// schedule without staging x (1), without the decode and MMA (2), or with neither (3).
+#define KILN_GEMV_TC2_PROBE(P)                                                                  \
+    extern "C" __global__ void __launch_bounds__(256, 2) kiln_gemv_nvfp4_tc2_probe##P(           \
+            const float* __restrict__ x, const u8* __restrict__ packed,                         \
+            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,              \
+            float* __restrict__ y, int N, int K, int ksplit) {                                  \
+        kiln_gemv_tc2_body<1, 2, 3, 1, P>(x, packed, scales, tensor_scale, y, N, K, ksplit);    \
+    }
+KILN_GEMV_TC2_PROBE(1)
+KILN_GEMV_TC2_PROBE(2)
+KILN_GEMV_TC2_PROBE(3)

@@ -211,7 +211,9 @@ fn gemv_matches_an_f64_reference_within_1e_3() {
                 // reset by the first; every kernel sums in a fixed order)
                 let again = k.gemv_variant(&x, m, &q, v).unwrap();
                 assert!(
-                    y.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    y.iter()
+                        .zip(&again)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
                     "GEMV {v:?} m={m} [{n}, {kk}]: a second launch differs"
                 );
             }

@@ -298,6 +298,24 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                     k.default_gemv_variant_for(m, n, kk)
                 ),
             );
+            if m == 1 && k.gemv_tc2_fits(1, kk, 2) {
+                for (p, what) in [
+                    (1, "probe: v2 without staging x"),
+                    (2, "probe: v2 loads + x staging, no decode/MMA"),
+                    (3, "probe: v2 loads only"),
+                ] {
+                    let t_p = timer.time(|i| k.gemv_probe_async(p, &dx, &ws[i % nws], &mut dy))?;
+                    push(
+                        &format!("  {what}"),
+                        n,
+                        kk,
+                        t_p,
+                        g_bytes,
+                        Some(t_base),
+                        "diagnostic, not a GEMV (output not used)".into(),
+                    );
+                }
+            }
             let default = k.default_gemv_variant_for(m, n, kk);
             let mut variants = k.gemv_variants_for(m, n, kk);
             variants.retain(|v| *v != default);

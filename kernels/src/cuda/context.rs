@@ -73,6 +73,8 @@ pub(crate) struct Functions {
     pub gemv_tc: Vec<CudaFunction>,
     /// `kiln_gemv_nvfp4_tc2_m{M}_t{T}_d{D}`, one per entry of `gemv::TC2_KERNELS`, same order.
     pub gemv_tc2: Vec<CudaFunction>,
+    /// `kiln_gemv_nvfp4_tc2_probe{1,2,3}`: benchmark diagnostics (see `gemv_probe_async`).
+    pub gemv_probe: Vec<CudaFunction>,
     /// `kiln_gemv_nvfp4_tc5_m{M}_t{T}_d{D}`, one per entry of `gemv_tc5::TC5_KERNELS`.
     pub gemv_tc5: Vec<CudaFunction>,
     /// `kiln_gemv_nvfp4_tc4_m{M}_t{T}_d{D}`, one per entry of `gemv::TC4_KERNELS`.
@@ -178,6 +180,14 @@ impl CudaKernels {
                     func(
                         "gemv_nvfp4_tc2.cu",
                         &format!("kiln_gemv_nvfp4_tc2_m{m}_t{t}_d{d}{w}"),
+                    )
+                })
+                .collect::<Result<_, _>>()?,
+            gemv_probe: (1..=3)
+                .map(|p| {
+                    func(
+                        "gemv_nvfp4_tc2.cu",
+                        &format!("kiln_gemv_nvfp4_tc2_probe{p}"),
                     )
                 })
                 .collect::<Result<_, _>>()?,

@@ -166,6 +166,36 @@ impl CudaKernels {
         self.launch_gemv(func, cfg, x, w, y, ksplit, "cuda-core")
     }
 
+    /// Diagnostics for the benchmark, not a GEMV (y is garbage): the v2 kernel with 2 tiles and 3
+    /// super-tiles in flight at m = 1, launched as that kernel is, with `probe` 1 = x not
+    /// staged, 2 = no decode or MMA (loaded words folded together), 3 = neither. Timing these
+    /// beside the real kernel shows what the loads alone and the staging cost.
+    pub fn gemv_probe_async(
+        &self,
+        probe: usize,
+        x: &CudaSlice<f32>,
+        w: &DeviceNvfp4,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), KernelError> {
+        let (n, k) = (w.rows, w.cols);
+        if !(1..=3).contains(&probe) || !self.gemv_tc2_fits(1, k, 2) || x.len() != k || y.len() != n
+        {
+            return Err(KernelError::InvalidArgument(format!(
+                "GEMV probe {probe}: takes probe 1..=3, m = 1 and a shape the v2 kernel fits \
+                 (got K = {k}, x {} elements, y {})",
+                x.len(),
+                y.len()
+            )));
+        }
+        let ksplit = gemv_tc2_ksplit(n, k, 2, 3, false, self.sm_count as usize);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(16 * 2 * (8 / ksplit)) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: tc2_smem_bytes(1, k, 2) as u32,
+        };
+        self.launch_gemv(&self.f.gemv_probe[probe - 1], cfg, x, w, y, ksplit, "probe")
+    }
+
     /// Launch one of the GEMV kernels, which all take (x, packed, scales, tensor_scale, y, N,
     /// K, ksplit); the caller checked the shapes and picked `cfg` for that kernel.
     #[allow(clippy::too_many_arguments)]
