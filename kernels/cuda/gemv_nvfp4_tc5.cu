@@ -16,7 +16,7 @@
 // Launch: 256 threads, grid (ceil(N / R), slices); dynamic shared memory
 // 4 M (K / slices rounded up to 128) + 512 M bytes (tc5_smem_bytes in gemv.rs).
 
-template <int M, int T, int D>
+template <int M, int T, int D, int LATE>
 __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
         const u8* __restrict__ packed, const u8* __restrict__ scales,
         const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K,
@@ -80,6 +80,8 @@ __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
         for (int d = 0; d < D; d++) {
             const int U = U0 + d;
             if (U < s_end) {
+                // LATE: the next loads go out after this super-tile is decoded, straight into
+                // the registers just consumed (no ring copies; one super-tile less in flight)
                 uint4 w[T][2];
                 u32 sw[T][2];
 #pragma unroll
@@ -89,7 +91,7 @@ __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
                         w[tt][h] = wb[d][tt][h];
                         sw[tt][h] = sb[d][tt][h];
                     }
-                if (U + D < s_end) {
+                if (!LATE && U + D < s_end) {
 #pragma unroll
                     for (int tt = 0; tt < T; tt++)
 #pragma unroll
@@ -122,6 +124,15 @@ __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
                         const u32 a3 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q1 << 4), sc[tt][1][blk]);
                         kiln_mma_bf16(acc[tt], a0, a1, a2, a3, bv.x, bv.y);
                     }
+                }
+                if (LATE && U + D < s_end) {
+#pragma unroll
+                    for (int tt = 0; tt < T; tt++)
+#pragma unroll
+                        for (int h = 0; h < 2; h++) {
+                            wb[d][tt][h] = kiln_tc_ld_stream(wbase + roff[tt][h] + (size_t)(U + D) * 4);
+                            sb[d][tt][h] = __ldg(sbase + roff[tt][h] + (size_t)(U + D) * 4);
+                        }
                 }
             }
         }
@@ -167,23 +178,24 @@ __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
     if (threadIdx.x == 0) counters[blockIdx.x] = 0u;  // ready for the next launch
 }
 
-#define KILN_GEMV_TC5(MM, TT, DD, MINB)                                                         \
+#define KILN_GEMV_TC5(MM, TT, DD, LATE, MINB)                                                   \
     extern "C" __global__ void __launch_bounds__(256, MINB)                                     \
-            kiln_gemv_nvfp4_tc5_m##MM##_t##TT##_d##DD(                                          \
+            kiln_gemv_nvfp4_tc5_m##MM##_t##TT##_d##DD##_l##LATE(                                \
             const float* __restrict__ x, const u8* __restrict__ packed,                         \
             const u8* __restrict__ scales, const float* __restrict__ tensor_scale,              \
             float* __restrict__ y, int N, int K, float* __restrict__ partial,                   \
             u32* __restrict__ counters) {                                                       \
-        kiln_gemv_tc5_body<MM, TT, DD>(x, packed, scales, tensor_scale, y, N, K, partial,       \
+        kiln_gemv_tc5_body<MM, TT, DD, LATE>(x, packed, scales, tensor_scale, y, N, K, partial,       \
                                        counters);                                               \
     }
 
-// (M, tiles T, depth D in super-tiles, min blocks per SM): keep in sync with TC5_KERNELS in
-// gemv_tc5.rs.
-KILN_GEMV_TC5(1, 2, 3, 2)
-KILN_GEMV_TC5(1, 1, 4, 2)
-KILN_GEMV_TC5(1, 2, 2, 2)
-KILN_GEMV_TC5(1, 1, 6, 2)
-KILN_GEMV_TC5(2, 2, 3, 2)
-KILN_GEMV_TC5(4, 2, 3, 2)
-KILN_GEMV_TC5(4, 1, 4, 2)
+// (M, tiles T, depth D in super-tiles, LATE loads, min blocks per SM): keep in sync with
+// TC5_KERNELS in gemv_tc5.rs.
+KILN_GEMV_TC5(1, 2, 3, 0, 2)
+KILN_GEMV_TC5(1, 2, 2, 0, 2)
+KILN_GEMV_TC5(1, 2, 3, 1, 2)
+KILN_GEMV_TC5(1, 2, 4, 1, 2)
+KILN_GEMV_TC5(1, 1, 4, 1, 2)
+KILN_GEMV_TC5(2, 2, 3, 0, 2)
+KILN_GEMV_TC5(4, 2, 3, 0, 2)
+KILN_GEMV_TC5(4, 2, 3, 1, 2)

@@ -193,10 +193,10 @@ impl CudaKernels {
                 .collect::<Result<_, _>>()?,
             gemv_tc5: super::gemv_tc5::TC5_KERNELS
                 .iter()
-                .map(|&(m, t, d)| {
+                .map(|&(m, t, d, l)| {
                     func(
                         "gemv_nvfp4_tc5.cu",
-                        &format!("kiln_gemv_nvfp4_tc5_m{m}_t{t}_d{d}"),
+                        &format!("kiln_gemv_nvfp4_tc5_m{m}_t{t}_d{d}_l{}", l as u8),
                     )
                 })
                 .collect::<Result<_, _>>()?,
@@ -291,10 +291,11 @@ impl CudaKernels {
             });
         let tc5 = super::gemv_tc5::TC5_KERNELS
             .iter()
-            .filter(|&&(m, t, d)| m == 1 && self.gemv_tc5_fits(1, q.cols, t, d))
-            .map(|&(_, t, d)| GemvVariant::TensorCore5 {
+            .filter(|&&(m, t, d, l)| m == 1 && self.gemv_tc5_fits(1, q.cols, t, d, l))
+            .map(|&(_, t, d, l)| GemvVariant::TensorCore5 {
                 tiles: t as u8,
                 depth: d as u8,
+                late: l,
             });
         for v in std::iter::once(GemvVariant::TensorCore)
             .chain(tc2)

@@ -91,8 +91,8 @@ impl CudaKernels {
         if let GemvVariant::TensorCore3 { kc, stages, warps } = variant {
             return self.gemv_tc3_launch(x, m, w, y, kc as usize, stages as usize, warps as usize);
         }
-        if let GemvVariant::TensorCore5 { tiles, depth } = variant {
-            return self.gemv_tc5_launch(x, m, w, y, tiles as usize, depth as usize);
+        if let GemvVariant::TensorCore5 { tiles, depth, late } = variant {
+            return self.gemv_tc5_launch(x, m, w, y, tiles as usize, depth as usize, late);
         }
         if let GemvVariant::TensorCore4 { tiles, depth } = variant {
             let (t, d) = (tiles as usize, depth as usize);
@@ -254,10 +254,11 @@ impl CudaKernels {
         v.extend(
             super::gemv_tc5::TC5_KERNELS
                 .iter()
-                .filter(|&&(mm, t, d)| mm == m && self.gemv_tc5_fits(m, k, t, d))
-                .map(|&(_, t, d)| GemvVariant::TensorCore5 {
+                .filter(|&&(mm, t, d, l)| mm == m && self.gemv_tc5_fits(m, k, t, d, l))
+                .map(|&(_, t, d, l)| GemvVariant::TensorCore5 {
                     tiles: t as u8,
                     depth: d as u8,
+                    late: l,
                 }),
         );
         v.extend(
@@ -429,6 +430,8 @@ pub enum GemvVariant {
         tiles: u8,
         /// Super-tiles of weights in flight per tile.
         depth: u8,
+        /// Issue the next loads after decoding a super-tile, into its registers.
+        late: bool,
     },
     /// Tensor cores, v4 (`gemv_nvfp4_tc4.cu`): the v2 kernel with E2M1 / E4M3 decoded through
     /// shared-memory tables (one PRMT + one LDS per pair of weights); m <= 4.

@@ -11,21 +11,25 @@ use super::context::{drv, CudaKernels};
 use super::ops::DeviceNvfp4;
 use crate::KernelError;
 
-/// The v5 kernels built, as (m, tiles per warp, super-tiles in flight per tile); the same list
+/// The v5 kernels built, as (m, tiles per warp, super-tiles in flight per tile, late: the next
+/// loads are issued after a super-tile is decoded, into the registers it used); the same list
 /// as the `KILN_GEMV_TC5` lines of `gemv_nvfp4_tc5.cu`, in the same order.
-pub const TC5_KERNELS: &[(usize, usize, usize)] = &[
-    (1, 2, 3),
-    (1, 1, 4),
-    (1, 2, 2),
-    (1, 1, 6),
-    (2, 2, 3),
-    (4, 2, 3),
-    (4, 1, 4),
+pub const TC5_KERNELS: &[(usize, usize, usize, bool)] = &[
+    (1, 2, 3, false),
+    (1, 2, 2, false),
+    (1, 2, 3, true),
+    (1, 2, 4, true),
+    (1, 1, 4, true),
+    (2, 2, 3, false),
+    (4, 2, 3, false),
+    (4, 2, 3, true),
 ];
 
-/// Index of (m, tiles, depth) in [`TC5_KERNELS`].
-pub fn tc5_index(m: usize, tiles: usize, depth: usize) -> Option<usize> {
-    TC5_KERNELS.iter().position(|&e| e == (m, tiles, depth))
+/// Index of (m, tiles, depth, late) in [`TC5_KERNELS`].
+pub fn tc5_index(m: usize, tiles: usize, depth: usize, late: bool) -> Option<usize> {
+    TC5_KERNELS
+        .iter()
+        .position(|&e| e == (m, tiles, depth, late))
 }
 
 /// Rows of W one v5 block covers: 8 warps × `tiles` tiles × 16 rows.
@@ -62,9 +66,16 @@ pub struct GemvScratch {
 }
 
 impl CudaKernels {
-    /// Whether the v5 GEMV is built for (m, tiles, depth) and takes this K (K % 128 == 0).
-    pub fn gemv_tc5_fits(&self, m: usize, k: usize, tiles: usize, depth: usize) -> bool {
-        tc5_index(m, tiles, depth).is_some()
+    /// Whether the v5 GEMV is built for (m, tiles, depth, late) and takes this K (K % 128 == 0).
+    pub fn gemv_tc5_fits(
+        &self,
+        m: usize,
+        k: usize,
+        tiles: usize,
+        depth: usize,
+        late: bool,
+    ) -> bool {
+        tc5_index(m, tiles, depth, late).is_some()
             && k.is_multiple_of(128)
             && tc5_smem_bytes(m, k, 1) <= self.smem_optin
     }
@@ -85,14 +96,16 @@ impl CudaKernels {
         y: &mut CudaSlice<f32>,
         tiles: usize,
         depth: usize,
+        late: bool,
     ) -> Result<(), KernelError> {
         let (n, k) = (w.rows, w.cols);
-        let Some(idx) =
-            tc5_index(m, tiles, depth).filter(|_| self.gemv_tc5_fits(m, k, tiles, depth))
+        let Some(idx) = tc5_index(m, tiles, depth, late)
+            .filter(|_| self.gemv_tc5_fits(m, k, tiles, depth, late))
         else {
             return Err(KernelError::InvalidArgument(format!(
                 "the tensor-core GEMV v5 takes K % 128 == 0 and one of the built (m, tiles, \
-                 depth) {TC5_KERNELS:?}; got m = {m}, K = {k}, tiles = {tiles}, depth = {depth}"
+                 depth, late) {TC5_KERNELS:?}; got m = {m}, K = {k}, tiles = {tiles}, depth = \
+                 {depth}, late = {late}"
             )));
         };
         let slices = self.tc5_slices_for(n, k, tiles);
@@ -152,7 +165,7 @@ mod tests {
     #[test]
     fn every_listed_tc5_kernel_is_instantiated_in_the_cu_file() {
         let src = include_str!("../../cuda/gemv_nvfp4_tc5.cu");
-        let built: Vec<(usize, usize, usize)> = src
+        let built: Vec<(usize, usize, usize, bool)> = src
             .lines()
             .filter_map(|l| l.strip_prefix("KILN_GEMV_TC5("))
             .map(|l| {
@@ -161,7 +174,7 @@ mod tests {
                     .split(',')
                     .map(|t| t.trim().parse().unwrap())
                     .collect();
-                (v[0], v[1], v[2])
+                (v[0], v[1], v[2], v[3] == 1)
             })
             .collect();
         assert_eq!(built, TC5_KERNELS);
