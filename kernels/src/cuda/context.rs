@@ -233,6 +233,8 @@ impl CudaKernels {
             .chain(&f.gemv_tc2)
             .chain(&f.gemv_tc3)
             .chain(&f.gemv_tc4)
+            .chain(&f.gemv_tc5)
+            .chain(&f.gemv_probe)
         {
             func.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
