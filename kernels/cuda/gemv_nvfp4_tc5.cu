@@ -14,7 +14,7 @@
 // block of a row range to finish (a counter per row range, reset by that block for the next
 // launch) adds them in slice order — deterministic — scales by the tensor scale and writes y.
 // Launch: 256 threads, grid (ceil(N / R), slices); dynamic shared memory
-// 4 M (K / slices rounded up to 128) + 512 M bytes (tc5_smem_bytes in gemv.rs).
+// 4 M (K / slices rounded up to 128) + 512 M + 16 bytes (tc5_smem_bytes in gemv_tc5.rs).
 
 template <int M, int T, int D, int LATE>
 __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
@@ -162,10 +162,10 @@ __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
     }
     __threadfence();
     __syncthreads();
-    __shared__ u32 last;
-    if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1u) == gridDim.y - 1;
+    u32* last = reinterpret_cast<u32*>(zeros + 32 * C);  // one word after the zero area
+    if (threadIdx.x == 0) *last = atomicAdd(counters + blockIdx.x, 1u) == gridDim.y - 1;
     __syncthreads();
-    if (!last) return;
+    if (!*last) return;
     __threadfence();
     const int rows = 8 * T * 16, r0 = blockIdx.x * rows;
     for (int i = threadIdx.x; i < rows * M; i += blockDim.x) {

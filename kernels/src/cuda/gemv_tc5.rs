@@ -53,9 +53,10 @@ pub fn tc5_slices(n: usize, k: usize, tiles: usize, slots: usize) -> usize {
     best.1
 }
 
-/// Dynamic shared memory of a v5 launch: the slice of x as bf16 hi/lo and the zero area.
+/// Dynamic shared memory of a v5 launch: the slice of x as bf16 hi/lo, the zero area and the
+/// "last block" flag.
 pub fn tc5_smem_bytes(m: usize, k: usize, slices: usize) -> usize {
-    4 * m * (k / 128).div_ceil(slices) * 128 + 512 * m
+    4 * m * (k / 128).div_ceil(slices) * 128 + 512 * m + 16
 }
 
 /// The partial sums and per-row-range counters of the split-K GEMV (grown on demand; the
