@@ -180,7 +180,7 @@ __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
 
 #define KILN_GEMV_TC5(MM, TT, DD, LATE, MINB)                                                   \
     extern "C" __global__ void __launch_bounds__(256, MINB)                                     \
-            kiln_gemv_nvfp4_tc5_m##MM##_t##TT##_d##DD##_l##LATE(                                \
+            kiln_gemv_nvfp4_tc5_m##MM##_t##TT##_d##DD##_l##LATE##_b##MINB(                      \
             const float* __restrict__ x, const u8* __restrict__ packed,                         \
             const u8* __restrict__ scales, const float* __restrict__ tensor_scale,              \
             float* __restrict__ y, int N, int K, float* __restrict__ partial,                   \
@@ -189,13 +189,15 @@ __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
                                        counters);                                               \
     }
 
-// (M, tiles T, depth D in super-tiles, LATE loads, min blocks per SM): keep in sync with
-// TC5_KERNELS in gemv_tc5.rs.
+// (M, tiles T, depth D in super-tiles, LATE loads, blocks per SM (a register cap)): keep in
+// sync with TC5_KERNELS in gemv_tc5.rs.
 KILN_GEMV_TC5(1, 2, 3, 0, 2)
 KILN_GEMV_TC5(1, 2, 2, 0, 2)
 KILN_GEMV_TC5(1, 2, 3, 1, 2)
-KILN_GEMV_TC5(1, 2, 4, 1, 2)
 KILN_GEMV_TC5(1, 1, 4, 1, 2)
+KILN_GEMV_TC5(1, 1, 2, 1, 4)
+KILN_GEMV_TC5(1, 1, 3, 1, 3)
+KILN_GEMV_TC5(1, 2, 2, 1, 3)
 KILN_GEMV_TC5(2, 2, 3, 0, 2)
 KILN_GEMV_TC5(4, 2, 3, 0, 2)
 KILN_GEMV_TC5(4, 2, 3, 1, 2)

@@ -193,10 +193,10 @@ impl CudaKernels {
                 .collect::<Result<_, _>>()?,
             gemv_tc5: super::gemv_tc5::TC5_KERNELS
                 .iter()
-                .map(|&(m, t, d, l)| {
+                .map(|&(m, t, d, l, b)| {
                     func(
                         "gemv_nvfp4_tc5.cu",
-                        &format!("kiln_gemv_nvfp4_tc5_m{m}_t{t}_d{d}_l{}", l as u8),
+                        &format!("kiln_gemv_nvfp4_tc5_m{m}_t{t}_d{d}_l{}_b{b}", l as u8),
                     )
                 })
                 .collect::<Result<_, _>>()?,
@@ -293,11 +293,12 @@ impl CudaKernels {
             });
         let tc5 = super::gemv_tc5::TC5_KERNELS
             .iter()
-            .filter(|&&(m, t, d, l)| m == 1 && self.gemv_tc5_fits(1, q.cols, t, d, l))
-            .map(|&(_, t, d, l)| GemvVariant::TensorCore5 {
-                tiles: t as u8,
-                depth: d as u8,
-                late: l,
+            .filter(|&&c| c.0 == 1 && self.gemv_tc5_fits(c, q.cols))
+            .map(|&c| GemvVariant::TensorCore5 {
+                tiles: c.1 as u8,
+                depth: c.2 as u8,
+                late: c.3,
+                per_sm: c.4 as u8,
             });
         for v in std::iter::once(GemvVariant::TensorCore)
             .chain(tc2)

@@ -91,8 +91,15 @@ impl CudaKernels {
         if let GemvVariant::TensorCore3 { kc, stages, warps } = variant {
             return self.gemv_tc3_launch(x, m, w, y, kc as usize, stages as usize, warps as usize);
         }
-        if let GemvVariant::TensorCore5 { tiles, depth, late } = variant {
-            return self.gemv_tc5_launch(x, m, w, y, tiles as usize, depth as usize, late);
+        if let GemvVariant::TensorCore5 {
+            tiles,
+            depth,
+            late,
+            per_sm,
+        } = variant
+        {
+            let c = (m, tiles as usize, depth as usize, late, per_sm as usize);
+            return self.gemv_tc5_launch(x, m, w, y, c);
         }
         if let GemvVariant::TensorCore4 { tiles, depth } = variant {
             let (t, d) = (tiles as usize, depth as usize);
@@ -254,11 +261,12 @@ impl CudaKernels {
         v.extend(
             super::gemv_tc5::TC5_KERNELS
                 .iter()
-                .filter(|&&(mm, t, d, l)| mm == m && self.gemv_tc5_fits(m, k, t, d, l))
-                .map(|&(_, t, d, l)| GemvVariant::TensorCore5 {
-                    tiles: t as u8,
-                    depth: d as u8,
-                    late: l,
+                .filter(|&&c| c.0 == m && self.gemv_tc5_fits(c, k))
+                .map(|&c| GemvVariant::TensorCore5 {
+                    tiles: c.1 as u8,
+                    depth: c.2 as u8,
+                    late: c.3,
+                    per_sm: c.4 as u8,
                 }),
         );
         v.extend(
@@ -432,6 +440,8 @@ pub enum GemvVariant {
         depth: u8,
         /// Issue the next loads after decoding a super-tile, into its registers.
         late: bool,
+        /// Resident blocks per SM (the kernel's register cap).
+        per_sm: u8,
     },
     /// Tensor cores, v4 (`gemv_nvfp4_tc4.cu`): the v2 kernel with E2M1 / E4M3 decoded through
     /// shared-memory tables (one PRMT + one LDS per pair of weights); m <= 4.

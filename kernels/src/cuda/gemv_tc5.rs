@@ -12,24 +12,28 @@ use super::ops::DeviceNvfp4;
 use crate::KernelError;
 
 /// The v5 kernels built, as (m, tiles per warp, super-tiles in flight per tile, late: the next
-/// loads are issued after a super-tile is decoded, into the registers it used); the same list
+/// loads are issued after a super-tile is decoded, into the registers it used, resident blocks
+/// per SM the register cap allows); the same list
 /// as the `KILN_GEMV_TC5` lines of `gemv_nvfp4_tc5.cu`, in the same order.
-pub const TC5_KERNELS: &[(usize, usize, usize, bool)] = &[
-    (1, 2, 3, false),
-    (1, 2, 2, false),
-    (1, 2, 3, true),
-    (1, 2, 4, true),
-    (1, 1, 4, true),
-    (2, 2, 3, false),
-    (4, 2, 3, false),
-    (4, 2, 3, true),
+pub const TC5_KERNELS: &[(usize, usize, usize, bool, usize)] = &[
+    (1, 2, 3, false, 2),
+    (1, 2, 2, false, 2),
+    (1, 2, 3, true, 2),
+    (1, 1, 4, true, 2),
+    (1, 1, 2, true, 4),
+    (1, 1, 3, true, 3),
+    (1, 2, 2, true, 3),
+    (2, 2, 3, false, 2),
+    (4, 2, 3, false, 2),
+    (4, 2, 3, true, 2),
 ];
 
-/// Index of (m, tiles, depth, late) in [`TC5_KERNELS`].
-pub fn tc5_index(m: usize, tiles: usize, depth: usize, late: bool) -> Option<usize> {
-    TC5_KERNELS
-        .iter()
-        .position(|&e| e == (m, tiles, depth, late))
+/// A v5 kernel: (m, tiles, depth, late, blocks per SM).
+pub type Tc5Config = (usize, usize, usize, bool, usize);
+
+/// Index of a configuration in [`TC5_KERNELS`].
+pub fn tc5_index(c: Tc5Config) -> Option<usize> {
+    TC5_KERNELS.iter().position(|&e| e == c)
 }
 
 /// Rows of W one v5 block covers: 8 warps × `tiles` tiles × 16 rows.
@@ -67,24 +71,16 @@ pub struct GemvScratch {
 }
 
 impl CudaKernels {
-    /// Whether the v5 GEMV is built for (m, tiles, depth, late) and takes this K (K % 128 == 0).
-    pub fn gemv_tc5_fits(
-        &self,
-        m: usize,
-        k: usize,
-        tiles: usize,
-        depth: usize,
-        late: bool,
-    ) -> bool {
-        tc5_index(m, tiles, depth, late).is_some()
+    /// Whether the v5 GEMV configuration is built and takes this K (K % 128 == 0).
+    pub fn gemv_tc5_fits(&self, c: Tc5Config, k: usize) -> bool {
+        tc5_index(c).is_some()
             && k.is_multiple_of(128)
-            && tc5_smem_bytes(m, k, 1) <= self.smem_optin
+            && tc5_smem_bytes(c.0, k, 1) <= self.smem_optin
     }
 
-    /// The K slices a v5 launch of this shape uses.
-    pub fn tc5_slices_for(&self, n: usize, k: usize, tiles: usize) -> usize {
-        // 2 blocks of 256 threads per SM (the kernels cap registers at 128)
-        tc5_slices(n, k, tiles, 2 * self.sm_count as usize)
+    /// The K slices a v5 launch of this shape uses (`per_sm` resident blocks per SM).
+    pub fn tc5_slices_for(&self, n: usize, k: usize, tiles: usize, per_sm: usize) -> usize {
+        tc5_slices(n, k, tiles, per_sm * self.sm_count as usize)
     }
 
     /// Launch the v5 GEMV (shapes already checked by `gemv_variant_async`).
@@ -95,21 +91,17 @@ impl CudaKernels {
         m: usize,
         w: &DeviceNvfp4,
         y: &mut CudaSlice<f32>,
-        tiles: usize,
-        depth: usize,
-        late: bool,
+        c: Tc5Config,
     ) -> Result<(), KernelError> {
         let (n, k) = (w.rows, w.cols);
-        let Some(idx) = tc5_index(m, tiles, depth, late)
-            .filter(|_| self.gemv_tc5_fits(m, k, tiles, depth, late))
-        else {
+        let (_, tiles, _, _, per_sm) = c;
+        let Some(idx) = tc5_index(c).filter(|_| c.0 == m && self.gemv_tc5_fits(c, k)) else {
             return Err(KernelError::InvalidArgument(format!(
                 "the tensor-core GEMV v5 takes K % 128 == 0 and one of the built (m, tiles, \
-                 depth, late) {TC5_KERNELS:?}; got m = {m}, K = {k}, tiles = {tiles}, depth = \
-                 {depth}, late = {late}"
+                 depth, late, blocks per SM) {TC5_KERNELS:?}; got m = {m}, K = {k}, {c:?}"
             )));
         };
-        let slices = self.tc5_slices_for(n, k, tiles);
+        let slices = self.tc5_slices_for(n, k, tiles, per_sm);
         let rowblocks = n.div_ceil(tc5_rows_per_block(tiles));
         let mut scratch = self
             .gemv_scratch
@@ -166,7 +158,7 @@ mod tests {
     #[test]
     fn every_listed_tc5_kernel_is_instantiated_in_the_cu_file() {
         let src = include_str!("../../cuda/gemv_nvfp4_tc5.cu");
-        let built: Vec<(usize, usize, usize, bool)> = src
+        let built: Vec<Tc5Config> = src
             .lines()
             .filter_map(|l| l.strip_prefix("KILN_GEMV_TC5("))
             .map(|l| {
@@ -175,7 +167,7 @@ mod tests {
                     .split(',')
                     .map(|t| t.trim().parse().unwrap())
                     .collect();
-                (v[0], v[1], v[2], v[3] == 1)
+                (v[0], v[1], v[2], v[3] == 1, v[4])
             })
             .collect();
         assert_eq!(built, TC5_KERNELS);
