@@ -27,7 +27,7 @@
 // 4 * M * K + 512 * M + 8 * T * 16 * M * 4 bytes (tc2_smem_bytes in gemv.rs).
 
 // The load, decode and MMA helpers are in nvfp4_common.cuh (shared with gemv_nvfp4_tc.cu and
-// gemv_nvfp4_tc3.cu).
+// gemv_nvfp4_tc5.cu).
 
 // The scale pairs of a load unit: G consecutive u16 (G = 1: one u16 in a u32; G = 4: one
 // 8-byte load).

@@ -195,7 +195,7 @@ __device__ __forceinline__ u64 kiln_warp_min_u64(u64 v) {
     return v;
 }
 
-// ---- Tensor-core GEMV helpers (gemv_nvfp4_tc.cu, gemv_nvfp4_tc2.cu, gemv_nvfp4_tc3.cu) ----
+// ---- Tensor-core GEMV helpers (gemv_nvfp4_tc.cu, gemv_nvfp4_tc2.cu, gemv_nvfp4_tc5.cu) ----
 // Hopper has no FP4 MMA: each lane decodes E2M1 in software into bf16 pairs (the sign and
 // the three magnitude bits of a nibble moved into a bf16 bit pattern give value * 2^-126
 // exactly), multiplies them by its block's E4M3 scale * 2^117 (exact: the product has at most
@@ -244,7 +244,7 @@ __device__ __forceinline__ void kiln_mma_bf16(float c[4], u32 a0, u32 a1, u32 a2
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Stage x f32 [M, K] (rows row_stride apart) into shared memory for the v2/v3/v5 tensor-core
+// Stage x f32 [M, K] (rows row_stride apart) into shared memory for the v2/v5 tensor-core
 // GEMVs, all threads of the block taking part: xs[s][t][j][2M] uint2 = B fragment (b0, b1) of k-tile t of super-tile s
 // for lane j, column 2m = x row m's bf16 hi part, 2m + 1 its lo part. Item (m, s, jj, t2) is
 // the 8 elements 8 t2 .. +8 of lane jj's 32-element chunk of super-tile s (k0 = 128 s + 32 jj,

@@ -48,14 +48,6 @@ pub const SOURCES: &[KernelSource] = &[
         source: include_str!("../../cuda/gemv_nvfp4_tc2.cu"),
     },
     KernelSource {
-        file: "gemv_nvfp4_tc3.cu",
-        source: include_str!("../../cuda/gemv_nvfp4_tc3.cu"),
-    },
-    KernelSource {
-        file: "gemv_nvfp4_tc4.cu",
-        source: include_str!("../../cuda/gemv_nvfp4_tc4.cu"),
-    },
-    KernelSource {
         file: "gemv_nvfp4_tc5.cu",
         source: include_str!("../../cuda/gemv_nvfp4_tc5.cu"),
     },

@@ -77,10 +77,6 @@ pub(crate) struct Functions {
     pub gemv_probe: Vec<CudaFunction>,
     /// `kiln_gemv_nvfp4_tc5_m{M}_t{T}_d{D}`, one per entry of `gemv_tc5::TC5_KERNELS`.
     pub gemv_tc5: Vec<CudaFunction>,
-    /// `kiln_gemv_nvfp4_tc4_m{M}_t{T}_d{D}`, one per entry of `gemv::TC4_KERNELS`.
-    pub gemv_tc4: Vec<CudaFunction>,
-    /// `kiln_gemv_nvfp4_tc3_m{M}_k{KC}_p{P}_w{W}`, one per entry of `gemv_tc3::TC3_KERNELS`.
-    pub gemv_tc3: Vec<CudaFunction>,
     pub adamw_amax: CudaFunction,
     pub adamw_apply: CudaFunction,
 }
@@ -94,7 +90,6 @@ pub struct CudaKernels {
     pub(crate) blaslt: CudaBlasLT,
     pub(crate) sm_count: u32,
     pub(crate) smem_optin: usize,
-    pub(crate) smem_per_sm: usize,
     pub(crate) gemv_scratch: super::gemv_tc5::ScratchCell,
     pub(crate) tc_gemv_ok: bool,
     name: String,
@@ -200,39 +195,16 @@ impl CudaKernels {
                     )
                 })
                 .collect::<Result<_, _>>()?,
-            gemv_tc4: super::gemv::TC4_KERNELS
-                .iter()
-                .map(|&(m, t, d)| {
-                    func(
-                        "gemv_nvfp4_tc4.cu",
-                        &format!("kiln_gemv_nvfp4_tc4_m{m}_t{t}_d{d}"),
-                    )
-                })
-                .collect::<Result<_, _>>()?,
-            gemv_tc3: super::gemv_tc3::TC3_KERNELS
-                .iter()
-                .map(|&(m, kc, p, w)| {
-                    func(
-                        "gemv_nvfp4_tc3.cu",
-                        &format!("kiln_gemv_nvfp4_tc3_m{m}_k{kc}_p{p}_w{w}"),
-                    )
-                })
-                .collect::<Result<_, _>>()?,
             adamw_amax: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_amax")?,
             adamw_apply: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_apply")?,
         };
         let smem_optin = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(drv("reading the shared-memory limit"))? as usize;
-        let smem_per_sm = ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
-            .map_err(drv("reading the shared memory per SM"))? as usize;
         for func in f
             .gemv_tc
             .iter()
             .chain(&f.gemv_tc2)
-            .chain(&f.gemv_tc3)
-            .chain(&f.gemv_tc4)
             .chain(&f.gemv_tc5)
             .chain(&f.gemv_probe)
         {
@@ -259,7 +231,6 @@ impl CudaKernels {
             blaslt,
             sm_count,
             smem_optin,
-            smem_per_sm,
             gemv_scratch: Default::default(),
             name,
             compute_capability,
@@ -283,17 +254,9 @@ impl CudaKernels {
         // benchmark's and the GPU tests' validation before use (they are never the default)
         let tc2 = super::gemv::tc2_variants(1)
             .filter(|v| !matches!(v, GemvVariant::TensorCore2 { wide: true, .. }));
-        let tc3 = super::gemv_tc3::TC3_KERNELS
-            .iter()
-            .filter(|&&(m, kc, p, w)| m == 1 && self.gemv_tc3_fits(1, q.cols, kc, p, w))
-            .map(|&(_, kc, p, w)| GemvVariant::TensorCore3 {
-                kc: kc as u16,
-                stages: p as u8,
-                warps: w as u8,
-            });
         let tc5 = super::gemv_tc5::TC5_KERNELS
             .iter()
-            .filter(|&&c| c.0 == 1 && self.gemv_tc5_fits(c, q.cols))
+            .filter(|&&c| c.0 == 1 && self.gemv_tc5_fits(c, q.rows, q.cols))
             .map(|&c| GemvVariant::TensorCore5 {
                 tiles: c.1 as u8,
                 depth: c.2 as u8,
@@ -303,7 +266,6 @@ impl CudaKernels {
         for v in std::iter::once(GemvVariant::TensorCore)
             .chain(tc2)
             .chain(tc5)
-            .chain(tc3)
         {
             let got = self.gemv_variant(&x, 1, &q, v)?;
             let num: f64 = want

@@ -21,23 +21,33 @@ impl CudaKernels {
         self.gemv_variant_async(x, m, w, y, self.default_gemv_variant_for(m, w.rows, w.cols))
     }
 
-    /// The GEMV kernel `gemv_async` uses, chosen from the H100 measurements in BENCHMARKS.md
-    /// (N unknown: as for a large matrix). See [`CudaKernels::default_gemv_variant_for`].
-    pub fn default_gemv_variant(&self, m: usize, k: usize) -> GemvVariant {
-        self.default_gemv_variant_for(m, usize::MAX / k.max(1), k)
-    }
-
-    /// The GEMV kernel for `m` rows of x and an `[n, k]` W. When the tensor-core kernels passed
-    /// their start-up check: m = 1 runs the v2 tensor-core kernel with 2 tiles per warp and 3
-    /// super-tiles in flight on matrices of at least 16M weights, the CUDA-core kernel (4 rows
-    /// per warp) on smaller ones (launch-latency bound: it starts fastest); m = 2..4 the v2
-    /// kernel (4 tiles per warp for K >= 8192; for m = 4 with K >= 2048 and N >= 4096, 2
-    /// tiles x 3 deep; else 1 tile with 4 super-tiles in flight);
-    /// m = 5..8 the first tensor-core kernel where x fits in shared memory. Everything else,
-    /// and every shape when the start-up check failed, runs the CUDA-core kernel.
+    /// The GEMV kernel for `m` rows of x and an `[n, k]` W, from the H100 measurements in
+    /// kernels/BENCHMARKS.md. When the tensor-core kernels passed their start-up check, on
+    /// matrices of at least 16M weights: the split-K v5 kernel (m = 1: 2 tiles per warp, 2
+    /// super-tiles in flight, or for K <= 1024 one tile, 3 in flight, late loads and 3 blocks
+    /// per SM; m = 2..8: 2 tiles, 3 in flight, late loads; m = 5..8 as two launches). On smaller
+    /// matrices (launch-latency bound): m = 1 the CUDA-core kernel (it starts fastest), m = 2..4
+    /// the v2 kernel, m = 5..8 the first tensor-core kernel where x fits in shared memory.
+    /// Everything else, and every shape when the start-up check failed, runs the CUDA-core
+    /// kernel.
     pub fn default_gemv_variant_for(&self, m: usize, n: usize, k: usize) -> GemvVariant {
         if !self.tc_gemv_ok {
             return GemvVariant::Rows4;
+        }
+        if n.saturating_mul(k) >= 16 << 20 {
+            let c = match m {
+                1 if k <= 1024 => (1, 1, 3, true, 3),
+                1 => (1, 2, 2, false, 2),
+                _ => (m, 2, 3, true, 2),
+            };
+            if self.gemv_tc5_fits(c, n, k) {
+                return GemvVariant::TensorCore5 {
+                    tiles: c.1 as u8,
+                    depth: c.2 as u8,
+                    late: c.3,
+                    per_sm: c.4 as u8,
+                };
+            }
         }
         let tc2 = |tiles: u8, depth: u8| GemvVariant::TensorCore2 {
             tiles,
@@ -45,10 +55,8 @@ impl CudaKernels {
             wide: false,
         };
         let pick = match m {
-            1 if n.saturating_mul(k) >= 16 << 20 => tc2(2, 3),
             1 => GemvVariant::Rows4,
             2..=4 if k >= 8192 => tc2(4, 1),
-            4 if k >= 2048 && n >= 4096 => tc2(2, 3),
             2..=4 => tc2(1, 4),
             _ => GemvVariant::TensorCore,
         };
@@ -88,9 +96,6 @@ impl CudaKernels {
                 y.len()
             )));
         }
-        if let GemvVariant::TensorCore3 { kc, stages, warps } = variant {
-            return self.gemv_tc3_launch(x, m, w, y, kc as usize, stages as usize, warps as usize);
-        }
         if let GemvVariant::TensorCore5 {
             tiles,
             depth,
@@ -99,26 +104,7 @@ impl CudaKernels {
         } = variant
         {
             let c = (m, tiles as usize, depth as usize, late, per_sm as usize);
-            return self.gemv_tc5_launch(x, m, w, y, c);
-        }
-        if let GemvVariant::TensorCore4 { tiles, depth } = variant {
-            let (t, d) = (tiles as usize, depth as usize);
-            let Some(idx) = tc4_index(m, t, d).filter(|_| self.gemv_tc4_fits(m, k, t, d)) else {
-                return Err(KernelError::InvalidArgument(format!(
-                    "the tensor-core GEMV v4 takes K % 128 == 0, {} bytes of shared memory (this \
-                     device allows {}) and one of the built (m, tiles, depth) {TC4_KERNELS:?}; got \
-                     m = {m}, K = {k}, tiles = {t}, depth = {d}",
-                    tc4_smem_bytes(m, k, t),
-                    self.smem_optin
-                )));
-            };
-            let ksplit = gemv_tc2_ksplit(n, k, t, d, false, self.sm_count as usize);
-            let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(16 * t * (8 / ksplit)) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: tc4_smem_bytes(m, k, t) as u32,
-            };
-            return self.launch_gemv(&self.f.gemv_tc4[idx], cfg, x, w, y, ksplit, "tc4");
+            return self.gemv_tc5_launch(x, w, y, c);
         }
         if let GemvVariant::TensorCore2 { tiles, depth, wide } = variant {
             let (t, d) = (tiles as usize, depth as usize);
@@ -241,7 +227,6 @@ impl CudaKernels {
     /// ones when they passed the start-up check and fit (the wide v2 kernels only when
     /// [`tc2_experimental`]).
     pub fn gemv_variants_for(&self, m: usize, n: usize, k: usize) -> Vec<GemvVariant> {
-        let _ = n;
         let mut v = vec![GemvVariant::Rows4];
         if m == 1 {
             v.push(GemvVariant::Rows8);
@@ -261,7 +246,7 @@ impl CudaKernels {
         v.extend(
             super::gemv_tc5::TC5_KERNELS
                 .iter()
-                .filter(|&&c| c.0 == m && self.gemv_tc5_fits(c, k))
+                .filter(|&&c| c.0 == m.min(4) && self.gemv_tc5_fits((m, c.1, c.2, c.3, c.4), n, k))
                 .map(|&c| GemvVariant::TensorCore5 {
                     tiles: c.1 as u8,
                     depth: c.2 as u8,
@@ -269,34 +254,7 @@ impl CudaKernels {
                     per_sm: c.4 as u8,
                 }),
         );
-        v.extend(
-            TC4_KERNELS
-                .iter()
-                .filter(|&&(mm, t, d)| mm == m && self.gemv_tc4_fits(m, k, t, d))
-                .map(|&(_, t, d)| GemvVariant::TensorCore4 {
-                    tiles: t as u8,
-                    depth: d as u8,
-                }),
-        );
-        v.extend(
-            super::gemv_tc3::TC3_KERNELS
-                .iter()
-                .filter(|&&(mm, kc, p, w)| mm == m && self.gemv_tc3_fits(m, k, kc, p, w))
-                .map(|&(_, kc, p, w)| GemvVariant::TensorCore3 {
-                    kc: kc as u16,
-                    stages: p as u8,
-                    warps: w as u8,
-                }),
-        );
         v
-    }
-
-    /// Whether the tensor-core GEMV v4 (table decode) with `tiles` tiles and `depth` super-tiles
-    /// in flight is built for `m` and fits this K (K % 128 == 0, tables + x in shared memory).
-    pub fn gemv_tc4_fits(&self, m: usize, k: usize, tiles: usize, depth: usize) -> bool {
-        tc4_index(m, tiles, depth).is_some()
-            && k.is_multiple_of(128)
-            && tc4_smem_bytes(m, k, tiles) <= self.smem_optin
     }
 
     /// Whether the tensor-core GEMV can take `m` rows of x with this K (K % 128 == 0 and x as
@@ -315,28 +273,6 @@ impl CudaKernels {
             && k.is_multiple_of(128)
             && tc2_smem_bytes(m, k, tiles) <= self.smem_optin
     }
-}
-
-/// Dynamic shared memory of the v4 GEMV: the 64 KiB decode tables, then as the v2 kernel.
-pub fn tc4_smem_bytes(m: usize, k: usize, tiles: usize) -> usize {
-    65536 + tc2_smem_bytes(m, k, tiles)
-}
-
-/// The v4 kernels built, as (m, tiles per warp, super-tiles in flight per tile); the same list
-/// as the `KILN_GEMV_TC4` lines of `gemv_nvfp4_tc4.cu`, in the same order.
-pub const TC4_KERNELS: &[(usize, usize, usize)] = &[
-    (1, 1, 4),
-    (1, 2, 3),
-    (1, 2, 2),
-    (1, 4, 1),
-    (2, 2, 3),
-    (4, 2, 3),
-    (4, 1, 4),
-];
-
-/// Index of (m, tiles, depth) in [`TC4_KERNELS`].
-pub fn tc4_index(m: usize, tiles: usize, depth: usize) -> Option<usize> {
-    TC4_KERNELS.iter().position(|&e| e == (m, tiles, depth))
 }
 
 /// Dynamic shared memory of the tensor-core GEMV v2: x as bf16 hi/lo (4·m·K bytes), a zero
@@ -443,24 +379,6 @@ pub enum GemvVariant {
         /// Resident blocks per SM (the kernel's register cap).
         per_sm: u8,
     },
-    /// Tensor cores, v4 (`gemv_nvfp4_tc4.cu`): the v2 kernel with E2M1 / E4M3 decoded through
-    /// shared-memory tables (one PRMT + one LDS per pair of weights); m <= 4.
-    TensorCore4 {
-        /// 16-row tiles per warp.
-        tiles: u8,
-        /// Super-tiles of weights in flight per tile.
-        depth: u8,
-    },
-    /// Tensor cores, v3 (`gemv_nvfp4_tc3.cu`, sm_90+): persistent blocks, weights streamed into
-    /// shared memory by bulk copies; m <= 4, K % 256 == 0.
-    TensorCore3 {
-        /// k per chunk (one bulk copy of `kc / 2` bytes per row and stage).
-        kc: u16,
-        /// Shared-memory stages per warp.
-        stages: u8,
-        /// Warps per block.
-        warps: u8,
-    },
 }
 
 /// How many warps split the 128-wide super-tiles of K in the tensor-core GEMV: enough warp
@@ -505,24 +423,6 @@ mod tests {
             })
             .collect();
         assert_eq!(built, super::TC2_KERNELS);
-    }
-
-    #[test]
-    fn every_listed_tc4_kernel_is_instantiated_in_the_cu_file() {
-        let src = include_str!("../../cuda/gemv_nvfp4_tc4.cu");
-        let built: Vec<(usize, usize, usize)> = src
-            .lines()
-            .filter_map(|l| l.strip_prefix("KILN_GEMV_TC4("))
-            .map(|l| {
-                let v: Vec<usize> = l
-                    .trim_end_matches(')')
-                    .split(',')
-                    .map(|t| t.trim().parse().unwrap())
-                    .collect();
-                (v[0], v[1], v[2])
-            })
-            .collect();
-        assert_eq!(built, super::TC4_KERNELS);
     }
 
     #[test]

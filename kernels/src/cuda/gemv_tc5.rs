@@ -5,7 +5,7 @@
 
 use std::sync::Mutex;
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::context::{drv, CudaKernels};
 use super::ops::DeviceNvfp4;
@@ -15,17 +15,16 @@ use crate::KernelError;
 /// loads are issued after a super-tile is decoded, into the registers it used, resident blocks
 /// per SM the register cap allows); the same list
 /// as the `KILN_GEMV_TC5` lines of `gemv_nvfp4_tc5.cu`, in the same order.
-pub const TC5_KERNELS: &[(usize, usize, usize, bool, usize)] = &[
+pub const TC5_KERNELS: &[Tc5Config] = &[
     (1, 2, 3, false, 2),
     (1, 2, 2, false, 2),
     (1, 2, 3, true, 2),
     (1, 1, 4, true, 2),
-    (1, 1, 2, true, 4),
     (1, 1, 3, true, 3),
-    (1, 2, 2, true, 3),
-    (2, 2, 3, false, 2),
-    (4, 2, 3, false, 2),
+    (2, 2, 3, true, 2),
+    (3, 2, 3, true, 2),
     (4, 2, 3, true, 2),
+    (4, 2, 3, false, 2),
 ];
 
 /// A v5 kernel: (m, tiles, depth, late, blocks per SM).
@@ -71,36 +70,82 @@ pub struct GemvScratch {
 }
 
 impl CudaKernels {
-    /// Whether the v5 GEMV configuration is built and takes this K (K % 128 == 0).
-    pub fn gemv_tc5_fits(&self, c: Tc5Config, k: usize) -> bool {
-        tc5_index(c).is_some()
+    /// Whether the v5 GEMV can run `c` on an `[n, k]` W: built for `c.0` rows of x (for
+    /// 5..=8 rows, as 4 + the rest, both built), K % 128 == 0, and the slice of x fits in
+    /// shared memory.
+    pub fn gemv_tc5_fits(&self, c: Tc5Config, n: usize, k: usize) -> bool {
+        let (m, t, d, l, b) = c;
+        let parts_built = if m <= 4 {
+            tc5_index(c).is_some()
+        } else {
+            m <= 8
+                && tc5_index((4, t, d, l, b)).is_some()
+                && tc5_index((m - 4, t, d, l, b)).is_some()
+        };
+        parts_built
             && k.is_multiple_of(128)
-            && tc5_smem_bytes(c.0, k, 1) <= self.smem_optin
+            && tc5_smem_bytes(m.min(4), k, self.tc5_slices_for(n, k, t, b)) <= self.smem_optin
     }
 
-    /// The K slices a v5 launch of this shape uses (`per_sm` resident blocks per SM).
+    /// The K slices a v5 launch of this shape uses (`per_sm` resident blocks per SM), or
+    /// `KILN_GEMV_SLICES` when set (a tuning knob for the benchmark; clamped to 1..=K/128).
     pub fn tc5_slices_for(&self, n: usize, k: usize, tiles: usize, per_sm: usize) -> usize {
+        if let Some(s) = std::env::var("KILN_GEMV_SLICES")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            return s.clamp(1, (k / 128).max(1));
+        }
         tc5_slices(n, k, tiles, per_sm * self.sm_count as usize)
     }
 
-    /// Launch the v5 GEMV (shapes already checked by `gemv_variant_async`).
-    #[allow(clippy::too_many_arguments)]
+    /// Launch the v5 GEMV for `c.0` rows of x (5..=8 rows as two launches: rows 0..4, then
+    /// the rest); the caller (`gemv_variant_async`) checked the shapes of x and y.
     pub(super) fn gemv_tc5_launch(
         &self,
         x: &CudaSlice<f32>,
-        m: usize,
         w: &DeviceNvfp4,
         y: &mut CudaSlice<f32>,
         c: Tc5Config,
     ) -> Result<(), KernelError> {
         let (n, k) = (w.rows, w.cols);
-        let (_, tiles, _, _, per_sm) = c;
-        let Some(idx) = tc5_index(c).filter(|_| c.0 == m && self.gemv_tc5_fits(c, k)) else {
+        if !self.gemv_tc5_fits(c, n, k) {
             return Err(KernelError::InvalidArgument(format!(
-                "the tensor-core GEMV v5 takes K % 128 == 0 and one of the built (m, tiles, \
-                 depth, late, blocks per SM) {TC5_KERNELS:?}; got m = {m}, K = {k}, {c:?}"
+                "the tensor-core GEMV v5 takes K % 128 == 0, a slice of x that fits in shared \
+                 memory and one of the built (m, tiles, depth, late, blocks per SM) \
+                 {TC5_KERNELS:?} (m = 5..8 runs as 4 + the rest); got [{n}, {k}], {c:?}"
             )));
-        };
+        }
+        let m = c.0;
+        let first = m.min(4);
+        self.gemv_tc5_part(
+            &x.slice(..first * k),
+            w,
+            &mut y.slice_mut(..first * n),
+            (first, c.1, c.2, c.3, c.4),
+        )?;
+        if m > 4 {
+            self.gemv_tc5_part(
+                &x.slice(first * k..),
+                w,
+                &mut y.slice_mut(first * n..),
+                (m - 4, c.1, c.2, c.3, c.4),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// One v5 launch for up to 4 rows of x.
+    fn gemv_tc5_part(
+        &self,
+        x: &CudaView<'_, f32>,
+        w: &DeviceNvfp4,
+        y: &mut CudaViewMut<'_, f32>,
+        c: Tc5Config,
+    ) -> Result<(), KernelError> {
+        let (n, k) = (w.rows, w.cols);
+        let (m, tiles, _, _, per_sm) = c;
+        let idx = tc5_index(c).expect("checked by gemv_tc5_fits");
         let slices = self.tc5_slices_for(n, k, tiles, per_sm);
         let rowblocks = n.div_ceil(tc5_rows_per_block(tiles));
         let mut scratch = self
@@ -139,9 +184,9 @@ impl CudaKernels {
             .arg(&ki)
             .arg(partial)
             .arg(counters);
-        // SAFETY: matches kiln_gemv_nvfp4_tc5_m{m}_t{t}_d{d}; x (m × K) and y (m × N) checked by
-        // the caller; the partial buffer holds slices × m × N floats and one counter per row
-        // range, all zero between launches; everything is on this one stream.
+        // SAFETY: matches kiln_gemv_nvfp4_tc5_m{m}_t{t}_d{d}_l{l}_b{b}; x holds m × K and y
+        // m × N floats (the caller's views); the partial buffer holds slices × m × N floats and
+        // one counter per row range, all zero between launches; everything is on this stream.
         unsafe { b.launch(cfg) }
             .map(|_| ())
             .map_err(drv("launching kiln_gemv_nvfp4_tc5"))
