@@ -30,10 +30,6 @@ bin=${1:-target-kernels-carry}
 out=${OUT:-out/gpu-kernels}
 mkdir -p "$out"
 export KILN_CACHE_DIR=${KILN_CACHE_DIR:-/tmp/kiln-cache}
-# KILN_GEMV_EXPERIMENTAL=1 adds a last stage: the experimental GEMV kernels, tested and timed
-# separately (a fault there cannot spoil the main results, which run without them).
-experimental=${KILN_GEMV_EXPERIMENTAL:-0}
-unset KILN_GEMV_EXPERIMENTAL
 status=0
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
@@ -49,12 +45,4 @@ grep -q "skipping GPU test" "$out/gpu-tests.log" && { echo "GPU tests were SKIPP
 echo "== benchmark"
 "$bin/kiln-kernel-bench" --json "$out/bench.json" ${BENCH_ARGS:-} 2>"$out/bench.log" | tee "$out/bench.txt" || { status=1; tail -20 "$out/bench.log"; }
 
-if [[ "$experimental" == 1 ]]; then
-    echo "== experimental GEMV kernels: GPU test and timing"
-    KILN_GEMV_EXPERIMENTAL=1 "$bin/test-gpu" --test-threads=1 --nocapture gemv_matches 2>&1 \
-        | tee "$out/gpu-exp-tests.log" | grep -E "panicked|test |result" || true
-    grep -q "test result: ok" "$out/gpu-exp-tests.log" || status=1
-    KILN_GEMV_EXPERIMENTAL=1 "$bin/kiln-kernel-bench" --gemv-only ${BENCH_ARGS:-} 2>&1 \
-        | tee "$out/bench-exp.txt" | grep -E "GEMV|variant" || status=1
-fi
 exit $status

@@ -11,10 +11,8 @@
 //   T MMAs, and keeps D super-tiles (128 k) of weight loads in flight per tile (a ring of
 //   registers), so enough bytes are in flight per SM to cover DRAM latency. (Asking L2 to
 //   fetch 256 B per load, L2::256B, measured 10-25% slower on the H100: BENCHMARKS.md.)
-// - "wide" kernels (_w, K % 512 == 0) load per lane 4 consecutive 16-byte pieces of a row at
-//   once (64 B; the 4 lanes of a row: 256 contiguous bytes) and one 8-byte load of the 4
-//   super-tiles' scale pairs, then run those 4 super-tiles: lane j's super-tile s = 4U + u
-//   holds k = 512U + 128j + 32u .. +32 (the x staging follows the same order).
+// - ("wide" variants loading 64 contiguous bytes per lane measured slower and were removed in
+//   the third pass; BENCHMARKS.md.)
 // - x is staged in 8-element items (all threads busy even for small K).
 //
 // Layout: x f32 [M, K], y f32 [M, N] row-major; packed [N, K/2]; scales [N, K/16] E4M3;
@@ -29,22 +27,12 @@
 // The load, decode and MMA helpers are in nvfp4_common.cuh (shared with gemv_nvfp4_tc.cu and
 // gemv_nvfp4_tc5.cu).
 
-// The scale pairs of a load unit: G consecutive u16 (G = 1: one u16 in a u32; G = 4: one
-// 8-byte load).
-template <int G> struct KilnTc2Scales { typedef u64 T; };
-template <> struct KilnTc2Scales<1> { typedef u32 T; };
-__device__ __forceinline__ u32 kiln_tc2_ld_scales(const u16* p, u32) { return __ldg(p); }
-__device__ __forceinline__ u64 kiln_tc2_ld_scales(const u16* p, u64) {
-    return __ldg(reinterpret_cast<const unsigned long long*>(p));
-}
-
 // PROBE (diagnostics for the benchmark, never a GEMV): bit 0 skips staging x, bit 1 replaces
 // the decode and MMA by folding the loaded words into the accumulator (y is garbage).
-template <int M, int T, int D, int G, int PROBE = 0>
+template <int M, int T, int D, int PROBE = 0>
 __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
         const u8* __restrict__ packed, const u8* __restrict__ scales,
         const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
-    static_assert(G == 1 || G == 4, "super-tiles per load unit");
     extern __shared__ uint4 kiln_tc2_smem[];
     constexpr int C = 2 * M;  // B columns in use
     const int nsup = K >> 7;
@@ -56,13 +44,12 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
     const int groups = 8 / ksplit;
     const int rg = warp / ksplit, kp = warp % ksplit;
     const int tile0 = (blockIdx.x * groups + rg) * T;
-    const int nunits = nsup / G;  // load units (G super-tiles each)
-    const int per = (nunits + ksplit - 1) / ksplit;
-    const int u_begin = min(nunits, kp * per), u_end = min(nunits, u_begin + per);
+    const int per = (nsup + ksplit - 1) / ksplit;
+    const int u_begin = min(nsup, kp * per), u_end = min(nsup, u_begin + per);
     const size_t rstride = (size_t)(K >> 5);  // uint4 (and u16 scale pairs) per row
 
     // per (tile, half): the row's first uint4 of W for this lane, also its first u16 scale
-    // pair; unit U's piece u is at + 4 G U + u
+    // pair; super-tile U's is at + 4 U
     const uint4* wbase = reinterpret_cast<const uint4*>(packed);
     const u16* sbase = reinterpret_cast<const u16*>(scales);
     u32 roff[T][2];
@@ -70,12 +57,11 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
     for (int tt = 0; tt < T; tt++)
 #pragma unroll
         for (int h = 0; h < 2; h++)
-            roff[tt][h] = (u32)min((tile0 + tt) * 16 + g + 8 * h, N - 1) * (u32)rstride + (u32)(G * j);
+            roff[tt][h] = (u32)min((tile0 + tt) * 16 + g + 8 * h, N - 1) * (u32)rstride + (u32)j;
 
-    // the first D units' loads go out before x is staged
-    uint4 wb[D][T][2][G];
-    typedef typename KilnTc2Scales<G>::T SW;
-    SW sb[D][T][2];
+    // the first D super-tiles' loads go out before x is staged
+    uint4 wb[D][T][2];
+    u32 sb[D][T][2];
 #pragma unroll
     for (int d = 0; d < D; d++) {
         const int U = u_begin + d;
@@ -84,19 +70,16 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 if (U < u_end) {
-#pragma unroll
-                    for (int u = 0; u < G; u++)
-                        wb[d][tt][h][u] = kiln_tc_ld_stream(wbase + roff[tt][h] + (size_t)U * 4 * G + u);
-                    sb[d][tt][h] = kiln_tc2_ld_scales(sbase + roff[tt][h] + (size_t)U * 4 * G, SW());
+                    wb[d][tt][h] = kiln_tc_ld_stream(wbase + roff[tt][h] + (size_t)U * 4);
+                    sb[d][tt][h] = __ldg(sbase + roff[tt][h] + (size_t)U * 4);
                 } else {
-#pragma unroll
-                    for (int u = 0; u < G; u++) wb[d][tt][h][u] = make_uint4(0, 0, 0, 0);
+                    wb[d][tt][h] = make_uint4(0, 0, 0, 0);
                     sb[d][tt][h] = 0;
                 }
             }
     }
 
-    if (!(PROBE & 1)) kiln_tc_stage_x<M, G>(x, xs, K, K);
+    if (!(PROBE & 1)) kiln_tc_stage_x<M>(x, xs, K, K);
     for (int c = threadIdx.x; c < 32 * C; c += blockDim.x) zeros[c] = make_uint2(0u, 0u);
     __syncthreads();
 
@@ -114,14 +97,13 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
         for (int d = 0; d < D; d++) {
             const int U = U0 + d;
             if (U < u_end) {
-                uint4 w[T][2][G];
-                SW sw[T][2];
+                uint4 w[T][2];
+                u32 sw[T][2];
 #pragma unroll
                 for (int tt = 0; tt < T; tt++)
 #pragma unroll
                     for (int h = 0; h < 2; h++) {
-#pragma unroll
-                        for (int u = 0; u < G; u++) w[tt][h][u] = wb[d][tt][h][u];
+                        w[tt][h] = wb[d][tt][h];
                         sw[tt][h] = sb[d][tt][h];
                     }
                 if (U + D < u_end) {
@@ -129,25 +111,20 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
                     for (int tt = 0; tt < T; tt++)
 #pragma unroll
                         for (int h = 0; h < 2; h++) {
-#pragma unroll
-                            for (int u = 0; u < G; u++)
-                                wb[d][tt][h][u] = kiln_tc_ld_stream(wbase + roff[tt][h] + (size_t)(U + D) * 4 * G + u);
-                            sb[d][tt][h] = kiln_tc2_ld_scales(sbase + roff[tt][h] + (size_t)(U + D) * 4 * G, SW());
+                            wb[d][tt][h] = kiln_tc_ld_stream(wbase + roff[tt][h] + (size_t)(U + D) * 4);
+                            sb[d][tt][h] = __ldg(sbase + roff[tt][h] + (size_t)(U + D) * 4);
                         }
                 }
-#pragma unroll
-                for (int u = 0; u < G; u++) {
-                    const int s = U * G + u;
+                {
                     u32 sc[T][2][2];
 #pragma unroll
                     for (int tt = 0; tt < T; tt++)
 #pragma unroll
                         for (int h = 0; h < 2; h++) {
-                            const u32 pair = (u32)(sw[tt][h] >> (16 * u)) & 0xFFFFu;
-                            sc[tt][h][0] = kiln_scale_bf16x2(pair & 0xFFu);
-                            sc[tt][h][1] = kiln_scale_bf16x2((pair >> 8) & 0xFFu);
+                            sc[tt][h][0] = kiln_scale_bf16x2(sw[tt][h] & 0xFFu);
+                            sc[tt][h][1] = kiln_scale_bf16x2((sw[tt][h] >> 8) & 0xFFu);
                         }
-                    const uint2* xt = xl + (size_t)s * xstep;
+                    const uint2* xt = xl + (size_t)U * xstep;
 #pragma unroll
                     for (int t = 0; t < 8; t++) {
                         const uint2 bv = xt[t * 4 * C];
@@ -155,7 +132,7 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
                         const int wi = t >> 1, blk = t >> 2, sh = 8 * (t & 1);
 #pragma unroll
                         for (int tt = 0; tt < T; tt++) {
-                            const uint4 wa = w[tt][0][u], wc = w[tt][1][u];
+                            const uint4 wa = w[tt][0], wc = w[tt][1];
                             const u32 q0 = (wi == 0 ? wa.x : wi == 1 ? wa.y : wi == 2 ? wa.z : wa.w) << sh;
                             const u32 q1 = (wi == 0 ? wc.x : wi == 1 ? wc.y : wi == 2 ? wc.z : wc.w) << sh;
                             const u32 a0 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q0), sc[tt][0][blk]);
@@ -194,31 +171,24 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
     }
 }
 
-#define KILN_GEMV_TC2(MM, TT, DD, MINB, WIDE)                                                  \
+#define KILN_GEMV_TC2(MM, TT, DD, MINB)                                                         \
     extern "C" __global__ void __launch_bounds__(256, MINB)                                     \
-            kiln_gemv_nvfp4_tc2_m##MM##_t##TT##_d##DD##WIDE(                                     \
+            kiln_gemv_nvfp4_tc2_m##MM##_t##TT##_d##DD(                                          \
             const float* __restrict__ x, const u8* __restrict__ packed,                         \
             const u8* __restrict__ scales, const float* __restrict__ tensor_scale,              \
             float* __restrict__ y, int N, int K, int ksplit) {                                  \
-        kiln_gemv_tc2_body<MM, TT, DD, sizeof(#WIDE) == 1 ? 1 : 4>(x, packed, scales,           \
-                                                                   tensor_scale, y, N, K, ksplit); \
+        kiln_gemv_tc2_body<MM, TT, DD>(x, packed, scales, tensor_scale, y, N, K, ksplit);       \
     }
 
-// (M, tiles T, depth D in load units, min blocks per SM, _w = wide): keep in sync with
-// TC2_KERNELS in gemv.rs.
-KILN_GEMV_TC2(1, 1, 4, 2, )
-KILN_GEMV_TC2(1, 2, 3, 2, )
-KILN_GEMV_TC2(1, 4, 1, 2, )
-KILN_GEMV_TC2(1, 1, 1, 2, _w)
-KILN_GEMV_TC2(1, 2, 1, 1, _w)
-KILN_GEMV_TC2(2, 1, 4, 2, )
-KILN_GEMV_TC2(2, 4, 1, 2, )
-KILN_GEMV_TC2(3, 1, 4, 2, )
-KILN_GEMV_TC2(3, 4, 1, 2, )
-KILN_GEMV_TC2(4, 1, 4, 2, )
-KILN_GEMV_TC2(4, 2, 3, 2, )
-KILN_GEMV_TC2(4, 4, 1, 2, )
-KILN_GEMV_TC2(4, 1, 1, 2, _w)
+// (M, tiles T, depth D in super-tiles, min blocks per SM): keep in sync with TC2_KERNELS in
+// gemv.rs. (m = 1 is the reference for the probes below; the v5 kernel runs large matrices.)
+KILN_GEMV_TC2(1, 2, 3, 2)
+KILN_GEMV_TC2(2, 1, 4, 2)
+KILN_GEMV_TC2(2, 4, 1, 2)
+KILN_GEMV_TC2(3, 1, 4, 2)
+KILN_GEMV_TC2(3, 4, 1, 2)
+KILN_GEMV_TC2(4, 1, 4, 2)
+KILN_GEMV_TC2(4, 4, 1, 2)
 
 // Diagnostics (kiln-kernel-bench, GEMV rows marked "probe"): the m1_t2_d3 kernel's loads and
 // schedule without staging x (1), without the decode and MMA (2), or with neither (3).
@@ -227,7 +197,7 @@ KILN_GEMV_TC2(4, 1, 1, 2, _w)
             const float* __restrict__ x, const u8* __restrict__ packed,                         \
             const u8* __restrict__ scales, const float* __restrict__ tensor_scale,              \
             float* __restrict__ y, int N, int K, int ksplit) {                                  \
-        kiln_gemv_tc2_body<1, 2, 3, 1, P>(x, packed, scales, tensor_scale, y, N, K, ksplit);    \
+        kiln_gemv_tc2_body<1, 2, 3, P>(x, packed, scales, tensor_scale, y, N, K, ksplit);       \
     }
 KILN_GEMV_TC2_PROBE(1)
 KILN_GEMV_TC2_PROBE(2)

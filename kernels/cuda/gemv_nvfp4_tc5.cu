@@ -63,7 +63,7 @@ __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
     }
 
     // stage this slice of x (super-tiles s_begin .. s_end, stored from local index 0)
-    kiln_tc_stage_x<M, 1>(x + 128 * s_begin, xs, nsl * 128, K);
+    kiln_tc_stage_x<M>(x + 128 * s_begin, xs, nsl * 128, K);
     for (int c = threadIdx.x; c < 32 * C; c += blockDim.x) zeros[c] = make_uint2(0u, 0u);
     __syncthreads();
 

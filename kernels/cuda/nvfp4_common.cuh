@@ -247,10 +247,9 @@ __device__ __forceinline__ void kiln_mma_bf16(float c[4], u32 a0, u32 a1, u32 a2
 // Stage x f32 [M, K] (rows row_stride apart) into shared memory for the v2/v5 tensor-core
 // GEMVs, all threads of the block taking part: xs[s][t][j][2M] uint2 = B fragment (b0, b1) of k-tile t of super-tile s
 // for lane j, column 2m = x row m's bf16 hi part, 2m + 1 its lo part. Item (m, s, jj, t2) is
-// the 8 elements 8 t2 .. +8 of lane jj's 32-element chunk of super-tile s (k0 = 128 s + 32 jj,
-// or 512 (s/4) + 128 jj + 32 (s%4) when G = 4) -> k-tiles 2 t2 and 2 t2 + 1, in the order the
-// nibble decode produces pairs.
-template <int M, int G>
+// the 8 elements 8 t2 .. +8 of lane jj's 32-element chunk of super-tile s (k0 = 128 s + 32 jj)
+// -> k-tiles 2 t2 and 2 t2 + 1, in the order the nibble decode produces pairs.
+template <int M>
 __device__ __forceinline__ void kiln_tc_stage_x(const float* __restrict__ x, uint2* xs, int K,
                                                 int row_stride) {
     constexpr int C = 2 * M;
@@ -265,7 +264,7 @@ __device__ __forceinline__ void kiln_tc_stage_x(const float* __restrict__ x, uin
             if (c < total) {
                 const int m = c / (nsup * 16), r = c % (nsup * 16);
                 const int s = r >> 4, jj = (r >> 2) & 3, t2 = r & 3;
-                const int k0 = G == 1 ? 128 * s + 32 * jj : 512 * (s >> 2) + 128 * jj + 32 * (s & 3);
+                const int k0 = 128 * s + 32 * jj;
                 const float4* xp = reinterpret_cast<const float4*>(x + (size_t)m * row_stride + k0 + 8 * t2);
                 f[u][0] = __ldg(xp);
                 f[u][1] = __ldg(xp + 1);

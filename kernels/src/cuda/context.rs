@@ -170,11 +170,10 @@ impl CudaKernels {
                 .collect::<Result<_, _>>()?,
             gemv_tc2: super::gemv::TC2_KERNELS
                 .iter()
-                .map(|&(m, t, d, wide)| {
-                    let w = if wide { "_w" } else { "" };
+                .map(|&(m, t, d)| {
                     func(
                         "gemv_nvfp4_tc2.cu",
-                        &format!("kiln_gemv_nvfp4_tc2_m{m}_t{t}_d{d}{w}"),
+                        &format!("kiln_gemv_nvfp4_tc2_m{m}_t{t}_d{d}"),
                     )
                 })
                 .collect::<Result<_, _>>()?,
@@ -250,10 +249,7 @@ impl CudaKernels {
         let (q, x) = probe_data()?;
         let want = crate::cpu::matmul_nvfp4_ref(&x, 1, &q);
         let den: f64 = want.iter().map(|a| (*a as f64).powi(2)).sum();
-        // the probe's K (256) is not a multiple of 512: the wide kernels are checked by the
-        // benchmark's and the GPU tests' validation before use (they are never the default)
-        let tc2 = super::gemv::tc2_variants(1)
-            .filter(|v| !matches!(v, GemvVariant::TensorCore2 { wide: true, .. }));
+        let tc2 = super::gemv::tc2_variants(1);
         let tc5 = super::gemv_tc5::TC5_KERNELS
             .iter()
             .filter(|&&c| c.0 == 1 && self.gemv_tc5_fits(c, q.rows, q.cols))

@@ -49,11 +49,7 @@ impl CudaKernels {
                 };
             }
         }
-        let tc2 = |tiles: u8, depth: u8| GemvVariant::TensorCore2 {
-            tiles,
-            depth,
-            wide: false,
-        };
+        let tc2 = |tiles: u8, depth: u8| GemvVariant::TensorCore2 { tiles, depth };
         let pick = match m {
             1 => GemvVariant::Rows4,
             2..=4 if k >= 8192 => tc2(4, 1),
@@ -106,19 +102,17 @@ impl CudaKernels {
             let c = (m, tiles as usize, depth as usize, late, per_sm as usize);
             return self.gemv_tc5_launch(x, w, y, c);
         }
-        if let GemvVariant::TensorCore2 { tiles, depth, wide } = variant {
+        if let GemvVariant::TensorCore2 { tiles, depth } = variant {
             let (t, d) = (tiles as usize, depth as usize);
-            let Some(idx) = tc2_index(m, t, d, wide)
-                .filter(|_| self.gemv_tc2_fits(m, k, t) && (!wide || k.is_multiple_of(512)))
-            else {
+            let Some(idx) = tc2_index(m, t, d).filter(|_| self.gemv_tc2_fits(m, k, t)) else {
                 return Err(KernelError::InvalidArgument(format!(
-                    "the tensor-core GEMV v2 takes K % 128 == 0 (% 512 when wide), {} bytes of \
-                     shared memory and one of the built (m, tiles, depth, wide) {TC2_KERNELS:?}; \
-                     got m = {m}, K = {k}, tiles = {t}, depth = {d}, wide = {wide}",
+                    "the tensor-core GEMV v2 takes K % 128 == 0, {} bytes of shared memory and \
+                     one of the built (m, tiles, depth) {TC2_KERNELS:?}; got m = {m}, K = {k}, \
+                     tiles = {t}, depth = {d}",
                     tc2_smem_bytes(m, k, t)
                 )));
             };
-            let ksplit = gemv_tc2_ksplit(n, k, t, d, wide, self.sm_count as usize);
+            let ksplit = gemv_tc2_ksplit(n, k, t, d, self.sm_count as usize);
             let cfg = LaunchConfig {
                 grid_dim: (n.div_ceil(16 * t * (8 / ksplit)) as u32, 1, 1),
                 block_dim: (256, 1, 1),
@@ -180,7 +174,7 @@ impl CudaKernels {
                 y.len()
             )));
         }
-        let ksplit = gemv_tc2_ksplit(n, k, 2, 3, false, self.sm_count as usize);
+        let ksplit = gemv_tc2_ksplit(n, k, 2, 3, self.sm_count as usize);
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(16 * 2 * (8 / ksplit)) as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -224,8 +218,7 @@ impl CudaKernels {
 
     /// Every GEMV kernel that can take `m` rows of x and an `[n, k]` W on this device (the
     /// benchmark and the GPU tests run them all): the CUDA-core kernels always; the tensor-core
-    /// ones when they passed the start-up check and fit (the wide v2 kernels only when
-    /// [`tc2_experimental`]).
+    /// ones when they passed the start-up check and fit.
     pub fn gemv_variants_for(&self, m: usize, n: usize, k: usize) -> Vec<GemvVariant> {
         let mut v = vec![GemvVariant::Rows4];
         if m == 1 {
@@ -238,9 +231,7 @@ impl CudaKernels {
             v.push(GemvVariant::TensorCore);
         }
         v.extend(tc2_variants(m).filter(|var| match *var {
-            GemvVariant::TensorCore2 { tiles, wide, .. } => {
-                self.gemv_tc2_fits(m, k, tiles as usize) && (!wide || k.is_multiple_of(512))
-            }
+            GemvVariant::TensorCore2 { tiles, .. } => self.gemv_tc2_fits(m, k, tiles as usize),
             _ => false,
         }));
         v.extend(
@@ -267,9 +258,7 @@ impl CudaKernels {
     /// x with this K (m <= 4, K % 128 == 0, x as bf16 hi/lo fits in shared memory).
     pub fn gemv_tc2_fits(&self, m: usize, k: usize, tiles: usize) -> bool {
         (1..=4).contains(&m)
-            && TC2_KERNELS
-                .iter()
-                .any(|&(mm, t, _, _)| mm == m && t == tiles)
+            && TC2_KERNELS.iter().any(|&(mm, t, _)| mm == m && t == tiles)
             && k.is_multiple_of(128)
             && tc2_smem_bytes(m, k, tiles) <= self.smem_optin
     }
@@ -281,62 +270,38 @@ pub fn tc2_smem_bytes(m: usize, k: usize, tiles: usize) -> usize {
     4 * m * k + 512 * m + 8 * tiles * 16 * m * 4
 }
 
-/// The v2 kernels built, as (m, tiles per warp, load units in flight per tile, wide); the same
-/// list as the `KILN_GEMV_TC2` lines of `gemv_nvfp4_tc2.cu`, in the same order. A load unit is
-/// one super-tile (128 k), or four for the wide kernels (K % 512 == 0).
-pub const TC2_KERNELS: &[(usize, usize, usize, bool)] = &[
-    (1, 1, 4, false),
-    (1, 2, 3, false),
-    (1, 4, 1, false),
-    (1, 1, 1, true),
-    (1, 2, 1, true),
-    (2, 1, 4, false),
-    (2, 4, 1, false),
-    (3, 1, 4, false),
-    (3, 4, 1, false),
-    (4, 1, 4, false),
-    (4, 2, 3, false),
-    (4, 4, 1, false),
-    (4, 1, 1, true),
+/// The v2 kernels built, as (m, tiles per warp, super-tiles in flight per tile); the same list
+/// as the `KILN_GEMV_TC2` lines of `gemv_nvfp4_tc2.cu`, in the same order.
+pub const TC2_KERNELS: &[(usize, usize, usize)] = &[
+    (1, 2, 3),
+    (2, 1, 4),
+    (2, 4, 1),
+    (3, 1, 4),
+    (3, 4, 1),
+    (4, 1, 4),
+    (4, 4, 1),
 ];
 
-/// Index of (m, tiles, depth, wide) in [`TC2_KERNELS`].
-pub fn tc2_index(m: usize, tiles: usize, depth: usize, wide: bool) -> Option<usize> {
-    TC2_KERNELS
-        .iter()
-        .position(|&e| e == (m, tiles, depth, wide))
+/// Index of (m, tiles, depth) in [`TC2_KERNELS`].
+pub fn tc2_index(m: usize, tiles: usize, depth: usize) -> Option<usize> {
+    TC2_KERNELS.iter().position(|&e| e == (m, tiles, depth))
 }
 
-/// Whether the experimental v2 kernels (the wide ones) are offered to the benchmark, the GPU
-/// tests and the start-up probe: `KILN_GEMV_EXPERIMENTAL=1`. Never the default.
-pub fn tc2_experimental() -> bool {
-    std::env::var("KILN_GEMV_EXPERIMENTAL").is_ok_and(|v| v == "1")
-}
-
-/// The v2 variants for `m` rows of x (wide ones only when [`tc2_experimental`]).
+/// The v2 variants built for `m` rows of x.
 pub fn tc2_variants(m: usize) -> impl Iterator<Item = GemvVariant> {
-    let exp = tc2_experimental();
     TC2_KERNELS
         .iter()
-        .filter(move |&&(mm, _, _, wide)| mm == m && (exp || !wide))
-        .map(|&(_, t, d, wide)| GemvVariant::TensorCore2 {
+        .filter(move |&&(mm, _, _)| mm == m)
+        .map(|&(_, t, d)| GemvVariant::TensorCore2 {
             tiles: t as u8,
             depth: d as u8,
-            wide,
         })
 }
 
 /// How many warps split the super-tiles (128 k) in the v2 kernel: enough warp tasks to fill
 /// the GPU (16 per SM), while each warp keeps at least 2·depth super-tiles.
-pub fn gemv_tc2_ksplit(
-    n: usize,
-    k: usize,
-    tiles: usize,
-    d: usize,
-    wide: bool,
-    sm_count: usize,
-) -> usize {
-    let nsup = k / if wide { 512 } else { 128 };
+pub fn gemv_tc2_ksplit(n: usize, k: usize, tiles: usize, d: usize, sm_count: usize) -> usize {
+    let nsup = k / 128;
     let groups = n.div_ceil(16 * tiles);
     let mut ks = 1;
     while ks < 8 && nsup / (2 * ks) >= d && groups * ks < 16 * sm_count {
@@ -362,10 +327,8 @@ pub enum GemvVariant {
     TensorCore2 {
         /// 16-row tiles per warp.
         tiles: u8,
-        /// Load units of weights in flight per tile.
+        /// Super-tiles of weights in flight per tile.
         depth: u8,
-        /// Load unit = 4 super-tiles (64 contiguous bytes per lane, K % 512 == 0) instead of 1.
-        wide: bool,
     },
     /// Tensor cores, v5 (`gemv_nvfp4_tc5.cu`): the v2 decode with K split across blocks (each
     /// stages only its slice of x; a deterministic last-block reduction); m <= 4.
@@ -413,13 +376,16 @@ mod tests {
     #[test]
     fn every_listed_tc2_kernel_is_instantiated_in_the_cu_file() {
         let src = include_str!("../../cuda/gemv_nvfp4_tc2.cu");
-        let built: Vec<(usize, usize, usize, bool)> = src
+        let built: Vec<(usize, usize, usize)> = src
             .lines()
             .filter_map(|l| l.strip_prefix("KILN_GEMV_TC2("))
             .map(|l| {
-                let v: Vec<&str> = l.trim_end_matches(')').split(',').map(str::trim).collect();
-                let n = |i: usize| v[i].parse::<usize>().unwrap();
-                (n(0), n(1), n(2), v[4] == "_w")
+                let v: Vec<usize> = l
+                    .trim_end_matches(')')
+                    .split(',')
+                    .map(|t| t.trim().parse().unwrap())
+                    .collect();
+                (v[0], v[1], v[2])
             })
             .collect();
         assert_eq!(built, super::TC2_KERNELS);
