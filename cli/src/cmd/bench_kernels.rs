@@ -12,7 +12,10 @@ use kiln_kernels::bench::{self, BenchConfig, BenchReport};
 /// Per kernel and shape it prints the median time, the effective bandwidth (bytes the kernel
 /// must move / time), that as a share of the device-to-device copy bandwidth measured in the
 /// same run, and for the GEMV and large-M matmul the speed-up over cuBLAS bf16 on the same
-/// shape in the same run. Needs a CUDA GPU; fails clearly without one.
+/// shape in the same run. Per shape it also times a pure read of the GEMV's weight bytes (the
+/// ceiling any GEMV of that size can reach) and "probe" rows that run parts of the GEMV schedule
+/// (loads only, no decode, no x staging; not GEMVs) to show where the time goes, then every
+/// other GEMV kernel that can take the shape. Needs a CUDA GPU; fails clearly without one.
 #[derive(Debug, clap::Args)]
 pub struct BenchKernelsArgs {
     /// Shapes as N×K (output × input features), comma-separated; K must be a multiple of 32.
