@@ -11,10 +11,10 @@ use super::context::{drv, CudaKernels};
 use super::ops::DeviceNvfp4;
 use crate::KernelError;
 
-/// The v5 kernels built, as (m, tiles per warp, super-tiles in flight per tile, late: the next
-/// loads are issued after a super-tile is decoded, into the registers it used, resident blocks
-/// per SM the register cap allows); the same list
-/// as the `KILN_GEMV_TC5` lines of `gemv_nvfp4_tc5.cu`, in the same order.
+/// The v5 kernels built, as [`Tc5Config`]s: (m, tiles per warp, super-tiles in flight per tile,
+/// late — the next loads are issued after a super-tile is decoded, into the registers it used —,
+/// resident blocks per SM the register cap allows); the same list as the `KILN_GEMV_TC5` lines
+/// of `gemv_nvfp4_tc5.cu`, in the same order.
 pub const TC5_KERNELS: &[Tc5Config] = &[
     (1, 2, 3, false, 2),
     (1, 2, 2, false, 2),
