@@ -372,6 +372,10 @@ pub struct TelemetryArgs {
 pub struct DrainArgs {
     /// The agent's name (see `kiln agents`).
     pub agent: String,
+    /// Put a drained agent back to work instead (new jobs may be placed on it again). A drained
+    /// agent stays drained across coordinator and agent restarts until resumed.
+    #[arg(long)]
+    pub resume: bool,
     #[command(flatten)]
     pub client: ClientArgs,
 }

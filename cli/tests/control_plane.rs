@@ -293,6 +293,20 @@ fn drained_agent_gets_no_new_jobs() {
 }
 
 #[test]
+fn a_resumed_agent_gets_jobs_again() {
+    let mut c = Cluster::start();
+    c.start_agent("a1", 1.0);
+    assert_eq!(c.json(&["drain", "a1"])["status"], "DRAINING");
+    let id = c.submit_memtest(0.02, 0.2, 0.0, &[]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(c.job(id)["state"], "QUEUED");
+    let agent = c.json(&["drain", "--resume", "a1"]);
+    assert_eq!(agent["status"], "READY");
+    let job = c.wait_state(id, "SUCCEEDED", T);
+    assert_eq!(job["agent"], "a1");
+}
+
+#[test]
 fn a_coordinator_with_a_token_refuses_calls_without_it() {
     let mut c = Cluster::start_with_token(Some("s3cret"));
     c.start_agent("a1", 1.0); // the agent passes the token too, or it could not register

@@ -194,22 +194,33 @@ impl Shared {
         }
     }
 
-    /// Stops new placements on an agent; its running jobs finish.
-    pub async fn drain(&self, name: &str) -> Result<Agent, ApiError> {
-        self.mutate_durably(|state, store| {
-            let entry = state
-                .agents
-                .get_mut(name)
-                .ok_or_else(|| ApiError::NotFound(format!("agent {name} not found")))?;
-            entry.draining = true;
-            let record = entry.record();
-            let view = entry.view();
-            store.put_agent(&record)?;
-            state.dirty = true;
-            tracing::info!(agent = name, "agent draining");
-            Ok(view)
-        })
-        .await
+    /// Stops new placements on an agent (its running jobs finish), or with `resume` lets the
+    /// scheduler place jobs on it again. Durable either way.
+    pub async fn drain(&self, name: &str, resume: bool) -> Result<Agent, ApiError> {
+        let view = self
+            .mutate_durably(|state, store| {
+                let entry = state
+                    .agents
+                    .get_mut(name)
+                    .ok_or_else(|| ApiError::NotFound(format!("agent {name} not found")))?;
+                entry.draining = !resume;
+                let record = entry.record();
+                let view = entry.view();
+                store.put_agent(&record)?;
+                state.dirty = true;
+                if resume {
+                    tracing::info!(agent = name, "agent resumed");
+                } else {
+                    tracing::info!(agent = name, "agent draining");
+                }
+                Ok(view)
+            })
+            .await?;
+        if resume {
+            // queued jobs may fit there now
+            self.schedule_wake.notify_one();
+        }
+        Ok(view)
     }
 
     /// Every known agent, by name.

@@ -251,6 +251,7 @@ async fn bad_requests_get_the_right_status_codes() {
         .client
         .drain_agent(kiln_proto::v1::DrainAgentRequest {
             name: "nobody".into(),
+            resume: false,
         })
         .await
         .unwrap_err();

@@ -138,7 +138,10 @@ async fn a_draining_agent_gets_no_new_work_but_its_jobs_finish() {
     a.started(j.id, 1, 1).unwrap();
     let drained = h
         .client
-        .drain_agent(DrainAgentRequest { name: "a".into() })
+        .drain_agent(DrainAgentRequest {
+            name: "a".into(),
+            resume: false,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -150,6 +153,35 @@ async fn a_draining_agent_gets_no_new_work_but_its_jobs_finish() {
     assert_eq!(get(&mut h, waiting.id).await.state(), JobState::Queued);
     let mut b = agent(&h, "b", 80, 0).await;
     assert_eq!(expect_assign(&mut b).await.id, waiting.id);
+    h.server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_resumed_agent_gets_work_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = start(dir.path()).await;
+    let mut a = agent(&h, "a", 80, 0).await;
+    let drain = |resume| DrainAgentRequest {
+        name: "a".into(),
+        resume,
+    };
+    let drained = h
+        .client
+        .drain_agent(drain(false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(drained.status(), AgentStatus::Draining);
+    let waiting = submit(&mut h, 1, 1).await;
+    expect_silence(&mut a, Duration::from_millis(300)).await;
+    let resumed = h
+        .client
+        .drain_agent(drain(true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resumed.status(), AgentStatus::Ready);
+    assert_eq!(expect_assign(&mut a).await.id, waiting.id);
     h.server.stop().await.unwrap();
 }
 

@@ -1,4 +1,4 @@
-//! `kiln agents` and `kiln drain AGENT`.
+//! `kiln agents` and `kiln drain [--resume] AGENT`.
 
 use super::print_json;
 use crate::args::{ClientOnlyArgs, DrainArgs, OutputFormat};
@@ -25,21 +25,28 @@ pub async fn list(args: ClientOnlyArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `kiln drain AGENT`.
+/// `kiln drain [--resume] AGENT`.
 pub async fn drain(args: DrainArgs) -> anyhow::Result<ExitCode> {
     let mut client = connect(&args.client).await?;
     let agent = client
         .drain_agent(v1::DrainAgentRequest {
             name: args.agent.clone(),
+            resume: args.resume,
         })
         .await
         .map_err(status_error)?
         .into_inner();
     match args.client.output {
+        OutputFormat::Table if args.resume => println!(
+            "agent {} is back in service: new jobs may be placed on it",
+            agent.name
+        ),
         OutputFormat::Table => println!(
-            "agent {} is draining: no new jobs; {} running job(s) will finish",
+            "agent {} is draining: no new jobs; {} running job(s) will finish \
+             (`kiln drain --resume {}` undoes this)",
             agent.name,
-            agent.running_jobs.len()
+            agent.running_jobs.len(),
+            agent.name
         ),
         _ => print_json(&agent_json(&agent)),
     }

@@ -18,5 +18,5 @@ pub(super) async fn drain_agent(
     shared: &Shared,
     req: DrainAgentRequest,
 ) -> Result<Response<Agent>, Status> {
-    Ok(Response::new(shared.drain(&req.name).await?))
+    Ok(Response::new(shared.drain(&req.name, req.resume).await?))
 }
