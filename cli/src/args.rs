@@ -68,7 +68,7 @@ pub enum Command {
     Telemetry(TelemetryArgs),
     /// List agents and their GPUs.
     Agents(ClientOnlyArgs),
-    /// Stop placing new jobs on an agent; its running jobs finish.
+    /// Stop placing new jobs on an agent (its running jobs finish); `--resume` undoes it.
     Drain(DrainArgs),
     /// Quantize a Hugging Face checkpoint to NVFP4 (local; no coordinator needed).
     Quantize(crate::cmd::quantize::QuantizeArgs),
