@@ -1,6 +1,7 @@
 //! The decode-time GEMV launchers: the CUDA-core kernels (`gemv_nvfp4.cu`, 4 or 8 rows per
-//! warp) and the tensor-core kernel (`gemv_nvfp4_tc.cu`), the default choice between them, and
-//! how K is split across warps.
+//! warp), the tensor-core kernels v1 (`gemv_nvfp4_tc.cu`) and v2 (`gemv_nvfp4_tc2.cu`), the
+//! default choice among them and the split-K v5 kernel (`gemv_tc5.rs`), the list of variants a
+//! shape can take, how K is split across warps, and the benchmark's probe kernels.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
