@@ -5,9 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use kiln_proto::v1::{
-    AgentStatus, DrainAgentRequest, JobState, ListAgentsRequest, ListJobsRequest,
-};
+use kiln_proto::v1::{AgentStatus, JobState, ListAgentsRequest, ListJobsRequest};
 
 #[tokio::test]
 async fn two_jobs_that_fit_run_together_and_a_third_waits() {
@@ -136,15 +134,7 @@ async fn a_draining_agent_gets_no_new_work_but_its_jobs_finish() {
     let first = submit(&mut h, 1, 1).await;
     let j = expect_assign(&mut a).await;
     a.started(j.id, 1, 1).unwrap();
-    let drained = h
-        .client
-        .drain_agent(DrainAgentRequest {
-            name: "a".into(),
-            resume: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let drained = drain(&mut h, "a", false).await;
     assert_eq!(drained.status(), AgentStatus::Draining);
     let waiting = submit(&mut h, 1, 1).await;
     expect_silence(&mut a, Duration::from_millis(300)).await;
@@ -161,25 +151,13 @@ async fn a_resumed_agent_gets_work_again() {
     let dir = tempfile::tempdir().unwrap();
     let mut h = start(dir.path()).await;
     let mut a = agent(&h, "a", 80, 0).await;
-    let drain = |resume| DrainAgentRequest {
-        name: "a".into(),
-        resume,
-    };
-    let drained = h
-        .client
-        .drain_agent(drain(false))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(drained.status(), AgentStatus::Draining);
+    assert_eq!(
+        drain(&mut h, "a", false).await.status(),
+        AgentStatus::Draining
+    );
     let waiting = submit(&mut h, 1, 1).await;
     expect_silence(&mut a, Duration::from_millis(300)).await;
-    let resumed = h
-        .client
-        .drain_agent(drain(true))
-        .await
-        .unwrap()
-        .into_inner();
+    let resumed = drain(&mut h, "a", true).await;
     assert_eq!(resumed.status(), AgentStatus::Ready);
     assert_eq!(expect_assign(&mut a).await.id, waiting.id);
     h.server.stop().await.unwrap();

@@ -9,7 +9,8 @@ use kiln_coordinator::bench::{channel, register, AgentConn, RunningCoordinator};
 use kiln_coordinator::CoordinatorConfig;
 use kiln_proto::v1::coordinator_client::CoordinatorClient;
 use kiln_proto::v1::{
-    coordinator_message, CoordinatorMessage, GetJobRequest, Job, JobState, Kill, Register,
+    coordinator_message, Agent, CoordinatorMessage, DrainAgentRequest, GetJobRequest, Job,
+    JobState, Kill, Register,
 };
 use tonic::transport::Channel;
 
@@ -82,6 +83,19 @@ pub async fn get(h: &mut Harness, id: u64) -> Job {
         .get_job(GetJobRequest { id })
         .await
         .expect("get")
+        .into_inner()
+}
+
+/// Drains agent `name`, or with `resume` puts it back to work; the agent as the coordinator
+/// answers.
+pub async fn drain(h: &mut Harness, name: &str, resume: bool) -> Agent {
+    h.client
+        .drain_agent(DrainAgentRequest {
+            name: name.into(),
+            resume,
+        })
+        .await
+        .expect("drain")
         .into_inner()
 }
 
