@@ -164,6 +164,22 @@ pub fn nvrtc_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
+/// The numeric arguments of every `NAME(a, b, ...)` instantiation line of a kernel file, in
+/// order (the launchers' tables of built kernels are checked against these).
+#[cfg(test)]
+pub(crate) fn macro_instances(src: &str, name: &str) -> Vec<Vec<usize>> {
+    let prefix = format!("{name}(");
+    src.lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .map(|l| {
+            l.trim_end_matches(')')
+                .split(',')
+                .map(|t| t.trim().parse().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

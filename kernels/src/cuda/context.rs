@@ -91,6 +91,8 @@ pub struct CudaKernels {
     pub(crate) sm_count: u32,
     pub(crate) smem_optin: usize,
     pub(crate) gemv_scratch: super::gemv_tc5::ScratchCell,
+    /// `KILN_GEMV_SLICES` as read once at start-up (see `tc5_slices_for`).
+    pub(crate) gemv_slices: Option<usize>,
     pub(crate) tc_gemv_ok: bool,
     name: String,
     compute_capability: (i32, i32),
@@ -231,6 +233,9 @@ impl CudaKernels {
             sm_count,
             smem_optin,
             gemv_scratch: Default::default(),
+            gemv_slices: std::env::var("KILN_GEMV_SLICES")
+                .ok()
+                .and_then(|v| v.parse().ok()),
             name,
             compute_capability,
             ptx_from_cache,

@@ -377,18 +377,11 @@ mod tests {
     #[test]
     fn every_listed_tc2_kernel_is_instantiated_in_the_cu_file() {
         let src = include_str!("../../cuda/gemv_nvfp4_tc2.cu");
-        let built: Vec<(usize, usize, usize)> = src
-            .lines()
-            .filter_map(|l| l.strip_prefix("KILN_GEMV_TC2("))
-            .map(|l| {
-                let v: Vec<usize> = l
-                    .trim_end_matches(')')
-                    .split(',')
-                    .map(|t| t.trim().parse().unwrap())
-                    .collect();
-                (v[0], v[1], v[2])
-            })
-            .collect();
+        let built: Vec<(usize, usize, usize)> =
+            crate::cuda::compile::macro_instances(src, "KILN_GEMV_TC2")
+                .iter()
+                .map(|v| (v[0], v[1], v[2]))
+                .collect();
         assert_eq!(built, super::TC2_KERNELS);
     }
 

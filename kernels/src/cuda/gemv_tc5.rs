@@ -88,12 +88,10 @@ impl CudaKernels {
     }
 
     /// The K slices a v5 launch of this shape uses (`per_sm` resident blocks per SM), or
-    /// `KILN_GEMV_SLICES` when set (a tuning knob for the benchmark; clamped to 1..=K/128).
+    /// `KILN_GEMV_SLICES` when it was set at start-up (a tuning knob for the benchmark; clamped
+    /// to 1..=K/128).
     pub fn tc5_slices_for(&self, n: usize, k: usize, tiles: usize, per_sm: usize) -> usize {
-        if let Some(s) = std::env::var("KILN_GEMV_SLICES")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-        {
+        if let Some(s) = self.gemv_slices {
             return s.clamp(1, (k / 128).max(1));
         }
         tc5_slices(n, k, tiles, per_sm * self.sm_count as usize)
@@ -203,17 +201,9 @@ mod tests {
     #[test]
     fn every_listed_tc5_kernel_is_instantiated_in_the_cu_file() {
         let src = include_str!("../../cuda/gemv_nvfp4_tc5.cu");
-        let built: Vec<Tc5Config> = src
-            .lines()
-            .filter_map(|l| l.strip_prefix("KILN_GEMV_TC5("))
-            .map(|l| {
-                let v: Vec<usize> = l
-                    .trim_end_matches(')')
-                    .split(',')
-                    .map(|t| t.trim().parse().unwrap())
-                    .collect();
-                (v[0], v[1], v[2], v[3] == 1, v[4])
-            })
+        let built: Vec<Tc5Config> = crate::cuda::compile::macro_instances(src, "KILN_GEMV_TC5")
+            .iter()
+            .map(|v| (v[0], v[1], v[2], v[3] == 1, v[4]))
             .collect();
         assert_eq!(built, TC5_KERNELS);
     }
