@@ -32,35 +32,17 @@ __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, j = lane & 3;
     const int tile0 = (blockIdx.x * 8 + warp) * T;
-    const size_t rstride = (size_t)(K >> 5);  // uint4 (and u16 scale pairs) per row
     const uint4* wbase = reinterpret_cast<const uint4*>(packed);
     const u16* sbase = reinterpret_cast<const u16*>(scales);
     u32 roff[T][2];
-#pragma unroll
-    for (int tt = 0; tt < T; tt++)
-#pragma unroll
-        for (int h = 0; h < 2; h++)
-            roff[tt][h] = (u32)min((tile0 + tt) * 16 + g + 8 * h, N - 1) * (u32)rstride + (u32)j;
+    kiln_tc_row_offsets<T>(roff, tile0, g, j, N, K);
 
     // the first D super-tiles' loads go out before x is staged
     uint4 wb[D][T][2];
     u32 sb[D][T][2];
 #pragma unroll
-    for (int d = 0; d < D; d++) {
-        const int U = s_begin + d;
-#pragma unroll
-        for (int tt = 0; tt < T; tt++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                if (U < s_end) {
-                    wb[d][tt][h] = kiln_tc_ld_stream(wbase + roff[tt][h] + (size_t)U * 4);
-                    sb[d][tt][h] = __ldg(sbase + roff[tt][h] + (size_t)U * 4);
-                } else {
-                    wb[d][tt][h] = make_uint4(0, 0, 0, 0);
-                    sb[d][tt][h] = 0;
-                }
-            }
-    }
+    for (int d = 0; d < D; d++)
+        kiln_tc_load_supertile<T>(wb[d], sb[d], wbase, sbase, roff, s_begin + d, s_begin + d < s_end);
 
     // stage this slice of x (super-tiles s_begin .. s_end, stored from local index 0)
     kiln_tc_stage_x<M>(x + 128 * s_begin, xs, nsl * 128, K);
@@ -91,49 +73,11 @@ __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
                         w[tt][h] = wb[d][tt][h];
                         sw[tt][h] = sb[d][tt][h];
                     }
-                if (!LATE && U + D < s_end) {
-#pragma unroll
-                    for (int tt = 0; tt < T; tt++)
-#pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            wb[d][tt][h] = kiln_tc_ld_stream(wbase + roff[tt][h] + (size_t)(U + D) * 4);
-                            sb[d][tt][h] = __ldg(sbase + roff[tt][h] + (size_t)(U + D) * 4);
-                        }
-                }
-                u32 sc[T][2][2];
-#pragma unroll
-                for (int tt = 0; tt < T; tt++)
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        sc[tt][h][0] = kiln_scale_bf16x2(sw[tt][h] & 0xFFu);
-                        sc[tt][h][1] = kiln_scale_bf16x2((sw[tt][h] >> 8) & 0xFFu);
-                    }
-                const uint2* xt = xl + (size_t)(U - s_begin) * xstep;
-#pragma unroll
-                for (int t = 0; t < 8; t++) {
-                    const uint2 bv = xt[t * 4 * C];
-                    const int wi = t >> 1, blk = t >> 2, sh = 8 * (t & 1);
-#pragma unroll
-                    for (int tt = 0; tt < T; tt++) {
-                        const uint4 wa = w[tt][0], wc = w[tt][1];
-                        const u32 q0 = (wi == 0 ? wa.x : wi == 1 ? wa.y : wi == 2 ? wa.z : wa.w) << sh;
-                        const u32 q1 = (wi == 0 ? wc.x : wi == 1 ? wc.y : wi == 2 ? wc.z : wc.w) << sh;
-                        const u32 a0 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q0), sc[tt][0][blk]);
-                        const u32 a2 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q0 << 4), sc[tt][0][blk]);
-                        const u32 a1 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q1), sc[tt][1][blk]);
-                        const u32 a3 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q1 << 4), sc[tt][1][blk]);
-                        kiln_mma_bf16(acc[tt], a0, a1, a2, a3, bv.x, bv.y);
-                    }
-                }
-                if (LATE && U + D < s_end) {
-#pragma unroll
-                    for (int tt = 0; tt < T; tt++)
-#pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            wb[d][tt][h] = kiln_tc_ld_stream(wbase + roff[tt][h] + (size_t)(U + D) * 4);
-                            sb[d][tt][h] = __ldg(sbase + roff[tt][h] + (size_t)(U + D) * 4);
-                        }
-                }
+                if (!LATE && U + D < s_end)
+                    kiln_tc_load_supertile<T>(wb[d], sb[d], wbase, sbase, roff, U + D, true);
+                kiln_tc_supertile_mma<M, T, 0>(acc, w, sw, xl + (size_t)(U - s_begin) * xstep);
+                if (LATE && U + D < s_end)
+                    kiln_tc_load_supertile<T>(wb[d], sb[d], wbase, sbase, roff, U + D, true);
             }
         }
     }

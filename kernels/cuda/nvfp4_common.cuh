@@ -293,3 +293,76 @@ __device__ __forceinline__ void kiln_tc_stage_x(const float* __restrict__ x, uin
         }
     }
 }
+
+// ---- The v2 / v5 weight stream and super-tile step (gemv_nvfp4_tc2.cu, gemv_nvfp4_tc5.cu) ----
+// A warp owns T 16-row tiles; lane (g, j) reads, for tile tt and half h, the 16 bytes at
+// k = 128 U + 32 j of row 16 (tile0 + tt) + g + 8 h (clamped to N - 1) and that row's scale pair
+// for the same 32 k, for each super-tile U.
+
+// Per (tile, half): the row's first uint4 of W for this lane, also its first u16 scale pair
+// (both arrays have K / 32 entries per row); super-tile U's are at + 4 U.
+template <int T>
+__device__ __forceinline__ void kiln_tc_row_offsets(u32 (&roff)[T][2], int tile0, int g, int j,
+                                                    int N, int K) {
+    const u32 rstride = (u32)(K >> 5);
+#pragma unroll
+    for (int tt = 0; tt < T; tt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+            roff[tt][h] = (u32)min((tile0 + tt) * 16 + g + 8 * h, N - 1) * rstride + (u32)j;
+}
+
+// Super-tile U's weights and scale pairs for every (tile, half), or zeros when !valid.
+template <int T>
+__device__ __forceinline__ void kiln_tc_load_supertile(uint4 (&w)[T][2], u32 (&s)[T][2],
+        const uint4* __restrict__ wbase, const u16* __restrict__ sbase, const u32 (&roff)[T][2],
+        int U, bool valid) {
+#pragma unroll
+    for (int tt = 0; tt < T; tt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            if (valid) {
+                w[tt][h] = kiln_tc_ld_stream(wbase + roff[tt][h] + (size_t)U * 4);
+                s[tt][h] = __ldg(sbase + roff[tt][h] + (size_t)U * 4);
+            } else {
+                w[tt][h] = make_uint4(0, 0, 0, 0);
+                s[tt][h] = 0;
+            }
+        }
+}
+
+// Decode one super-tile (w, s) and run its 8 k-steps: one mma.m16n8k16 per tile and step, B
+// from xt (this lane's column of the staged x, kiln_tc_stage_x order). PROBE bit 1 (benchmark
+// diagnostics only) replaces the MMA by folding the decoded words into acc.
+template <int M, int T, int PROBE>
+__device__ __forceinline__ void kiln_tc_supertile_mma(float (&acc)[T][4], const uint4 (&w)[T][2],
+                                                      const u32 (&s)[T][2], const uint2* xt) {
+    constexpr int C = 2 * M;
+    u32 sc[T][2][2];
+#pragma unroll
+    for (int tt = 0; tt < T; tt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            sc[tt][h][0] = kiln_scale_bf16x2(s[tt][h] & 0xFFu);
+            sc[tt][h][1] = kiln_scale_bf16x2((s[tt][h] >> 8) & 0xFFu);
+        }
+#pragma unroll
+    for (int t = 0; t < 8; t++) {
+        const uint2 bv = xt[t * 4 * C];
+        const int wi = t >> 1, blk = t >> 2, sh = 8 * (t & 1);
+#pragma unroll
+        for (int tt = 0; tt < T; tt++) {
+            const uint4 wa = w[tt][0], wc = w[tt][1];
+            const u32 q0 = (wi == 0 ? wa.x : wi == 1 ? wa.y : wi == 2 ? wa.z : wa.w) << sh;
+            const u32 q1 = (wi == 0 ? wc.x : wi == 1 ? wc.y : wi == 2 ? wc.z : wc.w) << sh;
+            const u32 a0 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q0), sc[tt][0][blk]);
+            const u32 a2 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q0 << 4), sc[tt][0][blk]);
+            const u32 a1 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q1), sc[tt][1][blk]);
+            const u32 a3 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q1 << 4), sc[tt][1][blk]);
+            if (PROBE & 2)
+                acc[tt][0] = __uint_as_float(__float_as_uint(acc[tt][0]) ^ q0 ^ q1 ^ bv.x ^ sc[tt][0][blk]);
+            else
+                kiln_mma_bf16(acc[tt], a0, a1, a2, a3, bv.x, bv.y);
+        }
+    }
+}
