@@ -4,8 +4,7 @@
 mod common;
 
 use common::*;
-use futures::StreamExt;
-use kiln_proto::v1::{job_event, JobEvent, JobState, WatchJobRequest};
+use kiln_proto::v1::{job_event, JobEvent, JobState};
 
 fn state_trail(events: &[JobEvent]) -> Vec<(JobState, u32)> {
     events
@@ -39,18 +38,7 @@ async fn agent_loss_requeues_the_job_which_succeeds_on_a_second_agent() {
     let done = wait_state(&mut h, job.id, JobState::Succeeded).await;
     assert_eq!(done.attempt, 2);
 
-    let events: Vec<JobEvent> = h
-        .client
-        .watch_job(WatchJobRequest {
-            id: job.id,
-            after_seq: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|e| e.unwrap())
-        .collect()
-        .await;
+    let events: Vec<JobEvent> = events_after(&mut h, job.id, 0).await;
     assert_eq!(
         state_trail(&events),
         vec![
@@ -126,18 +114,13 @@ async fn a_quick_reconnect_keeps_the_running_job() {
 #[tokio::test]
 async fn a_connected_but_silent_agent_loses_its_stream_and_then_its_jobs() {
     let dir = tempfile::tempdir().unwrap();
-    init_tracing();
     // Silence limit = lease + 3 × heartbeat = 0.3 + 0.3 s.
     let config = kiln_coordinator::CoordinatorConfig {
         lease_secs: 0.3,
         heartbeat_secs: 0.1,
         ..config(dir.path())
     };
-    let server = kiln_coordinator::bench::RunningCoordinator::start(config)
-        .await
-        .unwrap();
-    let client = server.client().await.unwrap();
-    let mut h = Harness { server, client };
+    let mut h = start_with(config).await;
     let mut a = agent(&h, "quiet", 80, 0).await;
     let job = submit(&mut h, 1, 1).await;
     expect_assign(&mut a).await;

@@ -117,18 +117,7 @@ async fn submit_assign_run_succeed_with_telemetry_and_events() {
     assert_eq!(only_forward.len(), 1);
 
     // The whole event log, gap-free from 1, ending at the terminal state; the stream ends.
-    let events: Vec<JobEvent> = h
-        .client
-        .watch_job(WatchJobRequest {
-            id: job.id,
-            after_seq: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|e| e.unwrap())
-        .collect()
-        .await;
+    let events: Vec<JobEvent> = events_after(&mut h, job.id, 0).await;
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>());
     let states: Vec<JobState> = events
@@ -147,18 +136,7 @@ async fn submit_assign_run_succeed_with_telemetry_and_events() {
             JobState::Succeeded
         ]
     );
-    let after: Vec<JobEvent> = h
-        .client
-        .watch_job(WatchJobRequest {
-            id: job.id,
-            after_seq: 3,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|e| e.unwrap())
-        .collect()
-        .await;
+    let after: Vec<JobEvent> = events_after(&mut h, job.id, 3).await;
     assert_eq!(after.first().map(|e| e.seq), Some(4));
     h.server.stop().await.unwrap();
 }

@@ -166,16 +166,11 @@ async fn a_resumed_agent_gets_work_again() {
 #[tokio::test]
 async fn a_job_that_waited_too_long_stops_backfill_until_it_runs() {
     let dir = tempfile::tempdir().unwrap();
-    init_tracing();
     let config = kiln_coordinator::CoordinatorConfig {
         reserve_after_secs: 0.2,
         ..config(dir.path())
     };
-    let server = kiln_coordinator::bench::RunningCoordinator::start(config)
-        .await
-        .unwrap();
-    let client = server.client().await.unwrap();
-    let mut h = Harness { server, client };
+    let mut h = start_with(config).await;
     let mut a = agent(&h, "cpu", 0, 10).await;
     let running = submit(&mut h, 0, 6).await;
     assert_eq!(expect_assign(&mut a).await.id, running.id);

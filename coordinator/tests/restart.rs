@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashSet;
 
 use common::*;
-use kiln_coordinator::bench::{channel, register, AgentConn, RunningCoordinator};
+use kiln_coordinator::bench::{channel, register, AgentConn};
 use kiln_proto::v1::coordinator_client::CoordinatorClient;
 use kiln_proto::v1::{JobState, ListJobsRequest, RunningJob};
 
@@ -16,11 +16,7 @@ async fn restart(h: Harness, dir: &std::path::Path) -> Harness {
         .stop()
         .await
         .expect("first coordinator stops cleanly");
-    let server = RunningCoordinator::start(config(dir))
-        .await
-        .expect("restart");
-    let client = server.client().await.unwrap();
-    Harness { server, client }
+    start(dir).await
 }
 
 #[tokio::test]

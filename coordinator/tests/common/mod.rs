@@ -5,12 +5,13 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use kiln_coordinator::bench::{channel, register, AgentConn, RunningCoordinator};
 use kiln_coordinator::CoordinatorConfig;
 use kiln_proto::v1::coordinator_client::CoordinatorClient;
 use kiln_proto::v1::{
     coordinator_message, Agent, CoordinatorMessage, DrainAgentRequest, GetJobRequest, Job,
-    JobState, Kill, Register,
+    JobEvent, JobState, Kill, Register, WatchJobRequest,
 };
 use tonic::transport::Channel;
 
@@ -46,8 +47,13 @@ pub struct Harness {
 }
 
 pub async fn start(dir: &Path) -> Harness {
+    start_with(config(dir)).await
+}
+
+/// A coordinator with this configuration (e.g. `config(dir)` with short leases).
+pub async fn start_with(config: CoordinatorConfig) -> Harness {
     init_tracing();
-    let server = RunningCoordinator::start(config(dir))
+    let server = RunningCoordinator::start(config)
         .await
         .expect("start coordinator");
     let client = server.client().await.expect("client");
@@ -97,6 +103,19 @@ pub async fn drain(h: &mut Harness, name: &str, resume: bool) -> Agent {
         .await
         .expect("drain")
         .into_inner()
+}
+
+/// The job's event log after `after_seq`, read through WatchJob until the stream ends (it ends
+/// at the terminal state).
+pub async fn events_after(h: &mut Harness, id: u64, after_seq: u64) -> Vec<JobEvent> {
+    h.client
+        .watch_job(WatchJobRequest { id, after_seq })
+        .await
+        .expect("watch")
+        .into_inner()
+        .map(|e| e.expect("event"))
+        .collect()
+        .await
 }
 
 /// Polls until the job is in `state`.
