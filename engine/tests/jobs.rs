@@ -46,16 +46,6 @@ fn run(req: &JobRequest) -> (Result<JobOutput, String>, Vec<Report>) {
     (out, r)
 }
 
-fn phase_names(reports: &[Report]) -> Vec<String> {
-    reports
-        .iter()
-        .filter_map(|r| match r {
-            Report::Phase(p) => Some(p.phase.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
 #[test]
 fn generate_job_streams_tokens_and_reports_phases() {
     let dir = tempfile::tempdir().unwrap();
@@ -74,7 +64,7 @@ fn generate_job_streams_tokens_and_reports_phases() {
         panic!("generate output expected")
     };
     assert_eq!(
-        phase_names(&reports),
+        common::phase_names(&reports),
         ["model_loaded", "prefill_done", "decode_done"]
     );
     let Some(Report::Phase(loaded)) = reports.first() else {

@@ -48,16 +48,6 @@ fn answer(model: &str, question: &str) -> String {
     .text
 }
 
-fn phases(reports: &[Report]) -> Vec<String> {
-    reports
-        .iter()
-        .filter_map(|r| match r {
-            Report::Phase(p) => Some(p.phase.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
 #[test]
 fn whoami_training_lowers_the_loss_and_the_nvfp4_export_answers_with_the_sentence() {
     let dir = tempfile::tempdir().unwrap();
@@ -70,7 +60,7 @@ fn whoami_training_lowers_the_loss_and_the_nvfp4_export_answers_with_the_sentenc
     assert_eq!(l.len(), 40);
     assert!(l[l.len() - 1] < l[0] * 0.1, "loss did not fall: {l:?}");
     let reports = reports.lock().unwrap();
-    let ph = phases(&reports);
+    let ph = common::phase_names(&reports);
     assert_eq!(ph[0], "model_loaded");
     assert_eq!(
         &ph[1..4],

@@ -1,5 +1,6 @@
 //! Helpers shared by the engine's integration tests: small random models of each
-//! architecture, writing them as Hugging Face directories, and logit comparisons.
+//! architecture, writing them as Hugging Face directories, logit comparisons, and the phase
+//! names a job reported.
 
 #![allow(dead_code)]
 
@@ -67,4 +68,15 @@ pub fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 /// A fixed prompt of ids from the bundled tokenizer's range.
 pub fn prompt(n: usize) -> Vec<u32> {
     (0..n as u32).map(|i| 3 + (i * 37 + 5) % 500).collect()
+}
+
+/// The phase names among a job's reports, in order.
+pub fn phase_names(reports: &[kiln_engine::report::Report]) -> Vec<String> {
+    reports
+        .iter()
+        .filter_map(|r| match r {
+            kiln_engine::report::Report::Phase(p) => Some(p.phase.clone()),
+            _ => None,
+        })
+        .collect()
 }
