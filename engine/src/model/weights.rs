@@ -28,6 +28,24 @@ pub enum LinearFormat {
     Dense,
 }
 
+impl LinearFormat {
+    /// A linear weight `[out, inp]` from f32 values, held in this format.
+    pub fn weight(
+        self,
+        data: Vec<f32>,
+        out: usize,
+        inp: usize,
+        device: &Device,
+    ) -> Result<LinearWeight> {
+        Ok(match self {
+            LinearFormat::Nvfp4 => {
+                LinearWeight::Nvfp4(Arc::new(Nvfp4Tensor::quantize(&data, out, inp)?))
+            }
+            LinearFormat::Dense => LinearWeight::Dense(Tensor::from_vec(data, (out, inp), device)?),
+        })
+    }
+}
+
 /// Supplies the tensors a model needs, by Hugging Face name.
 pub trait WeightSource {
     /// Whether the linear layer `prefix` is stored NVFP4-packed (so the LM head, which is
@@ -41,6 +59,12 @@ pub trait WeightSource {
 
     /// The linear layer `{prefix}.weight` `[out, in]` (+ `{prefix}.bias` `[out]` if `bias`).
     fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear>;
+
+    /// `{prefix}.bias` `[out]` when the layer has one.
+    fn bias(&mut self, prefix: &str, out: usize, has: bool) -> Result<Option<Tensor>> {
+        has.then(|| self.tensor(&format!("{prefix}.bias"), &[out]))
+            .transpose()
+    }
 }
 
 /// Weights read from a checkpoint directory.
@@ -135,22 +159,10 @@ impl WeightSource for CheckpointWeights<'_> {
             None => {
                 let raw = self.ckpt.get(&format!("{prefix}.weight"))?;
                 raw.expect_shape(&[out, inp])?;
-                let data = raw.to_f32()?;
-                match self.format {
-                    LinearFormat::Nvfp4 => {
-                        LinearWeight::Nvfp4(Arc::new(Nvfp4Tensor::quantize(&data, out, inp)?))
-                    }
-                    LinearFormat::Dense => {
-                        LinearWeight::Dense(Tensor::from_vec(data, (out, inp), &self.device)?)
-                    }
-                }
+                self.format.weight(raw.to_f32()?, out, inp, &self.device)?
             }
         };
-        let bias = if bias {
-            Some(self.tensor(&format!("{prefix}.bias"), &[out])?)
-        } else {
-            None
-        };
+        let bias = self.bias(prefix, out, bias)?;
         Linear::new(weight, bias)
     }
 }
@@ -214,19 +226,8 @@ impl WeightSource for RandomWeights {
     fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
         let name = format!("{prefix}.weight");
         let data = self.uniform(&name, out, inp, 1.0 / (inp as f32).sqrt());
-        let weight = match self.format {
-            LinearFormat::Nvfp4 => {
-                LinearWeight::Nvfp4(Arc::new(Nvfp4Tensor::quantize(&data, out, inp)?))
-            }
-            LinearFormat::Dense => {
-                LinearWeight::Dense(Tensor::from_vec(data, (out, inp), &self.device)?)
-            }
-        };
-        let bias = if bias {
-            Some(self.tensor(&format!("{prefix}.bias"), &[out])?)
-        } else {
-            None
-        };
+        let weight = self.format.weight(data, out, inp, &self.device)?;
+        let bias = self.bias(prefix, out, bias)?;
         Linear::new(weight, bias)
     }
 }
