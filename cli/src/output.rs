@@ -17,6 +17,17 @@ pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
 
+/// A phase sample's non-zero tensor categories as `{category}{sep}{MiB}`, sorted by category.
+pub fn tensor_mib(tensor_bytes: &std::collections::HashMap<String, u64>, sep: &str) -> Vec<String> {
+    let mut tb: Vec<_> = tensor_bytes
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k}{sep}{}", mib(*v)))
+        .collect();
+    tb.sort();
+    tb
+}
+
 /// The state of a job as users see it.
 pub fn job_state(job: &v1::Job) -> &'static str {
     state_name(JobState::try_from(job.state).unwrap_or(JobState::Unspecified))
@@ -293,13 +304,7 @@ pub fn telemetry_table(rows: &[v1::TelemetryRow]) -> Table {
         let s = r.sample.clone().unwrap_or_default();
         let source =
             v1::TelemetrySource::try_from(r.source).unwrap_or(v1::TelemetrySource::Unspecified);
-        let mut tb: Vec<_> = s
-            .tensor_bytes
-            .iter()
-            .filter(|(_, v)| **v > 0)
-            .map(|(k, v)| format!("{k} {}", mib(*v)))
-            .collect();
-        tb.sort();
+        let tb = tensor_mib(&s.tensor_bytes, " ");
         t.add_row(vec![
             Cell::new(r.job_id),
             Cell::new(format!(

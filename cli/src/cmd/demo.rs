@@ -228,13 +228,7 @@ async fn run_job(client: &mut Client, req: v1::SubmitJobRequest) -> anyhow::Resu
             }
             Some(Event::Phase(p)) if per_step_phase(&p.phase) => {}
             Some(Event::Phase(p)) => {
-                let mut tb: Vec<_> = p
-                    .tensor_bytes
-                    .iter()
-                    .filter(|(_, v)| **v > 0)
-                    .map(|(k, v)| format!("{k}={}", mib(*v)))
-                    .collect();
-                tb.sort();
+                let tb = crate::output::tensor_mib(&p.tensor_bytes, "=");
                 say(
                     &bar,
                     &mut in_tokens,

@@ -12,6 +12,8 @@ use kiln_kernels::checkpoint::{
     QuantizeSummary,
 };
 
+use crate::output::mib;
+
 /// Output layout of `kiln quantize`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum QuantizeFormat {
@@ -106,10 +108,6 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<()> {
         print_summary(&summary, &args.out);
     }
     Ok(())
-}
-
-fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
 }
 
 fn print_summary(s: &QuantizeSummary, out: &std::path::Path) {

@@ -86,13 +86,7 @@ impl EventPrinter {
                     }
                     Event::Log(l) => format!("  | {}", l.line),
                     Event::Phase(p) => {
-                        let mut tb: Vec<_> = p
-                            .tensor_bytes
-                            .iter()
-                            .filter(|(_, v)| **v > 0)
-                            .map(|(k, v)| format!("{k}={}", mib(*v)))
-                            .collect();
-                        tb.sort();
+                        let tb = crate::output::tensor_mib(&p.tensor_bytes, "=");
                         format!(
                             "  phase {} step {}: pid_mem {} device {} / {}{}",
                             p.phase,
