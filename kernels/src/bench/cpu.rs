@@ -114,30 +114,7 @@ pub fn f32_linear(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: dst [m, n] row-major; lhs x [m, k]; rhs wᵀ [k, n] with (kk, j) at w[j*k + kk].
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            y.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+    crate::cpu::matmul::gemm_xwt(&mut y, n, x, m, k, w, n, par);
     y
 }
 

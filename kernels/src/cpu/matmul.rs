@@ -53,35 +53,68 @@ pub fn matmul_nvfp4_chunked_gemm(x: &[f32], m: usize, w: &Nvfp4Tensor) -> Vec<f3
         let rows = chunk_rows.min(n - r0);
         let buf = &mut scratch[..rows * k];
         w.dequantize_rows_into(r0..r0 + rows, buf);
-        // y[:, r0..r0+rows] = x · bufᵀ: dst [m, rows] with row stride n; lhs x [m, k];
-        // rhs bufᵀ [k, rows], element (kk, j) at buf[j*k + kk].
-        // SAFETY: every pointer/stride pair addresses only inside y, x and buf (shapes above).
-        unsafe {
-            gemm::gemm(
-                m,
-                rows,
-                k,
-                y.as_mut_ptr().add(r0),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                buf.as_ptr(),
-                k as isize,
-                1,
-                0.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
-            );
-        }
+        // y[:, r0..r0+rows] = x · bufᵀ
+        gemm_xwt(
+            &mut y[r0..],
+            n,
+            x,
+            m,
+            k,
+            buf,
+            rows,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
         r0 += rows;
     }
     y
+}
+
+/// `y[i·ldy + j] = Σ_kk x[i·k + kk] · w[j·k + kk]` for `i < m`, `j < rows` (x · wᵀ into
+/// the first `rows` columns of a row-major y with row stride `ldy`), through the `gemm` crate's
+/// f32 GEMM — the call candle makes for an f32 linear. Panics if a slice is too short.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_xwt(
+    y: &mut [f32],
+    ldy: usize,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    rows: usize,
+    par: gemm::Parallelism,
+) {
+    if m == 0 || rows == 0 {
+        return;
+    }
+    assert!(
+        x.len() >= m * k && w.len() >= rows * k && rows <= ldy && y.len() >= (m - 1) * ldy + rows,
+        "gemm_xwt: slices too short for m = {m}, k = {k}, rows = {rows}, ldy = {ldy}"
+    );
+    // SAFETY: dst [m, rows] with row stride ldy inside y; lhs x [m, k]; rhs wᵀ [k, rows] with
+    // (kk, j) at w[j*k + kk]: every address is inside the slices (checked above).
+    unsafe {
+        gemm::gemm(
+            m,
+            rows,
+            k,
+            y.as_mut_ptr(),
+            1,
+            ldy as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
 }
 
 /// The reference: dequantize 16 rows of W at a time (as [`Nvfp4Tensor::dequantize`]) and take
