@@ -69,6 +69,32 @@ pub struct GemvScratch {
     bufs: Option<(CudaSlice<f32>, CudaSlice<u32>)>,
 }
 
+impl GemvScratch {
+    /// The buffers, grown (zeroed) to at least `partials` floats and `counters` counters.
+    pub(crate) fn ensure(
+        &mut self,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        partials: usize,
+        counters: usize,
+    ) -> Result<(&mut CudaSlice<f32>, &mut CudaSlice<u32>), KernelError> {
+        let grow = match &self.bufs {
+            Some((p, c)) => p.len() < partials || c.len() < counters,
+            None => true,
+        };
+        if grow {
+            let p = stream
+                .alloc_zeros::<f32>(partials.max(1))
+                .map_err(drv("allocating the GEMV partial sums"))?;
+            let c = stream
+                .alloc_zeros::<u32>(counters.max(1))
+                .map_err(drv("allocating the GEMV counters"))?;
+            self.bufs = Some((p, c));
+        }
+        let (p, c) = self.bufs.as_mut().expect("allocated above");
+        Ok((p, c))
+    }
+}
+
 impl CudaKernels {
     /// Whether the v5 GEMV can run `c` on an `[n, k]` W: built for `c.0` rows of x (for
     /// 5..=8 rows, as 4 + the rest, both built), K % 128 == 0, and the slice of x fits in
@@ -150,22 +176,7 @@ impl CudaKernels {
             .gemv_scratch
             .lock()
             .map_err(|_| KernelError::InvalidArgument("GEMV scratch lock poisoned".into()))?;
-        let need = (slices * m * n, rowblocks);
-        let grow = match &scratch.bufs {
-            Some((p, c)) => p.len() < need.0 || c.len() < need.1,
-            None => true,
-        };
-        if grow {
-            let s = &self.stream;
-            let p = s
-                .alloc_zeros::<f32>(need.0.max(1))
-                .map_err(drv("allocating the GEMV partial sums"))?;
-            let c = s
-                .alloc_zeros::<u32>(need.1.max(1))
-                .map_err(drv("allocating the GEMV counters"))?;
-            scratch.bufs = Some((p, c));
-        }
-        let (partial, counters) = scratch.bufs.as_mut().expect("allocated above");
+        let (partial, counters) = scratch.ensure(&self.stream, slices * m * n, rowblocks)?;
         let cfg = LaunchConfig {
             grid_dim: (rowblocks as u32, slices as u32, 1),
             block_dim: (256, 1, 1),
