@@ -77,8 +77,6 @@ pub(crate) struct Functions {
     pub gemv_probe: Vec<CudaFunction>,
     /// `kiln_gemv_nvfp4_tc5_m{M}_t{T}_d{D}`, one per entry of `gemv_tc5::TC5_KERNELS`.
     pub gemv_tc5: Vec<CudaFunction>,
-    /// `kiln_gemv_nvfp4_tc6_m{M}_t{T}_d{D}_b{B}`, one per entry of `gemv_tc6::TC6_KERNELS`.
-    pub gemv_tc6: Vec<CudaFunction>,
     pub adamw_amax: CudaFunction,
     pub adamw_apply: CudaFunction,
 }
@@ -198,37 +196,22 @@ impl CudaKernels {
                     )
                 })
                 .collect::<Result<_, _>>()?,
-            gemv_tc6: super::gemv_tc6::TC6_KERNELS
-                .iter()
-                .map(|&(m, t, d, b)| {
-                    func(
-                        "gemv_nvfp4_tc5.cu",
-                        &format!("kiln_gemv_nvfp4_tc6_m{m}_t{t}_d{d}_b{b}"),
-                    )
-                })
-                .collect::<Result<_, _>>()?,
             adamw_amax: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_amax")?,
             adamw_apply: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_apply")?,
         };
         let smem_optin = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(drv("reading the shared-memory limit"))? as usize;
-        for (func, static_smem) in f
+        for func in f
             .gemv_tc
             .iter()
             .chain(&f.gemv_tc2)
             .chain(&f.gemv_tc5)
             .chain(&f.gemv_probe)
-            .map(|func| (func, 0))
-            .chain(
-                f.gemv_tc6
-                    .iter()
-                    .map(|func| (func, super::gemv_tc6::TC6_STATIC_SMEM)),
-            )
         {
             func.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                (smem_optin - static_smem) as i32,
+                smem_optin as i32,
             )
             .map_err(drv("raising the GEMV kernel's shared-memory limit"))?;
         }
@@ -281,19 +264,9 @@ impl CudaKernels {
                 late: c.3,
                 per_sm: c.4 as u8,
             });
-        let tc6 = super::gemv_tc6::TC6_KERNELS
-            .iter()
-            .filter(|&&c| c.0 == 1 && self.gemv_tc6_fits(c, q.rows, q.cols, 0))
-            .map(|&c| GemvVariant::TensorCore6 {
-                tiles: c.1 as u8,
-                depth: c.2 as u8,
-                per_sm: c.3 as u8,
-                slices: 0,
-            });
         for v in std::iter::once(GemvVariant::TensorCore)
             .chain(tc2)
             .chain(tc5)
-            .chain(tc6)
         {
             let got = self.gemv_variant(&x, 1, &q, v)?;
             let num: f64 = want

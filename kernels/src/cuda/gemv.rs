@@ -103,16 +103,6 @@ impl CudaKernels {
             let c = (m, tiles as usize, depth as usize, late, per_sm as usize);
             return self.gemv_tc5_launch(x, w, y, c);
         }
-        if let GemvVariant::TensorCore6 {
-            tiles,
-            depth,
-            per_sm,
-            slices,
-        } = variant
-        {
-            let c = (m, tiles as usize, depth as usize, per_sm as usize);
-            return self.gemv_tc6_launch(x, w, y, c, slices as usize);
-        }
         if let GemvVariant::TensorCore2 { tiles, depth } = variant {
             let (t, d) = (tiles as usize, depth as usize);
             let Some(idx) = tc2_index(m, t, d).filter(|_| self.gemv_tc2_fits(m, k, t)) else {
@@ -256,27 +246,6 @@ impl CudaKernels {
                     per_sm: c.4 as u8,
                 }),
         );
-        for &c in super::gemv_tc6::TC6_KERNELS
-            .iter()
-            .filter(|c| c.0 == m.min(4))
-        {
-            let c = (m, c.1, c.2, c.3);
-            let auto = self.tc6_slices_for(c, n, k, 0);
-            // the automatic slice count, and half and twice it where those are valid
-            let mut seen = Vec::new();
-            for s in [auto, auto / 2, auto * 2] {
-                let s = self.tc6_slices_for(c, n, k, s);
-                if s > 0 && !seen.contains(&s) && self.gemv_tc6_fits(c, n, k, s) {
-                    seen.push(s);
-                    v.push(GemvVariant::TensorCore6 {
-                        tiles: c.1 as u8,
-                        depth: c.2 as u8,
-                        per_sm: c.3 as u8,
-                        slices: if s == auto { 0 } else { s as u8 },
-                    });
-                }
-            }
-        }
         v
     }
 
@@ -373,18 +342,6 @@ pub enum GemvVariant {
         late: bool,
         /// Resident blocks per SM (the kernel's register cap).
         per_sm: u8,
-    },
-    /// Tensor cores, v6 (`gemv_nvfp4_tc5.cu`, `gemv_tc6.rs`): v5 with persistent blocks, one K
-    /// slice per block and row groups handed to warps at run time; m <= 4 per launch.
-    TensorCore6 {
-        /// 16-row tiles per warp task.
-        tiles: u8,
-        /// Super-tiles of weights in flight.
-        depth: u8,
-        /// Resident blocks per SM (the kernel's register cap).
-        per_sm: u8,
-        /// K slices (0: chosen by `tc6_slices`).
-        slices: u8,
     },
 }
 

@@ -1,7 +1,7 @@
 //! The CUDA path (cudarc, dynamic loading): NVRTC-compiled kernels from `kernels/cuda/`
 //! (`compile`), the device context and kernel handles (`context`), device-resident NVFP4 ops
 //! (`ops`: quantize, dequantize, conversions; `gemv`: the decode GEMV kernels, `gemv_tc5` the
-//! split-K one, `gemv_tc6` its persistent form with run-time work hand-out; `adamw`: the
+//! split-K one; `adamw`: the
 //! packed-weight optimizer step), host-slice conveniences checked against the CPU reference
 //! (`host`) and cuBLAS / cuBLASLt calls (`blas`).
 //!
@@ -14,12 +14,10 @@ pub mod compile;
 pub mod context;
 pub mod gemv;
 pub mod gemv_tc5;
-pub mod gemv_tc6;
 pub mod host;
 pub mod ops;
 
 pub use context::{check_cuda_libraries, CudaKernels};
 pub use gemv::{tc2_variants, GemvVariant, TC2_KERNELS};
 pub use gemv_tc5::{tc5_slices, Tc5Config, TC5_KERNELS};
-pub use gemv_tc6::{tc6_slices, Tc6Config, TC6_KERNELS};
 pub use ops::{DeviceInput, DeviceNvfp4, DeviceStatus};
