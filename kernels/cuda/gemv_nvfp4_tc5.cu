@@ -144,3 +144,162 @@ KILN_GEMV_TC5(2, 2, 3, 1, 2)
 KILN_GEMV_TC5(3, 2, 3, 1, 2)
 KILN_GEMV_TC5(4, 2, 3, 1, 2)
 KILN_GEMV_TC5(4, 2, 3, 0, 2)
+
+// ---- v7: v5 with the weight stream copied into shared memory by cp.async ----
+// v5 keeps D super-tiles of weights in flight in registers (D x T x 2 uint4 per lane), which
+// with the decode puts it at 128 registers: 2 blocks (16 warps) per SM, 1.1 eligible warps per
+// scheduler. Here each lane's 16-byte loads go to its own slots of a per-warp shared-memory
+// ring with cp.async (no registers held while in flight), one commit group per super-tile; the
+// lane waits for the oldest group and reads its own bytes back (a lane reads only what it
+// copied, so no barrier is needed). Scale pairs stay register loads (one u32 each). Fewer
+// registers let more warps share an SM with as many bytes in flight or more.
+// Dynamic shared memory: the ring (8 warps x D x T x 2 x 32 lanes x 16 bytes) then v5's.
+
+__device__ __forceinline__ void kiln_cp_async16(void* smem, const void* gmem) {
+    const u32 s = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void kiln_cp_async_commit() {
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void kiln_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+template <int T>
+__device__ __forceinline__ void kiln_tc7_issue(uint4* slot, u32 (&s)[T][2],
+        const uint4* __restrict__ wbase, const u16* __restrict__ sbase, const u32 (&roff)[T][2],
+        int U) {
+#pragma unroll
+    for (int tt = 0; tt < T; tt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            kiln_cp_async16(slot + (tt * 2 + h) * 32, wbase + roff[tt][h] + (size_t)U * 4);
+            s[tt][h] = __ldg(sbase + roff[tt][h] + (size_t)U * 4);
+        }
+}
+
+template <int M, int T, int D>
+__device__ __forceinline__ void kiln_gemv_tc7_body(const float* __restrict__ x,
+        const u8* __restrict__ packed, const u8* __restrict__ scales,
+        const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K,
+        float* __restrict__ partial, u32* __restrict__ counters) {
+    extern __shared__ uint4 kiln_tc7_smem[];
+    constexpr int C = 2 * M;
+    constexpr int SLOT = T * 2 * 32;  // uint4 per ring slot of one warp
+    const int nsup = K >> 7;
+    const int per = (nsup + gridDim.y - 1) / gridDim.y;
+    const int s_begin = min(nsup, (int)blockIdx.y * per), s_end = min(nsup, s_begin + per);
+    const int nsl = s_end - s_begin;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    uint4* ring = kiln_tc7_smem + (size_t)warp * D * SLOT + lane;
+    uint2* xs = reinterpret_cast<uint2*>(kiln_tc7_smem + 8 * D * SLOT);  // [per][8 t][4 j][C]
+    uint2* zeros = xs + (size_t)per * 32 * C;
+    const int g = lane >> 2, j = lane & 3;
+    const int tile0 = (blockIdx.x * 8 + warp) * T;
+    const uint4* wbase = reinterpret_cast<const uint4*>(packed);
+    const u16* sbase = reinterpret_cast<const u16*>(scales);
+    u32 roff[T][2];
+    kiln_tc_row_offsets<T>(roff, tile0, g, j, N, K);
+
+    u32 sb[D][T][2];
+#pragma unroll
+    for (int d = 0; d < D; d++) {
+        if (s_begin + d < s_end) kiln_tc7_issue<T>(ring + d * SLOT, sb[d], wbase, sbase, roff, s_begin + d);
+        kiln_cp_async_commit();
+    }
+
+    kiln_tc_stage_x<M>(x + 128 * s_begin, xs, nsl * 128, K);
+    for (int c = threadIdx.x; c < 32 * C; c += blockDim.x) zeros[c] = make_uint2(0u, 0u);
+    __syncthreads();
+
+    float acc[T][4];
+#pragma unroll
+    for (int tt = 0; tt < T; tt++)
+#pragma unroll
+        for (int q = 0; q < 4; q++) acc[tt][q] = 0.0f;
+    const uint2* xl = g < C ? xs + j * C + g : zeros;
+    const size_t xstep = g < C ? (size_t)32 * C : 0;
+
+    for (int U0 = s_begin; U0 < s_end; U0 += D) {
+#pragma unroll
+        for (int d = 0; d < D; d++) {
+            const int U = U0 + d;
+            if (U < s_end) {
+                kiln_cp_async_wait<D - 1>();
+                uint4 w[T][2];
+                u32 sw[T][2];
+#pragma unroll
+                for (int tt = 0; tt < T; tt++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        w[tt][h] = ring[d * SLOT + (tt * 2 + h) * 32];
+                        sw[tt][h] = sb[d][tt][h];
+                    }
+                kiln_tc_supertile_mma<M, T, 0>(acc, w, sw, xl + (size_t)(U - s_begin) * xstep);
+                // the slot's bytes are in registers and used: refill it
+                if (U + D < s_end) kiln_tc7_issue<T>(ring + d * SLOT, sb[d], wbase, sbase, roff, U + D);
+                kiln_cp_async_commit();
+            }
+        }
+    }
+    kiln_cp_async_wait<0>();
+    const float post = __ldg(tensor_scale) * 512.0f;
+    if (gridDim.y == 1) {
+        if (j < M) {
+#pragma unroll
+            for (int tt = 0; tt < T; tt++) {
+                const int n0 = (tile0 + tt) * 16 + g;
+                if (n0 < N) y[(size_t)j * N + n0] = (acc[tt][0] + acc[tt][1]) * post;
+                if (n0 + 8 < N) y[(size_t)j * N + n0 + 8] = (acc[tt][2] + acc[tt][3]) * post;
+            }
+        }
+        return;
+    }
+    float* mine = partial + (size_t)blockIdx.y * M * N;
+    if (j < M) {
+#pragma unroll
+        for (int tt = 0; tt < T; tt++) {
+            const int n0 = (tile0 + tt) * 16 + g;
+            if (n0 < N) mine[(size_t)j * N + n0] = acc[tt][0] + acc[tt][1];
+            if (n0 + 8 < N) mine[(size_t)j * N + n0 + 8] = acc[tt][2] + acc[tt][3];
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    u32* last = reinterpret_cast<u32*>(zeros + 32 * C);
+    if (threadIdx.x == 0) *last = atomicAdd(counters + blockIdx.x, 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (!*last) return;
+    __threadfence();
+    const int rows = 8 * T * 16, r0 = blockIdx.x * rows;
+    for (int i = threadIdx.x; i < rows * M; i += blockDim.x) {
+        const int m = i / rows, n = r0 + i % rows;
+        if (n >= N) continue;
+        float v = 0.0f;
+        for (int s = 0; s < (int)gridDim.y; s++) v += __ldcg(partial + ((size_t)s * M + m) * N + n);
+        y[(size_t)m * N + n] = v * post;
+    }
+    if (threadIdx.x == 0) counters[blockIdx.x] = 0u;
+}
+
+#define KILN_GEMV_TC7(MM, TT, DD, MINB)                                                         \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                     \
+            kiln_gemv_nvfp4_tc7_m##MM##_t##TT##_d##DD##_b##MINB(                                \
+            const float* __restrict__ x, const u8* __restrict__ packed,                         \
+            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,              \
+            float* __restrict__ y, int N, int K, float* __restrict__ partial,                   \
+            u32* __restrict__ counters) {                                                       \
+        kiln_gemv_tc7_body<MM, TT, DD>(x, packed, scales, tensor_scale, y, N, K, partial,       \
+                                       counters);                                               \
+    }
+
+// (M, tiles T, depth D, blocks per SM): keep in sync with TC7_KERNELS in gemv_tc5.rs.
+KILN_GEMV_TC7(1, 1, 4, 4)
+KILN_GEMV_TC7(1, 1, 6, 4)
+KILN_GEMV_TC7(1, 1, 4, 3)
+KILN_GEMV_TC7(1, 2, 4, 3)
+KILN_GEMV_TC7(1, 2, 3, 4)
+KILN_GEMV_TC7(4, 2, 4, 2)
+KILN_GEMV_TC7(4, 1, 4, 3)
