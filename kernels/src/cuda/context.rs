@@ -77,8 +77,6 @@ pub(crate) struct Functions {
     pub gemv_probe: Vec<CudaFunction>,
     /// `kiln_gemv_nvfp4_tc5_m{M}_t{T}_d{D}`, one per entry of `gemv_tc5::TC5_KERNELS`.
     pub gemv_tc5: Vec<CudaFunction>,
-    /// `kiln_gemv_nvfp4_tc7_m{M}_t{T}_d{D}_b{B}`, one per entry of `gemv_tc5::TC7_KERNELS`.
-    pub gemv_tc7: Vec<CudaFunction>,
     pub adamw_amax: CudaFunction,
     pub adamw_apply: CudaFunction,
 }
@@ -198,15 +196,6 @@ impl CudaKernels {
                     )
                 })
                 .collect::<Result<_, _>>()?,
-            gemv_tc7: super::gemv_tc5::TC7_KERNELS
-                .iter()
-                .map(|&(m, t, d, b)| {
-                    func(
-                        "gemv_nvfp4_tc5.cu",
-                        &format!("kiln_gemv_nvfp4_tc7_m{m}_t{t}_d{d}_b{b}"),
-                    )
-                })
-                .collect::<Result<_, _>>()?,
             adamw_amax: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_amax")?,
             adamw_apply: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_apply")?,
         };
@@ -218,7 +207,6 @@ impl CudaKernels {
             .iter()
             .chain(&f.gemv_tc2)
             .chain(&f.gemv_tc5)
-            .chain(&f.gemv_tc7)
             .chain(&f.gemv_probe)
         {
             func.set_attribute(
@@ -276,18 +264,9 @@ impl CudaKernels {
                 late: c.3,
                 per_sm: c.4 as u8,
             });
-        let tc7 = super::gemv_tc5::TC7_KERNELS
-            .iter()
-            .filter(|&&c| c.0 == 1 && self.gemv_tc7_fits(c, q.rows, q.cols))
-            .map(|&c| GemvVariant::TensorCore7 {
-                tiles: c.1 as u8,
-                depth: c.2 as u8,
-                per_sm: c.3 as u8,
-            });
         for v in std::iter::once(GemvVariant::TensorCore)
             .chain(tc2)
             .chain(tc5)
-            .chain(tc7)
         {
             let got = self.gemv_variant(&x, 1, &q, v)?;
             let num: f64 = want

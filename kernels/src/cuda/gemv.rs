@@ -103,15 +103,6 @@ impl CudaKernels {
             let c = (m, tiles as usize, depth as usize, late, per_sm as usize);
             return self.gemv_tc5_launch(x, w, y, c);
         }
-        if let GemvVariant::TensorCore7 {
-            tiles,
-            depth,
-            per_sm,
-        } = variant
-        {
-            let c = (m, tiles as usize, depth as usize, per_sm as usize);
-            return self.gemv_tc7_launch(x, w, y, c);
-        }
         if let GemvVariant::TensorCore2 { tiles, depth } = variant {
             let (t, d) = (tiles as usize, depth as usize);
             let Some(idx) = tc2_index(m, t, d).filter(|_| self.gemv_tc2_fits(m, k, t)) else {
@@ -255,16 +246,6 @@ impl CudaKernels {
                     per_sm: c.4 as u8,
                 }),
         );
-        v.extend(
-            super::gemv_tc5::TC7_KERNELS
-                .iter()
-                .filter(|&&c| c.0 == m && self.gemv_tc7_fits(c, n, k))
-                .map(|&c| GemvVariant::TensorCore7 {
-                    tiles: c.1 as u8,
-                    depth: c.2 as u8,
-                    per_sm: c.3 as u8,
-                }),
-        );
         v
     }
 
@@ -359,16 +340,6 @@ pub enum GemvVariant {
         depth: u8,
         /// Issue the next loads after decoding a super-tile, into its registers.
         late: bool,
-        /// Resident blocks per SM (the kernel's register cap).
-        per_sm: u8,
-    },
-    /// Tensor cores, v7 (`gemv_nvfp4_tc5.cu`): v5 with the weights streamed through a per-warp
-    /// shared-memory ring by cp.async instead of held in registers; m <= 4.
-    TensorCore7 {
-        /// 16-row tiles per warp.
-        tiles: u8,
-        /// Super-tiles of weights in flight per tile.
-        depth: u8,
         /// Resident blocks per SM (the kernel's register cap).
         per_sm: u8,
     },

@@ -167,65 +167,9 @@ impl CudaKernels {
         y: &mut CudaViewMut<'_, f32>,
         c: Tc5Config,
     ) -> Result<(), KernelError> {
+        let (n, k) = (w.rows, w.cols);
         let (m, tiles, _, _, per_sm) = c;
         let idx = tc5_index(c).expect("checked by gemv_tc5_fits");
-        let func = &self.f.gemv_tc5[idx];
-        self.split_k_launch(func, x, w, y, (m, tiles, per_sm, 0), "kiln_gemv_nvfp4_tc5")
-    }
-
-    /// Whether the v7 GEMV can run `c` on an `[n, k]` W: built for `c.0` rows of x (1..=4),
-    /// K % 128 == 0, and its ring plus the slice of x fit in shared memory.
-    pub fn gemv_tc7_fits(&self, c: Tc7Config, n: usize, k: usize) -> bool {
-        let (m, t, d, b) = c;
-        tc7_index(c).is_some()
-            && k.is_multiple_of(128)
-            && tc7_ring_bytes(t, d) + tc5_smem_bytes(m, k, self.tc5_slices_for(n, k, t, b))
-                <= self.smem_optin
-    }
-
-    /// Launch the v7 GEMV (v5 with the weights streamed through shared memory by cp.async);
-    /// the caller (`gemv_variant_async`) checked the shapes of x and y.
-    pub(super) fn gemv_tc7_launch(
-        &self,
-        x: &CudaSlice<f32>,
-        w: &DeviceNvfp4,
-        y: &mut CudaSlice<f32>,
-        c: Tc7Config,
-    ) -> Result<(), KernelError> {
-        let (n, k) = (w.rows, w.cols);
-        if !self.gemv_tc7_fits(c, n, k) {
-            return Err(KernelError::InvalidArgument(format!(
-                "the tensor-core GEMV v7 takes K % 128 == 0, a ring and slice of x that fit in \
-                 shared memory and one of the built (m, tiles, depth, blocks per SM) \
-                 {TC7_KERNELS:?}; got [{n}, {k}], {c:?}"
-            )));
-        }
-        let (m, t, d, b) = c;
-        let idx = tc7_index(c).expect("checked above");
-        let func = &self.f.gemv_tc7[idx];
-        let ring = tc7_ring_bytes(t, d);
-        self.split_k_launch(
-            func,
-            &x.as_view(),
-            w,
-            &mut y.as_view_mut(),
-            (m, t, b, ring),
-            "kiln_gemv_nvfp4_tc7",
-        )
-    }
-
-    /// One split-K launch (v5 or v7 kernel `func`) for `m` <= 4 rows of x with `tiles` per
-    /// warp, `per_sm` resident blocks and `extra` bytes of shared memory before v5's.
-    fn split_k_launch(
-        &self,
-        func: &cudarc::driver::CudaFunction,
-        x: &CudaView<'_, f32>,
-        w: &DeviceNvfp4,
-        y: &mut CudaViewMut<'_, f32>,
-        (m, tiles, per_sm, extra): (usize, usize, usize, usize),
-        name: &str,
-    ) -> Result<(), KernelError> {
-        let (n, k) = (w.rows, w.cols);
         let slices = self.tc5_slices_for(n, k, tiles, per_sm);
         let rowblocks = n.div_ceil(tc5_rows_per_block(tiles));
         let mut scratch = self
@@ -236,10 +180,10 @@ impl CudaKernels {
         let cfg = LaunchConfig {
             grid_dim: (rowblocks as u32, slices as u32, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: (extra + tc5_smem_bytes(m, k, slices)) as u32,
+            shared_mem_bytes: tc5_smem_bytes(m, k, slices) as u32,
         };
         let (ni, ki) = (n as i32, k as i32);
-        let mut b = self.stream.launch_builder(func);
+        let mut b = self.stream.launch_builder(&self.f.gemv_tc5[idx]);
         b.arg(x)
             .arg(&w.packed)
             .arg(&w.scales)
@@ -249,41 +193,13 @@ impl CudaKernels {
             .arg(&ki)
             .arg(partial)
             .arg(counters);
-        // SAFETY: v5 and v7 kernels take (x, packed, scales, tensor_scale, y, N, K, partial,
-        // counters); x holds m × K and y m × N floats (the caller's views); the partial buffer
-        // holds slices × m × N floats and one counter per row range, all zero between
-        // launches; the shared memory covers the kernel's layout; everything is on this stream.
+        // SAFETY: matches kiln_gemv_nvfp4_tc5_m{m}_t{t}_d{d}_l{l}_b{b}; x holds m × K and y
+        // m × N floats (the caller's views); the partial buffer holds slices × m × N floats and
+        // one counter per row range, all zero between launches; everything is on this stream.
         unsafe { b.launch(cfg) }
             .map(|_| ())
-            .map_err(drv(&format!("launching {name}")))
+            .map_err(drv("launching kiln_gemv_nvfp4_tc5"))
     }
-}
-
-/// The v7 kernels built (v5 with the weights streamed through a per-warp shared-memory ring
-/// by cp.async), as (m, tiles, depth, blocks per SM); the same list as the `KILN_GEMV_TC7`
-/// lines of `gemv_nvfp4_tc5.cu`, in the same order.
-pub const TC7_KERNELS: &[Tc7Config] = &[
-    (1, 1, 4, 4),
-    (1, 1, 6, 4),
-    (1, 1, 4, 3),
-    (1, 2, 4, 3),
-    (1, 2, 3, 4),
-    (4, 2, 4, 2),
-    (4, 1, 4, 3),
-];
-
-/// A v7 kernel: (m, tiles, depth, blocks per SM).
-pub type Tc7Config = (usize, usize, usize, usize);
-
-/// Index of a configuration in [`TC7_KERNELS`].
-pub fn tc7_index(c: Tc7Config) -> Option<usize> {
-    TC7_KERNELS.iter().position(|&e| e == c)
-}
-
-/// Shared memory of a v7 block's weight ring: 8 warps × depth × tiles × 2 halves × 32 lanes ×
-/// 16 bytes.
-pub fn tc7_ring_bytes(tiles: usize, depth: usize) -> usize {
-    8 * depth * tiles * 2 * 32 * 16
 }
 
 /// The scratch a [`CudaKernels`] keeps for the split-K GEMV.
@@ -301,11 +217,6 @@ mod tests {
             .map(|v| (v[0], v[1], v[2], v[3] == 1, v[4]))
             .collect();
         assert_eq!(built, TC5_KERNELS);
-        let built: Vec<Tc7Config> = crate::cuda::compile::macro_instances(src, "KILN_GEMV_TC7")
-            .iter()
-            .map(|v| (v[0], v[1], v[2], v[3]))
-            .collect();
-        assert_eq!(built, TC7_KERNELS);
     }
 
     #[test]
