@@ -26,7 +26,7 @@ fn main() -> std::process::ExitCode {
     match cmd::dispatch(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", output::error_chain(&err));
             std::process::ExitCode::from(1)
         }
     }

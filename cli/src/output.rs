@@ -7,6 +7,22 @@ use kiln_proto::v1::{self, job_result, job_spec, JobKind, JobState};
 use kiln_proto::{agent_status_name, kind_name, source_name, state_name};
 use serde_json::{json, Value};
 
+/// An error and its causes on one line, `a: b: c`, leaving out a cause whose text the message
+/// before it already holds (library errors often print their source themselves).
+pub fn error_chain(err: &anyhow::Error) -> String {
+    let mut out = err.to_string();
+    let mut last = out.clone();
+    for cause in err.chain().skip(1) {
+        let c = cause.to_string();
+        if !last.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+        last = c;
+    }
+    out
+}
+
 /// Bytes as GiB with two decimals.
 pub fn gib(bytes: u64) -> String {
     format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
@@ -321,4 +337,36 @@ pub fn telemetry_table(rows: &[v1::TelemetryRow]) -> Table {
         ]);
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    /// Prints its source in its own message, as many library errors do.
+    #[derive(Debug)]
+    struct Repeats(std::io::Error);
+
+    impl std::fmt::Display for Repeats {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "reading x: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Repeats {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn error_chain_prints_each_cause_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::new(Repeats(io())).context("quantizing m");
+        assert_eq!(error_chain(&e), "quantizing m: reading x: no such file");
+        let e = anyhow::Error::new(io())
+            .context("loading")
+            .context("running");
+        assert_eq!(error_chain(&e), "running: loading: no such file");
+    }
 }
