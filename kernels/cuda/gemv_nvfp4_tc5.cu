@@ -15,13 +15,21 @@
 // launch) adds them in slice order — deterministic — scales by the tensor scale and writes y.
 // Launch: 256 threads, grid (ceil(N / R), slices); dynamic shared memory
 // 4 M (K / slices rounded up to 128) + 512 M + 16 bytes (tc5_smem_bytes in gemv_tc5.rs).
+//
+// Chained launches (programmatic dependent launch, gemv_tc5.rs): the kernel lets the next one
+// start at once and reads only W (packed, scales) before it waits for the previous kernel on the
+// stream, so a chain of GEMVs over weights that do not change (decode) overlaps each launch's
+// start-up — its first weight loads — with the previous launch's last blocks. x, y, the partial
+// sums and the counters are touched only after the wait. flags bit 0: before waiting, also ask
+// the L2 for the rest of this warp's slice of W (prefetch.global.L2, one line per lane and step).
 
 template <int M, int T, int D, int LATE>
 __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
         const u8* __restrict__ packed, const u8* __restrict__ scales,
         const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K,
-        float* __restrict__ partial, u32* __restrict__ counters) {
+        float* __restrict__ partial, u32* __restrict__ counters, int flags) {
     extern __shared__ uint4 kiln_tc5_smem[];
+    kiln_pdl_launch_dependents();
     constexpr int C = 2 * M;  // B columns in use
     const int nsup = K >> 7;
     const int per = (nsup + gridDim.y - 1) / gridDim.y;
@@ -37,12 +45,23 @@ __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
     u32 roff[T][2];
     kiln_tc_row_offsets<T>(roff, tile0, g, j, N, K);
 
+    if (flags & 1) {
+        // lines of 2 super-tiles (rows start 128-byte aligned when K % 256 == 0); lane j takes
+        // every 4th line of each of its rows, from the line after the first D super-tiles (loaded below)
+        for (int U = ((s_begin + D) & ~1) + 2 * j; U < s_end; U += 8)
+#pragma unroll
+            for (int tt = 0; tt < T; tt++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) kiln_prefetch_l2(wbase + (roff[tt][h] - j) + (size_t)U * 4);
+    }
     // the first D super-tiles' loads go out before x is staged
     uint4 wb[D][T][2];
     u32 sb[D][T][2];
 #pragma unroll
     for (int d = 0; d < D; d++)
         kiln_tc_load_supertile<T>(wb[d], sb[d], wbase, sbase, roff, s_begin + d, s_begin + d < s_end);
+    // everything below may depend on the previous kernel on the stream
+    kiln_pdl_wait();
 
     // stage this slice of x (super-tiles s_begin .. s_end, stored from local index 0)
     kiln_tc_stage_x<M>(x + 128 * s_begin, xs, nsl * 128, K);
@@ -128,9 +147,9 @@ __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
             const float* __restrict__ x, const u8* __restrict__ packed,                         \
             const u8* __restrict__ scales, const float* __restrict__ tensor_scale,              \
             float* __restrict__ y, int N, int K, float* __restrict__ partial,                   \
-            u32* __restrict__ counters) {                                                       \
-        kiln_gemv_tc5_body<MM, TT, DD, LATE>(x, packed, scales, tensor_scale, y, N, K, partial,       \
-                                       counters);                                               \
+            u32* __restrict__ counters, int flags) {                                            \
+        kiln_gemv_tc5_body<MM, TT, DD, LATE>(x, packed, scales, tensor_scale, y, N, K, partial, \
+                                             counters, flags);                                  \
     }
 
 // (M, tiles T, depth D in super-tiles, LATE loads, blocks per SM (a register cap)): keep in

@@ -210,6 +210,27 @@ __device__ __forceinline__ uint4 kiln_tc_ld_stream(const uint4* p) {
     return v;
 }
 
+// Programmatic dependent launch (sm_90+; both are no-ops on older GPUs and when the kernel was
+// launched without the attribute). launch_dependents lets the next kernel on the stream start
+// its blocks as this grid's blocks leave; wait blocks until the previous kernel on the stream has
+// finished and its writes are visible: a kernel launched with the attribute may read, before
+// its wait, only memory that previous kernel does not write.
+__device__ __forceinline__ void kiln_pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void kiln_pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Ask the L2 to fetch the 128-byte line holding p (no registers, no wait).
+__device__ __forceinline__ void kiln_prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
+}
+
 // Two f32 -> bf16x2 (round to nearest even), lo in the low half.
 __device__ __forceinline__ u32 kiln_pack_bf16x2(float lo, float hi) {
     u32 r;

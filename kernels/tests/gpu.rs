@@ -221,6 +221,73 @@ fn gemv_matches_an_f64_reference_within_1e_3() {
     }
 }
 
+/// A decode-like chain — each GEMV's x is the previous one's y — queued as chained launches
+/// (programmatic dependent launch) gives the same bits as plain launches: a chained kernel that
+/// read x before the previous kernel had written it would differ.
+#[test]
+fn chained_gemvs_equal_plain_launches() {
+    let Some(k) = gpu() else { return };
+    let mut r = rng("chained gemv");
+    let n = 4096; // square, so y feeds the next x; 16M weights: the split-K v5 kernel
+    let ws: Vec<_> = (0..2)
+        .map(|_| {
+            let w: Vec<f32> = (0..n * n)
+                .map(|_| r.random_range(-1.0f32..1.0) * 0.03)
+                .collect();
+            k.upload_nvfp4(&Nvfp4Tensor::quantize(&w, n, n).unwrap())
+                .unwrap()
+        })
+        .collect();
+    for m in [1usize, 4, 8] {
+        eprintln!(
+            "chain m={m}: default {:?}",
+            k.default_gemv_variant_for(m, n, n)
+        );
+        let x0: Vec<f32> = (0..m * n).map(|_| r.random_range(-1.0f32..1.0)).collect();
+        let run = |chained: bool| -> Vec<Vec<f32>> {
+            let mut bufs: Vec<_> = (0..7)
+                .map(|i| {
+                    if i == 0 {
+                        k.stream().clone_htod(&x0).unwrap()
+                    } else {
+                        k.stream().alloc_zeros::<f32>(m * n).unwrap()
+                    }
+                })
+                .collect();
+            for i in 0..6 {
+                let (a, b) = bufs.split_at_mut(i + 1);
+                let w = &ws[i % 2];
+                if chained {
+                    k.gemv_chained_async(&a[i], m, w, &mut b[0]).unwrap();
+                } else {
+                    k.gemv_async(&a[i], m, w, &mut b[0]).unwrap();
+                }
+            }
+            let out = bufs
+                .iter()
+                .map(|b| k.stream().clone_dtoh(b).unwrap())
+                .collect();
+            k.synchronize().unwrap();
+            out
+        };
+        let (plain, chained) = (run(false), run(true));
+        for (i, (p, c)) in plain.iter().zip(&chained).enumerate().skip(1) {
+            assert!(p.iter().all(|v| v.is_finite()) && p.iter().any(|&v| v != 0.0));
+            let diff = p
+                .iter()
+                .zip(c)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(
+                diff,
+                0,
+                "chain m={m}: GEMV {i} differs in {diff} of {} outputs",
+                p.len()
+            );
+        }
+    }
+}
+
 #[test]
 fn large_m_matmul_through_cublaslt_matches_within_bf16_tolerance() {
     let Some(k) = gpu() else { return };

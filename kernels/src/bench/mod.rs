@@ -23,12 +23,12 @@ use serde::Serialize;
 
 use crate::cpu::AdamWParams;
 use crate::cuda::context::drv;
-use crate::cuda::{CudaKernels, DeviceNvfp4};
+use crate::cuda::{CudaKernels, DeviceNvfp4, GemvLaunch, GemvVariant};
 use crate::nvfp4::Nvfp4Tensor;
 
 use crate::KernelError;
 use timing::{rotation, stream_read_async, upload, Timer};
-use validate::{gemv_rel_error, validate_adamw};
+use validate::{chained_matches_plain, gemv_rel_error, validate_adamw};
 
 /// The issue's shapes `[N, K]` (out × in): square, Qwen2.5-0.5B MLP up/down, its vocab
 /// projection, Qwen2.5-7B MLP up/down.
@@ -249,7 +249,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                 .stream()
                 .alloc_zeros::<u32>(4 * k.sm_count() as usize)
                 .map_err(drv("allocating"))?;
-            let t_r = timer.time(|i| stream_read_async(&k, &bufs[i % nb], &mut out))?;
+            let t_r = timer.time(|i| stream_read_async(&k, &bufs[i % nb], &mut out, false))?;
             push(
                 "read-only stream of the packed bytes (ceiling)",
                 n,
@@ -258,6 +258,16 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                 rb as f64,
                 None,
                 "a pure read kernel, same bytes as the GEMV's W".into(),
+            );
+            let t_rc = timer.time(|i| stream_read_async(&k, &bufs[i % nb], &mut out, true))?;
+            push(
+                "read-only stream, chained (ceiling for a chain)",
+                n,
+                kk,
+                t_rc,
+                rb as f64,
+                None,
+                "the same read as programmatic dependent launches, back to back".into(),
             );
         }
         for m in [1usize, 4, 8] {
@@ -298,6 +308,42 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                     k.default_gemv_variant_for(m, n, kk)
                 ),
             );
+            let default = k.default_gemv_variant_for(m, n, kk);
+            if matches!(default, GemvVariant::TensorCore5 { .. }) {
+                for (launch, what) in [
+                    (GemvLaunch::CHAINED, "chained"),
+                    (
+                        GemvLaunch {
+                            chained: true,
+                            l2_prefetch: true,
+                        },
+                        "chained + L2 prefetch",
+                    ),
+                ] {
+                    let same = chained_matches_plain(&k, &dx, m, &ws[0], default, launch)?;
+                    if !same {
+                        checks.push(format!(
+                            "[{n}, {kk}]: GEMV M={m} {what} FAILED: differs from the plain launch"
+                        ));
+                        progress(checks.last().unwrap());
+                        continue;
+                    }
+                    let t_c = timer.time(|i| {
+                        k.gemv_variant_launch_async(&dx, m, &ws[i % nws], &mut dy, default, launch)
+                    })?;
+                    push(
+                        &format!("NVFP4 fused GEMV M={m}, {what}"),
+                        n,
+                        kk,
+                        t_c,
+                        g_bytes,
+                        Some(t_base),
+                        "back-to-back programmatic dependent launches (a decode chain); \
+                         output bit-identical to the plain launch"
+                            .into(),
+                    );
+                }
+            }
             if m == 1 && k.gemv_tc2_fits(1, kk, 2) {
                 for (p, what) in [
                     (1, "probe: v2 without staging x"),
@@ -316,7 +362,6 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                     );
                 }
             }
-            let default = k.default_gemv_variant_for(m, n, kk);
             let mut variants = k.gemv_variants_for(m, n, kk);
             variants.retain(|v| *v != default);
             for v in variants {
@@ -341,6 +386,23 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                     Some(t_base),
                     format!("validated: rel. error {rel:.1e} (row 0 of x)"),
                 );
+                if m == 1 && matches!(v, GemvVariant::TensorCore5 { .. }) {
+                    let launch = GemvLaunch::CHAINED;
+                    if chained_matches_plain(&k, &dx, m, &ws[0], v, launch)? {
+                        let t_c = timer.time(|i| {
+                            k.gemv_variant_launch_async(&dx, m, &ws[i % nws], &mut dy, v, launch)
+                        })?;
+                        push(
+                            &format!("{label}, chained"),
+                            n,
+                            kk,
+                            t_c,
+                            g_bytes,
+                            Some(t_base),
+                            "programmatic dependent launches, back to back".into(),
+                        );
+                    }
+                }
             }
         }
 

@@ -1,8 +1,11 @@
 //! Timing with CUDA events (warm-up, batches, median) and input rotation past the L2.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use std::ffi::c_void;
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use crate::cuda::context::drv;
+use crate::cuda::gemv_tc5::launch_chained;
 use crate::cuda::CudaKernels;
 use crate::KernelError;
 
@@ -73,11 +76,13 @@ pub(super) fn upload<T: cudarc::driver::DeviceRepr>(
 }
 
 /// Queue a pure read of `buf` (a multiple of 16 bytes) with `kiln_stream_read`, 4 blocks of 256
-/// threads per SM; `out` takes one word per block (`4 × SMs`).
+/// threads per SM; `out` takes one word per block (`4 × SMs`). `chained`: as a programmatic
+/// dependent launch (the ceiling for a chain of chained GEMVs).
 pub(super) fn stream_read_async(
     k: &CudaKernels,
     buf: &CudaSlice<u8>,
     out: &mut CudaSlice<u32>,
+    chained: bool,
 ) -> Result<(), KernelError> {
     let blocks = 4 * k.sm_count as usize;
     assert!(
@@ -90,6 +95,19 @@ pub(super) fn stream_read_async(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
+    if chained {
+        let (bp, _g0) = buf.device_ptr(&k.stream);
+        let (op, _g1) = out.device_ptr_mut(&k.stream);
+        let mut params = [
+            &bp as *const _ as *mut c_void,
+            &n as *const _ as *mut c_void,
+            &op as *const _ as *mut c_void,
+        ];
+        // SAFETY: kiln_stream_read's parameters; it reads only buf (never written by the
+        // benchmark's other kernels) before its griddepcontrol.wait.
+        return unsafe { launch_chained(&k.stream, &k.f.stream_read, cfg, &mut params) }
+            .map_err(drv("launching kiln_stream_read (chained)"));
+    }
     let mut b = k.stream.launch_builder(&k.f.stream_read);
     b.arg(buf).arg(&n).arg(out);
     // SAFETY: matches kiln_stream_read; buf holds n 16-byte words, out one word per block.

@@ -1,10 +1,14 @@
-//! The checks run before any timing: GEMV against an f64 reference, AdamW against the CPU step.
+//! The checks run before any timing: GEMV against an f64 reference, a chained GEMV launch
+//! against a plain one, AdamW against the CPU step.
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
+use cudarc::driver::CudaSlice;
+
 use crate::cpu::{adamw_step_nvfp4, AdamWParams};
-use crate::cuda::CudaKernels;
+use crate::cuda::context::drv;
+use crate::cuda::{CudaKernels, DeviceNvfp4, GemvLaunch, GemvVariant};
 use crate::nvfp4::Nvfp4Tensor;
 use crate::KernelError;
 
@@ -71,4 +75,31 @@ pub(super) fn validate_adamw(
         ok,
         format!("{packed_diff} packed bytes, {scale_diff} scales, {m_diff} moments differ"),
     ))
+}
+
+/// Whether `launch` (a chained launch) of `variant` gives the same bits as a plain launch: one
+/// plain launch, then three chained ones back to back into another buffer.
+pub(super) fn chained_matches_plain(
+    k: &CudaKernels,
+    x: &CudaSlice<f32>,
+    m: usize,
+    w: &DeviceNvfp4,
+    variant: GemvVariant,
+    launch: GemvLaunch,
+) -> Result<bool, KernelError> {
+    let n = w.rows;
+    let alloc = || {
+        k.stream()
+            .alloc_zeros::<f32>(m * n)
+            .map_err(drv("allocating"))
+    };
+    let (mut plain, mut chained) = (alloc()?, alloc()?);
+    k.gemv_variant_async(x, m, w, &mut plain, variant)?;
+    for _ in 0..3 {
+        k.gemv_variant_launch_async(x, m, w, &mut chained, variant, launch)?;
+    }
+    let a = k.stream().clone_dtoh(&plain).map_err(drv("reading"))?;
+    let b = k.stream().clone_dtoh(&chained).map_err(drv("reading"))?;
+    k.synchronize()?;
+    Ok(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()))
 }

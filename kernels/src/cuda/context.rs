@@ -114,7 +114,9 @@ impl CudaKernels {
         // would add work to every launch.
         // SAFETY: this crate never uses a second stream on this context.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // a stream of our own (non-blocking), not the legacy default stream: chained GEMV
+        // launches (programmatic dependent launch) overlap consecutive kernels on it
+        let stream = ctx.new_stream().map_err(drv("creating the CUDA stream"))?;
         let name = ctx.name().map_err(drv("reading the device name"))?;
         let compute_capability = ctx
             .compute_capability()

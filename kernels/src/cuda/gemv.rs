@@ -66,6 +66,24 @@ impl CudaKernels {
         }
     }
 
+    /// [`CudaKernels::gemv_async`] for one GEMV of a chain over weights that stay put (a decode
+    /// step: layer after layer): where the default kernel is the split-K v5 one it is queued as
+    /// a programmatic dependent launch (compute capability 9.0+), so its blocks start — and
+    /// issue their first weight loads — while the previous kernel on the stream finishes; it
+    /// reads x and writes y only after that kernel is done. **W must not be written by the
+    /// kernel queued just before this call** (a quantize or optimizer step on W: use
+    /// [`CudaKernels::gemv_async`] after those). Other kernels launch as usual.
+    pub fn gemv_chained_async(
+        &self,
+        x: &CudaSlice<f32>,
+        m: usize,
+        w: &DeviceNvfp4,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), KernelError> {
+        let v = self.default_gemv_variant_for(m, w.rows, w.cols);
+        self.gemv_variant_launch_async(x, m, w, y, v, GemvLaunch::CHAINED)
+    }
+
     /// [`CudaKernels::gemv_async`] with an explicit kernel variant (the benchmark compares them).
     pub fn gemv_variant_async(
         &self,
@@ -74,6 +92,21 @@ impl CudaKernels {
         w: &DeviceNvfp4,
         y: &mut CudaSlice<f32>,
         variant: GemvVariant,
+    ) -> Result<(), KernelError> {
+        self.gemv_variant_launch_async(x, m, w, y, variant, GemvLaunch::default())
+    }
+
+    /// [`CudaKernels::gemv_variant_async`] queued as `launch` says (only the v5 kernels take a
+    /// chained launch or the L2 prefetch; the others launch as usual). A chained launch has
+    /// the contract of [`CudaKernels::gemv_chained_async`].
+    pub fn gemv_variant_launch_async(
+        &self,
+        x: &CudaSlice<f32>,
+        m: usize,
+        w: &DeviceNvfp4,
+        y: &mut CudaSlice<f32>,
+        variant: GemvVariant,
+        launch: GemvLaunch,
     ) -> Result<(), KernelError> {
         let (n, k) = (w.rows, w.cols);
         if !(1..=8).contains(&m) {
@@ -101,7 +134,7 @@ impl CudaKernels {
         } = variant
         {
             let c = (m, tiles as usize, depth as usize, late, per_sm as usize);
-            return self.gemv_tc5_launch(x, w, y, c);
+            return self.gemv_tc5_launch(x, w, y, c, launch);
         }
         if let GemvVariant::TensorCore2 { tiles, depth } = variant {
             let (t, d) = (tiles as usize, depth as usize);
@@ -309,6 +342,26 @@ pub fn gemv_tc2_ksplit(n: usize, k: usize, tiles: usize, d: usize, sm_count: usi
         ks *= 2;
     }
     ks
+}
+
+/// How a GEMV is queued. The default is a plain launch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GemvLaunch {
+    /// Programmatic dependent launch: the kernel may start while the previous kernel on the
+    /// stream runs, reading only W until that kernel is done (see
+    /// [`CudaKernels::gemv_chained_async`] for the contract).
+    pub chained: bool,
+    /// Before waiting for the previous kernel, each warp also asks the L2 for the rest of its
+    /// slice of W (meant for chained launches).
+    pub l2_prefetch: bool,
+}
+
+impl GemvLaunch {
+    /// The launch [`CudaKernels::gemv_chained_async`] uses.
+    pub const CHAINED: GemvLaunch = GemvLaunch {
+        chained: true,
+        l2_prefetch: false,
+    };
 }
 
 /// Which GEMV kernel: rows of W per warp (more rows keep more bytes in flight per lane, at the

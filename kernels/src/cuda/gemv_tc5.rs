@@ -1,13 +1,18 @@
 //! The v5 tensor-core GEMV (`gemv_nvfp4_tc5.cu`): the v2 decode with K split across blocks, so
 //! each block stages only its slice of x; the slices' partial sums meet in a scratch buffer and
 //! the last block of each row range adds them in order (deterministic). This module holds the
-//! list of built kernels, the split choice, the scratch buffer and the launch.
+//! list of built kernels, the split choice, the scratch buffer and the launch, plain or chained
+//! (programmatic dependent launch, see [`GemvLaunch`]).
 
+use std::ffi::c_void;
 use std::sync::Mutex;
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    sys, CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 
 use super::context::{drv, CudaKernels};
+use super::gemv::GemvLaunch;
 use super::ops::DeviceNvfp4;
 use crate::KernelError;
 
@@ -124,13 +129,14 @@ impl CudaKernels {
     }
 
     /// Launch the v5 GEMV for `c.0` rows of x (5..=8 rows as two launches: rows 0..4, then
-    /// the rest); the caller (`gemv_variant_async`) checked the shapes of x and y.
+    /// the rest); the caller (`gemv_variant_launch_async`) checked the shapes of x and y.
     pub(super) fn gemv_tc5_launch(
         &self,
         x: &CudaSlice<f32>,
         w: &DeviceNvfp4,
         y: &mut CudaSlice<f32>,
         c: Tc5Config,
+        launch: GemvLaunch,
     ) -> Result<(), KernelError> {
         let (n, k) = (w.rows, w.cols);
         if !self.gemv_tc5_fits(c, n, k) {
@@ -147,6 +153,7 @@ impl CudaKernels {
             w,
             &mut y.slice_mut(..first * n),
             (first, c.1, c.2, c.3, c.4),
+            launch,
         )?;
         if m > 4 {
             self.gemv_tc5_part(
@@ -154,6 +161,7 @@ impl CudaKernels {
                 w,
                 &mut y.slice_mut(first * n..),
                 (m - 4, c.1, c.2, c.3, c.4),
+                launch,
             )?;
         }
         Ok(())
@@ -166,6 +174,7 @@ impl CudaKernels {
         w: &DeviceNvfp4,
         y: &mut CudaViewMut<'_, f32>,
         c: Tc5Config,
+        launch: GemvLaunch,
     ) -> Result<(), KernelError> {
         let (n, k) = (w.rows, w.cols);
         let (m, tiles, _, _, per_sm) = c;
@@ -183,7 +192,37 @@ impl CudaKernels {
             shared_mem_bytes: tc5_smem_bytes(m, k, slices) as u32,
         };
         let (ni, ki) = (n as i32, k as i32);
-        let mut b = self.stream.launch_builder(&self.f.gemv_tc5[idx]);
+        let flags = i32::from(launch.l2_prefetch);
+        let func = &self.f.gemv_tc5[idx];
+        if launch.chained {
+            let s = &self.stream;
+            let (xp, _g0) = x.device_ptr(s);
+            let (pp, _g1) = w.packed.device_ptr(s);
+            let (sp, _g2) = w.scales.device_ptr(s);
+            let (tp, _g3) = w.tensor_scale.device_ptr(s);
+            let (yp, _g4) = y.device_ptr_mut(s);
+            let (qp, _g5) = partial.device_ptr_mut(s);
+            let (cp, _g6) = counters.device_ptr_mut(s);
+            let mut params = [
+                &xp as *const _ as *mut c_void,
+                &pp as *const _ as *mut c_void,
+                &sp as *const _ as *mut c_void,
+                &tp as *const _ as *mut c_void,
+                &yp as *const _ as *mut c_void,
+                &ni as *const _ as *mut c_void,
+                &ki as *const _ as *mut c_void,
+                &qp as *const _ as *mut c_void,
+                &cp as *const _ as *mut c_void,
+                &flags as *const _ as *mut c_void,
+            ];
+            // SAFETY: the same kernel and arguments as the plain launch below (the pointers
+            // outlive the call: cuLaunchKernelEx copies the values); the kernel reads only W
+            // before griddepcontrol.wait, which the caller of a chained launch vouches the
+            // previous kernel on the stream does not write.
+            return unsafe { launch_chained(s, func, cfg, &mut params) }
+                .map_err(drv("launching kiln_gemv_nvfp4_tc5 (chained)"));
+        }
+        let mut b = self.stream.launch_builder(func);
         b.arg(x)
             .arg(&w.packed)
             .arg(&w.scales)
@@ -192,7 +231,8 @@ impl CudaKernels {
             .arg(&ni)
             .arg(&ki)
             .arg(partial)
-            .arg(counters);
+            .arg(counters)
+            .arg(&flags);
         // SAFETY: matches kiln_gemv_nvfp4_tc5_m{m}_t{t}_d{d}_l{l}_b{b}; x holds m × K and y
         // m × N floats (the caller's views); the partial buffer holds slices × m × N floats and
         // one counter per row range, all zero between launches; everything is on this stream.
@@ -200,6 +240,49 @@ impl CudaKernels {
             .map(|_| ())
             .map_err(drv("launching kiln_gemv_nvfp4_tc5"))
     }
+}
+
+/// Queue `func` on `stream` with the programmatic-stream-serialization attribute (programmatic
+/// dependent launch, compute capability 9.0+): it may start before the previous kernel on the
+/// stream has finished and must `griddepcontrol.wait` before touching anything that kernel
+/// writes.
+///
+/// # Safety
+/// `params` must point at values matching `func`'s parameter list, and `func` must honour the
+/// wait as above.
+pub(crate) unsafe fn launch_chained(
+    stream: &cudarc::driver::CudaStream,
+    func: &cudarc::driver::CudaFunction,
+    cfg: LaunchConfig,
+    params: &mut [*mut c_void],
+) -> Result<(), cudarc::driver::DriverError> {
+    stream.context().bind_to_thread()?;
+    // SAFETY: a zeroed attribute is a valid "ignore" attribute; id and value are set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let lc = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    // SAFETY: lc and params are valid for the call (the caller's contract for params).
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &lc,
+            func.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
 }
 
 /// The scratch a [`CudaKernels`] keeps for the split-K GEMV.
