@@ -387,13 +387,29 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                     format!("validated: rel. error {rel:.1e} (row 0 of x)"),
                 );
                 if m == 1 && matches!(v, GemvVariant::TensorCore5 { .. }) {
-                    let launch = GemvLaunch::CHAINED;
-                    if chained_matches_plain(&k, &dx, m, &ws[0], v, launch)? {
+                    for (launch, what) in [
+                        (GemvLaunch::CHAINED, "chained"),
+                        (
+                            GemvLaunch {
+                                chained: true,
+                                l2_prefetch: true,
+                            },
+                            "chained + L2 prefetch",
+                        ),
+                    ] {
+                        if !chained_matches_plain(&k, &dx, m, &ws[0], v, launch)? {
+                            checks.push(format!(
+                                "[{n}, {kk}]: GEMV {v:?} M={m} {what} FAILED: differs from the \
+                                 plain launch"
+                            ));
+                            progress(checks.last().unwrap());
+                            continue;
+                        }
                         let t_c = timer.time(|i| {
                             k.gemv_variant_launch_async(&dx, m, &ws[i % nws], &mut dy, v, launch)
                         })?;
                         push(
-                            &format!("{label}, chained"),
+                            &format!("{label}, {what}"),
                             n,
                             kk,
                             t_c,

@@ -72,7 +72,9 @@ impl CudaKernels {
     /// issue their first weight loads — while the previous kernel on the stream finishes; it
     /// reads x and writes y only after that kernel is done. **W must not be written by the
     /// kernel queued just before this call** (a quantize or optimizer step on W: use
-    /// [`CudaKernels::gemv_async`] after those). Other kernels launch as usual.
+    /// [`CudaKernels::gemv_async`] after those). Other kernels launch as usual. For m = 5..8
+    /// with K split across blocks the kernel also prefetches its slice of W into the L2 before
+    /// waiting (measured faster there, slower elsewhere: kernels/BENCHMARKS.md, runs 32–33).
     pub fn gemv_chained_async(
         &self,
         x: &CudaSlice<f32>,
@@ -80,8 +82,17 @@ impl CudaKernels {
         w: &DeviceNvfp4,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), KernelError> {
-        let v = self.default_gemv_variant_for(m, w.rows, w.cols);
-        self.gemv_variant_launch_async(x, m, w, y, v, GemvLaunch::CHAINED)
+        let (n, k) = (w.rows, w.cols);
+        let v = self.default_gemv_variant_for(m, n, k);
+        let launch = match v {
+            GemvVariant::TensorCore5 { tiles, per_sm, .. } => GemvLaunch {
+                chained: true,
+                l2_prefetch: m > 4
+                    && self.tc5_slices_for(n, k, tiles as usize, per_sm as usize) > 1,
+            },
+            _ => GemvLaunch::CHAINED,
+        };
+        self.gemv_variant_launch_async(x, m, w, y, v, launch)
     }
 
     /// [`CudaKernels::gemv_async`] with an explicit kernel variant (the benchmark compares them).
