@@ -308,41 +308,11 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                     k.default_gemv_variant_for(m, n, kk)
                 ),
             );
+            // (variant, row label) to time again as chained launches after the plain rows
             let default = k.default_gemv_variant_for(m, n, kk);
+            let mut to_chain = Vec::new();
             if matches!(default, GemvVariant::TensorCore5 { .. }) {
-                for (launch, what) in [
-                    (GemvLaunch::CHAINED, "chained"),
-                    (
-                        GemvLaunch {
-                            chained: true,
-                            l2_prefetch: true,
-                        },
-                        "chained + L2 prefetch",
-                    ),
-                ] {
-                    let same = chained_matches_plain(&k, &dx, m, &ws[0], default, launch)?;
-                    if !same {
-                        checks.push(format!(
-                            "[{n}, {kk}]: GEMV M={m} {what} FAILED: differs from the plain launch"
-                        ));
-                        progress(checks.last().unwrap());
-                        continue;
-                    }
-                    let t_c = timer.time(|i| {
-                        k.gemv_variant_launch_async(&dx, m, &ws[i % nws], &mut dy, default, launch)
-                    })?;
-                    push(
-                        &format!("NVFP4 fused GEMV M={m}, {what}"),
-                        n,
-                        kk,
-                        t_c,
-                        g_bytes,
-                        Some(t_base),
-                        "back-to-back programmatic dependent launches (a decode chain); \
-                         output bit-identical to the plain launch"
-                            .into(),
-                    );
-                }
+                to_chain.push((default, format!("NVFP4 fused GEMV M={m}")));
             }
             if m == 1 && k.gemv_tc2_fits(1, kk, 2) {
                 for (p, what) in [
@@ -387,37 +357,36 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                     format!("validated: rel. error {rel:.1e} (row 0 of x)"),
                 );
                 if m == 1 && matches!(v, GemvVariant::TensorCore5 { .. }) {
-                    for (launch, what) in [
-                        (GemvLaunch::CHAINED, "chained"),
-                        (
-                            GemvLaunch {
-                                chained: true,
-                                l2_prefetch: true,
-                            },
-                            "chained + L2 prefetch",
-                        ),
-                    ] {
-                        if !chained_matches_plain(&k, &dx, m, &ws[0], v, launch)? {
-                            checks.push(format!(
-                                "[{n}, {kk}]: GEMV {v:?} M={m} {what} FAILED: differs from the \
-                                 plain launch"
-                            ));
-                            progress(checks.last().unwrap());
-                            continue;
-                        }
-                        let t_c = timer.time(|i| {
-                            k.gemv_variant_launch_async(&dx, m, &ws[i % nws], &mut dy, v, launch)
-                        })?;
-                        push(
-                            &format!("{label}, {what}"),
-                            n,
-                            kk,
-                            t_c,
-                            g_bytes,
-                            Some(t_base),
-                            "programmatic dependent launches, back to back".into(),
-                        );
+                    to_chain.push((v, label));
+                }
+            }
+            for (v, label) in to_chain {
+                for (launch, what) in [
+                    (GemvLaunch::CHAINED, "chained"),
+                    (GemvLaunch::CHAINED_PREFETCH, "chained + L2 prefetch"),
+                ] {
+                    if !chained_matches_plain(&k, &dx, m, &ws[0], v, launch)? {
+                        checks.push(format!(
+                            "[{n}, {kk}]: GEMV {v:?} M={m} {what} FAILED: differs from the plain \
+                             launch"
+                        ));
+                        progress(checks.last().unwrap());
+                        continue;
                     }
+                    let t_c = timer.time(|i| {
+                        k.gemv_variant_launch_async(&dx, m, &ws[i % nws], &mut dy, v, launch)
+                    })?;
+                    push(
+                        &format!("{label}, {what}"),
+                        n,
+                        kk,
+                        t_c,
+                        g_bytes,
+                        Some(t_base),
+                        "back-to-back programmatic dependent launches (a decode chain); output \
+                         bit-identical to a plain launch"
+                            .into(),
+                    );
                 }
             }
         }

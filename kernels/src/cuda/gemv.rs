@@ -373,6 +373,11 @@ impl GemvLaunch {
         chained: true,
         l2_prefetch: false,
     };
+    /// Chained, with the L2 prefetch before the wait.
+    pub const CHAINED_PREFETCH: GemvLaunch = GemvLaunch {
+        chained: true,
+        l2_prefetch: true,
+    };
 }
 
 /// Which GEMV kernel: rows of W per warp (more rows keep more bytes in flight per lane, at the
