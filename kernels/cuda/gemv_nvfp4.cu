@@ -16,7 +16,8 @@
 // group handles R consecutive rows (kernel name suffix _r8 / _r4); grid.x =
 // ceil(N / (R * 8 / KSPLIT)). Each lane keeps the next unit's R 16-byte weight loads in flight
 // while it computes the current one. Weights are read with ld.global.nc.L1::no_allocate so
-// that x stays in L1.
+// that x stays in L1. Chained launches (gemv.rs): only the first weight loads come before the
+// griddepcontrol.wait; x and y after it.
 
 __device__ __forceinline__ uint4 kiln_ld_stream(const uint4* p) {
     uint4 v;
@@ -47,6 +48,7 @@ __device__ __forceinline__ void kiln_gemv_body(const float* __restrict__ x,
         const u8* __restrict__ packed, const u8* __restrict__ scales,
         const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
     __shared__ float red[8][R][M];
+    kiln_pdl_launch_dependents();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int groups = 8 / ksplit;
     const int g = warp / ksplit, kp = warp % ksplit;
@@ -78,6 +80,8 @@ __device__ __forceinline__ void kiln_gemv_body(const float* __restrict__ x,
             sn[r] = __ldg(sbase + rr * sstride + u);
         }
     }
+    // chained launches: x and y only after the previous kernel on the stream is done
+    kiln_pdl_wait();
     while (u < u_end) {
         uint4 w[R];
         float sc[R][2];

@@ -228,7 +228,14 @@ fn gemv_matches_an_f64_reference_within_1e_3() {
 fn chained_gemvs_equal_plain_launches() {
     let Some(k) = gpu() else { return };
     let mut r = rng("chained gemv");
-    let n = 4096; // square, so y feeds the next x; 16M weights: the split-K v5 kernel
+    // square, so y feeds the next x: 4096² (16M weights) runs the split-K v5 kernel, 896² the
+    // CUDA-core kernel at m = 1 and tensor-core v1/v2 kernels (plain launches) for m = 4, 8
+    for n in [4096usize, 896] {
+        chain_case(&k, &mut r, n);
+    }
+}
+
+fn chain_case(k: &CudaKernels, r: &mut ChaCha8Rng, n: usize) {
     let ws: Vec<_> = (0..2)
         .map(|_| {
             let w: Vec<f32> = (0..n * n)
@@ -240,7 +247,7 @@ fn chained_gemvs_equal_plain_launches() {
         .collect();
     for m in [1usize, 4, 8] {
         eprintln!(
-            "chain m={m}: default {:?}",
+            "chain [{n}²] m={m}: default {:?}",
             k.default_gemv_variant_for(m, n, n)
         );
         let x0: Vec<f32> = (0..m * n).map(|_| r.random_range(-1.0f32..1.0)).collect();
@@ -281,7 +288,7 @@ fn chained_gemvs_equal_plain_launches() {
             assert_eq!(
                 diff,
                 0,
-                "chain m={m}: GEMV {i} differs in {diff} of {} outputs",
+                "chain [{n}²] m={m}: GEMV {i} differs in {diff} of {} outputs",
                 p.len()
             );
         }

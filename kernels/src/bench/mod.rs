@@ -311,7 +311,10 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
             // (variant, row label) to time again as chained launches after the plain rows
             let default = k.default_gemv_variant_for(m, n, kk);
             let mut to_chain = Vec::new();
-            if matches!(default, GemvVariant::TensorCore5 { .. }) {
+            if matches!(
+                default,
+                GemvVariant::TensorCore5 { .. } | GemvVariant::Rows4 | GemvVariant::Rows8
+            ) {
                 to_chain.push((default, format!("NVFP4 fused GEMV M={m}")));
             }
             if m == 1 && k.gemv_tc2_fits(1, kk, 2) {
@@ -365,6 +368,9 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                     (GemvLaunch::CHAINED, "chained"),
                     (GemvLaunch::CHAINED_PREFETCH, "chained + L2 prefetch"),
                 ] {
+                    if launch.l2_prefetch && !matches!(v, GemvVariant::TensorCore5 { .. }) {
+                        continue; // only the v5 kernel has the prefetch
+                    }
                     if !chained_matches_plain(&k, &dx, m, &ws[0], v, launch)? {
                         checks.push(format!(
                             "[{n}, {kk}]: GEMV {v:?} M={m} {what} FAILED: differs from the plain \

@@ -67,8 +67,9 @@ impl CudaKernels {
     }
 
     /// [`CudaKernels::gemv_async`] for one GEMV of a chain over weights that stay put (a decode
-    /// step: layer after layer): where the default kernel is the split-K v5 one it is queued as
-    /// a programmatic dependent launch (compute capability 9.0+), so its blocks start — and
+    /// step: layer after layer): where the default kernel is the split-K v5 one or a CUDA-core
+    /// one it is queued as a programmatic dependent launch (compute capability 9.0+), so its
+    /// blocks start — and
     /// issue their first weight loads — while the previous kernel on the stream finishes; it
     /// reads x and writes y only after that kernel is done. **W must not be written by the
     /// kernel queued just before this call** (a quantize or optimizer step on W: use
@@ -107,9 +108,10 @@ impl CudaKernels {
         self.gemv_variant_launch_async(x, m, w, y, variant, GemvLaunch::default())
     }
 
-    /// [`CudaKernels::gemv_variant_async`] queued as `launch` says (only the v5 kernels take a
-    /// chained launch or the L2 prefetch; the others launch as usual). A chained launch has
-    /// the contract of [`CudaKernels::gemv_chained_async`].
+    /// [`CudaKernels::gemv_variant_async`] queued as `launch` says (the v5 and the CUDA-core
+    /// kernels take a chained launch, only v5 the L2 prefetch; the tensor-core v1/v2 kernels
+    /// launch as usual). A chained launch has the contract of
+    /// [`CudaKernels::gemv_chained_async`].
     pub fn gemv_variant_launch_async(
         &self,
         x: &CudaSlice<f32>,
@@ -195,6 +197,9 @@ impl CudaKernels {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
+        if launch.chained {
+            return self.launch_gemv_chained(func, cfg, x, w, y, ksplit);
+        }
         self.launch_gemv(func, cfg, x, w, y, ksplit, "cuda-core")
     }
 
@@ -259,6 +264,44 @@ impl CudaKernels {
                 context: format!("launching the {which} GEMV kernel"),
                 message: e.to_string(),
             })
+    }
+
+    /// [`CudaKernels::launch_gemv`] as a chained launch, for the CUDA-core kernels only (they
+    /// wait for the previous kernel before reading x; the tensor-core v1/v2 kernels do not).
+    fn launch_gemv_chained(
+        &self,
+        func: &cudarc::driver::CudaFunction,
+        cfg: LaunchConfig,
+        x: &CudaSlice<f32>,
+        w: &DeviceNvfp4,
+        y: &mut CudaSlice<f32>,
+        ksplit: usize,
+    ) -> Result<(), KernelError> {
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        use std::ffi::c_void;
+        let (ni, ki, ks) = (w.rows as i32, w.cols as i32, ksplit as i32);
+        let s = &self.stream;
+        let (xp, _g0) = x.device_ptr(s);
+        let (pp, _g1) = w.packed.device_ptr(s);
+        let (sp, _g2) = w.scales.device_ptr(s);
+        let (tp, _g3) = w.tensor_scale.device_ptr(s);
+        let (yp, _g4) = y.device_ptr_mut(s);
+        let mut params = [
+            &xp as *const _ as *mut c_void,
+            &pp as *const _ as *mut c_void,
+            &sp as *const _ as *mut c_void,
+            &tp as *const _ as *mut c_void,
+            &yp as *const _ as *mut c_void,
+            &ni as *const _ as *mut c_void,
+            &ki as *const _ as *mut c_void,
+            &ks as *const _ as *mut c_void,
+        ];
+        // SAFETY: the CUDA-core GEMV kernels' parameters (as in launch_gemv); they read only W
+        // before griddepcontrol.wait, and the caller of a chained launch vouches that the
+        // previous kernel on the stream does not write W.
+        unsafe { super::gemv_tc5::launch_chained(s, func, cfg, &mut params) }.map_err(
+            super::context::drv("launching the cuda-core GEMV kernel (chained)"),
+        )
     }
 
     /// Every GEMV kernel that can take `m` rows of x and an `[n, k]` W on this device (the
