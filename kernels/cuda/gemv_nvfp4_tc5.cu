@@ -102,43 +102,15 @@ __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
     }
     // D fragment: acc[0..1] = (row g, columns 2j, 2j+1) = x row j hi and lo parts; acc[2..3]
     // the same for row g + 8. Lanes with j < M hold results.
+    float v[T][2];
+#pragma unroll
+    for (int tt = 0; tt < T; tt++) {
+        v[tt][0] = acc[tt][0] + acc[tt][1];
+        v[tt][1] = acc[tt][2] + acc[tt][3];
+    }
     const float post = __ldg(tensor_scale) * 512.0f;  // undo the 2^-9 of the scaled A
-    if (gridDim.y == 1) {
-        if (j < M) {
-#pragma unroll
-            for (int tt = 0; tt < T; tt++) {
-                const int n0 = (tile0 + tt) * 16 + g;
-                if (n0 < N) y[(size_t)j * N + n0] = (acc[tt][0] + acc[tt][1]) * post;
-                if (n0 + 8 < N) y[(size_t)j * N + n0 + 8] = (acc[tt][2] + acc[tt][3]) * post;
-            }
-        }
-        return;
-    }
-    float* mine = partial + (size_t)blockIdx.y * M * N;
-    if (j < M) {
-#pragma unroll
-        for (int tt = 0; tt < T; tt++) {
-            const int n0 = (tile0 + tt) * 16 + g;
-            if (n0 < N) mine[(size_t)j * N + n0] = acc[tt][0] + acc[tt][1];
-            if (n0 + 8 < N) mine[(size_t)j * N + n0 + 8] = acc[tt][2] + acc[tt][3];
-        }
-    }
-    __threadfence();
-    __syncthreads();
-    u32* last = reinterpret_cast<u32*>(zeros + 32 * C);  // one word after the zero area
-    if (threadIdx.x == 0) *last = atomicAdd(counters + blockIdx.x, 1u) == gridDim.y - 1;
-    __syncthreads();
-    if (!*last) return;
-    __threadfence();
-    const int rows = 8 * T * 16, r0 = blockIdx.x * rows;
-    for (int i = threadIdx.x; i < rows * M; i += blockDim.x) {
-        const int m = i / rows, n = r0 + i % rows;
-        if (n >= N) continue;
-        float v = 0.0f;
-        for (int s = 0; s < (int)gridDim.y; s++) v += __ldcg(partial + ((size_t)s * M + m) * N + n);
-        y[(size_t)m * N + n] = v * post;
-    }
-    if (threadIdx.x == 0) counters[blockIdx.x] = 0u;  // ready for the next launch
+    kiln_splitk_finish<M, T>(v, j < M, j, tile0, g, post, y, N, partial, counters,
+                             reinterpret_cast<u32*>(zeros + 32 * C));  // a word after the zero area
 }
 
 #define KILN_GEMV_TC5(MM, TT, DD, LATE, MINB)                                                   \

@@ -387,3 +387,51 @@ __device__ __forceinline__ void kiln_tc_supertile_mma(float (&acc)[T][4], const 
         }
     }
 }
+
+// ---- Split-K finish (gemv_nvfp4_tc5.cu, gemv_nvfp4_i8.cu) ----
+// Every thread of the block calls this after its main loop. A lane with `has` holds, for each of
+// its T tiles, the sums v[tt][0] / v[tt][1] of rows n0 = 16 (tile0 + tt) + g and n0 + 8 for x
+// row m. One K slice (gridDim.y == 1): y = v * post. Otherwise the sums go to
+// partial[slice][M][N]; the last block of the row range to finish (a counter per row range,
+// reset by that block for the next launch) adds the slices in order — deterministic — and
+// writes y. `last` is one word of shared memory.
+template <int M, int T>
+__device__ __forceinline__ void kiln_splitk_finish(const float (&v)[T][2], bool has, int m,
+        int tile0, int g, float post, float* __restrict__ y, int N, float* __restrict__ partial,
+        u32* __restrict__ counters, u32* last) {
+    if (gridDim.y == 1) {
+        if (has) {
+#pragma unroll
+            for (int tt = 0; tt < T; tt++) {
+                const int n0 = (tile0 + tt) * 16 + g;
+                if (n0 < N) y[(size_t)m * N + n0] = v[tt][0] * post;
+                if (n0 + 8 < N) y[(size_t)m * N + n0 + 8] = v[tt][1] * post;
+            }
+        }
+        return;
+    }
+    float* mine = partial + (size_t)blockIdx.y * M * N;
+    if (has) {
+#pragma unroll
+        for (int tt = 0; tt < T; tt++) {
+            const int n0 = (tile0 + tt) * 16 + g;
+            if (n0 < N) mine[(size_t)m * N + n0] = v[tt][0];
+            if (n0 + 8 < N) mine[(size_t)m * N + n0 + 8] = v[tt][1];
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) *last = atomicAdd(counters + blockIdx.x, 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (!*last) return;
+    __threadfence();
+    const int rows = 8 * T * 16, r0 = blockIdx.x * rows;
+    for (int i = threadIdx.x; i < rows * M; i += blockDim.x) {
+        const int mm = i / rows, n = r0 + i % rows;
+        if (n >= N) continue;
+        float a = 0.0f;
+        for (int s = 0; s < (int)gridDim.y; s++) a += __ldcg(partial + ((size_t)s * M + mm) * N + n);
+        y[(size_t)mm * N + n] = a * post;
+    }
+    if (threadIdx.x == 0) counters[blockIdx.x] = 0u;  // ready for the next launch
+}
