@@ -388,7 +388,7 @@ __device__ __forceinline__ void kiln_tc_supertile_mma(float (&acc)[T][4], const 
     }
 }
 
-// ---- Split-K finish (gemv_nvfp4_tc5.cu, gemv_nvfp4_i8.cu) ----
+// ---- Split-K finish (gemv_nvfp4_tc5.cu) ----
 // Every thread of the block calls this after its main loop. A lane with `has` holds, for each of
 // its T tiles, the sums v[tt][0] / v[tt][1] of rows n0 = 16 (tile0 + tt) + g and n0 + 8 for x
 // row m. One K slice (gridDim.y == 1): y = v * post. Otherwise the sums go to

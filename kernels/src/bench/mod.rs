@@ -359,12 +359,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                     Some(t_base),
                     format!("validated: rel. error {rel:.1e} (row 0 of x)"),
                 );
-                if m == 1
-                    && matches!(
-                        v,
-                        GemvVariant::TensorCore5 { .. } | GemvVariant::Int8 { .. }
-                    )
-                {
+                if m == 1 && matches!(v, GemvVariant::TensorCore5 { .. }) {
                     to_chain.push((v, label));
                 }
             }
@@ -373,13 +368,8 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                     (GemvLaunch::CHAINED, "chained"),
                     (GemvLaunch::CHAINED_PREFETCH, "chained + L2 prefetch"),
                 ] {
-                    if launch.l2_prefetch
-                        && !matches!(
-                            v,
-                            GemvVariant::TensorCore5 { .. } | GemvVariant::Int8 { .. }
-                        )
-                    {
-                        continue; // only the split-K kernels have the prefetch
+                    if launch.l2_prefetch && !matches!(v, GemvVariant::TensorCore5 { .. }) {
+                        continue; // only the v5 kernel has the prefetch
                     }
                     if !chained_matches_plain(&k, &dx, m, &ws[0], v, launch)? {
                         checks.push(format!(

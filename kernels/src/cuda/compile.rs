@@ -40,10 +40,6 @@ pub const SOURCES: &[KernelSource] = &[
         source: include_str!("../../cuda/gemv_nvfp4.cu"),
     },
     KernelSource {
-        file: "gemv_nvfp4_i8.cu",
-        source: include_str!("../../cuda/gemv_nvfp4_i8.cu"),
-    },
-    KernelSource {
         file: "gemv_nvfp4_tc.cu",
         source: include_str!("../../cuda/gemv_nvfp4_tc.cu"),
     },

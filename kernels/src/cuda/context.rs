@@ -77,8 +77,6 @@ pub(crate) struct Functions {
     pub gemv_probe: Vec<CudaFunction>,
     /// `kiln_gemv_nvfp4_tc5_m{M}_t{T}_d{D}`, one per entry of `gemv_tc5::TC5_KERNELS`.
     pub gemv_tc5: Vec<CudaFunction>,
-    /// `kiln_gemv_nvfp4_i8_t{T}_d{D}_l{L}_b{B}`, one per entry of `gemv_tc5::I8_KERNELS`.
-    pub gemv_i8: Vec<CudaFunction>,
     pub adamw_amax: CudaFunction,
     pub adamw_apply: CudaFunction,
 }
@@ -200,15 +198,6 @@ impl CudaKernels {
                     )
                 })
                 .collect::<Result<_, _>>()?,
-            gemv_i8: super::gemv_tc5::I8_KERNELS
-                .iter()
-                .map(|&(t, d, l, b)| {
-                    func(
-                        "gemv_nvfp4_i8.cu",
-                        &format!("kiln_gemv_nvfp4_i8_t{t}_d{d}_l{}_b{b}", l as u8),
-                    )
-                })
-                .collect::<Result<_, _>>()?,
             adamw_amax: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_amax")?,
             adamw_apply: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_apply")?,
         };
@@ -220,7 +209,6 @@ impl CudaKernels {
             .iter()
             .chain(&f.gemv_tc2)
             .chain(&f.gemv_tc5)
-            .chain(&f.gemv_i8)
             .chain(&f.gemv_probe)
         {
             func.set_attribute(

@@ -149,21 +149,6 @@ impl CudaKernels {
             let c = (m, tiles as usize, depth as usize, late, per_sm as usize);
             return self.gemv_tc5_launch(x, w, y, c, launch);
         }
-        if let GemvVariant::Int8 {
-            tiles,
-            depth,
-            late,
-            per_sm,
-        } = variant
-        {
-            if m != 1 {
-                return Err(KernelError::InvalidArgument(format!(
-                    "the integer tensor-core GEMV takes one row of x, got {m}"
-                )));
-            }
-            let c = (tiles as usize, depth as usize, late, per_sm as usize);
-            return self.gemv_i8_launch(x, w, y, c, launch);
-        }
         if let GemvVariant::TensorCore2 { tiles, depth } = variant {
             let (t, d) = (tiles as usize, depth as usize);
             let Some(idx) = tc2_index(m, t, d).filter(|_| self.gemv_tc2_fits(m, k, t)) else {
@@ -337,19 +322,6 @@ impl CudaKernels {
             GemvVariant::TensorCore2 { tiles, .. } => self.gemv_tc2_fits(m, k, tiles as usize),
             _ => false,
         }));
-        if m == 1 {
-            v.extend(
-                super::gemv_tc5::I8_KERNELS
-                    .iter()
-                    .filter(|&&c| self.gemv_i8_fits(c, n, k))
-                    .map(|&(t, d, l, b)| GemvVariant::Int8 {
-                        tiles: t as u8,
-                        depth: d as u8,
-                        late: l,
-                        per_sm: b as u8,
-                    }),
-            );
-        }
         v.extend(
             super::gemv_tc5::TC5_KERNELS
                 .iter()
@@ -474,19 +446,6 @@ pub enum GemvVariant {
     /// Tensor cores, v5 (`gemv_nvfp4_tc5.cu`): the v2 decode with K split across blocks (each
     /// stages only its slice of x; a deterministic last-block reduction); m <= 4.
     TensorCore5 {
-        /// 16-row tiles per warp.
-        tiles: u8,
-        /// Super-tiles of weights in flight per tile.
-        depth: u8,
-        /// Issue the next loads after decoding a super-tile, into its registers.
-        late: bool,
-        /// Resident blocks per SM (the kernel's register cap).
-        per_sm: u8,
-    },
-    /// Integer tensor cores, v8 (`gemv_nvfp4_i8.cu`): m = 1, the v5 schedule with E2M1 codes
-    /// turned into u8 by table lookups and x into two s8 digits per element (per-block
-    /// exponent), `mma.m16n8k32` u8 × s8 with exact integer block sums.
-    Int8 {
         /// 16-row tiles per warp.
         tiles: u8,
         /// Super-tiles of weights in flight per tile.

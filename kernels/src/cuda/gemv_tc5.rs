@@ -35,32 +35,6 @@ pub const TC5_KERNELS: &[Tc5Config] = &[
 /// A v5 kernel: (m, tiles, depth, late, blocks per SM).
 pub type Tc5Config = (usize, usize, usize, bool, usize);
 
-/// The v8 kernels built (`gemv_nvfp4_i8.cu`, m = 1 on the integer tensor cores), as
-/// (tiles per warp, super-tiles in flight, late loads, blocks per SM); the same list as the
-/// `KILN_GEMV_I8` lines, in the same order.
-pub const I8_KERNELS: &[I8Config] = &[
-    (2, 2, false, 2),
-    (2, 3, true, 2),
-    (2, 3, false, 2),
-    (1, 4, true, 2),
-    (1, 3, true, 3),
-    (2, 4, true, 2),
-];
-
-/// A v8 kernel: (tiles, depth, late, blocks per SM).
-pub type I8Config = (usize, usize, bool, usize);
-
-/// Index of a configuration in [`I8_KERNELS`].
-pub fn i8_index(c: I8Config) -> Option<usize> {
-    I8_KERNELS.iter().position(|&e| e == c)
-}
-
-/// Dynamic shared memory of a v8 launch: x's digits and per-block factors for the slice (320
-/// bytes per super-tile), a zero B fragment and the "last block" flag.
-pub fn i8_smem_bytes(k: usize, slices: usize) -> usize {
-    320 * (k / 128).div_ceil(slices) + 16
-}
-
 /// Index of a configuration in [`TC5_KERNELS`].
 pub fn tc5_index(c: Tc5Config) -> Option<usize> {
     TC5_KERNELS.iter().position(|&e| e == c)
@@ -193,43 +167,6 @@ impl CudaKernels {
         Ok(())
     }
 
-    /// Whether the v8 (integer tensor-core) GEMV can run `c` on an `[n, k]` W at m = 1: built,
-    /// K % 128 == 0 and the slice of x fits in shared memory.
-    pub fn gemv_i8_fits(&self, c: I8Config, n: usize, k: usize) -> bool {
-        i8_index(c).is_some()
-            && k.is_multiple_of(128)
-            && i8_smem_bytes(k, self.tc5_slices_for(n, k, c.0, c.3)) <= self.smem_optin
-    }
-
-    /// Launch the v8 GEMV (m = 1); the caller checked the shapes of x and y.
-    pub(super) fn gemv_i8_launch(
-        &self,
-        x: &CudaSlice<f32>,
-        w: &DeviceNvfp4,
-        y: &mut CudaSlice<f32>,
-        c: I8Config,
-        launch: GemvLaunch,
-    ) -> Result<(), KernelError> {
-        let (n, k) = (w.rows, w.cols);
-        let Some(idx) = i8_index(c).filter(|_| self.gemv_i8_fits(c, n, k)) else {
-            return Err(KernelError::InvalidArgument(format!(
-                "the integer tensor-core GEMV takes m = 1, K % 128 == 0, a slice of x that fits \
-                 in shared memory and one of the built (tiles, depth, late, blocks per SM) \
-                 {I8_KERNELS:?}; got [{n}, {k}], {c:?}"
-            )));
-        };
-        let (tiles, _, _, per_sm) = c;
-        let slices = self.tc5_slices_for(n, k, tiles, per_sm);
-        self.splitk_launch(
-            &self.f.gemv_i8[idx],
-            (1, tiles, slices, i8_smem_bytes(k, slices)),
-            &x.slice(..),
-            w,
-            &mut y.slice_mut(..),
-            launch,
-        )
-    }
-
     /// One v5 launch for up to 4 rows of x.
     fn gemv_tc5_part(
         &self,
@@ -253,7 +190,7 @@ impl CudaKernels {
         )
     }
 
-    /// One launch of a split-K GEMV kernel (v5 or v8: the same parameter list and grid) for
+    /// One launch of a split-K GEMV kernel (`kiln_gemv_nvfp4_tc5_*`) for
     /// `shape` = (rows of x, tiles per warp, K slices, dynamic shared memory bytes).
     fn splitk_launch(
         &self,
@@ -318,7 +255,7 @@ impl CudaKernels {
             .arg(partial)
             .arg(counters)
             .arg(&flags);
-        // SAFETY: matches kiln_gemv_nvfp4_tc5_* and kiln_gemv_nvfp4_i8_*; x holds m × K and y
+        // SAFETY: matches kiln_gemv_nvfp4_tc5_*; x holds m × K and y
         // m × N floats (the caller's views); the partial buffer holds slices × m × N floats and
         // one counter per row range, all zero between launches; everything is on this stream.
         unsafe { b.launch(cfg) }
@@ -385,16 +322,6 @@ mod tests {
             .map(|v| (v[0], v[1], v[2], v[3] == 1, v[4]))
             .collect();
         assert_eq!(built, TC5_KERNELS);
-    }
-
-    #[test]
-    fn every_listed_i8_kernel_is_instantiated_in_the_cu_file() {
-        let src = include_str!("../../cuda/gemv_nvfp4_i8.cu");
-        let built: Vec<I8Config> = crate::cuda::compile::macro_instances(src, "KILN_GEMV_I8")
-            .iter()
-            .map(|v| (v[0], v[1], v[2] == 1, v[3]))
-            .collect();
-        assert_eq!(built, I8_KERNELS);
     }
 
     #[test]

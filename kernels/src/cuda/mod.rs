@@ -19,5 +19,5 @@ pub mod ops;
 
 pub use context::{check_cuda_libraries, CudaKernels};
 pub use gemv::{tc2_variants, GemvLaunch, GemvVariant, TC2_KERNELS};
-pub use gemv_tc5::{tc5_slices, I8Config, Tc5Config, I8_KERNELS, TC5_KERNELS};
+pub use gemv_tc5::{tc5_slices, Tc5Config, TC5_KERNELS};
 pub use ops::{DeviceInput, DeviceNvfp4, DeviceStatus};
