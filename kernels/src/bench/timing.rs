@@ -1,11 +1,9 @@
 //! Timing with CUDA events (warm-up, batches, median) and input rotation past the L2.
 
-use std::ffi::c_void;
-
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use crate::cuda::context::drv;
-use crate::cuda::gemv_tc5::launch_chained;
+use crate::cuda::gemv_tc5::{launch_chained, param};
 use crate::cuda::CudaKernels;
 use crate::KernelError;
 
@@ -96,13 +94,8 @@ pub(super) fn stream_read_async(
         shared_mem_bytes: 0,
     };
     if chained {
-        let (bp, _g0) = buf.device_ptr(&k.stream);
-        let (op, _g1) = out.device_ptr_mut(&k.stream);
-        let mut params = [
-            &bp as *const _ as *mut c_void,
-            &n as *const _ as *mut c_void,
-            &op as *const _ as *mut c_void,
-        ];
+        let (bp, op) = (buf.device_ptr(&k.stream).0, out.device_ptr_mut(&k.stream).0);
+        let mut params = [param(&bp), param(&n), param(&op)];
         // SAFETY: kiln_stream_read's parameters; it reads only buf (never written by the
         // benchmark's other kernels) before its griddepcontrol.wait.
         return unsafe { launch_chained(&k.stream, &k.f.stream_read, cfg, &mut params) }

@@ -277,25 +277,15 @@ impl CudaKernels {
         y: &mut CudaSlice<f32>,
         ksplit: usize,
     ) -> Result<(), KernelError> {
-        use cudarc::driver::{DevicePtr, DevicePtrMut};
-        use std::ffi::c_void;
+        use super::gemv_tc5::{gemv_ptrs, param};
         let (ni, ki, ks) = (w.rows as i32, w.cols as i32, ksplit as i32);
         let s = &self.stream;
-        let (xp, _g0) = x.device_ptr(s);
-        let (pp, _g1) = w.packed.device_ptr(s);
-        let (sp, _g2) = w.scales.device_ptr(s);
-        let (tp, _g3) = w.tensor_scale.device_ptr(s);
-        let (yp, _g4) = y.device_ptr_mut(s);
-        let mut params = [
-            &xp as *const _ as *mut c_void,
-            &pp as *const _ as *mut c_void,
-            &sp as *const _ as *mut c_void,
-            &tp as *const _ as *mut c_void,
-            &yp as *const _ as *mut c_void,
-            &ni as *const _ as *mut c_void,
-            &ki as *const _ as *mut c_void,
-            &ks as *const _ as *mut c_void,
-        ];
+        let ptrs = gemv_ptrs(s, x, w, y);
+        let mut params: Vec<_> = ptrs
+            .iter()
+            .map(param)
+            .chain([param(&ni), param(&ki), param(&ks)])
+            .collect();
         // SAFETY: the CUDA-core GEMV kernels' parameters (as in launch_gemv); they read only W
         // before griddepcontrol.wait, and the caller of a chained launch vouches that the
         // previous kernel on the stream does not write W.

@@ -218,25 +218,19 @@ impl CudaKernels {
         let flags = i32::from(launch.l2_prefetch);
         if launch.chained {
             let s = &self.stream;
-            let (xp, _g0) = x.device_ptr(s);
-            let (pp, _g1) = w.packed.device_ptr(s);
-            let (sp, _g2) = w.scales.device_ptr(s);
-            let (tp, _g3) = w.tensor_scale.device_ptr(s);
-            let (yp, _g4) = y.device_ptr_mut(s);
-            let (qp, _g5) = partial.device_ptr_mut(s);
-            let (cp, _g6) = counters.device_ptr_mut(s);
-            let mut params = [
-                &xp as *const _ as *mut c_void,
-                &pp as *const _ as *mut c_void,
-                &sp as *const _ as *mut c_void,
-                &tp as *const _ as *mut c_void,
-                &yp as *const _ as *mut c_void,
-                &ni as *const _ as *mut c_void,
-                &ki as *const _ as *mut c_void,
-                &qp as *const _ as *mut c_void,
-                &cp as *const _ as *mut c_void,
-                &flags as *const _ as *mut c_void,
-            ];
+            let (qp, cp) = (partial.device_ptr_mut(s).0, counters.device_ptr_mut(s).0);
+            let ptrs = gemv_ptrs(s, x, w, y);
+            let mut params: Vec<*mut c_void> = ptrs
+                .iter()
+                .map(param)
+                .chain([
+                    param(&ni),
+                    param(&ki),
+                    param(&qp),
+                    param(&cp),
+                    param(&flags),
+                ])
+                .collect();
             // SAFETY: the same kernel and arguments as the plain launch below (the pointers
             // outlive the call: cuLaunchKernelEx copies the values); the kernel reads only W
             // before griddepcontrol.wait, which the caller of a chained launch vouches the
@@ -262,6 +256,29 @@ impl CudaKernels {
             .map(|_| ())
             .map_err(drv("launching the split-K GEMV"))
     }
+}
+
+/// The raw device pointers of a GEMV's x, packed W, scales, tensor scale and y (the first five
+/// parameters of every GEMV kernel), for [`launch_chained`]. Event tracking is off in this
+/// crate, so the pointers need no guard.
+pub(crate) fn gemv_ptrs(
+    s: &cudarc::driver::CudaStream,
+    x: &impl DevicePtr<f32>,
+    w: &DeviceNvfp4,
+    y: &mut impl DevicePtrMut<f32>,
+) -> [sys::CUdeviceptr; 5] {
+    [
+        x.device_ptr(s).0,
+        w.packed.device_ptr(s).0,
+        w.scales.device_ptr(s).0,
+        w.tensor_scale.device_ptr(s).0,
+        y.device_ptr_mut(s).0,
+    ]
+}
+
+/// A kernel parameter for [`launch_chained`]: the address of its value.
+pub(crate) fn param<T>(v: &T) -> *mut c_void {
+    v as *const T as *mut c_void
 }
 
 /// Queue `func` on `stream` with the programmatic-stream-serialization attribute (programmatic
