@@ -1,6 +1,7 @@
 // gemv_nvfp4_tc5.cu — decode-time fused dequantize + GEMV, v5: the v2 kernel's decode and
 // tensor-core MMA (gemv_nvfp4_tc2.cu, read that header first) with K split across blocks
-// instead of across the warps of a block. y[m, n] = sum_k x[m, k] * W[n, k], M = 1..4,
+// instead of across the warps of a block. y[m, n] = sum_k x[m, k] * W[n, k], M = 1..8 (for
+// M = 5..8 each decoded A fragment feeds two MMAs: x rows 0..3 and 4..7),
 // W in NVFP4 [N, K] (K % 128 == 0).
 //
 // Why: Nsight Compute on the H100 (v2, 8192 x 8192, M = 1) put ~22% of all warp stall samples
@@ -68,13 +69,16 @@ __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
     for (int c = threadIdx.x; c < 32 * C; c += blockDim.x) zeros[c] = make_uint2(0u, 0u);
     __syncthreads();
 
-    float acc[T][4];
+    constexpr bool TWO = C > 8;  // M = 5..8: a second MMA per step for x rows 4..7
+    float acc[T][4], acc2[T][4];
 #pragma unroll
     for (int tt = 0; tt < T; tt++)
 #pragma unroll
-        for (int q = 0; q < 4; q++) acc[tt][q] = 0.0f;
+        for (int q = 0; q < 4; q++) acc[tt][q] = acc2[tt][q] = 0.0f;
     const uint2* xl = g < C ? xs + j * C + g : zeros;
     const size_t xstep = g < C ? (size_t)32 * C : 0;
+    const uint2* xl2 = g + 8 < C ? xs + j * C + 8 + g : zeros;
+    const size_t xstep2 = g + 8 < C ? (size_t)32 * C : 0;
 
     for (int U0 = s_begin; U0 < s_end; U0 += D) {
 #pragma unroll
@@ -94,23 +98,34 @@ __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
                     }
                 if (!LATE && U + D < s_end)
                     kiln_tc_load_supertile<T>(wb[d], sb[d], wbase, sbase, roff, U + D, true);
-                kiln_tc_supertile_mma<M, T, 0>(acc, w, sw, xl + (size_t)(U - s_begin) * xstep);
+                kiln_tc_supertile_mma_n<M, T, 0, TWO>(acc, acc2, w, sw,
+                                                      xl + (size_t)(U - s_begin) * xstep,
+                                                      xl2 + (size_t)(U - s_begin) * xstep2);
                 if (LATE && U + D < s_end)
                     kiln_tc_load_supertile<T>(wb[d], sb[d], wbase, sbase, roff, U + D, true);
             }
         }
     }
     // D fragment: acc[0..1] = (row g, columns 2j, 2j+1) = x row j hi and lo parts; acc[2..3]
-    // the same for row g + 8. Lanes with j < M hold results.
-    float v[T][2];
+    // the same for row g + 8 (acc2: x row 4 + j). Lanes with j < M (4 + j < M) hold results.
+    constexpr int R = TWO ? 2 : 1;
+    float v[R][T][2];
+    int mrow[R];
+    bool has[R];
 #pragma unroll
-    for (int tt = 0; tt < T; tt++) {
-        v[tt][0] = acc[tt][0] + acc[tt][1];
-        v[tt][1] = acc[tt][2] + acc[tt][3];
+    for (int r = 0; r < R; r++) {
+        const float(&a)[T][4] = r == 0 ? acc : acc2;
+#pragma unroll
+        for (int tt = 0; tt < T; tt++) {
+            v[r][tt][0] = a[tt][0] + a[tt][1];
+            v[r][tt][1] = a[tt][2] + a[tt][3];
+        }
+        mrow[r] = 4 * r + j;
+        has[r] = 4 * r + j < M;
     }
     const float post = __ldg(tensor_scale) * 512.0f;  // undo the 2^-9 of the scaled A
-    kiln_splitk_finish<M, T>(v, j < M, j, tile0, g, post, y, N, partial, counters,
-                             reinterpret_cast<u32*>(zeros + 32 * C));  // a word after the zero area
+    kiln_splitk_finish<M, T, R>(v, mrow, has, tile0, g, post, y, N, partial, counters,
+                                reinterpret_cast<u32*>(zeros + 32 * C));  // a word after the zero area
 }
 
 #define KILN_GEMV_TC5(MM, TT, DD, LATE, MINB)                                                   \
@@ -135,3 +150,8 @@ KILN_GEMV_TC5(2, 2, 3, 1, 2)
 KILN_GEMV_TC5(3, 2, 3, 1, 2)
 KILN_GEMV_TC5(4, 2, 3, 1, 2)
 KILN_GEMV_TC5(4, 2, 3, 0, 2)
+KILN_GEMV_TC5(5, 2, 2, 1, 2)
+KILN_GEMV_TC5(6, 2, 2, 1, 2)
+KILN_GEMV_TC5(7, 2, 2, 1, 2)
+KILN_GEMV_TC5(8, 2, 2, 1, 2)
+KILN_GEMV_TC5(8, 2, 3, 1, 2)

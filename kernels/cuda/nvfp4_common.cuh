@@ -353,11 +353,13 @@ __device__ __forceinline__ void kiln_tc_load_supertile(uint4 (&w)[T][2], u32 (&s
 }
 
 // Decode one super-tile (w, s) and run its 8 k-steps: one mma.m16n8k16 per tile and step, B
-// from xt (this lane's column of the staged x, kiln_tc_stage_x order). PROBE bit 1 (benchmark
-// diagnostics only) replaces the MMA by folding the decoded words into acc.
-template <int M, int T, int PROBE>
-__device__ __forceinline__ void kiln_tc_supertile_mma(float (&acc)[T][4], const uint4 (&w)[T][2],
-                                                      const u32 (&s)[T][2], const uint2* xt) {
+// from xt (this lane's column of the staged x, kiln_tc_stage_x order). With TWO (M = 5..8:
+// C = 2M > 8 columns) the same decoded A also feeds a second MMA per tile and step, B columns
+// 8..15 (x rows 4..7) from xt2 into acc2. PROBE bit 1 (benchmark diagnostics only) replaces
+// the MMA by folding the decoded words into acc.
+template <int M, int T, int PROBE, bool TWO>
+__device__ __forceinline__ void kiln_tc_supertile_mma_n(float (&acc)[T][4], float (&acc2)[T][4],
+        const uint4 (&w)[T][2], const u32 (&s)[T][2], const uint2* xt, const uint2* xt2) {
     constexpr int C = 2 * M;
     u32 sc[T][2][2];
 #pragma unroll
@@ -370,6 +372,7 @@ __device__ __forceinline__ void kiln_tc_supertile_mma(float (&acc)[T][4], const 
 #pragma unroll
     for (int t = 0; t < 8; t++) {
         const uint2 bv = xt[t * 4 * C];
+        const uint2 bv2 = TWO ? xt2[t * 4 * C] : bv;
         const int wi = t >> 1, blk = t >> 2, sh = 8 * (t & 1);
 #pragma unroll
         for (int tt = 0; tt < T; tt++) {
@@ -380,45 +383,48 @@ __device__ __forceinline__ void kiln_tc_supertile_mma(float (&acc)[T][4], const 
             const u32 a2 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q0 << 4), sc[tt][0][blk]);
             const u32 a1 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q1), sc[tt][1][blk]);
             const u32 a3 = kiln_bf16x2_mul(kiln_e2m1_pair_bf16(q1 << 4), sc[tt][1][blk]);
-            if (PROBE & 2)
+            if (PROBE & 2) {
                 acc[tt][0] = __uint_as_float(__float_as_uint(acc[tt][0]) ^ q0 ^ q1 ^ bv.x ^ sc[tt][0][blk]);
-            else
+            } else {
                 kiln_mma_bf16(acc[tt], a0, a1, a2, a3, bv.x, bv.y);
+                if (TWO) kiln_mma_bf16(acc2[tt], a0, a1, a2, a3, bv2.x, bv2.y);
+            }
         }
     }
 }
 
+// One MMA per tile and step (M <= 4).
+template <int M, int T, int PROBE>
+__device__ __forceinline__ void kiln_tc_supertile_mma(float (&acc)[T][4], const uint4 (&w)[T][2],
+                                                      const u32 (&s)[T][2], const uint2* xt) {
+    kiln_tc_supertile_mma_n<M, T, PROBE, false>(acc, acc, w, s, xt, xt);
+}
+
 // ---- Split-K finish (gemv_nvfp4_tc5.cu) ----
-// Every thread of the block calls this after its main loop. A lane with `has` holds, for each of
-// its T tiles, the sums v[tt][0] / v[tt][1] of rows n0 = 16 (tile0 + tt) + g and n0 + 8 for x
-// row m. One K slice (gridDim.y == 1): y = v * post. Otherwise the sums go to
-// partial[slice][M][N]; the last block of the row range to finish (a counter per row range,
-// reset by that block for the next launch) adds the slices in order — deterministic — and
-// writes y. `last` is one word of shared memory.
-template <int M, int T>
-__device__ __forceinline__ void kiln_splitk_finish(const float (&v)[T][2], bool has, int m,
-        int tile0, int g, float post, float* __restrict__ y, int N, float* __restrict__ partial,
-        u32* __restrict__ counters, u32* last) {
-    if (gridDim.y == 1) {
-        if (has) {
+// Every thread of the block calls this after its main loop. A lane holds, for each r < R with
+// has[r], and each of its T tiles, the sums v[r][tt][0] / v[r][tt][1] of rows
+// n0 = 16 (tile0 + tt) + g and n0 + 8 for x row mrow[r]. One K slice (gridDim.y == 1):
+// y = v * post. Otherwise the sums go to partial[slice][M][N]; the last block of the row range
+// to finish (a counter per row range, reset by that block for the next launch) adds the slices
+// in order — deterministic — and writes y. `last` is one word of shared memory.
+template <int M, int T, int R>
+__device__ __forceinline__ void kiln_splitk_finish(const float (&v)[R][T][2], const int (&mrow)[R],
+        const bool (&has)[R], int tile0, int g, float post, float* __restrict__ y, int N,
+        float* __restrict__ partial, u32* __restrict__ counters, u32* last) {
+    const bool one = gridDim.y == 1;
+    float* dst = one ? y : partial + (size_t)blockIdx.y * M * N;
+    const float f = one ? post : 1.0f;
 #pragma unroll
-            for (int tt = 0; tt < T; tt++) {
-                const int n0 = (tile0 + tt) * 16 + g;
-                if (n0 < N) y[(size_t)m * N + n0] = v[tt][0] * post;
-                if (n0 + 8 < N) y[(size_t)m * N + n0 + 8] = v[tt][1] * post;
-            }
-        }
-        return;
-    }
-    float* mine = partial + (size_t)blockIdx.y * M * N;
-    if (has) {
+    for (int r = 0; r < R; r++) {
+        if (!has[r]) continue;
 #pragma unroll
         for (int tt = 0; tt < T; tt++) {
             const int n0 = (tile0 + tt) * 16 + g;
-            if (n0 < N) mine[(size_t)m * N + n0] = v[tt][0];
-            if (n0 + 8 < N) mine[(size_t)m * N + n0 + 8] = v[tt][1];
+            if (n0 < N) dst[(size_t)mrow[r] * N + n0] = v[r][tt][0] * f;
+            if (n0 + 8 < N) dst[(size_t)mrow[r] * N + n0 + 8] = v[r][tt][1] * f;
         }
     }
+    if (one) return;
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) *last = atomicAdd(counters + blockIdx.x, 1u) == gridDim.y - 1;

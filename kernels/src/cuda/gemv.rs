@@ -26,8 +26,10 @@ impl CudaKernels {
     /// kernels/BENCHMARKS.md. When the tensor-core kernels passed their start-up check, on
     /// matrices of at least 16M weights: the split-K v5 kernel (m = 1: 2 tiles per warp, 2
     /// super-tiles in flight, or for K <= 1024 one tile, 3 in flight, late loads and 3 blocks
-    /// per SM; m = 2..8: 2 tiles, 3 in flight, late loads; m = 5..8 as two launches). On smaller
-    /// matrices (launch-latency bound): m = 1 the CUDA-core kernel (it starts fastest), m = 2..4
+    /// per SM; m = 2..4: 2 tiles, 3 in flight, late loads; m = 5..8: one launch with two MMAs
+    /// per step, 2 tiles, 2 in flight, late loads). On smaller matrices (launch-latency bound):
+    /// m = 1 the CUDA-core kernel
+    /// (it starts fastest), m = 2..4
     /// the v2 kernel, m = 5..8 the first tensor-core kernel where x fits in shared memory.
     /// Everything else, and every shape when the start-up check failed, runs the CUDA-core
     /// kernel.
@@ -39,7 +41,8 @@ impl CudaKernels {
             let c = match m {
                 1 if k <= 1024 => (1, 1, 3, true, 3),
                 1 => (1, 2, 2, false, 2),
-                _ => (m, 2, 3, true, 2),
+                2..=4 => (m, 2, 3, true, 2),
+                _ => (m, 2, 2, true, 2),
             };
             if self.gemv_tc5_fits(c, n, k) {
                 return GemvVariant::TensorCore5 {
@@ -73,9 +76,7 @@ impl CudaKernels {
     /// issue their first weight loads — while the previous kernel on the stream finishes; it
     /// reads x and writes y only after that kernel is done. **W must not be written by the
     /// kernel queued just before this call** (a quantize or optimizer step on W: use
-    /// [`CudaKernels::gemv_async`] after those). Other kernels launch as usual. For m = 5..8
-    /// with K split across blocks the kernel also prefetches its slice of W into the L2 before
-    /// waiting (measured faster there, slower elsewhere: kernels/BENCHMARKS.md, runs 32–33).
+    /// [`CudaKernels::gemv_async`] after those). Other kernels launch as usual.
     pub fn gemv_chained_async(
         &self,
         x: &CudaSlice<f32>,
@@ -83,17 +84,8 @@ impl CudaKernels {
         w: &DeviceNvfp4,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), KernelError> {
-        let (n, k) = (w.rows, w.cols);
-        let v = self.default_gemv_variant_for(m, n, k);
-        let launch = match v {
-            GemvVariant::TensorCore5 { tiles, per_sm, .. } => GemvLaunch {
-                chained: true,
-                l2_prefetch: m > 4
-                    && self.tc5_slices_for(n, k, tiles as usize, per_sm as usize) > 1,
-            },
-            _ => GemvLaunch::CHAINED,
-        };
-        self.gemv_variant_launch_async(x, m, w, y, v, launch)
+        let v = self.default_gemv_variant_for(m, w.rows, w.cols);
+        self.gemv_variant_launch_async(x, m, w, y, v, GemvLaunch::CHAINED)
     }
 
     /// [`CudaKernels::gemv_async`] with an explicit kernel variant (the benchmark compares them).
@@ -312,17 +304,20 @@ impl CudaKernels {
             GemvVariant::TensorCore2 { tiles, .. } => self.gemv_tc2_fits(m, k, tiles as usize),
             _ => false,
         }));
-        v.extend(
-            super::gemv_tc5::TC5_KERNELS
-                .iter()
-                .filter(|&&c| c.0 == m.min(4) && self.gemv_tc5_fits((m, c.1, c.2, c.3, c.4), n, k))
-                .map(|&c| GemvVariant::TensorCore5 {
-                    tiles: c.1 as u8,
-                    depth: c.2 as u8,
-                    late: c.3,
-                    per_sm: c.4 as u8,
-                }),
-        );
+        // kernels built for m, and for m = 5..8 the 4-row ones run twice (where no kernel for m
+        // has the same tiles, depth, loads and blocks per SM)
+        for &c in super::gemv_tc5::TC5_KERNELS {
+            let var = GemvVariant::TensorCore5 {
+                tiles: c.1 as u8,
+                depth: c.2 as u8,
+                late: c.3,
+                per_sm: c.4 as u8,
+            };
+            let ours = c.0 == m || (m > 4 && c.0 == 4);
+            if ours && !v.contains(&var) && self.gemv_tc5_fits((m, c.1, c.2, c.3, c.4), n, k) {
+                v.push(var);
+            }
+        }
         v
     }
 
@@ -396,7 +391,8 @@ pub struct GemvLaunch {
     /// [`CudaKernels::gemv_chained_async`] for the contract).
     pub chained: bool,
     /// Before waiting for the previous kernel, each warp also asks the L2 for the rest of its
-    /// slice of W (meant for chained launches).
+    /// slice of W. A benchmark knob: on the H100 it measured slower than without wherever the
+    /// defaults run (kernels/BENCHMARKS.md, fifth pass), so no default uses it.
     pub l2_prefetch: bool,
 }
 

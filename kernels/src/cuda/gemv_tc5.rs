@@ -30,6 +30,11 @@ pub const TC5_KERNELS: &[Tc5Config] = &[
     (3, 2, 3, true, 2),
     (4, 2, 3, true, 2),
     (4, 2, 3, false, 2),
+    (5, 2, 2, true, 2),
+    (6, 2, 2, true, 2),
+    (7, 2, 2, true, 2),
+    (8, 2, 2, true, 2),
+    (8, 2, 3, true, 2),
 ];
 
 /// A v5 kernel: (m, tiles, depth, late, blocks per SM).
@@ -101,21 +106,19 @@ impl GemvScratch {
 }
 
 impl CudaKernels {
-    /// Whether the v5 GEMV can run `c` on an `[n, k]` W: built for `c.0` rows of x (for
-    /// 5..=8 rows, as 4 + the rest, both built), K % 128 == 0, and the slice of x fits in
-    /// shared memory.
+    /// Whether the v5 GEMV can run `c` on an `[n, k]` W: built for `c.0` rows of x (or, for
+    /// 5..=8 rows without a kernel of their own, as 4 + the rest, both built), K % 128 == 0,
+    /// and the slice of x fits in shared memory.
     pub fn gemv_tc5_fits(&self, c: Tc5Config, n: usize, k: usize) -> bool {
         let (m, t, d, l, b) = c;
-        let parts_built = if m <= 4 {
-            tc5_index(c).is_some()
-        } else {
-            m <= 8
-                && tc5_index((4, t, d, l, b)).is_some()
-                && tc5_index((m - 4, t, d, l, b)).is_some()
-        };
-        parts_built
+        let direct = tc5_index(c).is_some();
+        let split = (5..=8).contains(&m)
+            && tc5_index((4, t, d, l, b)).is_some()
+            && tc5_index((m - 4, t, d, l, b)).is_some();
+        let staged = if direct { m } else { m.min(4) };
+        (direct || split)
             && k.is_multiple_of(128)
-            && tc5_smem_bytes(m.min(4), k, self.tc5_slices_for(n, k, t, b)) <= self.smem_optin
+            && tc5_smem_bytes(staged, k, self.tc5_slices_for(n, k, t, b)) <= self.smem_optin
     }
 
     /// The K slices a v5 launch of this shape uses (`per_sm` resident blocks per SM), or
@@ -128,8 +131,9 @@ impl CudaKernels {
         tc5_slices(n, k, tiles, per_sm * self.sm_count as usize)
     }
 
-    /// Launch the v5 GEMV for `c.0` rows of x (5..=8 rows as two launches: rows 0..4, then
-    /// the rest); the caller (`gemv_variant_launch_async`) checked the shapes of x and y.
+    /// Launch the v5 GEMV for `c.0` rows of x (5..=8 rows without a kernel of their own as two
+    /// launches: rows 0..4, then the rest); the caller (`gemv_variant_launch_async`) checked
+    /// the shapes of x and y.
     pub(super) fn gemv_tc5_launch(
         &self,
         x: &CudaSlice<f32>,
@@ -143,10 +147,14 @@ impl CudaKernels {
             return Err(KernelError::InvalidArgument(format!(
                 "the tensor-core GEMV v5 takes K % 128 == 0, a slice of x that fits in shared \
                  memory and one of the built (m, tiles, depth, late, blocks per SM) \
-                 {TC5_KERNELS:?} (m = 5..8 runs as 4 + the rest); got [{n}, {k}], {c:?}"
+                 {TC5_KERNELS:?} (m = 5..8 without a kernel of their own run as 4 + the \
+                 rest); got [{n}, {k}], {c:?}"
             )));
         }
         let m = c.0;
+        if tc5_index(c).is_some() {
+            return self.gemv_tc5_part(&x.slice(..), w, &mut y.slice_mut(..), c, launch);
+        }
         let first = m.min(4);
         self.gemv_tc5_part(
             &x.slice(..first * k),
