@@ -24,20 +24,18 @@ impl CudaKernels {
 
     /// The GEMV kernel for `m` rows of x and an `[n, k]` W, from the H100 measurements in
     /// kernels/BENCHMARKS.md. When the tensor-core kernels passed their start-up check, on
-    /// matrices of at least 16M weights: the split-K v5 kernel (m = 1: 2 tiles per warp, 2
-    /// super-tiles in flight, or for K <= 1024 one tile, 3 in flight, late loads and 3 blocks
-    /// per SM; m = 2..4: 2 tiles, 3 in flight, late loads; m = 5..8: one launch with two MMAs
-    /// per step, 2 tiles, 2 in flight, late loads). On smaller matrices (launch-latency bound):
-    /// m = 1 the CUDA-core kernel
-    /// (it starts fastest), m = 2..4
-    /// the v2 kernel, m = 5..8 the first tensor-core kernel where x fits in shared memory.
-    /// Everything else, and every shape when the start-up check failed, runs the CUDA-core
-    /// kernel.
+    /// matrices of at least 16M weights, and for m = 5..8 on any size: the split-K v5 kernel
+    /// (m = 1: 2 tiles per warp, 2 super-tiles in flight, or for K <= 1024 one tile, 3 in
+    /// flight, late loads and 3 blocks per SM; m = 2..4: 2 tiles, 3 in flight, late loads;
+    /// m = 5..8: one launch with two MMAs per step, 2 tiles, 2 in flight, late loads). On
+    /// smaller matrices (launch-latency bound): m = 1 the CUDA-core kernel (it starts fastest),
+    /// m = 2..4 the v2 kernel; the first tensor-core kernel where those do not fit. Everything
+    /// else, and every shape when the start-up check failed, runs the CUDA-core kernel.
     pub fn default_gemv_variant_for(&self, m: usize, n: usize, k: usize) -> GemvVariant {
         if !self.tc_gemv_ok {
             return GemvVariant::Rows4;
         }
-        if n.saturating_mul(k) >= 16 << 20 {
+        if n.saturating_mul(k) >= 16 << 20 || m >= 5 {
             let c = match m {
                 1 if k <= 1024 => (1, 1, 3, true, 3),
                 1 => (1, 2, 2, false, 2),
