@@ -13,7 +13,9 @@ use kiln_kernels::bench::{self, BenchConfig, BenchReport};
 /// must move / time), that as a share of the device-to-device copy bandwidth measured in the
 /// same run, and for the GEMV and large-M matmul the speed-up over cuBLAS bf16 on the same
 /// shape in the same run. Per shape it also times a pure read of the GEMV's weight bytes (the
-/// ceiling any GEMV of that size can reach) and "probe" rows that run parts of the GEMV schedule
+/// ceiling any GEMV of that size can reach; also as chained launches, the ceiling for a decode
+/// chain), the default GEMV as chained launches (programmatic dependent launch, each checked
+/// bit-identical to a plain launch first), "probe" rows that run parts of the GEMV schedule
 /// (loads only, no decode, no x staging; not GEMVs) to show where the time goes, then every
 /// other GEMV kernel that can take the shape. Needs a CUDA GPU; fails clearly without one.
 #[derive(Debug, clap::Args)]
