@@ -428,7 +428,8 @@ pub enum GemvVariant {
         depth: u8,
     },
     /// Tensor cores, v5 (`gemv_nvfp4_tc5.cu`): the v2 decode with K split across blocks (each
-    /// stages only its slice of x; a deterministic last-block reduction); m <= 4.
+    /// stages only its slice of x; a deterministic last-block reduction); m = 1..8 (5..8 with two
+    /// MMAs per step).
     TensorCore5 {
         /// 16-row tiles per warp.
         tiles: u8,

@@ -175,7 +175,7 @@ impl CudaKernels {
         Ok(())
     }
 
-    /// One v5 launch for up to 4 rows of x.
+    /// One v5 launch (a kernel built for `c.0` rows of x, 1..=8).
     fn gemv_tc5_part(
         &self,
         x: &CudaView<'_, f32>,
