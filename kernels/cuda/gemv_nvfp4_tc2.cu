@@ -1,4 +1,4 @@
-// gemv_nvfp4_tc2.cu — decode-time fused dequantize + GEMV on the tensor cores for M = 1..4:
+// gemv_nvfp4_tc2.cu — decode-time fused dequantize + GEMV on the tensor cores for M = 1..8:
 // y[m, n] = sum_k x[m, k] * W[n, k], W in NVFP4 [N, K] (K % 128 == 0).
 //
 // Same decode and fragment order as gemv_nvfp4_tc.cu (read that header first): each lane
@@ -62,14 +62,17 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
     for (int c = threadIdx.x; c < 32 * C; c += blockDim.x) zeros[c] = make_uint2(0u, 0u);
     __syncthreads();
 
-    float acc[T][4];
+    constexpr bool TWO = C > 8;  // M = 5..8: a second MMA per step for x rows 4..7
+    float acc[T][4], acc2[T][4];
 #pragma unroll
     for (int tt = 0; tt < T; tt++)
 #pragma unroll
-        for (int q = 0; q < 4; q++) acc[tt][q] = 0.0f;
+        for (int q = 0; q < 4; q++) acc[tt][q] = acc2[tt][q] = 0.0f;
     // lanes whose B column is unused read zeros (same offsets, no per-step select)
     const uint2* xl = g < C ? xs + j * C + g : zeros;
     const size_t xstep = g < C ? (size_t)32 * C : 0;
+    const uint2* xl2 = g + 8 < C ? xs + j * C + 8 + g : zeros;
+    const size_t xstep2 = g + 8 < C ? (size_t)32 * C : 0;
 
     for (int U0 = u_begin; U0 < u_end; U0 += D) {
 #pragma unroll
@@ -87,18 +90,24 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
                     }
                 if (U + D < u_end)
                     kiln_tc_load_supertile<T>(wb[d], sb[d], wbase, sbase, roff, U + D, true);
-                kiln_tc_supertile_mma<M, T, PROBE>(acc, w, sw, xl + (size_t)U * xstep);
+                kiln_tc_supertile_mma_n<M, T, PROBE, TWO>(acc, acc2, w, sw, xl + (size_t)U * xstep,
+                                                          xl2 + (size_t)U * xstep2);
             }
         }
     }
     // D fragment: acc[0..1] = (row g, columns 2j, 2j+1) = x row j hi and lo parts; acc[2..3]
-    // the same for row g + 8. Lanes with j < M hold results.
-    if (j < M) {
+    // the same for row g + 8 (acc2: x row 4 + j). Lanes with j < M (4 + j < M) hold results.
 #pragma unroll
-        for (int tt = 0; tt < T; tt++) {
-            float* rw = red + ((size_t)warp * T + tt) * 16 * M;
-            rw[g * M + j] = acc[tt][0] + acc[tt][1];
-            rw[(g + 8) * M + j] = acc[tt][2] + acc[tt][3];
+    for (int r = 0; r < (TWO ? 2 : 1); r++) {
+        const float(&a)[T][4] = r == 0 ? acc : acc2;
+        const int m = 4 * r + j;
+        if (m < M) {
+#pragma unroll
+            for (int tt = 0; tt < T; tt++) {
+                float* rw = red + ((size_t)warp * T + tt) * 16 * M;
+                rw[g * M + m] = a[tt][0] + a[tt][1];
+                rw[(g + 8) * M + m] = a[tt][2] + a[tt][3];
+            }
         }
     }
     __syncthreads();
@@ -131,6 +140,10 @@ KILN_GEMV_TC2(3, 1, 4, 2)
 KILN_GEMV_TC2(3, 4, 1, 2)
 KILN_GEMV_TC2(4, 1, 4, 2)
 KILN_GEMV_TC2(4, 4, 1, 2)
+KILN_GEMV_TC2(5, 1, 4, 1)
+KILN_GEMV_TC2(6, 1, 4, 1)
+KILN_GEMV_TC2(7, 1, 4, 1)
+KILN_GEMV_TC2(8, 1, 4, 1)
 
 // Diagnostics (kiln-kernel-bench, GEMV rows marked "probe"): the m1_t2_d3 kernel's loads and
 // schedule without staging x (1), without the decode and MMA (2), or with neither (3).

@@ -24,18 +24,20 @@ impl CudaKernels {
 
     /// The GEMV kernel for `m` rows of x and an `[n, k]` W, from the H100 measurements in
     /// kernels/BENCHMARKS.md. When the tensor-core kernels passed their start-up check, on
-    /// matrices of at least 16M weights, and for m = 5..8 on any size: the split-K v5 kernel
-    /// (m = 1: 2 tiles per warp, 2 super-tiles in flight, or for K <= 1024 one tile, 3 in
-    /// flight, late loads and 3 blocks per SM; m = 2..4: 2 tiles, 3 in flight, late loads;
-    /// m = 5..8: one launch with two MMAs per step, 2 tiles, 2 in flight, late loads). On
-    /// smaller matrices (launch-latency bound): m = 1 the CUDA-core kernel (it starts fastest),
-    /// m = 2..4 the v2 kernel; the first tensor-core kernel where those do not fit. Everything
-    /// else, and every shape when the start-up check failed, runs the CUDA-core kernel.
+    /// matrices of at least 16M weights: the split-K v5 kernel (m = 1: 2 tiles per warp, 2
+    /// super-tiles in flight, or for K <= 1024 one tile, 3 in flight, late loads and 3 blocks
+    /// per SM; m = 2..4: 2 tiles, 3 in flight, late loads; m = 5..8: one launch with two MMAs
+    /// per step, 2 tiles, 2 in flight, late loads). On smaller matrices (launch-latency bound):
+    /// m = 1 the CUDA-core kernel (it starts fastest), m = 2..8 the v2 kernel (m = 5..8 with
+    /// two MMAs per step) where all of x fits in shared memory, else v5 for m = 5..8; the first
+    /// tensor-core kernel where none of those fit. Everything else, and every shape when the
+    /// start-up check failed, runs the CUDA-core kernel.
     pub fn default_gemv_variant_for(&self, m: usize, n: usize, k: usize) -> GemvVariant {
         if !self.tc_gemv_ok {
             return GemvVariant::Rows4;
         }
-        if n.saturating_mul(k) >= 16 << 20 || m >= 5 {
+        let small_tc2 = m >= 5 && self.gemv_tc2_fits(m, k, 1);
+        if n.saturating_mul(k) >= 16 << 20 || (m >= 5 && !small_tc2) {
             let c = match m {
                 1 if k <= 1024 => (1, 1, 3, true, 3),
                 1 => (1, 2, 2, false, 2),
@@ -55,8 +57,7 @@ impl CudaKernels {
         let pick = match m {
             1 => GemvVariant::Rows4,
             2..=4 if k >= 8192 => tc2(4, 1),
-            2..=4 => tc2(1, 4),
-            _ => GemvVariant::TensorCore,
+            _ => tc2(1, 4),
         };
         match pick {
             GemvVariant::TensorCore2 { tiles, .. } if self.gemv_tc2_fits(m, k, tiles as usize) => {
@@ -70,11 +71,10 @@ impl CudaKernels {
     /// [`CudaKernels::gemv_async`] for one GEMV of a chain over weights that stay put (a decode
     /// step: layer after layer): where the default kernel is the split-K v5 one or a CUDA-core
     /// one it is queued as a programmatic dependent launch (compute capability 9.0+), so its
-    /// blocks start — and
-    /// issue their first weight loads — while the previous kernel on the stream finishes; it
-    /// reads x and writes y only after that kernel is done. **W must not be written by the
-    /// kernel queued just before this call** (a quantize or optimizer step on W: use
-    /// [`CudaKernels::gemv_async`] after those). Other kernels launch as usual.
+    /// blocks start — and issue their first weight loads — while the previous kernel on the
+    /// stream finishes; it reads x and writes y only after that kernel is done. **W must not be
+    /// written by the kernel queued just before this call** (a quantize or optimizer step on W:
+    /// use [`CudaKernels::gemv_async`] after those). Other kernels launch as usual.
     pub fn gemv_chained_async(
         &self,
         x: &CudaSlice<f32>,
@@ -326,9 +326,10 @@ impl CudaKernels {
     }
 
     /// Whether the tensor-core GEMV v2 with `tiles` 16-row tiles per warp can take `m` rows of
-    /// x with this K (m <= 4, K % 128 == 0, x as bf16 hi/lo fits in shared memory).
+    /// x with this K (a kernel built for m and tiles, K % 128 == 0, x as bf16 hi/lo fits in
+    /// shared memory).
     pub fn gemv_tc2_fits(&self, m: usize, k: usize, tiles: usize) -> bool {
-        (1..=4).contains(&m)
+        (1..=8).contains(&m)
             && TC2_KERNELS.iter().any(|&(mm, t, _)| mm == m && t == tiles)
             && k.is_multiple_of(128)
             && tc2_smem_bytes(m, k, tiles) <= self.smem_optin
@@ -351,6 +352,10 @@ pub const TC2_KERNELS: &[(usize, usize, usize)] = &[
     (3, 4, 1),
     (4, 1, 4),
     (4, 4, 1),
+    (5, 1, 4),
+    (6, 1, 4),
+    (7, 1, 4),
+    (8, 1, 4),
 ];
 
 /// Index of (m, tiles, depth) in [`TC2_KERNELS`].
@@ -418,9 +423,9 @@ pub enum GemvVariant {
     /// Tensor cores (mma.sync bf16, x split into bf16 hi + lo): K % 128 == 0 and
     /// m·K·4 bytes of shared memory.
     TensorCore,
-    /// Tensor cores, v2 (`gemv_nvfp4_tc2.cu`): m <= 4 with one MMA per tile and step (x rows'
-    /// hi/lo parts in B's columns), `tiles` (1, 2 or 4) 16-row tiles per warp and several
-    /// super-tiles of loads in flight.
+    /// Tensor cores, v2 (`gemv_nvfp4_tc2.cu`): m <= 8 with one MMA per tile and step (two for
+    /// m = 5..8; x rows' hi/lo parts in B's columns), `tiles` (1, 2 or 4) 16-row tiles per warp
+    /// and several super-tiles of loads in flight.
     TensorCore2 {
         /// 16-row tiles per warp.
         tiles: u8,
