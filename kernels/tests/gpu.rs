@@ -229,8 +229,7 @@ fn chained_gemvs_equal_plain_launches() {
     let Some(k) = gpu() else { return };
     let mut r = rng("chained gemv");
     // square, so y feeds the next x: 4096² (16M weights) runs the split-K v5 kernel, 896² the
-    // CUDA-core kernel at m = 1, the v2 kernel (a plain launch in the chain) at m = 4 and v5 at
-    // m = 8
+    // CUDA-core kernel at m = 1 and the v2 kernel (a plain launch inside the chain) at m = 4, 8
     for n in [4096usize, 896] {
         chain_case(&k, &mut r, n);
     }
