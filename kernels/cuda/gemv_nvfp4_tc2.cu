@@ -95,18 +95,19 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
             }
         }
     }
-    // D fragment: acc[0..1] = (row g, columns 2j, 2j+1) = x row j hi and lo parts; acc[2..3]
-    // the same for row g + 8 (acc2: x row 4 + j). Lanes with j < M (4 + j < M) hold results.
+    // lanes hold x rows j (and 4 + j); those with j < M (4 + j < M) hold results
+    constexpr int R = TWO ? 2 : 1;
+    float v[R][T][2];
+    kiln_tc_row_sums<T, R>(acc, acc2, v);
 #pragma unroll
-    for (int r = 0; r < (TWO ? 2 : 1); r++) {
-        const float(&a)[T][4] = r == 0 ? acc : acc2;
+    for (int r = 0; r < R; r++) {
         const int m = 4 * r + j;
         if (m < M) {
 #pragma unroll
             for (int tt = 0; tt < T; tt++) {
                 float* rw = red + ((size_t)warp * T + tt) * 16 * M;
-                rw[g * M + m] = a[tt][0] + a[tt][1];
-                rw[(g + 8) * M + m] = a[tt][2] + a[tt][3];
+                rw[g * M + m] = v[r][tt][0];
+                rw[(g + 8) * M + m] = v[r][tt][1];
             }
         }
     }

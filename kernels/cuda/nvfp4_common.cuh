@@ -400,6 +400,23 @@ __device__ __forceinline__ void kiln_tc_supertile_mma(float (&acc)[T][4], const 
     kiln_tc_supertile_mma_n<M, T, PROBE, false>(acc, acc, w, s, xt, xt);
 }
 
+// The row sums a lane holds after kiln_tc_supertile_mma_n: D fragment acc[0..1] = (row g,
+// columns 2j, 2j + 1) = x row j's hi and lo parts, acc[2..3] the same for row g + 8; acc2 the
+// same for x row 4 + j (R = 2, M = 5..8). v[r][tt] = (row g, row g + 8) of x row 4 r + j.
+template <int T, int R>
+__device__ __forceinline__ void kiln_tc_row_sums(const float (&acc)[T][4], const float (&acc2)[T][4],
+                                                 float (&v)[R][T][2]) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const float(&a)[T][4] = r == 0 ? acc : acc2;
+#pragma unroll
+        for (int tt = 0; tt < T; tt++) {
+            v[r][tt][0] = a[tt][0] + a[tt][1];
+            v[r][tt][1] = a[tt][2] + a[tt][3];
+        }
+    }
+}
+
 // ---- Split-K finish (gemv_nvfp4_tc5.cu) ----
 // Every thread of the block calls this after its main loop. A lane holds, for each r < R with
 // has[r], and each of its T tiles, the sums v[r][tt][0] / v[r][tt][1] of rows

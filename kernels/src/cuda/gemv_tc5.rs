@@ -186,31 +186,8 @@ impl CudaKernels {
     ) -> Result<(), KernelError> {
         let (n, k) = (w.rows, w.cols);
         let (m, tiles, _, _, per_sm) = c;
-        let idx = tc5_index(c).expect("checked by gemv_tc5_fits");
+        let func = &self.f.gemv_tc5[tc5_index(c).expect("checked by gemv_tc5_fits")];
         let slices = self.tc5_slices_for(n, k, tiles, per_sm);
-        self.splitk_launch(
-            &self.f.gemv_tc5[idx],
-            (m, tiles, slices, tc5_smem_bytes(m, k, slices)),
-            x,
-            w,
-            y,
-            launch,
-        )
-    }
-
-    /// One launch of a split-K GEMV kernel (`kiln_gemv_nvfp4_tc5_*`) for
-    /// `shape` = (rows of x, tiles per warp, K slices, dynamic shared memory bytes).
-    fn splitk_launch(
-        &self,
-        func: &cudarc::driver::CudaFunction,
-        shape: (usize, usize, usize, usize),
-        x: &CudaView<'_, f32>,
-        w: &DeviceNvfp4,
-        y: &mut CudaViewMut<'_, f32>,
-        launch: GemvLaunch,
-    ) -> Result<(), KernelError> {
-        let (n, k) = (w.rows, w.cols);
-        let (m, tiles, slices, smem) = shape;
         let rowblocks = n.div_ceil(tc5_rows_per_block(tiles));
         let mut scratch = self
             .gemv_scratch
@@ -220,7 +197,7 @@ impl CudaKernels {
         let cfg = LaunchConfig {
             grid_dim: (rowblocks as u32, slices as u32, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: smem as u32,
+            shared_mem_bytes: tc5_smem_bytes(m, k, slices) as u32,
         };
         let (ni, ki) = (n as i32, k as i32);
         let flags = i32::from(launch.l2_prefetch);
@@ -244,7 +221,7 @@ impl CudaKernels {
             // before griddepcontrol.wait, which the caller of a chained launch vouches the
             // previous kernel on the stream does not write.
             return unsafe { launch_chained(s, func, cfg, &mut params) }
-                .map_err(drv("launching the split-K GEMV (chained)"));
+                .map_err(drv("launching kiln_gemv_nvfp4_tc5 (chained)"));
         }
         let mut b = self.stream.launch_builder(func);
         b.arg(x)
@@ -262,7 +239,7 @@ impl CudaKernels {
         // one counter per row range, all zero between launches; everything is on this stream.
         unsafe { b.launch(cfg) }
             .map(|_| ())
-            .map_err(drv("launching the split-K GEMV"))
+            .map_err(drv("launching kiln_gemv_nvfp4_tc5"))
     }
 }
 
