@@ -1,11 +1,13 @@
 //! The job process: the body of the hidden `kiln job-exec` subcommand. It reads one
 //! [`JobRequest`] as JSON from stdin, runs it, and tells the agent what happened through report
-//! lines on stdout ([`Reporter`]); the last report is `Result` or `Error`. Logs go to stderr.
+//! lines on stdout ([`Reporter`]); the last report is `Result` or `Error`, and it is also written
+//! durably to the outcome file the agent names ([`crate::report::OUTCOME_FILE_ENV`]) before the
+//! process exits. Logs go to stderr.
 //!
 //! Adding a job kind: add its variant to [`JobSpec`] and [`crate::report::JobOutput`], an error
 //! variant to [`ExecError`], and one arm to the match in [`run_request`].
 
-use crate::report::{JobOutput, Report, Reporter};
+use crate::report::{JobOutput, Report, Reporter, OUTCOME_FILE_ENV};
 use crate::spec::{JobRequest, JobSpec};
 use std::io::Read;
 
@@ -80,7 +82,7 @@ pub fn job_process_main() -> i32 {
     }));
     match outcome {
         Ok(Ok(output)) => {
-            reporter.send(&Report::Result(output));
+            finish(&reporter, &Report::Result(output));
             tracing::info!("job succeeded");
             EXIT_OK
         }
@@ -93,7 +95,7 @@ pub fn job_process_main() -> i32 {
                 .unwrap_or_else(|| "unknown panic payload".into());
             let message = format!("job-exec: the job panicked: {what} (this is a bug in kiln)");
             tracing::error!("{message}");
-            reporter.send(&Report::Error { message });
+            finish(&reporter, &Report::Error { message });
             EXIT_PANICKED
         }
     }
@@ -102,8 +104,23 @@ pub fn job_process_main() -> i32 {
 fn fail(reporter: &Reporter, error: &ExecError, code: i32) -> i32 {
     let message = error.to_string();
     tracing::error!("{message}");
-    reporter.send(&Report::Error { message });
+    finish(reporter, &Report::Error { message });
     code
+}
+
+/// Reports the job's outcome: first durably to the outcome file the agent named (what decides
+/// the job's end), then on stdout (what `--follow` shows at once).
+fn finish(reporter: &Reporter, outcome: &Report) {
+    if let Some(path) = std::env::var_os(OUTCOME_FILE_ENV) {
+        let path = std::path::PathBuf::from(path);
+        if let Err(e) = crate::report::write_outcome(&path, outcome) {
+            tracing::error!(
+                "cannot write the job outcome to {}: {e}; the agent will only see it on stdout",
+                path.display()
+            );
+        }
+    }
+    reporter.send(outcome);
 }
 
 /// Sends tracing output to stderr (stdout is the report channel). Does nothing when the binary

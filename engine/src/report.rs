@@ -1,6 +1,11 @@
 //! The job process → agent channel: one JSON document per line on stdout, each prefixed with
 //! [`REPORT_PREFIX`]. Anything else the process prints is relayed as a log line. The agent
 //! parses these with [`parse_line`].
+//!
+//! The job's outcome (its last report, `Result` or `Error`) also goes to the file the agent
+//! names in [`OUTCOME_FILE_ENV`], written and fsync'd before the process exits
+//! ([`write_outcome`]). Stdout is a stream the agent may stop reading (a descriptor another
+//! process still holds, a starved reader); the file is what decides how the job ended.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -9,6 +14,48 @@ use std::sync::{Arc, Mutex};
 
 /// Prefix of a report line on the job's stdout.
 pub const REPORT_PREFIX: &str = "@@kiln ";
+
+/// The environment variable in which the agent names the job's outcome file.
+pub const OUTCOME_FILE_ENV: &str = "KILN_OUTCOME_FILE";
+
+/// Writes a job's outcome (its final report) to `path` durably: a temporary file beside it is
+/// written and fsync'd, renamed over `path`, and the directory fsync'd, so a reader sees either
+/// no file or the whole report, also after a crash of the machine.
+pub fn write_outcome(path: &std::path::Path, report: &Report) -> std::io::Result<()> {
+    let json = serde_json::to_vec(report).expect("reports always serialize");
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&json)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        // Makes the rename durable; a directory that cannot be opened is no reason to fail.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Reads an outcome written by [`write_outcome`]: `Ok(None)` when there is no file (the job
+/// ended before it wrote one), an error when the file is there but is not a final report.
+pub fn read_outcome(path: &std::path::Path) -> std::io::Result<Option<Report>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match serde_json::from_slice(&bytes) {
+        Ok(r @ (Report::Result(_) | Report::Error { .. })) => Ok(Some(r)),
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the outcome file holds a report that is not a result or an error",
+        )),
+        Err(e) => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+    }
+}
 
 /// Memory at a phase boundary, as measured from inside the job process.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -237,5 +284,23 @@ mod tests {
         assert_eq!(parse_line(line.trim_end()), Some(r));
         assert_eq!(parse_line("hello"), None);
         assert_eq!(parse_line("@@kiln {broken"), None);
+    }
+
+    #[test]
+    fn outcome_file_round_trips_and_rejects_what_is_not_an_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outcome.json");
+        assert!(read_outcome(&path).unwrap().is_none());
+        let done = Report::Result(JobOutput::Memtest {
+            allocated_bytes: 5,
+            device: "host".into(),
+        });
+        write_outcome(&path, &done).unwrap();
+        assert_eq!(read_outcome(&path).unwrap(), Some(done));
+        assert!(!path.with_extension("tmp").exists());
+        write_outcome(&path, &Report::Log { line: "x".into() }).unwrap();
+        assert!(read_outcome(&path).is_err());
+        std::fs::write(&path, b"{torn").unwrap();
+        assert!(read_outcome(&path).is_err());
     }
 }

@@ -8,8 +8,10 @@ use crate::guard::GuardPolicy;
 use crate::job_run::{failed, JobRun};
 use crate::procfs;
 use crate::state::{AgentState, JobKey};
+use kiln_engine::report::{read_outcome, OUTCOME_FILE_ENV};
 use kiln_engine::spec::DeviceSpec;
 use kiln_proto::v1::{self, job_update::Update, JobFinished, JobStarted, JobState};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -17,8 +19,13 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
-/// How long to keep reading a job's output after its process ended.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long to keep reading a job's output after its whole process tree is gone. The outcome
+/// does not depend on this (it comes from the outcome file); only log lines still in the pipe
+/// are lost when it runs out.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The job's outcome file in its job directory (see `kiln_engine::report::write_outcome`).
+const OUTCOME_FILE: &str = "outcome.json";
 
 /// Starts running an assigned job in the background (ignores a duplicate assignment).
 pub fn start(state: &Arc<AgentState>, job: v1::Job) {
@@ -61,6 +68,8 @@ struct Launch {
     policy: GuardPolicy,
     request_json: Vec<u8>,
     command: tokio::process::Command,
+    /// Where the job writes its outcome before it exits.
+    outcome_file: PathBuf,
 }
 
 impl Launch {
@@ -98,6 +107,13 @@ impl Launch {
         let dir = job_dir(state, key);
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create the job directory {}: {e}", dir.display()))?;
+        let outcome_file = dir.join(OUTCOME_FILE);
+        // Only this attempt's process may decide this attempt's outcome.
+        match std::fs::remove_file(&outcome_file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot clear {}: {e}", outcome_file.display())),
+        }
         let request = convert::job_request(job, device, dir.clone(), &state.sessions)?;
         let request_json = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
 
@@ -114,6 +130,7 @@ impl Launch {
             .env("KILN_JOB_ID", key.0.to_string())
             .env("KILN_JOB_ATTEMPT", key.1.to_string())
             .env("KILN_WORK_DIR", &dir)
+            .env(OUTCOME_FILE_ENV, &outcome_file)
             .process_group(0)
             .kill_on_drop(true);
         // SAFETY: prctl is async-signal-safe; between fork and exec nothing else runs.
@@ -131,6 +148,7 @@ impl Launch {
             policy,
             request_json,
             command,
+            outcome_file,
         })
     }
 
@@ -173,6 +191,14 @@ impl Launch {
             });
         }
         let (line_tx, mut line_rx) = mpsc::channel(1024);
+        let pipes: Vec<u64> = [
+            child.stdout.as_ref().map(|p| p.as_raw_fd()),
+            child.stderr.as_ref().map(|p| p.as_raw_fd()),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(procfs::fd_inode)
+        .collect();
         if let Some(out) = child.stdout.take() {
             tokio::spawn(read_lines(out, Stream::Stdout, line_tx.clone()));
         }
@@ -207,6 +233,18 @@ impl Launch {
         }
         // Nothing of the job may outlive it: its leader is gone, end the rest of the tree.
         procfs::kill_tree(pid, run.known());
+        let from_file = match read_outcome(&self.outcome_file) {
+            Ok(Some(outcome)) => {
+                run.on_outcome(outcome);
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                run.outcome_unreadable(&self.outcome_file, e);
+                false
+            }
+        };
+        let exited_at = std::time::Instant::now();
         if lines_open {
             let drain = async {
                 while let Some((stream, line)) = line_rx.recv().await {
@@ -214,12 +252,29 @@ impl Launch {
                 }
             };
             if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+                let holders = procfs::pipe_holders(&pipes);
                 tracing::warn!(
                     job_id = self.key.0,
                     pid,
-                    "job output still open after its exit; stopped reading"
+                    ?holders,
+                    "job output still open {DRAIN_TIMEOUT:?} after its process tree ended; stopped reading its logs (the outcome is not affected)"
                 );
             }
+        }
+        if from_file && !run.outcome_on_stdout() {
+            tracing::warn!(
+                job_id = self.key.0,
+                pid,
+                waited_ms = exited_at.elapsed().as_millis() as u64,
+                "the job's outcome came only from its outcome file: its stdout did not deliver it"
+            );
+        } else {
+            tracing::debug!(
+                job_id = self.key.0,
+                pid,
+                drained_ms = exited_at.elapsed().as_millis() as u64,
+                "job output drained"
+            );
         }
         let finished = match status {
             Ok(status) => run.finished(status),

@@ -39,6 +39,8 @@ pub(crate) struct JobRun {
     result: Option<JobOutput>,
     error_report: Option<String>,
     last_stderr: Option<String>,
+    /// Whether the outcome (`Result` or `Error`) also came as a stdout line.
+    outcome_on_stdout: bool,
     end: Option<End>,
     sample_failed: bool,
     /// Every process seen in the job's tree so far (killed with it even once orphaned).
@@ -64,6 +66,7 @@ impl JobRun {
             result: None,
             error_report: None,
             last_stderr: None,
+            outcome_on_stdout: false,
             end: None,
             sample_failed: false,
             known: Vec::new(),
@@ -112,7 +115,7 @@ impl JobRun {
 
     /// Measures the job now; `None` (after one warning) when it cannot be measured.
     fn sample(&mut self) -> Option<MemSample> {
-        let table = procfs::read_all();
+        let table = self.state.proc_table();
         for e in procfs::tree_of(&table, self.pid) {
             if !self
                 .known
@@ -170,11 +173,8 @@ impl JobRun {
                 phase: self.last_phase.clone(),
                 at_ms: sample.at_ms,
             };
-            let line = format!(
-                "guard: killed pid={} pid_mem={} total_mem={} limit={} phase={}",
-                record.pid, record.pid_mem, record.total_mem, record.limit, record.phase
-            );
-            tracing::warn!(job_id = self.key.0, attempt = self.key.1, pid = record.pid, pid_mem = record.pid_mem, total_mem = record.total_mem, limit = record.limit, phase = %record.phase, "{line}");
+            let line = kill_line(&record);
+            tracing::warn!(job_id = self.key.0, attempt = self.key.1, "{line}");
             self.agent_log(line.clone());
             self.end = Some(End::Killed(record, line));
         } else if self.throttle.should_send(now, mem.pid_mem) {
@@ -187,6 +187,31 @@ impl JobRun {
         tracing::info!(job_id = self.key.0, attempt = self.key.1, pid = self.pid, %reason, "job killed on request");
         self.agent_log(format!("killed pid={} on request: {reason}", self.pid));
         self.end = Some(End::Cancelled(reason));
+    }
+
+    /// Takes the outcome the job wrote to its outcome file (the same report its last stdout
+    /// line carries; the file wins, since stdout may not be read to its end).
+    pub(crate) fn on_outcome(&mut self, outcome: Report) {
+        match outcome {
+            Report::Result(out) => self.result = Some(out),
+            Report::Error { message } => self.error_report = Some(message),
+            _ => {}
+        }
+    }
+
+    /// Whether the outcome came on stdout as well (false when only the file had it).
+    pub(crate) fn outcome_on_stdout(&self) -> bool {
+        self.outcome_on_stdout
+    }
+
+    /// Notes (in the job's log and the agent's) that the outcome file could not be read.
+    pub(crate) fn outcome_unreadable(&self, path: &std::path::Path, error: std::io::Error) {
+        let line = format!(
+            "cannot read the job's outcome file {}: {error}",
+            path.display()
+        );
+        tracing::error!(job_id = self.key.0, attempt = self.key.1, "{line}");
+        self.agent_log(line);
     }
 
     pub(crate) fn on_line(&mut self, stream: Stream, line: String) {
@@ -205,8 +230,14 @@ impl JobRun {
             return;
         };
         match report {
-            Report::Result(out) => self.result = Some(out),
-            Report::Error { message } => self.error_report = Some(message),
+            Report::Result(out) => {
+                self.outcome_on_stdout = true;
+                self.result = Some(out)
+            }
+            Report::Error { message } => {
+                self.outcome_on_stdout = true;
+                self.error_report = Some(message)
+            }
             Report::Phase(p) => {
                 let at_ms = p.at_ms;
                 self.last_phase = p.phase.clone();
@@ -272,6 +303,20 @@ impl JobRun {
             },
         }
     }
+}
+
+/// The line that says the guard killed a job (its error and its log), in human units; the
+/// record keeps the exact bytes.
+pub fn kill_line(k: &KillRecord) -> String {
+    use kiln_proto::human_bytes as h;
+    format!(
+        "guard: killed pid {}: pid_mem {} > limit {} (device used {}) in phase {}",
+        k.pid,
+        h(k.pid_mem),
+        h(k.limit),
+        h(k.total_mem),
+        if k.phase.is_empty() { "-" } else { &k.phase }
+    )
 }
 
 /// A FAILED end with this reason.

@@ -156,6 +156,48 @@ pub fn kill_tree(pgid: u32, known: &[ProcEntry]) {
     }
 }
 
+/// The inode of an open descriptor of this process (what `/proc/*/fd` links name as
+/// `pipe:[INODE]` for a pipe).
+pub fn fd_inode(fd: std::os::fd::RawFd) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/self/fd/{fd}"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// The processes (other than this one) that hold an open descriptor on one of the pipes with
+/// these inodes, as `(pid, fd)`: who keeps a job's output open after the job is gone.
+pub fn pipe_holders(inodes: &[u64]) -> Vec<(u32, u32)> {
+    let names: HashSet<String> = inodes.iter().map(|i| format!("pipe:[{i}]")).collect();
+    let me = std::process::id();
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            if names.contains(target.to_string_lossy().as_ref()) {
+                if let Some(n) = fd.file_name().to_str().and_then(|n| n.parse().ok()) {
+                    out.push((pid, n));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Whether `pid` exists and is not a zombie.
 pub fn is_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -13,7 +13,7 @@ use crate::outbox::{Outbox, Outgoing};
 use crate::procfs::{self, ProcEntry};
 use kiln_proto::v1::{job_update::Update, JobFinished, JobUpdate, RunningJob};
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::{mpsc, Notify};
 
@@ -45,7 +45,15 @@ pub struct AgentState {
     jobs: Mutex<HashMap<JobKey, JobHandle>>,
     /// Signalled whenever a job ends.
     job_ended: Notify,
+    /// The last process table read from /proc and when, shared by every job's guard poll.
+    procs: Mutex<(Instant, Arc<Vec<ProcEntry>>)>,
 }
+
+/// How old a shared process table may be before a poll reads /proc again. Reading the whole
+/// table is the agent's costliest step (one file per process on the box); with hundreds of jobs
+/// each reading it every poll, the agent's few threads did little else. Only the membership of
+/// job trees comes from it: each member's memory is read fresh at every sample.
+const PROC_TABLE_MAX_AGE: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl AgentState {
     /// State for a fresh agent.
@@ -63,11 +71,25 @@ impl AgentState {
             sessions,
             jobs: Mutex::new(HashMap::new()),
             job_ended: Notify::new(),
+            procs: Mutex::new((Instant::now(), Arc::new(Vec::new()))),
         }
     }
 
     fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<JobKey, JobHandle>> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The process table, read from /proc at most once per [`PROC_TABLE_MAX_AGE`] (or the
+    /// agent's poll interval, if shorter) however many jobs ask.
+    pub fn proc_table(&self) -> Arc<Vec<ProcEntry>> {
+        let max_age = PROC_TABLE_MAX_AGE.min(std::time::Duration::from_secs_f64(
+            self.config.poll_secs.max(0.0),
+        ));
+        let mut procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
+        if procs.1.is_empty() || procs.0.elapsed() >= max_age {
+            *procs = (Instant::now(), Arc::new(procfs::read_all()));
+        }
+        procs.1.clone()
     }
 
     /// Seconds since the agent started (monotonic).
@@ -123,6 +145,7 @@ impl AgentState {
                 job_id,
                 attempt,
                 pid: h.pid,
+                ended: false,
             })
             .collect();
         out.extend(self.outbox.pending_ends());
