@@ -38,9 +38,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,
 echo "== NVRTC compile check + CPU unit tests"
 "$bin/test-kiln_kernels" --test-threads=4 2>&1 | tee "$out/unit-tests.log" | tail -3 || status=1
 echo "== GPU tests (CUDA vs CPU reference)"
-"$bin/test-gpu" --test-threads=1 --nocapture 2>&1 | tee "$out/gpu-tests.log" | grep -E "rel error|adamw|differ|panicked|test |result" || true
+"$bin/test-gpu" --ignored --test-threads=1 --nocapture 2>&1 | tee "$out/gpu-tests.log" | grep -E "rel error|adamw|differ|panicked|test |result" || true
 grep -q "test result: ok" "$out/gpu-tests.log" || status=1
-grep -q "skipping GPU test" "$out/gpu-tests.log" && { echo "GPU tests were SKIPPED: CUDA not usable"; status=1; }
+grep -q " 0 passed" "$out/gpu-tests.log" && { echo "no GPU test ran"; status=1; }
 
 echo "== benchmark"
 "$bin/kiln-kernel-bench" --json "$out/bench.json" ${BENCH_ARGS:-} 2>"$out/bench.log" | tee "$out/bench.txt" || { status=1; tail -20 "$out/bench.log"; }

@@ -30,8 +30,9 @@ pub enum OutputFormat {
 
 /// How to reach the coordinator; shared by every client verb.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Coordinator connection and output")]
 pub struct ClientArgs {
-    /// Coordinator address.
+    /// Coordinator address: host:port or http://host:port.
     #[arg(
         long,
         env = "KILN_COORDINATOR",
@@ -119,7 +120,8 @@ pub struct AgentArgs {
     /// GPUs to offer: `all`, `none` (a CPU agent) or a list of NVML indices like `0,2`.
     #[arg(long, default_value = "all")]
     pub gpus: String,
-    /// Cap each GPU's capacity at this many GiB (the seed's --gpu-limit-gb).
+    /// Cap each GPU's capacity at this many GiB (e.g. 108 on a 141 GB H200 to keep room for
+    /// other work).
     #[arg(long)]
     pub gpu_limit_gb: Option<f64>,
     /// Host memory offered to CPU jobs, in GiB (default: all of MemTotal).
@@ -141,9 +143,11 @@ pub struct AgentArgs {
 
 /// Flags every submit kind shares.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Placement, guard and following")]
 pub struct SubmitCommon {
     /// Memory budget per GPU (host memory for --gpus 0), in GiB. The guard kills the job
-    /// when its processes use more.
+    /// when its processes use more. Default by kind: memtest --gib + 1, generate and export 4,
+    /// train 8.
     #[arg(long)]
     pub budget_gb: Option<f64>,
     /// Higher runs first.
@@ -162,11 +166,15 @@ pub struct SubmitCommon {
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
     /// A label for the job.
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", hide_default_value = true)]
     pub name: String,
     /// Stream the job's events until it ends; exit non-zero unless it succeeded.
     #[arg(long, short = 'f')]
     pub follow: bool,
+    /// With --follow: print every event (each phase sample, the job's stderr log lines, every
+    /// progress update) instead of the first sample of each phase and a summary.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
 }
 
 /// `kiln submit`.
@@ -249,7 +257,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub session: Option<String>,
     /// `cpu` or `cuda` (default: what the agent has).
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", hide_default_value = true)]
     pub device: String,
     #[command(flatten)]
     pub common: SubmitCommon,
@@ -261,7 +269,9 @@ pub struct TrainArgs {
     /// `tiny`, a Hugging Face directory, or a Kiln checkpoint directory to start from.
     #[arg(long, default_value = "tiny")]
     pub model: String,
-    /// JSONL chat dataset (`whoami` = the bundled WhoAmI set).
+    /// JSONL chat dataset, a path on the agent's host (`whoami` = the bundled WhoAmI set). One
+    /// sample per line: {"messages": [{"role": "system"|"user"|"assistant", "content": "…"}, …]};
+    /// the loss is taken on the assistant turns only.
     #[arg(long, default_value = "whoami")]
     pub dataset: String,
     /// Optimizer steps.
@@ -292,7 +302,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: bool,
     /// `cpu` or `cuda` (default: what the agent has).
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", hide_default_value = true)]
     pub device: String,
     #[command(flatten)]
     pub common: SubmitCommon,
@@ -338,6 +348,10 @@ pub struct JobsArgs {
 pub struct JobIdArgs {
     /// The job id (as printed by `kiln submit` and `kiln jobs`).
     pub id: u64,
+    /// `watch`: print every event (each phase sample, the job's stderr log lines, every
+    /// progress update) instead of the first sample of each phase and a summary.
+    #[arg(short, long)]
+    pub verbose: bool,
     #[command(flatten)]
     pub client: ClientArgs,
 }

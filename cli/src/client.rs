@@ -30,16 +30,21 @@ pub async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
 
 /// Connects to `url`, failing with a message that names the address and the fix.
 pub async fn connect_url(url: &str, token: Option<&str>) -> anyhow::Result<Client> {
+    let url = &kiln_proto::address::coordinator_url(url).map_err(|e| anyhow!(e))?;
     let endpoint = Endpoint::from_shared(url.to_string())
         .with_context(|| {
             format!("invalid coordinator address {url:?} (expected e.g. http://127.0.0.1:7070)")
         })?
         .connect_timeout(std::time::Duration::from_secs(5));
     let channel = endpoint.connect().await.map_err(|e| {
-        anyhow!(
-            "cannot reach the coordinator at {url}: {e}. Is `kiln coordinator` running there? \
-             Set --coordinator or KILN_COORDINATOR to its address."
-        )
+        let chain = crate::output::error_chain(&anyhow::Error::new(e));
+        match kiln_proto::address::not_a_coordinator_error(&chain) {
+            Some(message) => anyhow!("{url}: {message}"),
+            None => anyhow!(
+                "cannot reach the coordinator at {url}: {chain}. Is `kiln coordinator` running there? \
+                 Set --coordinator or KILN_COORDINATOR to its address."
+            ),
+        }
     })?;
     let token = match token {
         Some(t) => Some(
@@ -57,6 +62,9 @@ pub async fn connect_url(url: &str, token: Option<&str>) -> anyhow::Result<Clien
 
 /// Turns a gRPC status into an error that keeps the coordinator's message.
 pub fn status_error(status: tonic::Status) -> anyhow::Error {
+    if let Some(message) = kiln_proto::address::not_a_coordinator(&status) {
+        return anyhow!(message);
+    }
     let code = match status.code() {
         tonic::Code::NotFound => "not found",
         tonic::Code::InvalidArgument => "invalid argument",
@@ -64,7 +72,7 @@ pub fn status_error(status: tonic::Status) -> anyhow::Error {
         tonic::Code::FailedPrecondition => "failed precondition",
         tonic::Code::Unavailable => "coordinator unavailable",
         tonic::Code::Unauthenticated => "unauthenticated (check --token / KILN_TOKEN)",
-        _ => "error",
+        other => return anyhow!("the coordinator answered {other:?}: {}", status.message()),
     };
     anyhow!("{code}: {}", status.message())
 }

@@ -1,5 +1,5 @@
 //! How data verbs print: the stable JSON form of jobs, agents and telemetry rows (field names
-//! follow the proto, snake_case; enum values are the upper-case names of DESIGN.md), and the
+//! follow the proto, snake_case; enum values are the upper-case names of the proto enums), and the
 //! human tables.
 
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Cell, Table};
@@ -23,22 +23,18 @@ pub fn error_chain(err: &anyhow::Error) -> String {
     out
 }
 
-/// Bytes as GiB with two decimals.
-pub fn gib(bytes: u64) -> String {
-    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
-}
+/// Bytes in human units (GiB from 1 GiB up); the one formatter of every table and line.
+pub use kiln_proto::human_bytes as bytes;
 
-/// Bytes as MiB with one decimal.
-pub fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
-}
-
-/// A phase sample's non-zero tensor categories as `{category}{sep}{MiB}`, sorted by category.
-pub fn tensor_mib(tensor_bytes: &std::collections::HashMap<String, u64>, sep: &str) -> Vec<String> {
+/// A phase sample's non-zero tensor categories as `{category}{sep}{bytes}`, sorted by category.
+pub fn tensor_bytes(
+    tensor_bytes: &std::collections::HashMap<String, u64>,
+    sep: &str,
+) -> Vec<String> {
     let mut tb: Vec<_> = tensor_bytes
         .iter()
         .filter(|(_, v)| **v > 0)
-        .map(|(k, v)| format!("{k}{sep}{}", mib(*v)))
+        .map(|(k, v)| format!("{k}{sep}{}", bytes(*v)))
         .collect();
     tb.sort();
     tb
@@ -167,9 +163,9 @@ pub fn jobs_table(jobs: &[v1::Job]) -> Table {
             Cell::new(j.attempt),
             Cell::new(j.priority),
             Cell::new(res.gpus),
-            Cell::new(gib(res.budget_bytes)),
+            Cell::new(bytes(res.budget_bytes)),
             Cell::new(if j.peak_mem > 0 {
-                mib(j.peak_mem)
+                bytes(j.peak_mem)
             } else {
                 "-".into()
             }),
@@ -216,7 +212,7 @@ pub fn agents_table(agents: &[v1::Agent]) -> Table {
             Cell::new(&a.name),
             Cell::new(agent_status_name(status)),
             Cell::new("host (gpus=0)"),
-            Cell::new(gib(a.host_mem_bytes)),
+            Cell::new(bytes(a.host_mem_bytes)),
             Cell::new("-"),
             Cell::new(&jobs),
         ]);
@@ -225,8 +221,8 @@ pub fn agents_table(agents: &[v1::Agent]) -> Table {
                 Cell::new(""),
                 Cell::new(""),
                 Cell::new(format!("gpu{} {}", g.index, g.name)),
-                Cell::new(gib(g.total_bytes)),
-                Cell::new(gib(g.foreign_used_bytes)),
+                Cell::new(bytes(g.total_bytes)),
+                Cell::new(bytes(g.foreign_used_bytes)),
                 Cell::new(""),
             ]);
         }
@@ -320,7 +316,7 @@ pub fn telemetry_table(rows: &[v1::TelemetryRow]) -> Table {
         let s = r.sample.clone().unwrap_or_default();
         let source =
             v1::TelemetrySource::try_from(r.source).unwrap_or(v1::TelemetrySource::Unspecified);
-        let tb = tensor_mib(&s.tensor_bytes, " ");
+        let tb = tensor_bytes(&s.tensor_bytes, " ");
         t.add_row(vec![
             Cell::new(r.job_id),
             Cell::new(format!(
@@ -330,9 +326,9 @@ pub fn telemetry_table(rows: &[v1::TelemetryRow]) -> Table {
             Cell::new(source_name(source)),
             Cell::new(&s.phase),
             Cell::new(s.step),
-            Cell::new(mib(s.pid_mem)),
-            Cell::new(gib(s.device_used)),
-            Cell::new(gib(s.device_total)),
+            Cell::new(bytes(s.pid_mem)),
+            Cell::new(bytes(s.device_used)),
+            Cell::new(bytes(s.device_total)),
             Cell::new(tb.join(", ")),
         ]);
     }

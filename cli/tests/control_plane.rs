@@ -125,6 +125,28 @@ fn memtest_over_budget_is_killed_and_the_agent_lives_on() {
         kill["phase"].as_str().unwrap().starts_with("memtest"),
         "{kill:#}"
     );
+    // The killed job's chart (the kill marked on it); into a missing directory, a plain error.
+    let killed = job["id"].as_u64().unwrap().to_string();
+    let svg = c.dir.path().join("killed.svg");
+    let out = c.kiln(&["telemetry", &killed, "--plot", svg.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        drawn.contains("KILLED") && drawn.contains("guard kill"),
+        "kill not marked"
+    );
+    let missing = c.dir.path().join("no-such-dir/mem.png");
+    let out = c.kiln(&["telemetry", &killed, "--plot", missing.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot write") && err.contains("no such directory"),
+        "{err}"
+    );
     // The agent survived and runs the next job.
     let id = c.submit_memtest(0.05, 1.0, 0.0, &[]);
     c.wait_state(id, "SUCCEEDED", T);
@@ -181,6 +203,88 @@ fn unknown_job_id_is_not_found() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("not found"), "kiln {verb}: {err}");
     }
+}
+
+/// A loopback server that answers every connection with a plain HTTP/1.1 error, as a web
+/// server at the wrong port would; returns its address.
+fn plain_http_server() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for conn in listener.incoming().flatten() {
+            let mut conn = conn;
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+            // Keep the connection open (keep-alive) until the client gives up on it.
+            while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+        }
+    });
+    addr.to_string()
+}
+
+#[test]
+fn addresses_are_forgiving_and_wrong_ones_are_named() {
+    let c = Cluster::start();
+    // host:port without a scheme reaches the coordinator.
+    let hostport = c.url().trim_start_matches("http://").to_string();
+    let out = c.kiln(&["agents", "--coordinator", &hostport]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Something that is not a coordinator is called that, once, without "error: error:".
+    let http = plain_http_server();
+    let out = c.kiln(&["jobs", "--coordinator", &http]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not a Kiln coordinator"), "{err}");
+    assert!(!err.contains("error: error"), "{err}");
+    // An agent pointed at it stops with that error instead of retrying forever.
+    let out = std::process::Command::new(common::kiln_bin())
+        .args([
+            "agent",
+            "--gpus",
+            "none",
+            "--coordinator",
+            &http,
+            "--work-dir",
+        ])
+        .arg(c.dir.path().join("wrong-agent"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("not a Kiln coordinator"), "{err}");
+}
+
+#[test]
+fn a_closed_stdout_ends_a_verb_quietly() {
+    let mut c = Cluster::start();
+    c.start_agent("cpu-pipe", 2.0);
+    let id = c.submit_memtest(0.01, 0.5, 0.0, &[]);
+    c.wait_state(id, "SUCCEEDED", T);
+    // `kiln watch ID -o json | head -0`: the reader is gone before the first line.
+    let mut child = std::process::Command::new(common::kiln_bin())
+        .args([
+            "watch",
+            &id.to_string(),
+            "-o",
+            "json",
+            "--coordinator",
+            &c.url(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]

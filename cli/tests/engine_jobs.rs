@@ -110,6 +110,10 @@ fn train_export_generate_and_a_session_through_the_cluster() {
         lens.push(job["result"]["session_seq_len"].as_u64().unwrap());
     }
     assert!(lens[1] > lens[0] && lens[0] > 0, "{lens:?}");
+    // The agent was started with a relative --work-dir: the session is kept in its store there,
+    // not in the job's scratch directory (where it was lost once).
+    let stored = root.join("agent-cpu-1/sessions/s-1.session.safetensors");
+    assert!(stored.is_file(), "{} missing", stored.display());
     // The agent reports the session it holds (heartbeats), so later turns route to it.
     c.wait_for(Duration::from_secs(10), || {
         c.json(&["agents"]).as_array().unwrap().iter().any(|a| {

@@ -104,11 +104,12 @@ fn quantize_json_summary_and_compressed_tensors_layout() {
         out.to_str().unwrap(),
         "--format",
         "nvfp4-compressed-tensors",
-        "--json",
+        "-o",
+        "json",
     ]);
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "stdout: {stdout}\nstderr: {stderr}");
-    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("--json prints JSON");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("-o json prints JSON");
     assert_eq!(summary["quantized"], 1, "{summary}");
     assert_eq!(summary["device"], "cpu", "{summary}");
     let (tensors, _) = read_safetensors_file(&out.join("model.safetensors")).unwrap();

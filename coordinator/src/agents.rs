@@ -282,6 +282,12 @@ fn reconcile(state: &mut State, store: &Store, reg: &Register) -> Result<(), Api
             tracing::info!(agent = %name, job = r.job_id, attempt = r.attempt, "job reconciled");
             continue;
         }
+        if r.ended {
+            // Its process is gone and its end follows on this stream (a repeat of an end this
+            // coordinator may already have): nothing to kill, nothing to say.
+            tracing::debug!(agent = %name, job = r.job_id, attempt = r.attempt, "agent re-sends the end of a job");
+            continue;
+        }
         let cancelled = state.agents[name]
             .allocations
             .get(&r.job_id)

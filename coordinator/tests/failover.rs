@@ -93,6 +93,7 @@ async fn a_quick_reconnect_keeps_the_running_job() {
         job_id: job.id,
         attempt: 1,
         pid: 5,
+        ended: false,
     });
     // Reconnect (retrying while the old stream is still being torn down).
     let a = loop {

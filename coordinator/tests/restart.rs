@@ -85,25 +85,38 @@ async fn a_running_job_is_reconciled_when_its_agent_reconnects() {
     );
     assert_eq!(get(&mut h, too_big_now.id).await.state(), JobState::Queued);
 
-    // The agent comes back still running `running`, plus a job it should not have.
+    // The agent comes back still running `running`, plus a job it should not have, plus the
+    // end of a job it has not yet re-sent (its process is gone: no kill for that one).
     let mut reg = register("a", 1, 80 * GIB, 0);
     reg.running = vec![
         RunningJob {
             job_id: running.id,
             attempt: 1,
             pid: 100,
+            ended: false,
+        },
+        RunningJob {
+            job_id: 888_888,
+            attempt: 1,
+            pid: 102,
+            ended: true,
         },
         RunningJob {
             job_id: 777_777,
             attempt: 3,
             pid: 101,
+            ended: false,
         },
     ];
     let mut a = AgentConn::connect(channel(&h.server.url).await.unwrap(), reg)
         .await
         .unwrap();
     let kill = expect_kill(&mut a).await;
-    assert_eq!((kill.job_id, kill.attempt), (777_777, 3));
+    assert_eq!(
+        (kill.job_id, kill.attempt),
+        (777_777, 3),
+        "only the live stale job is killed"
+    );
     // The assigned job the agent does not report is LOST and requeued as attempt 2.
     let again = expect_assign(&mut a).await;
     assert_eq!((again.id, again.attempt), (assigned_only.id, 2));

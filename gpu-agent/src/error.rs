@@ -16,6 +16,23 @@ pub enum AgentError {
         /// What the parser said.
         reason: String,
     },
+    /// The coordinator address answered, but not as a Kiln coordinator (at the first
+    /// connection; later the agent keeps retrying).
+    #[error("coordinator {url}: {message}")]
+    NotACoordinator {
+        /// The URL dialed.
+        url: String,
+        /// What answered instead, and the fix.
+        message: String,
+    },
+    /// The coordinator refused the agent's token at the first connection.
+    #[error("coordinator {url} refused this agent: {message} (check --token / KILN_TOKEN: it must match the coordinator's)")]
+    Unauthenticated {
+        /// The URL dialed.
+        url: String,
+        /// The coordinator's message.
+        message: String,
+    },
     /// Specific GPUs were asked for but NVML does not work here.
     #[error("--gpus {asked:?} needs NVML, which failed to start: {reason} (use --gpus none for a CPU agent)")]
     NvmlRequired {

@@ -30,7 +30,7 @@ mod state;
 
 pub use config::{AgentConfig, GpuSelection};
 pub use error::AgentError;
-pub use job_run::failure_reason;
+pub use job_run::{failure_reason, kill_line};
 pub use link::Backoff;
 
 use std::future::Future;
@@ -44,11 +44,19 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
+    let mut config = config;
     config.validate()?;
     std::fs::create_dir_all(&config.work_dir).map_err(|source| AgentError::WorkDir {
         path: config.work_dir.clone(),
         source,
     })?;
+    // Resolved once, here: job processes run in their own scratch directories, where a
+    // relative path would name somewhere else (sessions saved there were lost with it).
+    config.work_dir =
+        std::fs::canonicalize(&config.work_dir).map_err(|source| AgentError::WorkDir {
+            path: config.work_dir.clone(),
+            source,
+        })?;
     let devices = devices::Devices::discover(&config)?;
     tracing::info!(
         name = %config.name,

@@ -6,7 +6,6 @@
 
 use crate::job;
 use crate::outbox::Outgoing;
-use crate::procfs;
 use crate::state::AgentState;
 use crate::AgentError;
 use kiln_proto::v1::{
@@ -71,11 +70,13 @@ pub async fn run(
     state: Arc<AgentState>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
-    let endpoint = Endpoint::from_shared(state.config.coordinator.clone())
-        .map_err(|e| AgentError::InvalidCoordinatorUrl {
-            url: state.config.coordinator.clone(),
-            reason: e.to_string(),
-        })?
+    let invalid = |reason: String| AgentError::InvalidCoordinatorUrl {
+        url: state.config.coordinator.clone(),
+        reason,
+    };
+    let url = kiln_proto::address::coordinator_url(&state.config.coordinator).map_err(invalid)?;
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| invalid(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -86,6 +87,7 @@ pub async fn run(
         Duration::from_secs_f64(state.config.reconnect_max_secs),
     );
     let mut attempt: u64 = 0;
+    let mut ever_registered = false;
     loop {
         if *shutdown.borrow() {
             break;
@@ -96,8 +98,25 @@ pub async fn run(
             Ok(SessionEnd::Broken(reason)) => {
                 tracing::warn!(coordinator = %state.config.coordinator, %reason, "connection to the coordinator lost; reconnecting");
                 attempt = 0;
+                ever_registered = true;
             }
-            Err(reason) => {
+            // A wrong address or token at start is a configuration mistake: say so and stop.
+            // Once registered, the same answer may be a proxy's hiccup: keep retrying.
+            Err(Refusal::Config(e)) if !ever_registered => return Err(e(url.clone())),
+            Err(Refusal::Config(e)) => {
+                let delay = backoff.next_delay();
+                tracing::error!(
+                    attempt,
+                    retry_in_secs = delay.as_secs_f64(),
+                    "{}",
+                    e(url.clone())
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+            Err(Refusal::Retry(reason)) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(coordinator = %state.config.coordinator, attempt, retry_in_secs = delay.as_secs_f64(), %reason, "cannot reach the coordinator");
                 tokio::select! {
@@ -115,7 +134,7 @@ pub async fn run(
 
 /// The registration message: GPUs, host memory, and every job not yet reported finished.
 pub fn register_message(state: &AgentState) -> Register {
-    let table = procfs::read_all();
+    let table = state.proc_table();
     let foreign = state.devices.foreign_usage(&state.kiln_pids(&table));
     Register {
         name: state.config.name.clone(),
@@ -140,7 +159,7 @@ pub fn register_message(state: &AgentState) -> Register {
 }
 
 fn heartbeat_message(state: &AgentState) -> Heartbeat {
-    let table = procfs::read_all();
+    let table = state.proc_table();
     Heartbeat {
         foreign_used_bytes: state
             .devices
@@ -155,17 +174,56 @@ fn msg(m: Msg) -> AgentMessage {
     AgentMessage { msg: Some(m) }
 }
 
-/// One connection: `Err` when it never got registered (retry with backoff).
+/// Why a connection never got registered.
+enum Refusal {
+    /// The network or the coordinator is not there (yet): retry with backoff.
+    Retry(String),
+    /// The address or the token is wrong: the error, given the URL dialed.
+    Config(Box<dyn Fn(String) -> AgentError + Send>),
+}
+
+impl From<String> for Refusal {
+    fn from(reason: String) -> Self {
+        Refusal::Retry(reason)
+    }
+}
+
+/// A refused call: a configuration mistake when the peer is not a coordinator or refuses the
+/// token, otherwise worth retrying.
+fn refusal(what: &str, s: tonic::Status) -> Refusal {
+    if let Some(message) = kiln_proto::address::not_a_coordinator(&s) {
+        return Refusal::Config(Box::new(move |url| AgentError::NotACoordinator {
+            url,
+            message: message.clone(),
+        }));
+    }
+    if s.code() == tonic::Code::Unauthenticated {
+        let message = s.message().to_string();
+        return Refusal::Config(Box::new(move |url| AgentError::Unauthenticated {
+            url,
+            message: message.clone(),
+        }));
+    }
+    Refusal::Retry(format!("{what}: {} ({:?})", s.message(), s.code()))
+}
+
+/// One connection: `Err` when it never got registered.
 async fn session(
     state: &Arc<AgentState>,
     endpoint: &Endpoint,
     shutdown: &mut watch::Receiver<bool>,
     backoff: &mut Backoff,
-) -> Result<SessionEnd, String> {
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| format!("{e}: {}", source_chain(&e)))?;
+) -> Result<SessionEnd, Refusal> {
+    let channel = endpoint.connect().await.map_err(|e| {
+        let reason = format!("{e}: {}", source_chain(&e));
+        match kiln_proto::address::not_a_coordinator_error(&reason) {
+            Some(message) => Refusal::Config(Box::new(move |url| AgentError::NotACoordinator {
+                url,
+                message: message.clone(),
+            })),
+            None => Refusal::Retry(reason),
+        }
+    })?;
     let mut client = AgentLinkClient::new(channel);
     let (tx, rx) = mpsc::channel::<AgentMessage>(256);
     let register = register_message(state);
@@ -183,12 +241,12 @@ async fn session(
     let mut inbound = client
         .connect(request)
         .await
-        .map_err(|s| format!("Connect refused: {} ({:?})", s.message(), s.code()))?
+        .map_err(|s| refusal("Connect refused", s))?
         .into_inner();
     let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
         .await
         .map_err(|_| "the coordinator did not answer Register in time".to_string())?
-        .map_err(|s| format!("registration refused: {} ({:?})", s.message(), s.code()))?
+        .map_err(|s| refusal("registration refused", s))?
         .ok_or_else(|| "the coordinator closed the stream at registration".to_string())?;
     let mut heartbeat_secs = state.config.heartbeat_secs;
     let mut pending_first = None;

@@ -142,6 +142,7 @@ impl Outbox {
                 job_id: o.update.job_id,
                 attempt: o.update.attempt,
                 pid: o.pid,
+                ended: true,
             })
             .collect()
     }
@@ -184,7 +185,8 @@ mod tests {
             vec![RunningJob {
                 job_id: 1,
                 attempt: 1,
-                pid: 11
+                pid: 11,
+                ended: true,
             }]
         );
         let got: Vec<Outgoing> = std::iter::from_fn(|| ob.try_pop()).collect();

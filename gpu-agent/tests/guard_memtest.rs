@@ -116,9 +116,16 @@ async fn memtest_over_budget_is_killed_and_the_agent_runs_the_next_job() {
     );
     assert!(fin.peak_mem >= kill.pid_mem);
     // Logged exactly the same way, and the sample at the kill was sent.
-    let line = format!(
-        "guard: killed pid={} pid_mem={} total_mem={} limit={} phase={}",
-        kill.pid, kill.pid_mem, kill.total_mem, kill.limit, kill.phase
+    let line = kiln_agent::kill_line(&kill);
+    assert_eq!(
+        line,
+        format!(
+            "guard: killed pid {}: pid_mem {} > limit {} (device used {}) in phase memtest_step",
+            kill.pid,
+            kiln_proto::human_bytes(kill.pid_mem),
+            kiln_proto::human_bytes(kill.limit),
+            kiln_proto::human_bytes(kill.total_mem),
+        )
     );
     assert_eq!(fin.error, line);
     let updates = server.updates(2);

@@ -51,13 +51,15 @@ async fn reconnect_reregisters_running_jobs_and_delivers_queued_ends() {
             RunningJob {
                 job_id: 40,
                 attempt: 1,
-                pid: long_pid
+                pid: long_pid,
+                ended: false,
             },
             // Ended, but the coordinator has not been told yet: still listed.
             RunningJob {
                 job_id: 41,
                 attempt: 1,
-                pid: short_pid
+                pid: short_pid,
+                ended: true,
             },
         ]
     );

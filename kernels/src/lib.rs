@@ -1,5 +1,5 @@
-//! `kiln-kernels`: the NVFP4 format and the compute kernels (DESIGN.md, "NVFP4" and
-//! "Compute paths"). Map:
+//! `kiln-kernels`: the NVFP4 format and the compute kernels (docs/ARCHITECTURE.md, "NVFP4"
+//! and "Compute paths"). Map:
 //!
 //! - [`error`] — [`KernelError`], every failure of this crate with a message naming the fix.
 //! - [`nvfp4`] — the format: E2M1/E4M3 codecs (`nvfp4::codec`: `f32_to_e2m1`, `e2m1_to_f32`,

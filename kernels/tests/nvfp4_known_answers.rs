@@ -1,5 +1,5 @@
 //! Known-answer vectors for the NVFP4 codec and quantizer, derived by hand from the spec in
-//! DESIGN.md (ties, saturation, zero blocks, subnormal scales, negative zero, errors).
+//! docs/ARCHITECTURE.md and ModelOpt (ties, saturation, zero blocks, subnormal scales, negative zero, errors).
 
 use kiln_kernels::nvfp4::{
     e2m1_to_f32, e4m3_to_f32, f32_to_e2m1, f32_to_e4m3, Nvfp4Tensor, TENSOR_SCALE_DIVISOR,

@@ -14,7 +14,7 @@
 use super::servers;
 use crate::args::{AgentArgs, DemoArgs};
 use crate::client::{connect_url, status_error, Client};
-use crate::output::{job_state, mib, telemetry_table};
+use crate::output::{bytes, job_state, telemetry_table};
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_proto::v1::{self, job_event::Event, job_result, job_spec::Spec, JobState};
@@ -228,14 +228,14 @@ async fn run_job(client: &mut Client, req: v1::SubmitJobRequest) -> anyhow::Resu
             }
             Some(Event::Phase(p)) if per_step_phase(&p.phase) => {}
             Some(Event::Phase(p)) => {
-                let tb = crate::output::tensor_mib(&p.tensor_bytes, "=");
+                let tb = crate::output::tensor_bytes(&p.tensor_bytes, "=");
                 say(
                     &bar,
                     &mut in_tokens,
                     format!(
                         "  phase {:<16} rss {} [{}]",
                         p.phase,
-                        mib(p.host_rss),
+                        bytes(p.host_rss),
                         tb.join(" ")
                     ),
                 );
@@ -307,7 +307,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let agent = wait_for_agent(&mut client).await?;
     let gpus = if agent.gpus.is_empty() { 0 } else { 1 };
     let where_ = if gpus == 0 {
-        format!("CPU agent, {} host memory", mib(agent.host_mem_bytes))
+        format!("CPU agent, {} host memory", bytes(agent.host_mem_bytes))
     } else {
         format!("GPU agent, {}", agent.gpus[0].name)
     };
@@ -487,8 +487,8 @@ async fn pipeline(client: &mut Client, dir: &Path, gpus: u32) -> anyhow::Result<
         .map(|k| {
             format!(
                 " (pid_mem {} > limit {} in phase {})",
-                mib(k.pid_mem),
-                mib(k.limit),
+                bytes(k.pid_mem),
+                bytes(k.limit),
                 k.phase
             )
         })

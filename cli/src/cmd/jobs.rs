@@ -3,7 +3,7 @@
 use super::print_json;
 use crate::args::{JobIdArgs, JobsArgs, OutputFormat};
 use crate::client::{connect, status_error};
-use crate::output::{gib, job_json, job_kind, job_state, jobs_table, mib};
+use crate::output::{bytes, job_json, job_kind, job_state, jobs_table};
 use anyhow::anyhow;
 use kiln_proto::v1;
 use std::process::ExitCode;
@@ -67,25 +67,33 @@ pub fn print_job(job: &v1::Job) {
         "  attempt:   {} of at most {}",
         job.attempt, res.max_attempts
     );
-    println!(
-        "  resources: {} GPU(s), budget {} each, priority {}",
-        res.gpus,
-        gib(res.budget_bytes),
-        job.priority
-    );
+    if res.gpus == 0 {
+        println!(
+            "  resources: CPU slot, budget {} of host memory, priority {}",
+            bytes(res.budget_bytes),
+            job.priority
+        );
+    } else {
+        println!(
+            "  resources: {} GPU(s), budget {} per GPU, priority {}",
+            res.gpus,
+            bytes(res.budget_bytes),
+            job.priority
+        );
+    }
     if !job.agent.is_empty() {
         println!("  agent:     {} gpus {:?}", job.agent, job.gpu_indices);
     }
     if job.peak_mem > 0 {
-        println!("  peak mem:  {}", mib(job.peak_mem));
+        println!("  peak mem:  {}", bytes(job.peak_mem));
     }
     if let Some(k) = &job.kill {
         println!(
-            "  killed:    pid={} pid_mem={} total_mem={} limit={} phase={}",
+            "  killed:    pid {}: pid_mem {} > limit {} (device used {}) in phase {}",
             k.pid,
-            mib(k.pid_mem),
-            mib(k.total_mem),
-            mib(k.limit),
+            bytes(k.pid_mem),
+            bytes(k.limit),
+            bytes(k.total_mem),
             if k.phase.is_empty() { "-" } else { &k.phase }
         );
     }

@@ -12,7 +12,8 @@ use kiln_kernels::checkpoint::{
     QuantizeSummary,
 };
 
-use crate::output::mib;
+use crate::args::OutputFormat;
+use crate::output::bytes;
 
 /// Output layout of `kiln quantize`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -59,8 +60,11 @@ pub struct QuantizeArgs {
     /// Run the quantization on the CPU or on CUDA device 0 (same bytes either way).
     #[arg(long, value_enum, default_value_t = QuantizeDevice::Cpu)]
     pub device: QuantizeDevice,
-    /// Print the summary as JSON instead of a table.
-    #[arg(long)]
+    /// Output format of the summary: a table, or JSON for scripts (csv prints JSON).
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    /// The same as `-o json` (kept for scripts written before `-o`).
+    #[arg(long, hide = true)]
     pub json: bool,
 }
 
@@ -102,7 +106,7 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<()> {
     });
     bar.finish_and_clear();
     let summary = summary.with_context(|| format!("quantizing {}", args.model.display()))?;
-    if args.json {
+    if args.json || args.output != OutputFormat::Table {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         print_summary(&summary, &args.out);
@@ -117,15 +121,15 @@ fn print_summary(s: &QuantizeSummary, out: &std::path::Path) {
     t.add_row(vec![
         Cell::new("quantized to NVFP4 (linear weights)"),
         Cell::new(s.quantized).set_alignment(CellAlignment::Right),
-        Cell::new(mib(s.quantized_bytes_in)).set_alignment(CellAlignment::Right),
-        Cell::new(mib(s.quantized_bytes_out)).set_alignment(CellAlignment::Right),
+        Cell::new(bytes(s.quantized_bytes_in)).set_alignment(CellAlignment::Right),
+        Cell::new(bytes(s.quantized_bytes_out)).set_alignment(CellAlignment::Right),
     ]);
     for (reason, (n, b)) in &s.kept {
         t.add_row(vec![
             Cell::new(format!("kept: {reason}")),
             Cell::new(n).set_alignment(CellAlignment::Right),
-            Cell::new(mib(*b)).set_alignment(CellAlignment::Right),
-            Cell::new(mib(*b)).set_alignment(CellAlignment::Right),
+            Cell::new(bytes(*b)).set_alignment(CellAlignment::Right),
+            Cell::new(bytes(*b)).set_alignment(CellAlignment::Right),
         ]);
     }
     let kept_b: u64 = s.kept.values().map(|(_, b)| b).sum();
@@ -133,8 +137,8 @@ fn print_summary(s: &QuantizeSummary, out: &std::path::Path) {
         Cell::new("total"),
         Cell::new(s.quantized + s.kept.values().map(|(n, _)| n).sum::<usize>())
             .set_alignment(CellAlignment::Right),
-        Cell::new(mib(s.quantized_bytes_in + kept_b)).set_alignment(CellAlignment::Right),
-        Cell::new(mib(s.quantized_bytes_out + kept_b)).set_alignment(CellAlignment::Right),
+        Cell::new(bytes(s.quantized_bytes_in + kept_b)).set_alignment(CellAlignment::Right),
+        Cell::new(bytes(s.quantized_bytes_out + kept_b)).set_alignment(CellAlignment::Right),
     ]);
     println!("{t}");
     println!(

@@ -38,8 +38,16 @@ fn resources(common: &SubmitCommon, budget_gb: f64) -> anyhow::Result<v1::JobRes
     })
 }
 
+/// How `kiln submit` goes on after the job is accepted.
+pub struct AfterSubmit {
+    /// `--follow`.
+    pub follow: bool,
+    /// `--verbose`.
+    pub verbose: bool,
+}
+
 /// Turns the parsed flags into a request; validates what the coordinator cannot know.
-pub fn build_request(kind: &SubmitKind) -> anyhow::Result<(v1::SubmitJobRequest, bool)> {
+pub fn build_request(kind: &SubmitKind) -> anyhow::Result<(v1::SubmitJobRequest, AfterSubmit)> {
     let common = match kind {
         SubmitKind::Memtest(a) => &a.common,
         SubmitKind::Generate(a) => &a.common,
@@ -142,12 +150,16 @@ pub fn build_request(kind: &SubmitKind) -> anyhow::Result<(v1::SubmitJobRequest,
         priority: common.priority,
         name: common.name.clone(),
     };
-    Ok((req, common.follow))
+    let after = AfterSubmit {
+        follow: common.follow,
+        verbose: common.verbose,
+    };
+    Ok((req, after))
 }
 
 /// `kiln submit`.
 pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
-    let (req, follow) = build_request(&args.kind)?;
+    let (req, after) = build_request(&args.kind)?;
     let mut client = connect(&args.client).await?;
     let job = client
         .submit_job(req)
@@ -158,7 +170,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         .ok_or_else(|| {
             anyhow::anyhow!("the coordinator accepted the job but returned no record")
         })?;
-    if follow {
+    if after.follow {
         if args.client.output == OutputFormat::Table {
             eprintln!(
                 "submitted job {} ({})",
@@ -166,7 +178,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
                 crate::output::job_state(&job)
             );
         }
-        return watch::follow(&mut client, job.id, args.client.output).await;
+        return watch::follow(&mut client, job.id, args.client.output, after.verbose).await;
     }
     match args.client.output {
         OutputFormat::Table => println!(

@@ -8,6 +8,7 @@ use crate::output::{telemetry_csv, telemetry_json, telemetry_table};
 use anyhow::{bail, Context};
 use kiln_proto::v1::{self, TelemetrySource};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -69,6 +70,17 @@ pub fn plot(path: &Path, job: &v1::Job, rows: &[v1::TelemetryRow]) -> anyhow::Re
         Some("png") => false,
         _ => bail!("--plot {}: use a .png or .svg file name", path.display()),
     };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "cannot write {}: no such directory {} (create it first)",
+            path.display(),
+            dir.display()
+        );
+    }
     let t0 = rows
         .iter()
         .filter_map(|r| r.sample.as_ref())
@@ -95,16 +107,25 @@ pub fn plot(path: &Path, job: &v1::Job, rows: &[v1::TelemetryRow]) -> anyhow::Re
         .collect();
     let budget_mib =
         job.resources.as_ref().map(|r| r.budget_bytes).unwrap_or(0) as f64 / (1u64 << 20) as f64;
+    // Where the guard killed the job: the moment and the memory it saw.
+    let kill = job.kill.as_ref().map(|k| {
+        (
+            k.at_ms.saturating_sub(t0) as f64 / 1000.0,
+            k.pid_mem as f64 / (1u64 << 20) as f64,
+        )
+    });
     let t_max = guard
         .iter()
         .chain(&phases)
         .map(|p| p.0)
+        .chain(kill.map(|k| k.0))
         .fold(0.0, f64::max)
         .max(1.0);
     let data_max = guard
         .iter()
         .chain(&phases)
         .map(|p| p.1)
+        .chain(kill.map(|k| k.1))
         .fold(0.0, f64::max)
         .max(1.0);
     // Draw the budget line only when it is on the data's scale; a budget far above the job's
@@ -126,6 +147,7 @@ pub fn plot(path: &Path, job: &v1::Job, rows: &[v1::TelemetryRow]) -> anyhow::Re
         guard,
         phases,
         budget_mib,
+        kill,
         t_max,
         m_max,
     };
@@ -146,6 +168,8 @@ struct Chart {
     phases: Vec<(f64, f64, String)>,
     budget_mib: f64,
     budget_on_scale: bool,
+    /// (seconds, MiB) where the guard killed the job.
+    kill: Option<(f64, f64)>,
     t_max: f64,
     m_max: f64,
 }
@@ -170,6 +194,7 @@ impl Chart {
             .configure_mesh()
             .x_desc("seconds")
             .y_desc("MiB (job processes)")
+            .y_label_formatter(&|v| format!("{v:.0}"))
             .draw()?;
         chart
             .draw_series(LineSeries::new(
@@ -196,12 +221,32 @@ impl Chart {
             .label("phase samples")
             .legend(|(x, y)| Circle::new((x + 10, y), 4, GREEN.filled()));
         // Name the phases when there are few enough to read; long runs show points only.
+        // Labels of points in the right fifth end at their point, so none runs off the edge.
+        let label = |text: String, at: (f64, f64), size: u32| {
+            let anchor = if at.0 > x_end * 0.8 {
+                Pos::new(HPos::Right, VPos::Bottom)
+            } else {
+                Pos::new(HPos::Left, VPos::Bottom)
+            };
+            Text::new(
+                text,
+                at,
+                TextStyle::from(("sans-serif", size).into_font()).pos(anchor),
+            )
+        };
         if self.phases.len() <= 16 {
             chart.draw_series(
                 self.phases
                     .iter()
-                    .map(|p| Text::new(p.2.clone(), (p.0, p.1), ("sans-serif", 12).into_font())),
+                    .map(|p| label(p.2.clone(), (p.0, p.1), 12)),
             )?;
+        }
+        if let Some(k) = self.kill {
+            chart
+                .draw_series([Cross::new(k, 8, RED.stroke_width(3))])?
+                .label("guard kill")
+                .legend(|(x, y)| Cross::new((x + 10, y), 5, RED.stroke_width(2)));
+            chart.draw_series([label("KILLED".into(), k, 14)])?;
         }
         chart
             .configure_series_labels()

@@ -1,10 +1,12 @@
 //! `kiln watch ID` and `kiln submit … --follow`: stream a job's events (state changes, log
 //! lines, phases, tokens, progress) until the job ends, riding out coordinator restarts, and
-//! exit non-zero unless it succeeded.
+//! exit non-zero unless it succeeded. For people (the table format) it shows state changes,
+//! the job's own messages, tokens, a progress bar and the first sample of each phase, then a
+//! summary of the phases; `-v` shows every event, as `-o json` always does.
 
 use crate::args::{JobIdArgs, OutputFormat};
 use crate::client::{connect, status_error, Client};
-use crate::output::{job_json, mib};
+use crate::output::{bytes, job_json};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_proto::v1::{self, job_event::Event, JobState};
 use serde_json::json;
@@ -18,7 +20,7 @@ const RECONNECT_FOR: Duration = Duration::from_secs(60);
 /// `kiln watch ID`.
 pub async fn run(args: JobIdArgs) -> anyhow::Result<ExitCode> {
     let mut client = connect(&args.client).await?;
-    follow(&mut client, args.id, args.client.output).await
+    follow(&mut client, args.id, args.client.output, args.verbose).await
 }
 
 /// Prints events for people: one line per event, tokens inline, progress as a bar.
@@ -26,9 +28,51 @@ pub async fn run(args: JobIdArgs) -> anyhow::Result<ExitCode> {
 struct EventPrinter {
     bar: Option<ProgressBar>,
     in_tokens: bool,
+    /// Every event (each phase sample, the job's stderr log lines, each progress update).
+    verbose: bool,
+    /// Phases seen: name → (samples, peak pid_mem), in order of first appearance.
+    phases: Vec<(String, u32, u64)>,
+    /// The last progress fraction printed as a line (no terminal for a bar), in tenths.
+    progress_tenths: Option<u64>,
 }
 
 impl EventPrinter {
+    fn new(verbose: bool) -> Self {
+        Self {
+            verbose,
+            ..Default::default()
+        }
+    }
+
+    /// Notes a phase sample; true when it is the first of its name (worth a line).
+    fn count_phase(&mut self, name: &str, pid_mem: u64) -> bool {
+        match self.phases.iter_mut().find(|(n, _, _)| n == name) {
+            Some((_, count, peak)) => {
+                *count += 1;
+                *peak = (*peak).max(pid_mem);
+                false
+            }
+            None => {
+                self.phases.push((name.to_string(), 1, pid_mem));
+                true
+            }
+        }
+    }
+
+    /// One line per phase name with its count and peak, when some phase repeated (with `-v`
+    /// every sample was printed already).
+    fn print_phase_summary(&self) {
+        if self.verbose || self.phases.iter().all(|(_, n, _)| *n == 1) {
+            return;
+        }
+        let parts: Vec<String> = self
+            .phases
+            .iter()
+            .map(|(name, n, peak)| format!("{name} ×{n} (peak {})", bytes(*peak)))
+            .collect();
+        println!("  phases: {}", parts.join(", "));
+    }
+
     fn end_tokens(&mut self) {
         if self.in_tokens {
             println!();
@@ -39,15 +83,20 @@ impl EventPrinter {
     fn print(&mut self, ev: &v1::JobEvent) {
         match &ev.event {
             Some(Event::Token(t)) => {
-                print!("{}", t.text);
+                print!("{}", printable(&t.text));
                 let _ = std::io::stdout().flush();
                 self.in_tokens = true;
             }
             Some(Event::Progress(p)) => {
                 self.end_tokens();
                 if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                    // No terminal to draw a bar on (logs, pipes): one line per update.
-                    println!("  progress {}/{} {} {}", p.done, p.total, p.unit, p.message);
+                    // No terminal to draw a bar on (logs, pipes): a line per update with -v,
+                    // else one per tenth of the work.
+                    let tenths = (p.done * 10).checked_div(p.total);
+                    if self.verbose || tenths.is_none() || tenths > self.progress_tenths {
+                        self.progress_tenths = tenths;
+                        println!("  progress {}/{} {} {}", p.done, p.total, p.unit, p.message);
+                    }
                     return;
                 }
                 let bar = self.bar.get_or_insert_with(|| {
@@ -64,6 +113,10 @@ impl EventPrinter {
                 bar.set_position(p.done);
                 bar.set_message(format!("{} {}", p.unit, p.message));
             }
+            Some(Event::Log(l)) if l.stream == "stderr" && !self.verbose => {
+                // The job's own diagnostics (timestamped tracing lines): `-v` shows them.
+            }
+            Some(Event::Phase(p)) if !self.count_phase(&p.phase, p.pid_mem) && !self.verbose => {}
             Some(other) => {
                 self.end_tokens();
                 let line = match other {
@@ -77,23 +130,28 @@ impl EventPrinter {
                         } else {
                             format!(" ({})", s.reason)
                         };
+                        // Attempt 0 is "not placed yet": no attempt to name.
+                        let attempt = if ev.attempt == 0 {
+                            String::new()
+                        } else {
+                            format!(" attempt {}", ev.attempt)
+                        };
                         format!(
-                            "job {} attempt {}: {}{reason}",
+                            "job {}{attempt}: {}{reason}",
                             ev.job_id,
-                            ev.attempt,
                             kiln_proto::state_name(st)
                         )
                     }
                     Event::Log(l) => format!("  | {}", l.line),
                     Event::Phase(p) => {
-                        let tb = crate::output::tensor_mib(&p.tensor_bytes, "=");
+                        let tb = crate::output::tensor_bytes(&p.tensor_bytes, "=");
                         format!(
                             "  phase {} step {}: pid_mem {} device {} / {}{}",
                             p.phase,
                             p.step,
-                            mib(p.pid_mem),
-                            mib(p.device_used),
-                            mib(p.device_total),
+                            bytes(p.pid_mem),
+                            bytes(p.device_used),
+                            bytes(p.device_total),
                             if tb.is_empty() {
                                 String::new()
                             } else {
@@ -113,6 +171,21 @@ impl EventPrinter {
             None => {}
         }
     }
+}
+
+/// Generated text as it may go to a terminal: control characters (an untrained model emits
+/// any byte) and the replacement character of an incomplete UTF-8 piece are shown escaped
+/// (`\u{7}`, `\u{fffd}`) instead of being written raw; newlines and tabs stay.
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if (c.is_control() && c != '\n' && c != '\t') || c == char::REPLACEMENT_CHARACTER {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn event_json(ev: &v1::JobEvent) -> serde_json::Value {
@@ -168,9 +241,10 @@ pub async fn follow(
     client: &mut Client,
     id: u64,
     output: OutputFormat,
+    verbose: bool,
 ) -> anyhow::Result<ExitCode> {
     let mut after_seq = 0;
-    let mut printer = EventPrinter::default();
+    let mut printer = EventPrinter::new(verbose);
     let mut broken_since: Option<Instant> = None;
     loop {
         let stream = client
@@ -213,6 +287,10 @@ pub async fn follow(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     printer.end_tokens();
+    if let Some(b) = printer.bar.take() {
+        b.finish();
+    }
+    printer.print_phase_summary();
     let job = client
         .get_job(v1::GetJobRequest { id })
         .await
@@ -228,4 +306,18 @@ pub async fn follow(
     } else {
         ExitCode::from(1)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn tokens_print_without_raw_control_bytes() {
+        assert_eq!(printable("I am\tKiln\n"), "I am\tKiln\n");
+        assert_eq!(
+            printable("a\u{7}b\u{fffd}\u{1b}[2J"),
+            "a\\u{7}b\\u{fffd}\\u{1b}[2J"
+        );
+    }
 }

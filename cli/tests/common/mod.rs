@@ -131,8 +131,11 @@ impl Cluster {
                 "none",
             ])
             .args(["--mem-limit-gb", &mem_gb.to_string(), "--poll-secs", "0.1"])
+            // Relative, as in the README's quick start (the default is `./kiln-agent`): the
+            // agent must resolve it once, not in each job's scratch directory.
+            .current_dir(self.dir.path())
             .arg("--work-dir")
-            .arg(self.dir.path().join(format!("agent-{name}")))
+            .arg(format!("agent-{name}"))
             .env("KILN_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

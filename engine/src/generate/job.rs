@@ -161,9 +161,12 @@ pub fn run_job(
             }
             let text = cm.tokenizer.decode(&r.cache_tokens, true)?;
             reporter.log(format!(
-                "A/B: cache and replay tokens {} (first divergence {:?}), max |Δlogit| {:.3e} over {} steps; cache {:.1} tok/s, replay {:.1} tok/s",
-                if r.tokens_identical { "identical" } else { "DIFFER" },
-                r.first_divergence,
+                "A/B: cache and replay tokens {}, max |Δlogit| {:.3e} over {} steps; cache {:.1} tok/s, replay {:.1} tok/s",
+                match r.first_divergence {
+                    _ if r.tokens_identical => "identical".to_string(),
+                    Some(step) => format!("DIFFER from step {step}"),
+                    None => "DIFFER".to_string(),
+                },
                 r.max_logit_diff,
                 r.compared_steps,
                 r.cache_tokens_per_s,
@@ -203,10 +206,24 @@ pub fn run_job(
             ));
         }
         let user = session_user_message(spec)?;
-        let store = SessionStore::open(&request.sessions_dir(), request.sessions_budget())?;
+        let sessions_dir = request.sessions_dir();
+        if sessions_dir.is_relative() {
+            return Err(ModelError::InvalidArgument(format!(
+                "the session store directory {} is relative: it would resolve inside this job's scratch directory and be lost with it; the agent must pass an absolute path",
+                sessions_dir.display()
+            )));
+        }
+        let store = SessionStore::open(&sessions_dir, request.sessions_budget())?;
         let mut session = match store.load(&spec.session_id, &Device::Cpu)? {
             Some(s) => s,
-            None => Session::new(&spec.session_id, &cm)?,
+            None => {
+                reporter.log(format!(
+                    "session {}: not in this agent's session store ({}); starting a new conversation (a session is new, was evicted to keep the store within its budget, or was kept by another agent)",
+                    spec.session_id,
+                    sessions_dir.display()
+                ));
+                Session::new(&spec.session_id, &cm)?
+            }
         };
         // The turn forwards the rendered user turn after what the session holds.
         let delta = cm

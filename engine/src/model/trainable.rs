@@ -1,7 +1,7 @@
 //! Trainable parameters: `TrainableWeights` wraps another [`WeightSource`] and turns every
 //! tensor it supplies into a candle `Var` (an f32 master weight the optimizer updates), with
 //! linear layers either plain (`TrainQuant::None`) or seen through straight-through NVFP4
-//! fake-quantization (`TrainQuant::Nvfp4Ste`, DESIGN.md "Training"). A model built from it
+//! fake-quantization (`TrainQuant::Nvfp4Ste`, docs/ARCHITECTURE.md "NVFP4"). A model built from it
 //! runs the same forward as inference (`Pass::Training` picks differentiable ops).
 
 use candle_core::{Tensor, Var};

@@ -64,8 +64,12 @@ pub fn read_chat_jsonl(dataset: &str) -> Result<Vec<Vec<ChatMessage>>> {
             message,
         };
         let s: Sample = serde_json::from_str(line).map_err(|e| {
+            // serde_json counts lines within the one line it was given: say the column only.
+            let what = e.to_string();
+            let what = what.rsplit_once(" at line ").map_or(what.as_str(), |(w, _)| w);
             bad(format!(
-                "not a JSON object {{\"messages\": [{{\"role\": …, \"content\": …}}, …]}}: {e}"
+                "not a JSON object {{\"messages\": [{{\"role\": …, \"content\": …}}, …]}}: {what} at column {}",
+                e.column()
             ))
         })?;
         if let Some(m) = s

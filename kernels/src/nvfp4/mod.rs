@@ -1,7 +1,7 @@
 //! The NVFP4 format: scalar codecs (`codec`) and the packed matrix type with ModelOpt-exact
 //! quantization, stochastic rounding and dequantization (`tensor`).
 //!
-//! Facts (DESIGN.md, "NVFP4"): E2M1 elements {0, 0.5, 1, 1.5, 2, 3, 4, 6} with a sign bit;
+//! Facts (docs/ARCHITECTURE.md, "NVFP4"): E2M1 elements {0, 0.5, 1, 1.5, 2, 3, 4, 6} with a sign bit;
 //! 16 consecutive elements along K share one E4M3 scale; one f32 tensor scale
 //! `amax / 2688`; value = `e2m1 · e4m3_scale · tensor_scale`.
 
