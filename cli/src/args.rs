@@ -72,7 +72,7 @@ pub enum Command {
     /// Stop placing new jobs on an agent (its running jobs finish); `--resume` undoes it.
     Drain(DrainArgs),
     /// Quantize a Hugging Face checkpoint to NVFP4 (local; no coordinator needed).
-    Quantize(crate::cmd::quantize::QuantizeArgs),
+    Quantize(QuantizeArgs),
     /// Benchmarks (each prints its baseline measured in the same run).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -432,4 +432,57 @@ pub struct BenchSchedulerArgs {
     /// Queued jobs for the recovery phase.
     #[arg(long, default_value_t = 10_000)]
     pub recovery_jobs: usize,
+}
+
+/// Output layout of `kiln quantize`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuantizeFormat {
+    /// NVIDIA ModelOpt layout: `weight` (U8 codes), `weight_scale` (F8_E4M3 per 16 inputs),
+    /// `weight_scale_2` (F32 tensor scale) and hf_quant_config.json.
+    #[value(name = "nvfp4-modelopt")]
+    ModelOpt,
+    /// compressed-tensors `nvfp4-pack-quantized` layout: `weight_packed`, `weight_scale`,
+    /// `weight_global_scale` (the reciprocal tensor scale); quantization_config in config.json.
+    #[value(name = "nvfp4-compressed-tensors")]
+    CompressedTensors,
+}
+
+/// Where the quantization runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuantizeDevice {
+    /// The CPU reference (always available).
+    Cpu,
+    /// CUDA device 0; fails with a clear error if CUDA is not usable (never falls back).
+    Cuda,
+}
+
+/// `kiln quantize`: turn a Hugging Face checkpoint into an NVFP4 one.
+///
+/// Linear-layer weights (2-D `*.weight`, K a multiple of 16) are quantized to NVFP4 (E2M1
+/// values, one E4M3 scale per 16 inputs, one F32 tensor scale; ModelOpt rounding, bit-exact).
+/// Embeddings, lm_head, norms and biases are kept in their original dtype (lm_head stays full
+/// precision because the output projection is the most accuracy-sensitive layer; it is listed
+/// in exclude_modules / ignore). config.json and tokenizer files are copied. The CPU and CUDA
+/// paths write identical bytes.
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// The model: a Hugging Face directory (config.json, model.safetensors or sharded
+    /// model-*.safetensors with model.safetensors.index.json) or one .safetensors file.
+    #[arg(long, value_name = "DIR|FILE.safetensors")]
+    pub model: PathBuf,
+    /// Output directory (created; must not be the input directory).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Checkpoint layout to write.
+    #[arg(long, value_enum, default_value_t = QuantizeFormat::ModelOpt)]
+    pub format: QuantizeFormat,
+    /// Run the quantization on the CPU or on CUDA device 0 (same bytes either way).
+    #[arg(long, value_enum, default_value_t = QuantizeDevice::Cpu)]
+    pub device: QuantizeDevice,
+    /// Output format of the summary: a table, or JSON for scripts (csv prints JSON).
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    /// The same as `-o json` (kept for scripts written before `-o`).
+    #[arg(long, hide = true)]
+    pub json: bool,
 }

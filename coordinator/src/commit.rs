@@ -6,20 +6,19 @@
 //! queues its effects in the outbox. The committer takes the outbox and the latest ticket
 //! together under the lock, flushes, publishes "durable up to ticket", and only then runs
 //! the effects. So nothing is told before it is on disk, and a burst of N submits costs one
-//! fsync instead of N.
+//! fsync instead of N. This module holds the vocabulary (effects, the durability status, the
+//! wait); `committer` runs the loop.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use kiln_proto::v1::{CoordinatorMessage, JobEvent};
 use tokio::sync::{mpsc, watch};
 
 use crate::error::ApiError;
-use crate::shared::Shared;
 
 /// Flushes done by every committer in this process (the benchmark reports submits per
 /// flush from it, which shows how much group commit batches).
-static FLUSHES: AtomicU64 = AtomicU64::new(0);
+pub(crate) static FLUSHES: AtomicU64 = AtomicU64::new(0);
 
 /// Flushes done so far by every committer in this process.
 pub(crate) fn flush_count() -> u64 {
@@ -63,60 +62,4 @@ pub(crate) async fn wait_durable(
         "the change could not be made durable ({}); restart the coordinator",
         status.failed.clone().unwrap_or_default()
     )))
-}
-
-/// The committer loop. Returns after `stop` fires and a last flush has been done, or with the
-/// error of a failed flush. `stop` must fire only after the gRPC server has stopped, since
-/// in-flight requests wait on the committer.
-pub(crate) async fn run_committer(
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), crate::store::StoreError> {
-    loop {
-        let stopping = tokio::select! {
-            _ = shared.commit_wake.notified() => false,
-            _ = stop.wait_for(|s| *s) => true,
-        };
-        loop {
-            let (target, effects) = {
-                let mut state = shared.lock();
-                if state.ticket <= shared.commit_tx.borrow().durable {
-                    break;
-                }
-                (state.ticket, std::mem::take(&mut state.outbox))
-            };
-            let store = shared.store.clone();
-            let flushed = tokio::task::spawn_blocking(move || store.flush())
-                .await
-                .unwrap_or_else(|e| {
-                    Err(crate::store::StoreError::Sled(sled::Error::ReportableBug(
-                        format!("flush task failed: {e}"),
-                    )))
-                });
-            if let Err(err) = flushed {
-                tracing::error!(%err, "flush failed; no further change can be acknowledged");
-                shared
-                    .commit_tx
-                    .send_modify(|s| s.failed = Some(err.to_string()));
-                return Err(err);
-            }
-            FLUSHES.fetch_add(1, Ordering::Relaxed);
-            shared.commit_tx.send_modify(|s| s.durable = target);
-            for effect in effects {
-                match effect {
-                    Effect::Event(event) => {
-                        // No receivers is fine: nobody is watching.
-                        let _ = shared.events.send(event);
-                    }
-                    Effect::Send(tx, msg) => {
-                        // A closed connection is fine: reconciliation handles its jobs.
-                        let _ = tx.send(*msg);
-                    }
-                }
-            }
-        }
-        if stopping {
-            return Ok(());
-        }
-    }
 }

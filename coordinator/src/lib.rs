@@ -7,6 +7,7 @@
 //! - `server` — [`run`]: recovery, background loops, the gRPC services, shutdown.
 //! - `store` — the sled trees and the store's durability contract.
 //! - `commit` — group commit: many changes, one flush; effects released once durable.
+//! - `committer` — the task that does the flushes and releases the effects.
 //! - `shared` — the one owner of in-memory state (`Shared`, behind one mutex) and recovery.
 //! - `jobs` — submit validation and capacity check, get, list, cancel.
 //! - `agents` — registration and reconciliation, heartbeats, fenced job reports, leases,
@@ -16,10 +17,12 @@
 //! - `scheduler` — the pure placement policy (no I/O).
 //! - `rpc` — thin gRPC handlers, one file per RPC family; errors → `tonic::Status`.
 //! - `bench` — the scheduler benchmark (`kiln bench scheduler`) with simulated agents.
+#![deny(missing_docs)]
 
 mod agents;
 pub mod bench;
 mod commit;
+mod committer;
 mod config;
 mod error;
 mod jobs;

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::commit::run_committer;
+use crate::committer::run_committer;
 use crate::config::CoordinatorConfig;
 use crate::error::CoordinatorError;
 use crate::rpc::{AgentLinkService, CoordinatorService};

@@ -6,44 +6,11 @@
 use std::path::Path;
 
 use minijinja::{Environment, Error as JinjaError, ErrorKind};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::model::error::{ModelError, Result};
 
-/// One message of a conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
-    pub role: String,
-    /// The text.
-    pub content: String,
-}
-
-impl ChatMessage {
-    /// A message with `role` and `content`.
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-
-    /// A user message.
-    pub fn user(content: impl Into<String>) -> Self {
-        Self::new("user", content)
-    }
-
-    /// An assistant message.
-    pub fn assistant(content: impl Into<String>) -> Self {
-        Self::new("assistant", content)
-    }
-
-    /// A system message.
-    pub fn system(content: impl Into<String>) -> Self {
-        Self::new("system", content)
-    }
-}
+pub use kiln_job::spec::ChatMessage;
 
 /// A compiled chat template plus the special-token strings it may refer to.
 pub struct ChatTemplate {

@@ -1,9 +1,7 @@
 //! Kiln's engine: what a job does once the agent has started its process.
 //!
-//! - `spec`: the job specifications a job process receives (JSON on stdin).
-//! - `report`: what a job process tells its agent (JSON lines on stdout): phases, logs,
-//!   tokens, progress, the result.
-//! - `memory`: process and device memory readings for phase samples.
+//! - `spec`, `report`, `memory`: the agent ⇄ job contract, from the `kiln-job` crate (job
+//!   request on stdin; report lines on stdout and the outcome file; self-readings).
 //! - `memtest`: the memtest job.
 //! - `exec`: the job process entry point (`kiln job-exec`): request on stdin, reports on stdout.
 //! - `model`: the Qwen2/Qwen3/Llama model core (config, checkpoints, NVFP4 linears, forward, KV cache).
@@ -14,18 +12,18 @@
 //! - `session`: multi-turn sessions (delta prefill); `session_store`: sessions kept on disk between jobs (LRU, byte budget).
 //! - `train`: the train job (STE / full NVFP4 / f32, assistant-token loss, AdamW, resumable checkpoints).
 //! - `export`: the export job (bf16 safetensors, NVFP4 ModelOpt / compressed-tensors, verified by reloading).
+#![deny(missing_docs)]
+
+pub use kiln_job::{memory, report, spec};
 
 pub mod chat;
 pub mod exec;
 pub mod export;
 pub mod generate;
-pub mod memory;
 pub mod memtest;
 pub mod model;
-pub mod report;
 pub mod session;
 pub mod session_store;
-pub mod spec;
 pub mod tiny;
 pub mod tokenizer;
 pub mod train;

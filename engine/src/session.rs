@@ -2,7 +2,7 @@
 //! the delta-prefill protocol — each turn forwards only its new tokens (the rendered user
 //! turn and assistant prefix), every accepted token ends up in the cache, and the assistant
 //! turn is closed by forwarding the template's closing text (`<|im_end|>\n` for ChatML).
-//! Between jobs, sessions live in a [`crate::session_store::SessionStore`].
+//! Between jobs, sessions live in the session store (`session_store`).
 
 use std::ops::ControlFlow;
 use std::time::Instant;
@@ -53,19 +53,7 @@ pub struct TurnReport {
 
 /// Check a session id: 1–128 characters of `[A-Za-z0-9._-]`, not starting with `.`.
 pub fn validate_session_id(id: &str) -> Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && !id.starts_with('.')
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ModelError::InvalidArgument(format!(
-            "session id {id:?} must be 1–128 characters of letters, digits, '-', '_' or '.', not starting with '.'"
-        )))
-    }
+    kiln_job::sessions::check_session_id(id).map_err(ModelError::InvalidArgument)
 }
 
 impl Session {

@@ -25,21 +25,10 @@ use crate::model::error::{ModelError, Result};
 use crate::model::KvCache;
 use crate::session::{validate_session_id, Session};
 
-/// File name suffix of a stored session.
-const SUFFIX: &str = ".session.safetensors";
+pub use kiln_job::sessions::StoredSession as SessionInfo;
+use kiln_job::sessions::{list_sessions, session_file};
 /// Format version written to the metadata.
 const VERSION: &str = "1";
-
-/// A stored session as listed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SessionInfo {
-    /// The session id.
-    pub id: String,
-    /// File size.
-    pub bytes: u64,
-    /// Last load or save.
-    pub last_used: SystemTime,
-}
 
 /// What a save did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,7 +69,7 @@ impl SessionStore {
     }
 
     fn path(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}{SUFFIX}"))
+        session_file(&self.dir, id)
     }
 
     /// Load a session (refreshing its last use); `None` if it is not stored.
@@ -156,27 +145,7 @@ impl SessionStore {
 
     /// Stored sessions, least recently used first.
     pub fn list(&self) -> Result<Vec<SessionInfo>> {
-        let rd =
-            std::fs::read_dir(&self.dir).map_err(|e| ModelError::io("listing", &self.dir, e))?;
-        let mut out = Vec::new();
-        for entry in rd.flatten() {
-            let name = entry.file_name().to_string_lossy().to_string();
-            let Some(id) = name.strip_suffix(SUFFIX) else {
-                continue;
-            };
-            if id.starts_with('.') {
-                continue;
-            }
-            // A file evicted by another process between listing and stat is skipped.
-            let Ok(meta) = entry.metadata() else { continue };
-            out.push(SessionInfo {
-                id: id.to_string(),
-                bytes: meta.len(),
-                last_used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-            });
-        }
-        out.sort_by(|a, b| a.last_used.cmp(&b.last_used).then_with(|| a.id.cmp(&b.id)));
-        Ok(out)
+        list_sessions(&self.dir).map_err(|e| ModelError::io("listing", &self.dir, e))
     }
 
     /// Evict LRU sessions (never `keep`) until the total is within budget.

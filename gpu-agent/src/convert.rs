@@ -1,10 +1,10 @@
 //! Translation between the wire protocol (`kiln_proto::v1`) and the job-process contract
-//! (`kiln_engine::spec` / `kiln_engine::report`). Adding a job kind means one arm in
+//! (`kiln_job::spec` / `kiln_job::report`). Adding a job kind means one arm in
 //! [`engine_spec`] and one in [`job_result`].
 
 use crate::devices::MemSample;
-use kiln_engine::report::{JobOutput, PhaseReport, Report};
-use kiln_engine::spec::{self, DeviceSpec, JobRequest};
+use kiln_job::report::{JobOutput, PhaseReport, Report};
+use kiln_job::spec::{self, DeviceSpec, JobRequest};
 use kiln_proto::v1::{self, job_event::Event, job_result, job_spec};
 use std::path::PathBuf;
 

@@ -5,11 +5,11 @@
 
 use crate::convert;
 use crate::guard::GuardPolicy;
-use crate::job_run::{failed, JobRun};
+use crate::job_run::{failed, JobRun, Stream};
 use crate::procfs;
 use crate::state::{AgentState, JobKey};
-use kiln_engine::report::{read_outcome, OUTCOME_FILE_ENV};
-use kiln_engine::spec::DeviceSpec;
+use kiln_job::report::{read_outcome, OUTCOME_FILE_ENV};
+use kiln_job::spec::DeviceSpec;
 use kiln_proto::v1::{self, job_update::Update, JobFinished, JobStarted, JobState};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 /// are lost when it runs out.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The job's outcome file in its job directory (see `kiln_engine::report::write_outcome`).
+/// The job's outcome file in its job directory (see `kiln_job::report::write_outcome`).
 const OUTCOME_FILE: &str = "outcome.json";
 
 /// Starts running an assigned job in the background (ignores a duplicate assignment).
@@ -285,15 +285,6 @@ impl Launch {
         };
         (pid, finished)
     }
-}
-
-/// Which output a line came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Stream {
-    /// The job's stdout (report lines and plain output).
-    Stdout,
-    /// The job's stderr.
-    Stderr,
 }
 
 async fn read_lines(

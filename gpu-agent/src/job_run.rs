@@ -6,18 +6,26 @@
 use crate::convert;
 use crate::devices::MemSample;
 use crate::guard::{Guard, GuardPolicy, SampleThrottle, Verdict};
-use crate::job::Stream;
 use crate::outbox::Outgoing;
 use crate::procfs::{self, ProcEntry};
 use crate::state::{AgentState, JobKey};
-use kiln_engine::memory::now_ms;
-use kiln_engine::report::{parse_line, JobOutput, Report};
+use kiln_job::memory::now_ms;
+use kiln_job::report::{parse_line, JobOutput, Report};
 use kiln_proto::v1::{
     job_event::Event, job_update::Update, GuardSample, JobEvent, JobFinished, JobState, JobUpdate,
     KillRecord,
 };
 use std::process::ExitStatus;
 use std::sync::Arc;
+
+/// Which output a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stream {
+    /// The job's stdout (report lines and plain output).
+    Stdout,
+    /// The job's stderr.
+    Stderr,
+}
 
 /// Why the agent ended a job itself.
 pub(crate) enum End {
@@ -174,7 +182,7 @@ impl JobRun {
                 at_ms: sample.at_ms,
             };
             let line = kill_line(&record);
-            tracing::warn!(job_id = self.key.0, attempt = self.key.1, "{line}");
+            tracing::info!(job_id = self.key.0, attempt = self.key.1, "{line}");
             self.agent_log(line.clone());
             self.end = Some(End::Killed(record, line));
         } else if self.throttle.should_send(now, mem.pid_mem) {

@@ -15,6 +15,7 @@
 //! - `link`: the `AgentLink.Connect` session: register, heartbeats, reconnect with backoff.
 //!
 //! Start it with [`run`]; the `kiln agent` verb is a thin wrapper over it.
+#![deny(missing_docs)]
 
 pub mod config;
 pub mod convert;

@@ -100,7 +100,7 @@ pub struct TreeMemory {
 /// size is read from `/proc/<pid>/statm` (what `VmRSS` says; the `stat` field can lag behind
 /// it), falling back to the table's value for a process that just exited.
 pub fn tree_memory(entries: &[ProcEntry], pgid: u32) -> TreeMemory {
-    let page = kiln_engine::memory::page_size();
+    let page = kiln_job::memory::page_size();
     tree_memory_with(entries, pgid, |e| {
         std::fs::read_to_string(format!("/proc/{}/statm", e.pid))
             .ok()
@@ -351,7 +351,7 @@ mod tests {
         };
         assert!(mem.pids.len() >= 3, "shell + 2 sleeps, got {:?}", mem.pids);
         // The sum equals what each process's own statm says (within a re-read's drift).
-        let page = kiln_engine::memory::page_size();
+        let page = kiln_job::memory::page_size();
         let direct: u64 = mem
             .pids
             .iter()

@@ -199,13 +199,11 @@ impl AgentState {
     /// Ids of the generate sessions this agent holds (empty, with a warning, when the store
     /// cannot be read).
     pub fn session_ids(&self) -> Vec<String> {
-        let listed = kiln_engine::session_store::SessionStore::open(
-            &self.sessions.dir,
-            self.sessions.budget_bytes,
-        )
-        .and_then(|store| store.list());
+        let listed = kiln_job::sessions::list_sessions(&self.sessions.dir);
         match listed {
             Ok(list) => list.into_iter().map(|s| s.id).collect(),
+            // No session was ever kept here.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => {
                 tracing::warn!(dir = %self.sessions.dir.display(), error = %e, "cannot list sessions");
                 Vec::new()

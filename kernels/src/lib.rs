@@ -24,6 +24,7 @@
 //! - [`bench`] — the validate-then-time kernel benchmark behind `kiln bench kernels`
 //!   (`bench::run`, GPU) and its CPU section (`bench::run_cpu`: NVFP4 matmul vs f32 dense, no
 //!   GPU needed; `kiln-kernel-bench --cpu`).
+#![deny(missing_docs)]
 
 pub mod bench;
 pub mod checkpoint;

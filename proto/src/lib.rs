@@ -2,6 +2,7 @@
 //! `proto/kiln/v1/kiln.proto`, where every message and field is documented) plus small helpers
 //! that every user of the protocol needs: state names as users see them, the coordinator's
 //! address as users write it (`address`), and the descriptor set that server reflection serves.
+#![deny(missing_docs)]
 
 /// Generated messages, the `Coordinator` and `AgentLink` services, clients and servers.
 pub mod v1 {

@@ -1,5 +1,5 @@
-//! Memory readings a job process takes of itself: resident set size from /proc, and
-//! cuMemGetInfo when it has a CUDA context.
+//! Readings a job process takes of itself for its phase reports: resident set size from /proc,
+//! the page size, and the wall clock in milliseconds.
 
 /// Resident set size of this process in bytes (0 where /proc is unavailable).
 pub fn self_rss_bytes() -> u64 {

@@ -1,6 +1,6 @@
 //! Test harness: a real tonic `AgentLink` server on a loopback port that plays the coordinator
 //! (it records every message agents send and lets the test send assignments and kills), a real
-//! agent started with `kiln_agent::run`, and job processes from the `kiln-job-exec` binary.
+//! agent started with `kiln_agent::run`, and job processes from the `kiln` binary's `job-exec` verb.
 //!
 //! The server runs on its own thread with its own runtime so a test can stop it abruptly
 //! (dropping the runtime drops every connection, like a coordinator that died) and start a new
@@ -332,10 +332,12 @@ pub fn guard_samples(updates: &[JobUpdate]) -> Vec<v1::GuardSample> {
         .collect()
 }
 
-/// The job binary every test agent runs (`KILN_JOB_EXEC` overrides the path cargo built it
-/// at, for test binaries carried to another machine).
-pub fn job_exec() -> std::ffi::OsString {
-    std::env::var_os("KILN_JOB_EXEC").unwrap_or_else(|| env!("CARGO_BIN_EXE_kiln-job-exec").into())
+/// The job process every test agent starts: the `kiln` binary's `job-exec` verb
+/// (`KILN_JOB_EXEC` overrides the binary's path, for test binaries carried to another machine).
+pub fn job_command() -> Vec<std::ffi::OsString> {
+    let kiln =
+        std::env::var_os("KILN_JOB_EXEC").unwrap_or_else(|| env!("CARGO_BIN_EXE_kiln").into());
+    vec![kiln, "job-exec".into()]
 }
 
 /// A CPU agent config for `server`, working in `dir`.
@@ -346,7 +348,7 @@ pub fn cpu_agent(server: &LinkServer, dir: &std::path::Path, name: &str) -> Agen
         gpus: GpuSelection::None,
         mem_limit_bytes: Some(8 << 30),
         poll_secs: 0.05,
-        job_command: vec![job_exec()],
+        job_command: job_command(),
         work_dir: dir.to_path_buf(),
         reconnect_min_secs: 0.05,
         reconnect_max_secs: 0.5,

@@ -2,9 +2,9 @@
 //! an error are FAILED with the reason; a Kill from the coordinator ends the whole process group
 //! (descendants that left the group too) as CANCELLED; shutting the agent down ends its jobs.
 
-mod common;
+mod agent_harness;
 
-use common::*;
+use agent_harness::*;
 use kiln_proto::v1::JobState;
 use std::time::Duration;
 
@@ -108,12 +108,12 @@ async fn kill_from_the_coordinator_ends_the_whole_process_group() {
         "/bin/sh".into(),
         "-c".into(),
         format!(
-            "sleep 300 & echo $! > {d}/in-group; setsid sleep 300 & echo $! > {d}/escaped; exec \"$0\"",
+            "sleep 300 & echo $! > {d}/in-group; setsid sleep 300 & echo $! > {d}/escaped; exec \"$0\" \"$@\"",
             d = pids.path().display()
         )
         .into(),
-        job_exec(),
     ];
+    config.job_command.extend(job_command());
     let agent = RunningAgent::start(config);
     server
         .wait_until("registration", T, |s| s.connections() == 1)

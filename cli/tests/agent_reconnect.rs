@@ -2,9 +2,9 @@
 //! telling which jobs it still runs (with their pids), and a job that finished while the
 //! coordinator was down is reported after re-registration instead of being lost.
 
-mod common;
+mod agent_harness;
 
-use common::*;
+use agent_harness::*;
 use kiln_proto::v1::{agent_message::Msg, job_update::Update, JobState, RunningJob};
 use std::time::Duration;
 

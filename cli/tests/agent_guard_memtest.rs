@@ -2,9 +2,9 @@
 //! within budget succeeds with phase samples; one over budget with over_secs 0 is KILLED with
 //! the guard's record, and the agent goes on to run the next job.
 
-mod common;
+mod agent_harness;
 
-use common::*;
+use agent_harness::*;
 use kiln_proto::v1::{job_result, JobState};
 use std::time::Duration;
 

@@ -91,7 +91,41 @@ impl JobRequest {
 }
 
 /// One chat message (proto `ChatMessage`).
-pub type ChatMessageSpec = crate::chat::ChatMessage;
+pub type ChatMessageSpec = ChatMessage;
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message with `role` and `content`.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    /// A user message.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new("user", content)
+    }
+
+    /// An assistant message.
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new("assistant", content)
+    }
+
+    /// A system message.
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new("system", content)
+    }
+}
 
 /// Sampling parameters (proto `Sampling`). `temperature` 0 = greedy; `top_k` 0 and `top_p`
 /// 0 or 1 = off.

@@ -2,9 +2,9 @@
 //! its budget to SUCCEEDED, and one over its budget to KILLED with NVML's per-pid memory in the
 //! record. Ignored by a plain `cargo test`; `--ignored` runs it on the GPU machine.
 
-mod common;
+mod agent_harness;
 
-use common::*;
+use agent_harness::*;
 use kiln_agent::GpuSelection;
 use kiln_proto::v1::{job_result, JobState};
 use std::time::Duration;

@@ -3,9 +3,9 @@
 //! agent drains its output), and no descriptor the agent opened for one job (its stdin, stdout
 //! and stderr pipes, the coordinator socket) may leak into another job's process.
 
-mod common;
+mod agent_harness;
 
-use common::*;
+use agent_harness::*;
 use kiln_proto::v1::{job_result, job_update::Update, AgentMessage, JobFinished, JobState};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -120,9 +120,9 @@ async fn no_descriptor_leaks_into_other_jobs() {
     config.job_command = vec![
         "/bin/sh".into(),
         "-c".into(),
-        r#"ls -l /proc/$$/fd; exec "$0""#.into(),
-        job_exec(),
+        r#"ls -l /proc/$$/fd; exec "$0" "$@""#.into(),
     ];
+    config.job_command.extend(job_command());
     let agent = RunningAgent::start(config);
     server
         .wait_until("registration", Duration::from_secs(60), |s| {
