@@ -78,6 +78,10 @@ pub enum Command {
     Bench(BenchCommand),
     /// One-command quick start: coordinator + agent in-process, jobs through the real API.
     Demo(DemoArgs),
+    /// Report a phase (a memory sample) from inside an exec job: `kiln phase model_loaded`.
+    Phase(PhaseArgs),
+    /// Print a job's log (its stdout and stderr lines, and the agent's notes).
+    Logs(LogsArgs),
     /// Internal: the job process an agent starts (reads a job request on stdin).
     #[command(hide = true, name = "job-exec")]
     JobExec,
@@ -139,6 +143,13 @@ pub struct AgentArgs {
     /// Bearer token the coordinator requires (its --token), if any.
     #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Run exec jobs: any command a user submits with `kiln submit exec`, as this agent's user.
+    /// Off by default; turn it on only where every submitter may run code on this box.
+    #[arg(long)]
+    pub allow_exec: bool,
+    /// Log bytes kept per job (stdout + stderr lines); output beyond it is dropped with a note.
+    #[arg(long, default_value_t = 16.0, value_name = "MIB")]
+    pub log_cap_mib: f64,
 }
 
 /// Flags every submit kind shares.
@@ -146,8 +157,8 @@ pub struct AgentArgs {
 #[command(next_help_heading = "Placement, guard and following")]
 pub struct SubmitCommon {
     /// Memory budget per GPU (host memory for --gpus 0), in GiB. The guard kills the job
-    /// when its processes use more. Default by kind: memtest --gib + 1, generate and export 4,
-    /// train 8.
+    /// when its processes use more. Default by kind: memtest --gib + 1, generate, export and
+    /// exec 4, train 8.
     #[arg(long)]
     pub budget_gb: Option<f64>,
     /// Higher runs first.
@@ -199,6 +210,34 @@ pub enum SubmitKind {
     Train(TrainArgs),
     /// Export a checkpoint to safetensors or an NVFP4 layout.
     Export(ExportArgs),
+    /// Run any command under the guard, on an agent started with --allow-exec:
+    /// `kiln submit exec --budget-gb 20 -- python train.py --epochs 1`.
+    Exec(ExecArgs),
+}
+
+/// `kiln submit exec`.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Extra environment variable for the command, as NAME=VALUE; repeatable. The agent also
+    /// sets CUDA_VISIBLE_DEVICES (the assigned GPUs), KILN_JOB_ID, KILN_ATTEMPT and
+    /// KILN_PHASE_SOCKET (what `kiln phase` reports to).
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory on the agent's host (absolute; default: a scratch directory of the job,
+    /// removed when it ends).
+    #[arg(long)]
+    pub workdir: Option<String>,
+    /// On cancel: seconds between SIGTERM to the command's process group and SIGKILL.
+    #[arg(long, default_value_t = 10.0)]
+    pub grace_secs: f64,
+    /// The command and its arguments, after `--`. Run directly, not through a shell (write
+    /// `sh -c '…'` for one). Its stdout and stderr become the job's log (`kiln logs ID`), kept
+    /// up to the agent's log cap (16 MiB per job by default). Exit 0 → SUCCEEDED, anything
+    /// else → FAILED with the exit code or signal.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+    #[command(flatten)]
+    pub common: SubmitCommon,
 }
 
 /// `kiln submit memtest`.
@@ -485,4 +524,36 @@ pub struct QuantizeArgs {
     /// The same as `-o json` (kept for scripts written before `-o`).
     #[arg(long, hide = true)]
     pub json: bool,
+}
+
+/// `kiln phase`.
+#[derive(Debug, Args)]
+pub struct PhaseArgs {
+    /// The phase name (e.g. model_loaded, forward_done, backward_done, optimizer_done).
+    pub name: String,
+    /// The step within the job.
+    #[arg(long, default_value_t = 0)]
+    pub step: u32,
+    /// A number to keep with the sample, as NAME=VALUE (e.g. loss=1.25); repeatable.
+    #[arg(long = "metric", value_name = "NAME=VALUE")]
+    pub metrics: Vec<String>,
+    /// Tensor bytes by category as CATEGORY=BYTES (weights, grads, optimizer_state,
+    /// activations, kv_cache, …); repeatable.
+    #[arg(long = "bytes", value_name = "CATEGORY=BYTES")]
+    pub bytes: Vec<String>,
+}
+
+/// `kiln logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The job id.
+    pub id: u64,
+    /// Keep printing new lines until the job ends.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Only the last N lines (of what is there when the command starts).
+    #[arg(long, value_name = "N")]
+    pub tail: Option<usize>,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }

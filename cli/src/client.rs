@@ -65,6 +65,14 @@ pub fn status_error(status: tonic::Status) -> anyhow::Error {
     if let Some(message) = kiln_proto::address::not_a_coordinator(&status) {
         return anyhow!(message);
     }
+    if status.code() == tonic::Code::Cancelled && status.message() == "operation was canceled" {
+        // The connection died before the call was answered: hyper does not say why.
+        return anyhow!(
+            "the connection was closed before any answer (operation was canceled): either the \
+             address is not a Kiln coordinator (check --coordinator / KILN_COORDINATOR) or the \
+             coordinator stopped while answering"
+        );
+    }
     let code = match status.code() {
         tonic::Code::NotFound => "not found",
         tonic::Code::InvalidArgument => "invalid argument",

@@ -80,6 +80,9 @@ fn spec_json(spec: Option<&v1::JobSpec>) -> Value {
         Some(job_spec::Spec::Export(e)) => json!({
             "checkpoint": e.checkpoint, "format": e.format, "out_dir": e.out_dir,
         }),
+        Some(job_spec::Spec::Exec(e)) => json!({
+            "argv": e.argv, "env": e.env, "workdir": e.workdir, "grace_secs": e.grace_secs,
+        }),
         None => Value::Null,
     }
 }
@@ -107,6 +110,7 @@ fn result_json(result: Option<&v1::JobResult>, ab: bool) -> Value {
         Some(job_result::Result::Export(e)) => json!({
             "files": e.files, "tensor_count": e.tensor_count, "verified": e.verified,
         }),
+        Some(job_result::Result::Exec(e)) => json!({ "exit_code": e.exit_code }),
         None => Value::Null,
     }
 }
@@ -183,6 +187,7 @@ pub fn agent_json(a: &v1::Agent) -> Value {
         "name": a.name,
         "status": agent_status_name(status),
         "nvml": a.nvml,
+        "allow_exec": a.allow_exec,
         "host_mem_bytes": a.host_mem_bytes,
         "last_seen_ms": a.last_seen_ms,
         "running_jobs": a.running_jobs,

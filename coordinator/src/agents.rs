@@ -79,6 +79,7 @@ impl Shared {
                 sessions: reg.sessions.clone(),
                 version: reg.version.clone(),
                 nvml: reg.nvml,
+                allow_exec: reg.allow_exec,
                 ..Default::default()
             };
             entry.link = Some(Link { id: link_id, tx });

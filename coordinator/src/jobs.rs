@@ -30,16 +30,24 @@ pub(crate) fn validate_submit(
 ) -> Result<Job, ApiError> {
     let invalid = |m: &str| Err(ApiError::InvalidArgument(m.to_string()));
     let Some(spec) = req.spec else {
-        return invalid("spec is missing: set exactly one of memtest, generate, train, export");
+        return invalid(
+            "spec is missing: set exactly one of memtest, generate, train, export, exec",
+        );
     };
     let (kind, session_id) = match &spec.spec {
         None => {
-            return invalid("spec is empty: set exactly one of memtest, generate, train, export")
+            return invalid(
+                "spec is empty: set exactly one of memtest, generate, train, export, exec",
+            )
         }
         Some(job_spec::Spec::Memtest(_)) => (JobKind::Memtest, String::new()),
         Some(job_spec::Spec::Generate(g)) => (JobKind::Generate, g.session_id.clone()),
         Some(job_spec::Spec::Train(_)) => (JobKind::Train, String::new()),
         Some(job_spec::Spec::Export(_)) => (JobKind::Export, String::new()),
+        Some(job_spec::Spec::Exec(e)) => {
+            check_exec(e)?;
+            (JobKind::Exec, String::new())
+        }
     };
     let Some(mut resources) = req.resources else {
         return invalid("resources are missing: budget_bytes must be > 0");
@@ -72,6 +80,62 @@ pub(crate) fn validate_submit(
         session_id,
         ..Default::default()
     })
+}
+
+/// Longest grace period between SIGTERM and SIGKILL for a cancelled exec job.
+pub(crate) const MAX_GRACE_SECS: f64 = 3600.0;
+
+/// Checks an exec spec: a command, well-formed environment names, an absolute working
+/// directory (when given), a grace period within bounds.
+fn check_exec(e: &kiln_proto::v1::ExecSpec) -> Result<(), ApiError> {
+    let invalid = |m: String| Err(ApiError::InvalidArgument(m));
+    match e.argv.first() {
+        None => return invalid("exec.argv is empty: give the command to run".into()),
+        Some(p) if p.is_empty() => {
+            return invalid("exec.argv[0] is empty: give the command to run".into())
+        }
+        _ => {}
+    }
+    if e.argv.iter().any(|a| a.contains('\0')) {
+        return invalid("exec.argv holds a NUL byte".into());
+    }
+    for (k, v) in &e.env {
+        let ok = !k.is_empty()
+            && !k.starts_with(|c: char| c.is_ascii_digit())
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok || v.contains('\0') {
+            return invalid(format!(
+                "exec.env: {k:?} is not a valid variable (names are letters, digits and '_', not starting with a digit)"
+            ));
+        }
+    }
+    if !e.workdir.is_empty() && !std::path::Path::new(&e.workdir).is_absolute() {
+        return invalid(format!(
+            "exec.workdir {:?} must be an absolute path on the agent's host",
+            e.workdir
+        ));
+    }
+    if !(e.grace_secs.is_finite() && (0.0..=MAX_GRACE_SECS).contains(&e.grace_secs)) {
+        return invalid(format!(
+            "exec.grace_secs must be between 0 and {MAX_GRACE_SECS} (got {})",
+            e.grace_secs
+        ));
+    }
+    Ok(())
+}
+
+/// Rejects an exec job when agents are known and none of them runs exec jobs.
+pub(crate) fn check_exec_allowed(
+    agents: &BTreeMap<String, AgentEntry>,
+    kind: JobKind,
+) -> Result<(), ApiError> {
+    if kind != JobKind::Exec || agents.is_empty() || agents.values().any(|a| a.info.allow_exec) {
+        return Ok(());
+    }
+    Err(ApiError::FailedPrecondition(format!(
+        "no known agent runs exec jobs (known agents: {}); start an agent with --allow-exec",
+        agents.keys().cloned().collect::<Vec<_>>().join(", ")
+    )))
 }
 
 /// Rejects a request no known agent could ever hold. With no known agent at all, everything
@@ -144,6 +208,7 @@ impl Shared {
         let job = self
             .mutate_durably(|state, store| {
                 let resources = job.resources.unwrap_or_default();
+                check_exec_allowed(&state.agents, job.kind())?;
                 check_capacity(&state.agents, &resources)?;
                 let now = now_ms();
                 job.id = state.next_job_id;

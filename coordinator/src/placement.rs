@@ -3,7 +3,7 @@
 //! Assign sent once durable). Passes run on their own task, woken by anything that can
 //! change the answer, so bursts of submits share one pass.
 
-use kiln_proto::v1::{coordinator_message, Assign, CoordinatorMessage, JobState};
+use kiln_proto::v1::{coordinator_message, Assign, CoordinatorMessage, JobKind, JobState};
 
 use crate::commit::Effect;
 use crate::error::ApiError;
@@ -63,6 +63,7 @@ fn agent_slots(state: &State) -> Vec<AgentSlots> {
                 host_capacity: entry.info.host_mem_bytes,
                 host_committed,
                 sessions: entry.info.sessions.clone(),
+                allow_exec: entry.info.allow_exec,
             }
         })
         .collect()
@@ -111,6 +112,7 @@ fn place(state: &mut State, store: &Store, policy: Policy) -> Result<usize, ApiE
                 gpus: r.gpus,
                 budget: r.budget_bytes,
                 session: (!a.job.session_id.is_empty()).then(|| a.job.session_id.clone()),
+                exec: a.job.kind == JobKind::Exec as i32,
             }
         })
         .collect();

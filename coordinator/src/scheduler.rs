@@ -61,6 +61,8 @@ pub struct AgentSlots {
     pub host_committed: u64,
     /// Generate sessions this agent holds in memory.
     pub sessions: Vec<String>,
+    /// Whether the agent runs exec jobs.
+    pub allow_exec: bool,
 }
 
 impl AgentSlots {
@@ -86,6 +88,8 @@ pub struct Candidate {
     pub budget: u64,
     /// Generate session whose holder agent is preferred.
     pub session: Option<String>,
+    /// An exec job: only agents that allow exec may take it.
+    pub exec: bool,
 }
 
 /// Where a job goes.
@@ -228,6 +232,11 @@ fn max_free(agents: &[AgentSlots], gpu: bool) -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether the agent may take the job at all (schedulable, and allows exec for an exec job).
+fn may_take(agent: &AgentSlots, job: &Candidate) -> bool {
+    agent.schedulable && (!job.exec || agent.allow_exec)
+}
+
 /// Whether the agent holds the job's session.
 fn holds_session(agent: &AgentSlots, job: &Candidate) -> bool {
     job.session
@@ -244,7 +253,7 @@ fn find_fit(
     // Score: (not the session holder, leftover memory, agent index) — lower is better.
     let mut best: Option<((bool, u64, usize), Vec<usize>)> = None;
     for (ai, agent) in agents.iter().enumerate() {
-        if !agent.schedulable {
+        if !may_take(agent, job) {
             continue;
         }
         let choice = if job.gpus == 0 {
@@ -287,7 +296,7 @@ fn find_reservation(
 ) -> Option<(usize, Vec<usize>)> {
     let mut best: Option<((u64, usize), Vec<usize>)> = None;
     for (ai, agent) in agents.iter().enumerate() {
-        if !agent.schedulable {
+        if !may_take(agent, job) {
             continue;
         }
         let choice = if job.gpus == 0 {

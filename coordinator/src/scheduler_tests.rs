@@ -30,6 +30,7 @@ fn gpu_agent(name: &str, gpus: &[u64]) -> AgentSlots {
         host_capacity: 0,
         host_committed: 0,
         sessions: vec![],
+        allow_exec: false,
     }
 }
 
@@ -49,6 +50,7 @@ fn job(id: u64, gpus: u32, budget_gb: u64) -> Candidate {
         gpus,
         budget: budget_gb * GB,
         session: None,
+        exec: false,
     }
 }
 
@@ -308,6 +310,25 @@ fn higher_priority_jobs_may_still_use_reserved_capacity() {
 }
 
 #[test]
+fn exec_jobs_go_only_to_agents_that_allow_exec() {
+    let mut agents = vec![cpu_agent("plain", 64), cpu_agent("exec", 8)];
+    agents[1].allow_exec = true;
+    let mut big = job(1, 0, 16);
+    big.exec = true;
+    let mut small = job(2, 0, 4);
+    small.exec = true;
+    let p = plan(&mut agents, &[big, small.clone()], 2_000, POLICY);
+    // 16 GB fits only on "plain", which does not allow exec: not placed; 4 GB goes to "exec".
+    assert_eq!(placed(&p), vec![2]);
+    assert_eq!(p.placements[0].agent, 1);
+    agents[1].allow_exec = false;
+    let mut fresh = vec![cpu_agent("plain", 64)];
+    assert!(plan(&mut fresh, &[small], 2_000, POLICY)
+        .placements
+        .is_empty());
+}
+
+#[test]
 fn tightest_fit_wins_and_session_holder_wins_over_fit() {
     let mut agents = vec![gpu_agent("roomy", &[80]), gpu_agent("tight", &[24])];
     let plan1 = plan(&mut agents.clone(), &[job(1, 1, 20)], 2_000, POLICY);
@@ -349,6 +370,7 @@ fn arb_agent() -> impl Strategy<Value = AgentSlots> {
             host_capacity: host * GB,
             host_committed: host_used.min(host) * GB,
             sessions: vec![],
+            allow_exec: false,
         })
 }
 
@@ -362,6 +384,7 @@ fn arb_job() -> impl Strategy<Value = Candidate> {
             gpus,
             budget: budget * GB,
             session: None,
+            exec: false,
         },
     )
 }

@@ -152,6 +152,7 @@ async fn watch_streams_live_events_until_the_job_ends() {
         .watch_job(WatchJobRequest {
             id: job.id,
             after_seq: 0,
+            stored_only: false,
         })
         .await
         .unwrap()

@@ -75,7 +75,14 @@ pub struct AgentConfig {
     pub outbox_capacity: usize,
     /// Bearer token the coordinator requires (its `token` setting), if any.
     pub token: Option<String>,
+    /// Run exec jobs (any command a user submits) on this box.
+    pub allow_exec: bool,
+    /// Log bytes (stdout + stderr lines) kept per job; output beyond it is dropped with a note.
+    pub log_cap_bytes: u64,
 }
+
+/// Default [`AgentConfig::log_cap_bytes`]: 16 MiB per job.
+pub const DEFAULT_LOG_CAP_BYTES: u64 = 16 << 20;
 
 impl Default for AgentConfig {
     fn default() -> Self {
@@ -98,6 +105,8 @@ impl Default for AgentConfig {
             reconnect_max_secs: 10.0,
             heartbeat_secs: 2.0,
             sessions_budget_bytes: 0,
+            allow_exec: false,
+            log_cap_bytes: DEFAULT_LOG_CAP_BYTES,
             outbox_capacity: 10_000,
             token: None,
         }

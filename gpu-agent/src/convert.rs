@@ -61,6 +61,11 @@ pub fn engine_spec(spec: Option<&v1::JobSpec>) -> Result<spec::JobSpec, String> 
             format: spec::ExportFormat::parse(&e.format)?,
             out_dir: e.out_dir.clone(),
         }),
+        Some(job_spec::Spec::Exec(_)) => {
+            return Err(
+                "exec jobs run their own command, not a kiln job process (agent bug)".into(),
+            )
+        }
         None => return Err("the assignment carries no job spec (coordinator bug)".into()),
     })
 }

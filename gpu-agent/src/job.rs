@@ -4,13 +4,14 @@
 //! that crashes only ends its own task.
 
 use crate::convert;
+use crate::exec;
 use crate::guard::GuardPolicy;
 use crate::job_run::{failed, JobRun, Stream};
 use crate::procfs;
 use crate::state::{AgentState, JobKey};
 use kiln_job::report::{read_outcome, OUTCOME_FILE_ENV};
 use kiln_job::spec::DeviceSpec;
-use kiln_proto::v1::{self, job_update::Update, JobFinished, JobStarted, JobState};
+use kiln_proto::v1::{self, job_spec, job_update::Update, JobFinished, JobStarted, JobState};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -66,10 +67,25 @@ struct Launch {
     /// NVML indices (empty = a CPU job).
     gpus: Vec<u32>,
     policy: GuardPolicy,
-    request_json: Vec<u8>,
     command: tokio::process::Command,
-    /// Where the job writes its outcome before it exits.
-    outcome_file: PathBuf,
+    /// The program started, for messages.
+    program: String,
+    body: Body,
+}
+
+/// What differs between a built-in job and an exec job.
+enum Body {
+    /// A `kiln job-exec` process: its request goes to stdin; its outcome comes from a file.
+    Builtin {
+        request_json: Vec<u8>,
+        /// Where the job writes its outcome before it exits.
+        outcome_file: PathBuf,
+    },
+    /// A user's command: its exit status is its outcome; it may report phases on a socket.
+    Exec {
+        grace: Duration,
+        phase_socket: PathBuf,
+    },
 }
 
 impl Launch {
@@ -107,6 +123,35 @@ impl Launch {
         let dir = job_dir(state, key);
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create the job directory {}: {e}", dir.display()))?;
+        // CPU jobs see no GPU, so they cannot take device memory the guard does not watch.
+        let agent_env = [
+            ("CUDA_VISIBLE_DEVICES", uuids.join(",")),
+            ("KILN_JOB_ID", key.0.to_string()),
+            ("KILN_ATTEMPT", key.1.to_string()),
+            ("KILN_JOB_ATTEMPT", key.1.to_string()),
+            ("KILN_WORK_DIR", dir.display().to_string()),
+        ];
+        if let Some(job_spec::Spec::Exec(spec)) = job.spec.as_ref().and_then(|s| s.spec.as_ref()) {
+            if !state.config.allow_exec {
+                return Err(
+                    "this agent does not run exec jobs (start it with --allow-exec)".into(),
+                );
+            }
+            let exec = exec::launch(spec, &dir, &agent_env)?;
+            let mut command = exec.command;
+            common_setup(&mut command);
+            return Ok(Self {
+                key,
+                gpus,
+                policy,
+                command,
+                program: exec.program,
+                body: Body::Exec {
+                    grace: exec.grace,
+                    phase_socket: exec.phase_socket,
+                },
+            });
+        }
         let outcome_file = dir.join(OUTCOME_FILE);
         // Only this attempt's process may decide this attempt's outcome.
         match std::fs::remove_file(&outcome_file) {
@@ -123,32 +168,19 @@ impl Launch {
             .args(&state.config.job_command[1..])
             .current_dir(&dir)
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // CPU jobs see no GPU, so they cannot take device memory the guard does not watch.
-            .env("CUDA_VISIBLE_DEVICES", uuids.join(","))
-            .env("KILN_JOB_ID", key.0.to_string())
-            .env("KILN_JOB_ATTEMPT", key.1.to_string())
-            .env("KILN_WORK_DIR", &dir)
-            .env(OUTCOME_FILE_ENV, &outcome_file)
-            .process_group(0)
-            .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe; between fork and exec nothing else runs.
-        unsafe {
-            command.pre_exec(|| {
-                // If the agent is killed without its shutdown path (SIGKILL), the kernel kills
-                // the job leader too; the normal shutdown path kills the whole tree.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+            .envs(agent_env)
+            .env(OUTCOME_FILE_ENV, &outcome_file);
+        common_setup(&mut command);
         Ok(Self {
             key,
             gpus,
             policy,
-            request_json,
             command,
-            outcome_file,
+            program: program.to_string_lossy().into_owned(),
+            body: Body::Builtin {
+                request_json,
+                outcome_file,
+            },
         })
     }
 
@@ -158,19 +190,42 @@ impl Launch {
         state: &Arc<AgentState>,
         mut kill_rx: mpsc::UnboundedReceiver<String>,
     ) -> (u32, JobFinished) {
-        let program = state.config.job_command[0].to_string_lossy().into_owned();
+        let (phase_tx, mut phase_rx) = mpsc::channel::<exec::PhaseMsg>(16);
+        let mut phase_server = None;
+        if let Body::Exec { phase_socket, .. } = &self.body {
+            match exec::bind_phase_socket(phase_socket) {
+                Ok(listener) => {
+                    phase_server = Some(tokio::spawn(exec::serve_phases(listener, phase_tx)))
+                }
+                Err(reason) => return (0, failed(reason, 0)),
+            }
+        }
         let mut child = match self.command.spawn() {
             Ok(c) => c,
             Err(e) => {
-                return (
-                    0,
-                    failed(format!("cannot start the job process {program:?}: {e}"), 0),
-                )
+                let reason = match self.body {
+                    Body::Exec { .. } => exec::spawn_error(&self.program, &e),
+                    Body::Builtin { .. } => {
+                        format!("cannot start the job process {:?}: {e}", self.program)
+                    }
+                };
+                return (0, failed(reason, 0));
             }
         };
         let pid = child.id().unwrap_or(0);
         state.set_pid(self.key, pid);
-        let mut run = JobRun::new(state.clone(), self.key, pid, self.gpus, self.policy);
+        let exec_grace = match &self.body {
+            Body::Exec { grace, .. } => Some(*grace),
+            Body::Builtin { .. } => None,
+        };
+        let mut run = JobRun::new(
+            state.clone(),
+            self.key,
+            pid,
+            self.gpus,
+            self.policy,
+            exec_grace,
+        );
         run.push(Update::Started(JobStarted { pid }));
         tracing::info!(
             job_id = self.key.0,
@@ -182,8 +237,10 @@ impl Launch {
             "job process started"
         );
 
-        if let Some(mut stdin) = child.stdin.take() {
-            let json = std::mem::take(&mut self.request_json);
+        if let (Some(mut stdin), Body::Builtin { request_json, .. }) =
+            (child.stdin.take(), &mut self.body)
+        {
+            let json = std::mem::take(request_json);
             tokio::spawn(async move {
                 // A job that dies before reading its request is reported by its exit.
                 let _ = stdin.write_all(&json).await;
@@ -211,12 +268,20 @@ impl Launch {
         let mut lines_open = true;
         let mut kill_open = true;
         let status = loop {
+            let sigkill_at = run.sigkill_at();
             tokio::select! {
                 status = child.wait() => break status,
                 reason = kill_rx.recv(), if kill_open && !run.ending() => match reason {
                     Some(reason) => run.cancel(reason),
                     None => kill_open = false,
                 },
+                _ = tokio::time::sleep_until(sigkill_at.unwrap_or_else(tokio::time::Instant::now)), if sigkill_at.is_some() => {
+                    run.grace_over()
+                }
+                Some((phase, ack)) = phase_rx.recv() => {
+                    run.on_phase(phase);
+                    let _ = ack.send(());
+                }
                 _ = ticker.tick(), if !run.ending() => run.poll(),
                 line = line_rx.recv(), if lines_open => match line {
                     Some((stream, line)) => run.on_line(stream, line),
@@ -233,16 +298,22 @@ impl Launch {
         }
         // Nothing of the job may outlive it: its leader is gone, end the rest of the tree.
         procfs::kill_tree(pid, run.known());
-        let from_file = match read_outcome(&self.outcome_file) {
-            Ok(Some(outcome)) => {
-                run.on_outcome(outcome);
-                true
-            }
-            Ok(None) => false,
-            Err(e) => {
-                run.outcome_unreadable(&self.outcome_file, e);
-                false
-            }
+        if let Some(server) = phase_server {
+            server.abort();
+        }
+        let from_file = match &self.body {
+            Body::Builtin { outcome_file, .. } => match read_outcome(outcome_file) {
+                Ok(Some(outcome)) => {
+                    run.on_outcome(outcome);
+                    true
+                }
+                Ok(None) => false,
+                Err(e) => {
+                    run.outcome_unreadable(outcome_file, e);
+                    false
+                }
+            },
+            Body::Exec { .. } => false,
         };
         let exited_at = std::time::Instant::now();
         if lines_open {
@@ -284,6 +355,25 @@ impl Launch {
             ),
         };
         (pid, finished)
+    }
+}
+
+/// What every job's process gets: its own process group (the guard kills the group), no
+/// stdin/stdout/stderr shared with the agent, and death with the agent.
+fn common_setup(command: &mut tokio::process::Command) {
+    command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe; between fork and exec nothing else runs.
+    unsafe {
+        command.pre_exec(|| {
+            // If the agent is killed without its shutdown path (SIGKILL), the kernel kills
+            // the job leader too; the normal shutdown path kills the whole tree.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
     }
 }
 

@@ -10,13 +10,14 @@ use crate::outbox::Outgoing;
 use crate::procfs::{self, ProcEntry};
 use crate::state::{AgentState, JobKey};
 use kiln_job::memory::now_ms;
-use kiln_job::report::{parse_line, JobOutput, Report};
+use kiln_job::report::{parse_line, JobOutput, PhaseReport, Report};
 use kiln_proto::v1::{
     job_event::Event, job_update::Update, GuardSample, JobEvent, JobFinished, JobState, JobUpdate,
     KillRecord,
 };
 use std::process::ExitStatus;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Which output a line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +54,13 @@ pub(crate) struct JobRun {
     sample_failed: bool,
     /// Every process seen in the job's tree so far (killed with it even once orphaned).
     known: Vec<ProcEntry>,
+    /// `Some` for an exec job: the SIGTERM → SIGKILL delay when it is cancelled.
+    exec_grace: Option<Duration>,
+    /// When a cancelled exec job that got SIGTERM is SIGKILLed.
+    sigkill_at: Option<tokio::time::Instant>,
+    /// Log bytes relayed so far, and whether the cap was reached.
+    log_bytes: u64,
+    log_capped: bool,
 }
 
 impl JobRun {
@@ -62,6 +70,7 @@ impl JobRun {
         pid: u32,
         gpus: Vec<u32>,
         policy: GuardPolicy,
+        exec_grace: Option<Duration>,
     ) -> Self {
         Self {
             state,
@@ -78,6 +87,10 @@ impl JobRun {
             end: None,
             sample_failed: false,
             known: Vec::new(),
+            exec_grace,
+            sigkill_at: None,
+            log_bytes: 0,
+            log_capped: false,
         }
     }
 
@@ -123,7 +136,7 @@ impl JobRun {
 
     /// Measures the job now; `None` (after one warning) when it cannot be measured.
     fn sample(&mut self) -> Option<MemSample> {
-        let table = self.state.proc_table();
+        let table = self.state.proc_table_with(self.pid);
         for e in procfs::tree_of(&table, self.pid) {
             if !self
                 .known
@@ -191,10 +204,71 @@ impl JobRun {
     }
 
     pub(crate) fn cancel(&mut self, reason: String) {
-        procfs::kill_tree(self.pid, &self.known);
-        tracing::info!(job_id = self.key.0, attempt = self.key.1, pid = self.pid, %reason, "job killed on request");
-        self.agent_log(format!("killed pid={} on request: {reason}", self.pid));
+        match self.exec_grace.filter(|g| !g.is_zero()) {
+            Some(grace) => {
+                // An exec job gets SIGTERM and its grace period to clean up, then SIGKILL.
+                procfs::signal_tree(self.pid, &self.known, libc::SIGTERM);
+                self.sigkill_at = Some(tokio::time::Instant::now() + grace);
+                tracing::info!(job_id = self.key.0, attempt = self.key.1, pid = self.pid, %reason, grace_secs = grace.as_secs_f64(), "job sent SIGTERM on request");
+                self.agent_log(format!(
+                    "sent SIGTERM to pid {} on request ({reason}); SIGKILL in {:.1} s",
+                    self.pid,
+                    grace.as_secs_f64()
+                ));
+            }
+            None => {
+                procfs::kill_tree(self.pid, &self.known);
+                tracing::info!(job_id = self.key.0, attempt = self.key.1, pid = self.pid, %reason, "job killed on request");
+                self.agent_log(format!("killed pid {} on request: {reason}", self.pid));
+            }
+        }
         self.end = Some(End::Cancelled(reason));
+    }
+
+    /// When a cancelled exec job that got SIGTERM is to be SIGKILLed, if it is.
+    pub(crate) fn sigkill_at(&self) -> Option<tokio::time::Instant> {
+        self.sigkill_at
+    }
+
+    /// The grace period of a cancelled exec job is over: SIGKILL what is left of it.
+    pub(crate) fn grace_over(&mut self) {
+        self.sigkill_at = None;
+        procfs::kill_tree(self.pid, &self.known);
+        self.agent_log(format!(
+            "grace period over: killed pid {} and its tree",
+            self.pid
+        ));
+    }
+
+    /// A phase reported from inside an exec job (its phase socket): completed with the
+    /// agent's reading of the whole tree, as every phase is.
+    pub(crate) fn on_phase(&mut self, mut phase: PhaseReport) {
+        if phase.at_ms == 0 {
+            phase.at_ms = now_ms();
+        }
+        // The reporter (`kiln phase`, a helper) is not the job: the job's host memory is its
+        // tree's.
+        phase.host_rss =
+            procfs::tree_memory(&self.state.proc_table_with(self.pid), self.pid).rss_bytes;
+        self.on_report(Report::Phase(phase));
+    }
+
+    /// Relays a line of the job's output as a log event, until the job's log cap.
+    fn log(&mut self, source: &str, line: String) {
+        if self.log_capped {
+            return;
+        }
+        self.log_bytes += line.len() as u64 + 1;
+        let cap = self.state.config.log_cap_bytes;
+        if self.log_bytes > cap {
+            self.log_capped = true;
+            self.agent_log(format!(
+                "the job's output passed {} ({cap} bytes, the agent's log cap); the rest is not kept (the job goes on)",
+                kiln_proto::human_bytes(cap)
+            ));
+            return;
+        }
+        self.event(now_ms(), Event::Log(convert::log_line(source, line)));
     }
 
     /// Takes the outcome the job wrote to its outcome file (the same report its last stdout
@@ -224,19 +298,25 @@ impl JobRun {
 
     pub(crate) fn on_line(&mut self, stream: Stream, line: String) {
         if stream == Stream::Stderr {
-            self.event(
-                now_ms(),
-                Event::Log(convert::log_line("stderr", line.clone())),
-            );
             if !line.trim().is_empty() {
-                self.last_stderr = Some(line);
+                self.last_stderr = Some(line.clone());
             }
+            self.log("stderr", line);
             return;
         }
-        let Some(report) = parse_line(&line) else {
-            self.event(now_ms(), Event::Log(convert::log_line("stdout", line)));
+        // An exec job's stdout is its own: nothing on it is a report.
+        let report = match self.exec_grace {
+            None => parse_line(&line),
+            Some(_) => None,
+        };
+        let Some(report) = report else {
+            self.log("stdout", line);
             return;
         };
+        self.on_report(report);
+    }
+
+    fn on_report(&mut self, report: Report) {
         match report {
             Report::Result(out) => {
                 self.outcome_on_stdout = true;
@@ -292,6 +372,22 @@ impl JobRun {
                 peak_mem,
                 ..Default::default()
             },
+            None if self.exec_grace.is_some() => {
+                if status.success() {
+                    JobFinished {
+                        state: JobState::Succeeded as i32,
+                        result: Some(kiln_proto::v1::JobResult {
+                            result: Some(kiln_proto::v1::job_result::Result::Exec(
+                                kiln_proto::v1::ExecResult { exit_code: 0 },
+                            )),
+                        }),
+                        peak_mem,
+                        ..Default::default()
+                    }
+                } else {
+                    failed(crate::exec::failure(status, self.last_stderr), peak_mem)
+                }
+            }
             None => match (self.result, status.success()) {
                 (Some(out), true) => JobFinished {
                     state: JobState::Succeeded as i32,
@@ -376,7 +472,7 @@ pub fn failure_reason(
     reason
 }
 
-fn signal_name(sig: i32) -> &'static str {
+pub(crate) fn signal_name(sig: i32) -> &'static str {
     match sig {
         libc::SIGHUP => "SIGHUP",
         libc::SIGINT => "SIGINT",

@@ -9,6 +9,7 @@
 //! - `guard`: the guard's pure decisions (over-budget windows, sample downsampling).
 //! - `outbox`: job updates queued for the coordinator, kept across disconnections.
 //! - `state`: the shared state: config, devices, outbox, the running jobs.
+//! - `exec`: exec jobs (a user's command): building it, the phase socket, its failures.
 //! - `job`: one job attempt: spawn in its own process group, read output, poll, clean up.
 //! - `job_run`: a running job's state: relay lines as events, guard samples, kills, the end.
 //! - `convert`: protocol ↔ job-process contract.
@@ -21,6 +22,7 @@ pub mod config;
 pub mod convert;
 pub mod devices;
 pub mod error;
+mod exec;
 pub mod guard;
 mod job;
 mod job_run;

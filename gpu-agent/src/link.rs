@@ -154,6 +154,7 @@ pub fn register_message(state: &AgentState) -> Register {
         running: state.running(),
         version: env!("CARGO_PKG_VERSION").into(),
         nvml: state.devices.nvml_available(),
+        allow_exec: state.config.allow_exec,
         sessions: state.session_ids(),
     }
 }

@@ -128,6 +128,12 @@ pub fn tree_memory_with(
 /// that are still the same processes (same pid and start time) — those were orphaned when their
 /// parent died and can no longer be found from the leader. Processes already gone are fine.
 pub fn kill_tree(pgid: u32, known: &[ProcEntry]) {
+    signal_tree(pgid, known, libc::SIGKILL);
+}
+
+/// Sends `sig` to the process group `pgid` and every other process of its tree, as
+/// [`kill_tree`] does with SIGKILL (SIGTERM first is how a cancelled exec job gets its grace).
+pub fn signal_tree(pgid: u32, known: &[ProcEntry], sig: i32) {
     if pgid == 0 {
         return;
     }
@@ -142,15 +148,15 @@ pub fn kill_tree(pgid: u32, known: &[ProcEntry]) {
         }
     }
     // SAFETY: kill has no memory-safety preconditions; a negative pid names a group.
-    unsafe { libc::kill(-(pgid as i32), libc::SIGKILL) };
+    unsafe { libc::kill(-(pgid as i32), sig) };
     for e in doomed {
         if e.pgrp != pgid {
             // SAFETY: as above. A member that leads its own group takes that group with it.
             unsafe {
                 if e.pgrp == e.pid {
-                    libc::kill(-(e.pid as i32), libc::SIGKILL);
+                    libc::kill(-(e.pid as i32), sig);
                 }
-                libc::kill(e.pid as i32, libc::SIGKILL);
+                libc::kill(e.pid as i32, sig);
             }
         }
     }

@@ -92,6 +92,18 @@ impl AgentState {
         procs.1.clone()
     }
 
+    /// The process table, fresh enough to hold `pid` when it is alive: a job that started
+    /// after the shared table was read gets a new read instead of an empty tree.
+    pub fn proc_table_with(&self, pid: u32) -> Arc<Vec<ProcEntry>> {
+        let table = self.proc_table();
+        if pid == 0 || table.iter().any(|e| e.pid == pid) {
+            return table;
+        }
+        let fresh = Arc::new(procfs::read_all());
+        *self.procs.lock().unwrap_or_else(|p| p.into_inner()) = (Instant::now(), fresh.clone());
+        fresh
+    }
+
     /// Seconds since the agent started (monotonic).
     pub fn now_secs(&self) -> f64 {
         self.clock.elapsed().as_secs_f64()

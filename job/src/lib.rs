@@ -6,9 +6,11 @@
 //!   written before it exits.
 //! - `memory`: readings a job process takes of itself (RSS, page size) and the wall clock.
 //! - `sessions`: the on-disk layout of an agent's session store (file names, listing).
+//! - `phase`: phases reported from inside an exec job over the agent's phase socket.
 #![deny(missing_docs)]
 
 pub mod memory;
+pub mod phase;
 pub mod report;
 pub mod sessions;
 pub mod spec;

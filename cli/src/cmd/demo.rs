@@ -80,6 +80,8 @@ async fn start(args: &DemoArgs) -> anyhow::Result<DemoCluster> {
         over_secs: 0.0,
         work_dir: dir.join("agent"),
         token: None,
+        allow_exec: false,
+        log_cap_mib: 16.0,
     })?;
     let mut rx = stop_rx;
     let agent = tokio::spawn(async move {
@@ -182,7 +184,10 @@ async fn run_job(client: &mut Client, req: v1::SubmitJobRequest) -> anyhow::Resu
         .context("no job in the submit response")?;
     let id = job.id;
     let mut stream = client
-        .watch_job(v1::WatchJobRequest { id, after_seq: 0 })
+        .watch_job(v1::WatchJobRequest {
+            id,
+            ..Default::default()
+        })
         .await
         .map_err(status_error)?
         .into_inner();

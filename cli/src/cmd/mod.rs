@@ -6,6 +6,8 @@ pub mod bench_engine;
 pub mod bench_kernels;
 mod demo;
 mod jobs;
+mod logs;
+mod phase;
 pub mod quantize;
 mod servers;
 mod submit;
@@ -25,6 +27,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         // Local, synchronous verbs: no runtime, no coordinator.
         Command::Quantize(a) => return quantize::run(a).map(|()| ExitCode::SUCCESS),
+        Command::Phase(a) => return phase::run(a).map(|()| ExitCode::SUCCESS),
         Command::Bench(crate::args::BenchCommand::Kernels(a)) => {
             return bench_kernels::run(a).map(|()| ExitCode::SUCCESS)
         }
@@ -45,12 +48,15 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Job(a) => jobs::show(a).await,
             Command::Cancel(a) => jobs::cancel(a).await,
             Command::Watch(a) => watch::run(a).await,
+            Command::Logs(a) => logs::run(a).await,
             Command::Telemetry(a) => telemetry::run(a).await,
             Command::Agents(a) => agents::list(a).await,
             Command::Drain(a) => agents::drain(a).await,
             Command::Bench(b) => bench::run(b).await,
             Command::Demo(a) => demo::run(a).await,
-            Command::JobExec | Command::Quantize(_) => unreachable!("handled above"),
+            Command::JobExec | Command::Quantize(_) | Command::Phase(_) => {
+                unreachable!("handled above")
+            }
         }
     })
 }

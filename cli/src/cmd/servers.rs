@@ -79,6 +79,16 @@ pub fn agent_config(args: &AgentArgs) -> anyhow::Result<kiln_agent::AgentConfig>
         job_command: vec![exe.into_os_string(), "job-exec".into()],
         work_dir: args.work_dir.clone(),
         token: args.token.clone(),
+        allow_exec: args.allow_exec,
+        log_cap_bytes: {
+            if !(args.log_cap_mib.is_finite() && args.log_cap_mib > 0.0) {
+                anyhow::bail!(
+                    "--log-cap-mib must be a positive number (got {})",
+                    args.log_cap_mib
+                );
+            }
+            (args.log_cap_mib * (1u64 << 20) as f64) as u64
+        },
         ..Default::default()
     };
     if let Some(n) = &args.name {

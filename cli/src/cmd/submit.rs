@@ -16,6 +16,7 @@ fn default_budget_gb(kind: &SubmitKind) -> f64 {
         SubmitKind::Memtest(m) => m.gib + 1.0,
         SubmitKind::Generate(_) | SubmitKind::Export(_) => 4.0,
         SubmitKind::Train(_) => 8.0,
+        SubmitKind::Exec(_) => 4.0,
     }
 }
 
@@ -53,6 +54,7 @@ pub fn build_request(kind: &SubmitKind) -> anyhow::Result<(v1::SubmitJobRequest,
         SubmitKind::Generate(a) => &a.common,
         SubmitKind::Train(a) => &a.common,
         SubmitKind::Export(a) => &a.common,
+        SubmitKind::Exec(a) => &a.common,
     };
     let spec = match kind {
         SubmitKind::Memtest(m) => {
@@ -140,6 +142,27 @@ pub fn build_request(kind: &SubmitKind) -> anyhow::Result<(v1::SubmitJobRequest,
                 checkpoint: e.checkpoint.clone(),
                 format: e.format.clone(),
                 out_dir: e.out.clone(),
+            })
+        }
+        SubmitKind::Exec(x) => {
+            let mut env = std::collections::HashMap::new();
+            for kv in &x.env {
+                let Some((k, v)) = kv.split_once('=') else {
+                    bail!("--env {kv:?}: write NAME=VALUE");
+                };
+                env.insert(k.to_string(), v.to_string());
+            }
+            if !(x.grace_secs.is_finite() && (0.0..=3600.0).contains(&x.grace_secs)) {
+                bail!(
+                    "--grace-secs must be between 0 and 3600 (got {})",
+                    x.grace_secs
+                );
+            }
+            Spec::Exec(v1::ExecSpec {
+                argv: x.command.clone(),
+                env,
+                workdir: x.workdir.clone().unwrap_or_default(),
+                grace_secs: x.grace_secs,
             })
         }
     };

@@ -30,6 +30,8 @@ struct EventPrinter {
     in_tokens: bool,
     /// Every event (each phase sample, the job's stderr log lines, each progress update).
     verbose: bool,
+    /// Print the job's stderr lines (with -v, and always for exec jobs).
+    show_stderr: bool,
     /// Phases seen: name → (samples, peak pid_mem), in order of first appearance.
     phases: Vec<(String, u32, u64)>,
     /// The last progress fraction printed as a line (no terminal for a bar), in tenths.
@@ -113,7 +115,7 @@ impl EventPrinter {
                 bar.set_position(p.done);
                 bar.set_message(format!("{} {}", p.unit, p.message));
             }
-            Some(Event::Log(l)) if l.stream == "stderr" && !self.verbose => {
+            Some(Event::Log(l)) if l.stream == "stderr" && !self.show_stderr => {
                 // The job's own diagnostics (timestamped tracing lines): `-v` shows them.
             }
             Some(Event::Phase(p)) if !self.count_phase(&p.phase, p.pid_mem) && !self.verbose => {}
@@ -245,10 +247,21 @@ pub async fn follow(
 ) -> anyhow::Result<ExitCode> {
     let mut after_seq = 0;
     let mut printer = EventPrinter::new(verbose);
+    // An exec job's stderr is the user's own output, not Kiln's diagnostics: always shown.
+    let job = client
+        .get_job(v1::GetJobRequest { id })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    printer.show_stderr = verbose || job.kind == v1::JobKind::Exec as i32;
     let mut broken_since: Option<Instant> = None;
     loop {
         let stream = client
-            .watch_job(v1::WatchJobRequest { id, after_seq })
+            .watch_job(v1::WatchJobRequest {
+                id,
+                after_seq,
+                ..Default::default()
+            })
             .await;
         let mut stream = match stream {
             Ok(s) => s.into_inner(),

@@ -118,6 +118,11 @@ impl Cluster {
 
     /// Starts a CPU agent offering `mem_gb` GiB of host memory and waits until it is READY.
     pub fn start_agent(&mut self, name: &str, mem_gb: f64) {
+        self.start_agent_with(name, mem_gb, &[]);
+    }
+
+    /// The same, with extra `kiln agent` flags.
+    pub fn start_agent_with(&mut self, name: &str, mem_gb: f64, extra: &[&str]) {
         let log = self.log_file(&format!("agent-{name}"));
         let child = self
             .command()
@@ -136,6 +141,7 @@ impl Cluster {
             .current_dir(self.dir.path())
             .arg("--work-dir")
             .arg(format!("agent-{name}"))
+            .args(extra)
             .env("KILN_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

@@ -50,7 +50,14 @@ pub(super) async fn watch_job(
     let live = shared.events.subscribe();
     shared.get_job(req.id).await?;
     let (tx, rx) = mpsc::channel(256);
-    tokio::spawn(watch_loop(shared.clone(), req.id, req.after_seq, live, tx));
+    tokio::spawn(watch_loop(
+        shared.clone(),
+        req.id,
+        req.after_seq,
+        req.stored_only,
+        live,
+        tx,
+    ));
     Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
 }
 
@@ -69,6 +76,7 @@ async fn watch_loop(
     shared: SharedRef,
     job_id: u64,
     mut cursor: u64,
+    stored_only: bool,
     mut live: broadcast::Receiver<JobEvent>,
     tx: mpsc::Sender<Result<JobEvent, Status>>,
 ) {
@@ -92,7 +100,7 @@ async fn watch_loop(
             }
         }
         let last_stored = shared.store.last_event_seq(job_id).unwrap_or(0);
-        if shared.job_is_terminal(job_id) && last_stored <= cursor {
+        if stored_only || (shared.job_is_terminal(job_id) && last_stored <= cursor) {
             return;
         }
         loop {

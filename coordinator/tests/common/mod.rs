@@ -109,7 +109,11 @@ pub async fn drain(h: &mut Harness, name: &str, resume: bool) -> Agent {
 /// at the terminal state).
 pub async fn events_after(h: &mut Harness, id: u64, after_seq: u64) -> Vec<JobEvent> {
     h.client
-        .watch_job(WatchJobRequest { id, after_seq })
+        .watch_job(WatchJobRequest {
+            id,
+            after_seq,
+            ..Default::default()
+        })
         .await
         .expect("watch")
         .into_inner()
