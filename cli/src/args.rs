@@ -176,6 +176,11 @@ pub struct SubmitCommon {
     /// Attempts in all when the job is LOST with its agent (1 = never retry).
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
+    /// After a guard kill, retry as a new attempt with a larger budget (within --max-attempts):
+    /// `grow=1.5` multiplies the budget by 1.5 each time; `grow=2,max-budget-gb=60` caps it.
+    /// Every attempt stays in the job's history (`kiln job ID`).
+    #[arg(long, value_name = "grow=F[,max-budget-gb=Y]")]
+    pub on_kill: Option<String>,
     /// A label for the job.
     #[arg(long, default_value = "", hide_default_value = true)]
     pub name: String,

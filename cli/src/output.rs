@@ -149,6 +149,24 @@ pub fn job_json(job: &v1::Job) -> Value {
     if let Some(k) = &job.kill {
         v["kill"] = kill_json(k);
     }
+    v["attempts"] = job
+        .attempts
+        .iter()
+        .map(|a| {
+            let mut r = json!({
+                "attempt": a.attempt, "agent": a.agent, "gpu_indices": a.gpu_indices,
+                "budget_bytes": a.budget_bytes, "started_at_ms": a.started_at_ms,
+                "finished_at_ms": a.finished_at_ms,
+                "state": kiln_proto::state_name(a.state()), "error": a.error,
+                "peak_mem": a.peak_mem,
+            });
+            if let Some(k) = &a.kill {
+                r["kill"] = kill_json(k);
+            }
+            r
+        })
+        .collect::<Vec<_>>()
+        .into();
     v
 }
 

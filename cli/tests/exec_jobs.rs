@@ -282,3 +282,76 @@ fn only_agents_that_allow_exec_run_exec_jobs() {
         .collect();
     assert!(allow.contains(&("plain-1".into(), false)) && allow.contains(&("exec-2".into(), true)));
 }
+
+#[test]
+fn a_killed_job_retries_with_a_grown_budget_and_keeps_every_attempt() {
+    let c = exec_cluster(4.0);
+    let id = submit_exec(
+        &c,
+        &[
+            "--budget-gb",
+            "0.2",
+            "--on-kill",
+            "grow=3",
+            "--max-attempts",
+            "3",
+        ],
+        &[
+            "python3",
+            "-c",
+            "x = bytearray(320 << 20); import time; time.sleep(0.5)",
+        ],
+    );
+    let job = c.wait_state(id, "SUCCEEDED", T);
+    assert_eq!(job["attempt"], 2, "{job:#}");
+    let gib = 1u64 << 30;
+    let attempts = job["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{job:#}");
+    assert_eq!(attempts[0]["state"], "KILLED");
+    assert_eq!(
+        attempts[0]["budget_bytes"],
+        (0.2 * gib as f64).round() as u64
+    );
+    assert!(
+        attempts[0]["kill"]["pid_mem"].as_u64().unwrap()
+            > attempts[0]["budget_bytes"].as_u64().unwrap()
+    );
+    assert_eq!(attempts[1]["state"], "SUCCEEDED");
+    let first = attempts[0]["budget_bytes"].as_u64().unwrap();
+    assert_eq!(attempts[1]["budget_bytes"], first * 3, "grown ×3");
+    assert_eq!(job["budget_bytes"], attempts[1]["budget_bytes"]);
+    // The human view lists both attempts.
+    let shown = String::from_utf8_lossy(&c.kiln(&["job", &id.to_string()]).stdout).to_string();
+    assert!(
+        shown.contains("1. KILLED") && shown.contains("2. SUCCEEDED"),
+        "{shown}"
+    );
+    // A cap at the first budget means a kill is final; a bad policy is refused at submit.
+    let capped = submit_exec(
+        &c,
+        &[
+            "--budget-gb",
+            "0.2",
+            "--on-kill",
+            "grow=2,max-budget-gb=0.2",
+        ],
+        &[
+            "python3",
+            "-c",
+            "x = bytearray(320 << 20); import time; time.sleep(0.5)",
+        ],
+    );
+    let job = c.wait_state(capped, "KILLED", T);
+    assert_eq!(job["attempt"], 1, "{job:#}");
+    let out = c.kiln(&[
+        "submit",
+        "exec",
+        "--gpus",
+        "0",
+        "--on-kill",
+        "grow=0.5",
+        "--",
+        "true",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("more than 1"));
+}

@@ -417,6 +417,9 @@ fn apply_update(
                 .allocations
                 .remove(&job_id);
             let why = format!("reported by agent {agent}");
+            if end == JobState::Killed && state.retry_killed(store, job_id, &why)? {
+                return Ok(true);
+            }
             state.set_state(store, job_id, end, why)?;
             Ok(true)
         }

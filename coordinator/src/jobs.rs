@@ -70,6 +70,15 @@ pub(crate) fn validate_submit(
     if resources.max_attempts == 0 {
         resources.max_attempts = config.default_max_attempts;
     }
+    let grow = resources.on_kill_grow;
+    if !(grow == 0.0 || (grow.is_finite() && grow > 1.0 && grow <= 16.0)) {
+        return invalid("resources.on_kill_grow must be 0 (a guard kill is final) or more than 1 and at most 16");
+    }
+    if resources.max_budget_bytes != 0 && resources.max_budget_bytes < resources.budget_bytes {
+        return invalid(
+            "resources.max_budget_bytes must be at least budget_bytes (or 0 for no cap)",
+        );
+    }
     Ok(Job {
         kind: kind as i32,
         spec: Some(spec),

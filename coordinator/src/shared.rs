@@ -194,6 +194,7 @@ impl State {
         let terminal = kiln_proto::is_terminal(state);
         if terminal {
             active.job.finished_at_ms = now;
+            record_attempt(&mut active.job, state, now);
         }
         if state == JobState::Queued {
             active.queued_since_ms = now;
@@ -228,6 +229,7 @@ impl State {
             // Store the LOST attempt snapshot and event, then requeue.
             let now = now_ms();
             active.job.state = JobState::Lost as i32;
+            record_attempt(&mut active.job, JobState::Lost, now);
             let snapshot = active.job.clone();
             self.write_job(store, &snapshot)?;
             let lost = job_event::Event::State(StateChange {
@@ -247,6 +249,89 @@ impl State {
             self.set_state(store, job_id, JobState::Lost, reason)
         }
     }
+}
+
+impl State {
+    /// Ends a placed job's attempt that the guard killed: when the job asks to grow its budget
+    /// after a kill and has attempts left, the KILLED attempt is kept in its history and the
+    /// job is requeued as a new attempt with the grown budget (true); otherwise false (the kill
+    /// is final). The caller has already stored the kill record in the job and released its
+    /// allocation.
+    pub fn retry_killed(
+        &mut self,
+        store: &Store,
+        job_id: u64,
+        why: &str,
+    ) -> Result<bool, StoreError> {
+        let Some(active) = self.jobs.get_mut(&job_id) else {
+            return Ok(false);
+        };
+        let r = active.job.resources.unwrap_or_default();
+        let attempt = active.job.attempt;
+        if r.on_kill_grow <= 1.0 || attempt >= r.max_attempts {
+            return Ok(false);
+        }
+        let grown = (r.budget_bytes as f64 * r.on_kill_grow).round() as u64;
+        let budget = if r.max_budget_bytes > 0 {
+            grown.min(r.max_budget_bytes)
+        } else {
+            grown
+        };
+        if budget <= r.budget_bytes {
+            return Ok(false); // already at the cap: growing again changes nothing
+        }
+        let now = now_ms();
+        active.job.state = JobState::Killed as i32;
+        record_attempt(&mut active.job, JobState::Killed, now);
+        let snapshot = active.job.clone();
+        self.write_job(store, &snapshot)?;
+        let killed = job_event::Event::State(StateChange {
+            state: JobState::Killed as i32,
+            reason: why.to_string(),
+        });
+        self.record_event(store, job_id, killed, now)?;
+        let active = self.jobs.get_mut(&job_id).expect("still active");
+        active.job.agent.clear();
+        active.job.gpu_indices.clear();
+        active.job.started_at_ms = 0;
+        active.job.kill = None;
+        if let Some(res) = active.job.resources.as_mut() {
+            res.budget_bytes = budget;
+        }
+        let reason = format!(
+            "requeued for attempt {} of {} with budget {} (×{} after the guard's kill)",
+            attempt + 1,
+            r.max_attempts,
+            kiln_proto::human_bytes(budget),
+            r.on_kill_grow
+        );
+        self.set_state(store, job_id, JobState::Queued, reason)?;
+        Ok(true)
+    }
+}
+
+/// Appends the job's current attempt, as it ends in `state`, to its history (once).
+fn record_attempt(job: &mut kiln_proto::v1::Job, state: JobState, now: u64) {
+    if job.attempt == 0
+        || job
+            .attempts
+            .last()
+            .is_some_and(|a| a.attempt == job.attempt)
+    {
+        return;
+    }
+    job.attempts.push(kiln_proto::v1::AttemptRecord {
+        attempt: job.attempt,
+        agent: job.agent.clone(),
+        gpu_indices: job.gpu_indices.clone(),
+        budget_bytes: job.resources.map_or(0, |r| r.budget_bytes),
+        started_at_ms: job.started_at_ms,
+        finished_at_ms: now,
+        state: state as i32,
+        error: job.error.clone(),
+        kill: job.kill.clone(),
+        peak_mem: job.peak_mem,
+    });
 }
 
 /// The shared core of a running coordinator.

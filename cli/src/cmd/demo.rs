@@ -134,6 +134,7 @@ fn request(name: &str, spec: Spec, gpus: u32, budget_bytes: u64) -> v1::SubmitJo
             over_secs: 0.0,
             poll_secs: 0.1,
             max_attempts: 1,
+            ..Default::default()
         }),
         priority: 0,
         name: name.into(),

@@ -100,6 +100,33 @@ pub fn print_job(job: &v1::Job) {
     if !job.error.is_empty() {
         println!("  error:     {}", job.error);
     }
+    if job.attempts.len() > 1 {
+        println!("  attempts:");
+        for a in &job.attempts {
+            let what = match &a.kill {
+                Some(k) => format!(
+                    "pid_mem {} > limit {} in phase {}",
+                    bytes(k.pid_mem),
+                    bytes(k.limit),
+                    if k.phase.is_empty() { "-" } else { &k.phase }
+                ),
+                None => a.error.clone(),
+            };
+            println!(
+                "    {}. {:<9} on {} budget {}, peak {}{}",
+                a.attempt,
+                kiln_proto::state_name(a.state()),
+                if a.agent.is_empty() { "-" } else { &a.agent },
+                bytes(a.budget_bytes),
+                bytes(a.peak_mem),
+                if what.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {what}")
+                }
+            );
+        }
+    }
     let mut v = job_json(job);
     if let Some(loss) = v["result"]["loss"]
         .as_array()

@@ -30,13 +30,49 @@ fn resources(common: &SubmitCommon, budget_gb: f64) -> anyhow::Result<v1::JobRes
     if common.poll_secs <= 0.0 || common.over_secs < 0.0 {
         bail!("--poll-secs must be > 0 and --over-secs must be ≥ 0");
     }
+    let (on_kill_grow, max_budget_bytes) = match &common.on_kill {
+        Some(policy) => parse_on_kill(policy, budget_gb)?,
+        None => (0.0, 0),
+    };
     Ok(v1::JobResources {
         gpus: common.gpus,
         budget_bytes: gib_to_bytes(budget_gb),
         over_secs: common.over_secs,
         poll_secs: common.poll_secs,
         max_attempts: common.max_attempts,
+        on_kill_grow,
+        max_budget_bytes,
     })
+}
+
+/// `grow=F[,max-budget-gb=Y]` → (F, Y in bytes or 0).
+fn parse_on_kill(policy: &str, budget_gb: f64) -> anyhow::Result<(f64, u64)> {
+    let (mut grow, mut max) = (None, 0);
+    for part in policy.split(',') {
+        match part.split_once('=') {
+            Some(("grow", f)) => {
+                let f: f64 = f.parse().map_err(|_| {
+                    anyhow::anyhow!("--on-kill {policy:?}: grow={f} is not a number")
+                })?;
+                if !(f > 1.0 && f <= 16.0) {
+                    bail!("--on-kill {policy:?}: grow must be more than 1 and at most 16");
+                }
+                grow = Some(f);
+            }
+            Some(("max-budget-gb", y)) => {
+                let y: f64 = y.parse().map_err(|_| {
+                    anyhow::anyhow!("--on-kill {policy:?}: max-budget-gb={y} is not a number")
+                })?;
+                if !(y.is_finite() && y >= budget_gb) {
+                    bail!("--on-kill {policy:?}: max-budget-gb must be at least --budget-gb ({budget_gb})");
+                }
+                max = gib_to_bytes(y);
+            }
+            _ => bail!("--on-kill {policy:?}: write grow=F or grow=F,max-budget-gb=Y"),
+        }
+    }
+    let grow = grow.ok_or_else(|| anyhow::anyhow!("--on-kill {policy:?}: grow=F is missing"))?;
+    Ok((grow, max))
 }
 
 /// How `kiln submit` goes on after the job is accepted.

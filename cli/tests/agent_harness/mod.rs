@@ -406,6 +406,7 @@ pub fn memtest_job(id: u64, bytes: u64, steps: u32, hold_secs: f64, budget: u64)
             over_secs: 0.0,
             poll_secs: 0.05,
             max_attempts: 1,
+            ..Default::default()
         }),
         state: v1::JobState::Assigned as i32,
         ..Default::default()
