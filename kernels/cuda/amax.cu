@@ -93,12 +93,12 @@ kiln_stream_read(const uint4* __restrict__ p, u64 n, u32* __restrict__ out) {
     for (; i + 3 * stride < n; i += 4 * stride) {
         uint4 v[4];
 #pragma unroll
-        for (int u = 0; u < 4; u++) v[u] = kiln_tc_ld_stream(p + i + u * stride);
+        for (int u = 0; u < 4; u++) v[u] = kiln_ld_stream(p + i + u * stride);
 #pragma unroll
         for (int u = 0; u < 4; u++) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
     }
     for (; i < n; i += stride) {
-        const uint4 v = kiln_tc_ld_stream(p + i);
+        const uint4 v = kiln_ld_stream(p + i);
         acc ^= v.x ^ v.y ^ v.z ^ v.w;
     }
     for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xFFFFFFFFu, acc, o);

@@ -19,12 +19,7 @@
 // that x stays in L1. Chained launches (gemv.rs): only the first weight loads come before the
 // griddepcontrol.wait; x and y after it.
 
-__device__ __forceinline__ uint4 kiln_ld_stream(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
+// kiln_ld_stream (the weight loads) and the chained-launch helpers are in nvfp4_common.cuh.
 
 // f16 bit pair -> two f32 (exact widening).
 __device__ __forceinline__ void kiln_h2_to_f2(u32 h, float& lo, float& hi) {

@@ -18,8 +18,9 @@
 // Launch: 256 threads = 8 warps = (8 / KSPLIT) row tiles of 16 x KSPLIT warps splitting the
 // super-tiles; grid.x = ceil(N / (16 * 8 / KSPLIT)); dynamic shared memory M*K*4 + 4096 bytes.
 
-// The load, decode and MMA helpers (kiln_tc_ld_stream, kiln_e2m1_pair_bf16, ...) are in
-// nvfp4_common.cuh, shared with the v2 and v3 kernels.
+// The decode and MMA helpers (kiln_e2m1_pair_bf16, kiln_mma_bf16, ...) are in
+// gemv_tensor_core.cuh, shared with the v2 and v5 kernels; kiln_ld_stream in nvfp4_common.cuh.
+#include "gemv_tensor_core.cuh"
 
 template <int M>
 __device__ __forceinline__ void kiln_gemv_tc_body(const float* __restrict__ x,
@@ -46,8 +47,8 @@ __device__ __forceinline__ void kiln_gemv_tc_body(const float* __restrict__ x,
     uint4 na = make_uint4(0, 0, 0, 0), nb = na;
     u32 nsa = 0, nsb = 0;
     if (s_begin < s_end) {
-        na = kiln_tc_ld_stream(wa + (size_t)s_begin * 4);
-        nb = kiln_tc_ld_stream(wb + (size_t)s_begin * 4);
+        na = kiln_ld_stream(wa + (size_t)s_begin * 4);
+        nb = kiln_ld_stream(wb + (size_t)s_begin * 4);
         nsa = __ldg(sa + (size_t)s_begin * 4);
         nsb = __ldg(sb + (size_t)s_begin * 4);
     }
@@ -80,8 +81,8 @@ __device__ __forceinline__ void kiln_gemv_tc_body(const float* __restrict__ x,
         const uint4 a = na, b = nb;
         const u32 sca = nsa, scb = nsb;
         if (s + 1 < s_end) {
-            na = kiln_tc_ld_stream(wa + (size_t)(s + 1) * 4);
-            nb = kiln_tc_ld_stream(wb + (size_t)(s + 1) * 4);
+            na = kiln_ld_stream(wa + (size_t)(s + 1) * 4);
+            nb = kiln_ld_stream(wb + (size_t)(s + 1) * 4);
             nsa = __ldg(sa + (size_t)(s + 1) * 4);
             nsb = __ldg(sb + (size_t)(s + 1) * 4);
         }

@@ -24,8 +24,9 @@
 // the super-tiles; grid.x = ceil(N / (16 * T * (8 / KSPLIT))); dynamic shared memory
 // 4 * M * K + 512 * M + 8 * T * 16 * M * 4 bytes (tc2_smem_bytes in gemv.rs).
 
-// The load, decode and MMA helpers are in nvfp4_common.cuh (shared with gemv_nvfp4_tc.cu and
-// gemv_nvfp4_tc5.cu).
+// The decode, MMA, x staging and main loop are in gemv_tensor_core.cuh (shared with
+// gemv_nvfp4_tc5.cu, which differs in how K is split and how the partial sums meet).
+#include "gemv_tensor_core.cuh"
 
 // PROBE (diagnostics for the benchmark, never a GEMV): bit 0 skips staging x, bit 1 replaces
 // the decode and MMA by folding the loaded words into the accumulator (y is garbage).
@@ -54,9 +55,7 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
     // the first D super-tiles' loads go out before x is staged
     uint4 wb[D][T][2];
     u32 sb[D][T][2];
-#pragma unroll
-    for (int d = 0; d < D; d++)
-        kiln_tc_load_supertile<T>(wb[d], sb[d], wbase, sbase, roff, u_begin + d, u_begin + d < u_end);
+    kiln_tc_load_first<T, D>(wb, sb, wbase, sbase, roff, u_begin, u_end);
 
     if (!(PROBE & 1)) kiln_tc_stage_x<M>(x, xs, K, K);
     for (int c = threadIdx.x; c < 32 * C; c += blockDim.x) zeros[c] = make_uint2(0u, 0u);
@@ -64,37 +63,8 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
 
     constexpr bool TWO = C > 8;  // M = 5..8: a second MMA per step for x rows 4..7
     float acc[T][4], acc2[T][4];
-#pragma unroll
-    for (int tt = 0; tt < T; tt++)
-#pragma unroll
-        for (int q = 0; q < 4; q++) acc[tt][q] = acc2[tt][q] = 0.0f;
-    // lanes whose B column is unused read zeros (same offsets, no per-step select)
-    const uint2* xl = g < C ? xs + j * C + g : zeros;
-    const size_t xstep = g < C ? (size_t)32 * C : 0;
-    const uint2* xl2 = g + 8 < C ? xs + j * C + 8 + g : zeros;
-    const size_t xstep2 = g + 8 < C ? (size_t)32 * C : 0;
-
-    for (int U0 = u_begin; U0 < u_end; U0 += D) {
-#pragma unroll
-        for (int d = 0; d < D; d++) {
-            const int U = U0 + d;
-            if (U < u_end) {
-                uint4 w[T][2];
-                u32 sw[T][2];
-#pragma unroll
-                for (int tt = 0; tt < T; tt++)
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        w[tt][h] = wb[d][tt][h];
-                        sw[tt][h] = sb[d][tt][h];
-                    }
-                if (U + D < u_end)
-                    kiln_tc_load_supertile<T>(wb[d], sb[d], wbase, sbase, roff, U + D, true);
-                kiln_tc_supertile_mma_n<M, T, PROBE, TWO>(acc, acc2, w, sw, xl + (size_t)U * xstep,
-                                                          xl2 + (size_t)U * xstep2);
-            }
-        }
-    }
+    kiln_tc_main_loop<M, T, D, 0, PROBE>(acc, acc2, wb, sb, wbase, sbase, roff, u_begin, u_end, xs,
+                                         zeros, 0, g, j);
     // lanes hold x rows j (and 4 + j); those with j < M (4 + j < M) hold results
     constexpr int R = TWO ? 2 : 1;
     float v[R][T][2];

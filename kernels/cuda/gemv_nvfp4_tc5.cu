@@ -24,6 +24,51 @@
 // sums and the counters are touched only after the wait. flags bit 0: before waiting, also ask
 // the L2 for the rest of this warp's slice of W (prefetch.global.L2, one line per lane and step).
 
+// The decode, MMA, x staging and main loop are in gemv_tensor_core.cuh (shared with
+// gemv_nvfp4_tc2.cu).
+#include "gemv_tensor_core.cuh"
+
+// The split-K finish: every thread of the block calls this after its main loop. A lane holds, for each r < R with
+// has[r], and each of its T tiles, the sums v[r][tt][0] / v[r][tt][1] of rows
+// n0 = 16 (tile0 + tt) + g and n0 + 8 for x row mrow[r]. One K slice (gridDim.y == 1):
+// y = v * post. Otherwise the sums go to partial[slice][M][N]; the last block of the row range
+// to finish (a counter per row range, reset by that block for the next launch) adds the slices
+// in order — deterministic — and writes y. `last` is one word of shared memory.
+template <int M, int T, int R>
+__device__ __forceinline__ void kiln_splitk_finish(const float (&v)[R][T][2], const int (&mrow)[R],
+        const bool (&has)[R], int tile0, int g, float post, float* __restrict__ y, int N,
+        float* __restrict__ partial, u32* __restrict__ counters, u32* last) {
+    const bool one = gridDim.y == 1;
+    float* dst = one ? y : partial + (size_t)blockIdx.y * M * N;
+    const float f = one ? post : 1.0f;
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        if (!has[r]) continue;
+#pragma unroll
+        for (int tt = 0; tt < T; tt++) {
+            const int n0 = (tile0 + tt) * 16 + g;
+            if (n0 < N) dst[(size_t)mrow[r] * N + n0] = v[r][tt][0] * f;
+            if (n0 + 8 < N) dst[(size_t)mrow[r] * N + n0 + 8] = v[r][tt][1] * f;
+        }
+    }
+    if (one) return;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) *last = atomicAdd(counters + blockIdx.x, 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (!*last) return;
+    __threadfence();
+    const int rows = 8 * T * 16, r0 = blockIdx.x * rows;
+    for (int i = threadIdx.x; i < rows * M; i += blockDim.x) {
+        const int mm = i / rows, n = r0 + i % rows;
+        if (n >= N) continue;
+        float a = 0.0f;
+        for (int s = 0; s < (int)gridDim.y; s++) a += __ldcg(partial + ((size_t)s * M + mm) * N + n);
+        y[(size_t)mm * N + n] = a * post;
+    }
+    if (threadIdx.x == 0) counters[blockIdx.x] = 0u;  // ready for the next launch
+}
+
 template <int M, int T, int D, int LATE>
 __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
         const u8* __restrict__ packed, const u8* __restrict__ scales,
@@ -58,9 +103,7 @@ __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
     // the first D super-tiles' loads go out before x is staged
     uint4 wb[D][T][2];
     u32 sb[D][T][2];
-#pragma unroll
-    for (int d = 0; d < D; d++)
-        kiln_tc_load_supertile<T>(wb[d], sb[d], wbase, sbase, roff, s_begin + d, s_begin + d < s_end);
+    kiln_tc_load_first<T, D>(wb, sb, wbase, sbase, roff, s_begin, s_end);
     // everything below may depend on the previous kernel on the stream
     kiln_pdl_wait();
 
@@ -71,41 +114,8 @@ __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
 
     constexpr bool TWO = C > 8;  // M = 5..8: a second MMA per step for x rows 4..7
     float acc[T][4], acc2[T][4];
-#pragma unroll
-    for (int tt = 0; tt < T; tt++)
-#pragma unroll
-        for (int q = 0; q < 4; q++) acc[tt][q] = acc2[tt][q] = 0.0f;
-    const uint2* xl = g < C ? xs + j * C + g : zeros;
-    const size_t xstep = g < C ? (size_t)32 * C : 0;
-    const uint2* xl2 = g + 8 < C ? xs + j * C + 8 + g : zeros;
-    const size_t xstep2 = g + 8 < C ? (size_t)32 * C : 0;
-
-    for (int U0 = s_begin; U0 < s_end; U0 += D) {
-#pragma unroll
-        for (int d = 0; d < D; d++) {
-            const int U = U0 + d;
-            if (U < s_end) {
-                // LATE: the next loads go out after this super-tile is decoded, straight into
-                // the registers just consumed (no ring copies; one super-tile less in flight)
-                uint4 w[T][2];
-                u32 sw[T][2];
-#pragma unroll
-                for (int tt = 0; tt < T; tt++)
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        w[tt][h] = wb[d][tt][h];
-                        sw[tt][h] = sb[d][tt][h];
-                    }
-                if (!LATE && U + D < s_end)
-                    kiln_tc_load_supertile<T>(wb[d], sb[d], wbase, sbase, roff, U + D, true);
-                kiln_tc_supertile_mma_n<M, T, 0, TWO>(acc, acc2, w, sw,
-                                                      xl + (size_t)(U - s_begin) * xstep,
-                                                      xl2 + (size_t)(U - s_begin) * xstep2);
-                if (LATE && U + D < s_end)
-                    kiln_tc_load_supertile<T>(wb[d], sb[d], wbase, sbase, roff, U + D, true);
-            }
-        }
-    }
+    kiln_tc_main_loop<M, T, D, LATE, 0>(acc, acc2, wb, sb, wbase, sbase, roff, s_begin, s_end, xs,
+                                        zeros, s_begin, g, j);
     // lanes hold x rows j (and 4 + j); those with j < M (4 + j < M) hold results
     constexpr int R = TWO ? 2 : 1;
     float v[R][T][2];

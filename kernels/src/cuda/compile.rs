@@ -21,6 +21,13 @@ pub struct KernelSource {
 /// Device helpers prepended to every kernel file.
 pub const COMMON: &str = include_str!("../../cuda/nvfp4_common.cuh");
 
+/// Headers a kernel file may `#include "NAME"` (on a line of its own); [`full_source`] pastes
+/// them in, so NVRTC gets one self-contained translation unit per file.
+pub const HEADERS: &[(&str, &str)] = &[(
+    "gemv_tensor_core.cuh",
+    include_str!("../../cuda/gemv_tensor_core.cuh"),
+)];
+
 /// Every kernel file, in load order.
 pub const SOURCES: &[KernelSource] = &[
     KernelSource {
@@ -104,9 +111,36 @@ fn fnv1a64(parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// The full translation unit NVRTC compiles for `src`.
+/// The full translation unit NVRTC compiles for `src`: [`COMMON`], then the file with each
+/// `#include "NAME"` of a [`HEADERS`] entry replaced by that header (`#line` directives keep
+/// compiler messages pointing at the right file and line). Any other `#include` is left to
+/// NVRTC, which fails on it.
 pub fn full_source(src: &KernelSource) -> String {
-    format!("{COMMON}\n#line 1 \"{}\"\n{}", src.file, src.source)
+    let mut out = format!("{COMMON}\n#line 1 \"{}\"\n", src.file);
+    for (i, line) in src.source.lines().enumerate() {
+        match included_header(line) {
+            Some((name, text)) => {
+                out.push_str(&format!("#line 1 \"{name}\"\n{text}\n"));
+                out.push_str(&format!("#line {} \"{}\"\n", i + 2, src.file));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// The [`HEADERS`] entry a line `#include "NAME"` names, if it is one.
+fn included_header(line: &str) -> Option<(&'static str, &'static str)> {
+    let name = line
+        .trim()
+        .strip_prefix("#include")?
+        .trim()
+        .strip_prefix('"')?
+        .strip_suffix('"')?;
+    HEADERS.iter().find(|(h, _)| *h == name).copied()
 }
 
 /// Compile `src` for `arch`, or load the PTX from the disk cache. Returns the PTX and whether it
@@ -217,6 +251,50 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Every `.cuh` file besides the common one is in `HEADERS`, and every `#include` line of a
+    /// kernel file names one of them (an unknown one would only fail where NVRTC runs).
+    #[test]
+    fn every_header_is_listed_and_every_include_resolves() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda");
+        for e in std::fs::read_dir(dir).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            if name.ends_with(".cuh") && name != "nvfp4_common.cuh" {
+                assert!(
+                    HEADERS.iter().any(|(h, _)| *h == name),
+                    "{name} is not in HEADERS"
+                );
+            }
+        }
+        for src in SOURCES {
+            for line in src
+                .source
+                .lines()
+                .filter(|l| l.trim().starts_with("#include"))
+            {
+                assert!(
+                    included_header(line).is_some(),
+                    "{}: {line} names no header in HEADERS",
+                    src.file
+                );
+            }
+            let full = full_source(src);
+            assert!(!full.lines().any(|l| l.trim().starts_with("#include")));
+        }
+    }
+
+    #[test]
+    fn an_include_is_replaced_by_the_header_with_line_markers() {
+        let src = KernelSource {
+            file: "t.cu",
+            source: "a\n#include \"gemv_tensor_core.cuh\"\nb",
+        };
+        let full = full_source(&src);
+        let tail = &full[COMMON.len()..];
+        assert!(tail.starts_with("\n#line 1 \"t.cu\"\na\n#line 1 \"gemv_tensor_core.cuh\"\n"));
+        assert!(tail.ends_with("\n#line 3 \"t.cu\"\nb\n"), "{tail}");
+        assert!(tail.contains(HEADERS[0].1));
     }
 
     #[test]
