@@ -9,8 +9,8 @@
 //
 // Here: the decode and MMA primitives (every tensor-core GEMV), the staging of x into shared
 // memory, the weight stream, the super-tile step, the main loop and the per-lane row sums (the
-// v2 and v5 kernels, gemv_nvfp4_tc2.cu and gemv_nvfp4_tc5.cu, which differ only in how K is
-// split and how the partial sums meet).
+// kernels of gemv_tensor_core.cu and gemv_tensor_core_split_k.cu — "v2" and "v5" in
+// BENCHMARKS.md —, which differ only in how K is split and how the partial sums meet).
 
 // Two f32 -> bf16x2 (round to nearest even), lo in the low half.
 __device__ __forceinline__ u32 kiln_pack_bf16x2(float lo, float hi) {
@@ -46,8 +46,8 @@ __device__ __forceinline__ void kiln_mma_bf16(float c[4], u32 a0, u32 a1, u32 a2
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Stage x f32 [M, K] (rows row_stride apart) into shared memory for the v2/v5 tensor-core
-// GEMVs, all threads of the block taking part: xs[s][t][j][2M] uint2 = B fragment (b0, b1) of k-tile t of super-tile s
+// Stage x f32 [M, K] (rows row_stride apart) into shared memory for the tensor-core
+// GEMVs (gemv_tensor_core.cu, gemv_tensor_core_split_k.cu), all threads of the block taking part: xs[s][t][j][2M] uint2 = B fragment (b0, b1) of k-tile t of super-tile s
 // for lane j, column 2m = x row m's bf16 hi part, 2m + 1 its lo part. Item (m, s, jj, t2) is
 // the 8 elements 8 t2 .. +8 of lane jj's 32-element chunk of super-tile s (k0 = 128 s + 32 jj)
 // -> k-tiles 2 t2 and 2 t2 + 1, in the order the nibble decode produces pairs.

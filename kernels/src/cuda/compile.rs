@@ -43,20 +43,20 @@ pub const SOURCES: &[KernelSource] = &[
         source: include_str!("../../cuda/dequantize_nvfp4.cu"),
     },
     KernelSource {
-        file: "gemv_nvfp4.cu",
-        source: include_str!("../../cuda/gemv_nvfp4.cu"),
+        file: "gemv_cuda_core.cu",
+        source: include_str!("../../cuda/gemv_cuda_core.cu"),
     },
     KernelSource {
-        file: "gemv_nvfp4_tc.cu",
-        source: include_str!("../../cuda/gemv_nvfp4_tc.cu"),
+        file: "gemv_tensor_core_hilo.cu",
+        source: include_str!("../../cuda/gemv_tensor_core_hilo.cu"),
     },
     KernelSource {
-        file: "gemv_nvfp4_tc2.cu",
-        source: include_str!("../../cuda/gemv_nvfp4_tc2.cu"),
+        file: "gemv_tensor_core.cu",
+        source: include_str!("../../cuda/gemv_tensor_core.cu"),
     },
     KernelSource {
-        file: "gemv_nvfp4_tc5.cu",
-        source: include_str!("../../cuda/gemv_nvfp4_tc5.cu"),
+        file: "gemv_tensor_core_split_k.cu",
+        source: include_str!("../../cuda/gemv_tensor_core_split_k.cu"),
     },
     KernelSource {
         file: "adamw_nvfp4.cu",

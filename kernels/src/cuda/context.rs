@@ -65,17 +65,17 @@ pub(crate) struct Functions {
     pub dequantize_bf16: CudaFunction,
     pub f32_to_bf16: CudaFunction,
     pub bf16_to_f32: CudaFunction,
-    /// `kiln_gemv_nvfp4_m{M}_r4` for M = 1..=8.
+    /// `kiln_gemv_cuda_core_m{M}_r4` for M = 1..=8.
     pub gemv: Vec<CudaFunction>,
-    /// `kiln_gemv_nvfp4_m1_r8`: M = 1 with 8 rows per warp.
+    /// `kiln_gemv_cuda_core_m1_r8`: M = 1 with 8 rows per warp.
     pub gemv_m1_r8: CudaFunction,
-    /// `kiln_gemv_nvfp4_tc_m{M}` for M = 1..=8 (tensor cores).
+    /// `kiln_gemv_tensor_core_hilo_m{M}` for M = 1..=8 (tensor cores).
     pub gemv_tc: Vec<CudaFunction>,
-    /// `kiln_gemv_nvfp4_tc2_m{M}_t{T}_d{D}`, one per entry of `gemv::TC2_KERNELS`, same order.
+    /// `kiln_gemv_tensor_core_m{M}_t{T}_d{D}`, one per entry of `gemv::TC2_KERNELS`, same order.
     pub gemv_tc2: Vec<CudaFunction>,
-    /// `kiln_gemv_nvfp4_tc2_probe{1,2,3}`: benchmark diagnostics (see `gemv_probe_async`).
+    /// `kiln_gemv_tensor_core_probe{1,2,3}`: benchmark diagnostics (see `gemv_probe_async`).
     pub gemv_probe: Vec<CudaFunction>,
-    /// `kiln_gemv_nvfp4_tc5_m{M}_t{T}_d{D}`, one per entry of `gemv_tc5::TC5_KERNELS`.
+    /// `kiln_gemv_tensor_core_split_k_m{M}_t{T}_d{D}_l{L}_b{B}`, one per entry of `gemv_tc5::TC5_KERNELS`.
     pub gemv_tc5: Vec<CudaFunction>,
     pub adamw_amax: CudaFunction,
     pub adamw_apply: CudaFunction,
@@ -166,26 +166,31 @@ impl CudaKernels {
             f32_to_bf16: func("dequantize_nvfp4.cu", "kiln_f32_to_bf16")?,
             bf16_to_f32: func("dequantize_nvfp4.cu", "kiln_bf16_to_f32")?,
             gemv: (1..=8)
-                .map(|m| func("gemv_nvfp4.cu", &format!("kiln_gemv_nvfp4_m{m}_r4")))
+                .map(|m| func("gemv_cuda_core.cu", &format!("kiln_gemv_cuda_core_m{m}_r4")))
                 .collect::<Result<_, _>>()?,
-            gemv_m1_r8: func("gemv_nvfp4.cu", "kiln_gemv_nvfp4_m1_r8")?,
+            gemv_m1_r8: func("gemv_cuda_core.cu", "kiln_gemv_cuda_core_m1_r8")?,
             gemv_tc: (1..=8)
-                .map(|m| func("gemv_nvfp4_tc.cu", &format!("kiln_gemv_nvfp4_tc_m{m}")))
+                .map(|m| {
+                    func(
+                        "gemv_tensor_core_hilo.cu",
+                        &format!("kiln_gemv_tensor_core_hilo_m{m}"),
+                    )
+                })
                 .collect::<Result<_, _>>()?,
             gemv_tc2: super::gemv::TC2_KERNELS
                 .iter()
                 .map(|&(m, t, d)| {
                     func(
-                        "gemv_nvfp4_tc2.cu",
-                        &format!("kiln_gemv_nvfp4_tc2_m{m}_t{t}_d{d}"),
+                        "gemv_tensor_core.cu",
+                        &format!("kiln_gemv_tensor_core_m{m}_t{t}_d{d}"),
                     )
                 })
                 .collect::<Result<_, _>>()?,
             gemv_probe: (1..=3)
                 .map(|p| {
                     func(
-                        "gemv_nvfp4_tc2.cu",
-                        &format!("kiln_gemv_nvfp4_tc2_probe{p}"),
+                        "gemv_tensor_core.cu",
+                        &format!("kiln_gemv_tensor_core_probe{p}"),
                     )
                 })
                 .collect::<Result<_, _>>()?,
@@ -193,8 +198,11 @@ impl CudaKernels {
                 .iter()
                 .map(|&(m, t, d, l, b)| {
                     func(
-                        "gemv_nvfp4_tc5.cu",
-                        &format!("kiln_gemv_nvfp4_tc5_m{m}_t{t}_d{d}_l{}_b{b}", l as u8),
+                        "gemv_tensor_core_split_k.cu",
+                        &format!(
+                            "kiln_gemv_tensor_core_split_k_m{m}_t{t}_d{d}_l{}_b{b}",
+                            l as u8
+                        ),
                     )
                 })
                 .collect::<Result<_, _>>()?,

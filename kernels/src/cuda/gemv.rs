@@ -1,5 +1,5 @@
-//! The decode-time GEMV launchers: the CUDA-core kernels (`gemv_nvfp4.cu`, 4 or 8 rows per
-//! warp), the tensor-core kernels v1 (`gemv_nvfp4_tc.cu`) and v2 (`gemv_nvfp4_tc2.cu`), the
+//! The decode-time GEMV launchers: the CUDA-core kernels (`gemv_cuda_core.cu`, 4 or 8 rows per
+//! warp), the tensor-core kernels v1 (`gemv_tensor_core_hilo.cu`) and v2 (`gemv_tensor_core.cu`), the
 //! default choice among them and the split-K v5 kernel (`gemv_tc5.rs`), the list of variants a
 //! shape can take, how K is split across warps, and the benchmark's probe kernels.
 
@@ -343,7 +343,7 @@ pub fn tc2_smem_bytes(m: usize, k: usize, tiles: usize) -> usize {
 }
 
 /// The v2 kernels built, as (m, tiles per warp, super-tiles in flight per tile); the same list
-/// as the `KILN_GEMV_TC2` lines of `gemv_nvfp4_tc2.cu`, in the same order.
+/// as the `KILN_GEMV_TENSOR_CORE` lines of `gemv_tensor_core.cu`, in the same order.
 pub const TC2_KERNELS: &[(usize, usize, usize)] = &[
     (1, 2, 3),
     (2, 1, 4),
@@ -423,7 +423,7 @@ pub enum GemvVariant {
     /// Tensor cores (mma.sync bf16, x split into bf16 hi + lo): K % 128 == 0 and
     /// m·K·4 bytes of shared memory.
     TensorCore,
-    /// Tensor cores, v2 (`gemv_nvfp4_tc2.cu`): m <= 8 with one MMA per tile and step (two for
+    /// Tensor cores, v2 (`gemv_tensor_core.cu`): m <= 8 with one MMA per tile and step (two for
     /// m = 5..8; x rows' hi/lo parts in B's columns), `tiles` (1, 2 or 4) 16-row tiles per warp
     /// and several super-tiles of loads in flight.
     TensorCore2 {
@@ -432,7 +432,7 @@ pub enum GemvVariant {
         /// Super-tiles of weights in flight per tile.
         depth: u8,
     },
-    /// Tensor cores, v5 (`gemv_nvfp4_tc5.cu`): the v2 decode with K split across blocks (each
+    /// Tensor cores, v5 (`gemv_tensor_core_split_k.cu`): the v2 decode with K split across blocks (each
     /// stages only its slice of x; a deterministic last-block reduction); m = 1..8 (5..8 with two
     /// MMAs per step).
     TensorCore5 {
@@ -478,9 +478,9 @@ mod tests {
 
     #[test]
     fn every_listed_tc2_kernel_is_instantiated_in_the_cu_file() {
-        let src = include_str!("../../cuda/gemv_nvfp4_tc2.cu");
+        let src = include_str!("../../cuda/gemv_tensor_core.cu");
         let built: Vec<(usize, usize, usize)> =
-            crate::cuda::compile::macro_instances(src, "KILN_GEMV_TC2")
+            crate::cuda::compile::macro_instances(src, "KILN_GEMV_TENSOR_CORE")
                 .iter()
                 .map(|v| (v[0], v[1], v[2]))
                 .collect();

@@ -1,4 +1,4 @@
-//! The v5 tensor-core GEMV (`gemv_nvfp4_tc5.cu`): the v2 decode with K split across blocks, so
+//! The v5 tensor-core GEMV (`gemv_tensor_core_split_k.cu`): the v2 decode with K split across blocks, so
 //! each block stages only its slice of x; the slices' partial sums meet in a scratch buffer and
 //! the last block of each row range adds them in order (deterministic). This module holds the
 //! list of built kernels, the split choice, the scratch buffer and the launch, plain or chained
@@ -18,8 +18,8 @@ use crate::KernelError;
 
 /// The v5 kernels built, as [`Tc5Config`]s: (m, tiles per warp, super-tiles in flight per tile,
 /// late — the next loads are issued after a super-tile is decoded, into the registers it used —,
-/// resident blocks per SM the register cap allows); the same list as the `KILN_GEMV_TC5` lines
-/// of `gemv_nvfp4_tc5.cu`, in the same order.
+/// resident blocks per SM the register cap allows); the same list as the `KILN_GEMV_SPLIT_K` lines
+/// of `gemv_tensor_core_split_k.cu`, in the same order.
 pub const TC5_KERNELS: &[Tc5Config] = &[
     (1, 2, 3, false, 2),
     (1, 2, 2, false, 2),
@@ -221,7 +221,7 @@ impl CudaKernels {
             // before griddepcontrol.wait, which the caller of a chained launch vouches the
             // previous kernel on the stream does not write.
             return unsafe { launch_chained(s, func, cfg, &mut params) }
-                .map_err(drv("launching kiln_gemv_nvfp4_tc5 (chained)"));
+                .map_err(drv("launching kiln_gemv_tensor_core_split_k (chained)"));
         }
         let mut b = self.stream.launch_builder(func);
         b.arg(x)
@@ -234,12 +234,12 @@ impl CudaKernels {
             .arg(partial)
             .arg(counters)
             .arg(&flags);
-        // SAFETY: matches kiln_gemv_nvfp4_tc5_*; x holds m × K and y
+        // SAFETY: matches kiln_gemv_tensor_core_split_k_*; x holds m × K and y
         // m × N floats (the caller's views); the partial buffer holds slices × m × N floats and
         // one counter per row range, all zero between launches; everything is on this stream.
         unsafe { b.launch(cfg) }
             .map(|_| ())
-            .map_err(drv("launching kiln_gemv_nvfp4_tc5"))
+            .map_err(drv("launching kiln_gemv_tensor_core_split_k"))
     }
 }
 
@@ -318,8 +318,8 @@ mod tests {
 
     #[test]
     fn every_listed_tc5_kernel_is_instantiated_in_the_cu_file() {
-        let src = include_str!("../../cuda/gemv_nvfp4_tc5.cu");
-        let built: Vec<Tc5Config> = crate::cuda::compile::macro_instances(src, "KILN_GEMV_TC5")
+        let src = include_str!("../../cuda/gemv_tensor_core_split_k.cu");
+        let built: Vec<Tc5Config> = crate::cuda::compile::macro_instances(src, "KILN_GEMV_SPLIT_K")
             .iter()
             .map(|v| (v[0], v[1], v[2], v[3] == 1, v[4]))
             .collect();

@@ -1,5 +1,6 @@
-// gemv_nvfp4_tc5.cu — decode-time fused dequantize + GEMV, v5: the v2 kernel's decode and
-// tensor-core MMA (gemv_nvfp4_tc2.cu, read that header first) with K split across blocks
+// gemv_tensor_core_split_k.cu — the split-K tensor-core GEMV (was "v5", gemv_nvfp4_tc5.cu):
+// decode-time fused dequantize + GEMV with the decode and tensor-core MMA of
+// gemv_tensor_core.cu ("v2", read that header first) and K split across blocks
 // instead of across the warps of a block. y[m, n] = sum_k x[m, k] * W[n, k], M = 1..8 (for
 // M = 5..8 each decoded A fragment feeds two MMAs: x rows 0..3 and 4..7),
 // W in NVFP4 [N, K] (K % 128 == 0).
@@ -14,10 +15,11 @@
 // With gridDim.y > 1 the slices' partial sums go to scratch [gridDim.y][M][N] (f32); the last
 // block of a row range to finish (a counter per row range, reset by that block for the next
 // launch) adds them in slice order — deterministic — scales by the tensor scale and writes y.
+// Kernels: kiln_gemv_tensor_core_split_k_m{M}_t{T}_d{D}_l{LATE}_b{blocks per SM}.
 // Launch: 256 threads, grid (ceil(N / R), slices); dynamic shared memory
-// 4 M (K / slices rounded up to 128) + 512 M + 16 bytes (tc5_smem_bytes in gemv_tc5.rs).
+// 4 M (K / slices rounded up to 128) + 512 M + 16 bytes (split_k_smem_bytes in cuda/gemv.rs).
 //
-// Chained launches (programmatic dependent launch, gemv_tc5.rs): the kernel lets the next one
+// Chained launches (programmatic dependent launch, cuda/gemv.rs): the kernel lets the next one
 // start at once and reads only W (packed, scales) before it waits for the previous kernel on the
 // stream, so a chain of GEMVs over weights that do not change (decode) overlaps each launch's
 // start-up — its first weight loads — with the previous launch's last blocks. x, y, the partial
@@ -25,7 +27,7 @@
 // the L2 for the rest of this warp's slice of W (prefetch.global.L2, one line per lane and step).
 
 // The decode, MMA, x staging and main loop are in gemv_tensor_core.cuh (shared with
-// gemv_nvfp4_tc2.cu).
+// gemv_tensor_core.cu).
 #include "gemv_tensor_core.cuh"
 
 // The split-K finish: every thread of the block calls this after its main loop. A lane holds, for each r < R with
@@ -70,18 +72,18 @@ __device__ __forceinline__ void kiln_splitk_finish(const float (&v)[R][T][2], co
 }
 
 template <int M, int T, int D, int LATE>
-__device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
+__device__ __forceinline__ void kiln_gemv_split_k_body(const float* __restrict__ x,
         const u8* __restrict__ packed, const u8* __restrict__ scales,
         const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K,
         float* __restrict__ partial, u32* __restrict__ counters, int flags) {
-    extern __shared__ uint4 kiln_tc5_smem[];
+    extern __shared__ uint4 kiln_split_k_smem[];
     kiln_pdl_launch_dependents();
     constexpr int C = 2 * M;  // B columns in use
     const int nsup = K >> 7;
     const int per = (nsup + gridDim.y - 1) / gridDim.y;
     const int s_begin = min(nsup, (int)blockIdx.y * per), s_end = min(nsup, s_begin + per);
     const int nsl = s_end - s_begin;
-    uint2* xs = reinterpret_cast<uint2*>(kiln_tc5_smem);  // [per][8 t][4 j][C]
+    uint2* xs = reinterpret_cast<uint2*>(kiln_split_k_smem);  // [per][8 t][4 j][C]
     uint2* zeros = xs + (size_t)per * 32 * C;              // [32 C]: B for unused columns
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, j = lane & 3;
@@ -132,30 +134,30 @@ __device__ __forceinline__ void kiln_gemv_tc5_body(const float* __restrict__ x,
                                 reinterpret_cast<u32*>(zeros + 32 * C));  // a word after the zero area
 }
 
-#define KILN_GEMV_TC5(MM, TT, DD, LATE, MINB)                                                   \
-    extern "C" __global__ void __launch_bounds__(256, MINB)                                     \
-            kiln_gemv_nvfp4_tc5_m##MM##_t##TT##_d##DD##_l##LATE##_b##MINB(                      \
-            const float* __restrict__ x, const u8* __restrict__ packed,                         \
-            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,              \
-            float* __restrict__ y, int N, int K, float* __restrict__ partial,                   \
-            u32* __restrict__ counters, int flags) {                                            \
-        kiln_gemv_tc5_body<MM, TT, DD, LATE>(x, packed, scales, tensor_scale, y, N, K, partial, \
-                                             counters, flags);                                  \
+#define KILN_GEMV_SPLIT_K(MM, TT, DD, LATE, MINB)                                                   \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                         \
+            kiln_gemv_tensor_core_split_k_m##MM##_t##TT##_d##DD##_l##LATE##_b##MINB(                \
+            const float* __restrict__ x, const u8* __restrict__ packed,                             \
+            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,                  \
+            float* __restrict__ y, int N, int K, float* __restrict__ partial,                       \
+            u32* __restrict__ counters, int flags) {                                                \
+        kiln_gemv_split_k_body<MM, TT, DD, LATE>(x, packed, scales, tensor_scale, y, N, K, partial, \
+                                             counters, flags);                                      \
     }
 
 // (M, tiles T, depth D in super-tiles, LATE loads, blocks per SM (a register cap)): keep in
-// sync with TC5_KERNELS in gemv_tc5.rs.
-KILN_GEMV_TC5(1, 2, 3, 0, 2)
-KILN_GEMV_TC5(1, 2, 2, 0, 2)
-KILN_GEMV_TC5(1, 2, 3, 1, 2)
-KILN_GEMV_TC5(1, 1, 4, 1, 2)
-KILN_GEMV_TC5(1, 1, 3, 1, 3)
-KILN_GEMV_TC5(2, 2, 3, 1, 2)
-KILN_GEMV_TC5(3, 2, 3, 1, 2)
-KILN_GEMV_TC5(4, 2, 3, 1, 2)
-KILN_GEMV_TC5(4, 2, 3, 0, 2)
-KILN_GEMV_TC5(5, 2, 2, 1, 2)
-KILN_GEMV_TC5(6, 2, 2, 1, 2)
-KILN_GEMV_TC5(7, 2, 2, 1, 2)
-KILN_GEMV_TC5(8, 2, 2, 1, 2)
-KILN_GEMV_TC5(8, 2, 3, 1, 2)
+// sync with SPLIT_K_KERNELS in cuda/gemv.rs.
+KILN_GEMV_SPLIT_K(1, 2, 3, 0, 2)
+KILN_GEMV_SPLIT_K(1, 2, 2, 0, 2)
+KILN_GEMV_SPLIT_K(1, 2, 3, 1, 2)
+KILN_GEMV_SPLIT_K(1, 1, 4, 1, 2)
+KILN_GEMV_SPLIT_K(1, 1, 3, 1, 3)
+KILN_GEMV_SPLIT_K(2, 2, 3, 1, 2)
+KILN_GEMV_SPLIT_K(3, 2, 3, 1, 2)
+KILN_GEMV_SPLIT_K(4, 2, 3, 1, 2)
+KILN_GEMV_SPLIT_K(4, 2, 3, 0, 2)
+KILN_GEMV_SPLIT_K(5, 2, 2, 1, 2)
+KILN_GEMV_SPLIT_K(6, 2, 2, 1, 2)
+KILN_GEMV_SPLIT_K(7, 2, 2, 1, 2)
+KILN_GEMV_SPLIT_K(8, 2, 2, 1, 2)
+KILN_GEMV_SPLIT_K(8, 2, 3, 1, 2)

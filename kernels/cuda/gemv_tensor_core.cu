@@ -1,7 +1,8 @@
-// gemv_nvfp4_tc2.cu — decode-time fused dequantize + GEMV on the tensor cores for M = 1..8:
-// y[m, n] = sum_k x[m, k] * W[n, k], W in NVFP4 [N, K] (K % 128 == 0).
+// gemv_tensor_core.cu — the tensor-core GEMV for small matrices (was "v2", gemv_nvfp4_tc2.cu):
+// every block stages all of x and its warps split K. Decode-time fused dequantize + GEMV for
+// M = 1..8: y[m, n] = sum_k x[m, k] * W[n, k], W in NVFP4 [N, K] (K % 128 == 0).
 //
-// Same decode and fragment order as gemv_nvfp4_tc.cu (read that header first): each lane
+// Same decode and fragment order as gemv_tensor_core_hilo.cu (read that header first): each lane
 // decodes E2M1 pairs into bf16 (value * 2^-126), multiplies them by its block's E4M3 scale
 // * 2^117 (exact), and feeds mma.sync.m16n8k16 (bf16 in, f32 accumulate). What differs:
 // - B's 8 columns hold x row m as bf16 hi (column 2m) and lo (column 2m + 1), so ONE MMA per
@@ -17,27 +18,27 @@
 //
 // Layout: x f32 [M, K], y f32 [M, N] row-major; packed [N, K/2]; scales [N, K/16] E4M3;
 // tensor_scale one f32 on the device.
-// Kernels are named _m{M}_t{T}_d{D}; each has a register cap (min blocks per SM) so that several
+// Kernels are named kiln_gemv_tensor_core_m{M}_t{T}_d{D}; each has a register cap (min blocks per SM) so that several
 // blocks fit on an SM: the loop is latency-bound (decode chains, HMMA, shared-memory loads),
 // so more resident warps help as much as more bytes in flight.
 // Launch: 256 threads = 8 warps = (8 / KSPLIT) row groups of T tiles x KSPLIT warps splitting
 // the super-tiles; grid.x = ceil(N / (16 * T * (8 / KSPLIT))); dynamic shared memory
-// 4 * M * K + 512 * M + 8 * T * 16 * M * 4 bytes (tc2_smem_bytes in gemv.rs).
+// 4 * M * K + 512 * M + 8 * T * 16 * M * 4 bytes (tensor_core_smem_bytes in cuda/gemv.rs).
 
 // The decode, MMA, x staging and main loop are in gemv_tensor_core.cuh (shared with
-// gemv_nvfp4_tc5.cu, which differs in how K is split and how the partial sums meet).
+// gemv_tensor_core_split_k.cu, which differs in how K is split and how the partial sums meet).
 #include "gemv_tensor_core.cuh"
 
 // PROBE (diagnostics for the benchmark, never a GEMV): bit 0 skips staging x, bit 1 replaces
 // the decode and MMA by folding the loaded words into the accumulator (y is garbage).
 template <int M, int T, int D, int PROBE = 0>
-__device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
+__device__ __forceinline__ void kiln_gemv_tensor_core_body(const float* __restrict__ x,
         const u8* __restrict__ packed, const u8* __restrict__ scales,
         const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
-    extern __shared__ uint4 kiln_tc2_smem[];
+    extern __shared__ uint4 kiln_tensor_core_smem[];
     constexpr int C = 2 * M;  // B columns in use
     const int nsup = K >> 7;
-    uint2* xs = reinterpret_cast<uint2*>(kiln_tc2_smem);  // [nsup][8 t][4 j][C]
+    uint2* xs = reinterpret_cast<uint2*>(kiln_tensor_core_smem);  // [nsup][8 t][4 j][C]
     uint2* zeros = xs + (size_t)nsup * 32 * C;                 // [32 C]: B for unused columns
     float* red = reinterpret_cast<float*>(zeros + 32 * C);     // [8 warps][T][16][M]
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -93,38 +94,39 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
     }
 }
 
-#define KILN_GEMV_TC2(MM, TT, DD, MINB)                                                         \
-    extern "C" __global__ void __launch_bounds__(256, MINB)                                     \
-            kiln_gemv_nvfp4_tc2_m##MM##_t##TT##_d##DD(                                          \
-            const float* __restrict__ x, const u8* __restrict__ packed,                         \
-            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,              \
-            float* __restrict__ y, int N, int K, int ksplit) {                                  \
-        kiln_gemv_tc2_body<MM, TT, DD>(x, packed, scales, tensor_scale, y, N, K, ksplit);       \
+#define KILN_GEMV_TENSOR_CORE(MM, TT, DD, MINB)                                                   \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                       \
+            kiln_gemv_tensor_core_m##MM##_t##TT##_d##DD(                                          \
+            const float* __restrict__ x, const u8* __restrict__ packed,                           \
+            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,                \
+            float* __restrict__ y, int N, int K, int ksplit) {                                    \
+        kiln_gemv_tensor_core_body<MM, TT, DD>(x, packed, scales, tensor_scale, y, N, K, ksplit); \
     }
 
 // (M, tiles T, depth D in super-tiles, min blocks per SM): keep in sync with TC2_KERNELS in
-// gemv.rs. (m = 1 is the reference for the probes below; the v5 kernel runs large matrices.)
-KILN_GEMV_TC2(1, 2, 3, 2)
-KILN_GEMV_TC2(2, 1, 4, 2)
-KILN_GEMV_TC2(2, 4, 1, 2)
-KILN_GEMV_TC2(3, 1, 4, 2)
-KILN_GEMV_TC2(3, 4, 1, 2)
-KILN_GEMV_TC2(4, 1, 4, 2)
-KILN_GEMV_TC2(4, 4, 1, 2)
-KILN_GEMV_TC2(5, 1, 4, 1)
-KILN_GEMV_TC2(6, 1, 4, 1)
-KILN_GEMV_TC2(7, 1, 4, 1)
-KILN_GEMV_TC2(8, 1, 4, 1)
+// cuda/gemv.rs. (m = 1 is the reference for the probes below; the split-K kernel runs large
+// matrices.)
+KILN_GEMV_TENSOR_CORE(1, 2, 3, 2)
+KILN_GEMV_TENSOR_CORE(2, 1, 4, 2)
+KILN_GEMV_TENSOR_CORE(2, 4, 1, 2)
+KILN_GEMV_TENSOR_CORE(3, 1, 4, 2)
+KILN_GEMV_TENSOR_CORE(3, 4, 1, 2)
+KILN_GEMV_TENSOR_CORE(4, 1, 4, 2)
+KILN_GEMV_TENSOR_CORE(4, 4, 1, 2)
+KILN_GEMV_TENSOR_CORE(5, 1, 4, 1)
+KILN_GEMV_TENSOR_CORE(6, 1, 4, 1)
+KILN_GEMV_TENSOR_CORE(7, 1, 4, 1)
+KILN_GEMV_TENSOR_CORE(8, 1, 4, 1)
 
 // Diagnostics (kiln-kernel-bench, GEMV rows marked "probe"): the m1_t2_d3 kernel's loads and
 // schedule without staging x (1), without the decode and MMA (2), or with neither (3).
-#define KILN_GEMV_TC2_PROBE(P)                                                                  \
-    extern "C" __global__ void __launch_bounds__(256, 2) kiln_gemv_nvfp4_tc2_probe##P(           \
-            const float* __restrict__ x, const u8* __restrict__ packed,                         \
-            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,              \
-            float* __restrict__ y, int N, int K, int ksplit) {                                  \
-        kiln_gemv_tc2_body<1, 2, 3, P>(x, packed, scales, tensor_scale, y, N, K, ksplit);       \
+#define KILN_GEMV_TENSOR_CORE_PROBE(P)                                                            \
+    extern "C" __global__ void __launch_bounds__(256, 2) kiln_gemv_tensor_core_probe##P(          \
+            const float* __restrict__ x, const u8* __restrict__ packed,                           \
+            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,                \
+            float* __restrict__ y, int N, int K, int ksplit) {                                    \
+        kiln_gemv_tensor_core_body<1, 2, 3, P>(x, packed, scales, tensor_scale, y, N, K, ksplit); \
     }
-KILN_GEMV_TC2_PROBE(1)
-KILN_GEMV_TC2_PROBE(2)
-KILN_GEMV_TC2_PROBE(3)
+KILN_GEMV_TENSOR_CORE_PROBE(1)
+KILN_GEMV_TENSOR_CORE_PROBE(2)
+KILN_GEMV_TENSOR_CORE_PROBE(3)
