@@ -18,8 +18,8 @@
 // group handles R consecutive rows (kernel name suffix _r8 / _r4); grid.x =
 // ceil(N / (R * 8 / KSPLIT)). Each lane keeps the next unit's R 16-byte weight loads in flight
 // while it computes the current one. Weights are read with ld.global.nc.L1::no_allocate so
-// that x stays in L1. Chained launches (cuda/gemv.rs): only the first weight loads come before the
-// griddepcontrol.wait; x and y after it.
+// that x stays in L1. Chained launches (src/cuda/gemv.rs): only the first weight loads come
+// before the griddepcontrol.wait; x and y after it.
 
 // kiln_ld_stream (the weight loads) and the chained-launch helpers are in nvfp4_common.cuh.
 
@@ -153,7 +153,9 @@ __device__ __forceinline__ void kiln_gemv_cuda_core_body(const float* __restrict
         kiln_gemv_cuda_core_body<MM, RR>(x, packed, scales, tensor_scale, y, N, K, ksplit);     \
     }
 
-KILN_GEMV_CUDA_CORE(1, 8, 1)
+// (M, rows per warp R, min blocks per SM): keep in sync with CUDA_CORE_KERNELS (production) and
+// experiments::CUDA_CORE_KERNELS (the benchmark's, compiled with -DKILN_BENCH) in
+// src/cuda/gemv_kernels.rs.
 KILN_GEMV_CUDA_CORE(1, 4, 3)
 KILN_GEMV_CUDA_CORE(2, 4, 2)
 KILN_GEMV_CUDA_CORE(3, 4, 2)
@@ -162,3 +164,7 @@ KILN_GEMV_CUDA_CORE(5, 4, 1)
 KILN_GEMV_CUDA_CORE(6, 4, 1)
 KILN_GEMV_CUDA_CORE(7, 4, 1)
 KILN_GEMV_CUDA_CORE(8, 4, 1)
+#ifdef KILN_BENCH
+// 8 rows per warp at M = 1 (no default uses it).
+KILN_GEMV_CUDA_CORE(1, 8, 1)
+#endif

@@ -23,7 +23,8 @@
 // so more resident warps help as much as more bytes in flight.
 // Launch: 256 threads = 8 warps = (8 / KSPLIT) row groups of T tiles x KSPLIT warps splitting
 // the super-tiles; grid.x = ceil(N / (16 * T * (8 / KSPLIT))); dynamic shared memory
-// 4 * M * K + 512 * M + 8 * T * 16 * M * 4 bytes (tensor_core_smem_bytes in cuda/gemv.rs).
+// 4 * M * K + 512 * M + 8 * T * 16 * M * 4 bytes (tensor_core_smem_bytes in
+// src/cuda/gemv.rs).
 
 // The decode, MMA, x staging and main loop are in gemv_tensor_core.cuh (shared with
 // gemv_tensor_core_split_k.cu, which differs in how K is split and how the partial sums meet).
@@ -103,10 +104,9 @@ __device__ __forceinline__ void kiln_gemv_tensor_core_body(const float* __restri
         kiln_gemv_tensor_core_body<MM, TT, DD>(x, packed, scales, tensor_scale, y, N, K, ksplit); \
     }
 
-// (M, tiles T, depth D in super-tiles, min blocks per SM): keep in sync with TC2_KERNELS in
-// cuda/gemv.rs. (m = 1 is the reference for the probes below; the split-K kernel runs large
-// matrices.)
-KILN_GEMV_TENSOR_CORE(1, 2, 3, 2)
+// (M, tiles T, depth D in super-tiles, min blocks per SM): keep in sync with TENSOR_CORE_KERNELS
+// (production: the defaults on small matrices) and experiments::TENSOR_CORE_KERNELS (the
+// benchmark's, compiled with -DKILN_BENCH) in src/cuda/gemv_kernels.rs.
 KILN_GEMV_TENSOR_CORE(2, 1, 4, 2)
 KILN_GEMV_TENSOR_CORE(2, 4, 1, 2)
 KILN_GEMV_TENSOR_CORE(3, 1, 4, 2)
@@ -117,6 +117,11 @@ KILN_GEMV_TENSOR_CORE(5, 1, 4, 1)
 KILN_GEMV_TENSOR_CORE(6, 1, 4, 1)
 KILN_GEMV_TENSOR_CORE(7, 1, 4, 1)
 KILN_GEMV_TENSOR_CORE(8, 1, 4, 1)
+
+#ifdef KILN_BENCH
+// M = 1 (no default uses it: the CUDA-core kernel runs M = 1 on small matrices, the split-K one
+// on large): the reference for the probes below.
+KILN_GEMV_TENSOR_CORE(1, 2, 3, 2)
 
 // Diagnostics (kiln-kernel-bench, GEMV rows marked "probe"): the m1_t2_d3 kernel's loads and
 // schedule without staging x (1), without the decode and MMA (2), or with neither (3).
@@ -130,3 +135,4 @@ KILN_GEMV_TENSOR_CORE(8, 1, 4, 1)
 KILN_GEMV_TENSOR_CORE_PROBE(1)
 KILN_GEMV_TENSOR_CORE_PROBE(2)
 KILN_GEMV_TENSOR_CORE_PROBE(3)
+#endif

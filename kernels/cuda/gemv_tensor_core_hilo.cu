@@ -131,11 +131,17 @@ __device__ __forceinline__ void kiln_gemv_tensor_core_hilo_body(const float* __r
         kiln_gemv_tensor_core_hilo_body<MM>(x, packed, scales, tensor_scale, y, N, K, ksplit);  \
     }
 
-KILN_GEMV_TENSOR_CORE_HILO(1)
+// M: keep in sync with TENSOR_CORE_HILO_KERNELS (production: the M a default can pick, when x
+// fits in shared memory only without the tensor-core kernel's reduction area) and
+// experiments::TENSOR_CORE_HILO_KERNELS (-DKILN_BENCH) in src/cuda/gemv_kernels.rs.
 KILN_GEMV_TENSOR_CORE_HILO(2)
 KILN_GEMV_TENSOR_CORE_HILO(3)
 KILN_GEMV_TENSOR_CORE_HILO(4)
+#ifdef KILN_BENCH
+// The other M (no default uses them).
+KILN_GEMV_TENSOR_CORE_HILO(1)
 KILN_GEMV_TENSOR_CORE_HILO(5)
 KILN_GEMV_TENSOR_CORE_HILO(6)
 KILN_GEMV_TENSOR_CORE_HILO(7)
 KILN_GEMV_TENSOR_CORE_HILO(8)
+#endif

@@ -17,11 +17,12 @@
 // launch) adds them in slice order — deterministic — scales by the tensor scale and writes y.
 // Kernels: kiln_gemv_tensor_core_split_k_m{M}_t{T}_d{D}_l{LATE}_b{blocks per SM}.
 // Launch: 256 threads, grid (ceil(N / R), slices); dynamic shared memory
-// 4 M (K / slices rounded up to 128) + 512 M + 16 bytes (split_k_smem_bytes in cuda/gemv.rs).
+// 4 M (K / slices rounded up to 128) + 512 M + 16 bytes (split_k_smem_bytes in
+// src/cuda/gemv.rs).
 //
-// Chained launches (programmatic dependent launch, cuda/gemv.rs): the kernel lets the next one
-// start at once and reads only W (packed, scales) before it waits for the previous kernel on the
-// stream, so a chain of GEMVs over weights that do not change (decode) overlaps each launch's
+// Chained launches (programmatic dependent launch, src/cuda/gemv.rs): the kernel lets the next
+// one start at once and reads only W (packed, scales) before it waits for the previous kernel on
+// the stream, so a chain of GEMVs over weights that do not change (decode) overlaps each launch's
 // start-up — its first weight loads — with the previous launch's last blocks. x, y, the partial
 // sums and the counters are touched only after the wait. flags bit 0: before waiting, also ask
 // the L2 for the rest of this warp's slice of W (prefetch.global.L2, one line per lane and step).
@@ -146,18 +147,23 @@ __device__ __forceinline__ void kiln_gemv_split_k_body(const float* __restrict__
     }
 
 // (M, tiles T, depth D in super-tiles, LATE loads, blocks per SM (a register cap)): keep in
-// sync with SPLIT_K_KERNELS in cuda/gemv.rs.
-KILN_GEMV_SPLIT_K(1, 2, 3, 0, 2)
+// sync with SPLIT_K_KERNELS (production: the defaults) and experiments::SPLIT_K_KERNELS (the
+// benchmark's, compiled with -DKILN_BENCH) in src/cuda/gemv_kernels.rs.
 KILN_GEMV_SPLIT_K(1, 2, 2, 0, 2)
-KILN_GEMV_SPLIT_K(1, 2, 3, 1, 2)
-KILN_GEMV_SPLIT_K(1, 1, 4, 1, 2)
 KILN_GEMV_SPLIT_K(1, 1, 3, 1, 3)
 KILN_GEMV_SPLIT_K(2, 2, 3, 1, 2)
 KILN_GEMV_SPLIT_K(3, 2, 3, 1, 2)
 KILN_GEMV_SPLIT_K(4, 2, 3, 1, 2)
-KILN_GEMV_SPLIT_K(4, 2, 3, 0, 2)
 KILN_GEMV_SPLIT_K(5, 2, 2, 1, 2)
 KILN_GEMV_SPLIT_K(6, 2, 2, 1, 2)
 KILN_GEMV_SPLIT_K(7, 2, 2, 1, 2)
 KILN_GEMV_SPLIT_K(8, 2, 2, 1, 2)
+#ifdef KILN_BENCH
+// Other depths, tiles and load timings (no default uses them); the M = 4 ones also run
+// M = 5..8 as two launches.
+KILN_GEMV_SPLIT_K(1, 2, 3, 0, 2)
+KILN_GEMV_SPLIT_K(1, 2, 3, 1, 2)
+KILN_GEMV_SPLIT_K(1, 1, 4, 1, 2)
+KILN_GEMV_SPLIT_K(4, 2, 3, 0, 2)
 KILN_GEMV_SPLIT_K(8, 2, 3, 1, 2)
+#endif

@@ -1,5 +1,7 @@
 //! Run-time compilation of the CUDA C kernels in `kernels/cuda/` with NVRTC, with the PTX
-//! cached on disk keyed by a hash of (common header + source + target arch + options).
+//! cached on disk keyed by a hash of (common header + source with its headers + target arch +
+//! options). With the `bench` feature the GEMV files' benchmark-only kernels are compiled too
+//! (`-DKILN_BENCH`).
 //!
 //! Cache directory: `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`
 //! (subfolder `ptx/`). A cache that cannot be written only costs a recompile next time.
@@ -72,6 +74,16 @@ const OPTIONS: &[&str] = &[
     "--prec-div=true",
     "--prec-sqrt=true",
 ];
+
+/// [`OPTIONS`], and with the `bench` feature `-DKILN_BENCH`, which compiles the benchmark's
+/// experiments and probes (the `#ifdef KILN_BENCH` sections of the GEMV files).
+fn options() -> Vec<&'static str> {
+    let mut o = OPTIONS.to_vec();
+    if cfg!(feature = "bench") {
+        o.push("-DKILN_BENCH");
+    }
+    o
+}
 
 /// The virtual architecture to compile for, from the device's compute capability.
 pub fn arch_for(major: i32, minor: i32) -> &'static str {
@@ -147,7 +159,7 @@ fn included_header(line: &str) -> Option<(&'static str, &'static str)> {
 /// came from the cache.
 pub fn compile_cached(src: &KernelSource, arch: &'static str) -> Result<(Ptx, bool), KernelError> {
     let full = full_source(src);
-    let opts = OPTIONS.join(" ");
+    let opts = options().join(" ");
     let key = fnv1a64(&[full.as_bytes(), arch.as_bytes(), opts.as_bytes()]);
     let stem = src.file.trim_end_matches(".cu");
     let path = cache_dir().map(|d| d.join(format!("{stem}-{arch}-{key:016x}.ptx")));
@@ -179,7 +191,7 @@ pub fn compile_cached(src: &KernelSource, arch: &'static str) -> Result<(Ptx, bo
 pub fn compile(src: &KernelSource, full: &str, arch: &'static str) -> Result<Ptx, KernelError> {
     let opts = CompileOptions {
         arch: Some(arch),
-        options: OPTIONS.iter().map(|s| s.to_string()).collect(),
+        options: options().iter().map(|s| s.to_string()).collect(),
         name: Some(src.file.to_string()),
         ..Default::default()
     };
@@ -199,19 +211,29 @@ pub fn nvrtc_present() -> bool {
 }
 
 /// The numeric arguments of every `NAME(a, b, ...)` instantiation line of a kernel file, in
-/// order (the launchers' tables of built kernels are checked against these).
+/// order, each with whether it sits in the file's `#ifdef KILN_BENCH` section (the launchers'
+/// tables of built kernels are checked against these).
 #[cfg(test)]
-pub(crate) fn macro_instances(src: &str, name: &str) -> Vec<Vec<usize>> {
+pub(crate) fn macro_instances(src: &str, name: &str) -> Vec<(Vec<usize>, bool)> {
     let prefix = format!("{name}(");
-    src.lines()
-        .filter_map(|l| l.strip_prefix(prefix.as_str()))
-        .map(|l| {
-            l.trim_end_matches(')')
+    let mut bench = false;
+    let mut out = Vec::new();
+    for l in src.lines() {
+        match l.trim() {
+            "#ifdef KILN_BENCH" => bench = true,
+            "#endif" => bench = false,
+            _ => {}
+        }
+        if let Some(args) = l.strip_prefix(prefix.as_str()) {
+            let args = args
+                .trim_end_matches(')')
                 .split(',')
                 .map(|t| t.trim().parse().unwrap())
-                .collect()
-        })
-        .collect()
+                .collect();
+            out.push((args, bench));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -5,7 +5,9 @@
 
 use half::bf16;
 
-use super::context::{drv, CudaKernels};
+use super::context::CudaKernels;
+use super::driver::drv;
+use super::gemv::GemvKernel;
 use super::ops::DeviceInput;
 use crate::cpu::{AdamWParams, AdamWStepStats};
 use crate::nvfp4::{Nvfp4Tensor, Rounding, BLOCK};
@@ -163,13 +165,14 @@ impl CudaKernels {
         Ok(y.into_iter().map(|v| v.to_f32()).collect())
     }
 
-    /// The GEMV with an explicit kernel variant (for tests and comparisons); m in 1..=8.
-    pub fn gemv_variant(
+    /// The GEMV with an explicit kernel (for tests and comparisons; one
+    /// [`CudaKernels::gemv_kernels_for`] lists for the shape); m in 1..=8.
+    pub fn gemv_with(
         &self,
         x: &[f32],
         m: usize,
         w: &Nvfp4Tensor,
-        variant: super::gemv::GemvVariant,
+        kernel: GemvKernel,
     ) -> Result<Vec<f32>, KernelError> {
         let s = &self.stream;
         let dw = self.upload_nvfp4(w)?;
@@ -178,7 +181,7 @@ impl CudaKernels {
         let mut dy = s
             .clone_htod(&vec![f32::NAN; m * w.rows])
             .map_err(drv("allocating y"))?;
-        self.gemv_variant_async(&dx, m, &dw, &mut dy, variant)?;
+        self.gemv_with_async(&dx, m, &dw, &mut dy, kernel)?;
         s.clone_dtoh(&dy).map_err(drv("downloading y"))
     }
 
