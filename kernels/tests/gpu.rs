@@ -247,6 +247,8 @@ fn chain_case(k: &CudaKernels, r: &mut ChaCha8Rng, n: usize) {
         })
         .collect();
     for m in [1usize, 4, 8] {
+        // the split-K kernel's scratch, before any launch (launches never allocate)
+        k.reserve_gemv(m, n, n).unwrap();
         eprintln!(
             "chain [{n}²] m={m}: default {:?}",
             k.default_gemv_kernel(m, n, n)
@@ -294,6 +296,44 @@ fn chain_case(k: &CudaKernels, r: &mut ChaCha8Rng, n: usize) {
             );
         }
     }
+}
+
+/// Split-K GEMV launches never allocate (so that they can be captured in a CUDA graph): one
+/// before `reserve_gemv` fails with `GemvScratchNotReserved`, and after it runs and is right.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn split_k_gemv_needs_its_scratch_reserved() {
+    let k = gpu();
+    let mut r = rng("split-k scratch");
+    let (m, n, kk) = (1usize, 4096usize, 4096usize); // 16M weights: the split-K kernel
+    let kernel = k.default_gemv_kernel(m, n, kk);
+    assert!(
+        matches!(kernel, GemvKernel::TensorCoreSplitK { .. }),
+        "{kernel:?}"
+    );
+    let q = Nvfp4Tensor::quantize(&weights(&mut r, n, kk), n, kk).unwrap();
+    let w = k.upload_nvfp4(&q).unwrap();
+    let xs: Vec<f32> = (0..m * kk).map(|_| r.random_range(-2.0f32..2.0)).collect();
+    let x = k.stream().clone_htod(&xs).unwrap();
+    let mut y = k.stream().alloc_zeros::<f32>(m * n).unwrap();
+    assert_eq!(k.gemv_scratch_reserved().unwrap(), (0, 0));
+    let e = k.gemv_async(&x, m, &w, &mut y).unwrap_err();
+    assert!(
+        matches!(e, KernelError::GemvScratchNotReserved { .. }),
+        "{e}"
+    );
+    eprintln!("unreserved launch: {e}");
+    k.reserve_gemv(m, n, kk).unwrap();
+    let (partials, counters) = k.gemv_scratch_reserved().unwrap();
+    assert!(partials >= m * n && counters >= 1);
+    k.gemv_async(&x, m, &w, &mut y).unwrap();
+    let got = k.stream().clone_dtoh(&y).unwrap();
+    k.synchronize().unwrap();
+    let rel = rel_error(&got, &xs, m, &q.dequantize(), n, kk);
+    assert!(rel <= 1e-3, "relative error {rel:e} > 1e-3");
+    // reserving again for the same shape allocates nothing
+    k.reserve_gemv(m, n, kk).unwrap();
+    assert_eq!(k.gemv_scratch_reserved().unwrap(), (partials, counters));
 }
 
 /// The inputs of what `CudaKernels::new` used to check at every start-up: a small matrix with

@@ -217,6 +217,8 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
             .map(|_| k.upload_nvfp4(&cpu_q))
             .collect::<Result<_, _>>()?;
         let nws = ws.len();
+        // the split-K GEMV's scratch for every M timed below (launches never allocate)
+        k.reserve_gemv(8, n, kk)?;
         if !cfg.gemv_only {
             let mut outs: Vec<CudaSlice<bf16>> = (0..sets.min(4))
                 .map(|_| {

@@ -5,7 +5,7 @@
 //!
 //! - matrices of ≥ 16M weights, every m, and m = 5..8 where all of x does not fit in shared
 //!   memory: the split-K tensor-core kernel (`gemv_tensor_core_split_k.cu`; K split across
-//!   blocks, partial sums in [`super::gemv_kernels::GemvScratch`]);
+//!   blocks, partial sums in a scratch that [`CudaKernels::reserve_gemv`] reserves up front);
 //! - smaller matrices, m = 1: the CUDA-core kernel (`gemv_cuda_core.cu`; it starts fastest);
 //! - smaller matrices, m = 2..8: the tensor-core kernel (`gemv_tensor_core.cu`; every block
 //!   stages all of x, its warps split K), or, for m = 2..4 with K so large that x fits in
@@ -435,6 +435,47 @@ impl CudaKernels {
         split_k_slices(n, k, tiles, per_sm * self.sm_count as usize)
     }
 
+    /// Reserve the split-K GEMV's scratch for up to `m` rows of x and an `[n, k]` W: enough for
+    /// every split-K kernel of this build on that shape (the default's and any other that
+    /// [`CudaKernels::gemv_kernels_for`] lists). Call it for every shape before launching GEMVs
+    /// on it, and before capturing GEMVs in a CUDA graph: launches never allocate, and one whose
+    /// scratch is too small fails with [`KernelError::GemvScratchNotReserved`]. The scratch is
+    /// one for all shapes (launches on the one stream run in order) and only grows (zeroed);
+    /// growing replaces the buffers, so capture graphs after the last call.
+    pub fn reserve_gemv(&self, m: usize, n: usize, k: usize) -> Result<(), KernelError> {
+        if !(1..=8).contains(&m) {
+            return Err(KernelError::InvalidArgument(format!(
+                "GEMV takes 1 to 8 rows of x, got {m}"
+            )));
+        }
+        let (partials, counters) =
+            self.f
+                .gemv
+                .split_k
+                .iter()
+                .fold((0, 0), |(p, c), &((_, tiles, _, _, per_sm), _)| {
+                    let slices = self.split_k_slices_for(n, k, tiles, per_sm);
+                    let (sp, sc) = split_k_scratch(m, n, tiles, slices);
+                    (p.max(sp), c.max(sc))
+                });
+        self.gemv_scratch()?
+            .reserve(&self.stream, partials, counters)
+    }
+
+    /// (partial-sum floats, counters) of split-K scratch reserved so far.
+    pub fn gemv_scratch_reserved(&self) -> Result<(usize, usize), KernelError> {
+        Ok(self.gemv_scratch()?.reserved())
+    }
+
+    fn gemv_scratch(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, super::gemv_kernels::GemvScratch>, KernelError> {
+        // the lock guards reserve against a concurrent launch; a launch only reads the buffers
+        self.gemv_scratch
+            .lock()
+            .map_err(|_| KernelError::InvalidArgument("GEMV scratch lock poisoned".into()))
+    }
+
     /// Launch the split-K GEMV for `c.0` rows of x; the caller (`gemv_with_launch_async`)
     /// checked the shapes of x and y.
     fn split_k_launch(
@@ -475,11 +516,20 @@ impl CudaKernels {
         let func = self.f.gemv.split_k(c).expect("checked by split_k_fits");
         let slices = self.split_k_slices_for(n, k, tiles, per_sm);
         let rowblocks = n.div_ceil(split_k_rows_per_block(tiles));
-        let mut scratch = self
-            .gemv_scratch
-            .lock()
-            .map_err(|_| KernelError::InvalidArgument("GEMV scratch lock poisoned".into()))?;
-        let (partial, counters) = scratch.ensure(&self.stream, slices * m * n, rowblocks)?;
+        let (need_partials, need_counters) = split_k_scratch(m, n, tiles, slices);
+        let mut scratch = self.gemv_scratch()?;
+        let (have_partials, have_counters) = scratch.reserved();
+        let Some((partial, counters)) = scratch.buffers(need_partials, need_counters) else {
+            return Err(KernelError::GemvScratchNotReserved {
+                m,
+                n,
+                k,
+                need_partials,
+                need_counters,
+                have_partials,
+                have_counters,
+            });
+        };
         let cfg = LaunchConfig {
             grid_dim: (rowblocks as u32, slices as u32, 1),
             block_dim: (256, 1, 1),
@@ -672,6 +722,13 @@ pub fn split_k_slices(n: usize, k: usize, tiles: usize, slots: usize) -> usize {
     best.1
 }
 
+/// The scratch a split-K launch of `m` rows of x on N = `n` rows of W with `tiles` tiles per
+/// warp in `slices` K slices uses: (partial-sum floats `[slices][m][N]`, one counter per row
+/// range). [`CudaKernels::reserve_gemv`] reserves the largest of these over the built kernels.
+pub fn split_k_scratch(m: usize, n: usize, tiles: usize, slices: usize) -> (usize, usize) {
+    (slices * m * n, n.div_ceil(split_k_rows_per_block(tiles)))
+}
+
 /// Dynamic shared memory of a split-K launch: the slice of x as bf16 hi/lo, the zero area and
 /// the "last block" flag.
 pub fn split_k_smem_bytes(m: usize, k: usize, slices: usize) -> usize {
@@ -778,6 +835,16 @@ mod tests {
         assert_eq!(cuda_core_ksplit(18944, 3584, 4, 132), 2);
         assert_eq!(cuda_core_ksplit(3584, 18944, 4, 132), 8);
         assert_eq!(cuda_core_ksplit(10, 32, 4, 132), 1);
+    }
+
+    /// The scratch matches what the kernel indexes: partial[slice][m][N] and one counter per
+    /// block of 8 warps × tiles × 16 rows (grid.x).
+    #[test]
+    fn split_k_scratch_sizes() {
+        assert_eq!(split_k_scratch(1, 8192, 2, 8), (8 * 8192, 32));
+        assert_eq!(split_k_scratch(8, 3584, 2, 17), (17 * 8 * 3584, 14));
+        assert_eq!(split_k_scratch(1, 100, 1, 1), (100, 1));
+        assert_eq!(split_k_scratch(4, 129, 1, 2), (2 * 4 * 129, 2));
     }
 
     #[test]

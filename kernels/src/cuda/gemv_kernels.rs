@@ -232,36 +232,56 @@ fn find<C: PartialEq>(loaded: &[(C, CudaFunction)], c: C) -> Option<&CudaFunctio
     loaded.iter().find(|(k, _)| *k == c).map(|(_, f)| f)
 }
 
-/// The partial sums and per-row-range counters of the split-K GEMV (grown on demand; the
-/// counters are zero between launches: the last block of a row range resets its own).
+/// The split-K GEMV's scratch: partial sums (f32, `[slices][m][N]`) and one counter per row
+/// range (zero between launches: the last block of a row range resets its own). Reserved
+/// before any launch by `CudaKernels::reserve_gemv`, which only grows it (zeroed); a launch
+/// only checks that it is large enough and never allocates, so GEMV launches can be captured
+/// in a CUDA graph. Growing replaces the buffers: capture graphs after the last reserve.
 #[derive(Default)]
 pub struct GemvScratch {
     bufs: Option<(CudaSlice<f32>, CudaSlice<u32>)>,
 }
 
 impl GemvScratch {
-    /// The buffers, grown (zeroed) to at least `partials` floats and `counters` counters.
-    pub(crate) fn ensure(
+    /// Grow (zeroed) to at least `partials` floats and `counters` counters, keeping at least
+    /// what was reserved before; nothing happens when that much is there already.
+    pub(crate) fn reserve(
         &mut self,
         stream: &Arc<CudaStream>,
         partials: usize,
         counters: usize,
-    ) -> Result<(&mut CudaSlice<f32>, &mut CudaSlice<u32>), KernelError> {
-        let grow = match &self.bufs {
-            Some((p, c)) => p.len() < partials || c.len() < counters,
-            None => true,
-        };
-        if grow {
-            let p = stream
-                .alloc_zeros::<f32>(partials.max(1))
-                .map_err(drv("allocating the GEMV partial sums"))?;
-            let c = stream
-                .alloc_zeros::<u32>(counters.max(1))
-                .map_err(drv("allocating the GEMV counters"))?;
-            self.bufs = Some((p, c));
+    ) -> Result<(), KernelError> {
+        let (have_p, have_c) = self.reserved();
+        if self.bufs.is_some() && have_p >= partials && have_c >= counters {
+            return Ok(());
         }
-        let (p, c) = self.bufs.as_mut().expect("allocated above");
-        Ok((p, c))
+        let p = stream
+            .alloc_zeros::<f32>(partials.max(have_p).max(1))
+            .map_err(drv("allocating the GEMV partial sums"))?;
+        let c = stream
+            .alloc_zeros::<u32>(counters.max(have_c).max(1))
+            .map_err(drv("allocating the GEMV counters"))?;
+        self.bufs = Some((p, c));
+        Ok(())
+    }
+
+    /// (partial-sum floats, counters) reserved.
+    pub fn reserved(&self) -> (usize, usize) {
+        self.bufs
+            .as_ref()
+            .map_or((0, 0), |(p, c)| (p.len(), c.len()))
+    }
+
+    /// The buffers, if at least `partials` floats and `counters` counters are reserved.
+    pub(crate) fn buffers(
+        &mut self,
+        partials: usize,
+        counters: usize,
+    ) -> Option<(&mut CudaSlice<f32>, &mut CudaSlice<u32>)> {
+        match &mut self.bufs {
+            Some((p, c)) if p.len() >= partials && c.len() >= counters => Some((p, c)),
+            _ => None,
+        }
     }
 }
 

@@ -128,8 +128,8 @@ impl CudaKernels {
             .map_err(drv("downloading the output"))
     }
 
-    /// `y[m, N] = x[m, K] · Wᵀ` like [`crate::cpu::matmul_nvfp4`]: the fused GEMV (f32) for
-    /// m ≤ 8 and K % 32 == 0, otherwise dequantize-to-bf16 + cuBLASLt (x rounded to bf16,
+    /// `y[m, N] = x[m, K] · Wᵀ` like [`crate::cpu::matmul_nvfp4`]: the fused GEMV (f32; its
+    /// scratch reserved first, [`CudaKernels::reserve_gemv`]) for m ≤ 8 and K % 32 == 0, otherwise dequantize-to-bf16 + cuBLASLt (x rounded to bf16,
     /// bf16 output: relative error ~1e-2 instead of ~1e-6).
     pub fn matmul_nvfp4(
         &self,
@@ -148,6 +148,7 @@ impl CudaKernels {
         let s = &self.stream;
         let dw = self.upload_nvfp4(w)?;
         if (1..=8).contains(&m) && k.is_multiple_of(32) {
+            self.reserve_gemv(m, n, k)?;
             let dx = s.clone_htod(x).map_err(drv("uploading x"))?;
             let mut dy = s.alloc_zeros::<f32>(m * n).map_err(drv("allocating y"))?;
             self.gemv_async(&dx, m, &dw, &mut dy)?;
@@ -175,6 +176,7 @@ impl CudaKernels {
         kernel: GemvKernel,
     ) -> Result<Vec<f32>, KernelError> {
         let s = &self.stream;
+        self.reserve_gemv(m, w.rows, w.cols)?;
         let dw = self.upload_nvfp4(w)?;
         let dx = s.clone_htod(x).map_err(drv("uploading x"))?;
         // poison y so an unwritten element shows as NaN
