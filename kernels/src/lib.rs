@@ -26,7 +26,7 @@
 //! - [`checkpoint`] — safetensors read/write (`read_safetensors_file`, `write_safetensors_file`,
 //!   `list_shards`), the ModelOpt / compressed-tensors NVFP4 layouts (`nvfp4_to_tensors`,
 //!   `nvfp4_from_tensors`) and `quantize_checkpoint` behind `kiln quantize`.
-//! - [`bench`] — the validate-then-time kernel benchmark behind `kiln bench kernels`
+//! - [`bench`](mod@bench) — the validate-then-time kernel benchmark behind `kiln bench kernels`
 //!   (`bench::run`, GPU) and its CPU section (`bench::run_cpu`: NVFP4 matmul vs f32 dense, no
 //!   GPU needed; `kiln-kernel-bench --cpu`).
 

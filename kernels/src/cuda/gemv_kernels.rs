@@ -1,7 +1,7 @@
 //! Which GEMV kernels this build loads, and their state on the device (a leaf under
 //! [`super::context`] and [`super::gemv`]): the configuration of each kernel family, the
 //! production tables — and, with the `bench` feature, the benchmark's experiments
-//! (`experiments`) —, the loaded function handles ([`GemvFunctions`]) and the split-K kernel's
+//! (`experiments`) —, the loaded function handles (`GemvFunctions`) and the split-K kernel's
 //! scratch ([`GemvScratch`]). The kernels are in `kernels/cuda/gemv_*.cu`; which one runs a
 //! shape, and the launches, are in [`super::gemv`].
 //!
