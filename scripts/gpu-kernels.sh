@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs the kiln-kernels GPU tests and the kernel benchmark from prebuilt binaries (nothing is
-# built here; the GPU machine has no Rust toolchain). Build them on a dev machine first:
+# built here; the GPU machine has no Rust toolchain). Build them on a dev machine first, with
+# the `bench` feature so that the GPU tests also check, and the benchmark also times, the
+# experimental GEMV kernels and the probes (without it: production kernels only):
 #
-#   CARGO_TARGET_DIR=target-kernels cargo test --release -p kiln-kernels --no-run
-#   CARGO_TARGET_DIR=target-kernels cargo build --release -p kiln-kernels --bin kiln-kernel-bench
+#   CARGO_TARGET_DIR=target-kernels cargo test --release -p kiln-kernels --features bench --no-run
+#   CARGO_TARGET_DIR=target-kernels cargo build --release -p kiln-kernels --features bench --bin kiln-kernel-bench
 #   scripts/gpu-kernels.sh --collect target-kernels target-kernels-carry
 #
 # then, on the GPU machine, from the repository root:

@@ -82,7 +82,7 @@ extern "C" __global__ void kiln_tensor_scale_from_amax(const u32* amax_bits, flo
 // A pure read of n 16-byte words (folded with xor into one word per block, written to
 // out[blockIdx.x] so nothing is optimised away): the benchmark's read-bandwidth ceiling for a
 // kernel that reads a given number of bytes. Launch: grid-stride, 256 threads per block,
-// 4 loads in flight per thread. Chained like the v5 GEMV (the benchmark's ceiling for a chain):
+// 4 loads in flight per thread. Chained like the split-K GEMV (the benchmark's ceiling for a chain):
 // it reads p before waiting for the previous kernel, writes out after.
 extern "C" __global__ void __launch_bounds__(256)
 kiln_stream_read(const uint4* __restrict__ p, u64 n, u32* __restrict__ out) {
@@ -93,12 +93,12 @@ kiln_stream_read(const uint4* __restrict__ p, u64 n, u32* __restrict__ out) {
     for (; i + 3 * stride < n; i += 4 * stride) {
         uint4 v[4];
 #pragma unroll
-        for (int u = 0; u < 4; u++) v[u] = kiln_tc_ld_stream(p + i + u * stride);
+        for (int u = 0; u < 4; u++) v[u] = kiln_ld_stream(p + i + u * stride);
 #pragma unroll
         for (int u = 0; u < 4; u++) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
     }
     for (; i < n; i += stride) {
-        const uint4 v = kiln_tc_ld_stream(p + i);
+        const uint4 v = kiln_ld_stream(p + i);
         acc ^= v.x ^ v.y ^ v.z ^ v.w;
     }
     for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xFFFFFFFFu, acc, o);

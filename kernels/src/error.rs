@@ -77,6 +77,25 @@ pub enum KernelError {
         /// What is wrong and how to fix it.
         message: String,
     },
+    /// A split-K GEMV launch found its scratch smaller than it needs. Launches never allocate
+    /// (so that they can be captured in a CUDA graph); the scratch is reserved up front.
+    #[error("the split-K GEMV with m = {m} on [{n}, {k}] needs {need_partials} partial sums and {need_counters} counters of scratch, but {have_partials} and {have_counters} are reserved: call CudaKernels::reserve_gemv({m}, {n}, {k}) for every shape before launching GEMVs (and before capturing them in a CUDA graph)")]
+    GemvScratchNotReserved {
+        /// Rows of x of the launch.
+        m: usize,
+        /// Rows of W (N).
+        n: usize,
+        /// Columns of W (K).
+        k: usize,
+        /// Partial-sum floats the launch needs.
+        need_partials: usize,
+        /// Counters the launch needs.
+        need_counters: usize,
+        /// Partial-sum floats reserved.
+        have_partials: usize,
+        /// Counters reserved.
+        have_counters: usize,
+    },
     /// A tensor's dtype is one Kiln does not handle.
     #[error("tensor {tensor} in {path} has dtype {dtype}, which kiln quantize does not support (supported: F32, F16, BF16 for weights; other tensors are copied as they are)")]
     UnsupportedDtype {

@@ -14,14 +14,19 @@
 //!   `AdamWParams`, `AdamWScalars`, `AdamWStepStats`).
 //! - [`cuda`] — the CUDA path (cudarc, dynamic loading, kernels in `kernels/cuda/*.cu` compiled
 //!   by NVRTC with the PTX cached on disk): `cuda::CudaKernels::new(ordinal)` checks the
-//!   libraries first (`KernelError::CudaUnavailable`), then offers host-slice twins of the CPU
-//!   API (`quantize`, `quantize_bf16`, `quantize_stochastic`, `dequantize`, `matmul_nvfp4`,
-//!   `adamw_step_nvfp4`) and device-resident ops on `cuda::DeviceNvfp4` (`quantize_async`,
-//!   `gemv_async`, `matmul_nvfp4_large_async`, `adamw_step_async`, …).
+//!   libraries first (`KernelError::CudaUnavailable`) and loads the production kernels (no
+//!   start-up probing), then offers host-slice twins of the CPU API (`quantize`,
+//!   `quantize_bf16`, `quantize_stochastic`, `dequantize`, `matmul_nvfp4`, `adamw_step_nvfp4`)
+//!   and device-resident ops on `cuda::DeviceNvfp4` (`quantize_async`, `gemv_async` — the
+//!   default kernel per shape is `default_gemv_kernel`, see `cuda::gemv` —,
+//!   `matmul_nvfp4_large_async`, `adamw_step_async`, …).
+//! - Feature `bench` (off in production): the benchmark's experimental GEMV kernels and probe
+//!   kernels (`cuda::gemv_kernels::experiments`, `cuda::gemv_bench`) and the benchmark rows
+//!   that time them.
 //! - [`checkpoint`] — safetensors read/write (`read_safetensors_file`, `write_safetensors_file`,
 //!   `list_shards`), the ModelOpt / compressed-tensors NVFP4 layouts (`nvfp4_to_tensors`,
 //!   `nvfp4_from_tensors`) and `quantize_checkpoint` behind `kiln quantize`.
-//! - [`bench`] — the validate-then-time kernel benchmark behind `kiln bench kernels`
+//! - [`bench`](mod@bench) — the validate-then-time kernel benchmark behind `kiln bench kernels`
 //!   (`bench::run`, GPU) and its CPU section (`bench::run_cpu`: NVFP4 matmul vs f32 dense, no
 //!   GPU needed; `kiln-kernel-bench --cpu`).
 #![deny(missing_docs)]

@@ -1,12 +1,14 @@
 //! GPU checks of every CUDA kernel against the CPU reference, on fresh random inputs (the seed
 //! is printed). They are ignored by a plain `cargo test` (reported as ignored, not passed);
-//! `scripts/gpu-kernels.sh` runs them with `--ignored` on the GPU machine.
+//! `scripts/gpu-kernels.sh` runs them with `--ignored` on the GPU machine, built with the
+//! `bench` feature so that the benchmark's experimental GEMV kernels are checked too. (One
+//! test, the check of the tensor-core probe's data, needs no GPU and runs everywhere.)
 
 mod common;
 
 use half::bf16;
 use kiln_kernels::cpu::{adamw_step_nvfp4, matmul_nvfp4, AdamWParams};
-use kiln_kernels::cuda::CudaKernels;
+use kiln_kernels::cuda::{CudaKernels, GemvKernel};
 use kiln_kernels::{KernelError, Nvfp4Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -167,7 +169,7 @@ fn rel_error(y: &[f32], x: &[f32], m: usize, wd: &[f32], n: usize, k: usize) -> 
 #[ignore = "needs a CUDA GPU"]
 fn gemv_matches_an_f64_reference_within_1e_3() {
     let k = gpu();
-    eprintln!("tensor-core GEMV start-up check passed: {}", k.tc_gemv_ok());
+    eprintln!("tensor-core GEMV kernels on: {}", k.tensor_core_gemv());
     let mut r = rng("gemv");
     for &(n, kk) in &[
         (96, 32),
@@ -194,10 +196,10 @@ fn gemv_matches_an_f64_reference_within_1e_3() {
             // and it agrees with the CPU path
             let yc = matmul_nvfp4(&x, m, &q);
             assert!(rel_error(&yc, &x, m, &wd, n, kk) <= 1e-5);
-            // every kernel variant that can take this shape
-            let variants = k.gemv_variants_for(m, n, kk);
+            // every kernel (the experiments too with `bench`) that can take this shape
+            let variants = k.gemv_kernels_for(m, n, kk);
             for v in variants {
-                let y = k.gemv_variant(&x, m, &q, v).unwrap();
+                let y = k.gemv_with(&x, m, &q, v).unwrap();
                 eprintln!("  variant {v:?}");
                 let rel = rel_error(&y, &x, m, &wd, n, kk);
                 assert!(
@@ -206,7 +208,7 @@ fn gemv_matches_an_f64_reference_within_1e_3() {
                 );
                 // a second launch gives the same bits (the split-K kernel's counters were
                 // reset by the first; every kernel sums in a fixed order)
-                let again = k.gemv_variant(&x, m, &q, v).unwrap();
+                let again = k.gemv_with(&x, m, &q, v).unwrap();
                 assert!(
                     y.iter()
                         .zip(&again)
@@ -226,8 +228,9 @@ fn gemv_matches_an_f64_reference_within_1e_3() {
 fn chained_gemvs_equal_plain_launches() {
     let k = gpu();
     let mut r = rng("chained gemv");
-    // square, so y feeds the next x: 4096² (16M weights) runs the split-K v5 kernel, 896² the
-    // CUDA-core kernel at m = 1 and the v2 kernel (a plain launch inside the chain) at m = 4, 8
+    // square, so y feeds the next x: 4096² (16M weights) runs the split-K kernel, 896² the
+    // CUDA-core kernel at m = 1 and the tensor-core kernel (a plain launch inside the chain) at
+    // m = 4, 8
     for n in [4096usize, 896] {
         chain_case(&k, &mut r, n);
     }
@@ -244,9 +247,11 @@ fn chain_case(k: &CudaKernels, r: &mut ChaCha8Rng, n: usize) {
         })
         .collect();
     for m in [1usize, 4, 8] {
+        // the split-K kernel's scratch, before any launch (launches never allocate)
+        k.reserve_gemv(m, n, n).unwrap();
         eprintln!(
             "chain [{n}²] m={m}: default {:?}",
-            k.default_gemv_variant_for(m, n, n)
+            k.default_gemv_kernel(m, n, n)
         );
         let x0: Vec<f32> = (0..m * n).map(|_| r.random_range(-1.0f32..1.0)).collect();
         let run = |chained: bool| -> Vec<Vec<f32>> {
@@ -291,6 +296,138 @@ fn chain_case(k: &CudaKernels, r: &mut ChaCha8Rng, n: usize) {
             );
         }
     }
+}
+
+/// Split-K GEMV launches never allocate (so that they can be captured in a CUDA graph): one
+/// before `reserve_gemv` fails with `GemvScratchNotReserved`, and after it runs and is right.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn split_k_gemv_needs_its_scratch_reserved() {
+    let k = gpu();
+    let mut r = rng("split-k scratch");
+    let (m, n, kk) = (1usize, 4096usize, 4096usize); // 16M weights: the split-K kernel
+    let kernel = k.default_gemv_kernel(m, n, kk);
+    assert!(
+        matches!(kernel, GemvKernel::TensorCoreSplitK { .. }),
+        "{kernel:?}"
+    );
+    let q = Nvfp4Tensor::quantize(&weights(&mut r, n, kk), n, kk).unwrap();
+    let w = k.upload_nvfp4(&q).unwrap();
+    let xs: Vec<f32> = (0..m * kk).map(|_| r.random_range(-2.0f32..2.0)).collect();
+    let x = k.stream().clone_htod(&xs).unwrap();
+    let mut y = k.stream().alloc_zeros::<f32>(m * n).unwrap();
+    assert_eq!(k.gemv_scratch_reserved().unwrap(), (0, 0));
+    let e = k.gemv_async(&x, m, &w, &mut y).unwrap_err();
+    assert!(
+        matches!(e, KernelError::GemvScratchNotReserved { .. }),
+        "{e}"
+    );
+    eprintln!("unreserved launch: {e}");
+    k.reserve_gemv(m, n, kk).unwrap();
+    let (partials, counters) = k.gemv_scratch_reserved().unwrap();
+    assert!(partials >= m * n && counters >= 1);
+    k.gemv_async(&x, m, &w, &mut y).unwrap();
+    let got = k.stream().clone_dtoh(&y).unwrap();
+    k.synchronize().unwrap();
+    let rel = rel_error(&got, &xs, m, &q.dequantize(), n, kk);
+    assert!(rel <= 1e-3, "relative error {rel:e} > 1e-3");
+    // reserving again for the same shape allocates nothing
+    k.reserve_gemv(m, n, kk).unwrap();
+    assert_eq!(k.gemv_scratch_reserved().unwrap(), (partials, counters));
+}
+
+/// The inputs of what `CudaKernels::new` used to check at every start-up: a small matrix with
+/// every E2M1 code, including 0.5 (a bf16 subnormal in the tensor-core decode), and subnormal
+/// E4M3 block scales.
+fn half_codes_and_subnormal_scales() -> (Nvfp4Tensor, Vec<f32>) {
+    let (n, k) = (32usize, 256usize);
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| {
+            // every 4th row 1e-5 smaller: subnormal E4M3 block scales; quarter steps: the
+            // 0.5 code (a bf16 subnormal in the decode) appears
+            let row_scale = if (i / k) % 4 == 3 { 1e-5 } else { 1.0 };
+            ((i * 7 % 25) as f32 - 12.0) * 0.25 * row_scale
+        })
+        .collect();
+    let q = Nvfp4Tensor::quantize(&w, n, k).unwrap();
+    let x: Vec<f32> = (0..k).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.37).collect();
+    (q, x)
+}
+
+/// No GPU needed: the data above does cover the 0.5 codes and subnormal scales.
+#[test]
+fn the_probe_covers_half_codes_and_subnormal_scales() {
+    let (q, x) = half_codes_and_subnormal_scales();
+    assert_eq!(x.len(), q.cols);
+    let codes: std::collections::BTreeSet<u8> = (0..q.rows * q.cols)
+        .map(|i| q.code(i / q.cols, i % q.cols))
+        .collect();
+    assert!(codes.contains(&1) && codes.contains(&9), "{codes:?}");
+    assert!(
+        q.scales.iter().any(|&s| s > 0 && s < 0x08),
+        "no subnormal scale"
+    );
+}
+
+/// Every GEMV kernel this build has agrees with the CPU on E2M1 0.5 codes and subnormal block
+/// scales, which pass through bf16 subnormals in the tensor-core decode: a driver or chip that
+/// flushed them would fail here. `CudaKernels::new` used to run this check at every start-up
+/// (the tensor-core kernels at m = 1) and fall back to the CUDA-core GEMV on a mismatch; now
+/// the defaults take the tensor-core kernels on compute capability 8.0+, and a device that
+/// fails here needs `CudaKernels::set_tensor_core_gemv(false)`, which this test also checks.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tensor_core_gemv_is_exact_on_half_codes_and_subnormal_scales() {
+    let mut k = gpu();
+    assert!(
+        k.tensor_core_gemv(),
+        "compute capability {:?}: the tensor-core GEMV needs 8.0+",
+        k.compute_capability()
+    );
+    let (q, x1) = half_codes_and_subnormal_scales();
+    let check = |k: &CudaKernels, m: usize, kernel: GemvKernel| {
+        // row r of x: the probe's x scaled by 1 + r/4 (row 0 is the old start-up check's)
+        let x: Vec<f32> = (0..m)
+            .flat_map(|r| x1.iter().map(move |v| v * (1.0 + r as f32 * 0.25)))
+            .collect();
+        let want = kiln_kernels::cpu::matmul_nvfp4_ref(&x, m, &q);
+        let got = k.gemv_with(&x, m, &q, kernel).unwrap();
+        let num: f64 = want
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
+        let den: f64 = want.iter().map(|a| (*a as f64).powi(2)).sum();
+        let rel = (num / den).sqrt();
+        eprintln!("  {kernel:?} m={m}: rel error {rel:.2e}");
+        assert!(
+            got.iter().all(|v| v.is_finite()) && rel <= 1e-4,
+            "{kernel:?} m={m}: relative error {rel:e} vs the CPU on 0.5 codes / subnormal scales"
+        );
+    };
+    for m in 1..=8 {
+        let kernels = k.gemv_kernels_for(m, q.rows, q.cols);
+        assert!(
+            kernels
+                .iter()
+                .any(|v| !matches!(v, GemvKernel::CudaCore { .. })),
+            "m={m}: no tensor-core GEMV takes [{}, {}]",
+            q.rows,
+            q.cols
+        );
+        for kernel in kernels {
+            check(&k, m, kernel);
+        }
+        check(&k, m, k.default_gemv_kernel(m, q.rows, q.cols));
+    }
+    // the fallback: tensor cores off, every default is the CUDA-core kernel
+    k.set_tensor_core_gemv(false);
+    for m in 1..=8 {
+        assert_eq!(k.default_gemv_kernel(m, 8192, 8192), GemvKernel::CUDA_CORE);
+        check(&k, m, k.default_gemv_kernel(m, q.rows, q.cols));
+    }
+    k.set_tensor_core_gemv(true);
+    assert!(k.tensor_core_gemv());
 }
 
 #[test]

@@ -14,10 +14,11 @@ use kiln_kernels::bench::{self, BenchConfig, BenchReport};
 /// same run, and for the GEMV and large-M matmul the speed-up over cuBLAS bf16 on the same
 /// shape in the same run. Per shape it also times a pure read of the GEMV's weight bytes (the
 /// ceiling any GEMV of that size can reach; also as chained launches, the ceiling for a decode
-/// chain), the default GEMV as chained launches (programmatic dependent launch, each checked
-/// bit-identical to a plain launch first), "probe" rows that run parts of the GEMV schedule
-/// (loads only, no decode, no x staging; not GEMVs) to show where the time goes, then every
-/// other GEMV kernel that can take the shape. Needs a CUDA GPU; fails clearly without one.
+/// chain) and the default GEMV as chained launches (programmatic dependent launch, each checked
+/// bit-identical to a plain launch first). Built with `--features bench-variants` it also
+/// prints "probe" rows that run parts of the GEMV schedule (loads only, no decode, no x
+/// staging; not GEMVs) to show where the time goes, and every other GEMV kernel that can take
+/// the shape. Needs a CUDA GPU; fails clearly without one.
 #[derive(Debug, clap::Args)]
 pub struct BenchKernelsArgs {
     /// Shapes as N×K (output × input features), comma-separated; K must be a multiple of 32.
@@ -51,6 +52,12 @@ pub fn run(args: BenchKernelsArgs) -> anyhow::Result<()> {
     }
     let report = bench::run(&cfg, |line| eprintln!("{line}"))?;
     print_report(&report);
+    if !cfg!(feature = "bench-variants") {
+        println!(
+            "(default kernels only: build with `--features bench-variants` for the probe rows and \
+             every other GEMV kernel)"
+        );
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;

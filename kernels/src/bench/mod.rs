@@ -3,6 +3,10 @@
 //! rotated so repeated runs do not just hit L2), and report median µs, effective GB/s, the
 //! share of the device-copy bandwidth measured in the same run, and the ratio to the cuBLAS
 //! bf16 baseline on the same shape.
+//!
+//! Every build times the production kernels (the default GEMV of each shape, plain and
+//! chained); with the `bench` feature it also times the probe kernels and every other GEMV
+//! kernel that can take the shape (the experiments, `cuda::gemv_kernels::experiments`).
 
 pub mod cpu;
 mod quantize;
@@ -22,8 +26,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::cpu::AdamWParams;
-use crate::cuda::context::drv;
-use crate::cuda::{CudaKernels, DeviceNvfp4, GemvLaunch, GemvVariant};
+use crate::cuda::driver::drv;
+use crate::cuda::{CudaKernels, DeviceNvfp4, GemvKernel, GemvLaunch};
 use crate::nvfp4::Nvfp4Tensor;
 
 use crate::KernelError;
@@ -111,11 +115,16 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
     };
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut checks = vec![format!(
-        "tensor-core GEMV start-up check: {}",
-        if k.tc_gemv_ok() {
-            "passed (default GEMV where the shape fits)"
+        "tensor-core GEMV kernels: {}; benchmark experiments: {}",
+        if k.tensor_core_gemv() {
+            "on (default GEMV where the shape fits)"
         } else {
-            "FAILED (CUDA-core GEMV used)"
+            "off (CUDA-core GEMV used)"
+        },
+        if cfg!(feature = "bench") {
+            "on (variant and probe rows)"
+        } else {
+            "off (build with the `bench` feature for variant and probe rows)"
         }
     )];
     let mut rows = Vec::new();
@@ -208,6 +217,8 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
             .map(|_| k.upload_nvfp4(&cpu_q))
             .collect::<Result<_, _>>()?;
         let nws = ws.len();
+        // the split-K GEMV's scratch for every M timed below (launches never allocate)
+        k.reserve_gemv(8, n, kk)?;
         if !cfg.gemv_only {
             let mut outs: Vec<CudaSlice<bf16>> = (0..sets.min(4))
                 .map(|_| {
@@ -305,19 +316,20 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                 Some(t_base),
                 format!(
                     "default kernel ({:?}); speed-up vs cuBLAS bf16 on the same shape",
-                    k.default_gemv_variant_for(m, n, kk)
+                    k.default_gemv_kernel(m, n, kk)
                 ),
             );
-            // (variant, row label) to time again as chained launches after the plain rows
-            let default = k.default_gemv_variant_for(m, n, kk);
+            // (kernel, row label) to time again as chained launches after the plain rows
+            let default = k.default_gemv_kernel(m, n, kk);
             let mut to_chain = Vec::new();
             if matches!(
                 default,
-                GemvVariant::TensorCore5 { .. } | GemvVariant::Rows4 | GemvVariant::Rows8
+                GemvKernel::TensorCoreSplitK { .. } | GemvKernel::CudaCore { .. }
             ) {
                 to_chain.push((default, format!("NVFP4 fused GEMV M={m}")));
             }
-            if m == 1 && k.gemv_tc2_fits(1, kk, 2) {
+            #[cfg(feature = "bench")]
+            if m == 1 && k.gemv_fits(GemvKernel::TensorCore { tiles: 2, depth: 3 }, 1, n, kk) {
                 for (p, what) in [
                     (1, "probe: v2 without staging x"),
                     (2, "probe: v2 loads + x staging, no decode/MMA"),
@@ -335,32 +347,36 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                     );
                 }
             }
-            let mut variants = k.gemv_variants_for(m, n, kk);
-            variants.retain(|v| *v != default);
-            for v in variants {
-                // validate this variant before timing it
-                let yv = k.gemv_variant(&x[..m * kk], m, &cpu_q, v)?;
-                let rel = gemv_rel_error(&yv[..n], &x[..kk], &cpu_q);
-                let label = format!("  variant {v:?}, M={m}");
-                if rel.is_nan() || rel > 1e-3 {
-                    checks.push(format!(
-                        "[{n}, {kk}]: GEMV {v:?} M={m} FAILED validation: rel. error {rel:e}"
-                    ));
-                    progress(checks.last().unwrap());
-                    continue;
-                }
-                let t_v = timer.time(|i| k.gemv_variant_async(&dx, m, &ws[i % nws], &mut dy, v))?;
-                push(
-                    &label,
-                    n,
-                    kk,
-                    t_v,
-                    g_bytes,
-                    Some(t_base),
-                    format!("validated: rel. error {rel:.1e} (row 0 of x)"),
-                );
-                if m == 1 && matches!(v, GemvVariant::TensorCore5 { .. }) {
-                    to_chain.push((v, label));
+            #[cfg(feature = "bench")]
+            {
+                let mut variants = k.gemv_kernels_for(m, n, kk);
+                variants.retain(|v| *v != default);
+                for v in variants {
+                    // validate this variant before timing it
+                    let yv = k.gemv_with(&x[..m * kk], m, &cpu_q, v)?;
+                    let rel = gemv_rel_error(&yv[..n], &x[..kk], &cpu_q);
+                    let label = format!("  variant {v:?}, M={m}");
+                    if rel.is_nan() || rel > 1e-3 {
+                        checks.push(format!(
+                            "[{n}, {kk}]: GEMV {v:?} M={m} FAILED validation: rel. error {rel:e}"
+                        ));
+                        progress(checks.last().unwrap());
+                        continue;
+                    }
+                    let t_v =
+                        timer.time(|i| k.gemv_with_async(&dx, m, &ws[i % nws], &mut dy, v))?;
+                    push(
+                        &label,
+                        n,
+                        kk,
+                        t_v,
+                        g_bytes,
+                        Some(t_base),
+                        format!("validated: rel. error {rel:.1e} (row 0 of x)"),
+                    );
+                    if m == 1 && matches!(v, GemvKernel::TensorCoreSplitK { .. }) {
+                        to_chain.push((v, label));
+                    }
                 }
             }
             for (v, label) in to_chain {
@@ -368,8 +384,8 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                     (GemvLaunch::CHAINED, "chained"),
                     (GemvLaunch::CHAINED_PREFETCH, "chained + L2 prefetch"),
                 ] {
-                    if launch.l2_prefetch && !matches!(v, GemvVariant::TensorCore5 { .. }) {
-                        continue; // only the v5 kernel has the prefetch
+                    if launch.l2_prefetch && !matches!(v, GemvKernel::TensorCoreSplitK { .. }) {
+                        continue; // only the split-K kernel has the prefetch
                     }
                     if !chained_matches_plain(&k, &dx, m, &ws[0], v, launch)? {
                         checks.push(format!(
@@ -380,7 +396,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchRep
                         continue;
                     }
                     let t_c = timer.time(|i| {
-                        k.gemv_variant_launch_async(&dx, m, &ws[i % nws], &mut dy, v, launch)
+                        k.gemv_with_launch_async(&dx, m, &ws[i % nws], &mut dy, v, launch)
                     })?;
                     push(
                         &format!("{label}, {what}"),

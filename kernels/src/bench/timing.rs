@@ -2,8 +2,7 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use crate::cuda::context::drv;
-use crate::cuda::gemv_tc5::{launch_chained, param};
+use crate::cuda::driver::{drv, launch_chained, param};
 use crate::cuda::CudaKernels;
 use crate::KernelError;
 

@@ -7,8 +7,8 @@ use rand_chacha::ChaCha8Rng;
 use cudarc::driver::CudaSlice;
 
 use crate::cpu::{adamw_step_nvfp4, AdamWParams};
-use crate::cuda::context::drv;
-use crate::cuda::{CudaKernels, DeviceNvfp4, GemvLaunch, GemvVariant};
+use crate::cuda::driver::drv;
+use crate::cuda::{CudaKernels, DeviceNvfp4, GemvKernel, GemvLaunch};
 use crate::nvfp4::Nvfp4Tensor;
 use crate::KernelError;
 
@@ -77,14 +77,14 @@ pub(super) fn validate_adamw(
     ))
 }
 
-/// Whether `launch` (a chained launch) of `variant` gives the same bits as a plain launch: one
+/// Whether `launch` (a chained launch) of `kernel` gives the same bits as a plain launch: one
 /// plain launch, then three chained ones back to back into another buffer.
 pub(super) fn chained_matches_plain(
     k: &CudaKernels,
     x: &CudaSlice<f32>,
     m: usize,
     w: &DeviceNvfp4,
-    variant: GemvVariant,
+    kernel: GemvKernel,
     launch: GemvLaunch,
 ) -> Result<bool, KernelError> {
     let n = w.rows;
@@ -94,9 +94,9 @@ pub(super) fn chained_matches_plain(
             .map_err(drv("allocating"))
     };
     let (mut plain, mut chained) = (alloc()?, alloc()?);
-    k.gemv_variant_async(x, m, w, &mut plain, variant)?;
+    k.gemv_with_async(x, m, w, &mut plain, kernel)?;
     for _ in 0..3 {
-        k.gemv_variant_launch_async(x, m, w, &mut chained, variant, launch)?;
+        k.gemv_with_launch_async(x, m, w, &mut chained, kernel, launch)?;
     }
     let a = k.stream().clone_dtoh(&plain).map_err(drv("reading"))?;
     let b = k.stream().clone_dtoh(&chained).map_err(drv("reading"))?;

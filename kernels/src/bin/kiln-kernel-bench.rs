@@ -7,6 +7,10 @@
 //! `kiln-kernel-bench --cpu [--shapes NxK,...] [--ms 1,4,8,64] [--samples N] [--json FILE]`
 //! (the CPU section: NVFP4 matmul on the CPU vs f32 dense; no GPU needed; `--shapes` adds
 //! shapes to the Qwen2.5-0.5B linears).
+//!
+//! Built with `--features bench` the GPU run also times the probe kernels and every
+//! experimental GEMV kernel (what `scripts/gpu-kernels.sh` expects); without it, the
+//! production kernels only.
 
 use std::process::ExitCode;
 

@@ -3,7 +3,8 @@
 
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::context::{drv, CudaKernels};
+use super::context::CudaKernels;
+use super::driver::drv;
 use super::ops::{grid, DeviceNvfp4, DeviceStatus};
 use crate::cpu::{AdamWParams, AdamWScalars, AdamWStepStats};
 use crate::KernelError;

@@ -1,5 +1,7 @@
 //! Run-time compilation of the CUDA C kernels in `kernels/cuda/` with NVRTC, with the PTX
-//! cached on disk keyed by a hash of (common header + source + target arch + options).
+//! cached on disk keyed by a hash of (common header + source with its headers + target arch +
+//! options). With the `bench` feature the GEMV files' benchmark-only kernels are compiled too
+//! (`-DKILN_BENCH`).
 //!
 //! Cache directory: `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`
 //! (subfolder `ptx/`). A cache that cannot be written only costs a recompile next time.
@@ -21,6 +23,13 @@ pub struct KernelSource {
 /// Device helpers prepended to every kernel file.
 pub const COMMON: &str = include_str!("../../cuda/nvfp4_common.cuh");
 
+/// Headers a kernel file may `#include "NAME"` (on a line of its own); [`full_source`] pastes
+/// them in, so NVRTC gets one self-contained translation unit per file.
+pub const HEADERS: &[(&str, &str)] = &[(
+    "gemv_tensor_core.cuh",
+    include_str!("../../cuda/gemv_tensor_core.cuh"),
+)];
+
 /// Every kernel file, in load order.
 pub const SOURCES: &[KernelSource] = &[
     KernelSource {
@@ -36,20 +45,20 @@ pub const SOURCES: &[KernelSource] = &[
         source: include_str!("../../cuda/dequantize_nvfp4.cu"),
     },
     KernelSource {
-        file: "gemv_nvfp4.cu",
-        source: include_str!("../../cuda/gemv_nvfp4.cu"),
+        file: "gemv_cuda_core.cu",
+        source: include_str!("../../cuda/gemv_cuda_core.cu"),
     },
     KernelSource {
-        file: "gemv_nvfp4_tc.cu",
-        source: include_str!("../../cuda/gemv_nvfp4_tc.cu"),
+        file: "gemv_tensor_core_hilo.cu",
+        source: include_str!("../../cuda/gemv_tensor_core_hilo.cu"),
     },
     KernelSource {
-        file: "gemv_nvfp4_tc2.cu",
-        source: include_str!("../../cuda/gemv_nvfp4_tc2.cu"),
+        file: "gemv_tensor_core.cu",
+        source: include_str!("../../cuda/gemv_tensor_core.cu"),
     },
     KernelSource {
-        file: "gemv_nvfp4_tc5.cu",
-        source: include_str!("../../cuda/gemv_nvfp4_tc5.cu"),
+        file: "gemv_tensor_core_split_k.cu",
+        source: include_str!("../../cuda/gemv_tensor_core_split_k.cu"),
     },
     KernelSource {
         file: "adamw_nvfp4.cu",
@@ -65,6 +74,16 @@ const OPTIONS: &[&str] = &[
     "--prec-div=true",
     "--prec-sqrt=true",
 ];
+
+/// [`OPTIONS`], and with the `bench` feature `-DKILN_BENCH`, which compiles the benchmark's
+/// experiments and probes (the `#ifdef KILN_BENCH` sections of the GEMV files).
+fn options() -> Vec<&'static str> {
+    let mut o = OPTIONS.to_vec();
+    if cfg!(feature = "bench") {
+        o.push("-DKILN_BENCH");
+    }
+    o
+}
 
 /// The virtual architecture to compile for, from the device's compute capability.
 pub fn arch_for(major: i32, minor: i32) -> &'static str {
@@ -104,16 +123,43 @@ fn fnv1a64(parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// The full translation unit NVRTC compiles for `src`.
+/// The full translation unit NVRTC compiles for `src`: [`COMMON`], then the file with each
+/// `#include "NAME"` of a [`HEADERS`] entry replaced by that header (`#line` directives keep
+/// compiler messages pointing at the right file and line). Any other `#include` is left to
+/// NVRTC, which fails on it.
 pub fn full_source(src: &KernelSource) -> String {
-    format!("{COMMON}\n#line 1 \"{}\"\n{}", src.file, src.source)
+    let mut out = format!("{COMMON}\n#line 1 \"{}\"\n", src.file);
+    for (i, line) in src.source.lines().enumerate() {
+        match included_header(line) {
+            Some((name, text)) => {
+                out.push_str(&format!("#line 1 \"{name}\"\n{text}\n"));
+                out.push_str(&format!("#line {} \"{}\"\n", i + 2, src.file));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// The [`HEADERS`] entry a line `#include "NAME"` names, if it is one.
+fn included_header(line: &str) -> Option<(&'static str, &'static str)> {
+    let name = line
+        .trim()
+        .strip_prefix("#include")?
+        .trim()
+        .strip_prefix('"')?
+        .strip_suffix('"')?;
+    HEADERS.iter().find(|(h, _)| *h == name).copied()
 }
 
 /// Compile `src` for `arch`, or load the PTX from the disk cache. Returns the PTX and whether it
 /// came from the cache.
 pub fn compile_cached(src: &KernelSource, arch: &'static str) -> Result<(Ptx, bool), KernelError> {
     let full = full_source(src);
-    let opts = OPTIONS.join(" ");
+    let opts = options().join(" ");
     let key = fnv1a64(&[full.as_bytes(), arch.as_bytes(), opts.as_bytes()]);
     let stem = src.file.trim_end_matches(".cu");
     let path = cache_dir().map(|d| d.join(format!("{stem}-{arch}-{key:016x}.ptx")));
@@ -145,7 +191,7 @@ pub fn compile_cached(src: &KernelSource, arch: &'static str) -> Result<(Ptx, bo
 pub fn compile(src: &KernelSource, full: &str, arch: &'static str) -> Result<Ptx, KernelError> {
     let opts = CompileOptions {
         arch: Some(arch),
-        options: OPTIONS.iter().map(|s| s.to_string()).collect(),
+        options: options().iter().map(|s| s.to_string()).collect(),
         name: Some(src.file.to_string()),
         ..Default::default()
     };
@@ -165,19 +211,29 @@ pub fn nvrtc_present() -> bool {
 }
 
 /// The numeric arguments of every `NAME(a, b, ...)` instantiation line of a kernel file, in
-/// order (the launchers' tables of built kernels are checked against these).
+/// order, each with whether it sits in the file's `#ifdef KILN_BENCH` section (the launchers'
+/// tables of built kernels are checked against these).
 #[cfg(test)]
-pub(crate) fn macro_instances(src: &str, name: &str) -> Vec<Vec<usize>> {
+pub(crate) fn macro_instances(src: &str, name: &str) -> Vec<(Vec<usize>, bool)> {
     let prefix = format!("{name}(");
-    src.lines()
-        .filter_map(|l| l.strip_prefix(prefix.as_str()))
-        .map(|l| {
-            l.trim_end_matches(')')
+    let mut bench = false;
+    let mut out = Vec::new();
+    for l in src.lines() {
+        match l.trim() {
+            "#ifdef KILN_BENCH" => bench = true,
+            "#endif" => bench = false,
+            _ => {}
+        }
+        if let Some(args) = l.strip_prefix(prefix.as_str()) {
+            let args = args
+                .trim_end_matches(')')
                 .split(',')
                 .map(|t| t.trim().parse().unwrap())
-                .collect()
-        })
-        .collect()
+                .collect();
+            out.push((args, bench));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -217,6 +273,50 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Every `.cuh` file besides the common one is in `HEADERS`, and every `#include` line of a
+    /// kernel file names one of them (an unknown one would only fail where NVRTC runs).
+    #[test]
+    fn every_header_is_listed_and_every_include_resolves() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda");
+        for e in std::fs::read_dir(dir).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            if name.ends_with(".cuh") && name != "nvfp4_common.cuh" {
+                assert!(
+                    HEADERS.iter().any(|(h, _)| *h == name),
+                    "{name} is not in HEADERS"
+                );
+            }
+        }
+        for src in SOURCES {
+            for line in src
+                .source
+                .lines()
+                .filter(|l| l.trim().starts_with("#include"))
+            {
+                assert!(
+                    included_header(line).is_some(),
+                    "{}: {line} names no header in HEADERS",
+                    src.file
+                );
+            }
+            let full = full_source(src);
+            assert!(!full.lines().any(|l| l.trim().starts_with("#include")));
+        }
+    }
+
+    #[test]
+    fn an_include_is_replaced_by_the_header_with_line_markers() {
+        let src = KernelSource {
+            file: "t.cu",
+            source: "a\n#include \"gemv_tensor_core.cuh\"\nb",
+        };
+        let full = full_source(&src);
+        let tail = &full[COMMON.len()..];
+        assert!(tail.starts_with("\n#line 1 \"t.cu\"\na\n#line 1 \"gemv_tensor_core.cuh\"\n"));
+        assert!(tail.ends_with("\n#line 3 \"t.cu\"\nb\n"), "{tail}");
+        assert!(tail.contains(HEADERS[0].1));
     }
 
     #[test]

@@ -1,14 +1,18 @@
 //! `CudaKernels`: one CUDA device, its stream, the loaded kernel functions and the cuBLAS /
 //! cuBLASLt handles. Creating it checks every CUDA library first (cudarc's loader panics on a
-//! missing library; Kiln returns [`KernelError::CudaUnavailable`] instead).
+//! missing library; Kiln returns [`KernelError::CudaUnavailable`] instead), compiles (or loads
+//! the cached PTX of) every kernel file and loads the production kernels — with the `bench`
+//! feature also the benchmark's experiments. It runs no kernel: nothing is probed at start-up.
 
 use std::sync::Arc;
 
 use cudarc::cublas::CudaBlas;
 use cudarc::cublaslt::CudaBlasLT;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
 use super::compile::{arch_for, compile_cached, SOURCES};
+use super::driver::drv;
+use super::gemv_kernels::{GemvFunctions, ScratchCell};
 use crate::KernelError;
 
 /// Checks that the CUDA driver, NVRTC, cuBLAS and cuBLASLt libraries can be loaded, without
@@ -42,14 +46,6 @@ pub fn check_cuda_libraries() -> Result<(), KernelError> {
     Ok(())
 }
 
-/// Turn a driver error into Kiln's error with what was being done.
-pub(crate) fn drv(context: &str) -> impl FnOnce(DriverError) -> KernelError + '_ {
-    move |e| KernelError::Cuda {
-        context: context.to_string(),
-        message: e.to_string(),
-    }
-}
-
 /// The loaded kernel functions (names as in the `.cu` files).
 pub(crate) struct Functions {
     pub amax_f32: CudaFunction,
@@ -65,20 +61,10 @@ pub(crate) struct Functions {
     pub dequantize_bf16: CudaFunction,
     pub f32_to_bf16: CudaFunction,
     pub bf16_to_f32: CudaFunction,
-    /// `kiln_gemv_nvfp4_m{M}_r4` for M = 1..=8.
-    pub gemv: Vec<CudaFunction>,
-    /// `kiln_gemv_nvfp4_m1_r8`: M = 1 with 8 rows per warp.
-    pub gemv_m1_r8: CudaFunction,
-    /// `kiln_gemv_nvfp4_tc_m{M}` for M = 1..=8 (tensor cores).
-    pub gemv_tc: Vec<CudaFunction>,
-    /// `kiln_gemv_nvfp4_tc2_m{M}_t{T}_d{D}`, one per entry of `gemv::TC2_KERNELS`, same order.
-    pub gemv_tc2: Vec<CudaFunction>,
-    /// `kiln_gemv_nvfp4_tc2_probe{1,2,3}`: benchmark diagnostics (see `gemv_probe_async`).
-    pub gemv_probe: Vec<CudaFunction>,
-    /// `kiln_gemv_nvfp4_tc5_m{M}_t{T}_d{D}`, one per entry of `gemv_tc5::TC5_KERNELS`.
-    pub gemv_tc5: Vec<CudaFunction>,
     pub adamw_amax: CudaFunction,
     pub adamw_apply: CudaFunction,
+    /// The GEMV kernels (`gemv_kernels`: production, and with `bench` the experiments).
+    pub gemv: GemvFunctions,
 }
 
 /// One CUDA device with Kiln's kernels loaded. All work goes to one stream, in order.
@@ -90,10 +76,14 @@ pub struct CudaKernels {
     pub(crate) blaslt: CudaBlasLT,
     pub(crate) sm_count: u32,
     pub(crate) smem_optin: usize,
-    pub(crate) gemv_scratch: super::gemv_tc5::ScratchCell,
-    /// `KILN_GEMV_SLICES` as read once at start-up (see `tc5_slices_for`).
+    pub(crate) gemv_scratch: ScratchCell,
+    /// `KILN_GEMV_SLICES` as read once at start-up (a benchmark knob, see
+    /// `CudaKernels::split_k_slices_for`).
+    #[cfg(feature = "bench")]
     pub(crate) gemv_slices: Option<usize>,
-    pub(crate) tc_gemv_ok: bool,
+    /// Whether the default GEMV may use the tensor-core kernels (see
+    /// [`CudaKernels::tensor_core_gemv`]).
+    pub(crate) tensor_core_gemv: bool,
     name: String,
     compute_capability: (i32, i32),
     ptx_from_cache: usize,
@@ -152,6 +142,9 @@ impl CudaKernels {
                 message: e.to_string(),
             })
         };
+        let smem_optin = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(drv("reading the shared-memory limit"))? as usize;
         let f = Functions {
             amax_f32: func("amax.cu", "kiln_amax_f32")?,
             amax_bf16: func("amax.cu", "kiln_amax_bf16")?,
@@ -165,58 +158,10 @@ impl CudaKernels {
             dequantize_bf16: func("dequantize_nvfp4.cu", "kiln_dequantize_nvfp4_bf16")?,
             f32_to_bf16: func("dequantize_nvfp4.cu", "kiln_f32_to_bf16")?,
             bf16_to_f32: func("dequantize_nvfp4.cu", "kiln_bf16_to_f32")?,
-            gemv: (1..=8)
-                .map(|m| func("gemv_nvfp4.cu", &format!("kiln_gemv_nvfp4_m{m}_r4")))
-                .collect::<Result<_, _>>()?,
-            gemv_m1_r8: func("gemv_nvfp4.cu", "kiln_gemv_nvfp4_m1_r8")?,
-            gemv_tc: (1..=8)
-                .map(|m| func("gemv_nvfp4_tc.cu", &format!("kiln_gemv_nvfp4_tc_m{m}")))
-                .collect::<Result<_, _>>()?,
-            gemv_tc2: super::gemv::TC2_KERNELS
-                .iter()
-                .map(|&(m, t, d)| {
-                    func(
-                        "gemv_nvfp4_tc2.cu",
-                        &format!("kiln_gemv_nvfp4_tc2_m{m}_t{t}_d{d}"),
-                    )
-                })
-                .collect::<Result<_, _>>()?,
-            gemv_probe: (1..=3)
-                .map(|p| {
-                    func(
-                        "gemv_nvfp4_tc2.cu",
-                        &format!("kiln_gemv_nvfp4_tc2_probe{p}"),
-                    )
-                })
-                .collect::<Result<_, _>>()?,
-            gemv_tc5: super::gemv_tc5::TC5_KERNELS
-                .iter()
-                .map(|&(m, t, d, l, b)| {
-                    func(
-                        "gemv_nvfp4_tc5.cu",
-                        &format!("kiln_gemv_nvfp4_tc5_m{m}_t{t}_d{d}_l{}_b{b}", l as u8),
-                    )
-                })
-                .collect::<Result<_, _>>()?,
             adamw_amax: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_amax")?,
             adamw_apply: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_apply")?,
+            gemv: GemvFunctions::load(&func, smem_optin)?,
         };
-        let smem_optin = ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-            .map_err(drv("reading the shared-memory limit"))? as usize;
-        for func in f
-            .gemv_tc
-            .iter()
-            .chain(&f.gemv_tc2)
-            .chain(&f.gemv_tc5)
-            .chain(&f.gemv_probe)
-        {
-            func.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem_optin as i32,
-            )
-            .map_err(drv("raising the GEMV kernel's shared-memory limit"))?;
-        }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| KernelError::Cuda {
             context: "creating the cuBLAS handle".into(),
             message: e.to_string(),
@@ -226,7 +171,7 @@ impl CudaKernels {
             message: e.to_string(),
         })?;
         tracing::info!(device = %name, ?compute_capability, sm_count, ptx_from_cache, "CUDA kernels ready");
-        let mut k = CudaKernels {
+        Ok(CudaKernels {
             ctx,
             stream,
             f,
@@ -235,62 +180,32 @@ impl CudaKernels {
             sm_count,
             smem_optin,
             gemv_scratch: Default::default(),
+            #[cfg(feature = "bench")]
             gemv_slices: std::env::var("KILN_GEMV_SLICES")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            // mma.sync bf16 needs compute capability 8.0; the tensor-core kernels' exactness
+            // (E2M1 0.5 codes and subnormal scales through bf16) is checked by the GPU test
+            // `tensor_core_gemv_is_exact_on_half_codes_and_subnormal_scales`, not at start-up
+            tensor_core_gemv: compute_capability >= (8, 0),
             name,
             compute_capability,
             ptx_from_cache,
-            tc_gemv_ok: false,
-        };
-        k.tc_gemv_ok = k.probe_tc_gemv()?;
-        Ok(k)
+        })
     }
 
-    /// Run the tensor-core GEMV once on a small matrix that exercises every E2M1 code and
-    /// subnormal block scales and compare it with the CPU; if it disagrees (a driver or chip
-    /// that flushes bf16 subnormals would), the default GEMV stays on the CUDA-core kernel and
-    /// a warning says so.
-    fn probe_tc_gemv(&self) -> Result<bool, KernelError> {
-        use super::gemv::GemvVariant;
-        let (q, x) = probe_data()?;
-        let want = crate::cpu::matmul_nvfp4_ref(&x, 1, &q);
-        let den: f64 = want.iter().map(|a| (*a as f64).powi(2)).sum();
-        let tc2 = super::gemv::tc2_variants(1);
-        let tc5 = super::gemv_tc5::TC5_KERNELS
-            .iter()
-            .filter(|&&c| c.0 == 1 && self.gemv_tc5_fits(c, q.rows, q.cols))
-            .map(|&c| GemvVariant::TensorCore5 {
-                tiles: c.1 as u8,
-                depth: c.2 as u8,
-                late: c.3,
-                per_sm: c.4 as u8,
-            });
-        for v in std::iter::once(GemvVariant::TensorCore)
-            .chain(tc2)
-            .chain(tc5)
-        {
-            let got = self.gemv_variant(&x, 1, &q, v)?;
-            let num: f64 = want
-                .iter()
-                .zip(&got)
-                .map(|(a, b)| ((a - b) as f64).powi(2))
-                .sum();
-            if !(got.iter().all(|v| v.is_finite()) && (num / den).sqrt() <= 1e-4) {
-                tracing::warn!(
-                    variant = ?v,
-                    rel_error = (num / den).sqrt(),
-                    "tensor-core GEMV disagrees with the CPU on this device; using the CUDA-core GEMV"
-                );
-                return Ok(false);
-            }
-        }
-        Ok(true)
+    /// Whether the default GEMV may use the tensor-core kernels: on compute capability 8.0+
+    /// unless [`CudaKernels::set_tensor_core_gemv`] turned them off; otherwise every shape runs
+    /// the CUDA-core kernel.
+    pub fn tensor_core_gemv(&self) -> bool {
+        self.tensor_core_gemv
     }
 
-    /// Whether the tensor-core GEMV passed its start-up check on this device.
-    pub fn tc_gemv_ok(&self) -> bool {
-        self.tc_gemv_ok
+    /// Turn the tensor-core GEMV kernels off (every default is then the CUDA-core kernel, as
+    /// on a device without them) or back on (where the device has them): the switch for a
+    /// device whose tensor-core GEMV the GPU tests found wrong.
+    pub fn set_tensor_core_gemv(&mut self, on: bool) {
+        self.tensor_core_gemv = on && self.compute_capability >= (8, 0);
     }
 
     /// The device's name (e.g. "NVIDIA H100 80GB HBM3").
@@ -328,39 +243,5 @@ impl CudaKernels {
         self.stream
             .synchronize()
             .map_err(drv("synchronizing the stream"))
-    }
-}
-
-/// The tensor-core GEMV probe's inputs: every E2M1 code, including 0.5 (a bf16 subnormal in
-/// the decode), and subnormal E4M3 block scales.
-pub(crate) fn probe_data() -> Result<(crate::Nvfp4Tensor, Vec<f32>), KernelError> {
-    let (n, k) = (32usize, 256usize);
-    let w: Vec<f32> = (0..n * k)
-        .map(|i| {
-            // every 4th row 1e-5 smaller: subnormal E4M3 block scales; quarter steps: the
-            // 0.5 code (a bf16 subnormal in the decode) appears
-            let row_scale = if (i / k) % 4 == 3 { 1e-5 } else { 1.0 };
-            ((i * 7 % 25) as f32 - 12.0) * 0.25 * row_scale
-        })
-        .collect();
-    let q = crate::Nvfp4Tensor::quantize(&w, n, k)?;
-    let x: Vec<f32> = (0..k).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.37).collect();
-    Ok((q, x))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_probe_covers_half_codes_and_subnormal_scales() {
-        let (q, x) = super::probe_data().unwrap();
-        assert_eq!(x.len(), q.cols);
-        let codes: std::collections::BTreeSet<u8> = (0..q.rows * q.cols)
-            .map(|i| q.code(i / q.cols, i % q.cols))
-            .collect();
-        assert!(codes.contains(&1) && codes.contains(&9), "{codes:?}");
-        assert!(
-            q.scales.iter().any(|&s| s > 0 && s < 0x08),
-            "no subnormal scale"
-        );
     }
 }

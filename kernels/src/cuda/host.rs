@@ -5,7 +5,9 @@
 
 use half::bf16;
 
-use super::context::{drv, CudaKernels};
+use super::context::CudaKernels;
+use super::driver::drv;
+use super::gemv::GemvKernel;
 use super::ops::DeviceInput;
 use crate::cpu::{AdamWParams, AdamWStepStats};
 use crate::nvfp4::{Nvfp4Tensor, Rounding, BLOCK};
@@ -126,8 +128,8 @@ impl CudaKernels {
             .map_err(drv("downloading the output"))
     }
 
-    /// `y[m, N] = x[m, K] · Wᵀ` like [`crate::cpu::matmul_nvfp4`]: the fused GEMV (f32) for
-    /// m ≤ 8 and K % 32 == 0, otherwise dequantize-to-bf16 + cuBLASLt (x rounded to bf16,
+    /// `y[m, N] = x[m, K] · Wᵀ` like [`crate::cpu::matmul_nvfp4`]: the fused GEMV (f32; its
+    /// scratch reserved first, [`CudaKernels::reserve_gemv`]) for m ≤ 8 and K % 32 == 0, otherwise dequantize-to-bf16 + cuBLASLt (x rounded to bf16,
     /// bf16 output: relative error ~1e-2 instead of ~1e-6).
     pub fn matmul_nvfp4(
         &self,
@@ -146,6 +148,7 @@ impl CudaKernels {
         let s = &self.stream;
         let dw = self.upload_nvfp4(w)?;
         if (1..=8).contains(&m) && k.is_multiple_of(32) {
+            self.reserve_gemv(m, n, k)?;
             let dx = s.clone_htod(x).map_err(drv("uploading x"))?;
             let mut dy = s.alloc_zeros::<f32>(m * n).map_err(drv("allocating y"))?;
             self.gemv_async(&dx, m, &dw, &mut dy)?;
@@ -163,22 +166,24 @@ impl CudaKernels {
         Ok(y.into_iter().map(|v| v.to_f32()).collect())
     }
 
-    /// The GEMV with an explicit kernel variant (for tests and comparisons); m in 1..=8.
-    pub fn gemv_variant(
+    /// The GEMV with an explicit kernel (for tests and comparisons; one
+    /// [`CudaKernels::gemv_kernels_for`] lists for the shape); m in 1..=8.
+    pub fn gemv_with(
         &self,
         x: &[f32],
         m: usize,
         w: &Nvfp4Tensor,
-        variant: super::gemv::GemvVariant,
+        kernel: GemvKernel,
     ) -> Result<Vec<f32>, KernelError> {
         let s = &self.stream;
+        self.reserve_gemv(m, w.rows, w.cols)?;
         let dw = self.upload_nvfp4(w)?;
         let dx = s.clone_htod(x).map_err(drv("uploading x"))?;
         // poison y so an unwritten element shows as NaN
         let mut dy = s
             .clone_htod(&vec![f32::NAN; m * w.rows])
             .map_err(drv("allocating y"))?;
-        self.gemv_variant_async(&dx, m, &dw, &mut dy, variant)?;
+        self.gemv_with_async(&dx, m, &dw, &mut dy, kernel)?;
         s.clone_dtoh(&dy).map_err(drv("downloading y"))
     }
 

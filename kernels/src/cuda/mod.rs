@@ -1,9 +1,15 @@
-//! The CUDA path (cudarc, dynamic loading): NVRTC-compiled kernels from `kernels/cuda/`
-//! (`compile`), the device context and kernel handles (`context`), device-resident NVFP4 ops
-//! (`ops`: quantize, dequantize, conversions; `gemv`: the decode GEMV kernels, `gemv_tc5` the
-//! split-K one; `adamw`: the
-//! packed-weight optimizer step), host-slice conveniences checked against the CPU reference
-//! (`host`) and cuBLAS / cuBLASLt calls (`blas`).
+//! The CUDA path (cudarc, dynamic loading). Modules, each over the ones before it:
+//!
+//! - `compile` — NVRTC compilation of `kernels/cuda/` (headers pasted in) with the PTX cached on
+//!   disk; `driver` — driver-error mapping and the chained (programmatic dependent) launch;
+//!   [`gemv_kernels`] — which GEMV kernels this build loads (production tables; with the `bench`
+//!   feature the benchmark's experiments), their handles and the split-K scratch.
+//! - [`context`] — [`CudaKernels`]: device, stream, loaded kernels, cuBLAS handles.
+//! - [`ops`] — device-resident NVFP4 ops (quantize, dequantize, conversions);
+//!   [`gemv`] — the decode GEMV: default kernel per shape and the production launchers;
+//!   `gemv_bench` (`bench` feature) — the benchmark's probe and two-launch GEMVs;
+//!   [`adamw`] — the packed-weight optimizer step; [`blas`] — cuBLAS / cuBLASLt calls.
+//! - [`host`] — host-slice conveniences checked against the CPU reference.
 //!
 //! Nothing here falls back to the CPU: when CUDA cannot be used, [`CudaKernels::new`] returns
 //! [`crate::KernelError::CudaUnavailable`] naming the missing library.
@@ -12,12 +18,14 @@ pub mod adamw;
 pub mod blas;
 pub mod compile;
 pub mod context;
+pub(crate) mod driver;
 pub mod gemv;
-pub mod gemv_tc5;
+#[cfg(feature = "bench")]
+pub mod gemv_bench;
+pub mod gemv_kernels;
 pub mod host;
 pub mod ops;
 
 pub use context::{check_cuda_libraries, CudaKernels};
-pub use gemv::{tc2_variants, GemvLaunch, GemvVariant, TC2_KERNELS};
-pub use gemv_tc5::{tc5_slices, Tc5Config, TC5_KERNELS};
+pub use gemv::{GemvKernel, GemvLaunch};
 pub use ops::{DeviceInput, DeviceNvfp4, DeviceStatus};

@@ -6,7 +6,8 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::context::{drv, CudaKernels};
+use super::context::CudaKernels;
+use super::driver::drv;
 use crate::nvfp4::{Nvfp4Tensor, Rounding, BLOCK};
 use crate::KernelError;
 

@@ -1,7 +1,8 @@
-// gemv_nvfp4_tc2.cu — decode-time fused dequantize + GEMV on the tensor cores for M = 1..8:
-// y[m, n] = sum_k x[m, k] * W[n, k], W in NVFP4 [N, K] (K % 128 == 0).
+// gemv_tensor_core.cu — the tensor-core GEMV for small matrices (was "v2", gemv_nvfp4_tc2.cu):
+// every block stages all of x and its warps split K. Decode-time fused dequantize + GEMV for
+// M = 1..8: y[m, n] = sum_k x[m, k] * W[n, k], W in NVFP4 [N, K] (K % 128 == 0).
 //
-// Same decode and fragment order as gemv_nvfp4_tc.cu (read that header first): each lane
+// Same decode and fragment order as gemv_tensor_core_hilo.cu (read that header first): each lane
 // decodes E2M1 pairs into bf16 (value * 2^-126), multiplies them by its block's E4M3 scale
 // * 2^117 (exact), and feeds mma.sync.m16n8k16 (bf16 in, f32 accumulate). What differs:
 // - B's 8 columns hold x row m as bf16 hi (column 2m) and lo (column 2m + 1), so ONE MMA per
@@ -17,26 +18,28 @@
 //
 // Layout: x f32 [M, K], y f32 [M, N] row-major; packed [N, K/2]; scales [N, K/16] E4M3;
 // tensor_scale one f32 on the device.
-// Kernels are named _m{M}_t{T}_d{D}; each has a register cap (min blocks per SM) so that several
+// Kernels are named kiln_gemv_tensor_core_m{M}_t{T}_d{D}; each has a register cap (min blocks per SM) so that several
 // blocks fit on an SM: the loop is latency-bound (decode chains, HMMA, shared-memory loads),
 // so more resident warps help as much as more bytes in flight.
 // Launch: 256 threads = 8 warps = (8 / KSPLIT) row groups of T tiles x KSPLIT warps splitting
 // the super-tiles; grid.x = ceil(N / (16 * T * (8 / KSPLIT))); dynamic shared memory
-// 4 * M * K + 512 * M + 8 * T * 16 * M * 4 bytes (tc2_smem_bytes in gemv.rs).
+// 4 * M * K + 512 * M + 8 * T * 16 * M * 4 bytes (tensor_core_smem_bytes in
+// src/cuda/gemv.rs).
 
-// The load, decode and MMA helpers are in nvfp4_common.cuh (shared with gemv_nvfp4_tc.cu and
-// gemv_nvfp4_tc5.cu).
+// The decode, MMA, x staging and main loop are in gemv_tensor_core.cuh (shared with
+// gemv_tensor_core_split_k.cu, which differs in how K is split and how the partial sums meet).
+#include "gemv_tensor_core.cuh"
 
 // PROBE (diagnostics for the benchmark, never a GEMV): bit 0 skips staging x, bit 1 replaces
 // the decode and MMA by folding the loaded words into the accumulator (y is garbage).
 template <int M, int T, int D, int PROBE = 0>
-__device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
+__device__ __forceinline__ void kiln_gemv_tensor_core_body(const float* __restrict__ x,
         const u8* __restrict__ packed, const u8* __restrict__ scales,
         const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
-    extern __shared__ uint4 kiln_tc2_smem[];
+    extern __shared__ uint4 kiln_tensor_core_smem[];
     constexpr int C = 2 * M;  // B columns in use
     const int nsup = K >> 7;
-    uint2* xs = reinterpret_cast<uint2*>(kiln_tc2_smem);  // [nsup][8 t][4 j][C]
+    uint2* xs = reinterpret_cast<uint2*>(kiln_tensor_core_smem);  // [nsup][8 t][4 j][C]
     uint2* zeros = xs + (size_t)nsup * 32 * C;                 // [32 C]: B for unused columns
     float* red = reinterpret_cast<float*>(zeros + 32 * C);     // [8 warps][T][16][M]
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -54,9 +57,7 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
     // the first D super-tiles' loads go out before x is staged
     uint4 wb[D][T][2];
     u32 sb[D][T][2];
-#pragma unroll
-    for (int d = 0; d < D; d++)
-        kiln_tc_load_supertile<T>(wb[d], sb[d], wbase, sbase, roff, u_begin + d, u_begin + d < u_end);
+    kiln_tc_load_first<T, D>(wb, sb, wbase, sbase, roff, u_begin, u_end);
 
     if (!(PROBE & 1)) kiln_tc_stage_x<M>(x, xs, K, K);
     for (int c = threadIdx.x; c < 32 * C; c += blockDim.x) zeros[c] = make_uint2(0u, 0u);
@@ -64,37 +65,8 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
 
     constexpr bool TWO = C > 8;  // M = 5..8: a second MMA per step for x rows 4..7
     float acc[T][4], acc2[T][4];
-#pragma unroll
-    for (int tt = 0; tt < T; tt++)
-#pragma unroll
-        for (int q = 0; q < 4; q++) acc[tt][q] = acc2[tt][q] = 0.0f;
-    // lanes whose B column is unused read zeros (same offsets, no per-step select)
-    const uint2* xl = g < C ? xs + j * C + g : zeros;
-    const size_t xstep = g < C ? (size_t)32 * C : 0;
-    const uint2* xl2 = g + 8 < C ? xs + j * C + 8 + g : zeros;
-    const size_t xstep2 = g + 8 < C ? (size_t)32 * C : 0;
-
-    for (int U0 = u_begin; U0 < u_end; U0 += D) {
-#pragma unroll
-        for (int d = 0; d < D; d++) {
-            const int U = U0 + d;
-            if (U < u_end) {
-                uint4 w[T][2];
-                u32 sw[T][2];
-#pragma unroll
-                for (int tt = 0; tt < T; tt++)
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        w[tt][h] = wb[d][tt][h];
-                        sw[tt][h] = sb[d][tt][h];
-                    }
-                if (U + D < u_end)
-                    kiln_tc_load_supertile<T>(wb[d], sb[d], wbase, sbase, roff, U + D, true);
-                kiln_tc_supertile_mma_n<M, T, PROBE, TWO>(acc, acc2, w, sw, xl + (size_t)U * xstep,
-                                                          xl2 + (size_t)U * xstep2);
-            }
-        }
-    }
+    kiln_tc_main_loop<M, T, D, 0, PROBE>(acc, acc2, wb, sb, wbase, sbase, roff, u_begin, u_end, xs,
+                                         zeros, 0, g, j);
     // lanes hold x rows j (and 4 + j); those with j < M (4 + j < M) hold results
     constexpr int R = TWO ? 2 : 1;
     float v[R][T][2];
@@ -123,38 +95,44 @@ __device__ __forceinline__ void kiln_gemv_tc2_body(const float* __restrict__ x,
     }
 }
 
-#define KILN_GEMV_TC2(MM, TT, DD, MINB)                                                         \
-    extern "C" __global__ void __launch_bounds__(256, MINB)                                     \
-            kiln_gemv_nvfp4_tc2_m##MM##_t##TT##_d##DD(                                          \
-            const float* __restrict__ x, const u8* __restrict__ packed,                         \
-            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,              \
-            float* __restrict__ y, int N, int K, int ksplit) {                                  \
-        kiln_gemv_tc2_body<MM, TT, DD>(x, packed, scales, tensor_scale, y, N, K, ksplit);       \
+#define KILN_GEMV_TENSOR_CORE(MM, TT, DD, MINB)                                                   \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                       \
+            kiln_gemv_tensor_core_m##MM##_t##TT##_d##DD(                                          \
+            const float* __restrict__ x, const u8* __restrict__ packed,                           \
+            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,                \
+            float* __restrict__ y, int N, int K, int ksplit) {                                    \
+        kiln_gemv_tensor_core_body<MM, TT, DD>(x, packed, scales, tensor_scale, y, N, K, ksplit); \
     }
 
-// (M, tiles T, depth D in super-tiles, min blocks per SM): keep in sync with TC2_KERNELS in
-// gemv.rs. (m = 1 is the reference for the probes below; the v5 kernel runs large matrices.)
-KILN_GEMV_TC2(1, 2, 3, 2)
-KILN_GEMV_TC2(2, 1, 4, 2)
-KILN_GEMV_TC2(2, 4, 1, 2)
-KILN_GEMV_TC2(3, 1, 4, 2)
-KILN_GEMV_TC2(3, 4, 1, 2)
-KILN_GEMV_TC2(4, 1, 4, 2)
-KILN_GEMV_TC2(4, 4, 1, 2)
-KILN_GEMV_TC2(5, 1, 4, 1)
-KILN_GEMV_TC2(6, 1, 4, 1)
-KILN_GEMV_TC2(7, 1, 4, 1)
-KILN_GEMV_TC2(8, 1, 4, 1)
+// (M, tiles T, depth D in super-tiles, min blocks per SM): keep in sync with TENSOR_CORE_KERNELS
+// (production: the defaults on small matrices) and experiments::TENSOR_CORE_KERNELS (the
+// benchmark's, compiled with -DKILN_BENCH) in src/cuda/gemv_kernels.rs.
+KILN_GEMV_TENSOR_CORE(2, 1, 4, 2)
+KILN_GEMV_TENSOR_CORE(2, 4, 1, 2)
+KILN_GEMV_TENSOR_CORE(3, 1, 4, 2)
+KILN_GEMV_TENSOR_CORE(3, 4, 1, 2)
+KILN_GEMV_TENSOR_CORE(4, 1, 4, 2)
+KILN_GEMV_TENSOR_CORE(4, 4, 1, 2)
+KILN_GEMV_TENSOR_CORE(5, 1, 4, 1)
+KILN_GEMV_TENSOR_CORE(6, 1, 4, 1)
+KILN_GEMV_TENSOR_CORE(7, 1, 4, 1)
+KILN_GEMV_TENSOR_CORE(8, 1, 4, 1)
+
+#ifdef KILN_BENCH
+// M = 1 (no default uses it: the CUDA-core kernel runs M = 1 on small matrices, the split-K one
+// on large): the reference for the probes below.
+KILN_GEMV_TENSOR_CORE(1, 2, 3, 2)
 
 // Diagnostics (kiln-kernel-bench, GEMV rows marked "probe"): the m1_t2_d3 kernel's loads and
 // schedule without staging x (1), without the decode and MMA (2), or with neither (3).
-#define KILN_GEMV_TC2_PROBE(P)                                                                  \
-    extern "C" __global__ void __launch_bounds__(256, 2) kiln_gemv_nvfp4_tc2_probe##P(           \
-            const float* __restrict__ x, const u8* __restrict__ packed,                         \
-            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,              \
-            float* __restrict__ y, int N, int K, int ksplit) {                                  \
-        kiln_gemv_tc2_body<1, 2, 3, P>(x, packed, scales, tensor_scale, y, N, K, ksplit);       \
+#define KILN_GEMV_TENSOR_CORE_PROBE(P)                                                            \
+    extern "C" __global__ void __launch_bounds__(256, 2) kiln_gemv_tensor_core_probe##P(          \
+            const float* __restrict__ x, const u8* __restrict__ packed,                           \
+            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,                \
+            float* __restrict__ y, int N, int K, int ksplit) {                                    \
+        kiln_gemv_tensor_core_body<1, 2, 3, P>(x, packed, scales, tensor_scale, y, N, K, ksplit); \
     }
-KILN_GEMV_TC2_PROBE(1)
-KILN_GEMV_TC2_PROBE(2)
-KILN_GEMV_TC2_PROBE(3)
+KILN_GEMV_TENSOR_CORE_PROBE(1)
+KILN_GEMV_TENSOR_CORE_PROBE(2)
+KILN_GEMV_TENSOR_CORE_PROBE(3)
+#endif

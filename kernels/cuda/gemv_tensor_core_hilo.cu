@@ -1,4 +1,5 @@
-// gemv_nvfp4_tc.cu — decode-time fused dequantize + GEMV on the tensor cores:
+// gemv_tensor_core_hilo.cu — the first tensor-core GEMV (was "v1", gemv_nvfp4_tc.cu), x's bf16 hi
+// and lo parts in two MMAs per step: decode-time fused dequantize + GEMV
 // y[m, n] = sum_k x[m, k] * W[n, k] for M = 1..8, W in NVFP4 [N, K] (K % 128 == 0).
 //
 // Hopper has no FP4 MMA, so each lane decodes E2M1 in software into bf16 pairs (the sign and
@@ -15,14 +16,16 @@
 // every super-tile s, and the 8 MMA k-tiles of a super-tile take their 16 logical k from those
 // lanes' chunks in the order the nibble decode produces pairs; the block stages x into shared
 // memory in exactly that order (bf16 hi/lo, 16 bytes per lane per k-tile).
+// Kernels: kiln_gemv_tensor_core_hilo_m{M}.
 // Launch: 256 threads = 8 warps = (8 / KSPLIT) row tiles of 16 x KSPLIT warps splitting the
 // super-tiles; grid.x = ceil(N / (16 * 8 / KSPLIT)); dynamic shared memory M*K*4 + 4096 bytes.
 
-// The load, decode and MMA helpers (kiln_tc_ld_stream, kiln_e2m1_pair_bf16, ...) are in
-// nvfp4_common.cuh, shared with the v2 and v3 kernels.
+// The decode and MMA helpers (kiln_e2m1_pair_bf16, kiln_mma_bf16, ...) are in
+// gemv_tensor_core.cuh, shared with the other tensor-core GEMVs; kiln_ld_stream in nvfp4_common.cuh.
+#include "gemv_tensor_core.cuh"
 
 template <int M>
-__device__ __forceinline__ void kiln_gemv_tc_body(const float* __restrict__ x,
+__device__ __forceinline__ void kiln_gemv_tensor_core_hilo_body(const float* __restrict__ x,
         const u8* __restrict__ packed, const u8* __restrict__ scales,
         const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
     extern __shared__ uint4 kiln_smem[];
@@ -46,8 +49,8 @@ __device__ __forceinline__ void kiln_gemv_tc_body(const float* __restrict__ x,
     uint4 na = make_uint4(0, 0, 0, 0), nb = na;
     u32 nsa = 0, nsb = 0;
     if (s_begin < s_end) {
-        na = kiln_tc_ld_stream(wa + (size_t)s_begin * 4);
-        nb = kiln_tc_ld_stream(wb + (size_t)s_begin * 4);
+        na = kiln_ld_stream(wa + (size_t)s_begin * 4);
+        nb = kiln_ld_stream(wb + (size_t)s_begin * 4);
         nsa = __ldg(sa + (size_t)s_begin * 4);
         nsb = __ldg(sb + (size_t)s_begin * 4);
     }
@@ -80,8 +83,8 @@ __device__ __forceinline__ void kiln_gemv_tc_body(const float* __restrict__ x,
         const uint4 a = na, b = nb;
         const u32 sca = nsa, scb = nsb;
         if (s + 1 < s_end) {
-            na = kiln_tc_ld_stream(wa + (size_t)(s + 1) * 4);
-            nb = kiln_tc_ld_stream(wb + (size_t)(s + 1) * 4);
+            na = kiln_ld_stream(wa + (size_t)(s + 1) * 4);
+            nb = kiln_ld_stream(wb + (size_t)(s + 1) * 4);
             nsa = __ldg(sa + (size_t)(s + 1) * 4);
             nsb = __ldg(sb + (size_t)(s + 1) * 4);
         }
@@ -120,19 +123,25 @@ __device__ __forceinline__ void kiln_gemv_tc_body(const float* __restrict__ x,
     }
 }
 
-#define KILN_GEMV_TC(MM)                                                                      \
-    extern "C" __global__ void __launch_bounds__(256) kiln_gemv_nvfp4_tc_m##MM(               \
-            const float* __restrict__ x, const u8* __restrict__ packed,                       \
-            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,            \
-            float* __restrict__ y, int N, int K, int ksplit) {                                \
-        kiln_gemv_tc_body<MM>(x, packed, scales, tensor_scale, y, N, K, ksplit);              \
+#define KILN_GEMV_TENSOR_CORE_HILO(MM)                                                          \
+    extern "C" __global__ void __launch_bounds__(256) kiln_gemv_tensor_core_hilo_m##MM(         \
+            const float* __restrict__ x, const u8* __restrict__ packed,                         \
+            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,              \
+            float* __restrict__ y, int N, int K, int ksplit) {                                  \
+        kiln_gemv_tensor_core_hilo_body<MM>(x, packed, scales, tensor_scale, y, N, K, ksplit);  \
     }
 
-KILN_GEMV_TC(1)
-KILN_GEMV_TC(2)
-KILN_GEMV_TC(3)
-KILN_GEMV_TC(4)
-KILN_GEMV_TC(5)
-KILN_GEMV_TC(6)
-KILN_GEMV_TC(7)
-KILN_GEMV_TC(8)
+// M: keep in sync with TENSOR_CORE_HILO_KERNELS (production: the M a default can pick, when x
+// fits in shared memory only without the tensor-core kernel's reduction area) and
+// experiments::TENSOR_CORE_HILO_KERNELS (-DKILN_BENCH) in src/cuda/gemv_kernels.rs.
+KILN_GEMV_TENSOR_CORE_HILO(2)
+KILN_GEMV_TENSOR_CORE_HILO(3)
+KILN_GEMV_TENSOR_CORE_HILO(4)
+#ifdef KILN_BENCH
+// The other M (no default uses them).
+KILN_GEMV_TENSOR_CORE_HILO(1)
+KILN_GEMV_TENSOR_CORE_HILO(5)
+KILN_GEMV_TENSOR_CORE_HILO(6)
+KILN_GEMV_TENSOR_CORE_HILO(7)
+KILN_GEMV_TENSOR_CORE_HILO(8)
+#endif

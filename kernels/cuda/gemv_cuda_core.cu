@@ -1,5 +1,6 @@
-// gemv_nvfp4.cu — decode-time fused dequantize + GEMV: y[m, n] = sum_k x[m, k] * W[n, k] for
-// M = 1..8 rows of x, W in NVFP4 [N, K] (packed [N, K/2], scales [N, K/16], one tensor scale).
+// gemv_cuda_core.cu — the CUDA-core GEMV (no tensor cores): decode-time fused dequantize + GEMV
+// y[m, n] = sum_k x[m, k] * W[n, k] for M = 1..8 rows of x, W in NVFP4 [N, K] (packed [N, K/2],
+// scales [N, K/16], one tensor scale).
 //
 // Hopper has no FP4 tensor cores, so E2M1 is decoded in software: the top nibble of each 16-bit
 // half of a packed word is moved into an f16 bit pattern (sign -> bit 15, the 3 magnitude bits
@@ -12,19 +13,15 @@
 //
 // Layout: x f32 [M, K] row-major, y f32 [M, N] row-major. Requires K % 32 == 0 (one 16-byte
 // load = 32 elements = 2 scale blocks per lane per row).
+// Kernels: kiln_gemv_cuda_core_m{M}_r{R}.
 // Launch: 256 threads = 8 warps = (8 / KSPLIT) row groups x KSPLIT warps that split K; a row
 // group handles R consecutive rows (kernel name suffix _r8 / _r4); grid.x =
 // ceil(N / (R * 8 / KSPLIT)). Each lane keeps the next unit's R 16-byte weight loads in flight
 // while it computes the current one. Weights are read with ld.global.nc.L1::no_allocate so
-// that x stays in L1. Chained launches (gemv.rs): only the first weight loads come before the
-// griddepcontrol.wait; x and y after it.
+// that x stays in L1. Chained launches (src/cuda/gemv.rs): only the first weight loads come
+// before the griddepcontrol.wait; x and y after it.
 
-__device__ __forceinline__ uint4 kiln_ld_stream(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
+// kiln_ld_stream (the weight loads) and the chained-launch helpers are in nvfp4_common.cuh.
 
 // f16 bit pair -> two f32 (exact widening).
 __device__ __forceinline__ void kiln_h2_to_f2(u32 h, float& lo, float& hi) {
@@ -44,7 +41,7 @@ __device__ __forceinline__ void kiln_decode8(u32 q, float f[8]) {
 }
 
 template <int M, int R>
-__device__ __forceinline__ void kiln_gemv_body(const float* __restrict__ x,
+__device__ __forceinline__ void kiln_gemv_cuda_core_body(const float* __restrict__ x,
         const u8* __restrict__ packed, const u8* __restrict__ scales,
         const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
     __shared__ float red[8][R][M];
@@ -148,20 +145,26 @@ __device__ __forceinline__ void kiln_gemv_body(const float* __restrict__ x,
     }
 }
 
-#define KILN_GEMV(MM, RR, MINB)                                                               \
-    extern "C" __global__ void __launch_bounds__(256, MINB) kiln_gemv_nvfp4_m##MM##_r##RR(    \
-            const float* __restrict__ x, const u8* __restrict__ packed,                       \
-            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,            \
-            float* __restrict__ y, int N, int K, int ksplit) {                                \
-        kiln_gemv_body<MM, RR>(x, packed, scales, tensor_scale, y, N, K, ksplit);             \
+#define KILN_GEMV_CUDA_CORE(MM, RR, MINB)                                                       \
+    extern "C" __global__ void __launch_bounds__(256, MINB) kiln_gemv_cuda_core_m##MM##_r##RR(  \
+            const float* __restrict__ x, const u8* __restrict__ packed,                         \
+            const u8* __restrict__ scales, const float* __restrict__ tensor_scale,              \
+            float* __restrict__ y, int N, int K, int ksplit) {                                  \
+        kiln_gemv_cuda_core_body<MM, RR>(x, packed, scales, tensor_scale, y, N, K, ksplit);     \
     }
 
-KILN_GEMV(1, 8, 1)
-KILN_GEMV(1, 4, 3)
-KILN_GEMV(2, 4, 2)
-KILN_GEMV(3, 4, 2)
-KILN_GEMV(4, 4, 1)
-KILN_GEMV(5, 4, 1)
-KILN_GEMV(6, 4, 1)
-KILN_GEMV(7, 4, 1)
-KILN_GEMV(8, 4, 1)
+// (M, rows per warp R, min blocks per SM): keep in sync with CUDA_CORE_KERNELS (production) and
+// experiments::CUDA_CORE_KERNELS (the benchmark's, compiled with -DKILN_BENCH) in
+// src/cuda/gemv_kernels.rs.
+KILN_GEMV_CUDA_CORE(1, 4, 3)
+KILN_GEMV_CUDA_CORE(2, 4, 2)
+KILN_GEMV_CUDA_CORE(3, 4, 2)
+KILN_GEMV_CUDA_CORE(4, 4, 1)
+KILN_GEMV_CUDA_CORE(5, 4, 1)
+KILN_GEMV_CUDA_CORE(6, 4, 1)
+KILN_GEMV_CUDA_CORE(7, 4, 1)
+KILN_GEMV_CUDA_CORE(8, 4, 1)
+#ifdef KILN_BENCH
+// 8 rows per warp at M = 1 (no default uses it).
+KILN_GEMV_CUDA_CORE(1, 8, 1)
+#endif

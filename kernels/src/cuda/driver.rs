@@ -1,0 +1,65 @@
+//! Driver-level helpers the CUDA modules share (a leaf: it knows no Kiln type but
+//! [`KernelError`]): turning a driver error into a [`KernelError`] that says what was being done
+//! ([`drv`]), and queueing a kernel as a programmatic dependent launch ([`launch_chained`]).
+
+use std::ffi::c_void;
+
+use cudarc::driver::{sys, CudaFunction, CudaStream, DriverError, LaunchConfig};
+
+use crate::KernelError;
+
+/// Turn a driver error into Kiln's error with what was being done.
+pub(crate) fn drv(context: &str) -> impl FnOnce(DriverError) -> KernelError + '_ {
+    move |e| KernelError::Cuda {
+        context: context.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// A kernel parameter for [`launch_chained`]: the address of its value.
+pub(crate) fn param<T>(v: &T) -> *mut c_void {
+    v as *const T as *mut c_void
+}
+
+/// Queue `func` on `stream` with the programmatic-stream-serialization attribute (programmatic
+/// dependent launch, compute capability 9.0+): it may start before the previous kernel on the
+/// stream has finished and must `griddepcontrol.wait` before touching anything that kernel
+/// writes.
+///
+/// # Safety
+/// `params` must point at values matching `func`'s parameter list, and `func` must honour the
+/// wait as above.
+pub(crate) unsafe fn launch_chained(
+    stream: &CudaStream,
+    func: &CudaFunction,
+    cfg: LaunchConfig,
+    params: &mut [*mut c_void],
+) -> Result<(), DriverError> {
+    stream.context().bind_to_thread()?;
+    // SAFETY: a zeroed attribute is a valid "ignore" attribute; id and value are set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let lc = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    // SAFETY: lc and params are valid for the call (the caller's contract for params).
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &lc,
+            func.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+}
