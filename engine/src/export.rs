@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::Dtype;
 
-use crate::model::error::{ModelError, Result};
+use crate::error::{EngineError, Result};
 use crate::model::{
     save_model_dir, Checkpoint, DenseDtype, LinearFormat, LinearWeight, LoadOptions, Model,
     ModelFiles, ParamRef, SaveFormat, SaveOptions, TINY_MODEL,
@@ -67,7 +67,7 @@ fn load(checkpoint: &str, format: LinearFormat) -> Result<Model> {
     } else {
         let dir = Path::new(checkpoint);
         if !dir.is_dir() {
-            return Err(ModelError::config(
+            return Err(EngineError::config(
                 dir,
                 "not a directory; export takes a checkpoint or model directory (or `tiny`)",
             ));
@@ -84,14 +84,14 @@ pub fn export(
     reporter: &Reporter,
 ) -> Result<ExportReport> {
     if out_dir.as_os_str().is_empty() {
-        return Err(ModelError::InvalidArgument(
+        return Err(EngineError::InvalidArgument(
             "out_dir is empty; pass the directory to write (--out)".into(),
         ));
     }
     if checkpoint != TINY_MODEL
         && Path::new(checkpoint).canonicalize().ok() == out_dir.canonicalize().ok()
     {
-        return Err(ModelError::InvalidArgument(format!(
+        return Err(EngineError::InvalidArgument(format!(
             "the output directory {} is the checkpoint itself; choose another --out",
             out_dir.display()
         )));
@@ -101,7 +101,7 @@ pub fn export(
             .flatten()
             .any(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
         {
-            return Err(ModelError::InvalidArgument(format!(
+            return Err(EngineError::InvalidArgument(format!(
                 "{} already holds .safetensors files; export into an empty or new directory",
                 out_dir.display()
             )));
@@ -202,7 +202,7 @@ fn verify(
             dense_st
         };
         if t.dtype != want {
-            return Err(ModelError::ExportMismatch {
+            return Err(EngineError::ExportMismatch {
                 name: name.to_string(),
                 message: format!("written as {:?}, expected {want:?}", t.dtype),
             });
@@ -216,7 +216,7 @@ fn verify(
         },
     )?;
     if back.config() != source.config() {
-        return Err(ModelError::ExportMismatch {
+        return Err(EngineError::ExportMismatch {
             name: "config.json".into(),
             message: "the written config differs from the source's".into(),
         });
@@ -240,7 +240,7 @@ fn verify(
         .map(|(x, y)| (x - y).abs())
         .fold(0.0f32, f32::max);
     if !diff.is_finite() {
-        return Err(ModelError::ExportMismatch {
+        return Err(EngineError::ExportMismatch {
             name: "<probe logits>".into(),
             message: format!("the reloaded model's logits are not finite ({diff})"),
         });
@@ -250,7 +250,7 @@ fn verify(
 
 fn compare_values(name: &str, a: &[f32], b: &[f32], rel_tol: f32) -> Result<()> {
     if a.len() != b.len() {
-        return Err(ModelError::ExportMismatch {
+        return Err(EngineError::ExportMismatch {
             name: name.to_string(),
             message: format!("{} elements written, {} in the source", b.len(), a.len()),
         });
@@ -262,7 +262,7 @@ fn compare_values(name: &str, a: &[f32], b: &[f32], rel_tol: f32) -> Result<()> 
             (x - y).abs() <= rel_tol * x.abs()
         };
         if !ok {
-            return Err(ModelError::ExportMismatch {
+            return Err(EngineError::ExportMismatch {
                 name: name.to_string(),
                 message: format!("element {i} reads back as {y}, the source has {x}"),
             });
@@ -285,7 +285,7 @@ fn compare_param(name: &str, a: ParamRef<'_>, b: ParamRef<'_>, rel_tol: f32) -> 
                     let ts_ok =
                         (p.tensor_scale - q.tensor_scale).abs() <= p.tensor_scale * f32::EPSILON;
                     if p.packed != q.packed || p.scales != q.scales || !ts_ok {
-                        return Err(ModelError::ExportMismatch {
+                        return Err(EngineError::ExportMismatch {
                             name: format!("{name}.weight"),
                             message: "the NVFP4 codes or scales read back differ from the source's"
                                 .into(),
@@ -304,13 +304,13 @@ fn compare_param(name: &str, a: ParamRef<'_>, b: ParamRef<'_>, rel_tol: f32) -> 
                     compare_values(&format!("{name}.bias"), &vals(p)?, &vals(q)?, rel_tol)
                 }
                 (None, None) => Ok(()),
-                _ => Err(ModelError::ExportMismatch {
+                _ => Err(EngineError::ExportMismatch {
                     name: format!("{name}.bias"),
                     message: "present on one side only".into(),
                 }),
             }
         }
-        _ => Err(ModelError::ExportMismatch {
+        _ => Err(EngineError::ExportMismatch {
             name: name.to_string(),
             message: "a linear layer on one side, a plain tensor on the other".into(),
         }),

@@ -2,6 +2,7 @@
 //!
 //! - `spec`, `report`, `memory`: the agent ⇄ job contract, from the `kiln-job` crate (job
 //!   request on stdin; report lines on stdout and the outcome file; self-readings).
+//! - `error`: [`EngineError`], every failure of an engine job (the bottom of the crate).
 //! - `memtest`: the memtest job.
 //! - `exec`: the job process entry point (`kiln job-exec`): request on stdin, reports on stdout.
 //! - `model`: the Qwen2/Qwen3/Llama model core (config, checkpoints, NVFP4 linears, forward, KV cache).
@@ -14,9 +15,11 @@
 //! - `export`: the export job (bf16 safetensors, NVFP4 ModelOpt / compressed-tensors, verified by reloading).
 #![deny(missing_docs)]
 
+pub use error::{EngineError, Result};
 pub use kiln_job::{memory, report, spec};
 
 pub mod chat;
+pub mod error;
 pub mod exec;
 pub mod export;
 pub mod generate;

@@ -20,8 +20,8 @@ use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatMessage;
+use crate::error::{EngineError, Result};
 use crate::generate::Sequence;
-use crate::model::error::{ModelError, Result};
 use crate::model::KvCache;
 use crate::session::{validate_session_id, Session};
 
@@ -51,7 +51,7 @@ pub struct SessionStore {
 impl SessionStore {
     /// Open (creating) the store in `dir` with a budget of `budget_bytes`.
     pub fn open(dir: &Path, budget_bytes: u64) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| ModelError::io("creating", dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| EngineError::io("creating", dir, e))?;
         Ok(SessionStore {
             dir: dir.to_path_buf(),
             budget_bytes,
@@ -79,12 +79,12 @@ impl SessionStore {
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(ModelError::io("reading", &path, e)),
+            Err(e) => return Err(EngineError::io("reading", &path, e)),
         };
         touch(&path);
         decode(id, &bytes, device)
             .map(Some)
-            .map_err(|m| ModelError::Session {
+            .map_err(|m| EngineError::Session {
                 id: id.to_string(),
                 message: format!(
                     "stored file {} is unreadable ({m}); remove it to start over",
@@ -101,7 +101,7 @@ impl SessionStore {
         let bytes = data.len() as u64;
         if bytes > self.budget_bytes {
             let _ = std::fs::remove_file(self.path(&session.id));
-            return Err(ModelError::Session {
+            return Err(EngineError::Session {
                 id: session.id.clone(),
                 message: format!(
                     "needs {bytes} bytes, more than the session store's whole budget of {} bytes; raise the budget or keep conversations shorter",
@@ -113,13 +113,13 @@ impl SessionStore {
         let tmp = self
             .dir
             .join(format!(".{}.{}.tmp", session.id, std::process::id()));
-        let mut f = File::create(&tmp).map_err(|e| ModelError::io("creating", &tmp, e))?;
+        let mut f = File::create(&tmp).map_err(|e| EngineError::io("creating", &tmp, e))?;
         f.write_all(&data)
-            .map_err(|e| ModelError::io("writing", &tmp, e))?;
+            .map_err(|e| EngineError::io("writing", &tmp, e))?;
         f.sync_all()
-            .map_err(|e| ModelError::io("syncing", &tmp, e))?;
+            .map_err(|e| EngineError::io("syncing", &tmp, e))?;
         drop(f);
-        std::fs::rename(&tmp, &path).map_err(|e| ModelError::io("renaming into", &path, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| EngineError::io("renaming into", &path, e))?;
         if let Ok(d) = File::open(&self.dir) {
             let _ = d.sync_all();
         }
@@ -139,13 +139,13 @@ impl SessionStore {
         match std::fs::remove_file(self.path(id)) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(ModelError::io("removing", self.path(id), e)),
+            Err(e) => Err(EngineError::io("removing", self.path(id), e)),
         }
     }
 
     /// Stored sessions, least recently used first.
     pub fn list(&self) -> Result<Vec<SessionInfo>> {
-        list_sessions(&self.dir).map_err(|e| ModelError::io("listing", &self.dir, e))
+        list_sessions(&self.dir).map_err(|e| EngineError::io("listing", &self.dir, e))
     }
 
     /// Evict LRU sessions (never `keep`) until the total is within budget.
@@ -230,8 +230,8 @@ fn encode(s: &Session) -> Result<Vec<u8>> {
     safetensors::serialize(views, Some(meta)).map_err(st_err)
 }
 
-fn st_err(e: safetensors::SafeTensorError) -> ModelError {
-    ModelError::InvalidArgument(format!("session serialization: {e}"))
+fn st_err(e: safetensors::SafeTensorError) -> EngineError {
+    EngineError::InvalidArgument(format!("session serialization: {e}"))
 }
 
 /// Parse a stored session; the error string says what is wrong.

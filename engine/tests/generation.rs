@@ -11,7 +11,7 @@ use kiln_engine::chat::ChatMessage;
 use kiln_engine::generate::{
     ab::ab_compare, generate, GenerateOptions, KvMode, SamplingParams, Sequence, StopReason,
 };
-use kiln_engine::model::{Architecture, ChatModel, LinearFormat, LoadOptions, ModelError};
+use kiln_engine::model::{Architecture, ChatModel, EngineError, LinearFormat, LoadOptions};
 
 /// Stated tolerance of cache vs replay logits (f32, different summation shapes).
 const LOGIT_TOL: f32 = 1e-4;
@@ -178,7 +178,7 @@ fn a_prompt_longer_than_the_context_is_a_clear_error() {
     assert!(
         matches!(
             err,
-            ModelError::PromptTooLong {
+            EngineError::PromptTooLong {
                 max_context: 512,
                 ..
             }

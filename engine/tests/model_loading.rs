@@ -5,11 +5,11 @@ mod common;
 
 use common::*;
 use kiln_engine::model::{
-    Architecture, ChatModel, DenseDtype, LinearFormat, LoadOptions, Model, ModelError, SaveFormat,
+    Architecture, ChatModel, DenseDtype, EngineError, LinearFormat, LoadOptions, Model, SaveFormat,
     SaveOptions,
 };
 
-fn load(dir: &std::path::Path, format: LinearFormat) -> Result<Model, ModelError> {
+fn load(dir: &std::path::Path, format: LinearFormat) -> Result<Model, EngineError> {
     Model::load(
         dir,
         &LoadOptions {
@@ -170,7 +170,7 @@ fn truncated_safetensors_is_a_clear_error() {
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
     let err = load(dir.path(), LinearFormat::Nvfp4).unwrap_err();
     assert!(
-        matches!(err, ModelError::CorruptSafetensors { .. }),
+        matches!(err, EngineError::CorruptSafetensors { .. }),
         "{err}"
     );
     let msg = err.to_string();
@@ -196,7 +196,7 @@ fn missing_tensor_is_named() {
     let out = safetensors::serialize(keep, None).unwrap();
     std::fs::write(&p, out).unwrap();
     let err = load(dir.path(), LinearFormat::Nvfp4).unwrap_err();
-    assert!(matches!(err, ModelError::MissingTensor { .. }), "{err}");
+    assert!(matches!(err, EngineError::MissingTensor { .. }), "{err}");
     assert!(err.to_string().contains(gone), "{err}");
 }
 
@@ -209,7 +209,7 @@ fn shape_mismatch_names_the_tensor_and_both_shapes() {
     std::fs::write(&p, cfg.to_string()).unwrap();
     let err = load(dir.path(), LinearFormat::Nvfp4).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, ModelError::ShapeMismatch { .. }), "{msg}");
+    assert!(matches!(err, EngineError::ShapeMismatch { .. }), "{msg}");
     assert!(msg.contains("model.layers.0.mlp.gate_proj.weight"), "{msg}");
     assert!(
         msg.contains("[384, 128]") && msg.contains("[400, 128]"),

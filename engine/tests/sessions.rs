@@ -9,7 +9,7 @@ use std::ops::ControlFlow;
 
 use kiln_engine::chat::ChatMessage;
 use kiln_engine::generate::{generate, replay_logits, GenerateOptions, KvMode, Sequence};
-use kiln_engine::model::{ChatModel, LoadOptions, Logits, ModelError};
+use kiln_engine::model::{ChatModel, EngineError, LoadOptions, Logits};
 use kiln_engine::session::Session;
 use kiln_engine::session_store::SessionStore;
 
@@ -231,7 +231,7 @@ fn sessions_are_tied_to_their_model_and_ids_are_checked() {
     let err = s
         .turn(&cm, "hi", &opts(KvMode::Cache), &mut no_stream())
         .unwrap_err();
-    assert!(matches!(err, ModelError::Session { .. }), "{err}");
+    assert!(matches!(err, EngineError::Session { .. }), "{err}");
     assert!(err.to_string().contains("new session"), "{err}");
     for bad in ["", "../etc", "a/b", ".hidden"] {
         assert!(Session::new(bad, &cm).is_err(), "{bad:?}");
@@ -260,7 +260,7 @@ fn a_full_session_is_refused_clearly_and_replies_are_capped_to_fit() {
     let err = s
         .turn(&cm, &long_question, &o, &mut no_stream())
         .unwrap_err();
-    assert!(matches!(err, ModelError::PromptTooLong { .. }), "{err}");
+    assert!(matches!(err, EngineError::PromptTooLong { .. }), "{err}");
     assert!(err.to_string().contains("start a new session"), "{err}");
     assert_eq!(
         (s.seq.tokens.clone(), s.messages.clone()),

@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 use serde::{Deserialize, Serialize};
 
 use super::{generate, GenerateOptions, Generation, KvMode, Sequence};
-use crate::model::error::Result;
+use crate::error::Result;
 use crate::model::Model;
 
 /// Result of [`ab_compare`].

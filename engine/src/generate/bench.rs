@@ -12,7 +12,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use super::{ab, GenerateOptions, Sequence};
-use crate::model::error::Result;
+use crate::error::Result;
 use crate::model::{ChatModel, LinearFormat, Model, ModelConfig, RandomWeights};
 use crate::session::Session;
 use crate::session_store::SessionStore;
@@ -206,7 +206,7 @@ fn turn_rows(label: &str, cm: &ChatModel, new_tokens: usize) -> Result<Vec<TurnR
 
 fn tempfile_dir() -> Result<std::path::PathBuf> {
     let d = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&d).map_err(|e| crate::model::ModelError::io("creating", &d, e))?;
+    std::fs::create_dir_all(&d).map_err(|e| crate::error::EngineError::io("creating", &d, e))?;
     Ok(d)
 }
 

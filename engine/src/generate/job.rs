@@ -12,7 +12,7 @@ use candle_core::Device;
 
 use super::{ab, GenerateOptions, Generation, KvMode, SamplingParams, Sequence};
 use crate::chat::ChatMessage;
-use crate::model::error::{ModelError, Result};
+use crate::error::{EngineError, Result};
 use crate::model::{ChatModel, LinearFormat, LoadOptions, ModelConfig};
 use crate::report::{JobOutput, PhaseReport, Report, Reporter};
 use crate::session::Session;
@@ -38,7 +38,7 @@ pub fn sampling_params(s: &SamplingSpec) -> Result<SamplingParams> {
 }
 
 fn check_spec(spec: &GenerateSpec, device: DeviceSpec) -> Result<()> {
-    let bad = |m: &str| Err(ModelError::InvalidArgument(m.to_string()));
+    let bad = |m: &str| Err(EngineError::InvalidArgument(m.to_string()));
     if spec.model.is_empty() {
         return bad("model is empty; pass `tiny` or a model directory");
     }
@@ -201,14 +201,14 @@ pub fn run_job(
         }
     } else {
         if spec.kv == KvSpec::Ab {
-            return Err(ModelError::InvalidArgument(
+            return Err(EngineError::InvalidArgument(
                 "kv = ab compares two fresh generations and cannot continue a session; use cache or replay with --session".into(),
             ));
         }
         let user = session_user_message(spec)?;
         let sessions_dir = request.sessions_dir();
         if sessions_dir.is_relative() {
-            return Err(ModelError::InvalidArgument(format!(
+            return Err(EngineError::InvalidArgument(format!(
                 "the session store directory {} is relative: it would resolve inside this job's scratch directory and be lost with it; the agent must pass an absolute path",
                 sessions_dir.display()
             )));
@@ -289,7 +289,7 @@ fn session_user_message(spec: &GenerateSpec) -> Result<String> {
     }
     match spec.messages.as_slice() {
         [ChatMessage { role, content }] if role == "user" => Ok(content.clone()),
-        _ => Err(ModelError::InvalidArgument(
+        _ => Err(EngineError::InvalidArgument(
             "a session turn takes exactly one user message (the session keeps the history; system messages are not supported in sessions)".into(),
         )),
     }

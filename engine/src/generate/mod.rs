@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::error::{ModelError, Result};
+use crate::error::{EngineError, Result};
 use crate::model::{KvCache, Logits, Model};
 pub use sampling::{argmax, Sampler, SamplingParams};
 
@@ -159,7 +159,7 @@ impl Sequence {
 fn check_fits(model: &Model, tokens: usize, reserve: usize) -> Result<()> {
     let max = model.config().max_position_embeddings;
     if tokens + reserve > max {
-        return Err(ModelError::PromptTooLong {
+        return Err(EngineError::PromptTooLong {
             tokens,
             max_context: max,
             reserve,
@@ -182,10 +182,12 @@ pub fn generate(
     on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
 ) -> Result<Generation> {
     if opts.max_tokens == 0 {
-        return Err(ModelError::InvalidArgument("max_tokens must be ≥ 1".into()));
+        return Err(EngineError::InvalidArgument(
+            "max_tokens must be ≥ 1".into(),
+        ));
     }
     if prompt.is_empty() && seq.is_empty() {
-        return Err(ModelError::InvalidArgument("empty prompt".into()));
+        return Err(EngineError::InvalidArgument("empty prompt".into()));
     }
     check_fits(model, seq.len() + prompt.len(), 1)?;
     let mut sampler = Sampler::new(opts.sampling)?;
@@ -195,7 +197,7 @@ pub fn generate(
     let mut logits = match opts.kv {
         KvMode::Cache => {
             if prompt.is_empty() {
-                return Err(ModelError::InvalidArgument(
+                return Err(EngineError::InvalidArgument(
                     "cache mode needs at least one new prompt token".into(),
                 ));
             }

@@ -4,10 +4,10 @@
 use std::ops::ControlFlow;
 use std::path::Path;
 
-use super::error::{ModelError, Result};
 use super::weights::fnv1a;
 use super::{LoadOptions, Model, TensorBytes};
 use crate::chat::{ChatMessage, ChatTemplate};
+use crate::error::{EngineError, Result};
 use crate::generate::{generate, GenerateOptions, Generation, Sequence};
 use crate::tokenizer::{TextTokenizer, TokenTextStream};
 
@@ -75,7 +75,7 @@ impl ChatModel {
     /// tokenizer_config.json.
     pub fn from_dir(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(ModelError::config(
+            return Err(EngineError::config(
                 dir,
                 "not a directory; --model takes `tiny` or a Hugging Face model directory",
             ));
@@ -197,7 +197,7 @@ pub fn stop_tokens(
 /// Name, config and each weight file's size and modification time.
 fn dir_signature(dir: &Path, model: &Model) -> Result<String> {
     let mut sig = format!("{}|{}", dir.display(), model.config().to_hf_json());
-    let rd = std::fs::read_dir(dir).map_err(|e| ModelError::io("listing", dir, e))?;
+    let rd = std::fs::read_dir(dir).map_err(|e| EngineError::io("listing", dir, e))?;
     let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).collect();
     entries.sort_by_key(|e| e.file_name());
     for e in entries {

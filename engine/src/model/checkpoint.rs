@@ -9,7 +9,7 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata};
 use safetensors::SafeTensors;
 
-use super::error::{ModelError, Result};
+use crate::error::{EngineError, Result};
 
 /// Name of the shard index file.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -54,7 +54,7 @@ impl RawTensor<'_> {
                 .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
             other => {
-                return Err(ModelError::UnsupportedDtype {
+                return Err(EngineError::UnsupportedDtype {
                     name: self.name.to_string(),
                     dtype: format!("{other:?}"),
                     expected: "F32, F16 or BF16",
@@ -66,7 +66,7 @@ impl RawTensor<'_> {
     /// Check the shape, naming the tensor and both shapes on a mismatch.
     pub fn expect_shape(&self, expected: &[usize]) -> Result<()> {
         if self.shape != expected {
-            return Err(ModelError::ShapeMismatch {
+            return Err(EngineError::ShapeMismatch {
                 name: self.name.to_string(),
                 expected: expected.to_vec(),
                 got: self.shape.to_vec(),
@@ -78,7 +78,7 @@ impl RawTensor<'_> {
     /// Check the dtype.
     pub fn expect_dtype(&self, dtype: Dtype, expected: &'static str) -> Result<()> {
         if self.dtype != dtype {
-            return Err(ModelError::UnsupportedDtype {
+            return Err(EngineError::UnsupportedDtype {
                 name: self.name.to_string(),
                 dtype: format!("{:?}", self.dtype),
                 expected,
@@ -121,14 +121,14 @@ impl Checkpoint {
         let index_path = dir.join(INDEX_FILE);
         let paths: Vec<PathBuf> = if index_path.exists() {
             let text = std::fs::read_to_string(&index_path)
-                .map_err(|e| ModelError::io("reading", &index_path, e))?;
+                .map_err(|e| EngineError::io("reading", &index_path, e))?;
             let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ModelError::config(&index_path, format!("not valid JSON: {e}")))?;
+                .map_err(|e| EngineError::config(&index_path, format!("not valid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| {
-                    ModelError::config(&index_path, "missing the `weight_map` object")
+                    EngineError::config(&index_path, "missing the `weight_map` object")
                 })?;
             let mut files: Vec<String> = map
                 .values()
@@ -138,7 +138,7 @@ impl Checkpoint {
             files.dedup();
             files.into_iter().map(|f| dir.join(f)).collect()
         } else {
-            let rd = std::fs::read_dir(dir).map_err(|e| ModelError::io("listing", dir, e))?;
+            let rd = std::fs::read_dir(dir).map_err(|e| EngineError::io("listing", dir, e))?;
             let mut files: Vec<PathBuf> = rd
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
@@ -147,7 +147,7 @@ impl Checkpoint {
             files
         };
         if paths.is_empty() {
-            return Err(ModelError::config(
+            return Err(EngineError::config(
                 dir,
                 "no .safetensors weights found (expected model.safetensors or sharded files with model.safetensors.index.json)",
             ));
@@ -160,13 +160,14 @@ impl Checkpoint {
         let mut files = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
         for path in paths {
-            let file = std::fs::File::open(path).map_err(|e| ModelError::io("opening", path, e))?;
+            let file =
+                std::fs::File::open(path).map_err(|e| EngineError::io("opening", path, e))?;
             // SAFETY: the mapping is read-only; Kiln never writes a checkpoint while it is
             // loaded (exports write new files and rename them into place).
             let mmap =
-                unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io("mapping", path, e))?;
+                unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io("mapping", path, e))?;
             let (n, metadata) =
-                SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::CorruptSafetensors {
+                SafeTensors::read_metadata(&mmap).map_err(|e| EngineError::CorruptSafetensors {
                     path: path.clone(),
                     reason: e.to_string(),
                 })?;
@@ -210,7 +211,7 @@ impl Checkpoint {
         let fi = *self
             .index
             .get(name)
-            .ok_or_else(|| ModelError::MissingTensor {
+            .ok_or_else(|| EngineError::MissingTensor {
                 name: name.to_string(),
                 dir: self.dir.clone(),
             })?;
@@ -298,14 +299,14 @@ mod tests {
         std::fs::write(&p, &full[..full.len() - 10]).unwrap();
         let err = Checkpoint::open(dir.path()).unwrap_err();
         assert!(
-            matches!(err, ModelError::CorruptSafetensors { .. }),
+            matches!(err, EngineError::CorruptSafetensors { .. }),
             "{err}"
         );
         assert!(err.to_string().contains("model.safetensors"));
         std::fs::write(&p, b"garbage!garbage").unwrap();
         assert!(matches!(
             Checkpoint::open(dir.path()).unwrap_err(),
-            ModelError::CorruptSafetensors { .. }
+            EngineError::CorruptSafetensors { .. }
         ));
     }
 }

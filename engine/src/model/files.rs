@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::error::{ModelError, Result};
 use super::TINY_MODEL;
+use crate::error::{EngineError, Result};
 
 /// Optional files copied as they are when present.
 pub const EXTRA_FILES: [&str; 3] = [
@@ -43,13 +43,13 @@ impl ModelFiles {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let read = |name: &str| -> Result<String> {
             let p = dir.join(name);
-            std::fs::read_to_string(&p).map_err(|e| ModelError::io("reading", &p, e))
+            std::fs::read_to_string(&p).map_err(|e| EngineError::io("reading", &p, e))
         };
         let mut extra = Vec::new();
         for name in EXTRA_FILES {
             let p = dir.join(name);
             if p.is_file() {
-                let bytes = std::fs::read(&p).map_err(|e| ModelError::io("reading", &p, e))?;
+                let bytes = std::fs::read(&p).map_err(|e| EngineError::io("reading", &p, e))?;
                 extra.push((name.to_string(), bytes));
             }
         }
@@ -66,7 +66,7 @@ impl ModelFiles {
         let mut out = Vec::new();
         for (name, bytes) in &self.extra {
             let p = dir.join(name);
-            std::fs::write(&p, bytes).map_err(|e| ModelError::io("writing", &p, e))?;
+            std::fs::write(&p, bytes).map_err(|e| EngineError::io("writing", &p, e))?;
             out.push(p);
         }
         Ok(out)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor, D};
 use kiln_kernels::nvfp4::Nvfp4Tensor;
 
-use super::error::Result;
+use crate::error::Result;
 
 /// How a linear layer's weight is held.
 #[derive(Debug, Clone)]

@@ -2,7 +2,7 @@
 //! NVFP4 linear layers through `kiln_kernels`.
 //!
 //! - `bundle` — [`ChatModel`]: model + tokenizer + chat template (`--model tiny|DIR`).
-//! - `error` — [`ModelError`], every failure of the model core, naming the fix.
+//! - `error` — [`EngineError`], every failure of the model core, naming the fix.
 //! - `config` — [`ModelConfig`] from `config.json`, [`Architecture`].
 //! - `checkpoint` — [`Checkpoint`]: memory-mapped safetensors files (single or sharded).
 //! - `files` — [`ModelFiles`]: tokenizer and template files carried into checkpoints and exports.
@@ -21,7 +21,6 @@
 pub mod bundle;
 pub mod checkpoint;
 pub mod config;
-pub mod error;
 pub mod files;
 pub mod kv_cache;
 pub mod linear;
@@ -36,10 +35,10 @@ use std::path::Path;
 
 use candle_core::Device;
 
+pub use crate::error::{EngineError, ModelError, Result};
 pub use bundle::{ChatGeneration, ChatModel, TINY_MODEL};
 pub use checkpoint::Checkpoint;
 pub use config::{Architecture, ModelConfig};
-pub use error::{ModelError, Result};
 pub use files::ModelFiles;
 pub use kv_cache::KvCache;
 pub use linear::{Linear, LinearWeight};

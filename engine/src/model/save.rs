@@ -12,9 +12,9 @@ use safetensors::tensor::{Dtype, TensorView};
 
 use super::checkpoint::INDEX_FILE;
 use super::config::ModelConfig;
-use super::error::{ModelError, Result};
 use super::linear::LinearWeight;
 use super::transformer::{Model, ParamRef};
+use crate::error::{EngineError, Result};
 
 /// How linear weights are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,21 +217,21 @@ pub fn expected_layout(
 /// with the wrong element type — fails here instead of producing a model that prints `!!!!`).
 fn check_tensor(cfg: &ModelConfig, t: &OutTensor) -> Result<()> {
     let (dtype, shape) = expected_layout(cfg, &t.name, t.dtype).ok_or_else(|| {
-        ModelError::InvalidArgument(format!(
+        EngineError::InvalidArgument(format!(
             "tensor {} has no known place in a {} checkpoint",
             t.name,
             cfg.architecture.hf_name()
         ))
     })?;
     if t.shape != shape {
-        return Err(ModelError::ShapeMismatch {
+        return Err(EngineError::ShapeMismatch {
             name: t.name.clone(),
             expected: shape,
             got: t.shape.clone(),
         });
     }
     if let Some(d) = dtype.filter(|&d| d != t.dtype) {
-        return Err(ModelError::UnsupportedDtype {
+        return Err(EngineError::UnsupportedDtype {
             name: t.name.clone(),
             dtype: format!("{:?}", t.dtype),
             expected: match d {
@@ -243,7 +243,7 @@ fn check_tensor(cfg: &ModelConfig, t: &OutTensor) -> Result<()> {
     }
     let numel: usize = t.shape.iter().product();
     if t.data.len() * 8 != numel * t.dtype.bitsize() {
-        return Err(ModelError::InvalidArgument(format!(
+        return Err(EngineError::InvalidArgument(format!(
             "tensor {}: {} bytes do not hold {numel} elements of {:?}",
             t.name,
             t.data.len(),
@@ -262,11 +262,11 @@ pub fn save_model_dir(
     dir: &Path,
     opts: &SaveOptions,
 ) -> Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::io("creating", dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| EngineError::io("creating", dir, e))?;
     let mut written = Vec::new();
     let mut write = |name: &str, bytes: &[u8]| -> Result<()> {
         let p = dir.join(name);
-        std::fs::write(&p, bytes).map_err(|e| ModelError::io("writing", &p, e))?;
+        std::fs::write(&p, bytes).map_err(|e| EngineError::io("writing", &p, e))?;
         written.push(p);
         Ok(())
     };
@@ -342,14 +342,14 @@ pub fn save_model_dir(
                 weight_map.insert(t.name.clone(), fname.clone());
                 TensorView::new(t.dtype, t.shape.clone(), &t.data)
                     .map(|v| (t.name.clone(), v))
-                    .map_err(|e| ModelError::InvalidArgument(format!("tensor {}: {e}", t.name)))
+                    .map_err(|e| EngineError::InvalidArgument(format!("tensor {}: {e}", t.name)))
             })
             .collect::<Result<Vec<_>>>()?;
         let p = dir.join(&fname);
         let mut meta = std::collections::HashMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         safetensors::serialize_to_file(views, Some(meta), &p)
-            .map_err(|e| ModelError::InvalidArgument(format!("writing {}: {e}", p.display())))?;
+            .map_err(|e| EngineError::InvalidArgument(format!("writing {}: {e}", p.display())))?;
         // The safetensors writer goes through a private (0600) temporary file; give the
         // weights the permissions of the other files so a server running as another user
         // (vLLM, TensorRT-LLM) can read them.
@@ -357,7 +357,7 @@ pub fn save_model_dir(
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))
-                .map_err(|e| ModelError::io("setting permissions of", &p, e))?;
+                .map_err(|e| EngineError::io("setting permissions of", &p, e))?;
         }
         written.push(p);
     }
@@ -367,7 +367,7 @@ pub fn save_model_dir(
             serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let p = dir.join(INDEX_FILE);
         std::fs::write(&p, serde_json::to_string_pretty(&index).expect("json"))
-            .map_err(|e| ModelError::io("writing", &p, e))?;
+            .map_err(|e| EngineError::io("writing", &p, e))?;
         written.push(p);
     }
     Ok(written)

@@ -6,9 +6,9 @@
 
 use candle_core::{Tensor, Var};
 
-use super::error::Result;
 use super::linear::{Linear, LinearWeight};
 use super::weights::WeightSource;
+use crate::error::Result;
 
 /// How linear layers are trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,11 +6,11 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::ModelConfig;
-use super::error::{ModelError, Result};
 use super::kv_cache::KvCache;
 use super::linear::{rms_norm, tensor_bytes, Linear};
 use super::rope::Rope;
 use super::weights::WeightSource;
+use crate::error::{EngineError, Result};
 
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +70,7 @@ pub struct Model {
 impl Model {
     /// Build a model of shape `cfg` from `src` (Hugging Face tensor names).
     pub fn build(cfg: &ModelConfig, src: &mut dyn WeightSource, device: &Device) -> Result<Self> {
-        cfg.validate().map_err(ModelError::InvalidArgument)?;
+        cfg.validate().map_err(EngineError::InvalidArgument)?;
         let h = cfg.hidden_size;
         let embed = src.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -170,10 +170,12 @@ impl Model {
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
         if t == 0 {
-            return Err(ModelError::InvalidArgument("forward of zero tokens".into()));
+            return Err(EngineError::InvalidArgument(
+                "forward of zero tokens".into(),
+            ));
         }
         if offset + t > self.cfg.max_position_embeddings {
-            return Err(ModelError::PromptTooLong {
+            return Err(EngineError::PromptTooLong {
                 tokens: offset + t,
                 max_context: self.cfg.max_position_embeddings,
                 reserve: 0,
@@ -186,7 +188,7 @@ impl Model {
             .into_iter()
             .find(|&i| i >= vocab)
         {
-            return Err(ModelError::InvalidArgument(format!(
+            return Err(EngineError::InvalidArgument(format!(
                 "token id {bad} is outside the vocabulary (size {vocab})"
             )));
         }

@@ -14,8 +14,8 @@ use rayon::prelude::*;
 use safetensors::tensor::Dtype;
 
 use super::checkpoint::{Checkpoint, RawTensor};
-use super::error::{ModelError, Result};
 use super::linear::{Linear, LinearWeight};
+use crate::error::{EngineError, Result};
 
 /// How linear layers (all but the LM head) are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -118,7 +118,7 @@ impl<'a> CheckpointWeights<'a> {
         let global = ck.get(&global_name)?;
         global.expect_dtype(Dtype::F32, "F32 (tensor scale)")?;
         if global.numel() != 1 {
-            return Err(ModelError::ShapeMismatch {
+            return Err(EngineError::ShapeMismatch {
                 name: global_name,
                 expected: vec![1],
                 got: global.shape.to_vec(),

@@ -8,7 +8,7 @@ pub mod build_assets;
 use candle_core::Device;
 
 use crate::chat::{ChatMessage, ChatTemplate};
-use crate::model::error::{ModelError, Result};
+use crate::error::{EngineError, Result};
 use crate::model::{Architecture, LinearFormat, Model, ModelConfig, RandomWeights};
 use crate::tokenizer::TextTokenizer;
 
@@ -94,7 +94,7 @@ pub fn parse_chat_jsonl(text: &str) -> Result<Vec<Vec<ChatMessage>>> {
         .map(|(i, l)| {
             serde_json::from_str::<Sample>(l)
                 .map(|s| s.messages)
-                .map_err(|e| ModelError::InvalidArgument(format!("dataset line {}: {e}", i + 1)))
+                .map_err(|e| EngineError::InvalidArgument(format!("dataset line {}: {e}", i + 1)))
         })
         .collect()
 }

@@ -22,7 +22,7 @@ use candle_core::{Device, Tensor, D};
 use kiln_kernels::cpu::AdamWParams;
 
 use crate::chat::ChatTemplate;
-use crate::model::error::{ModelError, Result};
+use crate::error::{EngineError, Result};
 use crate::model::{
     Checkpoint, CheckpointWeights, LinearFormat, Logits, ModelConfig, ModelFiles, Pass,
     RandomWeights, TINY_MODEL,
@@ -52,7 +52,7 @@ pub struct TrainOutcome {
 }
 
 fn check_spec(spec: &TrainSpec) -> Result<()> {
-    let bad = |m: String| Err(ModelError::InvalidArgument(m));
+    let bad = |m: String| Err(EngineError::InvalidArgument(m));
     if spec.model.is_empty() {
         return bad("model is empty; pass `tiny` or a model directory".into());
     }
@@ -107,7 +107,7 @@ fn load_params(
     }
     let dir = Path::new(model);
     if !dir.is_dir() {
-        return Err(ModelError::config(
+        return Err(EngineError::config(
             dir,
             "not a directory; --model takes `tiny`, a Hugging Face model directory or a Kiln checkpoint",
         ));
@@ -138,7 +138,7 @@ pub fn train(spec: &TrainSpec, reporter: &Reporter) -> Result<TrainOutcome> {
     let (base, mut state) = match existing {
         Some(st) if spec.resume => {
             if st.quant != spec.quant {
-                return Err(ModelError::TrainCheckpoint {
+                return Err(EngineError::TrainCheckpoint {
                     path: out_dir.clone(),
                     message: format!(
                         "was trained with --quant {} but this job asks for {}; resume with the same mode or write to a new --out",
@@ -156,7 +156,7 @@ pub fn train(spec: &TrainSpec, reporter: &Reporter) -> Result<TrainOutcome> {
             (out_dir.display().to_string(), st)
         }
         Some(st) => {
-            return Err(ModelError::TrainCheckpoint {
+            return Err(EngineError::TrainCheckpoint {
                 path: out_dir.clone(),
                 message: format!(
                     "already holds a checkpoint at step {}; pass --resume to continue it, or choose another --out",
@@ -204,7 +204,7 @@ pub fn train(spec: &TrainSpec, reporter: &Reporter) -> Result<TrainOutcome> {
         .collect::<Result<Vec<_>>>()?;
     let trainable = samples.iter().filter(|s| s.target_tokens() > 0).count();
     if trainable == 0 {
-        return Err(ModelError::Dataset {
+        return Err(EngineError::Dataset {
             path: spec.dataset.clone(),
             line: None,
             message: format!(
@@ -248,7 +248,7 @@ pub fn train(spec: &TrainSpec, reporter: &Reporter) -> Result<TrainOutcome> {
         let loss = masked_loss(&logits, &batch)?;
         let loss_v = loss.to_scalar::<f32>()?;
         if !loss_v.is_finite() {
-            return Err(ModelError::InvalidArgument(format!(
+            return Err(EngineError::InvalidArgument(format!(
                 "the loss is {loss_v} at step {step}; training diverged — lower the learning rate"
             )));
         }

@@ -15,7 +15,7 @@ use candle_core::{Device, Tensor, Var};
 use kiln_kernels::cpu::{adamw_step_nvfp4, AdamWParams, AdamWScalars};
 use kiln_kernels::nvfp4::Nvfp4Tensor;
 
-use crate::model::error::{ModelError, Result};
+use crate::error::{EngineError, Result};
 use crate::model::linear::{Linear, LinearWeight};
 use crate::model::{Model, ModelConfig, WeightSource};
 use crate::spec::QuantSpec;
@@ -163,7 +163,7 @@ impl Server<'_> {
             .index
             .get(name)
             .map(|&i| &self.store.params[i])
-            .ok_or_else(|| ModelError::MissingTensor {
+            .ok_or_else(|| EngineError::MissingTensor {
                 name: name.to_string(),
                 dir: "<training parameters>".into(),
             })
@@ -172,7 +172,7 @@ impl Server<'_> {
     fn dense(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let p = self.param(name)?;
         if p.shape != shape {
-            return Err(ModelError::ShapeMismatch {
+            return Err(EngineError::ShapeMismatch {
                 name: name.to_string(),
                 expected: shape.to_vec(),
                 got: p.shape.clone(),
@@ -344,7 +344,7 @@ impl ParamStore {
             .sum::<f64>()
             .sqrt() as f32;
         if !norm.is_finite() {
-            return Err(ModelError::InvalidArgument(format!(
+            return Err(EngineError::InvalidArgument(format!(
                 "the gradient norm is {norm} at step {step}; training diverged — lower the learning rate"
             )));
         }

@@ -1,11 +1,12 @@
-//! `ModelError`: every way loading a model, tokenizing, rendering a chat, generating or using
+//! `EngineError`: every way loading a model, tokenizing, rendering a chat, generating or using
 //! a session can fail. Each message names the problem and, where there is one, the fix.
 
 use std::path::PathBuf;
 
-/// Errors of the model core (loading, tokenizer, chat template, forward, generation, sessions).
+/// Errors of the engine (loading, tokenizer, chat template, forward, generation, sessions,
+/// training, export).
 #[derive(Debug, thiserror::Error)]
-pub enum ModelError {
+pub enum EngineError {
     /// A file could not be read or written.
     #[error("{op} {path}: {source}")]
     Io {
@@ -130,10 +131,10 @@ pub enum ModelError {
     Kernel(#[from] kiln_kernels::KernelError),
 }
 
-impl ModelError {
+impl EngineError {
     /// Wrap an I/O error with the operation and path.
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ModelError::Io {
+        EngineError::Io {
             op,
             path: path.into(),
             source,
@@ -142,12 +143,15 @@ impl ModelError {
 
     /// A config error about `path`.
     pub fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        ModelError::Config {
+        EngineError::Config {
             path: path.into(),
             message: message.into(),
         }
     }
 }
 
-/// Result alias for the model core.
-pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+/// The former name of [`EngineError`] (from when it lived in `model/`).
+pub type ModelError = EngineError;
+
+/// Result alias of the engine.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
