@@ -13,8 +13,6 @@
 //! - `kv_cache` — [`KvCache`], per-layer keys and values.
 //! - `save` — write a model as a Hugging Face directory (f32/bf16, NVFP4 ModelOpt or
 //!   compressed-tensors, sharded or not).
-//! - `trainable` — [`TrainableWeights`]: parameters as candle `Var`s (master weights), linears
-//!   plain or straight-through NVFP4 fake-quant, for training.
 //! - `transformer` — [`Model`]: the forward pass (with or without a cache, inference or
 //!   training ops).
 
@@ -26,7 +24,6 @@ pub mod kv_cache;
 pub mod linear;
 pub mod rope;
 pub mod save;
-pub mod trainable;
 pub mod transformer;
 pub mod weights;
 
@@ -43,7 +40,6 @@ pub use files::ModelFiles;
 pub use kv_cache::KvCache;
 pub use linear::{Linear, LinearWeight};
 pub use save::{save_model_dir, DenseDtype, SaveFormat, SaveOptions};
-pub use trainable::{TrainQuant, TrainableWeights};
 pub use transformer::{Logits, Model, ParamRef, Pass};
 pub use weights::{CheckpointWeights, LinearFormat, RandomWeights, WeightSource};
 

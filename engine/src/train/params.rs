@@ -433,3 +433,38 @@ impl WeightSource for ExportSource<'_> {
         Linear::new(weight, b)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::model::{LinearFormat, Logits, Pass, RandomWeights};
+
+    #[test]
+    fn ste_training_forward_equals_the_nvfp4_inference_model() {
+        let cfg = crate::tiny::config().unwrap();
+        let mut base = RandomWeights::new(crate::tiny::TINY_SEED, LinearFormat::Dense, Device::Cpu);
+        let mut store =
+            ParamStore::from_source(&cfg, &mut base, QuantSpec::Nvfp4Ste, &Device::Cpu).unwrap();
+        let m = store.model().unwrap();
+        let infer = crate::tiny::model(LinearFormat::Nvfp4, &Device::Cpu).unwrap();
+        let ids: Vec<u32> = (3..40).collect();
+        let t = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+        let a = m
+            .forward_batch(&t, None, Logits::All, Pass::Training)
+            .unwrap();
+        let b = infer
+            .forward(&ids, &mut infer.new_cache(), Logits::All)
+            .unwrap();
+        let d = (a.squeeze(0).unwrap() - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
+        // 4 layers × (4 attention + 3 MLP weights + 3 biases + 2 norms) + embed + norm.
+        assert_eq!(store.params().len(), 4 * 12 + 2);
+    }
+}
