@@ -17,10 +17,11 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::Dtype;
 
+use crate::chat_model::{model_files, TINY_MODEL};
 use crate::error::{EngineError, Result};
 use crate::model::{
     save_model_dir, Checkpoint, DenseDtype, LinearFormat, LinearWeight, LoadOptions, Model,
-    ModelFiles, ParamRef, SaveFormat, SaveOptions, TINY_MODEL,
+    ParamRef, SaveFormat, SaveOptions,
 };
 use crate::report::{JobOutput, PhaseReport, Reporter};
 use crate::spec::{ExportFormat, ExportSpec};
@@ -120,7 +121,7 @@ pub fn export(
             source_dense_dtype(checkpoint)?,
         ),
     };
-    let files = ModelFiles::load(checkpoint)?;
+    let files = model_files(checkpoint)?;
     let source = load(checkpoint, load_format)?;
     let (w, s) = source.weight_bytes();
     reporter.phase(PhaseReport::now("model_loaded", 0).bytes([("weights", w), ("scales", s)]));

@@ -8,6 +8,7 @@
 //! - `model`: the Qwen2/Qwen3/Llama model core (config, checkpoints, NVFP4 linears, forward, KV cache).
 //! - `tokenizer`: `tokenizer.json` loading, encode/decode, incremental decoding.
 //! - `chat`: chat messages and Jinja chat templates (minijinja).
+//! - `chat_model`: `ChatModel` — model + tokenizer + chat template, what `--model tiny|DIR` names.
 //! - `tiny`: the bundled tiny model, its trained tokenizer and the WhoAmI dataset.
 //! - `generate`: generation with KV cache or replay, sampling, the cache/replay A/B check, the engine benchmark.
 //! - `session`: multi-turn sessions (delta prefill); `session_store`: sessions kept on disk between jobs (LRU, byte budget).
@@ -19,6 +20,7 @@ pub use error::{EngineError, Result};
 pub use kiln_job::{memory, report, spec};
 
 pub mod chat;
+pub mod chat_model;
 pub mod error;
 pub mod exec;
 pub mod export;

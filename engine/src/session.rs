@@ -10,9 +10,9 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatMessage;
+use crate::chat_model::ChatModel;
 use crate::error::{EngineError, Result};
 use crate::generate::{GenerateOptions, Generation, KvMode, Sequence};
-use crate::model::ChatModel;
 
 /// A conversation in progress.
 ///

@@ -8,10 +8,11 @@ use std::ops::ControlFlow;
 
 use common::*;
 use kiln_engine::chat::ChatMessage;
+use kiln_engine::chat_model::ChatModel;
 use kiln_engine::generate::{
     ab::ab_compare, generate, GenerateOptions, KvMode, SamplingParams, Sequence, StopReason,
 };
-use kiln_engine::model::{Architecture, ChatModel, EngineError, LinearFormat, LoadOptions};
+use kiln_engine::model::{Architecture, EngineError, LinearFormat, LoadOptions};
 
 /// Stated tolerance of cache vs replay logits (f32, different summation shapes).
 const LOGIT_TOL: f32 = 1e-4;

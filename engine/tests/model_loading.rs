@@ -4,8 +4,9 @@
 mod common;
 
 use common::*;
+use kiln_engine::chat_model::ChatModel;
 use kiln_engine::model::{
-    Architecture, ChatModel, DenseDtype, EngineError, LinearFormat, LoadOptions, Model, SaveFormat,
+    Architecture, DenseDtype, EngineError, LinearFormat, LoadOptions, Model, SaveFormat,
     SaveOptions,
 };
 

@@ -8,8 +8,9 @@ mod common;
 use std::ops::ControlFlow;
 
 use kiln_engine::chat::ChatMessage;
+use kiln_engine::chat_model::ChatModel;
 use kiln_engine::generate::{generate, replay_logits, GenerateOptions, KvMode, Sequence};
-use kiln_engine::model::{ChatModel, EngineError, LoadOptions, Logits};
+use kiln_engine::model::{EngineError, LoadOptions, Logits};
 use kiln_engine::session::Session;
 use kiln_engine::session_store::SessionStore;
 

@@ -12,8 +12,9 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use super::{ab, GenerateOptions, Sequence};
+use crate::chat_model::ChatModel;
 use crate::error::Result;
-use crate::model::{ChatModel, LinearFormat, Model, ModelConfig, RandomWeights};
+use crate::model::{LinearFormat, Model, ModelConfig, RandomWeights};
 use crate::session::Session;
 use crate::session_store::SessionStore;
 

@@ -12,8 +12,9 @@ use candle_core::Device;
 
 use super::{ab, GenerateOptions, Generation, KvMode, SamplingParams, Sequence};
 use crate::chat::ChatMessage;
+use crate::chat_model::ChatModel;
 use crate::error::{EngineError, Result};
-use crate::model::{ChatModel, LinearFormat, LoadOptions, ModelConfig};
+use crate::model::{LinearFormat, LoadOptions, ModelConfig};
 use crate::report::{JobOutput, PhaseReport, Report, Reporter};
 use crate::session::Session;
 use crate::session_store::SessionStore;

@@ -1,11 +1,10 @@
 //! `ModelFiles`: the non-weight files of a model — `tokenizer.json`, `tokenizer_config.json`
 //! and the optional extras a Hugging Face directory may carry (`chat_template.jinja`,
-//! `generation_config.json`, `special_tokens_map.json`) — read from `tiny` (the bundled
-//! assets) or a directory, so checkpoints and exports carry them along unchanged.
+//! `generation_config.json`, `special_tokens_map.json`) — read from a directory (the bundled
+//! tiny model provides its own), so checkpoints and exports carry them along unchanged.
 
 use std::path::{Path, PathBuf};
 
-use super::TINY_MODEL;
 use crate::error::{EngineError, Result};
 
 /// Optional files copied as they are when present.
@@ -27,18 +26,6 @@ pub struct ModelFiles {
 }
 
 impl ModelFiles {
-    /// The files of `tiny` or of a model directory.
-    pub fn load(model: &str) -> Result<Self> {
-        if model == TINY_MODEL {
-            return Ok(ModelFiles {
-                tokenizer_json: crate::tiny::TOKENIZER_JSON.to_string(),
-                tokenizer_config_json: crate::tiny::TOKENIZER_CONFIG_JSON.to_string(),
-                extra: Vec::new(),
-            });
-        }
-        Self::from_dir(Path::new(model))
-    }
-
     /// The files of a model directory (`tokenizer.json` and `tokenizer_config.json` required).
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let read = |name: &str| -> Result<String> {

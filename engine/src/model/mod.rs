@@ -1,7 +1,6 @@
 //! The model core: a decoder-only Qwen2 / Qwen3 / Llama transformer on candle tensors, with
 //! NVFP4 linear layers through `kiln_kernels`.
 //!
-//! - `bundle` — [`ChatModel`]: model + tokenizer + chat template (`--model tiny|DIR`).
 //! - `error` — [`EngineError`], every failure of the model core, naming the fix.
 //! - `config` — [`ModelConfig`] from `config.json`, [`Architecture`].
 //! - `checkpoint` — [`Checkpoint`]: memory-mapped safetensors files (single or sharded).
@@ -16,7 +15,6 @@
 //! - `transformer` — [`Model`]: the forward pass (with or without a cache, inference or
 //!   training ops).
 
-pub mod bundle;
 pub mod checkpoint;
 pub mod config;
 pub mod files;
@@ -33,7 +31,6 @@ use std::path::Path;
 use candle_core::Device;
 
 pub use crate::error::{EngineError, ModelError, Result};
-pub use bundle::{ChatGeneration, ChatModel, TINY_MODEL};
 pub use checkpoint::Checkpoint;
 pub use config::{Architecture, ModelConfig};
 pub use files::ModelFiles;

@@ -387,9 +387,22 @@ mod tests {
         }
     }
 
+    /// The tiny model's shape (hidden 128, intermediate 384).
+    fn small_config() -> ModelConfig {
+        let mut cfg = ModelConfig::qwen2_5_0_5b();
+        cfg.hidden_size = 128;
+        cfg.intermediate_size = 384;
+        cfg.num_hidden_layers = 4;
+        cfg.num_attention_heads = 4;
+        cfg.num_key_value_heads = 2;
+        cfg.head_dim = 32;
+        cfg.vocab_size = 512;
+        cfg
+    }
+
     #[test]
     fn the_layout_check_catches_wrong_scale_dtypes_and_shapes_before_writing() {
-        let cfg = crate::tiny::config().unwrap();
+        let cfg = small_config();
         let p = "model.layers.0.mlp.down_proj"; // [128, 384]
         check_tensor(
             &cfg,

@@ -9,7 +9,7 @@ use candle_core::Device;
 
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{EngineError, Result};
-use crate::model::{Architecture, LinearFormat, Model, ModelConfig, RandomWeights};
+use crate::model::{Architecture, LinearFormat, Model, ModelConfig, ModelFiles, RandomWeights};
 use crate::tokenizer::TextTokenizer;
 
 /// Seed of the tiny model's weights.
@@ -55,6 +55,15 @@ pub fn tiny_config(vocab_size: usize) -> ModelConfig {
 /// The bundled tokenizer.
 pub fn tokenizer() -> Result<TextTokenizer> {
     TextTokenizer::from_json_str(TOKENIZER_JSON)
+}
+
+/// The bundled tokenizer files (no extras), as checkpoints and exports of `tiny` carry them.
+pub fn files() -> ModelFiles {
+    ModelFiles {
+        tokenizer_json: TOKENIZER_JSON.to_string(),
+        tokenizer_config_json: TOKENIZER_CONFIG_JSON.to_string(),
+        extra: Vec::new(),
+    }
 }
 
 /// The bundled chat template (ChatML).

@@ -22,10 +22,11 @@ use candle_core::{Device, Tensor, D};
 use kiln_kernels::cpu::AdamWParams;
 
 use crate::chat::ChatTemplate;
+use crate::chat_model::{model_files, stop_tokens, TINY_MODEL};
 use crate::error::{EngineError, Result};
 use crate::model::{
     Checkpoint, CheckpointWeights, LinearFormat, Logits, ModelConfig, ModelFiles, Pass,
-    RandomWeights, TINY_MODEL,
+    RandomWeights,
 };
 use crate::report::{PhaseReport, Reporter};
 use crate::spec::{QuantSpec, TrainSpec};
@@ -179,7 +180,7 @@ pub fn train(spec: &TrainSpec, reporter: &Reporter) -> Result<TrainOutcome> {
             },
         ),
     };
-    let files = ModelFiles::load(&base)?;
+    let files = model_files(&base)?;
     let (cfg, mut store) = load_params(&base, spec.quant, &device)?;
     if state.step > 0 {
         checkpoint::load_optimizer(&out_dir, &mut store, state.step)?;
@@ -195,7 +196,7 @@ pub fn train(spec: &TrainSpec, reporter: &Reporter) -> Result<TrainOutcome> {
 
     // Data.
     let (tokenizer, template) = tokenizer_and_template(&files)?;
-    let stops = crate::model::bundle::stop_tokens(&cfg, &tokenizer, &template);
+    let stops = stop_tokens(&cfg, &tokenizer, &template);
     let conversations = dataset::read_chat_jsonl(&spec.dataset)?;
     let seq_len = (spec.seq_len as usize).min(cfg.max_position_embeddings);
     let samples = conversations

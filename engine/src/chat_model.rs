@@ -1,14 +1,18 @@
 //! `ChatModel`: a model with its tokenizer and chat template — what `--model tiny|DIR`
-//! names — and chat-level generation that streams each token with its text.
+//! names — and chat-level generation that streams each token with its text. Also where a
+//! `--model` value is resolved to its non-weight files ([`model_files`]).
+//!
+//! It sits above `model` (the network), `tokenizer`, `chat`, `generate` and `tiny`, and ties
+//! them together; nothing in `model` depends on it.
 
 use std::ops::ControlFlow;
 use std::path::Path;
 
-use super::weights::fnv1a;
-use super::{LoadOptions, Model, TensorBytes};
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{EngineError, Result};
 use crate::generate::{generate, GenerateOptions, Generation, Sequence};
+use crate::model::weights::fnv1a;
+use crate::model::{LoadOptions, Model, ModelConfig, ModelFiles, TensorBytes};
 use crate::tokenizer::{TextTokenizer, TokenTextStream};
 
 /// The `--model` value that selects the bundled tiny model.
@@ -173,10 +177,19 @@ impl ChatModel {
     }
 }
 
+/// The non-weight files (tokenizer, template, extras) of `tiny` or a model directory.
+pub fn model_files(model: &str) -> Result<ModelFiles> {
+    if model == TINY_MODEL {
+        Ok(crate::tiny::files())
+    } else {
+        ModelFiles::from_dir(Path::new(model))
+    }
+}
+
 /// Tokens that end an assistant turn: the config's EOS ids, `<|im_end|>`, `<|endoftext|>`,
 /// `<|eot_id|>` where the vocabulary has them, and the template's EOS token.
 pub fn stop_tokens(
-    cfg: &super::ModelConfig,
+    cfg: &ModelConfig,
     tokenizer: &TextTokenizer,
     template: &ChatTemplate,
 ) -> Vec<u32> {
