@@ -19,6 +19,7 @@ use safetensors::tensor::Dtype;
 
 use crate::chat_model::{model_files, TINY_MODEL};
 use crate::error::{EngineError, Result};
+use crate::model::layout::EMBED_TOKENS;
 use crate::model::{
     save_model_dir, Checkpoint, DenseDtype, LinearFormat, LinearWeight, LoadOptions, Model,
     ParamRef, SaveFormat, SaveOptions,
@@ -51,7 +52,7 @@ fn source_dense_dtype(checkpoint: &str) -> Result<DenseDtype> {
         return Ok(DenseDtype::F32);
     }
     let ck = Checkpoint::open(Path::new(checkpoint))?;
-    let embed = ck.get("model.embed_tokens.weight")?;
+    let embed = ck.get(EMBED_TOKENS)?;
     Ok(match embed.dtype {
         Dtype::BF16 => DenseDtype::Bf16,
         _ => DenseDtype::F32,
@@ -187,21 +188,22 @@ fn verify(
         DenseDtype::F32 => Dtype::F32,
         DenseDtype::Bf16 => Dtype::BF16,
     };
+    let layout = source.layout();
     for name in &names {
         let t = ck.get(name)?;
-        let want = if name.ends_with(".weight_scale") {
-            Dtype::F8_E4M3
-        } else if name.ends_with(".weight_scale_2") || name.ends_with(".weight_global_scale") {
-            Dtype::F32
-        } else if name.ends_with(".weight_packed")
-            || (save_format == SaveFormat::Nvfp4ModelOpt
-                && name.ends_with(".weight")
-                && ck.contains(&format!("{}_scale_2", name)))
-        {
-            Dtype::U8
-        } else {
-            dense_st
-        };
+        // A linear's tensors: NVFP4 in the requested layout where the file packed the linear,
+        // dense otherwise.
+        let want = name
+            .rsplit_once('.')
+            .and_then(|(prefix, _)| layout.linear(prefix))
+            .and_then(|l| {
+                let packed = l.stored_format(|n| ck.contains(n)).is_some();
+                l.stored_tensors(save_format.nvfp4().filter(|_| packed))
+                    .into_iter()
+                    .find(|s| s.name == *name)
+            })
+            .and_then(|s| s.role.dtype())
+            .unwrap_or(dense_st);
         if t.dtype != want {
             return Err(EngineError::ExportMismatch {
                 name: name.to_string(),
@@ -227,8 +229,8 @@ fn verify(
         // bf16 keeps 8 significant bits: round-to-nearest is within 2^-9 relative.
         DenseDtype::Bf16 => 1.0 / 256.0,
     };
-    for ((name, a), (_, b)) in source.parameters().into_iter().zip(back.parameters()) {
-        compare_param(&name, a, b, rel_tol)?;
+    for ((spec, a), (_, b)) in source.parameters().into_iter().zip(back.parameters()) {
+        compare_param(spec.name(), a, b, rel_tol)?;
     }
     let probe: Vec<u32> = (0..8u32)
         .map(|i| 3 + (i * 37 + 5) % (source.config().vocab_size as u32 - 3))

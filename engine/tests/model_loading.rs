@@ -253,3 +253,48 @@ fn a_directory_without_weights_or_a_missing_directory_says_so() {
         .to_string();
     assert!(msg.contains("tiny") && msg.contains("directory"), "{msg}");
 }
+
+#[test]
+fn a_checkpoint_holds_exactly_the_tensors_its_layout_lists() {
+    use kiln_engine::model::{Checkpoint, ModelLayout};
+    use kiln_kernels::checkpoint::NvfpFormat;
+    for (arch, format, nvfp4) in [
+        (Architecture::Qwen3, SaveFormat::Dense, None),
+        (
+            Architecture::Qwen2,
+            SaveFormat::Nvfp4ModelOpt,
+            Some(NvfpFormat::ModelOpt),
+        ),
+        (
+            Architecture::Llama,
+            SaveFormat::Nvfp4CompressedTensors,
+            Some(NvfpFormat::CompressedTensors),
+        ),
+    ] {
+        let cfg = small_config(arch);
+        let m = random_model(&cfg, LinearFormat::Nvfp4);
+        let dir = tempfile::tempdir().unwrap();
+        save(
+            &m,
+            dir.path(),
+            &SaveOptions {
+                format,
+                ..DENSE_F32
+            },
+        );
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let mut want: Vec<(String, Vec<usize>)> = ModelLayout::new(&cfg)
+            .unwrap()
+            .checkpoint_tensors(nvfp4)
+            .into_iter()
+            .map(|t| (t.name, t.shape))
+            .collect();
+        want.sort();
+        let got: Vec<(String, Vec<usize>)> = ck
+            .names()
+            .into_iter()
+            .map(|n| (n.to_string(), ck.get(n).unwrap().shape.to_vec()))
+            .collect();
+        assert_eq!(got, want, "{arch:?} {format:?}");
+    }
+}

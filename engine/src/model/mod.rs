@@ -10,6 +10,9 @@
 //! - `linear` — [`Linear`]: dense, NVFP4-packed or straight-through fake-quant linear layers.
 //! - `rope` — rotary position embeddings.
 //! - `kv_cache` — [`KvCache`], per-layer keys and values.
+//! - `layout` — [`ModelLayout`]: every tensor of a model of one config (name, shape, role,
+//!   NVFP4 or not; NVFP4 tensor names from `kiln_kernels::checkpoint`), which the builder,
+//!   the savers, the training parameter store and the byte accounting walk.
 //! - `save` — write a model as a Hugging Face directory (f32/bf16, NVFP4 ModelOpt or
 //!   compressed-tensors, sharded or not).
 //! - `transformer` — [`Model`]: the forward pass (with or without a cache, inference or
@@ -19,6 +22,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod files;
 pub mod kv_cache;
+pub mod layout;
 pub mod linear;
 pub mod rope;
 pub mod save;
@@ -35,6 +39,9 @@ pub use checkpoint::Checkpoint;
 pub use config::{Architecture, ModelConfig};
 pub use files::ModelFiles;
 pub use kv_cache::KvCache;
+pub use layout::{
+    LayerLayout, LayerParam, LinearSpec, ModelLayout, ParamKey, ParamSpec, TensorRole, TensorSpec,
+};
 pub use linear::{Linear, LinearWeight};
 pub use save::{save_model_dir, DenseDtype, SaveFormat, SaveOptions};
 pub use transformer::{Logits, Model, ParamRef, Pass};
