@@ -19,11 +19,12 @@ pub enum EngineError {
         source: std::io::Error,
     },
     /// A `.safetensors` file is truncated or corrupt (bad header, offsets past the end…).
-    #[error("{path} is not a valid safetensors file (truncated or corrupt: {reason}); re-download or re-export it")]
+    #[error("{path}: {reason}")]
     CorruptSafetensors {
         /// The file.
         path: PathBuf,
-        /// What the parser found.
+        /// What the reader found ("not a valid safetensors file (…); it may be truncated or
+        /// corrupt …") and what to do.
         reason: String,
     },
     /// The checkpoint has no tensor of this name.

@@ -11,11 +11,13 @@ use kiln_kernels::checkpoint::{nvfp4_to_tensors, NvfpFormat};
 use kiln_kernels::nvfp4::Nvfp4Tensor;
 use safetensors::tensor::{Dtype, TensorView};
 
-use super::checkpoint::INDEX_FILE;
 use super::layout::{ModelLayout, ParamSpec};
 use super::linear::LinearWeight;
 use super::transformer::{Model, ParamRef};
 use crate::error::{EngineError, Result};
+
+/// Name of the shard index file of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// How linear weights are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use kiln_kernels::checkpoint::NvfpFormat;
+use kiln_kernels::checkpoint::nvfp4_from_tensors;
 use kiln_kernels::nvfp4::Nvfp4Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -101,52 +101,29 @@ impl<'a> CheckpointWeights<'a> {
         Ok(Tensor::from_vec(raw.to_f32()?, raw.shape, &self.device)?)
     }
 
-    /// Read the layer's NVFP4 weight in the layout the checkpoint stores it in, if it is
-    /// stored NVFP4.
+    /// Read the layer's NVFP4 weight (through `kiln_kernels::checkpoint::nvfp4_from_tensors`)
+    /// in the layout the checkpoint stores it in, if it is stored NVFP4.
     fn packed(&self, spec: &LinearSpec) -> Result<Option<Nvfp4Tensor>> {
         let ck = self.ckpt;
         let Some(format) = spec.stored_format(|n| ck.contains(n)) else {
             return Ok(None);
         };
-        let (mut codes, mut scales, mut tensor_scale) = (Vec::new(), Vec::new(), 0.0);
-        for t in spec.nvfp4_tensors(format) {
-            let raw = ck.get(&t.name)?;
-            let dtype = t.role.dtype().expect("NVFP4 tensors have a fixed dtype");
-            raw.expect_dtype(dtype, t.role.expected_dtype())?;
-            match t.role {
-                TensorRole::Nvfp4Codes => {
-                    raw.expect_shape(&t.shape)?;
-                    codes = raw.data.to_vec();
-                }
-                TensorRole::Nvfp4BlockScales => {
-                    raw.expect_shape(&t.shape)?;
-                    scales = raw.data.to_vec();
-                }
-                _ => {
-                    if raw.numel() != 1 {
-                        return Err(EngineError::ShapeMismatch {
-                            name: t.name,
-                            expected: vec![1],
-                            got: raw.shape.to_vec(),
-                        });
-                    }
-                    let g = raw.to_f32()?[0];
-                    // compressed-tensors stores the reciprocal of the tensor scale.
-                    tensor_scale = if format == NvfpFormat::CompressedTensors {
-                        1.0 / g
-                    } else {
-                        g
-                    };
-                }
-            }
+        let parts = spec.nvfp4_tensors(format);
+        for t in &parts {
+            ck.get(&t.name)?; // a missing one is named
         }
-        Ok(Some(Nvfp4Tensor::from_parts(
-            spec.out_features,
-            spec.in_features,
-            codes,
-            scales,
-            tensor_scale,
-        )?))
+        let q = nvfp4_from_tensors(&spec.prefix, ck.tensors())?
+            .expect("every tensor of the layout is present");
+        let codes = &parts[0];
+        let got = vec![q.rows, q.cols / 2];
+        if got != codes.shape {
+            return Err(EngineError::ShapeMismatch {
+                name: codes.name.clone(),
+                expected: codes.shape.clone(),
+                got,
+            });
+        }
+        Ok(Some(q))
     }
 }
 
