@@ -50,7 +50,9 @@ pub fn run_request(request: &JobRequest, reporter: &Reporter) -> Result<JobOutpu
         JobSpec::Generate(spec) => {
             crate::generate::job::run_job(request, spec, reporter).map_err(ExecError::Generate)
         }
-        JobSpec::Train(spec) => crate::train::run_job(spec, reporter).map_err(ExecError::Train),
+        JobSpec::Train(spec) => {
+            crate::train::run_job(request, spec, reporter).map_err(ExecError::Train)
+        }
         JobSpec::Export(spec) => crate::export::run_job(spec, reporter).map_err(ExecError::Export),
     }
 }

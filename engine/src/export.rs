@@ -18,10 +18,11 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::Dtype;
 
 use crate::chat_model::{model_files, TINY_MODEL};
+use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::model::layout::EMBED_TOKENS;
 use crate::model::{
-    save_model_dir, Checkpoint, DenseDtype, LinearFormat, LinearWeight, LoadOptions, Model,
+    save_model_dir, Checkpoint, DenseDtype, LinearFormat, LinearWeight, Model, ModelConfig,
     ParamRef, SaveFormat, SaveOptions,
 };
 use crate::report::{JobOutput, PhaseReport, Reporter};
@@ -45,37 +46,31 @@ pub struct ExportReport {
     pub probe_max_logit_diff: f32,
 }
 
-/// The float dtype of the source's dense tensors: `tiny` is f32; a directory's is that of its
-/// embedding (bf16 stays bf16; f32 and f16 are written as f32, which holds them exactly).
-fn source_dense_dtype(checkpoint: &str) -> Result<DenseDtype> {
+/// The source with linears in `format`, and the float dtype of its dense tensors: `tiny` is
+/// f32; a directory's is that of its embedding (bf16 stays bf16; f32 and f16 are written as
+/// f32, which holds them exactly).
+fn load(engine: &Engine, checkpoint: &str, format: LinearFormat) -> Result<(Model, DenseDtype)> {
     if checkpoint == TINY_MODEL {
-        return Ok(DenseDtype::F32);
+        return Ok((
+            crate::tiny::model(format, engine.device())?,
+            DenseDtype::F32,
+        ));
     }
-    let ck = Checkpoint::open(Path::new(checkpoint))?;
-    let embed = ck.get(EMBED_TOKENS)?;
-    Ok(match embed.dtype {
+    let dir = Path::new(checkpoint);
+    if !dir.is_dir() {
+        return Err(EngineError::config(
+            dir,
+            "not a directory; export takes a checkpoint or model directory (or `tiny`)",
+        ));
+    }
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let ck = Checkpoint::open(dir)?;
+    let dense = match ck.get(EMBED_TOKENS)?.dtype {
         Dtype::BF16 => DenseDtype::Bf16,
         _ => DenseDtype::F32,
-    })
-}
-
-fn load(checkpoint: &str, format: LinearFormat) -> Result<Model> {
-    let opts = LoadOptions {
-        format,
-        ..Default::default()
     };
-    if checkpoint == TINY_MODEL {
-        crate::tiny::model(format, &opts.device)
-    } else {
-        let dir = Path::new(checkpoint);
-        if !dir.is_dir() {
-            return Err(EngineError::config(
-                dir,
-                "not a directory; export takes a checkpoint or model directory (or `tiny`)",
-            ));
-        }
-        Model::load(dir, &opts)
-    }
+    let model = Model::from_checkpoint(&cfg, &ck, &engine.load_options(format))?;
+    Ok((model, dense))
 }
 
 /// Export `checkpoint` to `out_dir` in `format`, then verify it by loading it back.
@@ -109,21 +104,24 @@ pub fn export(
             )));
         }
     }
+    // `None`: the dense tensors keep the source's dtype.
     let (save_format, load_format, dense_dtype) = match format {
-        ExportFormat::Safetensors => (SaveFormat::Dense, LinearFormat::Dense, DenseDtype::Bf16),
-        ExportFormat::Nvfp4ModelOpt => (
-            SaveFormat::Nvfp4ModelOpt,
-            LinearFormat::Nvfp4,
-            source_dense_dtype(checkpoint)?,
+        ExportFormat::Safetensors => (
+            SaveFormat::Dense,
+            LinearFormat::Dense,
+            Some(DenseDtype::Bf16),
         ),
+        ExportFormat::Nvfp4ModelOpt => (SaveFormat::Nvfp4ModelOpt, LinearFormat::Nvfp4, None),
         ExportFormat::Nvfp4CompressedTensors => (
             SaveFormat::Nvfp4CompressedTensors,
             LinearFormat::Nvfp4,
-            source_dense_dtype(checkpoint)?,
+            None,
         ),
     };
+    let engine = Engine::cpu();
+    let (source, source_dtype) = load(&engine, checkpoint, load_format)?;
+    let dense_dtype = dense_dtype.unwrap_or(source_dtype);
     let files = model_files(checkpoint)?;
-    let source = load(checkpoint, load_format)?;
     let (w, s) = source.weight_bytes();
     reporter.phase(PhaseReport::now("model_loaded", 0).bytes([("weights", w), ("scales", s)]));
 
@@ -151,8 +149,14 @@ pub fn export(
             .metric("bytes_written", bytes as f64),
     );
 
-    let (tensor_count, probe_max_logit_diff) =
-        verify(out_dir, &source, save_format, load_format, dense_dtype)?;
+    let (tensor_count, probe_max_logit_diff) = verify(
+        &engine,
+        out_dir,
+        &source,
+        save_format,
+        load_format,
+        dense_dtype,
+    )?;
     reporter.log(format!(
         "export verified: {tensor_count} tensors reloaded from {} match the source (probe max |Δlogit| {probe_max_logit_diff:.3e})",
         out_dir.display()
@@ -176,6 +180,7 @@ pub fn export(
 /// Load the export back and compare it with `source`; returns the tensor count and the
 /// probe logit difference.
 fn verify(
+    engine: &Engine,
     out_dir: &Path,
     source: &Model,
     save_format: SaveFormat,
@@ -211,13 +216,7 @@ fn verify(
             });
         }
     }
-    let back = Model::load(
-        out_dir,
-        &LoadOptions {
-            format: load_format,
-            ..Default::default()
-        },
-    )?;
+    let back = engine.load_model(out_dir, load_format)?;
     if back.config() != source.config() {
         return Err(EngineError::ExportMismatch {
             name: "config.json".into(),
@@ -230,13 +229,13 @@ fn verify(
         DenseDtype::Bf16 => 1.0 / 256.0,
     };
     for ((spec, a), (_, b)) in source.parameters().into_iter().zip(back.parameters()) {
-        compare_param(spec.name(), a, b, rel_tol)?;
+        compare_param(engine.device(), spec.name(), a, b, rel_tol)?;
     }
     let probe: Vec<u32> = (0..8u32)
         .map(|i| 3 + (i * 37 + 5) % (source.config().vocab_size as u32 - 3))
         .collect();
-    let la = crate::generate::replay_logits(source, &probe)?;
-    let lb = crate::generate::replay_logits(&back, &probe)?;
+    let la = engine.forward_last(source, &probe, &mut engine.new_cache(source))?;
+    let lb = engine.forward_last(&back, &probe, &mut engine.new_cache(&back))?;
     let diff = la
         .iter()
         .zip(&lb)
@@ -274,7 +273,13 @@ fn compare_values(name: &str, a: &[f32], b: &[f32], rel_tol: f32) -> Result<()> 
     Ok(())
 }
 
-fn compare_param(name: &str, a: ParamRef<'_>, b: ParamRef<'_>, rel_tol: f32) -> Result<()> {
+fn compare_param(
+    device: &candle_core::Device,
+    name: &str,
+    a: ParamRef<'_>,
+    b: ParamRef<'_>,
+    rel_tol: f32,
+) -> Result<()> {
     let vals = |t: &candle_core::Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
     match (a, b) {
         (ParamRef::Tensor(x), ParamRef::Tensor(y)) => {
@@ -297,8 +302,8 @@ fn compare_param(name: &str, a: ParamRef<'_>, b: ParamRef<'_>, rel_tol: f32) -> 
                 }
                 _ => compare_values(
                     &format!("{name}.weight"),
-                    &vals(&x.dense_weight()?)?,
-                    &vals(&y.dense_weight()?)?,
+                    &vals(&x.dense_weight(device)?)?,
+                    &vals(&y.dense_weight(device)?)?,
                     rel_tol,
                 )?,
             }

@@ -21,6 +21,7 @@ pub use kiln_job::{memory, report, spec};
 
 pub mod chat;
 pub mod chat_model;
+pub mod engine;
 pub mod error;
 pub mod exec;
 pub mod export;

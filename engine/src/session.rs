@@ -2,7 +2,8 @@
 //! the delta-prefill protocol — each turn forwards only its new tokens (the rendered user
 //! turn and assistant prefix), every accepted token ends up in the cache, and the assistant
 //! turn is closed by forwarding the template's closing text (`<|im_end|>\n` for ChatML).
-//! Between jobs, sessions live in the session store (`session_store`).
+//! The conversation's cache is its engine's (`crate::engine::EngineCache`). Between jobs,
+//! sessions live in the session store (`session_store`).
 
 use std::ops::ControlFlow;
 use std::time::Instant;

@@ -14,15 +14,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use candle_core::{Device, Tensor};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatMessage;
+use crate::engine::{Engine, HostTensor};
 use crate::error::{EngineError, Result};
 use crate::generate::Sequence;
-use crate::model::KvCache;
 use crate::session::{validate_session_id, Session};
 
 pub use kiln_job::sessions::StoredSession as SessionInfo;
@@ -72,8 +71,8 @@ impl SessionStore {
         session_file(&self.dir, id)
     }
 
-    /// Load a session (refreshing its last use); `None` if it is not stored.
-    pub fn load(&self, id: &str, device: &Device) -> Result<Option<Session>> {
+    /// Load a session (refreshing its last use) onto `engine`; `None` if it is not stored.
+    pub fn load(&self, id: &str, engine: &Engine) -> Result<Option<Session>> {
         validate_session_id(id)?;
         let path = self.path(id);
         let bytes = match std::fs::read(&path) {
@@ -82,7 +81,7 @@ impl SessionStore {
             Err(e) => return Err(EngineError::io("reading", &path, e)),
         };
         touch(&path);
-        decode(id, &bytes, device)
+        decode(id, &bytes, engine)
             .map(Some)
             .map_err(|m| EngineError::Session {
                 id: id.to_string(),
@@ -191,23 +190,10 @@ fn encode(s: &Session) -> Result<Vec<u8>> {
         s.seq.tokens.iter().flat_map(|t| t.to_le_bytes()).collect(),
         Dtype::U32,
     )];
-    if cached {
-        for i in 0..cache.num_layers() {
-            let (k, v) = cache.layer(i).expect("a non-empty cache has every layer");
-            for (name, t) in [("k", k), ("v", v)] {
-                let data: Vec<u8> = t
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect();
-                bufs.push((
-                    format!("layers.{i}.{name}"),
-                    t.dims().to_vec(),
-                    data,
-                    Dtype::F32,
-                ));
-            }
+    for (i, (k, v)) in cache.to_host()?.into_iter().enumerate() {
+        for (name, t) in [("k", k), ("v", v)] {
+            let data: Vec<u8> = t.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            bufs.push((format!("layers.{i}.{name}"), t.shape, data, Dtype::F32));
         }
     }
     let views: Vec<(String, TensorView<'_>)> = bufs
@@ -235,7 +221,7 @@ fn st_err(e: safetensors::SafeTensorError) -> EngineError {
 }
 
 /// Parse a stored session; the error string says what is wrong.
-fn decode(id: &str, bytes: &[u8], device: &Device) -> std::result::Result<Session, String> {
+fn decode(id: &str, bytes: &[u8], engine: &Engine) -> std::result::Result<Session, String> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
     let (_, md) = SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
     let meta = md.metadata().clone().unwrap_or_default();
@@ -264,7 +250,7 @@ fn decode(id: &str, bytes: &[u8], device: &Device) -> std::result::Result<Sessio
     let cache = if st.names().iter().any(|n| n.starts_with("layers.")) {
         let mut kv = Vec::with_capacity(layers);
         for i in 0..layers {
-            let load = |name: String| -> std::result::Result<Tensor, String> {
+            let load = |name: String| -> std::result::Result<HostTensor, String> {
                 let t = st.tensor(&name).map_err(|e| e.to_string())?;
                 if t.dtype() != Dtype::F32 || t.shape().len() != 4 || t.shape()[2] != tokens.len() {
                     return Err(format!(
@@ -278,16 +264,19 @@ fn decode(id: &str, bytes: &[u8], device: &Device) -> std::result::Result<Sessio
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect();
-                Tensor::from_vec(v, t.shape(), device).map_err(|e| e.to_string())
+                Ok(HostTensor {
+                    shape: t.shape().to_vec(),
+                    data: v,
+                })
             };
             kv.push((
                 load(format!("layers.{i}.k"))?,
                 load(format!("layers.{i}.v"))?,
             ));
         }
-        KvCache::from_layers(kv).map_err(|e| e.to_string())?
+        engine.cache_from_host(kv).map_err(|e| e.to_string())?
     } else {
-        KvCache::new(layers)
+        engine.empty_cache(layers)
     };
     Ok(Session {
         id: id.to_string(),

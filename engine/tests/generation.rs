@@ -9,6 +9,7 @@ use std::ops::ControlFlow;
 use common::*;
 use kiln_engine::chat::ChatMessage;
 use kiln_engine::chat_model::ChatModel;
+use kiln_engine::engine::LoadedModel;
 use kiln_engine::generate::{
     ab::ab_compare, generate, GenerateOptions, KvMode, SamplingParams, Sequence, StopReason,
 };
@@ -46,7 +47,7 @@ fn cache_and_replay_agree_on_every_architecture_and_format() {
         Architecture::Llama,
     ] {
         for format in [LinearFormat::Nvfp4, LinearFormat::Dense] {
-            let m = random_model(&small_config(arch), format);
+            let m = LoadedModel::cpu(random_model(&small_config(arch), format));
             let opts = GenerateOptions {
                 max_tokens: 12,
                 ..Default::default()

@@ -137,7 +137,7 @@ fn chat_model_loads_a_directory_with_tokenizer_and_template() {
     let tiny = ChatModel::tiny(&LoadOptions::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     save(
-        &tiny.model,
+        tiny.model.model(),
         dir.path(),
         &SaveOptions {
             format: SaveFormat::Nvfp4ModelOpt,

@@ -71,9 +71,18 @@ impl Model {
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open(dir)?;
-        let mut src = CheckpointWeights::new(&ckpt, opts.format, opts.device.clone());
-        let model = Model::build(&cfg, &mut src, &opts.device)?;
-        tracing::debug!(dir = %dir.display(), arch = ?cfg.architecture, "model loaded");
+        Model::from_checkpoint(&cfg, &ckpt, opts)
+    }
+
+    /// A model of shape `cfg` from the weights of an opened checkpoint.
+    pub fn from_checkpoint(
+        cfg: &ModelConfig,
+        ckpt: &Checkpoint,
+        opts: &LoadOptions,
+    ) -> Result<Model> {
+        let mut src = CheckpointWeights::new(ckpt, opts.format, opts.device.clone());
+        let model = Model::build(cfg, &mut src, &opts.device)?;
+        tracing::debug!(dir = %ckpt.dir().display(), arch = ?cfg.architecture, "model loaded");
         Ok(model)
     }
 }

@@ -132,7 +132,7 @@ fn collect(model: &Model, opts: &SaveOptions) -> Result<Vec<OutTensor>> {
                         ))
                     }
                     None => {
-                        let w = l.dense_weight()?;
+                        let w = l.dense_weight(model.device())?;
                         out.push(dense_out(
                             ls.weight().name,
                             &values(&w)?,

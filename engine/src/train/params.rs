@@ -190,7 +190,7 @@ impl ParamStore {
                             w.shape,
                             ParamValue::Packed(q.as_ref().clone()),
                         )),
-                        _ => params.push(dense_param(w.name, &lin.dense_weight()?)?),
+                        _ => params.push(dense_param(w.name, &lin.dense_weight(device)?)?),
                     }
                     if let (Some(b), Some(spec)) = (lin.bias(), l.bias_tensor()) {
                         params.push(dense_param(spec.name, b)?);
@@ -402,21 +402,23 @@ impl WeightSource for ExportSource<'_> {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Tensor};
+    use candle_core::Tensor;
 
     use super::*;
-    use crate::model::{LinearFormat, Logits, Pass, RandomWeights};
+    use crate::engine::Engine;
+    use crate::model::{LinearFormat, Logits, Pass};
 
     #[test]
     fn ste_training_forward_equals_the_nvfp4_inference_model() {
         let cfg = crate::tiny::config().unwrap();
-        let mut base = RandomWeights::new(crate::tiny::TINY_SEED, LinearFormat::Dense, Device::Cpu);
+        let engine = Engine::cpu();
+        let mut base = engine.random_weights(crate::tiny::TINY_SEED, LinearFormat::Dense);
         let mut store =
-            ParamStore::from_source(&cfg, &mut base, QuantSpec::Nvfp4Ste, &Device::Cpu).unwrap();
+            ParamStore::from_source(&cfg, &mut base, QuantSpec::Nvfp4Ste, engine.device()).unwrap();
         let m = store.model().unwrap();
-        let infer = crate::tiny::model(LinearFormat::Nvfp4, &Device::Cpu).unwrap();
+        let infer = crate::tiny::model(LinearFormat::Nvfp4, engine.device()).unwrap();
         let ids: Vec<u32> = (3..40).collect();
-        let t = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+        let t = Tensor::from_vec(ids.clone(), (1, ids.len()), engine.device()).unwrap();
         let a = m
             .forward_batch(&t, None, Logits::All, Pass::Training)
             .unwrap();
