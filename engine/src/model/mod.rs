@@ -1,18 +1,20 @@
 //! The model core: a decoder-only Qwen2 / Qwen3 / Llama transformer on candle tensors, with
-//! NVFP4 linear layers through `kiln_kernels`.
+//! NVFP4 linear layers through `kiln_kernels`. It works on whatever candle device it is given
+//! (the `engine` module chooses it) and depends on nothing in the crate but `error`: chat,
+//! tokenizers, generation, the bundled tiny model and the device seam all sit above it.
 //!
-//! - `error` — [`EngineError`], every failure of the model core, naming the fix.
 //! - `config` — [`ModelConfig`] from `config.json`, [`Architecture`].
-//! - `checkpoint` — [`Checkpoint`]: memory-mapped safetensors files (single or sharded).
+//! - `layout` — [`ModelLayout`]: every tensor of a model of one config (name, shape, role,
+//!   NVFP4 or not; NVFP4 tensor names from `kiln_kernels::checkpoint`), which the builder,
+//!   the savers, the training parameter store and the byte accounting walk.
+//! - `checkpoint` — [`Checkpoint`]: a model directory's tensors by name, read (one file or
+//!   shards) through `kiln_kernels::checkpoint`, with typed errors.
 //! - `files` — [`ModelFiles`]: tokenizer and template files carried into checkpoints and exports.
 //! - `weights` — [`WeightSource`]: where tensors come from (checkpoint or seeded random),
 //!   NVFP4 quantize-at-load or packed ModelOpt / compressed-tensors weights.
 //! - `linear` — [`Linear`]: dense, NVFP4-packed or straight-through fake-quant linear layers.
 //! - `rope` — rotary position embeddings.
-//! - `kv_cache` — [`KvCache`], per-layer keys and values.
-//! - `layout` — [`ModelLayout`]: every tensor of a model of one config (name, shape, role,
-//!   NVFP4 or not; NVFP4 tensor names from `kiln_kernels::checkpoint`), which the builder,
-//!   the savers, the training parameter store and the byte accounting walk.
+//! - `kv_cache` — [`KvCache`], per-layer keys and values (the CPU engine's cache).
 //! - `save` — write a model as a Hugging Face directory (f32/bf16, NVFP4 ModelOpt or
 //!   compressed-tensors, sharded or not).
 //! - `transformer` — [`Model`]: the forward pass (with or without a cache, inference or

@@ -4,11 +4,13 @@
 //! output directory that `--resume` continues. Phase samples `model_loaded`, then per step
 //! `forward_done`, `backward_done`, `optimizer_done`, and `checkpoint_saved`, each with
 //! tensor bytes by category (weights, scales, grads, optimizer_state, activations); the loss
-//! of each step goes out as a Progress report and into the result.
+//! of each step goes out as a Progress report and into the result. The job's engine
+//! (`crate::engine::Engine`, chosen from its device) holds the batches and parameters and runs
+//! the training forward.
 //!
 //! - `dataset` — JSONL chat samples, the assistant-token loss mask, batches.
-//! - `params` — [`params::ParamStore`]: parameters (f32 `Var`s or packed NVFP4) and moments,
-//!   the AdamW step.
+//! - `params` — [`params::ParamStore`]: the parameters of the model's `ModelLayout` (f32
+//!   `Var`s or packed NVFP4) and their moments, the AdamW step.
 //! - `checkpoint` — the checkpoint directory (HF layout + optimizer state + trainer state).
 
 pub mod checkpoint;
