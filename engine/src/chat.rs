@@ -8,7 +8,7 @@ use std::path::Path;
 use minijinja::{Environment, Error as JinjaError, ErrorKind};
 use serde_json::Value;
 
-use crate::model::error::{ModelError, Result};
+use crate::error::{EngineError, Result};
 
 pub use kiln_job::spec::ChatMessage;
 
@@ -36,18 +36,18 @@ impl ChatTemplate {
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg_text = std::fs::read_to_string(&cfg_path)
-            .map_err(|e| ModelError::io("reading", &cfg_path, e))?;
+            .map_err(|e| EngineError::io("reading", &cfg_path, e))?;
         let jinja = dir.join("chat_template.jinja");
         let over = if jinja.exists() {
             Some(
                 std::fs::read_to_string(&jinja)
-                    .map_err(|e| ModelError::io("reading", &jinja, e))?,
+                    .map_err(|e| EngineError::io("reading", &jinja, e))?,
             )
         } else {
             None
         };
         Self::from_tokenizer_config(&cfg_text, over)
-            .map_err(|e| ModelError::ChatTemplate(format!("{}: {e}", cfg_path.display())))
+            .map_err(|e| EngineError::ChatTemplate(format!("{}: {e}", cfg_path.display())))
     }
 
     /// Build from the text of `tokenizer_config.json`; `template_override` (the contents of
@@ -57,7 +57,7 @@ impl ChatTemplate {
         template_override: Option<String>,
     ) -> Result<Self> {
         let v: Value = serde_json::from_str(config_json).map_err(|e| {
-            ModelError::ChatTemplate(format!("tokenizer_config.json is not valid JSON: {e}"))
+            EngineError::ChatTemplate(format!("tokenizer_config.json is not valid JSON: {e}"))
         })?;
         let source = match template_override {
             Some(s) => s,
@@ -68,10 +68,10 @@ impl ChatTemplate {
                     .iter()
                     .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
                     .and_then(|t| t.get("template").and_then(Value::as_str))
-                    .ok_or_else(|| ModelError::ChatTemplate("no template named \"default\" in chat_template".into()))?
+                    .ok_or_else(|| EngineError::ChatTemplate("no template named \"default\" in chat_template".into()))?
                     .to_string(),
                 _ => {
-                    return Err(ModelError::ChatTemplate(
+                    return Err(EngineError::ChatTemplate(
                         "tokenizer_config.json has no chat_template (and there is no chat_template.jinja); this model cannot render chat messages — pass a plain prompt instead".into(),
                     ))
                 }
@@ -107,7 +107,7 @@ impl ChatTemplate {
             strftime_now(&fmt)
         });
         env.add_template_owned(TEMPLATE_NAME, source)
-            .map_err(|e| ModelError::ChatTemplate(format!("cannot compile: {e}")))?;
+            .map_err(|e| EngineError::ChatTemplate(format!("cannot compile: {e}")))?;
         Ok(ChatTemplate {
             env,
             bos_token,
@@ -129,7 +129,7 @@ impl ChatTemplate {
         all.push(ChatMessage::assistant(SENTINEL));
         let text = self.render(&all, false)?;
         let at = text.rfind(SENTINEL).ok_or_else(|| {
-            ModelError::ChatTemplate("the template drops the assistant's message".into())
+            EngineError::ChatTemplate("the template drops the assistant's message".into())
         })?;
         Ok(text[at + SENTINEL.len()..].to_string())
     }
@@ -146,7 +146,7 @@ impl ChatTemplate {
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         })
-        .map_err(|e| ModelError::ChatTemplate(format!("cannot render: {e}")))
+        .map_err(|e| EngineError::ChatTemplate(format!("cannot render: {e}")))
     }
 
     /// The text a new user turn adds to a conversation `history` whose last assistant turn
@@ -163,7 +163,7 @@ impl ChatTemplate {
         all.push(user.clone());
         let after = self.render(&all, true)?;
         after.strip_prefix(before.as_str()).map(str::to_string).ok_or_else(|| {
-            ModelError::ChatTemplate(
+            EngineError::ChatTemplate(
                 "the template does not render the conversation as a prefix of its continuation, so a session cannot forward only the new turn".into(),
             )
         })

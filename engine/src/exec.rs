@@ -34,13 +34,13 @@ pub enum ExecError {
     Memtest(#[from] crate::memtest::MemtestError),
     /// The generate job failed.
     #[error("generate: {0}")]
-    Generate(crate::model::ModelError),
+    Generate(crate::error::EngineError),
     /// The train job failed.
     #[error("train: {0}")]
-    Train(crate::model::ModelError),
+    Train(crate::error::EngineError),
     /// The export job failed.
     #[error("export: {0}")]
-    Export(crate::model::ModelError),
+    Export(crate::error::EngineError),
 }
 
 /// Runs one request to completion (no reporting of the outcome; see [`job_process_main`]).
@@ -50,7 +50,9 @@ pub fn run_request(request: &JobRequest, reporter: &Reporter) -> Result<JobOutpu
         JobSpec::Generate(spec) => {
             crate::generate::job::run_job(request, spec, reporter).map_err(ExecError::Generate)
         }
-        JobSpec::Train(spec) => crate::train::run_job(spec, reporter).map_err(ExecError::Train),
+        JobSpec::Train(spec) => {
+            crate::train::run_job(request, spec, reporter).map_err(ExecError::Train)
+        }
         JobSpec::Export(spec) => crate::export::run_job(spec, reporter).map_err(ExecError::Export),
     }
 }

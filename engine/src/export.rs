@@ -17,10 +17,13 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::Dtype;
 
-use crate::model::error::{ModelError, Result};
+use crate::chat_model::{model_files, TINY_MODEL};
+use crate::engine::Engine;
+use crate::error::{EngineError, Result};
+use crate::model::layout::EMBED_TOKENS;
 use crate::model::{
-    save_model_dir, Checkpoint, DenseDtype, LinearFormat, LinearWeight, LoadOptions, Model,
-    ModelFiles, ParamRef, SaveFormat, SaveOptions, TINY_MODEL,
+    save_model_dir, Checkpoint, DenseDtype, LinearFormat, LinearWeight, Model, ModelConfig,
+    ParamRef, SaveFormat, SaveOptions,
 };
 use crate::report::{JobOutput, PhaseReport, Reporter};
 use crate::spec::{ExportFormat, ExportSpec};
@@ -43,37 +46,31 @@ pub struct ExportReport {
     pub probe_max_logit_diff: f32,
 }
 
-/// The float dtype of the source's dense tensors: `tiny` is f32; a directory's is that of its
-/// embedding (bf16 stays bf16; f32 and f16 are written as f32, which holds them exactly).
-fn source_dense_dtype(checkpoint: &str) -> Result<DenseDtype> {
+/// The source with linears in `format`, and the float dtype of its dense tensors: `tiny` is
+/// f32; a directory's is that of its embedding (bf16 stays bf16; f32 and f16 are written as
+/// f32, which holds them exactly).
+fn load(engine: &Engine, checkpoint: &str, format: LinearFormat) -> Result<(Model, DenseDtype)> {
     if checkpoint == TINY_MODEL {
-        return Ok(DenseDtype::F32);
+        return Ok((
+            crate::tiny::model(format, engine.device())?,
+            DenseDtype::F32,
+        ));
     }
-    let ck = Checkpoint::open(Path::new(checkpoint))?;
-    let embed = ck.get("model.embed_tokens.weight")?;
-    Ok(match embed.dtype {
+    let dir = Path::new(checkpoint);
+    if !dir.is_dir() {
+        return Err(EngineError::config(
+            dir,
+            "not a directory; export takes a checkpoint or model directory (or `tiny`)",
+        ));
+    }
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let ck = Checkpoint::open(dir)?;
+    let dense = match ck.get(EMBED_TOKENS)?.dtype {
         Dtype::BF16 => DenseDtype::Bf16,
         _ => DenseDtype::F32,
-    })
-}
-
-fn load(checkpoint: &str, format: LinearFormat) -> Result<Model> {
-    let opts = LoadOptions {
-        format,
-        ..Default::default()
     };
-    if checkpoint == TINY_MODEL {
-        crate::tiny::model(format, &opts.device)
-    } else {
-        let dir = Path::new(checkpoint);
-        if !dir.is_dir() {
-            return Err(ModelError::config(
-                dir,
-                "not a directory; export takes a checkpoint or model directory (or `tiny`)",
-            ));
-        }
-        Model::load(dir, &opts)
-    }
+    let model = Model::from_checkpoint(&cfg, &ck, &engine.load_options(format))?;
+    Ok((model, dense))
 }
 
 /// Export `checkpoint` to `out_dir` in `format`, then verify it by loading it back.
@@ -84,14 +81,14 @@ pub fn export(
     reporter: &Reporter,
 ) -> Result<ExportReport> {
     if out_dir.as_os_str().is_empty() {
-        return Err(ModelError::InvalidArgument(
+        return Err(EngineError::InvalidArgument(
             "out_dir is empty; pass the directory to write (--out)".into(),
         ));
     }
     if checkpoint != TINY_MODEL
         && Path::new(checkpoint).canonicalize().ok() == out_dir.canonicalize().ok()
     {
-        return Err(ModelError::InvalidArgument(format!(
+        return Err(EngineError::InvalidArgument(format!(
             "the output directory {} is the checkpoint itself; choose another --out",
             out_dir.display()
         )));
@@ -101,27 +98,30 @@ pub fn export(
             .flatten()
             .any(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
         {
-            return Err(ModelError::InvalidArgument(format!(
+            return Err(EngineError::InvalidArgument(format!(
                 "{} already holds .safetensors files; export into an empty or new directory",
                 out_dir.display()
             )));
         }
     }
+    // `None`: the dense tensors keep the source's dtype.
     let (save_format, load_format, dense_dtype) = match format {
-        ExportFormat::Safetensors => (SaveFormat::Dense, LinearFormat::Dense, DenseDtype::Bf16),
-        ExportFormat::Nvfp4ModelOpt => (
-            SaveFormat::Nvfp4ModelOpt,
-            LinearFormat::Nvfp4,
-            source_dense_dtype(checkpoint)?,
+        ExportFormat::Safetensors => (
+            SaveFormat::Dense,
+            LinearFormat::Dense,
+            Some(DenseDtype::Bf16),
         ),
+        ExportFormat::Nvfp4ModelOpt => (SaveFormat::Nvfp4ModelOpt, LinearFormat::Nvfp4, None),
         ExportFormat::Nvfp4CompressedTensors => (
             SaveFormat::Nvfp4CompressedTensors,
             LinearFormat::Nvfp4,
-            source_dense_dtype(checkpoint)?,
+            None,
         ),
     };
-    let files = ModelFiles::load(checkpoint)?;
-    let source = load(checkpoint, load_format)?;
+    let engine = Engine::cpu();
+    let (source, source_dtype) = load(&engine, checkpoint, load_format)?;
+    let dense_dtype = dense_dtype.unwrap_or(source_dtype);
+    let files = model_files(checkpoint)?;
     let (w, s) = source.weight_bytes();
     reporter.phase(PhaseReport::now("model_loaded", 0).bytes([("weights", w), ("scales", s)]));
 
@@ -149,8 +149,14 @@ pub fn export(
             .metric("bytes_written", bytes as f64),
     );
 
-    let (tensor_count, probe_max_logit_diff) =
-        verify(out_dir, &source, save_format, load_format, dense_dtype)?;
+    let (tensor_count, probe_max_logit_diff) = verify(
+        &engine,
+        out_dir,
+        &source,
+        save_format,
+        load_format,
+        dense_dtype,
+    )?;
     reporter.log(format!(
         "export verified: {tensor_count} tensors reloaded from {} match the source (probe max |Δlogit| {probe_max_logit_diff:.3e})",
         out_dir.display()
@@ -174,6 +180,7 @@ pub fn export(
 /// Load the export back and compare it with `source`; returns the tensor count and the
 /// probe logit difference.
 fn verify(
+    engine: &Engine,
     out_dir: &Path,
     source: &Model,
     save_format: SaveFormat,
@@ -186,37 +193,32 @@ fn verify(
         DenseDtype::F32 => Dtype::F32,
         DenseDtype::Bf16 => Dtype::BF16,
     };
+    let layout = source.layout();
     for name in &names {
         let t = ck.get(name)?;
-        let want = if name.ends_with(".weight_scale") {
-            Dtype::F8_E4M3
-        } else if name.ends_with(".weight_scale_2") || name.ends_with(".weight_global_scale") {
-            Dtype::F32
-        } else if name.ends_with(".weight_packed")
-            || (save_format == SaveFormat::Nvfp4ModelOpt
-                && name.ends_with(".weight")
-                && ck.contains(&format!("{}_scale_2", name)))
-        {
-            Dtype::U8
-        } else {
-            dense_st
-        };
+        // A linear's tensors: NVFP4 in the requested layout where the file packed the linear,
+        // dense otherwise.
+        let want = name
+            .rsplit_once('.')
+            .and_then(|(prefix, _)| layout.linear(prefix))
+            .and_then(|l| {
+                let packed = l.stored_format(|n| ck.contains(n)).is_some();
+                l.stored_tensors(save_format.nvfp4().filter(|_| packed))
+                    .into_iter()
+                    .find(|s| s.name == *name)
+            })
+            .and_then(|s| s.role.dtype())
+            .unwrap_or(dense_st);
         if t.dtype != want {
-            return Err(ModelError::ExportMismatch {
+            return Err(EngineError::ExportMismatch {
                 name: name.to_string(),
                 message: format!("written as {:?}, expected {want:?}", t.dtype),
             });
         }
     }
-    let back = Model::load(
-        out_dir,
-        &LoadOptions {
-            format: load_format,
-            ..Default::default()
-        },
-    )?;
+    let back = engine.load_model(out_dir, load_format)?;
     if back.config() != source.config() {
-        return Err(ModelError::ExportMismatch {
+        return Err(EngineError::ExportMismatch {
             name: "config.json".into(),
             message: "the written config differs from the source's".into(),
         });
@@ -226,21 +228,21 @@ fn verify(
         // bf16 keeps 8 significant bits: round-to-nearest is within 2^-9 relative.
         DenseDtype::Bf16 => 1.0 / 256.0,
     };
-    for ((name, a), (_, b)) in source.parameters().into_iter().zip(back.parameters()) {
-        compare_param(&name, a, b, rel_tol)?;
+    for ((spec, a), (_, b)) in source.parameters().into_iter().zip(back.parameters()) {
+        compare_param(engine.device(), spec.name(), a, b, rel_tol)?;
     }
     let probe: Vec<u32> = (0..8u32)
         .map(|i| 3 + (i * 37 + 5) % (source.config().vocab_size as u32 - 3))
         .collect();
-    let la = crate::generate::replay_logits(source, &probe)?;
-    let lb = crate::generate::replay_logits(&back, &probe)?;
+    let la = engine.forward_last(source, &probe, &mut engine.new_cache(source))?;
+    let lb = engine.forward_last(&back, &probe, &mut engine.new_cache(&back))?;
     let diff = la
         .iter()
         .zip(&lb)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0f32, f32::max);
     if !diff.is_finite() {
-        return Err(ModelError::ExportMismatch {
+        return Err(EngineError::ExportMismatch {
             name: "<probe logits>".into(),
             message: format!("the reloaded model's logits are not finite ({diff})"),
         });
@@ -250,7 +252,7 @@ fn verify(
 
 fn compare_values(name: &str, a: &[f32], b: &[f32], rel_tol: f32) -> Result<()> {
     if a.len() != b.len() {
-        return Err(ModelError::ExportMismatch {
+        return Err(EngineError::ExportMismatch {
             name: name.to_string(),
             message: format!("{} elements written, {} in the source", b.len(), a.len()),
         });
@@ -262,7 +264,7 @@ fn compare_values(name: &str, a: &[f32], b: &[f32], rel_tol: f32) -> Result<()> 
             (x - y).abs() <= rel_tol * x.abs()
         };
         if !ok {
-            return Err(ModelError::ExportMismatch {
+            return Err(EngineError::ExportMismatch {
                 name: name.to_string(),
                 message: format!("element {i} reads back as {y}, the source has {x}"),
             });
@@ -271,7 +273,13 @@ fn compare_values(name: &str, a: &[f32], b: &[f32], rel_tol: f32) -> Result<()> 
     Ok(())
 }
 
-fn compare_param(name: &str, a: ParamRef<'_>, b: ParamRef<'_>, rel_tol: f32) -> Result<()> {
+fn compare_param(
+    device: &candle_core::Device,
+    name: &str,
+    a: ParamRef<'_>,
+    b: ParamRef<'_>,
+    rel_tol: f32,
+) -> Result<()> {
     let vals = |t: &candle_core::Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
     match (a, b) {
         (ParamRef::Tensor(x), ParamRef::Tensor(y)) => {
@@ -285,7 +293,7 @@ fn compare_param(name: &str, a: ParamRef<'_>, b: ParamRef<'_>, rel_tol: f32) -> 
                     let ts_ok =
                         (p.tensor_scale - q.tensor_scale).abs() <= p.tensor_scale * f32::EPSILON;
                     if p.packed != q.packed || p.scales != q.scales || !ts_ok {
-                        return Err(ModelError::ExportMismatch {
+                        return Err(EngineError::ExportMismatch {
                             name: format!("{name}.weight"),
                             message: "the NVFP4 codes or scales read back differ from the source's"
                                 .into(),
@@ -294,8 +302,8 @@ fn compare_param(name: &str, a: ParamRef<'_>, b: ParamRef<'_>, rel_tol: f32) -> 
                 }
                 _ => compare_values(
                     &format!("{name}.weight"),
-                    &vals(&x.dense_weight()?)?,
-                    &vals(&y.dense_weight()?)?,
+                    &vals(&x.dense_weight(device)?)?,
+                    &vals(&y.dense_weight(device)?)?,
                     rel_tol,
                 )?,
             }
@@ -304,13 +312,13 @@ fn compare_param(name: &str, a: ParamRef<'_>, b: ParamRef<'_>, rel_tol: f32) -> 
                     compare_values(&format!("{name}.bias"), &vals(p)?, &vals(q)?, rel_tol)
                 }
                 (None, None) => Ok(()),
-                _ => Err(ModelError::ExportMismatch {
+                _ => Err(EngineError::ExportMismatch {
                     name: format!("{name}.bias"),
                     message: "present on one side only".into(),
                 }),
             }
         }
-        _ => Err(ModelError::ExportMismatch {
+        _ => Err(EngineError::ExportMismatch {
             name: name.to_string(),
             message: "a linear layer on one side, a plain tensor on the other".into(),
         }),

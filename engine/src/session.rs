@@ -2,7 +2,8 @@
 //! the delta-prefill protocol — each turn forwards only its new tokens (the rendered user
 //! turn and assistant prefix), every accepted token ends up in the cache, and the assistant
 //! turn is closed by forwarding the template's closing text (`<|im_end|>\n` for ChatML).
-//! Between jobs, sessions live in the session store (`session_store`).
+//! The conversation's cache is its engine's (`crate::engine::EngineCache`). Between jobs,
+//! sessions live in the session store (`session_store`).
 
 use std::ops::ControlFlow;
 use std::time::Instant;
@@ -10,9 +11,9 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatMessage;
+use crate::chat_model::ChatModel;
+use crate::error::{EngineError, Result};
 use crate::generate::{GenerateOptions, Generation, KvMode, Sequence};
-use crate::model::error::{ModelError, Result};
-use crate::model::ChatModel;
 
 /// A conversation in progress.
 ///
@@ -53,7 +54,7 @@ pub struct TurnReport {
 
 /// Check a session id: 1–128 characters of `[A-Za-z0-9._-]`, not starting with `.`.
 pub fn validate_session_id(id: &str) -> Result<()> {
-    kiln_job::sessions::check_session_id(id).map_err(ModelError::InvalidArgument)
+    kiln_job::sessions::check_session_id(id).map_err(EngineError::InvalidArgument)
 }
 
 impl Session {
@@ -91,7 +92,7 @@ impl Session {
         on_token: &mut dyn FnMut(u32, &str) -> ControlFlow<()>,
     ) -> Result<TurnReport> {
         if self.model_fingerprint != model.fingerprint {
-            return Err(ModelError::Session {
+            return Err(EngineError::Session {
                 id: self.id.clone(),
                 message: format!(
                     "was built with model {} but this job loaded {}; start a new session for this model",
@@ -111,7 +112,7 @@ impl Session {
         let ctx = model.model.config().max_position_embeddings;
         let fixed = seq_len_before + delta.len() + closing.len();
         if fixed + 1 > ctx {
-            return Err(ModelError::PromptTooLong {
+            return Err(EngineError::PromptTooLong {
                 tokens: seq_len_before + delta.len(),
                 max_context: ctx,
                 reserve: closing.len() + 1,

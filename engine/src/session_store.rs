@@ -14,15 +14,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use candle_core::{Device, Tensor};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatMessage;
+use crate::engine::{Engine, HostTensor};
+use crate::error::{EngineError, Result};
 use crate::generate::Sequence;
-use crate::model::error::{ModelError, Result};
-use crate::model::KvCache;
 use crate::session::{validate_session_id, Session};
 
 pub use kiln_job::sessions::StoredSession as SessionInfo;
@@ -51,7 +50,7 @@ pub struct SessionStore {
 impl SessionStore {
     /// Open (creating) the store in `dir` with a budget of `budget_bytes`.
     pub fn open(dir: &Path, budget_bytes: u64) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| ModelError::io("creating", dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| EngineError::io("creating", dir, e))?;
         Ok(SessionStore {
             dir: dir.to_path_buf(),
             budget_bytes,
@@ -72,19 +71,19 @@ impl SessionStore {
         session_file(&self.dir, id)
     }
 
-    /// Load a session (refreshing its last use); `None` if it is not stored.
-    pub fn load(&self, id: &str, device: &Device) -> Result<Option<Session>> {
+    /// Load a session (refreshing its last use) onto `engine`; `None` if it is not stored.
+    pub fn load(&self, id: &str, engine: &Engine) -> Result<Option<Session>> {
         validate_session_id(id)?;
         let path = self.path(id);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(ModelError::io("reading", &path, e)),
+            Err(e) => return Err(EngineError::io("reading", &path, e)),
         };
         touch(&path);
-        decode(id, &bytes, device)
+        decode(id, &bytes, engine)
             .map(Some)
-            .map_err(|m| ModelError::Session {
+            .map_err(|m| EngineError::Session {
                 id: id.to_string(),
                 message: format!(
                     "stored file {} is unreadable ({m}); remove it to start over",
@@ -101,7 +100,7 @@ impl SessionStore {
         let bytes = data.len() as u64;
         if bytes > self.budget_bytes {
             let _ = std::fs::remove_file(self.path(&session.id));
-            return Err(ModelError::Session {
+            return Err(EngineError::Session {
                 id: session.id.clone(),
                 message: format!(
                     "needs {bytes} bytes, more than the session store's whole budget of {} bytes; raise the budget or keep conversations shorter",
@@ -113,13 +112,13 @@ impl SessionStore {
         let tmp = self
             .dir
             .join(format!(".{}.{}.tmp", session.id, std::process::id()));
-        let mut f = File::create(&tmp).map_err(|e| ModelError::io("creating", &tmp, e))?;
+        let mut f = File::create(&tmp).map_err(|e| EngineError::io("creating", &tmp, e))?;
         f.write_all(&data)
-            .map_err(|e| ModelError::io("writing", &tmp, e))?;
+            .map_err(|e| EngineError::io("writing", &tmp, e))?;
         f.sync_all()
-            .map_err(|e| ModelError::io("syncing", &tmp, e))?;
+            .map_err(|e| EngineError::io("syncing", &tmp, e))?;
         drop(f);
-        std::fs::rename(&tmp, &path).map_err(|e| ModelError::io("renaming into", &path, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| EngineError::io("renaming into", &path, e))?;
         if let Ok(d) = File::open(&self.dir) {
             let _ = d.sync_all();
         }
@@ -139,13 +138,13 @@ impl SessionStore {
         match std::fs::remove_file(self.path(id)) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(ModelError::io("removing", self.path(id), e)),
+            Err(e) => Err(EngineError::io("removing", self.path(id), e)),
         }
     }
 
     /// Stored sessions, least recently used first.
     pub fn list(&self) -> Result<Vec<SessionInfo>> {
-        list_sessions(&self.dir).map_err(|e| ModelError::io("listing", &self.dir, e))
+        list_sessions(&self.dir).map_err(|e| EngineError::io("listing", &self.dir, e))
     }
 
     /// Evict LRU sessions (never `keep`) until the total is within budget.
@@ -191,23 +190,10 @@ fn encode(s: &Session) -> Result<Vec<u8>> {
         s.seq.tokens.iter().flat_map(|t| t.to_le_bytes()).collect(),
         Dtype::U32,
     )];
-    if cached {
-        for i in 0..cache.num_layers() {
-            let (k, v) = cache.layer(i).expect("a non-empty cache has every layer");
-            for (name, t) in [("k", k), ("v", v)] {
-                let data: Vec<u8> = t
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect();
-                bufs.push((
-                    format!("layers.{i}.{name}"),
-                    t.dims().to_vec(),
-                    data,
-                    Dtype::F32,
-                ));
-            }
+    for (i, (k, v)) in cache.to_host()?.into_iter().enumerate() {
+        for (name, t) in [("k", k), ("v", v)] {
+            let data: Vec<u8> = t.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            bufs.push((format!("layers.{i}.{name}"), t.shape, data, Dtype::F32));
         }
     }
     let views: Vec<(String, TensorView<'_>)> = bufs
@@ -230,12 +216,12 @@ fn encode(s: &Session) -> Result<Vec<u8>> {
     safetensors::serialize(views, Some(meta)).map_err(st_err)
 }
 
-fn st_err(e: safetensors::SafeTensorError) -> ModelError {
-    ModelError::InvalidArgument(format!("session serialization: {e}"))
+fn st_err(e: safetensors::SafeTensorError) -> EngineError {
+    EngineError::InvalidArgument(format!("session serialization: {e}"))
 }
 
 /// Parse a stored session; the error string says what is wrong.
-fn decode(id: &str, bytes: &[u8], device: &Device) -> std::result::Result<Session, String> {
+fn decode(id: &str, bytes: &[u8], engine: &Engine) -> std::result::Result<Session, String> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
     let (_, md) = SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
     let meta = md.metadata().clone().unwrap_or_default();
@@ -264,7 +250,7 @@ fn decode(id: &str, bytes: &[u8], device: &Device) -> std::result::Result<Sessio
     let cache = if st.names().iter().any(|n| n.starts_with("layers.")) {
         let mut kv = Vec::with_capacity(layers);
         for i in 0..layers {
-            let load = |name: String| -> std::result::Result<Tensor, String> {
+            let load = |name: String| -> std::result::Result<HostTensor, String> {
                 let t = st.tensor(&name).map_err(|e| e.to_string())?;
                 if t.dtype() != Dtype::F32 || t.shape().len() != 4 || t.shape()[2] != tokens.len() {
                     return Err(format!(
@@ -278,16 +264,19 @@ fn decode(id: &str, bytes: &[u8], device: &Device) -> std::result::Result<Sessio
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect();
-                Tensor::from_vec(v, t.shape(), device).map_err(|e| e.to_string())
+                Ok(HostTensor {
+                    shape: t.shape().to_vec(),
+                    data: v,
+                })
             };
             kv.push((
                 load(format!("layers.{i}.k"))?,
                 load(format!("layers.{i}.v"))?,
             ));
         }
-        KvCache::from_layers(kv).map_err(|e| e.to_string())?
+        engine.cache_from_host(kv).map_err(|e| e.to_string())?
     } else {
-        KvCache::new(layers)
+        engine.empty_cache(layers)
     };
     Ok(Session {
         id: id.to_string(),

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use crate::model::error::{ModelError, Result};
+use crate::error::{EngineError, Result};
 
 /// A loaded tokenizer.
 #[derive(Clone)]
@@ -24,16 +24,17 @@ impl std::fmt::Debug for TextTokenizer {
 impl TextTokenizer {
     /// Load `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io("reading", path, e))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| EngineError::io("reading", path, e))?;
         Self::from_json_str(&text)
-            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))
+            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))
     }
 
     /// Parse the contents of a `tokenizer.json`.
     pub fn from_json_str(json: &str) -> Result<Self> {
         let inner: tokenizers::Tokenizer = json
             .parse()
-            .map_err(|e| ModelError::Tokenizer(format!("cannot parse tokenizer.json: {e}")))?;
+            .map_err(|e| EngineError::Tokenizer(format!("cannot parse tokenizer.json: {e}")))?;
         Ok(TextTokenizer { inner })
     }
 
@@ -53,7 +54,7 @@ impl TextTokenizer {
         let enc = self
             .inner
             .encode(text, false)
-            .map_err(|e| ModelError::Tokenizer(format!("cannot encode: {e}")))?;
+            .map_err(|e| EngineError::Tokenizer(format!("cannot encode: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -61,7 +62,7 @@ impl TextTokenizer {
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special)
-            .map_err(|e| ModelError::Tokenizer(format!("cannot decode: {e}")))
+            .map_err(|e| EngineError::Tokenizer(format!("cannot decode: {e}")))
     }
 
     /// The id of a token (special or not), if it exists.
@@ -78,7 +79,7 @@ impl TextTokenizer {
     pub fn to_json(&self) -> Result<String> {
         self.inner
             .to_string(true)
-            .map_err(|e| ModelError::Tokenizer(format!("cannot serialize: {e}")))
+            .map_err(|e| EngineError::Tokenizer(format!("cannot serialize: {e}")))
     }
 }
 

@@ -8,10 +8,12 @@ use std::ops::ControlFlow;
 
 use common::*;
 use kiln_engine::chat::ChatMessage;
+use kiln_engine::chat_model::ChatModel;
+use kiln_engine::engine::LoadedModel;
 use kiln_engine::generate::{
     ab::ab_compare, generate, GenerateOptions, KvMode, SamplingParams, Sequence, StopReason,
 };
-use kiln_engine::model::{Architecture, ChatModel, LinearFormat, LoadOptions, ModelError};
+use kiln_engine::model::{Architecture, EngineError, LinearFormat, LoadOptions};
 
 /// Stated tolerance of cache vs replay logits (f32, different summation shapes).
 const LOGIT_TOL: f32 = 1e-4;
@@ -45,7 +47,7 @@ fn cache_and_replay_agree_on_every_architecture_and_format() {
         Architecture::Llama,
     ] {
         for format in [LinearFormat::Nvfp4, LinearFormat::Dense] {
-            let m = random_model(&small_config(arch), format);
+            let m = LoadedModel::cpu(random_model(&small_config(arch), format));
             let opts = GenerateOptions {
                 max_tokens: 12,
                 ..Default::default()
@@ -178,7 +180,7 @@ fn a_prompt_longer_than_the_context_is_a_clear_error() {
     assert!(
         matches!(
             err,
-            ModelError::PromptTooLong {
+            EngineError::PromptTooLong {
                 max_context: 512,
                 ..
             }

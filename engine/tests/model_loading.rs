@@ -4,12 +4,13 @@
 mod common;
 
 use common::*;
+use kiln_engine::chat_model::ChatModel;
 use kiln_engine::model::{
-    Architecture, ChatModel, DenseDtype, LinearFormat, LoadOptions, Model, ModelError, SaveFormat,
+    Architecture, DenseDtype, EngineError, LinearFormat, LoadOptions, Model, SaveFormat,
     SaveOptions,
 };
 
-fn load(dir: &std::path::Path, format: LinearFormat) -> Result<Model, ModelError> {
+fn load(dir: &std::path::Path, format: LinearFormat) -> Result<Model, EngineError> {
     Model::load(
         dir,
         &LoadOptions {
@@ -136,7 +137,7 @@ fn chat_model_loads_a_directory_with_tokenizer_and_template() {
     let tiny = ChatModel::tiny(&LoadOptions::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     save(
-        &tiny.model,
+        tiny.model.model(),
         dir.path(),
         &SaveOptions {
             format: SaveFormat::Nvfp4ModelOpt,
@@ -170,7 +171,7 @@ fn truncated_safetensors_is_a_clear_error() {
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
     let err = load(dir.path(), LinearFormat::Nvfp4).unwrap_err();
     assert!(
-        matches!(err, ModelError::CorruptSafetensors { .. }),
+        matches!(err, EngineError::CorruptSafetensors { .. }),
         "{err}"
     );
     let msg = err.to_string();
@@ -196,7 +197,7 @@ fn missing_tensor_is_named() {
     let out = safetensors::serialize(keep, None).unwrap();
     std::fs::write(&p, out).unwrap();
     let err = load(dir.path(), LinearFormat::Nvfp4).unwrap_err();
-    assert!(matches!(err, ModelError::MissingTensor { .. }), "{err}");
+    assert!(matches!(err, EngineError::MissingTensor { .. }), "{err}");
     assert!(err.to_string().contains(gone), "{err}");
 }
 
@@ -209,7 +210,7 @@ fn shape_mismatch_names_the_tensor_and_both_shapes() {
     std::fs::write(&p, cfg.to_string()).unwrap();
     let err = load(dir.path(), LinearFormat::Nvfp4).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, ModelError::ShapeMismatch { .. }), "{msg}");
+    assert!(matches!(err, EngineError::ShapeMismatch { .. }), "{msg}");
     assert!(msg.contains("model.layers.0.mlp.gate_proj.weight"), "{msg}");
     assert!(
         msg.contains("[384, 128]") && msg.contains("[400, 128]"),
@@ -251,4 +252,49 @@ fn a_directory_without_weights_or_a_missing_directory_says_so() {
         .unwrap_err()
         .to_string();
     assert!(msg.contains("tiny") && msg.contains("directory"), "{msg}");
+}
+
+#[test]
+fn a_checkpoint_holds_exactly_the_tensors_its_layout_lists() {
+    use kiln_engine::model::{Checkpoint, ModelLayout};
+    use kiln_kernels::checkpoint::NvfpFormat;
+    for (arch, format, nvfp4) in [
+        (Architecture::Qwen3, SaveFormat::Dense, None),
+        (
+            Architecture::Qwen2,
+            SaveFormat::Nvfp4ModelOpt,
+            Some(NvfpFormat::ModelOpt),
+        ),
+        (
+            Architecture::Llama,
+            SaveFormat::Nvfp4CompressedTensors,
+            Some(NvfpFormat::CompressedTensors),
+        ),
+    ] {
+        let cfg = small_config(arch);
+        let m = random_model(&cfg, LinearFormat::Nvfp4);
+        let dir = tempfile::tempdir().unwrap();
+        save(
+            &m,
+            dir.path(),
+            &SaveOptions {
+                format,
+                ..DENSE_F32
+            },
+        );
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let mut want: Vec<(String, Vec<usize>)> = ModelLayout::new(&cfg)
+            .unwrap()
+            .checkpoint_tensors(nvfp4)
+            .into_iter()
+            .map(|t| (t.name, t.shape))
+            .collect();
+        want.sort();
+        let got: Vec<(String, Vec<usize>)> = ck
+            .names()
+            .into_iter()
+            .map(|n| (n.to_string(), ck.get(n).unwrap().shape.to_vec()))
+            .collect();
+        assert_eq!(got, want, "{arch:?} {format:?}");
+    }
 }

@@ -8,8 +8,9 @@ mod common;
 use std::ops::ControlFlow;
 
 use kiln_engine::chat::ChatMessage;
+use kiln_engine::chat_model::ChatModel;
 use kiln_engine::generate::{generate, replay_logits, GenerateOptions, KvMode, Sequence};
-use kiln_engine::model::{ChatModel, LoadOptions, Logits, ModelError};
+use kiln_engine::model::{EngineError, LoadOptions, Logits};
 use kiln_engine::session::Session;
 use kiln_engine::session_store::SessionStore;
 
@@ -140,7 +141,7 @@ fn sessions_survive_the_store_and_continue_identically() {
     assert_eq!(names, vec!["chat-1.session.safetensors".to_string()]);
 
     // A later "job" loads it and continues; it must match continuing in memory.
-    let mut loaded = store.load("chat-1", cm.model.device()).unwrap().unwrap();
+    let mut loaded = store.load("chat-1", cm.model.engine()).unwrap().unwrap();
     assert_eq!(loaded.seq.tokens, live.seq.tokens);
     assert_eq!(loaded.messages, live.messages);
     assert_eq!(loaded.seq.cache.len(), live.seq.cache.len());
@@ -159,7 +160,7 @@ fn sessions_survive_the_store_and_continue_identically() {
         k1.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
         k2.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     );
-    assert!(store.load("unknown", cm.model.device()).unwrap().is_none());
+    assert!(store.load("unknown", cm.model.engine()).unwrap().is_none());
 }
 
 #[test]
@@ -174,7 +175,7 @@ fn a_replay_session_resumed_with_the_cache_prefills_what_it_lacks() {
     c.turn(&cm, USERS[0], &opts(KvMode::Cache), &mut no_stream())
         .unwrap();
     store.save(&r).unwrap();
-    let mut r = store.load("mixed", cm.model.device()).unwrap().unwrap();
+    let mut r = store.load("mixed", cm.model.engine()).unwrap().unwrap();
     assert!(r.seq.cache.is_empty());
     let a = r
         .turn(&cm, USERS[1], &opts(KvMode::Cache), &mut no_stream())
@@ -208,7 +209,7 @@ fn the_store_evicts_least_recently_used_sessions_to_stay_in_budget() {
     }
     // Use s0 again: s1 becomes the least recently used.
     std::thread::sleep(std::time::Duration::from_millis(20));
-    store.load("s0", cm.model.device()).unwrap().unwrap();
+    store.load("s0", cm.model.engine()).unwrap().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(20));
     let mut s3 = one.clone();
     s3.id = "s3".into();
@@ -231,14 +232,14 @@ fn sessions_are_tied_to_their_model_and_ids_are_checked() {
     let err = s
         .turn(&cm, "hi", &opts(KvMode::Cache), &mut no_stream())
         .unwrap_err();
-    assert!(matches!(err, ModelError::Session { .. }), "{err}");
+    assert!(matches!(err, EngineError::Session { .. }), "{err}");
     assert!(err.to_string().contains("new session"), "{err}");
     for bad in ["", "../etc", "a/b", ".hidden"] {
         assert!(Session::new(bad, &cm).is_err(), "{bad:?}");
     }
     let dir = tempfile::tempdir().unwrap();
     let store = SessionStore::open(dir.path(), 1 << 20).unwrap();
-    assert!(store.load("../x", cm.model.device()).is_err());
+    assert!(store.load("../x", cm.model.engine()).is_err());
     let _ = ChatMessage::user("unused");
 }
 
@@ -260,7 +261,7 @@ fn a_full_session_is_refused_clearly_and_replies_are_capped_to_fit() {
     let err = s
         .turn(&cm, &long_question, &o, &mut no_stream())
         .unwrap_err();
-    assert!(matches!(err, ModelError::PromptTooLong { .. }), "{err}");
+    assert!(matches!(err, EngineError::PromptTooLong { .. }), "{err}");
     assert!(err.to_string().contains("start a new session"), "{err}");
     assert_eq!(
         (s.seq.tokens.clone(), s.messages.clone()),

@@ -10,9 +10,10 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use kiln_engine::chat::ChatMessage;
+use kiln_engine::chat_model::ChatModel;
 use kiln_engine::export::export;
 use kiln_engine::generate::GenerateOptions;
-use kiln_engine::model::{ChatModel, Checkpoint, LoadOptions};
+use kiln_engine::model::{Checkpoint, LoadOptions};
 use kiln_engine::report::{Report, Reporter};
 use kiln_engine::spec::{ExportFormat, QuantSpec, TrainSpec};
 use kiln_engine::train::train;

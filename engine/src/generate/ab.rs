@@ -7,8 +7,8 @@ use std::ops::ControlFlow;
 use serde::{Deserialize, Serialize};
 
 use super::{generate, GenerateOptions, Generation, KvMode, Sequence};
-use crate::model::error::Result;
-use crate::model::Model;
+use crate::engine::LoadedModel;
+use crate::error::Result;
 
 /// Result of [`ab_compare`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,7 +35,7 @@ pub struct AbReport {
 
 /// Run greedy generation in both modes from `prompt` and compare (sampling in `opts` is
 /// used as given; `kv` and `record_logits` are overridden).
-pub fn ab_compare(model: &Model, prompt: &[u32], opts: &GenerateOptions) -> Result<AbReport> {
+pub fn ab_compare(model: &LoadedModel, prompt: &[u32], opts: &GenerateOptions) -> Result<AbReport> {
     let run = |kv: KvMode| -> Result<Generation> {
         let o = GenerateOptions {
             kv,

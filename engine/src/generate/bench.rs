@@ -8,12 +8,13 @@ use std::fmt::Write as _;
 use std::ops::ControlFlow;
 use std::time::Instant;
 
-use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use super::{ab, GenerateOptions, Sequence};
-use crate::model::error::Result;
-use crate::model::{ChatModel, LinearFormat, Model, ModelConfig, RandomWeights};
+use crate::chat_model::ChatModel;
+use crate::engine::{Engine, LoadedModel};
+use crate::error::Result;
+use crate::model::{LinearFormat, Model, ModelConfig};
 use crate::session::Session;
 use crate::session_store::SessionStore;
 
@@ -116,12 +117,11 @@ pub struct EngineBench {
 }
 
 /// The randomly initialized Qwen2.5-0.5B-shaped model (NVFP4 linears, seed 1), context
-/// limited to 4096 positions.
-pub fn qwen_0_5b_random() -> Result<Model> {
+/// limited to 4096 positions, for `engine`.
+pub fn qwen_0_5b_random(engine: &Engine) -> Result<Model> {
     let mut cfg = ModelConfig::qwen2_5_0_5b();
     cfg.max_position_embeddings = 4096;
-    let mut src = RandomWeights::new(1, LinearFormat::Nvfp4, Device::Cpu);
-    Model::build(&cfg, &mut src, &Device::Cpu)
+    engine.build_model(&cfg, &mut engine.random_weights(1, LinearFormat::Nvfp4))
 }
 
 /// Deterministic prompt ids in `[3, vocab)`.
@@ -131,7 +131,7 @@ fn prompt_ids(n: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-fn decode_row(label: &str, model: &Model, prompt: usize, new: usize) -> Result<DecodeRow> {
+fn decode_row(label: &str, model: &LoadedModel, prompt: usize, new: usize) -> Result<DecodeRow> {
     let ids = prompt_ids(prompt, model.config().vocab_size);
     let opts = GenerateOptions {
         max_tokens: new,
@@ -182,7 +182,7 @@ fn turn_rows(label: &str, cm: &ChatModel, new_tokens: usize) -> Result<Vec<TurnR
         let turn_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
         store.save(&session)?;
-        session = store.load("bench", cm.model.device())?.expect("just saved");
+        session = store.load("bench", cm.model.engine())?.expect("just saved");
         let store_ms = t.elapsed().as_secs_f64() * 1e3;
         // What a sessionless job forwards for the same turn: the whole conversation.
         let whole = &session.seq.tokens[..rep.seq_len_before + rep.delta_tokens];
@@ -206,7 +206,7 @@ fn turn_rows(label: &str, cm: &ChatModel, new_tokens: usize) -> Result<Vec<TurnR
 
 fn tempfile_dir() -> Result<std::path::PathBuf> {
     let d = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&d).map_err(|e| crate::model::ModelError::io("creating", &d, e))?;
+    std::fs::create_dir_all(&d).map_err(|e| crate::error::EngineError::io("creating", &d, e))?;
     Ok(d)
 }
 
@@ -225,7 +225,7 @@ fn median_us(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 /// Batch-1 timings of the Qwen2.5-0.5B linear shapes, NVFP4 vs f32: where decode time goes.
-fn linear_rows() -> Result<Vec<LinearRow>> {
+fn linear_rows(engine: &Engine) -> Result<Vec<LinearRow>> {
     let c = ModelConfig::qwen2_5_0_5b();
     let (h, i) = (c.hidden_size, c.intermediate_size);
     let shapes = [
@@ -234,14 +234,15 @@ fn linear_rows() -> Result<Vec<LinearRow>> {
         ("gate_proj / up_proj", i, h, 2 * c.num_hidden_layers),
         ("down_proj", h, i, c.num_hidden_layers),
     ];
-    let src = RandomWeights::new(2, LinearFormat::Dense, Device::Cpu);
+    let src = engine.random_weights(2, LinearFormat::Dense);
+    let device = engine.device();
     let mut rows = Vec::new();
     for (name, n, k, per_token) in shapes {
         let w = src.uniform(name, n, k, 0.05);
         let q = kiln_kernels::nvfp4::Nvfp4Tensor::quantize(&w, n, k)?;
-        let wt = candle_core::Tensor::from_vec(w, (n, k), &Device::Cpu)?;
+        let wt = candle_core::Tensor::from_vec(w, (n, k), device)?;
         let x: Vec<f32> = (0..k).map(|j| (j as f32 * 0.01).sin()).collect();
-        let xt = candle_core::Tensor::from_vec(x.clone(), (1, k), &Device::Cpu)?;
+        let xt = candle_core::Tensor::from_vec(x.clone(), (1, k), device)?;
         let nvfp4_us = median_us(15, || {
             std::hint::black_box(kiln_kernels::cpu::matmul_nvfp4(&x, 1, &q));
         });
@@ -268,8 +269,10 @@ pub fn run_engine_bench(
     let mut decode = Vec::new();
     let mut turns = Vec::new();
     let mut linears = Vec::new();
+    // The CPU engine: this benchmark measures the CPU path.
+    let engine = Engine::cpu();
     progress("tiny model: decode with cache vs replay");
-    let tiny = ChatModel::tiny(&Default::default())?;
+    let tiny = ChatModel::load_on(&engine, crate::chat_model::TINY_MODEL, LinearFormat::Nvfp4)?;
     decode.push(decode_row(
         "tiny",
         &tiny.model,
@@ -278,7 +281,10 @@ pub fn run_engine_bench(
     )?);
     // The same weights with f32 linears: separates the NVFP4 dequantization cost (paid per
     // forward, whatever its length) from the cost the cache saves.
-    let dense = crate::tiny::model(LinearFormat::Dense, &Device::Cpu)?;
+    let dense = LoadedModel::new(
+        engine.clone(),
+        crate::tiny::model(LinearFormat::Dense, engine.device())?,
+    );
     decode.push(decode_row(
         "tiny (f32 linears)",
         &dense,
@@ -289,9 +295,9 @@ pub fn run_engine_bench(
     turns.extend(turn_rows("tiny", &tiny, opts.turn_new_tokens)?);
     if opts.big_new_tokens > 0 {
         progress("Qwen2.5-0.5B shape: batch-1 linear layers, NVFP4 vs f32");
-        linears = linear_rows()?;
+        linears = linear_rows(&engine)?;
         progress("Qwen2.5-0.5B shape (random NVFP4 weights): building");
-        let big = qwen_0_5b_random()?;
+        let big = LoadedModel::new(engine.clone(), qwen_0_5b_random(&engine)?);
         progress("Qwen2.5-0.5B shape: decode with cache vs replay");
         decode.push(decode_row(
             "qwen2.5-0.5b-shape",

@@ -8,22 +8,17 @@
 use std::ops::ControlFlow;
 use std::time::Instant;
 
-use candle_core::Device;
-
 use super::{ab, GenerateOptions, Generation, KvMode, SamplingParams, Sequence};
 use crate::chat::ChatMessage;
-use crate::model::error::{ModelError, Result};
-use crate::model::{ChatModel, LinearFormat, LoadOptions, ModelConfig};
+use crate::chat_model::ChatModel;
+use crate::engine::{Engine, Workload};
+use crate::error::{EngineError, Result};
+use crate::model::LinearFormat;
 use crate::report::{JobOutput, PhaseReport, Report, Reporter};
 use crate::session::Session;
 use crate::session_store::SessionStore;
 use crate::spec::{DeviceSpec, GenerateSpec, JobRequest, KvSpec, SamplingSpec};
 use crate::tokenizer::TokenTextStream;
-
-/// KV cache bytes per position (keys and values of every layer, f32).
-fn kv_bytes_per_token(cfg: &ModelConfig) -> u64 {
-    (2 * cfg.num_hidden_layers * cfg.kv_size() * 4) as u64
-}
 
 /// The sampler parameters of a spec (`top_p` 0 means off, as in the proto).
 pub fn sampling_params(s: &SamplingSpec) -> Result<SamplingParams> {
@@ -37,8 +32,9 @@ pub fn sampling_params(s: &SamplingSpec) -> Result<SamplingParams> {
     Ok(p)
 }
 
-fn check_spec(spec: &GenerateSpec, device: DeviceSpec) -> Result<()> {
-    let bad = |m: &str| Err(ModelError::InvalidArgument(m.to_string()));
+/// Check the spec; the engine the job runs on.
+fn check_spec(spec: &GenerateSpec, device: DeviceSpec) -> Result<Engine> {
+    let bad = |m: &str| Err(EngineError::InvalidArgument(m.to_string()));
     if spec.model.is_empty() {
         return bad("model is empty; pass `tiny` or a model directory");
     }
@@ -50,22 +46,14 @@ fn check_spec(spec: &GenerateSpec, device: DeviceSpec) -> Result<()> {
         (false, false) => return bad("pass either a raw prompt or chat messages, not both"),
         _ => {}
     }
-    if spec.device == "cuda" {
-        return bad("the generation path runs on the CPU in this build; submit with --device cpu (or leave it empty)");
-    }
-    if let DeviceSpec::Cuda(i) = device {
-        tracing::info!(
-            gpu = i,
-            "the engine's model path is CPU-only in this build; generating on the CPU"
-        );
-    }
-    Ok(())
+    Engine::for_job(Workload::Generation, &spec.device, device)
 }
 
 /// Per-job state for streaming: the first token marks the end of the prefill.
 struct Stream<'a> {
     reporter: &'a Reporter,
-    cfg: ModelConfig,
+    /// KV-cache bytes per position.
+    kv_bytes_per_token: u64,
     weights: (u64, u64),
     /// Positions in the sequence once the prompt is forwarded.
     prefill_len: usize,
@@ -84,7 +72,7 @@ impl Stream<'_> {
                         ("scales", self.weights.1),
                         (
                             "kv_cache",
-                            kv_bytes_per_token(&self.cfg) * self.prefill_len as u64,
+                            self.kv_bytes_per_token * self.prefill_len as u64,
                         ),
                     ])
                     .metric("prompt_tokens", self.prefill_len as f64)
@@ -104,16 +92,10 @@ pub fn run_job(
     spec: &GenerateSpec,
     reporter: &Reporter,
 ) -> Result<JobOutput> {
-    check_spec(spec, request.device)?;
+    let engine = check_spec(spec, request.device)?;
     let sampling = sampling_params(&spec.sampling)?;
     let t = Instant::now();
-    let cm = ChatModel::load(
-        &spec.model,
-        &LoadOptions {
-            format: LinearFormat::Nvfp4,
-            device: Device::Cpu,
-        },
-    )?;
+    let cm = ChatModel::load_on(&engine, &spec.model, LinearFormat::Nvfp4)?;
     let weights = cm.model.weight_bytes();
     reporter.phase(
         PhaseReport::now("model_loaded", 0)
@@ -136,7 +118,7 @@ pub fn run_job(
     };
     let mut stream = Stream {
         reporter,
-        cfg: cm.model.config().clone(),
+        kv_bytes_per_token: cm.model.kv_bytes_per_token(),
         weights,
         prefill_len: 0,
         started: Instant::now(),
@@ -201,20 +183,20 @@ pub fn run_job(
         }
     } else {
         if spec.kv == KvSpec::Ab {
-            return Err(ModelError::InvalidArgument(
+            return Err(EngineError::InvalidArgument(
                 "kv = ab compares two fresh generations and cannot continue a session; use cache or replay with --session".into(),
             ));
         }
         let user = session_user_message(spec)?;
         let sessions_dir = request.sessions_dir();
         if sessions_dir.is_relative() {
-            return Err(ModelError::InvalidArgument(format!(
+            return Err(EngineError::InvalidArgument(format!(
                 "the session store directory {} is relative: it would resolve inside this job's scratch directory and be lost with it; the agent must pass an absolute path",
                 sessions_dir.display()
             )));
         }
         let store = SessionStore::open(&sessions_dir, request.sessions_budget())?;
-        let mut session = match store.load(&spec.session_id, &Device::Cpu)? {
+        let mut session = match store.load(&spec.session_id, &engine)? {
             Some(s) => s,
             None => {
                 reporter.log(format!(
@@ -259,10 +241,7 @@ pub fn run_job(
             .bytes([
                 ("weights", weights.0),
                 ("scales", weights.1),
-                (
-                    "kv_cache",
-                    kv_bytes_per_token(cm.model.config()) * kv_len as u64,
-                ),
+                ("kv_cache", cm.model.kv_bytes_per_token() * kv_len as u64),
             ])
             .metric("tokens", generation.tokens.len() as f64)
             .metric("prefill_ms", generation.prefill_ms)
@@ -289,7 +268,7 @@ fn session_user_message(spec: &GenerateSpec) -> Result<String> {
     }
     match spec.messages.as_slice() {
         [ChatMessage { role, content }] if role == "user" => Ok(content.clone()),
-        _ => Err(ModelError::InvalidArgument(
+        _ => Err(EngineError::InvalidArgument(
             "a session turn takes exactly one user message (the session keeps the history; system messages are not supported in sessions)".into(),
         )),
     }

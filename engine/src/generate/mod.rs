@@ -1,7 +1,8 @@
 //! Generation: feed a prompt and pick tokens until a stop token or the token limit, either
 //! with the KV cache (prefill once, then one token per step) or in replay mode (recompute the
 //! whole sequence every step — the A/B reference). Reports prefill time and decode speed and
-//! streams each token to a callback.
+//! streams each token to a callback. The model is run through its engine ([`LoadedModel`]),
+//! the cache is the engine's ([`EngineCache`]).
 //!
 //! - `sampling` — [`SamplingParams`], [`Sampler`].
 //! - `ab` — run cache and replay side by side and compare tokens and logits.
@@ -18,8 +19,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::error::{ModelError, Result};
-use crate::model::{KvCache, Logits, Model};
+use crate::engine::{EngineCache, LoadedModel};
+use crate::error::{EngineError, Result};
 pub use sampling::{argmax, Sampler, SamplingParams};
 
 /// How the sequence is recomputed between steps.
@@ -102,12 +103,12 @@ pub struct Sequence {
     /// Token ids forwarded into the sequence.
     pub tokens: Vec<u32>,
     /// Their keys and values (empty in replay mode).
-    pub cache: KvCache,
+    pub cache: EngineCache,
 }
 
 impl Sequence {
     /// An empty sequence for `model`.
-    pub fn new(model: &Model) -> Self {
+    pub fn new(model: &LoadedModel) -> Self {
         Sequence {
             tokens: Vec::new(),
             cache: model.new_cache(),
@@ -127,7 +128,12 @@ impl Sequence {
     /// Forward `ids` into the sequence without producing a token (cache mode updates the
     /// cache; replay mode only records them). Returns the last position's logits in cache
     /// mode, `None` in replay mode.
-    pub fn extend(&mut self, model: &Model, ids: &[u32], kv: KvMode) -> Result<Option<Vec<f32>>> {
+    pub fn extend(
+        &mut self,
+        model: &LoadedModel,
+        ids: &[u32],
+        kv: KvMode,
+    ) -> Result<Option<Vec<f32>>> {
         if ids.is_empty() {
             return Ok(None);
         }
@@ -135,8 +141,7 @@ impl Sequence {
         let out = match kv {
             KvMode::Cache => {
                 self.sync_cache(model)?;
-                let l = model.forward(ids, &mut self.cache, Logits::Last)?;
-                Some(l.squeeze(0)?.to_vec1::<f32>()?)
+                Some(model.forward_last(ids, &mut self.cache)?)
             }
             KvMode::Replay => None,
         };
@@ -146,20 +151,20 @@ impl Sequence {
 
     /// In cache mode, forward any tokens the cache lacks (a session saved in replay mode, or
     /// one whose cache was dropped).
-    fn sync_cache(&mut self, model: &Model) -> Result<()> {
+    fn sync_cache(&mut self, model: &LoadedModel) -> Result<()> {
         let have = self.cache.len();
         if have < self.tokens.len() {
-            model.forward(&self.tokens[have..], &mut self.cache, Logits::Last)?;
+            model.forward_last(&self.tokens[have..], &mut self.cache)?;
         }
         debug_assert_eq!(self.cache.len(), self.tokens.len());
         Ok(())
     }
 }
 
-fn check_fits(model: &Model, tokens: usize, reserve: usize) -> Result<()> {
+fn check_fits(model: &LoadedModel, tokens: usize, reserve: usize) -> Result<()> {
     let max = model.config().max_position_embeddings;
     if tokens + reserve > max {
-        return Err(ModelError::PromptTooLong {
+        return Err(EngineError::PromptTooLong {
             tokens,
             max_context: max,
             reserve,
@@ -175,17 +180,19 @@ fn check_fits(model: &Model, tokens: usize, reserve: usize) -> Result<()> {
 /// the last one (it was chosen but not yet forwarded; a session forwards it when it closes
 /// the turn). Errors with `PromptTooLong` if the prompt leaves no room for one token.
 pub fn generate(
-    model: &Model,
+    model: &LoadedModel,
     seq: &mut Sequence,
     prompt: &[u32],
     opts: &GenerateOptions,
     on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
 ) -> Result<Generation> {
     if opts.max_tokens == 0 {
-        return Err(ModelError::InvalidArgument("max_tokens must be ≥ 1".into()));
+        return Err(EngineError::InvalidArgument(
+            "max_tokens must be ≥ 1".into(),
+        ));
     }
     if prompt.is_empty() && seq.is_empty() {
-        return Err(ModelError::InvalidArgument("empty prompt".into()));
+        return Err(EngineError::InvalidArgument("empty prompt".into()));
     }
     check_fits(model, seq.len() + prompt.len(), 1)?;
     let mut sampler = Sampler::new(opts.sampling)?;
@@ -195,14 +202,14 @@ pub fn generate(
     let mut logits = match opts.kv {
         KvMode::Cache => {
             if prompt.is_empty() {
-                return Err(ModelError::InvalidArgument(
+                return Err(EngineError::InvalidArgument(
                     "cache mode needs at least one new prompt token".into(),
                 ));
             }
             seq.sync_cache(model)?;
-            let l = model.forward(prompt, &mut seq.cache, Logits::Last)?;
+            let l = model.forward_last(prompt, &mut seq.cache)?;
             seq.tokens.extend_from_slice(prompt);
-            l.squeeze(0)?.to_vec1::<f32>()?
+            l
         }
         KvMode::Replay => {
             seq.tokens.extend_from_slice(prompt);
@@ -236,9 +243,9 @@ pub fn generate(
         // Forward the chosen token.
         logits = match opts.kv {
             KvMode::Cache => {
-                let l = model.forward(&[tok], &mut seq.cache, Logits::Last)?;
+                let l = model.forward_last(&[tok], &mut seq.cache)?;
                 seq.tokens.push(tok);
-                l.squeeze(0)?.to_vec1::<f32>()?
+                l
             }
             KvMode::Replay => {
                 seq.tokens.push(tok);
@@ -265,8 +272,6 @@ pub fn generate(
 }
 
 /// Last-position logits of a full forward of `tokens` with a fresh cache.
-pub fn replay_logits(model: &Model, tokens: &[u32]) -> Result<Vec<f32>> {
-    let mut cache = model.new_cache();
-    let l = model.forward(tokens, &mut cache, Logits::Last)?;
-    Ok(l.squeeze(0)?.to_vec1::<f32>()?)
+pub fn replay_logits(model: &LoadedModel, tokens: &[u32]) -> Result<Vec<f32>> {
+    model.forward_last(tokens, &mut model.new_cache())
 }

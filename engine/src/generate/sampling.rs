@@ -5,7 +5,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::model::error::{ModelError, Result};
+use crate::error::{EngineError, Result};
 
 /// Sampling parameters. `temperature == 0` means greedy; `top_k == 0` and `top_p >= 1`
 /// disable those filters.
@@ -46,13 +46,13 @@ impl SamplingParams {
     /// Check ranges; the error names the bad parameter.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(ModelError::InvalidArgument(format!(
+            return Err(EngineError::InvalidArgument(format!(
                 "temperature must be a finite number ≥ 0 (0 = greedy), got {}",
                 self.temperature
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(ModelError::InvalidArgument(format!(
+            return Err(EngineError::InvalidArgument(format!(
                 "top_p must be in (0, 1], got {}",
                 self.top_p
             )));

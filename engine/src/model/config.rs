@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::error::{ModelError, Result};
+use crate::error::{EngineError, Result};
 
 /// The decoder architectures Kiln implements. They differ only in small ways:
 /// Qwen2 has q/k/v biases, Qwen3 RMS-normalizes q and k per head, Llama has neither (unless
@@ -32,7 +32,7 @@ impl Architecture {
             "Qwen2ForCausalLM" | "qwen2" => Ok(Architecture::Qwen2),
             "Qwen3ForCausalLM" | "qwen3" => Ok(Architecture::Qwen3),
             "LlamaForCausalLM" | "llama" => Ok(Architecture::Llama),
-            other => Err(ModelError::UnknownArchitecture {
+            other => Err(EngineError::UnknownArchitecture {
                 name: other.to_string(),
                 supported: Architecture::SUPPORTED.to_vec(),
             }),
@@ -115,28 +115,29 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Read and check `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io("reading", path, e))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| EngineError::io("reading", path, e))?;
         Self::from_json_str(&text, path)
     }
 
     /// Parse a `config.json` document (`path` is only used in error messages).
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
         let v: Value = serde_json::from_str(text)
-            .map_err(|e| ModelError::config(path, format!("not valid JSON: {e}")))?;
+            .map_err(|e| EngineError::config(path, format!("not valid JSON: {e}")))?;
         let arch_name = v
             .get("architectures")
             .and_then(|a| a.get(0))
             .and_then(Value::as_str)
             .or_else(|| v.get("model_type").and_then(Value::as_str))
             .ok_or_else(|| {
-                ModelError::config(path, "neither `architectures` nor `model_type` is set")
+                EngineError::config(path, "neither `architectures` nor `model_type` is set")
             })?;
         let architecture = Architecture::from_name(arch_name)?;
         let usize_field = |name: &str| -> Result<usize> {
             v.get(name)
                 .and_then(Value::as_u64)
                 .map(|x| x as usize)
-                .ok_or_else(|| ModelError::config(path, format!("missing integer field `{name}`")))
+                .ok_or_else(|| EngineError::config(path, format!("missing integer field `{name}`")))
         };
         let hidden_size = usize_field("hidden_size")?;
         let num_attention_heads = usize_field("num_attention_heads")?;
@@ -155,10 +156,10 @@ impl ModelConfig {
                 match kind {
                     "default" => None,
                     "llama3" => Some(serde_json::from_value::<Llama3RopeScaling>(rs.clone()).map_err(
-                        |e| ModelError::config(path, format!("bad llama3 rope_scaling: {e}")),
+                        |e| EngineError::config(path, format!("bad llama3 rope_scaling: {e}")),
                     )?),
                     other => {
-                        return Err(ModelError::config(
+                        return Err(EngineError::config(
                             path,
                             format!("rope_scaling type {other:?} is not supported (supported: default, llama3)"),
                         ))
@@ -212,7 +213,7 @@ impl ModelConfig {
                 .map(|x| x as u32),
             eos_token_ids,
         };
-        cfg.validate().map_err(|m| ModelError::config(path, m))?;
+        cfg.validate().map_err(|m| EngineError::config(path, m))?;
         Ok(cfg)
     }
 

@@ -1,12 +1,11 @@
 //! `ModelFiles`: the non-weight files of a model — `tokenizer.json`, `tokenizer_config.json`
 //! and the optional extras a Hugging Face directory may carry (`chat_template.jinja`,
-//! `generation_config.json`, `special_tokens_map.json`) — read from `tiny` (the bundled
-//! assets) or a directory, so checkpoints and exports carry them along unchanged.
+//! `generation_config.json`, `special_tokens_map.json`) — read from a directory (the bundled
+//! tiny model provides its own), so checkpoints and exports carry them along unchanged.
 
 use std::path::{Path, PathBuf};
 
-use super::error::{ModelError, Result};
-use super::TINY_MODEL;
+use crate::error::{EngineError, Result};
 
 /// Optional files copied as they are when present.
 pub const EXTRA_FILES: [&str; 3] = [
@@ -27,29 +26,17 @@ pub struct ModelFiles {
 }
 
 impl ModelFiles {
-    /// The files of `tiny` or of a model directory.
-    pub fn load(model: &str) -> Result<Self> {
-        if model == TINY_MODEL {
-            return Ok(ModelFiles {
-                tokenizer_json: crate::tiny::TOKENIZER_JSON.to_string(),
-                tokenizer_config_json: crate::tiny::TOKENIZER_CONFIG_JSON.to_string(),
-                extra: Vec::new(),
-            });
-        }
-        Self::from_dir(Path::new(model))
-    }
-
     /// The files of a model directory (`tokenizer.json` and `tokenizer_config.json` required).
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let read = |name: &str| -> Result<String> {
             let p = dir.join(name);
-            std::fs::read_to_string(&p).map_err(|e| ModelError::io("reading", &p, e))
+            std::fs::read_to_string(&p).map_err(|e| EngineError::io("reading", &p, e))
         };
         let mut extra = Vec::new();
         for name in EXTRA_FILES {
             let p = dir.join(name);
             if p.is_file() {
-                let bytes = std::fs::read(&p).map_err(|e| ModelError::io("reading", &p, e))?;
+                let bytes = std::fs::read(&p).map_err(|e| EngineError::io("reading", &p, e))?;
                 extra.push((name.to_string(), bytes));
             }
         }
@@ -66,7 +53,7 @@ impl ModelFiles {
         let mut out = Vec::new();
         for (name, bytes) in &self.extra {
             let p = dir.join(name);
-            std::fs::write(&p, bytes).map_err(|e| ModelError::io("writing", &p, e))?;
+            std::fs::write(&p, bytes).map_err(|e| EngineError::io("writing", &p, e))?;
             out.push(p);
         }
         Ok(out)

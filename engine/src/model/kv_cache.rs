@@ -3,8 +3,8 @@
 
 use candle_core::Tensor;
 
-use super::error::Result;
 use super::linear::tensor_bytes;
+use crate::error::Result;
 
 /// Per-layer key/value tensors of one sequence (or a batch of equally long sequences).
 ///

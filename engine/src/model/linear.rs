@@ -1,14 +1,15 @@
 //! `Linear`: a linear layer `y = x·Wᵀ + b` whose weight is dense f32, NVFP4-packed
 //! (inference), or an f32 master weight seen through straight-through NVFP4 fake-quantization
 //! (training, `--quant nvfp4-ste`). This is the one place the model touches the NVFP4
-//! kernels (`kiln_kernels`), so a device path is swapped in here.
+//! kernels (`kiln_kernels`). It works on the device of the tensors it is given; the device
+//! itself is chosen by the engine (the `engine` module, above `model`).
 
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor, D};
 use kiln_kernels::nvfp4::Nvfp4Tensor;
 
-use super::error::Result;
+use crate::error::Result;
 
 /// How a linear layer's weight is held.
 #[derive(Debug, Clone)]
@@ -107,13 +108,12 @@ impl Linear {
         }
     }
 
-    /// The weight as dense f32 `[out, in]` (dequantized if packed).
-    pub fn dense_weight(&self) -> Result<Tensor> {
+    /// The weight as dense f32 `[out, in]` (dequantized onto `device` if packed; a dense
+    /// weight stays where it is).
+    pub fn dense_weight(&self, device: &Device) -> Result<Tensor> {
         Ok(match &self.weight {
             LinearWeight::Dense(w) | LinearWeight::Ste(w) => w.clone(),
-            LinearWeight::Nvfp4(q) => {
-                Tensor::from_vec(q.dequantize(), (q.rows, q.cols), &Device::Cpu)?
-            }
+            LinearWeight::Nvfp4(q) => Tensor::from_vec(q.dequantize(), (q.rows, q.cols), device)?,
         })
     }
 }
@@ -156,7 +156,7 @@ mod tests {
         let b =
             Tensor::from_vec((0..n).map(|i| i as f32 * 0.1).collect(), n, &Device::Cpu).unwrap();
         let packed = Linear::new(LinearWeight::Nvfp4(q.clone()), Some(b.clone())).unwrap();
-        let dense_w = packed.dense_weight().unwrap();
+        let dense_w = packed.dense_weight(&Device::Cpu).unwrap();
         let dense = Linear::new(LinearWeight::Dense(dense_w), Some(b)).unwrap();
         let x = Tensor::from_vec(
             (0..2 * 3 * k)

@@ -1,33 +1,33 @@
 //! The model core: a decoder-only Qwen2 / Qwen3 / Llama transformer on candle tensors, with
-//! NVFP4 linear layers through `kiln_kernels`.
+//! NVFP4 linear layers through `kiln_kernels`. It works on whatever candle device it is given
+//! (the `engine` module chooses it) and depends on nothing in the crate but `error`: chat,
+//! tokenizers, generation, the bundled tiny model and the device seam all sit above it.
 //!
-//! - `bundle` — [`ChatModel`]: model + tokenizer + chat template (`--model tiny|DIR`).
-//! - `error` — [`ModelError`], every failure of the model core, naming the fix.
 //! - `config` — [`ModelConfig`] from `config.json`, [`Architecture`].
-//! - `checkpoint` — [`Checkpoint`]: memory-mapped safetensors files (single or sharded).
+//! - `layout` — [`ModelLayout`]: every tensor of a model of one config (name, shape, role,
+//!   NVFP4 or not; NVFP4 tensor names from `kiln_kernels::checkpoint`), which the builder,
+//!   the savers, the training parameter store and the byte accounting walk.
+//! - `checkpoint` — [`Checkpoint`]: a model directory's tensors by name, read (one file or
+//!   shards) through `kiln_kernels::checkpoint`, with typed errors.
 //! - `files` — [`ModelFiles`]: tokenizer and template files carried into checkpoints and exports.
 //! - `weights` — [`WeightSource`]: where tensors come from (checkpoint or seeded random),
 //!   NVFP4 quantize-at-load or packed ModelOpt / compressed-tensors weights.
 //! - `linear` — [`Linear`]: dense, NVFP4-packed or straight-through fake-quant linear layers.
 //! - `rope` — rotary position embeddings.
-//! - `kv_cache` — [`KvCache`], per-layer keys and values.
+//! - `kv_cache` — [`KvCache`], per-layer keys and values (the CPU engine's cache).
 //! - `save` — write a model as a Hugging Face directory (f32/bf16, NVFP4 ModelOpt or
 //!   compressed-tensors, sharded or not).
-//! - `trainable` — [`TrainableWeights`]: parameters as candle `Var`s (master weights), linears
-//!   plain or straight-through NVFP4 fake-quant, for training.
 //! - `transformer` — [`Model`]: the forward pass (with or without a cache, inference or
 //!   training ops).
 
-pub mod bundle;
 pub mod checkpoint;
 pub mod config;
-pub mod error;
 pub mod files;
 pub mod kv_cache;
+pub mod layout;
 pub mod linear;
 pub mod rope;
 pub mod save;
-pub mod trainable;
 pub mod transformer;
 pub mod weights;
 
@@ -36,15 +36,16 @@ use std::path::Path;
 
 use candle_core::Device;
 
-pub use bundle::{ChatGeneration, ChatModel, TINY_MODEL};
+pub use crate::error::{EngineError, ModelError, Result};
 pub use checkpoint::Checkpoint;
 pub use config::{Architecture, ModelConfig};
-pub use error::{ModelError, Result};
 pub use files::ModelFiles;
 pub use kv_cache::KvCache;
+pub use layout::{
+    LayerLayout, LayerParam, LinearSpec, ModelLayout, ParamKey, ParamSpec, TensorRole, TensorSpec,
+};
 pub use linear::{Linear, LinearWeight};
 pub use save::{save_model_dir, DenseDtype, SaveFormat, SaveOptions};
-pub use trainable::{TrainQuant, TrainableWeights};
 pub use transformer::{Logits, Model, ParamRef, Pass};
 pub use weights::{CheckpointWeights, LinearFormat, RandomWeights, WeightSource};
 
@@ -72,9 +73,18 @@ impl Model {
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open(dir)?;
-        let mut src = CheckpointWeights::new(&ckpt, opts.format, opts.device.clone());
-        let model = Model::build(&cfg, &mut src, &opts.device)?;
-        tracing::debug!(dir = %dir.display(), arch = ?cfg.architecture, "model loaded");
+        Model::from_checkpoint(&cfg, &ckpt, opts)
+    }
+
+    /// A model of shape `cfg` from the weights of an opened checkpoint.
+    pub fn from_checkpoint(
+        cfg: &ModelConfig,
+        ckpt: &Checkpoint,
+        opts: &LoadOptions,
+    ) -> Result<Model> {
+        let mut src = CheckpointWeights::new(ckpt, opts.format, opts.device.clone());
+        let model = Model::build(cfg, &mut src, &opts.device)?;
+        tracing::debug!(dir = %ckpt.dir().display(), arch = ?cfg.architecture, "model loaded");
         Ok(model)
     }
 }

@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor};
 
 use super::config::{Llama3RopeScaling, ModelConfig};
-use super::error::Result;
+use crate::error::Result;
 
 /// The inverse frequencies of one model.
 #[derive(Debug, Clone)]

@@ -7,14 +7,17 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use kiln_kernels::checkpoint::{nvfp4_to_tensors, NvfpFormat};
 use kiln_kernels::nvfp4::Nvfp4Tensor;
 use safetensors::tensor::{Dtype, TensorView};
 
-use super::checkpoint::INDEX_FILE;
-use super::config::ModelConfig;
-use super::error::{ModelError, Result};
+use super::layout::{ModelLayout, ParamSpec};
 use super::linear::LinearWeight;
 use super::transformer::{Model, ParamRef};
+use crate::error::{EngineError, Result};
+
+/// Name of the shard index file of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// How linear weights are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +29,17 @@ pub enum SaveFormat {
     /// compressed-tensors NVFP4: `weight_packed`, `weight_scale`, `weight_global_scale`
     /// (= 1 / tensor scale).
     Nvfp4CompressedTensors,
+}
+
+impl SaveFormat {
+    /// The NVFP4 checkpoint layout, for the NVFP4 formats.
+    pub fn nvfp4(self) -> Option<NvfpFormat> {
+        match self {
+            SaveFormat::Dense => None,
+            SaveFormat::Nvfp4ModelOpt => Some(NvfpFormat::ModelOpt),
+            SaveFormat::Nvfp4CompressedTensors => Some(NvfpFormat::CompressedTensors),
+        }
+    }
 }
 
 /// Element type of the tensors that are not NVFP4 (embeddings, norms, biases, dense linears).
@@ -78,85 +92,59 @@ fn dense_out(name: String, values: &[f32], shape: Vec<usize>, dt: DenseDtype) ->
     }
 }
 
-fn packed_out(prefix: &str, q: &Nvfp4Tensor, format: SaveFormat) -> Vec<OutTensor> {
-    let (codes, global, gval, gshape) = match format {
-        SaveFormat::Nvfp4CompressedTensors => (
-            "weight_packed",
-            "weight_global_scale",
-            1.0 / q.tensor_scale,
-            vec![1],
-        ),
-        _ => ("weight", "weight_scale_2", q.tensor_scale, vec![]),
-    };
-    vec![
-        OutTensor {
-            name: format!("{prefix}.{codes}"),
-            dtype: Dtype::U8,
-            shape: vec![q.rows, q.cols / 2],
-            data: q.packed.clone(),
-        },
-        OutTensor {
-            name: format!("{prefix}.weight_scale"),
-            dtype: Dtype::F8_E4M3,
-            shape: vec![q.rows, q.cols / 16],
-            data: q.scales.clone(),
-        },
-        OutTensor {
-            name: format!("{prefix}.{global}"),
-            dtype: Dtype::F32,
-            shape: gshape,
-            data: gval.to_le_bytes().to_vec(),
-        },
-    ]
-}
-
-/// The tensors of `model` in `opts`' layout.
+/// The tensors of `model` in `opts`' layout, walking the model's [`ModelLayout`].
 fn collect(model: &Model, opts: &SaveOptions) -> Result<Vec<OutTensor>> {
     let mut out = Vec::new();
-    for (name, p) in model.parameters() {
-        match p {
-            ParamRef::Tensor(t) => {
-                let v = t.flatten_all()?.to_vec1::<f32>()?;
-                out.push(dense_out(name, &v, t.dims().to_vec(), opts.dense_dtype));
+    let values = |t: &candle_core::Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
+    for (spec, p) in model.parameters() {
+        match (spec, p) {
+            (_, ParamRef::Tensor(t)) => {
+                out.push(dense_out(
+                    spec.name().to_string(),
+                    &values(t)?,
+                    t.dims().to_vec(),
+                    opts.dense_dtype,
+                ));
             }
-            ParamRef::Linear(l) => {
-                let is_head = name == "lm_head";
-                let quantized = match (opts.format, l.weight()) {
-                    (SaveFormat::Dense, _) => None,
-                    (_, LinearWeight::Nvfp4(q)) => Some(q.as_ref().clone()),
+            (ParamSpec::Tensor(_), ParamRef::Linear(_)) => {
+                unreachable!("the model holds a linear layer where its layout has one")
+            }
+            (ParamSpec::Linear(ls), ParamRef::Linear(l)) => {
+                let quantized = match (opts.format.nvfp4(), l.weight()) {
+                    (None, _) => None,
+                    (Some(f), LinearWeight::Nvfp4(q)) => Some((f, q.as_ref().clone())),
                     // The head stays dense unless it already is NVFP4 (ModelOpt's default).
-                    (_, _) if is_head => None,
-                    (_, w) => {
-                        let t = match w {
-                            LinearWeight::Dense(t) | LinearWeight::Ste(t) => t,
-                            LinearWeight::Nvfp4(_) => unreachable!("matched above"),
-                        };
-                        let v = t.flatten_all()?.to_vec1::<f32>()?;
-                        Some(Nvfp4Tensor::quantize(
-                            &v,
-                            l.out_features(),
-                            l.in_features(),
-                        )?)
-                    }
+                    (Some(_), _) if !ls.nvfp4 => None,
+                    (Some(f), LinearWeight::Dense(t) | LinearWeight::Ste(t)) => Some((
+                        f,
+                        Nvfp4Tensor::quantize(&values(t)?, l.out_features(), l.in_features())?,
+                    )),
                 };
                 match quantized {
-                    Some(q) => out.extend(packed_out(&name, &q, opts.format)),
+                    Some((f, q)) => {
+                        out.extend(nvfp4_to_tensors(&ls.prefix, &q, f).into_iter().map(
+                            |(name, t)| OutTensor {
+                                name,
+                                dtype: t.dtype,
+                                shape: t.shape,
+                                data: t.data,
+                            },
+                        ))
+                    }
                     None => {
-                        let w = l.dense_weight()?;
-                        let v = w.flatten_all()?.to_vec1::<f32>()?;
+                        let w = l.dense_weight(model.device())?;
                         out.push(dense_out(
-                            format!("{name}.weight"),
-                            &v,
+                            ls.weight().name,
+                            &values(&w)?,
                             w.dims().to_vec(),
                             opts.dense_dtype,
                         ));
                     }
                 }
-                if let Some(b) = l.bias() {
-                    let v = b.flatten_all()?.to_vec1::<f32>()?;
+                if let (Some(b), Some(spec)) = (l.bias(), ls.bias_tensor()) {
                     out.push(dense_out(
-                        format!("{name}.bias"),
-                        &v,
+                        spec.name,
+                        &values(b)?,
                         b.dims().to_vec(),
                         opts.dense_dtype,
                     ));
@@ -167,83 +155,34 @@ fn collect(model: &Model, opts: &SaveOptions) -> Result<Vec<OutTensor>> {
     Ok(out)
 }
 
-/// `(out, in)` of the linear layer `prefix` in a model of shape `cfg`.
-fn linear_dims(cfg: &ModelConfig, prefix: &str) -> Option<(usize, usize)> {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    Some(match prefix.rsplit('.').next()? {
-        "q_proj" => (cfg.q_size(), h),
-        "k_proj" | "v_proj" => (cfg.kv_size(), h),
-        "o_proj" => (h, cfg.q_size()),
-        "gate_proj" | "up_proj" => (i, h),
-        "down_proj" => (h, i),
-        "lm_head" => (cfg.vocab_size, h),
-        _ => return None,
-    })
-}
-
-/// The dtype (when it is fixed) and shape `config.json` implies for a tensor written as
-/// `dtype`; `None` for a name this writer never produces.
-pub fn expected_layout(
-    cfg: &ModelConfig,
-    name: &str,
-    dtype: Dtype,
-) -> Option<(Option<Dtype>, Vec<usize>)> {
-    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-    if name == "model.embed_tokens.weight" {
-        return Some((None, vec![cfg.vocab_size, h]));
-    }
-    if name == "model.norm.weight" || name.ends_with("layernorm.weight") {
-        return Some((None, vec![h]));
-    }
-    if name.ends_with("q_norm.weight") || name.ends_with("k_norm.weight") {
-        return Some((None, vec![hd]));
-    }
-    let (prefix, suffix) = name.rsplit_once('.')?;
-    let (o, i) = linear_dims(cfg, prefix)?;
-    Some(match suffix {
-        "weight" if dtype == Dtype::U8 => (Some(Dtype::U8), vec![o, i / 2]),
-        "weight" => (None, vec![o, i]),
-        "weight_packed" => (Some(Dtype::U8), vec![o, i / 2]),
-        "weight_scale" => (Some(Dtype::F8_E4M3), vec![o, i / 16]),
-        "weight_scale_2" => (Some(Dtype::F32), vec![]),
-        "weight_global_scale" => (Some(Dtype::F32), vec![1]),
-        "bias" => (None, vec![o]),
-        _ => return None,
-    })
-}
-
-/// Check a tensor against the layout the config implies, and its byte length against its
-/// dtype and shape, before anything is written (the seed's export bug — scales written back
-/// with the wrong element type — fails here instead of producing a model that prints `!!!!`).
-fn check_tensor(cfg: &ModelConfig, t: &OutTensor) -> Result<()> {
-    let (dtype, shape) = expected_layout(cfg, &t.name, t.dtype).ok_or_else(|| {
-        ModelError::InvalidArgument(format!(
-            "tensor {} has no known place in a {} checkpoint",
-            t.name,
-            cfg.architecture.hf_name()
+/// Check a tensor against the place the model's layout gives it, and its byte length against
+/// its dtype and shape, before anything is written (the seed's export bug — scales written
+/// back with the wrong element type — fails here instead of producing a model that prints
+/// `!!!!`).
+fn check_tensor(layout: &ModelLayout, arch: &str, t: &OutTensor) -> Result<()> {
+    let spec = layout.stored_tensor(&t.name, t.dtype).ok_or_else(|| {
+        EngineError::InvalidArgument(format!(
+            "tensor {} has no known place in a {arch} checkpoint",
+            t.name
         ))
     })?;
-    if t.shape != shape {
-        return Err(ModelError::ShapeMismatch {
+    if t.shape != spec.shape {
+        return Err(EngineError::ShapeMismatch {
             name: t.name.clone(),
-            expected: shape,
+            expected: spec.shape,
             got: t.shape.clone(),
         });
     }
-    if let Some(d) = dtype.filter(|&d| d != t.dtype) {
-        return Err(ModelError::UnsupportedDtype {
+    if spec.role.dtype().is_some_and(|d| d != t.dtype) {
+        return Err(EngineError::UnsupportedDtype {
             name: t.name.clone(),
             dtype: format!("{:?}", t.dtype),
-            expected: match d {
-                Dtype::U8 => "U8 (packed E2M1 pairs)",
-                Dtype::F8_E4M3 => "F8_E4M3 (block scales)",
-                _ => "F32 (tensor scale)",
-            },
+            expected: spec.role.expected_dtype(),
         });
     }
     let numel: usize = t.shape.iter().product();
     if t.data.len() * 8 != numel * t.dtype.bitsize() {
-        return Err(ModelError::InvalidArgument(format!(
+        return Err(EngineError::InvalidArgument(format!(
             "tensor {}: {} bytes do not hold {numel} elements of {:?}",
             t.name,
             t.data.len(),
@@ -262,11 +201,11 @@ pub fn save_model_dir(
     dir: &Path,
     opts: &SaveOptions,
 ) -> Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::io("creating", dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| EngineError::io("creating", dir, e))?;
     let mut written = Vec::new();
     let mut write = |name: &str, bytes: &[u8]| -> Result<()> {
         let p = dir.join(name);
-        std::fs::write(&p, bytes).map_err(|e| ModelError::io("writing", &p, e))?;
+        std::fs::write(&p, bytes).map_err(|e| EngineError::io("writing", &p, e))?;
         written.push(p);
         Ok(())
     };
@@ -313,8 +252,9 @@ pub fn save_model_dir(
     write("tokenizer_config.json", tokenizer_config_json.as_bytes())?;
 
     let tensors = collect(model, opts)?;
+    let arch = model.config().architecture.hf_name();
     for t in &tensors {
-        check_tensor(model.config(), t)?;
+        check_tensor(model.layout(), arch, t)?;
     }
     let limit = opts.max_shard_bytes.unwrap_or(u64::MAX);
     let mut shards: Vec<Vec<&OutTensor>> = vec![Vec::new()];
@@ -342,14 +282,14 @@ pub fn save_model_dir(
                 weight_map.insert(t.name.clone(), fname.clone());
                 TensorView::new(t.dtype, t.shape.clone(), &t.data)
                     .map(|v| (t.name.clone(), v))
-                    .map_err(|e| ModelError::InvalidArgument(format!("tensor {}: {e}", t.name)))
+                    .map_err(|e| EngineError::InvalidArgument(format!("tensor {}: {e}", t.name)))
             })
             .collect::<Result<Vec<_>>>()?;
         let p = dir.join(&fname);
         let mut meta = std::collections::HashMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         safetensors::serialize_to_file(views, Some(meta), &p)
-            .map_err(|e| ModelError::InvalidArgument(format!("writing {}: {e}", p.display())))?;
+            .map_err(|e| EngineError::InvalidArgument(format!("writing {}: {e}", p.display())))?;
         // The safetensors writer goes through a private (0600) temporary file; give the
         // weights the permissions of the other files so a server running as another user
         // (vLLM, TensorRT-LLM) can read them.
@@ -357,7 +297,7 @@ pub fn save_model_dir(
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))
-                .map_err(|e| ModelError::io("setting permissions of", &p, e))?;
+                .map_err(|e| EngineError::io("setting permissions of", &p, e))?;
         }
         written.push(p);
     }
@@ -367,7 +307,7 @@ pub fn save_model_dir(
             serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let p = dir.join(INDEX_FILE);
         std::fs::write(&p, serde_json::to_string_pretty(&index).expect("json"))
-            .map_err(|e| ModelError::io("writing", &p, e))?;
+            .map_err(|e| EngineError::io("writing", &p, e))?;
         written.push(p);
     }
     Ok(written)
@@ -376,6 +316,7 @@ pub fn save_model_dir(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ModelConfig;
 
     fn out(name: &str, dtype: Dtype, shape: Vec<usize>) -> OutTensor {
         let n: usize = shape.iter().product();
@@ -387,46 +328,48 @@ mod tests {
         }
     }
 
+    /// The tiny model's shape (hidden 128, intermediate 384).
+    fn small_config() -> ModelConfig {
+        let mut cfg = ModelConfig::qwen2_5_0_5b();
+        cfg.hidden_size = 128;
+        cfg.intermediate_size = 384;
+        cfg.num_hidden_layers = 4;
+        cfg.num_attention_heads = 4;
+        cfg.num_key_value_heads = 2;
+        cfg.head_dim = 32;
+        cfg.vocab_size = 512;
+        cfg
+    }
+
     #[test]
     fn the_layout_check_catches_wrong_scale_dtypes_and_shapes_before_writing() {
-        let cfg = crate::tiny::config().unwrap();
+        let layout = ModelLayout::new(&small_config()).unwrap();
+        let check_tensor = |t: &OutTensor| check_tensor(&layout, "Qwen2ForCausalLM", t);
         let p = "model.layers.0.mlp.down_proj"; // [128, 384]
-        check_tensor(
-            &cfg,
-            &out(&format!("{p}.weight"), Dtype::U8, vec![128, 192]),
-        )
+        check_tensor(&out(&format!("{p}.weight"), Dtype::U8, vec![128, 192])).unwrap();
+        check_tensor(&out(
+            &format!("{p}.weight_scale"),
+            Dtype::F8_E4M3,
+            vec![128, 24],
+        ))
         .unwrap();
-        check_tensor(
-            &cfg,
-            &out(&format!("{p}.weight_scale"), Dtype::F8_E4M3, vec![128, 24]),
-        )
-        .unwrap();
-        check_tensor(
-            &cfg,
-            &out(&format!("{p}.weight_scale_2"), Dtype::F32, vec![]),
-        )
-        .unwrap();
+        check_tensor(&out(&format!("{p}.weight_scale_2"), Dtype::F32, vec![])).unwrap();
         // The seed's bug: block scales written back with another element type.
-        let e = check_tensor(
-            &cfg,
-            &out(&format!("{p}.weight_scale"), Dtype::F32, vec![128, 24]),
-        )
+        let e = check_tensor(&out(
+            &format!("{p}.weight_scale"),
+            Dtype::F32,
+            vec![128, 24],
+        ))
         .unwrap_err()
         .to_string();
         assert!(e.contains("weight_scale") && e.contains("F8_E4M3"), "{e}");
-        let e = check_tensor(
-            &cfg,
-            &out(&format!("{p}.weight_scale_2"), Dtype::BF16, vec![]),
-        )
-        .unwrap_err()
-        .to_string();
+        let e = check_tensor(&out(&format!("{p}.weight_scale_2"), Dtype::BF16, vec![]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("F32"), "{e}");
-        let e = check_tensor(
-            &cfg,
-            &out(&format!("{p}.weight"), Dtype::BF16, vec![384, 128]),
-        )
-        .unwrap_err()
-        .to_string();
+        let e = check_tensor(&out(&format!("{p}.weight"), Dtype::BF16, vec![384, 128]))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains(&format!("{p}.weight"))
                 && e.contains("[384, 128]")
@@ -435,6 +378,6 @@ mod tests {
         );
         let mut bad = out("model.norm.weight", Dtype::F32, vec![128]);
         bad.data.pop();
-        assert!(check_tensor(&cfg, &bad).is_err());
+        assert!(check_tensor(&bad).is_err());
     }
 }

@@ -1,16 +1,18 @@
 //! `Model`: the decoder-only transformer shared by Qwen2, Qwen3 and Llama — embedding, a stack
 //! of pre-norm decoder layers (grouped-query attention with RoPE, SwiGLU MLP), final RMSNorm
 //! and the LM head (tied to the embedding or separate). The forward runs with or without a
-//! `KvCache` and, for training, with differentiable ops.
+//! `KvCache` and, for training, with differentiable ops. The model is built by walking its
+//! [`ModelLayout`], and lists its parameters in the layout's order.
 
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::ModelConfig;
-use super::error::{ModelError, Result};
 use super::kv_cache::KvCache;
+use super::layout::{LayerParam, ModelLayout, ParamKey, ParamSpec};
 use super::linear::{rms_norm, tensor_bytes, Linear};
 use super::rope::Rope;
 use super::weights::WeightSource;
+use crate::error::{EngineError, Result};
 
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +58,7 @@ struct DecoderLayer {
 #[derive(Debug, Clone)]
 pub struct Model {
     cfg: ModelConfig,
+    layout: ModelLayout,
     /// `[vocab, hidden]`.
     embed: Tensor,
     layers: Vec<DecoderLayer>,
@@ -68,63 +71,36 @@ pub struct Model {
 }
 
 impl Model {
-    /// Build a model of shape `cfg` from `src` (Hugging Face tensor names).
+    /// Build a model of shape `cfg` from `src`, walking the config's [`ModelLayout`].
     pub fn build(cfg: &ModelConfig, src: &mut dyn WeightSource, device: &Device) -> Result<Self> {
-        cfg.validate().map_err(ModelError::InvalidArgument)?;
-        let h = cfg.hidden_size;
-        let embed = src.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let qk_norm = if cfg.qk_norm() {
-                Some((
-                    src.tensor(&format!("{p}.self_attn.q_norm.weight"), &[cfg.head_dim])?,
-                    src.tensor(&format!("{p}.self_attn.k_norm.weight"), &[cfg.head_dim])?,
-                ))
-            } else {
-                None
+        let layout = ModelLayout::new(cfg)?;
+        let embed = src.tensor(layout.embed())?;
+        let mut layers = Vec::with_capacity(layout.layers().len());
+        for l in layout.layers() {
+            let qk_norm = match (&l.q_norm, &l.k_norm) {
+                (Some(q), Some(k)) => Some((src.tensor(q)?, src.tensor(k)?)),
+                _ => None,
             };
-            let b = cfg.attention_bias;
             layers.push(DecoderLayer {
-                input_norm: src.tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
+                input_norm: src.tensor(&l.input_norm)?,
                 attn: Attention {
-                    q: src.linear(&format!("{p}.self_attn.q_proj"), cfg.q_size(), h, b)?,
-                    k: src.linear(&format!("{p}.self_attn.k_proj"), cfg.kv_size(), h, b)?,
-                    v: src.linear(&format!("{p}.self_attn.v_proj"), cfg.kv_size(), h, b)?,
-                    o: src.linear(&format!("{p}.self_attn.o_proj"), h, cfg.q_size(), false)?,
+                    q: src.layer(&l.q_proj)?,
+                    k: src.layer(&l.k_proj)?,
+                    v: src.layer(&l.v_proj)?,
+                    o: src.layer(&l.o_proj)?,
                     qk_norm,
                 },
-                post_attn_norm: src
-                    .tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate: src.linear(
-                    &format!("{p}.mlp.gate_proj"),
-                    cfg.intermediate_size,
-                    h,
-                    false,
-                )?,
-                up: src.linear(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
-                down: src.linear(
-                    &format!("{p}.mlp.down_proj"),
-                    h,
-                    cfg.intermediate_size,
-                    false,
-                )?,
+                post_attn_norm: src.tensor(&l.post_attention_norm)?,
+                gate: src.layer(&l.gate_proj)?,
+                up: src.layer(&l.up_proj)?,
+                down: src.layer(&l.down_proj)?,
             });
         }
-        let norm = src.tensor("model.norm.weight", &[h])?;
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            // The head stays dense (as ModelOpt leaves it) unless the checkpoint packed it.
-            if src.is_packed("lm_head") {
-                Some(src.linear("lm_head", cfg.vocab_size, h, false)?)
-            } else {
-                let w = src.tensor("lm_head.weight", &[cfg.vocab_size, h])?;
-                Some(Linear::new(super::linear::LinearWeight::Dense(w), None)?)
-            }
-        };
+        let norm = src.tensor(layout.norm())?;
+        let lm_head = layout.lm_head().map(|h| src.layer(h)).transpose()?;
         Ok(Model {
             cfg: cfg.clone(),
+            layout,
             embed,
             layers,
             norm,
@@ -132,6 +108,11 @@ impl Model {
             rope: Rope::new(cfg),
             device: device.clone(),
         })
+    }
+
+    /// The tensors of this model: names, shapes, roles.
+    pub fn layout(&self) -> &ModelLayout {
+        &self.layout
     }
 
     /// The model's configuration.
@@ -170,10 +151,12 @@ impl Model {
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
         if t == 0 {
-            return Err(ModelError::InvalidArgument("forward of zero tokens".into()));
+            return Err(EngineError::InvalidArgument(
+                "forward of zero tokens".into(),
+            ));
         }
         if offset + t > self.cfg.max_position_embeddings {
-            return Err(ModelError::PromptTooLong {
+            return Err(EngineError::PromptTooLong {
                 tokens: offset + t,
                 max_context: self.cfg.max_position_embeddings,
                 reserve: 0,
@@ -186,7 +169,7 @@ impl Model {
             .into_iter()
             .find(|&i| i >= vocab)
         {
-            return Err(ModelError::InvalidArgument(format!(
+            return Err(EngineError::InvalidArgument(format!(
                 "token id {bad} is outside the vocabulary (size {vocab})"
             )));
         }
@@ -310,74 +293,64 @@ impl Model {
         attn.o.forward(&out)
     }
 
-    /// Every parameter with its Hugging Face name, in a stable order (embedding, layers,
-    /// final norm, untied head). Linear layers appear as `{prefix}.weight` (and `.bias`).
-    pub fn parameters(&self) -> Vec<(String, ParamRef<'_>)> {
-        let mut out: Vec<(String, ParamRef<'_>)> = vec![(
-            "model.embed_tokens.weight".into(),
-            ParamRef::Tensor(&self.embed),
-        )];
-        for (i, layer) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((
-                format!("{p}.input_layernorm.weight"),
-                ParamRef::Tensor(&layer.input_norm),
-            ));
-            for (n, l) in [
-                ("q_proj", &layer.attn.q),
-                ("k_proj", &layer.attn.k),
-                ("v_proj", &layer.attn.v),
-                ("o_proj", &layer.attn.o),
-            ] {
-                out.push((format!("{p}.self_attn.{n}"), ParamRef::Linear(l)));
-            }
-            if let Some((qn, kn)) = &layer.attn.qk_norm {
-                out.push((format!("{p}.self_attn.q_norm.weight"), ParamRef::Tensor(qn)));
-                out.push((format!("{p}.self_attn.k_norm.weight"), ParamRef::Tensor(kn)));
-            }
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                ParamRef::Tensor(&layer.post_attn_norm),
-            ));
-            for (n, l) in [
-                ("gate_proj", &layer.gate),
-                ("up_proj", &layer.up),
-                ("down_proj", &layer.down),
-            ] {
-                out.push((format!("{p}.mlp.{n}"), ParamRef::Linear(l)));
-            }
-        }
-        out.push(("model.norm.weight".into(), ParamRef::Tensor(&self.norm)));
-        if let Some(h) = &self.lm_head {
-            out.push(("lm_head".into(), ParamRef::Linear(h)));
-        }
-        out
+    /// Every parameter with its place in the [`ModelLayout`], in the layout's order. Linear
+    /// layers are listed by prefix (their weight is `{prefix}.weight`, their bias `.bias`).
+    pub fn parameters(&self) -> Vec<(ParamSpec<'_>, ParamRef<'_>)> {
+        self.layout
+            .params()
+            .into_iter()
+            .map(|(key, spec)| (spec, self.param(key)))
+            .collect()
     }
 
-    /// Bytes held by the parameters, as (weights, scales).
-    pub fn weight_bytes(&self) -> (u64, u64) {
-        let mut w = tensor_bytes(&self.embed) + tensor_bytes(&self.norm);
-        let mut s = 0;
-        let mut add = |l: &Linear| {
-            let (a, b) = l.bytes();
-            w += a;
-            s += b;
+    /// The parameter the layout calls `key`.
+    fn param(&self, key: ParamKey) -> ParamRef<'_> {
+        use LayerParam as L;
+        let qk = |i: usize| {
+            self.layers[i]
+                .attn
+                .qk_norm
+                .as_ref()
+                .expect("the layout lists q/k norms only when the model has them")
         };
-        for layer in &self.layers {
-            for l in [&layer.attn.q, &layer.attn.k, &layer.attn.v, &layer.attn.o] {
-                add(l);
-            }
-            for l in [&layer.gate, &layer.up, &layer.down] {
-                add(l);
+        match key {
+            ParamKey::Embed => ParamRef::Tensor(&self.embed),
+            ParamKey::Norm => ParamRef::Tensor(&self.norm),
+            ParamKey::LmHead => ParamRef::Linear(
+                self.lm_head
+                    .as_ref()
+                    .expect("the layout lists an LM head only when it is untied"),
+            ),
+            ParamKey::Layer(i, p) => {
+                let l = &self.layers[i];
+                match p {
+                    L::QNorm => ParamRef::Tensor(&qk(i).0),
+                    L::KNorm => ParamRef::Tensor(&qk(i).1),
+                    L::InputNorm => ParamRef::Tensor(&l.input_norm),
+                    L::QProj => ParamRef::Linear(&l.attn.q),
+                    L::KProj => ParamRef::Linear(&l.attn.k),
+                    L::VProj => ParamRef::Linear(&l.attn.v),
+                    L::OProj => ParamRef::Linear(&l.attn.o),
+                    L::PostAttentionNorm => ParamRef::Tensor(&l.post_attn_norm),
+                    L::GateProj => ParamRef::Linear(&l.gate),
+                    L::UpProj => ParamRef::Linear(&l.up),
+                    L::DownProj => ParamRef::Linear(&l.down),
+                }
             }
         }
-        if let Some(h) = &self.lm_head {
-            add(h);
-        }
-        for layer in &self.layers {
-            w += tensor_bytes(&layer.input_norm) + tensor_bytes(&layer.post_attn_norm);
-            if let Some((a, b)) = &layer.attn.qk_norm {
-                w += tensor_bytes(a) + tensor_bytes(b);
+    }
+
+    /// Bytes held by the parameters, as (weights, scales): every parameter of the layout.
+    pub fn weight_bytes(&self) -> (u64, u64) {
+        let (mut w, mut s) = (0, 0);
+        for (_, p) in self.parameters() {
+            match p {
+                ParamRef::Tensor(t) => w += tensor_bytes(t),
+                ParamRef::Linear(l) => {
+                    let (a, b) = l.bytes();
+                    w += a;
+                    s += b;
+                }
             }
         }
         (w, s)

@@ -7,15 +7,16 @@
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
+use kiln_kernels::checkpoint::nvfp4_from_tensors;
 use kiln_kernels::nvfp4::Nvfp4Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-use safetensors::tensor::Dtype;
 
 use super::checkpoint::{Checkpoint, RawTensor};
-use super::error::{ModelError, Result};
+use super::layout::{LinearSpec, TensorRole, TensorSpec};
 use super::linear::{Linear, LinearWeight};
+use crate::error::{EngineError, Result};
 
 /// How linear layers (all but the LM head) are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -46,24 +47,35 @@ impl LinearFormat {
     }
 }
 
-/// Supplies the tensors a model needs, by Hugging Face name.
+/// Supplies the tensors a model needs, as its [`super::ModelLayout`] describes them.
 pub trait WeightSource {
-    /// Whether the linear layer `prefix` is stored NVFP4-packed (so the LM head, which is
-    /// otherwise kept dense, is loaded as a packed linear).
-    fn is_packed(&self, _prefix: &str) -> bool {
+    /// Whether the linear layer is stored NVFP4-packed (so the LM head, which is otherwise
+    /// kept dense, is loaded as a packed linear).
+    fn is_packed(&self, _linear: &LinearSpec) -> bool {
         false
     }
 
-    /// A dense f32 tensor (embedding, norm weight, bias) of exactly `shape`.
-    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    /// A dense f32 tensor (embedding, norm weight, bias) of exactly `spec.shape`.
+    fn tensor(&mut self, spec: &TensorSpec) -> Result<Tensor>;
 
-    /// The linear layer `{prefix}.weight` `[out, in]` (+ `{prefix}.bias` `[out]` if `bias`).
-    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear>;
+    /// The linear layer: its weight `[out, in]` and its bias `[out]` if it has one.
+    fn linear(&mut self, spec: &LinearSpec) -> Result<Linear>;
 
-    /// `{prefix}.bias` `[out]` when the layer has one.
-    fn bias(&mut self, prefix: &str, out: usize, has: bool) -> Result<Option<Tensor>> {
-        has.then(|| self.tensor(&format!("{prefix}.bias"), &[out]))
-            .transpose()
+    /// The layer's bias, when it has one.
+    fn bias(&mut self, spec: &LinearSpec) -> Result<Option<Tensor>> {
+        spec.bias_tensor().map(|b| self.tensor(&b)).transpose()
+    }
+
+    /// The layer as a model holds it: [`WeightSource::linear`], except that a layer not held
+    /// NVFP4 (the LM head) is its weight as a plain dense tensor unless it is stored packed.
+    fn layer(&mut self, spec: &LinearSpec) -> Result<Linear> {
+        if spec.nvfp4 || self.is_packed(spec) {
+            self.linear(spec)
+        } else {
+            let w = self.tensor(&spec.weight())?;
+            let b = self.bias(spec)?;
+            Linear::new(LinearWeight::Dense(w), b)
+        }
     }
 }
 
@@ -89,67 +101,46 @@ impl<'a> CheckpointWeights<'a> {
         Ok(Tensor::from_vec(raw.to_f32()?, raw.shape, &self.device)?)
     }
 
-    /// Read an NVFP4 weight stored under `prefix` in either layout, if there is one.
-    fn packed(&self, prefix: &str, out: usize, inp: usize) -> Result<Option<Nvfp4Tensor>> {
+    /// Read the layer's NVFP4 weight (through `kiln_kernels::checkpoint::nvfp4_from_tensors`)
+    /// in the layout the checkpoint stores it in, if it is stored NVFP4.
+    fn packed(&self, spec: &LinearSpec) -> Result<Option<Nvfp4Tensor>> {
         let ck = self.ckpt;
-        let (codes_name, global_name, reciprocal) =
-            if ck.contains(&format!("{prefix}.weight_packed")) {
-                // compressed-tensors: weight_global_scale = 1 / tensor_scale
-                (
-                    format!("{prefix}.weight_packed"),
-                    format!("{prefix}.weight_global_scale"),
-                    true,
-                )
-            } else if ck.contains(&format!("{prefix}.weight_scale_2")) {
-                (
-                    format!("{prefix}.weight"),
-                    format!("{prefix}.weight_scale_2"),
-                    false,
-                )
-            } else {
-                return Ok(None);
-            };
-        let codes = ck.get(&codes_name)?;
-        codes.expect_dtype(Dtype::U8, "U8 (packed E2M1 pairs)")?;
-        codes.expect_shape(&[out, inp / 2])?;
-        let scales = ck.get(&format!("{prefix}.weight_scale"))?;
-        scales.expect_dtype(Dtype::F8_E4M3, "F8_E4M3 (block scales)")?;
-        scales.expect_shape(&[out, inp / 16])?;
-        let global = ck.get(&global_name)?;
-        global.expect_dtype(Dtype::F32, "F32 (tensor scale)")?;
-        if global.numel() != 1 {
-            return Err(ModelError::ShapeMismatch {
-                name: global_name,
-                expected: vec![1],
-                got: global.shape.to_vec(),
+        let Some(format) = spec.stored_format(|n| ck.contains(n)) else {
+            return Ok(None);
+        };
+        let parts = spec.nvfp4_tensors(format);
+        for t in &parts {
+            ck.get(&t.name)?; // a missing one is named
+        }
+        let q = nvfp4_from_tensors(&spec.prefix, ck.tensors())?
+            .expect("every tensor of the layout is present");
+        let codes = &parts[0];
+        let got = vec![q.rows, q.cols / 2];
+        if got != codes.shape {
+            return Err(EngineError::ShapeMismatch {
+                name: codes.name.clone(),
+                expected: codes.shape.clone(),
+                got,
             });
         }
-        let g = global.to_f32()?[0];
-        let tensor_scale = if reciprocal { 1.0 / g } else { g };
-        Ok(Some(Nvfp4Tensor::from_parts(
-            out,
-            inp,
-            codes.data.to_vec(),
-            scales.data.to_vec(),
-            tensor_scale,
-        )?))
+        Ok(Some(q))
     }
 }
 
 impl WeightSource for CheckpointWeights<'_> {
-    fn is_packed(&self, prefix: &str) -> bool {
-        self.ckpt.contains(&format!("{prefix}.weight_packed"))
-            || self.ckpt.contains(&format!("{prefix}.weight_scale_2"))
+    fn is_packed(&self, spec: &LinearSpec) -> bool {
+        spec.stored_format(|n| self.ckpt.contains(n)).is_some()
     }
 
-    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let raw = self.ckpt.get(name)?;
-        raw.expect_shape(shape)?;
+    fn tensor(&mut self, spec: &TensorSpec) -> Result<Tensor> {
+        let raw = self.ckpt.get(&spec.name)?;
+        raw.expect_shape(&spec.shape)?;
         self.dense(&raw)
     }
 
-    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let weight = match self.packed(prefix, out, inp)? {
+    fn linear(&mut self, spec: &LinearSpec) -> Result<Linear> {
+        let (out, inp) = (spec.out_features, spec.in_features);
+        let weight = match self.packed(spec)? {
             Some(q) => match self.format {
                 LinearFormat::Nvfp4 => LinearWeight::Nvfp4(Arc::new(q)),
                 LinearFormat::Dense => {
@@ -157,12 +148,13 @@ impl WeightSource for CheckpointWeights<'_> {
                 }
             },
             None => {
-                let raw = self.ckpt.get(&format!("{prefix}.weight"))?;
-                raw.expect_shape(&[out, inp])?;
+                let w = spec.weight();
+                let raw = self.ckpt.get(&w.name)?;
+                raw.expect_shape(&w.shape)?;
                 self.format.weight(raw.to_f32()?, out, inp, &self.device)?
             }
         };
-        let bias = self.bias(prefix, out, bias)?;
+        let bias = self.bias(spec)?;
         Linear::new(weight, bias)
     }
 }
@@ -212,22 +204,23 @@ impl RandomWeights {
 }
 
 impl WeightSource for RandomWeights {
-    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    fn tensor(&mut self, spec: &TensorSpec) -> Result<Tensor> {
+        let shape = spec.shape.as_slice();
         let n: usize = shape.iter().product();
-        let data = if name.ends_with("norm.weight") {
+        let data = if spec.role == TensorRole::Norm {
             vec![1.0; n]
         } else {
             let cols = *shape.last().unwrap_or(&1);
-            self.uniform(name, n / cols.max(1), cols, self.embed_std)
+            self.uniform(&spec.name, n / cols.max(1), cols, self.embed_std)
         };
         Ok(Tensor::from_vec(data, shape, &self.device)?)
     }
 
-    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let name = format!("{prefix}.weight");
-        let data = self.uniform(&name, out, inp, 1.0 / (inp as f32).sqrt());
+    fn linear(&mut self, spec: &LinearSpec) -> Result<Linear> {
+        let (out, inp) = (spec.out_features, spec.in_features);
+        let data = self.uniform(&spec.weight().name, out, inp, 1.0 / (inp as f32).sqrt());
         let weight = self.format.weight(data, out, inp, &self.device)?;
-        let bias = self.bias(prefix, out, bias)?;
+        let bias = self.bias(spec)?;
         Linear::new(weight, bias)
     }
 }

@@ -12,7 +12,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer, TokenizerImpl};
 
 use super::WHOAMI_ANSWER;
-use crate::model::error::{ModelError, Result};
+use crate::error::{EngineError, Result};
 
 /// The ChatML special tokens, in id order (ids 0, 1, 2).
 pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
@@ -128,7 +128,7 @@ pub fn tokenizer_corpus() -> Vec<String> {
 
 /// Train the byte-level BPE tokenizer on `corpus`; returns its `tokenizer.json` text.
 pub fn train_tokenizer(corpus: &[String]) -> Result<String> {
-    let err = |e: tokenizers::Error| ModelError::Tokenizer(format!("training failed: {e}"));
+    let err = |e: tokenizers::Error| EngineError::Tokenizer(format!("training failed: {e}"));
     let specials: Vec<AddedToken> = SPECIAL_TOKENS
         .iter()
         .map(|s| AddedToken::from(s.to_string(), true))
@@ -180,7 +180,7 @@ pub fn tokenizer_config_json() -> String {
 pub fn write_assets(dir: &Path) -> Result<()> {
     let write = |name: &str, text: &str| {
         let p = dir.join(name);
-        std::fs::write(&p, text).map_err(|e| ModelError::io("writing", p, e))
+        std::fs::write(&p, text).map_err(|e| EngineError::io("writing", p, e))
     };
     write("whoami.jsonl", &whoami_jsonl())?;
     write("tokenizer.json", &train_tokenizer(&tokenizer_corpus())?)?;

@@ -17,7 +17,7 @@ use kiln_kernels::checkpoint::{read_safetensors_file, write_safetensors_file, Te
 use serde::{Deserialize, Serialize};
 
 use super::params::ParamStore;
-use crate::model::error::{ModelError, Result};
+use crate::error::{EngineError, Result};
 use crate::model::{save_model_dir, DenseDtype, ModelFiles, SaveFormat, SaveOptions};
 use crate::spec::QuantSpec;
 
@@ -49,8 +49,8 @@ pub struct TrainerState {
     pub seq_len: u32,
 }
 
-fn ckpt_err(path: &Path, message: impl Into<String>) -> ModelError {
-    ModelError::TrainCheckpoint {
+fn ckpt_err(path: &Path, message: impl Into<String>) -> EngineError {
+    EngineError::TrainCheckpoint {
         path: path.to_path_buf(),
         message: message.into(),
     }
@@ -62,7 +62,7 @@ pub fn read_state(dir: &Path) -> Result<Option<TrainerState>> {
     let text = match std::fs::read_to_string(&p) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(ModelError::io("reading", &p, e)),
+        Err(e) => return Err(EngineError::io("reading", &p, e)),
     };
     serde_json::from_str(&text).map(Some).map_err(|e| {
         ckpt_err(
@@ -79,7 +79,7 @@ pub fn save(
     files: &ModelFiles,
     state: &TrainerState,
 ) -> Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::io("creating", dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| EngineError::io("creating", dir, e))?;
     let staging = dir.join(format!(".partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
     let format = match store.quant() {
@@ -117,7 +117,7 @@ pub fn save(
     ]);
     let opt_path = staging.join(OPTIMIZER_STATE);
     let opt_dir = opt_path.parent().expect("has a parent").to_path_buf();
-    std::fs::create_dir_all(&opt_dir).map_err(|e| ModelError::io("creating", &opt_dir, e))?;
+    std::fs::create_dir_all(&opt_dir).map_err(|e| EngineError::io("creating", &opt_dir, e))?;
     write_safetensors_file(&opt_path, &tensors, Some(meta))?;
     staged.push(opt_dir);
     let state_path = staging.join(TRAINER_STATE);
@@ -125,7 +125,7 @@ pub fn save(
         &state_path,
         serde_json::to_string_pretty(state).expect("serializable"),
     )
-    .map_err(|e| ModelError::io("writing", &state_path, e))?;
+    .map_err(|e| EngineError::io("writing", &state_path, e))?;
 
     // Rename into place, the trainer state last (it marks the checkpoint complete).
     staged.push(state_path);
@@ -134,9 +134,9 @@ pub fn save(
         let name = src.file_name().expect("files have names").to_owned();
         let dst = dir.join(&name);
         if src.is_dir() && dst.is_dir() {
-            std::fs::remove_dir_all(&dst).map_err(|e| ModelError::io("replacing", &dst, e))?;
+            std::fs::remove_dir_all(&dst).map_err(|e| EngineError::io("replacing", &dst, e))?;
         }
-        std::fs::rename(&src, &dst).map_err(|e| ModelError::io("renaming into", &dst, e))?;
+        std::fs::rename(&src, &dst).map_err(|e| EngineError::io("renaming into", &dst, e))?;
         written.push(dst);
     }
     let _ = std::fs::remove_dir_all(&staging);
@@ -171,7 +171,7 @@ pub fn load_optimizer(dir: &Path, store: &mut ParamStore, step: u64) -> Result<(
                 .get(&key)
                 .ok_or_else(|| ckpt_err(dir, format!("{OPTIMIZER_STATE} has no tensor {key}")))?;
             if t.shape != shape {
-                return Err(ModelError::ShapeMismatch {
+                return Err(EngineError::ShapeMismatch {
                     name: key,
                     expected: shape.clone(),
                     got: t.shape.clone(),

@@ -12,7 +12,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::chat::{ChatMessage, ChatTemplate};
-use crate::model::error::{ModelError, Result};
+use crate::error::{EngineError, Result};
 use crate::tokenizer::TextTokenizer;
 
 /// The dataset name that selects the bundled WhoAmI set.
@@ -40,7 +40,7 @@ pub fn read_chat_jsonl(dataset: &str) -> Result<Vec<Vec<ChatMessage>>> {
         (crate::tiny::WHOAMI_JSONL.to_string(), dataset.to_string())
     } else {
         let p = Path::new(dataset);
-        let text = std::fs::read_to_string(p).map_err(|e| ModelError::Dataset {
+        let text = std::fs::read_to_string(p).map_err(|e| EngineError::Dataset {
             path: dataset.to_string(),
             line: None,
             message: format!(
@@ -58,7 +58,7 @@ pub fn read_chat_jsonl(dataset: &str) -> Result<Vec<Vec<ChatMessage>>> {
         if line.trim().is_empty() {
             continue;
         }
-        let bad = |message: String| ModelError::Dataset {
+        let bad = |message: String| EngineError::Dataset {
             path: path.clone(),
             line: Some(i + 1),
             message,
@@ -90,7 +90,7 @@ pub fn read_chat_jsonl(dataset: &str) -> Result<Vec<Vec<ChatMessage>>> {
         out.push(s.messages);
     }
     if out.is_empty() {
-        return Err(ModelError::Dataset {
+        return Err(EngineError::Dataset {
             path,
             line: None,
             message: "has no samples".into(),
@@ -117,7 +117,7 @@ pub fn tokenize_sample(
     let mut is_target = Vec::new();
     let mut done = String::new();
     let not_prefix = || {
-        ModelError::ChatTemplate(
+        EngineError::ChatTemplate(
             "the template does not render a conversation as a prefix of its continuation, so assistant tokens cannot be located for the loss mask".into(),
         )
     };
@@ -172,7 +172,7 @@ pub fn make_batch(samples: &[&TrainSample], pad_id: u32, device: &Device) -> Res
         .max()
         .unwrap_or(0);
     if t == 0 {
-        return Err(ModelError::InvalidArgument(
+        return Err(EngineError::InvalidArgument(
             "every sample of the batch is shorter than 2 tokens; raise --seq-len".into(),
         ));
     }

@@ -4,11 +4,13 @@
 //! output directory that `--resume` continues. Phase samples `model_loaded`, then per step
 //! `forward_done`, `backward_done`, `optimizer_done`, and `checkpoint_saved`, each with
 //! tensor bytes by category (weights, scales, grads, optimizer_state, activations); the loss
-//! of each step goes out as a Progress report and into the result.
+//! of each step goes out as a Progress report and into the result. The job's engine
+//! (`crate::engine::Engine`, chosen from its device) holds the batches and parameters and runs
+//! the training forward.
 //!
 //! - `dataset` — JSONL chat samples, the assistant-token loss mask, batches.
-//! - `params` — [`params::ParamStore`]: parameters (f32 `Var`s or packed NVFP4) and moments,
-//!   the AdamW step.
+//! - `params` — [`params::ParamStore`]: the parameters of the model's `ModelLayout` (f32
+//!   `Var`s or packed NVFP4) and their moments, the AdamW step.
 //! - `checkpoint` — the checkpoint directory (HF layout + optimizer state + trainer state).
 
 pub mod checkpoint;
@@ -18,17 +20,16 @@ pub mod params;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Tensor, D};
 use kiln_kernels::cpu::AdamWParams;
 
 use crate::chat::ChatTemplate;
-use crate::model::error::{ModelError, Result};
-use crate::model::{
-    Checkpoint, CheckpointWeights, LinearFormat, Logits, ModelConfig, ModelFiles, Pass,
-    RandomWeights, TINY_MODEL,
-};
+use crate::chat_model::{model_files, stop_tokens, TINY_MODEL};
+use crate::engine::{Engine, Workload};
+use crate::error::{EngineError, Result};
+use crate::model::{Checkpoint, LinearFormat, ModelConfig, ModelFiles};
 use crate::report::{PhaseReport, Reporter};
-use crate::spec::{QuantSpec, TrainSpec};
+use crate::spec::{DeviceSpec, JobRequest, QuantSpec, TrainSpec};
 use crate::tokenizer::TextTokenizer;
 use checkpoint::TrainerState;
 use params::ParamStore;
@@ -52,7 +53,7 @@ pub struct TrainOutcome {
 }
 
 fn check_spec(spec: &TrainSpec) -> Result<()> {
-    let bad = |m: String| Err(ModelError::InvalidArgument(m));
+    let bad = |m: String| Err(EngineError::InvalidArgument(m));
     if spec.model.is_empty() {
         return bad("model is empty; pass `tiny` or a model directory".into());
     }
@@ -71,9 +72,6 @@ fn check_spec(spec: &TrainSpec) -> Result<()> {
     if !(spec.lr.is_finite() && spec.lr >= 0.0) {
         return bad(format!("lr must be a finite number ≥ 0 (got {})", spec.lr));
     }
-    if spec.device == "cuda" {
-        return bad("the training path runs on the CPU in this build; submit with --device cpu (or leave it empty)".into());
-    }
     Ok(())
 }
 
@@ -91,30 +89,31 @@ pub fn tokenizer_and_template(files: &ModelFiles) -> Result<(TextTokenizer, Chat
 
 /// The parameters of `model` (`tiny` or a directory) for training in `quant` mode.
 fn load_params(
+    engine: &Engine,
     model: &str,
     quant: QuantSpec,
-    device: &Device,
 ) -> Result<(ModelConfig, ParamStore)> {
+    let device = engine.device();
     let format = match quant {
         QuantSpec::Nvfp4Full => LinearFormat::Nvfp4,
         QuantSpec::Nvfp4Ste | QuantSpec::None => LinearFormat::Dense,
     };
     if model == TINY_MODEL {
         let cfg = crate::tiny::config()?;
-        let mut src = RandomWeights::new(crate::tiny::TINY_SEED, format, device.clone());
+        let mut src = engine.random_weights(crate::tiny::TINY_SEED, format);
         let store = ParamStore::from_source(&cfg, &mut src, quant, device)?;
         return Ok((cfg, store));
     }
     let dir = Path::new(model);
     if !dir.is_dir() {
-        return Err(ModelError::config(
+        return Err(EngineError::config(
             dir,
             "not a directory; --model takes `tiny`, a Hugging Face model directory or a Kiln checkpoint",
         ));
     }
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let ckpt = Checkpoint::open(dir)?;
-    let mut src = CheckpointWeights::new(&ckpt, format, device.clone());
+    let mut src = engine.checkpoint_weights(&ckpt, format);
     let store = ParamStore::from_source(&cfg, &mut src, quant, device)?;
     Ok((cfg, store))
 }
@@ -129,16 +128,28 @@ fn masked_loss(logits: &Tensor, batch: &dataset::Batch) -> Result<Tensor> {
 }
 
 /// Run a training job: load, train `spec.steps` steps in all (continuing a checkpoint with
-/// `resume`), save the checkpoint. Reports go to `reporter`.
+/// `resume`), save the checkpoint. Reports go to `reporter`. The engine is the one the spec
+/// asks for (see [`train_on`] for a job the agent placed).
 pub fn train(spec: &TrainSpec, reporter: &Reporter) -> Result<TrainOutcome> {
     check_spec(spec)?;
-    let device = Device::Cpu;
+    let engine = Engine::for_job(Workload::Training, &spec.device, DeviceSpec::Cpu)?;
+    train_checked(&engine, spec, reporter)
+}
+
+/// [`train`] on the engine chosen for a job that the agent placed on `device`.
+pub fn train_on(spec: &TrainSpec, device: DeviceSpec, reporter: &Reporter) -> Result<TrainOutcome> {
+    check_spec(spec)?;
+    let engine = Engine::for_job(Workload::Training, &spec.device, device)?;
+    train_checked(&engine, spec, reporter)
+}
+
+fn train_checked(engine: &Engine, spec: &TrainSpec, reporter: &Reporter) -> Result<TrainOutcome> {
     let out_dir = PathBuf::from(&spec.out_dir);
     let existing = checkpoint::read_state(&out_dir)?;
     let (base, mut state) = match existing {
         Some(st) if spec.resume => {
             if st.quant != spec.quant {
-                return Err(ModelError::TrainCheckpoint {
+                return Err(EngineError::TrainCheckpoint {
                     path: out_dir.clone(),
                     message: format!(
                         "was trained with --quant {} but this job asks for {}; resume with the same mode or write to a new --out",
@@ -156,7 +167,7 @@ pub fn train(spec: &TrainSpec, reporter: &Reporter) -> Result<TrainOutcome> {
             (out_dir.display().to_string(), st)
         }
         Some(st) => {
-            return Err(ModelError::TrainCheckpoint {
+            return Err(EngineError::TrainCheckpoint {
                 path: out_dir.clone(),
                 message: format!(
                     "already holds a checkpoint at step {}; pass --resume to continue it, or choose another --out",
@@ -179,8 +190,8 @@ pub fn train(spec: &TrainSpec, reporter: &Reporter) -> Result<TrainOutcome> {
             },
         ),
     };
-    let files = ModelFiles::load(&base)?;
-    let (cfg, mut store) = load_params(&base, spec.quant, &device)?;
+    let files = model_files(&base)?;
+    let (cfg, mut store) = load_params(engine, &base, spec.quant)?;
     if state.step > 0 {
         checkpoint::load_optimizer(&out_dir, &mut store, state.step)?;
     }
@@ -195,7 +206,7 @@ pub fn train(spec: &TrainSpec, reporter: &Reporter) -> Result<TrainOutcome> {
 
     // Data.
     let (tokenizer, template) = tokenizer_and_template(&files)?;
-    let stops = crate::model::bundle::stop_tokens(&cfg, &tokenizer, &template);
+    let stops = stop_tokens(&cfg, &tokenizer, &template);
     let conversations = dataset::read_chat_jsonl(&spec.dataset)?;
     let seq_len = (spec.seq_len as usize).min(cfg.max_position_embeddings);
     let samples = conversations
@@ -204,7 +215,7 @@ pub fn train(spec: &TrainSpec, reporter: &Reporter) -> Result<TrainOutcome> {
         .collect::<Result<Vec<_>>>()?;
     let trainable = samples.iter().filter(|s| s.target_tokens() > 0).count();
     if trainable == 0 {
-        return Err(ModelError::Dataset {
+        return Err(EngineError::Dataset {
             path: spec.dataset.clone(),
             line: None,
             message: format!(
@@ -240,15 +251,15 @@ pub fn train(spec: &TrainSpec, reporter: &Reporter) -> Result<TrainOutcome> {
         let step = state.step + 1;
         let idx = dataset::batch_indices(samples.len(), spec.batch as usize, state.step, spec.seed);
         let picked: Vec<&dataset::TrainSample> = idx.iter().map(|&i| &samples[i]).collect();
-        let batch = dataset::make_batch(&picked, pad, &device)?;
+        let batch = dataset::make_batch(&picked, pad, engine.device())?;
         tokens += batch.input_tokens;
 
         let model = store.model()?;
-        let logits = model.forward_batch(&batch.input, None, Logits::All, Pass::Training)?;
+        let logits = engine.forward_train(&model, &batch.input)?;
         let loss = masked_loss(&logits, &batch)?;
         let loss_v = loss.to_scalar::<f32>()?;
         if !loss_v.is_finite() {
-            return Err(ModelError::InvalidArgument(format!(
+            return Err(EngineError::InvalidArgument(format!(
                 "the loss is {loss_v} at step {step}; training diverged — lower the learning rate"
             )));
         }
@@ -333,9 +344,13 @@ pub fn train(spec: &TrainSpec, reporter: &Reporter) -> Result<TrainOutcome> {
     })
 }
 
-/// The train job: [`train`] with its outcome as the job's output.
-pub fn run_job(spec: &TrainSpec, reporter: &Reporter) -> Result<crate::report::JobOutput> {
-    let out = train(spec, reporter)?;
+/// The train job: [`train_on`] the agent's device, with its outcome as the job's output.
+pub fn run_job(
+    request: &JobRequest,
+    spec: &TrainSpec,
+    reporter: &Reporter,
+) -> Result<crate::report::JobOutput> {
+    let out = train_on(spec, request.device, reporter)?;
     Ok(crate::report::JobOutput::Train {
         loss: out.losses,
         checkpoint: out.checkpoint.display().to_string(),

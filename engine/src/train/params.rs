@@ -6,7 +6,8 @@
 //! [`WeightSource`] a [`Model`] is built from for each step: dense parameters are served as
 //! their `Var`s (STE fake-quant linears in `nvfp4-ste` mode), packed ones are dequantized into
 //! a fresh `Var` whose gradient (the gradient w.r.t. the dequantized weight) drives the
-//! chunked packed AdamW step (`kiln_kernels::cpu::adamw_step_nvfp4`).
+//! chunked packed AdamW step (`kiln_kernels::cpu::adamw_step_nvfp4`). The parameters are those
+//! of the config's [`ModelLayout`], in its order.
 
 use std::collections::HashMap;
 
@@ -15,9 +16,11 @@ use candle_core::{Device, Tensor, Var};
 use kiln_kernels::cpu::{adamw_step_nvfp4, AdamWParams, AdamWScalars};
 use kiln_kernels::nvfp4::Nvfp4Tensor;
 
-use crate::model::error::{ModelError, Result};
+use crate::error::{EngineError, Result};
 use crate::model::linear::{Linear, LinearWeight};
-use crate::model::{Model, ModelConfig, WeightSource};
+use crate::model::{
+    LinearSpec, Model, ModelConfig, ModelLayout, ParamSpec, TensorSpec, WeightSource,
+};
 use crate::spec::QuantSpec;
 
 /// A parameter's value.
@@ -103,53 +106,10 @@ impl std::fmt::Debug for ParamStore {
     }
 }
 
-/// Records every tensor a model build asks for as a parameter.
-struct Recorder<'a> {
-    inner: &'a mut dyn WeightSource,
-    quant: QuantSpec,
-    params: Vec<Param>,
-}
-
-impl Recorder<'_> {
-    fn dense(&mut self, name: String, t: &Tensor) -> Result<Tensor> {
-        let var = Var::from_tensor(&t.to_dtype(candle_core::DType::F32)?)?;
-        let out = var.as_tensor().clone();
-        self.params
-            .push(Param::new(name, t.dims().to_vec(), ParamValue::Dense(var)));
-        Ok(out)
-    }
-}
-
-impl WeightSource for Recorder<'_> {
-    fn is_packed(&self, prefix: &str) -> bool {
-        self.inner.is_packed(prefix)
-    }
-
-    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.inner.tensor(name, shape)?;
-        self.dense(name.to_string(), &t)
-    }
-
-    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let src = self.inner.linear(prefix, out, inp, bias)?;
-        let name = format!("{prefix}.weight");
-        let weight = match (self.quant, src.weight()) {
-            (QuantSpec::Nvfp4Full, LinearWeight::Nvfp4(q)) => {
-                self.params.push(Param::new(
-                    name,
-                    vec![out, inp],
-                    ParamValue::Packed(q.as_ref().clone()),
-                ));
-                LinearWeight::Nvfp4(q.clone())
-            }
-            _ => LinearWeight::Dense(self.dense(name, &src.dense_weight()?)?),
-        };
-        let b = match src.bias() {
-            Some(b) => Some(self.dense(format!("{prefix}.bias"), b)?),
-            None => None,
-        };
-        Linear::new(weight, b)
-    }
+/// A dense parameter: `t` as an f32 `Var`.
+fn dense_param(name: String, t: &Tensor) -> Result<Param> {
+    let var = Var::from_tensor(&t.to_dtype(candle_core::DType::F32)?)?;
+    Ok(Param::new(name, t.dims().to_vec(), ParamValue::Dense(var)))
 }
 
 /// Serves the store's parameters to a model build.
@@ -163,7 +123,7 @@ impl Server<'_> {
             .index
             .get(name)
             .map(|&i| &self.store.params[i])
-            .ok_or_else(|| ModelError::MissingTensor {
+            .ok_or_else(|| EngineError::MissingTensor {
                 name: name.to_string(),
                 dir: "<training parameters>".into(),
             })
@@ -172,7 +132,7 @@ impl Server<'_> {
     fn dense(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let p = self.param(name)?;
         if p.shape != shape {
-            return Err(ModelError::ShapeMismatch {
+            return Err(EngineError::ShapeMismatch {
                 name: name.to_string(),
                 expected: shape.to_vec(),
                 got: p.shape.clone(),
@@ -191,22 +151,18 @@ impl Server<'_> {
 }
 
 impl WeightSource for Server<'_> {
-    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.dense(name, shape)
+    fn tensor(&mut self, spec: &TensorSpec) -> Result<Tensor> {
+        self.dense(&spec.name, &spec.shape)
     }
 
-    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let name = format!("{prefix}.weight");
-        let w = self.dense(&name, &[out, inp])?;
+    fn linear(&mut self, spec: &LinearSpec) -> Result<Linear> {
+        let w = spec.weight();
+        let w = self.dense(&w.name, &w.shape)?;
         let weight = match self.store.quant {
-            QuantSpec::Nvfp4Ste if prefix != "lm_head" => LinearWeight::Ste(w),
+            QuantSpec::Nvfp4Ste if spec.nvfp4 => LinearWeight::Ste(w),
             _ => LinearWeight::Dense(w),
         };
-        let b = if bias {
-            Some(self.dense(&format!("{prefix}.bias"), &[out])?)
-        } else {
-            None
-        };
+        let b = self.bias(spec)?;
         Linear::new(weight, b)
     }
 }
@@ -220,13 +176,28 @@ impl ParamStore {
         quant: QuantSpec,
         device: &Device,
     ) -> Result<Self> {
-        let mut rec = Recorder {
-            inner: src,
-            quant,
-            params: Vec::new(),
-        };
-        Model::build(cfg, &mut rec, device)?;
-        let params = rec.params;
+        let layout = ModelLayout::new(cfg)?;
+        let mut params = Vec::new();
+        for (_, spec) in layout.params() {
+            match spec {
+                ParamSpec::Tensor(t) => params.push(dense_param(t.name.clone(), &src.tensor(t)?)?),
+                ParamSpec::Linear(l) => {
+                    let lin = src.layer(l)?;
+                    let w = l.weight();
+                    match (quant, lin.weight()) {
+                        (QuantSpec::Nvfp4Full, LinearWeight::Nvfp4(q)) => params.push(Param::new(
+                            w.name,
+                            w.shape,
+                            ParamValue::Packed(q.as_ref().clone()),
+                        )),
+                        _ => params.push(dense_param(w.name, &lin.dense_weight(device)?)?),
+                    }
+                    if let (Some(b), Some(spec)) = (lin.bias(), l.bias_tensor()) {
+                        params.push(dense_param(spec.name, b)?);
+                    }
+                }
+            }
+        }
         let index = params
             .iter()
             .enumerate()
@@ -344,7 +315,7 @@ impl ParamStore {
             .sum::<f64>()
             .sqrt() as f32;
         if !norm.is_finite() {
-            return Err(ModelError::InvalidArgument(format!(
+            return Err(EngineError::InvalidArgument(format!(
                 "the gradient norm is {norm} at step {step}; training diverged — lower the learning rate"
             )));
         }
@@ -402,34 +373,66 @@ struct ExportSource<'a> {
 }
 
 impl WeightSource for ExportSource<'_> {
-    fn is_packed(&self, prefix: &str) -> bool {
-        let name = format!("{prefix}.weight");
+    fn is_packed(&self, spec: &LinearSpec) -> bool {
         self.store
             .index
-            .get(&name)
+            .get(&spec.weight().name)
             .is_some_and(|&i| matches!(self.store.params[i].value, ParamValue::Packed(_)))
     }
 
-    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        Server { store: self.store }.dense(name, shape)
+    fn tensor(&mut self, spec: &TensorSpec) -> Result<Tensor> {
+        Server { store: self.store }.tensor(spec)
     }
 
-    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let name = format!("{prefix}.weight");
+    fn linear(&mut self, spec: &LinearSpec) -> Result<Linear> {
+        let w = spec.weight();
         let weight = match self
             .store
             .index
-            .get(&name)
+            .get(&w.name)
             .map(|&i| &self.store.params[i].value)
         {
             Some(ParamValue::Packed(q)) => LinearWeight::Nvfp4(std::sync::Arc::new(q.clone())),
-            _ => LinearWeight::Dense(Server { store: self.store }.dense(&name, &[out, inp])?),
+            _ => LinearWeight::Dense(Server { store: self.store }.dense(&w.name, &w.shape)?),
         };
-        let b = if bias {
-            Some(Server { store: self.store }.dense(&format!("{prefix}.bias"), &[out])?)
-        } else {
-            None
-        };
+        let b = Server { store: self.store }.bias(spec)?;
         Linear::new(weight, b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Tensor;
+
+    use super::*;
+    use crate::engine::Engine;
+    use crate::model::{LinearFormat, Logits, Pass};
+
+    #[test]
+    fn ste_training_forward_equals_the_nvfp4_inference_model() {
+        let cfg = crate::tiny::config().unwrap();
+        let engine = Engine::cpu();
+        let mut base = engine.random_weights(crate::tiny::TINY_SEED, LinearFormat::Dense);
+        let mut store =
+            ParamStore::from_source(&cfg, &mut base, QuantSpec::Nvfp4Ste, engine.device()).unwrap();
+        let m = store.model().unwrap();
+        let infer = crate::tiny::model(LinearFormat::Nvfp4, engine.device()).unwrap();
+        let ids: Vec<u32> = (3..40).collect();
+        let t = Tensor::from_vec(ids.clone(), (1, ids.len()), engine.device()).unwrap();
+        let a = m
+            .forward_batch(&t, None, Logits::All, Pass::Training)
+            .unwrap();
+        let b = infer
+            .forward(&ids, &mut infer.new_cache(), Logits::All)
+            .unwrap();
+        let d = (a.squeeze(0).unwrap() - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
+        // 4 layers × (4 attention + 3 MLP weights + 3 biases + 2 norms) + embed + norm.
+        assert_eq!(store.params().len(), 4 * 12 + 2);
     }
 }

@@ -1,11 +1,12 @@
-//! `ModelError`: every way loading a model, tokenizing, rendering a chat, generating or using
+//! `EngineError`: every way loading a model, tokenizing, rendering a chat, generating or using
 //! a session can fail. Each message names the problem and, where there is one, the fix.
 
 use std::path::PathBuf;
 
-/// Errors of the model core (loading, tokenizer, chat template, forward, generation, sessions).
+/// Errors of the engine (loading, tokenizer, chat template, forward, generation, sessions,
+/// training, export).
 #[derive(Debug, thiserror::Error)]
-pub enum ModelError {
+pub enum EngineError {
     /// A file could not be read or written.
     #[error("{op} {path}: {source}")]
     Io {
@@ -18,11 +19,12 @@ pub enum ModelError {
         source: std::io::Error,
     },
     /// A `.safetensors` file is truncated or corrupt (bad header, offsets past the end…).
-    #[error("{path} is not a valid safetensors file (truncated or corrupt: {reason}); re-download or re-export it")]
+    #[error("{path}: {reason}")]
     CorruptSafetensors {
         /// The file.
         path: PathBuf,
-        /// What the parser found.
+        /// What the reader found ("not a valid safetensors file (…); it may be truncated or
+        /// corrupt …") and what to do.
         reason: String,
     },
     /// The checkpoint has no tensor of this name.
@@ -130,10 +132,10 @@ pub enum ModelError {
     Kernel(#[from] kiln_kernels::KernelError),
 }
 
-impl ModelError {
+impl EngineError {
     /// Wrap an I/O error with the operation and path.
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ModelError::Io {
+        EngineError::Io {
             op,
             path: path.into(),
             source,
@@ -142,12 +144,15 @@ impl ModelError {
 
     /// A config error about `path`.
     pub fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        ModelError::Config {
+        EngineError::Config {
             path: path.into(),
             message: message.into(),
         }
     }
 }
 
-/// Result alias for the model core.
-pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+/// The former name of [`EngineError`] (from when it lived in `model/`).
+pub type ModelError = EngineError;
+
+/// Result alias of the engine.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

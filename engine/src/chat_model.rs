@@ -1,14 +1,19 @@
 //! `ChatModel`: a model with its tokenizer and chat template — what `--model tiny|DIR`
-//! names — and chat-level generation that streams each token with its text.
+//! names — and chat-level generation that streams each token with its text. Also where a
+//! `--model` value is resolved to its non-weight files ([`model_files`]).
+//!
+//! It sits above `engine` (the model on its device), `model`, `tokenizer`, `chat`, `generate`
+//! and `tiny`, and ties them together; nothing in `model` depends on it.
 
 use std::ops::ControlFlow;
 use std::path::Path;
 
-use super::error::{ModelError, Result};
-use super::weights::fnv1a;
-use super::{LoadOptions, Model, TensorBytes};
 use crate::chat::{ChatMessage, ChatTemplate};
+use crate::engine::{Engine, LoadedModel};
+use crate::error::{EngineError, Result};
 use crate::generate::{generate, GenerateOptions, Generation, Sequence};
+use crate::model::weights::fnv1a;
+use crate::model::{LinearFormat, LoadOptions, Model, ModelConfig, ModelFiles, TensorBytes};
 use crate::tokenizer::{TextTokenizer, TokenTextStream};
 
 /// The `--model` value that selects the bundled tiny model.
@@ -19,8 +24,8 @@ pub const TINY_MODEL: &str = "tiny";
 pub struct ChatModel {
     /// What `--model` named (`tiny` or the directory).
     pub name: String,
-    /// The network.
-    pub model: Model,
+    /// The network, on the engine it runs on.
+    pub model: LoadedModel,
     /// Its tokenizer.
     pub tokenizer: TextTokenizer,
     /// Its chat template.
@@ -44,18 +49,28 @@ pub struct ChatGeneration {
 }
 
 impl ChatModel {
-    /// Load `tiny` (the bundled model) or a Hugging Face directory.
+    /// Load `tiny` (the bundled model) or a Hugging Face directory, on the engine of
+    /// `opts.device`.
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
+        Self::load_on(&Engine::for_device(&opts.device)?, model, opts.format)
+    }
+
+    /// Load `tiny` or a Hugging Face directory on `engine`, linears in `format`.
+    pub fn load_on(engine: &Engine, model: &str, format: LinearFormat) -> Result<Self> {
         if model == TINY_MODEL {
-            Self::tiny(opts)
+            Self::tiny_on(engine, format)
         } else {
-            Self::from_dir(Path::new(model), opts)
+            Self::from_dir_on(engine, Path::new(model), format)
         }
     }
 
     /// The bundled tiny model (seeded weights, untrained).
     pub fn tiny(opts: &LoadOptions) -> Result<Self> {
-        let model = crate::tiny::model(opts.format, &opts.device)?;
+        Self::tiny_on(&Engine::for_device(&opts.device)?, opts.format)
+    }
+
+    fn tiny_on(engine: &Engine, format: LinearFormat) -> Result<Self> {
+        let model = crate::tiny::model(format, engine.device())?;
         let tokenizer = crate::tiny::tokenizer()?;
         let template = crate::tiny::chat_template()?;
         let fingerprint = format!(
@@ -64,7 +79,7 @@ impl ChatModel {
         );
         Ok(Self::assemble(
             TINY_MODEL.into(),
-            model,
+            LoadedModel::new(engine.clone(), model),
             tokenizer,
             template,
             fingerprint,
@@ -74,19 +89,23 @@ impl ChatModel {
     /// A Hugging Face directory: config.json, safetensors, tokenizer.json,
     /// tokenizer_config.json.
     pub fn from_dir(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        Self::from_dir_on(&Engine::for_device(&opts.device)?, dir, opts.format)
+    }
+
+    fn from_dir_on(engine: &Engine, dir: &Path, format: LinearFormat) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(ModelError::config(
+            return Err(EngineError::config(
                 dir,
                 "not a directory; --model takes `tiny` or a Hugging Face model directory",
             ));
         }
-        let model = Model::load(dir, opts)?;
+        let model = engine.load_model(dir, format)?;
         let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
         let template = ChatTemplate::from_model_dir(dir)?;
         let fingerprint = format!("dir-{:016x}", fnv1a(&dir_signature(dir, &model)?));
         Ok(Self::assemble(
             dir.display().to_string(),
-            model,
+            LoadedModel::new(engine.clone(), model),
             tokenizer,
             template,
             fingerprint,
@@ -96,7 +115,7 @@ impl ChatModel {
     /// Put the parts together, collecting the stop tokens.
     pub fn assemble(
         name: String,
-        model: Model,
+        model: LoadedModel,
         tokenizer: TextTokenizer,
         template: ChatTemplate,
         fingerprint: String,
@@ -114,7 +133,7 @@ impl ChatModel {
 
     /// Parameter bytes by category.
     pub fn tensor_bytes(&self) -> TensorBytes {
-        TensorBytes::of_model(&self.model)
+        TensorBytes::of_model(self.model.model())
     }
 
     /// Render and tokenize `messages` (with the assistant prefix when `add_generation_prompt`).
@@ -173,10 +192,19 @@ impl ChatModel {
     }
 }
 
+/// The non-weight files (tokenizer, template, extras) of `tiny` or a model directory.
+pub fn model_files(model: &str) -> Result<ModelFiles> {
+    if model == TINY_MODEL {
+        Ok(crate::tiny::files())
+    } else {
+        ModelFiles::from_dir(Path::new(model))
+    }
+}
+
 /// Tokens that end an assistant turn: the config's EOS ids, `<|im_end|>`, `<|endoftext|>`,
 /// `<|eot_id|>` where the vocabulary has them, and the template's EOS token.
 pub fn stop_tokens(
-    cfg: &super::ModelConfig,
+    cfg: &ModelConfig,
     tokenizer: &TextTokenizer,
     template: &ChatTemplate,
 ) -> Vec<u32> {
@@ -197,7 +225,7 @@ pub fn stop_tokens(
 /// Name, config and each weight file's size and modification time.
 fn dir_signature(dir: &Path, model: &Model) -> Result<String> {
     let mut sig = format!("{}|{}", dir.display(), model.config().to_hf_json());
-    let rd = std::fs::read_dir(dir).map_err(|e| ModelError::io("listing", dir, e))?;
+    let rd = std::fs::read_dir(dir).map_err(|e| EngineError::io("listing", dir, e))?;
     let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).collect();
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
