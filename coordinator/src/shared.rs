@@ -226,23 +226,8 @@ impl State {
         }
         active.job.error = format!("lost: {why}");
         if attempt < max {
-            // Store the LOST attempt snapshot and event, then requeue.
-            let now = now_ms();
-            active.job.state = JobState::Lost as i32;
-            record_attempt(&mut active.job, JobState::Lost, now);
-            let snapshot = active.job.clone();
-            self.write_job(store, &snapshot)?;
-            let lost = job_event::Event::State(StateChange {
-                state: JobState::Lost as i32,
-                reason: why.to_string(),
-            });
-            self.record_event(store, job_id, lost, now)?;
-            let active = self.jobs.get_mut(&job_id).expect("still active");
-            active.job.agent.clear();
-            active.job.gpu_indices.clear();
-            active.job.started_at_ms = 0;
             let reason = format!("requeued for attempt {} of {max}", attempt + 1);
-            self.set_state(store, job_id, JobState::Queued, reason)
+            self.end_attempt_and_requeue(store, job_id, JobState::Lost, why, None, reason)
         } else {
             let reason = format!("{why}; no attempts left ({attempt} of {max})");
             active.job.error = format!("lost: {reason}");
@@ -280,24 +265,6 @@ impl State {
         if budget <= r.budget_bytes {
             return Ok(false); // already at the cap: growing again changes nothing
         }
-        let now = now_ms();
-        active.job.state = JobState::Killed as i32;
-        record_attempt(&mut active.job, JobState::Killed, now);
-        let snapshot = active.job.clone();
-        self.write_job(store, &snapshot)?;
-        let killed = job_event::Event::State(StateChange {
-            state: JobState::Killed as i32,
-            reason: why.to_string(),
-        });
-        self.record_event(store, job_id, killed, now)?;
-        let active = self.jobs.get_mut(&job_id).expect("still active");
-        active.job.agent.clear();
-        active.job.gpu_indices.clear();
-        active.job.started_at_ms = 0;
-        active.job.kill = None;
-        if let Some(res) = active.job.resources.as_mut() {
-            res.budget_bytes = budget;
-        }
         let reason = format!(
             "requeued for attempt {} of {} with budget {} (×{} after the guard's kill)",
             attempt + 1,
@@ -305,8 +272,41 @@ impl State {
             kiln_proto::human_bytes(budget),
             r.on_kill_grow
         );
-        self.set_state(store, job_id, JobState::Queued, reason)?;
+        self.end_attempt_and_requeue(store, job_id, JobState::Killed, why, Some(budget), reason)?;
         Ok(true)
+    }
+
+    /// Ends the current attempt of a placed job in `ended` (kept in its history, stored with
+    /// its event), then queues the job again for its next attempt, with a new budget if given.
+    fn end_attempt_and_requeue(
+        &mut self,
+        store: &Store,
+        job_id: u64,
+        ended: JobState,
+        why: &str,
+        budget: Option<u64>,
+        reason: String,
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        let active = self.jobs.get_mut(&job_id).expect("job is active");
+        active.job.state = ended as i32;
+        record_attempt(&mut active.job, ended, now);
+        let snapshot = active.job.clone();
+        self.write_job(store, &snapshot)?;
+        let change = job_event::Event::State(StateChange {
+            state: ended as i32,
+            reason: why.to_string(),
+        });
+        self.record_event(store, job_id, change, now)?;
+        let active = self.jobs.get_mut(&job_id).expect("still active");
+        active.job.agent.clear();
+        active.job.gpu_indices.clear();
+        active.job.started_at_ms = 0;
+        active.job.kill = None;
+        if let (Some(b), Some(res)) = (budget, active.job.resources.as_mut()) {
+            res.budget_bytes = b;
+        }
+        self.set_state(store, job_id, JobState::Queued, reason)
     }
 }
 
