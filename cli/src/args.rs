@@ -147,6 +147,10 @@ pub struct AgentArgs {
     /// Off by default; turn it on only where every submitter may run code on this box.
     #[arg(long)]
     pub allow_exec: bool,
+    /// Run exec jobs as this user (and its primary group), e.g. `nobody`; needs the agent to run
+    /// as root. The job's scratch directory is given to that user.
+    #[arg(long, value_name = "NAME", requires = "allow_exec")]
+    pub exec_user: Option<String>,
     /// Log bytes kept per job (stdout + stderr lines); output beyond it is dropped with a note.
     #[arg(long, default_value_t = 16.0, value_name = "MIB")]
     pub log_cap_mib: f64,

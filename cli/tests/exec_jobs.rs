@@ -355,3 +355,52 @@ fn a_killed_job_retries_with_a_grown_budget_and_keeps_every_attempt() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("more than 1"));
 }
+
+#[test]
+fn exec_user_runs_commands_as_that_user() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut c = Cluster::start();
+    if !root {
+        // Switching users needs root: the agent refuses to start, saying so.
+        let out = c.kiln(&[
+            "agent",
+            "--gpus",
+            "none",
+            "--allow-exec",
+            "--exec-user",
+            "nobody",
+        ]);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("needs the agent to run as root"));
+        return;
+    }
+    // The test's directory must be reachable by the unprivileged user.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    c.start_agent_with(
+        "exec-nobody",
+        2.0,
+        &["--allow-exec", "--exec-user", "nobody"],
+    );
+    let script = format!("id -u; {}", phase("as_nobody"));
+    let id = submit_exec(&c, &["--budget-gb", "0.5"], &["sh", "-c", &script]);
+    c.wait_state(id, "SUCCEEDED", T);
+    let logs = String::from_utf8_lossy(&c.kiln(&["logs", &id.to_string()]).stdout).to_string();
+    let uid: u32 = logs.lines().next().unwrap().trim().parse().unwrap();
+    assert_ne!(uid, 0, "{logs}");
+    let rows = c.json(&["telemetry", &id.to_string(), "--phase", "as_nobody"]);
+    assert_eq!(
+        rows.as_array().unwrap().len(),
+        1,
+        "the phase socket works for that user"
+    );
+    let out = c.kiln(&[
+        "agent",
+        "--gpus",
+        "none",
+        "--allow-exec",
+        "--exec-user",
+        "no-such-user-kiln",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such user"));
+}

@@ -79,6 +79,44 @@ pub struct AgentConfig {
     pub allow_exec: bool,
     /// Log bytes (stdout + stderr lines) kept per job; output beyond it is dropped with a note.
     pub log_cap_bytes: u64,
+    /// Run exec jobs as this user (and its primary group) instead of the agent's user; only an
+    /// agent running as root can.
+    pub exec_user: Option<String>,
+}
+
+/// An account exec jobs run as: resolved once at agent start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecUser {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+}
+
+impl ExecUser {
+    /// Looks `name` up in the system's user database; the agent must run as root to switch.
+    pub fn resolve(name: &str) -> Result<Self, crate::AgentError> {
+        let bad = |m: String| crate::AgentError::InvalidConfig(m);
+        let c = std::ffi::CString::new(name)
+            .map_err(|_| bad(format!("--exec-user {name:?} holds a NUL byte")))?;
+        // SAFETY: getpwnam reads the user database; the result is used before any other call
+        // that could overwrite its static buffer (the agent resolves this once, at start).
+        let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+        if pw.is_null() {
+            return Err(bad(format!(
+                "--exec-user {name:?}: no such user on this host"
+            )));
+        }
+        // SAFETY: pw is non-null and points to a valid passwd entry (see above).
+        let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(bad(format!(
+                "--exec-user {name:?} needs the agent to run as root (it switches each exec job to that user)"
+            )));
+        }
+        Ok(Self { uid, gid })
+    }
 }
 
 /// Default [`AgentConfig::log_cap_bytes`]: 16 MiB per job.
@@ -107,6 +145,7 @@ impl Default for AgentConfig {
             sessions_budget_bytes: 0,
             allow_exec: false,
             log_cap_bytes: DEFAULT_LOG_CAP_BYTES,
+            exec_user: None,
             outbox_capacity: 10_000,
             token: None,
         }

@@ -3,6 +3,7 @@
 //! command from the spec (argv, environment, working directory), the phase socket that
 //! `kiln phase` and `python/kiln_phase.py` report to, and the reason a command failed.
 
+use crate::config::ExecUser;
 use kiln_job::phase::{ACK, PHASE_SOCKET_ENV};
 use kiln_job::report::PhaseReport;
 use kiln_proto::v1::ExecSpec;
@@ -40,6 +41,7 @@ pub(crate) fn launch(
     spec: &ExecSpec,
     job_dir: &Path,
     agent_env: &[(&str, String)],
+    user: Option<ExecUser>,
 ) -> Result<ExecLaunch, String> {
     let program = spec
         .argv
@@ -76,6 +78,12 @@ pub(crate) fn launch(
         command.env(k, v);
     }
     command.env(PHASE_SOCKET_ENV, &phase_socket);
+    if let Some(u) = user {
+        // The job's scratch directory becomes the user's; std drops supplementary groups.
+        std::os::unix::fs::chown(job_dir, Some(u.uid), Some(u.gid))
+            .map_err(|e| format!("cannot give {} to the exec user: {e}", job_dir.display()))?;
+        command.uid(u.uid).gid(u.gid);
+    }
     Ok(ExecLaunch {
         command,
         program,
@@ -121,10 +129,18 @@ pub(crate) async fn serve_phases(listener: UnixListener, tx: mpsc::Sender<PhaseM
 }
 
 /// Binds the phase socket (a stale file from an earlier attempt is replaced).
-pub(crate) fn bind_phase_socket(path: &Path) -> Result<UnixListener, String> {
+pub(crate) fn bind_phase_socket(
+    path: &Path,
+    user: Option<ExecUser>,
+) -> Result<UnixListener, String> {
     let _ = std::fs::remove_file(path);
-    UnixListener::bind(path)
-        .map_err(|e| format!("cannot open the phase socket {}: {e}", path.display()))
+    let listener = UnixListener::bind(path)
+        .map_err(|e| format!("cannot open the phase socket {}: {e}", path.display()))?;
+    if let Some(u) = user {
+        std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid))
+            .map_err(|e| format!("cannot give the phase socket to the exec user: {e}"))?;
+    }
+    Ok(listener)
 }
 
 /// Why an exec command that the agent did not end itself failed.
@@ -184,7 +200,7 @@ mod tests {
             workdir: "/no/such/dir".into(),
             ..Default::default()
         };
-        let err = launch(&spec, Path::new("/tmp"), &[]).err().unwrap();
+        let err = launch(&spec, Path::new("/tmp"), &[], None).err().unwrap();
         assert!(
             err.contains("/no/such/dir") && err.contains("does not exist"),
             "{err}"

@@ -137,7 +137,7 @@ impl Launch {
                     "this agent does not run exec jobs (start it with --allow-exec)".into(),
                 );
             }
-            let exec = exec::launch(spec, &dir, &agent_env)?;
+            let exec = exec::launch(spec, &dir, &agent_env, state.exec_user)?;
             let mut command = exec.command;
             common_setup(&mut command);
             return Ok(Self {
@@ -193,7 +193,7 @@ impl Launch {
         let (phase_tx, mut phase_rx) = mpsc::channel::<exec::PhaseMsg>(16);
         let mut phase_server = None;
         if let Body::Exec { phase_socket, .. } = &self.body {
-            match exec::bind_phase_socket(phase_socket) {
+            match exec::bind_phase_socket(phase_socket, state.exec_user) {
                 Ok(listener) => {
                     phase_server = Some(tokio::spawn(exec::serve_phases(listener, phase_tx)))
                 }

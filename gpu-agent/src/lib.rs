@@ -60,6 +60,10 @@ pub async fn run(
             path: config.work_dir.clone(),
             source,
         })?;
+    let exec_user = match &config.exec_user {
+        Some(name) => Some(config::ExecUser::resolve(name)?),
+        None => None,
+    };
     let devices = devices::Devices::discover(&config)?;
     tracing::info!(
         name = %config.name,
@@ -69,7 +73,7 @@ pub async fn run(
         host_capacity = devices.host_capacity(),
         "agent starting"
     );
-    let state = Arc::new(state::AgentState::new(config, devices));
+    let state = Arc::new(state::AgentState::new(config, devices, exec_user));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let watcher = tokio::spawn(async move {
         shutdown.await;

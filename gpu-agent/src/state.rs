@@ -42,6 +42,8 @@ pub struct AgentState {
     pub clock: Instant,
     /// Where generate sessions are kept between jobs.
     pub sessions: SessionsPlace,
+    /// The account exec jobs run as (`None`: the agent's own).
+    pub exec_user: Option<crate::config::ExecUser>,
     jobs: Mutex<HashMap<JobKey, JobHandle>>,
     /// Signalled whenever a job ends.
     job_ended: Notify,
@@ -57,7 +59,11 @@ const PROC_TABLE_MAX_AGE: std::time::Duration = std::time::Duration::from_millis
 
 impl AgentState {
     /// State for a fresh agent.
-    pub fn new(config: AgentConfig, devices: Devices) -> Self {
+    pub fn new(
+        config: AgentConfig,
+        devices: Devices,
+        exec_user: Option<crate::config::ExecUser>,
+    ) -> Self {
         let outbox = Outbox::new(config.outbox_capacity);
         let sessions = SessionsPlace {
             dir: config.work_dir.join("sessions"),
@@ -69,6 +75,7 @@ impl AgentState {
             outbox,
             clock: Instant::now(),
             sessions,
+            exec_user,
             jobs: Mutex::new(HashMap::new()),
             job_ended: Notify::new(),
             procs: Mutex::new((Instant::now(), Arc::new(Vec::new()))),

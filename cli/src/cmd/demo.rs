@@ -81,6 +81,7 @@ async fn start(args: &DemoArgs) -> anyhow::Result<DemoCluster> {
         work_dir: dir.join("agent"),
         token: None,
         allow_exec: false,
+        exec_user: None,
         log_cap_mib: 16.0,
     })?;
     let mut rx = stop_rx;

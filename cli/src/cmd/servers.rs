@@ -80,6 +80,7 @@ pub fn agent_config(args: &AgentArgs) -> anyhow::Result<kiln_agent::AgentConfig>
         work_dir: args.work_dir.clone(),
         token: args.token.clone(),
         allow_exec: args.allow_exec,
+        exec_user: args.exec_user.clone(),
         log_cap_bytes: {
             if !(args.log_cap_mib.is_finite() && args.log_cap_mib > 0.0) {
                 anyhow::bail!(
