@@ -51,10 +51,32 @@ async fn job_error_report_fails_the_job_with_its_message() {
     server
         .wait_until("registration", T, |s| s.connections() == 1)
         .await;
-    server.assign(memtest_job(12, MIB, 0, 0.0, 1 << 30)); // steps 0 is invalid
+    // The job process reports an error (a model that is not there): the job fails with it.
+    let mut job = memtest_job(12, MIB, 1, 0.0, 1 << 30);
+    job.kind = kiln_proto::v1::JobKind::Generate as i32;
+    job.spec = Some(kiln_proto::v1::JobSpec {
+        spec: Some(kiln_proto::v1::job_spec::Spec::Generate(
+            kiln_proto::v1::GenerateSpec {
+                model: "/no/such/model-kiln".into(),
+                prompt: "hi".into(),
+                max_tokens: 4,
+                ..Default::default()
+            },
+        )),
+    });
+    server.assign(job);
     let fin = server.finished(12, T).await;
     assert_eq!(fin.state, JobState::Failed as i32);
-    assert_eq!(fin.error, "memtest: invalid spec: steps must be at least 1");
+    assert!(
+        fin.error.starts_with("generate: ") && fin.error.contains("/no/such/model-kiln"),
+        "{}",
+        fin.error
+    );
+    // An invalid spec (steps 0) is refused by the agent's own check, naming the field.
+    server.assign(memtest_job(14, MIB, 0, 0.0, 1 << 30));
+    let fin = server.finished(14, T).await;
+    assert_eq!(fin.state, JobState::Failed as i32);
+    assert!(fin.error.contains("memtest.steps = 0"), "{}", fin.error);
     // A spec the agent cannot translate fails before any process starts, with the reason.
     let mut job = memtest_job(13, MIB, 1, 0.0, 1 << 30);
     job.spec = Some(kiln_proto::v1::JobSpec {

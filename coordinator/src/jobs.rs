@@ -34,50 +34,27 @@ pub(crate) fn validate_submit(
             "spec is missing: set exactly one of memtest, generate, train, export, exec",
         );
     };
+    kiln_proto::validate::check_spec(&spec).map_err(ApiError::InvalidArgument)?;
     let (kind, session_id) = match &spec.spec {
-        None => {
-            return invalid(
-                "spec is empty: set exactly one of memtest, generate, train, export, exec",
-            )
-        }
+        None => unreachable!("check_spec refuses an empty spec"),
         Some(job_spec::Spec::Memtest(_)) => (JobKind::Memtest, String::new()),
         Some(job_spec::Spec::Generate(g)) => (JobKind::Generate, g.session_id.clone()),
         Some(job_spec::Spec::Train(_)) => (JobKind::Train, String::new()),
         Some(job_spec::Spec::Export(_)) => (JobKind::Export, String::new()),
-        Some(job_spec::Spec::Exec(e)) => {
-            check_exec(e)?;
-            (JobKind::Exec, String::new())
-        }
+        Some(job_spec::Spec::Exec(_)) => (JobKind::Exec, String::new()),
     };
     let Some(mut resources) = req.resources else {
         return invalid("resources are missing: budget_bytes must be > 0");
     };
-    if resources.budget_bytes == 0 {
-        return invalid("resources.budget_bytes must be > 0 (the guard needs a budget)");
-    }
-    if resources.gpus > 64 {
-        return invalid("resources.gpus must be at most 64");
-    }
-    if !(resources.over_secs.is_finite() && resources.over_secs >= 0.0) {
-        return invalid("resources.over_secs must be >= 0");
-    }
-    if !(resources.poll_secs.is_finite() && resources.poll_secs >= 0.0) {
-        return invalid("resources.poll_secs must be >= 0 (0 = the coordinator's default)");
-    }
+    kiln_proto::validate::check_resources(&resources).map_err(ApiError::InvalidArgument)?;
     if resources.poll_secs == 0.0 {
         resources.poll_secs = config.default_poll_secs;
     }
     if resources.max_attempts == 0 {
         resources.max_attempts = config.default_max_attempts;
     }
-    let grow = resources.on_kill_grow;
-    if !(grow == 0.0 || (grow.is_finite() && grow > 1.0 && grow <= 16.0)) {
-        return invalid("resources.on_kill_grow must be 0 (a guard kill is final) or more than 1 and at most 16");
-    }
-    if resources.max_budget_bytes != 0 && resources.max_budget_bytes < resources.budget_bytes {
-        return invalid(
-            "resources.max_budget_bytes must be at least budget_bytes (or 0 for no cap)",
-        );
+    if req.name.len() > 256 {
+        return invalid("name is longer than 256 bytes");
     }
     Ok(Job {
         kind: kind as i32,
@@ -89,48 +66,6 @@ pub(crate) fn validate_submit(
         session_id,
         ..Default::default()
     })
-}
-
-/// Longest grace period between SIGTERM and SIGKILL for a cancelled exec job.
-pub(crate) const MAX_GRACE_SECS: f64 = 3600.0;
-
-/// Checks an exec spec: a command, well-formed environment names, an absolute working
-/// directory (when given), a grace period within bounds.
-fn check_exec(e: &kiln_proto::v1::ExecSpec) -> Result<(), ApiError> {
-    let invalid = |m: String| Err(ApiError::InvalidArgument(m));
-    match e.argv.first() {
-        None => return invalid("exec.argv is empty: give the command to run".into()),
-        Some(p) if p.is_empty() => {
-            return invalid("exec.argv[0] is empty: give the command to run".into())
-        }
-        _ => {}
-    }
-    if e.argv.iter().any(|a| a.contains('\0')) {
-        return invalid("exec.argv holds a NUL byte".into());
-    }
-    for (k, v) in &e.env {
-        let ok = !k.is_empty()
-            && !k.starts_with(|c: char| c.is_ascii_digit())
-            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !ok || v.contains('\0') {
-            return invalid(format!(
-                "exec.env: {k:?} is not a valid variable (names are letters, digits and '_', not starting with a digit)"
-            ));
-        }
-    }
-    if !e.workdir.is_empty() && !std::path::Path::new(&e.workdir).is_absolute() {
-        return invalid(format!(
-            "exec.workdir {:?} must be an absolute path on the agent's host",
-            e.workdir
-        ));
-    }
-    if !(e.grace_secs.is_finite() && (0.0..=MAX_GRACE_SECS).contains(&e.grace_secs)) {
-        return invalid(format!(
-            "exec.grace_secs must be between 0 and {MAX_GRACE_SECS} (got {})",
-            e.grace_secs
-        ));
-    }
-    Ok(())
 }
 
 /// Rejects an exec job when agents are known and none of them runs exec jobs.
@@ -360,7 +295,11 @@ mod tests {
     fn request(gpus: u32, budget: u64) -> SubmitJobRequest {
         SubmitJobRequest {
             spec: Some(JobSpec {
-                spec: Some(job_spec::Spec::Memtest(MemtestSpec::default())),
+                spec: Some(job_spec::Spec::Memtest(MemtestSpec {
+                    bytes: 1 << 20,
+                    steps: 1,
+                    ..Default::default()
+                })),
             }),
             resources: Some(JobResources {
                 gpus,

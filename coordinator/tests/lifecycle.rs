@@ -290,3 +290,93 @@ async fn health_and_reflection_are_served() {
     }
     h.server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn hostile_specs_are_refused_at_submit_naming_the_field() {
+    use kiln_proto::v1::{job_spec::Spec, GenerateSpec, JobSpec, MemtestSpec, Sampling};
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = start(dir.path()).await;
+    let memtest = |bytes: u64, steps: u32, hold_secs: f64| {
+        let mut r = memtest_request(1, GIB);
+        r.spec = Some(JobSpec {
+            spec: Some(Spec::Memtest(MemtestSpec {
+                bytes,
+                steps,
+                hold_secs,
+                step_pause_secs: 0.0,
+            })),
+        });
+        r
+    };
+    let generate = |model: &str, sampling: Option<Sampling>, kv: &str| {
+        let mut r = memtest_request(1, GIB);
+        r.spec = Some(JobSpec {
+            spec: Some(Spec::Generate(GenerateSpec {
+                model: model.into(),
+                prompt: "hi".into(),
+                max_tokens: 4,
+                sampling,
+                kv: kv.into(),
+                ..Default::default()
+            })),
+        });
+        r
+    };
+    let mut tiny_poll = memtest_request(1, GIB);
+    tiny_poll.resources.as_mut().unwrap().poll_secs = 1e-9;
+    let cases = vec![
+        (memtest(1 << 20, 1, 1e308), "memtest.hold_secs"),
+        (memtest(1 << 20, 1, f64::NAN), "memtest.hold_secs"),
+        (memtest(1 << 20, u32::MAX, 0.0), "memtest.steps"),
+        (memtest(u64::MAX, 1, 0.0), "memtest.bytes"),
+        (memtest(1 << 20, 0, 0.0), "memtest.steps"),
+        (generate("../../../../etc", None, ""), "climbs out"),
+        (generate("", None, ""), "generate.model"),
+        (generate("tiny", None, "bogus"), "generate.kv"),
+        (
+            generate(
+                "tiny",
+                Some(Sampling {
+                    temperature: -1.0,
+                    ..Default::default()
+                }),
+                "",
+            ),
+            "generate.sampling.temperature",
+        ),
+        (
+            generate(
+                "tiny",
+                Some(Sampling {
+                    top_p: 7.0,
+                    ..Default::default()
+                }),
+                "",
+            ),
+            "generate.sampling.top_p",
+        ),
+        (tiny_poll, "resources.poll_secs"),
+    ];
+    for (req, field) in cases {
+        let err = h.client.submit_job(req).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{field}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().contains(field),
+            "{} should name {field}",
+            err.message()
+        );
+    }
+    // Nothing was queued.
+    let listed = h
+        .client
+        .list_jobs(kiln_proto::v1::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.jobs.is_empty());
+}

@@ -92,6 +92,10 @@ impl Launch {
     fn prepare(state: &AgentState, job: &v1::Job) -> Result<Self, String> {
         let key = (job.id, job.attempt);
         let resources = job.resources.unwrap_or_default();
+        // The coordinator checked these at submit; a job from anywhere else is checked again.
+        kiln_proto::validate::check_spec(&job.spec.clone().unwrap_or_default())
+            .and_then(|()| kiln_proto::validate::check_resources(&resources))
+            .map_err(|e| format!("invalid job: {e}"))?;
         let gpus = job.gpu_indices.clone();
         let mut uuids = Vec::new();
         let mut capacity = state.devices.host_capacity();

@@ -1,7 +1,8 @@
 //! Kiln's wire protocol: the generated code for package `kiln.v1` (see
 //! `proto/kiln/v1/kiln.proto`, where every message and field is documented) plus small helpers
 //! that every user of the protocol needs: state names as users see them, the coordinator's
-//! address as users write it (`address`), and the descriptor set that server reflection serves.
+//! address as users write it (`address`), the one validation of job specs and resources
+//! (`validate`), and the descriptor set that server reflection serves.
 #![deny(missing_docs)]
 
 /// Generated messages, the `Coordinator` and `AgentLink` services, clients and servers.
@@ -14,4 +15,5 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kiln
 
 pub mod address;
 mod names;
+pub mod validate;
 pub use names::*;

@@ -209,6 +209,14 @@ pub fn build_request(kind: &SubmitKind) -> anyhow::Result<(v1::SubmitJobRequest,
         priority: common.priority,
         name: common.name.clone(),
     };
+    // The coordinator's own checks, before anything is sent.
+    if let Some(spec) = &req.spec {
+        kiln_proto::validate::check_spec(spec).map_err(|e| anyhow::anyhow!("invalid job: {e}"))?;
+    }
+    if let Some(r) = &req.resources {
+        kiln_proto::validate::check_resources(r)
+            .map_err(|e| anyhow::anyhow!("invalid job: {e}"))?;
+    }
     let after = AfterSubmit {
         follow: common.follow,
         verbose: common.verbose,
