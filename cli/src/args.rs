@@ -151,6 +151,11 @@ pub struct AgentArgs {
     /// as root. The job's scratch directory is given to that user.
     #[arg(long, value_name = "NAME", requires = "allow_exec")]
     pub exec_user: Option<String>,
+    /// Restrict the host paths jobs may name (models, datasets, checkpoints, outputs, exec
+    /// working directories) to this directory; repeatable. A job naming a path outside every
+    /// root is FAILED with the roots in its error. Default: no restriction.
+    #[arg(long = "data-root", value_name = "DIR")]
+    pub data_roots: Vec<PathBuf>,
     /// Log bytes kept per job (stdout + stderr lines); output beyond it is dropped with a note.
     #[arg(long, default_value_t = 16.0, value_name = "MIB")]
     pub log_cap_mib: f64,

@@ -404,3 +404,25 @@ fn exec_user_runs_commands_as_that_user() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such user"));
 }
+
+#[test]
+fn data_roots_keep_jobs_to_their_paths() {
+    let mut c = Cluster::start();
+    let root = c.dir.path().join("data");
+    std::fs::create_dir_all(&root).unwrap();
+    c.start_agent_with(
+        "rooted",
+        2.0,
+        &["--allow-exec", "--data-root", root.to_str().unwrap()],
+    );
+    let outside = submit_exec(&c, &["--budget-gb", "0.5", "--workdir", "/tmp"], &["true"]);
+    let job = c.wait_state(outside, "FAILED", T);
+    let err = job["error"].as_str().unwrap();
+    assert!(err.contains("outside this agent's data roots"), "{err}");
+    let inside = submit_exec(
+        &c,
+        &["--budget-gb", "0.5", "--workdir", root.to_str().unwrap()],
+        &["true"],
+    );
+    c.wait_state(inside, "SUCCEEDED", T);
+}

@@ -82,6 +82,8 @@ pub struct AgentConfig {
     /// Run exec jobs as this user (and its primary group) instead of the agent's user; only an
     /// agent running as root can.
     pub exec_user: Option<String>,
+    /// When not empty, every host path a job names must lie under one of these directories.
+    pub data_roots: Vec<PathBuf>,
 }
 
 /// An account exec jobs run as: resolved once at agent start.
@@ -146,6 +148,7 @@ impl Default for AgentConfig {
             allow_exec: false,
             log_cap_bytes: DEFAULT_LOG_CAP_BYTES,
             exec_user: None,
+            data_roots: Vec::new(),
             outbox_capacity: 10_000,
             token: None,
         }

@@ -96,6 +96,9 @@ impl Launch {
         kiln_proto::validate::check_spec(&job.spec.clone().unwrap_or_default())
             .and_then(|()| kiln_proto::validate::check_resources(&resources))
             .map_err(|e| format!("invalid job: {e}"))?;
+        if let Some(spec) = &job.spec {
+            crate::data_roots::check(spec, &state.config.data_roots)?;
+        }
         let gpus = job.gpu_indices.clone();
         let mut uuids = Vec::new();
         let mut capacity = state.devices.host_capacity();

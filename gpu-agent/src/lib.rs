@@ -9,6 +9,7 @@
 //! - `guard`: the guard's pure decisions (over-budget windows, sample downsampling).
 //! - `outbox`: job updates queued for the coordinator, kept across disconnections.
 //! - `state`: the shared state: config, devices, outbox, the running jobs.
+//! - `data_roots`: the host paths a job may name (`--data-root`).
 //! - `exec`: exec jobs (a user's command): building it, the phase socket, its failures.
 //! - `job`: one job attempt: spawn in its own process group, read output, poll, clean up.
 //! - `job_run`: a running job's state: relay lines as events, guard samples, kills, the end.
@@ -20,6 +21,7 @@
 
 pub mod config;
 pub mod convert;
+pub mod data_roots;
 pub mod devices;
 pub mod error;
 mod exec;
@@ -64,6 +66,11 @@ pub async fn run(
         Some(name) => Some(config::ExecUser::resolve(name)?),
         None => None,
     };
+    for root in &mut config.data_roots {
+        *root = std::fs::canonicalize(&*root).map_err(|e| {
+            AgentError::InvalidConfig(format!("--data-root {}: {e}", root.display()))
+        })?;
+    }
     let devices = devices::Devices::discover(&config)?;
     tracing::info!(
         name = %config.name,

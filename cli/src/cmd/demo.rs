@@ -82,6 +82,7 @@ async fn start(args: &DemoArgs) -> anyhow::Result<DemoCluster> {
         token: None,
         allow_exec: false,
         exec_user: None,
+        data_roots: Vec::new(),
         log_cap_mib: 16.0,
     })?;
     let mut rx = stop_rx;

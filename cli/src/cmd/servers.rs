@@ -81,6 +81,7 @@ pub fn agent_config(args: &AgentArgs) -> anyhow::Result<kiln_agent::AgentConfig>
         token: args.token.clone(),
         allow_exec: args.allow_exec,
         exec_user: args.exec_user.clone(),
+        data_roots: args.data_roots.clone(),
         log_cap_bytes: {
             if !(args.log_cap_mib.is_finite() && args.log_cap_mib > 0.0) {
                 anyhow::bail!(
