@@ -80,16 +80,29 @@ pub fn run(
 
 /// Splits `spec.bytes` into `spec.steps` sizes; the last step takes the remainder.
 pub fn step_sizes(spec: &MemtestSpec) -> Result<Vec<u64>, MemtestError> {
+    use kiln_job::spec::{MAX_MEMTEST_BYTES, MAX_MEMTEST_STEPS, MAX_SECS};
     if spec.steps == 0 {
         return Err(MemtestError::InvalidSpec("steps must be at least 1".into()));
+    }
+    if spec.steps > MAX_MEMTEST_STEPS {
+        return Err(MemtestError::InvalidSpec(format!(
+            "steps must be at most {MAX_MEMTEST_STEPS}, got {}",
+            spec.steps
+        )));
+    }
+    if spec.bytes > MAX_MEMTEST_BYTES {
+        return Err(MemtestError::InvalidSpec(format!(
+            "bytes must be at most {MAX_MEMTEST_BYTES}, got {}",
+            spec.bytes
+        )));
     }
     for (name, v) in [
         ("hold_secs", spec.hold_secs),
         ("step_pause_secs", spec.step_pause_secs),
     ] {
-        if !(v.is_finite() && v >= 0.0) {
+        if !(v.is_finite() && (0.0..=MAX_SECS).contains(&v)) {
             return Err(MemtestError::InvalidSpec(format!(
-                "{name} must be a non-negative number, got {v}"
+                "{name} must be a number of seconds from 0 to {MAX_SECS}, got {v}"
             )));
         }
     }
@@ -398,5 +411,38 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, MemtestError::CudaUnavailable { .. }), "{err}");
         assert!(err.to_string().contains("libcuda"), "{err}");
+    }
+
+    /// Any memtest values through the job's own check: an error or sizes, never a panic or an
+    /// abort (steps = 2^32-1 used to allocate a 32 GB vector; 1e308 s used to panic in sleep).
+    #[test]
+    fn arbitrary_memtest_values_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let floats = [
+            f64::NAN,
+            f64::INFINITY,
+            -1.0,
+            1e308,
+            0.0,
+            86_400.0,
+            86_401.0,
+        ];
+        for i in 0..2000 {
+            let s = MemtestSpec {
+                bytes: if i % 3 == 0 { u64::MAX } else { r.random() },
+                steps: if i % 5 == 0 { u32::MAX } else { r.random() },
+                hold_secs: floats[i % floats.len()],
+                step_pause_secs: if i % 2 == 0 {
+                    r.random::<f64>() * 1e6
+                } else {
+                    0.0
+                },
+            };
+            if let Ok(sizes) = step_sizes(&s) {
+                assert_eq!(sizes.iter().sum::<u64>(), s.bytes);
+                assert!(s.hold_secs <= 86_400.0 && s.step_pause_secs <= 86_400.0);
+            }
+        }
     }
 }

@@ -64,6 +64,13 @@ pub struct MemtestSpec {
     pub step_pause_secs: f64,
 }
 
+/// Longest duration a spec may ask for (memtest hold and pause, the guard's over_secs): a day.
+pub const MAX_SECS: f64 = 86_400.0;
+/// Largest memtest allocation: 16 TiB.
+pub const MAX_MEMTEST_BYTES: u64 = 1 << 44;
+/// Most memtest steps.
+pub const MAX_MEMTEST_STEPS: u32 = 4096;
+
 /// Session store budget when the request gives none: 1 GiB.
 pub const DEFAULT_SESSIONS_BUDGET_BYTES: u64 = 1 << 30;
 

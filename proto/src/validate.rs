@@ -9,12 +9,7 @@ use crate::v1::{job_spec::Spec, ExecSpec, GenerateSpec, JobResources, JobSpec, T
 pub const MIN_POLL_SECS: f64 = 0.05;
 /// Longest guard poll interval, seconds.
 pub const MAX_POLL_SECS: f64 = 60.0;
-/// Longest duration a spec may ask for (hold, pause, over_secs), seconds: one day.
-pub const MAX_SECS: f64 = 86_400.0;
-/// Largest memtest allocation: 16 TiB.
-pub const MAX_MEMTEST_BYTES: u64 = 1 << 44;
-/// Most memtest steps.
-pub const MAX_MEMTEST_STEPS: u32 = 4096;
+pub use kiln_job::spec::{MAX_MEMTEST_BYTES, MAX_MEMTEST_STEPS, MAX_SECS};
 /// Most new tokens of a generate job.
 pub const MAX_NEW_TOKENS: u32 = 1 << 20;
 /// Longest path or model name, bytes.
