@@ -176,13 +176,13 @@ pub struct SubmitCommon {
     /// Number of GPUs; 0 asks for a CPU slot (host memory).
     #[arg(long, default_value_t = 1)]
     pub gpus: u32,
-    /// Seconds over budget before the guard kills (0 = at the first sample over).
+    /// Seconds over budget before the guard kills (0 = at the first sample over; at most 86400).
     #[arg(long, default_value_t = 0.0)]
     pub over_secs: f64,
-    /// Seconds between guard polls.
+    /// Seconds between guard polls (0.05 to 60).
     #[arg(long, default_value_t = 0.5)]
     pub poll_secs: f64,
-    /// Attempts in all when the job is LOST with its agent (1 = never retry).
+    /// Attempts in all when the job is LOST with its agent (1 = never retry; at most 100).
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
     /// After a guard kill, retry as a new attempt with a larger budget (within --max-attempts):
@@ -260,13 +260,13 @@ pub struct MemtestArgs {
     /// GiB to allocate in all.
     #[arg(long)]
     pub gib: f64,
-    /// Number of equal allocation steps.
+    /// Number of equal allocation steps (1 to 4096).
     #[arg(long, default_value_t = 4)]
     pub steps: u32,
-    /// Seconds to hold the memory after the last step.
+    /// Seconds to hold the memory after the last step (0 to 86400).
     #[arg(long, default_value_t = 1.0)]
     pub hold_secs: f64,
-    /// Seconds to pause between steps.
+    /// Seconds to pause between steps (0 to 86400).
     #[arg(long, default_value_t = 0.2)]
     pub step_pause_secs: f64,
     #[command(flatten)]
@@ -288,16 +288,16 @@ pub struct GenerateArgs {
     /// System message for the chat template.
     #[arg(long)]
     pub system: Option<String>,
-    /// Maximum new tokens.
+    /// Maximum new tokens (1 to 1048576).
     #[arg(long, default_value_t = 64)]
     pub max_tokens: u32,
-    /// Sampling temperature (0 = greedy).
+    /// Sampling temperature (0 = greedy; at most 100).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
     /// Keep only the k most likely tokens (0 = off).
     #[arg(long, default_value_t = 0)]
     pub top_k: u32,
-    /// Nucleus sampling threshold (0 or 1 = off).
+    /// Nucleus sampling threshold, 0 to 1 (0 or 1 = off).
     #[arg(long, default_value_t = 0.0)]
     pub top_p: f32,
     /// Sampling seed.
@@ -327,16 +327,16 @@ pub struct TrainArgs {
     /// the loss is taken on the assistant turns only.
     #[arg(long, default_value = "whoami")]
     pub dataset: String,
-    /// Optimizer steps.
+    /// Optimizer steps (1 to 10,000,000).
     #[arg(long, default_value_t = 100)]
     pub steps: u32,
-    /// Sequence length in tokens.
+    /// Sequence length in tokens (1 to 1048576).
     #[arg(long, default_value_t = 128)]
     pub seq_len: u32,
-    /// Samples per step.
+    /// Samples per step (1 to 65536).
     #[arg(long, default_value_t = 8)]
     pub batch: u32,
-    /// AdamW learning rate.
+    /// AdamW learning rate (more than 0, at most 10).
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
     /// `nvfp4-ste` (full-precision master weights), `nvfp4-full` (packed weights only) or `none`.
