@@ -17,10 +17,8 @@ use crate::shared::{is_placed, now_ms, ActiveJob, AgentEntry, Shared};
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
-/// Bytes as GiB with two decimals, for messages.
-pub(crate) fn gib(bytes: u64) -> String {
-    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
-}
+// Bytes in human units for messages: the one formatter every Kiln message uses.
+use kiln_proto::human_bytes as gib;
 
 /// Checks a submit request and fills in defaults. Returns the job to store (id and times
 /// are set by the caller).
