@@ -61,6 +61,10 @@ pub const SOURCES: &[KernelSource] = &[
         source: include_str!("../../cuda/gemv_tensor_core_split_k.cu"),
     },
     KernelSource {
+        file: "decode.cu",
+        source: include_str!("../../cuda/decode.cu"),
+    },
+    KernelSource {
         file: "adamw_nvfp4.cu",
         source: include_str!("../../cuda/adamw_nvfp4.cu"),
     },

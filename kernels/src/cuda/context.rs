@@ -11,6 +11,7 @@ use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
 use super::compile::{arch_for, compile_cached, SOURCES};
+use super::decode::DecodeFunctions;
 use super::driver::drv;
 use super::gemv_kernels::{GemvFunctions, ScratchCell};
 use crate::KernelError;
@@ -65,6 +66,8 @@ pub(crate) struct Functions {
     pub adamw_apply: CudaFunction,
     /// The GEMV kernels (`gemv_kernels`: production, and with `bench` the experiments).
     pub gemv: GemvFunctions,
+    /// The GPU engine's transformer kernels besides the GEMVs (`decode.cu`).
+    pub decode: DecodeFunctions,
 }
 
 /// One CUDA device with Kiln's kernels loaded. All work goes to one stream, in order.
@@ -161,6 +164,7 @@ impl CudaKernels {
             adamw_amax: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_amax")?,
             adamw_apply: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_apply")?,
             gemv: GemvFunctions::load(&func, smem_optin)?,
+            decode: DecodeFunctions::load(&func)?,
         };
         let blas = CudaBlas::new(stream.clone()).map_err(|e| KernelError::Cuda {
             context: "creating the cuBLAS handle".into(),

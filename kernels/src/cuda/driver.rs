@@ -35,6 +35,22 @@ pub(crate) unsafe fn launch_chained(
     cfg: LaunchConfig,
     params: &mut [*mut c_void],
 ) -> Result<(), DriverError> {
+    // SAFETY: the caller's contract.
+    unsafe { launch_raw(stream, func, cfg, params, true) }
+}
+
+/// Queue `func` on `stream` with the parameter addresses `params`, as a programmatic dependent
+/// launch when `chained` (see [`launch_chained`]), else as a plain launch.
+///
+/// # Safety
+/// As [`launch_chained`]; a plain launch has no wait to honour.
+pub(crate) unsafe fn launch_raw(
+    stream: &CudaStream,
+    func: &CudaFunction,
+    cfg: LaunchConfig,
+    params: &mut [*mut c_void],
+    chained: bool,
+) -> Result<(), DriverError> {
     stream.context().bind_to_thread()?;
     // SAFETY: a zeroed attribute is a valid "ignore" attribute; id and value are set below.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
@@ -50,7 +66,7 @@ pub(crate) unsafe fn launch_chained(
         sharedMemBytes: cfg.shared_mem_bytes,
         hStream: stream.cu_stream(),
         attrs: &mut attr,
-        numAttrs: 1,
+        numAttrs: u32::from(chained),
     };
     // SAFETY: lc and params are valid for the call (the caller's contract for params).
     unsafe {

@@ -8,7 +8,8 @@
 //! - [`ops`] — device-resident NVFP4 ops (quantize, dequantize, conversions);
 //!   [`gemv`] — the decode GEMV: default kernel per shape and the production launchers;
 //!   `gemv_bench` (`bench` feature) — the benchmark's probe and two-launch GEMVs;
-//!   [`adamw`] — the packed-weight optimizer step; [`blas`] — cuBLAS / cuBLASLt calls.
+//!   [`decode`] — the GPU engine's other transformer kernels (norms, RoPE + KV append,
+//!   attention, SwiGLU, the greedy pick); [`adamw`] — the packed-weight optimizer step; [`blas`] — cuBLAS / cuBLASLt calls.
 //! - [`host`] — host-slice conveniences checked against the CPU reference.
 //!
 //! Nothing here falls back to the CPU: when CUDA cannot be used, [`CudaKernels::new`] returns
@@ -18,6 +19,7 @@ pub mod adamw;
 pub mod blas;
 pub mod compile;
 pub mod context;
+pub mod decode;
 pub(crate) mod driver;
 pub mod gemv;
 #[cfg(feature = "bench")]

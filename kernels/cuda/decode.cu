@@ -1,0 +1,382 @@
+// The transformer kernels of the GPU engine other than the GEMVs: embedding lookup, residual
+// add + RMSNorm, the q/k/v epilogue (tensor scales, bias, q/k norm, RoPE, KV-cache append),
+// attention split over the context (flash-decoding) and its combine, SwiGLU, and the greedy
+// pick that also advances the position. Activations are f32; the KV cache is bf16, per layer
+// `[kv_heads][capacity][head_dim]`.
+//
+// `pos` (one int in device memory) is the position of the first token of the forward: a
+// decode step captured in a CUDA graph reads it at replay time, and the pick kernel advances
+// it, so the same graph serves every step. Query t of a forward of T tokens sees positions
+// 0..=pos+t (causal).
+
+#define KILN_NEG_INF __int_as_float(0xff800000)
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the sum.
+__device__ __forceinline__ float kiln_block_sum(float v, float* red) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();  // red may still be read by a previous call
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    const int nw = blockDim.x >> 5;
+    float s = 0.0f;
+    for (int w = 0; w < nw; ++w) s += red[w];
+    return s;
+}
+
+__device__ __forceinline__ float kiln_warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+    return v;
+}
+
+// x[t, :] = table[ids[t], :] (bf16 → f32). Grid T, any block size.
+extern "C" __global__ void kiln_embed_bf16(const u32* __restrict__ ids, const u16* __restrict__ table,
+                                           float* __restrict__ x, int H) {
+    const int t = blockIdx.x;
+    const u16* row = table + (size_t)ids[t] * H;
+    float* out = x + (size_t)t * H;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) out[i] = kiln_bf16_to_f32(row[i]);
+}
+
+// Per row (grid = rows): with d, x += d first (the residual add); then
+// h = x / sqrt(mean(x²) + eps) · w. Block size a multiple of 32.
+extern "C" __global__ void kiln_add_rmsnorm(float* __restrict__ x, const float* __restrict__ d,
+                                            const float* __restrict__ w, float* __restrict__ h,
+                                            int H, float eps) {
+    __shared__ float red[32];
+    const size_t base = (size_t)blockIdx.x * H;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+        float v = x[base + i];
+        if (d) {
+            v += d[base + i];
+            x[base + i] = v;
+        }
+        ss += v * v;
+    }
+    ss = kiln_block_sum(ss, red);
+    const float r = 1.0f / sqrtf(ss / (float)H + eps);
+    for (int i = threadIdx.x; i < H; i += blockDim.x) h[base + i] = x[base + i] * r * w[i];
+}
+
+// The q/k/v epilogue. qkv is [T, (nh + 2·kvh)·hd]: one GEMV over the concatenated q, k, v rows
+// with tensor scale 1, so each part is multiplied here by its own tensor scale (scale[0..3]).
+// Then the bias (if any), the per-head RMSNorm of q and k (Qwen3, if qn), RoPE ("rotate half",
+// angle (pos + t) · inv_freq[i mod hd/2]) on q and k; q goes to q_out [T, nh·hd], k and v are
+// appended to the layer's cache at position pos + t.
+// Grid (nh + 2·kvh, T), block hd threads (hd even, a multiple of 32, at most 256).
+extern "C" __global__ void kiln_qkv_post(const float* __restrict__ qkv, const float* __restrict__ scale,
+                                         const float* __restrict__ bias, const float* __restrict__ qn,
+                                         const float* __restrict__ kn,
+                                         const float* __restrict__ inv_freq,
+                                         const int* __restrict__ pos, float* __restrict__ q_out,
+                                         u16* __restrict__ kc, u16* __restrict__ vc, int nh, int kvh,
+                                         int hd, int cap, float eps) {
+    __shared__ float v[256];
+    __shared__ float red[32];
+    const int head = blockIdx.x, t = blockIdx.y, i = threadIdx.x;
+    const int width = (nh + 2 * kvh) * hd;
+    const int kind = head < nh ? 0 : (head < nh + kvh ? 1 : 2);
+    float val = qkv[(size_t)t * width + head * hd + i] * scale[kind];
+    if (bias) val += bias[head * hd + i];
+    const int p = *pos + t;
+    if (kind == 2) {
+        const int kv = head - nh - kvh;
+        vc[((size_t)kv * cap + p) * hd + i] = kiln_f32_to_bf16(val);
+        return;
+    }
+    if (qn) {
+        const float ss = kiln_block_sum(val * val, red);
+        val = val / sqrtf(ss / (float)hd + eps) * (kind == 0 ? qn[i] : kn[i]);
+    }
+    v[i] = val;
+    __syncthreads();
+    const int half = hd >> 1;
+    const int j = i < half ? i : i - half;
+    const float ang = (float)p * inv_freq[j];
+    float s, c;
+    sincosf(ang, &s, &c);
+    const float out = i < half ? v[i] * c - v[i + half] * s : v[i] * c + v[i - half] * s;
+    if (kind == 0) {
+        q_out[(size_t)t * nh * hd + head * hd + i] = out;
+    } else {
+        kc[((size_t)(head - nh) * cap + p) * hd + i] = kiln_f32_to_bf16(out);
+    }
+}
+
+// Load E consecutive bf16 as f32.
+template <int E>
+__device__ __forceinline__ void kiln_load_bf16(const u16* p, float out[E]) {
+    if constexpr (E == 1) {
+        out[0] = kiln_bf16_to_f32(*p);
+    } else if constexpr (E == 2) {
+        const u32 w = *reinterpret_cast<const u32*>(p);
+        out[0] = kiln_bf16_to_f32((u16)(w & 0xFFFFu));
+        out[1] = kiln_bf16_to_f32((u16)(w >> 16));
+    } else if constexpr (E == 4) {
+        const uint2 w = *reinterpret_cast<const uint2*>(p);
+        out[0] = kiln_bf16_to_f32((u16)(w.x & 0xFFFFu));
+        out[1] = kiln_bf16_to_f32((u16)(w.x >> 16));
+        out[2] = kiln_bf16_to_f32((u16)(w.y & 0xFFFFu));
+        out[3] = kiln_bf16_to_f32((u16)(w.y >> 16));
+    } else {
+#pragma unroll
+        for (int e = 0; e < E; e += 4) kiln_load_bf16<4>(p + e, out + e);
+    }
+}
+
+#define KILN_ATTN_WARPS 4
+
+// Attention of one KV head's query group over one chunk of the context. Grid (kvh, splits, T),
+// block 32·KILN_ATTN_WARPS. Split s covers positions [s·chunk, (s+1)·chunk) ∩ [0, len), len =
+// pos + t + 1; a split past len does nothing (the combine reads only the splits below len).
+// Each warp takes every KILN_ATTN_WARPS-th position; lane l holds elements l·E .. l·E+E-1 of
+// a row. Writes the unnormalised output, the running max and the sum of the chunk:
+// part_o [T][nh][splits][HD], part_ml [T][nh][splits][2].
+template <int HD, int REP>
+__device__ __forceinline__ void kiln_attention_body(const float* __restrict__ q,
+                                                    const u16* __restrict__ kc,
+                                                    const u16* __restrict__ vc,
+                                                    const int* __restrict__ pos,
+                                                    float* __restrict__ part_o,
+                                                    float* __restrict__ part_ml, int nh, int kvh,
+                                                    int cap, int chunk, float softmax_scale) {
+    constexpr int E = HD / 32;
+    const int kv = blockIdx.x, s = blockIdx.y, t = blockIdx.z, splits = gridDim.y;
+    const int rep = nh / kvh;
+    const int len = *pos + t + 1;
+    const int start = s * chunk;
+    if (start >= len) return;
+    const int end = min(start + chunk, len);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+    float qr[REP][E];
+#pragma unroll
+    for (int r = 0; r < REP; ++r) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            qr[r][e] = r < rep ? q[(size_t)t * nh * HD + (kv * rep + r) * HD + lane * E + e] *
+                                     softmax_scale
+                               : 0.0f;
+        }
+    }
+    float m[REP], l[REP], acc[REP][E];
+#pragma unroll
+    for (int r = 0; r < REP; ++r) {
+        m[r] = KILN_NEG_INF;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[r][e] = 0.0f;
+    }
+    const u16* kb = kc + (size_t)kv * cap * HD + lane * E;
+    const u16* vb = vc + (size_t)kv * cap * HD + lane * E;
+    for (int j = start + warp; j < end; j += KILN_ATTN_WARPS) {
+        float k[E], v[E];
+        kiln_load_bf16<E>(kb + (size_t)j * HD, k);
+        kiln_load_bf16<E>(vb + (size_t)j * HD, v);
+#pragma unroll
+        for (int r = 0; r < REP; ++r) {
+            if (r < rep) {
+                float d = 0.0f;
+#pragma unroll
+                for (int e = 0; e < E; ++e) d = fmaf(qr[r][e], k[e], d);
+                d = kiln_warp_sum(d);
+                const float mn = fmaxf(m[r], d);
+                const float corr = expf(m[r] - mn);
+                const float p = expf(d - mn);
+                l[r] = l[r] * corr + p;
+#pragma unroll
+                for (int e = 0; e < E; ++e) acc[r][e] = fmaf(acc[r][e], corr, p * v[e]);
+                m[r] = mn;
+            }
+        }
+    }
+    // combine the warps
+    __shared__ float sm_m[KILN_ATTN_WARPS][REP], sm_l[KILN_ATTN_WARPS][REP];
+    __shared__ float sm_o[KILN_ATTN_WARPS][REP][HD];
+#pragma unroll
+    for (int r = 0; r < REP; ++r) {
+        if (lane == 0) {
+            sm_m[warp][r] = m[r];
+            sm_l[warp][r] = l[r];
+        }
+#pragma unroll
+        for (int e = 0; e < E; ++e) sm_o[warp][r][lane * E + e] = acc[r][e];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < rep * HD; idx += blockDim.x) {
+        const int r = idx / HD, e = idx % HD;
+        float mx = KILN_NEG_INF;
+#pragma unroll
+        for (int w = 0; w < KILN_ATTN_WARPS; ++w) mx = fmaxf(mx, sm_m[w][r]);
+        float sum = 0.0f, o = 0.0f;
+#pragma unroll
+        for (int w = 0; w < KILN_ATTN_WARPS; ++w) {
+            const float wt = sm_m[w][r] == KILN_NEG_INF ? 0.0f : expf(sm_m[w][r] - mx);
+            sum += sm_l[w][r] * wt;
+            o += sm_o[w][r][e] * wt;
+        }
+        const size_t row = ((size_t)t * nh + kv * rep + r) * splits + s;
+        part_o[row * HD + e] = o;
+        if (e == 0) {
+            part_ml[row * 2] = mx;
+            part_ml[row * 2 + 1] = sum;
+        }
+    }
+}
+
+#define KILN_ATTENTION(HD, REP)                                                                   \
+    extern "C" __global__ void __launch_bounds__(32 * KILN_ATTN_WARPS)                            \
+        kiln_attention_hd##HD##_rep##REP(const float* __restrict__ q, const u16* __restrict__ kc,  \
+                                         const u16* __restrict__ vc, const int* __restrict__ pos,  \
+                                         float* __restrict__ part_o, float* __restrict__ part_ml,  \
+                                         int nh, int kvh, int cap, int chunk, float scale) {       \
+        kiln_attention_body<HD, REP>(q, kc, vc, pos, part_o, part_ml, nh, kvh, cap, chunk, scale); \
+    }
+
+KILN_ATTENTION(32, 8)
+KILN_ATTENTION(64, 8)
+KILN_ATTENTION(128, 8)
+KILN_ATTENTION(256, 8)
+KILN_ATTENTION(32, 16)
+KILN_ATTENTION(64, 16)
+KILN_ATTENTION(128, 16)
+
+// The splits of each (query, head) into its output: out[t, h·hd + e] = Σ o·w / Σ l·w with
+// w = exp(m - max m), over the splits that hold positions (len = pos + t + 1).
+// Grid (nh, T), block a multiple of 32 (hd threads are enough).
+extern "C" __global__ void kiln_attention_combine(const float* __restrict__ part_o,
+                                                  const float* __restrict__ part_ml,
+                                                  const int* __restrict__ pos,
+                                                  float* __restrict__ out, int nh, int hd,
+                                                  int splits, int chunk) {
+    const int h = blockIdx.x, t = blockIdx.y;
+    const int len = *pos + t + 1;
+    const int ns = min(splits, (len + chunk - 1) / chunk);
+    const size_t row0 = ((size_t)t * nh + h) * splits;
+    float mx = KILN_NEG_INF;
+    for (int s = 0; s < ns; ++s) mx = fmaxf(mx, part_ml[(row0 + s) * 2]);
+    float sum = 0.0f;
+    for (int s = 0; s < ns; ++s) {
+        const float m = part_ml[(row0 + s) * 2];
+        sum += part_ml[(row0 + s) * 2 + 1] * (m == KILN_NEG_INF ? 0.0f : expf(m - mx));
+    }
+    for (int e = threadIdx.x; e < hd; e += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s < ns; ++s) {
+            const float m = part_ml[(row0 + s) * 2];
+            if (m != KILN_NEG_INF) o += part_o[(row0 + s) * hd + e] * expf(m - mx);
+        }
+        out[(size_t)t * nh * hd + h * hd + e] = o / sum;
+    }
+}
+
+// act[t, i] = silu(g) · u with g = gu[t, i]·scale[0], u = gu[t, I + i]·scale[1] (one GEMV over the
+// concatenated gate and up rows, tensor scale 1). n = T·I.
+extern "C" __global__ void kiln_swiglu(const float* __restrict__ gu, const float* __restrict__ scale,
+                                       float* __restrict__ act, int I, int n) {
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= n) return;
+    const int t = idx / I, i = idx - t * I;
+    const float g = gu[(size_t)t * 2 * I + i] * scale[0];
+    const float u = gu[(size_t)t * 2 * I + I + i] * scale[1];
+    act[idx] = g / (1.0f + expf(-g)) * u;
+}
+
+// The first index of the largest logit (NaN never wins): every block reduces its stride of the
+// vocabulary into (part_val, part_idx); the last block to finish (a counter, reset by it for the
+// next launch) reduces those, writes the token to *token and, with advance, adds 1 to *pos.
+// Block 256.
+extern "C" __global__ void __launch_bounds__(256)
+    kiln_argmax_advance(const float* __restrict__ logits, int V, float* __restrict__ part_val,
+                        int* __restrict__ part_idx, u32* __restrict__ counter,
+                        u32* __restrict__ token, int* __restrict__ pos, int advance) {
+    __shared__ float sv[8];
+    __shared__ int si[8];
+    __shared__ bool last;
+    float best = KILN_NEG_INF;
+    int bi = 0x7FFFFFFF;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < V; i += gridDim.x * blockDim.x) {
+        const float v = logits[i];
+        if (v > best || (v == best && i < bi)) {
+            best = v;
+            bi = i;
+        }
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xFFFFFFFFu, best, o);
+        const int oi = __shfl_xor_sync(0xFFFFFFFFu, bi, o);
+        if (ov > best || (ov == best && oi < bi)) {
+            best = ov;
+            bi = oi;
+        }
+    }
+    if (lane == 0) {
+        sv[warp] = best;
+        si[warp] = bi;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < 8; ++w) {
+            if (sv[w] > best || (sv[w] == best && si[w] < bi)) {
+                best = sv[w];
+                bi = si[w];
+            }
+        }
+        part_val[blockIdx.x] = best;
+        part_idx[blockIdx.x] = bi;
+        __threadfence();
+        last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last || threadIdx.x != 0) return;
+    __threadfence();
+    best = KILN_NEG_INF;
+    bi = 0x7FFFFFFF;
+    for (int b = 0; b < (int)gridDim.x; ++b) {
+        const float v = *((volatile float*)part_val + b);
+        const int i = *((volatile int*)part_idx + b);
+        if (v > best || (v == best && i < bi)) {
+            best = v;
+            bi = i;
+        }
+    }
+    // all-NaN logits: token 0, as the CPU's argmax
+    *token = bi == 0x7FFFFFFF ? 0u : (u32)bi;
+    if (advance) *pos += 1;
+    *counter = 0u;
+}
+
+// ---- Seeded random weights (benchmarks of model shapes without a checkpoint) ----
+
+__device__ __forceinline__ u64 kiln_mix64(u64 z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// NVFP4 codes: every byte a hash of (seed, index) (all 16 E2M1 values, both signs); block
+// scales: E4M3 codes uniform in [scale_lo, scale_hi].
+extern "C" __global__ void kiln_random_nvfp4(u8* __restrict__ packed, u64 npacked,
+                                             u8* __restrict__ scales, u64 nscales, u64 seed,
+                                             u32 scale_lo, u32 scale_hi) {
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < npacked; i += stride)
+        packed[i] = (u8)kiln_mix64(seed * 0x9E3779B97F4A7C15ull + i);
+    const u32 span = scale_hi - scale_lo + 1;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < nscales; i += stride)
+        scales[i] = (u8)(scale_lo + (u32)(kiln_mix64(~seed * 0x9E3779B97F4A7C15ull + i) % span));
+}
+
+// bf16 values uniform in [-a, a] from a hash of (seed, index).
+extern "C" __global__ void kiln_random_bf16(u16* __restrict__ out, u64 n, u64 seed, float a) {
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float u = (float)(kiln_mix64(seed * 0x9E3779B97F4A7C15ull + i) >> 40) * (1.0f / 16777216.0f);
+        out[i] = kiln_f32_to_bf16((2.0f * u - 1.0f) * a);
+    }
+}

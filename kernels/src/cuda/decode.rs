@@ -1,0 +1,512 @@
+//! The transformer kernels of the GPU engine besides the GEMVs (`kernels/cuda/decode.cu`):
+//! embedding lookup, residual add + RMSNorm, the q/k/v epilogue (tensor scales, bias, q/k norm,
+//! RoPE, KV append), attention split over the context with its combine, SwiGLU, the greedy
+//! pick that advances the position, and seeded random weights for benchmarks.
+//!
+//! The launchers take raw device addresses ([`DevAddr`]): the engine lays its activations,
+//! caches and scalars out once, slices rows by offset, and captures the same launches in a
+//! CUDA graph. They are `unsafe`: each says which buffers must be live and how large.
+
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+
+use super::context::CudaKernels;
+use super::driver::{drv, launch_raw, param};
+use crate::KernelError;
+use std::ffi::c_void;
+
+/// A device address (0: none, where a launcher says a buffer is optional).
+pub type DevAddr = u64;
+
+/// Warps per attention block (`KILN_ATTN_WARPS` in decode.cu).
+pub const ATTENTION_WARPS: u32 = 4;
+
+/// The attention kernels built: (head_dim, most query heads per KV head). A model whose
+/// (head_dim, heads / kv_heads) no entry covers cannot run on the GPU engine.
+pub const ATTENTION_KERNELS: &[(usize, usize)] = &[
+    (32, 8),
+    (64, 8),
+    (128, 8),
+    (256, 8),
+    (32, 16),
+    (64, 16),
+    (128, 16),
+];
+
+/// Blocks of the greedy pick (its scratch holds one value and index per block).
+pub const ARGMAX_BLOCKS: usize = 264;
+
+/// The loaded decode kernels.
+pub(crate) struct DecodeFunctions {
+    embed_bf16: CudaFunction,
+    add_rmsnorm: CudaFunction,
+    qkv_post: CudaFunction,
+    attention: Vec<((usize, usize), CudaFunction)>,
+    attention_combine: CudaFunction,
+    swiglu: CudaFunction,
+    argmax_advance: CudaFunction,
+    random_nvfp4: CudaFunction,
+    random_bf16: CudaFunction,
+}
+
+impl DecodeFunctions {
+    pub(crate) fn load(
+        func: &dyn Fn(&str, &str) -> Result<CudaFunction, KernelError>,
+    ) -> Result<Self, KernelError> {
+        let f = |name: &str| func("decode.cu", name);
+        Ok(DecodeFunctions {
+            embed_bf16: f("kiln_embed_bf16")?,
+            add_rmsnorm: f("kiln_add_rmsnorm")?,
+            qkv_post: f("kiln_qkv_post")?,
+            attention: ATTENTION_KERNELS
+                .iter()
+                .map(|&(hd, rep)| Ok(((hd, rep), f(&attention_name(hd, rep))?)))
+                .collect::<Result<_, KernelError>>()?,
+            attention_combine: f("kiln_attention_combine")?,
+            swiglu: f("kiln_swiglu")?,
+            argmax_advance: f("kiln_argmax_advance")?,
+            random_nvfp4: f("kiln_random_nvfp4")?,
+            random_bf16: f("kiln_random_bf16")?,
+        })
+    }
+}
+
+/// The CUDA function name of the attention kernel for (head_dim, most query heads per KV head).
+pub fn attention_name(hd: usize, rep: usize) -> String {
+    format!("kiln_attention_hd{hd}_rep{rep}")
+}
+
+/// The attention kernel entry for a head_dim and query heads per KV head: the smallest built
+/// `rep` bound that covers it.
+pub fn attention_kernel_for(head_dim: usize, rep: usize) -> Option<(usize, usize)> {
+    ATTENTION_KERNELS
+        .iter()
+        .filter(|&&(hd, r)| hd == head_dim && r >= rep)
+        .min_by_key(|&&(_, r)| r)
+        .copied()
+}
+
+/// The q/k/v epilogue's buffers ([`CudaKernels::qkv_post_async`]).
+#[derive(Debug, Clone, Copy)]
+pub struct QkvPost {
+    /// `[T, (nh + 2·kvh)·hd]` f32: the GEMV output over the concatenated q, k, v rows.
+    pub qkv: DevAddr,
+    /// 3 f32: the tensor scales of q, k and v.
+    pub scale: DevAddr,
+    /// `[(nh + 2·kvh)·hd]` f32 bias, or 0.
+    pub bias: DevAddr,
+    /// `[hd]` f32 q-norm weight, or 0 (then `k_norm` is 0 too).
+    pub q_norm: DevAddr,
+    /// `[hd]` f32 k-norm weight, or 0.
+    pub k_norm: DevAddr,
+    /// `[hd/2]` f32 RoPE inverse frequencies.
+    pub inv_freq: DevAddr,
+    /// One i32: the position of the forward's first token.
+    pub pos: DevAddr,
+    /// `[T, nh·hd]` f32 output queries.
+    pub q_out: DevAddr,
+    /// The layer's keys, bf16 `[kvh][cap][hd]`.
+    pub k_cache: DevAddr,
+    /// The layer's values, bf16 `[kvh][cap][hd]`.
+    pub v_cache: DevAddr,
+}
+
+/// The attention's shape ([`CudaKernels::attention_async`]).
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    /// Tokens in the forward (queries).
+    pub tokens: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Positions the cache holds per head (its row stride).
+    pub capacity: usize,
+    /// Positions per split.
+    pub chunk: usize,
+    /// Splits of the context (grid y): `capacity.div_ceil(chunk)` covers any length.
+    pub splits: usize,
+}
+
+fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaKernels {
+    /// The device address of `s`'s element `offset` (event tracking is off in this crate, so
+    /// the address needs no guard).
+    pub fn addr<T>(&self, s: &CudaSlice<T>, offset: usize) -> DevAddr {
+        debug_assert!(offset <= s.len());
+        s.device_ptr(&self.stream).0 + (offset * std::mem::size_of::<T>()) as u64
+    }
+
+    /// Launch `f` with the parameter addresses `params` (plain launch).
+    ///
+    /// # Safety
+    /// `params` point at values matching `f`'s parameter list (each caller's contract).
+    unsafe fn go(
+        &self,
+        f: &CudaFunction,
+        c: LaunchConfig,
+        what: &str,
+        params: &mut [*mut c_void],
+    ) -> Result<(), KernelError> {
+        // SAFETY: the caller's contract.
+        unsafe { launch_raw(&self.stream, f, c, params, false) }.map_err(drv(what))
+    }
+
+    /// Queue `x[t, :] = table[ids[t], :]` (bf16 → f32) for `t < tokens`.
+    ///
+    /// # Safety
+    /// `ids` holds `tokens` u32 below the table's rows; `table` is bf16 `[rows, h]`; `x` holds
+    /// `tokens·h` f32.
+    pub unsafe fn embed_async(
+        &self,
+        ids: DevAddr,
+        table: DevAddr,
+        x: DevAddr,
+        tokens: usize,
+        h: usize,
+    ) -> Result<(), KernelError> {
+        let hi = h as i32;
+        // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
+        unsafe {
+            self.go(
+                &self.f.decode.embed_bf16,
+                cfg((tokens as u32, 1, 1), 256),
+                "launching kiln_embed_bf16",
+                &mut [param(&ids), param(&table), param(&x), param(&hi)],
+            )
+        }
+    }
+
+    /// Queue, per row of `rows`: `x += d` (when `d` ≠ 0), then `h = rmsnorm(x) · w`.
+    ///
+    /// # Safety
+    /// `x`, `h` (and `d` if given) hold `rows·width` f32, `w` holds `width` f32.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn add_rmsnorm_async(
+        &self,
+        x: DevAddr,
+        d: DevAddr,
+        w: DevAddr,
+        h: DevAddr,
+        rows: usize,
+        width: usize,
+        eps: f32,
+    ) -> Result<(), KernelError> {
+        let wi = width as i32;
+        let block = (width.div_ceil(32) * 32).clamp(32, 1024) as u32;
+        // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
+        unsafe {
+            self.go(
+                &self.f.decode.add_rmsnorm,
+                cfg((rows as u32, 1, 1), block),
+                "launching kiln_add_rmsnorm",
+                &mut [
+                    param(&x),
+                    param(&d),
+                    param(&w),
+                    param(&h),
+                    param(&wi),
+                    param(&eps),
+                ],
+            )
+        }
+    }
+
+    /// Queue the q/k/v epilogue for `tokens` tokens (see [`QkvPost`]).
+    ///
+    /// # Safety
+    /// The buffers of `p` are as [`QkvPost`] describes, `pos + tokens <= capacity`, and
+    /// `head_dim` is even, a multiple of 32 and at most 256.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn qkv_post_async(
+        &self,
+        p: &QkvPost,
+        tokens: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        eps: f32,
+    ) -> Result<(), KernelError> {
+        if head_dim > 256 || !head_dim.is_multiple_of(32) {
+            return Err(KernelError::InvalidArgument(format!(
+                "the q/k/v epilogue takes head_dim a multiple of 32 up to 256, got {head_dim}"
+            )));
+        }
+        let (nh, kvh, hd, cap) = (
+            heads as i32,
+            kv_heads as i32,
+            head_dim as i32,
+            capacity as i32,
+        );
+        // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
+        unsafe {
+            self.go(
+                &self.f.decode.qkv_post,
+                cfg(
+                    ((heads + 2 * kv_heads) as u32, tokens as u32, 1),
+                    head_dim as u32,
+                ),
+                "launching kiln_qkv_post",
+                &mut [
+                    param(&p.qkv),
+                    param(&p.scale),
+                    param(&p.bias),
+                    param(&p.q_norm),
+                    param(&p.k_norm),
+                    param(&p.inv_freq),
+                    param(&p.pos),
+                    param(&p.q_out),
+                    param(&p.k_cache),
+                    param(&p.v_cache),
+                    param(&nh),
+                    param(&kvh),
+                    param(&hd),
+                    param(&cap),
+                    param(&eps),
+                ],
+            )
+        }
+    }
+
+    /// Queue attention over the cache for `s.tokens` queries (query t sees positions
+    /// `0..=pos+t`), split over the context, then the combine into `out` `[T, nh·hd]`.
+    ///
+    /// # Safety
+    /// `q` holds `T·nh·hd` f32; `k_cache`/`v_cache` are the layer's bf16 `[kvh][cap][hd]` with
+    /// positions `0..pos+T` written; `part_o` holds `T·nh·splits·hd` f32 and `part_ml`
+    /// `T·nh·splits·2`; `splits·chunk >= pos + T`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn attention_async(
+        &self,
+        q: DevAddr,
+        k_cache: DevAddr,
+        v_cache: DevAddr,
+        pos: DevAddr,
+        part_o: DevAddr,
+        part_ml: DevAddr,
+        out: DevAddr,
+        s: &AttentionShape,
+    ) -> Result<(), KernelError> {
+        let rep = s.heads / s.kv_heads.max(1);
+        let Some(key) = attention_kernel_for(s.head_dim, rep) else {
+            return Err(KernelError::InvalidArgument(format!(
+                "no attention kernel for head_dim {} with {rep} query heads per KV head (built: \
+                 {ATTENTION_KERNELS:?} as (head_dim, most heads per KV head))",
+                s.head_dim
+            )));
+        };
+        let f = &self
+            .f
+            .decode
+            .attention
+            .iter()
+            .find(|(k, _)| *k == key)
+            .expect("every ATTENTION_KERNELS entry is loaded")
+            .1;
+        let (nh, kvh, cap, chunk) = (
+            s.heads as i32,
+            s.kv_heads as i32,
+            s.capacity as i32,
+            s.chunk as i32,
+        );
+        let scale = 1.0f32 / (s.head_dim as f32).sqrt();
+        // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
+        unsafe {
+            self.go(
+                f,
+                cfg(
+                    (s.kv_heads as u32, s.splits as u32, s.tokens as u32),
+                    32 * ATTENTION_WARPS,
+                ),
+                "launching the attention kernel",
+                &mut [
+                    param(&q),
+                    param(&k_cache),
+                    param(&v_cache),
+                    param(&pos),
+                    param(&part_o),
+                    param(&part_ml),
+                    param(&nh),
+                    param(&kvh),
+                    param(&cap),
+                    param(&chunk),
+                    param(&scale),
+                ],
+            )
+        }?;
+        let (hd, splits) = (s.head_dim as i32, s.splits as i32);
+        // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
+        unsafe {
+            self.go(
+                &self.f.decode.attention_combine,
+                cfg(
+                    (s.heads as u32, s.tokens as u32, 1),
+                    s.head_dim.clamp(32, 256) as u32,
+                ),
+                "launching kiln_attention_combine",
+                &mut [
+                    param(&part_o),
+                    param(&part_ml),
+                    param(&pos),
+                    param(&out),
+                    param(&nh),
+                    param(&hd),
+                    param(&splits),
+                    param(&chunk),
+                ],
+            )
+        }
+    }
+
+    /// Queue `act[t, i] = silu(gu[t, i]·scale[0]) · gu[t, I + i]·scale[1]` for `t < tokens`.
+    ///
+    /// # Safety
+    /// `gu` holds `tokens·2·inter` f32, `scale` 2 f32, `act` `tokens·inter` f32.
+    pub unsafe fn swiglu_async(
+        &self,
+        gu: DevAddr,
+        scale: DevAddr,
+        act: DevAddr,
+        tokens: usize,
+        inter: usize,
+    ) -> Result<(), KernelError> {
+        let n = tokens * inter;
+        let (ii, ni) = (inter as i32, n as i32);
+        // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
+        unsafe {
+            self.go(
+                &self.f.decode.swiglu,
+                cfg((n.div_ceil(256) as u32, 1, 1), 256),
+                "launching kiln_swiglu",
+                &mut [
+                    param(&gu),
+                    param(&scale),
+                    param(&act),
+                    param(&ii),
+                    param(&ni),
+                ],
+            )
+        }
+    }
+
+    /// Queue the greedy pick over `vocab` logits: the first index of the largest is written
+    /// to `token`; with `advance`, `*pos += 1`.
+    ///
+    /// # Safety
+    /// `logits` holds `vocab` f32; `part_val` and `part_idx` hold [`ARGMAX_BLOCKS`] f32 / i32;
+    /// `counter` is one u32, zero before the first launch (each launch leaves it zero);
+    /// `token` one u32, `pos` one i32.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn argmax_advance_async(
+        &self,
+        logits: DevAddr,
+        vocab: usize,
+        part_val: DevAddr,
+        part_idx: DevAddr,
+        counter: DevAddr,
+        token: DevAddr,
+        pos: DevAddr,
+        advance: bool,
+    ) -> Result<(), KernelError> {
+        let (v, adv) = (vocab as i32, i32::from(advance));
+        let blocks = vocab.div_ceil(256).clamp(1, ARGMAX_BLOCKS) as u32;
+        // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
+        unsafe {
+            self.go(
+                &self.f.decode.argmax_advance,
+                cfg((blocks, 1, 1), 256),
+                "launching kiln_argmax_advance",
+                &mut [
+                    param(&logits),
+                    param(&v),
+                    param(&part_val),
+                    param(&part_idx),
+                    param(&counter),
+                    param(&token),
+                    param(&pos),
+                    param(&adv),
+                ],
+            )
+        }
+    }
+
+    /// Queue seeded random NVFP4 contents: every code byte a hash of (seed, index), block
+    /// scales E4M3 codes uniform in `scale_codes` (the tensor scale is left as it is).
+    pub fn random_nvfp4_async(
+        &self,
+        w: &mut super::ops::DeviceNvfp4,
+        seed: u64,
+        scale_codes: (u8, u8),
+    ) -> Result<(), KernelError> {
+        let (np, ns) = (w.packed.len() as u64, w.scales.len() as u64);
+        let (lo, hi) = (
+            scale_codes.0 as u32,
+            scale_codes.1.max(scale_codes.0) as u32,
+        );
+        let mut b = self.stream.launch_builder(&self.f.decode.random_nvfp4);
+        b.arg(&mut w.packed)
+            .arg(&np)
+            .arg(&mut w.scales)
+            .arg(&ns)
+            .arg(&seed)
+            .arg(&lo)
+            .arg(&hi);
+        // SAFETY: matches kiln_random_nvfp4; the lengths are the buffers' own.
+        unsafe { b.launch(cfg((self.sm_count * 8, 1, 1), 256)) }
+            .map(|_| ())
+            .map_err(drv("launching kiln_random_nvfp4"))
+    }
+
+    /// Queue seeded random bf16 values uniform in `[-a, a]` into `out`.
+    pub fn random_bf16_async(
+        &self,
+        out: &mut CudaSlice<half::bf16>,
+        seed: u64,
+        a: f32,
+    ) -> Result<(), KernelError> {
+        let n = out.len() as u64;
+        let mut b = self.stream.launch_builder(&self.f.decode.random_bf16);
+        b.arg(out).arg(&n).arg(&seed).arg(&a);
+        // SAFETY: matches kiln_random_bf16; n is the buffer's length.
+        unsafe { b.launch(cfg((self.sm_count * 8, 1, 1), 256)) }
+            .map(|_| ())
+            .map_err(drv("launching kiln_random_bf16"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_attention_kernel_is_instantiated_in_decode_cu() {
+        let src = include_str!("../../cuda/decode.cu");
+        for &(hd, rep) in ATTENTION_KERNELS {
+            assert!(
+                src.contains(&format!("KILN_ATTENTION({hd}, {rep})")),
+                "decode.cu lacks KILN_ATTENTION({hd}, {rep})"
+            );
+        }
+        assert_eq!(
+            src.matches("\nKILN_ATTENTION(").count(),
+            ATTENTION_KERNELS.len()
+        );
+    }
+
+    #[test]
+    fn the_smallest_covering_attention_kernel_is_picked() {
+        assert_eq!(attention_kernel_for(64, 7), Some((64, 8)));
+        assert_eq!(attention_kernel_for(128, 12), Some((128, 16)));
+        assert_eq!(attention_kernel_for(256, 12), None);
+        assert_eq!(attention_kernel_for(96, 2), None);
+    }
+}
