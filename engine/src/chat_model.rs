@@ -79,7 +79,7 @@ impl ChatModel {
         );
         Ok(Self::assemble(
             TINY_MODEL.into(),
-            LoadedModel::new(engine.clone(), model),
+            LoadedModel::new(engine.clone(), model)?,
             tokenizer,
             template,
             fingerprint,
@@ -105,7 +105,7 @@ impl ChatModel {
         let fingerprint = format!("dir-{:016x}", fnv1a(&dir_signature(dir, &model)?));
         Ok(Self::assemble(
             dir.display().to_string(),
-            LoadedModel::new(engine.clone(), model),
+            LoadedModel::new(engine.clone(), model)?,
             tokenizer,
             template,
             fingerprint,

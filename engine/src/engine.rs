@@ -5,14 +5,21 @@
 //! training (`train`) reach the model only through these; the candle device is written here
 //! and nowhere else on those paths.
 //!
-//! This build has one engine, [`CpuEngine`]: candle tensors in host memory, the NVFP4 linears
-//! through `kiln_kernels::cpu`. A GPU engine is another variant of [`Engine`] and of
-//! [`EngineCache`]; a job asking for `cuda` is refused until there is one (no silent
-//! fallback).
+//! Two engines: [`CpuEngine`] — candle tensors in host memory, the NVFP4 linears through
+//! `kiln_kernels::cpu` (the reference, and the path of boxes without a GPU) — and
+//! [`CudaEngine`] — the model resident on one GPU (`crate::cuda`), decoded by a captured CUDA
+//! graph. Models are built on the host first (the same bytes either way) and uploaded by
+//! [`LoadedModel::new`]. Generation runs on the GPU a job is placed on; training still runs on
+//! the CPU. A job that asks for `cuda` where CUDA cannot be used fails, naming why: there is
+//! no silent fallback.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
+use kiln_kernels::cuda::CudaKernels;
+
+use crate::cuda::{CudaModel, CudaSequence};
 
 use crate::error::{EngineError, Result};
 use crate::model::{
@@ -51,6 +58,38 @@ impl Workload {
 pub enum Engine {
     /// Host memory and CPU kernels.
     Cpu(CpuEngine),
+    /// One GPU.
+    Cuda(CudaEngine),
+}
+
+/// The GPU engine: one device's kernels; models are built on the host, then uploaded.
+#[derive(Clone)]
+pub struct CudaEngine {
+    kernels: Arc<CudaKernels>,
+    ordinal: usize,
+    /// Where models are staged before the upload (the host).
+    host: Device,
+}
+
+impl std::fmt::Debug for CudaEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaEngine")
+            .field("ordinal", &self.ordinal)
+            .field("device", &self.kernels.device_name())
+            .finish()
+    }
+}
+
+impl CudaEngine {
+    /// The kernels (device, stream).
+    pub fn kernels(&self) -> &Arc<CudaKernels> {
+        &self.kernels
+    }
+
+    /// The GPU's index.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
 }
 
 /// The CPU engine: candle tensors on the host; NVFP4 linears through `kiln_kernels::cpu`.
@@ -68,10 +107,46 @@ impl CpuEngine {
 }
 
 /// One sequence's keys and values, held where its engine runs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum EngineCache {
     /// Per-layer candle tensors on the host.
     Cpu(KvCache),
+    /// On the GPU (allocated at the first forward, when the model's shape is known).
+    Cuda(CudaCache),
+}
+
+/// A GPU sequence, or what it will start from before its first forward.
+#[derive(Debug)]
+pub enum CudaCache {
+    /// Not on the GPU yet: saved keys and values (`len` positions; none for a new sequence)
+    /// and the capacity to allocate.
+    Pending {
+        /// Saved per-layer keys and values.
+        layers: Vec<(HostTensor, HostTensor)>,
+        /// Positions saved.
+        len: usize,
+        /// Positions to allocate for.
+        capacity: usize,
+    },
+    /// On the GPU.
+    Live(Box<CudaSequence>),
+}
+
+impl Clone for EngineCache {
+    /// A GPU cache is copied through the host (its clone is a new sequence).
+    fn clone(&self) -> Self {
+        match self {
+            EngineCache::Cpu(c) => EngineCache::Cpu(c.clone()),
+            EngineCache::Cuda(c) => EngineCache::Cuda(CudaCache::Pending {
+                layers: self.to_host().expect("copying a GPU cache to the host"),
+                len: self.len(),
+                capacity: match c {
+                    CudaCache::Pending { capacity, .. } => *capacity,
+                    CudaCache::Live(s) => s.capacity(),
+                },
+            }),
+        }
+    }
 }
 
 /// One layer's keys or values on the host: f32 values of shape `[1, kv_heads, len, head_dim]`
@@ -90,25 +165,65 @@ impl Engine {
         Engine::Cpu(CpuEngine::new())
     }
 
+    /// The GPU engine on device `ordinal`: fails with [`EngineError::GpuUnavailable`] naming
+    /// the missing library, the missing device or the driver error.
+    pub fn cuda(ordinal: usize) -> Result<Self> {
+        let kernels = CudaKernels::new(ordinal).map_err(|e| {
+            EngineError::GpuUnavailable(format!(
+                "cannot use CUDA device {ordinal}: {e}; run on a machine with a working NVIDIA \
+                 driver and CUDA 13, or submit with --device cpu"
+            ))
+        })?;
+        Ok(Engine::Cuda(CudaEngine {
+            kernels: Arc::new(kernels),
+            ordinal,
+            host: Device::Cpu,
+        }))
+    }
+
     /// The engine for a job that asked for `requested` (`cpu`, `cuda` or `""`: whatever the
-    /// agent gives) and that the agent placed on `assigned`. Asking for `cuda` fails: this
-    /// build runs models on the CPU only. Placed on a GPU without asking, the job runs on the
-    /// CPU and says so in the log.
+    /// agent gives) and that the agent placed on `assigned`. Generation runs on the GPU it is
+    /// placed on (asked or not) and fails if that GPU cannot be used; `cpu` keeps it on the
+    /// CPU; `cuda` on a CPU placement fails. Training runs on the CPU in this build: asking
+    /// for `cuda` fails, a GPU placement trains on the CPU and says so in the log.
     pub fn for_job(workload: Workload, requested: &str, assigned: DeviceSpec) -> Result<Self> {
-        if requested == "cuda" {
-            return Err(EngineError::InvalidArgument(format!(
+        match (workload, requested, assigned) {
+            (Workload::Generation, "cpu", _) => Ok(Engine::cpu()),
+            (Workload::Generation, _, DeviceSpec::Cuda(i)) => Engine::cuda(i as usize),
+            (Workload::Generation, "cuda", DeviceSpec::Cpu) => Err(EngineError::GpuUnavailable(
+                "the job asked for --device cuda but was placed on the CPU (submitted with \
+                 --gpus 0, or run locally without a GPU); submit with --gpus 1 to an agent with a \
+                 GPU, or with --device cpu"
+                    .into(),
+            )),
+            (Workload::Training, "cuda", _) => Err(EngineError::InvalidArgument(format!(
                 "the {} path runs on the CPU in this build; submit with --device cpu (or leave it empty)",
                 workload.noun()
-            )));
+            ))),
+            (_, _, DeviceSpec::Cuda(i)) => {
+                tracing::info!(
+                    gpu = i,
+                    "the {} path is CPU-only in this build; {} on the CPU",
+                    workload.noun(),
+                    workload.verb()
+                );
+                Ok(Engine::cpu())
+            }
+            _ => Ok(Engine::cpu()),
         }
-        if let DeviceSpec::Cuda(i) = assigned {
-            tracing::info!(
-                gpu = i,
-                "the engine's model path is CPU-only in this build; {} on the CPU",
-                workload.verb()
-            );
+    }
+
+    /// Whether models of this engine run on a GPU.
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, Engine::Cuda(_))
+    }
+
+    /// What the engine runs on, for logs and reports (`cpu`, `cuda:0 (NVIDIA H200)`).
+    pub fn describe(&self) -> String {
+        match self {
+            Engine::Cpu(_) => "cpu".into(),
+            Engine::Cuda(e) => format!("cuda:{} ({})", e.ordinal, e.kernels.device_name()),
         }
-        Ok(Engine::cpu())
     }
 
     /// The engine whose tensors live on the candle `device` (what [`LoadOptions`] names).
@@ -122,10 +237,12 @@ impl Engine {
         }
     }
 
-    /// The candle device the engine's tensors are made on.
+    /// The candle device models are built on (the host for both engines: the GPU engine
+    /// uploads a host model, see [`LoadedModel::new`]).
     pub fn device(&self) -> &Device {
         match self {
             Engine::Cpu(e) => &e.device,
+            Engine::Cuda(e) => &e.host,
         }
     }
 
@@ -165,6 +282,11 @@ impl Engine {
     pub fn empty_cache(&self, num_layers: usize) -> EngineCache {
         match self {
             Engine::Cpu(_) => EngineCache::Cpu(KvCache::new(num_layers)),
+            Engine::Cuda(_) => EngineCache::Cuda(CudaCache::Pending {
+                layers: Vec::new(),
+                len: 0,
+                capacity: 0,
+            }),
         }
     }
 
@@ -184,6 +306,14 @@ impl Engine {
                     .collect::<Result<Vec<_>>>()?;
                 Ok(EngineCache::Cpu(KvCache::from_layers(layers)?))
             }
+            Engine::Cuda(_) => {
+                let len = layers.first().map_or(0, |(k, _)| k.shape[2]);
+                Ok(EngineCache::Cuda(CudaCache::Pending {
+                    layers,
+                    len,
+                    capacity: len,
+                }))
+            }
         }
     }
 
@@ -192,6 +322,8 @@ impl Engine {
         match self {
             // f32 keys and values of every layer.
             Engine::Cpu(_) => (2 * cfg.num_hidden_layers * cfg.kv_size() * 4) as u64,
+            // bf16
+            Engine::Cuda(_) => crate::cuda::plan::kv_bytes(cfg, 1),
         }
     }
 
@@ -206,6 +338,9 @@ impl Engine {
     ) -> Result<Tensor> {
         match (self, cache) {
             (Engine::Cpu(_), EngineCache::Cpu(c)) => model.forward(ids, c, logits),
+            _ => Err(EngineError::InvalidArgument(
+                "a GPU model runs through its LoadedModel (Engine::forward is the CPU path)".into(),
+            )),
         }
     }
 
@@ -225,6 +360,9 @@ impl Engine {
     pub fn forward_train(&self, model: &Model, ids: &Tensor) -> Result<Tensor> {
         match self {
             Engine::Cpu(_) => model.forward_batch(ids, None, Logits::All, Pass::Training),
+            Engine::Cuda(_) => Err(EngineError::InvalidArgument(
+                "training runs on the CPU in this build".into(),
+            )),
         }
     }
 }
@@ -234,6 +372,21 @@ impl EngineCache {
     pub fn len(&self) -> usize {
         match self {
             EngineCache::Cpu(c) => c.len(),
+            EngineCache::Cuda(CudaCache::Pending { len, .. }) => *len,
+            EngineCache::Cuda(CudaCache::Live(s)) => s.len(),
+        }
+    }
+
+    /// Make room for `positions` positions (the GPU cache is preallocated; the CPU cache
+    /// grows as it goes).
+    pub fn reserve(&mut self, positions: usize) -> Result<()> {
+        match self {
+            EngineCache::Cpu(_) => Ok(()),
+            EngineCache::Cuda(CudaCache::Pending { capacity, .. }) => {
+                *capacity = (*capacity).max(positions);
+                Ok(())
+            }
+            EngineCache::Cuda(CudaCache::Live(s)) => s.reserve(positions),
         }
     }
 
@@ -246,21 +399,33 @@ impl EngineCache {
     pub fn num_layers(&self) -> usize {
         match self {
             EngineCache::Cpu(c) => c.num_layers(),
+            EngineCache::Cuda(CudaCache::Pending { layers, .. }) => layers.len(),
+            EngineCache::Cuda(CudaCache::Live(s)) => s.num_layers(),
         }
     }
 
-    /// Bytes of cached keys and values.
+    /// Bytes of cached keys and values (for the GPU: the positions held, bf16).
     pub fn bytes(&self) -> u64 {
         match self {
             EngineCache::Cpu(c) => c.bytes(),
+            EngineCache::Cuda(CudaCache::Pending { layers, .. }) => layers
+                .iter()
+                .map(|(k, v)| 2 * (k.data.len() + v.data.len()) as u64)
+                .sum(),
+            EngineCache::Cuda(CudaCache::Live(s)) => s.used_kv_bytes(),
         }
     }
 
-    /// Layer `i`'s keys and values `[1, kv_heads, len, head_dim]` as candle tensors, if
-    /// any are cached.
+    /// Layer `i`'s keys and values `[1, kv_heads, len, head_dim]` as candle tensors (on the
+    /// host), if any are cached.
     pub fn layer(&self, i: usize) -> Option<(Tensor, Tensor)> {
         match self {
             EngineCache::Cpu(c) => c.layer(i).cloned(),
+            EngineCache::Cuda(_) => {
+                let (k, v) = self.to_host().ok()?.into_iter().nth(i)?;
+                let t = |h: HostTensor| Tensor::from_vec(h.data, h.shape, &Device::Cpu).ok();
+                Some((t(k)?, t(v)?))
+            }
         }
     }
 
@@ -268,6 +433,11 @@ impl EngineCache {
     pub fn to_host(&self) -> Result<Vec<(HostTensor, HostTensor)>> {
         if self.is_empty() {
             return Ok(Vec::new());
+        }
+        match self {
+            EngineCache::Cuda(CudaCache::Pending { layers, .. }) => return Ok(layers.clone()),
+            EngineCache::Cuda(CudaCache::Live(s)) => return s.to_host(),
+            EngineCache::Cpu(_) => {}
         }
         let host = |t: &Tensor| -> Result<HostTensor> {
             Ok(HostTensor {
@@ -284,23 +454,38 @@ impl EngineCache {
     }
 }
 
-/// A model on the engine it runs on.
+/// A model on the engine it runs on. On the GPU engine the host model is kept beside the
+/// uploaded one (exports and byte accounting read it).
 #[derive(Debug, Clone)]
 pub struct LoadedModel {
     engine: Engine,
     model: Model,
+    gpu: Option<Arc<CudaModel>>,
 }
 
 impl LoadedModel {
-    /// `model` (built for `engine`) on `engine`.
-    pub fn new(engine: Engine, model: Model) -> Self {
+    /// `model` (built for `engine`, on the host) on `engine`: the GPU engine uploads it.
+    pub fn new(engine: Engine, model: Model) -> Result<Self> {
         debug_assert!(engine.device().same_device(model.device()));
-        LoadedModel { engine, model }
+        let gpu = match &engine {
+            Engine::Cpu(_) => None,
+            Engine::Cuda(e) => Some(Arc::new(CudaModel::from_model(e.kernels.clone(), &model)?)),
+        };
+        Ok(LoadedModel { engine, model, gpu })
     }
 
     /// `model` on the CPU engine.
     pub fn cpu(model: Model) -> Self {
-        Self::new(Engine::cpu(), model)
+        LoadedModel {
+            engine: Engine::cpu(),
+            model,
+            gpu: None,
+        }
+    }
+
+    /// The model on the GPU, on the GPU engine.
+    pub fn gpu(&self) -> Option<&Arc<CudaModel>> {
+        self.gpu.as_ref()
     }
 
     /// The engine.
@@ -328,20 +513,104 @@ impl LoadedModel {
         self.engine.kv_bytes_per_token(self.model.config())
     }
 
-    /// An empty cache for this model.
+    /// An empty cache for this model (on the GPU, allocated at its first forward; reserve
+    /// the positions a generation needs first).
     pub fn new_cache(&self) -> EngineCache {
         self.engine.new_cache(&self.model)
     }
 
-    /// See [`Engine::forward`].
+    /// Forward one sequence of `ids` after the positions already in `cache` (appending to
+    /// it). Returns logits `[T, vocab]` (`Logits::All`) or `[1, vocab]` (`Logits::Last`), on
+    /// the host. On the GPU, `Logits::All` forwards one token at a time (teacher forcing).
     pub fn forward(&self, ids: &[u32], cache: &mut EngineCache, logits: Logits) -> Result<Tensor> {
-        self.engine.forward(&self.model, ids, cache, logits)
+        let Some(gpu) = &self.gpu else {
+            return self.engine.forward(&self.model, ids, cache, logits);
+        };
+        let seq = live_sequence(gpu, cache, ids.len())?;
+        let vocab = gpu.config().vocab_size;
+        match logits {
+            Logits::Last => {
+                seq.forward(gpu, ids, false)?;
+                Ok(Tensor::from_vec(seq.logits()?, (1, vocab), &Device::Cpu)?)
+            }
+            Logits::All => {
+                let mut all = Vec::with_capacity(ids.len() * vocab);
+                for &id in ids {
+                    seq.forward(gpu, &[id], false)?;
+                    all.extend(seq.logits()?);
+                }
+                Ok(Tensor::from_vec(all, (ids.len(), vocab), &Device::Cpu)?)
+            }
+        }
     }
 
-    /// See [`Engine::forward_last`].
+    /// The last position's logits after forwarding `ids` into `cache` (a generation step).
     pub fn forward_last(&self, ids: &[u32], cache: &mut EngineCache) -> Result<Vec<f32>> {
-        self.engine.forward_last(&self.model, ids, cache)
+        match &self.gpu {
+            None => self.engine.forward_last(&self.model, ids, cache),
+            Some(gpu) => {
+                let seq = live_sequence(gpu, cache, ids.len())?;
+                seq.forward(gpu, ids, false)?;
+                seq.logits()
+            }
+        }
     }
+
+    /// Forward `ids` into `cache` and pick greedily: the first index of the largest logit of
+    /// the last position, and, with `want_logits`, the logits. On the GPU the pick is made
+    /// there and only the token id crosses to the host unless the logits are wanted.
+    pub fn forward_pick(
+        &self,
+        ids: &[u32],
+        cache: &mut EngineCache,
+        want_logits: bool,
+    ) -> Result<(u32, Option<Vec<f32>>)> {
+        match &self.gpu {
+            None => {
+                let l = self.engine.forward_last(&self.model, ids, cache)?;
+                Ok((crate::generate::argmax(&l), want_logits.then_some(l)))
+            }
+            Some(gpu) => {
+                let seq = live_sequence(gpu, cache, ids.len())?;
+                let tok = seq.forward(gpu, ids, true)?.expect("read_token");
+                let logits = if want_logits {
+                    Some(seq.logits()?)
+                } else {
+                    None
+                };
+                Ok((tok, logits))
+            }
+        }
+    }
+}
+
+/// The GPU sequence of `cache`, allocated (and loaded with saved keys and values) at its
+/// first forward, with room for `adding` more positions.
+fn live_sequence<'c>(
+    gpu: &CudaModel,
+    cache: &'c mut EngineCache,
+    adding: usize,
+) -> Result<&'c mut CudaSequence> {
+    let EngineCache::Cuda(c) = cache else {
+        return Err(EngineError::InvalidArgument(
+            "a CPU cache was given to a GPU model; make caches with LoadedModel::new_cache".into(),
+        ));
+    };
+    if let CudaCache::Pending {
+        layers,
+        len,
+        capacity,
+    } = c
+    {
+        let cap = (*capacity).max(*len + adding).max(1);
+        let mut seq = CudaSequence::new(gpu.kernels().clone(), gpu.config(), cap)?;
+        seq.load_host(std::mem::take(layers), *len)?;
+        *c = CudaCache::Live(Box::new(seq));
+    }
+    let CudaCache::Live(seq) = c else {
+        unreachable!("made live above")
+    };
+    Ok(seq)
 }
 
 #[cfg(test)]
@@ -349,16 +618,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn asking_for_cuda_is_refused_and_a_gpu_placement_runs_on_the_cpu() {
+    fn the_engine_follows_workload_request_and_placement() {
         let e = Engine::for_job(Workload::Training, "cuda", DeviceSpec::Cpu).unwrap_err();
         assert!(
             e.to_string()
                 .contains("the training path runs on the CPU in this build"),
             "{e}"
         );
-        let e = Engine::for_job(Workload::Generation, "cuda", DeviceSpec::Cuda(0)).unwrap_err();
-        assert!(e.to_string().contains("--device cpu"), "{e}");
-        let e = Engine::for_job(Workload::Generation, "", DeviceSpec::Cuda(1)).unwrap();
-        assert!(e.device().is_cpu());
+        assert!(
+            !Engine::for_job(Workload::Training, "", DeviceSpec::Cuda(0))
+                .unwrap()
+                .is_cuda()
+        );
+        assert!(
+            !Engine::for_job(Workload::Generation, "cpu", DeviceSpec::Cuda(0))
+                .unwrap()
+                .is_cuda()
+        );
+        let e = Engine::for_job(Workload::Generation, "cuda", DeviceSpec::Cpu).unwrap_err();
+        assert!(e.to_string().contains("--gpus 1"), "{e}");
+        // placed on a GPU: that GPU, or (where CUDA cannot be used) an error naming why —
+        // never a silent CPU run
+        match Engine::for_job(Workload::Generation, "", DeviceSpec::Cuda(0)) {
+            Ok(e) => assert!(e.is_cuda()),
+            Err(e) => {
+                let m = e.to_string();
+                assert!(
+                    m.contains("cannot use CUDA device 0") && m.contains("--device cpu"),
+                    "{m}"
+                );
+            }
+        }
     }
 }

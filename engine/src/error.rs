@@ -124,6 +124,13 @@ pub enum EngineError {
         /// How it differs.
         message: String,
     },
+    /// A GPU job would need more memory than its budget (the message has the numbers and the
+    /// budget that would fit).
+    #[error("over budget: {0}")]
+    OverBudget(String),
+    /// The GPU cannot be used for this job (no CUDA, no such device, an unsupported model).
+    #[error("GPU unavailable: {0}")]
+    GpuUnavailable(String),
     /// A tensor operation failed (a bug or an inconsistent model; the message says where).
     #[error("tensor operation failed: {0}")]
     Tensor(#[from] candle_core::Error),

@@ -31,6 +31,7 @@ pub use kiln_job::{memory, report, spec};
 
 pub mod chat;
 pub mod chat_model;
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod exec;

@@ -7,6 +7,7 @@
 //! - `memory`: readings a job process takes of itself (RSS, page size) and the wall clock.
 //! - `sessions`: the on-disk layout of an agent's session store (file names, listing).
 //! - `phase`: phases reported from inside an exec job over the agent's phase socket.
+//! - `units`: bytes as people read them.
 #![deny(missing_docs)]
 
 pub mod memory;
@@ -14,3 +15,4 @@ pub mod phase;
 pub mod report;
 pub mod sessions;
 pub mod spec;
+pub mod units;

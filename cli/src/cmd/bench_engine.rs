@@ -2,10 +2,24 @@
 //! tokens/s with the KV cache against replay on the tiny model and on a randomly initialized
 //! Qwen2.5-0.5B-shaped NVFP4 model (each run checks cache/replay agreement first), batch-1
 //! linear timings of the 0.5B shape, and multi-turn sessions (turn 2/3 prefill and latency
-//! against turn 1 and against replaying the conversation). Runs locally, no coordinator.
+//! against turn 1 and against replaying the conversation). With `--device cuda`, the GPU
+//! engine benchmark instead (`kiln_engine::cuda::bench`): decode tokens/s at batch 1 (graph and
+//! plain launches), time to first token, bytes on the GPU and a decode step by kernel class,
+//! for the tiny model and random-weight Qwen2.5-0.5B / 7B shapes, with an HF transformers
+//! anchor's ratios when `--anchor` names its JSON. Runs locally, no coordinator.
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+use kiln_engine::cuda::bench::{run_gpu_bench, Anchor, GpuBenchOptions};
 use kiln_engine::generate::bench::{run_engine_bench, BenchOptions};
+
+/// Which engine `kiln bench engine` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchDevice {
+    /// The CPU engine (cache vs replay, sessions).
+    Cpu,
+    /// The GPU engine (graph decode, prefill, kernel classes).
+    Cuda,
+}
 
 /// `kiln bench engine`.
 #[derive(Debug, Args)]
@@ -28,10 +42,32 @@ pub struct BenchEngineArgs {
     /// Print the results as JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Which engine to measure.
+    #[arg(long, value_enum, default_value_t = BenchDevice::Cpu)]
+    pub device: BenchDevice,
+    /// GPU index (with --device cuda).
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+    /// With --device cuda: tokens decoded per model (after --gpu-prompt-tokens).
+    #[arg(long, default_value_t = 256)]
+    pub gpu_new_tokens: usize,
+    /// With --device cuda: prompt tokens before the decode run.
+    #[arg(long, default_value_t = 128)]
+    pub gpu_prompt_tokens: usize,
+    /// With --device cuda: skip the Qwen2.5-7B shape (it needs ~6 GB of GPU memory).
+    #[arg(long)]
+    pub skip_7b: bool,
+    /// With --device cuda: the JSON `scripts/anchors/hf_decode.py --json` wrote (HF
+    /// transformers bf16 measured in the same run); its ratios join the tables.
+    #[arg(long, value_name = "FILE")]
+    pub anchor: Option<std::path::PathBuf>,
 }
 
 /// Runs the benchmark and prints its tables (progress on stderr).
 pub fn run(args: BenchEngineArgs) -> anyhow::Result<()> {
+    if args.device == BenchDevice::Cuda {
+        return run_cuda(args);
+    }
     let opts = BenchOptions {
         prompt_tokens: args.prompt_tokens,
         tiny_new_tokens: args.tiny_new_tokens,
@@ -46,6 +82,38 @@ pub fn run(args: BenchEngineArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!("{}", report.to_table());
+    }
+    Ok(())
+}
+
+fn run_cuda(args: BenchEngineArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let anchor: Option<Anchor> = match &args.anchor {
+        Some(p) => Some(
+            serde_json::from_str(
+                &std::fs::read_to_string(p)
+                    .with_context(|| format!("reading the anchor {}", p.display()))?,
+            )
+            .with_context(|| {
+                format!("{} is not the JSON hf_decode.py --json writes", p.display())
+            })?,
+        ),
+        None => None,
+    };
+    let opts = GpuBenchOptions {
+        prompt_tokens: args.gpu_prompt_tokens,
+        new_tokens: args.gpu_new_tokens.max(2),
+        skip_7b: args.skip_7b,
+        ..Default::default()
+    };
+    let t = std::time::Instant::now();
+    let report = run_gpu_bench(args.gpu, &opts, &mut |m| {
+        eprintln!("[{:>6.1}s] {m}", t.elapsed().as_secs_f64())
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}", report.to_table(anchor.as_ref()));
     }
     Ok(())
 }

@@ -284,7 +284,7 @@ pub fn run_engine_bench(
     let dense = LoadedModel::new(
         engine.clone(),
         crate::tiny::model(LinearFormat::Dense, engine.device())?,
-    );
+    )?;
     decode.push(decode_row(
         "tiny (f32 linears)",
         &dense,
@@ -297,7 +297,7 @@ pub fn run_engine_bench(
         progress("Qwen2.5-0.5B shape: batch-1 linear layers, NVFP4 vs f32");
         linears = linear_rows(&engine)?;
         progress("Qwen2.5-0.5B shape (random NVFP4 weights): building");
-        let big = LoadedModel::new(engine.clone(), qwen_0_5b_random(&engine)?);
+        let big = LoadedModel::new(engine.clone(), qwen_0_5b_random(&engine)?)?;
         progress("Qwen2.5-0.5B shape: decode with cache vs replay");
         decode.push(decode_row(
             "qwen2.5-0.5b-shape",

@@ -11,14 +11,17 @@ use std::time::Instant;
 use super::{ab, GenerateOptions, Generation, KvMode, SamplingParams, Sequence};
 use crate::chat::ChatMessage;
 use crate::chat_model::ChatModel;
-use crate::engine::{Engine, Workload};
+use crate::cuda::GpuPlan;
+use crate::engine::{Engine, LoadedModel, Workload};
 use crate::error::{EngineError, Result};
 use crate::model::LinearFormat;
 use crate::report::{JobOutput, PhaseReport, Report, Reporter};
+use crate::session::Session as StoredSession;
 use crate::session::Session;
 use crate::session_store::SessionStore;
 use crate::spec::{DeviceSpec, GenerateSpec, JobRequest, KvSpec, SamplingSpec};
 use crate::tokenizer::TokenTextStream;
+use kiln_job::units::human_bytes;
 
 /// The sampler parameters of a spec (`top_p` 0 means off, as in the proto).
 pub fn sampling_params(s: &SamplingSpec) -> Result<SamplingParams> {
@@ -47,6 +50,20 @@ fn check_spec(spec: &GenerateSpec, device: DeviceSpec) -> Result<Engine> {
         _ => {}
     }
     Engine::for_job(Workload::Generation, &spec.device, device)
+}
+
+/// What a generate job forwards.
+enum Work {
+    /// A fresh generation after `prompt`.
+    Fresh { prompt: Vec<u32> },
+    /// A session's next turn.
+    Turn {
+        store: SessionStore,
+        /// The session as stored (`None`: a new conversation).
+        stored: Option<StoredSession>,
+        /// The user's text.
+        user: String,
+    },
 }
 
 /// Per-job state for streaming: the first token marks the end of the prefill.
@@ -95,18 +112,96 @@ pub fn run_job(
     let engine = check_spec(spec, request.device)?;
     let sampling = sampling_params(&spec.sampling)?;
     let t = Instant::now();
-    let cm = ChatModel::load_on(&engine, &spec.model, LinearFormat::Nvfp4)?;
+    // Built on the host first (the GPU engine uploads it below, once the budget is checked).
+    let mut cm = ChatModel::load_on(&Engine::cpu(), &spec.model, LinearFormat::Nvfp4)?;
+    // What the generation will forward: the prompt, or the session and its new turn.
+    let mut work = if spec.session_id.is_empty() {
+        let prompt = if spec.messages.is_empty() {
+            cm.tokenizer.encode(&spec.prompt)?
+        } else {
+            cm.encode_chat(&spec.messages, true)?
+        };
+        Work::Fresh { prompt }
+    } else {
+        if spec.kv == KvSpec::Ab {
+            return Err(EngineError::InvalidArgument(
+                "kv = ab compares two fresh generations and cannot continue a session; use cache or replay with --session".into(),
+            ));
+        }
+        let user = session_user_message(spec)?;
+        let sessions_dir = request.sessions_dir();
+        if sessions_dir.is_relative() {
+            return Err(EngineError::InvalidArgument(format!(
+                "the session store directory {} is relative: it would resolve inside this job's scratch directory and be lost with it; the agent must pass an absolute path",
+                sessions_dir.display()
+            )));
+        }
+        let store = SessionStore::open(&sessions_dir, request.sessions_budget())?;
+        let stored = store.load(&spec.session_id, &engine)?;
+        Work::Turn {
+            store,
+            stored,
+            user,
+        }
+    };
     let weights = cm.model.weight_bytes();
-    reporter.phase(
-        PhaseReport::now("model_loaded", 0)
+    let mut loaded = PhaseReport::now("model_loaded", 0);
+    if let Engine::Cuda(gpu) = &engine {
+        let positions = match &work {
+            Work::Fresh { prompt } => prompt.len(),
+            Work::Turn { stored, user, .. } => {
+                let (len, messages) = stored
+                    .as_ref()
+                    .map_or((0, &[][..]), |s| (s.seq_len(), &s.messages[..]));
+                let delta = cm
+                    .template
+                    .delta(messages, &ChatMessage::user(user.clone()))?;
+                // + the closing text of the assistant turn
+                len + cm.tokenizer.encode(&delta)?.len() + 16
+            }
+        } + spec.max_tokens as usize;
+        let plan = GpuPlan::new(cm.model.config(), positions, positions);
+        plan.check(request.budget_bytes)?;
+        let host = cm.model.model().clone();
+        cm.model = LoadedModel::new(engine.clone(), host)?;
+        let b = cm.model.gpu().expect("uploaded").bytes();
+        let (free, total) = gpu
+            .kernels()
+            .context()
+            .mem_get_info()
+            .map_err(|e| EngineError::GpuUnavailable(format!("cuMemGetInfo: {e}")))?;
+        reporter.log(format!(
+            "generating on {}: model {} on the GPU ({} codes, {} scales, {} embedding); planned KV cache {} for {positions} positions, workspace {}; device memory free {} of {}",
+            engine.describe(),
+            human_bytes(b.total()),
+            human_bytes(b.weights),
+            human_bytes(b.scales),
+            human_bytes(b.embeddings),
+            human_bytes(plan.kv_cache),
+            human_bytes(plan.workspace),
+            human_bytes(free as u64),
+            human_bytes(total as u64),
+        ));
+        loaded = loaded
             .bytes([
-                ("weights", weights.0),
-                ("scales", weights.1),
-                ("kv_cache", 0),
-                ("activations", 0),
+                ("weights", b.weights + b.small),
+                ("scales", b.scales),
+                ("embeddings", b.embeddings),
+                ("kv_cache", plan.kv_cache),
+                ("workspace", plan.workspace),
             ])
-            .metric("load_ms", t.elapsed().as_secs_f64() * 1e3),
-    );
+            .metric("gpu_free_bytes", free as f64)
+            .metric("gpu_total_bytes", total as f64);
+    } else {
+        loaded = loaded.bytes([
+            ("weights", weights.0),
+            ("scales", weights.1),
+            ("kv_cache", 0),
+            ("activations", 0),
+        ]);
+    }
+    reporter.phase(loaded.metric("load_ms", t.elapsed().as_secs_f64() * 1e3));
+    let weights = cm.model.weight_bytes();
     let opts = GenerateOptions {
         max_tokens: spec.max_tokens as usize,
         sampling,
@@ -124,12 +219,9 @@ pub fn run_job(
         started: Instant::now(),
         first: true,
     };
-    let (text, generation, kv_len, session_seq_len, ab) = if spec.session_id.is_empty() {
-        let prompt = if spec.messages.is_empty() {
-            cm.tokenizer.encode(&spec.prompt)?
-        } else {
-            cm.encode_chat(&spec.messages, true)?
-        };
+    let (text, generation, kv_len, session_seq_len, ab) = if let Work::Fresh { prompt } = &mut work
+    {
+        let prompt = std::mem::take(prompt);
         stream.prefill_len = prompt.len();
         if spec.kv == KvSpec::Ab {
             let mut o = opts.clone();
@@ -182,21 +274,16 @@ pub fn run_job(
             (out.text, out.generation, seq.len(), 0, None)
         }
     } else {
-        if spec.kv == KvSpec::Ab {
-            return Err(EngineError::InvalidArgument(
-                "kv = ab compares two fresh generations and cannot continue a session; use cache or replay with --session".into(),
-            ));
-        }
-        let user = session_user_message(spec)?;
-        let sessions_dir = request.sessions_dir();
-        if sessions_dir.is_relative() {
-            return Err(EngineError::InvalidArgument(format!(
-                "the session store directory {} is relative: it would resolve inside this job's scratch directory and be lost with it; the agent must pass an absolute path",
-                sessions_dir.display()
-            )));
-        }
-        let store = SessionStore::open(&sessions_dir, request.sessions_budget())?;
-        let mut session = match store.load(&spec.session_id, &engine)? {
+        let Work::Turn {
+            store,
+            stored,
+            user,
+        } = work
+        else {
+            unreachable!("not fresh")
+        };
+        let sessions_dir = store.dir().to_path_buf();
+        let mut session = match stored {
             Some(s) => s,
             None => {
                 reporter.log(format!(

@@ -198,22 +198,28 @@ pub fn generate(
     let mut sampler = Sampler::new(opts.sampling)?;
     let ctx = model.config().max_position_embeddings;
 
+    // Greedy without recorded logits needs only the pick: on the GPU it is made there and
+    // only the token id comes back.
+    let greedy = opts.sampling.is_greedy();
+    let want_logits = !greedy || opts.record_logits;
     let t0 = Instant::now();
-    let mut logits = match opts.kv {
+    let mut cur = match opts.kv {
         KvMode::Cache => {
             if prompt.is_empty() {
                 return Err(EngineError::InvalidArgument(
                     "cache mode needs at least one new prompt token".into(),
                 ));
             }
+            seq.cache
+                .reserve((seq.len() + prompt.len() + opts.max_tokens).min(ctx))?;
             seq.sync_cache(model)?;
-            let l = model.forward_last(prompt, &mut seq.cache)?;
+            let c = model.forward_pick(prompt, &mut seq.cache, want_logits)?;
             seq.tokens.extend_from_slice(prompt);
-            l
+            c
         }
         KvMode::Replay => {
             seq.tokens.extend_from_slice(prompt);
-            replay_logits(model, &seq.tokens)?
+            replay_pick(model, &seq.tokens)?
         }
     };
     let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -223,10 +229,14 @@ pub fn generate(
     let mut decode_steps = 0usize;
     let t1 = Instant::now();
     let stop = loop {
-        let tok = sampler.sample(&logits);
+        let (pick, logits) = cur;
+        let tok = match &logits {
+            Some(l) if !greedy => sampler.sample(l),
+            _ => pick,
+        };
         tokens.push(tok);
         if opts.record_logits {
-            step_logits.push(std::mem::take(&mut logits));
+            step_logits.push(logits.unwrap_or_default());
         }
         if on_token(tok).is_break() {
             break StopReason::Cancelled;
@@ -241,15 +251,15 @@ pub fn generate(
             break StopReason::ContextFull;
         }
         // Forward the chosen token.
-        logits = match opts.kv {
+        cur = match opts.kv {
             KvMode::Cache => {
-                let l = model.forward_last(&[tok], &mut seq.cache)?;
+                let c = model.forward_pick(&[tok], &mut seq.cache, want_logits)?;
                 seq.tokens.push(tok);
-                l
+                c
             }
             KvMode::Replay => {
                 seq.tokens.push(tok);
-                replay_logits(model, &seq.tokens)?
+                replay_pick(model, &seq.tokens)?
             }
         };
         decode_steps += 1;
@@ -274,4 +284,10 @@ pub fn generate(
 /// Last-position logits of a full forward of `tokens` with a fresh cache.
 pub fn replay_logits(model: &LoadedModel, tokens: &[u32]) -> Result<Vec<f32>> {
     model.forward_last(tokens, &mut model.new_cache())
+}
+
+/// The greedy pick and the logits of a full forward of `tokens` with a fresh cache.
+fn replay_pick(model: &LoadedModel, tokens: &[u32]) -> Result<(u32, Option<Vec<f32>>)> {
+    let l = replay_logits(model, tokens)?;
+    Ok((argmax(&l), Some(l)))
 }

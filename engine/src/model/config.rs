@@ -318,6 +318,21 @@ impl ModelConfig {
         v
     }
 
+    /// The config of a Qwen2.5-7B-shaped model (for GPU benchmarks with random weights).
+    pub fn qwen2_5_7b() -> Self {
+        ModelConfig {
+            hidden_size: 3584,
+            intermediate_size: 18_944,
+            num_hidden_layers: 28,
+            num_attention_heads: 28,
+            num_key_value_heads: 4,
+            head_dim: 128,
+            vocab_size: 152_064,
+            tie_word_embeddings: false,
+            ..Self::qwen2_5_0_5b()
+        }
+    }
+
     /// The config of a Qwen2.5-0.5B-shaped model (for benchmarks with random weights).
     pub fn qwen2_5_0_5b() -> Self {
         ModelConfig {

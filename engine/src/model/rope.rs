@@ -29,6 +29,11 @@ impl Rope {
         }
     }
 
+    /// The `head_dim / 2` inverse frequencies (f32, as the tables use them).
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     /// `(cos, sin)`, each `[len, head_dim/2]`, for positions `start..start+len`.
     pub fn cos_sin(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();

@@ -293,18 +293,41 @@ impl Model {
         attn.o.forward(&out)
     }
 
+    /// This model with the numerics of the GPU engine where they differ by design, as the
+    /// CPU reference the GPU is checked against: the embedding rounded to bf16 (the GPU keeps
+    /// it in bf16) and, when the head is tied, an NVFP4 head quantized from the embedding (the
+    /// GPU's vocabulary projection). Linears are unchanged (the same NVFP4 bytes).
+    pub fn gpu_reference(&self) -> Result<Model> {
+        let mut m = self.clone();
+        if self.cfg.tie_word_embeddings {
+            let (v, h) = self.embed.dims2()?;
+            let e = self
+                .embed
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let q = kiln_kernels::nvfp4::Nvfp4Tensor::quantize(&e, v, h)?;
+            m.lm_head = Some(Linear::new(
+                super::linear::LinearWeight::Nvfp4(std::sync::Arc::new(q)),
+                None,
+            )?);
+        }
+        m.embed = self.embed.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+        Ok(m)
+    }
+
     /// Every parameter with its place in the [`ModelLayout`], in the layout's order. Linear
     /// layers are listed by prefix (their weight is `{prefix}.weight`, their bias `.bias`).
     pub fn parameters(&self) -> Vec<(ParamSpec<'_>, ParamRef<'_>)> {
         self.layout
             .params()
             .into_iter()
-            .map(|(key, spec)| (spec, self.param(key)))
+            .map(|(key, spec)| (spec, self.param_ref(key)))
             .collect()
     }
 
-    /// The parameter the layout calls `key`.
-    fn param(&self, key: ParamKey) -> ParamRef<'_> {
+    /// The parameter the layout calls `key` (it must be one the layout lists).
+    pub fn param_ref(&self, key: ParamKey) -> ParamRef<'_> {
         use LayerParam as L;
         let qk = |i: usize| {
             self.layers[i]

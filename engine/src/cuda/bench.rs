@@ -1,0 +1,327 @@
+//! The GPU engine benchmark (`kiln bench engine --device cuda`): for the tiny model and
+//! random-weight Qwen2.5-0.5B and Qwen2.5-7B shapes — decode tokens/s at batch 1 through the
+//! real token loop (captured graph, and plain launches as the in-run baseline), prefill time to
+//! first token, the bytes on the GPU, and one decode step timed by kernel class. An anchor
+//! measured in the same run (HF transformers, `scripts/anchors/hf_decode.py`) can be joined in
+//! for the ratios.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kiln_kernels::cuda::CudaKernels;
+use serde::{Deserialize, Serialize};
+
+use super::sequence::class;
+use super::{CudaModel, CudaSequence, GpuWeightBytes};
+use crate::error::Result;
+use crate::model::ModelConfig;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct GpuBenchOptions {
+    /// Prompt tokens before the decode run.
+    pub prompt_tokens: usize,
+    /// Tokens decoded.
+    pub new_tokens: usize,
+    /// Prompt lengths of the prefill rows.
+    pub prefill_tokens: Vec<usize>,
+    /// Skip the 7B shape.
+    pub skip_7b: bool,
+    /// Replays per kernel-class timing.
+    pub reps: usize,
+}
+
+impl Default for GpuBenchOptions {
+    fn default() -> Self {
+        GpuBenchOptions {
+            prompt_tokens: 128,
+            new_tokens: 256,
+            prefill_tokens: vec![512, 2048],
+            skip_7b: false,
+            reps: 200,
+        }
+    }
+}
+
+/// One model's results.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GpuModelRow {
+    /// Model name.
+    pub model: String,
+    /// Bytes on the GPU: codes, scales, embedding, small tensors.
+    pub weights: u64,
+    /// Of which E4M3/tensor scales.
+    pub scales: u64,
+    /// Of which the bf16 embedding.
+    pub embeddings: u64,
+    /// Decode tokens/s, batch 1, through the token loop with the captured graph.
+    pub decode_tok_s: f64,
+    /// The same with plain launches (no graph).
+    pub decode_tok_s_plain: f64,
+    /// Prefill: (prompt tokens, time to first token in ms).
+    pub prefill: Vec<(usize, f64)>,
+    /// One decode step by kernel class, µs per replay: whole step, GEMVs, attention,
+    /// norms/RoPE/SwiGLU/embedding, pick.
+    pub step_us: StepSplit,
+}
+
+/// A decode step's time by kernel class (each class replayed alone in its own graph).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct StepSplit {
+    /// The whole step.
+    pub total: f64,
+    /// NVFP4 GEMVs.
+    pub gemv: f64,
+    /// Attention + combine.
+    pub attention: f64,
+    /// Embedding, norms, q/k/v epilogue (RoPE, KV append), SwiGLU.
+    pub small: f64,
+    /// The greedy pick.
+    pub pick: f64,
+}
+
+/// The benchmark's results.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GpuBench {
+    /// The GPU.
+    pub device: String,
+    /// Options used.
+    pub prompt_tokens: usize,
+    /// Tokens decoded per row.
+    pub new_tokens: usize,
+    /// Rows.
+    pub rows: Vec<GpuModelRow>,
+}
+
+/// Run the benchmark on GPU `ordinal`; `progress` gets a line per stage.
+pub fn run_gpu_bench(
+    ordinal: usize,
+    opts: &GpuBenchOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<GpuBench> {
+    let k = Arc::new(CudaKernels::new(ordinal)?);
+    let mut rows = Vec::new();
+    progress("tiny model: uploading");
+    let tiny = crate::chat_model::ChatModel::tiny(&Default::default())?;
+    let m = CudaModel::from_model(k.clone(), tiny.model.model())?;
+    rows.push(bench_model("tiny", &m, opts, progress)?);
+    drop(m);
+    let mut shapes = vec![("qwen2.5-0.5b-shape", ModelConfig::qwen2_5_0_5b())];
+    if !opts.skip_7b {
+        shapes.push(("qwen2.5-7b-shape", ModelConfig::qwen2_5_7b()));
+    }
+    for (name, cfg) in shapes {
+        progress(&format!("{name}: random NVFP4 weights on the GPU"));
+        let m = CudaModel::random(k.clone(), &cfg, 7)?;
+        rows.push(bench_model(name, &m, opts, progress)?);
+    }
+    Ok(GpuBench {
+        device: k.device_name().to_string(),
+        prompt_tokens: opts.prompt_tokens,
+        new_tokens: opts.new_tokens,
+        rows,
+    })
+}
+
+fn ids(n: usize, vocab: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(salt) >> 7) % vocab as u32)
+        .collect()
+}
+
+/// Tokens/s of `new` greedy decode steps after a prompt of `prompt` tokens.
+fn decode_rate(m: &CudaModel, prompt: usize, new: usize, graph: bool) -> Result<f64> {
+    let cfg = m.config();
+    let prompt = prompt
+        .min(cfg.max_position_embeddings.saturating_sub(new + 1))
+        .max(1);
+    let mut seq = CudaSequence::new(m.kernels().clone(), cfg, prompt + new + 1)?;
+    seq.set_use_graph(graph);
+    let mut tok = seq
+        .forward(m, &ids(prompt, cfg.vocab_size, 1), true)?
+        .expect("read");
+    // warm-up step (captures the graph)
+    tok = seq.forward(m, &[tok], true)?.expect("read");
+    let t = Instant::now();
+    for _ in 0..new.saturating_sub(1) {
+        tok = seq.forward(m, &[tok], true)?.expect("read");
+    }
+    Ok(new.saturating_sub(1) as f64 / t.elapsed().as_secs_f64())
+}
+
+fn bench_model(
+    name: &str,
+    m: &CudaModel,
+    opts: &GpuBenchOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<GpuModelRow> {
+    let cfg = m.config();
+    let b: GpuWeightBytes = m.bytes();
+    progress(&format!("{name}: decode (graph, then plain launches)"));
+    let decode_tok_s = decode_rate(m, opts.prompt_tokens, opts.new_tokens, true)?;
+    let decode_tok_s_plain = decode_rate(m, opts.prompt_tokens, opts.new_tokens, false)?;
+    let mut prefill = Vec::new();
+    for &n in &opts.prefill_tokens {
+        if n + 1 > cfg.max_position_embeddings {
+            continue;
+        }
+        progress(&format!("{name}: prefill of {n} tokens"));
+        let mut seq = CudaSequence::new(m.kernels().clone(), cfg, n + 1)?;
+        let p = ids(n, cfg.vocab_size, 3);
+        // warm-up (allocates the prompt buffers), then the best of 3
+        seq.forward(m, &p, true)?;
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            seq.truncate(0);
+            let t = Instant::now();
+            seq.forward(m, &p, true)?;
+            best = best.min(t.elapsed().as_secs_f64() * 1e3);
+        }
+        prefill.push((n, best));
+    }
+    progress(&format!("{name}: one decode step by kernel class"));
+    let prompt = opts
+        .prompt_tokens
+        .min(cfg.max_position_embeddings / 2)
+        .max(1);
+    let mut seq = CudaSequence::new(m.kernels().clone(), cfg, prompt + opts.reps + 2)?;
+    seq.forward(m, &ids(prompt, cfg.vocab_size, 5), false)?;
+    let times = seq.time_step_classes(m, opts.reps)?;
+    let get = |c: u8| times.iter().find(|(k, _)| *k == c).map_or(0.0, |t| t.1);
+    Ok(GpuModelRow {
+        model: name.to_string(),
+        weights: b.total(),
+        scales: b.scales,
+        embeddings: b.embeddings,
+        decode_tok_s,
+        decode_tok_s_plain,
+        prefill,
+        step_us: StepSplit {
+            total: get(class::ALL),
+            gemv: get(class::GEMV),
+            attention: get(class::ATTENTION),
+            small: get(class::SMALL),
+            pick: get(class::PICK),
+        },
+    })
+}
+
+/// HF transformers numbers for the same shapes (`scripts/anchors/hf_decode.py --json`):
+/// model name → (decode tok/s, prefill ms by prompt length).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Anchor {
+    /// Rows by model name (the bench's names).
+    pub rows: Vec<AnchorRow>,
+}
+
+/// One anchor row.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AnchorRow {
+    /// Model name, as the bench names it.
+    pub model: String,
+    /// Decode tokens/s at batch 1.
+    pub decode_tok_s: f64,
+    /// (prompt tokens, prefill ms).
+    pub prefill_ms: Vec<(usize, f64)>,
+    /// Bytes of the model's parameters.
+    pub param_bytes: u64,
+}
+
+impl GpuBench {
+    /// The tables, with the anchor's ratios where it has the model.
+    pub fn to_table(&self, anchor: Option<&Anchor>) -> String {
+        use comfy_table::{presets::UTF8_FULL, Table};
+        let find = |m: &str| anchor.and_then(|a| a.rows.iter().find(|r| r.model == m));
+        let mut out = format!(
+            "GPU engine on {} — batch 1, {} prompt tokens then {} greedy tokens\n",
+            self.device, self.prompt_tokens, self.new_tokens
+        );
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL);
+        t.set_header(vec![
+            "model",
+            "decode tok/s (graph)",
+            "plain launches",
+            "graph gain",
+            "HF bf16 anchor tok/s",
+            "× anchor",
+            "on GPU",
+            "HF bf16 params",
+        ]);
+        for r in &self.rows {
+            let a = find(&r.model);
+            t.add_row(vec![
+                r.model.clone(),
+                format!("{:.1}", r.decode_tok_s),
+                format!("{:.1}", r.decode_tok_s_plain),
+                format!("{:.2}×", r.decode_tok_s / r.decode_tok_s_plain.max(1e-9)),
+                a.map_or("—".into(), |a| format!("{:.1}", a.decode_tok_s)),
+                a.map_or("—".into(), |a| {
+                    format!("{:.2}×", r.decode_tok_s / a.decode_tok_s.max(1e-9))
+                }),
+                kiln_job::units::human_bytes(r.weights),
+                a.map_or("—".into(), |a| {
+                    kiln_job::units::human_bytes(a.param_bytes)
+                }),
+            ]);
+        }
+        out += &format!("{t}\n");
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL);
+        t.set_header(vec![
+            "model",
+            "prompt tokens",
+            "time to first token ms",
+            "prefill tok/s",
+            "HF bf16 ms",
+            "× HF time",
+        ]);
+        for r in &self.rows {
+            for &(n, ms) in &r.prefill {
+                let a = find(&r.model)
+                    .and_then(|a| a.prefill_ms.iter().find(|p| p.0 == n))
+                    .map(|p| p.1);
+                t.add_row(vec![
+                    r.model.clone(),
+                    n.to_string(),
+                    format!("{ms:.2}"),
+                    format!("{:.0}", n as f64 / (ms / 1e3)),
+                    a.map_or("—".into(), |a| format!("{a:.2}")),
+                    a.map_or("—".into(), |a| format!("{:.2}", ms / a)),
+                ]);
+            }
+        }
+        out += &format!("{t}\n");
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL);
+        t.set_header(vec![
+            "model",
+            "step µs",
+            "GEMVs",
+            "attention",
+            "norms/rope/swiglu",
+            "pick",
+            "rest (graph, gaps)",
+        ]);
+        for r in &self.rows {
+            let s = r.step_us;
+            t.add_row(vec![
+                r.model.clone(),
+                format!("{:.1}", s.total),
+                format!("{:.1}", s.gemv),
+                format!("{:.1}", s.attention),
+                format!("{:.1}", s.small),
+                format!("{:.1}", s.pick),
+                format!(
+                    "{:.1}",
+                    (s.total - s.gemv - s.attention - s.small - s.pick).max(0.0)
+                ),
+            ]);
+        }
+        out += &format!(
+            "{t}\n(each class replayed alone in its own graph; \"rest\" = the whole step minus the \
+             classes: launch gaps the classes overlap or add)\n"
+        );
+        out
+    }
+}

@@ -1,0 +1,22 @@
+//! The GPU engine: NVFP4 models resident on one GPU, decoded one token per CUDA-graph replay.
+//!
+//! - `weights` — [`CudaModel`]: the weights on the GPU, laid out for the decode step (q/k/v and
+//!   gate/up concatenated, NVFP4 vocabulary projection, bf16 embedding), from a host model or
+//!   seeded random codes; [`GpuWeightBytes`].
+//! - `bench` — the GPU engine benchmark (`kiln bench engine --device cuda`).
+//! - `plan` — [`GpuPlan`]: the bytes a generation will hold, checked against the job's budget
+//!   before anything is allocated; the sizing rules of the sequence.
+//! - `sequence` — [`CudaSequence`]: a sequence's bf16 KV cache, buffers, device scalars and
+//!   captured decode step; prefill.
+//!
+//! Every launch goes to the one stream of [`kiln_kernels::cuda::CudaKernels`]; nothing here
+//! falls back to the CPU.
+
+pub mod bench;
+pub mod plan;
+pub mod sequence;
+pub mod weights;
+
+pub use plan::GpuPlan;
+pub use sequence::CudaSequence;
+pub use weights::{CudaModel, GpuWeightBytes};

@@ -1,0 +1,159 @@
+//! What a GPU job will allocate, computed before it allocates: [`GpuPlan`] adds the model's
+//! bytes, the KV cache for the job's context, the forward's workspace and the CUDA context,
+//! and [`GpuPlan::check`] fails with the numbers — and the budget that would fit — when they
+//! exceed the job's budget (a guard kill is for surprises, not for arithmetic). Also the
+//! sizing rules the sequence uses (decode attention splits, prefill batch).
+
+use kiln_job::units::human_bytes as human;
+use kiln_kernels::cuda::decode::ARGMAX_BLOCKS;
+
+use super::weights::GpuWeightBytes;
+use crate::error::{EngineError, Result};
+use crate::model::ModelConfig;
+
+/// Most prompt tokens forwarded as one batch (longer prompts go in batches of this many).
+pub const PREFILL_ROWS: usize = 2048;
+
+/// Most bf16 elements of W dequantized at once by the prefill GEMM (64 MiB).
+pub const PREFILL_SCRATCH_ELEMS: usize = 32 << 20;
+
+/// GPU memory the CUDA context, the loaded kernels and the cuBLAS / cuBLASLt handles take
+/// besides the allocations (an allowance: on the H200, 2026-12-04, a job process with the
+/// kernels loaded showed about 0.5 GiB in NVML beyond its buffers).
+pub const CONTEXT_BYTES: u64 = 768 << 20;
+
+/// Positions per split and splits of the decode attention for a cache of `capacity`
+/// positions: enough splits that kv_heads × splits fills the GPU about twice, at least 32
+/// positions each. Splits past the sequence's length exit at once.
+pub fn decode_chunk(capacity: usize, kv_heads: usize, sm_count: u32) -> (usize, usize) {
+    let want_splits = (2 * sm_count as usize).div_ceil(kv_heads.max(1)).max(1);
+    let chunk = capacity.div_ceil(want_splits).div_ceil(32).max(1) * 32;
+    (chunk, capacity.div_ceil(chunk).max(1))
+}
+
+/// The bytes a GPU generation will hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuPlan {
+    /// The model's bytes by category.
+    pub model: GpuWeightBytes,
+    /// KV cache for `positions` positions.
+    pub kv_cache: u64,
+    /// Positions the cache is sized for.
+    pub positions: usize,
+    /// Activations of the decode step and of a prefill batch, the prefill GEMM's scratch,
+    /// logits.
+    pub workspace: u64,
+    /// [`CONTEXT_BYTES`].
+    pub context: u64,
+}
+
+impl GpuPlan {
+    /// The plan for a model of shape `cfg`, a cache of `positions` positions and a prompt
+    /// forwarded in batches of up to `prefill_rows` tokens.
+    pub fn new(cfg: &ModelConfig, positions: usize, prefill_rows: usize) -> Self {
+        let positions = positions.clamp(1, cfg.max_position_embeddings);
+        let kv_cache = kv_bytes(cfg, positions);
+        let rows = prefill_rows.clamp(1, PREFILL_ROWS);
+        let (_, splits) = decode_chunk(positions, cfg.num_key_value_heads, 132);
+        let workspace = acts_bytes(cfg, 1, splits.max(264))
+            + if rows > 1 {
+                acts_bytes(cfg, rows, 1)
+            } else {
+                0
+            }
+            + (cfg.vocab_size * 4 + ARGMAX_BLOCKS * 8) as u64;
+        GpuPlan {
+            model: GpuWeightBytes::of_config(cfg),
+            kv_cache,
+            positions,
+            workspace,
+            context: CONTEXT_BYTES,
+        }
+    }
+
+    /// Everything.
+    pub fn total(&self) -> u64 {
+        self.model.total() + self.kv_cache + self.workspace + self.context
+    }
+
+    /// Fail when the plan exceeds `budget` bytes (0: no budget).
+    pub fn check(&self, budget: u64) -> Result<()> {
+        if budget == 0 || self.total() <= budget {
+            return Ok(());
+        }
+        let need = self.total();
+        let gib = need.div_ceil(1 << 30);
+        Err(EngineError::OverBudget(format!(
+            "this generation needs {} of GPU memory but its budget is {}: weights {} (codes {}, \
+             scales {}, embedding {}), KV cache {} for {} positions, workspace {}, CUDA context \
+             about {}; submit with --budget-gb {gib} or more, or lower --max-tokens",
+            human(need),
+            human(budget),
+            human(self.model.total()),
+            human(self.model.weights),
+            human(self.model.scales),
+            human(self.model.embeddings),
+            human(self.kv_cache),
+            self.positions,
+            human(self.workspace),
+            human(self.context),
+        )))
+    }
+}
+
+/// Bytes of keys and values (bf16) for `positions` positions.
+pub fn kv_bytes(cfg: &ModelConfig, positions: usize) -> u64 {
+    (2 * 2 * cfg.num_hidden_layers * cfg.kv_size() * positions) as u64
+}
+
+/// Bytes of the activations of a forward of `rows` tokens (`Acts`), with the bf16 twins and
+/// the GEMM scratch when rows > 8.
+fn acts_bytes(cfg: &ModelConfig, rows: usize, splits: usize) -> u64 {
+    let (h, q, i) = (cfg.hidden_size, cfg.q_size(), cfg.intermediate_size);
+    let qkv = q + 2 * cfg.kv_size();
+    let f32s = rows * (3 * h + qkv + 2 * q + 3 * i)
+        + rows * cfg.num_attention_heads * splits * (cfg.head_dim + 2);
+    let bf16s = if rows > 8 {
+        rows * (2 * h + 2 * q + 3 * i + qkv)
+            + PREFILL_SCRATCH_ELEMS.min(qkv.max(2 * i).max(h) * h.max(i).max(q))
+    } else {
+        0
+    };
+    (f32s * 4 + bf16s * 2) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_splits_fill_the_gpu_and_cover_the_capacity() {
+        let (chunk, splits) = decode_chunk(384, 2, 132);
+        assert_eq!(chunk % 32, 0);
+        assert!(chunk * splits >= 384);
+        let (chunk, splits) = decode_chunk(32_768, 4, 132);
+        assert!(
+            splits * 4 >= 132 && chunk * splits >= 32_768,
+            "{chunk} {splits}"
+        );
+        assert_eq!(decode_chunk(1, 2, 132), (32, 1));
+    }
+
+    #[test]
+    fn a_budget_too_small_fails_with_the_numbers_and_the_budget_that_fits() {
+        let cfg = ModelConfig::qwen2_5_0_5b();
+        let plan = GpuPlan::new(&cfg, 384, 128);
+        assert!(
+            plan.total() > 400 << 20 && plan.total() < 2 << 30,
+            "{plan:?}"
+        );
+        plan.check(4 << 30).unwrap();
+        plan.check(0).unwrap();
+        let e = plan.check(256 << 20).unwrap_err().to_string();
+        assert!(e.contains("budget is 256 MiB"), "{e}");
+        assert!(e.contains("--budget-gb"), "{e}");
+        assert!(e.contains("KV cache") && e.contains("384 positions"), "{e}");
+        let long = GpuPlan::new(&cfg, 32_768, 2048);
+        assert!(long.kv_cache == kv_bytes(&cfg, 32_768) && long.kv_cache > plan.kv_cache);
+    }
+}

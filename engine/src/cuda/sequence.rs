@@ -1,0 +1,897 @@
+//! [`CudaSequence`]: one sequence on the GPU — its bf16 KV cache (preallocated for a capacity),
+//! the decode step's buffers and device scalars (position, token), the step captured once as
+//! a CUDA graph and replayed per token, and the batched prompt path (prefill).
+//!
+//! The decode step, per layer: residual add + RMSNorm → q/k/v GEMV (one launch over the
+//! concatenated rows) → epilogue (tensor scales, bias, q/k norm, RoPE, KV append) → attention
+//! split over the context + combine → O GEMV → residual add + RMSNorm → gate/up GEMV (one
+//! launch) → SwiGLU → down GEMV; then the final norm, the vocabulary GEMV and the greedy pick,
+//! which writes the next input token and advances the position in device memory. Only the
+//! token id (or, for sampling on the host, the logits) crosses to the host.
+//!
+//! Prefill runs the same kernels over T rows: the linears through GEMV for T ≤ 8, else through
+//! the bf16 tensor-core GEMM (W dequantized slab by slab), attention with one split per query.
+
+use std::sync::Arc;
+
+use cudarc::driver::{sys, CudaGraph, CudaSlice};
+use half::bf16;
+use kiln_kernels::cuda::decode::{AttentionShape, DevAddr, QkvPost, ARGMAX_BLOCKS};
+use kiln_kernels::cuda::{CudaKernels, DeviceNvfp4};
+
+use super::plan::{decode_chunk, PREFILL_ROWS, PREFILL_SCRATCH_ELEMS};
+use super::weights::CudaModel;
+use crate::engine::HostTensor;
+use crate::error::{EngineError, Result};
+use crate::model::ModelConfig;
+
+fn cuda(what: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> EngineError {
+    move |e| {
+        EngineError::Kernel(kiln_kernels::KernelError::Cuda {
+            context: what.into(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// The f32 activations of a forward of `rows` tokens (exact sizes: the GEMVs check them).
+struct Acts {
+    rows: usize,
+    x: CudaSlice<f32>,
+    h: CudaSlice<f32>,
+    qkv: CudaSlice<f32>,
+    q: CudaSlice<f32>,
+    attn: CudaSlice<f32>,
+    tmp: CudaSlice<f32>,
+    gu: CudaSlice<f32>,
+    act: CudaSlice<f32>,
+    part_o: CudaSlice<f32>,
+    part_ml: CudaSlice<f32>,
+    /// bf16 copies for the GEMM path (rows > 8): inputs h, attn, act; outputs qkv, tmp, gu.
+    bf: Option<BfActs>,
+}
+
+struct BfActs {
+    h: CudaSlice<bf16>,
+    attn: CudaSlice<bf16>,
+    act: CudaSlice<bf16>,
+    qkv: CudaSlice<bf16>,
+    tmp: CudaSlice<bf16>,
+    gu: CudaSlice<bf16>,
+    /// W dequantized slab by slab.
+    w: CudaSlice<bf16>,
+}
+
+impl Acts {
+    fn new(k: &CudaKernels, cfg: &ModelConfig, rows: usize, splits: usize) -> Result<Self> {
+        let s = k.stream();
+        let f = |n: usize| {
+            s.alloc_zeros::<f32>(n)
+                .map_err(cuda("allocating activations"))
+        };
+        let b = |n: usize| {
+            s.alloc_zeros::<bf16>(n)
+                .map_err(cuda("allocating activations"))
+        };
+        let (h, q, i) = (cfg.hidden_size, cfg.q_size(), cfg.intermediate_size);
+        let qkv = q + 2 * cfg.kv_size();
+        let nh = cfg.num_attention_heads;
+        let bf = if rows > 8 {
+            Some(BfActs {
+                h: b(rows * h)?,
+                attn: b(rows * q)?,
+                act: b(rows * i)?,
+                qkv: b(rows * qkv)?,
+                tmp: b(rows * h)?,
+                gu: b(rows * 2 * i)?,
+                w: b(PREFILL_SCRATCH_ELEMS.min((qkv.max(2 * i).max(h)) * h.max(i).max(q)))?,
+            })
+        } else {
+            None
+        };
+        Ok(Acts {
+            rows,
+            x: f(rows * h)?,
+            h: f(rows * h)?,
+            qkv: f(rows * qkv)?,
+            q: f(rows * q)?,
+            attn: f(rows * q)?,
+            tmp: f(rows * h)?,
+            gu: f(rows * 2 * i)?,
+            act: f(rows * i)?,
+            part_o: f(rows * nh * splits * cfg.head_dim)?,
+            part_ml: f(rows * nh * splits * 2)?,
+            bf,
+        })
+    }
+}
+
+/// A captured decode step. The graph holds raw pointers into the sequence's buffers and the
+/// model's weights, which outlive it (it is dropped first, and re-captured when they change).
+struct StepGraph {
+    graph: CudaGraph,
+    /// The model the graph was captured with (its address).
+    model: usize,
+}
+
+// SAFETY: the graph is used only by the thread that owns the sequence at a time (the
+// sequence is moved between threads, never shared); CUDA graph handles may be used from any
+// thread when access is serialised.
+unsafe impl Send for StepGraph {}
+
+/// One sequence on the GPU: KV cache, decode buffers, device scalars and the step graph.
+pub struct CudaSequence {
+    k: Arc<CudaKernels>,
+    cfg: ModelConfig,
+    cap: usize,
+    len: usize,
+    /// Keys, bf16 `[layers][kv_heads][cap][head_dim]`.
+    kc: CudaSlice<bf16>,
+    /// Values, same layout.
+    vc: CudaSlice<bf16>,
+    /// The position of the next forward's first token (device copy of `len` during decode).
+    pos: CudaSlice<i32>,
+    /// The decode step's input token; the greedy pick writes the next one.
+    token: CudaSlice<u32>,
+    /// What `token` holds, as far as the host knows.
+    device_token: Option<u32>,
+    /// What `pos` holds, as far as the host knows.
+    device_pos: Option<usize>,
+    counter: CudaSlice<u32>,
+    part_val: CudaSlice<f32>,
+    part_idx: CudaSlice<i32>,
+    logits: CudaSlice<f32>,
+    dec: Acts,
+    /// Decode attention: positions per split and splits.
+    chunk: usize,
+    splits: usize,
+    graph: Option<StepGraph>,
+    use_graph: bool,
+    prefill: Option<Acts>,
+}
+
+impl std::fmt::Debug for CudaSequence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaSequence")
+            .field("len", &self.len)
+            .field("capacity", &self.cap)
+            .field("graph", &self.graph.is_some())
+            .finish()
+    }
+}
+
+impl CudaSequence {
+    /// An empty sequence of `capacity` positions for a model of shape `cfg` on `k`.
+    pub fn new(k: Arc<CudaKernels>, cfg: &ModelConfig, capacity: usize) -> Result<Self> {
+        let capacity = capacity.clamp(1, cfg.max_position_embeddings);
+        let s = k.stream().clone();
+        let kv_elems = cfg.num_hidden_layers * cfg.kv_size() * capacity;
+        let (chunk, splits) = decode_chunk(capacity, cfg.num_key_value_heads, k.sm_count());
+        let dec = Acts::new(&k, cfg, 1, splits)?;
+        let seq = CudaSequence {
+            kc: s
+                .alloc_zeros::<bf16>(kv_elems)
+                .map_err(cuda("allocating the KV cache"))?,
+            vc: s
+                .alloc_zeros::<bf16>(kv_elems)
+                .map_err(cuda("allocating the KV cache"))?,
+            pos: s
+                .alloc_zeros::<i32>(1)
+                .map_err(cuda("allocating scalars"))?,
+            token: s
+                .alloc_zeros::<u32>(1)
+                .map_err(cuda("allocating scalars"))?,
+            device_token: Some(0),
+            device_pos: Some(0),
+            counter: s
+                .alloc_zeros::<u32>(1)
+                .map_err(cuda("allocating scalars"))?,
+            part_val: s
+                .alloc_zeros::<f32>(ARGMAX_BLOCKS)
+                .map_err(cuda("allocating scalars"))?,
+            part_idx: s
+                .alloc_zeros::<i32>(ARGMAX_BLOCKS)
+                .map_err(cuda("allocating scalars"))?,
+            logits: s
+                .alloc_zeros::<f32>(cfg.vocab_size)
+                .map_err(cuda("allocating logits"))?,
+            dec,
+            chunk,
+            splits,
+            graph: None,
+            use_graph: std::env::var_os("KILN_NO_CUDA_GRAPH").is_none(),
+            prefill: None,
+            k,
+            cfg: cfg.clone(),
+            cap: capacity,
+            len: 0,
+        };
+        Ok(seq)
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Layers of the model.
+    pub fn num_layers(&self) -> usize {
+        self.cfg.num_hidden_layers
+    }
+
+    /// Positions the cache can hold without growing.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Bytes of the KV cache as allocated (the whole capacity).
+    pub fn kv_bytes(&self) -> u64 {
+        (2 * self.kc.len() * 2) as u64
+    }
+
+    /// Bytes of keys and values held (`len` positions).
+    pub fn used_kv_bytes(&self) -> u64 {
+        (2 * 2 * self.cfg.num_hidden_layers * self.cfg.kv_size() * self.len) as u64
+    }
+
+    /// Replay the captured step (default) or launch the kernels one by one (`false`, or
+    /// `KILN_NO_CUDA_GRAPH` set): the tests compare the two.
+    pub fn set_use_graph(&mut self, on: bool) {
+        self.use_graph = on;
+    }
+
+    /// Make room for `positions` positions (copying what is held; the step graph is
+    /// re-captured at the next step).
+    pub fn reserve(&mut self, positions: usize) -> Result<()> {
+        if positions <= self.cap {
+            return Ok(());
+        }
+        let max = self.cfg.max_position_embeddings;
+        let want = positions.max(self.cap * 2).min(max).max(positions);
+        let held = self.to_host()?;
+        let mut grown = CudaSequence::new(self.k.clone(), &self.cfg, want)?;
+        grown.use_graph = self.use_graph;
+        grown.load_host(held, self.len)?;
+        *self = grown;
+        Ok(())
+    }
+
+    /// Forward `ids` (appending their keys and values) and leave the last position's logits
+    /// on the device; returns the greedy pick of those logits when `read_token`.
+    pub fn forward(&mut self, m: &CudaModel, ids: &[u32], read_token: bool) -> Result<Option<u32>> {
+        if ids.is_empty() {
+            return Err(EngineError::InvalidArgument(
+                "forward of zero tokens".into(),
+            ));
+        }
+        let need = self.len + ids.len();
+        if need > self.cfg.max_position_embeddings {
+            return Err(EngineError::PromptTooLong {
+                tokens: need,
+                max_context: self.cfg.max_position_embeddings,
+                reserve: 0,
+            });
+        }
+        let vocab = self.cfg.vocab_size as u32;
+        if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
+            return Err(EngineError::InvalidArgument(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        self.reserve(need)?;
+        if ids.len() == 1 {
+            self.step(m, ids[0])?;
+        } else {
+            for part in ids.chunks(PREFILL_ROWS) {
+                self.prefill_rows(m, part)?;
+            }
+        }
+        if read_token {
+            let mut t = [0u32];
+            self.k
+                .stream()
+                .memcpy_dtoh(&self.token, &mut t)
+                .map_err(cuda("reading the picked token"))?;
+            self.device_token = Some(t[0]);
+            Ok(Some(t[0]))
+        } else {
+            self.device_token = None;
+            Ok(None)
+        }
+    }
+
+    /// The last forward's logits, on the host.
+    pub fn logits(&self) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; self.cfg.vocab_size];
+        self.k
+            .stream()
+            .memcpy_dtoh(&self.logits, &mut out)
+            .map_err(cuda("reading logits"))?;
+        Ok(out)
+    }
+
+    /// One decode step of `tok` at position `len`.
+    fn step(&mut self, m: &CudaModel, tok: u32) -> Result<()> {
+        let s = self.k.stream().clone();
+        if self.device_token != Some(tok) {
+            s.memcpy_htod(&[tok], &mut self.token)
+                .map_err(cuda("writing the input token"))?;
+        }
+        if self.device_pos != Some(self.len) {
+            s.memcpy_htod(&[self.len as i32], &mut self.pos)
+                .map_err(cuda("writing the position"))?;
+        }
+        let key = m as *const CudaModel as usize;
+        if self.use_graph {
+            if self.graph.as_ref().map(|g| g.model) != Some(key) {
+                self.graph = None;
+                self.graph = Some(StepGraph {
+                    graph: self.capture(m)?,
+                    model: key,
+                });
+            }
+            let g = self.graph.as_ref().expect("captured above");
+            g.graph
+                .launch()
+                .map_err(cuda("launching the decode graph"))?;
+        } else {
+            self.enqueue_step(m)?;
+        }
+        // the pick advanced the position
+        self.device_pos = Some(self.len + 1);
+        self.len += 1;
+        Ok(())
+    }
+
+    /// Capture the decode step as a graph (the stream is restored on failure).
+    fn capture(&mut self, m: &CudaModel) -> Result<CudaGraph> {
+        self.capture_classes(m, class::ALL)
+    }
+
+    /// Forget every position from `len` on (a benchmark runs several prompts on one
+    /// sequence; the bytes stay until overwritten).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Time the decode step at the current length: the whole captured step and graphs of each
+    /// kernel class alone ([`class`]), replayed `reps` times each (after a warm-up); µs per
+    /// replay. The whole step advances the position `reps` times (then it is put back), so
+    /// the capacity must hold `len + reps + 1` positions.
+    pub fn time_step_classes(&mut self, m: &CudaModel, reps: usize) -> Result<Vec<(u8, f64)>> {
+        let need = self.len + reps + 2;
+        self.reserve(need)?;
+        let s = self.k.stream().clone();
+        let mut out = Vec::new();
+        for mask in [
+            class::ALL,
+            class::GEMV,
+            class::ATTENTION,
+            class::SMALL,
+            class::PICK,
+        ] {
+            let g = self.capture_classes(m, mask)?;
+            let mut best = f64::INFINITY;
+            for _ in 0..3 {
+                s.memcpy_htod(&[self.len as i32], &mut self.pos)
+                    .map_err(cuda("writing the position"))?;
+                g.launch().map_err(cuda("launching a timing graph"))?;
+                self.k.synchronize()?;
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    g.launch().map_err(cuda("launching a timing graph"))?;
+                }
+                self.k.synchronize()?;
+                best = best.min(t.elapsed().as_secs_f64() * 1e6 / reps as f64);
+            }
+            out.push((mask, best));
+        }
+        s.memcpy_htod(&[self.len as i32], &mut self.pos)
+            .map_err(cuda("writing the position"))?;
+        self.device_pos = Some(self.len);
+        self.device_token = None;
+        Ok(out)
+    }
+
+    /// Capture the decode step's kernels of `mask` as a graph.
+    fn capture_classes(&mut self, m: &CudaModel, mask: u8) -> Result<CudaGraph> {
+        let s = self.k.stream().clone();
+        s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(cuda("starting the decode graph capture"))?;
+        let queued = self.enqueue_step_classes(m, mask);
+        let ended = s.end_capture(sys::CUgraphInstantiate_flags(0));
+        queued?;
+        let graph = ended
+            .map_err(cuda("capturing the decode graph"))?
+            .ok_or_else(|| {
+                EngineError::InvalidArgument("the decode graph capture was empty".into())
+            })?;
+        graph.upload().map_err(cuda("uploading the decode graph"))?;
+        Ok(graph)
+    }
+
+    /// The addresses the step's kernels take besides the activations.
+    fn scalars(&self) -> Scalars {
+        let k = &*self.k;
+        Scalars {
+            pos: k.addr(&self.pos, 0),
+            token: k.addr(&self.token, 0),
+            counter: k.addr(&self.counter, 0),
+            part_val: k.addr(&self.part_val, 0),
+            part_idx: k.addr(&self.part_idx, 0),
+            logits: k.addr(&self.logits, 0),
+            kc: k.addr(&self.kc, 0),
+            vc: k.addr(&self.vc, 0),
+            cap: self.cap,
+            chunk: self.chunk,
+            splits: self.splits,
+            mask: class::ALL,
+        }
+    }
+
+    /// Queue one decode step (T = 1, the position read from `pos`; the pick writes the next
+    /// token and advances `pos`).
+    fn enqueue_step(&mut self, m: &CudaModel) -> Result<()> {
+        self.enqueue_step_classes(m, class::ALL)
+    }
+
+    /// [`CudaSequence::enqueue_step`] with only the kernel classes in `mask`.
+    fn enqueue_step_classes(&mut self, m: &CudaModel, mask: u8) -> Result<()> {
+        let sc = Scalars {
+            mask,
+            ..self.scalars()
+        };
+        let (small, gemv) = (mask & class::SMALL != 0, mask & class::GEMV != 0);
+        let k = self.k.clone();
+        let cfg = &self.cfg;
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps as f32);
+        let d = &mut self.dec;
+        // SAFETY: every address is a live buffer of this sequence or of `m`, sized for one
+        // token of `cfg` (Acts::new, CudaModel), and pos < capacity (checked by forward).
+        unsafe {
+            if small {
+                k.embed_async(sc.token, k.addr(&m.embed, 0), k.addr(&d.x, 0), 1, h)?;
+            }
+            layers(&k, cfg, &sc, m, d, 1)?;
+            if small {
+                k.add_rmsnorm_async(
+                    k.addr(&d.x, 0),
+                    k.addr(&d.tmp, 0),
+                    k.addr(&m.norm, 0),
+                    k.addr(&d.h, 0),
+                    1,
+                    h,
+                    eps,
+                )?;
+            }
+            if gemv {
+                k.gemv_chained_async(&d.h, 1, &m.lm_head, &mut self.logits)?;
+            }
+            if mask & class::PICK != 0 {
+                pick(&k, cfg, &sc, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forward up to [`PREFILL_ROWS`] tokens as one batch.
+    fn prefill_rows(&mut self, m: &CudaModel, ids: &[u32]) -> Result<()> {
+        let rows = ids.len();
+        if self.prefill.as_ref().map(|p| p.rows) != Some(rows) {
+            self.prefill = None;
+            self.prefill = Some(Acts::new(&self.k, &self.cfg, rows, 1)?);
+        }
+        let mut acts = self.prefill.take().expect("allocated above");
+        let r = self.prefill_with(m, ids, &mut acts);
+        self.prefill = Some(acts);
+        r?;
+        self.len += rows;
+        Ok(())
+    }
+
+    fn prefill_with(&mut self, m: &CudaModel, ids: &[u32], acts: &mut Acts) -> Result<()> {
+        let rows = ids.len();
+        let k = self.k.clone();
+        let s = k.stream().clone();
+        s.memcpy_htod(&[self.len as i32], &mut self.pos)
+            .map_err(cuda("writing the position"))?;
+        // the prompt path's pick does not advance it
+        self.device_pos = Some(self.len);
+        let ids_dev = s.clone_htod(ids).map_err(cuda("uploading token ids"))?;
+        // prefill attention: one split per query, covering the whole capacity
+        let sc = Scalars {
+            chunk: self.cap,
+            splits: 1,
+            ..self.scalars()
+        };
+        let cfg = &self.cfg;
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps as f32);
+        // SAFETY: `acts` is sized for `rows` tokens with one split, ids_dev holds `rows` ids <
+        // vocab (checked by forward), and pos + rows <= capacity (reserved by forward).
+        unsafe {
+            k.embed_async(
+                k.addr(&ids_dev, 0),
+                k.addr(&m.embed, 0),
+                k.addr(&acts.x, 0),
+                rows,
+                h,
+            )?;
+            layers(&k, cfg, &sc, m, acts, rows)?;
+            // the last row only: final norm into the decode buffer, the head, the pick
+            let last = (rows - 1) * h;
+            k.add_rmsnorm_async(
+                k.addr(&acts.x, last),
+                k.addr(&acts.tmp, last),
+                k.addr(&m.norm, 0),
+                k.addr(&self.dec.h, 0),
+                1,
+                h,
+                eps,
+            )?;
+            k.gemv_async(&self.dec.h, 1, &m.lm_head, &mut self.logits)?;
+            pick(&k, cfg, &sc, false)?;
+        }
+        // the ids must stay alive until the queued work has read them
+        k.synchronize()?;
+        drop(ids_dev);
+        Ok(())
+    }
+
+    /// Every layer's keys and values on the host, `[1, kv_heads, len, head_dim]` f32 each.
+    pub fn to_host(&self) -> Result<Vec<(HostTensor, HostTensor)>> {
+        if self.len == 0 {
+            return Ok(Vec::new());
+        }
+        let cfg = &self.cfg;
+        let (kvh, hd, cap, len) = (cfg.num_key_value_heads, cfg.head_dim, self.cap, self.len);
+        let mut kh = vec![bf16::ZERO; self.kc.len()];
+        let mut vh = vec![bf16::ZERO; self.vc.len()];
+        let s = self.k.stream();
+        s.memcpy_dtoh(&self.kc, &mut kh)
+            .map_err(cuda("downloading the KV cache"))?;
+        s.memcpy_dtoh(&self.vc, &mut vh)
+            .map_err(cuda("downloading the KV cache"))?;
+        let layer = |src: &[bf16], l: usize| -> HostTensor {
+            let mut data = Vec::with_capacity(kvh * len * hd);
+            for h in 0..kvh {
+                let base = ((l * kvh + h) * cap) * hd;
+                data.extend(src[base..base + len * hd].iter().map(|v| v.to_f32()));
+            }
+            HostTensor {
+                shape: vec![1, kvh, len, hd],
+                data,
+            }
+        };
+        Ok((0..cfg.num_hidden_layers)
+            .map(|l| (layer(&kh, l), layer(&vh, l)))
+            .collect())
+    }
+
+    /// Load saved keys and values (`len` positions per layer, as [`CudaSequence::to_host`]
+    /// writes them), replacing what is held.
+    pub fn load_host(&mut self, layers: Vec<(HostTensor, HostTensor)>, len: usize) -> Result<()> {
+        let cfg = self.cfg.clone();
+        let (kvh, hd) = (cfg.num_key_value_heads, cfg.head_dim);
+        if len == 0 {
+            self.len = 0;
+            return Ok(());
+        }
+        if layers.len() != cfg.num_hidden_layers {
+            return Err(EngineError::InvalidArgument(format!(
+                "saved cache has {} layers, the model {}",
+                layers.len(),
+                cfg.num_hidden_layers
+            )));
+        }
+        self.reserve(len)?;
+        let cap = self.cap;
+        let mut kh = vec![bf16::ZERO; self.kc.len()];
+        let mut vh = vec![bf16::ZERO; self.vc.len()];
+        for (l, (k, v)) in layers.iter().enumerate() {
+            for (t, dst) in [(k, &mut kh), (v, &mut vh)] {
+                if t.shape != [1, kvh, len, hd] {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "saved cache layer {l} has shape {:?}, expected [1, {kvh}, {len}, {hd}]",
+                        t.shape
+                    )));
+                }
+                for h in 0..kvh {
+                    let base = ((l * kvh + h) * cap) * hd;
+                    let src = &t.data[h * len * hd..(h + 1) * len * hd];
+                    for (d, s) in dst[base..base + len * hd].iter_mut().zip(src) {
+                        *d = bf16::from_f32(*s);
+                    }
+                }
+            }
+        }
+        let s = self.k.stream().clone();
+        s.memcpy_htod(&kh, &mut self.kc)
+            .map_err(cuda("uploading the KV cache"))?;
+        s.memcpy_htod(&vh, &mut self.vc)
+            .map_err(cuda("uploading the KV cache"))?;
+        self.len = len;
+        Ok(())
+    }
+}
+
+/// Kernel classes of a step, for timing them apart (`CudaSequence::time_step_classes`).
+pub mod class {
+    /// The NVFP4 GEMVs (and GEMMs).
+    pub const GEMV: u8 = 1;
+    /// Attention and its combine.
+    pub const ATTENTION: u8 = 2;
+    /// Embedding, norms, the q/k/v epilogue (RoPE, KV append), SwiGLU.
+    pub const SMALL: u8 = 4;
+    /// The greedy pick.
+    pub const PICK: u8 = 8;
+    /// Everything.
+    pub const ALL: u8 = 15;
+}
+
+/// The device addresses and sizes a forward's kernels take besides the activations.
+#[derive(Clone, Copy)]
+struct Scalars {
+    pos: DevAddr,
+    token: DevAddr,
+    counter: DevAddr,
+    part_val: DevAddr,
+    part_idx: DevAddr,
+    logits: DevAddr,
+    kc: DevAddr,
+    vc: DevAddr,
+    cap: usize,
+    /// Attention: positions per split and splits.
+    chunk: usize,
+    splits: usize,
+    /// Which kernel classes to queue ([`class`]).
+    mask: u8,
+}
+
+/// Queue every decoder layer for `rows` tokens of `acts` (x holds the embeddings; on return
+/// tmp holds the last layer's MLP output, not yet added to x).
+///
+/// # Safety
+/// `acts` is sized for `rows` tokens and `sc.splits` splits; `sc` holds live buffers of a
+/// sequence of this model with pos + rows <= capacity.
+unsafe fn layers(
+    k: &CudaKernels,
+    cfg: &ModelConfig,
+    sc: &Scalars,
+    m: &CudaModel,
+    acts: &mut Acts,
+    rows: usize,
+) -> Result<()> {
+    let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps as f32);
+    let (small, gemv, attn) = (
+        sc.mask & class::SMALL != 0,
+        sc.mask & class::GEMV != 0,
+        sc.mask & class::ATTENTION != 0,
+    );
+    for (l, layer) in m.layers.iter().enumerate() {
+        let resid = if l == 0 { 0 } else { k.addr(&acts.tmp, 0) };
+        // SAFETY: the caller's contract.
+        unsafe {
+            if small {
+                k.add_rmsnorm_async(
+                    k.addr(&acts.x, 0),
+                    resid,
+                    k.addr(&layer.input_norm, 0),
+                    k.addr(&acts.h, 0),
+                    rows,
+                    h,
+                    eps,
+                )?;
+            }
+            if gemv {
+                linear(k, acts, &layer.qkv, Input::H, Output::Qkv, rows)?;
+            }
+            attention_block(k, cfg, sc, m, l, acts, rows, small, attn)?;
+            if gemv {
+                linear(k, acts, &layer.o, Input::Attn, Output::Tmp, rows)?;
+            }
+            if small {
+                k.add_rmsnorm_async(
+                    k.addr(&acts.x, 0),
+                    k.addr(&acts.tmp, 0),
+                    k.addr(&layer.post_norm, 0),
+                    k.addr(&acts.h, 0),
+                    rows,
+                    h,
+                    eps,
+                )?;
+            }
+            if gemv {
+                linear(k, acts, &layer.gate_up, Input::H, Output::Gu, rows)?;
+            }
+            if small {
+                k.swiglu_async(
+                    k.addr(&acts.gu, 0),
+                    k.addr(&layer.gate_up_scale, 0),
+                    k.addr(&acts.act, 0),
+                    rows,
+                    cfg.intermediate_size,
+                )?;
+            }
+            if gemv {
+                linear(k, acts, &layer.down, Input::Act, Output::Tmp, rows)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Queue the greedy pick of the logits into the token (advancing pos when `advance`).
+///
+/// # Safety
+/// `sc` holds the live scalars of a sequence of a model of shape `cfg`.
+unsafe fn pick(k: &CudaKernels, cfg: &ModelConfig, sc: &Scalars, advance: bool) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe {
+        k.argmax_advance_async(
+            sc.logits,
+            cfg.vocab_size,
+            sc.part_val,
+            sc.part_idx,
+            sc.counter,
+            sc.token,
+            sc.pos,
+            advance,
+        )?;
+    }
+    Ok(())
+}
+
+/// The q/k/v epilogue and attention of layer `l` for `rows` tokens of `acts` (qkv → attn).
+///
+/// # Safety
+/// As [`layers`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn attention_block(
+    k: &CudaKernels,
+    cfg: &ModelConfig,
+    sc: &Scalars,
+    m: &CudaModel,
+    l: usize,
+    acts: &Acts,
+    rows: usize,
+    epilogue: bool,
+    attention: bool,
+) -> Result<()> {
+    let layer = &m.layers[l];
+    let layer_bytes = (cfg.kv_size() * sc.cap * 2) as u64;
+    let opt = |b: &Option<CudaSlice<f32>>| b.as_ref().map_or(0, |b| k.addr(b, 0));
+    let (qn, kn) = layer
+        .qk_norm
+        .as_ref()
+        .map_or((0, 0), |(q, kk)| (k.addr(q, 0), k.addr(kk, 0)));
+    let post = QkvPost {
+        qkv: k.addr(&acts.qkv, 0),
+        scale: k.addr(&layer.qkv_scale, 0),
+        bias: opt(&layer.qkv_bias),
+        q_norm: qn,
+        k_norm: kn,
+        inv_freq: k.addr(&m.inv_freq, 0),
+        pos: sc.pos,
+        q_out: k.addr(&acts.q, 0),
+        k_cache: sc.kc + l as u64 * layer_bytes,
+        v_cache: sc.vc + l as u64 * layer_bytes,
+    };
+    let shape = AttentionShape {
+        tokens: rows,
+        heads: cfg.num_attention_heads,
+        kv_heads: cfg.num_key_value_heads,
+        head_dim: cfg.head_dim,
+        capacity: sc.cap,
+        chunk: sc.chunk,
+        splits: sc.splits,
+    };
+    // SAFETY: the caller's contract.
+    unsafe {
+        if epilogue {
+            k.qkv_post_async(
+                &post,
+                rows,
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads,
+                cfg.head_dim,
+                sc.cap,
+                cfg.rms_norm_eps as f32,
+            )?;
+        }
+        if !attention {
+            return Ok(());
+        }
+        k.attention_async(
+            post.q_out,
+            post.k_cache,
+            post.v_cache,
+            post.pos,
+            k.addr(&acts.part_o, 0),
+            k.addr(&acts.part_ml, 0),
+            k.addr(&acts.attn, 0),
+            &shape,
+        )?;
+    }
+    Ok(())
+}
+
+/// Which activation a linear reads.
+#[derive(Clone, Copy)]
+enum Input {
+    H,
+    Attn,
+    Act,
+}
+
+/// Which activation a linear writes.
+#[derive(Clone, Copy)]
+enum Output {
+    Qkv,
+    Tmp,
+    Gu,
+}
+
+/// `out = in · Wᵀ` for `rows` rows of `acts`: GEMV (chained) for rows ≤ 8, else the bf16
+/// GEMM through the bf16 twins.
+fn linear(
+    k: &CudaKernels,
+    acts: &mut Acts,
+    w: &DeviceNvfp4,
+    input: Input,
+    output: Output,
+    rows: usize,
+) -> Result<()> {
+    let Acts {
+        h,
+        attn,
+        act,
+        qkv,
+        tmp,
+        gu,
+        bf,
+        ..
+    } = acts;
+    let x: &CudaSlice<f32> = match input {
+        Input::H => h,
+        Input::Attn => attn,
+        Input::Act => act,
+    };
+    let y: &mut CudaSlice<f32> = match output {
+        Output::Qkv => qkv,
+        Output::Tmp => tmp,
+        Output::Gu => gu,
+    };
+    if rows <= 8 {
+        k.gemv_chained_async(x, rows, w, y)?;
+        return Ok(());
+    }
+    let bf = bf.as_mut().expect("rows > 8 have bf16 twins");
+    let BfActs {
+        h: bh,
+        attn: battn,
+        act: bact,
+        qkv: bqkv,
+        tmp: btmp,
+        gu: bgu,
+        w: scratch,
+    } = bf;
+    let xb: &mut CudaSlice<bf16> = match input {
+        Input::H => bh,
+        Input::Attn => battn,
+        Input::Act => bact,
+    };
+    let yb: &mut CudaSlice<bf16> = match output {
+        Output::Qkv => bqkv,
+        Output::Tmp => btmp,
+        Output::Gu => bgu,
+    };
+    k.f32_to_bf16_async(x, xb)?;
+    k.matmul_nvfp4_large_async(xb, rows, w, scratch, yb)?;
+    k.bf16_to_f32_async(yb, y)?;
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! Generation on the GPU engine against the CPU reference (ignored without a GPU; run them on a
+//! GPU machine with `cargo test -p kiln-engine --test gpu_generation -- --ignored`, or through
+//! `scripts/gpu-all.sh`).
+//!
+//! Tolerances. The GPU keeps activations in f32 (as the CPU) but the KV cache in bf16 (8
+//! significant bits), sums in another order, and computes exp/sin/cos with the CUDA library; the
+//! prompt path (more than 8 tokens) runs the linears through bf16 GEMMs. So the logits agree to
+//! a few hundredths, not bit for bit: the checks are top-1 agreement per position and max
+//! |Δlogit| against [`LOGIT_TOL_DECODE`] (one token at a time, f32 linears) and
+//! [`LOGIT_TOL_PREFILL`] (bf16 GEMM linears). The CPU reference has the GPU's by-design
+//! differences (bf16 embedding, NVFP4 head for tied embeddings: `Model::gpu_reference`).
+
+mod common;
+
+use std::ops::ControlFlow;
+
+use common::*;
+use kiln_engine::chat::ChatMessage;
+use kiln_engine::chat_model::ChatModel;
+use kiln_engine::engine::{Engine, EngineCache, LoadedModel};
+use kiln_engine::generate::{ab::ab_compare, generate, GenerateOptions, Sequence};
+use kiln_engine::model::{Architecture, LinearFormat, Logits, Model, ModelConfig};
+use kiln_engine::session::Session;
+
+/// Max |Δlogit| of a decode step (one token, f32 GEMV) against the CPU reference.
+const LOGIT_TOL_DECODE: f32 = 0.05;
+/// Max |Δlogit| of a prompt's last position (bf16 GEMM linears) against the CPU reference.
+const LOGIT_TOL_PREFILL: f32 = 0.25;
+/// Least fraction of positions whose top-1 token agrees with the CPU reference.
+const TOP1_AGREEMENT: f64 = 0.95;
+
+fn gpu() -> Engine {
+    Engine::cuda(0).expect("these tests need a CUDA GPU (they are ignored without one)")
+}
+
+/// Compare GPU and CPU teacher-forced over `ids`: (top-1 agreement, max |Δlogit|).
+fn teacher_forced(cpu: &Model, gpu_model: &LoadedModel, ids: &[u32]) -> (f64, f32) {
+    let want = logits(cpu, ids);
+    let mut cache = gpu_model.new_cache();
+    let got = gpu_model
+        .forward(ids, &mut cache, Logits::All)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let argmax = |v: &[f32]| kiln_engine::generate::argmax(v);
+    let agree = want
+        .iter()
+        .zip(&got)
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count();
+    (agree as f64 / ids.len() as f64, max_diff(&want, &got))
+}
+
+fn check_model(name: &str, cpu_model: &Model, ids: &[u32]) {
+    let reference = cpu_model.gpu_reference().unwrap();
+    let g = LoadedModel::new(gpu(), cpu_model.clone()).unwrap();
+    let (agree, diff) = teacher_forced(&reference, &g, ids);
+    eprintln!(
+        "{name}: teacher-forced over {} positions: top-1 agreement {:.1}%, max |Δlogit| {diff:.4}",
+        ids.len(),
+        agree * 100.0
+    );
+    assert!(agree >= TOP1_AGREEMENT, "{name}: top-1 agreement {agree}");
+    assert!(diff < LOGIT_TOL_DECODE, "{name}: max |Δlogit| {diff}");
+    // the prompt path: the last position of a batched forward
+    let want = logits(&reference, ids);
+    let mut cache = g.new_cache();
+    let last = g.forward_last(ids, &mut cache).unwrap();
+    let d = max_diff(&want[ids.len() - 1..], &[last]);
+    eprintln!(
+        "{name}: prefill of {} tokens: last-position max |Δlogit| {d:.4}",
+        ids.len()
+    );
+    assert!(d < LOGIT_TOL_PREFILL, "{name}: prefill max |Δlogit| {d}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_matches_the_cpu_reference_teacher_forced_on_every_architecture() {
+    for arch in [
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+        Architecture::Llama,
+    ] {
+        let m = random_model(&small_config(arch), LinearFormat::Nvfp4);
+        check_model(&format!("{arch:?}"), &m, &prompt(40));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_matches_the_cpu_reference_on_the_tiny_model_over_a_long_context() {
+    let cm = ChatModel::tiny(&Default::default()).unwrap();
+    // 300 positions: the decode attention runs over several splits
+    check_model("tiny", cm.model.model(), &prompt(300));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_matches_the_cpu_reference_on_a_qwen2_5_0_5b_shaped_model() {
+    let cfg = ModelConfig::qwen2_5_0_5b();
+    let m = kiln_engine::generate::bench::qwen_0_5b_random(&Engine::cpu()).unwrap();
+    assert_eq!(m.config(), &cfg);
+    check_model("qwen2.5-0.5b-shape", &m, &prompt(24));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cache_and_replay_agree_on_the_gpu() {
+    let cm = ChatModel::load_on(&gpu(), "tiny", LinearFormat::Nvfp4).unwrap();
+    let p = cm
+        .encode_chat(&[ChatMessage::user("Who are you?")], true)
+        .unwrap();
+    let opts = GenerateOptions {
+        max_tokens: 24,
+        ..Default::default()
+    };
+    let r = ab_compare(&cm.model, &p, &opts).unwrap();
+    eprintln!(
+        "GPU cache vs replay: identical {}, max |Δlogit| {:.4}",
+        r.tokens_identical, r.max_logit_diff
+    );
+    assert!(r.tokens_identical, "{r:?}");
+    assert!(r.max_logit_diff < LOGIT_TOL_PREFILL, "{r:?}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn graph_replay_equals_plain_launches() {
+    let m = random_model(&small_config(Architecture::Qwen2), LinearFormat::Nvfp4);
+    let g = LoadedModel::new(gpu(), m).unwrap();
+    let run = |graph: bool| -> (Vec<u32>, Vec<Vec<f32>>) {
+        let mut seq = Sequence::new(&g);
+        if !graph {
+            seq.cache.reserve(64).unwrap();
+            // make the GPU sequence live, then switch its graph off
+            g.forward_last(&prompt(4), &mut seq.cache).unwrap();
+            if let EngineCache::Cuda(kiln_engine::engine::CudaCache::Live(s)) = &mut seq.cache {
+                s.set_use_graph(false);
+            }
+        } else {
+            g.forward_last(&prompt(4), &mut seq.cache).unwrap();
+        }
+        seq.tokens = prompt(4);
+        let opts = GenerateOptions {
+            max_tokens: 20,
+            record_logits: true,
+            ..Default::default()
+        };
+        let out = generate(&g, &mut seq, &prompt(3), &opts, &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        (out.tokens, out.step_logits)
+    };
+    let (ta, la) = run(true);
+    let (tb, lb) = run(false);
+    assert_eq!(ta, tb);
+    assert_eq!(
+        la, lb,
+        "graph replay and plain launches must give the same bits"
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_session_turn_after_a_restore_equals_a_full_recompute() {
+    let cm = ChatModel::load_on(&gpu(), "tiny", LinearFormat::Nvfp4).unwrap();
+    let opts = GenerateOptions {
+        max_tokens: 12,
+        ..Default::default()
+    };
+    let mut s = Session::new("gpu-test", &cm).unwrap();
+    s.turn(&cm, "Hello there", &opts, &mut |_, _| {
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    // through the host, as the session store does between jobs
+    let host = s.seq.cache.to_host().unwrap();
+    s.seq.cache = cm.model.engine().cache_from_host(host).unwrap();
+    let before = s.seq.tokens.clone();
+    let rep = s
+        .turn(&cm, "Tell me more", &opts, &mut |_, _| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    // the same turn from scratch: every token of the conversation up to the reply, forwarded
+    // at once with a fresh cache
+    let delta_end = before.len() + rep.delta_tokens;
+    let all = &s.seq.tokens[..delta_end];
+    let mut fresh = Sequence::new(&cm.model);
+    let full = generate(&cm.model, &mut fresh, all, &opts, &mut |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(
+        &full.tokens[..],
+        &rep.generation.tokens[..],
+        "turn 2 after a restore must produce the tokens of a full recompute"
+    );
+}

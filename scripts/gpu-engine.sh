@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU engine's checks and benchmark in one go, from prebuilt binaries (the GPU machine has
+# no Rust toolchain). On a dev machine, from the repository root:
+#
+#   cargo build --release -p kiln
+#   cargo test --release -p kiln-engine --test gpu_generation --no-run
+#   mkdir -p target-carry && cp target/release/kiln target-carry/ && strip target-carry/kiln
+#   cp "$(ls -t target/release/deps/gpu_generation-* | grep -v '\.d$' | head -1)" target-carry/test-gpu_generation
+#   strip target-carry/test-gpu_generation
+#
+# then on the GPU machine: scripts/gpu-engine.sh [BIN_DIR] (default target-carry). Runs the
+# engine's GPU tests (GPU vs CPU reference, cache vs replay, graph vs plain launches, session
+# restore), the HF transformers anchor, `kiln bench engine --device cuda` with the anchor's
+# ratios, and `kiln demo` (which generates on the GPU). Output under $OUT (default out/).
+set -uo pipefail
+bin=${1:-target-carry}
+out=${OUT:-out}
+mkdir -p "$out"
+export KILN_CACHE_DIR="$out/cache"
+declare -A result
+
+echo "== engine GPU tests"
+timeout 400 "$bin/test-gpu_generation" --ignored --nocapture --test-threads=1 > "$out/gpu-tests.txt" 2>&1
+result[gpu_tests]=$?
+grep -E "teacher-forced|prefill of|cache vs replay|test |panicked|result" "$out/gpu-tests.txt" | tail -40
+
+echo "== HF transformers anchor"
+timeout 400 python3 scripts/anchors/hf_decode.py ${SKIP_7B:+--skip-7b} --json "$out/hf.json" > "$out/hf.txt" 2>&1
+result[anchor]=$?
+tail -5 "$out/hf.txt"
+
+echo "== kiln bench engine --device cuda"
+anchor=()
+[[ -s "$out/hf.json" ]] && anchor=(--anchor "$out/hf.json")
+timeout 400 "$bin/kiln" bench engine --device cuda ${SKIP_7B:+--skip-7b} "${anchor[@]}" > "$out/bench-engine.txt" 2> "$out/bench-engine.err"
+result[bench]=$?
+cat "$out/bench-engine.txt"; tail -5 "$out/bench-engine.err"
+
+echo "== kiln demo (generates on the GPU)"
+timeout 300 "$bin/kiln" demo > "$out/demo.txt" 2>&1
+result[demo]=$?
+tail -30 "$out/demo.txt"
+
+echo
+echo "== summary (exit status of each part; 0 = passed)"
+status=0
+for k in gpu_tests anchor bench demo; do
+    printf '%-12s %s\n' "$k" "${result[$k]}"
+    [[ "${result[$k]}" == 0 ]] || status=1
+done
+exit $status
