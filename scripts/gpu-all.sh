@@ -9,10 +9,15 @@
 #   scripts/gpu-kernels.sh --collect target target-carry
 #   cp target/release/kiln target-carry/ && strip target-carry/kiln
 #   cp "$(ls -t target/release/deps/agent_gpu_guard-* | grep -v '\.d$' | head -1)" target-carry/test-agent_gpu_guard
+#   cargo test --release -p kiln-engine --test gpu_generation --no-run
+#   cp "$(ls -t target/release/deps/gpu_generation-* | grep -v '\.d$' | head -1)" target-carry/test-gpu_generation
+#   strip target-carry/test-gpu_generation
 #
 # then on the GPU machine: scripts/gpu-all.sh [BIN_DIR] (default target-carry). Runs the
 # kernels' GPU tests and benchmark, the agent's GPU guard test, the guard end to end through
-# the binary, and exec jobs with PyTorch; prints a line per part last. Output under $OUT.
+# the binary, exec jobs with PyTorch, and the GPU engine (scripts/gpu-engine.sh: its tests,
+# the HF anchor, `kiln bench engine --device cuda`, `kiln demo`); prints a line per part last.
+# Output under $OUT.
 set -uo pipefail
 bin=${1:-target-carry}
 out=${OUT:-out}
@@ -39,10 +44,15 @@ OUT="$out/gpu-exec-check" timeout 400 scripts/gpu-exec-check.sh "$bin/kiln" > "$
 result[exec_check]=$?
 tail -40 "$out/gpu-exec-check.txt"
 
+echo "== GPU engine"
+OUT="$out/gpu-engine" timeout 900 scripts/gpu-engine.sh "$bin" > "$out/gpu-engine.txt" 2>&1
+result[engine]=$?
+tail -60 "$out/gpu-engine.txt"
+
 echo
 echo "== summary (exit status of each part; 0 = passed)"
 status=0
-for k in kernels agent_guard_test agent_check exec_check; do
+for k in kernels agent_guard_test agent_check exec_check engine; do
     printf '%-20s %s\n' "$k" "${result[$k]}"
     [[ "${result[$k]}" == 0 ]] || status=1
 done

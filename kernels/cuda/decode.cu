@@ -11,6 +11,16 @@
 
 #define KILN_NEG_INF __int_as_float(0xff800000)
 
+// Every kernel here is queued as a programmatic dependent launch: it waits for the previous
+// kernel on the stream before touching anything (all its inputs may come from it), then lets
+// the next kernel start launching (a chained GEMV issues its weight loads meanwhile; whatever
+// reads this kernel's outputs waits for its completion).
+#define KILN_PDL_ENTER()                  \
+    do {                                  \
+        kiln_pdl_wait();                  \
+        kiln_pdl_launch_dependents();     \
+    } while (0)
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the sum.
 __device__ __forceinline__ float kiln_block_sum(float v, float* red) {
 #pragma unroll
@@ -34,6 +44,7 @@ __device__ __forceinline__ float kiln_warp_sum(float v) {
 // x[t, :] = table[ids[t], :] (bf16 → f32). Grid T, any block size.
 extern "C" __global__ void kiln_embed_bf16(const u32* __restrict__ ids, const u16* __restrict__ table,
                                            float* __restrict__ x, int H) {
+    KILN_PDL_ENTER();
     const int t = blockIdx.x;
     const u16* row = table + (size_t)ids[t] * H;
     float* out = x + (size_t)t * H;
@@ -45,6 +56,7 @@ extern "C" __global__ void kiln_embed_bf16(const u32* __restrict__ ids, const u1
 extern "C" __global__ void kiln_add_rmsnorm(float* __restrict__ x, const float* __restrict__ d,
                                             const float* __restrict__ w, float* __restrict__ h,
                                             int H, float eps) {
+    KILN_PDL_ENTER();
     __shared__ float red[32];
     const size_t base = (size_t)blockIdx.x * H;
     float ss = 0.0f;
@@ -74,6 +86,7 @@ extern "C" __global__ void kiln_qkv_post(const float* __restrict__ qkv, const fl
                                          const int* __restrict__ pos, float* __restrict__ q_out,
                                          u16* __restrict__ kc, u16* __restrict__ vc, int nh, int kvh,
                                          int hd, int cap, float eps) {
+    KILN_PDL_ENTER();
     __shared__ float v[256];
     __shared__ float red[32];
     const int head = blockIdx.x, t = blockIdx.y, i = threadIdx.x;
@@ -128,12 +141,13 @@ __device__ __forceinline__ void kiln_load_bf16(const u16* p, float out[E]) {
 }
 
 #define KILN_ATTN_WARPS 4
+#define KILN_ATTN_GROUP 4
 
 // Attention of one KV head's query group over one chunk of the context. Grid (kvh, splits, T),
 // block 32·KILN_ATTN_WARPS. Split s covers positions [s·chunk, (s+1)·chunk) ∩ [0, len), len =
 // pos + t + 1; a split past len does nothing (the combine reads only the splits below len).
-// Each warp takes every KILN_ATTN_WARPS-th position; lane l holds elements l·E .. l·E+E-1 of
-// a row. Writes the unnormalised output, the running max and the sum of the chunk:
+// Each warp takes KILN_ATTN_GROUP consecutive positions of every KILN_ATTN_WARPS·GROUP; lane l
+// holds elements l·E .. l·E+E-1 of a row. Writes the unnormalised output, the running max and the sum of the chunk:
 // part_o [T][nh][splits][HD], part_ml [T][nh][splits][2].
 template <int HD, int REP>
 __device__ __forceinline__ void kiln_attention_body(const float* __restrict__ q,
@@ -143,6 +157,7 @@ __device__ __forceinline__ void kiln_attention_body(const float* __restrict__ q,
                                                     float* __restrict__ part_o,
                                                     float* __restrict__ part_ml, int nh, int kvh,
                                                     int cap, int chunk, float softmax_scale) {
+    KILN_PDL_ENTER();
     constexpr int E = HD / 32;
     const int kv = blockIdx.x, s = blockIdx.y, t = blockIdx.z, splits = gridDim.y;
     const int rep = nh / kvh;
@@ -172,23 +187,43 @@ __device__ __forceinline__ void kiln_attention_body(const float* __restrict__ q,
     }
     const u16* kb = kc + (size_t)kv * cap * HD + lane * E;
     const u16* vb = vc + (size_t)kv * cap * HD + lane * E;
-    for (int j = start + warp; j < end; j += KILN_ATTN_WARPS) {
-        float k[E], v[E];
-        kiln_load_bf16<E>(kb + (size_t)j * HD, k);
-        kiln_load_bf16<E>(vb + (size_t)j * HD, v);
+    // KILN_ATTN_GROUP consecutive positions per warp at a time, their rows loaded before any
+    // is used: the loads are in flight together instead of one latency per position
+    for (int j0 = start + warp * KILN_ATTN_GROUP; j0 < end; j0 += KILN_ATTN_WARPS * KILN_ATTN_GROUP) {
+        float k[KILN_ATTN_GROUP][E], v[KILN_ATTN_GROUP][E];
 #pragma unroll
-        for (int r = 0; r < REP; ++r) {
-            if (r < rep) {
-                float d = 0.0f;
+        for (int g = 0; g < KILN_ATTN_GROUP; ++g) {
+            const int j = min(j0 + g, end - 1);
+            kiln_load_bf16<E>(kb + (size_t)j * HD, k[g]);
+            kiln_load_bf16<E>(vb + (size_t)j * HD, v[g]);
+        }
 #pragma unroll
-                for (int e = 0; e < E; ++e) d = fmaf(qr[r][e], k[e], d);
-                d = kiln_warp_sum(d);
-                const float mn = fmaxf(m[r], d);
+        for (int g = 0; g < KILN_ATTN_GROUP; ++g) {
+            if (j0 + g >= end) break;
+            // every r of REP, without a branch on rep: the REP dot products and their
+            // shuffle reductions are independent and interleave (heads past rep have q = 0
+            // and are never written)
+            float d[REP];
+#pragma unroll
+            for (int r = 0; r < REP; ++r) {
+                float acc_d = 0.0f;
+#pragma unroll
+                for (int e = 0; e < E; ++e) acc_d = fmaf(qr[r][e], k[g][e], acc_d);
+                d[r] = acc_d;
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+                for (int r = 0; r < REP; ++r) d[r] += __shfl_xor_sync(0xFFFFFFFFu, d[r], o);
+            }
+#pragma unroll
+            for (int r = 0; r < REP; ++r) {
+                const float mn = fmaxf(m[r], d[r]);
                 const float corr = expf(m[r] - mn);
-                const float p = expf(d - mn);
+                const float p = expf(d[r] - mn);
                 l[r] = l[r] * corr + p;
 #pragma unroll
-                for (int e = 0; e < E; ++e) acc[r][e] = fmaf(acc[r][e], corr, p * v[e]);
+                for (int e = 0; e < E; ++e) acc[r][e] = fmaf(acc[r][e], corr, p * v[g][e]);
                 m[r] = mn;
             }
         }
@@ -236,13 +271,20 @@ __device__ __forceinline__ void kiln_attention_body(const float* __restrict__ q,
         kiln_attention_body<HD, REP>(q, kc, vc, pos, part_o, part_ml, nh, kvh, cap, chunk, scale); \
     }
 
+KILN_ATTENTION(32, 2)
+KILN_ATTENTION(32, 4)
 KILN_ATTENTION(32, 8)
+KILN_ATTENTION(64, 2)
+KILN_ATTENTION(64, 4)
 KILN_ATTENTION(64, 8)
-KILN_ATTENTION(128, 8)
-KILN_ATTENTION(256, 8)
-KILN_ATTENTION(32, 16)
 KILN_ATTENTION(64, 16)
+KILN_ATTENTION(128, 2)
+KILN_ATTENTION(128, 4)
+KILN_ATTENTION(128, 8)
 KILN_ATTENTION(128, 16)
+KILN_ATTENTION(256, 2)
+KILN_ATTENTION(256, 4)
+KILN_ATTENTION(256, 8)
 
 // The splits of each (query, head) into its output: out[t, h·hd + e] = Σ o·w / Σ l·w with
 // w = exp(m - max m), over the splits that hold positions (len = pos + t + 1).
@@ -252,6 +294,7 @@ extern "C" __global__ void kiln_attention_combine(const float* __restrict__ part
                                                   const int* __restrict__ pos,
                                                   float* __restrict__ out, int nh, int hd,
                                                   int splits, int chunk) {
+    KILN_PDL_ENTER();
     const int h = blockIdx.x, t = blockIdx.y;
     const int len = *pos + t + 1;
     const int ns = min(splits, (len + chunk - 1) / chunk);
@@ -273,10 +316,37 @@ extern "C" __global__ void kiln_attention_combine(const float* __restrict__ part
     }
 }
 
+// The prefill attention's softmax (tensor-core path: S = Q·Kᵀ and O = P·V are cuBLAS GEMMs):
+// row (b, t) of S [B][T][L] f32 (already scaled) over its causal prefix 0..=pos+t into P
+// [B][T][L] bf16, zeros past the prefix. Grid (T, B), block 256.
+extern "C" __global__ void kiln_causal_softmax_bf16(const float* __restrict__ S, u16* __restrict__ P,
+                                                    int L, int T, const int* __restrict__ pos) {
+    KILN_PDL_ENTER();
+    __shared__ float red[32];
+    const size_t row = ((size_t)blockIdx.y * T + blockIdx.x) * L;
+    const int valid = min(L, *pos + (int)blockIdx.x + 1);
+    float mx = KILN_NEG_INF;
+    for (int j = threadIdx.x; j < valid; j += blockDim.x) mx = fmaxf(mx, S[row + j]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
+    __syncthreads();
+    mx = KILN_NEG_INF;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) mx = fmaxf(mx, red[w]);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < valid; j += blockDim.x) sum += expf(S[row + j] - mx);
+    sum = kiln_block_sum(sum, red);
+    const float inv = 1.0f / sum;
+    for (int j = threadIdx.x; j < L; j += blockDim.x)
+        P[row + j] = j < valid ? kiln_f32_to_bf16(expf(S[row + j] - mx) * inv) : (u16)0;
+}
+
 // act[t, i] = silu(g) · u with g = gu[t, i]·scale[0], u = gu[t, I + i]·scale[1] (one GEMV over the
 // concatenated gate and up rows, tensor scale 1). n = T·I.
 extern "C" __global__ void kiln_swiglu(const float* __restrict__ gu, const float* __restrict__ scale,
                                        float* __restrict__ act, int I, int n) {
+    KILN_PDL_ENTER();
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= n) return;
     const int t = idx / I, i = idx - t * I;
@@ -293,6 +363,7 @@ extern "C" __global__ void __launch_bounds__(256)
     kiln_argmax_advance(const float* __restrict__ logits, int V, float* __restrict__ part_val,
                         int* __restrict__ part_idx, u32* __restrict__ counter,
                         u32* __restrict__ token, int* __restrict__ pos, int advance) {
+    KILN_PDL_ENTER();
     __shared__ float sv[8];
     __shared__ int si[8];
     __shared__ bool last;

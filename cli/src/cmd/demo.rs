@@ -153,7 +153,9 @@ fn memtest(name: &str, gpus: u32, mib_alloc: u64, budget_mib: u64) -> v1::Submit
     request(name, spec, gpus, budget_mib << 20)
 }
 
-fn generate(name: &str, model: &str, user: &str, session: &str) -> v1::SubmitJobRequest {
+/// A generate job: on the agent's GPU when it has one (`gpus` 1: the GPU engine), else in a
+/// CPU slot.
+fn generate(name: &str, model: &str, user: &str, session: &str, gpus: u32) -> v1::SubmitJobRequest {
     let spec = Spec::Generate(v1::GenerateSpec {
         model: model.into(),
         messages: vec![v1::ChatMessage {
@@ -166,7 +168,7 @@ fn generate(name: &str, model: &str, user: &str, session: &str) -> v1::SubmitJob
         session_id: session.into(),
         ..Default::default()
     });
-    request(name, spec, 0, MODEL_JOB_BUDGET)
+    request(name, spec, gpus, MODEL_JOB_BUDGET)
 }
 
 /// Whether a phase sample is one of the per-step training phases.
@@ -409,7 +411,7 @@ async fn pipeline(client: &mut Client, dir: &Path, gpus: u32) -> anyhow::Result<
     println!("== 3. generate with the export: \"{QUESTION}\"");
     let gen = run_job(
         client,
-        generate("demo-generate", &path_str(&export), QUESTION, ""),
+        generate("demo-generate", &path_str(&export), QUESTION, "", gpus),
     )
     .await?;
     job_ids.push(gen.id);
@@ -440,6 +442,7 @@ async fn pipeline(client: &mut Client, dir: &Path, gpus: u32) -> anyhow::Result<
                 &path_str(&export),
                 user,
                 "demo-chat",
+                gpus,
             ),
         )
         .await?;

@@ -14,6 +14,9 @@ use crate::model::ModelConfig;
 /// Most prompt tokens forwarded as one batch (longer prompts go in batches of this many).
 pub const PREFILL_ROWS: usize = 2048;
 
+/// Prompts of at most this many tokens go 8 rows at a time through the GEMVs (no GEMM set-up).
+pub const SHORT_PROMPT: usize = 64;
+
 /// Most bf16 elements of W dequantized at once by the prefill GEMM (64 MiB).
 pub const PREFILL_SCRATCH_ELEMS: usize = 32 << 20;
 
@@ -53,7 +56,11 @@ impl GpuPlan {
     pub fn new(cfg: &ModelConfig, positions: usize, prefill_rows: usize) -> Self {
         let positions = positions.clamp(1, cfg.max_position_embeddings);
         let kv_cache = kv_bytes(cfg, positions);
-        let rows = prefill_rows.clamp(1, PREFILL_ROWS);
+        let rows = if prefill_rows <= SHORT_PROMPT {
+            prefill_rows.clamp(1, 8)
+        } else {
+            prefill_rows.min(PREFILL_ROWS)
+        };
         let (_, splits) = decode_chunk(positions, cfg.num_key_value_heads, 132);
         let workspace = acts_bytes(cfg, 1, splits.max(264))
             + if rows > 1 {
@@ -114,7 +121,7 @@ fn acts_bytes(cfg: &ModelConfig, rows: usize, splits: usize) -> u64 {
     let f32s = rows * (3 * h + qkv + 2 * q + 3 * i)
         + rows * cfg.num_attention_heads * splits * (cfg.head_dim + 2);
     let bf16s = if rows > 8 {
-        rows * (2 * h + 2 * q + 3 * i + qkv)
+        rows * (2 * h + 3 * q + 3 * i + qkv)
             + PREFILL_SCRATCH_ELEMS.min(qkv.max(2 * i).max(h) * h.max(i).max(q))
     } else {
         0

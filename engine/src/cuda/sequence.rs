@@ -9,8 +9,10 @@
 //! which writes the next input token and advances the position in device memory. Only the
 //! token id (or, for sampling on the host, the logits) crosses to the host.
 //!
-//! Prefill runs the same kernels over T rows: the linears through GEMV for T ≤ 8, else through
-//! the bf16 tensor-core GEMM (W dequantized slab by slab), attention with one split per query.
+//! Prefill runs the same kernels over T rows: prompts of up to `SHORT_PROMPT` tokens 8 rows at a
+//! time through the GEMVs and the split attention; longer ones in batches of up to
+//! `PREFILL_ROWS` through bf16 tensor-core GEMMs (W dequantized slab by slab) and attention as
+//! two cuBLAS GEMMs around a causal softmax.
 
 use std::sync::Arc;
 
@@ -19,7 +21,7 @@ use half::bf16;
 use kiln_kernels::cuda::decode::{AttentionShape, DevAddr, QkvPost, ARGMAX_BLOCKS};
 use kiln_kernels::cuda::{CudaKernels, DeviceNvfp4};
 
-use super::plan::{decode_chunk, PREFILL_ROWS, PREFILL_SCRATCH_ELEMS};
+use super::plan::{decode_chunk, PREFILL_ROWS, PREFILL_SCRATCH_ELEMS, SHORT_PROMPT};
 use super::weights::CudaModel;
 use crate::engine::HostTensor;
 use crate::error::{EngineError, Result};
@@ -53,6 +55,8 @@ struct Acts {
 
 struct BfActs {
     h: CudaSlice<bf16>,
+    /// The queries, for the attention GEMMs.
+    q: CudaSlice<bf16>,
     attn: CudaSlice<bf16>,
     act: CudaSlice<bf16>,
     qkv: CudaSlice<bf16>,
@@ -79,6 +83,7 @@ impl Acts {
         let bf = if rows > 8 {
             Some(BfActs {
                 h: b(rows * h)?,
+                q: b(rows * q)?,
                 attn: b(rows * q)?,
                 act: b(rows * i)?,
                 qkv: b(rows * qkv)?,
@@ -287,7 +292,14 @@ impl CudaSequence {
         if ids.len() == 1 {
             self.step(m, ids[0])?;
         } else {
-            for part in ids.chunks(PREFILL_ROWS) {
+            // short prompts (a chat turn's delta) go 8 rows at a time through the GEMVs: no
+            // GEMM set-up, weights read once per 8 tokens; longer ones through the GEMMs
+            let batch = if ids.len() <= SHORT_PROMPT {
+                8
+            } else {
+                PREFILL_ROWS
+            };
+            for part in ids.chunks(batch) {
                 self.prefill_rows(m, part)?;
             }
         }
@@ -431,6 +443,9 @@ impl CudaSequence {
             chunk: self.chunk,
             splits: self.splits,
             mask: class::ALL,
+            keys: self.len + 1,
+            scores: 0,
+            probs: 0,
         }
     }
 
@@ -484,7 +499,8 @@ impl CudaSequence {
         let rows = ids.len();
         if self.prefill.as_ref().map(|p| p.rows) != Some(rows) {
             self.prefill = None;
-            self.prefill = Some(Acts::new(&self.k, &self.cfg, rows, 1)?);
+            let splits = if rows > 8 { 1 } else { self.splits };
+            self.prefill = Some(Acts::new(&self.k, &self.cfg, rows, splits)?);
         }
         let mut acts = self.prefill.take().expect("allocated above");
         let r = self.prefill_with(m, ids, &mut acts);
@@ -503,10 +519,38 @@ impl CudaSequence {
         // the prompt path's pick does not advance it
         self.device_pos = Some(self.len);
         let ids_dev = s.clone_htod(ids).map_err(cuda("uploading token ids"))?;
-        // prefill attention: one split per query, covering the whole capacity
+        // prefill attention: over 8 rows, two GEMMs around a softmax, through scores and
+        // probabilities of [kv_heads][rows][keys]; else one split per query
+        let keys = self.len + rows;
+        let score_elems = self.cfg.num_key_value_heads * rows * keys;
+        let (scores, probs) = if rows > 8 {
+            // SAFETY: written by the GEMM before they are read
+            unsafe {
+                (
+                    Some(
+                        s.alloc::<f32>(score_elems)
+                            .map_err(cuda("allocating attention scores"))?,
+                    ),
+                    Some(
+                        s.alloc::<bf16>(score_elems)
+                            .map_err(cuda("allocating attention scores"))?,
+                    ),
+                )
+            }
+        } else {
+            (None, None)
+        };
+        let (chunk, splits) = if rows > 8 {
+            (self.cap, 1)
+        } else {
+            (self.chunk, self.splits)
+        };
         let sc = Scalars {
-            chunk: self.cap,
-            splits: 1,
+            chunk,
+            splits,
+            keys,
+            scores: scores.as_ref().map_or(0, |b| k.addr(b, 0)),
+            probs: probs.as_ref().map_or(0, |b| k.addr(b, 0)),
             ..self.scalars()
         };
         let cfg = &self.cfg;
@@ -536,9 +580,9 @@ impl CudaSequence {
             k.gemv_async(&self.dec.h, 1, &m.lm_head, &mut self.logits)?;
             pick(&k, cfg, &sc, false)?;
         }
-        // the ids must stay alive until the queued work has read them
+        // the ids and scores must stay alive until the queued work has read them
         k.synchronize()?;
-        drop(ids_dev);
+        drop((ids_dev, scores, probs));
         Ok(())
     }
 
@@ -650,6 +694,11 @@ struct Scalars {
     splits: usize,
     /// Which kernel classes to queue ([`class`]).
     mask: u8,
+    /// Keys the forward's last query sees (pos + rows), for the prefill attention GEMMs.
+    keys: usize,
+    /// Prefill attention scores `[kv_heads][rows][keys]` f32 and probabilities (bf16), or 0.
+    scores: DevAddr,
+    probs: DevAddr,
 }
 
 /// Queue every decoder layer for `rows` tokens of `acts` (x holds the embeddings; on return
@@ -757,7 +806,7 @@ unsafe fn attention_block(
     sc: &Scalars,
     m: &CudaModel,
     l: usize,
-    acts: &Acts,
+    acts: &mut Acts,
     rows: usize,
     epilogue: bool,
     attention: bool,
@@ -806,6 +855,9 @@ unsafe fn attention_block(
         if !attention {
             return Ok(());
         }
+        if rows > 8 {
+            return attention_gemm(k, cfg, sc, acts, rows, post.k_cache, post.v_cache);
+        }
         k.attention_async(
             post.q_out,
             post.k_cache,
@@ -816,6 +868,69 @@ unsafe fn attention_block(
             k.addr(&acts.attn, 0),
             &shape,
         )?;
+    }
+    Ok(())
+}
+
+/// Prefill attention on the tensor cores: per query head of each KV group, S = Q·Kᵀ (scaled)
+/// as one strided batched GEMM over the groups, the causal softmax into bf16 P, then O = P·V
+/// into `attn`.
+///
+/// # Safety
+/// As [`layers`], with `sc.scores` / `sc.probs` holding `kv_heads·rows·keys` elements.
+unsafe fn attention_gemm(
+    k: &CudaKernels,
+    cfg: &ModelConfig,
+    sc: &Scalars,
+    acts: &mut Acts,
+    rows: usize,
+    k_cache: DevAddr,
+    v_cache: DevAddr,
+) -> Result<()> {
+    use kiln_kernels::cuda::blas::StridedGemm;
+    let (nh, kvh, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let rep = nh / kvh;
+    let keys = sc.keys;
+    let Acts { q, attn, bf, .. } = acts;
+    let bf = bf.as_mut().expect("rows > 8 have bf16 twins");
+    k.f32_to_bf16_async(q, &mut bf.q)?;
+    let (q_bf, out) = (k.addr(&bf.q, 0), k.addr(attn, 0));
+    for r in 0..rep {
+        // SAFETY: the caller's contract; the strides stay inside the cache (kv_heads · cap ·
+        // hd), the queries (rows · nh · hd), the scores and the output.
+        unsafe {
+            k.gemm_bf16_strided_batched_async(&StridedGemm {
+                transa: true,
+                transb: false,
+                m: keys,
+                n: rows,
+                k: hd,
+                alpha: 1.0 / (hd as f32).sqrt(),
+                a: (k_cache, hd, sc.cap * hd),
+                b: (q_bf + (r * hd * 2) as u64, nh * hd, rep * hd),
+                c: (sc.scores, keys, rows * keys),
+                c_f32: true,
+                batch: kvh,
+            })?;
+            k.causal_softmax_async(sc.scores, sc.probs, kvh, rows, keys, sc.pos)?;
+            k.gemm_bf16_strided_batched_async(&StridedGemm {
+                transa: false,
+                transb: false,
+                m: hd,
+                n: rows,
+                k: keys,
+                alpha: 1.0,
+                a: (v_cache, hd, sc.cap * hd),
+                b: (sc.probs, keys, rows * keys),
+                c: (out + (r * hd * 4) as u64, nh * hd, rep * hd),
+                c_f32: true,
+                batch: kvh,
+            })?;
+        }
     }
     Ok(())
 }
@@ -879,6 +994,7 @@ fn linear(
         tmp: btmp,
         gu: bgu,
         w: scratch,
+        ..
     } = bf;
     let xb: &mut CudaSlice<bf16> = match input {
         Input::H => bh,

@@ -119,7 +119,7 @@ pub fn check_supported(cfg: &ModelConfig) -> Result<()> {
     if attention_kernel_for(cfg.head_dim, rep).is_none() {
         return bad(format!(
             "the GPU engine has no attention kernel for head_dim {} with {rep} query heads per \
-             KV head (it runs head_dim 32/64/128 with up to 16, 256 with up to 8); run this \
+             KV head (it runs head_dim 64 and 128 with up to 16, 32 and 256 with up to 8); run this \
              model with --device cpu",
             cfg.head_dim
         ));

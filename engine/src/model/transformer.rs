@@ -295,23 +295,25 @@ impl Model {
 
     /// This model with the numerics of the GPU engine where they differ by design, as the
     /// CPU reference the GPU is checked against: the embedding rounded to bf16 (the GPU keeps
-    /// it in bf16) and, when the head is tied, an NVFP4 head quantized from the embedding (the
-    /// GPU's vocabulary projection). Linears are unchanged (the same NVFP4 bytes).
+    /// it in bf16) and an NVFP4 vocabulary projection (the GPU's): quantized from the
+    /// embedding when the head is tied, from a dense head otherwise. Other linears are
+    /// unchanged (the same NVFP4 bytes).
     pub fn gpu_reference(&self) -> Result<Model> {
+        use super::linear::LinearWeight;
+        let quantized = |w: &Tensor| -> Result<Linear> {
+            let (n, k) = w.dims2()?;
+            let v = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let q = kiln_kernels::nvfp4::Nvfp4Tensor::quantize(&v, n, k)?;
+            Linear::new(LinearWeight::Nvfp4(std::sync::Arc::new(q)), None)
+        };
         let mut m = self.clone();
-        if self.cfg.tie_word_embeddings {
-            let (v, h) = self.embed.dims2()?;
-            let e = self
-                .embed
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let q = kiln_kernels::nvfp4::Nvfp4Tensor::quantize(&e, v, h)?;
-            m.lm_head = Some(Linear::new(
-                super::linear::LinearWeight::Nvfp4(std::sync::Arc::new(q)),
-                None,
-            )?);
-        }
+        m.lm_head = match &self.lm_head {
+            None => Some(quantized(&self.embed)?),
+            Some(h) => match h.weight() {
+                LinearWeight::Nvfp4(_) => Some(h.clone()),
+                LinearWeight::Dense(w) | LinearWeight::Ste(w) => Some(quantized(w)?),
+            },
+        };
         m.embed = self.embed.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
         Ok(m)
     }

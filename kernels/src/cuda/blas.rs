@@ -117,3 +117,97 @@ impl CudaKernels {
         unsafe { self.blas.gemm(cfg, w, x, y) }.map_err(blas_err("cuBLAS bf16 GEMM"))
     }
 }
+
+/// A strided batched bf16 GEMM on raw device addresses, column-major as cuBLAS sees it:
+/// `C_b[m × n] = alpha · op(A_b)[m × k] · op(B_b)[k × n]` for `b < batch`, A and B bf16, C f32
+/// or bf16, f32 accumulation ([`CudaKernels::gemm_bf16_strided_batched_async`]).
+#[derive(Debug, Clone, Copy)]
+pub struct StridedGemm {
+    /// A transposed.
+    pub transa: bool,
+    /// B transposed.
+    pub transb: bool,
+    /// Rows of C.
+    pub m: usize,
+    /// Columns of C.
+    pub n: usize,
+    /// The shared dimension.
+    pub k: usize,
+    /// The product's scale.
+    pub alpha: f32,
+    /// A (bf16) and its leading dimension and batch stride, in elements.
+    pub a: (u64, usize, usize),
+    /// B (bf16), leading dimension, batch stride.
+    pub b: (u64, usize, usize),
+    /// C, leading dimension, batch stride.
+    pub c: (u64, usize, usize),
+    /// C is f32 (else bf16).
+    pub c_f32: bool,
+    /// Batch count.
+    pub batch: usize,
+}
+
+impl CudaKernels {
+    /// Queue the strided batched GEMM `g` (cublasGemmStridedBatchedEx, f32 compute; beta 0).
+    ///
+    /// # Safety
+    /// Every address covers what its leading dimension, batch stride and the shape imply.
+    pub unsafe fn gemm_bf16_strided_batched_async(
+        &self,
+        g: &StridedGemm,
+    ) -> Result<(), KernelError> {
+        use cudarc::cublas::sys::{
+            cublasComputeType_t, cublasGemmAlgo_t, cublasGemmStridedBatchedEx, cublasStatus_t,
+            cudaDataType,
+        };
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let (alpha, beta) = (g.alpha, 0.0f32);
+        let ctype = if g.c_f32 {
+            cudaDataType::CUDA_R_32F
+        } else {
+            cudaDataType::CUDA_R_16BF
+        };
+        // SAFETY: the caller's contract covers the addresses; alpha and beta outlive the call
+        // (host pointer mode: cuBLAS reads them before returning).
+        let status = unsafe {
+            cublasGemmStridedBatchedEx(
+                *self.blas.handle(),
+                op(g.transa),
+                op(g.transb),
+                g.m as i32,
+                g.n as i32,
+                g.k as i32,
+                &alpha as *const f32 as *const _,
+                g.a.0 as *const _,
+                cudaDataType::CUDA_R_16BF,
+                g.a.1 as i32,
+                g.a.2 as i64,
+                g.b.0 as *const _,
+                cudaDataType::CUDA_R_16BF,
+                g.b.1 as i32,
+                g.b.2 as i64,
+                &beta as *const f32 as *const _,
+                g.c.0 as *mut _,
+                ctype,
+                g.c.1 as i32,
+                g.c.2 as i64,
+                g.batch as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if status != cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(KernelError::Cuda {
+                context: "cublasGemmStridedBatchedEx".into(),
+                message: format!("{status:?} for {g:?}"),
+            });
+        }
+        Ok(())
+    }
+}

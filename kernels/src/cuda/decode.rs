@@ -23,13 +23,20 @@ pub const ATTENTION_WARPS: u32 = 4;
 /// The attention kernels built: (head_dim, most query heads per KV head). A model whose
 /// (head_dim, heads / kv_heads) no entry covers cannot run on the GPU engine.
 pub const ATTENTION_KERNELS: &[(usize, usize)] = &[
+    (32, 2),
+    (32, 4),
     (32, 8),
+    (64, 2),
+    (64, 4),
     (64, 8),
-    (128, 8),
-    (256, 8),
-    (32, 16),
     (64, 16),
+    (128, 2),
+    (128, 4),
+    (128, 8),
     (128, 16),
+    (256, 2),
+    (256, 4),
+    (256, 8),
 ];
 
 /// Blocks of the greedy pick (its scratch holds one value and index per block).
@@ -43,6 +50,7 @@ pub(crate) struct DecodeFunctions {
     attention: Vec<((usize, usize), CudaFunction)>,
     attention_combine: CudaFunction,
     swiglu: CudaFunction,
+    causal_softmax: CudaFunction,
     argmax_advance: CudaFunction,
     random_nvfp4: CudaFunction,
     random_bf16: CudaFunction,
@@ -63,6 +71,7 @@ impl DecodeFunctions {
                 .collect::<Result<_, KernelError>>()?,
             attention_combine: f("kiln_attention_combine")?,
             swiglu: f("kiln_swiglu")?,
+            causal_softmax: f("kiln_causal_softmax_bf16")?,
             argmax_advance: f("kiln_argmax_advance")?,
             random_nvfp4: f("kiln_random_nvfp4")?,
             random_bf16: f("kiln_random_bf16")?,
@@ -145,7 +154,8 @@ impl CudaKernels {
         s.device_ptr(&self.stream).0 + (offset * std::mem::size_of::<T>()) as u64
     }
 
-    /// Launch `f` with the parameter addresses `params` (plain launch).
+    /// Launch `f` with the parameter addresses `params`, as a programmatic dependent launch
+    /// (every decode.cu kernel waits for the previous kernel before reading anything).
     ///
     /// # Safety
     /// `params` point at values matching `f`'s parameter list (each caller's contract).
@@ -157,7 +167,7 @@ impl CudaKernels {
         params: &mut [*mut c_void],
     ) -> Result<(), KernelError> {
         // SAFETY: the caller's contract.
-        unsafe { launch_raw(&self.stream, f, c, params, false) }.map_err(drv(what))
+        unsafe { launch_raw(&self.stream, f, c, params, true) }.map_err(drv(what))
     }
 
     /// Queue `x[t, :] = table[ids[t], :]` (bf16 → f32) for `t < tokens`.
@@ -367,6 +377,32 @@ impl CudaKernels {
         }
     }
 
+    /// Queue the prefill attention's causal softmax: each row (b, t) of `s` `[batch][T][L]`
+    /// f32 over positions `0..=pos+t` into `p` (bf16, same shape, zeros past the prefix).
+    ///
+    /// # Safety
+    /// `s` holds `batch·T·L` f32, `p` as many bf16, `pos` one i32 with `pos + T <= L`.
+    pub unsafe fn causal_softmax_async(
+        &self,
+        s: DevAddr,
+        p: DevAddr,
+        batch: usize,
+        tokens: usize,
+        keys: usize,
+        pos: DevAddr,
+    ) -> Result<(), KernelError> {
+        let (l, t) = (keys as i32, tokens as i32);
+        // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
+        unsafe {
+            self.go(
+                &self.f.decode.causal_softmax,
+                cfg((tokens as u32, batch as u32, 1), 256),
+                "launching kiln_causal_softmax_bf16",
+                &mut [param(&s), param(&p), param(&l), param(&t), param(&pos)],
+            )
+        }
+    }
+
     /// Queue `act[t, i] = silu(gu[t, i]·scale[0]) · gu[t, I + i]·scale[1]` for `t < tokens`.
     ///
     /// # Safety
@@ -505,6 +541,8 @@ mod tests {
     #[test]
     fn the_smallest_covering_attention_kernel_is_picked() {
         assert_eq!(attention_kernel_for(64, 7), Some((64, 8)));
+        assert_eq!(attention_kernel_for(64, 1), Some((64, 2)));
+        assert_eq!(attention_kernel_for(128, 3), Some((128, 4)));
         assert_eq!(attention_kernel_for(128, 12), Some((128, 16)));
         assert_eq!(attention_kernel_for(256, 12), None);
         assert_eq!(attention_kernel_for(96, 2), None);
