@@ -49,6 +49,8 @@ struct Acts {
     act: CudaSlice<f32>,
     part_o: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
+    /// Per (row, KV head): splits of the attention done (zero between launches).
+    counters: CudaSlice<u32>,
     /// bf16 copies for the GEMM path (rows > 8): inputs h, attn, act; outputs qkv, tmp, gu.
     bf: Option<BfActs>,
 }
@@ -106,6 +108,9 @@ impl Acts {
             act: f(rows * i)?,
             part_o: f(rows * nh * splits * cfg.head_dim)?,
             part_ml: f(rows * nh * splits * 2)?,
+            counters: s
+                .alloc_zeros::<u32>(rows * cfg.num_key_value_heads)
+                .map_err(cuda("allocating activations"))?,
             bf,
         })
     }
@@ -865,6 +870,7 @@ unsafe fn attention_block(
             post.pos,
             k.addr(&acts.part_o, 0),
             k.addr(&acts.part_ml, 0),
+            k.addr(&acts.counters, 0),
             k.addr(&acts.attn, 0),
             &shape,
         )?;

@@ -1,0 +1,186 @@
+//! GPU checks of the decode kernels (`decode.cu`) against CPU references written here, on
+//! random inputs (ignored without a GPU; `scripts/gpu-kernels.sh` runs them with `--ignored`).
+//!
+//! Tolerances: attention reads bf16 keys and values (the references read the same bf16
+//! values) and sums in another order with the CUDA library's `expf`: outputs agree to 2e-5
+//! relative to the largest |value|. The greedy pick is exact (first index of the maximum).
+
+use half::bf16;
+use kiln_kernels::cuda::decode::{AttentionShape, ARGMAX_BLOCKS};
+use kiln_kernels::cuda::CudaKernels;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn gpu() -> CudaKernels {
+    CudaKernels::new(0).unwrap_or_else(|e| panic!("GPU test run where CUDA is not usable: {e}"))
+}
+
+/// Attention of `tokens` queries at positions pos..pos+T over a bf16 cache, on the CPU (f64).
+#[allow(clippy::too_many_arguments)]
+fn attention_ref(
+    q: &[f32],
+    kc: &[bf16],
+    vc: &[bf16],
+    pos: usize,
+    tokens: usize,
+    nh: usize,
+    kvh: usize,
+    hd: usize,
+    cap: usize,
+) -> Vec<f32> {
+    let rep = nh / kvh;
+    let mut out = vec![0f32; tokens * nh * hd];
+    for t in 0..tokens {
+        let len = pos + t + 1;
+        for h in 0..nh {
+            let g = h / rep;
+            let qv = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
+            let scores: Vec<f64> = (0..len)
+                .map(|j| {
+                    let kr = &kc[(g * cap + j) * hd..(g * cap + j + 1) * hd];
+                    qv.iter()
+                        .zip(kr)
+                        .map(|(a, b)| *a as f64 * b.to_f64())
+                        .sum::<f64>()
+                        / (hd as f64).sqrt()
+                })
+                .collect();
+            let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+            let sum: f64 = w.iter().sum();
+            for e in 0..hd {
+                let o: f64 = (0..len)
+                    .map(|j| w[j] * vc[(g * cap + j) * hd + e].to_f64())
+                    .sum();
+                out[(t * nh + h) * hd + e] = (o / sum) as f32;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn split_attention_matches_the_cpu_reference() {
+    let k = gpu();
+    let s = k.stream().clone();
+    let mut r = ChaCha8Rng::seed_from_u64(7);
+    // (heads, kv heads, head_dim, capacity, pos, tokens, chunk)
+    for &(nh, kvh, hd, cap, pos, tokens, chunk) in &[
+        (
+            14usize, 2usize, 64usize, 700usize, 650usize, 1usize, 32usize,
+        ),
+        (28, 4, 128, 300, 17, 1, 64),
+        (4, 2, 32, 100, 0, 1, 32),
+        (16, 8, 128, 400, 200, 5, 32),
+        (14, 2, 64, 90, 10, 8, 96),
+    ] {
+        let splits = cap.div_ceil(chunk);
+        let q: Vec<f32> = (0..tokens * nh * hd)
+            .map(|_| r.random_range(-2.0..2.0))
+            .collect();
+        let kc: Vec<bf16> = (0..kvh * cap * hd)
+            .map(|_| bf16::from_f32(r.random_range(-2.0..2.0)))
+            .collect();
+        let vc: Vec<bf16> = (0..kvh * cap * hd)
+            .map(|_| bf16::from_f32(r.random_range(-1.0..1.0)))
+            .collect();
+        let qd = s.clone_htod(&q).unwrap();
+        let kd = s.clone_htod(&kc).unwrap();
+        let vd = s.clone_htod(&vc).unwrap();
+        let posd = s.clone_htod(&[pos as i32]).unwrap();
+        let po = s.alloc_zeros::<f32>(tokens * nh * splits * hd).unwrap();
+        let pml = s.alloc_zeros::<f32>(tokens * nh * splits * 2).unwrap();
+        let counters = s.alloc_zeros::<u32>(tokens * kvh).unwrap();
+        let out = s.alloc_zeros::<f32>(tokens * nh * hd).unwrap();
+        let shape = AttentionShape {
+            tokens,
+            heads: nh,
+            kv_heads: kvh,
+            head_dim: hd,
+            capacity: cap,
+            chunk,
+            splits,
+        };
+        // SAFETY: every buffer is sized as the launcher's contract says.
+        unsafe {
+            k.attention_async(
+                k.addr(&qd, 0),
+                k.addr(&kd, 0),
+                k.addr(&vd, 0),
+                k.addr(&posd, 0),
+                k.addr(&po, 0),
+                k.addr(&pml, 0),
+                k.addr(&counters, 0),
+                k.addr(&out, 0),
+                &shape,
+            )
+            .unwrap();
+        }
+        let mut got = vec![0f32; tokens * nh * hd];
+        s.memcpy_dtoh(&out, &mut got).unwrap();
+        let mut left = vec![1u32; tokens * kvh];
+        s.memcpy_dtoh(&counters, &mut left).unwrap();
+        assert!(
+            left.iter().all(|&c| c == 0),
+            "the counters are left at zero"
+        );
+        let want = attention_ref(&q, &kc, &vc, pos, tokens, nh, kvh, hd, cap);
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!(
+            "attention nh={nh} kvh={kvh} hd={hd} pos={pos} T={tokens} splits={splits}: max |Δ| {diff:.2e} (scale {scale:.3})"
+        );
+        assert!(diff <= 2e-5 * scale.max(1.0), "max |Δ| {diff}");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn the_greedy_pick_takes_the_first_maximum_and_advances_the_position() {
+    let k = gpu();
+    let s = k.stream().clone();
+    for &(v, best, tie) in &[
+        (151_936usize, 151_935usize, false),
+        (1000, 3, true),
+        (40, 0, false),
+    ] {
+        let mut logits: Vec<f32> = (0..v).map(|i| ((i * 7919) % 1000) as f32 * 1e-3).collect();
+        logits[best] = 5.0;
+        if tie {
+            logits[v - 1] = 5.0; // a later equal maximum must not win
+        }
+        let ld = s.clone_htod(&logits).unwrap();
+        let pv = s.alloc_zeros::<f32>(ARGMAX_BLOCKS).unwrap();
+        let pi = s.alloc_zeros::<i32>(ARGMAX_BLOCKS).unwrap();
+        let counter = s.alloc_zeros::<u32>(1).unwrap();
+        let token = s.alloc_zeros::<u32>(1).unwrap();
+        let pos = s.clone_htod(&[41i32]).unwrap();
+        for _ in 0..3 {
+            // SAFETY: buffers sized as the contract says; the counter starts at zero
+            unsafe {
+                k.argmax_advance_async(
+                    k.addr(&ld, 0),
+                    v,
+                    k.addr(&pv, 0),
+                    k.addr(&pi, 0),
+                    k.addr(&counter, 0),
+                    k.addr(&token, 0),
+                    k.addr(&pos, 0),
+                    true,
+                )
+                .unwrap();
+            }
+        }
+        let (mut t, mut p, mut c) = ([0u32], [0i32], [1u32]);
+        s.memcpy_dtoh(&token, &mut t).unwrap();
+        s.memcpy_dtoh(&pos, &mut p).unwrap();
+        s.memcpy_dtoh(&counter, &mut c).unwrap();
+        assert_eq!(t[0] as usize, best, "vocab {v}");
+        assert_eq!(p[0], 44, "three picks advance the position by three");
+        assert_eq!(c[0], 0, "the counter is left at zero for the next launch");
+    }
+}
