@@ -10,8 +10,10 @@
 #   cp target/release/kiln target-carry/ && strip target-carry/kiln
 #   cp "$(ls -t target/release/deps/agent_gpu_guard-* | grep -v '\.d$' | head -1)" target-carry/test-agent_gpu_guard
 #   cargo test --release -p kiln-engine --test gpu_generation --no-run
+#   cargo test --release -p kiln-kernels --test gpu_decode --no-run
 #   cp "$(ls -t target/release/deps/gpu_generation-* | grep -v '\.d$' | head -1)" target-carry/test-gpu_generation
-#   strip target-carry/test-gpu_generation
+#   cp "$(ls -t target/release/deps/gpu_decode-* | grep -v '\.d$' | head -1)" target-carry/test-gpu_decode
+#   strip target-carry/test-gpu_generation target-carry/test-gpu_decode
 #
 # then on the GPU machine: scripts/gpu-all.sh [BIN_DIR] (default target-carry). Runs the
 # kernels' GPU tests and benchmark, the agent's GPU guard test, the guard end to end through

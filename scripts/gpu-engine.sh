@@ -4,12 +4,14 @@
 #
 #   cargo build --release -p kiln
 #   cargo test --release -p kiln-engine --test gpu_generation --no-run
+#   cargo test --release -p kiln-kernels --test gpu_decode --no-run
 #   mkdir -p target-carry && cp target/release/kiln target-carry/ && strip target-carry/kiln
 #   cp "$(ls -t target/release/deps/gpu_generation-* | grep -v '\.d$' | head -1)" target-carry/test-gpu_generation
-#   strip target-carry/test-gpu_generation
+#   cp "$(ls -t target/release/deps/gpu_decode-* | grep -v '\.d$' | head -1)" target-carry/test-gpu_decode
+#   strip target-carry/test-gpu_generation target-carry/test-gpu_decode
 #
 # then on the GPU machine: scripts/gpu-engine.sh [BIN_DIR] (default target-carry). Runs the
-# engine's GPU tests (GPU vs CPU reference, cache vs replay, graph vs plain launches, session
+# decode kernels' GPU tests, the engine's GPU tests (GPU vs CPU reference, cache vs replay, graph vs plain launches, session
 # restore), the HF transformers anchor, `kiln bench engine --device cuda` with the anchor's
 # ratios, and `kiln demo` (which generates on the GPU). Output under $OUT (default out/).
 set -uo pipefail
@@ -18,6 +20,11 @@ out=${OUT:-out}
 mkdir -p "$out"
 export KILN_CACHE_DIR="$out/cache"
 declare -A result
+
+echo "== decode kernels' GPU tests"
+timeout 200 "$bin/test-gpu_decode" --ignored --nocapture > "$out/gpu-decode-tests.txt" 2>&1
+result[kernel_tests]=$?
+grep -E "attention|test |panicked|result" "$out/gpu-decode-tests.txt" | tail -12
 
 echo "== engine GPU tests"
 timeout 400 "$bin/test-gpu_generation" --ignored --nocapture --test-threads=1 > "$out/gpu-tests.txt" 2>&1
@@ -44,7 +51,7 @@ tail -30 "$out/demo.txt"
 echo
 echo "== summary (exit status of each part; 0 = passed)"
 status=0
-for k in gpu_tests anchor bench demo; do
+for k in kernel_tests gpu_tests anchor bench demo; do
     printf '%-12s %s\n' "$k" "${result[$k]}"
     [[ "${result[$k]}" == 0 ]] || status=1
 done

@@ -406,16 +406,39 @@ extern "C" __global__ void __launch_bounds__(256)
         last = atomicAdd(counter, 1u) == gridDim.x - 1;
     }
     __syncthreads();
-    if (!last || threadIdx.x != 0) return;
+    if (!last) return;
     __threadfence();
+    // the last block reduces the blocks' picks with all its threads
     best = KILN_NEG_INF;
     bi = 0x7FFFFFFF;
-    for (int b = 0; b < (int)gridDim.x; ++b) {
-        const float v = *((volatile float*)part_val + b);
-        const int i = *((volatile int*)part_idx + b);
+    for (int b = threadIdx.x; b < (int)gridDim.x; b += blockDim.x) {
+        const float v = __ldcg(part_val + b);
+        const int i = __ldcg(part_idx + b);
         if (v > best || (v == best && i < bi)) {
             best = v;
             bi = i;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xFFFFFFFFu, best, o);
+        const int oi = __shfl_xor_sync(0xFFFFFFFFu, bi, o);
+        if (ov > best || (ov == best && oi < bi)) {
+            best = ov;
+            bi = oi;
+        }
+    }
+    __syncthreads();
+    if (lane == 0) {
+        sv[warp] = best;
+        si[warp] = bi;
+    }
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    for (int w = 1; w < 8; ++w) {
+        if (sv[w] > best || (sv[w] == best && si[w] < bi)) {
+            best = sv[w];
+            bi = si[w];
         }
     }
     // all-NaN logits: token 0, as the CPU's argmax

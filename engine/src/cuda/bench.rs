@@ -60,6 +60,9 @@ pub struct GpuModelRow {
     pub decode_tok_s_plain: f64,
     /// Prefill: (prompt tokens, time to first token in ms).
     pub prefill: Vec<(usize, f64)>,
+    /// The same prompts with only one kernel class queued: (prompt tokens, linears ms,
+    /// attention ms, norms/RoPE/SwiGLU ms) — each includes the head and pick of the last row.
+    pub prefill_split: Vec<(usize, f64, f64, f64)>,
     /// One decode step by kernel class, µs per replay: whole step, GEMVs, attention,
     /// norms/RoPE/SwiGLU/embedding, pick.
     pub step_us: StepSplit,
@@ -161,6 +164,7 @@ fn bench_model(
     let decode_tok_s = decode_rate(m, opts.prompt_tokens, opts.new_tokens, true)?;
     let decode_tok_s_plain = decode_rate(m, opts.prompt_tokens, opts.new_tokens, false)?;
     let mut prefill = Vec::new();
+    let mut prefill_split = Vec::new();
     for &n in &opts.prefill_tokens {
         if n + 1 > cfg.max_position_embeddings {
             continue;
@@ -178,6 +182,23 @@ fn bench_model(
             best = best.min(t.elapsed().as_secs_f64() * 1e3);
         }
         prefill.push((n, best));
+        let mut by_class = [0.0; 3];
+        for (slot, mask) in [class::GEMV, class::ATTENTION, class::SMALL]
+            .into_iter()
+            .enumerate()
+        {
+            seq.set_prefill_classes(mask);
+            let mut best = f64::INFINITY;
+            for _ in 0..3 {
+                seq.truncate(0);
+                let t = Instant::now();
+                seq.forward(m, &p, true)?;
+                best = best.min(t.elapsed().as_secs_f64() * 1e3);
+            }
+            by_class[slot] = best;
+        }
+        seq.set_prefill_classes(class::ALL);
+        prefill_split.push((n, by_class[0], by_class[1], by_class[2]));
     }
     progress(&format!("{name}: one decode step by kernel class"));
     let prompt = opts
@@ -196,6 +217,7 @@ fn bench_model(
         decode_tok_s,
         decode_tok_s_plain,
         prefill,
+        prefill_split,
         step_us: StepSplit {
             total: get(class::ALL),
             gemv: get(class::GEMV),
@@ -275,20 +297,37 @@ impl GpuBench {
             "prefill tok/s",
             "HF bf16 ms",
             "× HF time",
+            "linears only ms",
+            "attention only ms",
+            "norms etc. only ms",
         ]);
         for r in &self.rows {
             for &(n, ms) in &r.prefill {
                 let a = find(&r.model)
                     .and_then(|a| a.prefill_ms.iter().find(|p| p.0 == n))
                     .map(|p| p.1);
-                t.add_row(vec![
-                    r.model.clone(),
-                    n.to_string(),
-                    format!("{ms:.2}"),
-                    format!("{:.0}", n as f64 / (ms / 1e3)),
-                    a.map_or("—".into(), |a| format!("{a:.2}")),
-                    a.map_or("—".into(), |a| format!("{:.2}", ms / a)),
-                ]);
+                t.add_row(
+                    vec![
+                        r.model.clone(),
+                        n.to_string(),
+                        format!("{ms:.2}"),
+                        format!("{:.0}", n as f64 / (ms / 1e3)),
+                        a.map_or("—".into(), |a| format!("{a:.2}")),
+                        a.map_or("—".into(), |a| format!("{:.2}", ms / a)),
+                    ]
+                    .into_iter()
+                    .chain(r.prefill_split.iter().find(|p| p.0 == n).map_or(
+                        vec!["—".to_string(); 3],
+                        |p| {
+                            vec![
+                                format!("{:.2}", p.1),
+                                format!("{:.2}", p.2),
+                                format!("{:.2}", p.3),
+                            ]
+                        },
+                    ))
+                    .collect::<Vec<_>>(),
+                );
             }
         }
         out += &format!("{t}\n");

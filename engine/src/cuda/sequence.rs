@@ -158,6 +158,8 @@ pub struct CudaSequence {
     graph: Option<StepGraph>,
     use_graph: bool,
     prefill: Option<Acts>,
+    /// Kernel classes the prompt path queues ([`class`]; all but in benchmarks).
+    prefill_mask: u8,
 }
 
 impl std::fmt::Debug for CudaSequence {
@@ -211,6 +213,7 @@ impl CudaSequence {
             graph: None,
             use_graph: std::env::var_os("KILN_NO_CUDA_GRAPH").is_none(),
             prefill: None,
+            prefill_mask: class::ALL,
             k,
             cfg: cfg.clone(),
             cap: capacity,
@@ -266,6 +269,7 @@ impl CudaSequence {
         let held = self.to_host()?;
         let mut grown = CudaSequence::new(self.k.clone(), &self.cfg, want)?;
         grown.use_graph = self.use_graph;
+        grown.prefill_mask = self.prefill_mask;
         grown.load_host(held, self.len)?;
         *self = grown;
         Ok(())
@@ -368,6 +372,13 @@ impl CudaSequence {
     /// Capture the decode step as a graph (the stream is restored on failure).
     fn capture(&mut self, m: &CudaModel) -> Result<CudaGraph> {
         self.capture_classes(m, class::ALL)
+    }
+
+    /// Queue only the kernel classes of `mask` ([`class`]) in the prompt path: a benchmark's
+    /// way to time a prompt's linears, attention and small kernels apart (the outputs are
+    /// then meaningless). The vocabulary projection and pick of the last row always run.
+    pub fn set_prefill_classes(&mut self, mask: u8) {
+        self.prefill_mask = mask;
     }
 
     /// Forget every position from `len` on (a benchmark runs several prompts on one
@@ -551,6 +562,7 @@ impl CudaSequence {
             (self.chunk, self.splits)
         };
         let sc = Scalars {
+            mask: self.prefill_mask,
             chunk,
             splits,
             keys,
