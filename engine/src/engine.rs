@@ -544,6 +544,18 @@ impl LoadedModel {
         }
     }
 
+    /// Make `cache` ready for `positions` positions now (on the GPU: allocate it and upload
+    /// saved keys and values, which otherwise happens at its first forward). Returns the
+    /// bytes of keys and values it holds.
+    pub fn prepare_cache(&self, cache: &mut EngineCache, positions: usize) -> Result<u64> {
+        cache.reserve(positions)?;
+        if let Some(gpu) = &self.gpu {
+            live_sequence(gpu, cache, 0)?;
+            gpu.kernels().synchronize()?;
+        }
+        Ok(cache.bytes())
+    }
+
     /// The last position's logits after forwarding `ids` into `cache` (a generation step).
     pub fn forward_last(&self, ids: &[u32], cache: &mut EngineCache) -> Result<Vec<f32>> {
         match &self.gpu {

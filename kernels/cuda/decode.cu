@@ -155,9 +155,7 @@ __device__ __forceinline__ void kiln_attention_body(const float* __restrict__ q,
                                                     const u16* __restrict__ vc,
                                                     const int* __restrict__ pos,
                                                     float* __restrict__ part_o,
-                                                    float* __restrict__ part_ml,
-                                                    u32* __restrict__ counters,
-                                                    float* __restrict__ out, int nh, int kvh,
+                                                    float* __restrict__ part_ml, int nh, int kvh,
                                                     int cap, int chunk, float softmax_scale) {
     KILN_PDL_ENTER();
     constexpr int E = HD / 32;
@@ -262,34 +260,6 @@ __device__ __forceinline__ void kiln_attention_body(const float* __restrict__ q,
             part_ml[row * 2 + 1] = sum;
         }
     }
-    // the last split of (t, kv) to finish combines them all (a counter per (t, kv), reset by
-    // that block for the next launch): out[t, h·HD + e] = Σ o·w / Σ l·w, w = exp(m - max m)
-    __shared__ bool last;
-    __threadfence();
-    __syncthreads();
-    const int ns = min(splits, (len + chunk - 1) / chunk);
-    if (threadIdx.x == 0) {
-        last = atomicAdd(counters + (size_t)t * kvh + kv, 1u) == (u32)(ns - 1);
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int idx = threadIdx.x; idx < rep * HD; idx += blockDim.x) {
-        const int r = idx / HD, e = idx % HD;
-        const size_t row0 = ((size_t)t * nh + kv * rep + r) * splits;
-        float mx = KILN_NEG_INF;
-        for (int q = 0; q < ns; ++q) mx = fmaxf(mx, __ldcg(part_ml + (row0 + q) * 2));
-        float sum = 0.0f, o = 0.0f;
-        for (int q = 0; q < ns; ++q) {
-            const float m = __ldcg(part_ml + (row0 + q) * 2);
-            if (m == KILN_NEG_INF) continue;
-            const float w = expf(m - mx);
-            sum += __ldcg(part_ml + (row0 + q) * 2 + 1) * w;
-            o += __ldcg(part_o + (row0 + q) * HD + e) * w;
-        }
-        out[(size_t)t * nh * HD + (kv * rep + r) * HD + e] = o / sum;
-    }
-    if (threadIdx.x == 0) counters[(size_t)t * kvh + kv] = 0u;
 }
 
 #define KILN_ATTENTION(HD, REP)                                                                   \
@@ -297,10 +267,8 @@ __device__ __forceinline__ void kiln_attention_body(const float* __restrict__ q,
         kiln_attention_hd##HD##_rep##REP(const float* __restrict__ q, const u16* __restrict__ kc,  \
                                          const u16* __restrict__ vc, const int* __restrict__ pos,  \
                                          float* __restrict__ part_o, float* __restrict__ part_ml,  \
-                                         u32* __restrict__ counters, float* __restrict__ out,      \
                                          int nh, int kvh, int cap, int chunk, float scale) {       \
-        kiln_attention_body<HD, REP>(q, kc, vc, pos, part_o, part_ml, counters, out, nh, kvh, cap, \
-                                     chunk, scale);                                                \
+        kiln_attention_body<HD, REP>(q, kc, vc, pos, part_o, part_ml, nh, kvh, cap, chunk, scale); \
     }
 
 KILN_ATTENTION(32, 2)
@@ -317,6 +285,36 @@ KILN_ATTENTION(128, 16)
 KILN_ATTENTION(256, 2)
 KILN_ATTENTION(256, 4)
 KILN_ATTENTION(256, 8)
+
+// The splits of each (query, head) into its output: out[t, h·hd + e] = Σ o·w / Σ l·w with
+// w = exp(m - max m), over the splits that hold positions (len = pos + t + 1).
+// Grid (nh, T), block a multiple of 32 (hd threads are enough).
+extern "C" __global__ void kiln_attention_combine(const float* __restrict__ part_o,
+                                                  const float* __restrict__ part_ml,
+                                                  const int* __restrict__ pos,
+                                                  float* __restrict__ out, int nh, int hd,
+                                                  int splits, int chunk) {
+    KILN_PDL_ENTER();
+    const int h = blockIdx.x, t = blockIdx.y;
+    const int len = *pos + t + 1;
+    const int ns = min(splits, (len + chunk - 1) / chunk);
+    const size_t row0 = ((size_t)t * nh + h) * splits;
+    float mx = KILN_NEG_INF;
+    for (int s = 0; s < ns; ++s) mx = fmaxf(mx, part_ml[(row0 + s) * 2]);
+    float sum = 0.0f;
+    for (int s = 0; s < ns; ++s) {
+        const float m = part_ml[(row0 + s) * 2];
+        sum += part_ml[(row0 + s) * 2 + 1] * (m == KILN_NEG_INF ? 0.0f : expf(m - mx));
+    }
+    for (int e = threadIdx.x; e < hd; e += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s < ns; ++s) {
+            const float m = part_ml[(row0 + s) * 2];
+            if (m != KILN_NEG_INF) o += part_o[(row0 + s) * hd + e] * expf(m - mx);
+        }
+        out[(size_t)t * nh * hd + h * hd + e] = o / sum;
+    }
+}
 
 // The prefill attention's softmax (tensor-core path: S = Q·Kᵀ and O = P·V are cuBLAS GEMMs):
 // row (b, t) of S [B][T][L] f32 (already scaled) over its causal prefix 0..=pos+t into P

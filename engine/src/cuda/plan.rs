@@ -121,8 +121,7 @@ fn acts_bytes(cfg: &ModelConfig, rows: usize, splits: usize) -> u64 {
     let f32s = rows * (3 * h + qkv + 2 * q + 3 * i)
         + rows * cfg.num_attention_heads * splits * (cfg.head_dim + 2);
     let bf16s = if rows > 8 {
-        rows * (2 * h + 3 * q + 3 * i + qkv)
-            + PREFILL_SCRATCH_ELEMS.min(qkv.max(2 * i).max(h) * h.max(i).max(q))
+        rows * (h + 2 * q + i) + PREFILL_SCRATCH_ELEMS.min(qkv.max(2 * i).max(h) * h.max(i).max(q))
     } else {
         0
     };

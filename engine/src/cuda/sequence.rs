@@ -49,9 +49,7 @@ struct Acts {
     act: CudaSlice<f32>,
     part_o: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
-    /// Per (row, KV head): splits of the attention done (zero between launches).
-    counters: CudaSlice<u32>,
-    /// bf16 copies for the GEMM path (rows > 8): inputs h, attn, act; outputs qkv, tmp, gu.
+    /// bf16 copies for the GEMM path (rows > 8): the linears' inputs h, attn, act, and q.
     bf: Option<BfActs>,
 }
 
@@ -61,9 +59,6 @@ struct BfActs {
     q: CudaSlice<bf16>,
     attn: CudaSlice<bf16>,
     act: CudaSlice<bf16>,
-    qkv: CudaSlice<bf16>,
-    tmp: CudaSlice<bf16>,
-    gu: CudaSlice<bf16>,
     /// W dequantized slab by slab.
     w: CudaSlice<bf16>,
 }
@@ -88,9 +83,6 @@ impl Acts {
                 q: b(rows * q)?,
                 attn: b(rows * q)?,
                 act: b(rows * i)?,
-                qkv: b(rows * qkv)?,
-                tmp: b(rows * h)?,
-                gu: b(rows * 2 * i)?,
                 w: b(PREFILL_SCRATCH_ELEMS.min((qkv.max(2 * i).max(h)) * h.max(i).max(q)))?,
             })
         } else {
@@ -108,9 +100,6 @@ impl Acts {
             act: f(rows * i)?,
             part_o: f(rows * nh * splits * cfg.head_dim)?,
             part_ml: f(rows * nh * splits * 2)?,
-            counters: s
-                .alloc_zeros::<u32>(rows * cfg.num_key_value_heads)
-                .map_err(cuda("allocating activations"))?,
             bf,
         })
     }
@@ -882,7 +871,6 @@ unsafe fn attention_block(
             post.pos,
             k.addr(&acts.part_o, 0),
             k.addr(&acts.part_ml, 0),
-            k.addr(&acts.counters, 0),
             k.addr(&acts.attn, 0),
             &shape,
         )?;
@@ -969,8 +957,8 @@ enum Output {
     Gu,
 }
 
-/// `out = in · Wᵀ` for `rows` rows of `acts`: GEMV (chained) for rows ≤ 8, else the bf16
-/// GEMM through the bf16 twins.
+/// `out = in · Wᵀ` for `rows` rows of `acts`: GEMV (chained) for rows ≤ 8, else bf16 GEMMs
+/// (cublasGemmEx, f32 out) over W dequantized slab by slab.
 fn linear(
     k: &CudaKernels,
     acts: &mut Acts,
@@ -1008,9 +996,6 @@ fn linear(
         h: bh,
         attn: battn,
         act: bact,
-        qkv: bqkv,
-        tmp: btmp,
-        gu: bgu,
         w: scratch,
         ..
     } = bf;
@@ -1019,13 +1004,31 @@ fn linear(
         Input::Attn => battn,
         Input::Act => bact,
     };
-    let yb: &mut CudaSlice<bf16> = match output {
-        Output::Qkv => bqkv,
-        Output::Tmp => btmp,
-        Output::Gu => bgu,
-    };
     k.f32_to_bf16_async(x, xb)?;
-    k.matmul_nvfp4_large_async(xb, rows, w, scratch, yb)?;
-    k.bf16_to_f32_async(yb, y)?;
+    // W dequantized to bf16 a slab of rows at a time; cublasGemmEx writes the slab's columns
+    // of y (f32) directly: C[N × T] column-major is y [T, N] row-major
+    let (n, kk) = (w.rows, w.cols);
+    let slab = CudaKernels::large_matmul_chunk_rows(w, scratch.len()).max(1);
+    for r0 in (0..n).step_by(slab) {
+        let r1 = (r0 + slab).min(n);
+        k.dequantize_bf16_rows_async(w, r0, r1, scratch)?;
+        // SAFETY: A = the slab (K × (r1-r0), ld K), B = x (K × rows, ld K), C = y from column
+        // r0 with ld N: every access is inside the buffers.
+        unsafe {
+            k.gemm_bf16_strided_batched_async(&kiln_kernels::cuda::blas::StridedGemm {
+                transa: true,
+                transb: false,
+                m: r1 - r0,
+                n: rows,
+                k: kk,
+                alpha: 1.0,
+                a: (k.addr(scratch, 0), kk, 0),
+                b: (k.addr(xb, 0), kk, 0),
+                c: (k.addr(y, r0), n, 0),
+                c_f32: true,
+                batch: 1,
+            })?;
+        }
+    }
     Ok(())
 }

@@ -63,6 +63,8 @@ enum Work {
         stored: Option<StoredSession>,
         /// The user's text.
         user: String,
+        /// Time to read the stored session, ms.
+        read_ms: f64,
     },
 }
 
@@ -137,11 +139,13 @@ pub fn run_job(
             )));
         }
         let store = SessionStore::open(&sessions_dir, request.sessions_budget())?;
+        let t_read = Instant::now();
         let stored = store.load(&spec.session_id, &engine)?;
         Work::Turn {
             store,
             stored,
             user,
+            read_ms: t_read.elapsed().as_secs_f64() * 1e3,
         }
     };
     let weights = cm.model.weight_bytes();
@@ -200,7 +204,10 @@ pub fn run_job(
             ("activations", 0),
         ]);
     }
-    reporter.phase(loaded.metric("load_ms", t.elapsed().as_secs_f64() * 1e3));
+    let load_ms = t.elapsed().as_secs_f64() * 1e3;
+    reporter.phase(loaded.metric("load_ms", load_ms));
+    // where a session turn's time goes (logged at the end of a turn)
+    let mut turn_times: Vec<(&str, f64)> = vec![("model load", load_ms)];
     let weights = cm.model.weight_bytes();
     let opts = GenerateOptions {
         max_tokens: spec.max_tokens as usize,
@@ -278,6 +285,7 @@ pub fn run_job(
             store,
             stored,
             user,
+            read_ms,
         } = work
         else {
             unreachable!("not fresh")
@@ -298,12 +306,39 @@ pub fn run_job(
         let delta = cm
             .template
             .delta(&session.messages, &ChatMessage::user(user.clone()))?;
-        stream.prefill_len = session.seq_len() + cm.tokenizer.encode(&delta)?.len();
+        let delta_len = cm.tokenizer.encode(&delta)?.len();
+        stream.prefill_len = session.seq_len() + delta_len;
+        if session.seq_len() > 0 {
+            // the stored keys and values onto the engine (the GPU: allocate and upload)
+            let t_up = Instant::now();
+            let held = session.seq_len();
+            let kv = cm.model.prepare_cache(
+                &mut session.seq.cache,
+                held + delta_len + spec.max_tokens as usize + 16,
+            )?;
+            let upload_ms = t_up.elapsed().as_secs_f64() * 1e3;
+            reporter.phase(
+                PhaseReport::now("session_restored", 0)
+                    .bytes([
+                        ("weights", weights.0),
+                        ("scales", weights.1),
+                        ("kv_cache", kv),
+                    ])
+                    .metric("seq_len", held as f64)
+                    .metric("read_ms", read_ms)
+                    .metric("upload_ms", upload_ms),
+            );
+            turn_times.push(("session read", read_ms));
+            turn_times.push(("KV upload", upload_ms));
+        }
         stream.started = Instant::now();
         let rep = session.turn(&cm, &user, &opts, &mut |id, piece| {
             stream.on_token(id, piece);
             ControlFlow::Continue(())
         })?;
+        turn_times.push(("delta prefill", rep.generation.prefill_ms));
+        turn_times.push(("decode", rep.generation.decode_ms));
+        turn_times.push(("closing", rep.close_ms));
         let saved = store.save(&session)?;
         reporter.log(format!(
             "session {}: turn {} forwarded {} new tokens (delta prefill {:.1} ms), sequence {} → {} tokens; stored {} bytes{}",
@@ -319,6 +354,17 @@ pub fn run_job(
             } else {
                 format!(", evicted {:?}", saved.evicted)
             }
+        ));
+        reporter.log(format!(
+            "session {}: turn {} time on {}: {}",
+            session.id,
+            rep.turn,
+            cm.model.engine().describe(),
+            turn_times
+                .iter()
+                .map(|(what, ms)| format!("{what} {ms:.1} ms"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
         let len = rep.seq_len_after;
         (rep.text, rep.generation, len, len as u32, None)

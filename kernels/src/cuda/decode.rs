@@ -48,6 +48,7 @@ pub(crate) struct DecodeFunctions {
     add_rmsnorm: CudaFunction,
     qkv_post: CudaFunction,
     attention: Vec<((usize, usize), CudaFunction)>,
+    attention_combine: CudaFunction,
     swiglu: CudaFunction,
     causal_softmax: CudaFunction,
     argmax_advance: CudaFunction,
@@ -68,6 +69,7 @@ impl DecodeFunctions {
                 .iter()
                 .map(|&(hd, rep)| Ok(((hd, rep), f(&attention_name(hd, rep))?)))
                 .collect::<Result<_, KernelError>>()?,
+            attention_combine: f("kiln_attention_combine")?,
             swiglu: f("kiln_swiglu")?,
             causal_softmax: f("kiln_causal_softmax_bf16")?,
             argmax_advance: f("kiln_argmax_advance")?,
@@ -286,14 +288,12 @@ impl CudaKernels {
     }
 
     /// Queue attention over the cache for `s.tokens` queries (query t sees positions
-    /// `0..=pos+t`), split over the context; the last split of each (query, KV head) to
-    /// finish combines the splits into `out` `[T, nh·hd]` (one launch).
+    /// `0..=pos+t`), split over the context, then the combine into `out` `[T, nh·hd]`.
     ///
     /// # Safety
     /// `q` holds `T·nh·hd` f32; `k_cache`/`v_cache` are the layer's bf16 `[kvh][cap][hd]` with
-    /// positions `0..pos+T` written; `part_o` holds `T·nh·splits·hd` f32, `part_ml`
-    /// `T·nh·splits·2`, `counters` `T·kvh` u32, zero before the first launch (each launch
-    /// leaves them zero); `splits·chunk >= pos + T`.
+    /// positions `0..pos+T` written; `part_o` holds `T·nh·splits·hd` f32 and `part_ml`
+    /// `T·nh·splits·2`; `splits·chunk >= pos + T`.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn attention_async(
         &self,
@@ -303,7 +303,6 @@ impl CudaKernels {
         pos: DevAddr,
         part_o: DevAddr,
         part_ml: DevAddr,
-        counters: DevAddr,
         out: DevAddr,
         s: &AttentionShape,
     ) -> Result<(), KernelError> {
@@ -346,13 +345,33 @@ impl CudaKernels {
                     param(&pos),
                     param(&part_o),
                     param(&part_ml),
-                    param(&counters),
-                    param(&out),
                     param(&nh),
                     param(&kvh),
                     param(&cap),
                     param(&chunk),
                     param(&scale),
+                ],
+            )
+        }?;
+        let (hd, splits) = (s.head_dim as i32, s.splits as i32);
+        // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
+        unsafe {
+            self.go(
+                &self.f.decode.attention_combine,
+                cfg(
+                    (s.heads as u32, s.tokens as u32, 1),
+                    s.head_dim.clamp(32, 256) as u32,
+                ),
+                "launching kiln_attention_combine",
+                &mut [
+                    param(&part_o),
+                    param(&part_ml),
+                    param(&pos),
+                    param(&out),
+                    param(&nh),
+                    param(&hd),
+                    param(&splits),
+                    param(&chunk),
                 ],
             )
         }
