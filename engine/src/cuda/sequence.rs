@@ -1008,7 +1008,14 @@ fn linear(
     // W dequantized to bf16 a slab of rows at a time; cublasGemmEx writes the slab's columns
     // of y (f32) directly: C[N × T] column-major is y [T, N] row-major
     let (n, kk) = (w.rows, w.cols);
-    let slab = CudaKernels::large_matmul_chunk_rows(w, scratch.len()).max(1);
+    // slabs of a multiple of 128 rows: every slab's first column of y stays 16-byte aligned
+    // (an odd offset sends cuBLAS to slow unvectorized kernels)
+    let rows_fit = CudaKernels::large_matmul_chunk_rows(w, scratch.len()).max(1);
+    let slab = if rows_fit >= 128 {
+        rows_fit / 128 * 128
+    } else {
+        rows_fit
+    };
     for r0 in (0..n).step_by(slab) {
         let r1 = (r0 + slab).min(n);
         k.dequantize_bf16_rows_async(w, r0, r1, scratch)?;
