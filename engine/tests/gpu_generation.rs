@@ -219,7 +219,7 @@ fn a_session_turn_after_a_restore_equals_a_full_recompute() {
         )
         .unwrap()
         .unwrap();
-    let d = max_diff(&[restored.clone()], &[full.clone()]);
+    let d = max_diff(std::slice::from_ref(&restored), std::slice::from_ref(&full));
     eprintln!("session turn 2 vs full recompute: max |Δlogit| {d:.4}");
     let argmax = kiln_engine::generate::argmax;
     assert_eq!(argmax(&restored), argmax(&full));

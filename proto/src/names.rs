@@ -60,6 +60,9 @@ pub fn is_terminal(state: JobState) -> bool {
     )
 }
 
+/// Bytes as people read them (the one formatter; it lives in `kiln_job`).
+pub use kiln_job::units::human_bytes;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,4 +80,3 @@ mod tests {
     }
 }
 
-pub use kiln_job::units::human_bytes;
