@@ -79,4 +79,3 @@ mod tests {
         assert_eq!(parse_kind("train"), Some(JobKind::Train));
     }
 }
-

@@ -175,9 +175,7 @@ fn stack(k: &CudaKernels, parts: &[&Nvfp4Tensor]) -> Result<(DeviceNvfp4, Vec<f3
 }
 
 fn upload_f32(k: &CudaKernels, v: &[f32]) -> Result<CudaSlice<f32>> {
-    k.stream()
-        .clone_htod(v)
-        .map_err(cuda("uploading weights"))
+    k.stream().clone_htod(v).map_err(cuda("uploading weights"))
 }
 
 fn cuda(what: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> EngineError {
