@@ -228,3 +228,34 @@ fn a_session_turn_after_a_restore_equals_a_full_recompute() {
         "turn 2 vs a full recompute: max |Δlogit| {d}"
     );
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_gpu_job_over_its_budget_fails_before_allocating_with_the_numbers() {
+    use kiln_engine::spec::{DeviceSpec, GenerateSpec, JobRequest, JobSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let req = JobRequest {
+        job_id: 1,
+        attempt: 1,
+        device: DeviceSpec::Cuda(0),
+        budget_bytes: 64 << 20,
+        work_dir: dir.path().join("job-1"),
+        sessions_dir: Some(dir.path().join("sessions")),
+        sessions_budget_bytes: 0,
+        spec: JobSpec::Generate(GenerateSpec {
+            model: "tiny".into(),
+            prompt: "Hi".into(),
+            max_tokens: 8,
+            ..Default::default()
+        }),
+    };
+    let (reporter, _) = kiln_engine::report::Reporter::capture();
+    let e = kiln_engine::exec::run_request(&req, &reporter)
+        .unwrap_err()
+        .to_string();
+    eprintln!("{e}");
+    assert!(
+        e.contains("budget is 64.0 MiB") && e.contains("--budget-gb 1"),
+        "{e}"
+    );
+}

@@ -368,3 +368,26 @@ fn full_nvfp4_training_runs_as_a_job_and_its_checkpoint_generates() {
     .0
     .is_ok());
 }
+
+#[test]
+fn a_generate_job_never_falls_back_to_the_cpu_silently() {
+    let root = tempfile::tempdir().unwrap();
+    // asked for CUDA, placed on the CPU
+    let mut spec = gen_spec("tiny", "Hi");
+    spec.device = "cuda".into();
+    let (out, _) = run(&request(root.path(), JobSpec::Generate(spec)));
+    let e = out.unwrap_err();
+    assert!(e.contains("--gpus 1") && e.contains("--device cpu"), "{e}");
+    // placed on a GPU: it runs there, or (where CUDA cannot be used, as on a machine without
+    // a GPU) fails naming why — never a CPU run
+    let mut req = request(root.path(), JobSpec::Generate(gen_spec("tiny", "Hi")));
+    req.device = DeviceSpec::Cuda(0);
+    let (out, reports) = run(&req);
+    match out {
+        Ok(_) => assert!(
+            reports.iter().any(|r| matches!(r, Report::Log { line } if line.contains("generating on cuda:0"))),
+            "a GPU job must say it ran on the GPU"
+        ),
+        Err(e) => assert!(e.contains("cannot use CUDA device 0"), "{e}"),
+    }
+}
