@@ -156,7 +156,7 @@ mod tests {
         plan.check(4 << 30).unwrap();
         plan.check(0).unwrap();
         let e = plan.check(256 << 20).unwrap_err().to_string();
-        assert!(e.contains("budget is 256 MiB"), "{e}");
+        assert!(e.contains("budget is 256.0 MiB"), "{e}");
         assert!(e.contains("--budget-gb"), "{e}");
         assert!(e.contains("KV cache") && e.contains("384 positions"), "{e}");
         let long = GpuPlan::new(&cfg, 32_768, 2048);
