@@ -385,7 +385,9 @@ fn a_generate_job_never_falls_back_to_the_cpu_silently() {
     let (out, reports) = run(&req);
     match out {
         Ok(_) => assert!(
-            reports.iter().any(|r| matches!(r, Report::Log { line } if line.contains("generating on cuda:0"))),
+            reports.iter().any(
+                |r| matches!(r, Report::Log { line } if line.contains("generating on cuda:0"))
+            ),
             "a GPU job must say it ran on the GPU"
         ),
         Err(e) => assert!(e.contains("cannot use CUDA device 0"), "{e}"),

@@ -135,9 +135,10 @@ fn ids(n: usize, vocab: usize, salt: u32) -> Vec<u32> {
 /// Tokens/s of `new` greedy decode steps after a prompt of `prompt` tokens.
 fn decode_rate(m: &CudaModel, prompt: usize, new: usize, graph: bool) -> Result<f64> {
     let cfg = m.config();
-    let prompt = prompt
-        .min(cfg.max_position_embeddings.saturating_sub(new + 1))
-        .max(1);
+    // within the model's context (the tiny model holds 512 positions)
+    let ctx = cfg.max_position_embeddings;
+    let new = new.min(ctx.saturating_sub(2)).max(2);
+    let prompt = prompt.min(ctx - new - 1).max(1);
     let mut seq = CudaSequence::new(m.kernels().clone(), cfg, prompt + new + 1)?;
     seq.set_use_graph(graph);
     let mut tok = seq
