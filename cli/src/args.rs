@@ -309,7 +309,9 @@ pub struct GenerateArgs {
     /// Continue (or start) this multi-turn session; its turns go to the agent holding it.
     #[arg(long)]
     pub session: Option<String>,
-    /// `cpu` or `cuda` (default: what the agent has).
+    /// Where to generate: by default on the GPU the job is placed on (NVFP4 weights resident,
+    /// decode as a CUDA graph), on the CPU in a CPU slot (--gpus 0). `cpu` forces the CPU;
+    /// `cuda` fails where CUDA cannot be used (never a silent CPU run).
     #[arg(long, default_value = "", hide_default_value = true)]
     pub device: String,
     #[command(flatten)]
@@ -354,7 +356,8 @@ pub struct TrainArgs {
     /// Resume from the latest checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
-    /// `cpu` or `cuda` (default: what the agent has).
+    /// `cpu` (the default and, in this build, the only training path: a job placed on a GPU
+    /// trains on the CPU and says so; `cuda` is refused).
     #[arg(long, default_value = "", hide_default_value = true)]
     pub device: String,
     #[command(flatten)]

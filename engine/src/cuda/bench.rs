@@ -58,6 +58,9 @@ pub struct GpuModelRow {
     pub decode_tok_s: f64,
     /// The same with plain launches (no graph).
     pub decode_tok_s_plain: f64,
+    /// Decode tokens/s sampling with temperature 0.7, top-p 0.9: the logits are read back and
+    /// sampled on the host (no GPU sampler yet).
+    pub decode_tok_s_sampled: f64,
     /// Prefill: (prompt tokens, time to first token in ms).
     pub prefill: Vec<(usize, f64)>,
     /// The same prompts with only one kernel class queued: (prompt tokens, linears ms,
@@ -132,6 +135,32 @@ fn ids(n: usize, vocab: usize, salt: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Tokens/s of `new` decode steps sampled on the host (temperature 0.7, top-p 0.9, seeded)
+/// after a prompt of `prompt` tokens.
+fn sampled_rate(m: &CudaModel, prompt: usize, new: usize) -> Result<f64> {
+    use crate::generate::{Sampler, SamplingParams};
+    let cfg = m.config();
+    let ctx = cfg.max_position_embeddings;
+    let new = new.min(ctx.saturating_sub(2)).max(2);
+    let prompt = prompt.min(ctx - new - 1).max(1);
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: 0.7,
+        top_k: 0,
+        top_p: 0.9,
+        seed: 1,
+    })?;
+    let mut seq = CudaSequence::new(m.kernels().clone(), cfg, prompt + new + 1)?;
+    seq.forward(m, &ids(prompt, cfg.vocab_size, 1), false)?;
+    let mut tok = sampler.sample(&seq.logits()?);
+    seq.forward(m, &[tok], false)?;
+    let t = Instant::now();
+    for _ in 0..new.saturating_sub(1) {
+        tok = sampler.sample(&seq.logits()?);
+        seq.forward(m, &[tok], false)?;
+    }
+    Ok(new.saturating_sub(1) as f64 / t.elapsed().as_secs_f64())
+}
+
 /// Tokens/s of `new` greedy decode steps after a prompt of `prompt` tokens.
 fn decode_rate(m: &CudaModel, prompt: usize, new: usize, graph: bool) -> Result<f64> {
     let cfg = m.config();
@@ -164,6 +193,8 @@ fn bench_model(
     progress(&format!("{name}: decode (graph, then plain launches)"));
     let decode_tok_s = decode_rate(m, opts.prompt_tokens, opts.new_tokens, true)?;
     let decode_tok_s_plain = decode_rate(m, opts.prompt_tokens, opts.new_tokens, false)?;
+    progress(&format!("{name}: decode sampled on the host"));
+    let decode_tok_s_sampled = sampled_rate(m, opts.prompt_tokens, opts.new_tokens)?;
     let mut prefill = Vec::new();
     let mut prefill_split = Vec::new();
     for &n in &opts.prefill_tokens {
@@ -217,6 +248,7 @@ fn bench_model(
         embeddings: b.embeddings,
         decode_tok_s,
         decode_tok_s_plain,
+        decode_tok_s_sampled,
         prefill,
         prefill_split,
         step_us: StepSplit {
@@ -266,6 +298,7 @@ impl GpuBench {
             "decode tok/s (graph)",
             "plain launches",
             "graph gain",
+            "sampled (T 0.7, top-p 0.9; host) tok/s",
             "HF bf16 anchor tok/s",
             "× anchor",
             "on GPU",
@@ -278,6 +311,7 @@ impl GpuBench {
                 format!("{:.1}", r.decode_tok_s),
                 format!("{:.1}", r.decode_tok_s_plain),
                 format!("{:.2}×", r.decode_tok_s / r.decode_tok_s_plain.max(1e-9)),
+                format!("{:.1}", r.decode_tok_s_sampled),
                 a.map_or("—".into(), |a| format!("{:.1}", a.decode_tok_s)),
                 a.map_or("—".into(), |a| {
                     format!("{:.2}×", r.decode_tok_s / a.decode_tok_s.max(1e-9))
