@@ -544,6 +544,25 @@ impl LoadedModel {
         }
     }
 
+    /// Pick tokens of `cache` on the GPU by sampling with `params` (`None`: greedily). On
+    /// the CPU engine nothing changes: the host sampler picks from the logits.
+    pub fn set_gpu_sampling(
+        &self,
+        cache: &mut EngineCache,
+        params: Option<&crate::generate::SamplingParams>,
+    ) -> Result<()> {
+        if let Some(gpu) = &self.gpu {
+            let seq = live_sequence(gpu, cache, 0)?;
+            seq.set_sampling(params.map(|p| kiln_kernels::cuda::decode::DeviceSampling {
+                temperature: p.temperature,
+                top_k: p.top_k,
+                top_p: p.top_p,
+                seed: p.seed,
+            }));
+        }
+        Ok(())
+    }
+
     /// Make `cache` ready for `positions` positions now (on the GPU: allocate it and upload
     /// saved keys and values, which otherwise happens at its first forward). Returns the
     /// bytes of keys and values it holds.
@@ -568,9 +587,10 @@ impl LoadedModel {
         }
     }
 
-    /// Forward `ids` into `cache` and pick greedily: the first index of the largest logit of
-    /// the last position, and, with `want_logits`, the logits. On the GPU the pick is made
-    /// there and only the token id crosses to the host unless the logits are wanted.
+    /// Forward `ids` into `cache` and pick: the first index of the largest logit of the last
+    /// position (on the GPU: sampled there instead, after [`LoadedModel::set_gpu_sampling`]),
+    /// and, with `want_logits`, the logits. On the GPU only the token id crosses to the host
+    /// unless the logits are wanted.
     pub fn forward_pick(
         &self,
         ids: &[u32],

@@ -259,3 +259,50 @@ fn a_gpu_job_over_its_budget_fails_before_allocating_with_the_numbers() {
         "{e}"
     );
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn sampling_on_the_gpu_is_seeded() {
+    let cm = ChatModel::load_on(&gpu(), "tiny", LinearFormat::Nvfp4).unwrap();
+    let p = cm.encode_chat(&[ChatMessage::user("Hi")], true).unwrap();
+    let run = |seed: u64| {
+        let opts = GenerateOptions {
+            max_tokens: 32,
+            sampling: kiln_engine::generate::SamplingParams {
+                temperature: 1.5,
+                top_k: 50,
+                top_p: 0.95,
+                seed,
+            },
+            ..Default::default()
+        };
+        let mut seq = Sequence::new(&cm.model);
+        generate(&cm.model, &mut seq, &p, &opts, &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap()
+        .tokens
+    };
+    let (a, b, c) = (run(1), run(1), run(2));
+    assert_eq!(a, b, "the same seed gives the same tokens");
+    assert_ne!(a, c, "another seed gives other tokens");
+    let greedy = {
+        let mut seq = Sequence::new(&cm.model);
+        generate(
+            &cm.model,
+            &mut seq,
+            &p,
+            &GenerateOptions {
+                max_tokens: 32,
+                ..Default::default()
+            },
+            &mut |_| ControlFlow::Continue(()),
+        )
+        .unwrap()
+        .tokens
+    };
+    assert_ne!(
+        a, greedy,
+        "temperature 1.5 on an untrained model departs from greedy"
+    );
+}

@@ -445,13 +445,137 @@ extern "C" __global__ void __launch_bounds__(256)
     *counter = 0u;
 }
 
-// ---- Seeded random weights (benchmarks of model shapes without a checkpoint) ----
+// ---- Sampling on the GPU ----
 
+// SplitMix64's finalizer: a 64-bit hash (the sampler's noise, the random weights).
 __device__ __forceinline__ u64 kiln_mix64(u64 z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
 }
+
+// An order-preserving u32 key of a float (NaN sorts below everything).
+__device__ __forceinline__ u32 kiln_float_key(float v) {
+    if (v != v) return 0u;
+    const u32 b = __float_as_uint(v);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ float kiln_block_max(float v, float* red) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float m = KILN_NEG_INF;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) m = fmaxf(m, red[w]);
+    return m;
+}
+
+// Count of logits whose key is >= k (block-wide, every thread gets it).
+__device__ __forceinline__ float kiln_count_ge(const float* logits, int V, u32 k, float* red) {
+    float c = 0.0f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) c += kiln_float_key(logits[i]) >= k ? 1.0f : 0.0f;
+    return kiln_block_sum(c, red);
+}
+
+// Sample the next token from softmax(logits / temperature), restricted to the top_k largest
+// logits (0: all) and then to the smallest prefix, in descending order, whose probability
+// reaches top_p (1: all) — the CPU sampler's rules —, by the Gumbel-max trick: the token is the
+// argmax of logit/temperature + Gumbel noise over the kept set, the noise a hash of (seed,
+// *step, index); *step advances. Ties at a top-k or top-p boundary keep every tied logit. The
+// token goes to *token; with advance, *pos += 1. One block of 1024 threads.
+extern "C" __global__ void __launch_bounds__(1024)
+    kiln_sample_advance(const float* __restrict__ logits, int V, float temperature, int top_k,
+                        float top_p, u64 seed, u32* __restrict__ step, u32* __restrict__ token,
+                        int* __restrict__ pos, int advance) {
+    KILN_PDL_ENTER();
+    __shared__ float red[32];
+    // the top-k bound: the largest key with at least top_k logits at or above it
+    u32 kmin = 0u;
+    if (top_k > 0 && top_k < V) {
+        u32 lo = 0u, hi = 0xFFFFFFFFu;
+        while (lo < hi) {
+            const u32 mid = (u32)(((u64)lo + (u64)hi + 1ull) / 2ull);
+            if (kiln_count_ge(logits, V, mid, red) >= (float)top_k) lo = mid; else hi = mid - 1u;
+        }
+        kmin = lo;
+    }
+    float lmax = KILN_NEG_INF;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        const float l = logits[i];
+        if (l == l) lmax = fmaxf(lmax, l);
+    }
+    lmax = kiln_block_max(lmax, red);
+    const float inv_t = 1.0f / temperature;
+    // the top-p bound: the smallest key whose strictly-greater mass stays below top_p
+    u32 pmin = kmin;
+    if (top_p < 1.0f) {
+        float z = 0.0f;
+        for (int i = threadIdx.x; i < V; i += blockDim.x) {
+            const float l = logits[i];
+            if (kiln_float_key(l) >= kmin && l == l) z += expf((l - lmax) * inv_t);
+        }
+        z = kiln_block_sum(z, red);
+        // F(k) = mass of keys > k; keep keys >= the smallest k0 with F(k0) < top_p
+        u32 lo = kmin, hi = 0xFFFFFFFFu;
+        while (lo < hi) {
+            const u32 mid = lo + (hi - lo) / 2u;
+            float f = 0.0f;
+            for (int i = threadIdx.x; i < V; i += blockDim.x) {
+                const float l = logits[i];
+                if (kiln_float_key(l) > mid && l == l) f += expf((l - lmax) * inv_t);
+            }
+            f = kiln_block_sum(f, red) / z;
+            if (f < top_p) hi = mid; else lo = mid + 1u;
+        }
+        pmin = lo > kmin ? lo : kmin;
+    }
+    const u32 st = *step;
+    float best = KILN_NEG_INF;
+    int bi = 0x7FFFFFFF;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        const float l = logits[i];
+        if (l != l || kiln_float_key(l) < pmin) continue;
+        const u64 h = kiln_mix64(seed * 0x9E3779B97F4A7C15ull ^ ((u64)st << 32) ^ (u64)i);
+        const float u = ((float)(h >> 40) + 0.5f) * (1.0f / 16777216.0f);  // (0, 1)
+        const float g = (l - lmax) * inv_t - logf(-logf(u));
+        if (g > best || (g == best && i < bi)) {
+            best = g;
+            bi = i;
+        }
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xFFFFFFFFu, best, o);
+        const int oi = __shfl_xor_sync(0xFFFFFFFFu, bi, o);
+        if (ov > best || (ov == best && oi < bi)) {
+            best = ov;
+            bi = oi;
+        }
+    }
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    if (lane == 0) {
+        sv[warp] = best;
+        si[warp] = bi;
+    }
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    for (int w = 1; w < (int)(blockDim.x >> 5); ++w) {
+        if (sv[w] > best || (sv[w] == best && si[w] < bi)) {
+            best = sv[w];
+            bi = si[w];
+        }
+    }
+    *token = bi == 0x7FFFFFFF ? 0u : (u32)bi;
+    *step = st + 1u;
+    if (advance) *pos += 1;
+}
+
+// ---- Seeded random weights (benchmarks of model shapes without a checkpoint) ----
+
 
 // NVFP4 codes: every byte a hash of (seed, index) (all 16 E2M1 values, both signs); block
 // scales: E4M3 codes uniform in [scale_lo, scale_hi].

@@ -176,3 +176,86 @@ fn the_greedy_pick_takes_the_first_maximum_and_advances_the_position() {
         assert_eq!(c[0], 0, "the counter is left at zero for the next launch");
     }
 }
+
+/// Frequencies of `n` sampled picks over `logits` with `p`.
+fn sample_freqs(
+    k: &CudaKernels,
+    logits: &[f32],
+    p: &kiln_kernels::cuda::decode::DeviceSampling,
+    n: usize,
+) -> Vec<f64> {
+    let s = k.stream().clone();
+    let ld = s.clone_htod(logits).unwrap();
+    let step = s.alloc_zeros::<u32>(1).unwrap();
+    let token = s.alloc_zeros::<u32>(1).unwrap();
+    let pos = s.alloc_zeros::<i32>(1).unwrap();
+    let mut counts = vec![0usize; logits.len()];
+    for _ in 0..n {
+        // SAFETY: buffers sized as the launcher's contract says
+        unsafe {
+            k.sample_advance_async(
+                k.addr(&ld, 0),
+                logits.len(),
+                p,
+                k.addr(&step, 0),
+                k.addr(&token, 0),
+                k.addr(&pos, 0),
+                false,
+            )
+            .unwrap();
+        }
+        let mut t = [0u32];
+        s.memcpy_dtoh(&token, &mut t).unwrap();
+        counts[t[0] as usize] += 1;
+    }
+    counts.iter().map(|&c| c as f64 / n as f64).collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn the_gpu_sampler_follows_temperature_top_k_and_top_p() {
+    use kiln_kernels::cuda::decode::DeviceSampling;
+    let k = gpu();
+    // five likely tokens (0.5, 0.3, 0.1, 0.07, 0.03) among 50,000 impossible ones
+    let probs = [0.5f64, 0.3, 0.1, 0.07, 0.03];
+    let mut logits = vec![-1e4f32; 50_000];
+    for (i, p) in probs.iter().enumerate() {
+        logits[i * 9973] = p.ln() as f32;
+    }
+    let at = |f: &[f64], i: usize| f[i * 9973];
+    let n = 4000;
+    let sp = |t: f32, top_k: usize, top_p: f32| DeviceSampling {
+        temperature: t,
+        top_k,
+        top_p,
+        seed: 5,
+    };
+    // plain: the distribution itself (4000 draws: ±0.03 is > 3 standard deviations)
+    let f = sample_freqs(&k, &logits, &sp(1.0, 0, 1.0), n);
+    for (i, p) in probs.iter().enumerate() {
+        assert!(
+            (at(&f, i) - p).abs() < 0.03,
+            "token {i}: {} vs {p}",
+            at(&f, i)
+        );
+    }
+    // temperature 0.5: p² renormalised
+    let z: f64 = probs.iter().map(|p| p * p).sum();
+    let f = sample_freqs(&k, &logits, &sp(0.5, 0, 1.0), n);
+    for (i, p) in probs.iter().enumerate() {
+        assert!((at(&f, i) - p * p / z).abs() < 0.03, "T=0.5 token {i}");
+    }
+    // top-k 2: tokens 0 and 1 only, 5 : 3
+    let f = sample_freqs(&k, &logits, &sp(1.0, 2, 1.0), n);
+    assert!((at(&f, 0) + at(&f, 1) - 1.0).abs() < 1e-9);
+    assert!((at(&f, 0) - 0.625).abs() < 0.03, "top-k 2: {}", at(&f, 0));
+    // top-p 0.75: the prefix reaching 0.75 is {0, 1}; top-p 0.45: {0} alone
+    let f = sample_freqs(&k, &logits, &sp(1.0, 0, 0.75), n);
+    assert!((at(&f, 0) + at(&f, 1) - 1.0).abs() < 1e-9);
+    let f = sample_freqs(&k, &logits, &sp(1.0, 0, 0.45), 200);
+    assert_eq!(at(&f, 0), 1.0);
+    // seeded: the same seed and steps give the same tokens
+    let a = sample_freqs(&k, &logits, &sp(1.0, 0, 1.0), 300);
+    let b = sample_freqs(&k, &logits, &sp(1.0, 0, 1.0), 300);
+    assert_eq!(a, b);
+}

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaGraph, CudaSlice};
 use half::bf16;
-use kiln_kernels::cuda::decode::{AttentionShape, DevAddr, QkvPost, ARGMAX_BLOCKS};
+use kiln_kernels::cuda::decode::{AttentionShape, DevAddr, DeviceSampling, QkvPost, ARGMAX_BLOCKS};
 use kiln_kernels::cuda::{CudaKernels, DeviceNvfp4};
 
 use super::plan::{decode_chunk, PREFILL_ROWS, PREFILL_SCRATCH_ELEMS, SHORT_PROMPT};
@@ -149,6 +149,10 @@ pub struct CudaSequence {
     prefill: Option<Acts>,
     /// Kernel classes the prompt path queues ([`class`]; all but in benchmarks).
     prefill_mask: u8,
+    /// Sampling on the GPU instead of the greedy pick (`None`: greedy).
+    sampling: Option<DeviceSampling>,
+    /// The sampler's step counter (its noise stream), advanced by every sampled pick.
+    step: CudaSlice<u32>,
 }
 
 impl std::fmt::Debug for CudaSequence {
@@ -203,6 +207,10 @@ impl CudaSequence {
             use_graph: std::env::var_os("KILN_NO_CUDA_GRAPH").is_none(),
             prefill: None,
             prefill_mask: class::ALL,
+            sampling: None,
+            step: s
+                .alloc_zeros::<u32>(1)
+                .map_err(cuda("allocating scalars"))?,
             k,
             cfg: cfg.clone(),
             cap: capacity,
@@ -259,6 +267,17 @@ impl CudaSequence {
         let mut grown = CudaSequence::new(self.k.clone(), &self.cfg, want)?;
         grown.use_graph = self.use_graph;
         grown.prefill_mask = self.prefill_mask;
+        grown.sampling = self.sampling;
+        // the sampler's noise stream goes on where it was
+        let mut st = [0u32];
+        self.k
+            .stream()
+            .memcpy_dtoh(&self.step, &mut st)
+            .map_err(cuda("reading the sampler step"))?;
+        self.k
+            .stream()
+            .memcpy_htod(&st, &mut grown.step)
+            .map_err(cuda("writing the sampler step"))?;
         grown.load_host(held, self.len)?;
         *self = grown;
         Ok(())
@@ -363,6 +382,15 @@ impl CudaSequence {
         self.capture_classes(m, class::ALL)
     }
 
+    /// Pick tokens by sampling on the GPU with `s` (temperature, top-k, top-p, seed), or
+    /// greedily (`None`). The captured step is re-captured when this changes.
+    pub fn set_sampling(&mut self, s: Option<DeviceSampling>) {
+        if self.sampling != s {
+            self.sampling = s;
+            self.graph = None;
+        }
+    }
+
     /// Queue only the kernel classes of `mask` ([`class`]) in the prompt path: a benchmark's
     /// way to time a prompt's linears, attention and small kernels apart (the outputs are
     /// then meaningless). The vocabulary projection and pick of the last row always run.
@@ -451,6 +479,8 @@ impl CudaSequence {
             keys: self.len + 1,
             scores: 0,
             probs: 0,
+            sampling: self.sampling,
+            step: k.addr(&self.step, 0),
         }
     }
 
@@ -705,6 +735,9 @@ struct Scalars {
     /// Prefill attention scores `[kv_heads][rows][keys]` f32 and probabilities (bf16), or 0.
     scores: DevAddr,
     probs: DevAddr,
+    /// Sample instead of the greedy pick, with the step counter.
+    sampling: Option<DeviceSampling>,
+    step: DevAddr,
 }
 
 /// Queue every decoder layer for `rows` tokens of `acts` (x holds the embeddings; on return
@@ -780,23 +813,35 @@ unsafe fn layers(
     Ok(())
 }
 
-/// Queue the greedy pick of the logits into the token (advancing pos when `advance`).
+/// Queue the pick of the next token from the logits — greedy, or sampled when the sequence
+/// samples — into the token (advancing pos when `advance`).
 ///
 /// # Safety
 /// `sc` holds the live scalars of a sequence of a model of shape `cfg`.
 unsafe fn pick(k: &CudaKernels, cfg: &ModelConfig, sc: &Scalars, advance: bool) -> Result<()> {
     // SAFETY: the caller's contract.
     unsafe {
-        k.argmax_advance_async(
-            sc.logits,
-            cfg.vocab_size,
-            sc.part_val,
-            sc.part_idx,
-            sc.counter,
-            sc.token,
-            sc.pos,
-            advance,
-        )?;
+        match &sc.sampling {
+            Some(p) => k.sample_advance_async(
+                sc.logits,
+                cfg.vocab_size,
+                p,
+                sc.step,
+                sc.token,
+                sc.pos,
+                advance,
+            )?,
+            None => k.argmax_advance_async(
+                sc.logits,
+                cfg.vocab_size,
+                sc.part_val,
+                sc.part_idx,
+                sc.counter,
+                sc.token,
+                sc.pos,
+                advance,
+            )?,
+        }
     }
     Ok(())
 }

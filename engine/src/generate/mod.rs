@@ -201,7 +201,12 @@ pub fn generate(
     // Greedy without recorded logits needs only the pick: on the GPU it is made there and
     // only the token id comes back.
     let greedy = opts.sampling.is_greedy();
-    let want_logits = !greedy || opts.record_logits;
+    // On the GPU, sampling (temperature, top-k, top-p) happens there too, unless the logits
+    // are recorded (then the host sampler picks from them, as on the CPU).
+    let gpu_samples =
+        !greedy && !opts.record_logits && opts.kv == KvMode::Cache && model.gpu().is_some();
+    let host_samples = !greedy && !gpu_samples;
+    let want_logits = host_samples || opts.record_logits;
     let t0 = Instant::now();
     let mut cur = match opts.kv {
         KvMode::Cache => {
@@ -212,6 +217,9 @@ pub fn generate(
             }
             seq.cache
                 .reserve((seq.len() + prompt.len() + opts.max_tokens).min(ctx))?;
+            if model.gpu().is_some() {
+                model.set_gpu_sampling(&mut seq.cache, gpu_samples.then_some(&opts.sampling))?;
+            }
             seq.sync_cache(model)?;
             let c = model.forward_pick(prompt, &mut seq.cache, want_logits)?;
             seq.tokens.extend_from_slice(prompt);
@@ -231,7 +239,7 @@ pub fn generate(
     let stop = loop {
         let (pick, logits) = cur;
         let tok = match &logits {
-            Some(l) if !greedy => sampler.sample(l),
+            Some(l) if host_samples => sampler.sample(l),
             _ => pick,
         };
         tokens.push(tok);

@@ -52,6 +52,7 @@ pub(crate) struct DecodeFunctions {
     swiglu: CudaFunction,
     causal_softmax: CudaFunction,
     argmax_advance: CudaFunction,
+    sample_advance: CudaFunction,
     random_nvfp4: CudaFunction,
     random_bf16: CudaFunction,
 }
@@ -73,6 +74,7 @@ impl DecodeFunctions {
             swiglu: f("kiln_swiglu")?,
             causal_softmax: f("kiln_causal_softmax_bf16")?,
             argmax_advance: f("kiln_argmax_advance")?,
+            sample_advance: f("kiln_sample_advance")?,
             random_nvfp4: f("kiln_random_nvfp4")?,
             random_bf16: f("kiln_random_bf16")?,
         })
@@ -92,6 +94,19 @@ pub fn attention_kernel_for(head_dim: usize, rep: usize) -> Option<(usize, usize
         .filter(|&&(hd, r)| hd == head_dim && r >= rep)
         .min_by_key(|&&(_, r)| r)
         .copied()
+}
+
+/// Sampling parameters for [`CudaKernels::sample_advance_async`] (the CPU sampler's rules).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceSampling {
+    /// Temperature (> 0).
+    pub temperature: f32,
+    /// Keep the k largest logits (0: all).
+    pub top_k: usize,
+    /// Keep the smallest prefix reaching this probability (1: all).
+    pub top_p: f32,
+    /// The noise's seed.
+    pub seed: u64,
 }
 
 /// The q/k/v epilogue's buffers ([`CudaKernels::qkv_post_async`]).
@@ -467,6 +482,51 @@ impl CudaKernels {
                     param(&part_val),
                     param(&part_idx),
                     param(&counter),
+                    param(&token),
+                    param(&pos),
+                    param(&adv),
+                ],
+            )
+        }
+    }
+
+    /// Queue a sampled pick over `vocab` logits (temperature, top-k, top-p as the CPU sampler
+    /// applies them; the Gumbel-max trick with noise hashed from the seed, `*step` and the
+    /// index): the token is written to `token`, `*step` advances, and with `advance`
+    /// `*pos += 1`.
+    ///
+    /// # Safety
+    /// `logits` holds `vocab` f32; `step`, `token` one u32 each, `pos` one i32.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn sample_advance_async(
+        &self,
+        logits: DevAddr,
+        vocab: usize,
+        p: &DeviceSampling,
+        step: DevAddr,
+        token: DevAddr,
+        pos: DevAddr,
+        advance: bool,
+    ) -> Result<(), KernelError> {
+        let (v, k, adv) = (
+            vocab as i32,
+            p.top_k.min(i32::MAX as usize) as i32,
+            i32::from(advance),
+        );
+        // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
+        unsafe {
+            self.go(
+                &self.f.decode.sample_advance,
+                cfg((1, 1, 1), 1024),
+                "launching kiln_sample_advance",
+                &mut [
+                    param(&logits),
+                    param(&v),
+                    param(&p.temperature),
+                    param(&k),
+                    param(&p.top_p),
+                    param(&p.seed),
+                    param(&step),
                     param(&token),
                     param(&pos),
                     param(&adv),
