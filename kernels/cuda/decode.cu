@@ -472,11 +472,47 @@ __device__ __forceinline__ float kiln_block_max(float v, float* red) {
     return m;
 }
 
-// Count of logits whose key is >= k (block-wide, every thread gets it).
-__device__ __forceinline__ float kiln_count_ge(const float* logits, int V, u32 k, float* red) {
-    float c = 0.0f;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) c += kiln_float_key(logits[i]) >= k ? 1.0f : 0.0f;
-    return kiln_block_sum(c, red);
+// Radix select (8 bits per pass, 4 passes): the key of the element at which the running weight,
+// taken in descending key order over the keys >= kmin, first reaches `target`. Weights: 1 per
+// element (mode 0: counts, the top-k bound) or the element's probability in fixed point, 2^48
+// for 1 (mode 1: the top-p bound; integers keep the sums exact, so the pick is reproducible).
+__device__ u32 kiln_radix_cross(const float* __restrict__ logits, int V, u32 kmin, float lmax,
+                                float inv_t, float inv_z, int mode, u64 target) {
+    __shared__ unsigned long long hist[256];
+    __shared__ u32 s_prefix;
+    __shared__ unsigned long long s_above;
+    u32 prefix = 0u, mask = 0u;
+    u64 above = 0ull;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0ull;
+        __syncthreads();
+        for (int i = threadIdx.x; i < V; i += blockDim.x) {
+            const float l = logits[i];
+            if (l != l) continue;
+            const u32 key = kiln_float_key(l);
+            if (key < kmin || (key & mask) != prefix) continue;
+            const u64 w = mode == 0 ? 1ull
+                                    : (u64)(expf((l - lmax) * inv_t) * inv_z * 281474976710656.0f);
+            atomicAdd(&hist[(key >> shift) & 255u], (unsigned long long)w);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            u64 cum = above;
+            int d = 255;
+            for (; d > 0; --d) {
+                if (cum + hist[d] >= target) break;
+                cum += hist[d];
+            }
+            s_prefix = prefix | ((u32)d << shift);
+            s_above = cum;
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        above = s_above;
+        mask |= 255u << shift;
+        __syncthreads();
+    }
+    return prefix;
 }
 
 // Sample the next token from softmax(logits / temperature), restricted to the top_k largest
@@ -484,23 +520,14 @@ __device__ __forceinline__ float kiln_count_ge(const float* logits, int V, u32 k
 // reaches top_p (1: all) — the CPU sampler's rules —, by the Gumbel-max trick: the token is the
 // argmax of logit/temperature + Gumbel noise over the kept set, the noise a hash of (seed,
 // *step, index); *step advances. Ties at a top-k or top-p boundary keep every tied logit. The
-// token goes to *token; with advance, *pos += 1. One block of 1024 threads.
+// token goes to *token; with advance, *pos += 1. One block of 1024 threads; about a dozen
+// passes over the logits (radix selects for the bounds).
 extern "C" __global__ void __launch_bounds__(1024)
     kiln_sample_advance(const float* __restrict__ logits, int V, float temperature, int top_k,
                         float top_p, u64 seed, u32* __restrict__ step, u32* __restrict__ token,
                         int* __restrict__ pos, int advance) {
     KILN_PDL_ENTER();
     __shared__ float red[32];
-    // the top-k bound: the largest key with at least top_k logits at or above it
-    u32 kmin = 0u;
-    if (top_k > 0 && top_k < V) {
-        u32 lo = 0u, hi = 0xFFFFFFFFu;
-        while (lo < hi) {
-            const u32 mid = (u32)(((u64)lo + (u64)hi + 1ull) / 2ull);
-            if (kiln_count_ge(logits, V, mid, red) >= (float)top_k) lo = mid; else hi = mid - 1u;
-        }
-        kmin = lo;
-    }
     float lmax = KILN_NEG_INF;
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
         const float l = logits[i];
@@ -508,28 +535,22 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
     lmax = kiln_block_max(lmax, red);
     const float inv_t = 1.0f / temperature;
-    // the top-p bound: the smallest key whose strictly-greater mass stays below top_p
+    // the top-k bound: the key of the k-th largest logit
+    u32 kmin = 0u;
+    if (top_k > 0 && top_k < V)
+        kmin = kiln_radix_cross(logits, V, 0u, lmax, inv_t, 0.0f, 0, (u64)top_k);
+    // the top-p bound: the key of the logit at which the descending mass reaches top_p
     u32 pmin = kmin;
     if (top_p < 1.0f) {
         float z = 0.0f;
         for (int i = threadIdx.x; i < V; i += blockDim.x) {
             const float l = logits[i];
-            if (kiln_float_key(l) >= kmin && l == l) z += expf((l - lmax) * inv_t);
+            if (l == l && kiln_float_key(l) >= kmin) z += expf((l - lmax) * inv_t);
         }
         z = kiln_block_sum(z, red);
-        // F(k) = mass of keys > k; keep keys >= the smallest k0 with F(k0) < top_p
-        u32 lo = kmin, hi = 0xFFFFFFFFu;
-        while (lo < hi) {
-            const u32 mid = lo + (hi - lo) / 2u;
-            float f = 0.0f;
-            for (int i = threadIdx.x; i < V; i += blockDim.x) {
-                const float l = logits[i];
-                if (kiln_float_key(l) > mid && l == l) f += expf((l - lmax) * inv_t);
-            }
-            f = kiln_block_sum(f, red) / z;
-            if (f < top_p) hi = mid; else lo = mid + 1u;
-        }
-        pmin = lo > kmin ? lo : kmin;
+        const u64 target = (u64)((double)top_p * 281474976710656.0);
+        const u32 k0 = kiln_radix_cross(logits, V, kmin, lmax, inv_t, 1.0f / z, 1, target);
+        pmin = k0 > kmin ? k0 : kmin;
     }
     const u32 st = *step;
     float best = KILN_NEG_INF;
