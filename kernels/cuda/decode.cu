@@ -140,13 +140,17 @@ __device__ __forceinline__ void kiln_load_bf16(const u16* p, float out[E]) {
     }
 }
 
-#define KILN_ATTN_WARPS 4
-#define KILN_ATTN_GROUP 8
+// Warps per attention block and positions per warp load: 8 warps of 4 for small query groups
+// (HD·REP ≤ 512: shorter chains per warp), else 4 of 8 (the shared arrays stay within 48 KiB).
+// Either way a block takes 32 positions per pass. Keep in step with attention_warps() in
+// decode.rs.
+#define KILN_ATTN_WARPS_FOR(HD, REP) ((HD) * (REP) <= 512 ? 8 : 4)
+#define KILN_ATTN_GROUP_FOR(HD, REP) (32 / KILN_ATTN_WARPS_FOR(HD, REP))
 
 // Attention of one KV head's query group over one chunk of the context. Grid (kvh, splits, T),
-// block 32·KILN_ATTN_WARPS. Split s covers positions [s·chunk, (s+1)·chunk) ∩ [0, len), len =
+// block 32·KILN_ATTN_WARPS_FOR(HD, REP). Split s covers positions [s·chunk, (s+1)·chunk) ∩ [0, len), len =
 // pos + t + 1; a split past len does nothing (the combine reads only the splits below len).
-// Each warp takes KILN_ATTN_GROUP consecutive positions of every KILN_ATTN_WARPS·GROUP; lane l
+// Each warp takes GROUP consecutive positions of every 32 (WARPS · GROUP); lane l
 // holds elements l·E .. l·E+E-1 of a row. Writes the unnormalised output, the running max and the sum of the chunk:
 // part_o [T][nh][splits][HD], part_ml [T][nh][splits][2].
 template <int HD, int REP>
@@ -159,6 +163,8 @@ __device__ __forceinline__ void kiln_attention_body(const float* __restrict__ q,
                                                     int cap, int chunk, float softmax_scale) {
     KILN_PDL_ENTER();
     constexpr int E = HD / 32;
+    constexpr int KILN_ATTN_WARPS = KILN_ATTN_WARPS_FOR(HD, REP);
+    constexpr int KILN_ATTN_GROUP = KILN_ATTN_GROUP_FOR(HD, REP);
     const int kv = blockIdx.x, s = blockIdx.y, t = blockIdx.z, splits = gridDim.y;
     const int rep = nh / kvh;
     const int len = *pos + t + 1;
@@ -263,7 +269,7 @@ __device__ __forceinline__ void kiln_attention_body(const float* __restrict__ q,
 }
 
 #define KILN_ATTENTION(HD, REP)                                                                   \
-    extern "C" __global__ void __launch_bounds__(32 * KILN_ATTN_WARPS)                            \
+    extern "C" __global__ void __launch_bounds__(32 * KILN_ATTN_WARPS_FOR(HD, REP))              \
         kiln_attention_hd##HD##_rep##REP(const float* __restrict__ q, const u16* __restrict__ kc,  \
                                          const u16* __restrict__ vc, const int* __restrict__ pos,  \
                                          float* __restrict__ part_o, float* __restrict__ part_ml,  \

@@ -17,8 +17,15 @@ use std::ffi::c_void;
 /// A device address (0: none, where a launcher says a buffer is optional).
 pub type DevAddr = u64;
 
-/// Warps per attention block (`KILN_ATTN_WARPS` in decode.cu).
-pub const ATTENTION_WARPS: u32 = 4;
+/// Warps per block of the attention kernel for (head_dim, query heads bound):
+/// `KILN_ATTN_WARPS_FOR` in decode.cu.
+pub fn attention_warps(hd: usize, rep: usize) -> u32 {
+    if hd * rep <= 512 {
+        8
+    } else {
+        4
+    }
+}
 
 /// The attention kernels built: (head_dim, most query heads per KV head). A model whose
 /// (head_dim, heads / kv_heads) no entry covers cannot run on the GPU engine.
@@ -350,7 +357,7 @@ impl CudaKernels {
                 f,
                 cfg(
                     (s.kv_heads as u32, s.splits as u32, s.tokens as u32),
-                    32 * ATTENTION_WARPS,
+                    32 * attention_warps(key.0, key.1),
                 ),
                 "launching the attention kernel",
                 &mut [
