@@ -478,19 +478,29 @@ __device__ __forceinline__ float kiln_block_max(float v, float* red) {
     return m;
 }
 
-// Radix select (8 bits per pass, 4 passes): the key of the element at which the running weight,
+// Radix select (6 bits per pass, 6 passes): the key of the element at which the running weight,
 // taken in descending key order over the keys >= kmin, first reaches `target`. Weights: 1 per
 // element (mode 0: counts, the top-k bound) or the element's probability in fixed point, 2^48
 // for 1 (mode 1: the top-p bound; integers keep the sums exact, so the pick is reproducible).
+// Each warp fills its own histogram (most logits share the high digits: one shared histogram
+// would serialise the whole block on one counter), then the histograms are added.
 __device__ u32 kiln_radix_cross(const float* __restrict__ logits, int V, u32 kmin, float lmax,
                                 float inv_t, float inv_z, int mode, u64 target) {
-    __shared__ unsigned long long hist[256];
+    __shared__ unsigned long long hist[32][64];
+    __shared__ unsigned long long total[64];
     __shared__ u32 s_prefix;
     __shared__ unsigned long long s_above;
+    const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     u32 prefix = 0u, mask = 0u;
     u64 above = 0ull;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0ull;
+    for (int shift = 26;; shift -= 6) {
+        int bits = 6;
+        if (shift < 0) {
+            bits = 6 + shift;
+            shift = 0;
+        }
+        const u32 dmask = (1u << bits) - 1u;
+        for (int b = threadIdx.x; b < 32 * 64; b += blockDim.x) hist[b >> 6][b & 63] = 0ull;
         __syncthreads();
         for (int i = threadIdx.x; i < V; i += blockDim.x) {
             const float l = logits[i];
@@ -499,15 +509,21 @@ __device__ u32 kiln_radix_cross(const float* __restrict__ logits, int V, u32 kmi
             if (key < kmin || (key & mask) != prefix) continue;
             const u64 w = mode == 0 ? 1ull
                                     : (u64)(expf((l - lmax) * inv_t) * inv_z * 281474976710656.0f);
-            atomicAdd(&hist[(key >> shift) & 255u], (unsigned long long)w);
+            atomicAdd(&hist[warp][(key >> shift) & dmask], (unsigned long long)w);
+        }
+        __syncthreads();
+        if (threadIdx.x < 64) {
+            u64 t = 0ull;
+            for (int w = 0; w < nwarps; ++w) t += hist[w][threadIdx.x];
+            total[threadIdx.x] = t;
         }
         __syncthreads();
         if (threadIdx.x == 0) {
             u64 cum = above;
-            int d = 255;
+            int d = (int)dmask;
             for (; d > 0; --d) {
-                if (cum + hist[d] >= target) break;
-                cum += hist[d];
+                if (cum + total[d] >= target) break;
+                cum += total[d];
             }
             s_prefix = prefix | ((u32)d << shift);
             s_above = cum;
@@ -515,8 +531,8 @@ __device__ u32 kiln_radix_cross(const float* __restrict__ logits, int V, u32 kmi
         __syncthreads();
         prefix = s_prefix;
         above = s_above;
-        mask |= 255u << shift;
-        __syncthreads();
+        mask |= dmask << shift;
+        if (shift == 0) break;
     }
     return prefix;
 }
