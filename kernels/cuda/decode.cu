@@ -361,6 +361,19 @@ extern "C" __global__ void kiln_swiglu(const float* __restrict__ gu, const float
     act[idx] = g / (1.0f + expf(-g)) * u;
 }
 
+// The warp's largest value and, on ties, its smallest index: every lane gets both.
+__device__ __forceinline__ void kiln_warp_argmax(float& best, int& bi) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xFFFFFFFFu, best, o);
+        const int oi = __shfl_xor_sync(0xFFFFFFFFu, bi, o);
+        if (ov > best || (ov == best && oi < bi)) {
+            best = ov;
+            bi = oi;
+        }
+    }
+}
+
 // The first index of the largest logit (NaN never wins): every block reduces its stride of the
 // vocabulary into (part_val, part_idx); the last block to finish (a counter, reset by it for the
 // next launch) reduces those, writes the token to *token and, with advance, adds 1 to *pos.
@@ -383,15 +396,7 @@ extern "C" __global__ void __launch_bounds__(256)
         }
     }
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xFFFFFFFFu, best, o);
-        const int oi = __shfl_xor_sync(0xFFFFFFFFu, bi, o);
-        if (ov > best || (ov == best && oi < bi)) {
-            best = ov;
-            bi = oi;
-        }
-    }
+    kiln_warp_argmax(best, bi);
     if (lane == 0) {
         sv[warp] = best;
         si[warp] = bi;
@@ -423,15 +428,7 @@ extern "C" __global__ void __launch_bounds__(256)
             bi = i;
         }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xFFFFFFFFu, best, o);
-        const int oi = __shfl_xor_sync(0xFFFFFFFFu, bi, o);
-        if (ov > best || (ov == best && oi < bi)) {
-            best = ov;
-            bi = oi;
-        }
-    }
+    kiln_warp_argmax(best, bi);
     __syncthreads();
     if (lane == 0) {
         sv[warp] = best;
@@ -589,15 +586,7 @@ extern "C" __global__ void __launch_bounds__(1024)
         }
     }
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xFFFFFFFFu, best, o);
-        const int oi = __shfl_xor_sync(0xFFFFFFFFu, bi, o);
-        if (ov > best || (ov == best && oi < bi)) {
-            best = ov;
-            bi = oi;
-        }
-    }
+    kiln_warp_argmax(best, bi);
     __shared__ float sv[32];
     __shared__ int si[32];
     if (lane == 0) {

@@ -223,20 +223,7 @@ fn bench_model(
         let p = ids(n, cfg.vocab_size, 3);
         // warm-up (allocates the prompt buffers), then the best of 3
         seq.forward(m, &p, true)?;
-        let mut best = f64::INFINITY;
-        for _ in 0..3 {
-            seq.truncate(0);
-            let t = Instant::now();
-            seq.forward(m, &p, true)?;
-            best = best.min(t.elapsed().as_secs_f64() * 1e3);
-        }
-        prefill.push((n, best));
-        let mut by_class = [0.0; 3];
-        for (slot, mask) in [class::GEMV, class::ATTENTION, class::SMALL]
-            .into_iter()
-            .enumerate()
-        {
-            seq.set_prefill_classes(mask);
+        let ttft = |seq: &mut CudaSequence| -> Result<f64> {
             let mut best = f64::INFINITY;
             for _ in 0..3 {
                 seq.truncate(0);
@@ -244,7 +231,16 @@ fn bench_model(
                 seq.forward(m, &p, true)?;
                 best = best.min(t.elapsed().as_secs_f64() * 1e3);
             }
-            by_class[slot] = best;
+            Ok(best)
+        };
+        prefill.push((n, ttft(&mut seq)?));
+        let mut by_class = [0.0; 3];
+        for (slot, mask) in [class::GEMV, class::ATTENTION, class::SMALL]
+            .into_iter()
+            .enumerate()
+        {
+            seq.set_prefill_classes(mask);
+            by_class[slot] = ttft(&mut seq)?;
         }
         seq.set_prefill_classes(class::ALL);
         prefill_split.push((n, by_class[0], by_class[1], by_class[2]));

@@ -7,7 +7,8 @@
 //! split over the context + combine → O GEMV → residual add + RMSNorm → gate/up GEMV (one
 //! launch) → SwiGLU → down GEMV; then the final norm, the vocabulary GEMV and the greedy pick,
 //! which writes the next input token and advances the position in device memory. Only the
-//! token id (or, for sampling on the host, the logits) crosses to the host.
+//! token id crosses to the host (the logits only when a caller asks for them); a sequence can
+//! sample on the GPU instead of picking greedily ([`CudaSequence::set_sampling`]).
 //!
 //! Prefill runs the same kernels over T rows: prompts of up to `SHORT_PROMPT` tokens 8 rows at a
 //! time through the GEMVs and the split attention; longer ones in batches of up to
