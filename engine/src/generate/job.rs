@@ -111,7 +111,12 @@ pub fn run_job(
     spec: &GenerateSpec,
     reporter: &Reporter,
 ) -> Result<JobOutput> {
+    // the job process's start-up before this point (exec, dynamic loading, reading the request)
+    let started_ms = kiln_job::memory::process_age_ms();
+    let t_engine = Instant::now();
     let engine = check_spec(spec, request.device)?;
+    // on a GPU: the CUDA context, the kernels (PTX from the cache or NVRTC), cuBLAS handles
+    let engine_ms = t_engine.elapsed().as_secs_f64() * 1e3;
     let sampling = sampling_params(&spec.sampling)?;
     let t = Instant::now();
     // Built on the host first (the GPU engine uploads it below, once the budget is checked).
@@ -207,7 +212,11 @@ pub fn run_job(
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
     reporter.phase(loaded.metric("load_ms", load_ms));
     // where a session turn's time goes (logged at the end of a turn)
-    let mut turn_times: Vec<(&str, f64)> = vec![("model load", load_ms)];
+    let mut turn_times: Vec<(&str, f64)> = started_ms
+        .map(|ms| ("process start", ms))
+        .into_iter()
+        .chain([("engine start", engine_ms), ("model load", load_ms)])
+        .collect();
     let weights = cm.model.weight_bytes();
     let opts = GenerateOptions {
         max_tokens: spec.max_tokens as usize,
