@@ -99,6 +99,7 @@ impl CudaKernels {
     /// ([`KernelError::Nvrtc`]).
     pub fn new(ordinal: usize) -> Result<Self, KernelError> {
         check_cuda_libraries()?;
+        let started = std::time::Instant::now();
         let ctx = CudaContext::new(ordinal).map_err(|e| KernelError::Cuda {
             context: format!("opening CUDA device {ordinal}"),
             message: format!("{e} (is a GPU visible? check nvidia-smi and CUDA_VISIBLE_DEVICES)"),
@@ -120,6 +121,7 @@ impl CudaKernels {
             )
             .map_err(drv("reading the multiprocessor count"))? as u32;
         let arch = arch_for(compute_capability.0, compute_capability.1);
+        let context_ms = started.elapsed().as_secs_f64() * 1e3;
         let mut modules: Vec<(&str, Arc<CudaModule>)> = Vec::new();
         let mut ptx_from_cache = 0;
         for src in SOURCES {
@@ -166,6 +168,7 @@ impl CudaKernels {
             gemv: GemvFunctions::load(&func, smem_optin)?,
             decode: DecodeFunctions::load(&func)?,
         };
+        let modules_ms = started.elapsed().as_secs_f64() * 1e3 - context_ms;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| KernelError::Cuda {
             context: "creating the cuBLAS handle".into(),
             message: e.to_string(),
@@ -174,7 +177,18 @@ impl CudaKernels {
             context: "creating the cuBLASLt handle".into(),
             message: e.to_string(),
         })?;
-        tracing::info!(device = %name, ?compute_capability, sm_count, ptx_from_cache, "CUDA kernels ready");
+        let total_ms = started.elapsed().as_secs_f64() * 1e3;
+        // where a job's GPU start-up goes (a session turn on a small model is mostly this)
+        tracing::info!(
+            device = %name,
+            ?compute_capability,
+            sm_count,
+            ptx_from_cache,
+            context_ms = format!("{context_ms:.0}"),
+            modules_ms = format!("{modules_ms:.0}"),
+            blas_ms = format!("{:.0}", total_ms - context_ms - modules_ms),
+            "CUDA kernels ready"
+        );
         Ok(CudaKernels {
             ctx,
             stream,
