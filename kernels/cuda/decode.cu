@@ -35,6 +35,18 @@ __device__ __forceinline__ float kiln_block_sum(float v, float* red) {
     return s;
 }
 
+// Max over the block (as kiln_block_sum); every thread gets it.
+__device__ __forceinline__ float kiln_block_max(float v, float* red) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float m = KILN_NEG_INF;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) m = fmaxf(m, red[w]);
+    return m;
+}
+
 __device__ __forceinline__ float kiln_warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
@@ -333,13 +345,7 @@ extern "C" __global__ void kiln_causal_softmax_bf16(const float* __restrict__ S,
     const int valid = min(L, *pos + (int)blockIdx.x + 1);
     float mx = KILN_NEG_INF;
     for (int j = threadIdx.x; j < valid; j += blockDim.x) mx = fmaxf(mx, S[row + j]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
-    __syncthreads();
-    mx = KILN_NEG_INF;
-    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) mx = fmaxf(mx, red[w]);
+    mx = kiln_block_max(mx, red);
     float sum = 0.0f;
     for (int j = threadIdx.x; j < valid; j += blockDim.x) sum += expf(S[row + j] - mx);
     sum = kiln_block_sum(sum, red);
@@ -462,17 +468,6 @@ __device__ __forceinline__ u32 kiln_float_key(float v) {
     if (v != v) return 0u;
     const u32 b = __float_as_uint(v);
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
-__device__ __forceinline__ float kiln_block_max(float v, float* red) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-    __syncthreads();
-    float m = KILN_NEG_INF;
-    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) m = fmaxf(m, red[w]);
-    return m;
 }
 
 // Radix select (6 bits per pass, 6 passes): the key of the element at which the running weight,

@@ -137,14 +137,20 @@ fn ids(n: usize, vocab: usize, salt: u32) -> Vec<u32> {
         .collect()
 }
 
+/// (prompt, new tokens) of a decode run, shortened to fit the model's context (the tiny
+/// model holds 512 positions).
+fn fit_context(cfg: &ModelConfig, prompt: usize, new: usize) -> (usize, usize) {
+    let ctx = cfg.max_position_embeddings;
+    let new = new.min(ctx.saturating_sub(2)).max(2);
+    (prompt.min(ctx - new - 1).max(1), new)
+}
+
 /// Tokens/s of `new` decode steps sampled (temperature 0.7, top-p 0.9, seeded) on the GPU or
 /// on the host, after a prompt of `prompt` tokens.
 fn sampled_rate(m: &CudaModel, prompt: usize, new: usize, on_gpu: bool) -> Result<f64> {
     use crate::generate::{Sampler, SamplingParams};
     let cfg = m.config();
-    let ctx = cfg.max_position_embeddings;
-    let new = new.min(ctx.saturating_sub(2)).max(2);
-    let prompt = prompt.min(ctx - new - 1).max(1);
+    let (prompt, new) = fit_context(cfg, prompt, new);
     let mut sampler = Sampler::new(SamplingParams {
         temperature: 0.7,
         top_k: 0,
@@ -180,10 +186,7 @@ fn sampled_rate(m: &CudaModel, prompt: usize, new: usize, on_gpu: bool) -> Resul
 /// Tokens/s of `new` greedy decode steps after a prompt of `prompt` tokens.
 fn decode_rate(m: &CudaModel, prompt: usize, new: usize, graph: bool) -> Result<f64> {
     let cfg = m.config();
-    // within the model's context (the tiny model holds 512 positions)
-    let ctx = cfg.max_position_embeddings;
-    let new = new.min(ctx.saturating_sub(2)).max(2);
-    let prompt = prompt.min(ctx - new - 1).max(1);
+    let (prompt, new) = fit_context(cfg, prompt, new);
     let mut seq = CudaSequence::new(m.kernels().clone(), cfg, prompt + new + 1)?;
     seq.set_use_graph(graph);
     let mut tok = seq

@@ -18,5 +18,17 @@ pub mod sequence;
 pub mod weights;
 
 pub use plan::GpuPlan;
+
+use crate::error::EngineError;
+
+/// A driver error as the engine's error, with what was being done.
+fn cuda(what: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> EngineError {
+    move |e| {
+        EngineError::Kernel(kiln_kernels::KernelError::Cuda {
+            context: what.into(),
+            message: e.to_string(),
+        })
+    }
+}
 pub use sequence::CudaSequence;
 pub use weights::{CudaModel, GpuWeightBytes};

@@ -20,6 +20,14 @@ pub const SHORT_PROMPT: usize = 64;
 /// Most bf16 elements of W dequantized at once by the prefill GEMM (64 MiB).
 pub const PREFILL_SCRATCH_ELEMS: usize = 32 << 20;
 
+/// bf16 elements of the prompt GEMM's dequantized-weight scratch for a model of shape `cfg`:
+/// its largest stacked matrix, at most [`PREFILL_SCRATCH_ELEMS`].
+pub fn prefill_scratch_elems(cfg: &ModelConfig) -> usize {
+    let (h, q, i) = (cfg.hidden_size, cfg.q_size(), cfg.intermediate_size);
+    let qkv = q + 2 * cfg.kv_size();
+    PREFILL_SCRATCH_ELEMS.min(qkv.max(2 * i).max(h) * h.max(i).max(q))
+}
+
 /// GPU memory the CUDA context, the loaded kernels and the cuBLAS / cuBLASLt handles take
 /// besides the allocations (an allowance: on the H200, 2026-12-04, a job process with the
 /// kernels loaded showed about 0.5 GiB in NVML beyond its buffers).
@@ -121,7 +129,7 @@ fn acts_bytes(cfg: &ModelConfig, rows: usize, splits: usize) -> u64 {
     let f32s = rows * (3 * h + qkv + 2 * q + 3 * i)
         + rows * cfg.num_attention_heads * splits * (cfg.head_dim + 2);
     let bf16s = if rows > 8 {
-        rows * (h + 2 * q + i) + PREFILL_SCRATCH_ELEMS.min(qkv.max(2 * i).max(h) * h.max(i).max(q))
+        rows * (h + 2 * q + i) + prefill_scratch_elems(cfg)
     } else {
         0
     };

@@ -22,20 +22,12 @@ use half::bf16;
 use kiln_kernels::cuda::decode::{AttentionShape, DevAddr, DeviceSampling, QkvPost, ARGMAX_BLOCKS};
 use kiln_kernels::cuda::{CudaKernels, DeviceNvfp4};
 
-use super::plan::{decode_chunk, PREFILL_ROWS, PREFILL_SCRATCH_ELEMS, SHORT_PROMPT};
+use super::cuda;
+use super::plan::{decode_chunk, kv_bytes, prefill_scratch_elems, PREFILL_ROWS, SHORT_PROMPT};
 use super::weights::CudaModel;
 use crate::engine::HostTensor;
 use crate::error::{EngineError, Result};
 use crate::model::ModelConfig;
-
-fn cuda(what: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> EngineError {
-    move |e| {
-        EngineError::Kernel(kiln_kernels::KernelError::Cuda {
-            context: what.into(),
-            message: e.to_string(),
-        })
-    }
-}
 
 /// The f32 activations of a forward of `rows` tokens (exact sizes: the GEMVs check them).
 struct Acts {
@@ -84,7 +76,7 @@ impl Acts {
                 q: b(rows * q)?,
                 attn: b(rows * q)?,
                 act: b(rows * i)?,
-                w: b(PREFILL_SCRATCH_ELEMS.min((qkv.max(2 * i).max(h)) * h.max(i).max(q)))?,
+                w: b(prefill_scratch_elems(cfg))?,
             })
         } else {
             None
@@ -240,14 +232,9 @@ impl CudaSequence {
         self.cap
     }
 
-    /// Bytes of the KV cache as allocated (the whole capacity).
-    pub fn kv_bytes(&self) -> u64 {
-        (2 * self.kc.len() * 2) as u64
-    }
-
     /// Bytes of keys and values held (`len` positions).
     pub fn used_kv_bytes(&self) -> u64 {
-        (2 * 2 * self.cfg.num_hidden_layers * self.cfg.kv_size() * self.len) as u64
+        kv_bytes(&self.cfg, self.len)
     }
 
     /// Replay the captured step (default) or launch the kernels one by one (`false`, or

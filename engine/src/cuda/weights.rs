@@ -16,6 +16,7 @@ use kiln_kernels::cuda::decode::attention_kernel_for;
 use kiln_kernels::cuda::{CudaKernels, DeviceNvfp4};
 use kiln_kernels::nvfp4::Nvfp4Tensor;
 
+use super::cuda;
 use crate::error::{EngineError, Result};
 use crate::model::rope::Rope;
 use crate::model::{LayerParam, Linear, LinearWeight, Model, ModelConfig, ParamKey, ParamRef};
@@ -176,15 +177,6 @@ fn stack(k: &CudaKernels, parts: &[&Nvfp4Tensor]) -> Result<(DeviceNvfp4, Vec<f3
 
 fn upload_f32(k: &CudaKernels, v: &[f32]) -> Result<CudaSlice<f32>> {
     k.stream().clone_htod(v).map_err(cuda("uploading weights"))
-}
-
-fn cuda(what: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> EngineError {
-    move |e| {
-        EngineError::Kernel(kiln_kernels::KernelError::Cuda {
-            context: what.into(),
-            message: e.to_string(),
-        })
-    }
 }
 
 impl CudaModel {
@@ -385,20 +377,11 @@ mod tests {
 
     #[test]
     fn gpu_bytes_of_the_7b_shape_fit_the_target() {
-        let mut cfg = ModelConfig::qwen2_5_0_5b();
-        let b = GpuWeightBytes::of_config(&cfg);
+        let b = GpuWeightBytes::of_config(&ModelConfig::qwen2_5_0_5b());
         // 0.5B: 358M linear weights + a 136M-weight NVFP4 head → ~247 MB codes
         assert!(b.weights > 240_000_000 && b.weights < 250_000_000, "{b:?}");
         assert_eq!(b.embeddings, 151_936 * 896 * 2);
-        cfg.hidden_size = 3584;
-        cfg.intermediate_size = 18944;
-        cfg.num_hidden_layers = 28;
-        cfg.num_attention_heads = 28;
-        cfg.num_key_value_heads = 4;
-        cfg.head_dim = 128;
-        cfg.vocab_size = 152_064;
-        cfg.tie_word_embeddings = false;
-        let b = GpuWeightBytes::of_config(&cfg);
+        let b = GpuWeightBytes::of_config(&ModelConfig::qwen2_5_7b());
         assert!(b.total() < 5_500_000_000, "{b:?} = {}", b.total());
     }
 

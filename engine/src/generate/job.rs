@@ -217,7 +217,6 @@ pub fn run_job(
         .into_iter()
         .chain([("engine start", engine_ms), ("model load", load_ms)])
         .collect();
-    let weights = cm.model.weight_bytes();
     let opts = GenerateOptions {
         max_tokens: spec.max_tokens as usize,
         sampling,
