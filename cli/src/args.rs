@@ -338,7 +338,7 @@ pub struct TrainArgs {
     /// Samples per step (1 to 65536).
     #[arg(long, default_value_t = 8)]
     pub batch: u32,
-    /// AdamW learning rate (more than 0, at most 10).
+    /// AdamW learning rate (0 to 10; 0 keeps the weights bit-identical while the moments update).
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
     /// `nvfp4-ste` (full-precision master weights), `nvfp4-full` (packed weights only) or `none`.
@@ -353,9 +353,24 @@ pub struct TrainArgs {
     /// Output checkpoint directory on the agent's host.
     #[arg(long)]
     pub out: String,
-    /// Resume from the latest checkpoint in --out.
+    /// Resume from the latest checkpoint in --out. (A job retried after LOST resumes its own
+    /// earlier attempt's checkpoint without this flag.)
     #[arg(long)]
     pub resume: bool,
+    /// Also write a resumable checkpoint to --out every N steps (0 = only at the end). With
+    /// --max-attempts 2 or more, a job whose agent dies continues from the last one.
+    #[arg(long, default_value_t = 0)]
+    pub save_every: u32,
+    /// Micro-batches of --batch samples whose gradients add up to one optimizer step: the step
+    /// sees batch × grad-accum samples while activations are held for --batch at a time.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: u32,
+    /// Clip the gradients to this global L2 norm before each step (0 = no clipping).
+    #[arg(long, default_value_t = kiln_job::spec::DEFAULT_CLIP_GRAD)]
+    pub clip_grad: f64,
+    /// Element type of the AdamW moments: `f32` (8 bytes per parameter) or `bf16` (4).
+    #[arg(long, default_value = "f32")]
+    pub moments: String,
     /// `cpu` (the default and, in this build, the only training path: a job placed on a GPU
     /// trains on the CPU and says so; `cuda` is refused).
     #[arg(long, default_value = "", hide_default_value = true)]

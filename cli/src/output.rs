@@ -76,6 +76,8 @@ fn spec_json(spec: Option<&v1::JobSpec>) -> Value {
             "model": t.model, "dataset": t.dataset, "steps": t.steps, "seq_len": t.seq_len,
             "batch": t.batch, "lr": t.lr, "quant": t.quant, "step_chunk_rows": t.step_chunk_rows,
             "seed": t.seed, "out_dir": t.out_dir, "resume": t.resume, "device": t.device,
+            "save_every": t.save_every, "grad_accum": t.grad_accum, "clip_grad": t.clip_grad,
+            "moments": t.moments,
         }),
         Some(job_spec::Spec::Export(e)) => json!({
             "checkpoint": e.checkpoint, "format": e.format, "out_dir": e.out_dir,

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::Cluster;
+use common::{children_of, Cluster};
 use std::time::Duration;
 
 const LONG: Duration = Duration::from_secs(120);
@@ -122,6 +122,88 @@ fn train_export_generate_and_a_session_through_the_cluster() {
                 .is_some_and(|s| s.iter().any(|x| x == "s-1"))
         })
     });
+}
+
+/// The scenario: an agent dies in the middle of a training job submitted with
+/// `--save-every` and `--max-attempts 2`. The job goes LOST, its second attempt runs on another
+/// agent and continues from the last checkpoint the first one wrote, not from step 0.
+#[test]
+fn a_train_job_whose_agent_dies_resumes_from_its_last_checkpoint_on_the_retry() {
+    let mut c = Cluster::start();
+    c.start_agent("a1", 6.0);
+    let ckpt = c.dir.path().join("ckpt");
+    let steps = 150;
+    let id = submit(
+        &c,
+        &[
+            "train",
+            "--steps",
+            &steps.to_string(),
+            "--batch",
+            "2",
+            "--seq-len",
+            "48",
+            "--lr",
+            "1e-3",
+            "--save-every",
+            "3",
+            "--max-attempts",
+            "2",
+            "--out",
+            ckpt.to_str().unwrap(),
+        ],
+    );
+    // Wait for the first attempt's first checkpoint, then kill its agent.
+    c.wait_for(LONG, || {
+        c.json(&["telemetry", &id.to_string()])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["phase"] == "checkpoint_saved")
+    });
+    let job_pids = children_of(c.agent_pid("a1"));
+    assert!(
+        !job_pids.is_empty(),
+        "the job's process is a child of its agent"
+    );
+    c.kill9_agent("a1");
+    // The job process dies with its agent: no orphan goes on writing the checkpoint.
+    c.wait_for(Duration::from_secs(10), || {
+        job_pids
+            .iter()
+            .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+    });
+    c.start_agent("a2", 6.0);
+    let job = c.wait_state(id, "SUCCEEDED", LONG);
+    assert_eq!(
+        (job["attempt"].as_u64(), job["agent"].as_str()),
+        (Some(2), Some("a2")),
+        "{job:#}"
+    );
+    // The retry trained only the steps after the checkpoint it found…
+    let retried = job["result"]["loss"].as_array().unwrap().len();
+    assert!(
+        retried < steps && retried + 3 <= steps,
+        "the retry trained {retried} of {steps} steps: it did not resume\n{job:#}"
+    );
+    // …and the checkpoint holds the whole run's loss curve, with the job that wrote it.
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["step"], steps as u64);
+    assert_eq!(state["losses"].as_array().unwrap().len(), steps);
+    assert_eq!(state["job_id"], id);
+    let tel = c.json(&["telemetry", &id.to_string()]);
+    let resumed_at = tel
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["phase"] == "model_loaded")
+        .map(|r| r["step"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert_eq!(resumed_at as usize, steps - retried, "{tel:#}");
+    assert!(resumed_at >= 3 && resumed_at % 3 == 0, "{resumed_at}");
 }
 
 #[test]

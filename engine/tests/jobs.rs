@@ -305,6 +305,7 @@ fn train_spec(out: &Path, dataset: &str) -> TrainSpec {
         out_dir: out.display().to_string(),
         resume: false,
         device: String::new(),
+        ..Default::default()
     }
 }
 

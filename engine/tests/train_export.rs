@@ -33,6 +33,7 @@ fn spec(out: &Path, steps: u32, lr: f64, quant: QuantSpec) -> TrainSpec {
         out_dir: out.display().to_string(),
         resume: false,
         device: String::new(),
+        ..Default::default()
     }
 }
 

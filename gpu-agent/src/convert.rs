@@ -55,6 +55,10 @@ pub fn engine_spec(spec: Option<&v1::JobSpec>) -> Result<spec::JobSpec, String> 
             out_dir: t.out_dir.clone(),
             resume: t.resume,
             device: t.device.clone(),
+            save_every: t.save_every,
+            grad_accum: t.grad_accum,
+            clip_grad: t.clip_grad,
+            moments: spec::MomentsSpec::parse(&t.moments)?,
         }),
         Some(job_spec::Spec::Export(e)) => spec::JobSpec::Export(spec::ExportSpec {
             checkpoint: e.checkpoint.clone(),

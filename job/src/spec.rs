@@ -270,6 +270,74 @@ pub struct TrainSpec {
     /// `cpu`, `cuda` or `""`.
     #[serde(default)]
     pub device: String,
+    /// Write a resumable checkpoint every this many steps (0 = only at the end). A job retried
+    /// after LOST continues from the last one its earlier attempt wrote.
+    #[serde(default)]
+    pub save_every: u32,
+    /// Micro-batches of `batch` samples whose gradients add up to one optimizer step (0 or 1 =
+    /// no accumulation).
+    #[serde(default)]
+    pub grad_accum: u32,
+    /// Global L2 norm the gradients are clipped to (`None` = [`DEFAULT_CLIP_GRAD`]; 0 = off).
+    #[serde(default)]
+    pub clip_grad: Option<f64>,
+    /// Element type of the AdamW moments.
+    #[serde(default)]
+    pub moments: MomentsSpec,
+}
+
+/// The gradient clipping threshold a train job uses when it does not say.
+pub const DEFAULT_CLIP_GRAD: f64 = 1.0;
+
+impl TrainSpec {
+    /// The clipping threshold this job uses (0 = off).
+    pub fn clip_grad(&self) -> f64 {
+        self.clip_grad.unwrap_or(DEFAULT_CLIP_GRAD)
+    }
+
+    /// Micro-batches per optimizer step (≥ 1).
+    pub fn micro_batches(&self) -> u32 {
+        self.grad_accum.max(1)
+    }
+}
+
+/// Element type of a train job's AdamW moments (proto `TrainSpec.moments`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MomentsSpec {
+    /// f32: 8 bytes per parameter.
+    #[default]
+    #[serde(rename = "f32")]
+    F32,
+    /// bf16 (rounded to nearest even after each update): 4 bytes per parameter.
+    #[serde(rename = "bf16")]
+    Bf16,
+}
+
+impl MomentsSpec {
+    /// Parse the proto string (`""` = f32).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "" | "f32" => Ok(MomentsSpec::F32),
+            "bf16" => Ok(MomentsSpec::Bf16),
+            other => Err(format!("moments must be f32 or bf16 (got {other:?})")),
+        }
+    }
+
+    /// The proto / CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            MomentsSpec::F32 => "f32",
+            MomentsSpec::Bf16 => "bf16",
+        }
+    }
+
+    /// Bytes per moment element.
+    pub fn bytes(self) -> u64 {
+        match self {
+            MomentsSpec::F32 => 4,
+            MomentsSpec::Bf16 => 2,
+        }
+    }
 }
 
 /// Export formats (proto `ExportSpec.format`).

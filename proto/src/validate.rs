@@ -18,6 +18,8 @@ pub const MAX_PATH_LEN: usize = 4096;
 pub const MAX_ATTEMPTS: u32 = 100;
 /// Largest learning rate.
 pub const MAX_LR: f64 = 10.0;
+/// Largest gradient clipping threshold a train job may ask for.
+pub const MAX_CLIP_GRAD: f64 = 1e6;
 
 type Check = Result<(), String>;
 
@@ -180,9 +182,9 @@ fn check_train(t: &TrainSpec) -> Check {
     range_u64("train.steps", t.steps.into(), 1, 10_000_000)?;
     range_u64("train.seq_len", t.seq_len.into(), 1, 1 << 20)?;
     range_u64("train.batch", t.batch.into(), 1, 1 << 16)?;
-    if !(t.lr.is_finite() && t.lr > 0.0 && t.lr <= MAX_LR) {
+    if !(t.lr.is_finite() && t.lr >= 0.0 && t.lr <= MAX_LR) {
         return Err(format!(
-            "train.lr = {} is out of range: allowed more than 0, at most {MAX_LR}",
+            "train.lr = {} is out of range: allowed 0 to {MAX_LR}",
             t.lr
         ));
     }
@@ -197,7 +199,17 @@ fn check_train(t: &TrainSpec) -> Check {
         0,
         1 << 20,
     )?;
-    one_of("train.device", &t.device, &["", "cpu", "cuda"])
+    one_of("train.device", &t.device, &["", "cpu", "cuda"])?;
+    range_u64("train.save_every", t.save_every.into(), 0, 10_000_000)?;
+    range_u64("train.grad_accum", t.grad_accum.into(), 0, 4096)?;
+    if let Some(c) = t.clip_grad {
+        if !(c.is_finite() && (0.0..=MAX_CLIP_GRAD).contains(&c)) {
+            return Err(format!(
+                "train.clip_grad = {c} is out of range: allowed 0 (no clipping) to {MAX_CLIP_GRAD}"
+            ));
+        }
+    }
+    one_of("train.moments", &t.moments, &["", "f32", "bf16"])
 }
 
 fn check_exec(e: &ExecSpec) -> Check {
@@ -247,6 +259,39 @@ mod tests {
         }
     }
 
+    /// A valid train spec changed by `f`.
+    fn train(f: impl FnOnce(&mut TrainSpec)) -> JobSpec {
+        let mut t = TrainSpec {
+            model: "tiny".into(),
+            dataset: "whoami".into(),
+            out_dir: "/tmp/x".into(),
+            steps: 1,
+            seq_len: 8,
+            batch: 1,
+            lr: 1e-3,
+            ..Default::default()
+        };
+        f(&mut t);
+        JobSpec {
+            spec: Some(Spec::Train(t)),
+        }
+    }
+
+    #[test]
+    fn a_zero_learning_rate_and_the_step_options_pass() {
+        for spec in [
+            train(|t| t.lr = 0.0),
+            train(|t| {
+                t.save_every = 10;
+                t.grad_accum = 4;
+                t.clip_grad = Some(0.0);
+                t.moments = "bf16".into();
+            }),
+        ] {
+            assert_eq!(check_spec(&spec), Ok(()), "{spec:?}");
+        }
+    }
+
     #[test]
     fn hostile_values_are_named() {
         let cases: Vec<(JobSpec, &str)> = vec![
@@ -281,21 +326,15 @@ mod tests {
                 },
                 "generate.sampling.top_p",
             ),
+            (train(|t| t.lr = f64::NAN), "train.lr"),
+            (train(|t| t.lr = -1e-3), "train.lr"),
+            (train(|t| t.clip_grad = Some(-1.0)), "train.clip_grad"),
             (
-                JobSpec {
-                    spec: Some(Spec::Train(TrainSpec {
-                        model: "tiny".into(),
-                        dataset: "whoami".into(),
-                        out_dir: "/tmp/x".into(),
-                        steps: 1,
-                        seq_len: 8,
-                        batch: 1,
-                        lr: f64::NAN,
-                        ..Default::default()
-                    })),
-                },
-                "train.lr",
+                train(|t| t.clip_grad = Some(f64::INFINITY)),
+                "train.clip_grad",
             ),
+            (train(|t| t.moments = "fp8".into()), "train.moments"),
+            (train(|t| t.grad_accum = 5000), "train.grad_accum"),
             (
                 JobSpec {
                     spec: Some(Spec::Export(ExportSpec {

@@ -359,6 +359,7 @@ async fn pipeline(client: &mut Client, dir: &Path, gpus: u32) -> anyhow::Result<
                 out_dir: path_str(&ckpt),
                 resume: false,
                 device: String::new(),
+                ..Default::default()
             }),
             0,
             MODEL_JOB_BUDGET,

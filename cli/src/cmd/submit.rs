@@ -150,6 +150,18 @@ pub fn build_request(kind: &SubmitKind) -> anyhow::Result<(v1::SubmitJobRequest,
             if t.steps == 0 || t.batch == 0 || t.seq_len < 2 || t.step_chunk_rows == 0 {
                 bail!("--steps, --batch and --step-chunk-rows must be ≥ 1 and --seq-len ≥ 2");
             }
+            if t.grad_accum == 0 {
+                bail!("--grad-accum must be ≥ 1 (1 = one batch per step)");
+            }
+            if !(t.clip_grad.is_finite() && t.clip_grad >= 0.0) {
+                bail!(
+                    "--clip-grad must be a number ≥ 0 (0 = no clipping; got {})",
+                    t.clip_grad
+                );
+            }
+            if !["f32", "bf16"].contains(&t.moments.as_str()) {
+                bail!("--moments must be f32 or bf16 (got {:?})", t.moments);
+            }
             Spec::Train(v1::TrainSpec {
                 model: t.model.clone(),
                 dataset: t.dataset.clone(),
@@ -163,6 +175,10 @@ pub fn build_request(kind: &SubmitKind) -> anyhow::Result<(v1::SubmitJobRequest,
                 out_dir: t.out.clone(),
                 resume: t.resume,
                 device: t.device.clone(),
+                save_every: t.save_every,
+                grad_accum: t.grad_accum,
+                clip_grad: Some(t.clip_grad),
+                moments: t.moments.clone(),
             })
         }
         SubmitKind::Export(e) => {

@@ -158,7 +158,8 @@ impl Cluster {
         });
     }
 
-    /// SIGKILLs an agent process (its jobs keep running as orphans until they end).
+    /// SIGKILLs an agent process (its job processes die with it: the agent starts them with
+    /// `PR_SET_PDEATHSIG`).
     pub fn kill9_agent(&mut self, name: &str) {
         let i = self.agents.iter().position(|(n, _)| n == name).unwrap();
         let (_, mut child) = self.agents.remove(i);

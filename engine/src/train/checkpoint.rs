@@ -2,7 +2,8 @@
 //! `config.json`, tokenizer files, `model.safetensors` (f32 master weights for `nvfp4-ste` /
 //! `none`; the packed ModelOpt NVFP4 layout plus f32 dense tensors for `nvfp4-full`) — so it
 //! is a valid `--model` for generate, train and export, plus the optimizer state
-//! (`optimizer/state.safetensors`: `{param}.exp_avg` / `{param}.exp_avg_sq`, f32 — in a
+//! (`optimizer/state.safetensors`: `{param}.exp_avg` / `{param}.exp_avg_sq`, f32 or bf16 as the
+//! run's `--moments` — in a
 //! subdirectory so that loaders reading every `*.safetensors` of the model directory never see
 //! it) and `trainer_state.json` (step, losses, settings) for `--resume`.
 //!
@@ -13,13 +14,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use kiln_kernels::checkpoint::{read_safetensors_file, write_safetensors_file, TensorData};
+use kiln_kernels::checkpoint::{read_safetensors_file, write_safetensors_file};
 use serde::{Deserialize, Serialize};
 
+use super::moments::MomentVec;
 use super::params::ParamStore;
 use crate::error::{EngineError, Result};
 use crate::model::{save_model_dir, DenseDtype, ModelFiles, SaveFormat, SaveOptions};
-use crate::spec::QuantSpec;
+use crate::spec::{MomentsSpec, QuantSpec};
 
 /// The trainer state file.
 pub const TRAINER_STATE: &str = "trainer_state.json";
@@ -47,6 +49,20 @@ pub struct TrainerState {
     pub batch: u32,
     /// Tokens per sample.
     pub seq_len: u32,
+    /// Micro-batches per step (absent in older checkpoints: 1).
+    #[serde(default = "one")]
+    pub grad_accum: u32,
+    /// The moments' element type.
+    #[serde(default)]
+    pub moments: MomentsSpec,
+    /// The coordinator job whose attempt wrote this checkpoint (`None` outside a job). A retry
+    /// of that job continues from here without `--resume`.
+    #[serde(default)]
+    pub job_id: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn ckpt_err(path: &Path, message: impl Into<String>) -> EngineError {
@@ -104,11 +120,11 @@ pub fn save(
     for p in store.params() {
         tensors.insert(
             format!("{}.exp_avg", p.name),
-            TensorData::from_f32(p.shape.clone(), &p.exp_avg),
+            p.exp_avg.to_tensor(p.shape.clone()),
         );
         tensors.insert(
             format!("{}.exp_avg_sq", p.name),
-            TensorData::from_f32(p.shape.clone(), &p.exp_avg_sq),
+            p.exp_avg_sq.to_tensor(p.shape.clone()),
         );
     }
     let meta = HashMap::from([
@@ -177,13 +193,16 @@ pub fn load_optimizer(dir: &Path, store: &mut ParamStore, step: u64) -> Result<(
                     got: t.shape.clone(),
                 });
             }
-            t.to_f32()
-                .ok_or_else(|| ckpt_err(dir, format!("{key} is {:?}, expected F32", t.dtype)))
+            t.to_f32().ok_or_else(|| {
+                ckpt_err(dir, format!("{key} is {:?}, expected F32 or BF16", t.dtype))
+            })
         };
         let (m, v) = (get("exp_avg")?, get("exp_avg_sq")?);
+        // Stored in this run's moment type (a run may resume with another --moments).
+        let kind = store.moments();
         let p = store.param_mut(&name).expect("listed above");
-        p.exp_avg = m;
-        p.exp_avg_sq = v;
+        p.exp_avg = MomentVec::from_f32(m, kind);
+        p.exp_avg_sq = MomentVec::from_f32(v, kind);
     }
     Ok(())
 }

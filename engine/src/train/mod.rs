@@ -8,13 +8,22 @@
 //! (`crate::engine::Engine`, chosen from its device) holds the batches and parameters and runs
 //! the training forward.
 //!
+//! A step may be `grad_accum` micro-batches whose gradients add up (each micro-batch's loss is
+//! divided by the whole step's assistant tokens, so the sum is the step's mean); gradients are
+//! clipped to a global L2 norm (`clip_grad`, default 1.0) before AdamW. `save_every` writes a
+//! checkpoint every N steps; the trainer state records the coordinator job that wrote it, so a
+//! retry of that job (a new attempt after LOST) continues from it without `--resume`, while
+//! another job finding it is refused.
+//!
 //! - `dataset` — JSONL chat samples, the assistant-token loss mask, batches.
 //! - `params` — [`params::ParamStore`]: the parameters of the model's `ModelLayout` (f32
 //!   `Var`s or packed NVFP4) and their moments, the AdamW step.
+//! - `moments` — one moment tensor stored as f32 or bf16 (`--moments`).
 //! - `checkpoint` — the checkpoint directory (HF layout + optimizer state + trainer state).
 
 pub mod checkpoint;
 pub mod dataset;
+pub mod moments;
 pub mod params;
 
 use std::path::{Path, PathBuf};
@@ -36,8 +45,6 @@ use params::ParamStore;
 
 /// Default rows per chunk of the packed optimizer step.
 pub const DEFAULT_STEP_CHUNK_ROWS: usize = 32;
-/// Gradients are clipped to this global L2 norm.
-pub const MAX_GRAD_NORM: f32 = 1.0;
 
 /// What a training run did.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,13 +125,24 @@ fn load_params(
     Ok((cfg, store))
 }
 
-/// Masked mean cross-entropy of `logits` `[B, T, V]` against the batch's targets.
-fn masked_loss(logits: &Tensor, batch: &dataset::Batch) -> Result<Tensor> {
+/// Cross-entropy of `logits` `[B, T, V]` against the batch's targets, summed over its
+/// assistant tokens and divided by `denom` (the step's assistant tokens, over all its
+/// micro-batches, so that accumulated micro-batch gradients add up to the whole step's mean).
+fn masked_loss(logits: &Tensor, batch: &dataset::Batch, denom: usize) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
     let lsm = candle_nn::ops::log_softmax(&logits.reshape((b * t, v))?, D::Minus1)?;
     let picked = lsm.gather(&batch.target.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let n = batch.target_tokens.max(1) as f64;
+    let n = denom.max(1) as f64;
     Ok((picked * &batch.mask)?.sum_all()?.affine(-1.0 / n, 0.0)?)
+}
+
+/// The coordinator job a training run belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobIdent {
+    /// Job id.
+    pub id: u64,
+    /// Attempt number (1-based).
+    pub attempt: u32,
 }
 
 /// Run a training job: load, train `spec.steps` steps in all (continuing a checkpoint with
@@ -133,65 +151,130 @@ fn masked_loss(logits: &Tensor, batch: &dataset::Batch) -> Result<Tensor> {
 pub fn train(spec: &TrainSpec, reporter: &Reporter) -> Result<TrainOutcome> {
     check_spec(spec)?;
     let engine = Engine::for_job(Workload::Training, &spec.device, DeviceSpec::Cpu)?;
-    train_checked(&engine, spec, reporter)
+    train_checked(&engine, spec, None, reporter)
 }
 
-/// [`train`] on the engine chosen for a job that the agent placed on `device`.
-pub fn train_on(spec: &TrainSpec, device: DeviceSpec, reporter: &Reporter) -> Result<TrainOutcome> {
+/// [`train`] on the engine chosen for a job that the agent placed on `device`. `job` names the
+/// coordinator job: a checkpoint in `out_dir` that an earlier attempt of the same job wrote is
+/// continued (a retry after LOST picks up at its last `--save-every` checkpoint).
+pub fn train_on(
+    spec: &TrainSpec,
+    device: DeviceSpec,
+    job: Option<JobIdent>,
+    reporter: &Reporter,
+) -> Result<TrainOutcome> {
     check_spec(spec)?;
     let engine = Engine::for_job(Workload::Training, &spec.device, device)?;
-    train_checked(&engine, spec, reporter)
+    train_checked(&engine, spec, job, reporter)
 }
 
-fn train_checked(engine: &Engine, spec: &TrainSpec, reporter: &Reporter) -> Result<TrainOutcome> {
-    let out_dir = PathBuf::from(&spec.out_dir);
-    let existing = checkpoint::read_state(&out_dir)?;
-    let (base, mut state) = match existing {
-        Some(st) if spec.resume => {
-            if st.quant != spec.quant {
-                return Err(EngineError::TrainCheckpoint {
-                    path: out_dir.clone(),
-                    message: format!(
-                        "was trained with --quant {} but this job asks for {}; resume with the same mode or write to a new --out",
-                        st.quant.name(),
-                        spec.quant.name()
-                    ),
-                });
-            }
-            reporter.log(format!(
-                "resuming {} at step {} of {}",
-                out_dir.display(),
-                st.step,
-                spec.steps
-            ));
-            (out_dir.display().to_string(), st)
-        }
-        Some(st) => {
-            return Err(EngineError::TrainCheckpoint {
-                path: out_dir.clone(),
-                message: format!(
-                    "already holds a checkpoint at step {}; pass --resume to continue it, or choose another --out",
-                    st.step
-                ),
-            })
-        }
-        None => (
-            spec.model.clone(),
-            TrainerState {
-                step: 0,
-                losses: Vec::new(),
-                quant: spec.quant,
-                base_model: spec.model.clone(),
-                dataset: spec.dataset.clone(),
-                lr: spec.lr,
-                seed: spec.seed,
-                batch: spec.batch,
-                seq_len: spec.seq_len,
-            },
-        ),
+/// Where a run starts: the model to load and the trainer state (step 0, or a checkpoint's).
+fn starting_point(
+    spec: &TrainSpec,
+    job: Option<JobIdent>,
+    out_dir: &Path,
+    reporter: &Reporter,
+) -> Result<(String, TrainerState)> {
+    let fresh = || TrainerState {
+        step: 0,
+        losses: Vec::new(),
+        quant: spec.quant,
+        base_model: spec.model.clone(),
+        dataset: spec.dataset.clone(),
+        lr: spec.lr,
+        seed: spec.seed,
+        batch: spec.batch,
+        seq_len: spec.seq_len,
+        grad_accum: spec.micro_batches(),
+        moments: spec.moments,
+        job_id: job.map(|j| j.id),
     };
+    let Some(st) = checkpoint::read_state(out_dir)? else {
+        return Ok((spec.model.clone(), fresh()));
+    };
+    let own_retry = job.filter(|j| st.job_id == Some(j.id));
+    if !spec.resume && own_retry.is_none() {
+        return Err(EngineError::TrainCheckpoint {
+            path: out_dir.to_path_buf(),
+            message: format!(
+                "already holds a checkpoint at step {}; pass --resume to continue it, or choose another --out",
+                st.step
+            ),
+        });
+    }
+    if st.quant != spec.quant {
+        return Err(EngineError::TrainCheckpoint {
+            path: out_dir.to_path_buf(),
+            message: format!(
+                "was trained with --quant {} but this job asks for {}; resume with the same mode or write to a new --out",
+                st.quant.name(),
+                spec.quant.name()
+            ),
+        });
+    }
+    match own_retry {
+        Some(j) if !spec.resume => reporter.log(format!(
+            "attempt {} of job {} continues the checkpoint its earlier attempt left in {} at step {} of {}",
+            j.attempt,
+            j.id,
+            out_dir.display(),
+            st.step,
+            spec.steps
+        )),
+        _ => reporter.log(format!(
+            "resuming {} at step {} of {}",
+            out_dir.display(),
+            st.step,
+            spec.steps
+        )),
+    }
+    let state = TrainerState {
+        grad_accum: spec.micro_batches(),
+        moments: spec.moments,
+        job_id: job.map(|j| j.id).or(st.job_id),
+        ..st
+    };
+    Ok((out_dir.display().to_string(), state))
+}
+
+/// Save the checkpoint of `store` at `state.step` and report it.
+fn save_checkpoint(
+    out_dir: &Path,
+    store: &mut ParamStore,
+    files: &ModelFiles,
+    state: &TrainerState,
+    reporter: &Reporter,
+) -> Result<()> {
+    let written = checkpoint::save(out_dir, store, files, state)?;
+    let b = store.bytes();
+    reporter.phase(
+        PhaseReport::now("checkpoint_saved", state.step as u32)
+            .bytes([
+                ("weights", b.weights),
+                ("scales", b.scales),
+                ("optimizer_state", b.optimizer_state),
+            ])
+            .metric("files", written.len() as f64),
+    );
+    reporter.log(format!(
+        "checkpoint at step {} written to {}",
+        state.step,
+        out_dir.display()
+    ));
+    Ok(())
+}
+
+fn train_checked(
+    engine: &Engine,
+    spec: &TrainSpec,
+    job: Option<JobIdent>,
+    reporter: &Reporter,
+) -> Result<TrainOutcome> {
+    let out_dir = PathBuf::from(&spec.out_dir);
+    let (base, mut state) = starting_point(spec, job, &out_dir, reporter)?;
     let files = model_files(&base)?;
-    let (cfg, mut store) = load_params(engine, &base, spec.quant)?;
+    let (cfg, store) = load_params(engine, &base, spec.quant)?;
+    let mut store = store.with_moments(spec.moments);
     if state.step > 0 {
         checkpoint::load_optimizer(&out_dir, &mut store, state.step)?;
     }
@@ -243,58 +326,84 @@ fn train_checked(engine: &Engine, spec: &TrainSpec, reporter: &Reporter) -> Resu
         0 => DEFAULT_STEP_CHUNK_ROWS,
         n => n as usize,
     };
+    let micro = spec.micro_batches() as usize;
+    let per_micro = spec.batch as usize;
     let total = spec.steps as u64;
     let mut losses = Vec::new();
     let mut tokens = 0usize;
     let t_train = Instant::now();
     while state.step < total {
         let step = state.step + 1;
-        let idx = dataset::batch_indices(samples.len(), spec.batch as usize, state.step, spec.seed);
+        // One step's samples, cut into `micro` micro-batches of `batch` samples.
+        let idx = dataset::batch_indices(samples.len(), per_micro * micro, state.step, spec.seed);
         let picked: Vec<&dataset::TrainSample> = idx.iter().map(|&i| &samples[i]).collect();
-        let batch = dataset::make_batch(&picked, pad, engine.device())?;
-        tokens += batch.input_tokens;
-
+        let denom: usize = picked.iter().map(|s| s.target_tokens()).sum();
         let model = store.model()?;
-        let logits = engine.forward_train(&model, &batch.input)?;
-        let loss = masked_loss(&logits, &batch)?;
-        let loss_v = loss.to_scalar::<f32>()?;
-        if !loss_v.is_finite() {
-            return Err(EngineError::InvalidArgument(format!(
-                "the loss is {loss_v} at step {step}; training diverged — lower the learning rate"
-            )));
+        let mut grads: Option<Vec<Vec<f32>>> = None;
+        let mut loss_v = 0.0f32;
+        for (mb, part) in picked.chunks(per_micro).enumerate() {
+            let batch = dataset::make_batch(part, pad, engine.device())?;
+            tokens += batch.input_tokens;
+            let logits = engine.forward_train(&model, &batch.input)?;
+            let loss = masked_loss(&logits, &batch, denom)?;
+            let part_loss = loss.to_scalar::<f32>()?;
+            if !part_loss.is_finite() {
+                return Err(EngineError::InvalidArgument(format!(
+                    "the loss is {part_loss} at step {step}; training diverged — lower the learning rate"
+                )));
+            }
+            loss_v += part_loss;
+            let (bsz, t) = (part.len(), batch.seq);
+            let act = (model.activation_bytes(t, t, 0) * cfg.num_hidden_layers as u64
+                + 3 * (t * cfg.vocab_size * 4) as u64)
+                * bsz as u64
+                + store.dequantized_bytes();
+            let b = store.bytes();
+            let common = [
+                ("weights", b.weights),
+                ("scales", b.scales),
+                ("optimizer_state", b.optimizer_state),
+            ];
+            let held = grads
+                .as_ref()
+                .map_or(0, |g| g.iter().map(|g| 4 * g.len() as u64).sum());
+            let mut fwd = PhaseReport::now("forward_done", step as u32)
+                .bytes(common)
+                .bytes([("grads", held), ("activations", act)])
+                .metric("loss", part_loss as f64)
+                .metric("target_tokens", batch.target_tokens as f64);
+            if micro > 1 {
+                fwd = fwd.metric("micro_batch", mb as f64);
+            }
+            reporter.phase(fwd);
+
+            let g = store.gradients(&loss.backward()?)?;
+            drop(logits);
+            drop(loss);
+            match &mut grads {
+                None => grads = Some(g),
+                Some(sum) => {
+                    for (s, g) in sum.iter_mut().zip(g) {
+                        s.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+                    }
+                }
+            }
+            let grad_bytes: u64 = grads
+                .as_ref()
+                .map_or(0, |g| g.iter().map(|g| 4 * g.len() as u64).sum());
+            let mut bwd = PhaseReport::now("backward_done", step as u32)
+                .bytes(common)
+                .bytes([("grads", grad_bytes), ("activations", 0)]);
+            if micro > 1 {
+                bwd = bwd.metric("micro_batch", mb as f64);
+            }
+            reporter.phase(bwd);
         }
-        let (bsz, t) = (picked.len(), batch.seq);
-        let act = (model.activation_bytes(t, t, 0) * cfg.num_hidden_layers as u64
-            + 3 * (t * cfg.vocab_size * 4) as u64)
-            * bsz as u64
-            + store.dequantized_bytes();
-        let b = store.bytes();
-        let common = [
-            ("weights", b.weights),
-            ("scales", b.scales),
-            ("optimizer_state", b.optimizer_state),
-        ];
-        reporter.phase(
-            PhaseReport::now("forward_done", step as u32)
-                .bytes(common)
-                .bytes([("grads", 0), ("activations", act)])
-                .metric("loss", loss_v as f64)
-                .metric("target_tokens", batch.target_tokens as f64),
-        );
-
-        let grads = loss.backward()?;
-        let grads = store.gradients(&grads)?;
-        drop(logits);
-        drop(loss);
         drop(model);
-        let grad_bytes: u64 = grads.iter().map(|g| 4 * g.len() as u64).sum();
-        reporter.phase(
-            PhaseReport::now("backward_done", step as u32)
-                .bytes(common)
-                .bytes([("grads", grad_bytes), ("activations", 0)]),
-        );
+        let grads = grads.expect("a step has at least one micro-batch");
 
-        let st = store.adamw_step(grads, hp, step, chunk_rows, spec.seed, MAX_GRAD_NORM)?;
+        let clip = spec.clip_grad() as f32;
+        let st = store.adamw_step(grads, hp, step, chunk_rows, spec.seed, clip)?;
         let b = store.bytes();
         reporter.phase(
             PhaseReport::now("optimizer_done", step as u32)
@@ -313,25 +422,13 @@ fn train_checked(engine: &Engine, spec: &TrainSpec, reporter: &Reporter) -> Resu
         losses.push(loss_v);
         reporter.progress(step, total, "steps", format!("loss {loss_v:.4}"));
         tracing::debug!(step, loss = loss_v, grad_norm = st.grad_norm, "train step");
+        if spec.save_every > 0 && step % spec.save_every as u64 == 0 && step < total {
+            save_checkpoint(&out_dir, &mut store, &files, &state, reporter)?;
+        }
     }
     let secs = t_train.elapsed().as_secs_f64();
 
-    let written = checkpoint::save(&out_dir, &mut store, &files, &state)?;
-    let b = store.bytes();
-    reporter.phase(
-        PhaseReport::now("checkpoint_saved", state.step as u32)
-            .bytes([
-                ("weights", b.weights),
-                ("scales", b.scales),
-                ("optimizer_state", b.optimizer_state),
-            ])
-            .metric("files", written.len() as f64),
-    );
-    reporter.log(format!(
-        "checkpoint at step {} written to {}",
-        state.step,
-        out_dir.display()
-    ));
+    save_checkpoint(&out_dir, &mut store, &files, &state, reporter)?;
     Ok(TrainOutcome {
         losses,
         checkpoint: out_dir,
@@ -350,7 +447,11 @@ pub fn run_job(
     spec: &TrainSpec,
     reporter: &Reporter,
 ) -> Result<crate::report::JobOutput> {
-    let out = train_on(spec, request.device, reporter)?;
+    let job = JobIdent {
+        id: request.job_id,
+        attempt: request.attempt,
+    };
+    let out = train_on(spec, request.device, Some(job), reporter)?;
     Ok(crate::report::JobOutput::Train {
         loss: out.losses,
         checkpoint: out.checkpoint.display().to_string(),

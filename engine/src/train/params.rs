@@ -21,7 +21,9 @@ use crate::model::linear::{Linear, LinearWeight};
 use crate::model::{
     LinearSpec, Model, ModelConfig, ModelLayout, ParamSpec, TensorSpec, WeightSource,
 };
-use crate::spec::QuantSpec;
+use crate::spec::{MomentsSpec, QuantSpec};
+
+use super::moments::MomentVec;
 
 /// A parameter's value.
 #[derive(Debug)]
@@ -41,10 +43,10 @@ pub struct Param {
     pub shape: Vec<usize>,
     /// The value.
     pub value: ParamValue,
-    /// AdamW first moment (f32, one per element).
-    pub exp_avg: Vec<f32>,
+    /// AdamW first moment (one per element, f32 or bf16).
+    pub exp_avg: MomentVec,
     /// AdamW second moment.
-    pub exp_avg_sq: Vec<f32>,
+    pub exp_avg_sq: MomentVec,
 }
 
 impl Param {
@@ -54,8 +56,8 @@ impl Param {
             name,
             shape,
             value,
-            exp_avg: vec![0.0; n],
-            exp_avg_sq: vec![0.0; n],
+            exp_avg: MomentVec::zeros(n, MomentsSpec::F32),
+            exp_avg_sq: MomentVec::zeros(n, MomentsSpec::F32),
         }
     }
 
@@ -213,6 +215,23 @@ impl ParamStore {
         })
     }
 
+    /// The store with its moments reset to zeros of element type `kind`.
+    pub fn with_moments(mut self, kind: MomentsSpec) -> Self {
+        for p in &mut self.params {
+            let n = p.numel();
+            p.exp_avg = MomentVec::zeros(n, kind);
+            p.exp_avg_sq = MomentVec::zeros(n, kind);
+        }
+        self
+    }
+
+    /// The moments' element type.
+    pub fn moments(&self) -> MomentsSpec {
+        self.params
+            .first()
+            .map_or(MomentsSpec::F32, |p| p.exp_avg.kind())
+    }
+
     /// The parameters in build order.
     pub fn params(&self) -> &[Param] {
         &self.params
@@ -256,7 +275,7 @@ impl ParamStore {
                     b.scales += q.scales.len() as u64 + 4;
                 }
             }
-            b.optimizer_state += 4 * (p.exp_avg.len() + p.exp_avg_sq.len()) as u64;
+            b.optimizer_state += p.exp_avg.bytes() + p.exp_avg_sq.bytes();
         }
         b
     }
@@ -332,33 +351,31 @@ impl ParamStore {
             match &mut p.value {
                 ParamValue::Dense(var) => {
                     let mut w = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-                    for (i, wv) in w.iter_mut().enumerate() {
-                        let (w2, m2, v2) = sc.update(*wv, g[i], p.exp_avg[i], p.exp_avg_sq[i]);
-                        *wv = w2;
-                        p.exp_avg[i] = m2;
-                        p.exp_avg_sq[i] = v2;
-                    }
+                    p.exp_avg.update_f32(|m| {
+                        p.exp_avg_sq.update_f32(|v| {
+                            for (i, wv) in w.iter_mut().enumerate() {
+                                (*wv, m[i], v[i]) = sc.update(*wv, g[i], m[i], v[i]);
+                            }
+                        })
+                    });
                     var.set(&Tensor::from_vec(w, p.shape.as_slice(), var.device())?)?;
                 }
                 ParamValue::Packed(_) if hp.lr == 0.0 => {
-                    for (i, &gv) in g.iter().enumerate() {
-                        let (_, m2, v2) = sc.update(0.0, gv, p.exp_avg[i], p.exp_avg_sq[i]);
-                        p.exp_avg[i] = m2;
-                        p.exp_avg_sq[i] = v2;
-                    }
+                    p.exp_avg.update_f32(|m| {
+                        p.exp_avg_sq.update_f32(|v| {
+                            for (i, &gv) in g.iter().enumerate() {
+                                (_, m[i], v[i]) = sc.update(0.0, gv, m[i], v[i]);
+                            }
+                        })
+                    });
                 }
                 ParamValue::Packed(q) => {
                     let pseed = seed ^ crate::model::weights::fnv1a(&p.name);
-                    let st = adamw_step_nvfp4(
-                        q,
-                        &g,
-                        &mut p.exp_avg,
-                        &mut p.exp_avg_sq,
-                        hp,
-                        step,
-                        chunk_rows,
-                        pseed,
-                    )?;
+                    let st = p.exp_avg.update_f32(|m| {
+                        p.exp_avg_sq.update_f32(|v| {
+                            adamw_step_nvfp4(q, &g, m, v, hp, step, chunk_rows, pseed)
+                        })
+                    })?;
                     stats.peak_chunk_bytes = stats.peak_chunk_bytes.max(st.peak_temp_bytes);
                 }
             }

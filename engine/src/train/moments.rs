@@ -1,0 +1,140 @@
+//! One AdamW moment tensor in its stored element type: f32 (the default) or bf16 (`--moments
+//! bf16`, half the optimizer state). The update arithmetic is f32 either way: a bf16 moment is
+//! widened for the step and rounded to nearest even when stored back.
+
+use half::bf16;
+use kiln_kernels::checkpoint::TensorData;
+use safetensors::Dtype;
+
+use crate::spec::MomentsSpec;
+
+/// A moment tensor's values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MomentVec {
+    /// f32, 4 bytes per element.
+    F32(Vec<f32>),
+    /// bf16, 2 bytes per element.
+    Bf16(Vec<bf16>),
+}
+
+impl MomentVec {
+    /// `n` zeros stored as `kind`.
+    pub fn zeros(n: usize, kind: MomentsSpec) -> Self {
+        match kind {
+            MomentsSpec::F32 => MomentVec::F32(vec![0.0; n]),
+            MomentsSpec::Bf16 => MomentVec::Bf16(vec![bf16::ZERO; n]),
+        }
+    }
+
+    /// `values` stored as `kind`.
+    pub fn from_f32(values: Vec<f32>, kind: MomentsSpec) -> Self {
+        match kind {
+            MomentsSpec::F32 => MomentVec::F32(values),
+            MomentsSpec::Bf16 => {
+                MomentVec::Bf16(values.iter().map(|&v| bf16::from_f32(v)).collect())
+            }
+        }
+    }
+
+    /// The stored element type.
+    pub fn kind(&self) -> MomentsSpec {
+        match self {
+            MomentVec::F32(_) => MomentsSpec::F32,
+            MomentVec::Bf16(_) => MomentsSpec::Bf16,
+        }
+    }
+
+    /// Elements.
+    pub fn len(&self) -> usize {
+        match self {
+            MomentVec::F32(v) => v.len(),
+            MomentVec::Bf16(v) => v.len(),
+        }
+    }
+
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.len() as u64 * self.kind().bytes()
+    }
+
+    /// The values widened to f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            MomentVec::F32(v) => v.clone(),
+            MomentVec::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+
+    /// Run `f` over the values as f32 and store what it leaves (a bf16 moment is widened into a
+    /// temporary and rounded back; an f32 one is updated in place).
+    pub fn update_f32<R>(&mut self, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        match self {
+            MomentVec::F32(v) => f(v),
+            MomentVec::Bf16(v) => {
+                let mut wide: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+                let r = f(&mut wide);
+                for (dst, &src) in v.iter_mut().zip(&wide) {
+                    *dst = bf16::from_f32(src);
+                }
+                r
+            }
+        }
+    }
+
+    /// The tensor as stored in the optimizer file (F32 or BF16, the moment's own type).
+    pub fn to_tensor(&self, shape: Vec<usize>) -> TensorData {
+        match self {
+            MomentVec::F32(v) => TensorData::from_f32(shape, v),
+            MomentVec::Bf16(v) => TensorData {
+                dtype: Dtype::BF16,
+                shape,
+                data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_moments_round_to_nearest_and_halve_the_bytes() {
+        let vals = vec![1.0f32, 1.0 + 1.0 / 256.0 + 1e-6, -3.0e-12, 0.1];
+        let m = MomentVec::from_f32(vals.clone(), MomentsSpec::Bf16);
+        assert_eq!(m.bytes(), 8);
+        assert_eq!(
+            MomentVec::from_f32(vals.clone(), MomentsSpec::F32).bytes(),
+            16
+        );
+        let back = m.to_f32();
+        for (a, b) in vals.iter().zip(&back) {
+            // bf16 keeps 8 significant bits (an ulp of 2^-7 relative): rounding to nearest
+            // errs by at most half of that, 2^-8.
+            assert!((a - b).abs() <= a.abs() / 256.0, "{a} → {b}");
+        }
+        // 1 + 1/256 + ε is above the midpoint between 1 and 1 + 1/128: it rounds up.
+        assert_eq!(back[1], 1.0 + 1.0 / 128.0);
+    }
+
+    #[test]
+    fn update_f32_stores_back_in_the_moments_own_type() {
+        let mut m = MomentVec::zeros(3, MomentsSpec::Bf16);
+        let sum = m.update_f32(|v| {
+            v.copy_from_slice(&[0.5, 2.0, 1.0 / 3.0]);
+            v.iter().sum::<f32>()
+        });
+        assert!((sum - 2.8333333).abs() < 1e-6);
+        assert_eq!(m.kind(), MomentsSpec::Bf16);
+        assert_eq!(m.to_f32()[..2], [0.5, 2.0]);
+        assert_eq!(m.to_f32()[2], bf16::from_f32(1.0 / 3.0).to_f32());
+        let t = m.to_tensor(vec![3]);
+        assert_eq!((t.dtype, t.data.len()), (Dtype::BF16, 6));
+        assert_eq!(t.to_f32().unwrap(), m.to_f32());
+    }
+}
