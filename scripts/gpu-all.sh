@@ -14,11 +14,13 @@
 #   cp "$(ls -t target/release/deps/gpu_generation-* | grep -v '\.d$' | head -1)" target-carry/test-gpu_generation
 #   cp "$(ls -t target/release/deps/gpu_decode-* | grep -v '\.d$' | head -1)" target-carry/test-gpu_decode
 #   strip target-carry/test-gpu_generation target-carry/test-gpu_decode
+#   (and the train kernels' test binary as in scripts/gpu-train.sh's header)
 #
 # then on the GPU machine: scripts/gpu-all.sh [BIN_DIR] (default target-carry). Runs the
 # kernels' GPU tests and benchmark, the agent's GPU guard test, the guard end to end through
 # the binary, exec jobs with PyTorch, and the GPU engine (scripts/gpu-engine.sh: its tests,
-# the HF anchor, `kiln bench engine --device cuda`, `kiln demo`); prints a line per part last.
+# the HF anchor, `kiln bench engine --device cuda`, `kiln demo`) and the train path
+# (scripts/gpu-train.sh); prints a line per part last.
 # Output under $OUT.
 set -uo pipefail
 bin=${1:-target-carry}
@@ -51,10 +53,15 @@ OUT="$out/gpu-engine" timeout 900 scripts/gpu-engine.sh "$bin" > "$out/gpu-engin
 result[engine]=$?
 tail -60 "$out/gpu-engine.txt"
 
+echo "== GPU train path"
+OUT="$out/gpu-train" timeout 400 scripts/gpu-train.sh "$bin" > "$out/gpu-train.txt" 2>&1
+result[train]=$?
+tail -30 "$out/gpu-train.txt"
+
 echo
 echo "== summary (exit status of each part; 0 = passed)"
 status=0
-for k in kernels agent_guard_test agent_check exec_check engine; do
+for k in kernels agent_guard_test agent_check exec_check engine train; do
     printf '%-20s %s\n' "$k" "${result[$k]}"
     [[ "${result[$k]}" == 0 ]] || status=1
 done

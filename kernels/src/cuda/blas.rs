@@ -119,8 +119,8 @@ impl CudaKernels {
 }
 
 /// A strided batched bf16 GEMM on raw device addresses, column-major as cuBLAS sees it:
-/// `C_b[m × n] = alpha · op(A_b)[m × k] · op(B_b)[k × n]` for `b < batch`, A and B bf16, C f32
-/// or bf16, f32 accumulation ([`CudaKernels::gemm_bf16_strided_batched_async`]).
+/// `C_b[m × n] = alpha · op(A_b)[m × k] · op(B_b)[k × n] + beta · C_b` for `b < batch`, A and B
+/// bf16, C f32 or bf16, f32 accumulation ([`CudaKernels::gemm_bf16_strided_batched_async`]).
 #[derive(Debug, Clone, Copy)]
 pub struct StridedGemm {
     /// A transposed.
@@ -135,6 +135,8 @@ pub struct StridedGemm {
     pub k: usize,
     /// The product's scale.
     pub alpha: f32,
+    /// C's scale before the product is added (0: C is overwritten; 1: accumulated into).
+    pub beta: f32,
     /// A (bf16) and its leading dimension and batch stride, in elements.
     pub a: (u64, usize, usize),
     /// B (bf16), leading dimension, batch stride.
@@ -148,7 +150,7 @@ pub struct StridedGemm {
 }
 
 impl CudaKernels {
-    /// Queue the strided batched GEMM `g` (cublasGemmStridedBatchedEx, f32 compute; beta 0).
+    /// Queue the strided batched GEMM `g` (cublasGemmStridedBatchedEx, f32 compute).
     ///
     /// # Safety
     /// Every address covers what its leading dimension, batch stride and the shape imply.
@@ -167,7 +169,7 @@ impl CudaKernels {
                 cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let (alpha, beta) = (g.alpha, 0.0f32);
+        let (alpha, beta) = (g.alpha, g.beta);
         let ctype = if g.c_f32 {
             cudaDataType::CUDA_R_32F
         } else {

@@ -25,10 +25,16 @@ pub const COMMON: &str = include_str!("../../cuda/nvfp4_common.cuh");
 
 /// Headers a kernel file may `#include "NAME"` (on a line of its own); [`full_source`] pastes
 /// them in, so NVRTC gets one self-contained translation unit per file.
-pub const HEADERS: &[(&str, &str)] = &[(
-    "gemv_tensor_core.cuh",
-    include_str!("../../cuda/gemv_tensor_core.cuh"),
-)];
+pub const HEADERS: &[(&str, &str)] = &[
+    (
+        "gemv_tensor_core.cuh",
+        include_str!("../../cuda/gemv_tensor_core.cuh"),
+    ),
+    (
+        "block_reduce.cuh",
+        include_str!("../../cuda/block_reduce.cuh"),
+    ),
+];
 
 /// Every kernel file, in load order.
 pub const SOURCES: &[KernelSource] = &[
@@ -67,6 +73,10 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         file: "adamw_nvfp4.cu",
         source: include_str!("../../cuda/adamw_nvfp4.cu"),
+    },
+    KernelSource {
+        file: "train.cu",
+        source: include_str!("../../cuda/train.cu"),
     },
 ];
 

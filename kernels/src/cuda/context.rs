@@ -14,6 +14,7 @@ use super::compile::{arch_for, compile_cached, SOURCES};
 use super::decode::DecodeFunctions;
 use super::driver::drv;
 use super::gemv_kernels::{GemvFunctions, ScratchCell};
+use super::train::TrainFunctions;
 use crate::KernelError;
 
 /// Checks that the CUDA driver, NVRTC, cuBLAS and cuBLASLt libraries can be loaded, without
@@ -68,6 +69,8 @@ pub(crate) struct Functions {
     pub gemv: GemvFunctions,
     /// The GPU engine's transformer kernels besides the GEMVs (`decode.cu`).
     pub decode: DecodeFunctions,
+    /// The train step's kernels besides the GEMMs (`train.cu`).
+    pub train: TrainFunctions,
 }
 
 /// One CUDA device with Kiln's kernels loaded. All work goes to one stream, in order.
@@ -167,6 +170,7 @@ impl CudaKernels {
             adamw_apply: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_apply")?,
             gemv: GemvFunctions::load(&func, smem_optin)?,
             decode: DecodeFunctions::load(&func)?,
+            train: TrainFunctions::load(&func)?,
         };
         let modules_ms = started.elapsed().as_secs_f64() * 1e3 - context_ms;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| KernelError::Cuda {

@@ -9,7 +9,9 @@
 //!   [`gemv`] — the decode GEMV: default kernel per shape and the production launchers;
 //!   `gemv_bench` (`bench` feature) — the benchmark's probe and two-launch GEMVs;
 //!   [`decode`] — the GPU engine's other transformer kernels (norms, RoPE + KV append,
-//!   attention, SwiGLU, the greedy pick); [`adamw`] — the packed-weight optimizer step; [`blas`] — cuBLAS / cuBLASLt calls.
+//!   attention, SwiGLU, the greedy pick); [`train`] — the train step's kernels besides the
+//!   GEMMs (forward and backward, cross-entropy, fake-quant, multi-tensor AdamW);
+//!   [`adamw`] — the packed-weight optimizer step; [`blas`] — cuBLAS / cuBLASLt calls.
 //! - [`host`] — host-slice conveniences checked against the CPU reference.
 //!
 //! Nothing here falls back to the CPU: when CUDA cannot be used, [`CudaKernels::new`] returns
@@ -27,6 +29,7 @@ pub mod gemv_bench;
 pub mod gemv_kernels;
 pub mod host;
 pub mod ops;
+pub mod train;
 
 pub use context::{check_cuda_libraries, CudaKernels};
 pub use gemv::{GemvKernel, GemvLaunch};

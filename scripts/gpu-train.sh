@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU train path's checks in one go, from prebuilt binaries (the GPU machine has no Rust
+# toolchain). On a dev machine, from the repository root:
+#
+#   cargo test --release -p kiln-kernels --test gpu_train --no-run
+#   mkdir -p target-carry
+#   cp "$(ls -t target/release/deps/gpu_train-* | grep -v '\.d$' | head -1)" target-carry/test-gpu_train
+#   strip target-carry/test-gpu_train
+#
+# then on the GPU machine: scripts/gpu-train.sh [BIN_DIR] (default target-carry). Runs the train
+# kernels' GPU tests (train.cu against f64 CPU references and finite differences). Output under
+# $OUT (default out/).
+set -uo pipefail
+bin=${1:-target-carry}
+out=${OUT:-out}
+mkdir -p "$out"
+export KILN_CACHE_DIR="$out/cache"
+declare -A result
+
+echo "== train kernels' GPU tests"
+timeout 300 "$bin/test-gpu_train" --ignored --nocapture --test-threads=1 > "$out/gpu-train-tests.txt" 2>&1
+result[train_kernel_tests]=$?
+grep -E "worst|max \|Δ\||directional|loss|adamw|test |panicked|result" "$out/gpu-train-tests.txt" | tail -60
+
+echo
+echo "== summary (exit status of each part; 0 = passed)"
+status=0
+for k in train_kernel_tests; do
+    printf '%-20s %s\n' "$k" "${result[$k]}"
+    [[ "${result[$k]}" == 0 ]] || status=1
+done
+exit $status
