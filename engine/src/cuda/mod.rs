@@ -8,6 +8,8 @@
 //!   before anything is allocated; the sizing rules of the sequence.
 //! - `sequence` — [`CudaSequence`]: a sequence's bf16 KV cache, buffers, device scalars and
 //!   captured decode step; prefill.
+//! - `train` — [`train::CudaTrainer`]: a train step (`none` / `nvfp4-ste`) with the model's
+//!   parameters, gradients and moments resident on the GPU.
 //!
 //! Every launch goes to the one stream of [`kiln_kernels::cuda::CudaKernels`]; nothing here
 //! falls back to the CPU.
@@ -15,6 +17,7 @@
 pub mod bench;
 pub mod plan;
 pub mod sequence;
+pub mod train;
 pub mod weights;
 
 pub use plan::GpuPlan;

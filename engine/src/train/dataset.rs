@@ -163,41 +163,79 @@ pub struct Batch {
     pub seq: usize,
 }
 
-/// Build the batch of `samples`, padding with `pad_id` (padding comes after each sample's
-/// tokens, so causal attention keeps it out of the real positions, and its mask is 0).
-pub fn make_batch(samples: &[&TrainSample], pad_id: u32, device: &Device) -> Result<Batch> {
-    let t = samples
-        .iter()
-        .map(|s| s.ids.len().saturating_sub(1))
-        .max()
-        .unwrap_or(0);
-    if t == 0 {
-        return Err(EngineError::InvalidArgument(
-            "every sample of the batch is shorter than 2 tokens; raise --seq-len".into(),
-        ));
-    }
-    let b = samples.len();
-    let mut input = vec![pad_id; b * t];
-    let mut target = vec![0u32; b * t];
-    let mut mask = vec![0f32; b * t];
-    let mut input_tokens = 0;
-    for (r, s) in samples.iter().enumerate() {
-        let n = s.ids.len().saturating_sub(1);
-        input_tokens += n;
-        for p in 0..n {
-            input[r * t + p] = s.ids[p];
-            target[r * t + p] = s.ids[p + 1];
-            mask[r * t + p] = if s.is_target[p + 1] { 1.0 } else { 0.0 };
+/// One batch as host arrays (`B` rows of `T` = the longest sample less one): inputs, next-token
+/// targets (padding: 0), loss mask (1 on assistant targets), and the real input tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchArrays {
+    /// Inputs `[B·T]`, padded.
+    pub input: Vec<u32>,
+    /// Targets `[B·T]`.
+    pub target: Vec<u32>,
+    /// Loss mask `[B·T]`.
+    pub mask: Vec<f32>,
+    /// Rows (B).
+    pub batch: usize,
+    /// Tokens per row (T).
+    pub seq: usize,
+    /// Input tokens that are not padding.
+    pub input_tokens: usize,
+}
+
+impl BatchArrays {
+    /// The arrays of `samples`, padding with `pad_id` (padding comes after each sample's
+    /// tokens, so causal attention keeps it out of the real positions, and its mask is 0).
+    pub fn new(samples: &[&TrainSample], pad_id: u32) -> Result<Self> {
+        let t = samples
+            .iter()
+            .map(|s| s.ids.len().saturating_sub(1))
+            .max()
+            .unwrap_or(0);
+        if t == 0 {
+            return Err(EngineError::InvalidArgument(
+                "every sample of the batch is shorter than 2 tokens; raise --seq-len".into(),
+            ));
         }
+        let b = samples.len();
+        let mut input = vec![pad_id; b * t];
+        let mut target = vec![0u32; b * t];
+        let mut mask = vec![0f32; b * t];
+        let mut input_tokens = 0;
+        for (r, s) in samples.iter().enumerate() {
+            let n = s.ids.len().saturating_sub(1);
+            input_tokens += n;
+            for p in 0..n {
+                input[r * t + p] = s.ids[p];
+                target[r * t + p] = s.ids[p + 1];
+                mask[r * t + p] = if s.is_target[p + 1] { 1.0 } else { 0.0 };
+            }
+        }
+        Ok(BatchArrays {
+            input,
+            target,
+            mask,
+            batch: b,
+            seq: t,
+            input_tokens,
+        })
     }
-    let target_tokens = mask.iter().filter(|&&m| m > 0.0).count();
+
+    /// Positions with mask 1.
+    pub fn target_tokens(&self) -> usize {
+        self.mask.iter().filter(|&&m| m > 0.0).count()
+    }
+}
+
+/// Build the batch of `samples` as tensors on `device` (see [`BatchArrays::new`]).
+pub fn make_batch(samples: &[&TrainSample], pad_id: u32, device: &Device) -> Result<Batch> {
+    let a = BatchArrays::new(samples, pad_id)?;
+    let (b, t) = (a.batch, a.seq);
     Ok(Batch {
-        input: Tensor::from_vec(input, (b, t), device)?,
-        target: Tensor::from_vec(target, b * t, device)?,
-        mask: Tensor::from_vec(mask, b * t, device)?,
-        target_tokens,
-        input_tokens,
+        target_tokens: a.target_tokens(),
+        input_tokens: a.input_tokens,
         seq: t,
+        input: Tensor::from_vec(a.input, (b, t), device)?,
+        target: Tensor::from_vec(a.target, b * t, device)?,
+        mask: Tensor::from_vec(a.mask, b * t, device)?,
     })
 }
 

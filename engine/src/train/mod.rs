@@ -95,7 +95,7 @@ pub fn tokenizer_and_template(files: &ModelFiles) -> Result<(TextTokenizer, Chat
 }
 
 /// The parameters of `model` (`tiny` or a directory) for training in `quant` mode.
-fn load_params(
+pub fn load_params(
     engine: &Engine,
     model: &str,
     quant: QuantSpec,
@@ -287,141 +287,25 @@ fn train_checked(
         ("activations", 0),
     ]));
 
-    // Data.
-    let (tokenizer, template) = tokenizer_and_template(&files)?;
-    let stops = stop_tokens(&cfg, &tokenizer, &template);
-    let conversations = dataset::read_chat_jsonl(&spec.dataset)?;
-    let seq_len = (spec.seq_len as usize).min(cfg.max_position_embeddings);
-    let samples = conversations
-        .iter()
-        .map(|m| dataset::tokenize_sample(m, &tokenizer, &template, &stops, seq_len))
-        .collect::<Result<Vec<_>>>()?;
-    let trainable = samples.iter().filter(|s| s.target_tokens() > 0).count();
-    if trainable == 0 {
-        return Err(EngineError::Dataset {
-            path: spec.dataset.clone(),
-            line: None,
-            message: format!(
-                "no sample has an assistant token within --seq-len {seq_len}; raise --seq-len"
-            ),
-        });
-    }
-    reporter.log(format!(
-        "dataset {}: {} samples, {} with assistant tokens within seq_len {seq_len}, longest {} tokens",
-        spec.dataset,
-        samples.len(),
-        trainable,
-        samples.iter().map(|s| s.ids.len()).max().unwrap_or(0)
-    ));
-    let pad = tokenizer
-        .token_id("<|endoftext|>")
-        .or_else(|| stops.first().copied())
-        .unwrap_or(0);
-
+    let data = TrainData::load(spec, &files, &cfg, reporter)?;
     let hp = AdamWParams {
         lr: spec.lr as f32,
         ..AdamWParams::default()
     };
-    let chunk_rows = match spec.step_chunk_rows {
-        0 => DEFAULT_STEP_CHUNK_ROWS,
-        n => n as usize,
-    };
-    let micro = spec.micro_batches() as usize;
-    let per_micro = spec.batch as usize;
     let total = spec.steps as u64;
     let mut losses = Vec::new();
     let mut tokens = 0usize;
     let t_train = Instant::now();
     while state.step < total {
         let step = state.step + 1;
-        // One step's samples, cut into `micro` micro-batches of `batch` samples.
-        let idx = dataset::batch_indices(samples.len(), per_micro * micro, state.step, spec.seed);
-        let picked: Vec<&dataset::TrainSample> = idx.iter().map(|&i| &samples[i]).collect();
-        let denom: usize = picked.iter().map(|s| s.target_tokens()).sum();
-        let model = store.model()?;
-        let mut grads: Option<Vec<Vec<f32>>> = None;
-        let mut loss_v = 0.0f32;
-        for (mb, part) in picked.chunks(per_micro).enumerate() {
-            let batch = dataset::make_batch(part, pad, engine.device())?;
-            tokens += batch.input_tokens;
-            let logits = engine.forward_train(&model, &batch.input)?;
-            let loss = masked_loss(&logits, &batch, denom)?;
-            let part_loss = loss.to_scalar::<f32>()?;
-            if !part_loss.is_finite() {
-                return Err(EngineError::InvalidArgument(format!(
-                    "the loss is {part_loss} at step {step}; training diverged — lower the learning rate"
-                )));
-            }
-            loss_v += part_loss;
-            let (bsz, t) = (part.len(), batch.seq);
-            let act = (model.activation_bytes(t, t, 0) * cfg.num_hidden_layers as u64
-                + 3 * (t * cfg.vocab_size * 4) as u64)
-                * bsz as u64
-                + store.dequantized_bytes();
-            let b = store.bytes();
-            let common = [
-                ("weights", b.weights),
-                ("scales", b.scales),
-                ("optimizer_state", b.optimizer_state),
-            ];
-            let held = grads
-                .as_ref()
-                .map_or(0, |g| g.iter().map(|g| 4 * g.len() as u64).sum());
-            let mut fwd = PhaseReport::now("forward_done", step as u32)
-                .bytes(common)
-                .bytes([("grads", held), ("activations", act)])
-                .metric("loss", part_loss as f64)
-                .metric("target_tokens", batch.target_tokens as f64);
-            if micro > 1 {
-                fwd = fwd.metric("micro_batch", mb as f64);
-            }
-            reporter.phase(fwd);
-
-            let g = store.gradients(&loss.backward()?)?;
-            drop(logits);
-            drop(loss);
-            match &mut grads {
-                None => grads = Some(g),
-                Some(sum) => {
-                    for (s, g) in sum.iter_mut().zip(g) {
-                        s.iter_mut().zip(g).for_each(|(a, b)| *a += b);
-                    }
-                }
-            }
-            let grad_bytes: u64 = grads
-                .as_ref()
-                .map_or(0, |g| g.iter().map(|g| 4 * g.len() as u64).sum());
-            let mut bwd = PhaseReport::now("backward_done", step as u32)
-                .bytes(common)
-                .bytes([("grads", grad_bytes), ("activations", 0)]);
-            if micro > 1 {
-                bwd = bwd.metric("micro_batch", mb as f64);
-            }
-            reporter.phase(bwd);
-        }
-        drop(model);
-        let grads = grads.expect("a step has at least one micro-batch");
-
-        let clip = spec.clip_grad() as f32;
-        let st = store.adamw_step(grads, hp, step, chunk_rows, spec.seed, clip)?;
-        let b = store.bytes();
-        reporter.phase(
-            PhaseReport::now("optimizer_done", step as u32)
-                .bytes([
-                    ("weights", b.weights),
-                    ("scales", b.scales),
-                    ("optimizer_state", b.optimizer_state),
-                    ("grads", 0),
-                    ("activations", st.peak_chunk_bytes as u64),
-                ])
-                .metric("loss", loss_v as f64)
-                .metric("grad_norm", st.grad_norm as f64),
-        );
+        let out = cpu_step(engine, &cfg, &mut store, &data, spec, hp, step, reporter)?;
+        tokens += out.input_tokens;
+        let loss_v = out.loss;
         state.step = step;
         state.losses.push(loss_v);
         losses.push(loss_v);
         reporter.progress(step, total, "steps", format!("loss {loss_v:.4}"));
-        tracing::debug!(step, loss = loss_v, grad_norm = st.grad_norm, "train step");
+        tracing::debug!(step, loss = loss_v, grad_norm = out.grad_norm, "train step");
         if spec.save_every > 0 && step % spec.save_every as u64 == 0 && step < total {
             save_checkpoint(&out_dir, &mut store, &files, &state, reporter)?;
         }
@@ -438,6 +322,195 @@ fn train_checked(
         } else {
             0.0
         },
+    })
+}
+
+/// A run's training data: the tokenized samples and the padding id.
+#[derive(Debug)]
+pub struct TrainData {
+    /// Every sample of the dataset, cut to the run's sequence length.
+    pub samples: Vec<dataset::TrainSample>,
+    /// The id padding fills batches with.
+    pub pad: u32,
+}
+
+impl TrainData {
+    /// Read and tokenize `spec.dataset` with the model's tokenizer and chat template; fails
+    /// when no sample has an assistant token within the sequence length.
+    pub fn load(
+        spec: &TrainSpec,
+        files: &ModelFiles,
+        cfg: &ModelConfig,
+        reporter: &Reporter,
+    ) -> Result<Self> {
+        let (tokenizer, template) = tokenizer_and_template(files)?;
+        let stops = stop_tokens(cfg, &tokenizer, &template);
+        let conversations = dataset::read_chat_jsonl(&spec.dataset)?;
+        let seq_len = (spec.seq_len as usize).min(cfg.max_position_embeddings);
+        let samples = conversations
+            .iter()
+            .map(|m| dataset::tokenize_sample(m, &tokenizer, &template, &stops, seq_len))
+            .collect::<Result<Vec<_>>>()?;
+        let trainable = samples.iter().filter(|s| s.target_tokens() > 0).count();
+        if trainable == 0 {
+            return Err(EngineError::Dataset {
+                path: spec.dataset.clone(),
+                line: None,
+                message: format!(
+                    "no sample has an assistant token within --seq-len {seq_len}; raise --seq-len"
+                ),
+            });
+        }
+        reporter.log(format!(
+            "dataset {}: {} samples, {} with assistant tokens within seq_len {seq_len}, longest {} tokens",
+            spec.dataset,
+            samples.len(),
+            trainable,
+            samples.iter().map(|s| s.ids.len()).max().unwrap_or(0)
+        ));
+        let pad = tokenizer
+            .token_id("<|endoftext|>")
+            .or_else(|| stops.first().copied())
+            .unwrap_or(0);
+        Ok(TrainData { samples, pad })
+    }
+
+    /// The micro-batches of 1-based `step` (`spec.grad_accum` of `spec.batch` samples each, in
+    /// the run's seeded order) and the step's assistant-token count (every micro-batch's loss
+    /// divides by it).
+    pub fn step_samples(
+        &self,
+        spec: &TrainSpec,
+        step: u64,
+    ) -> (Vec<Vec<&dataset::TrainSample>>, usize) {
+        let per_micro = spec.batch as usize;
+        let micro = spec.micro_batches() as usize;
+        let idx =
+            dataset::batch_indices(self.samples.len(), per_micro * micro, step - 1, spec.seed);
+        let picked: Vec<&dataset::TrainSample> = idx.iter().map(|&i| &self.samples[i]).collect();
+        let denom = picked.iter().map(|s| s.target_tokens()).sum();
+        (
+            picked.chunks(per_micro).map(|c| c.to_vec()).collect(),
+            denom,
+        )
+    }
+}
+
+/// What one CPU step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CpuStepOutcome {
+    /// The step's loss.
+    pub loss: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+    /// Input tokens forwarded (padding excluded).
+    pub input_tokens: usize,
+}
+
+/// One optimizer step on the CPU engine: forward and backward of each micro-batch of 1-based
+/// `step` (gradients summed), clipping, AdamW; phases `forward_done` / `backward_done` per
+/// micro-batch and `optimizer_done` go to `reporter`.
+#[allow(clippy::too_many_arguments)]
+pub fn cpu_step(
+    engine: &Engine,
+    cfg: &ModelConfig,
+    store: &mut ParamStore,
+    data: &TrainData,
+    spec: &TrainSpec,
+    hp: AdamWParams,
+    step: u64,
+    reporter: &Reporter,
+) -> Result<CpuStepOutcome> {
+    let chunk_rows = match spec.step_chunk_rows {
+        0 => DEFAULT_STEP_CHUNK_ROWS,
+        n => n as usize,
+    };
+    let micro = spec.micro_batches() as usize;
+    let (parts, denom) = data.step_samples(spec, step);
+    let model = store.model()?;
+    let mut grads: Option<Vec<Vec<f32>>> = None;
+    let mut loss_v = 0.0f32;
+    let mut tokens = 0usize;
+    for (mb, part) in parts.iter().enumerate() {
+        let batch = dataset::make_batch(part, data.pad, engine.device())?;
+        tokens += batch.input_tokens;
+        let logits = engine.forward_train(&model, &batch.input)?;
+        let loss = masked_loss(&logits, &batch, denom)?;
+        let part_loss = loss.to_scalar::<f32>()?;
+        if !part_loss.is_finite() {
+            return Err(EngineError::InvalidArgument(format!(
+                "the loss is {part_loss} at step {step}; training diverged — lower the learning rate"
+            )));
+        }
+        loss_v += part_loss;
+        let (bsz, t) = (part.len(), batch.seq);
+        let act = (model.activation_bytes(t, t, 0) * cfg.num_hidden_layers as u64
+            + 3 * (t * cfg.vocab_size * 4) as u64)
+            * bsz as u64
+            + store.dequantized_bytes();
+        let b = store.bytes();
+        let common = [
+            ("weights", b.weights),
+            ("scales", b.scales),
+            ("optimizer_state", b.optimizer_state),
+        ];
+        let held = grads
+            .as_ref()
+            .map_or(0, |g| g.iter().map(|g| 4 * g.len() as u64).sum());
+        let mut fwd = PhaseReport::now("forward_done", step as u32)
+            .bytes(common)
+            .bytes([("grads", held), ("activations", act)])
+            .metric("loss", part_loss as f64)
+            .metric("target_tokens", batch.target_tokens as f64);
+        if micro > 1 {
+            fwd = fwd.metric("micro_batch", mb as f64);
+        }
+        reporter.phase(fwd);
+
+        let g = store.gradients(&loss.backward()?)?;
+        drop(logits);
+        drop(loss);
+        match &mut grads {
+            None => grads = Some(g),
+            Some(sum) => {
+                for (s, g) in sum.iter_mut().zip(g) {
+                    s.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+                }
+            }
+        }
+        let grad_bytes: u64 = grads
+            .as_ref()
+            .map_or(0, |g| g.iter().map(|g| 4 * g.len() as u64).sum());
+        let mut bwd = PhaseReport::now("backward_done", step as u32)
+            .bytes(common)
+            .bytes([("grads", grad_bytes), ("activations", 0)]);
+        if micro > 1 {
+            bwd = bwd.metric("micro_batch", mb as f64);
+        }
+        reporter.phase(bwd);
+    }
+    drop(model);
+    let grads = grads.expect("a step has at least one micro-batch");
+
+    let clip = spec.clip_grad() as f32;
+    let st = store.adamw_step(grads, hp, step, chunk_rows, spec.seed, clip)?;
+    let b = store.bytes();
+    reporter.phase(
+        PhaseReport::now("optimizer_done", step as u32)
+            .bytes([
+                ("weights", b.weights),
+                ("scales", b.scales),
+                ("optimizer_state", b.optimizer_state),
+                ("grads", 0),
+                ("activations", st.peak_chunk_bytes as u64),
+            ])
+            .metric("loss", loss_v as f64)
+            .metric("grad_norm", st.grad_norm as f64),
+    );
+    Ok(CpuStepOutcome {
+        loss: loss_v,
+        grad_norm: st.grad_norm,
+        input_tokens: tokens,
     })
 }
 

@@ -151,16 +151,7 @@ impl CudaKernels {
         s.memset_zeros(&mut status.first_bad_inv)
             .map_err(drv("resetting amax"))?;
         let n = x.len() as u64;
-        let per_thread = match x {
-            DeviceInput::F32(_) => 4,
-            DeviceInput::Bf16(_) => 8,
-        };
-        let blocks = (n.div_ceil(per_thread * THREADS as u64)).clamp(1, self.sm_count as u64 * 8);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = self.amax_cfg(n, matches!(x, DeviceInput::F32(_)));
         let r = match x {
             DeviceInput::F32(x) => {
                 let mut b = s.launch_builder(&self.f.amax_f32);
@@ -182,6 +173,58 @@ impl CudaKernels {
             }
         };
         r.map(|_| ()).map_err(drv("launching kiln_amax"))
+    }
+
+    /// The amax pass's launch shape over `n` f32 (4 per thread) or bf16 (8) elements.
+    fn amax_cfg(&self, n: u64, f32_input: bool) -> LaunchConfig {
+        let per_thread = if f32_input { 4 } else { 8 };
+        let blocks = (n.div_ceil(per_thread * THREADS as u64)).clamp(1, self.sm_count as u64 * 8);
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// [`CudaKernels::amax_async`] over `n` f32 at a raw device address (a part of a larger
+    /// buffer, e.g. one weight of a training model's flat parameter buffer).
+    ///
+    /// # Safety
+    /// `x` holds `n` f32 and is 16-byte aligned.
+    pub unsafe fn amax_f32_at_async(
+        &self,
+        x: u64,
+        n: usize,
+        status: &mut DeviceStatus,
+    ) -> Result<(), KernelError> {
+        let s = &self.stream;
+        s.memset_zeros(&mut status.amax_bits)
+            .map_err(drv("resetting amax"))?;
+        s.memset_zeros(&mut status.first_bad_inv)
+            .map_err(drv("resetting amax"))?;
+        let n = n as u64;
+        let cfg = self.amax_cfg(n, true);
+        let (amax, bad) = (
+            self.addr(&status.amax_bits, 0),
+            self.addr(&status.first_bad_inv, 0),
+        );
+        // SAFETY: (x, n, amax_bits, first_bad_inv) is kiln_amax_f32's parameter list; the
+        // caller's contract covers x.
+        unsafe {
+            super::driver::launch_raw(
+                s,
+                &self.f.amax_f32,
+                cfg,
+                &mut [
+                    super::driver::param(&x),
+                    super::driver::param(&n),
+                    super::driver::param(&amax),
+                    super::driver::param(&bad),
+                ],
+                false,
+            )
+        }
+        .map_err(drv("launching kiln_amax_f32"))
     }
 
     /// Read the status written by the last amax pass (synchronises): `(amax, first bad index)`.

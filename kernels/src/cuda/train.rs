@@ -645,6 +645,30 @@ impl CudaKernels {
         }
     }
 
+    /// Queue `y = bf16(x)` (round to nearest even) over `n` elements at raw addresses.
+    ///
+    /// # Safety
+    /// `x` holds `n` f32 and `y` `n` bf16.
+    pub unsafe fn train_f32_to_bf16_async(
+        &self,
+        x: DevAddr,
+        y: DevAddr,
+        n: usize,
+    ) -> Result<(), KernelError> {
+        let nn = n as u64;
+        let blocks = n.div_ceil(256).clamp(1, self.sm_count as usize * 16) as u32;
+        // SAFETY: (x, n, y) is kiln_f32_to_bf16's parameter list (a grid-stride loop); the
+        // caller's contract covers the buffers.
+        unsafe {
+            self.train_go(
+                &self.f.f32_to_bf16,
+                cfg((blocks, 1, 1), 256),
+                "launching kiln_f32_to_bf16",
+                &mut [param(&x), param(&nn), param(&y)],
+            )
+        }
+    }
+
     /// Upload the table of a multi-tensor AdamW launch (moments bf16 when `bf16_moments`).
     pub fn train_tensor_table(
         &self,

@@ -1,0 +1,168 @@
+//! The GPU trainer against the CPU trainer (ignored without a GPU; `scripts/gpu-train.sh` runs
+//! them): the same model, seed and batches, step by step.
+//!
+//! Tolerance. The GPU keeps activations and GEMM inputs in bf16 (8 significant bits) where the
+//! CPU keeps f32, so the losses drift apart slowly: [`LOSS_REL_TOL`] per step, relative.
+
+use std::sync::Arc;
+
+use kiln_engine::chat_model::model_files;
+use kiln_engine::cuda::train::{CudaTrainer, HostBatch};
+use kiln_engine::engine::{Engine, Workload};
+use kiln_engine::report::Reporter;
+use kiln_engine::spec::{DeviceSpec, MomentsSpec, QuantSpec, TrainSpec};
+use kiln_engine::train::params::ParamStore;
+use kiln_engine::train::{cpu_step, load_params, TrainData};
+use kiln_kernels::cpu::AdamWParams;
+use kiln_kernels::cuda::CudaKernels;
+
+/// Largest relative difference of a step's loss, GPU against CPU.
+const LOSS_REL_TOL: f32 = 0.03;
+
+fn spec(quant: QuantSpec, steps: u32) -> TrainSpec {
+    TrainSpec {
+        model: "tiny".into(),
+        dataset: "whoami".into(),
+        steps,
+        seq_len: 64,
+        batch: 4,
+        lr: 1e-2,
+        quant,
+        seed: 1,
+        out_dir: "/nonexistent".into(),
+        ..Default::default()
+    }
+}
+
+fn kernels() -> Arc<CudaKernels> {
+    Arc::new(
+        CudaKernels::new(0).expect("these tests need a CUDA GPU (they are ignored without one)"),
+    )
+}
+
+/// (cpu engine, config, CPU store, GPU store, data) for `s`.
+fn setup(
+    s: &TrainSpec,
+) -> (
+    Engine,
+    kiln_engine::model::ModelConfig,
+    ParamStore,
+    ParamStore,
+    TrainData,
+) {
+    let engine = Engine::for_job(Workload::Training, "cpu", DeviceSpec::Cpu).unwrap();
+    let (cfg, cpu) = load_params(&engine, &s.model, s.quant).unwrap();
+    let (_, gpu) = load_params(&engine, &s.model, s.quant).unwrap();
+    let files = model_files(&s.model).unwrap();
+    let data = TrainData::load(s, &files, &cfg, &Reporter::capture().0).unwrap();
+    (
+        engine,
+        cfg,
+        cpu.with_moments(s.moments),
+        gpu.with_moments(s.moments),
+        data,
+    )
+}
+
+/// Loss curves of `s.steps` steps on the CPU and on the GPU, same batches.
+fn curves(s: &TrainSpec) -> (Vec<f32>, Vec<f32>) {
+    let (engine, cfg, mut cpu, gpu_store, data) = setup(s);
+    let mut gpu = CudaTrainer::new(kernels(), &cfg, &gpu_store).unwrap();
+    let hp = AdamWParams {
+        lr: s.lr as f32,
+        ..AdamWParams::default()
+    };
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for step in 1..=s.steps as u64 {
+        let r = Reporter::capture().0;
+        a.push(
+            cpu_step(&engine, &cfg, &mut cpu, &data, s, hp, step, &r)
+                .unwrap()
+                .loss,
+        );
+        let (parts, denom) = data.step_samples(s, step);
+        let micro: Vec<HostBatch> = parts
+            .iter()
+            .map(|p| HostBatch::new(p, data.pad, denom).unwrap())
+            .collect();
+        b.push(
+            gpu.step(&micro, hp, step, s.clip_grad() as f32)
+                .unwrap()
+                .loss,
+        );
+    }
+    eprintln!("{:?} CPU {a:?}\n{:?} GPU {b:?}", s.quant, s.quant);
+    (a, b)
+}
+
+fn assert_curves_agree(a: &[f32], b: &[f32]) {
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let rel = (x - y).abs() / x.abs().max(1e-3);
+        assert!(
+            rel <= LOSS_REL_TOL,
+            "step {}: CPU loss {x}, GPU {y} (relative {rel:.4})\nCPU {a:?}\nGPU {b:?}",
+            i + 1
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn twenty_nvfp4_ste_steps_on_the_gpu_follow_the_cpu_loss_curve() {
+    let (a, b) = curves(&spec(QuantSpec::Nvfp4Ste, 20));
+    assert_curves_agree(&a, &b);
+    assert!(b[19] < b[0] * 0.5, "the GPU loss did not fall: {b:?}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn full_precision_and_accumulated_bf16_moment_steps_follow_the_cpu() {
+    let mut s = spec(QuantSpec::None, 8);
+    s.batch = 2;
+    s.grad_accum = 2;
+    s.moments = MomentsSpec::Bf16;
+    let (a, b) = curves(&s);
+    assert_curves_agree(&a, &b);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_trained_weights_come_back_to_the_host_store() {
+    let s = spec(QuantSpec::Nvfp4Ste, 3);
+    let (_, cfg, _, mut store, data) = setup(&s);
+    let before: Vec<f32> = match &store.params()[0].value {
+        kiln_engine::train::params::ParamValue::Dense(v) => {
+            v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
+        }
+        _ => unreachable!("nvfp4-ste parameters are dense"),
+    };
+    let mut gpu = CudaTrainer::new(kernels(), &cfg, &store).unwrap();
+    let hp = AdamWParams {
+        lr: 1e-2,
+        ..AdamWParams::default()
+    };
+    for step in 1..=3 {
+        let (parts, denom) = data.step_samples(&s, step);
+        let micro: Vec<HostBatch> = parts
+            .iter()
+            .map(|p| HostBatch::new(p, data.pad, denom).unwrap())
+            .collect();
+        gpu.step(&micro, hp, step, 1.0).unwrap();
+    }
+    gpu.download_into(&mut store).unwrap();
+    let p = &store.params()[0];
+    let after: Vec<f32> = match &p.value {
+        kiln_engine::train::params::ParamValue::Dense(v) => {
+            v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
+        }
+        _ => unreachable!(),
+    };
+    assert_ne!(before, after, "{} did not change", p.name);
+    assert!(
+        p.exp_avg_sq.to_f32().iter().any(|&v| v > 0.0),
+        "moments came back empty"
+    );
+    let b = gpu.bytes();
+    eprintln!("GPU bytes: {b:?}");
+    assert!(b.weights > 0 && b.grads > 0 && b.optimizer_state > 0 && b.activations > 0);
+}
