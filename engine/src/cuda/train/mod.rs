@@ -1,0 +1,570 @@
+//! [`CudaTrainer`]: a train step on one GPU for `--quant none` and `--quant nvfp4-ste` — the
+//! CPU trainer's model, loss and AdamW with bf16 activations and GEMMs (cuBLAS, f32
+//! accumulation and f32 outputs) and f32 master weights, gradients and moments (or bf16
+//! moments).
+//!
+//! Layout on the GPU: every parameter lives in one flat f32 buffer (`master`), with the
+//! gradient (`grads`) and the two moments at the same offsets, so the optimizer is one
+//! multi-tensor AdamW launch over a single span. Parameters are ordered so that the ones a GEMM
+//! reads together are adjacent: per layer the q, k and v weights (one `[qkv_cols, H]` matrix),
+//! their biases, and the gate and up weights (one `[2I, H]` matrix); their weight gradients come
+//! out of one GEMM each. Each step the linears are turned into bf16 working copies — the
+//! straight-through NVFP4 fake-quant of each weight with its own tensor scale (`nvfp4-ste`), or
+//! a plain rounding (`none`); the vocabulary projection (the embedding when tied) is rounded to
+//! bf16, as the CPU keeps it dense.
+//!
+//! Forward per layer (N = B·T tokens): RMSNorm → q/k/v GEMM → bias + RoPE into the attention
+//! group layout → scores GEMM → causal softmax → values GEMM → head merge → O GEMM added into the
+//! residual (GEMM β = 1) → RMSNorm → gate/up GEMM → SwiGLU → down GEMM added into the residual.
+//! The final norm's output goes through the vocabulary projection and cross-entropy in chunks of
+//! rows, each chunk's dlogits feeding the head's two backward GEMMs at once, so `[N × vocab]`
+//! logits never exist. Backward walks the layers in reverse with the saved activations; the
+//! embedding's gradient is a scatter-add.
+//!
+//! Not here yet: Qwen3's q/k norm, `nvfp4-full`, activation recomputation.
+//!
+//! - `layout` — the flat parameter order and each layer's offsets;
+//! - `workspace` — the buffers of one micro-batch shape;
+//! - `gemm` — the row-major GEMM on raw addresses;
+//! - `passes` — forward, vocabulary projection + cross-entropy, backward.
+
+mod gemm;
+mod layout;
+mod passes;
+mod workspace;
+
+pub use workspace::LOGIT_CHUNK;
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use kiln_kernels::cpu::{AdamWParams, AdamWScalars};
+use kiln_kernels::cuda::decode::DevAddr;
+use kiln_kernels::cuda::train::{TrainAttnShape, TrainTensor, TrainTensorTable};
+use kiln_kernels::cuda::{CudaKernels, DeviceStatus};
+
+use super::cuda;
+use crate::error::{EngineError, Result};
+use crate::model::rope::Rope;
+use crate::model::{ModelConfig, ModelLayout};
+use crate::spec::{MomentsSpec, QuantSpec};
+use crate::train::dataset::{BatchArrays, TrainSample};
+use crate::train::moments::MomentVec;
+use crate::train::params::{ParamStore, ParamValue};
+use layout::{flat_layout, FlatParam, LayerOffsets};
+use workspace::Workspace;
+
+/// The bf16 working copies of one layer's linears.
+struct LayerWeights {
+    qkv: CudaSlice<bf16>,
+    o: CudaSlice<bf16>,
+    gate_up: CudaSlice<bf16>,
+    down: CudaSlice<bf16>,
+}
+
+/// One micro-batch on the host: `batch` rows of `seq` tokens.
+#[derive(Debug, Clone)]
+pub struct HostBatch {
+    /// Rows.
+    pub batch: usize,
+    /// Tokens per row.
+    pub seq: usize,
+    /// Input ids `[batch·seq]`.
+    pub ids: Vec<u32>,
+    /// Next-token targets `[batch·seq]`.
+    pub target: Vec<u32>,
+    /// Loss weight per position (0 outside the loss; inside, 1 / the step's loss tokens).
+    pub weight: Vec<f32>,
+}
+
+impl HostBatch {
+    /// The micro-batch of `samples`, each assistant target weighted `1 / denom` (the step's
+    /// assistant tokens over all its micro-batches).
+    pub fn new(samples: &[&TrainSample], pad: u32, denom: usize) -> Result<Self> {
+        let a = BatchArrays::new(samples, pad)?;
+        let w = 1.0 / denom.max(1) as f32;
+        Ok(HostBatch {
+            batch: a.batch,
+            seq: a.seq,
+            weight: a.mask.iter().map(|&m| m * w).collect(),
+            ids: a.input,
+            target: a.target,
+        })
+    }
+}
+
+/// What one GPU step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GpuStepStats {
+    /// The step's loss (the weighted sum over its micro-batches).
+    pub loss: f32,
+    /// Global gradient L2 norm before clipping.
+    pub grad_norm: f32,
+}
+
+/// Bytes on the GPU by category (the phases' tensor bytes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GpuTrainBytes {
+    /// f32 master weights and their bf16 working copies.
+    pub weights: u64,
+    /// f32 gradients.
+    pub grads: u64,
+    /// AdamW moments.
+    pub optimizer_state: u64,
+    /// Saved activations and scratch of the current micro-batch shape.
+    pub activations: u64,
+}
+
+/// A model being trained on one GPU.
+pub struct CudaTrainer {
+    k: Arc<CudaKernels>,
+    cfg: ModelConfig,
+    quant: QuantSpec,
+    params: Vec<FlatParam>,
+    layers: Vec<LayerOffsets>,
+    embed: usize,
+    norm: usize,
+    lm_head: Option<usize>,
+    master: CudaSlice<f32>,
+    grads: CudaSlice<f32>,
+    m: Moments,
+    v: Moments,
+    table: TrainTensorTable,
+    inv_freq: CudaSlice<f32>,
+    weights: Vec<LayerWeights>,
+    /// bf16 vocabulary projection `[V, H]` (the embedding's copy when tied).
+    head: CudaSlice<bf16>,
+    status: DeviceStatus,
+    sumsq: CudaSlice<f64>,
+    loss: CudaSlice<f64>,
+    work: Option<Workspace>,
+}
+
+/// A moment buffer in its element type.
+enum Moments {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<bf16>),
+}
+
+fn unsupported(what: String) -> EngineError {
+    EngineError::InvalidArgument(format!("GPU training: {what}"))
+}
+
+impl CudaTrainer {
+    /// Whether the GPU trainer can train a model of shape `cfg` in mode `quant`.
+    pub fn check_supported(cfg: &ModelConfig, quant: QuantSpec) -> Result<()> {
+        if quant == QuantSpec::Nvfp4Full {
+            return Err(unsupported(
+                "--quant nvfp4-full does not run on the GPU yet; use nvfp4-ste or none, or --device cpu".into(),
+            ));
+        }
+        if cfg.qk_norm() {
+            return Err(unsupported(
+                "models with q/k norm (Qwen3) do not train on the GPU yet; use --device cpu".into(),
+            ));
+        }
+        let h = cfg.hidden_size;
+        if !(h.is_multiple_of(16)
+            && cfg.head_dim.is_multiple_of(16)
+            && cfg.intermediate_size.is_multiple_of(16))
+        {
+            return Err(unsupported(format!(
+                "hidden ({h}), head_dim ({}) and intermediate ({}) must be multiples of 16",
+                cfg.head_dim, cfg.intermediate_size
+            )));
+        }
+        if h > 8192 {
+            return Err(unsupported(format!("hidden size {h} is above 8192")));
+        }
+        Ok(())
+    }
+
+    /// Upload `store`'s parameters (dense f32: `none` / `nvfp4-ste`) and moments to the GPU.
+    pub fn new(k: Arc<CudaKernels>, cfg: &ModelConfig, store: &ParamStore) -> Result<Self> {
+        let quant = store.quant();
+        Self::check_supported(cfg, quant)?;
+        let layout = ModelLayout::new(cfg)?;
+        let (params, layers, embed, norm, lm_head) = flat_layout(cfg, &layout)?;
+        let total = params.iter().map(|p| p.offset + p.numel).max().unwrap_or(0);
+        let s = k.stream().clone();
+        let alloc_f32 = |n: usize, what: &'static str| s.alloc_zeros::<f32>(n).map_err(cuda(what));
+        let mut master = alloc_f32(total, "allocating the master weights")?;
+        let grads = alloc_f32(total, "allocating the gradients")?;
+        let moments = store.moments();
+        let alloc_m = |what: &'static str| -> Result<Moments> {
+            Ok(match moments {
+                MomentsSpec::F32 => Moments::F32(alloc_f32(total, what)?),
+                MomentsSpec::Bf16 => {
+                    Moments::Bf16(s.alloc_zeros::<bf16>(total).map_err(cuda(what))?)
+                }
+            })
+        };
+        let (mut m, mut v) = (
+            alloc_m("allocating moments")?,
+            alloc_m("allocating moments")?,
+        );
+        for fp in &params {
+            let p = store
+                .params()
+                .iter()
+                .find(|p| p.name == fp.name)
+                .ok_or_else(|| unsupported(format!("the parameter store has no {}", fp.name)))?;
+            let ParamValue::Dense(var) = &p.value else {
+                return Err(unsupported(format!("{} is packed (nvfp4-full)", fp.name)));
+            };
+            let host = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            let range = fp.offset..fp.offset + fp.numel;
+            s.memcpy_htod(&host, &mut master.slice_mut(range.clone()))
+                .map_err(cuda("uploading a master weight"))?;
+            upload_moment(&s, &p.exp_avg, &mut m, range.clone())?;
+            upload_moment(&s, &p.exp_avg_sq, &mut v, range)?;
+        }
+        let (ma, va) = (moments_addr(&k, &m), moments_addr(&k, &v));
+        let table = k.train_tensor_table(
+            &[TrainTensor {
+                w: k.addr(&master, 0),
+                g: k.addr(&grads, 0),
+                m: ma,
+                v: va,
+                n: total as i64,
+            }],
+            moments == MomentsSpec::Bf16,
+        )?;
+        let rope = Rope::new(cfg);
+        let inv_freq = s
+            .clone_htod(rope.inv_freq())
+            .map_err(cuda("uploading the RoPE frequencies"))?;
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let qkv_cols = cfg.q_size() + 2 * cfg.kv_size();
+        let alloc_bf16 = |n: usize| {
+            s.alloc_zeros::<bf16>(n)
+                .map_err(cuda("allocating the bf16 working weights"))
+        };
+        let weights = (0..layers.len())
+            .map(|_| {
+                Ok(LayerWeights {
+                    qkv: alloc_bf16(qkv_cols * h)?,
+                    o: alloc_bf16(h * cfg.q_size())?,
+                    gate_up: alloc_bf16(2 * i * h)?,
+                    down: alloc_bf16(h * i)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let head = alloc_bf16(cfg.vocab_size * h)?;
+        let status = k.alloc_status()?;
+        let sumsq = s
+            .alloc_zeros::<f64>(1)
+            .map_err(cuda("allocating scalars"))?;
+        let loss = s
+            .alloc_zeros::<f64>(1)
+            .map_err(cuda("allocating scalars"))?;
+        Ok(CudaTrainer {
+            k,
+            cfg: cfg.clone(),
+            quant,
+            params,
+            layers,
+            embed,
+            norm,
+            lm_head,
+            master,
+            grads,
+            m,
+            v,
+            table,
+            inv_freq,
+            weights,
+            head,
+            status,
+            sumsq,
+            loss,
+            work: None,
+        })
+    }
+
+    /// Bytes by category on the GPU now.
+    pub fn bytes(&self) -> GpuTrainBytes {
+        let total = self.master.len() as u64;
+        let bf16_weights: u64 = self
+            .weights
+            .iter()
+            .map(|w| (w.qkv.len() + w.o.len() + w.gate_up.len() + w.down.len()) as u64 * 2)
+            .sum::<u64>()
+            + self.head.len() as u64 * 2;
+        let moment = |m: &Moments| match m {
+            Moments::F32(b) => b.len() as u64 * 4,
+            Moments::Bf16(b) => b.len() as u64 * 2,
+        };
+        GpuTrainBytes {
+            weights: total * 4 + bf16_weights,
+            grads: total * 4,
+            optimizer_state: moment(&self.m) + moment(&self.v),
+            activations: self.work.as_ref().map_or(0, Workspace::bytes),
+        }
+    }
+
+    fn addr<T>(&self, s: &CudaSlice<T>) -> DevAddr {
+        self.k.addr(s, 0)
+    }
+
+    fn master_at(&self, off: usize) -> DevAddr {
+        self.k.addr(&self.master, off)
+    }
+
+    fn grad_at(&self, off: usize) -> DevAddr {
+        self.k.addr(&self.grads, off)
+    }
+
+    /// Make the bf16 working copies of the linears (fake-quantized in `nvfp4-ste` mode) and
+    /// of the vocabulary projection.
+    fn prepare_weights(&mut self) -> Result<()> {
+        let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        let q_size = self.cfg.q_size();
+        for l in 0..self.layers.len() {
+            let off = self.layers[l];
+            let qkv_n = (q_size + 2 * self.cfg.kv_size()) * h;
+            let dst = [
+                (off.qkv, self.addr(&self.weights[l].qkv), qkv_n),
+                (off.o, self.addr(&self.weights[l].o), h * q_size),
+                (off.gate_up, self.addr(&self.weights[l].gate_up), 2 * i * h),
+                (off.down, self.addr(&self.weights[l].down), h * i),
+            ];
+            for (src, out, n) in dst {
+                self.working_copy(src, out, n)?;
+            }
+        }
+        let head_src = self.lm_head.unwrap_or(self.embed);
+        let n = self.cfg.vocab_size * h;
+        // The vocabulary projection stays dense, as on the CPU: rounded to bf16.
+        // SAFETY: master holds the head's n f32 at head_src; head holds n bf16.
+        unsafe {
+            self.k
+                .train_f32_to_bf16_async(self.master_at(head_src), self.addr(&self.head), n)?;
+        }
+        Ok(())
+    }
+
+    /// The bf16 copy of the linears starting at flat offset `src` (`n` elements, possibly
+    /// several adjacent linears, each fake-quantized with its own tensor scale).
+    fn working_copy(&mut self, src: usize, out: DevAddr, n: usize) -> Result<()> {
+        let parts: Vec<(usize, usize, bool)> = self
+            .params
+            .iter()
+            .filter(|p| p.offset >= src && p.offset < src + n)
+            .map(|p| (p.offset, p.numel, p.nvfp4))
+            .collect();
+        for (off, numel, nvfp4) in parts {
+            let dst = out + ((off - src) * 2) as u64;
+            let x = self.master_at(off);
+            // SAFETY: master holds numel f32 at off (16-element aligned: sizes are multiples
+            // of 16), the working copy numel bf16 from dst.
+            unsafe {
+                if self.quant == QuantSpec::Nvfp4Ste && nvfp4 {
+                    self.k.amax_f32_at_async(x, numel, &mut self.status)?;
+                    self.k
+                        .train_fakequant_bf16_async(x, &self.status, dst, numel)?;
+                } else {
+                    self.k.train_f32_to_bf16_async(x, dst, numel)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn ensure_workspace(&mut self, batch: usize, seq: usize) -> Result<()> {
+        if self
+            .work
+            .as_ref()
+            .is_some_and(|w| w.batch == batch && w.seq == seq)
+        {
+            return Ok(());
+        }
+        self.work = None;
+        self.work = Some(Workspace::new(
+            &self.k,
+            &self.cfg,
+            self.layers.len(),
+            batch,
+            seq,
+        )?);
+        Ok(())
+    }
+
+    fn shape(&self, batch: usize, seq: usize) -> TrainAttnShape {
+        TrainAttnShape {
+            batch,
+            seq,
+            heads: self.cfg.num_attention_heads,
+            kv_heads: self.cfg.num_key_value_heads,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
+    /// One optimizer step over `micro` micro-batches: gradients summed over them (each
+    /// batch's weights already divide by the whole step's loss tokens), clipped to the global
+    /// norm `clip` (0: off), AdamW with `hp` at 1-based `step`.
+    pub fn step(
+        &mut self,
+        micro: &[HostBatch],
+        hp: AdamWParams,
+        step: u64,
+        clip: f32,
+    ) -> Result<GpuStepStats> {
+        let s = self.k.stream().clone();
+        s.memset_zeros(&mut self.grads)
+            .map_err(cuda("zeroing the gradients"))?;
+        s.memset_zeros(&mut self.loss)
+            .map_err(cuda("zeroing the loss"))?;
+        s.memset_zeros(&mut self.sumsq)
+            .map_err(cuda("zeroing the gradient norm"))?;
+        self.prepare_weights()?;
+        for b in micro {
+            self.micro_batch(b)?;
+        }
+        let sc = AdamWScalars::new(hp, step, 0);
+        // SAFETY: the table names master, grads and the moments, all live and `total` long.
+        unsafe {
+            self.k
+                .train_grad_sumsq_async(&self.table, self.addr(&self.sumsq))?;
+            self.k
+                .train_adamw_async(&self.table, self.addr(&self.sumsq), &sc, clip)?;
+        }
+        let loss = s.clone_dtoh(&self.loss).map_err(cuda("reading the loss"))?[0];
+        let sumsq = s
+            .clone_dtoh(&self.sumsq)
+            .map_err(cuda("reading the gradient norm"))?[0];
+        let grad_norm = sumsq.sqrt() as f32;
+        if !(loss.is_finite() && grad_norm.is_finite()) {
+            return Err(EngineError::InvalidArgument(format!(
+                "the loss is {loss} and the gradient norm {grad_norm} at step {step}; training diverged — lower the learning rate"
+            )));
+        }
+        Ok(GpuStepStats {
+            loss: loss as f32,
+            grad_norm,
+        })
+    }
+
+    /// Forward and backward of one micro-batch, adding into the gradients and the loss.
+    fn micro_batch(&mut self, b: &HostBatch) -> Result<()> {
+        let n = b.batch * b.seq;
+        if b.ids.len() != n || b.target.len() != n || b.weight.len() != n {
+            return Err(EngineError::InvalidArgument(format!(
+                "a {}×{} micro-batch needs {n} ids, targets and weights (got {}, {}, {})",
+                b.batch,
+                b.seq,
+                b.ids.len(),
+                b.target.len(),
+                b.weight.len()
+            )));
+        }
+        let vocab = self.cfg.vocab_size as u32;
+        if let Some(bad) = b.ids.iter().chain(&b.target).find(|&&t| t >= vocab) {
+            return Err(EngineError::InvalidArgument(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        self.ensure_workspace(b.batch, b.seq)?;
+        let s = self.k.stream().clone();
+        {
+            let w = self.work.as_mut().expect("ensured");
+            let ids: Vec<i32> = b.ids.iter().map(|&x| x as i32).collect();
+            let tgt: Vec<i32> = b.target.iter().map(|&x| x as i32).collect();
+            s.memcpy_htod(&ids, &mut w.ids)
+                .map_err(cuda("uploading the batch"))?;
+            s.memcpy_htod(&tgt, &mut w.target)
+                .map_err(cuda("uploading the batch"))?;
+            s.memcpy_htod(&b.weight, &mut w.weight)
+                .map_err(cuda("uploading the batch"))?;
+        }
+        self.forward(b.batch, b.seq)?;
+        self.head_and_loss(n)?;
+        self.backward(b.batch, b.seq)
+    }
+
+    /// Copy the master weights and moments back into `store` (for checkpoints and export).
+    pub fn download_into(&self, store: &mut ParamStore) -> Result<()> {
+        let s = self.k.stream();
+        let master = s
+            .clone_dtoh(&self.master)
+            .map_err(cuda("downloading the master weights"))?;
+        let (m, v) = (
+            download_moment(&self.k, &self.m)?,
+            download_moment(&self.k, &self.v)?,
+        );
+        for fp in &self.params {
+            let p = store
+                .param_mut(&fp.name)
+                .ok_or_else(|| unsupported(format!("the parameter store has no {}", fp.name)))?;
+            let range = fp.offset..fp.offset + fp.numel;
+            if let ParamValue::Dense(var) = &p.value {
+                var.set(&Tensor::from_vec(
+                    master[range.clone()].to_vec(),
+                    fp.shape.as_slice(),
+                    var.device(),
+                )?)?;
+            }
+            let kind = p.exp_avg.kind();
+            p.exp_avg = MomentVec::from_f32(m[range.clone()].to_vec(), kind);
+            p.exp_avg_sq = MomentVec::from_f32(v[range].to_vec(), kind);
+        }
+        Ok(())
+    }
+}
+
+fn moments_addr(k: &CudaKernels, m: &Moments) -> DevAddr {
+    match m {
+        Moments::F32(b) => k.addr(b, 0),
+        Moments::Bf16(b) => k.addr(b, 0),
+    }
+}
+
+fn upload_moment(
+    s: &Arc<cudarc::driver::CudaStream>,
+    host: &MomentVec,
+    dev: &mut Moments,
+    range: std::ops::Range<usize>,
+) -> Result<()> {
+    let vals = host.to_f32();
+    match dev {
+        Moments::F32(b) => s.memcpy_htod(&vals, &mut b.slice_mut(range)),
+        Moments::Bf16(b) => {
+            let h: Vec<bf16> = vals.iter().map(|&x| bf16::from_f32(x)).collect();
+            s.memcpy_htod(&h, &mut b.slice_mut(range))
+        }
+    }
+    .map_err(cuda("uploading the moments"))
+}
+
+fn download_moment(k: &CudaKernels, m: &Moments) -> Result<Vec<f32>> {
+    let s = k.stream();
+    Ok(match m {
+        Moments::F32(b) => s.clone_dtoh(b).map_err(cuda("downloading the moments"))?,
+        Moments::Bf16(b) => s
+            .clone_dtoh(b)
+            .map_err(cuda("downloading the moments"))?
+            .iter()
+            .map(|x| x.to_f32())
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsupported_modes_and_shapes_are_refused_with_the_way_out() {
+        let cfg = crate::tiny::config().unwrap();
+        let e = CudaTrainer::check_supported(&cfg, QuantSpec::Nvfp4Full)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nvfp4-full") && e.contains("--device cpu"),
+            "{e}"
+        );
+        assert!(CudaTrainer::check_supported(&cfg, QuantSpec::Nvfp4Ste).is_ok());
+    }
+}

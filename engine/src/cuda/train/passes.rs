@@ -1,0 +1,401 @@
+//! The passes of one micro-batch: forward through the layers, the vocabulary projection with
+//! cross-entropy in chunks of rows, and backward through the layers in reverse.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+use kiln_kernels::cuda::CudaKernels;
+
+use super::super::cuda;
+use super::gemm::Mm;
+use super::workspace::LOGIT_CHUNK;
+use super::CudaTrainer;
+use crate::error::Result;
+
+impl CudaTrainer {
+    pub(super) fn forward(&mut self, batch: usize, seq: usize) -> Result<()> {
+        let k = &*self.k;
+        let w = self.work.as_ref().expect("ensured");
+        let cfg = &self.cfg;
+        let sh = self.shape(batch, seq);
+        let n = sh.tokens();
+        let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        let (nh, kvh, rep) = (sh.heads, sh.kv_heads, sh.rep());
+        let qkv_cols = sh.qkv_cols();
+        let eps = cfg.rms_norm_eps as f32;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let s = k.stream();
+        // SAFETY (whole function): every buffer comes from Workspace::new for this (B, T) or
+        // from the trainer's own allocations, sized as each launcher's contract says.
+        unsafe {
+            k.train_embed_fwd_async(
+                self.addr(&w.ids),
+                self.master_at(self.embed),
+                self.addr(&w.layers[0].h_in),
+                n,
+                h,
+            )?;
+            for l in 0..self.layers.len() {
+                let (off, lw, a) = (self.layers[l], &self.weights[l], &w.layers[l]);
+                k.train_rmsnorm_fwd_async(
+                    self.addr(&a.h_in),
+                    self.master_at(off.input_norm),
+                    self.addr(&a.xn1),
+                    self.addr(&a.rstd1),
+                    n,
+                    h,
+                    eps,
+                )?;
+                Mm::new(
+                    (n, qkv_cols, h),
+                    (self.addr(&a.xn1), false),
+                    (self.addr(&lw.qkv), true),
+                    self.addr(&w.qkv),
+                )
+                .run(k)?;
+                k.train_qkv_fwd_async(
+                    sh,
+                    self.addr(&w.qkv),
+                    off.qkv_bias.map_or(0, |o| self.master_at(o)),
+                    self.addr(&self.inv_freq),
+                    self.addr(&a.q),
+                    self.addr(&a.k),
+                    self.addr(&a.v),
+                )?;
+                let groups = batch * kvh;
+                let rt = rep * seq;
+                // S = Q·Kᵀ per group, then P = causal softmax, O = P·V.
+                Mm::new(
+                    (rt, seq, hd),
+                    (self.addr(&a.q), false),
+                    (self.addr(&a.k), true),
+                    self.addr(&w.scores),
+                )
+                .batched(groups, (rt * hd, seq * hd, rt * seq))
+                .run(k)?;
+                k.train_causal_softmax_async(
+                    self.addr(&w.scores),
+                    self.addr(&a.p),
+                    groups * rt,
+                    seq,
+                    scale,
+                )?;
+                Mm::new(
+                    (rt, hd, seq),
+                    (self.addr(&a.p), false),
+                    (self.addr(&a.v), false),
+                    self.addr(&w.o),
+                )
+                .batched(groups, (rt * seq, seq * hd, rt * hd))
+                .run(k)?;
+                k.train_merge_heads_async(sh, self.addr(&w.o), self.addr(&a.attn))?;
+                // h_mid = h_in + attn · Woᵀ
+                copy_f32(s, &a.h_mid, &a.h_in, k)?;
+                Mm::new(
+                    (n, h, nh * hd),
+                    (self.addr(&a.attn), false),
+                    (self.addr(&lw.o), true),
+                    self.addr(&a.h_mid),
+                )
+                .accumulate()
+                .run(k)?;
+                k.train_rmsnorm_fwd_async(
+                    self.addr(&a.h_mid),
+                    self.master_at(off.post_norm),
+                    self.addr(&a.xn2),
+                    self.addr(&a.rstd2),
+                    n,
+                    h,
+                    eps,
+                )?;
+                Mm::new(
+                    (n, 2 * i, h),
+                    (self.addr(&a.xn2), false),
+                    (self.addr(&lw.gate_up), true),
+                    self.addr(&a.gu),
+                )
+                .run(k)?;
+                k.train_swiglu_fwd_async(self.addr(&a.gu), self.addr(&a.a), n, i)?;
+                // h_out = h_mid + a · Wdownᵀ, the next layer's input.
+                let next = match w.layers.get(l + 1) {
+                    Some(nx) => &nx.h_in,
+                    None => &w.h_out,
+                };
+                copy_f32(s, next, &a.h_mid, k)?;
+                Mm::new(
+                    (n, h, i),
+                    (self.addr(&a.a), false),
+                    (self.addr(&lw.down), true),
+                    self.addr(next),
+                )
+                .accumulate()
+                .run(k)?;
+            }
+            k.train_rmsnorm_fwd_async(
+                self.addr(&w.h_out),
+                self.master_at(self.norm),
+                self.addr(&w.xnf),
+                self.addr(&w.rstdf),
+                n,
+                h,
+                eps,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The vocabulary projection and cross-entropy in chunks of rows; each chunk's dlogits go
+    /// straight into the head's backward GEMMs: `dx` (the final norm's output gradient) and
+    /// the head's (or the tied embedding's) weight gradient.
+    pub(super) fn head_and_loss(&mut self, n: usize) -> Result<()> {
+        let k = &*self.k;
+        let w = self.work.as_ref().expect("ensured");
+        let (h, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let head_grad = self.grad_at(self.lm_head.unwrap_or(self.embed));
+        for r0 in (0..n).step_by(LOGIT_CHUNK) {
+            let rows = LOGIT_CHUNK.min(n - r0);
+            let xn = k.addr(&w.xnf, r0 * h);
+            // SAFETY: logits / dlogits hold LOGIT_CHUNK·vocab; xnf, dx, target and weight hold
+            // n rows; the head and its gradient vocab·h.
+            unsafe {
+                Mm::new(
+                    (rows, vocab, h),
+                    (xn, false),
+                    (self.addr(&self.head), true),
+                    self.addr(&w.logits),
+                )
+                .run(k)?;
+                k.train_cross_entropy_async(
+                    self.addr(&w.logits),
+                    k.addr(&w.target, r0),
+                    k.addr(&w.weight, r0),
+                    self.addr(&w.dlogits),
+                    self.addr(&self.loss),
+                    rows,
+                    vocab,
+                )?;
+                // dx[r0..] = dlogits · W_head; dW_head += dlogitsᵀ · xn
+                Mm::new(
+                    (rows, h, vocab),
+                    (self.addr(&w.dlogits), false),
+                    (self.addr(&self.head), false),
+                    k.addr(&w.dx, r0 * h),
+                )
+                .run(k)?;
+                Mm::new(
+                    (vocab, h, rows),
+                    (self.addr(&w.dlogits), true),
+                    (xn, false),
+                    head_grad,
+                )
+                .accumulate()
+                .run(k)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn backward(&mut self, batch: usize, seq: usize) -> Result<()> {
+        let kk = self.k.clone();
+        kk.stream()
+            .memset_zeros(&mut self.work.as_mut().expect("ensured").dh)
+            .map_err(cuda("zeroing the residual gradient"))?;
+        let k = &*kk;
+        let w = self.work.as_ref().expect("ensured");
+        let cfg = &self.cfg;
+        let sh = self.shape(batch, seq);
+        let n = sh.tokens();
+        let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        let (nh, kvh, rep) = (sh.heads, sh.kv_heads, sh.rep());
+        let qkv_cols = sh.qkv_cols();
+        let scale = 1.0 / (hd as f32).sqrt();
+        // SAFETY (whole function): as in forward.
+        unsafe {
+            // Final norm: dh = its input gradient (dx from the head).
+            k.train_rmsnorm_bwd_async(
+                self.addr(&w.h_out),
+                self.master_at(self.norm),
+                self.addr(&w.rstdf),
+                self.addr(&w.dx),
+                self.addr(&w.dh),
+                self.grad_at(self.norm),
+                n,
+                h,
+            )?;
+            for l in (0..self.layers.len()).rev() {
+                let (off, lw, a) = (self.layers[l], &self.weights[l], &w.layers[l]);
+                // MLP branch: dh (the gradient of h_out) is the down GEMM's output gradient.
+                k.train_f32_to_bf16_async(self.addr(&w.dh), self.addr(&w.dh_bf16), n * h)?;
+                Mm::new(
+                    (n, i, h),
+                    (self.addr(&w.dh_bf16), false),
+                    (self.addr(&lw.down), false),
+                    self.addr(&w.dx),
+                )
+                .run(k)?;
+                Mm::new(
+                    (h, i, n),
+                    (self.addr(&w.dh_bf16), true),
+                    (self.addr(&a.a), false),
+                    self.grad_at(off.down),
+                )
+                .accumulate()
+                .run(k)?;
+                k.train_swiglu_bwd_async(
+                    self.addr(&a.gu),
+                    self.addr(&w.dx),
+                    self.addr(&w.dmid),
+                    n,
+                    i,
+                )?;
+                Mm::new(
+                    (2 * i, h, n),
+                    (self.addr(&w.dmid), true),
+                    (self.addr(&a.xn2), false),
+                    self.grad_at(off.gate_up),
+                )
+                .accumulate()
+                .run(k)?;
+                Mm::new(
+                    (n, h, 2 * i),
+                    (self.addr(&w.dmid), false),
+                    (self.addr(&lw.gate_up), false),
+                    self.addr(&w.dx),
+                )
+                .run(k)?;
+                k.train_rmsnorm_bwd_async(
+                    self.addr(&a.h_mid),
+                    self.master_at(off.post_norm),
+                    self.addr(&a.rstd2),
+                    self.addr(&w.dx),
+                    self.addr(&w.dh),
+                    self.grad_at(off.post_norm),
+                    n,
+                    h,
+                )?;
+                // Attention branch: dh is now the gradient of h_mid.
+                k.train_f32_to_bf16_async(self.addr(&w.dh), self.addr(&w.dh_bf16), n * h)?;
+                Mm::new(
+                    (n, nh * hd, h),
+                    (self.addr(&w.dh_bf16), false),
+                    (self.addr(&lw.o), false),
+                    self.addr(&w.dx),
+                )
+                .run(k)?;
+                Mm::new(
+                    (h, nh * hd, n),
+                    (self.addr(&w.dh_bf16), true),
+                    (self.addr(&a.attn), false),
+                    self.grad_at(off.o),
+                )
+                .accumulate()
+                .run(k)?;
+                k.train_split_heads_async(sh, self.addr(&w.dx), self.addr(&w.d_o))?;
+                let groups = batch * kvh;
+                let rt = rep * seq;
+                // dP = dO·Vᵀ; dV = Pᵀ·dO; dS = softmax backward; dQ = dS·K; dK = dSᵀ·Q.
+                Mm::new(
+                    (rt, seq, hd),
+                    (self.addr(&w.d_o), false),
+                    (self.addr(&a.v), true),
+                    self.addr(&w.dp),
+                )
+                .batched(groups, (rt * hd, seq * hd, rt * seq))
+                .run(k)?;
+                Mm::new(
+                    (seq, hd, rt),
+                    (self.addr(&a.p), true),
+                    (self.addr(&w.d_o), false),
+                    self.addr(&w.dv),
+                )
+                .batched(groups, (rt * seq, rt * hd, seq * hd))
+                .run(k)?;
+                k.train_softmax_bwd_async(
+                    self.addr(&a.p),
+                    self.addr(&w.dp),
+                    self.addr(&w.ds),
+                    groups * rt,
+                    seq,
+                    scale,
+                )?;
+                Mm::new(
+                    (rt, hd, seq),
+                    (self.addr(&w.ds), false),
+                    (self.addr(&a.k), false),
+                    self.addr(&w.dq),
+                )
+                .batched(groups, (rt * seq, seq * hd, rt * hd))
+                .run(k)?;
+                Mm::new(
+                    (seq, hd, rt),
+                    (self.addr(&w.ds), true),
+                    (self.addr(&a.q), false),
+                    self.addr(&w.dk),
+                )
+                .batched(groups, (rt * seq, rt * hd, seq * hd))
+                .run(k)?;
+                k.train_qkv_bwd_async(
+                    sh,
+                    self.addr(&w.dq),
+                    self.addr(&w.dk),
+                    self.addr(&w.dv),
+                    self.addr(&self.inv_freq),
+                    self.addr(&w.dmid),
+                    off.qkv_bias.map_or(0, |o| self.grad_at(o)),
+                )?;
+                Mm::new(
+                    (qkv_cols, h, n),
+                    (self.addr(&w.dmid), true),
+                    (self.addr(&a.xn1), false),
+                    self.grad_at(off.qkv),
+                )
+                .accumulate()
+                .run(k)?;
+                Mm::new(
+                    (n, h, qkv_cols),
+                    (self.addr(&w.dmid), false),
+                    (self.addr(&lw.qkv), false),
+                    self.addr(&w.dx),
+                )
+                .run(k)?;
+                k.train_rmsnorm_bwd_async(
+                    self.addr(&a.h_in),
+                    self.master_at(off.input_norm),
+                    self.addr(&a.rstd1),
+                    self.addr(&w.dx),
+                    self.addr(&w.dh),
+                    self.grad_at(off.input_norm),
+                    n,
+                    h,
+                )?;
+            }
+            k.train_embed_bwd_async(
+                self.addr(&w.ids),
+                self.addr(&w.dh),
+                self.grad_at(self.embed),
+                n,
+                h,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// `dst = src` (f32 buffers of the same length), on the stream.
+fn copy_f32(
+    s: &Arc<cudarc::driver::CudaStream>,
+    dst: &CudaSlice<f32>,
+    src: &CudaSlice<f32>,
+    k: &CudaKernels,
+) -> Result<()> {
+    // SAFETY: both buffers hold the same number of f32 (one workspace shape).
+    unsafe {
+        cudarc::driver::result::memcpy_dtod_async(
+            k.addr(dst, 0),
+            k.addr(src, 0),
+            src.len() * 4,
+            s.cu_stream(),
+        )
+    }
+    .map_err(cuda("copying the residual stream"))
+}

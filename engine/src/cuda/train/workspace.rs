@@ -1,0 +1,192 @@
+//! The buffers of one micro-batch shape (B, T): the activations each layer saves for its
+//! backward and the scratch the layers share (GEMM outputs, gradients, one chunk of logits).
+
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use kiln_kernels::cuda::CudaKernels;
+
+use super::super::cuda;
+use crate::error::Result;
+use crate::model::ModelConfig;
+
+/// Rows of logits made at once by the vocabulary projection (bounds its scratch to
+/// `LOGIT_CHUNK × vocab × 6` bytes).
+pub const LOGIT_CHUNK: usize = 1024;
+
+/// Activations one layer saves for its backward.
+pub(super) struct LayerActs {
+    /// Residual stream into the layer, f32 `[N, H]`.
+    pub(super) h_in: CudaSlice<f32>,
+    pub(super) xn1: CudaSlice<bf16>,
+    pub(super) rstd1: CudaSlice<f32>,
+    pub(super) q: CudaSlice<bf16>,
+    pub(super) k: CudaSlice<bf16>,
+    pub(super) v: CudaSlice<bf16>,
+    /// Attention probabilities `[B·nh·T, T]`.
+    pub(super) p: CudaSlice<bf16>,
+    /// Merged attention output `[N, nh·hd]`.
+    pub(super) attn: CudaSlice<bf16>,
+    /// Residual stream after attention.
+    pub(super) h_mid: CudaSlice<f32>,
+    pub(super) xn2: CudaSlice<bf16>,
+    pub(super) rstd2: CudaSlice<f32>,
+    /// Gate/up GEMM output `[N, 2I]`.
+    pub(super) gu: CudaSlice<f32>,
+    /// SwiGLU output `[N, I]`.
+    pub(super) a: CudaSlice<bf16>,
+}
+
+/// Buffers for one micro-batch shape (B, T), shared by the layers or saved per layer.
+pub(super) struct Workspace {
+    pub(super) batch: usize,
+    pub(super) seq: usize,
+    pub(super) ids: CudaSlice<i32>,
+    pub(super) target: CudaSlice<i32>,
+    pub(super) weight: CudaSlice<f32>,
+    pub(super) layers: Vec<LayerActs>,
+    /// Residual stream out of the last layer.
+    pub(super) h_out: CudaSlice<f32>,
+    pub(super) xnf: CudaSlice<bf16>,
+    pub(super) rstdf: CudaSlice<f32>,
+    /// GEMM outputs reused by every layer.
+    pub(super) qkv: CudaSlice<f32>,
+    pub(super) scores: CudaSlice<f32>,
+    pub(super) o: CudaSlice<f32>,
+    /// The residual's gradient and its bf16 copy (GEMM input).
+    pub(super) dh: CudaSlice<f32>,
+    pub(super) dh_bf16: CudaSlice<bf16>,
+    /// f32 GEMM output of the widest input gradient (`[N, max(H, I, nh·hd)]`).
+    pub(super) dx: CudaSlice<f32>,
+    /// bf16 gradients fed to backward GEMMs: `[N, max(2I, qkv_cols)]`.
+    pub(super) dmid: CudaSlice<bf16>,
+    /// Attention backward: dO (group layout, bf16), dP (f32), dS (bf16), dQ / dK / dV (f32).
+    pub(super) d_o: CudaSlice<bf16>,
+    pub(super) dp: CudaSlice<f32>,
+    pub(super) ds: CudaSlice<bf16>,
+    pub(super) dq: CudaSlice<f32>,
+    pub(super) dk: CudaSlice<f32>,
+    pub(super) dv: CudaSlice<f32>,
+    /// One chunk of logits and their gradient.
+    pub(super) logits: CudaSlice<f32>,
+    pub(super) dlogits: CudaSlice<bf16>,
+}
+
+impl Workspace {
+    pub(super) fn new(
+        k: &CudaKernels,
+        cfg: &ModelConfig,
+        layers: usize,
+        batch: usize,
+        seq: usize,
+    ) -> Result<Self> {
+        let s = k.stream();
+        let n = batch * seq;
+        let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        let (nh, kvh) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let qkv_cols = (nh + 2 * kvh) * hd;
+        let scores = batch * nh * seq * seq;
+        let f = |len: usize| {
+            s.alloc_zeros::<f32>(len.max(1))
+                .map_err(cuda("allocating training activations"))
+        };
+        let b = |len: usize| {
+            s.alloc_zeros::<bf16>(len.max(1))
+                .map_err(cuda("allocating training activations"))
+        };
+        let acts = (0..layers)
+            .map(|_| {
+                Ok(LayerActs {
+                    h_in: f(n * h)?,
+                    xn1: b(n * h)?,
+                    rstd1: f(n)?,
+                    q: b(n * nh * hd)?,
+                    k: b(n * kvh * hd)?,
+                    v: b(n * kvh * hd)?,
+                    p: b(scores)?,
+                    attn: b(n * nh * hd)?,
+                    h_mid: f(n * h)?,
+                    xn2: b(n * h)?,
+                    rstd2: f(n)?,
+                    gu: f(n * 2 * i)?,
+                    a: b(n * i)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let chunk = LOGIT_CHUNK.min(n);
+        Ok(Workspace {
+            batch,
+            seq,
+            ids: s
+                .alloc_zeros::<i32>(n)
+                .map_err(cuda("allocating the batch"))?,
+            target: s
+                .alloc_zeros::<i32>(n)
+                .map_err(cuda("allocating the batch"))?,
+            weight: f(n)?,
+            layers: acts,
+            h_out: f(n * h)?,
+            xnf: b(n * h)?,
+            rstdf: f(n)?,
+            qkv: f(n * qkv_cols)?,
+            scores: f(scores)?,
+            o: f(n * nh * hd)?,
+            dh: f(n * h)?,
+            dh_bf16: b(n * h)?,
+            dx: f(n * h.max(i).max(nh * hd))?,
+            dmid: b(n * (2 * i).max(qkv_cols))?,
+            d_o: b(n * nh * hd)?,
+            dp: f(scores)?,
+            ds: b(scores)?,
+            dq: f(n * nh * hd)?,
+            dk: f(n * kvh * hd)?,
+            dv: f(n * kvh * hd)?,
+            logits: f(chunk * cfg.vocab_size)?,
+            dlogits: b(chunk * cfg.vocab_size)?,
+        })
+    }
+
+    pub(super) fn bytes(&self) -> u64 {
+        let f = |s: &CudaSlice<f32>| s.len() as u64 * 4;
+        let b = |s: &CudaSlice<bf16>| s.len() as u64 * 2;
+        let per_layer: u64 = self
+            .layers
+            .iter()
+            .map(|a| {
+                f(&a.h_in)
+                    + b(&a.xn1)
+                    + f(&a.rstd1)
+                    + b(&a.q)
+                    + b(&a.k)
+                    + b(&a.v)
+                    + b(&a.p)
+                    + b(&a.attn)
+                    + f(&a.h_mid)
+                    + b(&a.xn2)
+                    + f(&a.rstd2)
+                    + f(&a.gu)
+                    + b(&a.a)
+            })
+            .sum();
+        per_layer
+            + self.ids.len() as u64 * 8
+            + f(&self.weight)
+            + f(&self.h_out)
+            + b(&self.xnf)
+            + f(&self.rstdf)
+            + f(&self.qkv)
+            + f(&self.scores)
+            + f(&self.o)
+            + f(&self.dh)
+            + b(&self.dh_bf16)
+            + f(&self.dx)
+            + b(&self.dmid)
+            + b(&self.d_o)
+            + f(&self.dp)
+            + b(&self.ds)
+            + f(&self.dq)
+            + f(&self.dk)
+            + f(&self.dv)
+            + f(&self.logits)
+            + b(&self.dlogits)
+    }
+}
