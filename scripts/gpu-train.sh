@@ -3,13 +3,16 @@
 # toolchain). On a dev machine, from the repository root:
 #
 #   cargo test --release -p kiln-kernels --test gpu_train --no-run
+#   cargo test --release -p kiln-engine --test gpu_training --no-run
 #   mkdir -p target-carry
 #   cp "$(ls -t target/release/deps/gpu_train-* | grep -v '\.d$' | head -1)" target-carry/test-gpu_train
-#   strip target-carry/test-gpu_train
+#   cp "$(ls -t target/release/deps/gpu_training-* | grep -v '\.d$' | head -1)" target-carry/test-gpu_training
+#   strip target-carry/test-gpu_train target-carry/test-gpu_training
 #
 # then on the GPU machine: scripts/gpu-train.sh [BIN_DIR] (default target-carry). Runs the train
-# kernels' GPU tests (train.cu against f64 CPU references and finite differences). Output under
-# $OUT (default out/).
+# kernels' GPU tests (train.cu against f64 CPU references and finite differences), then the GPU
+# trainer's (its loss curve against the CPU trainer's, same batches). Output under $OUT
+# (default out/).
 set -uo pipefail
 bin=${1:-target-carry}
 out=${OUT:-out}
@@ -22,10 +25,15 @@ timeout 300 "$bin/test-gpu_train" --ignored --nocapture --test-threads=1 > "$out
 result[train_kernel_tests]=$?
 grep -E "worst|max \|Δ\||directional|loss|adamw|test |panicked|result" "$out/gpu-train-tests.txt" | tail -60
 
+echo "== GPU trainer against the CPU trainer"
+timeout 400 "$bin/test-gpu_training" --ignored --nocapture --test-threads=1 > "$out/gpu-training-tests.txt" 2>&1
+result[trainer_tests]=$?
+grep -E "CPU|GPU|test |panicked|result" "$out/gpu-training-tests.txt" | tail -30
+
 echo
 echo "== summary (exit status of each part; 0 = passed)"
 status=0
-for k in train_kernel_tests; do
+for k in train_kernel_tests trainer_tests; do
     printf '%-20s %s\n' "$k" "${result[$k]}"
     [[ "${result[$k]}" == 0 ]] || status=1
 done
