@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use kiln_engine::chat_model::model_files;
-use kiln_engine::cuda::train::{CudaTrainer, HostBatch};
+use kiln_engine::cuda::train::{CudaTrainer, HostBatch, TrainPlan};
 use kiln_engine::engine::{Engine, Workload};
 use kiln_engine::report::Reporter;
 use kiln_engine::spec::{DeviceSpec, MomentsSpec, QuantSpec, TrainSpec};
@@ -141,6 +141,7 @@ fn gpu_trained_weights_come_back_to_the_host_store() {
         lr: 1e-2,
         ..AdamWParams::default()
     };
+    let mut last_shape = (0, 0);
     for step in 1..=3 {
         let (parts, denom) = data.step_samples(&s, step);
         let micro: Vec<HostBatch> = parts
@@ -148,6 +149,8 @@ fn gpu_trained_weights_come_back_to_the_host_store() {
             .map(|p| HostBatch::new(p, data.pad, denom).unwrap())
             .collect();
         gpu.step(&micro, hp, step, 1.0).unwrap();
+        let last = micro.last().unwrap();
+        last_shape = (last.batch, last.seq);
     }
     gpu.download_into(&mut store).unwrap();
     let p = &store.params()[0];
@@ -165,4 +168,15 @@ fn gpu_trained_weights_come_back_to_the_host_store() {
     let b = gpu.bytes();
     eprintln!("GPU bytes: {b:?}");
     assert!(b.weights > 0 && b.grads > 0 && b.optimizer_state > 0 && b.activations > 0);
+    // The plan made from the config alone predicts exactly these bytes.
+    let plan = TrainPlan::new(&cfg, s.moments, last_shape.0, last_shape.1).unwrap();
+    assert_eq!(
+        (
+            plan.weights,
+            plan.grads,
+            plan.optimizer_state,
+            plan.activations
+        ),
+        (b.weights, b.grads, b.optimizer_state, b.activations)
+    );
 }

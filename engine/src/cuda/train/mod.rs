@@ -26,13 +26,17 @@
 //! - `layout` — the flat parameter order and each layer's offsets;
 //! - `workspace` — the buffers of one micro-batch shape;
 //! - `gemm` — the row-major GEMM on raw addresses;
-//! - `passes` — forward, vocabulary projection + cross-entropy, backward.
+//! - `passes` — forward, vocabulary projection + cross-entropy, backward;
+//! - `plan` — [`TrainPlan`]: those allocations predicted from the config, checked against a
+//!   budget before anything is allocated.
 
 mod gemm;
 mod layout;
 mod passes;
+pub mod plan;
 mod workspace;
 
+pub use plan::TrainPlan;
 pub use workspace::LOGIT_CHUNK;
 
 use std::sync::Arc;

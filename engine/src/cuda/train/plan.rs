@@ -1,0 +1,251 @@
+//! [`TrainPlan`]: what a GPU train step will allocate, from the config alone — the flat
+//! parameter buffers (f32 master weights, gradients, moments), the bf16 working weights, and
+//! the activations and scratch of one micro-batch shape — so a job can fail before allocating,
+//! with the numbers and the largest `--seq-len` (or `--moments bf16`) that would fit. The
+//! formulas are the trainer's allocations (`CudaTrainer::new`, `Workspace::new`); the GPU
+//! tests check that [`TrainPlan::tensor_bytes`] equals what the trainer reports.
+
+use kiln_job::units::human_bytes as human;
+
+use super::layout::flat_layout;
+use super::workspace::LOGIT_CHUNK;
+use crate::cuda::plan::CONTEXT_BYTES;
+use crate::error::{EngineError, Result};
+use crate::model::{ModelConfig, ModelLayout};
+use crate::spec::MomentsSpec;
+
+/// The bytes of a GPU train step by category.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainPlan {
+    /// f32 master weights and the bf16 working copies of the linears and the vocabulary
+    /// projection.
+    pub weights: u64,
+    /// f32 gradients.
+    pub grads: u64,
+    /// The two AdamW moments.
+    pub optimizer_state: u64,
+    /// Saved activations and shared scratch of one `batch × seq` micro-batch.
+    pub activations: u64,
+    /// The CUDA context, kernels and cuBLAS handles ([`CONTEXT_BYTES`]).
+    pub context: u64,
+    /// Micro-batch rows.
+    pub batch: usize,
+    /// Tokens per row.
+    pub seq: usize,
+}
+
+impl TrainPlan {
+    /// The plan for a model of shape `cfg` with `moments`, micro-batches of `batch × seq`.
+    pub fn new(cfg: &ModelConfig, moments: MomentsSpec, batch: usize, seq: usize) -> Result<Self> {
+        let layout = ModelLayout::new(cfg)?;
+        let (params, ..) = flat_layout(cfg, &layout)?;
+        let total = params.iter().map(|p| p.offset + p.numel).max().unwrap_or(0) as u64;
+        let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+        let q = cfg.q_size() as u64;
+        let qkv = q + 2 * cfg.kv_size() as u64;
+        let working = (cfg.num_hidden_layers as u64 * (qkv * h + h * q + 2 * i * h + h * i)
+            + cfg.vocab_size as u64 * h)
+            * 2;
+        Ok(TrainPlan {
+            weights: total * 4 + working,
+            grads: total * 4,
+            optimizer_state: 2 * total * moments.bytes(),
+            activations: activation_bytes(cfg, batch, seq),
+            context: CONTEXT_BYTES,
+            batch,
+            seq,
+        })
+    }
+
+    /// Tensor bytes (what the trainer reports; no context).
+    pub fn tensor_bytes(&self) -> u64 {
+        self.weights + self.grads + self.optimizer_state + self.activations
+    }
+
+    /// Everything the job will hold on the GPU.
+    pub fn total(&self) -> u64 {
+        self.tensor_bytes() + self.context
+    }
+
+    /// Fail when the plan exceeds `budget` bytes, naming each category, the largest `seq` at
+    /// this batch that fits, and whether bf16 moments would make room.
+    pub fn check(&self, cfg: &ModelConfig, moments: MomentsSpec, budget: u64) -> Result<()> {
+        if self.total() <= budget {
+            return Ok(());
+        }
+        let mut ways = Vec::new();
+        match largest_seq(cfg, moments, self.batch, self.seq, budget) {
+            Some(s) => ways.push(format!("--seq-len {s} (at --batch {})", self.batch)),
+            None => ways.push("no --seq-len at this --batch".into()),
+        }
+        if moments == MomentsSpec::F32 {
+            let bf = TrainPlan::new(cfg, MomentsSpec::Bf16, self.batch, self.seq)?;
+            if bf.total() <= budget {
+                ways.push("--moments bf16 at this --seq-len".into());
+            }
+        }
+        Err(EngineError::InvalidArgument(format!(
+            "this training needs {} on the GPU (weights {}, gradients {}, optimizer state {}, activations {} for {}×{} tokens, CUDA context {}) but the budget is {}; what would fit: {}",
+            human(self.total()),
+            human(self.weights),
+            human(self.grads),
+            human(self.optimizer_state),
+            human(self.activations),
+            self.batch,
+            self.seq,
+            human(self.context),
+            human(budget),
+            ways.join(", or ")
+        )))
+    }
+}
+
+/// The largest sequence length up to `seq` whose plan fits `budget` at `batch`, if any.
+pub fn largest_seq(
+    cfg: &ModelConfig,
+    moments: MomentsSpec,
+    batch: usize,
+    seq: usize,
+    budget: u64,
+) -> Option<usize> {
+    let fits = |s: usize| {
+        TrainPlan::new(cfg, moments, batch, s)
+            .map(|p| p.total() <= budget)
+            .unwrap_or(false)
+    };
+    if !fits(2) {
+        return None;
+    }
+    // Bytes grow with seq: binary search the last length that fits.
+    let (mut lo, mut hi) = (2usize, seq);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Some(lo)
+}
+
+/// The bytes `Workspace::new` allocates for `batch × seq` (the same buffers, term by term).
+pub(super) fn activation_bytes(cfg: &ModelConfig, batch: usize, seq: usize) -> u64 {
+    let n = (batch * seq) as u64;
+    let (h, i, hd) = (
+        cfg.hidden_size as u64,
+        cfg.intermediate_size as u64,
+        cfg.head_dim as u64,
+    );
+    let (nh, kvh) = (
+        cfg.num_attention_heads as u64,
+        cfg.num_key_value_heads as u64,
+    );
+    let qkv_cols = (nh + 2 * kvh) * hd;
+    let scores = batch as u64 * nh * (seq * seq) as u64;
+    let chunk = (LOGIT_CHUNK as u64).min(n);
+    let v = cfg.vocab_size as u64;
+    // h_in, xn1, rstd1, q, k, v, p, attn, h_mid, xn2, rstd2, gu, a
+    let per_layer = 4 * n * h
+        + 2 * n * h
+        + 4 * n
+        + 2 * n * nh * hd
+        + 2 * 2 * n * kvh * hd
+        + 2 * scores
+        + 2 * n * nh * hd
+        + 4 * n * h
+        + 2 * n * h
+        + 4 * n
+        + 4 * n * 2 * i
+        + 2 * n * i;
+    // ids + target (i32), weight, h_out, xnf, rstdf, qkv, scores, o, dh, dh_bf16, dx, dmid,
+    // d_o, dp, ds, dq, dk, dv, logits, dlogits
+    let shared = 8 * n
+        + 4 * n
+        + 4 * n * h
+        + 2 * n * h
+        + 4 * n
+        + 4 * n * qkv_cols
+        + 4 * scores
+        + 4 * n * nh * hd
+        + 4 * n * h
+        + 2 * n * h
+        + 4 * n * h.max(i).max(nh * hd)
+        + 2 * n * (2 * i).max(qkv_cols)
+        + 2 * n * nh * hd
+        + 4 * scores
+        + 2 * scores
+        + 4 * n * nh * hd
+        + 2 * 4 * n * kvh * hd
+        + 4 * chunk * v
+        + 2 * chunk * v;
+    cfg.num_hidden_layers as u64 * per_layer + shared
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moments_bf16_halve_the_optimizer_state_and_activations_grow_with_the_sequence() {
+        let cfg = ModelConfig::qwen2_5_7b();
+        let f = TrainPlan::new(&cfg, MomentsSpec::F32, 1, 192).unwrap();
+        let b = TrainPlan::new(&cfg, MomentsSpec::Bf16, 1, 192).unwrap();
+        assert_eq!(f.optimizer_state, 2 * b.optimizer_state);
+        assert_eq!(f.optimizer_state, 2 * f.grads);
+        assert_eq!((f.weights, f.grads), (b.weights, b.grads));
+        // 7.6 B parameters: 4 bytes of master and 4 of gradient each, and 8 of moments.
+        let params = f.grads / 4;
+        assert!((7_000_000_000..8_000_000_000).contains(&params), "{params}");
+        let long = TrainPlan::new(&cfg, MomentsSpec::F32, 1, 384).unwrap();
+        assert!(long.activations > f.activations);
+        // The attention probabilities grow with seq²: doubling seq more than doubles them.
+        let longer = TrainPlan::new(&cfg, MomentsSpec::F32, 1, 4096).unwrap();
+        let lx2 = TrainPlan::new(&cfg, MomentsSpec::F32, 1, 8192).unwrap();
+        assert!(lx2.activations > 2 * longer.activations);
+    }
+
+    #[test]
+    fn over_budget_names_every_category_and_what_would_fit() {
+        let cfg = ModelConfig::qwen2_5_7b();
+        let p = TrainPlan::new(&cfg, MomentsSpec::F32, 8, 2048).unwrap();
+        // Short by a quarter of the optimizer state: bf16 moments (half of it) make room.
+        let budget = p.total() - p.optimizer_state / 4;
+        let e = p
+            .check(&cfg, MomentsSpec::F32, budget)
+            .unwrap_err()
+            .to_string();
+        for word in [
+            "weights",
+            "gradients",
+            "optimizer state",
+            "activations",
+            "budget",
+            "--seq-len",
+        ] {
+            assert!(e.contains(word), "{word} missing: {e}");
+        }
+        let s = largest_seq(&cfg, MomentsSpec::F32, 8, 2048, budget).unwrap();
+        assert!((2..2048).contains(&s));
+        assert!(
+            TrainPlan::new(&cfg, MomentsSpec::F32, 8, s)
+                .unwrap()
+                .total()
+                <= budget
+        );
+        assert!(
+            TrainPlan::new(&cfg, MomentsSpec::F32, 8, s + 1)
+                .unwrap()
+                .total()
+                > budget
+        );
+        assert!(e.contains("--moments bf16"), "{e}");
+        // Within budget: fine. Below the fixed bytes: no --seq-len fits.
+        assert!(p.check(&cfg, MomentsSpec::F32, p.total()).is_ok());
+        let e = p
+            .check(&cfg, MomentsSpec::F32, p.grads)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no --seq-len"), "{e}");
+    }
+}
