@@ -69,7 +69,7 @@ extern "C" __global__ void kiln_train_rmsnorm_fwd(const float* __restrict__ h,
 // Each block takes rows_per_block rows; dw is summed in registers over them and added once per
 // block (atomic). Grid ceil(N / rows_per_block), block a multiple of 32 with H ≤ 8 · blockDim.
 #define KILN_NORM_COLS_PER_THREAD 8
-extern "C" __global__ void kiln_train_rmsnorm_bwd(const float* __restrict__ h,
+extern "C" __global__ void __launch_bounds__(1024) kiln_train_rmsnorm_bwd(const float* __restrict__ h,
                                                   const float* __restrict__ w,
                                                   const float* __restrict__ rstd,
                                                   const float* __restrict__ dy,
@@ -389,15 +389,30 @@ kiln_train_grad_sumsq(const KilnTrainTensor* __restrict__ tensors,
 
 struct KilnTrainAdamW {
     float beta1, beta2, eps, decay, step_size, bc2_sqrt, max_norm;
+    // Stochastic-rounding seeds of the two moments when they are stored as bf16.
+    u64 m_seed, v_seed;
 };
+
+// Stochastic rounding to bf16 bits (kiln_kernels::nvfp4::codec::f32_to_bf16_stochastic): the
+// top 16 bits of u (24 random bits) are added below the kept 16. NaN and ±inf round to nearest.
+__device__ __forceinline__ u16 kiln_f32_to_bf16_sr(float x, float u) {
+    const u32 b = __float_as_uint(x);
+    if ((b & 0x7F800000u) == 0x7F800000u) return kiln_f32_to_bf16(x);
+    return (u16)((b + (u32)(u * 65536.0f)) >> 16);
+}
 
 __device__ __forceinline__ float kiln_load_moment(const float* p, long long e) { return p[e]; }
 __device__ __forceinline__ float kiln_load_moment(const u16* p, long long e) { return kiln_bf16_to_f32(p[e]); }
-__device__ __forceinline__ void kiln_store_moment(float* p, long long e, float x) { p[e] = x; }
-__device__ __forceinline__ void kiln_store_moment(u16* p, long long e, float x) { p[e] = kiln_f32_to_bf16(x); }
+__device__ __forceinline__ void kiln_store_moment(float* p, long long e, float x, u64) { p[e] = x; }
+// bf16 moments are stored with stochastic rounding: round to nearest would freeze them (a
+// second moment moves by 0.1% a step, under half a bf16 step).
+__device__ __forceinline__ void kiln_store_moment(u16* p, long long e, float x, u64 seed) {
+    p[e] = kiln_f32_to_bf16_sr(x, kiln_sr_uniform(seed, (u64)e));
+}
 
 // The same update as kiln_kernels::cpu::AdamWScalars::update (and adamw_nvfp4.cu), on the
 // gradient times the clip factor max_norm / ‖g‖ when ‖g‖ > max_norm (max_norm 0: no clipping).
+// Moment element e of a tensor draws kiln_sr_uniform(seed, e) when stored as bf16.
 template <typename M>
 __device__ __forceinline__ void kiln_train_adamw_body(const KilnTrainTensor* tensors,
                                                       const int* chunk_start, int count,
@@ -407,6 +422,8 @@ __device__ __forceinline__ void kiln_train_adamw_body(const KilnTrainTensor* ten
     const long long e0 = (long long)(blockIdx.x - chunk_start[ti]) * KILN_TRAIN_CHUNK;
     const long long e1 = min(tt.n, e0 + KILN_TRAIN_CHUNK);
     const float norm = (float)sqrt(*sumsq);
+    // A non-finite gradient leaves everything as it was (the host reports the divergence).
+    if (!isfinite(norm)) return;
     const float clip = (h.max_norm > 0.0f && norm > h.max_norm) ? h.max_norm / norm : 1.0f;
     M* m = static_cast<M*>(tt.m);
     M* v = static_cast<M*>(tt.v);
@@ -417,8 +434,8 @@ __device__ __forceinline__ void kiln_train_adamw_body(const KilnTrainTensor* ten
         const float v2 = __fadd_rn(__fmul_rn(h.beta2, vo), __fmul_rn(__fsub_rn(1.0f, h.beta2), __fmul_rn(g, g)));
         const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v2), h.bc2_sqrt), h.eps);
         tt.w[e] = __fsub_rn(__fmul_rn(tt.w[e], h.decay), __fmul_rn(h.step_size, __fdiv_rn(m2, denom)));
-        kiln_store_moment(m, e, m2);
-        kiln_store_moment(v, e, v2);
+        kiln_store_moment(m, e, m2, h.m_seed);
+        kiln_store_moment(v, e, v2, h.v_seed);
     }
 }
 

@@ -17,9 +17,11 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
+use kiln_kernels::cpu::adamw::{MOMENT1_SR_SALT, MOMENT2_SR_SALT};
 use kiln_kernels::cpu::{AdamWParams, AdamWScalars};
 use kiln_kernels::cuda::train::{TrainAttnShape, TrainTensor};
 use kiln_kernels::cuda::{CudaKernels, DeviceInput};
+use kiln_kernels::nvfp4::codec::{f32_to_bf16_stochastic, sr_uniform};
 use kiln_kernels::nvfp4::Nvfp4Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -736,7 +738,7 @@ fn multi_tensor_adamw_matches_the_cpu_step() {
         lr: 1e-2,
         ..AdamWParams::default()
     };
-    let sc = AdamWScalars::new(hp, 3, 0);
+    let sc = AdamWScalars::new(hp, 3, 11);
     // (clip threshold as a fraction of the norm, bf16 moments)
     for &(clip_frac, bf16_m) in &[(0.0f64, false), (0.5, false), (0.0, true)] {
         let w: Vec<Vec<f32>> = sizes
@@ -826,8 +828,16 @@ fn multi_tensor_adamw_matches_the_cpu_step() {
             for e in 0..sizes[i] {
                 let gg = if clip == 1.0 { g[i][e] } else { g[i][e] * clip };
                 let (w2, m2, v2) = sc.update(w[i][e], gg, m[i][e], v[i][e]);
+                // bf16 moments: stochastic rounding with the kernel's seeds and indices.
                 let (m2, v2) = if bf16_m {
-                    (bf16::from_f32(m2).to_f32(), bf16::from_f32(v2).to_f32())
+                    let sr = |x: f32, salt: u64| {
+                        bf16::from_bits(f32_to_bf16_stochastic(
+                            x,
+                            sr_uniform(sc.sr_seed ^ salt, e as u64),
+                        ))
+                        .to_f32()
+                    };
+                    (sr(m2, MOMENT1_SR_SALT), sr(v2, MOMENT2_SR_SALT))
                 } else {
                     (m2, v2)
                 };
@@ -853,4 +863,32 @@ fn multi_tensor_adamw_matches_the_cpu_step() {
             table.chunks()
         );
     }
+    // A non-finite gradient changes nothing (the trainer then reports the divergence).
+    let w = rand_vec(&mut r, 64, -1.0, 1.0);
+    let mut g = rand_vec(&mut r, 64, -1.0, 1.0);
+    g[5] = f32::NAN;
+    let (wd, gd) = (up(&s, &w), up(&s, &g));
+    let (md, vd) = (up(&s, &[0.0; 64]), up(&s, &[0.0; 64]));
+    let table = k
+        .train_tensor_table(
+            &[TrainTensor {
+                w: k.addr(&wd, 0),
+                g: k.addr(&gd, 0),
+                m: k.addr(&md, 0),
+                v: k.addr(&vd, 0),
+                n: 64,
+            }],
+            false,
+        )
+        .unwrap();
+    let sumsq = s.alloc_zeros::<f64>(1).unwrap();
+    // SAFETY: as above.
+    unsafe {
+        k.train_grad_sumsq_async(&table, k.addr(&sumsq, 0)).unwrap();
+        k.train_adamw_async(&table, k.addr(&sumsq, 0), &sc, 1.0)
+            .unwrap();
+    }
+    assert!(s.clone_dtoh(&sumsq).unwrap()[0].is_nan());
+    assert_eq!(down(&s, &wd), w);
+    assert_eq!(down(&s, &md), vec![0.0; 64]);
 }

@@ -39,3 +39,46 @@ fn stochastic_rounding_is_unbiased_in_expectation() {
         "SR mean error {sr_err} vs RNE error {rne_err}"
     );
 }
+
+/// bf16 stochastic rounding (the AdamW moments' `--moments bf16` storage): unbiased where round
+/// to nearest would keep a slowly decaying value in place forever.
+#[test]
+fn bf16_stochastic_rounding_is_unbiased_and_lets_small_updates_accumulate() {
+    use half::bf16;
+    use kiln_kernels::nvfp4::codec::{f32_to_bf16_stochastic, sr_uniform};
+    let x = 1.0f32 + 1.0 / 1024.0; // a quarter of the way from 1 to the next bf16 (1 + 1/128)
+    let n = 20_000u64;
+    let mean: f64 = (0..n)
+        .map(|i| bf16::from_bits(f32_to_bf16_stochastic(x, sr_uniform(7, i))).to_f64())
+        .sum::<f64>()
+        / n as f64;
+    // One draw is 1 or 1 + 2^-7; the mean's standard deviation is 2^-7·sqrt(p(1−p)/n).
+    let sigma = (1.0 / 128.0) * (0.25f64 * 0.75 / n as f64).sqrt();
+    assert!((mean - x as f64).abs() < 5.0 * sigma, "mean {mean} vs {x}");
+    assert_eq!(
+        bf16::from_f32(x).to_f32(),
+        1.0,
+        "round to nearest drops the quarter step"
+    );
+    // A second moment decaying by 0.1% a step (AdamW's beta2 with no gradient): round to
+    // nearest never moves it; stochastic rounding follows the exact decay.
+    let (mut rne, mut sr, mut exact) = (1e-4f32, 1e-4f32, 1e-4f64);
+    for step in 0..2000u64 {
+        rne = bf16::from_f32(0.999 * rne).to_f32();
+        sr = bf16::from_bits(f32_to_bf16_stochastic(0.999 * sr, sr_uniform(3, step))).to_f32();
+        exact *= 0.999;
+    }
+    assert!(rne > 0.9e-4, "round to nearest: {rne}");
+    assert!(
+        ((sr as f64) - exact).abs() < 0.15 * exact,
+        "stochastic {sr} vs exact {exact}"
+    );
+    // Negative values round away from zero the same way; NaN and infinities pass through.
+    let neg = bf16::from_bits(f32_to_bf16_stochastic(-x, 0.99)).to_f32();
+    assert_eq!(neg, -(1.0 + 1.0 / 128.0));
+    assert!(bf16::from_bits(f32_to_bf16_stochastic(f32::NAN, 0.5)).is_nan());
+    assert_eq!(
+        bf16::from_bits(f32_to_bf16_stochastic(f32::INFINITY, 0.99)).to_f32(),
+        f32::INFINITY
+    );
+}

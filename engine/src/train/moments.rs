@@ -1,9 +1,12 @@
 //! One AdamW moment tensor in its stored element type: f32 (the default) or bf16 (`--moments
 //! bf16`, half the optimizer state). The update arithmetic is f32 either way: a bf16 moment is
-//! widened for the step and rounded to nearest even when stored back.
+//! widened for the step and stored back with stochastic rounding. (Round to nearest would
+//! freeze it: AdamW changes the second moment by 0.1% a step, less than half a bf16 step, so
+//! a decaying moment would never decay.)
 
 use half::bf16;
 use kiln_kernels::checkpoint::TensorData;
+use kiln_kernels::nvfp4::codec::{f32_to_bf16_stochastic, sr_uniform};
 use safetensors::Dtype;
 
 use crate::spec::MomentsSpec;
@@ -70,16 +73,17 @@ impl MomentVec {
         }
     }
 
-    /// Run `f` over the values as f32 and store what it leaves (a bf16 moment is widened into a
-    /// temporary and rounded back; an f32 one is updated in place).
-    pub fn update_f32<R>(&mut self, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    /// Run `f` over the values as f32 and store what it leaves: an f32 moment is updated in
+    /// place; a bf16 one is widened into a temporary and stored back with stochastic rounding,
+    /// element i drawing `sr_uniform(seed, i)`.
+    pub fn update_f32<R>(&mut self, seed: u64, f: impl FnOnce(&mut [f32]) -> R) -> R {
         match self {
             MomentVec::F32(v) => f(v),
             MomentVec::Bf16(v) => {
                 let mut wide: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
                 let r = f(&mut wide);
-                for (dst, &src) in v.iter_mut().zip(&wide) {
-                    *dst = bf16::from_f32(src);
+                for (i, (dst, &src)) in v.iter_mut().zip(&wide).enumerate() {
+                    *dst = bf16::from_bits(f32_to_bf16_stochastic(src, sr_uniform(seed, i as u64)));
                 }
                 r
             }
@@ -125,14 +129,18 @@ mod tests {
     #[test]
     fn update_f32_stores_back_in_the_moments_own_type() {
         let mut m = MomentVec::zeros(3, MomentsSpec::Bf16);
-        let sum = m.update_f32(|v| {
+        let sum = m.update_f32(9, |v| {
             v.copy_from_slice(&[0.5, 2.0, 1.0 / 3.0]);
             v.iter().sum::<f32>()
         });
         assert!((sum - 2.8333333).abs() < 1e-6);
         assert_eq!(m.kind(), MomentsSpec::Bf16);
+        // Exact values stay; 1/3 lands on one of its two bf16 neighbours, as the seed says.
         assert_eq!(m.to_f32()[..2], [0.5, 2.0]);
-        assert_eq!(m.to_f32()[2], bf16::from_f32(1.0 / 3.0).to_f32());
+        let third = m.to_f32()[2];
+        let want = f32_to_bf16_stochastic(1.0 / 3.0, sr_uniform(9, 2));
+        assert_eq!(third, bf16::from_bits(want).to_f32());
+        assert!((third - 1.0 / 3.0).abs() < 1.0 / 3.0 / 128.0);
         let t = m.to_tensor(vec![3]);
         assert_eq!((t.dtype, t.data.len()), (Dtype::BF16, 6));
         assert_eq!(t.to_f32().unwrap(), m.to_f32());

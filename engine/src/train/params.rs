@@ -13,6 +13,7 @@ use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
+use kiln_kernels::cpu::adamw::{MOMENT1_SR_SALT, MOMENT2_SR_SALT};
 use kiln_kernels::cpu::{adamw_step_nvfp4, AdamWParams, AdamWScalars};
 use kiln_kernels::nvfp4::Nvfp4Tensor;
 
@@ -348,11 +349,14 @@ impl ParamStore {
             ..Default::default()
         };
         for (p, g) in self.params.iter_mut().zip(grads) {
+            // bf16 moments' stochastic rounding: per step, parameter and moment.
+            let name_seed = sc.sr_seed ^ crate::model::weights::fnv1a(&p.name);
+            let (ms, vs) = (name_seed ^ MOMENT1_SR_SALT, name_seed ^ MOMENT2_SR_SALT);
             match &mut p.value {
                 ParamValue::Dense(var) => {
                     let mut w = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-                    p.exp_avg.update_f32(|m| {
-                        p.exp_avg_sq.update_f32(|v| {
+                    p.exp_avg.update_f32(ms, |m| {
+                        p.exp_avg_sq.update_f32(vs, |v| {
                             for (i, wv) in w.iter_mut().enumerate() {
                                 (*wv, m[i], v[i]) = sc.update(*wv, g[i], m[i], v[i]);
                             }
@@ -361,8 +365,8 @@ impl ParamStore {
                     var.set(&Tensor::from_vec(w, p.shape.as_slice(), var.device())?)?;
                 }
                 ParamValue::Packed(_) if hp.lr == 0.0 => {
-                    p.exp_avg.update_f32(|m| {
-                        p.exp_avg_sq.update_f32(|v| {
+                    p.exp_avg.update_f32(ms, |m| {
+                        p.exp_avg_sq.update_f32(vs, |v| {
                             for (i, &gv) in g.iter().enumerate() {
                                 (_, m[i], v[i]) = sc.update(0.0, gv, m[i], v[i]);
                             }
@@ -371,8 +375,8 @@ impl ParamStore {
                 }
                 ParamValue::Packed(q) => {
                     let pseed = seed ^ crate::model::weights::fnv1a(&p.name);
-                    let st = p.exp_avg.update_f32(|m| {
-                        p.exp_avg_sq.update_f32(|v| {
+                    let st = p.exp_avg.update_f32(ms, |m| {
+                        p.exp_avg_sq.update_f32(vs, |v| {
                             adamw_step_nvfp4(q, &g, m, v, hp, step, chunk_rows, pseed)
                         })
                     })?;

@@ -43,6 +43,12 @@ impl Default for AdamWParams {
     }
 }
 
+/// Mixed into a step's stochastic-rounding seed for the first moment when moments are stored
+/// as bf16 (`--moments bf16`): each moment draws its own numbers.
+pub const MOMENT1_SR_SALT: u64 = 0x6A09_E667_F3BC_C908;
+/// As [`MOMENT1_SR_SALT`], for the second moment.
+pub const MOMENT2_SR_SALT: u64 = 0xBB67_AE85_84CA_A73B;
+
 /// The per-step scalars both the CPU and the CUDA update use (computed once on the host, so
 /// both paths see the same f32 values).
 #[derive(Clone, Copy, Debug, PartialEq)]

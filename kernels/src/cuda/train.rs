@@ -19,6 +19,7 @@ use super::context::CudaKernels;
 use super::decode::{cfg, DevAddr};
 use super::driver::{drv, launch_raw, param};
 use super::ops::DeviceStatus;
+use crate::cpu::adamw::{MOMENT1_SR_SALT, MOMENT2_SR_SALT};
 use crate::cpu::AdamWScalars;
 use crate::KernelError;
 
@@ -117,6 +118,7 @@ impl TrainAttnShape {
     fn check(&self) -> Result<(), KernelError> {
         let ok = self.batch > 0
             && self.seq > 0
+            && self.heads > 0
             && self.kv_heads > 0
             && self.heads.is_multiple_of(self.kv_heads)
             && self.head_dim.is_multiple_of(2)
@@ -176,6 +178,8 @@ struct AdamWArgs {
     step_size: f32,
     bc2_sqrt: f32,
     max_norm: f32,
+    m_seed: u64,
+    v_seed: u64,
 }
 
 impl CudaKernels {
@@ -187,6 +191,9 @@ impl CudaKernels {
         what: &str,
         params: &mut [*mut c_void],
     ) -> Result<(), KernelError> {
+        if c.grid_dim.0 == 0 {
+            return Ok(()); // nothing to do (zero rows or elements)
+        }
         // SAFETY: the caller's contract.
         unsafe { launch_raw(&self.stream, f, c, params, false) }.map_err(drv(what))
     }
@@ -427,6 +434,11 @@ impl CudaKernels {
         seq: usize,
         scale: f32,
     ) -> Result<(), KernelError> {
+        if seq == 0 || !rows.is_multiple_of(seq) {
+            return Err(KernelError::InvalidArgument(format!(
+                "causal softmax over {rows} rows of {seq}: rows must be a multiple of a positive seq"
+            )));
+        }
         let t = seq as i32;
         // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
         unsafe {
@@ -739,7 +751,9 @@ impl CudaKernels {
 
     /// Queue one AdamW step over every tensor of `table` with the scalars of `sc` (the CPU
     /// step's arithmetic), the gradients clipped to the global norm `max_norm` (0: no clipping)
-    /// using `sumsq` from [`CudaKernels::train_grad_sumsq_async`] of the same gradients.
+    /// using `sumsq` from [`CudaKernels::train_grad_sumsq_async`] of the same gradients. bf16
+    /// moments are stored with stochastic rounding (element e of a tensor draws
+    /// `sr_uniform(sc.sr_seed ^ MOMENT{1,2}_SR_SALT, e)`). A non-finite norm changes nothing.
     ///
     /// # Safety
     /// As [`CudaKernels::train_grad_sumsq_async`]; moments are f32 or bf16 as the table says.
@@ -759,6 +773,8 @@ impl CudaKernels {
             step_size: sc.step_size,
             bc2_sqrt: sc.bc2_sqrt,
             max_norm,
+            m_seed: sc.sr_seed ^ MOMENT1_SR_SALT,
+            v_seed: sc.sr_seed ^ MOMENT2_SR_SALT,
         };
         let f = if table.bf16_moments {
             &self.f.train.adamw_bf16m
@@ -797,9 +813,11 @@ mod tests {
 
     #[test]
     fn the_tensor_table_matches_the_kernels_struct() {
-        // KilnTrainTensor: four pointers and a long long, 40 bytes; KilnTrainAdamW: 7 floats.
+        // KilnTrainTensor: four pointers and a long long, 40 bytes; KilnTrainAdamW: 7 floats,
+        // 4 bytes of padding, two u64 seeds.
         assert_eq!(std::mem::size_of::<TrainTensor>(), 40);
-        assert_eq!(std::mem::size_of::<AdamWArgs>(), 28);
+        assert_eq!(std::mem::size_of::<AdamWArgs>(), 48);
+        assert_eq!(std::mem::offset_of!(AdamWArgs, m_seed), 32);
     }
 
     #[test]

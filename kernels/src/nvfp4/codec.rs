@@ -139,6 +139,19 @@ pub fn sr_uniform(seed: u64, index: u64) -> f32 {
     ((z >> 40) as f32) * (1.0 / 16_777_216.0)
 }
 
+/// Stochastic rounding of `x` to bf16 bits: between the two neighbouring bf16 values, the one
+/// away from zero with probability (the dropped 16 bits) / 2^16, so `E[bf16] = x`. The 16
+/// random bits are the top 16 of `u` (a [`sr_uniform`] draw, whose 24 bits make the scaled
+/// value exact on the CPU and the GPU alike). NaN and ±inf round to nearest.
+#[inline]
+pub fn f32_to_bf16_stochastic(x: f32, u: f32) -> u16 {
+    if !x.is_finite() {
+        return half::bf16::from_f32(x).to_bits();
+    }
+    let r = (u * 65536.0) as u32;
+    ((x.to_bits() + r) >> 16) as u16
+}
+
 /// Stochastically round `q` (already divided by its block and tensor scales) onto the E2M1
 /// grid: between the two neighbouring grid magnitudes `lo ≤ |q| < hi`, pick `hi` with
 /// probability `(|q| − lo)/(hi − lo)`, so `E[decoded] = q` for |q| ≤ 6. |q| > 6 saturates to 6.
