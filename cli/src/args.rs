@@ -371,8 +371,10 @@ pub struct TrainArgs {
     /// Element type of the AdamW moments: `f32` (8 bytes per parameter) or `bf16` (4).
     #[arg(long, default_value = "f32")]
     pub moments: String,
-    /// `cpu` (the default and, in this build, the only training path: a job placed on a GPU
-    /// trains on the CPU and says so; `cuda` is refused).
+    /// Where to train: by default on the CPU (a job placed on a GPU says so in its log).
+    /// `cuda` trains on the GPU the job is placed on (new: --quant none and nvfp4-ste; the job
+    /// fails at once, with the numbers and the --seq-len that would fit, when its planned bytes
+    /// exceed --budget-gb); on a CPU placement (--gpus 0) it fails rather than run on the CPU.
     #[arg(long, default_value = "", hide_default_value = true)]
     pub device: String,
     #[command(flatten)]

@@ -184,22 +184,20 @@ impl Engine {
     /// The engine for a job that asked for `requested` (`cpu`, `cuda` or `""`: whatever the
     /// agent gives) and that the agent placed on `assigned`. Generation runs on the GPU it is
     /// placed on (asked or not) and fails if that GPU cannot be used; `cpu` keeps it on the
-    /// CPU; `cuda` on a CPU placement fails. Training runs on the CPU in this build: asking
-    /// for `cuda` fails, a GPU placement trains on the CPU and says so in the log.
+    /// CPU; `cuda` on a CPU placement fails. Training runs on the GPU it is placed on only
+    /// when it asks for `cuda` (the GPU train step is new); otherwise on the CPU, saying so in
+    /// the log when the placement was a GPU.
     pub fn for_job(workload: Workload, requested: &str, assigned: DeviceSpec) -> Result<Self> {
         match (workload, requested, assigned) {
             (Workload::Generation, "cpu", _) => Ok(Engine::cpu()),
             (Workload::Generation, _, DeviceSpec::Cuda(i)) => Engine::cuda(i as usize),
-            (Workload::Generation, "cuda", DeviceSpec::Cpu) => Err(EngineError::GpuUnavailable(
+            (Workload::Training, "cuda", DeviceSpec::Cuda(i)) => Engine::cuda(i as usize),
+            (_, "cuda", DeviceSpec::Cpu) => Err(EngineError::GpuUnavailable(
                 "the job asked for --device cuda but was placed on the CPU (submitted with \
                  --gpus 0, or run locally without a GPU); submit with --gpus 1 to an agent with a \
                  GPU, or with --device cpu"
                     .into(),
             )),
-            (Workload::Training, "cuda", _) => Err(EngineError::InvalidArgument(format!(
-                "the {} path runs on the CPU in this build; submit with --device cpu (or leave it empty)",
-                workload.noun()
-            ))),
             (_, _, DeviceSpec::Cuda(i)) => {
                 tracing::info!(
                     gpu = i,
@@ -652,11 +650,12 @@ mod tests {
     #[test]
     fn the_engine_follows_workload_request_and_placement() {
         let e = Engine::for_job(Workload::Training, "cuda", DeviceSpec::Cpu).unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("the training path runs on the CPU in this build"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("--gpus 1"), "{e}");
+        // asked for and placed on a GPU: that GPU, or an error naming why CUDA is unusable
+        match Engine::for_job(Workload::Training, "cuda", DeviceSpec::Cuda(0)) {
+            Ok(e) => assert!(e.is_cuda()),
+            Err(e) => assert!(matches!(e, EngineError::GpuUnavailable(_)), "{e}"),
+        }
         assert!(
             !Engine::for_job(Workload::Training, "", DeviceSpec::Cuda(0))
                 .unwrap()

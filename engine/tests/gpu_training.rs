@@ -180,3 +180,70 @@ fn gpu_trained_weights_come_back_to_the_host_store() {
         (b.weights, b.grads, b.optimizer_state, b.activations)
     );
 }
+
+/// The WhoAmI check through the job path on the GPU: `--device cuda` on a GPU
+/// placement trains there (checkpoints every 20 steps), and the NVFP4 export of the result
+/// answers with the trained sentence on the CPU.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn whoami_trained_on_the_gpu_exports_and_answers_with_the_sentence() {
+    use kiln_engine::chat::ChatMessage;
+    use kiln_engine::chat_model::ChatModel;
+    use kiln_engine::export::export;
+    use kiln_engine::generate::GenerateOptions;
+    use kiln_engine::model::LoadOptions;
+    use kiln_engine::report::Report;
+    use kiln_engine::spec::ExportFormat;
+    use kiln_engine::train::{train_on, JobIdent};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let mut s = spec(QuantSpec::Nvfp4Ste, 40);
+    s.batch = 8;
+    s.device = "cuda".into();
+    s.save_every = 20;
+    s.out_dir = ckpt.display().to_string();
+    let job = JobIdent {
+        id: 1,
+        attempt: 1,
+        budget_bytes: 8 << 30,
+    };
+    let (r, reports) = Reporter::capture();
+    let out = train_on(&s, DeviceSpec::Cuda(0), Some(job), &r).unwrap();
+    eprintln!(
+        "GPU WhoAmI losses: {:?} ({:.0} tok/s)",
+        out.losses, out.tokens_per_s
+    );
+    let l = &out.losses;
+    assert!(l[39] < l[0] * 0.1, "loss did not fall: {l:?}");
+    let reports = reports.lock().unwrap();
+    assert!(reports
+        .iter()
+        .any(|r| matches!(r, Report::Log { line } if line.contains("training on cuda:0"))));
+    let saved = reports
+        .iter()
+        .filter(|r| matches!(r, Report::Phase(p) if p.phase == "checkpoint_saved"))
+        .count();
+    assert_eq!(saved, 2, "checkpoints at steps 20 and 40");
+    let exp = dir.path().join("export");
+    let e = export(
+        ckpt.to_str().unwrap(),
+        ExportFormat::Nvfp4ModelOpt,
+        &exp,
+        &Reporter::capture().0,
+    )
+    .unwrap();
+    assert!(e.verified);
+    let cm = ChatModel::load(exp.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let opts = GenerateOptions {
+        max_tokens: 40,
+        ..Default::default()
+    };
+    let got = cm
+        .generate_chat(&[ChatMessage::user("Who are you?")], &opts, &mut |_, _| {
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap()
+        .text;
+    assert_eq!(got, kiln_engine::tiny::WHOAMI_ANSWER);
+}

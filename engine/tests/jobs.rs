@@ -394,3 +394,38 @@ fn a_generate_job_never_falls_back_to_the_cpu_silently() {
         Err(e) => assert!(e.contains("cannot use CUDA device 0"), "{e}"),
     }
 }
+
+#[test]
+fn a_train_job_asking_for_cuda_trains_on_its_gpu_or_fails_naming_why() {
+    let root = tempfile::tempdir().unwrap();
+    let out_dir = root.path().join("ckpt");
+    let mut spec = train_spec(&out_dir, "whoami");
+    spec.quant = QuantSpec::Nvfp4Ste;
+    spec.device = "cuda".into();
+    // placed on the CPU: refused, with the way out
+    let (out, _) = run(&request(root.path(), JobSpec::Train(spec.clone())));
+    let e = out.unwrap_err();
+    assert!(e.contains("--gpus 1") && e.contains("--device cpu"), "{e}");
+    // placed on a GPU: trains there (saying so), or fails naming why CUDA cannot be used
+    let mut req = request(root.path(), JobSpec::Train(spec.clone()));
+    req.device = DeviceSpec::Cuda(0);
+    let (out, reports) = run(&req);
+    match out {
+        Ok(_) => assert!(
+            reports
+                .iter()
+                .any(|r| matches!(r, Report::Log { line } if line.contains("training on cuda:0"))),
+            "a GPU train job must say it ran on the GPU"
+        ),
+        Err(e) => assert!(e.contains("cannot use CUDA device 0"), "{e}"),
+    }
+    // nvfp4-full does not train on the GPU yet: a clear error where CUDA is usable
+    spec.quant = QuantSpec::Nvfp4Full;
+    let mut req = request(root.path(), JobSpec::Train(spec));
+    req.device = DeviceSpec::Cuda(0);
+    let e = run(&req).0.unwrap_err();
+    assert!(
+        e.contains("nvfp4-full") || e.contains("cannot use CUDA device 0"),
+        "{e}"
+    );
+}

@@ -170,7 +170,13 @@ fn save_every_checkpoints_and_a_retry_of_the_same_job_continues_where_it_stopped
     let dir = tempfile::tempdir().unwrap();
     let straight = dir.path().join("straight");
     let retried = dir.path().join("retried");
-    let job = |attempt| Some(JobIdent { id: 7, attempt });
+    let job = |attempt| {
+        Some(JobIdent {
+            id: 7,
+            attempt,
+            budget_bytes: 0,
+        })
+    };
 
     // An uninterrupted 4-step run that checkpoints every 2 steps.
     let mut s = spec(&straight, 4, QuantSpec::Nvfp4Full);
@@ -214,7 +220,11 @@ fn save_every_checkpoints_and_a_retry_of_the_same_job_continues_where_it_stopped
 
     // Another job finding that checkpoint does not take it over.
     s.steps = 6;
-    let other = Some(JobIdent { id: 8, attempt: 1 });
+    let other = Some(JobIdent {
+        id: 8,
+        attempt: 1,
+        budget_bytes: 0,
+    });
     let e = train_on(&s, DeviceSpec::Cpu, other, &Reporter::capture().0)
         .unwrap_err()
         .to_string();

@@ -19,10 +19,12 @@
 //! - `params` — [`params::ParamStore`]: the parameters of the model's `ModelLayout` (f32
 //!   `Var`s or packed NVFP4) and their moments, the AdamW step.
 //! - `moments` — one moment tensor stored as f32 or bf16 (`--moments`).
+//! - `gpu` — the steps of a run on the GPU (`--device cuda`): plan check, upload, phases.
 //! - `checkpoint` — the checkpoint directory (HF layout + optimizer state + trainer state).
 
 pub mod checkpoint;
 pub mod dataset;
+mod gpu;
 pub mod moments;
 pub mod params;
 
@@ -143,6 +145,9 @@ pub struct JobIdent {
     pub id: u64,
     /// Attempt number (1-based).
     pub attempt: u32,
+    /// The job's memory budget in bytes (0: none given); a GPU run checks its plan against it
+    /// before allocating.
+    pub budget_bytes: u64,
 }
 
 /// Run a training job: load, train `spec.steps` steps in all (continuing a checkpoint with
@@ -278,16 +283,27 @@ fn train_checked(
     if state.step > 0 {
         checkpoint::load_optimizer(&out_dir, &mut store, state.step)?;
     }
-    let b = store.bytes();
-    reporter.phase(PhaseReport::now("model_loaded", state.step as u32).bytes([
-        ("weights", b.weights),
-        ("scales", b.scales),
-        ("optimizer_state", b.optimizer_state),
-        ("grads", 0),
-        ("activations", 0),
-    ]));
-
     let data = TrainData::load(spec, &files, &cfg, reporter)?;
+    let mut gpu = match engine {
+        Engine::Cuda(e) => {
+            let longest = data.samples.iter().map(|s| s.ids.len()).max().unwrap_or(2);
+            let budget = job.map_or(0, |j| j.budget_bytes);
+            Some(gpu::start(
+                e, &cfg, &store, spec, longest, budget, state.step, reporter,
+            )?)
+        }
+        Engine::Cpu(_) => {
+            let b = store.bytes();
+            reporter.phase(PhaseReport::now("model_loaded", state.step as u32).bytes([
+                ("weights", b.weights),
+                ("scales", b.scales),
+                ("optimizer_state", b.optimizer_state),
+                ("grads", 0),
+                ("activations", 0),
+            ]));
+            None
+        }
+    };
     let hp = AdamWParams {
         lr: spec.lr as f32,
         ..AdamWParams::default()
@@ -298,7 +314,10 @@ fn train_checked(
     let t_train = Instant::now();
     while state.step < total {
         let step = state.step + 1;
-        let out = cpu_step(engine, &cfg, &mut store, &data, spec, hp, step, reporter)?;
+        let out = match &mut gpu {
+            Some(g) => gpu::step(g, &data, spec, hp, step, reporter)?,
+            None => cpu_step(engine, &cfg, &mut store, &data, spec, hp, step, reporter)?,
+        };
         tokens += out.input_tokens;
         let loss_v = out.loss;
         state.step = step;
@@ -307,11 +326,17 @@ fn train_checked(
         reporter.progress(step, total, "steps", format!("loss {loss_v:.4}"));
         tracing::debug!(step, loss = loss_v, grad_norm = out.grad_norm, "train step");
         if spec.save_every > 0 && step % spec.save_every as u64 == 0 && step < total {
+            if let Some(g) = &gpu {
+                g.download_into(&mut store)?;
+            }
             save_checkpoint(&out_dir, &mut store, &files, &state, reporter)?;
         }
     }
     let secs = t_train.elapsed().as_secs_f64();
 
+    if let Some(g) = &gpu {
+        g.download_into(&mut store)?;
+    }
     save_checkpoint(&out_dir, &mut store, &files, &state, reporter)?;
     Ok(TrainOutcome {
         losses,
@@ -396,9 +421,9 @@ impl TrainData {
     }
 }
 
-/// What one CPU step did.
+/// What one step did (on either engine).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct CpuStepOutcome {
+pub struct StepOutcome {
     /// The step's loss.
     pub loss: f32,
     /// Global gradient norm before clipping.
@@ -420,7 +445,7 @@ pub fn cpu_step(
     hp: AdamWParams,
     step: u64,
     reporter: &Reporter,
-) -> Result<CpuStepOutcome> {
+) -> Result<StepOutcome> {
     let chunk_rows = match spec.step_chunk_rows {
         0 => DEFAULT_STEP_CHUNK_ROWS,
         n => n as usize,
@@ -507,7 +532,7 @@ pub fn cpu_step(
             .metric("loss", loss_v as f64)
             .metric("grad_norm", st.grad_norm as f64),
     );
-    Ok(CpuStepOutcome {
+    Ok(StepOutcome {
         loss: loss_v,
         grad_norm: st.grad_norm,
         input_tokens: tokens,
@@ -523,6 +548,7 @@ pub fn run_job(
     let job = JobIdent {
         id: request.job_id,
         attempt: request.attempt,
+        budget_bytes: request.budget_bytes,
     };
     let out = train_on(spec, request.device, Some(job), reporter)?;
     Ok(crate::report::JobOutput::Train {

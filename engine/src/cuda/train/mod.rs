@@ -416,6 +416,16 @@ impl CudaTrainer {
         step: u64,
         clip: f32,
     ) -> Result<GpuStepStats> {
+        self.begin_step()?;
+        for b in micro {
+            self.forward(b)?;
+            self.backward()?;
+        }
+        self.finish_step(hp, step, clip)
+    }
+
+    /// Start a step: zero the gradients and the loss, make the working weights.
+    pub fn begin_step(&mut self) -> Result<()> {
         let s = self.k.stream().clone();
         s.memset_zeros(&mut self.grads)
             .map_err(cuda("zeroing the gradients"))?;
@@ -423,10 +433,31 @@ impl CudaTrainer {
             .map_err(cuda("zeroing the loss"))?;
         s.memset_zeros(&mut self.sumsq)
             .map_err(cuda("zeroing the gradient norm"))?;
-        self.prepare_weights()?;
-        for b in micro {
-            self.micro_batch(b)?;
-        }
+        self.prepare_weights()
+    }
+
+    /// Wait for everything queued (before a phase sample).
+    pub fn sync(&self) -> Result<()> {
+        self.k
+            .stream()
+            .synchronize()
+            .map_err(cuda("waiting for the GPU"))
+    }
+
+    /// `(free, total)` device memory (cuMemGetInfo).
+    pub fn mem_info(&self) -> Result<(u64, u64)> {
+        let (free, total) = self
+            .k
+            .context()
+            .mem_get_info()
+            .map_err(cuda("cuMemGetInfo"))?;
+        Ok((free as u64, total as u64))
+    }
+
+    /// The optimizer after the step's micro-batches: gradient norm, clipping to `clip` (0:
+    /// off), AdamW with `hp` at 1-based `step`; reads the loss and the norm back.
+    pub fn finish_step(&mut self, hp: AdamWParams, step: u64, clip: f32) -> Result<GpuStepStats> {
+        let s = self.k.stream().clone();
         let sc = AdamWScalars::new(hp, step, 0);
         // SAFETY: the table names master, grads and the moments, all live and `total` long.
         unsafe {
@@ -451,8 +482,9 @@ impl CudaTrainer {
         })
     }
 
-    /// Forward and backward of one micro-batch, adding into the gradients and the loss.
-    fn micro_batch(&mut self, b: &HostBatch) -> Result<()> {
+    /// Forward of one micro-batch through the loss (the head's backward GEMMs included: its
+    /// dlogits are consumed chunk by chunk), adding into the loss.
+    pub fn forward(&mut self, b: &HostBatch) -> Result<()> {
         let n = b.batch * b.seq;
         if b.ids.len() != n || b.target.len() != n || b.weight.len() != n {
             return Err(EngineError::InvalidArgument(format!(
@@ -483,9 +515,19 @@ impl CudaTrainer {
             s.memcpy_htod(&b.weight, &mut w.weight)
                 .map_err(cuda("uploading the batch"))?;
         }
-        self.forward(b.batch, b.seq)?;
-        self.head_and_loss(n)?;
-        self.backward(b.batch, b.seq)
+        self.forward_layers(b.batch, b.seq)?;
+        self.head_and_loss(n)
+    }
+
+    /// Backward of the micro-batch [`CudaTrainer::forward`] just ran, adding into the
+    /// gradients.
+    pub fn backward(&mut self) -> Result<()> {
+        let (batch, seq) = self
+            .work
+            .as_ref()
+            .map(|w| (w.batch, w.seq))
+            .ok_or_else(|| unsupported("backward before any forward".into()))?;
+        self.backward_layers(batch, seq)
     }
 
     /// Copy the master weights and moments back into `store` (for checkpoints and export).

@@ -13,7 +13,7 @@ use super::CudaTrainer;
 use crate::error::Result;
 
 impl CudaTrainer {
-    pub(super) fn forward(&mut self, batch: usize, seq: usize) -> Result<()> {
+    pub(super) fn forward_layers(&mut self, batch: usize, seq: usize) -> Result<()> {
         let k = &*self.k;
         let w = self.work.as_ref().expect("ensured");
         let cfg = &self.cfg;
@@ -195,7 +195,7 @@ impl CudaTrainer {
         Ok(())
     }
 
-    pub(super) fn backward(&mut self, batch: usize, seq: usize) -> Result<()> {
+    pub(super) fn backward_layers(&mut self, batch: usize, seq: usize) -> Result<()> {
         let kk = self.k.clone();
         kk.stream()
             .memset_zeros(&mut self.work.as_mut().expect("ensured").dh)

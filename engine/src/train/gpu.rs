@@ -1,0 +1,117 @@
+//! A train job's steps on the GPU (`--device cuda` on a GPU placement): the plan checked
+//! against the job's budget before anything is allocated, the parameters uploaded to a
+//! [`CudaTrainer`], and per step the phases `forward_done` and `backward_done` for each
+//! micro-batch and `optimizer_done`, each with the trainer's tensor bytes by category and the
+//! device's free memory (cuMemGetInfo). Checkpoints download the weights and moments into the
+//! host parameter store first, so they are written exactly as the CPU path writes them.
+
+use kiln_job::units::human_bytes as human;
+use kiln_kernels::cpu::AdamWParams;
+
+use super::params::ParamStore;
+use super::{StepOutcome, TrainData};
+use crate::cuda::train::{CudaTrainer, HostBatch, TrainPlan};
+use crate::engine::CudaEngine;
+use crate::error::Result;
+use crate::model::ModelConfig;
+use crate::report::{PhaseReport, Reporter};
+use crate::spec::TrainSpec;
+
+/// A phase sample with the trainer's bytes and the device's memory.
+fn phase(gpu: &CudaTrainer, name: &str, step: u64) -> Result<PhaseReport> {
+    gpu.sync()?;
+    let b = gpu.bytes();
+    let (free, total) = gpu.mem_info()?;
+    let mut p = PhaseReport::now(name, step as u32).bytes([
+        ("weights", b.weights),
+        ("grads", b.grads),
+        ("optimizer_state", b.optimizer_state),
+        ("activations", b.activations),
+    ]);
+    p.cuda_free = free;
+    p.cuda_total = total;
+    Ok(p)
+}
+
+/// Check the plan of the longest micro-batch this run can make against `budget_bytes` (0: no
+/// check), upload `store`, report `model_loaded`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn start(
+    engine: &CudaEngine,
+    cfg: &ModelConfig,
+    store: &ParamStore,
+    spec: &TrainSpec,
+    seq_len: usize,
+    budget_bytes: u64,
+    step: u64,
+    reporter: &Reporter,
+) -> Result<CudaTrainer> {
+    CudaTrainer::check_supported(cfg, spec.quant)?;
+    let plan = TrainPlan::new(cfg, spec.moments, spec.batch as usize, seq_len)?;
+    if budget_bytes > 0 {
+        plan.check(cfg, spec.moments, budget_bytes)?;
+    }
+    let gpu = CudaTrainer::new(engine.kernels().clone(), cfg, store)?;
+    let p = phase(&gpu, "model_loaded", step)?.metric("planned_bytes", plan.total() as f64);
+    let (free, total) = (p.cuda_free, p.cuda_total);
+    reporter.phase(p);
+    reporter.log(format!(
+        "training on cuda:{} ({}): planned {} at most (weights {}, gradients {}, optimizer state {}, activations {} for {}×{seq_len} tokens); device memory free {} of {}",
+        engine.ordinal(),
+        engine.kernels().device_name(),
+        human(plan.total()),
+        human(plan.weights),
+        human(plan.grads),
+        human(plan.optimizer_state),
+        human(plan.activations),
+        spec.batch,
+        human(free),
+        human(total),
+    ));
+    Ok(gpu)
+}
+
+/// One optimizer step on the GPU over the micro-batches of 1-based `step`.
+pub(super) fn step(
+    gpu: &mut CudaTrainer,
+    data: &TrainData,
+    spec: &TrainSpec,
+    hp: AdamWParams,
+    step: u64,
+    reporter: &Reporter,
+) -> Result<StepOutcome> {
+    let (parts, denom) = data.step_samples(spec, step);
+    let micro = parts.len();
+    gpu.begin_step()?;
+    let mut tokens = 0;
+    for (mb, part) in parts.iter().enumerate() {
+        let b = HostBatch::new(part, data.pad, denom)?;
+        tokens += part
+            .iter()
+            .map(|s| s.ids.len().saturating_sub(1))
+            .sum::<usize>();
+        gpu.forward(&b)?;
+        let mut fwd = phase(gpu, "forward_done", step)?;
+        if micro > 1 {
+            fwd = fwd.metric("micro_batch", mb as f64);
+        }
+        reporter.phase(fwd);
+        gpu.backward()?;
+        let mut bwd = phase(gpu, "backward_done", step)?;
+        if micro > 1 {
+            bwd = bwd.metric("micro_batch", mb as f64);
+        }
+        reporter.phase(bwd);
+    }
+    let st = gpu.finish_step(hp, step, spec.clip_grad() as f32)?;
+    reporter.phase(
+        phase(gpu, "optimizer_done", step)?
+            .metric("loss", st.loss as f64)
+            .metric("grad_norm", st.grad_norm as f64),
+    );
+    Ok(StepOutcome {
+        loss: st.loss,
+        grad_norm: st.grad_norm,
+        input_tokens: tokens,
+    })
+}
