@@ -485,6 +485,9 @@ pub enum BenchCommand {
     /// Engine decode (KV cache vs replay) on the tiny and a 0.5B-shaped model, and multi-turn
     /// session latency (CPU).
     Engine(crate::cmd::bench_engine::BenchEngineArgs),
+    /// The GPU train step (none, nvfp4-ste) on the tiny and a 0.5B-shaped model against a
+    /// PyTorch anchor measured in the same run (needs a GPU).
+    Train(crate::cmd::bench_train::BenchTrainArgs),
 }
 
 /// `kiln bench scheduler`.

@@ -21,7 +21,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             .await?;
             println!("{report}");
         }
-        BenchCommand::Kernels(_) | BenchCommand::Engine(_) => {
+        BenchCommand::Kernels(_) | BenchCommand::Engine(_) | BenchCommand::Train(_) => {
             unreachable!("runs without a runtime; see cmd::dispatch")
         }
     }

@@ -4,6 +4,7 @@ mod agents;
 mod bench;
 pub mod bench_engine;
 pub mod bench_kernels;
+pub mod bench_train;
 mod demo;
 mod jobs;
 mod logs;
@@ -33,6 +34,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(crate::args::BenchCommand::Engine(a)) => {
             return bench_engine::run(a).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Bench(crate::args::BenchCommand::Train(a)) => {
+            return bench_train::run(a).map(|()| ExitCode::SUCCESS)
         }
         _ => {}
     }

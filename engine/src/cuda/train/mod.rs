@@ -28,8 +28,10 @@
 //! - `gemm` — the row-major GEMM on raw addresses;
 //! - `passes` — forward, vocabulary projection + cross-entropy, backward;
 //! - `plan` — [`TrainPlan`]: those allocations predicted from the config, checked against a
-//!   budget before anything is allocated.
+//!   budget before anything is allocated;
+//! - `bench` — the GPU train benchmark (`kiln bench train --device cuda`).
 
+pub mod bench;
 mod gemm;
 mod layout;
 mod passes;

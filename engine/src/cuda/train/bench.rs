@@ -1,0 +1,231 @@
+//! The GPU train benchmark (`kiln bench train --device cuda`): train steps of random-init
+//! models (the tiny model and the Qwen2.5-0.5B shape) on random token batches, per mode
+//! (`none`, `nvfp4-ste`) — step time, tokens/s and bytes on the GPU — with the PyTorch anchor
+//! (`scripts/anchors/torch_train.py --json`, measured in the same GPU script) joined in for the
+//! ratios.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kiln_kernels::cpu::AdamWParams;
+use kiln_kernels::cuda::CudaKernels;
+use serde::{Deserialize, Serialize};
+
+use super::{CudaTrainer, HostBatch};
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::model::{LinearFormat, ModelConfig};
+use crate::spec::{MomentsSpec, QuantSpec};
+use crate::train::params::ParamStore;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct TrainBenchOptions {
+    /// Sequences per step.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Timed steps (after two warm-up steps).
+    pub steps: usize,
+    /// Only the tiny model.
+    pub quick: bool,
+}
+
+impl Default for TrainBenchOptions {
+    fn default() -> Self {
+        TrainBenchOptions {
+            batch: 8,
+            seq: 512,
+            steps: 5,
+            quick: false,
+        }
+    }
+}
+
+/// One (model, mode) result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainBenchRow {
+    /// Model name (`tiny`, `qwen2.5-0.5b`).
+    pub model: String,
+    /// `none` or `nvfp4-ste`.
+    pub quant: String,
+    /// Sequences per step.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Median step time, ms.
+    pub step_ms: f64,
+    /// Tokens per second at the median step.
+    pub tok_s: f64,
+    /// Tensor bytes on the GPU (weights, gradients, moments, activations).
+    pub gpu_bytes: u64,
+    /// The loss of the last step (random data: about ln(vocab)).
+    pub last_loss: f32,
+}
+
+/// The PyTorch anchor's numbers (`scripts/anchors/torch_train.py --json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainAnchor {
+    /// Rows by (model, mode): `none` is fp32 master + bf16 autocast + fused AdamW, `nvfp4-ste`
+    /// the same with NVFP4 straight-through fake-quant of the linear weights.
+    pub rows: Vec<TrainAnchorRow>,
+}
+
+/// One anchor row.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainAnchorRow {
+    /// Model name, as the bench names it.
+    pub model: String,
+    /// Mode, as the bench names it.
+    pub quant: String,
+    /// Tokens per second.
+    pub tok_s: f64,
+    /// Peak allocated bytes (torch.cuda.max_memory_allocated).
+    pub peak_bytes: u64,
+}
+
+/// Run the benchmark on GPU `ordinal`.
+pub fn run_train_bench(ordinal: usize, opts: &TrainBenchOptions) -> Result<Vec<TrainBenchRow>> {
+    let k = Arc::new(CudaKernels::new(ordinal)?);
+    let mut models = vec![("tiny".to_string(), crate::tiny::config()?)];
+    if !opts.quick {
+        models.push(("qwen2.5-0.5b".into(), ModelConfig::qwen2_5_0_5b()));
+    }
+    let mut rows = Vec::new();
+    for (name, cfg) in &models {
+        for quant in [QuantSpec::None, QuantSpec::Nvfp4Ste] {
+            rows.push(bench_one(&k, name, cfg, quant, opts)?);
+        }
+    }
+    Ok(rows)
+}
+
+fn bench_one(
+    k: &Arc<CudaKernels>,
+    name: &str,
+    cfg: &ModelConfig,
+    quant: QuantSpec,
+    opts: &TrainBenchOptions,
+) -> Result<TrainBenchRow> {
+    let engine = Engine::cpu();
+    let mut src = engine.random_weights(7, LinearFormat::Dense);
+    let store = ParamStore::from_source(cfg, &mut src, quant, engine.device())?
+        .with_moments(MomentsSpec::F32);
+    let mut gpu = CudaTrainer::new(k.clone(), cfg, &store)?;
+    drop(store);
+    let (b, t) = (opts.batch, opts.seq.min(cfg.max_position_embeddings));
+    let n = b * t;
+    // Seeded random tokens; every position in the loss.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % cfg.vocab_size as u64) as u32
+    };
+    let ids: Vec<u32> = (0..n).map(|_| next()).collect();
+    let target: Vec<u32> = (0..n).map(|_| next()).collect();
+    let batch = HostBatch {
+        batch: b,
+        seq: t,
+        ids,
+        target,
+        weight: vec![1.0 / n as f32; n],
+    };
+    let hp = AdamWParams {
+        lr: 1e-4,
+        ..AdamWParams::default()
+    };
+    let mut times = Vec::new();
+    let mut last_loss = 0.0;
+    for step in 1..=(opts.steps + 2) as u64 {
+        let t0 = Instant::now();
+        let st = gpu.step(std::slice::from_ref(&batch), hp, step, 1.0)?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        last_loss = st.loss;
+        if step > 2 {
+            times.push(ms);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let step_ms = times[times.len() / 2];
+    let bytes = gpu.bytes();
+    tracing::info!(model = name, quant = quant.name(), step_ms, "train bench");
+    Ok(TrainBenchRow {
+        model: name.into(),
+        quant: quant.name().into(),
+        batch: b,
+        seq: t,
+        step_ms,
+        tok_s: n as f64 / (step_ms / 1e3),
+        gpu_bytes: bytes.weights + bytes.grads + bytes.optimizer_state + bytes.activations,
+        last_loss,
+    })
+}
+
+/// The results as a table, with the anchor's tokens/s and the ratio where it has the row.
+pub fn train_table(device: &str, rows: &[TrainBenchRow], anchor: Option<&TrainAnchor>) -> String {
+    use comfy_table::{presets::UTF8_FULL, Table};
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL).set_header(vec![
+        "model",
+        "mode",
+        "batch × seq",
+        "step ms",
+        "tok/s",
+        "GPU bytes",
+        "PyTorch tok/s",
+        "ratio",
+        "PyTorch peak",
+    ]);
+    for r in rows {
+        let a = anchor.and_then(|a| {
+            a.rows
+                .iter()
+                .find(|x| x.model == r.model && x.quant == r.quant)
+        });
+        t.add_row(vec![
+            r.model.clone(),
+            r.quant.clone(),
+            format!("{} × {}", r.batch, r.seq),
+            format!("{:.1}", r.step_ms),
+            format!("{:.0}", r.tok_s),
+            kiln_job::units::human_bytes(r.gpu_bytes),
+            a.map_or("-".into(), |a| format!("{:.0}", a.tok_s)),
+            a.map_or("-".into(), |a| format!("{:.2}×", r.tok_s / a.tok_s)),
+            a.map_or("-".into(), |a| kiln_job::units::human_bytes(a.peak_bytes)),
+        ]);
+    }
+    format!("GPU train step on {device} (random data, one micro-batch per step)\n{t}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_joins_the_anchor_by_model_and_mode() {
+        let rows = vec![TrainBenchRow {
+            model: "qwen2.5-0.5b".into(),
+            quant: "none".into(),
+            batch: 8,
+            seq: 512,
+            step_ms: 100.0,
+            tok_s: 40_960.0,
+            gpu_bytes: 10 << 30,
+            last_loss: 11.9,
+        }];
+        let anchor = TrainAnchor {
+            rows: vec![TrainAnchorRow {
+                model: "qwen2.5-0.5b".into(),
+                quant: "none".into(),
+                tok_s: 20_480.0,
+                peak_bytes: 20 << 30,
+            }],
+        };
+        let t = train_table("test", &rows, Some(&anchor));
+        assert!(t.contains("2.00×") && t.contains("20480"), "{t}");
+        let t = train_table("test", &rows, None);
+        assert!(t.contains("40960") && !t.contains("2.00×"), "{t}");
+    }
+}
