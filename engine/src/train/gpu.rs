@@ -51,7 +51,10 @@ pub(super) fn start(
     if budget_bytes > 0 {
         plan.check(cfg, spec.moments, budget_bytes)?;
     }
-    let gpu = CudaTrainer::new(engine.kernels().clone(), cfg, store)?;
+    let mut gpu = CudaTrainer::new(engine.kernels().clone(), cfg, store)?;
+    gpu.set_seed(spec.seed);
+    // Every buffer of the longest micro-batch, allocated now: what the plan checked.
+    gpu.reserve(spec.batch as usize, seq_len)?;
     let p = phase(&gpu, "model_loaded", step)?.metric("planned_bytes", plan.total() as f64);
     let (free, total) = (p.cuda_free, p.cuda_total);
     reporter.phase(p);

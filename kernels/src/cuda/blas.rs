@@ -169,6 +169,19 @@ impl CudaKernels {
                 cublasOperation_t::CUBLAS_OP_N
             }
         };
+        let dims = [g.m, g.n, g.k, g.a.1, g.b.1, g.c.1, g.batch];
+        if dims.iter().any(|&d| d > i32::MAX as usize) {
+            return Err(KernelError::InvalidArgument(format!(
+                "a GEMM dimension exceeds cuBLAS's 32-bit limit: {g:?}"
+            )));
+        }
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| KernelError::Cuda {
+                context: "binding the CUDA context for cuBLAS".into(),
+                message: e.to_string(),
+            })?;
         let (alpha, beta) = (g.alpha, g.beta);
         let ctype = if g.c_f32 {
             cudaDataType::CUDA_R_32F

@@ -628,7 +628,8 @@ impl CudaKernels {
 
     /// Queue the straight-through fake-quant of a master weight: `out` (bf16) = NVFP4 round to
     /// nearest of `w` with the tensor scale of its amax in `status` (from
-    /// [`CudaKernels::amax_async`] over the same `w`), dequantized: the CPU quantizer's values.
+    /// [`CudaKernels::amax_async`] over the same `w`), dequantized: the CPU quantizer's values,
+    /// rounded to bf16.
     ///
     /// # Safety
     /// `w` holds `count` f32 (16-byte aligned), `out` `count` bf16.

@@ -146,6 +146,9 @@ pub struct CudaTrainer {
     sumsq: CudaSlice<f64>,
     loss: CudaSlice<f64>,
     work: Option<Workspace>,
+    /// The micro-batch in flight (rows, tokens per row).
+    current: (usize, usize),
+    seed: u64,
 }
 
 /// A moment buffer in its element type.
@@ -287,6 +290,8 @@ impl CudaTrainer {
             sumsq,
             loss,
             work: None,
+            current: (0, 0),
+            seed: 0,
         })
     }
 
@@ -379,12 +384,17 @@ impl CudaTrainer {
         Ok(())
     }
 
+    /// Allocate the activations and scratch for micro-batches of up to `batch × seq` once
+    /// (what [`TrainPlan`] counts), instead of growing them as longer batches arrive.
+    pub fn reserve(&mut self, batch: usize, seq: usize) -> Result<()> {
+        self.ensure_workspace(batch, seq)
+    }
+
+    /// Make sure the workspace holds a `batch × seq` micro-batch (smaller ones use a prefix of
+    /// every buffer: all layouts are compact for the shape in flight); grow it otherwise.
     fn ensure_workspace(&mut self, batch: usize, seq: usize) -> Result<()> {
-        if self
-            .work
-            .as_ref()
-            .is_some_and(|w| w.batch == batch && w.seq == seq)
-        {
+        let (cb, cs) = self.work.as_ref().map_or((0, 0), |w| (w.batch, w.seq));
+        if batch <= cb && seq <= cs {
             return Ok(());
         }
         self.work = None;
@@ -392,10 +402,15 @@ impl CudaTrainer {
             &self.k,
             &self.cfg,
             self.layers.len(),
-            batch,
-            seq,
+            batch.max(cb),
+            seq.max(cs),
         )?);
         Ok(())
+    }
+
+    /// The seed of the bf16 moments' stochastic rounding (the run's `--seed`).
+    pub fn set_seed(&mut self, seed: u64) {
+        self.seed = seed;
     }
 
     fn shape(&self, batch: usize, seq: usize) -> TrainAttnShape {
@@ -460,7 +475,7 @@ impl CudaTrainer {
     /// off), AdamW with `hp` at 1-based `step`; reads the loss and the norm back.
     pub fn finish_step(&mut self, hp: AdamWParams, step: u64, clip: f32) -> Result<GpuStepStats> {
         let s = self.k.stream().clone();
-        let sc = AdamWScalars::new(hp, step, 0);
+        let sc = AdamWScalars::new(hp, step, self.seed);
         // SAFETY: the table names master, grads and the moments, all live and `total` long.
         unsafe {
             self.k
@@ -498,6 +513,12 @@ impl CudaTrainer {
                 b.weight.len()
             )));
         }
+        if n == 0 || b.seq > self.cfg.max_position_embeddings {
+            return Err(EngineError::InvalidArgument(format!(
+                "a {}×{} micro-batch: it needs at least one token and at most {} per row (the model's context)",
+                b.batch, b.seq, self.cfg.max_position_embeddings
+            )));
+        }
         let vocab = self.cfg.vocab_size as u32;
         if let Some(bad) = b.ids.iter().chain(&b.target).find(|&&t| t >= vocab) {
             return Err(EngineError::InvalidArgument(format!(
@@ -505,6 +526,7 @@ impl CudaTrainer {
             )));
         }
         self.ensure_workspace(b.batch, b.seq)?;
+        self.current = (b.batch, b.seq);
         let s = self.k.stream().clone();
         {
             let w = self.work.as_mut().expect("ensured");
@@ -524,11 +546,10 @@ impl CudaTrainer {
     /// Backward of the micro-batch [`CudaTrainer::forward`] just ran, adding into the
     /// gradients.
     pub fn backward(&mut self) -> Result<()> {
-        let (batch, seq) = self
-            .work
-            .as_ref()
-            .map(|w| (w.batch, w.seq))
-            .ok_or_else(|| unsupported("backward before any forward".into()))?;
+        let (batch, seq) = self.current;
+        if batch == 0 {
+            return Err(unsupported("backward before any forward".into()));
+        }
         self.backward_layers(batch, seq)
     }
 

@@ -90,7 +90,7 @@ impl CudaTrainer {
                 .run(k)?;
                 k.train_merge_heads_async(sh, self.addr(&w.o), self.addr(&a.attn))?;
                 // h_mid = h_in + attn · Woᵀ
-                copy_f32(s, &a.h_mid, &a.h_in, k)?;
+                copy_f32(s, &a.h_mid, &a.h_in, n * h, k)?;
                 Mm::new(
                     (n, h, nh * hd),
                     (self.addr(&a.attn), false),
@@ -121,7 +121,7 @@ impl CudaTrainer {
                     Some(nx) => &nx.h_in,
                     None => &w.h_out,
                 };
-                copy_f32(s, next, &a.h_mid, k)?;
+                copy_f32(s, next, &a.h_mid, n * h, k)?;
                 Mm::new(
                     (n, h, i),
                     (self.addr(&a.a), false),
@@ -381,19 +381,24 @@ impl CudaTrainer {
     }
 }
 
-/// `dst = src` (f32 buffers of the same length), on the stream.
+/// `dst[..count] = src[..count]` (f32), on the stream.
 fn copy_f32(
     s: &Arc<cudarc::driver::CudaStream>,
     dst: &CudaSlice<f32>,
     src: &CudaSlice<f32>,
+    count: usize,
     k: &CudaKernels,
 ) -> Result<()> {
-    // SAFETY: both buffers hold the same number of f32 (one workspace shape).
+    assert!(
+        count <= dst.len() && count <= src.len(),
+        "copy past a buffer"
+    );
+    // SAFETY: both buffers hold at least `count` f32 (checked above).
     unsafe {
         cudarc::driver::result::memcpy_dtod_async(
             k.addr(dst, 0),
             k.addr(src, 0),
-            src.len() * 4,
+            count * 4,
             s.cu_stream(),
         )
     }
