@@ -160,31 +160,50 @@ extern "C" __global__ void kiln_train_qkv_fwd(const float* __restrict__ qkv,
 }
 
 // Backward: dq / dk / dv f32 in the attention layouts (GEMM outputs) → dqkv bf16
-// [N, (nh + 2·kvh)·hd] (the inverse rotation), and dbias += Σ_n dqkv (atomic; null: no bias).
-// Grid N, as the forward.
-extern "C" __global__ void kiln_train_qkv_bwd(const float* __restrict__ dq,
-                                              const float* __restrict__ dk,
-                                              const float* __restrict__ dv,
-                                              const float* __restrict__ inv_freq,
-                                              u16* __restrict__ dqkv, float* __restrict__ dbias,
-                                              int T, int nh, int kvh, int hd) {
-    const int n = blockIdx.x, b = n / T, t = n % T;
-    const int half = hd / 2, heads = nh + 2 * kvh;
-    const size_t row = (size_t)n * heads * hd;
-    for (int e = threadIdx.x; e < heads * half; e += blockDim.x) {
-        const int head = e / half, i = e % half;
-        const int c0 = head * hd + i, c1 = c0 + half;
-        int which;
-        const size_t src = kiln_qkv_slot(head, b, t, T, nh, kvh, hd, &which);
-        const float* g = which == 0 ? dq : (which == 1 ? dk : dv);
-        float a = g[src + i], c = g[src + i + half];
-        if (which < 2) kiln_rope_pair(a, c, (float)t * inv_freq[i], -1.0f);
-        dqkv[row + c0] = kiln_f32_to_bf16(a);
-        dqkv[row + c1] = kiln_f32_to_bf16(c);
-        if (dbias) {
-            atomicAdd(dbias + c0, a);
-            atomicAdd(dbias + c1, c);
+// [N, (nh + 2·kvh)·hd] (the inverse rotation), and dbias += Σ_n dqkv (null: no bias). Each block
+// takes rows_per_block tokens; each thread owns at most KILN_QKV_PAIRS_PER_THREAD rotation pairs
+// (block ≥ pairs / 4) and sums their bias gradient in registers over the block's tokens, adding
+// it once per block (atomic).
+// Grid ceil(N / rows_per_block), block a multiple of 32 with (nh + 2·kvh)·hd/2 ≤ 4·blockDim.
+#define KILN_QKV_PAIRS_PER_THREAD 4
+extern "C" __global__ void __launch_bounds__(1024)
+kiln_train_qkv_bwd(const float* __restrict__ dq, const float* __restrict__ dk,
+                   const float* __restrict__ dv, const float* __restrict__ inv_freq,
+                   u16* __restrict__ dqkv, float* __restrict__ dbias, int N, int T, int nh,
+                   int kvh, int hd, int rows_per_block) {
+    const int half = hd / 2, heads = nh + 2 * kvh, pairs = heads * half;
+    float acc[2 * KILN_QKV_PAIRS_PER_THREAD];
+#pragma unroll
+    for (int j = 0; j < 2 * KILN_QKV_PAIRS_PER_THREAD; ++j) acc[j] = 0.0f;
+    const int n0 = blockIdx.x * rows_per_block, n1 = min(N, n0 + rows_per_block);
+    for (int n = n0; n < n1; ++n) {
+        const int b = n / T, t = n % T;
+        const size_t row = (size_t)n * heads * hd;
+#pragma unroll
+        for (int j = 0; j < KILN_QKV_PAIRS_PER_THREAD; ++j) {
+            const int e = threadIdx.x + j * blockDim.x;
+            if (e >= pairs) break;
+            const int head = e / half, i = e % half;
+            const int c0 = head * hd + i, c1 = c0 + half;
+            int which;
+            const size_t src = kiln_qkv_slot(head, b, t, T, nh, kvh, hd, &which);
+            const float* g = which == 0 ? dq : (which == 1 ? dk : dv);
+            float a = g[src + i], c = g[src + i + half];
+            if (which < 2) kiln_rope_pair(a, c, (float)t * inv_freq[i], -1.0f);
+            dqkv[row + c0] = kiln_f32_to_bf16(a);
+            dqkv[row + c1] = kiln_f32_to_bf16(c);
+            acc[2 * j] += a;
+            acc[2 * j + 1] += c;
         }
+    }
+    if (!dbias) return;
+#pragma unroll
+    for (int j = 0; j < KILN_QKV_PAIRS_PER_THREAD; ++j) {
+        const int e = threadIdx.x + j * blockDim.x;
+        if (e >= pairs) break;
+        const int c0 = (e / half) * hd + e % half;
+        atomicAdd(dbias + c0, acc[2 * j]);
+        atomicAdd(dbias + c0 + half, acc[2 * j + 1]);
     }
 }
 

@@ -29,6 +29,10 @@ pub const TRAIN_CHUNK: usize = 4096;
 const NORM_COLS_PER_THREAD: usize = 8;
 /// Rows per block of the RMSNorm backward (its dw partial sums are added once per block).
 const NORM_BWD_ROWS: usize = 32;
+/// Rotation pairs each thread of the q/k/v backward owns (`KILN_QKV_PAIRS_PER_THREAD`).
+const QKV_PAIRS_PER_THREAD: usize = 4;
+/// Tokens per block of the q/k/v backward (its bias gradient is added once per block).
+const QKV_BWD_ROWS: usize = 16;
 
 /// The loaded train kernels.
 pub(crate) struct TrainFunctions {
@@ -390,11 +394,25 @@ impl CudaKernels {
     ) -> Result<(), KernelError> {
         shape.check()?;
         let (t, nh, kvh, hd) = Self::attn_ints(shape);
+        let pairs = shape.qkv_cols() / 2;
+        let block = pairs
+            .div_ceil(QKV_PAIRS_PER_THREAD)
+            .next_multiple_of(32)
+            .clamp(64, 1024);
+        if pairs > block * QKV_PAIRS_PER_THREAD {
+            return Err(KernelError::InvalidArgument(format!(
+                "q/k/v backward over {} columns: at most {} are supported",
+                shape.qkv_cols(),
+                2 * 1024 * QKV_PAIRS_PER_THREAD
+            )));
+        }
+        let tokens = shape.tokens();
+        let (ni, per) = (tokens as i32, QKV_BWD_ROWS as i32);
         // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
         unsafe {
             self.train_go(
                 &self.f.train.qkv_bwd,
-                cfg((shape.tokens() as u32, 1, 1), 256),
+                cfg((tokens.div_ceil(QKV_BWD_ROWS) as u32, 1, 1), block as u32),
                 "launching kiln_train_qkv_bwd",
                 &mut [
                     param(&dq),
@@ -403,10 +421,12 @@ impl CudaKernels {
                     param(&inv_freq),
                     param(&dqkv),
                     param(&dbias),
+                    param(&ni),
                     param(&t),
                     param(&nh),
                     param(&kvh),
                     param(&hd),
+                    param(&per),
                 ],
             )
         }
