@@ -326,3 +326,28 @@ fn kiln_demo_trains_exports_and_answers_with_the_sentence() {
     }
     eprintln!("kiln demo (dev profile) took {:?}", t.elapsed());
 }
+
+#[test]
+fn gpu_training_requests_that_cannot_run_are_refused_at_submit() {
+    let c = Cluster::start();
+    let out_dir = c.dir.path().join("ckpt");
+    let out = out_dir.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec!["--device", "cuda", "--quant", "nvfp4-full"],
+            "nvfp4-full does not train on the GPU yet",
+        ),
+        (vec!["--device", "cuda", "--gpus", "0"], "--gpus 1"),
+    ] {
+        let mut a = vec!["submit", "train", "--out", out];
+        a.extend(args);
+        let r = c.kiln(&a);
+        assert!(!r.status.success());
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains(want), "{err}");
+    }
+    assert!(
+        c.json(&["jobs"]).as_array().unwrap().is_empty(),
+        "a refused job must not be stored"
+    );
+}

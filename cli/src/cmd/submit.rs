@@ -162,6 +162,14 @@ pub fn build_request(kind: &SubmitKind) -> anyhow::Result<(v1::SubmitJobRequest,
             if !["f32", "bf16"].contains(&t.moments.as_str()) {
                 bail!("--moments must be f32 or bf16 (got {:?})", t.moments);
             }
+            if t.device == "cuda" && t.quant == "nvfp4-full" {
+                bail!(
+                    "--quant nvfp4-full does not train on the GPU yet: use --quant nvfp4-ste or none with --device cuda, or nvfp4-full with --device cpu"
+                );
+            }
+            if t.device == "cuda" && common.gpus == 0 {
+                bail!("--device cuda trains on the GPU the job is placed on: submit with --gpus 1 (not --gpus 0)");
+            }
             Spec::Train(v1::TrainSpec {
                 model: t.model.clone(),
                 dataset: t.dataset.clone(),
