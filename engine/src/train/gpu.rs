@@ -9,7 +9,7 @@ use kiln_job::units::human_bytes as human;
 use kiln_kernels::cpu::AdamWParams;
 
 use super::params::ParamStore;
-use super::{StepOutcome, TrainData};
+use super::{tag_micro, StepOutcome, TrainData};
 use crate::cuda::train::{CudaTrainer, HostBatch, TrainPlan};
 use crate::engine::CudaEngine;
 use crate::error::Result;
@@ -89,22 +89,11 @@ pub(super) fn step(
     let mut tokens = 0;
     for (mb, part) in parts.iter().enumerate() {
         let b = HostBatch::new(part, data.pad, denom)?;
-        tokens += part
-            .iter()
-            .map(|s| s.ids.len().saturating_sub(1))
-            .sum::<usize>();
+        tokens += b.input_tokens;
         gpu.forward(&b)?;
-        let mut fwd = phase(gpu, "forward_done", step)?;
-        if micro > 1 {
-            fwd = fwd.metric("micro_batch", mb as f64);
-        }
-        reporter.phase(fwd);
+        reporter.phase(tag_micro(phase(gpu, "forward_done", step)?, micro, mb));
         gpu.backward()?;
-        let mut bwd = phase(gpu, "backward_done", step)?;
-        if micro > 1 {
-            bwd = bwd.metric("micro_batch", mb as f64);
-        }
-        reporter.phase(bwd);
+        reporter.phase(tag_micro(phase(gpu, "backward_done", step)?, micro, mb));
     }
     let st = gpu.finish_step(hp, step, spec.clip_grad() as f32)?;
     reporter.phase(

@@ -421,6 +421,22 @@ impl TrainData {
     }
 }
 
+/// `p` tagged with its micro-batch index when a step has several.
+fn tag_micro(p: PhaseReport, micro: usize, mb: usize) -> PhaseReport {
+    if micro > 1 {
+        p.metric("micro_batch", mb as f64)
+    } else {
+        p
+    }
+}
+
+/// Bytes of the gradients summed so far in a step (f32).
+fn grad_bytes(grads: &Option<Vec<Vec<f32>>>) -> u64 {
+    grads
+        .as_ref()
+        .map_or(0, |g| g.iter().map(|g| 4 * g.len() as u64).sum())
+}
+
 /// What one step did (on either engine).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepOutcome {
@@ -479,18 +495,13 @@ pub fn cpu_step(
             ("scales", b.scales),
             ("optimizer_state", b.optimizer_state),
         ];
-        let held = grads
-            .as_ref()
-            .map_or(0, |g| g.iter().map(|g| 4 * g.len() as u64).sum());
-        let mut fwd = PhaseReport::now("forward_done", step as u32)
+        let held = grad_bytes(&grads);
+        let fwd = PhaseReport::now("forward_done", step as u32)
             .bytes(common)
             .bytes([("grads", held), ("activations", act)])
             .metric("loss", part_loss as f64)
             .metric("target_tokens", batch.target_tokens as f64);
-        if micro > 1 {
-            fwd = fwd.metric("micro_batch", mb as f64);
-        }
-        reporter.phase(fwd);
+        reporter.phase(tag_micro(fwd, micro, mb));
 
         let g = store.gradients(&loss.backward()?)?;
         drop(logits);
@@ -503,16 +514,10 @@ pub fn cpu_step(
                 }
             }
         }
-        let grad_bytes: u64 = grads
-            .as_ref()
-            .map_or(0, |g| g.iter().map(|g| 4 * g.len() as u64).sum());
-        let mut bwd = PhaseReport::now("backward_done", step as u32)
+        let bwd = PhaseReport::now("backward_done", step as u32)
             .bytes(common)
-            .bytes([("grads", grad_bytes), ("activations", 0)]);
-        if micro > 1 {
-            bwd = bwd.metric("micro_batch", mb as f64);
-        }
-        reporter.phase(bwd);
+            .bytes([("grads", grad_bytes(&grads)), ("activations", 0)]);
+        reporter.phase(tag_micro(bwd, micro, mb));
     }
     drop(model);
     let grads = grads.expect("a step has at least one micro-batch");

@@ -238,6 +238,11 @@ impl ParamStore {
         &self.params
     }
 
+    /// A parameter by name.
+    pub fn param(&self, name: &str) -> Option<&Param> {
+        self.index.get(name).map(|&i| &self.params[i])
+    }
+
     /// Mutable access to a parameter by name (for restoring optimizer state).
     pub fn param_mut(&mut self, name: &str) -> Option<&mut Param> {
         self.index.get(name).map(|&i| &mut self.params[i])

@@ -146,10 +146,7 @@ impl CudaKernels {
         status: &mut DeviceStatus,
     ) -> Result<(), KernelError> {
         let s = &self.stream;
-        s.memset_zeros(&mut status.amax_bits)
-            .map_err(drv("resetting amax"))?;
-        s.memset_zeros(&mut status.first_bad_inv)
-            .map_err(drv("resetting amax"))?;
+        self.reset_status(status)?;
         let n = x.len() as u64;
         let cfg = self.amax_cfg(n, matches!(x, DeviceInput::F32(_)));
         let r = match x {
@@ -175,6 +172,16 @@ impl CudaKernels {
         r.map(|_| ()).map_err(drv("launching kiln_amax"))
     }
 
+    /// Queue zeroing `status` before an amax pass.
+    fn reset_status(&self, status: &mut DeviceStatus) -> Result<(), KernelError> {
+        let s = &self.stream;
+        s.memset_zeros(&mut status.amax_bits)
+            .map_err(drv("resetting amax"))?;
+        s.memset_zeros(&mut status.first_bad_inv)
+            .map_err(drv("resetting amax"))?;
+        Ok(())
+    }
+
     /// The amax pass's launch shape over `n` f32 (4 per thread) or bf16 (8) elements.
     fn amax_cfg(&self, n: u64, f32_input: bool) -> LaunchConfig {
         let per_thread = if f32_input { 4 } else { 8 };
@@ -198,10 +205,7 @@ impl CudaKernels {
         status: &mut DeviceStatus,
     ) -> Result<(), KernelError> {
         let s = &self.stream;
-        s.memset_zeros(&mut status.amax_bits)
-            .map_err(drv("resetting amax"))?;
-        s.memset_zeros(&mut status.first_bad_inv)
-            .map_err(drv("resetting amax"))?;
+        self.reset_status(status)?;
         let n = n as u64;
         let cfg = self.amax_cfg(n, true);
         let (amax, bad) = (

@@ -131,6 +131,7 @@ fn bench_one(
         ids,
         target,
         weight: vec![1.0 / n as f32; n],
+        input_tokens: n,
     };
     let hp = AdamWParams {
         lr: 1e-4,

@@ -83,6 +83,8 @@ pub struct HostBatch {
     pub target: Vec<u32>,
     /// Loss weight per position (0 outside the loss; inside, 1 / the step's loss tokens).
     pub weight: Vec<f32>,
+    /// Input tokens that are not padding.
+    pub input_tokens: usize,
 }
 
 impl HostBatch {
@@ -95,6 +97,7 @@ impl HostBatch {
             batch: a.batch,
             seq: a.seq,
             weight: a.mask.iter().map(|&m| m * w).collect(),
+            input_tokens: a.input_tokens,
             ids: a.input,
             target: a.target,
         })
@@ -216,9 +219,7 @@ impl CudaTrainer {
         );
         for fp in &params {
             let p = store
-                .params()
-                .iter()
-                .find(|p| p.name == fp.name)
+                .param(&fp.name)
                 .ok_or_else(|| unsupported(format!("the parameter store has no {}", fp.name)))?;
             let ParamValue::Dense(var) = &p.value else {
                 return Err(unsupported(format!("{} is packed (nvfp4-full)", fp.name)));
