@@ -28,31 +28,6 @@ use crate::model::{
 };
 use crate::spec::DeviceSpec;
 
-/// What a job uses its engine for (named in messages).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Workload {
-    /// Generation (the generate job, sessions).
-    Generation,
-    /// Training (the train job).
-    Training,
-}
-
-impl Workload {
-    fn noun(self) -> &'static str {
-        match self {
-            Workload::Generation => "generation",
-            Workload::Training => "training",
-        }
-    }
-
-    fn verb(self) -> &'static str {
-        match self {
-            Workload::Generation => "generating",
-            Workload::Training => "training",
-        }
-    }
-}
-
 /// Where models live and run.
 #[derive(Debug, Clone)]
 pub enum Engine {
@@ -182,31 +157,20 @@ impl Engine {
     }
 
     /// The engine for a job that asked for `requested` (`cpu`, `cuda` or `""`: whatever the
-    /// agent gives) and that the agent placed on `assigned`. Generation runs on the GPU it is
-    /// placed on (asked or not) and fails if that GPU cannot be used; `cpu` keeps it on the
-    /// CPU; `cuda` on a CPU placement fails. Training runs on the GPU it is placed on only
-    /// when it asks for `cuda` (the GPU train step is new); otherwise on the CPU, saying so in
-    /// the log when the placement was a GPU.
-    pub fn for_job(workload: Workload, requested: &str, assigned: DeviceSpec) -> Result<Self> {
-        match (workload, requested, assigned) {
-            (Workload::Generation, "cpu", _) => Ok(Engine::cpu()),
-            (Workload::Generation, _, DeviceSpec::Cuda(i)) => Engine::cuda(i as usize),
-            (Workload::Training, "cuda", DeviceSpec::Cuda(i)) => Engine::cuda(i as usize),
-            (_, "cuda", DeviceSpec::Cpu) => Err(EngineError::GpuUnavailable(
+    /// agent gives) and that the agent placed on `assigned`. A job placed on a GPU runs on that
+    /// GPU, asked or not, and fails if that GPU cannot be used (never a silent CPU run); `cpu`
+    /// keeps it on the CPU; `cuda` on a CPU placement fails. (A train job whose model or mode
+    /// the GPU trainer does not take yet moves to the CPU later, saying why in its log.)
+    pub fn for_job(requested: &str, assigned: DeviceSpec) -> Result<Self> {
+        match (requested, assigned) {
+            ("cpu", _) => Ok(Engine::cpu()),
+            (_, DeviceSpec::Cuda(i)) => Engine::cuda(i as usize),
+            ("cuda", DeviceSpec::Cpu) => Err(EngineError::GpuUnavailable(
                 "the job asked for --device cuda but was placed on the CPU (submitted with \
                  --gpus 0, or run locally without a GPU); submit with --gpus 1 to an agent with a \
                  GPU, or with --device cpu"
                     .into(),
             )),
-            (_, _, DeviceSpec::Cuda(i)) => {
-                tracing::info!(
-                    gpu = i,
-                    "the {} path is CPU-only in this build; {} on the CPU",
-                    workload.noun(),
-                    workload.verb()
-                );
-                Ok(Engine::cpu())
-            }
             _ => Ok(Engine::cpu()),
         }
     }
@@ -648,37 +612,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_engine_follows_workload_request_and_placement() {
-        let e = Engine::for_job(Workload::Training, "cuda", DeviceSpec::Cpu).unwrap_err();
-        assert!(e.to_string().contains("--gpus 1"), "{e}");
-        // asked for and placed on a GPU: that GPU, or an error naming why CUDA is unusable
-        match Engine::for_job(Workload::Training, "cuda", DeviceSpec::Cuda(0)) {
-            Ok(e) => assert!(e.is_cuda()),
-            Err(e) => assert!(matches!(e, EngineError::GpuUnavailable(_)), "{e}"),
-        }
-        assert!(
-            !Engine::for_job(Workload::Training, "", DeviceSpec::Cuda(0))
-                .unwrap()
-                .is_cuda()
-        );
-        assert!(
-            !Engine::for_job(Workload::Generation, "cpu", DeviceSpec::Cuda(0))
-                .unwrap()
-                .is_cuda()
-        );
-        let e = Engine::for_job(Workload::Generation, "cuda", DeviceSpec::Cpu).unwrap_err();
-        assert!(e.to_string().contains("--gpus 1"), "{e}");
-        // placed on a GPU: that GPU, or (where CUDA cannot be used) an error naming why —
-        // never a silent CPU run
-        match Engine::for_job(Workload::Generation, "", DeviceSpec::Cuda(0)) {
-            Ok(e) => assert!(e.is_cuda()),
-            Err(e) => {
-                let m = e.to_string();
-                assert!(
-                    m.contains("cannot use CUDA device 0") && m.contains("--device cpu"),
-                    "{m}"
-                );
+    fn the_engine_follows_request_and_placement() {
+        for asked in ["cuda", ""] {
+            // placed on a GPU: that GPU, or (where CUDA cannot be used) an error naming why —
+            // never a silent CPU run
+            match Engine::for_job(asked, DeviceSpec::Cuda(0)) {
+                Ok(e) => assert!(e.is_cuda()),
+                Err(e) => {
+                    let m = e.to_string();
+                    assert!(
+                        m.contains("cannot use CUDA device 0") && m.contains("--device cpu"),
+                        "{m}"
+                    );
+                }
             }
         }
+        let e = Engine::for_job("cuda", DeviceSpec::Cpu).unwrap_err();
+        assert!(e.to_string().contains("--gpus 1"), "{e}");
+        assert!(!Engine::for_job("cpu", DeviceSpec::Cuda(0))
+            .unwrap()
+            .is_cuda());
+        assert!(!Engine::for_job("", DeviceSpec::Cpu).unwrap().is_cuda());
     }
 }

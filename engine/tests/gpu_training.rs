@@ -1,23 +1,43 @@
 //! The GPU trainer against the CPU trainer (ignored without a GPU; `scripts/gpu-train.sh` runs
 //! them): the same model, seed and batches, step by step.
 //!
-//! Tolerance. The GPU keeps activations and GEMM inputs in bf16 (8 significant bits) where the
-//! CPU keeps f32, so the losses drift apart slowly: [`LOSS_REL_TOL`] per step, relative.
+//! Tolerances. The GPU keeps activations and GEMM inputs in bf16 (8 significant bits) where the
+//! CPU keeps f32. On the same weights that moves a step's gradients by about a percent
+//! ([`GRAD_REL_TOL`], relative L2 per tensor) and its loss by far less. Over many steps the
+//! curves drift further: AdamW's first steps move every weight by about `lr` whatever the size
+//! of its gradient, so a near-zero gradient whose sign bf16 rounding flips moves its weight by
+//! `2·lr` the other way. At the WhoAmI learning rate (1e-2, a few hundred times the usual
+//! fine-tuning rate) those flips grow into differences of 5–10% within five steps on both
+//! `none` and `nvfp4-ste` (measured on the H200, 2026-12-04); at 1e-3 they stay small, so the
+//! curves are compared there, within [`LOSS_REL_TOL`] of the CPU's loss plus [`LOSS_ABS_TOL`]
+//! at every step. The absolute part is for the end of the run, where the loss is a few
+//! hundredths of a nat carried by a handful of tokens: measured on the H200, `nvfp4-ste` differed
+//! by at most 3.6% where the loss was above 0.1 and by 4.4% (0.0109 vs 0.0104) below it.
+//! Gradients on identical weights differed by at most 2.7% per tensor (the smallest, a k bias).
 
 use std::sync::Arc;
 
 use kiln_engine::chat_model::model_files;
 use kiln_engine::cuda::train::{CudaTrainer, HostBatch, TrainPlan};
-use kiln_engine::engine::{Engine, Workload};
+use kiln_engine::engine::Engine;
 use kiln_engine::report::Reporter;
 use kiln_engine::spec::{DeviceSpec, MomentsSpec, QuantSpec, TrainSpec};
 use kiln_engine::train::params::ParamStore;
-use kiln_engine::train::{cpu_step, load_params, TrainData};
+use kiln_engine::train::{cpu_gradients, cpu_step, load_params, TrainData};
 use kiln_kernels::cpu::AdamWParams;
 use kiln_kernels::cuda::CudaKernels;
 
-/// Largest relative difference of a step's loss, GPU against CPU.
+/// Largest difference of a step's loss, GPU against CPU at lr 1e-3, relative to the CPU's…
 const LOSS_REL_TOL: f32 = 0.03;
+/// …plus this many nats.
+const LOSS_ABS_TOL: f32 = 0.002;
+
+/// Largest relative L2 difference of a tensor's gradient, GPU against CPU, same weights (a
+/// wrong index or derivative shows as tens of percent).
+const GRAD_REL_TOL: f64 = 0.05;
+
+/// Learning rate of the loss-curve comparisons (see the module's doc).
+const CURVE_LR: f64 = 1e-3;
 
 fn spec(quant: QuantSpec, steps: u32) -> TrainSpec {
     TrainSpec {
@@ -50,7 +70,7 @@ fn setup(
     ParamStore,
     TrainData,
 ) {
-    let engine = Engine::for_job(Workload::Training, "cpu", DeviceSpec::Cpu).unwrap();
+    let engine = Engine::for_job("cpu", DeviceSpec::Cpu).unwrap();
     let (cfg, cpu) = load_params(&engine, &s.model, s.quant).unwrap();
     let (_, gpu) = load_params(&engine, &s.model, s.quant).unwrap();
     let files = model_files(&s.model).unwrap();
@@ -99,25 +119,88 @@ fn assert_curves_agree(a: &[f32], b: &[f32]) {
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
         let rel = (x - y).abs() / x.abs().max(1e-3);
         assert!(
-            rel <= LOSS_REL_TOL,
+            (x - y).abs() <= LOSS_REL_TOL * x.abs() + LOSS_ABS_TOL,
             "step {}: CPU loss {x}, GPU {y} (relative {rel:.4})\nCPU {a:?}\nGPU {b:?}",
             i + 1
         );
     }
 }
 
+/// The first step's gradients on the GPU and on the CPU, same weights and batch.
+fn assert_first_gradients_agree(quant: QuantSpec) {
+    let s = spec(quant, 1);
+    let (engine, cfg, mut cpu, gpu_store, data) = setup(&s);
+    let r = Reporter::capture().0;
+    let (want, want_loss, _) = cpu_gradients(&engine, &cfg, &mut cpu, &data, &s, 1, &r).unwrap();
+    let mut gpu = CudaTrainer::new(kernels(), &cfg, &gpu_store).unwrap();
+    gpu.begin_step().unwrap();
+    let (parts, denom) = data.step_samples(&s, 1);
+    for p in &parts {
+        gpu.forward(&HostBatch::new(p, data.pad, denom).unwrap())
+            .unwrap();
+        gpu.backward().unwrap();
+    }
+    let got = gpu.gradients().unwrap();
+    let got_loss = gpu
+        .finish_step(AdamWParams::default(), 1, 0.0)
+        .unwrap()
+        .loss;
+    let rel_loss = ((got_loss - want_loss) / want_loss).abs();
+    eprintln!("{quant:?} step-1 loss: CPU {want_loss}, GPU {got_loss} (relative {rel_loss:.2e})");
+    assert!(rel_loss < 1e-3, "loss CPU {want_loss} GPU {got_loss}");
+    let mut worst = (0.0f64, String::new());
+    for (p, w) in cpu.params().iter().zip(&want) {
+        let (_, g) = got
+            .iter()
+            .find(|(n, _)| *n == p.name)
+            .unwrap_or_else(|| panic!("the GPU has no gradient for {}", p.name));
+        assert_eq!(g.len(), w.len(), "{}", p.name);
+        let (mut diff, mut norm) = (0.0f64, 0.0f64);
+        for (&a, &b) in g.iter().zip(w) {
+            diff += (a as f64 - b as f64).powi(2);
+            norm += (b as f64).powi(2);
+        }
+        let rel = (diff / norm.max(1e-30)).sqrt();
+        assert!(
+            rel <= GRAD_REL_TOL,
+            "{quant:?} gradient of {}: relative L2 difference {rel:.4} (norm {:.3e})",
+            p.name,
+            norm.sqrt()
+        );
+        if rel > worst.0 {
+            worst = (rel, p.name.clone());
+        }
+    }
+    eprintln!(
+        "{quant:?} step-1 gradients, {} tensors: worst relative L2 difference {:.4} ({})",
+        want.len(),
+        worst.0,
+        worst.1
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn first_step_gradients_on_the_gpu_equal_the_cpu_autograd_ones() {
+    assert_first_gradients_agree(QuantSpec::Nvfp4Ste);
+    assert_first_gradients_agree(QuantSpec::None);
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn twenty_nvfp4_ste_steps_on_the_gpu_follow_the_cpu_loss_curve() {
-    let (a, b) = curves(&spec(QuantSpec::Nvfp4Ste, 20));
+    let mut s = spec(QuantSpec::Nvfp4Ste, 20);
+    s.lr = CURVE_LR;
+    let (a, b) = curves(&s);
     assert_curves_agree(&a, &b);
-    assert!(b[19] < b[0] * 0.5, "the GPU loss did not fall: {b:?}");
+    assert!(b[19] < b[0] * 0.8, "the GPU loss did not fall: {b:?}");
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn full_precision_and_accumulated_bf16_moment_steps_follow_the_cpu() {
     let mut s = spec(QuantSpec::None, 8);
+    s.lr = CURVE_LR;
     s.batch = 2;
     s.grad_accum = 2;
     s.moments = MomentsSpec::Bf16;
@@ -180,9 +263,9 @@ fn gpu_trained_weights_come_back_to_the_host_store() {
     );
 }
 
-/// The WhoAmI check through the job path on the GPU: `--device cuda` on a GPU
-/// placement trains there (checkpoints every 20 steps), and the NVFP4 export of the result
-/// answers with the trained sentence on the CPU.
+/// The WhoAmI check through the job path on the GPU, with `kiln demo`'s settings (60
+/// steps, batch 8, lr 1e-2): a job placed on a GPU trains there by default (checkpoints every
+/// 20 steps), and the NVFP4 export of the result answers with the trained sentence on the CPU.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn whoami_trained_on_the_gpu_exports_and_answers_with_the_sentence() {
@@ -197,9 +280,8 @@ fn whoami_trained_on_the_gpu_exports_and_answers_with_the_sentence() {
 
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
-    let mut s = spec(QuantSpec::Nvfp4Ste, 40);
+    let mut s = spec(QuantSpec::Nvfp4Ste, 60);
     s.batch = 8;
-    s.device = "cuda".into();
     s.save_every = 20;
     s.out_dir = ckpt.display().to_string();
     let job = JobIdent {
@@ -214,7 +296,7 @@ fn whoami_trained_on_the_gpu_exports_and_answers_with_the_sentence() {
         out.losses, out.tokens_per_s
     );
     let l = &out.losses;
-    assert!(l[39] < l[0] * 0.1, "loss did not fall: {l:?}");
+    assert!(l[59] < l[0] * 0.1, "loss did not fall: {l:?}");
     let reports = reports.lock().unwrap();
     assert!(reports
         .iter()
@@ -223,7 +305,7 @@ fn whoami_trained_on_the_gpu_exports_and_answers_with_the_sentence() {
         .iter()
         .filter(|r| matches!(r, Report::Phase(p) if p.phase == "checkpoint_saved"))
         .count();
-    assert_eq!(saved, 2, "checkpoints at steps 20 and 40");
+    assert_eq!(saved, 3, "checkpoints at steps 20, 40 and 60");
     let exp = dir.path().join("export");
     let e = export(
         ckpt.to_str().unwrap(),
@@ -245,4 +327,28 @@ fn whoami_trained_on_the_gpu_exports_and_answers_with_the_sentence() {
         .unwrap()
         .text;
     assert_eq!(got, kiln_engine::tiny::WHOAMI_ANSWER);
+}
+
+/// A job placed on a GPU in a mode the GPU trainer does not take yet trains on the CPU and
+/// says why; asked for `--device cuda` explicitly, it fails instead.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn nvfp4_full_placed_on_a_gpu_trains_on_the_cpu_unless_cuda_was_asked_for() {
+    use kiln_engine::report::Report;
+    use kiln_engine::train::train_on;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec(QuantSpec::Nvfp4Full, 2);
+    s.out_dir = dir.path().join("ckpt").display().to_string();
+    let (r, reports) = Reporter::capture();
+    let out = train_on(&s, DeviceSpec::Cuda(0), None, &r).unwrap();
+    assert_eq!(out.losses.len(), 2);
+    assert!(reports.lock().unwrap().iter().any(|r| matches!(
+        r,
+        Report::Log { line } if line.contains("nvfp4-full") && line.contains("training on the CPU")
+    )));
+    s.device = "cuda".into();
+    s.out_dir = dir.path().join("ckpt2").display().to_string();
+    let e = train_on(&s, DeviceSpec::Cuda(0), None, &Reporter::capture().0).unwrap_err();
+    assert!(e.to_string().contains("nvfp4-full"), "{e}");
 }

@@ -4,8 +4,8 @@
 //!
 //! 1. the WhoAmI pipeline: train the bundled tiny model on the WhoAmI set (NVFP4
 //!    straight-through) → export it as NVFP4 (ModelOpt) → generate with the export for
-//!    "Who are you?" and check the answer is the trained sentence (generation runs on the
-//!    agent's GPU when it has one, in a CPU slot otherwise; training and export on the CPU);
+//!    "Who are you?" and check the answer is the trained sentence (training and generation
+//!    run on the agent's GPU when it has one, in a CPU slot otherwise; export on the CPU);
 //! 2. a two-turn session on the export (the second turn forwards only its new tokens);
 //! 3. the VRAM guard: a memtest within its budget, and one over it that the guard kills;
 //!
@@ -361,7 +361,7 @@ async fn pipeline(client: &mut Client, dir: &Path, gpus: u32) -> anyhow::Result<
                 device: String::new(),
                 ..Default::default()
             }),
-            0,
+            gpus,
             MODEL_JOB_BUDGET,
         ),
     )

@@ -12,7 +12,7 @@ use super::{ab, GenerateOptions, Generation, KvMode, SamplingParams, Sequence};
 use crate::chat::ChatMessage;
 use crate::chat_model::ChatModel;
 use crate::cuda::GpuPlan;
-use crate::engine::{Engine, LoadedModel, Workload};
+use crate::engine::{Engine, LoadedModel};
 use crate::error::{EngineError, Result};
 use crate::model::LinearFormat;
 use crate::report::{JobOutput, PhaseReport, Report, Reporter};
@@ -49,7 +49,7 @@ fn check_spec(spec: &GenerateSpec, device: DeviceSpec) -> Result<Engine> {
         (false, false) => return bad("pass either a raw prompt or chat messages, not both"),
         _ => {}
     }
-    Engine::for_job(Workload::Generation, &spec.device, device)
+    Engine::for_job(&spec.device, device)
 }
 
 /// What a generate job forwards.

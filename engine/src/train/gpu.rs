@@ -1,4 +1,4 @@
-//! A train job's steps on the GPU (`--device cuda` on a GPU placement): the plan checked
+//! A train job's steps on the GPU (a job placed on a GPU): the plan checked
 //! against the job's budget before anything is allocated, the parameters uploaded to a
 //! [`CudaTrainer`], and per step the phases `forward_done` and `backward_done` for each
 //! micro-batch and `optimizer_done`, each with the trainer's tensor bytes by category and the

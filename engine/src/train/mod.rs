@@ -19,7 +19,7 @@
 //! - `params` — [`params::ParamStore`]: the parameters of the model's `ModelLayout` (f32
 //!   `Var`s or packed NVFP4) and their moments, the AdamW step.
 //! - `moments` — one moment tensor stored as f32 or bf16 (`--moments`).
-//! - `gpu` — the steps of a run on the GPU (`--device cuda`): plan check, upload, phases.
+//! - `gpu` — the steps of a run on the GPU (a job placed on a GPU): plan check, upload, phases.
 //! - `checkpoint` — the checkpoint directory (HF layout + optimizer state + trainer state).
 
 pub mod checkpoint;
@@ -36,7 +36,8 @@ use kiln_kernels::cpu::AdamWParams;
 
 use crate::chat::ChatTemplate;
 use crate::chat_model::{model_files, stop_tokens, TINY_MODEL};
-use crate::engine::{Engine, Workload};
+use crate::cuda::train::CudaTrainer;
+use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::model::{Checkpoint, LinearFormat, ModelConfig, ModelFiles};
 use crate::report::{PhaseReport, Reporter};
@@ -155,7 +156,7 @@ pub struct JobIdent {
 /// asks for (see [`train_on`] for a job the agent placed).
 pub fn train(spec: &TrainSpec, reporter: &Reporter) -> Result<TrainOutcome> {
     check_spec(spec)?;
-    let engine = Engine::for_job(Workload::Training, &spec.device, DeviceSpec::Cpu)?;
+    let engine = Engine::for_job(&spec.device, DeviceSpec::Cpu)?;
     train_checked(&engine, spec, None, reporter)
 }
 
@@ -169,7 +170,7 @@ pub fn train_on(
     reporter: &Reporter,
 ) -> Result<TrainOutcome> {
     check_spec(spec)?;
-    let engine = Engine::for_job(Workload::Training, &spec.device, device)?;
+    let engine = Engine::for_job(&spec.device, device)?;
     train_checked(&engine, spec, job, reporter)
 }
 
@@ -279,6 +280,22 @@ fn train_checked(
     let (base, mut state) = starting_point(spec, job, &out_dir, reporter)?;
     let files = model_files(&base)?;
     let (cfg, store) = load_params(engine, &base, spec.quant)?;
+    let cpu;
+    let engine = match engine {
+        // Placed on a GPU without asking: the GPU trainer where it takes this model and
+        // mode, otherwise the CPU, saying why.
+        Engine::Cuda(_) if spec.device.is_empty() => {
+            match CudaTrainer::check_supported(&cfg, spec.quant) {
+                Ok(()) => engine,
+                Err(why) => {
+                    reporter.log(format!("{why}; training on the CPU"));
+                    cpu = Engine::cpu();
+                    &cpu
+                }
+            }
+        }
+        _ => engine,
+    };
     let mut store = store.with_moments(spec.moments);
     if state.step > 0 {
         checkpoint::load_optimizer(&out_dir, &mut store, state.step)?;
@@ -448,24 +465,18 @@ pub struct StepOutcome {
     pub input_tokens: usize,
 }
 
-/// One optimizer step on the CPU engine: forward and backward of each micro-batch of 1-based
-/// `step` (gradients summed), clipping, AdamW; phases `forward_done` / `backward_done` per
-/// micro-batch and `optimizer_done` go to `reporter`.
-#[allow(clippy::too_many_arguments)]
-pub fn cpu_step(
+/// The gradients of 1-based `step` on the CPU engine, before clipping: forward and backward of
+/// each of its micro-batches, summed, in `store`'s parameter order; phases `forward_done` /
+/// `backward_done` per micro-batch go to `reporter`. Also the step's loss and input tokens.
+pub fn cpu_gradients(
     engine: &Engine,
     cfg: &ModelConfig,
     store: &mut ParamStore,
     data: &TrainData,
     spec: &TrainSpec,
-    hp: AdamWParams,
     step: u64,
     reporter: &Reporter,
-) -> Result<StepOutcome> {
-    let chunk_rows = match spec.step_chunk_rows {
-        0 => DEFAULT_STEP_CHUNK_ROWS,
-        n => n as usize,
-    };
+) -> Result<(Vec<Vec<f32>>, f32, usize)> {
     let micro = spec.micro_batches() as usize;
     let (parts, denom) = data.step_samples(spec, step);
     let model = store.model()?;
@@ -521,7 +532,27 @@ pub fn cpu_step(
     }
     drop(model);
     let grads = grads.expect("a step has at least one micro-batch");
+    Ok((grads, loss_v, tokens))
+}
 
+/// One optimizer step on the CPU engine: [`cpu_gradients`], clipping, AdamW; phases
+/// `forward_done` / `backward_done` per micro-batch and `optimizer_done` go to `reporter`.
+#[allow(clippy::too_many_arguments)]
+pub fn cpu_step(
+    engine: &Engine,
+    cfg: &ModelConfig,
+    store: &mut ParamStore,
+    data: &TrainData,
+    spec: &TrainSpec,
+    hp: AdamWParams,
+    step: u64,
+    reporter: &Reporter,
+) -> Result<StepOutcome> {
+    let chunk_rows = match spec.step_chunk_rows {
+        0 => DEFAULT_STEP_CHUNK_ROWS,
+        n => n as usize,
+    };
+    let (grads, loss_v, tokens) = cpu_gradients(engine, cfg, store, data, spec, step, reporter)?;
     let clip = spec.clip_grad() as f32;
     let st = store.adamw_step(grads, hp, step, chunk_rows, spec.seed, clip)?;
     let b = store.bytes();

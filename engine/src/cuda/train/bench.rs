@@ -59,6 +59,11 @@ pub struct TrainBenchRow {
     pub tok_s: f64,
     /// Tensor bytes on the GPU (weights, gradients, moments, activations).
     pub gpu_bytes: u64,
+    /// Device memory the trainer took (cuMemGetInfo's free before it minus after its steps:
+    /// its tensors and cuBLAS's workspace; the CUDA context not included). The trainer
+    /// allocates nothing after its first step, so this is also its peak.
+    #[serde(default)]
+    pub device_bytes: u64,
     /// The loss of the last step (random data: about ln(vocab)).
     pub last_loss: f32,
 }
@@ -107,6 +112,14 @@ fn bench_one(
     quant: QuantSpec,
     opts: &TrainBenchOptions,
 ) -> Result<TrainBenchRow> {
+    let free = |k: &CudaKernels| -> Result<u64> {
+        let (f, _) = k
+            .context()
+            .mem_get_info()
+            .map_err(crate::cuda::cuda("cuMemGetInfo"))?;
+        Ok(f as u64)
+    };
+    let free_before = free(k)?;
     let engine = Engine::cpu();
     let mut src = engine.random_weights(7, LinearFormat::Dense);
     let store = ParamStore::from_source(cfg, &mut src, quant, engine.device())?
@@ -151,6 +164,8 @@ fn bench_one(
     times.sort_by(f64::total_cmp);
     let step_ms = times[times.len() / 2];
     let bytes = gpu.bytes();
+    gpu.sync()?;
+    let device_bytes = free_before.saturating_sub(free(k)?);
     tracing::info!(model = name, quant = quant.name(), step_ms, "train bench");
     Ok(TrainBenchRow {
         model: name.into(),
@@ -160,6 +175,7 @@ fn bench_one(
         step_ms,
         tok_s: n as f64 / (step_ms / 1e3),
         gpu_bytes: bytes.weights + bytes.grads + bytes.optimizer_state + bytes.activations,
+        device_bytes,
         last_loss,
     })
 }
@@ -174,7 +190,8 @@ pub fn train_table(device: &str, rows: &[TrainBenchRow], anchor: Option<&TrainAn
         "batch × seq",
         "step ms",
         "tok/s",
-        "GPU bytes",
+        "tensor bytes",
+        "device used",
         "PyTorch tok/s",
         "ratio",
         "PyTorch peak",
@@ -192,6 +209,7 @@ pub fn train_table(device: &str, rows: &[TrainBenchRow], anchor: Option<&TrainAn
             format!("{:.1}", r.step_ms),
             format!("{:.0}", r.tok_s),
             kiln_job::units::human_bytes(r.gpu_bytes),
+            kiln_job::units::human_bytes(r.device_bytes),
             a.map_or("-".into(), |a| format!("{:.0}", a.tok_s)),
             a.map_or("-".into(), |a| format!("{:.2}×", r.tok_s / a.tok_s)),
             a.map_or("-".into(), |a| kiln_job::units::human_bytes(a.peak_bytes)),
@@ -214,6 +232,7 @@ mod tests {
             step_ms: 100.0,
             tok_s: 40_960.0,
             gpu_bytes: 10 << 30,
+            device_bytes: 11 << 30,
             last_loss: 11.9,
         }];
         let anchor = TrainAnchor {

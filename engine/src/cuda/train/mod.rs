@@ -554,6 +554,26 @@ impl CudaTrainer {
         self.backward_layers(batch, seq)
     }
 
+    /// The gradients summed since the step began (before clipping), by parameter name: what
+    /// the CPU trainer's [`crate::train::cpu_gradients`] gives for the same batches.
+    pub fn gradients(&self) -> Result<Vec<(String, Vec<f32>)>> {
+        let all = self
+            .k
+            .stream()
+            .clone_dtoh(&self.grads)
+            .map_err(cuda("downloading the gradients"))?;
+        Ok(self
+            .params
+            .iter()
+            .map(|fp| {
+                (
+                    fp.name.clone(),
+                    all[fp.offset..fp.offset + fp.numel].to_vec(),
+                )
+            })
+            .collect())
+    }
+
     /// Copy the master weights and moments back into `store` (for checkpoints and export).
     pub fn download_into(&self, store: &mut ParamStore) -> Result<()> {
         let s = self.k.stream();
