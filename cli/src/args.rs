@@ -371,11 +371,11 @@ pub struct TrainArgs {
     /// Element type of the AdamW moments: `f32` (8 bytes per parameter) or `bf16` (4).
     #[arg(long, default_value = "f32")]
     pub moments: String,
-    /// Where to train: by default on the GPU the job is placed on (--quant none and nvfp4-ste;
-    /// the job fails at once, with the numbers and the --seq-len that would fit, when its
-    /// planned bytes exceed --budget-gb), on the CPU in a CPU slot (--gpus 0). nvfp4-full and
-    /// Qwen3 (q/k norm) models train on the CPU for now, saying so in the job's log. `cpu`
-    /// forces the CPU; `cuda` fails rather than run anywhere but the GPU.
+    /// Where to train: by default on the GPU the job is placed on (every --quant mode; the job
+    /// fails at once, with the numbers and the --seq-len / --moments that would fit, when its
+    /// planned bytes exceed --budget-gb), on the CPU in a CPU slot (--gpus 0). Qwen3 (q/k norm)
+    /// models and nvfp4-full with --grad-accum train on the CPU for now, saying so in the
+    /// job's log. `cpu` forces the CPU; `cuda` fails rather than run anywhere but the GPU.
     #[arg(long, default_value = "", hide_default_value = true)]
     pub device: String,
     #[command(flatten)]

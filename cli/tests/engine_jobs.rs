@@ -334,8 +334,15 @@ fn gpu_training_requests_that_cannot_run_are_refused_at_submit() {
     let out = out_dir.to_str().unwrap();
     for (args, want) in [
         (
-            vec!["--device", "cuda", "--quant", "nvfp4-full"],
-            "nvfp4-full does not train on the GPU yet",
+            vec![
+                "--device",
+                "cuda",
+                "--quant",
+                "nvfp4-full",
+                "--grad-accum",
+                "2",
+            ],
+            "--grad-accum with --quant nvfp4-full does not train on the GPU yet",
         ),
         (vec!["--device", "cuda", "--gpus", "0"], "--gpus 1"),
     ] {

@@ -133,7 +133,7 @@ fn assert_first_gradients_agree(quant: QuantSpec) {
     let r = Reporter::capture().0;
     let (want, want_loss, _) = cpu_gradients(&engine, &cfg, &mut cpu, &data, &s, 1, &r).unwrap();
     let mut gpu = CudaTrainer::new(kernels(), &cfg, &gpu_store).unwrap();
-    gpu.begin_step().unwrap();
+    gpu.begin_step(AdamWParams::default(), 1, 0.0).unwrap();
     let (parts, denom) = data.step_samples(&s, 1);
     for p in &parts {
         gpu.forward(&HostBatch::new(p, data.pad, denom).unwrap())
@@ -141,10 +141,7 @@ fn assert_first_gradients_agree(quant: QuantSpec) {
         gpu.backward().unwrap();
     }
     let got = gpu.gradients().unwrap();
-    let got_loss = gpu
-        .finish_step(AdamWParams::default(), 1, 0.0)
-        .unwrap()
-        .loss;
+    let got_loss = gpu.finish_step().unwrap().loss;
     let rel_loss = ((got_loss - want_loss) / want_loss).abs();
     eprintln!("{quant:?} step-1 loss: CPU {want_loss}, GPU {got_loss} (relative {rel_loss:.2e})");
     assert!(rel_loss < 1e-3, "loss CPU {want_loss} GPU {got_loss}");
@@ -211,14 +208,32 @@ fn full_precision_and_accumulated_bf16_moment_steps_follow_the_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_trained_weights_come_back_to_the_host_store() {
-    let s = spec(QuantSpec::Nvfp4Ste, 3);
-    let (_, cfg, _, mut store, data) = setup(&s);
-    let before: Vec<f32> = match &store.params()[0].value {
-        kiln_engine::train::params::ParamValue::Dense(v) => {
-            v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
-        }
-        _ => unreachable!("nvfp4-ste parameters are dense"),
+    weights_come_back(QuantSpec::Nvfp4Ste);
+    weights_come_back(QuantSpec::Nvfp4Full);
+}
+
+/// The first parameter's values and the packed q_proj weight of layer 0, if packed.
+fn snapshot(store: &ParamStore) -> (Vec<f32>, Option<kiln_kernels::nvfp4::Nvfp4Tensor>) {
+    use kiln_engine::train::params::ParamValue;
+    let dense = match &store.params()[0].value {
+        ParamValue::Dense(v) => v.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+        ParamValue::Packed(_) => unreachable!("the embedding is dense"),
     };
+    let packed = match &store
+        .param("model.layers.0.self_attn.q_proj.weight")
+        .unwrap()
+        .value
+    {
+        ParamValue::Packed(t) => Some(t.clone()),
+        ParamValue::Dense(_) => None,
+    };
+    (dense, packed)
+}
+
+fn weights_come_back(quant: QuantSpec) {
+    let s = spec(quant, 3);
+    let (_, cfg, _, mut store, data) = setup(&s);
+    let (before, packed_before) = snapshot(&store);
     let mut gpu = CudaTrainer::new(kernels(), &cfg, &store).unwrap();
     // Room for every micro-batch of the run: the workspace is allocated once.
     gpu.reserve(s.batch as usize, s.seq_len as usize).unwrap();
@@ -235,32 +250,108 @@ fn gpu_trained_weights_come_back_to_the_host_store() {
         gpu.step(&micro, hp, step, 1.0).unwrap();
     }
     gpu.download_into(&mut store).unwrap();
+    let (after, packed_after) = snapshot(&store);
     let p = &store.params()[0];
-    let after: Vec<f32> = match &p.value {
-        kiln_engine::train::params::ParamValue::Dense(v) => {
-            v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
-        }
-        _ => unreachable!(),
-    };
     assert_ne!(before, after, "{} did not change", p.name);
     assert!(
         p.exp_avg_sq.to_f32().iter().any(|&v| v > 0.0),
         "moments came back empty"
     );
+    assert_eq!(packed_before.is_some(), quant == QuantSpec::Nvfp4Full);
+    if let (Some(a), Some(b)) = (&packed_before, &packed_after) {
+        assert_ne!(a.packed, b.packed, "the packed q_proj did not change");
+        let q = store
+            .param("model.layers.0.self_attn.q_proj.weight")
+            .unwrap();
+        assert!(q.exp_avg_sq.to_f32().iter().any(|&v| v > 0.0));
+    }
     let b = gpu.bytes();
-    eprintln!("GPU bytes: {b:?}");
+    eprintln!("{quant:?} GPU bytes: {b:?}");
     assert!(b.weights > 0 && b.grads > 0 && b.optimizer_state > 0 && b.activations > 0);
+    assert_eq!(b.scales > 0, quant == QuantSpec::Nvfp4Full);
     // The plan made from the config alone predicts exactly these bytes.
-    let plan = TrainPlan::new(&cfg, s.moments, s.batch as usize, s.seq_len as usize).unwrap();
+    let plan = TrainPlan::new(
+        &cfg,
+        s.quant,
+        s.moments,
+        s.batch as usize,
+        s.seq_len as usize,
+    )
+    .unwrap();
     assert_eq!(
         (
             plan.weights,
+            plan.scales,
             plan.grads,
             plan.optimizer_state,
             plan.activations
         ),
-        (b.weights, b.grads, b.optimizer_state, b.activations)
+        (
+            b.weights,
+            b.scales,
+            b.grads,
+            b.optimizer_state,
+            b.activations
+        )
     );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn nvfp4_full_steps_on_the_gpu_follow_the_cpu_loss_curve() {
+    // Clipping on (the default): two backward passes, the second applying each layer.
+    let mut s = spec(QuantSpec::Nvfp4Full, 20);
+    s.lr = CURVE_LR;
+    let (a, b) = curves(&s);
+    assert_curves_agree(&a, &b);
+    assert!(b[19] < b[0] * 0.8, "the GPU loss did not fall: {b:?}");
+    // Clipping off, bf16 moments: one pass, each layer stepped right after its backward.
+    let mut s = spec(QuantSpec::Nvfp4Full, 8);
+    s.lr = CURVE_LR;
+    s.clip_grad = Some(0.0);
+    s.moments = MomentsSpec::Bf16;
+    let (a, b) = curves(&s);
+    assert_curves_agree(&a, &b);
+}
+
+/// `--lr 0` on the GPU in nvfp4-full: the moments move, the packed weights stay bit-identical.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn nvfp4_full_at_lr_0_keeps_the_packed_weights_bit_identical() {
+    let s = spec(QuantSpec::Nvfp4Full, 2);
+    let (_, cfg, _, mut store, data) = setup(&s);
+    let before: Vec<_> = packed_params(&store);
+    let mut gpu = CudaTrainer::new(kernels(), &cfg, &store).unwrap();
+    let hp = AdamWParams {
+        lr: 0.0,
+        ..AdamWParams::default()
+    };
+    for step in 1..=2 {
+        let (parts, denom) = data.step_samples(&s, step);
+        let micro: Vec<HostBatch> = parts
+            .iter()
+            .map(|p| HostBatch::new(p, data.pad, denom).unwrap())
+            .collect();
+        gpu.step(&micro, hp, step, 1.0).unwrap();
+    }
+    gpu.download_into(&mut store).unwrap();
+    assert_eq!(packed_params(&store), before);
+    let q = store.param("model.layers.1.mlp.down_proj.weight").unwrap();
+    assert!(
+        q.exp_avg.to_f32().iter().any(|&v| v != 0.0),
+        "moments did not move"
+    );
+}
+
+fn packed_params(store: &ParamStore) -> Vec<kiln_kernels::nvfp4::Nvfp4Tensor> {
+    store
+        .params()
+        .iter()
+        .filter_map(|p| match &p.value {
+            kiln_engine::train::params::ParamValue::Packed(t) => Some(t.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The WhoAmI check through the job path on the GPU, with `kiln demo`'s settings (60
@@ -329,26 +420,78 @@ fn whoami_trained_on_the_gpu_exports_and_answers_with_the_sentence() {
     assert_eq!(got, kiln_engine::tiny::WHOAMI_ANSWER);
 }
 
-/// A job placed on a GPU in a mode the GPU trainer does not take yet trains on the CPU and
-/// says why; asked for `--device cuda` explicitly, it fails instead.
+/// A job placed on a GPU with settings the GPU trainer does not take yet (nvfp4-full with
+/// --grad-accum) trains on the CPU and says why; asked for `--device cuda`, it fails instead.
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn nvfp4_full_placed_on_a_gpu_trains_on_the_cpu_unless_cuda_was_asked_for() {
+fn unsupported_settings_on_a_gpu_train_on_the_cpu_unless_cuda_was_asked_for() {
     use kiln_engine::report::Report;
     use kiln_engine::train::train_on;
 
     let dir = tempfile::tempdir().unwrap();
     let mut s = spec(QuantSpec::Nvfp4Full, 2);
+    s.grad_accum = 2;
     s.out_dir = dir.path().join("ckpt").display().to_string();
     let (r, reports) = Reporter::capture();
     let out = train_on(&s, DeviceSpec::Cuda(0), None, &r).unwrap();
     assert_eq!(out.losses.len(), 2);
     assert!(reports.lock().unwrap().iter().any(|r| matches!(
         r,
-        Report::Log { line } if line.contains("nvfp4-full") && line.contains("training on the CPU")
+        Report::Log { line } if line.contains("--grad-accum") && line.contains("training on the CPU")
     )));
     s.device = "cuda".into();
     s.out_dir = dir.path().join("ckpt2").display().to_string();
     let e = train_on(&s, DeviceSpec::Cuda(0), None, &Reporter::capture().0).unwrap_err();
-    assert!(e.to_string().contains("nvfp4-full"), "{e}");
+    assert!(e.to_string().contains("--grad-accum"), "{e}");
+}
+
+/// `nvfp4-full` through the job path on the GPU: a job placed on a GPU trains its packed
+/// weights there, writes checkpoints, and the export of the result reloads (verified).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn nvfp4_full_job_on_the_gpu_checkpoints_and_exports() {
+    use kiln_engine::export::export;
+    use kiln_engine::report::Report;
+    use kiln_engine::spec::ExportFormat;
+    use kiln_engine::train::{train_on, JobIdent};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let mut s = spec(QuantSpec::Nvfp4Full, 10);
+    s.save_every = 5;
+    s.out_dir = ckpt.display().to_string();
+    let job = JobIdent {
+        id: 7,
+        attempt: 1,
+        budget_bytes: 4 << 30,
+    };
+    let (r, reports) = Reporter::capture();
+    let out = train_on(&s, DeviceSpec::Cuda(0), Some(job), &r).unwrap();
+    eprintln!("GPU nvfp4-full losses: {:?}", out.losses);
+    assert!(out.losses[9] < out.losses[0] * 0.5, "{:?}", out.losses);
+    let reports = reports.lock().unwrap();
+    assert!(reports
+        .iter()
+        .any(|r| matches!(r, Report::Log { line } if line.contains("training on cuda:0"))));
+    let opt = reports
+        .iter()
+        .find_map(|r| match r {
+            Report::Phase(p) if p.phase == "optimizer_done" => Some(p.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(opt.tensor_bytes["scales"] > 0, "{:?}", opt.tensor_bytes);
+    let saved = reports
+        .iter()
+        .filter(|r| matches!(r, Report::Phase(p) if p.phase == "checkpoint_saved"))
+        .count();
+    assert_eq!(saved, 2);
+    let e = export(
+        ckpt.to_str().unwrap(),
+        ExportFormat::Nvfp4ModelOpt,
+        &dir.path().join("export"),
+        &Reporter::capture().0,
+    )
+    .unwrap();
+    assert!(e.verified);
 }

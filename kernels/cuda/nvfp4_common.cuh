@@ -180,6 +180,14 @@ __device__ __forceinline__ u16 kiln_f32_to_bf16(float f) {
     return (u16)(x >> 16);
 }
 
+// Stochastic rounding to bf16 bits (kiln_kernels::nvfp4::codec::f32_to_bf16_stochastic): the
+// top 16 bits of u (24 random bits) are added below the kept 16. NaN and ±inf round to nearest.
+__device__ __forceinline__ u16 kiln_f32_to_bf16_sr(float x, float u) {
+    const u32 b = __float_as_uint(x);
+    if ((b & 0x7F800000u) == 0x7F800000u) return kiln_f32_to_bf16(x);
+    return (u16)((b + (u32)(u * 65536.0f)) >> 16);
+}
+
 // Warp-wide max / min helpers.
 __device__ __forceinline__ float kiln_warp_max(float v) {
 #pragma unroll

@@ -412,14 +412,6 @@ struct KilnTrainAdamW {
     u64 m_seed, v_seed;
 };
 
-// Stochastic rounding to bf16 bits (kiln_kernels::nvfp4::codec::f32_to_bf16_stochastic): the
-// top 16 bits of u (24 random bits) are added below the kept 16. NaN and ±inf round to nearest.
-__device__ __forceinline__ u16 kiln_f32_to_bf16_sr(float x, float u) {
-    const u32 b = __float_as_uint(x);
-    if ((b & 0x7F800000u) == 0x7F800000u) return kiln_f32_to_bf16(x);
-    return (u16)((b + (u32)(u * 65536.0f)) >> 16);
-}
-
 __device__ __forceinline__ float kiln_load_moment(const float* p, long long e) { return p[e]; }
 __device__ __forceinline__ float kiln_load_moment(const u16* p, long long e) { return kiln_bf16_to_f32(p[e]); }
 __device__ __forceinline__ void kiln_store_moment(float* p, long long e, float x, u64) { p[e] = x; }

@@ -892,3 +892,146 @@ fn multi_tensor_adamw_matches_the_cpu_step() {
     assert_eq!(down(&s, &wd), w);
     assert_eq!(down(&s, &md), vec![0.0; 64]);
 }
+
+/// The train step's packed AdamW (GPU nvfp4-full) against the CPU: gradients scaled by the
+/// clip factor from a device sum of squares, then `adamw_step_nvfp4`; bf16 moments widened and
+/// stored back with stochastic rounding (element i drawing `sr_uniform(seed, i)`). Same bytes.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn packed_train_adamw_equals_the_cpu_step_bit_for_bit() {
+    let k = gpu();
+    let s = k.stream().clone();
+    let mut r = ChaCha8Rng::seed_from_u64(21);
+    let (rows, cols) = (40, 96);
+    let n = rows * cols;
+    let w0 = Nvfp4Tensor::quantize(&rand_vec(&mut r, n, -1.0, 1.0), rows, cols).unwrap();
+    let g = rand_vec(&mut r, n, -0.5, 0.5);
+    let hp = AdamWParams {
+        lr: 1e-2,
+        ..AdamWParams::default()
+    };
+    for (bf16_moments, max_norm, lr0) in [
+        (false, 1.0f32, false),
+        (true, 0.0, false),
+        (true, 1.0, true),
+    ] {
+        let hp = AdamWParams {
+            lr: if lr0 { 0.0 } else { hp.lr },
+            ..hp
+        };
+        let sumsq: f64 = 4.0 * g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+        let (pseed, run_seed) = (0xABCD_u64, 0x1234_u64);
+        let mut cpu_w = w0.clone();
+        let m0 = rand_vec(&mut r, n, -0.01, 0.01);
+        let v0 = rand_vec(&mut r, n, 0.0, 1e-4);
+        let round = |x: &[f32]| -> Vec<f32> {
+            if bf16_moments {
+                x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
+            } else {
+                x.to_vec()
+            }
+        };
+        let (mut m, mut v) = (round(&m0), round(&v0));
+        let (m_start, v_start) = (m.clone(), v.clone());
+        // CPU: clip, step, store the moments back.
+        let norm = sumsq.sqrt() as f32;
+        let gs: Vec<f32> = if max_norm > 0.0 && norm > max_norm {
+            let f = max_norm / norm;
+            g.iter().map(|&x| x * f).collect()
+        } else {
+            g.clone()
+        };
+        let step = 3;
+        if lr0 {
+            let sc = AdamWScalars::new(hp, step, pseed);
+            for i in 0..n {
+                (_, m[i], v[i]) = sc.update(0.0, gs[i], m[i], v[i]);
+            }
+        } else {
+            kiln_kernels::cpu::adamw_step_nvfp4(
+                &mut cpu_w, &gs, &mut m, &mut v, hp, step, 8, pseed,
+            )
+            .unwrap();
+        }
+        let ms = AdamWScalars::new(hp, step, run_seed).sr_seed;
+        if bf16_moments {
+            for (i, x) in m.iter_mut().enumerate() {
+                *x = bf16::from_bits(f32_to_bf16_stochastic(
+                    *x,
+                    sr_uniform(ms ^ MOMENT1_SR_SALT, i as u64),
+                ))
+                .to_f32();
+            }
+            for (i, x) in v.iter_mut().enumerate() {
+                *x = bf16::from_bits(f32_to_bf16_stochastic(
+                    *x,
+                    sr_uniform(ms ^ MOMENT2_SR_SALT, i as u64),
+                ))
+                .to_f32();
+            }
+        }
+        // GPU.
+        let mut dw = k.upload_nvfp4(&w0).unwrap();
+        let dg = up(&s, &g);
+        let dsum = s.clone_htod(&[sumsq]).unwrap();
+        let mut status = k.alloc_status().unwrap();
+        let (got_m, got_v) = if bf16_moments {
+            let (dm, dv) = (up_bf16(&s, &m_start), up_bf16(&s, &v_start));
+            unsafe {
+                k.train_adamw_nvfp4_async(
+                    &mut dw,
+                    k.addr(&dg, 0),
+                    (k.addr(&dm, 0), k.addr(&dv, 0)),
+                    true,
+                    &AdamWScalars::new(hp, step, pseed),
+                    ms,
+                    (k.addr(&dsum, 0), max_norm),
+                    lr0,
+                    &mut status,
+                )
+                .unwrap();
+            }
+            (down_bf16(&s, &dm), down_bf16(&s, &dv))
+        } else {
+            let (dm, dv) = (up(&s, &m_start), up(&s, &v_start));
+            unsafe {
+                k.train_adamw_nvfp4_async(
+                    &mut dw,
+                    k.addr(&dg, 0),
+                    (k.addr(&dm, 0), k.addr(&dv, 0)),
+                    false,
+                    &AdamWScalars::new(hp, step, pseed),
+                    ms,
+                    (k.addr(&dsum, 0), max_norm),
+                    lr0,
+                    &mut status,
+                )
+                .unwrap();
+            }
+            (down(&s, &dm), down(&s, &dv))
+        };
+        let got_w = k.download_nvfp4(&dw).unwrap();
+        let what = format!("bf16 moments {bf16_moments}, clip {max_norm}, lr 0 {lr0}");
+        assert_eq!(got_w, cpu_w, "{what}: weights");
+        assert!(
+            got_m
+                .iter()
+                .zip(&m)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: m"
+        );
+        assert!(
+            got_v
+                .iter()
+                .zip(&v)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: v"
+        );
+        if lr0 {
+            assert_eq!(got_w, w0, "{what}: lr 0 moved the weights");
+        } else {
+            assert_ne!(got_w, w0, "{what}: the step changed nothing");
+        }
+        eprintln!("packed train AdamW ({what}): bit-identical to the CPU");
+    }
+}

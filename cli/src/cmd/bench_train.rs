@@ -1,14 +1,16 @@
 //! `kiln bench train --device cuda`: the GPU train step (`kiln_engine::cuda::train::bench`) on
-//! random-init models (tiny, Qwen2.5-0.5B shape) and random token batches, `none` and
-//! `nvfp4-ste`: step time, tokens/s, bytes on the GPU, and the PyTorch anchor's tokens/s and
-//! ratio when `--anchor` names the JSON `scripts/anchors/torch_train.py --json` wrote in the
-//! same run. Runs locally, no coordinator.
+//! random-init models (by default tiny and the Qwen2.5-0.5B shape, `none` and `nvfp4-ste`;
+//! `--model` / `--quant` / `--moments` pick others, e.g. the Qwen2.5-14B shape in `nvfp4-full`)
+//! and random token batches: step time, tokens/s, planned and measured bytes on the GPU, and the
+//! PyTorch anchor's tokens/s and ratio when `--anchor` names the JSON
+//! `scripts/anchors/torch_train.py --json` wrote in the same run. Runs locally, no coordinator.
 
 use anyhow::{bail, Context};
 use clap::Args;
 use kiln_engine::cuda::train::bench::{
-    run_train_bench, train_table, TrainAnchor, TrainBenchOptions,
+    run_train_bench, train_table, TrainAnchor, TrainBenchOptions, BENCH_MODELS,
 };
+use kiln_engine::spec::{MomentsSpec, QuantSpec};
 
 /// The trainer `kiln bench train` measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -36,9 +38,26 @@ pub struct BenchTrainArgs {
     /// Timed steps per model and mode (after two warm-up steps).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
-    /// Only the tiny model.
+    /// Only the tiny model (same as --model tiny).
     #[arg(long)]
     pub quick: bool,
+    /// Model shapes, comma-separated: tiny, qwen2.5-0.5b, qwen2.5-7b, qwen2.5-14b (random
+    /// weights).
+    #[arg(long, value_delimiter = ',', default_value = "tiny,qwen2.5-0.5b")]
+    pub model: Vec<String>,
+    /// Modes, comma-separated: none, nvfp4-ste, nvfp4-full.
+    #[arg(long, value_delimiter = ',', default_value = "none,nvfp4-ste")]
+    pub quant: Vec<String>,
+    /// Element type of the AdamW moments: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub moments: String,
+    /// Global-norm gradient clip (0 = off; nvfp4-full then runs one backward pass, not two).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip_grad: f32,
+    /// Refuse a row whose planned bytes (CUDA context included) exceed this many GiB, before
+    /// allocating — as a train job with --budget-gb does.
+    #[arg(long, value_name = "GIB")]
+    pub budget_gb: Option<f64>,
     /// The JSON `scripts/anchors/torch_train.py --json` wrote (PyTorch measured in the same
     /// run); its tokens/s and the ratios join the table.
     #[arg(long, value_name = "FILE")]
@@ -68,11 +87,35 @@ pub fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let quants = args
+        .quant
+        .iter()
+        .map(|q| QuantSpec::parse(q).map_err(|e| anyhow::anyhow!("--quant: {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let moments =
+        MomentsSpec::parse(&args.moments).map_err(|e| anyhow::anyhow!("--moments: {e}"))?;
+    let models = if args.quick {
+        vec!["tiny".to_string()]
+    } else {
+        args.model.clone()
+    };
+    for m in &models {
+        if !BENCH_MODELS.contains(&m.as_str()) {
+            bail!("--model {m}: choose from {}", BENCH_MODELS.join(", "));
+        }
+    }
+    if !(args.clip_grad.is_finite() && args.clip_grad >= 0.0) {
+        bail!("--clip-grad must be ≥ 0 (0 = off)");
+    }
     let opts = TrainBenchOptions {
         batch: args.batch,
         seq: args.seq,
         steps: args.steps,
-        quick: args.quick,
+        models,
+        quants,
+        moments,
+        clip: args.clip_grad,
+        budget: args.budget_gb.map(|g| (g * (1u64 << 30) as f64) as u64),
     };
     let rows = run_train_bench(args.gpu, &opts)?;
     if args.json {

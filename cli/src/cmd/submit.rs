@@ -162,9 +162,9 @@ pub fn build_request(kind: &SubmitKind) -> anyhow::Result<(v1::SubmitJobRequest,
             if !["f32", "bf16"].contains(&t.moments.as_str()) {
                 bail!("--moments must be f32 or bf16 (got {:?})", t.moments);
             }
-            if t.device == "cuda" && t.quant == "nvfp4-full" {
+            if t.device == "cuda" && t.quant == "nvfp4-full" && t.grad_accum > 1 {
                 bail!(
-                    "--quant nvfp4-full does not train on the GPU yet: use --quant nvfp4-ste or none with --device cuda, or nvfp4-full with --device cpu"
+                    "--grad-accum with --quant nvfp4-full does not train on the GPU yet (each layer is updated during backward): use --grad-accum 1 with a larger --batch, or --device cpu"
                 );
             }
             if t.device == "cuda" && common.gpus == 0 {

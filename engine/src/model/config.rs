@@ -333,6 +333,39 @@ impl ModelConfig {
         }
     }
 
+    /// The config of a Qwen2.5-14B-shaped model (for GPU benchmarks with random weights).
+    pub fn qwen2_5_14b() -> Self {
+        ModelConfig {
+            hidden_size: 5120,
+            intermediate_size: 13_824,
+            num_hidden_layers: 48,
+            num_attention_heads: 40,
+            num_key_value_heads: 8,
+            head_dim: 128,
+            vocab_size: 152_064,
+            tie_word_embeddings: false,
+            ..Self::qwen2_5_0_5b()
+        }
+    }
+
+    /// The config of a Qwen3-8B-shaped model (q/k norm, no q/k/v bias; for GPU benchmarks with
+    /// random weights).
+    pub fn qwen3_8b() -> Self {
+        ModelConfig {
+            architecture: Architecture::Qwen3,
+            hidden_size: 4096,
+            intermediate_size: 12_288,
+            num_hidden_layers: 36,
+            num_attention_heads: 32,
+            num_key_value_heads: 8,
+            head_dim: 128,
+            vocab_size: 151_936,
+            attention_bias: false,
+            tie_word_embeddings: false,
+            ..Self::qwen2_5_0_5b()
+        }
+    }
+
     /// The config of a Qwen2.5-0.5B-shaped model (for benchmarks with random weights).
     pub fn qwen2_5_0_5b() -> Self {
         ModelConfig {

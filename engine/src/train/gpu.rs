@@ -24,6 +24,7 @@ fn phase(gpu: &CudaTrainer, name: &str, step: u64) -> Result<PhaseReport> {
     let (free, total) = gpu.mem_info()?;
     let mut p = PhaseReport::now(name, step as u32).bytes([
         ("weights", b.weights),
+        ("scales", b.scales),
         ("grads", b.grads),
         ("optimizer_state", b.optimizer_state),
         ("activations", b.activations),
@@ -46,10 +47,10 @@ pub(super) fn start(
     step: u64,
     reporter: &Reporter,
 ) -> Result<CudaTrainer> {
-    CudaTrainer::check_supported(cfg, spec.quant)?;
-    let plan = TrainPlan::new(cfg, spec.moments, spec.batch as usize, seq_len)?;
+    CudaTrainer::check_supported(cfg, spec.quant, spec.micro_batches())?;
+    let plan = TrainPlan::new(cfg, spec.quant, spec.moments, spec.batch as usize, seq_len)?;
     if budget_bytes > 0 {
-        plan.check(cfg, spec.moments, budget_bytes)?;
+        plan.check(cfg, budget_bytes)?;
     }
     let mut gpu = CudaTrainer::new(engine.kernels().clone(), cfg, store)?;
     gpu.set_seed(spec.seed);
@@ -85,7 +86,7 @@ pub(super) fn step(
 ) -> Result<StepOutcome> {
     let (parts, denom) = data.step_samples(spec, step);
     let micro = parts.len();
-    gpu.begin_step()?;
+    gpu.begin_step(hp, step, spec.clip_grad() as f32)?;
     let mut tokens = 0;
     for (mb, part) in parts.iter().enumerate() {
         let b = HostBatch::new(part, data.pad, denom)?;
@@ -95,7 +96,7 @@ pub(super) fn step(
         gpu.backward()?;
         reporter.phase(tag_micro(phase(gpu, "backward_done", step)?, micro, mb));
     }
-    let st = gpu.finish_step(hp, step, spec.clip_grad() as f32)?;
+    let st = gpu.finish_step()?;
     reporter.phase(
         phase(gpu, "optimizer_done", step)?
             .metric("loss", st.loss as f64)

@@ -285,7 +285,7 @@ fn train_checked(
         // Placed on a GPU without asking: the GPU trainer where it takes this model and
         // mode, otherwise the CPU, saying why.
         Engine::Cuda(_) if spec.device.is_empty() => {
-            match CudaTrainer::check_supported(&cfg, spec.quant) {
+            match CudaTrainer::check_supported(&cfg, spec.quant, spec.micro_batches()) {
                 Ok(()) => engine,
                 Err(why) => {
                     reporter.log(format!("{why}; training on the CPU"));

@@ -65,6 +65,14 @@ impl MomentVec {
         self.len() as u64 * self.kind().bytes()
     }
 
+    /// Whether every value is +0.0 (a fresh run's moments).
+    pub fn is_all_zero(&self) -> bool {
+        match self {
+            MomentVec::F32(v) => v.iter().all(|x| x.to_bits() == 0),
+            MomentVec::Bf16(v) => v.iter().all(|x| x.to_bits() == 0),
+        }
+    }
+
     /// The values widened to f32.
     pub fn to_f32(&self) -> Vec<f32> {
         match self {

@@ -4,8 +4,10 @@
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::context::CudaKernels;
-use super::driver::drv;
+use super::decode::{cfg, DevAddr};
+use super::driver::{drv, launch_raw, param};
 use super::ops::{grid, DeviceNvfp4, DeviceStatus};
+use crate::cpu::adamw::{MOMENT1_SR_SALT, MOMENT2_SR_SALT};
 use crate::cpu::{AdamWParams, AdamWScalars, AdamWStepStats};
 use crate::KernelError;
 
@@ -109,5 +111,121 @@ impl CudaKernels {
             old_tensor_scale: f32::NAN,
             new_tensor_scale: f32::NAN,
         })
+    }
+
+    /// Queue the train step's AdamW on one device-resident packed weight (GPU `nvfp4-full`):
+    /// [`CudaKernels::adamw_step_async`]'s two fused passes and arithmetic, with the gradient
+    /// clipped to the global norm `max_norm` (0: off) from `sumsq` (Σ g² over every gradient of
+    /// the step, f64) and moments f32 or bf16. `weight_sc` carries the weight's stochastic-
+    /// rounding seed (the CPU's `AdamWScalars::new(hp, step, seed ^ fnv1a(name))`); bf16
+    /// moments draw from `moment_sr_seed ^ MOMENT{1,2}_SR_SALT` (the CPU's
+    /// `sr_seed ^ fnv1a(name)` of the run's scalars), element e drawing `sr_uniform(·, e)` —
+    /// so with the same gradient the bytes equal `ParamStore::adamw_step`'s. A non-finite
+    /// `sumsq` changes nothing; `moments_only` (lr 0) leaves the weight bit-identical.
+    ///
+    /// # Safety
+    /// `grad` holds `w.rows·w.cols` f32; `m` and `v` as many f32 (or bf16 with
+    /// `bf16_moments`); `sumsq` one f64; all live until the queued work has run.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn train_adamw_nvfp4_async(
+        &self,
+        w: &mut DeviceNvfp4,
+        grad: DevAddr,
+        (m, v): (DevAddr, DevAddr),
+        bf16_moments: bool,
+        weight_sc: &AdamWScalars,
+        moment_sr_seed: u64,
+        (sumsq, max_norm): (DevAddr, f32),
+        moments_only: bool,
+        status: &mut DeviceStatus,
+    ) -> Result<(), KernelError> {
+        let h = KilnAdamW {
+            beta1: weight_sc.beta1,
+            beta2: weight_sc.beta2,
+            eps: weight_sc.eps,
+            decay: weight_sc.decay,
+            step_size: weight_sc.step_size,
+            bc2_sqrt: weight_sc.bc2_sqrt,
+        };
+        let s = &self.stream;
+        s.memset_zeros(&mut status.amax_bits)
+            .map_err(drv("resetting amax"))?;
+        let nb = w.nblocks() as u64;
+        let threads = nb as usize * 4;
+        let grid = cfg((threads.div_ceil(256) as u32, 1, 1), 256);
+        let (amax_f, apply_f) = &self.f.adamw_train[bf16_moments as usize];
+        let (packed, scales, ts) = (
+            self.addr(&w.packed, 0),
+            self.addr(&w.scales, 0),
+            self.addr(&w.tensor_scale, 0),
+        );
+        let amax = self.addr(&status.amax_bits, 0);
+        let (ms, vs) = (
+            moment_sr_seed ^ MOMENT1_SR_SALT,
+            moment_sr_seed ^ MOMENT2_SR_SALT,
+        );
+        let only = moments_only as i32;
+        // SAFETY: the parameter lists match the kernels (KilnAdamW by value); the caller's
+        // contract covers the buffers, `w`'s cover its nb blocks.
+        unsafe {
+            if !moments_only {
+                launch_raw(
+                    s,
+                    amax_f,
+                    grid,
+                    &mut [
+                        param(&packed),
+                        param(&scales),
+                        param(&ts),
+                        param(&grad),
+                        param(&m),
+                        param(&v),
+                        param(&nb),
+                        param(&h),
+                        param(&sumsq),
+                        param(&max_norm),
+                        param(&amax),
+                    ],
+                    false,
+                )
+                .map_err(drv("launching kiln_adamw_nvfp4_amax (train)"))?;
+            }
+            launch_raw(
+                s,
+                apply_f,
+                grid,
+                &mut [
+                    param(&packed),
+                    param(&scales),
+                    param(&ts),
+                    param(&grad),
+                    param(&m),
+                    param(&v),
+                    param(&nb),
+                    param(&h),
+                    param(&sumsq),
+                    param(&max_norm),
+                    param(&amax),
+                    param(&weight_sc.sr_seed),
+                    param(&ms),
+                    param(&vs),
+                    param(&only),
+                ],
+                false,
+            )
+            .map_err(drv("launching kiln_adamw_nvfp4_apply (train)"))?;
+            if moments_only {
+                return Ok(());
+            }
+            launch_raw(
+                s,
+                &self.f.adamw_commit_scale,
+                cfg((1, 1, 1), 32),
+                &mut [param(&sumsq), param(&amax), param(&ts)],
+                false,
+            )
+            .map_err(drv("launching kiln_adamw_nvfp4_commit_scale"))?;
+        }
+        Ok(())
     }
 }

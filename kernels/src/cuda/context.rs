@@ -65,6 +65,9 @@ pub(crate) struct Functions {
     pub bf16_to_f32: CudaFunction,
     pub adamw_amax: CudaFunction,
     pub adamw_apply: CudaFunction,
+    /// The train step's packed AdamW (clipped; f32 or bf16 moments) and its scale commit.
+    pub adamw_train: [(CudaFunction, CudaFunction); 2],
+    pub adamw_commit_scale: CudaFunction,
     /// The GEMV kernels (`gemv_kernels`: production, and with `bench` the experiments).
     pub gemv: GemvFunctions,
     /// The GPU engine's transformer kernels besides the GEMVs (`decode.cu`).
@@ -168,6 +171,17 @@ impl CudaKernels {
             bf16_to_f32: func("dequantize_nvfp4.cu", "kiln_bf16_to_f32")?,
             adamw_amax: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_amax")?,
             adamw_apply: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_apply")?,
+            adamw_train: [
+                (
+                    func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_amax_f32m")?,
+                    func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_apply_f32m")?,
+                ),
+                (
+                    func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_amax_bf16m")?,
+                    func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_apply_bf16m")?,
+                ),
+            ],
+            adamw_commit_scale: func("adamw_nvfp4.cu", "kiln_adamw_nvfp4_commit_scale")?,
             gemv: GemvFunctions::load(&func, smem_optin)?,
             decode: DecodeFunctions::load(&func)?,
             train: TrainFunctions::load(&func)?,

@@ -413,6 +413,30 @@ impl CudaKernels {
             .map_err(drv("launching kiln_dequantize_nvfp4_bf16"))
     }
 
+    /// Queue a dequantize of the whole of `w` into bf16 at device address `out` (the GPU
+    /// trainer's working copy of a packed weight, written into its place in a stacked matrix).
+    ///
+    /// # Safety
+    /// `out` holds `w.rows·w.cols` bf16 and is live until the queued work has run.
+    pub unsafe fn dequantize_bf16_to_async(
+        &self,
+        w: &DeviceNvfp4,
+        out: super::decode::DevAddr,
+    ) -> Result<(), KernelError> {
+        let nblocks = w.nblocks() as u64;
+        let mut b = self.stream.launch_builder(&self.f.dequantize_bf16);
+        b.arg(&w.packed)
+            .arg(&w.scales)
+            .arg(&w.tensor_scale)
+            .arg(&nblocks)
+            .arg(&out);
+        // SAFETY: matches kiln_dequantize_nvfp4_bf16; w's buffers cover nblocks, the caller's
+        // contract covers out.
+        unsafe { b.launch(grid(nblocks as usize * 2)) }
+            .map(|_| ())
+            .map_err(drv("launching kiln_dequantize_nvfp4_bf16"))
+    }
+
     /// Queue f32 → bf16 (round to nearest even) of `x` into `y` (same length).
     pub fn f32_to_bf16_async(
         &self,

@@ -1,8 +1,9 @@
 //! The GPU train benchmark (`kiln bench train --device cuda`): train steps of random-init
-//! models (the tiny model and the Qwen2.5-0.5B shape) on random token batches, per mode
-//! (`none`, `nvfp4-ste`) — step time, tokens/s and bytes on the GPU — with the PyTorch anchor
-//! (`scripts/anchors/torch_train.py --json`, measured in the same GPU script) joined in for the
-//! ratios.
+//! models (by default the tiny model and the Qwen2.5-0.5B shape; also the Qwen2.5-7B / 14B
+//! shapes) on random token batches, per mode (`none`, `nvfp4-ste`, `nvfp4-full`) — step time,
+//! tokens/s, the plan's bytes against the device memory the trainer took — with the PyTorch
+//! anchor (`scripts/anchors/torch_train.py --json`, measured in the same GPU script) joined in
+//! for the ratios.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,8 +28,16 @@ pub struct TrainBenchOptions {
     pub seq: usize,
     /// Timed steps (after two warm-up steps).
     pub steps: usize,
-    /// Only the tiny model.
-    pub quick: bool,
+    /// Model shapes by name ([`bench_model`]).
+    pub models: Vec<String>,
+    /// Modes.
+    pub quants: Vec<QuantSpec>,
+    /// Moments' element type.
+    pub moments: MomentsSpec,
+    /// Gradient clipping norm (0: off; nvfp4-full then runs one backward pass).
+    pub clip: f32,
+    /// Fail a row whose plan exceeds this many bytes before allocating (as a job would).
+    pub budget: Option<u64>,
 }
 
 impl Default for TrainBenchOptions {
@@ -37,9 +46,32 @@ impl Default for TrainBenchOptions {
             batch: 8,
             seq: 512,
             steps: 5,
-            quick: false,
+            models: vec!["tiny".into(), "qwen2.5-0.5b".into()],
+            quants: vec![QuantSpec::None, QuantSpec::Nvfp4Ste],
+            moments: MomentsSpec::F32,
+            clip: 1.0,
+            budget: None,
         }
     }
+}
+
+/// The shapes the benchmark knows.
+pub const BENCH_MODELS: &[&str] = &["tiny", "qwen2.5-0.5b", "qwen2.5-7b", "qwen2.5-14b"];
+
+/// The config of benchmark shape `name` (one of [`BENCH_MODELS`]).
+pub fn bench_model(name: &str) -> Result<ModelConfig> {
+    Ok(match name {
+        "tiny" => crate::tiny::config()?,
+        "qwen2.5-0.5b" => ModelConfig::qwen2_5_0_5b(),
+        "qwen2.5-7b" => ModelConfig::qwen2_5_7b(),
+        "qwen2.5-14b" => ModelConfig::qwen2_5_14b(),
+        other => {
+            return Err(crate::error::EngineError::InvalidArgument(format!(
+                "no benchmark model {other:?}; choose from {}",
+                BENCH_MODELS.join(", ")
+            )))
+        }
+    })
 }
 
 /// One (model, mode) result.
@@ -57,8 +89,17 @@ pub struct TrainBenchRow {
     pub step_ms: f64,
     /// Tokens per second at the median step.
     pub tok_s: f64,
-    /// Tensor bytes on the GPU (weights, gradients, moments, activations).
+    /// Moments' element type.
+    #[serde(default)]
+    pub moments: String,
+    /// Tensor bytes on the GPU (weights, scales, gradients, moments, activations).
     pub gpu_bytes: u64,
+    /// What the plan predicted for them.
+    #[serde(default)]
+    pub planned_bytes: u64,
+    /// Seconds to build the random model on the host and upload it.
+    #[serde(default)]
+    pub load_s: f64,
     /// Device memory the trainer took (cuMemGetInfo's free before it minus after its steps:
     /// its tensors and cuBLAS's workspace; the CUDA context not included). The trainer
     /// allocates nothing after its first step, so this is also its peak.
@@ -92,14 +133,11 @@ pub struct TrainAnchorRow {
 /// Run the benchmark on GPU `ordinal`.
 pub fn run_train_bench(ordinal: usize, opts: &TrainBenchOptions) -> Result<Vec<TrainBenchRow>> {
     let k = Arc::new(CudaKernels::new(ordinal)?);
-    let mut models = vec![("tiny".to_string(), crate::tiny::config()?)];
-    if !opts.quick {
-        models.push(("qwen2.5-0.5b".into(), ModelConfig::qwen2_5_0_5b()));
-    }
     let mut rows = Vec::new();
-    for (name, cfg) in &models {
-        for quant in [QuantSpec::None, QuantSpec::Nvfp4Ste] {
-            rows.push(bench_one(&k, name, cfg, quant, opts)?);
+    for name in &opts.models {
+        let cfg = bench_model(name)?;
+        for &quant in &opts.quants {
+            rows.push(bench_one(&k, name, &cfg, quant, opts)?);
         }
     }
     Ok(rows)
@@ -119,14 +157,33 @@ fn bench_one(
             .map_err(crate::cuda::cuda("cuMemGetInfo"))?;
         Ok(f as u64)
     };
+    let (b, t) = (opts.batch, opts.seq.min(cfg.max_position_embeddings));
+    CudaTrainer::check_supported(cfg, quant, 1)?;
+    let plan = super::TrainPlan::new(cfg, quant, opts.moments, b, t)?;
+    if let Some(budget) = opts.budget {
+        plan.check(cfg, budget)?;
+    }
     let free_before = free(k)?;
+    let t_load = Instant::now();
     let engine = Engine::cpu();
-    let mut src = engine.random_weights(7, LinearFormat::Dense);
-    let store = ParamStore::from_source(cfg, &mut src, quant, engine.device())?
-        .with_moments(MomentsSpec::F32);
+    let format = match quant {
+        QuantSpec::Nvfp4Full => LinearFormat::Nvfp4,
+        _ => LinearFormat::Dense,
+    };
+    let mut src = engine.random_weights(7, format);
+    let store =
+        ParamStore::from_source(cfg, &mut src, quant, engine.device())?.with_moments(opts.moments);
     let mut gpu = CudaTrainer::new(k.clone(), cfg, &store)?;
     drop(store);
-    let (b, t) = (opts.batch, opts.seq.min(cfg.max_position_embeddings));
+    gpu.reserve(b, t)?;
+    gpu.sync()?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    tracing::info!(
+        model = name,
+        quant = quant.name(),
+        load_s,
+        "train bench: model on the GPU"
+    );
     let n = b * t;
     // Seeded random tokens; every position in the loss.
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
@@ -154,7 +211,7 @@ fn bench_one(
     let mut last_loss = 0.0;
     for step in 1..=(opts.steps + 2) as u64 {
         let t0 = Instant::now();
-        let st = gpu.step(std::slice::from_ref(&batch), hp, step, 1.0)?;
+        let st = gpu.step(std::slice::from_ref(&batch), hp, step, opts.clip)?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         last_loss = st.loss;
         if step > 2 {
@@ -174,7 +231,14 @@ fn bench_one(
         seq: t,
         step_ms,
         tok_s: n as f64 / (step_ms / 1e3),
-        gpu_bytes: bytes.weights + bytes.grads + bytes.optimizer_state + bytes.activations,
+        moments: opts.moments.name().into(),
+        gpu_bytes: bytes.weights
+            + bytes.scales
+            + bytes.grads
+            + bytes.optimizer_state
+            + bytes.activations,
+        planned_bytes: plan.tensor_bytes(),
+        load_s,
         device_bytes,
         last_loss,
     })
@@ -190,7 +254,9 @@ pub fn train_table(device: &str, rows: &[TrainBenchRow], anchor: Option<&TrainAn
         "batch × seq",
         "step ms",
         "tok/s",
+        "moments",
         "tensor bytes",
+        "planned",
         "device used",
         "PyTorch tok/s",
         "ratio",
@@ -208,14 +274,20 @@ pub fn train_table(device: &str, rows: &[TrainBenchRow], anchor: Option<&TrainAn
             format!("{} × {}", r.batch, r.seq),
             format!("{:.1}", r.step_ms),
             format!("{:.0}", r.tok_s),
+            r.moments.clone(),
             kiln_job::units::human_bytes(r.gpu_bytes),
+            kiln_job::units::human_bytes(r.planned_bytes),
             kiln_job::units::human_bytes(r.device_bytes),
             a.map_or("-".into(), |a| format!("{:.0}", a.tok_s)),
             a.map_or("-".into(), |a| format!("{:.2}×", r.tok_s / a.tok_s)),
             a.map_or("-".into(), |a| kiln_job::units::human_bytes(a.peak_bytes)),
         ]);
     }
-    format!("GPU train step on {device} (random data, one micro-batch per step)\n{t}\n")
+    format!(
+        "GPU train step on {device} (random data, one micro-batch per step; device used = \
+         cuMemGetInfo before loading minus after the steps, cuBLAS workspace included, CUDA \
+         context not)\n{t}\n"
+    )
 }
 
 #[cfg(test)]
@@ -231,7 +303,10 @@ mod tests {
             seq: 512,
             step_ms: 100.0,
             tok_s: 40_960.0,
+            moments: "f32".into(),
             gpu_bytes: 10 << 30,
+            planned_bytes: 10 << 30,
+            load_s: 1.0,
             device_bytes: 11 << 30,
             last_loss: 11.9,
         }];

@@ -1,6 +1,8 @@
 //! The flat order of a model's parameters on the GPU: one f32 span for every parameter, with
 //! the ones a GEMM reads together adjacent (q/k/v weights, their biases, gate/up weights), each
-//! 16-element aligned; and each layer's offsets into it.
+//! 16-element aligned; and each layer's offsets into it. In `nvfp4-full` the NVFP4 linears'
+//! weights stay packed outside the span (`packed`): the span holds the dense rest, and the
+//! layers' linear offsets are 0.
 
 use crate::error::Result;
 use crate::model::{LinearSpec, ModelConfig, ModelLayout};
@@ -41,11 +43,21 @@ pub(super) type FlatLayout = (
     Option<usize>,
 );
 
-/// The flat order of `layout`'s parameters (see the module doc) and each layer's offsets.
-pub(super) fn flat_layout(cfg: &ModelConfig, layout: &ModelLayout) -> Result<FlatLayout> {
+/// The flat order of `layout`'s parameters (see the module doc) and each layer's offsets;
+/// with `packed`, without the NVFP4 linears' weights.
+pub(super) fn flat_layout(
+    cfg: &ModelConfig,
+    layout: &ModelLayout,
+    packed: bool,
+) -> Result<FlatLayout> {
     let mut params: Vec<FlatParam> = Vec::new();
     let mut next = 0usize;
+    let mut skipped = 0usize;
     let mut push = |name: &str, shape: &[usize], nvfp4: bool| -> usize {
+        if packed && nvfp4 {
+            skipped += 1;
+            return 0;
+        }
         let numel: usize = shape.iter().product();
         let offset = next;
         // 16-element alignment (every tensor the trainer makes is a multiple of 16 long).
@@ -131,7 +143,7 @@ pub(super) fn flat_layout(cfg: &ModelConfig, layout: &ModelLayout) -> Result<Fla
                 .count()
             })
             .sum::<usize>();
-    if params.len() != want {
+    if params.len() + skipped != want {
         return Err(unsupported(format!(
             "the flat layout has {} parameters, the model {want}",
             params.len()
@@ -148,7 +160,8 @@ mod tests {
     fn the_flat_layout_keeps_gemm_partners_adjacent_and_covers_every_parameter() {
         for cfg in [crate::tiny::config().unwrap(), ModelConfig::qwen2_5_7b()] {
             let layout = ModelLayout::new(&cfg).unwrap();
-            let (params, layers, embed, _norm, lm_head) = flat_layout(&cfg, &layout).unwrap();
+            let (params, layers, embed, _norm, lm_head) =
+                flat_layout(&cfg, &layout, false).unwrap();
             assert_eq!(embed, 0);
             let h = cfg.hidden_size;
             for l in &layers {

@@ -1,7 +1,7 @@
-//! [`CudaTrainer`]: a train step on one GPU for `--quant none` and `--quant nvfp4-ste` — the
-//! CPU trainer's model, loss and AdamW with bf16 activations and GEMMs (cuBLAS, f32
+//! [`CudaTrainer`]: a train step on one GPU for `--quant none`, `nvfp4-ste` and `nvfp4-full` —
+//! the CPU trainer's model, loss and AdamW with bf16 activations and GEMMs (cuBLAS, f32
 //! accumulation and f32 outputs) and f32 master weights, gradients and moments (or bf16
-//! moments).
+//! moments); in `nvfp4-full` the linears stay packed (`packed`).
 //!
 //! Layout on the GPU: every parameter lives in one flat f32 buffer (`master`), with the
 //! gradient (`grads`) and the two moments at the same offsets, so the optimizer is one
@@ -21,9 +21,11 @@
 //! logits never exist. Backward walks the layers in reverse with the saved activations; the
 //! embedding's gradient is a scatter-add.
 //!
-//! Not here yet: Qwen3's q/k norm, `nvfp4-full`, activation recomputation.
+//! Not here yet: Qwen3's q/k norm, activation recomputation, gradient accumulation in
+//! `nvfp4-full`.
 //!
 //! - `layout` — the flat parameter order and each layer's offsets;
+//! - `packed` — `nvfp4-full`: packed linears, per-layer dequantize, gradient and AdamW;
 //! - `workspace` — the buffers of one micro-batch shape;
 //! - `gemm` — the row-major GEMM on raw addresses;
 //! - `passes` — forward, vocabulary projection + cross-entropy, backward;
@@ -34,6 +36,7 @@
 pub mod bench;
 mod gemm;
 mod layout;
+mod packed;
 mod passes;
 pub mod plan;
 mod workspace;
@@ -60,10 +63,11 @@ use crate::train::dataset::{BatchArrays, TrainSample};
 use crate::train::moments::MomentVec;
 use crate::train::params::{ParamStore, ParamValue};
 use layout::{flat_layout, FlatParam, LayerOffsets};
+use packed::PackedModel;
 use workspace::Workspace;
 
 /// The bf16 working copies of one layer's linears.
-struct LayerWeights {
+pub(super) struct LayerWeights {
     qkv: CudaSlice<bf16>,
     o: CudaSlice<bf16>,
     gate_up: CudaSlice<bf16>,
@@ -116,8 +120,11 @@ pub struct GpuStepStats {
 /// Bytes on the GPU by category (the phases' tensor bytes).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GpuTrainBytes {
-    /// f32 master weights and their bf16 working copies.
+    /// f32 master weights and their bf16 working copies (and in `nvfp4-full` the packed
+    /// linears' E2M1 codes).
     pub weights: u64,
+    /// The packed linears' block and tensor scales (`nvfp4-full`; 0 otherwise).
+    pub scales: u64,
     /// f32 gradients.
     pub grads: u64,
     /// AdamW moments.
@@ -149,6 +156,10 @@ pub struct CudaTrainer {
     sumsq: CudaSlice<f64>,
     loss: CudaSlice<f64>,
     work: Option<Workspace>,
+    /// `nvfp4-full`: the packed linears.
+    packed: Option<PackedModel>,
+    /// The step in flight's optimizer settings: hyper-parameters, 1-based step, clip norm.
+    opt: (AdamWParams, u64, f32),
     /// The micro-batch in flight (rows, tokens per row).
     current: (usize, usize),
     seed: u64,
@@ -165,11 +176,12 @@ fn unsupported(what: String) -> EngineError {
 }
 
 impl CudaTrainer {
-    /// Whether the GPU trainer can train a model of shape `cfg` in mode `quant`.
-    pub fn check_supported(cfg: &ModelConfig, quant: QuantSpec) -> Result<()> {
-        if quant == QuantSpec::Nvfp4Full {
+    /// Whether the GPU trainer can train a model of shape `cfg` in mode `quant` with
+    /// `micro_batches` micro-batches per step.
+    pub fn check_supported(cfg: &ModelConfig, quant: QuantSpec, micro_batches: u32) -> Result<()> {
+        if quant == QuantSpec::Nvfp4Full && micro_batches > 1 {
             return Err(unsupported(
-                "--quant nvfp4-full does not run on the GPU yet; use nvfp4-ste or none, or --device cpu".into(),
+                "--grad-accum with --quant nvfp4-full does not run on the GPU yet (each layer's update is applied during backward); use --grad-accum 1 with a larger --batch, or --device cpu".into(),
             ));
         }
         if cfg.qk_norm() {
@@ -196,9 +208,10 @@ impl CudaTrainer {
     /// Upload `store`'s parameters (dense f32: `none` / `nvfp4-ste`) and moments to the GPU.
     pub fn new(k: Arc<CudaKernels>, cfg: &ModelConfig, store: &ParamStore) -> Result<Self> {
         let quant = store.quant();
-        Self::check_supported(cfg, quant)?;
+        Self::check_supported(cfg, quant, 1)?;
         let layout = ModelLayout::new(cfg)?;
-        let (params, layers, embed, norm, lm_head) = flat_layout(cfg, &layout)?;
+        let full = quant == QuantSpec::Nvfp4Full;
+        let (params, layers, embed, norm, lm_head) = flat_layout(cfg, &layout, full)?;
         let total = params.iter().map(|p| p.offset + p.numel).max().unwrap_or(0);
         let s = k.stream().clone();
         let alloc_f32 = |n: usize, what: &'static str| s.alloc_zeros::<f32>(n).map_err(cuda(what));
@@ -222,7 +235,10 @@ impl CudaTrainer {
                 .param(&fp.name)
                 .ok_or_else(|| unsupported(format!("the parameter store has no {}", fp.name)))?;
             let ParamValue::Dense(var) = &p.value else {
-                return Err(unsupported(format!("{} is packed (nvfp4-full)", fp.name)));
+                return Err(unsupported(format!(
+                    "{} is packed but the layout expected it dense",
+                    fp.name
+                )));
             };
             let host = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             let range = fp.offset..fp.offset + fp.numel;
@@ -252,7 +268,14 @@ impl CudaTrainer {
             s.alloc_zeros::<bf16>(n)
                 .map_err(cuda("allocating the bf16 working weights"))
         };
-        let weights = (0..layers.len())
+        let packed = if full {
+            Some(PackedModel::new(&k, cfg, store)?)
+        } else {
+            None
+        };
+        // nvfp4-full: one layer's working copy, refilled before each layer runs.
+        let copies = if full { 1 } else { layers.len() };
+        let weights = (0..copies)
             .map(|_| {
                 Ok(LayerWeights {
                     qkv: alloc_bf16(qkv_cols * h)?,
@@ -291,6 +314,8 @@ impl CudaTrainer {
             sumsq,
             loss,
             work: None,
+            packed,
+            opt: (AdamWParams::default(), 1, 0.0),
             current: (0, 0),
             seed: 0,
         })
@@ -309,10 +334,13 @@ impl CudaTrainer {
             Moments::F32(b) => b.len() as u64 * 4,
             Moments::Bf16(b) => b.len() as u64 * 2,
         };
+        let p = self.packed.as_ref().map(PackedModel::bytes);
+        let pb = |f: fn(&packed::PackedBytes) -> u64| p.as_ref().map_or(0, f);
         GpuTrainBytes {
-            weights: total * 4 + bf16_weights,
-            grads: total * 4,
-            optimizer_state: moment(&self.m) + moment(&self.v),
+            weights: total * 4 + bf16_weights + pb(|b| b.codes),
+            scales: pb(|b| b.scales),
+            grads: total * 4 + pb(|b| b.grad_scratch),
+            optimizer_state: moment(&self.m) + moment(&self.v) + pb(|b| b.moments),
             activations: self.work.as_ref().map_or(0, Workspace::bytes),
         }
     }
@@ -334,7 +362,13 @@ impl CudaTrainer {
     fn prepare_weights(&mut self) -> Result<()> {
         let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         let q_size = self.cfg.q_size();
-        for l in 0..self.layers.len() {
+        // nvfp4-full dequantizes each layer just before it runs instead.
+        let dense_layers = if self.packed.is_some() {
+            0
+        } else {
+            self.layers.len()
+        };
+        for l in 0..dense_layers {
             let off = self.layers[l];
             let qkv_n = (q_size + 2 * self.cfg.kv_size()) * h;
             let dst = [
@@ -405,6 +439,7 @@ impl CudaTrainer {
             self.layers.len(),
             batch.max(cb),
             seq.max(cs),
+            self.packed.is_some(),
         )?);
         Ok(())
     }
@@ -434,16 +469,23 @@ impl CudaTrainer {
         step: u64,
         clip: f32,
     ) -> Result<GpuStepStats> {
-        self.begin_step()?;
+        if self.packed.is_some() && micro.len() > 1 {
+            Self::check_supported(&self.cfg, self.quant, micro.len() as u32)?;
+        }
+        self.begin_step(hp, step, clip)?;
         for b in micro {
             self.forward(b)?;
             self.backward()?;
         }
-        self.finish_step(hp, step, clip)
+        self.finish_step()
     }
 
-    /// Start a step: zero the gradients and the loss, make the working weights.
-    pub fn begin_step(&mut self) -> Result<()> {
+    /// Start step `step` (1-based) with AdamW `hp` and gradient clipping to `clip` (0: off):
+    /// zero the gradients and the loss, make the working weights. (In `nvfp4-full` the
+    /// linears take their step during [`CudaTrainer::backward`], so the settings are needed
+    /// now.)
+    pub fn begin_step(&mut self, hp: AdamWParams, step: u64, clip: f32) -> Result<()> {
+        self.opt = (hp, step, clip);
         let s = self.k.stream().clone();
         s.memset_zeros(&mut self.grads)
             .map_err(cuda("zeroing the gradients"))?;
@@ -472,15 +514,20 @@ impl CudaTrainer {
         Ok((free as u64, total as u64))
     }
 
-    /// The optimizer after the step's micro-batches: gradient norm, clipping to `clip` (0:
-    /// off), AdamW with `hp` at 1-based `step`; reads the loss and the norm back.
-    pub fn finish_step(&mut self, hp: AdamWParams, step: u64, clip: f32) -> Result<GpuStepStats> {
+    /// The optimizer after the step's micro-batches: gradient norm, clipping, AdamW with the
+    /// settings [`CudaTrainer::begin_step`] took; reads the loss and the norm back.
+    pub fn finish_step(&mut self) -> Result<GpuStepStats> {
+        let (hp, step, clip) = self.opt;
         let s = self.k.stream().clone();
         let sc = AdamWScalars::new(hp, step, self.seed);
+        // With clipping, nvfp4-full's first backward pass has summed every gradient already.
+        let summed = self.packed.is_some() && clip > 0.0;
         // SAFETY: the table names master, grads and the moments, all live and `total` long.
         unsafe {
-            self.k
-                .train_grad_sumsq_async(&self.table, self.addr(&self.sumsq))?;
+            if !summed {
+                self.k
+                    .train_grad_sumsq_async(&self.table, self.addr(&self.sumsq))?;
+            }
             self.k
                 .train_adamw_async(&self.table, self.addr(&self.sumsq), &sc, clip)?;
         }
@@ -551,7 +598,21 @@ impl CudaTrainer {
         if batch == 0 {
             return Err(unsupported("backward before any forward".into()));
         }
-        self.backward_layers(batch, seq)
+        if self.packed.is_none() {
+            return self.backward_layers(batch, seq, passes::Pass::Dense);
+        }
+        if self.opt.2 > 0.0 {
+            // Clipping needs the global norm before any update: sum first, then apply.
+            self.backward_layers(batch, seq, passes::Pass::SumOnly)?;
+            // SAFETY: the table names the dense gradients, complete after the first pass.
+            unsafe {
+                self.k
+                    .train_grad_sumsq_async(&self.table, self.addr(&self.sumsq))?;
+            }
+            self.backward_layers(batch, seq, passes::Pass::Apply)
+        } else {
+            self.backward_layers(batch, seq, passes::Pass::SumAndApply)
+        }
     }
 
     /// The gradients summed since the step began (before clipping), by parameter name: what
@@ -574,8 +635,12 @@ impl CudaTrainer {
             .collect())
     }
 
-    /// Copy the master weights and moments back into `store` (for checkpoints and export).
+    /// Copy the master weights (packed weights in `nvfp4-full`) and moments back into `store`
+    /// (for checkpoints and export).
     pub fn download_into(&self, store: &mut ParamStore) -> Result<()> {
+        if let Some(p) = &self.packed {
+            p.download_into(&self.k, store)?;
+        }
         let s = self.k.stream();
         let master = s
             .clone_dtoh(&self.master)
@@ -611,12 +676,17 @@ fn moments_addr(k: &CudaKernels, m: &Moments) -> DevAddr {
     }
 }
 
+/// Upload `host` into `dev[range]` (allocated zeroed). A fresh run's moments are zeros: those
+/// are skipped without reading them into a copy (a 14B model's are tens of GB).
 fn upload_moment(
     s: &Arc<cudarc::driver::CudaStream>,
     host: &MomentVec,
     dev: &mut Moments,
     range: std::ops::Range<usize>,
 ) -> Result<()> {
+    if host.is_all_zero() {
+        return Ok(());
+    }
     let vals = host.to_f32();
     match dev {
         Moments::F32(b) => s.memcpy_htod(&vals, &mut b.slice_mut(range)),
@@ -648,13 +718,20 @@ mod tests {
     #[test]
     fn unsupported_modes_and_shapes_are_refused_with_the_way_out() {
         let cfg = crate::tiny::config().unwrap();
-        let e = CudaTrainer::check_supported(&cfg, QuantSpec::Nvfp4Full)
+        let e = CudaTrainer::check_supported(&cfg, QuantSpec::Nvfp4Full, 2)
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("nvfp4-full") && e.contains("--device cpu"),
+            e.contains("--grad-accum") && e.contains("--device cpu"),
             "{e}"
         );
-        assert!(CudaTrainer::check_supported(&cfg, QuantSpec::Nvfp4Ste).is_ok());
+        for q in [QuantSpec::Nvfp4Ste, QuantSpec::Nvfp4Full, QuantSpec::None] {
+            assert!(CudaTrainer::check_supported(&cfg, q, 1).is_ok());
+        }
+        assert!(CudaTrainer::check_supported(&cfg, QuantSpec::Nvfp4Ste, 4).is_ok());
+        let mut qwen3 = cfg.clone();
+        qwen3.architecture = crate::model::Architecture::Qwen3;
+        let e = CudaTrainer::check_supported(&qwen3, QuantSpec::Nvfp4Ste, 1).unwrap_err();
+        assert!(e.to_string().contains("q/k norm"), "{e}");
     }
 }

@@ -1,18 +1,73 @@
 //! The passes of one micro-batch: forward through the layers, the vocabulary projection with
-//! cross-entropy in chunks of rows, and backward through the layers in reverse.
+//! cross-entropy in chunks of rows, and backward through the layers in reverse (in
+//! `nvfp4-full`, with each layer's linears stepped right after its backward: see `packed`).
 
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
+use kiln_kernels::cuda::decode::DevAddr;
 use kiln_kernels::cuda::CudaKernels;
 
 use super::super::cuda;
 use super::gemm::Mm;
+use super::packed::Stack;
 use super::workspace::LOGIT_CHUNK;
-use super::CudaTrainer;
+use super::{CudaTrainer, LayerWeights};
 use crate::error::Result;
 
+/// Which backward pass runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pass {
+    /// Every gradient into the flat buffers (`none`, `nvfp4-ste`).
+    Dense,
+    /// `nvfp4-full` with clipping, first pass: dense gradients as usual, each layer's linear
+    /// gradients summed into the norm and dropped.
+    SumOnly,
+    /// `nvfp4-full` with clipping, second pass: the layers' linear gradients again, each
+    /// layer's linears stepped; dense gradients discarded (the first pass made them).
+    Apply,
+    /// `nvfp4-full` without clipping: dense gradients as usual, each layer's linears summed
+    /// into the norm and stepped.
+    SumAndApply,
+}
+
 impl CudaTrainer {
+    /// Layer `l`'s bf16 working weights (`nvfp4-full`: dequantized into the one scratch now).
+    fn layer_weights(&self, l: usize) -> Result<&LayerWeights> {
+        let Some(p) = &self.packed else {
+            return Ok(&self.weights[l]);
+        };
+        let lw = &self.weights[0];
+        let dst = [
+            self.addr(&lw.qkv),
+            self.addr(&lw.o),
+            self.addr(&lw.gate_up),
+            self.addr(&lw.down),
+        ];
+        // SAFETY: the scratch matrices hold one layer's stacks in bf16; everything runs on
+        // the one stream, so the previous layer's GEMMs have read them before this writes.
+        unsafe { p.dequantize_layer(&self.k, l, dst)? };
+        Ok(lw)
+    }
+
+    /// Where a linear's weight gradient goes: its flat offset `off`, or in `nvfp4-full` its
+    /// stack in the layer scratch.
+    fn lin_grad(&self, off: usize, stack: Stack) -> DevAddr {
+        match &self.packed {
+            Some(p) => p.grad_of(&self.k, stack),
+            None => self.grad_at(off),
+        }
+    }
+
+    /// Where a dense parameter's gradient goes in `pass`: its flat offset, or the discard
+    /// buffer in the second `nvfp4-full` pass (the first one made it).
+    fn dense_grad(&self, off: usize, pass: Pass) -> DevAddr {
+        match (&self.packed, pass) {
+            (Some(p), Pass::Apply) => self.addr(&p.discard),
+            _ => self.grad_at(off),
+        }
+    }
+
     pub(super) fn forward_layers(&mut self, batch: usize, seq: usize) -> Result<()> {
         let k = &*self.k;
         let w = self.work.as_ref().expect("ensured");
@@ -36,7 +91,7 @@ impl CudaTrainer {
                 h,
             )?;
             for l in 0..self.layers.len() {
-                let (off, lw, a) = (self.layers[l], &self.weights[l], &w.layers[l]);
+                let (off, lw, a) = (self.layers[l], self.layer_weights(l)?, &w.layers[l]);
                 k.train_rmsnorm_fwd_async(
                     self.addr(&a.h_in),
                     self.master_at(off.input_norm),
@@ -195,12 +250,21 @@ impl CudaTrainer {
         Ok(())
     }
 
-    pub(super) fn backward_layers(&mut self, batch: usize, seq: usize) -> Result<()> {
+    pub(super) fn backward_layers(&mut self, batch: usize, seq: usize, pass: Pass) -> Result<()> {
         let kk = self.k.clone();
-        kk.stream()
-            .memset_zeros(&mut self.work.as_mut().expect("ensured").dh)
-            .map_err(cuda("zeroing the residual gradient"))?;
+        {
+            let w = self.work.as_mut().expect("ensured");
+            match pass {
+                // The final norm's input gradient, saved by the first pass.
+                Pass::Apply => kk.stream().memcpy_dtod(&w.dh_top, &mut w.dh),
+                _ => kk.stream().memset_zeros(&mut w.dh),
+            }
+            .map_err(cuda("starting the residual gradient"))?;
+        }
         let k = &*kk;
+        let (hp, step, clip) = self.opt;
+        let seed = self.seed;
+        let sumsq = self.addr(&self.sumsq);
         let w = self.work.as_ref().expect("ensured");
         let cfg = &self.cfg;
         let sh = self.shape(batch, seq);
@@ -211,19 +275,27 @@ impl CudaTrainer {
         let scale = 1.0 / (hd as f32).sqrt();
         // SAFETY (whole function): as in forward.
         unsafe {
-            // Final norm: dh = its input gradient (dx from the head).
-            k.train_rmsnorm_bwd_async(
-                self.addr(&w.h_out),
-                self.master_at(self.norm),
-                self.addr(&w.rstdf),
-                self.addr(&w.dx),
-                self.addr(&w.dh),
-                self.grad_at(self.norm),
-                n,
-                h,
-            )?;
+            if pass != Pass::Apply {
+                // Final norm: dh = its input gradient (dx from the head).
+                k.train_rmsnorm_bwd_async(
+                    self.addr(&w.h_out),
+                    self.master_at(self.norm),
+                    self.addr(&w.rstdf),
+                    self.addr(&w.dx),
+                    self.addr(&w.dh),
+                    self.grad_at(self.norm),
+                    n,
+                    h,
+                )?;
+            }
+            if pass == Pass::SumOnly {
+                copy_f32(k.stream(), &w.dh_top, &w.dh, n * h, k)?;
+            }
             for l in (0..self.layers.len()).rev() {
-                let (off, lw, a) = (self.layers[l], &self.weights[l], &w.layers[l]);
+                let (off, lw, a) = (self.layers[l], self.layer_weights(l)?, &w.layers[l]);
+                if let Some(p) = &self.packed {
+                    zero_f32(k, self.addr(&p.lgrad), p.lgrad.len())?;
+                }
                 // MLP branch: dh (the gradient of h_out) is the down GEMM's output gradient.
                 k.train_f32_to_bf16_async(self.addr(&w.dh), self.addr(&w.dh_bf16), n * h)?;
                 Mm::new(
@@ -237,7 +309,7 @@ impl CudaTrainer {
                     (h, i, n),
                     (self.addr(&w.dh_bf16), true),
                     (self.addr(&a.a), false),
-                    self.grad_at(off.down),
+                    self.lin_grad(off.down, Stack::Down),
                 )
                 .accumulate()
                 .run(k)?;
@@ -252,7 +324,7 @@ impl CudaTrainer {
                     (2 * i, h, n),
                     (self.addr(&w.dmid), true),
                     (self.addr(&a.xn2), false),
-                    self.grad_at(off.gate_up),
+                    self.lin_grad(off.gate_up, Stack::GateUp),
                 )
                 .accumulate()
                 .run(k)?;
@@ -269,7 +341,7 @@ impl CudaTrainer {
                     self.addr(&a.rstd2),
                     self.addr(&w.dx),
                     self.addr(&w.dh),
-                    self.grad_at(off.post_norm),
+                    self.dense_grad(off.post_norm, pass),
                     n,
                     h,
                 )?;
@@ -286,7 +358,7 @@ impl CudaTrainer {
                     (h, nh * hd, n),
                     (self.addr(&w.dh_bf16), true),
                     (self.addr(&a.attn), false),
-                    self.grad_at(off.o),
+                    self.lin_grad(off.o, Stack::O),
                 )
                 .accumulate()
                 .run(k)?;
@@ -341,13 +413,13 @@ impl CudaTrainer {
                     self.addr(&w.dv),
                     self.addr(&self.inv_freq),
                     self.addr(&w.dmid),
-                    off.qkv_bias.map_or(0, |o| self.grad_at(o)),
+                    off.qkv_bias.map_or(0, |o| self.dense_grad(o, pass)),
                 )?;
                 Mm::new(
                     (qkv_cols, h, n),
                     (self.addr(&w.dmid), true),
                     (self.addr(&a.xn1), false),
-                    self.grad_at(off.qkv),
+                    self.lin_grad(off.qkv, Stack::Qkv),
                 )
                 .accumulate()
                 .run(k)?;
@@ -364,21 +436,43 @@ impl CudaTrainer {
                     self.addr(&a.rstd1),
                     self.addr(&w.dx),
                     self.addr(&w.dh),
-                    self.grad_at(off.input_norm),
+                    self.dense_grad(off.input_norm, pass),
+                    n,
+                    h,
+                )?;
+                if matches!(pass, Pass::SumOnly | Pass::SumAndApply) {
+                    if let Some(p) = &self.packed {
+                        p.add_sumsq(k, sumsq)?;
+                    }
+                }
+                if matches!(pass, Pass::Apply | Pass::SumAndApply) {
+                    let max_norm = if pass == Pass::Apply { clip } else { 0.0 };
+                    let p = self.packed.as_mut().expect("a packed pass");
+                    p.step_layer(k, l, hp, step, seed, (sumsq, max_norm), &mut self.status)?;
+                }
+            }
+            if pass != Pass::Apply {
+                k.train_embed_bwd_async(
+                    self.addr(&w.ids),
+                    self.addr(&w.dh),
+                    self.grad_at(self.embed),
                     n,
                     h,
                 )?;
             }
-            k.train_embed_bwd_async(
-                self.addr(&w.ids),
-                self.addr(&w.dh),
-                self.grad_at(self.embed),
-                n,
-                h,
-            )?;
         }
         Ok(())
     }
+}
+
+/// `count` f32 zeros at `at`, on the stream.
+///
+/// # Safety
+/// `at` holds `count` f32.
+unsafe fn zero_f32(k: &CudaKernels, at: DevAddr, count: usize) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { cudarc::driver::result::memset_d8_async(at, 0, count * 4, k.stream().cu_stream()) }
+        .map_err(cuda("zeroing the layer gradients"))
 }
 
 /// `dst[..count] = src[..count]` (f32), on the stream.

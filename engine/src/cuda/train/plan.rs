@@ -1,6 +1,8 @@
 //! [`TrainPlan`]: what a GPU train step will allocate, from the config alone — the flat
-//! parameter buffers (f32 master weights, gradients, moments), the bf16 working weights, and
-//! the activations and scratch of one micro-batch shape — so a job can fail before allocating,
+//! parameter buffers (f32 master weights, gradients, moments), the bf16 working weights (in
+//! `nvfp4-full`: the packed linears, their moments and one layer's working copy and gradient
+//! scratch), and the activations and scratch of one micro-batch shape — so a job can fail
+//! before allocating,
 //! with the numbers and the largest `--seq-len` (or `--moments bf16`) that would fit. The
 //! formulas are the trainer's allocations (`CudaTrainer::new`, `Workspace::new`); the GPU
 //! tests check that [`TrainPlan::tensor_bytes`] equals what the trainer reports.
@@ -8,18 +10,22 @@
 use kiln_job::units::human_bytes as human;
 
 use super::layout::flat_layout;
+use super::packed::packed_bytes;
 use super::workspace::LOGIT_CHUNK;
 use crate::cuda::plan::CONTEXT_BYTES;
 use crate::error::{EngineError, Result};
 use crate::model::{ModelConfig, ModelLayout};
-use crate::spec::MomentsSpec;
+use crate::spec::{MomentsSpec, QuantSpec};
 
 /// The bytes of a GPU train step by category.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TrainPlan {
     /// f32 master weights and the bf16 working copies of the linears and the vocabulary
-    /// projection.
+    /// projection (`nvfp4-full`: the dense parameters' master weights, the packed linears'
+    /// codes, one layer's working copy and the vocabulary projection's).
     pub weights: u64,
+    /// `nvfp4-full`: the packed linears' block and tensor scales.
+    pub scales: u64,
     /// f32 gradients.
     pub grads: u64,
     /// The two AdamW moments.
@@ -28,6 +34,10 @@ pub struct TrainPlan {
     pub activations: u64,
     /// The CUDA context, kernels and cuBLAS handles ([`CONTEXT_BYTES`]).
     pub context: u64,
+    /// The mode planned for.
+    pub quant: QuantSpec,
+    /// The moments' element type planned for.
+    pub moments: MomentsSpec,
     /// Micro-batch rows.
     pub batch: usize,
     /// Tokens per row.
@@ -35,23 +45,44 @@ pub struct TrainPlan {
 }
 
 impl TrainPlan {
-    /// The plan for a model of shape `cfg` with `moments`, micro-batches of `batch × seq`.
-    pub fn new(cfg: &ModelConfig, moments: MomentsSpec, batch: usize, seq: usize) -> Result<Self> {
+    /// The plan for a model of shape `cfg` trained in mode `quant` with `moments`,
+    /// micro-batches of `batch × seq`.
+    pub fn new(
+        cfg: &ModelConfig,
+        quant: QuantSpec,
+        moments: MomentsSpec,
+        batch: usize,
+        seq: usize,
+    ) -> Result<Self> {
         let layout = ModelLayout::new(cfg)?;
-        let (params, ..) = flat_layout(cfg, &layout)?;
+        let full = quant == QuantSpec::Nvfp4Full;
+        let (params, ..) = flat_layout(cfg, &layout, full)?;
         let total = params.iter().map(|p| p.offset + p.numel).max().unwrap_or(0) as u64;
         let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
         let q = cfg.q_size() as u64;
         let qkv = q + 2 * cfg.kv_size() as u64;
-        let working = (cfg.num_hidden_layers as u64 * (qkv * h + h * q + 2 * i * h + h * i)
-            + cfg.vocab_size as u64 * h)
-            * 2;
+        let copies = if full {
+            1
+        } else {
+            cfg.num_hidden_layers as u64
+        };
+        let working =
+            (copies * (qkv * h + h * q + 2 * i * h + h * i) + cfg.vocab_size as u64 * h) * 2;
+        let p = if full {
+            Some(packed_bytes(cfg, moments)?)
+        } else {
+            None
+        };
+        let pb = |f: fn(&super::packed::PackedBytes) -> u64| p.as_ref().map_or(0, f);
         Ok(TrainPlan {
-            weights: total * 4 + working,
-            grads: total * 4,
-            optimizer_state: 2 * total * moments.bytes(),
-            activations: activation_bytes(cfg, batch, seq),
+            weights: total * 4 + working + pb(|b| b.codes),
+            scales: pb(|b| b.scales),
+            grads: total * 4 + pb(|b| b.grad_scratch),
+            optimizer_state: 2 * total * moments.bytes() + pb(|b| b.moments),
+            activations: activation_bytes(cfg, batch, seq, full),
             context: CONTEXT_BYTES,
+            quant,
+            moments,
             batch,
             seq,
         })
@@ -59,7 +90,7 @@ impl TrainPlan {
 
     /// Tensor bytes (what the trainer reports; no context).
     pub fn tensor_bytes(&self) -> u64 {
-        self.weights + self.grads + self.optimizer_state + self.activations
+        self.weights + self.scales + self.grads + self.optimizer_state + self.activations
     }
 
     /// Everything the job will hold on the GPU.
@@ -69,25 +100,27 @@ impl TrainPlan {
 
     /// Fail when the plan exceeds `budget` bytes, naming each category, the largest `seq` at
     /// this batch that fits, and whether bf16 moments would make room.
-    pub fn check(&self, cfg: &ModelConfig, moments: MomentsSpec, budget: u64) -> Result<()> {
+    pub fn check(&self, cfg: &ModelConfig, budget: u64) -> Result<()> {
         if self.total() <= budget {
             return Ok(());
         }
+        let (quant, moments) = (self.quant, self.moments);
         let mut ways = Vec::new();
-        match largest_seq(cfg, moments, self.batch, self.seq, budget) {
+        match largest_seq(cfg, quant, moments, self.batch, self.seq, budget) {
             Some(s) => ways.push(format!("--seq-len {s} (at --batch {})", self.batch)),
             None => ways.push("no --seq-len at this --batch".into()),
         }
         if moments == MomentsSpec::F32 {
-            let bf = TrainPlan::new(cfg, MomentsSpec::Bf16, self.batch, self.seq)?;
+            let bf = TrainPlan::new(cfg, quant, MomentsSpec::Bf16, self.batch, self.seq)?;
             if bf.total() <= budget {
                 ways.push("--moments bf16 at this --seq-len".into());
             }
         }
         Err(EngineError::InvalidArgument(format!(
-            "this training needs {} on the GPU (weights {}, gradients {}, optimizer state {}, activations {} for {}×{} tokens, CUDA context {}) but the budget is {}; what would fit: {}",
+            "this training needs {} on the GPU (weights {}, scales {}, gradients {}, optimizer state {}, activations {} for {}×{} tokens, CUDA context {}) but the budget is {}; what would fit: {}",
             human(self.total()),
             human(self.weights),
+            human(self.scales),
             human(self.grads),
             human(self.optimizer_state),
             human(self.activations),
@@ -103,13 +136,14 @@ impl TrainPlan {
 /// The largest sequence length up to `seq` whose plan fits `budget` at `batch`, if any.
 pub fn largest_seq(
     cfg: &ModelConfig,
+    quant: QuantSpec,
     moments: MomentsSpec,
     batch: usize,
     seq: usize,
     budget: u64,
 ) -> Option<usize> {
     let fits = |s: usize| {
-        TrainPlan::new(cfg, moments, batch, s)
+        TrainPlan::new(cfg, quant, moments, batch, s)
             .map(|p| p.total() <= budget)
             .unwrap_or(false)
     };
@@ -130,7 +164,7 @@ pub fn largest_seq(
 }
 
 /// The bytes `Workspace::new` allocates for `batch × seq` (the same buffers, term by term).
-pub(super) fn activation_bytes(cfg: &ModelConfig, batch: usize, seq: usize) -> u64 {
+pub(super) fn activation_bytes(cfg: &ModelConfig, batch: usize, seq: usize, packed: bool) -> u64 {
     let n = (batch * seq) as u64;
     let (h, i, hd) = (
         cfg.hidden_size as u64,
@@ -158,9 +192,10 @@ pub(super) fn activation_bytes(cfg: &ModelConfig, batch: usize, seq: usize) -> u
         + 4 * n
         + 4 * n * 2 * i
         + 2 * n * i;
-    // ids + target (i32), weight, h_out, xnf, rstdf, qkv, scores, o, dh, dh_bf16, dx, dmid,
-    // d_o, dp, ds, dq, dk, dv, logits, dlogits
+    // ids + target (i32), weight, h_out, xnf, rstdf, qkv, scores, o, dh, dh_top, dh_bf16, dx,
+    // dmid, d_o, dp, ds, dq, dk, dv, logits, dlogits
     let shared = 8 * n
+        + 4 * if packed { n * h } else { 1 }
         + 4 * n
         + 4 * n * h
         + 2 * n * h
@@ -189,32 +224,54 @@ mod tests {
     #[test]
     fn moments_bf16_halve_the_optimizer_state_and_activations_grow_with_the_sequence() {
         let cfg = ModelConfig::qwen2_5_7b();
-        let f = TrainPlan::new(&cfg, MomentsSpec::F32, 1, 192).unwrap();
-        let b = TrainPlan::new(&cfg, MomentsSpec::Bf16, 1, 192).unwrap();
+        let f = TrainPlan::new(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::F32, 1, 192).unwrap();
+        let b = TrainPlan::new(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::Bf16, 1, 192).unwrap();
         assert_eq!(f.optimizer_state, 2 * b.optimizer_state);
         assert_eq!(f.optimizer_state, 2 * f.grads);
         assert_eq!((f.weights, f.grads), (b.weights, b.grads));
         // 7.6 B parameters: 4 bytes of master and 4 of gradient each, and 8 of moments.
         let params = f.grads / 4;
         assert!((7_000_000_000..8_000_000_000).contains(&params), "{params}");
-        let long = TrainPlan::new(&cfg, MomentsSpec::F32, 1, 384).unwrap();
+        let long = TrainPlan::new(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::F32, 1, 384).unwrap();
         assert!(long.activations > f.activations);
         // The attention probabilities grow with seq²: doubling seq more than doubles them.
-        let longer = TrainPlan::new(&cfg, MomentsSpec::F32, 1, 4096).unwrap();
-        let lx2 = TrainPlan::new(&cfg, MomentsSpec::F32, 1, 8192).unwrap();
+        let longer = TrainPlan::new(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::F32, 1, 4096).unwrap();
+        let lx2 = TrainPlan::new(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::F32, 1, 8192).unwrap();
         assert!(lx2.activations > 2 * longer.activations);
+    }
+
+    #[test]
+    fn nvfp4_full_plans_a_14b_full_fine_tune_inside_108_gib() {
+        let cfg = ModelConfig::qwen2_5_14b();
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let full = TrainPlan::new(&cfg, QuantSpec::Nvfp4Full, MomentsSpec::Bf16, 1, 192).unwrap();
+        let ste = TrainPlan::new(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::Bf16, 1, 192).unwrap();
+        assert!(gib(full.total()) < 108.0, "{:.1} GiB", gib(full.total()));
+        assert!(gib(ste.total()) > 160.0, "{:.1} GiB", gib(ste.total()));
+        // 14.7 B parameters: the 13.2 B linear ones packed at 4.5 bits, their bf16 moments 4
+        // bytes each.
+        let linear = full.scales * 16;
+        assert!(
+            (13_000_000_000..13_500_000_000).contains(&linear),
+            "{linear}"
+        );
+        assert!(full.optimizer_state > 4 * linear);
+        // Only one layer's linear gradients at a time.
+        assert!(full.grads < ste.grads / 8);
+        // f32 moments would not fit; the check says so and names bf16 moments.
+        let f32m = TrainPlan::new(&cfg, QuantSpec::Nvfp4Full, MomentsSpec::F32, 1, 192).unwrap();
+        let e = f32m.check(&cfg, 108 << 30).unwrap_err().to_string();
+        assert!(e.contains("--moments bf16"), "{e}");
+        assert!(full.check(&cfg, 108 << 30).is_ok());
     }
 
     #[test]
     fn over_budget_names_every_category_and_what_would_fit() {
         let cfg = ModelConfig::qwen2_5_7b();
-        let p = TrainPlan::new(&cfg, MomentsSpec::F32, 8, 2048).unwrap();
+        let p = TrainPlan::new(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::F32, 8, 2048).unwrap();
         // Short by a quarter of the optimizer state: bf16 moments (half of it) make room.
         let budget = p.total() - p.optimizer_state / 4;
-        let e = p
-            .check(&cfg, MomentsSpec::F32, budget)
-            .unwrap_err()
-            .to_string();
+        let e = p.check(&cfg, budget).unwrap_err().to_string();
         for word in [
             "weights",
             "gradients",
@@ -225,27 +282,24 @@ mod tests {
         ] {
             assert!(e.contains(word), "{word} missing: {e}");
         }
-        let s = largest_seq(&cfg, MomentsSpec::F32, 8, 2048, budget).unwrap();
+        let s = largest_seq(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::F32, 8, 2048, budget).unwrap();
         assert!((2..2048).contains(&s));
         assert!(
-            TrainPlan::new(&cfg, MomentsSpec::F32, 8, s)
+            TrainPlan::new(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::F32, 8, s)
                 .unwrap()
                 .total()
                 <= budget
         );
         assert!(
-            TrainPlan::new(&cfg, MomentsSpec::F32, 8, s + 1)
+            TrainPlan::new(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::F32, 8, s + 1)
                 .unwrap()
                 .total()
                 > budget
         );
         assert!(e.contains("--moments bf16"), "{e}");
         // Within budget: fine. Below the fixed bytes: no --seq-len fits.
-        assert!(p.check(&cfg, MomentsSpec::F32, p.total()).is_ok());
-        let e = p
-            .check(&cfg, MomentsSpec::F32, p.grads)
-            .unwrap_err()
-            .to_string();
+        assert!(p.check(&cfg, p.total()).is_ok());
+        let e = p.check(&cfg, p.grads).unwrap_err().to_string();
         assert!(e.contains("no --seq-len"), "{e}");
     }
 }

@@ -54,6 +54,9 @@ pub(super) struct Workspace {
     pub(super) o: CudaSlice<f32>,
     /// The residual's gradient and its bf16 copy (GEMM input).
     pub(super) dh: CudaSlice<f32>,
+    /// `nvfp4-full` with clipping: the final norm's input gradient, kept from the first
+    /// backward pass for the second (`[N, H]`; one element otherwise).
+    pub(super) dh_top: CudaSlice<f32>,
     pub(super) dh_bf16: CudaSlice<bf16>,
     /// f32 GEMM output of the widest input gradient (`[N, max(H, I, nh·hd)]`).
     pub(super) dx: CudaSlice<f32>,
@@ -78,6 +81,7 @@ impl Workspace {
         layers: usize,
         batch: usize,
         seq: usize,
+        packed: bool,
     ) -> Result<Self> {
         let s = k.stream();
         let n = batch * seq;
@@ -131,6 +135,7 @@ impl Workspace {
             scores: f(scores)?,
             o: f(n * nh * hd)?,
             dh: f(n * h)?,
+            dh_top: f(if packed { n * h } else { 1 })?,
             dh_bf16: b(n * h)?,
             dx: f(n * h.max(i).max(nh * hd))?,
             dmid: b(n * (2 * i).max(qkv_cols))?,
@@ -177,6 +182,7 @@ impl Workspace {
             + f(&self.scores)
             + f(&self.o)
             + f(&self.dh)
+            + f(&self.dh_top)
             + b(&self.dh_bf16)
             + f(&self.dx)
             + b(&self.dmid)
