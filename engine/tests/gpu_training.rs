@@ -88,6 +88,9 @@ fn setup(
 fn curves(s: &TrainSpec) -> (Vec<f32>, Vec<f32>) {
     let (engine, cfg, mut cpu, gpu_store, data) = setup(s);
     let mut gpu = CudaTrainer::new(kernels(), &cfg, &gpu_store).unwrap();
+    // The run's seed, as the job path sets it: stochastic rounding (nvfp4-full weights, bf16
+    // moments) then draws the same numbers as the CPU's.
+    gpu.set_seed(s.seed);
     let hp = AdamWParams {
         lr: s.lr as f32,
         ..AdamWParams::default()

@@ -163,6 +163,10 @@ fn bench_one(
     if let Some(budget) = opts.budget {
         plan.check(cfg, budget)?;
     }
+    // Frees are stream-ordered: let the previous row's memory go back first.
+    k.stream()
+        .synchronize()
+        .map_err(crate::cuda::cuda("waiting for the GPU"))?;
     let free_before = free(k)?;
     let t_load = Instant::now();
     let engine = Engine::cpu();
