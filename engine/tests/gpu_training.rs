@@ -84,6 +84,15 @@ fn setup(
     )
 }
 
+/// The GPU trainer's micro-batches of 1-based `step` (the CPU trainer's batches).
+fn micro_batches(data: &TrainData, s: &TrainSpec, step: u64) -> Vec<HostBatch> {
+    let (parts, denom) = data.step_samples(s, step);
+    parts
+        .iter()
+        .map(|p| HostBatch::new(p, data.pad, denom).unwrap())
+        .collect()
+}
+
 /// Loss curves of `s.steps` steps on the CPU and on the GPU, same batches.
 fn curves(s: &TrainSpec) -> (Vec<f32>, Vec<f32>) {
     let (engine, cfg, mut cpu, gpu_store, data) = setup(s);
@@ -103,11 +112,7 @@ fn curves(s: &TrainSpec) -> (Vec<f32>, Vec<f32>) {
                 .unwrap()
                 .loss,
         );
-        let (parts, denom) = data.step_samples(s, step);
-        let micro: Vec<HostBatch> = parts
-            .iter()
-            .map(|p| HostBatch::new(p, data.pad, denom).unwrap())
-            .collect();
+        let micro = micro_batches(&data, s, step);
         b.push(
             gpu.step(&micro, hp, step, s.clip_grad() as f32)
                 .unwrap()
@@ -245,11 +250,7 @@ fn weights_come_back(quant: QuantSpec) {
         ..AdamWParams::default()
     };
     for step in 1..=3 {
-        let (parts, denom) = data.step_samples(&s, step);
-        let micro: Vec<HostBatch> = parts
-            .iter()
-            .map(|p| HostBatch::new(p, data.pad, denom).unwrap())
-            .collect();
+        let micro = micro_batches(&data, &s, step);
         gpu.step(&micro, hp, step, 1.0).unwrap();
     }
     gpu.download_into(&mut store).unwrap();
@@ -330,11 +331,7 @@ fn nvfp4_full_at_lr_0_keeps_the_packed_weights_bit_identical() {
         ..AdamWParams::default()
     };
     for step in 1..=2 {
-        let (parts, denom) = data.step_samples(&s, step);
-        let micro: Vec<HostBatch> = parts
-            .iter()
-            .map(|p| HostBatch::new(p, data.pad, denom).unwrap())
-            .collect();
+        let micro = micro_batches(&data, &s, step);
         gpu.step(&micro, hp, step, 1.0).unwrap();
     }
     gpu.download_into(&mut store).unwrap();

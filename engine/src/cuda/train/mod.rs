@@ -521,7 +521,7 @@ impl CudaTrainer {
         let s = self.k.stream().clone();
         let sc = AdamWScalars::new(hp, step, self.seed);
         // With clipping, nvfp4-full's first backward pass has summed every gradient already.
-        let summed = self.packed.is_some() && clip > 0.0;
+        let summed = self.sums_in_backward();
         // SAFETY: the table names master, grads and the moments, all live and `total` long.
         unsafe {
             if !summed {
@@ -601,7 +601,7 @@ impl CudaTrainer {
         if self.packed.is_none() {
             return self.backward_layers(batch, seq, passes::Pass::Dense);
         }
-        if self.opt.2 > 0.0 {
+        if self.sums_in_backward() {
             // Clipping needs the global norm before any update: sum first, then apply.
             self.backward_layers(batch, seq, passes::Pass::SumOnly)?;
             // SAFETY: the table names the dense gradients, complete after the first pass.
@@ -633,6 +633,12 @@ impl CudaTrainer {
                 )
             })
             .collect())
+    }
+
+    /// Whether the step's whole gradient norm is summed during backward: `nvfp4-full` with
+    /// clipping, whose first backward pass sums before the second applies.
+    fn sums_in_backward(&self) -> bool {
+        self.packed.is_some() && self.opt.2 > 0.0
     }
 
     /// Copy the master weights (packed weights in `nvfp4-full`) and moments back into `store`
