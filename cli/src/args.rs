@@ -371,11 +371,16 @@ pub struct TrainArgs {
     /// Element type of the AdamW moments: `f32` (8 bytes per parameter) or `bf16` (4).
     #[arg(long, default_value = "f32")]
     pub moments: String,
+    /// Write checkpoints without the AdamW moments (the weights only): far smaller and faster
+    /// for large models (f32 moments of an 8B model are 55 GB). A run resumed from such a
+    /// checkpoint (--resume, or a retry after LOST) restarts the moments from zero.
+    #[arg(long)]
+    pub save_only_model: bool,
     /// Where to train: by default on the GPU the job is placed on (every --quant mode; the job
     /// fails at once, with the numbers and the --seq-len / --moments that would fit, when its
-    /// planned bytes exceed --budget-gb), on the CPU in a CPU slot (--gpus 0). Qwen3 (q/k norm)
-    /// models and nvfp4-full with --grad-accum train on the CPU for now, saying so in the
-    /// job's log. `cpu` forces the CPU; `cuda` fails rather than run anywhere but the GPU.
+    /// planned bytes exceed --budget-gb), on the CPU in a CPU slot (--gpus 0). nvfp4-full with
+    /// --grad-accum trains on the CPU for now, saying so in the job's log. `cpu` forces the
+    /// CPU; `cuda` fails rather than run anywhere but the GPU.
     #[arg(long, default_value = "", hide_default_value = true)]
     pub device: String,
     #[command(flatten)]

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use kiln_engine::chat_model::model_files;
 use kiln_engine::cuda::train::{CudaTrainer, HostBatch, TrainPlan};
 use kiln_engine::engine::Engine;
+use kiln_engine::model::LinearFormat;
 use kiln_engine::report::Reporter;
 use kiln_engine::spec::{DeviceSpec, MomentsSpec, QuantSpec, TrainSpec};
 use kiln_engine::train::params::ParamStore;
@@ -70,9 +71,50 @@ fn setup(
     ParamStore,
     TrainData,
 ) {
+    setup_as(s, Arch::Qwen2)
+}
+
+/// The tiny model as it ships (Qwen2: q/k/v biases) or as Qwen3 (per-head q/k norm, no
+/// biases; the tiny model's other shapes, tokenizer and seeded random weights).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Arch {
+    Qwen2,
+    Qwen3,
+}
+
+fn setup_as(
+    s: &TrainSpec,
+    arch: Arch,
+) -> (
+    Engine,
+    kiln_engine::model::ModelConfig,
+    ParamStore,
+    ParamStore,
+    TrainData,
+) {
     let engine = Engine::for_job("cpu", DeviceSpec::Cpu).unwrap();
-    let (cfg, cpu) = load_params(&engine, &s.model, s.quant).unwrap();
-    let (_, gpu) = load_params(&engine, &s.model, s.quant).unwrap();
+    let (cfg, cpu, gpu) = match arch {
+        Arch::Qwen2 => {
+            let (cfg, cpu) = load_params(&engine, &s.model, s.quant).unwrap();
+            let (_, gpu) = load_params(&engine, &s.model, s.quant).unwrap();
+            (cfg, cpu, gpu)
+        }
+        Arch::Qwen3 => {
+            let mut cfg = kiln_engine::tiny::config().unwrap();
+            cfg.architecture = kiln_engine::model::Architecture::Qwen3;
+            cfg.attention_bias = false;
+            let format = match s.quant {
+                QuantSpec::Nvfp4Full => LinearFormat::Nvfp4,
+                _ => LinearFormat::Dense,
+            };
+            let store = || {
+                let mut src = engine.random_weights(kiln_engine::tiny::TINY_SEED, format);
+                ParamStore::from_source(&cfg, &mut src, s.quant, engine.device()).unwrap()
+            };
+            let (cpu, gpu) = (store(), store());
+            (cfg, cpu, gpu)
+        }
+    };
     let files = model_files(&s.model).unwrap();
     let data = TrainData::load(s, &files, &cfg, &Reporter::capture().0).unwrap();
     (
@@ -95,7 +137,11 @@ fn micro_batches(data: &TrainData, s: &TrainSpec, step: u64) -> Vec<HostBatch> {
 
 /// Loss curves of `s.steps` steps on the CPU and on the GPU, same batches.
 fn curves(s: &TrainSpec) -> (Vec<f32>, Vec<f32>) {
-    let (engine, cfg, mut cpu, gpu_store, data) = setup(s);
+    curves_as(s, Arch::Qwen2)
+}
+
+fn curves_as(s: &TrainSpec, arch: Arch) -> (Vec<f32>, Vec<f32>) {
+    let (engine, cfg, mut cpu, gpu_store, data) = setup_as(s, arch);
     let mut gpu = CudaTrainer::new(kernels(), &cfg, &gpu_store).unwrap();
     // The run's seed, as the job path sets it: stochastic rounding (nvfp4-full weights, bf16
     // moments) then draws the same numbers as the CPU's.
@@ -135,9 +181,9 @@ fn assert_curves_agree(a: &[f32], b: &[f32]) {
 }
 
 /// The first step's gradients on the GPU and on the CPU, same weights and batch.
-fn assert_first_gradients_agree(quant: QuantSpec) {
+fn assert_first_gradients_agree(quant: QuantSpec, arch: Arch) {
     let s = spec(quant, 1);
-    let (engine, cfg, mut cpu, gpu_store, data) = setup(&s);
+    let (engine, cfg, mut cpu, gpu_store, data) = setup_as(&s, arch);
     let r = Reporter::capture().0;
     let (want, want_loss, _) = cpu_gradients(&engine, &cfg, &mut cpu, &data, &s, 1, &r).unwrap();
     let mut gpu = CudaTrainer::new(kernels(), &cfg, &gpu_store).unwrap();
@@ -151,7 +197,9 @@ fn assert_first_gradients_agree(quant: QuantSpec) {
     let got = gpu.gradients().unwrap();
     let got_loss = gpu.finish_step().unwrap().loss;
     let rel_loss = ((got_loss - want_loss) / want_loss).abs();
-    eprintln!("{quant:?} step-1 loss: CPU {want_loss}, GPU {got_loss} (relative {rel_loss:.2e})");
+    eprintln!(
+        "{arch:?} {quant:?} step-1 loss: CPU {want_loss}, GPU {got_loss} (relative {rel_loss:.2e})"
+    );
     assert!(rel_loss < 1e-3, "loss CPU {want_loss} GPU {got_loss}");
     let mut worst = (0.0f64, String::new());
     for (p, w) in cpu.params().iter().zip(&want) {
@@ -168,7 +216,7 @@ fn assert_first_gradients_agree(quant: QuantSpec) {
         let rel = (diff / norm.max(1e-30)).sqrt();
         assert!(
             rel <= GRAD_REL_TOL,
-            "{quant:?} gradient of {}: relative L2 difference {rel:.4} (norm {:.3e})",
+            "{arch:?} {quant:?} gradient of {}: relative L2 difference {rel:.4} (norm {:.3e})",
             p.name,
             norm.sqrt()
         );
@@ -177,7 +225,7 @@ fn assert_first_gradients_agree(quant: QuantSpec) {
         }
     }
     eprintln!(
-        "{quant:?} step-1 gradients, {} tensors: worst relative L2 difference {:.4} ({})",
+        "{arch:?} {quant:?} step-1 gradients, {} tensors: worst relative L2 difference {:.4} ({})",
         want.len(),
         worst.0,
         worst.1
@@ -187,8 +235,22 @@ fn assert_first_gradients_agree(quant: QuantSpec) {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn first_step_gradients_on_the_gpu_equal_the_cpu_autograd_ones() {
-    assert_first_gradients_agree(QuantSpec::Nvfp4Ste);
-    assert_first_gradients_agree(QuantSpec::None);
+    assert_first_gradients_agree(QuantSpec::Nvfp4Ste, Arch::Qwen2);
+    assert_first_gradients_agree(QuantSpec::None, Arch::Qwen2);
+}
+
+/// Qwen3's per-head q/k norm on the GPU: first-step gradients (the norms' own included) equal
+/// the CPU autograd ones, and nvfp4-full steps follow the CPU curve.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn qwen3_qk_norm_trains_on_the_gpu_like_on_the_cpu() {
+    assert_first_gradients_agree(QuantSpec::Nvfp4Ste, Arch::Qwen3);
+    assert_first_gradients_agree(QuantSpec::None, Arch::Qwen3);
+    let mut s = spec(QuantSpec::Nvfp4Full, 10);
+    s.lr = CURVE_LR;
+    let (a, b) = curves_as(&s, Arch::Qwen3);
+    assert_curves_agree(&a, &b);
+    assert!(b[9] < b[0], "the GPU loss did not fall: {b:?}");
 }
 
 #[test]
@@ -253,7 +315,7 @@ fn weights_come_back(quant: QuantSpec) {
         let micro = micro_batches(&data, &s, step);
         gpu.step(&micro, hp, step, 1.0).unwrap();
     }
-    gpu.download_into(&mut store).unwrap();
+    gpu.download_into(&mut store, true).unwrap();
     let (after, packed_after) = snapshot(&store);
     let p = &store.params()[0];
     assert_ne!(before, after, "{} did not change", p.name);
@@ -334,7 +396,7 @@ fn nvfp4_full_at_lr_0_keeps_the_packed_weights_bit_identical() {
         let micro = micro_batches(&data, &s, step);
         gpu.step(&micro, hp, step, 1.0).unwrap();
     }
-    gpu.download_into(&mut store).unwrap();
+    gpu.download_into(&mut store, true).unwrap();
     assert_eq!(packed_params(&store), before);
     let q = store.param("model.layers.1.mlp.down_proj.weight").unwrap();
     assert!(

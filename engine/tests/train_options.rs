@@ -1,8 +1,8 @@
 //! The train job's step options on the real CPU trainer (tiny model, WhoAmI): gradient
 //! accumulation adds up to the whole batch's step, clipping can be turned off, `--save-every`
 //! writes resumable checkpoints and a retry of the same coordinator job continues its earlier
-//! attempt's checkpoint (another job's is refused), and bf16 moments halve the optimizer state
-//! and train like f32 ones.
+//! attempt's checkpoint (another job's is refused), `--save-only-model` leaves the moments out,
+//! and bf16 moments halve the optimizer state and train like f32 ones.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -229,6 +229,53 @@ fn save_every_checkpoints_and_a_retry_of_the_same_job_continues_where_it_stopped
         .unwrap_err()
         .to_string();
     assert!(e.contains("--resume"), "{e}");
+}
+
+/// `--save-only-model`: checkpoints without the moments (a stale moment file from an earlier
+/// full save of the directory goes away), and a retry from one restarts the moments from zero,
+/// saying so.
+#[test]
+fn save_only_model_checkpoints_have_no_moments_and_a_retry_restarts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ckpt");
+    let job = |attempt| {
+        Some(JobIdent {
+            id: 9,
+            attempt,
+            budget_bytes: 0,
+        })
+    };
+    // A full checkpoint at step 1, then the same job's retry saving only the model.
+    let mut s = spec(&out, 1, QuantSpec::Nvfp4Full);
+    train_on(&s, DeviceSpec::Cpu, job(1), &Reporter::capture().0).unwrap();
+    assert!(out.join(OPTIMIZER_STATE).is_file());
+    s.steps = 3;
+    s.save_every = 2;
+    s.save_only_model = true;
+    let (r, sink) = Reporter::capture();
+    let run = train_on(&s, DeviceSpec::Cpu, job(2), &r).unwrap();
+    assert_eq!((run.step, run.losses.len()), (3, 2));
+    let state = read_state(&out).unwrap().unwrap();
+    assert!(!state.optimizer_saved);
+    assert!(
+        !out.join(OPTIMIZER_STATE).exists(),
+        "the step-1 moments were left beside a step-3 checkpoint"
+    );
+    for p in phases(&sink, "checkpoint_saved") {
+        assert_eq!(p.tensor_bytes.get("optimizer_state"), Some(&0), "{p:?}");
+    }
+    // A retry from it: no moments to restore, said in the log, and training goes on.
+    s.steps = 4;
+    let (r, sink) = Reporter::capture();
+    let more = train_on(&s, DeviceSpec::Cpu, job(3), &r).unwrap();
+    assert_eq!((more.step, more.losses.len()), (4, 1));
+    assert!(
+        logs(&sink).contains("the AdamW moments restart from zero"),
+        "{}",
+        logs(&sink)
+    );
+    // The checkpoint still loads as a model.
+    assert!(!weights(&out).is_empty());
 }
 
 #[test]

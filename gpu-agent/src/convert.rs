@@ -59,6 +59,7 @@ pub fn engine_spec(spec: Option<&v1::JobSpec>) -> Result<spec::JobSpec, String> 
             grad_accum: t.grad_accum,
             clip_grad: t.clip_grad,
             moments: spec::MomentsSpec::parse(&t.moments)?,
+            save_only_model: t.save_only_model,
         }),
         Some(job_spec::Spec::Export(e)) => spec::JobSpec::Export(spec::ExportSpec {
             checkpoint: e.checkpoint.clone(),

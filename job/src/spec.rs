@@ -284,6 +284,10 @@ pub struct TrainSpec {
     /// Element type of the AdamW moments.
     #[serde(default)]
     pub moments: MomentsSpec,
+    /// Checkpoints hold the weights only, not the AdamW moments; a run resumed from one
+    /// restarts the moments from zero.
+    #[serde(default)]
+    pub save_only_model: bool,
 }
 
 /// The gradient clipping threshold a train job uses when it does not say.

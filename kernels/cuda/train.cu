@@ -1,10 +1,11 @@
 // train.cu — the kernels of a GPU train step other than the GEMMs (cuBLAS does those, bf16
 // inputs, f32 accumulation and f32 outputs): embedding gather / scatter-add, RMSNorm forward
 // and backward, the q/k/v epilogue (bias + RoPE into the attention layout) and its backward,
-// the causal softmax of attention scores and its backward, the head merge / split around the
-// output projection, SwiGLU forward and backward, cross-entropy over a chunk of logits (loss and
-// dlogits in one pass), the straight-through NVFP4 fake-quant of a master weight, and AdamW as
-// one multi-tensor kernel with the global-norm clip computed on the device.
+// Qwen3's per-head q/k RMSNorm and its backward, the causal softmax of attention scores and its
+// backward, the head merge / split around the output projection, SwiGLU forward and backward,
+// cross-entropy over a chunk of logits (loss and dlogits in one pass), the straight-through
+// NVFP4 fake-quant of a master weight, and AdamW as one multi-tensor kernel with the
+// global-norm clip computed on the device.
 //
 // Layouts (N = B·T tokens, row-major):
 // - the residual stream h and its gradient dh: f32 [N, H];
@@ -205,6 +206,110 @@ kiln_train_qkv_bwd(const float* __restrict__ dq, const float* __restrict__ dk,
         atomicAdd(dbias + c0, acc[2 * j]);
         atomicAdd(dbias + c0 + half, acc[2 * j + 1]);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-head q/k RMSNorm (Qwen3), on the q/k/v GEMM output before the epilogue
+
+#define KILN_HEAD_MAX_PER_LANE 8  // head_dim ≤ 32 · 8 = 256
+
+// In place on qkv f32 [N, (nh + 2·kvh)·hd] for the first nh + kvh heads of each token (the q
+// heads, then the k heads): x = that head's hd values, r = 1/sqrt(mean(x²) + eps),
+// x_i ← x_i·r·w_i with w = qw for a q head, kw for a k head. Saves x̂ = x·r (bf16,
+// [N][nh + kvh][hd]) and r (f32, [N][nh + kvh]) for the backward. One warp per (token, head).
+// Grid ceil(N·(nh + kvh) / (blockDim / 32)), block a multiple of 32.
+extern "C" __global__ void kiln_train_head_norm_fwd(float* __restrict__ qkv,
+                                                    const float* __restrict__ qw,
+                                                    const float* __restrict__ kw,
+                                                    u16* __restrict__ xhat,
+                                                    float* __restrict__ rstd, int N, int nh,
+                                                    int kvh, int hd, float eps) {
+    const int lane = threadIdx.x & 31, heads = nh + kvh;
+    const size_t row = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= (size_t)N * heads) return;
+    const int n = (int)(row / heads), j = (int)(row % heads);
+    float* x = qkv + (size_t)n * (nh + 2 * kvh) * hd + (size_t)j * hd;
+    const float* w = j < nh ? qw : kw;
+    float v[KILN_HEAD_MAX_PER_LANE];
+    float ss = 0.0f;
+#pragma unroll
+    for (int e = 0; e < KILN_HEAD_MAX_PER_LANE; ++e) {
+        const int i = lane + 32 * e;
+        v[e] = i < hd ? x[i] : 0.0f;
+        ss += v[e] * v[e];
+    }
+    const float r = rsqrtf(kiln_warp_sum(ss) / (float)hd + eps);
+#pragma unroll
+    for (int e = 0; e < KILN_HEAD_MAX_PER_LANE; ++e) {
+        const int i = lane + 32 * e;
+        if (i >= hd) break;
+        const float xh = v[e] * r;
+        xhat[row * hd + i] = kiln_f32_to_bf16(xh);
+        x[i] = xh * w[i];
+    }
+    if (lane == 0) rstd[row] = r;
+}
+
+// Backward, in place on dqkv bf16 [N, (nh + 2·kvh)·hd] (the epilogue backward's output: the
+// gradient of the normed q and k): per (token, head) with g = w·dy,
+// dx = r·(g − x̂·mean(g·x̂)); dqw / dkw += Σ dy·x̂ over the tokens and heads of that kind.
+// Each block takes rows_per_block tokens, its warps striding over the heads; the weight
+// gradients are summed in registers, then in shared memory, and added once per block (atomic).
+// Grid ceil(N / rows_per_block), block a multiple of 32.
+extern "C" __global__ void __launch_bounds__(1024)
+kiln_train_head_norm_bwd(u16* __restrict__ dqkv, const u16* __restrict__ xhat,
+                         const float* __restrict__ rstd, const float* __restrict__ qw,
+                         const float* __restrict__ kw, float* __restrict__ dqw,
+                         float* __restrict__ dkw, int N, int nh, int kvh, int hd,
+                         int rows_per_block) {
+    __shared__ float dw_sum[2 * 32 * KILN_HEAD_MAX_PER_LANE];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int heads = nh + kvh, cols = (nh + 2 * kvh) * hd;
+    for (int t = threadIdx.x; t < 2 * hd; t += blockDim.x) dw_sum[t] = 0.0f;
+    __syncthreads();
+    float aq[KILN_HEAD_MAX_PER_LANE], ak[KILN_HEAD_MAX_PER_LANE];
+#pragma unroll
+    for (int e = 0; e < KILN_HEAD_MAX_PER_LANE; ++e) aq[e] = ak[e] = 0.0f;
+    const int n0 = blockIdx.x * rows_per_block, n1 = min(N, n0 + rows_per_block);
+    for (int n = n0; n < n1; ++n) {
+        for (int j = warp; j < heads; j += warps) {
+            const size_t row = (size_t)n * heads + j;
+            u16* dy = dqkv + (size_t)n * cols + (size_t)j * hd;
+            const float* w = j < nh ? qw : kw;
+            const float r = rstd[row];
+            float d[KILN_HEAD_MAX_PER_LANE], x[KILN_HEAD_MAX_PER_LANE];
+            float dot = 0.0f;
+#pragma unroll
+            for (int e = 0; e < KILN_HEAD_MAX_PER_LANE; ++e) {
+                const int i = lane + 32 * e;
+                d[e] = i < hd ? kiln_bf16_to_f32(dy[i]) : 0.0f;
+                x[e] = i < hd ? kiln_bf16_to_f32(xhat[row * hd + i]) : 0.0f;
+                dot += (i < hd ? w[i] : 0.0f) * d[e] * x[e];
+            }
+            const float mean = kiln_warp_sum(dot) / (float)hd;
+#pragma unroll
+            for (int e = 0; e < KILN_HEAD_MAX_PER_LANE; ++e) {
+                const int i = lane + 32 * e;
+                if (i >= hd) break;
+                dy[i] = kiln_f32_to_bf16(r * (w[i] * d[e] - x[e] * mean));
+                if (j < nh) {
+                    aq[e] += d[e] * x[e];
+                } else {
+                    ak[e] += d[e] * x[e];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < KILN_HEAD_MAX_PER_LANE; ++e) {
+        const int i = lane + 32 * e;
+        if (i >= hd) break;
+        atomicAdd(dw_sum + i, aq[e]);
+        atomicAdd(dw_sum + hd + i, ak[e]);
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < 2 * hd; t += blockDim.x)
+        atomicAdd(t < hd ? dqw + t : dkw + (t - hd), dw_sum[t]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -418,6 +418,122 @@ fn qkv_epilogue_ropes_into_the_group_layout_and_its_backward_is_the_transpose() 
     assert_f32_close("qkv dbias", &down(&s, &dbd), &db, 1e-5);
 }
 
+/// Qwen3's per-head q/k norm on `[N, qkv_cols]`: the q heads normed with `qw`, the k heads
+/// with `kw`, the v heads unchanged.
+fn head_norm_ref(sh: TrainAttnShape, x: &[f64], qw: &[f64], kw: &[f64], eps: f64) -> Vec<f64> {
+    let (nh, kvh, hd) = (sh.heads, sh.kv_heads, sh.head_dim);
+    let cols = sh.qkv_cols();
+    let mut y = x.to_vec();
+    for n in 0..x.len() / cols {
+        for j in 0..nh + kvh {
+            let b = n * cols + j * hd;
+            let w = if j < nh { qw } else { kw };
+            let (yy, _) = rmsnorm_ref(&x[b..b + hd], w, hd, eps);
+            y[b..b + hd].copy_from_slice(&yy);
+        }
+    }
+    y
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn per_head_qk_norm_and_its_backward_match_the_reference_and_finite_differences() {
+    let k = gpu();
+    let s = k.stream().clone();
+    let mut r = ChaCha8Rng::seed_from_u64(9);
+    let eps = 1e-6f32;
+    // The tiny Qwen3 test shape, and the Qwen3-8B heads (32 q, 8 k, head_dim 128) over 70
+    // tokens: more than one block of 32 tokens and a partial one.
+    for (batch, seq, heads, kv_heads, head_dim) in [(2, 5, 4, 2, 16), (2, 35, 32, 8, 128)] {
+        let sh = TrainAttnShape {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_dim,
+        };
+        let (n, cols, hd) = (sh.tokens(), sh.qkv_cols(), sh.head_dim);
+        let rows = n * (heads + kv_heads);
+        let x = rand_vec(&mut r, n * cols, -2.0, 2.0);
+        let qw = rand_vec(&mut r, hd, 0.5, 1.5);
+        let kw = rand_vec(&mut r, hd, 0.5, 1.5);
+        // The incoming gradient, as the epilogue backward leaves it (bf16).
+        let dy: Vec<f32> = rand_vec(&mut r, n * cols, -1.0, 1.0)
+            .into_iter()
+            .map(|v| bf16::from_f32(v).to_f32())
+            .collect();
+        let (xd, qwd, kwd, dyd) = (up(&s, &x), up(&s, &qw), up(&s, &kw), up_bf16(&s, &dy));
+        let xhd = s.alloc_zeros::<bf16>(rows * hd).unwrap();
+        let rsd = s.alloc_zeros::<f32>(rows).unwrap();
+        let dqwd = s.alloc_zeros::<f32>(hd).unwrap();
+        let dkwd = s.alloc_zeros::<f32>(hd).unwrap();
+        // SAFETY: buffers sized as the launchers say.
+        unsafe {
+            k.train_head_norm_fwd_async(
+                sh,
+                k.addr(&xd, 0),
+                k.addr(&qwd, 0),
+                k.addr(&kwd, 0),
+                k.addr(&xhd, 0),
+                k.addr(&rsd, 0),
+                eps,
+            )
+            .unwrap();
+            k.train_head_norm_bwd_async(
+                sh,
+                k.addr(&dyd, 0),
+                k.addr(&xhd, 0),
+                k.addr(&rsd, 0),
+                k.addr(&qwd, 0),
+                k.addr(&kwd, 0),
+                k.addr(&dqwd, 0),
+                k.addr(&dkwd, 0),
+            )
+            .unwrap();
+        }
+        let (x64, qw64, kw64, dy64) = (f64s(&x), f64s(&qw), f64s(&kw), f64s(&dy));
+        let what = format!("head norm {n}×{heads}/{kv_heads}×{hd}");
+        let y = head_norm_ref(sh, &x64, &qw64, &kw64, eps as f64);
+        assert_f32_close(&format!("{what} y"), &down(&s, &xd), &y, 1e-5);
+        // Analytic gradients; the v heads' gradient passes through untouched.
+        let mut dx = dy64.clone();
+        let (mut dqw, mut dkw) = (vec![0f64; hd], vec![0f64; hd]);
+        for nn in 0..n {
+            for j in 0..heads + kv_heads {
+                let b = nn * cols + j * hd;
+                let row = &x64[b..b + hd];
+                let rr = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / hd as f64 + 1e-6).sqrt();
+                let (w, dw) = if j < heads {
+                    (&qw64, &mut dqw)
+                } else {
+                    (&kw64, &mut dkw)
+                };
+                let dot: f64 = (0..hd).map(|i| dy64[b + i] * w[i] * row[i]).sum();
+                for i in 0..hd {
+                    dx[b + i] = rr * w[i] * dy64[b + i] - row[i] * rr.powi(3) * dot / hd as f64;
+                    dw[i] += dy64[b + i] * row[i] * rr;
+                }
+            }
+        }
+        let dx_got = down_bf16(&s, &dyd);
+        // x̂ is saved as bf16: the input gradient is good to about a bf16 ulp of its terms.
+        assert_f32_close(&format!("{what} dx"), &dx_got, &dx, 1e-2);
+        assert_f32_close(&format!("{what} dqw"), &down(&s, &dqwd), &dqw, 1e-2);
+        assert_f32_close(&format!("{what} dkw"), &down(&s, &dkwd), &dkw, 1e-2);
+        // The formula against finite differences of L = Σ dy·y.
+        let loss_x = |v: &[f64]| -> f64 {
+            let y = head_norm_ref(sh, v, &qw64, &kw64, eps as f64);
+            y.iter().zip(&dy64).map(|(a, b)| a * b).sum()
+        };
+        assert_directional(&format!("{what} dx"), &mut r, &x64, &dx, loss_x, 1e-3);
+        let loss_q = |w: &[f64]| -> f64 {
+            let y = head_norm_ref(sh, &x64, w, &kw64, eps as f64);
+            y.iter().zip(&dy64).map(|(a, b)| a * b).sum()
+        };
+        assert_directional(&format!("{what} dqw"), &mut r, &qw64, &dqw, loss_q, 1e-3);
+    }
+}
+
 /// Causal softmax of each row (position row % seq) of `s` scaled by `scale`.
 fn softmax_ref(s: &[f64], seq: usize, scale: f64) -> Vec<f64> {
     let mut p = vec![0f64; s.len()];

@@ -41,8 +41,8 @@ pub struct BenchTrainArgs {
     /// Only the tiny model (same as --model tiny).
     #[arg(long)]
     pub quick: bool,
-    /// Model shapes, comma-separated: tiny, qwen2.5-0.5b, qwen2.5-7b, qwen2.5-14b (random
-    /// weights).
+    /// Model shapes, comma-separated: tiny, qwen2.5-0.5b, qwen2.5-7b, qwen2.5-14b, qwen3-8b
+    /// (random weights).
     #[arg(long, value_delimiter = ',', default_value = "tiny,qwen2.5-0.5b")]
     pub model: Vec<String>,
     /// Modes, comma-separated: none, nvfp4-ste, nvfp4-full.

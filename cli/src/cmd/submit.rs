@@ -187,6 +187,7 @@ pub fn build_request(kind: &SubmitKind) -> anyhow::Result<(v1::SubmitJobRequest,
                 grad_accum: t.grad_accum,
                 clip_grad: Some(t.clip_grad),
                 moments: t.moments.clone(),
+                save_only_model: t.save_only_model,
             })
         }
         SubmitKind::Export(e) => {

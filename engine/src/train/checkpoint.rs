@@ -5,7 +5,8 @@
 //! (`optimizer/state.safetensors`: `{param}.exp_avg` / `{param}.exp_avg_sq`, f32 or bf16 as the
 //! run's `--moments` — in a
 //! subdirectory so that loaders reading every `*.safetensors` of the model directory never see
-//! it) and `trainer_state.json` (step, losses, settings) for `--resume`.
+//! it; left out with `--save-only-model`) and `trainer_state.json` (step, losses, settings) for
+//! `--resume`.
 //!
 //! Saving writes every file under a temporary name and renames it into place, the trainer
 //! state last; the optimizer file's metadata repeats the step, so a checkpoint whose save was
@@ -59,10 +60,18 @@ pub struct TrainerState {
     /// of that job continues from here without `--resume`.
     #[serde(default)]
     pub job_id: Option<u64>,
+    /// Whether the checkpoint holds the AdamW moments (`false`: written with
+    /// `--save-only-model`; absent in older checkpoints, which always hold them).
+    #[serde(default = "yes")]
+    pub optimizer_saved: bool,
 }
 
 fn one() -> u32 {
     1
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn ckpt_err(path: &Path, message: impl Into<String>) -> EngineError {
@@ -115,27 +124,9 @@ pub fn save(
         },
     )?;
     staged.extend(files.write_extra(&staging)?);
-
-    let mut tensors = BTreeMap::new();
-    for p in store.params() {
-        tensors.insert(
-            format!("{}.exp_avg", p.name),
-            p.exp_avg.to_tensor(p.shape.clone()),
-        );
-        tensors.insert(
-            format!("{}.exp_avg_sq", p.name),
-            p.exp_avg_sq.to_tensor(p.shape.clone()),
-        );
+    if state.optimizer_saved {
+        staged.push(write_optimizer(&staging, store, state)?);
     }
-    let meta = HashMap::from([
-        ("step".to_string(), state.step.to_string()),
-        ("quant".to_string(), state.quant.name().to_string()),
-    ]);
-    let opt_path = staging.join(OPTIMIZER_STATE);
-    let opt_dir = opt_path.parent().expect("has a parent").to_path_buf();
-    std::fs::create_dir_all(&opt_dir).map_err(|e| EngineError::io("creating", &opt_dir, e))?;
-    write_safetensors_file(&opt_path, &tensors, Some(meta))?;
-    staged.push(opt_dir);
     let state_path = staging.join(TRAINER_STATE);
     std::fs::write(
         &state_path,
@@ -156,7 +147,40 @@ pub fn save(
         written.push(dst);
     }
     let _ = std::fs::remove_dir_all(&staging);
+    if !state.optimizer_saved {
+        // Moments an earlier save of this directory left belong to another step.
+        let old = dir.join(OPTIMIZER_STATE);
+        let old_dir = old.parent().expect("has a parent");
+        if old_dir.is_dir() {
+            std::fs::remove_dir_all(old_dir)
+                .map_err(|e| EngineError::io("removing", old_dir, e))?;
+        }
+    }
     Ok(written)
+}
+
+/// Write the AdamW moments of `store` under `staging`; returns the optimizer directory.
+fn write_optimizer(staging: &Path, store: &ParamStore, state: &TrainerState) -> Result<PathBuf> {
+    let mut tensors = BTreeMap::new();
+    for p in store.params() {
+        tensors.insert(
+            format!("{}.exp_avg", p.name),
+            p.exp_avg.to_tensor(p.shape.clone()),
+        );
+        tensors.insert(
+            format!("{}.exp_avg_sq", p.name),
+            p.exp_avg_sq.to_tensor(p.shape.clone()),
+        );
+    }
+    let meta = HashMap::from([
+        ("step".to_string(), state.step.to_string()),
+        ("quant".to_string(), state.quant.name().to_string()),
+    ]);
+    let opt_path = staging.join(OPTIMIZER_STATE);
+    let opt_dir = opt_path.parent().expect("has a parent").to_path_buf();
+    std::fs::create_dir_all(&opt_dir).map_err(|e| EngineError::io("creating", &opt_dir, e))?;
+    write_safetensors_file(&opt_path, &tensors, Some(meta))?;
+    Ok(opt_dir)
 }
 
 /// Restore the optimizer moments of `store` from `dir`, checking that they belong to `step`.

@@ -194,6 +194,7 @@ fn starting_point(
         grad_accum: spec.micro_batches(),
         moments: spec.moments,
         job_id: job.map(|j| j.id),
+        optimizer_saved: !spec.save_only_model,
     };
     let Some(st) = checkpoint::read_state(out_dir)? else {
         return Ok((spec.model.clone(), fresh()));
@@ -240,6 +241,14 @@ fn starting_point(
         job_id: job.map(|j| j.id).or(st.job_id),
         ..st
     };
+    // The checkpoint's own flag says whether it can restore the moments (the run then sets
+    // it to what its saves write).
+    if !state.optimizer_saved {
+        reporter.log(format!(
+            "the checkpoint at step {} holds no optimizer state (saved with --save-only-model): the AdamW moments restart from zero",
+            state.step
+        ));
+    }
     Ok((out_dir.display().to_string(), state))
 }
 
@@ -258,7 +267,14 @@ fn save_checkpoint(
             .bytes([
                 ("weights", b.weights),
                 ("scales", b.scales),
-                ("optimizer_state", b.optimizer_state),
+                (
+                    "optimizer_state",
+                    if state.optimizer_saved {
+                        b.optimizer_state
+                    } else {
+                        0
+                    },
+                ),
             ])
             .metric("files", written.len() as f64),
     );
@@ -297,9 +313,10 @@ fn train_checked(
         _ => engine,
     };
     let mut store = store.with_moments(spec.moments);
-    if state.step > 0 {
+    if state.step > 0 && state.optimizer_saved {
         checkpoint::load_optimizer(&out_dir, &mut store, state.step)?;
     }
+    state.optimizer_saved = !spec.save_only_model;
     let data = TrainData::load(spec, &files, &cfg, reporter)?;
     let mut gpu = match engine {
         Engine::Cuda(e) => {
@@ -344,7 +361,7 @@ fn train_checked(
         tracing::debug!(step, loss = loss_v, grad_norm = out.grad_norm, "train step");
         if spec.save_every > 0 && step % spec.save_every as u64 == 0 && step < total {
             if let Some(g) = &gpu {
-                g.download_into(&mut store)?;
+                g.download_into(&mut store, state.optimizer_saved)?;
             }
             save_checkpoint(&out_dir, &mut store, &files, &state, reporter)?;
         }
@@ -352,7 +369,7 @@ fn train_checked(
     let secs = t_train.elapsed().as_secs_f64();
 
     if let Some(g) = &gpu {
-        g.download_into(&mut store)?;
+        g.download_into(&mut store, state.optimizer_saved)?;
     }
     save_checkpoint(&out_dir, &mut store, &files, &state, reporter)?;
     Ok(TrainOutcome {

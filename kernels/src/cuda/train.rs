@@ -1,6 +1,6 @@
 //! The GPU train step's kernels besides the GEMMs (`kernels/cuda/train.cu`): embedding gather
 //! and scatter-add, RMSNorm forward / backward, the q/k/v epilogue (bias + RoPE into the
-//! attention layout) and its backward, the causal softmax and its backward, the head merge /
+//! attention layout) and its backward, Qwen3's per-head q/k RMSNorm and its backward, the causal softmax and its backward, the head merge /
 //! split around the output projection, SwiGLU forward / backward, cross-entropy over a chunk of
 //! logits, the straight-through NVFP4 fake-quant of a master weight, and AdamW over many tensors
 //! in one launch with the global-norm clip computed on the device.
@@ -33,6 +33,11 @@ const NORM_BWD_ROWS: usize = 32;
 const QKV_PAIRS_PER_THREAD: usize = 4;
 /// Tokens per block of the q/k/v backward (its bias gradient is added once per block).
 const QKV_BWD_ROWS: usize = 16;
+/// The widest head the per-head q/k norm takes (`32 · KILN_HEAD_MAX_PER_LANE`).
+pub const HEAD_NORM_MAX_DIM: usize = 256;
+/// Tokens per block of the per-head norm's backward (its weight gradients are added once per
+/// block).
+const HEAD_NORM_BWD_ROWS: usize = 32;
 
 /// The loaded train kernels.
 pub(crate) struct TrainFunctions {
@@ -42,6 +47,8 @@ pub(crate) struct TrainFunctions {
     rmsnorm_bwd: CudaFunction,
     qkv_fwd: CudaFunction,
     qkv_bwd: CudaFunction,
+    head_norm_fwd: CudaFunction,
+    head_norm_bwd: CudaFunction,
     causal_softmax: CudaFunction,
     softmax_bwd: CudaFunction,
     merge_heads: CudaFunction,
@@ -67,6 +74,8 @@ impl TrainFunctions {
             rmsnorm_bwd: f("kiln_train_rmsnorm_bwd")?,
             qkv_fwd: f("kiln_train_qkv_fwd")?,
             qkv_bwd: f("kiln_train_qkv_bwd")?,
+            head_norm_fwd: f("kiln_train_head_norm_fwd")?,
+            head_norm_bwd: f("kiln_train_head_norm_bwd")?,
             causal_softmax: f("kiln_train_causal_softmax")?,
             softmax_bwd: f("kiln_train_softmax_bwd")?,
             merge_heads: f("kiln_train_merge_heads")?,
@@ -430,6 +439,109 @@ impl CudaKernels {
                 ],
             )
         }
+    }
+
+    /// Queue Qwen3's per-head RMSNorm of q and k, in place on the q/k/v GEMM output `qkv` f32
+    /// `[N, qkv_cols]`: each q head normed with `qw`, each k head with `kw` (both `[hd]`); the
+    /// normalized values `xhat` (bf16 `[N·(nh + kvh)·hd]`) and `rstd` (f32 `[N·(nh + kvh)]`)
+    /// are saved for the backward. Run it before [`CudaKernels::train_qkv_fwd_async`].
+    ///
+    /// # Safety
+    /// `qkv` holds `N·qkv_cols` f32, `qw` and `kw` `hd` f32, `xhat` and `rstd` as above.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn train_head_norm_fwd_async(
+        &self,
+        shape: TrainAttnShape,
+        qkv: DevAddr,
+        qw: DevAddr,
+        kw: DevAddr,
+        xhat: DevAddr,
+        rstd: DevAddr,
+        eps: f32,
+    ) -> Result<(), KernelError> {
+        Self::check_head_norm(shape)?;
+        let (_, nh, kvh, hd) = Self::attn_ints(shape);
+        let ni = shape.tokens() as i32;
+        let rows = shape.tokens() * (shape.heads + shape.kv_heads);
+        // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
+        unsafe {
+            self.train_go(
+                &self.f.train.head_norm_fwd,
+                cfg((rows.div_ceil(8) as u32, 1, 1), 256),
+                "launching kiln_train_head_norm_fwd",
+                &mut [
+                    param(&qkv),
+                    param(&qw),
+                    param(&kw),
+                    param(&xhat),
+                    param(&rstd),
+                    param(&ni),
+                    param(&nh),
+                    param(&kvh),
+                    param(&hd),
+                    param(&eps),
+                ],
+            )
+        }
+    }
+
+    /// Queue the per-head q/k norm's backward, in place on `dqkv` bf16 `[N, qkv_cols]` (the
+    /// gradient of the normed q and k, from [`CudaKernels::train_qkv_bwd_async`], becomes that
+    /// of the GEMM output); `dqw` / `dkw +=` the weight gradients (atomic, once per block).
+    ///
+    /// # Safety
+    /// As [`CudaKernels::train_head_norm_fwd_async`] with `xhat` and `rstd` from it, `dqkv`
+    /// `N·qkv_cols` bf16, `dqw` and `dkw` `hd` f32.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn train_head_norm_bwd_async(
+        &self,
+        shape: TrainAttnShape,
+        dqkv: DevAddr,
+        xhat: DevAddr,
+        rstd: DevAddr,
+        qw: DevAddr,
+        kw: DevAddr,
+        dqw: DevAddr,
+        dkw: DevAddr,
+    ) -> Result<(), KernelError> {
+        Self::check_head_norm(shape)?;
+        let (_, nh, kvh, hd) = Self::attn_ints(shape);
+        let tokens = shape.tokens();
+        let (ni, per) = (tokens as i32, HEAD_NORM_BWD_ROWS as i32);
+        let block = (32 * (shape.heads + shape.kv_heads)).min(512) as u32;
+        // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
+        unsafe {
+            self.train_go(
+                &self.f.train.head_norm_bwd,
+                cfg((tokens.div_ceil(HEAD_NORM_BWD_ROWS) as u32, 1, 1), block),
+                "launching kiln_train_head_norm_bwd",
+                &mut [
+                    param(&dqkv),
+                    param(&xhat),
+                    param(&rstd),
+                    param(&qw),
+                    param(&kw),
+                    param(&dqw),
+                    param(&dkw),
+                    param(&ni),
+                    param(&nh),
+                    param(&kvh),
+                    param(&hd),
+                    param(&per),
+                ],
+            )
+        }
+    }
+
+    fn check_head_norm(shape: TrainAttnShape) -> Result<(), KernelError> {
+        shape.check()?;
+        if shape.head_dim > HEAD_NORM_MAX_DIM {
+            return Err(KernelError::InvalidArgument(format!(
+                "per-head q/k norm over head_dim {}: at most {HEAD_NORM_MAX_DIM} is supported",
+                shape.head_dim
+            )));
+        }
+        Ok(())
     }
 
     fn attn_ints(shape: TrainAttnShape) -> (i32, i32, i32, i32) {

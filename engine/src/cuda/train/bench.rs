@@ -56,7 +56,13 @@ impl Default for TrainBenchOptions {
 }
 
 /// The shapes the benchmark knows.
-pub const BENCH_MODELS: &[&str] = &["tiny", "qwen2.5-0.5b", "qwen2.5-7b", "qwen2.5-14b"];
+pub const BENCH_MODELS: &[&str] = &[
+    "tiny",
+    "qwen2.5-0.5b",
+    "qwen2.5-7b",
+    "qwen2.5-14b",
+    "qwen3-8b",
+];
 
 /// The config of benchmark shape `name` (one of [`BENCH_MODELS`]).
 pub fn bench_model(name: &str) -> Result<ModelConfig> {
@@ -65,6 +71,7 @@ pub fn bench_model(name: &str) -> Result<ModelConfig> {
         "qwen2.5-0.5b" => ModelConfig::qwen2_5_0_5b(),
         "qwen2.5-7b" => ModelConfig::qwen2_5_7b(),
         "qwen2.5-14b" => ModelConfig::qwen2_5_14b(),
+        "qwen3-8b" => ModelConfig::qwen3_8b(),
         other => {
             return Err(crate::error::EngineError::InvalidArgument(format!(
                 "no benchmark model {other:?}; choose from {}",

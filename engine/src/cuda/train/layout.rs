@@ -28,6 +28,8 @@ pub(super) struct LayerOffsets {
     pub(super) qkv: usize,
     /// q, k, v biases, adjacent (Qwen2).
     pub(super) qkv_bias: Option<usize>,
+    /// Qwen3's per-head q and k norm weights (`[head_dim]` each).
+    pub(super) qk_norm: Option<(usize, usize)>,
     pub(super) o: usize,
     pub(super) post_norm: usize,
     /// gate, up weights, adjacent: `[2I, H]`.
@@ -95,6 +97,13 @@ pub(super) fn flat_layout(
         } else {
             None
         };
+        let qk_norm = match (&l.q_norm, &l.k_norm) {
+            (Some(q), Some(k)) => Some((
+                push(&q.name, &q.shape, false),
+                push(&k.name, &k.shape, false),
+            )),
+            _ => None,
+        };
         let (o, on) = lin(&l.o_proj);
         let o = push(&o.name, &o.shape, on);
         let post_norm = push(
@@ -112,6 +121,7 @@ pub(super) fn flat_layout(
             input_norm,
             qkv,
             qkv_bias,
+            qk_norm,
             o,
             post_norm,
             gate_up,
@@ -158,7 +168,11 @@ mod tests {
 
     #[test]
     fn the_flat_layout_keeps_gemm_partners_adjacent_and_covers_every_parameter() {
-        for cfg in [crate::tiny::config().unwrap(), ModelConfig::qwen2_5_7b()] {
+        for cfg in [
+            crate::tiny::config().unwrap(),
+            ModelConfig::qwen2_5_7b(),
+            ModelConfig::qwen3_8b(),
+        ] {
             let layout = ModelLayout::new(&cfg).unwrap();
             let (params, layers, embed, _norm, lm_head) =
                 flat_layout(&cfg, &layout, false).unwrap();
@@ -182,6 +196,12 @@ mod tests {
                     .unwrap();
                 assert!(up.name.ends_with("up_proj.weight"), "{}", up.name);
                 assert_eq!(l.qkv_bias.is_some(), cfg.attention_bias);
+                assert_eq!(l.qk_norm.is_some(), cfg.qk_norm());
+                if let Some((q, k)) = l.qk_norm {
+                    let name = |off: usize| &params.iter().find(|p| p.offset == off).unwrap().name;
+                    assert!(name(q).ends_with("q_norm.weight"), "{}", name(q));
+                    assert!(name(k).ends_with("k_norm.weight"), "{}", name(k));
+                }
             }
             assert_eq!(lm_head.is_some(), !cfg.tie_word_embeddings);
             // No overlaps, 16-element aligned.

@@ -331,18 +331,25 @@ impl PackedModel {
         Ok(())
     }
 
-    /// Copy the packed weights and moments back into `store`.
-    pub(super) fn download_into(&self, k: &CudaKernels, store: &mut ParamStore) -> Result<()> {
+    /// Copy the packed weights (and, with `moments`, their moments) back into `store`.
+    pub(super) fn download_into(
+        &self,
+        k: &CudaKernels,
+        store: &mut ParamStore,
+        moments: bool,
+    ) -> Result<()> {
         for p in self.layers.iter().flatten() {
             let t = k.download_nvfp4(&p.w)?;
-            let (m, v) = (download_moment(k, &p.m)?, download_moment(k, &p.v)?);
             let dst = store
                 .param_mut(&p.name)
                 .ok_or_else(|| unsupported(format!("the parameter store has no {}", p.name)))?;
-            let kind = dst.exp_avg.kind();
             dst.value = ParamValue::Packed(t);
-            dst.exp_avg = MomentVec::from_f32(m, kind);
-            dst.exp_avg_sq = MomentVec::from_f32(v, kind);
+            if moments {
+                let (m, v) = (download_moment(k, &p.m)?, download_moment(k, &p.v)?);
+                let kind = dst.exp_avg.kind();
+                dst.exp_avg = MomentVec::from_f32(m, kind);
+                dst.exp_avg_sq = MomentVec::from_f32(v, kind);
+            }
         }
         Ok(())
     }

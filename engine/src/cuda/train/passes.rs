@@ -108,6 +108,17 @@ impl CudaTrainer {
                     self.addr(&w.qkv),
                 )
                 .run(k)?;
+                if let (Some((qn, kn)), Some((xhat, rstd))) = (off.qk_norm, &a.qk_norm) {
+                    k.train_head_norm_fwd_async(
+                        sh,
+                        self.addr(&w.qkv),
+                        self.master_at(qn),
+                        self.master_at(kn),
+                        self.addr(xhat),
+                        self.addr(rstd),
+                        eps,
+                    )?;
+                }
                 k.train_qkv_fwd_async(
                     sh,
                     self.addr(&w.qkv),
@@ -415,6 +426,18 @@ impl CudaTrainer {
                     self.addr(&w.dmid),
                     off.qkv_bias.map_or(0, |o| self.dense_grad(o, pass)),
                 )?;
+                if let (Some((qn, kn)), Some((xhat, rstd))) = (off.qk_norm, &a.qk_norm) {
+                    k.train_head_norm_bwd_async(
+                        sh,
+                        self.addr(&w.dmid),
+                        self.addr(xhat),
+                        self.addr(rstd),
+                        self.master_at(qn),
+                        self.master_at(kn),
+                        self.dense_grad(qn, pass),
+                        self.dense_grad(kn, pass),
+                    )?;
+                }
                 Mm::new(
                     (qkv_cols, h, n),
                     (self.addr(&w.dmid), true),

@@ -191,7 +191,13 @@ pub(super) fn activation_bytes(cfg: &ModelConfig, batch: usize, seq: usize, pack
         + 2 * n * h
         + 4 * n
         + 4 * n * 2 * i
-        + 2 * n * i;
+        + 2 * n * i
+        // Qwen3: the per-head q/k norm's saved x̂ and r
+        + if cfg.qk_norm() {
+            (2 * hd + 4) * n * (nh + kvh)
+        } else {
+            0
+        };
     // ids + target (i32), weight, h_out, xnf, rstdf, qkv, scores, o, dh, dh_top, dh_bf16, dx,
     // dmid, d_o, dp, ds, dq, dk, dv, logits, dlogits
     let shared = 8 * n

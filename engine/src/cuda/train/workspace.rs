@@ -22,6 +22,9 @@ pub(super) struct LayerActs {
     pub(super) q: CudaSlice<bf16>,
     pub(super) k: CudaSlice<bf16>,
     pub(super) v: CudaSlice<bf16>,
+    /// Qwen3: the per-head q/k norm's normalized values (bf16 `[N·(nh + kvh)·hd]`) and
+    /// reciprocal RMS (`[N·(nh + kvh)]`).
+    pub(super) qk_norm: Option<(CudaSlice<bf16>, CudaSlice<f32>)>,
     /// Attention probabilities `[B·nh·T, T]`.
     pub(super) p: CudaSlice<bf16>,
     /// Merged attention output `[N, nh·hd]`.
@@ -106,6 +109,11 @@ impl Workspace {
                     q: b(n * nh * hd)?,
                     k: b(n * kvh * hd)?,
                     v: b(n * kvh * hd)?,
+                    qk_norm: if cfg.qk_norm() {
+                        Some((b(n * (nh + kvh) * hd)?, f(n * (nh + kvh))?))
+                    } else {
+                        None
+                    },
                     p: b(scores)?,
                     attn: b(n * nh * hd)?,
                     h_mid: f(n * h)?,
@@ -163,6 +171,7 @@ impl Workspace {
                     + b(&a.q)
                     + b(&a.k)
                     + b(&a.v)
+                    + a.qk_norm.as_ref().map_or(0, |(x, r)| b(x) + f(r))
                     + b(&a.p)
                     + b(&a.attn)
                     + f(&a.h_mid)
