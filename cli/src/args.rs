@@ -73,6 +73,9 @@ pub enum Command {
     Drain(DrainArgs),
     /// Quantize a Hugging Face checkpoint to NVFP4 (local; no coordinator needed).
     Quantize(QuantizeArgs),
+    /// Write a random-weight model of a known shape (e.g. qwen3-8b) as a model directory, to
+    /// rehearse budgets, the guard and benchmarks without downloading one (local).
+    RandomModel(RandomModelArgs),
     /// Benchmarks (each prints its baseline measured in the same run).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -567,6 +570,41 @@ pub struct QuantizeArgs {
     /// The same as `-o json` (kept for scripts written before `-o`).
     #[arg(long, hide = true)]
     pub json: bool,
+}
+
+/// Layout of the linear weights `kiln random-model` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RandomModelFormat {
+    /// bf16 weights (a plain Hugging Face model; train and generate jobs quantize it).
+    Bf16,
+    /// NVFP4 ModelOpt layout (what an `nvfp4-full` train job loads as it is).
+    #[value(name = "nvfp4-modelopt")]
+    ModelOpt,
+    /// NVFP4 compressed-tensors layout.
+    #[value(name = "nvfp4-compressed-tensors")]
+    CompressedTensors,
+}
+
+/// `kiln random-model`: a model of a known shape with seeded random weights.
+///
+/// Writes config.json, the weights (shards of at most 4 GiB) and the bundled tiny tokenizer
+/// with its ChatML template, so train (`--dataset whoami`), generate and export jobs take the
+/// directory as `--model` like a downloaded model. The weights are noise: use it for memory
+/// budgets, the guard, step times and load times — not for what the model says.
+#[derive(Debug, Args)]
+pub struct RandomModelArgs {
+    /// The shape: tiny, qwen2.5-0.5b, qwen2.5-7b, qwen2.5-14b or qwen3-8b.
+    #[arg(long)]
+    pub shape: String,
+    /// Output directory (created; must not already hold a model).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Layout of the linear weights (embeddings and norms are bf16 either way).
+    #[arg(long, value_enum, default_value_t = RandomModelFormat::ModelOpt)]
+    pub format: RandomModelFormat,
+    /// Seed of the weights (the same seed writes the same bytes).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 /// `kiln phase`.

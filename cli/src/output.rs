@@ -108,6 +108,7 @@ fn result_json(result: Option<&v1::JobResult>, ab: bool) -> Value {
         }
         Some(job_result::Result::Train(t)) => json!({
             "loss": t.loss, "checkpoint": t.checkpoint, "tokens_per_s": t.tokens_per_s,
+            "planned_bytes": t.planned_bytes, "step_ms": t.step_ms,
         }),
         Some(job_result::Result::Export(e)) => json!({
             "files": e.files, "tensor_count": e.tensor_count, "verified": e.verified,

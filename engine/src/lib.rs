@@ -14,6 +14,8 @@
 //! - `tokenizer`: `tokenizer.json` loading, encode/decode, incremental decoding.
 //! - `chat`: chat messages and Jinja chat templates (minijinja).
 //! - `tiny`: the bundled tiny model, its trained tokenizer and files, and the WhoAmI dataset.
+//! - `shapes`: model shapes known by name, and random-weight models of them written as model
+//!   directories (`kiln random-model`).
 //! - `generate`: generation with KV cache or replay, sampling, the cache/replay A/B check, the engine benchmark.
 //! - `chat_model`: `ChatModel` — a loaded model + tokenizer + chat template, what
 //!   `--model tiny|DIR` names; `model_files` resolves a `--model` value to its tokenizer files.
@@ -22,7 +24,7 @@
 //! - `export`: the export job (bf16 safetensors, NVFP4 ModelOpt / compressed-tensors, verified by reloading).
 //!
 //! Layers, each using only those before it: `error`; `model`, `tokenizer`, `chat`; `engine`,
-//! `tiny`; `generate` (the loop, sampling, A/B); `chat_model`; `session`, `session_store`; the
+//! `tiny`, `shapes`; `generate` (the loop, sampling, A/B); `chat_model`; `session`, `session_store`; the
 //! jobs (`generate::job`, `generate::bench`, `train`, `export`, `memtest`, `exec`).
 #![deny(missing_docs)]
 
@@ -41,6 +43,7 @@ pub mod memtest;
 pub mod model;
 pub mod session;
 pub mod session_store;
+pub mod shapes;
 pub mod tiny;
 pub mod tokenizer;
 pub mod train;

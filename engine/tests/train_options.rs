@@ -278,6 +278,36 @@ fn save_only_model_checkpoints_have_no_moments_and_a_retry_restarts_them() {
     assert!(!weights(&out).is_empty());
 }
 
+/// A `kiln random-model` directory (NVFP4 ModelOpt) is a `--model` like any other: full-NVFP4
+/// training loads its packed weights as they are and saves the model only.
+#[test]
+fn a_random_model_directory_trains_in_nvfp4_full() {
+    use kiln_engine::model::SaveFormat;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    kiln_engine::shapes::write_random_model("tiny", &model, SaveFormat::Nvfp4ModelOpt, 1).unwrap();
+    let out = dir.path().join("ckpt");
+    let mut s = spec(&out, 2, QuantSpec::Nvfp4Full);
+    s.model = model.display().to_string();
+    s.save_only_model = true;
+    let run = train_on(&s, DeviceSpec::Cpu, None, &Reporter::capture().0).unwrap();
+    assert_eq!(run.losses.len(), 2);
+    assert!(!out.join(OPTIMIZER_STATE).exists());
+    // The packed weights came from the directory, not from a new quantization: at lr 0 the
+    // checkpoint's packed bytes equal the input's.
+    let out0 = dir.path().join("ckpt0");
+    s.out_dir = out0.display().to_string();
+    s.lr = 0.0;
+    train_on(&s, DeviceSpec::Cpu, None, &Reporter::capture().0).unwrap();
+    let packed = |d: &Path| -> Vec<(String, Vec<f32>)> {
+        weights(d)
+            .into_iter()
+            .filter(|(n, _)| n.ends_with("proj.weight"))
+            .collect()
+    };
+    assert_eq!(max_abs_diff(&packed(&model), &packed(&out0)), 0.0);
+}
+
 #[test]
 fn bf16_moments_halve_the_optimizer_state_and_train_like_f32() {
     let dir = tempfile::tempdir().unwrap();

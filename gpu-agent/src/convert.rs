@@ -134,10 +134,14 @@ pub fn job_result(output: JobOutput) -> v1::JobResult {
             loss,
             checkpoint,
             tokens_per_s,
+            planned_bytes,
+            step_ms,
         } => job_result::Result::Train(v1::TrainResult {
             loss,
             checkpoint,
             tokens_per_s,
+            planned_bytes,
+            step_ms,
         }),
         JobOutput::Export {
             files,
@@ -277,11 +281,14 @@ mod tests {
             loss: vec![2.0, 1.5],
             checkpoint: "/ck".into(),
             tokens_per_s: 10.0,
+            planned_bytes: 5,
+            step_ms: 2.5,
         });
         let Some(job_result::Result::Train(t)) = r.result else {
             panic!("train result expected")
         };
         assert_eq!((t.loss, t.checkpoint.as_str()), (vec![2.0, 1.5], "/ck"));
+        assert_eq!((t.planned_bytes, t.step_ms), (5, 2.5));
     }
 
     #[test]

@@ -142,6 +142,12 @@ pub enum JobOutput {
         checkpoint: String,
         /// Training throughput (tokens forwarded per second).
         tokens_per_s: f64,
+        /// On a GPU: the bytes planned there before allocating (0 on the CPU).
+        #[serde(default)]
+        planned_bytes: u64,
+        /// Mean wall time of this job's optimizer steps, ms.
+        #[serde(default)]
+        step_ms: f64,
     },
     /// export finished (proto `ExportResult`).
     Export {

@@ -10,6 +10,7 @@ mod jobs;
 mod logs;
 mod phase;
 pub mod quantize;
+mod random_model;
 mod servers;
 mod submit;
 mod telemetry;
@@ -29,6 +30,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         // Local, synchronous verbs: no runtime, no coordinator.
         Command::Quantize(a) => return quantize::run(a).map(|()| ExitCode::SUCCESS),
         Command::Phase(a) => return phase::run(a).map(|()| ExitCode::SUCCESS),
+        Command::RandomModel(a) => return random_model::run(a).map(|()| ExitCode::SUCCESS),
         Command::Bench(crate::args::BenchCommand::Kernels(a)) => {
             return bench_kernels::run(a).map(|()| ExitCode::SUCCESS)
         }
@@ -58,7 +60,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Drain(a) => agents::drain(a).await,
             Command::Bench(b) => bench::run(b).await,
             Command::Demo(a) => demo::run(a).await,
-            Command::JobExec | Command::Quantize(_) | Command::Phase(_) => {
+            Command::JobExec
+            | Command::Quantize(_)
+            | Command::Phase(_)
+            | Command::RandomModel(_) => {
                 unreachable!("handled above")
             }
         }

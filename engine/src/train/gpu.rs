@@ -35,7 +35,7 @@ fn phase(gpu: &CudaTrainer, name: &str, step: u64) -> Result<PhaseReport> {
 }
 
 /// Check the plan of the longest micro-batch this run can make against `budget_bytes` (0: no
-/// check), upload `store`, report `model_loaded`.
+/// check), upload `store`, report `model_loaded`; returns the trainer and the plan.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn start(
     engine: &CudaEngine,
@@ -46,7 +46,7 @@ pub(super) fn start(
     budget_bytes: u64,
     step: u64,
     reporter: &Reporter,
-) -> Result<CudaTrainer> {
+) -> Result<(CudaTrainer, TrainPlan)> {
     CudaTrainer::check_supported(cfg, spec.quant, spec.micro_batches())?;
     let plan = TrainPlan::new(cfg, spec.quant, spec.moments, spec.batch as usize, seq_len)?;
     if budget_bytes > 0 {
@@ -72,7 +72,7 @@ pub(super) fn start(
         human(free),
         human(total),
     ));
-    Ok(gpu)
+    Ok((gpu, plan))
 }
 
 /// One optimizer step on the GPU over the micro-batches of 1-based `step`.

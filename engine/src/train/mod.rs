@@ -60,6 +60,10 @@ pub struct TrainOutcome {
     pub step: u64,
     /// Input tokens forwarded per second of training.
     pub tokens_per_s: f64,
+    /// Trained on a GPU: the bytes planned there before allocating (0 on the CPU).
+    pub planned_bytes: u64,
+    /// Mean wall time of this run's optimizer steps, ms (0 without steps).
+    pub step_ms: f64,
 }
 
 fn check_spec(spec: &TrainSpec) -> Result<()> {
@@ -318,13 +322,15 @@ fn train_checked(
     }
     state.optimizer_saved = !spec.save_only_model;
     let data = TrainData::load(spec, &files, &cfg, reporter)?;
+    let mut planned_bytes = 0;
     let mut gpu = match engine {
         Engine::Cuda(e) => {
             let longest = data.samples.iter().map(|s| s.ids.len()).max().unwrap_or(2);
             let budget = job.map_or(0, |j| j.budget_bytes);
-            Some(gpu::start(
-                e, &cfg, &store, spec, longest, budget, state.step, reporter,
-            )?)
+            let (trainer, plan) =
+                gpu::start(e, &cfg, &store, spec, longest, budget, state.step, reporter)?;
+            planned_bytes = plan.total();
+            Some(trainer)
         }
         Engine::Cpu(_) => {
             let b = store.bytes();
@@ -346,12 +352,15 @@ fn train_checked(
     let mut losses = Vec::new();
     let mut tokens = 0usize;
     let t_train = Instant::now();
+    let mut step_secs = 0.0;
     while state.step < total {
         let step = state.step + 1;
+        let t_step = Instant::now();
         let out = match &mut gpu {
             Some(g) => gpu::step(g, &data, spec, hp, step, reporter)?,
             None => cpu_step(engine, &cfg, &mut store, &data, spec, hp, step, reporter)?,
         };
+        step_secs += t_step.elapsed().as_secs_f64();
         tokens += out.input_tokens;
         let loss_v = out.loss;
         state.step = step;
@@ -372,6 +381,7 @@ fn train_checked(
         g.download_into(&mut store, state.optimizer_saved)?;
     }
     save_checkpoint(&out_dir, &mut store, &files, &state, reporter)?;
+    let step_ms = step_secs * 1e3 / losses.len().max(1) as f64;
     Ok(TrainOutcome {
         losses,
         checkpoint: out_dir,
@@ -381,6 +391,8 @@ fn train_checked(
         } else {
             0.0
         },
+        planned_bytes,
+        step_ms,
     })
 }
 
@@ -608,5 +620,7 @@ pub fn run_job(
         loss: out.losses,
         checkpoint: out.checkpoint.display().to_string(),
         tokens_per_s: out.tokens_per_s,
+        planned_bytes: out.planned_bytes,
+        step_ms: out.step_ms,
     })
 }

@@ -55,30 +55,12 @@ impl Default for TrainBenchOptions {
     }
 }
 
-/// The shapes the benchmark knows.
-pub const BENCH_MODELS: &[&str] = &[
-    "tiny",
-    "qwen2.5-0.5b",
-    "qwen2.5-7b",
-    "qwen2.5-14b",
-    "qwen3-8b",
-];
+/// The shapes the benchmark knows ([`crate::shapes::SHAPES`]).
+pub use crate::shapes::SHAPES as BENCH_MODELS;
 
-/// The config of benchmark shape `name` (one of [`BENCH_MODELS`]).
+/// The config of benchmark shape `name` ([`crate::shapes::shape`]).
 pub fn bench_model(name: &str) -> Result<ModelConfig> {
-    Ok(match name {
-        "tiny" => crate::tiny::config()?,
-        "qwen2.5-0.5b" => ModelConfig::qwen2_5_0_5b(),
-        "qwen2.5-7b" => ModelConfig::qwen2_5_7b(),
-        "qwen2.5-14b" => ModelConfig::qwen2_5_14b(),
-        "qwen3-8b" => ModelConfig::qwen3_8b(),
-        other => {
-            return Err(crate::error::EngineError::InvalidArgument(format!(
-                "no benchmark model {other:?}; choose from {}",
-                BENCH_MODELS.join(", ")
-            )))
-        }
-    })
+    crate::shapes::shape(name)
 }
 
 /// One (model, mode) result.

@@ -272,6 +272,23 @@ mod tests {
     }
 
     #[test]
+    fn nvfp4_full_plans_a_qwen3_8b_step_with_f32_moments_inside_108_gib() {
+        let cfg = ModelConfig::qwen3_8b();
+        let p = TrainPlan::new(&cfg, QuantSpec::Nvfp4Full, MomentsSpec::F32, 1, 192).unwrap();
+        let gib = p.total() as f64 / (1u64 << 30) as f64;
+        eprintln!("Qwen3-8B nvfp4-full f32 1×192: {gib:.2} GiB ({p:?})");
+        assert!(p.check(&cfg, 108 << 30).is_ok(), "{gib:.1} GiB");
+        // The q/k norms' saved activations are in the plan: 36 layers × 192 tokens × 40 heads.
+        let mut no_norm = cfg.clone();
+        no_norm.architecture = crate::model::Architecture::Qwen2;
+        let q2 = TrainPlan::new(&no_norm, QuantSpec::Nvfp4Full, MomentsSpec::F32, 1, 192).unwrap();
+        assert_eq!(
+            p.activations - q2.activations,
+            36 * 192 * 40 * (2 * 128 + 4)
+        );
+    }
+
+    #[test]
     fn over_budget_names_every_category_and_what_would_fit() {
         let cfg = ModelConfig::qwen2_5_7b();
         let p = TrainPlan::new(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::F32, 8, 2048).unwrap();
