@@ -52,6 +52,7 @@ pub(super) fn start(
     if budget_bytes > 0 {
         plan.check(cfg, budget_bytes)?;
     }
+    let t_up = std::time::Instant::now();
     let mut gpu = CudaTrainer::new(engine.kernels().clone(), cfg, store)?;
     gpu.set_seed(spec.seed);
     // Every buffer of the longest micro-batch, allocated now: what the plan checked.
@@ -60,7 +61,7 @@ pub(super) fn start(
     let (free, total) = (p.cuda_free, p.cuda_total);
     reporter.phase(p);
     reporter.log(format!(
-        "training on cuda:{} ({}): planned {} at most (weights {}, gradients {}, optimizer state {}, activations {} for {}×{seq_len} tokens); device memory free {} of {}",
+        "training on cuda:{} ({}): planned {} at most (weights {}, gradients {}, optimizer state {}, activations {} for {}×{seq_len} tokens), uploaded and allocated in {:.1} s; device memory free {} of {}",
         engine.ordinal(),
         engine.kernels().device_name(),
         human(plan.total()),
@@ -69,6 +70,7 @@ pub(super) fn start(
         human(plan.optimizer_state),
         human(plan.activations),
         spec.batch,
+        t_up.elapsed().as_secs_f64(),
         human(free),
         human(total),
     ));

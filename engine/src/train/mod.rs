@@ -264,6 +264,7 @@ fn save_checkpoint(
     state: &TrainerState,
     reporter: &Reporter,
 ) -> Result<()> {
+    let t_save = Instant::now();
     let written = checkpoint::save(out_dir, store, files, state)?;
     let b = store.bytes();
     reporter.phase(
@@ -283,9 +284,15 @@ fn save_checkpoint(
             .metric("files", written.len() as f64),
     );
     reporter.log(format!(
-        "checkpoint at step {} written to {}",
+        "checkpoint at step {} written to {} in {:.1} s{}",
         state.step,
-        out_dir.display()
+        out_dir.display(),
+        t_save.elapsed().as_secs_f64(),
+        if state.optimizer_saved {
+            ""
+        } else {
+            " (model only)"
+        }
     ));
     Ok(())
 }
@@ -299,7 +306,12 @@ fn train_checked(
     let out_dir = PathBuf::from(&spec.out_dir);
     let (base, mut state) = starting_point(spec, job, &out_dir, reporter)?;
     let files = model_files(&base)?;
+    let t_read = Instant::now();
     let (cfg, store) = load_params(engine, &base, spec.quant)?;
+    reporter.log(format!(
+        "model {base} read in {:.1} s",
+        t_read.elapsed().as_secs_f64()
+    ));
     let cpu;
     let engine = match engine {
         // Placed on a GPU without asking: the GPU trainer where it takes this model and

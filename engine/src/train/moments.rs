@@ -18,14 +18,30 @@ pub enum MomentVec {
     F32(Vec<f32>),
     /// bf16, 2 bytes per element.
     Bf16(Vec<bf16>),
+    /// `len` zeros of `kind`, not yet materialized (a fresh run's moments: a 14B model's are
+    /// tens of GB the GPU trainer never needs on the host). The first update materializes
+    /// them.
+    Zeros {
+        /// Elements.
+        len: usize,
+        /// The element type they will have.
+        kind: MomentsSpec,
+    },
 }
 
 impl MomentVec {
     /// `n` zeros stored as `kind`.
     pub fn zeros(n: usize, kind: MomentsSpec) -> Self {
-        match kind {
-            MomentsSpec::F32 => MomentVec::F32(vec![0.0; n]),
-            MomentsSpec::Bf16 => MomentVec::Bf16(vec![bf16::ZERO; n]),
+        MomentVec::Zeros { len: n, kind }
+    }
+
+    /// Materialize lazy zeros.
+    fn materialize(&mut self) {
+        if let MomentVec::Zeros { len, kind } = *self {
+            *self = match kind {
+                MomentsSpec::F32 => MomentVec::F32(vec![0.0; len]),
+                MomentsSpec::Bf16 => MomentVec::Bf16(vec![bf16::ZERO; len]),
+            };
         }
     }
 
@@ -44,6 +60,7 @@ impl MomentVec {
         match self {
             MomentVec::F32(_) => MomentsSpec::F32,
             MomentVec::Bf16(_) => MomentsSpec::Bf16,
+            MomentVec::Zeros { kind, .. } => *kind,
         }
     }
 
@@ -52,6 +69,7 @@ impl MomentVec {
         match self {
             MomentVec::F32(v) => v.len(),
             MomentVec::Bf16(v) => v.len(),
+            MomentVec::Zeros { len, .. } => *len,
         }
     }
 
@@ -70,6 +88,7 @@ impl MomentVec {
         match self {
             MomentVec::F32(v) => v.iter().all(|x| x.to_bits() == 0),
             MomentVec::Bf16(v) => v.iter().all(|x| x.to_bits() == 0),
+            MomentVec::Zeros { .. } => true,
         }
     }
 
@@ -78,6 +97,7 @@ impl MomentVec {
         match self {
             MomentVec::F32(v) => v.clone(),
             MomentVec::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            MomentVec::Zeros { len, .. } => vec![0.0; *len],
         }
     }
 
@@ -85,6 +105,7 @@ impl MomentVec {
     /// place; a bf16 one is widened into a temporary and stored back with stochastic rounding,
     /// element i drawing `sr_uniform(seed, i)`.
     pub fn update_f32<R>(&mut self, seed: u64, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        self.materialize();
         match self {
             MomentVec::F32(v) => f(v),
             MomentVec::Bf16(v) => {
@@ -95,11 +116,22 @@ impl MomentVec {
                 }
                 r
             }
+            MomentVec::Zeros { .. } => unreachable!("materialized above"),
         }
     }
 
     /// The tensor as stored in the optimizer file (F32 or BF16, the moment's own type).
     pub fn to_tensor(&self, shape: Vec<usize>) -> TensorData {
+        if let MomentVec::Zeros { len, kind } = *self {
+            return TensorData {
+                dtype: match kind {
+                    MomentsSpec::F32 => Dtype::F32,
+                    MomentsSpec::Bf16 => Dtype::BF16,
+                },
+                shape,
+                data: vec![0u8; len * kind.bytes() as usize],
+            };
+        }
         match self {
             MomentVec::F32(v) => TensorData::from_f32(shape, v),
             MomentVec::Bf16(v) => TensorData {
@@ -107,6 +139,7 @@ impl MomentVec {
                 shape,
                 data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             },
+            MomentVec::Zeros { .. } => unreachable!("handled above"),
         }
     }
 }
@@ -132,6 +165,22 @@ mod tests {
         }
         // 1 + 1/256 + ε is above the midpoint between 1 and 1 + 1/128: it rounds up.
         assert_eq!(back[1], 1.0 + 1.0 / 128.0);
+    }
+
+    #[test]
+    fn lazy_zeros_act_like_stored_zeros() {
+        for kind in [MomentsSpec::F32, MomentsSpec::Bf16] {
+            let z = MomentVec::zeros(5, kind);
+            let stored = MomentVec::from_f32(vec![0.0; 5], kind);
+            assert_eq!((z.len(), z.kind(), z.bytes()), (5, kind, stored.bytes()));
+            assert!(z.is_all_zero());
+            assert_eq!(z.to_f32(), stored.to_f32());
+            assert_eq!(z.to_tensor(vec![5]), stored.to_tensor(vec![5]));
+            let mut m = z.clone();
+            m.update_f32(1, |v| v[2] = 0.5);
+            assert_eq!(m.to_f32(), vec![0.0, 0.0, 0.5, 0.0, 0.0]);
+            assert_eq!(m.kind(), kind);
+        }
     }
 
     #[test]
