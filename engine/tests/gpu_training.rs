@@ -61,16 +61,17 @@ fn kernels() -> Arc<CudaKernels> {
     )
 }
 
-/// (cpu engine, config, CPU store, GPU store, data) for `s`.
-fn setup(
-    s: &TrainSpec,
-) -> (
+/// (cpu engine, config, CPU store, GPU store, data).
+type Setup = (
     Engine,
     kiln_engine::model::ModelConfig,
     ParamStore,
     ParamStore,
     TrainData,
-) {
+);
+
+/// [`Setup`] for `s` on the tiny model as it ships.
+fn setup(s: &TrainSpec) -> Setup {
     setup_as(s, Arch::Qwen2)
 }
 
@@ -82,16 +83,7 @@ enum Arch {
     Qwen3,
 }
 
-fn setup_as(
-    s: &TrainSpec,
-    arch: Arch,
-) -> (
-    Engine,
-    kiln_engine::model::ModelConfig,
-    ParamStore,
-    ParamStore,
-    TrainData,
-) {
+fn setup_as(s: &TrainSpec, arch: Arch) -> Setup {
     let engine = Engine::for_job("cpu", DeviceSpec::Cpu).unwrap();
     let (cfg, cpu, gpu) = match arch {
         Arch::Qwen2 => {
