@@ -381,9 +381,8 @@ pub struct TrainArgs {
     pub save_only_model: bool,
     /// Where to train: by default on the GPU the job is placed on (every --quant mode; the job
     /// fails at once, with the numbers and the --seq-len / --moments that would fit, when its
-    /// planned bytes exceed --budget-gb), on the CPU in a CPU slot (--gpus 0). nvfp4-full with
-    /// --grad-accum trains on the CPU for now, saying so in the job's log. `cpu` forces the
-    /// CPU; `cuda` fails rather than run anywhere but the GPU.
+    /// planned bytes exceed --budget-gb), on the CPU in a CPU slot (--gpus 0). `cpu` forces
+    /// the CPU; `cuda` fails rather than run anywhere but the GPU.
     #[arg(long, default_value = "", hide_default_value = true)]
     pub device: String,
     #[command(flatten)]

@@ -270,8 +270,10 @@ fn full_precision_and_accumulated_bf16_moment_steps_follow_the_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_trained_weights_come_back_to_the_host_store() {
-    weights_come_back(QuantSpec::Nvfp4Ste);
-    weights_come_back(QuantSpec::Nvfp4Full);
+    weights_come_back(QuantSpec::Nvfp4Ste, 1);
+    weights_come_back(QuantSpec::Nvfp4Full, 1);
+    // nvfp4-full with accumulation holds an accumulator of every linear gradient.
+    weights_come_back(QuantSpec::Nvfp4Full, 2);
 }
 
 /// The first parameter's values and the packed q_proj weight of layer 0, if packed.
@@ -292,11 +294,13 @@ fn snapshot(store: &ParamStore) -> (Vec<f32>, Option<kiln_kernels::nvfp4::Nvfp4T
     (dense, packed)
 }
 
-fn weights_come_back(quant: QuantSpec) {
-    let s = spec(quant, 3);
+fn weights_come_back(quant: QuantSpec, grad_accum: u32) {
+    let mut s = spec(quant, 3);
+    s.grad_accum = grad_accum;
     let (_, cfg, _, mut store, data) = setup(&s);
     let (before, packed_before) = snapshot(&store);
     let mut gpu = CudaTrainer::new(kernels(), &cfg, &store).unwrap();
+    gpu.set_micro_batches(grad_accum as usize).unwrap();
     // Room for every micro-batch of the run: the workspace is allocated once.
     gpu.reserve(s.batch as usize, s.seq_len as usize).unwrap();
     let hp = AdamWParams {
@@ -324,7 +328,7 @@ fn weights_come_back(quant: QuantSpec) {
         assert!(q.exp_avg_sq.to_f32().iter().any(|&v| v > 0.0));
     }
     let b = gpu.bytes();
-    eprintln!("{quant:?} GPU bytes: {b:?}");
+    eprintln!("{quant:?} ×{grad_accum} GPU bytes: {b:?}");
     assert!(b.weights > 0 && b.grads > 0 && b.optimizer_state > 0 && b.activations > 0);
     assert_eq!(b.scales > 0, quant == QuantSpec::Nvfp4Full);
     // The plan made from the config alone predicts exactly these bytes.
@@ -335,7 +339,8 @@ fn weights_come_back(quant: QuantSpec) {
         s.batch as usize,
         s.seq_len as usize,
     )
-    .unwrap();
+    .unwrap()
+    .with_micro_batches(&cfg, grad_accum);
     assert_eq!(
         (
             plan.weights,
@@ -370,6 +375,24 @@ fn nvfp4_full_steps_on_the_gpu_follow_the_cpu_loss_curve() {
     s.moments = MomentsSpec::Bf16;
     let (a, b) = curves(&s);
     assert_curves_agree(&a, &b);
+}
+
+/// nvfp4-full with `--grad-accum 2`: the linears' gradients of both micro-batches add up in
+/// the accumulator and step after the second; with clipping (one backward each, the norm taken
+/// over the accumulator) and without, the curve follows the CPU's.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn accumulated_nvfp4_full_steps_follow_the_cpu_loss_curve() {
+    for clip in [None, Some(0.0)] {
+        let mut s = spec(QuantSpec::Nvfp4Full, 10);
+        s.lr = CURVE_LR;
+        s.batch = 2;
+        s.grad_accum = 2;
+        s.clip_grad = clip;
+        let (a, b) = curves(&s);
+        assert_curves_agree(&a, &b);
+        assert!(b[9] < b[0] * 0.8, "the GPU loss did not fall: {b:?}");
+    }
 }
 
 /// `--lr 0` on the GPU in nvfp4-full: the moments move, the packed weights stay bit-identical.
@@ -474,29 +497,78 @@ fn whoami_trained_on_the_gpu_exports_and_answers_with_the_sentence() {
     assert_eq!(got, kiln_engine::tiny::WHOAMI_ANSWER);
 }
 
-/// A job placed on a GPU with settings the GPU trainer does not take yet (nvfp4-full with
-/// --grad-accum) trains on the CPU and says why; asked for `--device cuda`, it fails instead.
+/// A job placed on a GPU trains there with every mode and accumulation (nvfp4-full with
+/// `--grad-accum` included); a model the GPU trainer does not take (q/k norm together with
+/// q/k/v biases, which no released model has) trains on the CPU and says why, and asked for
+/// `--device cuda` it fails instead.
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn unsupported_settings_on_a_gpu_train_on_the_cpu_unless_cuda_was_asked_for() {
+fn unsupported_models_on_a_gpu_train_on_the_cpu_unless_cuda_was_asked_for() {
+    use kiln_engine::model::{save_model_dir, DenseDtype, Model, SaveFormat, SaveOptions};
     use kiln_engine::report::Report;
     use kiln_engine::train::train_on;
 
+    let logs = |reports: &std::sync::Mutex<Vec<Report>>| -> String {
+        reports
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|r| match r {
+                Report::Log { line } => Some(line.clone()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     let dir = tempfile::tempdir().unwrap();
     let mut s = spec(QuantSpec::Nvfp4Full, 2);
     s.grad_accum = 2;
-    s.out_dir = dir.path().join("ckpt").display().to_string();
+    s.out_dir = dir.path().join("accum").display().to_string();
     let (r, reports) = Reporter::capture();
     let out = train_on(&s, DeviceSpec::Cuda(0), None, &r).unwrap();
     assert_eq!(out.losses.len(), 2);
-    assert!(reports.lock().unwrap().iter().any(|r| matches!(
-        r,
-        Report::Log { line } if line.contains("--grad-accum") && line.contains("training on the CPU")
-    )));
+    assert!(
+        logs(&reports).contains("training on cuda:0"),
+        "{}",
+        logs(&reports)
+    );
+
+    // The tiny shape as Qwen3 with q/k/v biases, written as a model directory.
+    let mut cfg = kiln_engine::tiny::config().unwrap();
+    cfg.architecture = kiln_engine::model::Architecture::Qwen3;
+    cfg.attention_bias = true;
+    let engine = Engine::for_job("cpu", DeviceSpec::Cpu).unwrap();
+    let mut src = engine.random_weights(1, LinearFormat::Dense);
+    let model = Model::build(&cfg, &mut src, engine.device()).unwrap();
+    let files = kiln_engine::tiny::files();
+    let mdir = dir.path().join("qwen3-bias");
+    save_model_dir(
+        &model,
+        &files.tokenizer_json,
+        &files.tokenizer_config_json,
+        &mdir,
+        &SaveOptions {
+            format: SaveFormat::Dense,
+            dense_dtype: DenseDtype::F32,
+            max_shard_bytes: None,
+        },
+    )
+    .unwrap();
+    let mut s = spec(QuantSpec::Nvfp4Ste, 2);
+    s.model = mdir.display().to_string();
+    s.out_dir = dir.path().join("cpu").display().to_string();
+    let (r, reports) = Reporter::capture();
+    let out = train_on(&s, DeviceSpec::Cuda(0), None, &r).unwrap();
+    assert_eq!(out.losses.len(), 2);
+    let l = logs(&reports);
+    assert!(
+        l.contains("q/k norm") && l.contains("training on the CPU"),
+        "{l}"
+    );
     s.device = "cuda".into();
-    s.out_dir = dir.path().join("ckpt2").display().to_string();
+    s.out_dir = dir.path().join("cuda").display().to_string();
     let e = train_on(&s, DeviceSpec::Cuda(0), None, &Reporter::capture().0).unwrap_err();
-    assert!(e.to_string().contains("--grad-accum"), "{e}");
+    assert!(e.to_string().contains("q/k norm"), "{e}");
 }
 
 /// `nvfp4-full` through the job path on the GPU: a job placed on a GPU trains its packed

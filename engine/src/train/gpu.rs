@@ -48,13 +48,15 @@ pub(super) fn start(
     reporter: &Reporter,
 ) -> Result<(CudaTrainer, TrainPlan)> {
     CudaTrainer::check_supported(cfg, spec.quant, spec.micro_batches())?;
-    let plan = TrainPlan::new(cfg, spec.quant, spec.moments, spec.batch as usize, seq_len)?;
+    let plan = TrainPlan::new(cfg, spec.quant, spec.moments, spec.batch as usize, seq_len)?
+        .with_micro_batches(cfg, spec.micro_batches());
     if budget_bytes > 0 {
         plan.check(cfg, budget_bytes)?;
     }
     let t_up = std::time::Instant::now();
     let mut gpu = CudaTrainer::new(engine.kernels().clone(), cfg, store)?;
     gpu.set_seed(spec.seed);
+    gpu.set_micro_batches(spec.micro_batches() as usize)?;
     // Every buffer of the longest micro-batch, allocated now: what the plan checked.
     gpu.reserve(spec.batch as usize, seq_len)?;
     let p = phase(&gpu, "model_loaded", step)?.metric("planned_bytes", plan.total() as f64);

@@ -22,7 +22,7 @@
 //! logits never exist. Backward walks the layers in reverse with the saved activations; the
 //! embedding's gradient is a scatter-add.
 //!
-//! Not here yet: activation recomputation, gradient accumulation in `nvfp4-full`.
+//! Not here yet: activation recomputation.
 //!
 //! - `layout` — the flat parameter order and each layer's offsets;
 //! - `packed` — `nvfp4-full`: packed linears, per-layer dequantize, gradient and AdamW;
@@ -177,13 +177,13 @@ fn unsupported(what: String) -> EngineError {
 
 impl CudaTrainer {
     /// Whether the GPU trainer can train a model of shape `cfg` in mode `quant` with
-    /// `micro_batches` micro-batches per step.
-    pub fn check_supported(cfg: &ModelConfig, quant: QuantSpec, micro_batches: u32) -> Result<()> {
-        if quant == QuantSpec::Nvfp4Full && micro_batches > 1 {
-            return Err(unsupported(
-                "--grad-accum with --quant nvfp4-full does not run on the GPU yet (each layer's update is applied during backward); use --grad-accum 1 with a larger --batch, or --device cpu".into(),
-            ));
-        }
+    /// `micro_batches` micro-batches per step. (Every mode, with or without accumulation, runs
+    /// now; what is refused is a shape.)
+    pub fn check_supported(
+        cfg: &ModelConfig,
+        _quant: QuantSpec,
+        _micro_batches: u32,
+    ) -> Result<()> {
         if cfg.qk_norm() && cfg.attention_bias {
             return Err(unsupported(
                 "a model with both q/k norm and q/k/v biases does not train on the GPU yet; use --device cpu".into(),
@@ -345,7 +345,7 @@ impl CudaTrainer {
         GpuTrainBytes {
             weights: total * 4 + bf16_weights + pb(|b| b.codes),
             scales: pb(|b| b.scales),
-            grads: total * 4 + pb(|b| b.grad_scratch),
+            grads: total * 4 + pb(|b| b.grad_scratch) + pb(|b| b.grad_acc),
             optimizer_state: moment(&self.m) + moment(&self.v) + pb(|b| b.moments),
             activations: self.work.as_ref().map_or(0, Workspace::bytes),
         }
@@ -450,6 +450,16 @@ impl CudaTrainer {
         Ok(())
     }
 
+    /// Steps of `n` micro-batches each follow: in `nvfp4-full` with `n > 1` this allocates
+    /// the gradient accumulator (what [`TrainPlan::with_micro_batches`] counts), so call it
+    /// before [`CudaTrainer::reserve`] in a budgeted run. The other modes need nothing.
+    pub fn set_micro_batches(&mut self, n: usize) -> Result<()> {
+        match &mut self.packed {
+            Some(p) if n > 1 => p.enable_accumulation(&self.k),
+            _ => Ok(()),
+        }
+    }
+
     /// The seed of the bf16 moments' stochastic rounding (the run's `--seed`).
     pub fn set_seed(&mut self, seed: u64) {
         self.seed = seed;
@@ -475,9 +485,7 @@ impl CudaTrainer {
         step: u64,
         clip: f32,
     ) -> Result<GpuStepStats> {
-        if self.packed.is_some() && micro.len() > 1 {
-            Self::check_supported(&self.cfg, self.quant, micro.len() as u32)?;
-        }
+        self.set_micro_batches(micro.len())?;
         self.begin_step(hp, step, clip)?;
         for b in micro {
             self.forward(b)?;
@@ -499,6 +507,9 @@ impl CudaTrainer {
             .map_err(cuda("zeroing the loss"))?;
         s.memset_zeros(&mut self.sumsq)
             .map_err(cuda("zeroing the gradient norm"))?;
+        if let Some(p) = &mut self.packed {
+            p.zero_accumulator(&self.k)?;
+        }
         self.prepare_weights()
     }
 
@@ -528,14 +539,29 @@ impl CudaTrainer {
         let sc = AdamWScalars::new(hp, step, self.seed);
         // With clipping, nvfp4-full's first backward pass has summed every gradient already.
         let summed = self.sums_in_backward();
-        // SAFETY: the table names master, grads and the moments, all live and `total` long.
+        let sumsq = self.addr(&self.sumsq);
+        // SAFETY: the table names master, grads and the moments, all live and `total` long;
+        // the accumulator lives with the packed model.
         unsafe {
             if !summed {
-                self.k
-                    .train_grad_sumsq_async(&self.table, self.addr(&self.sumsq))?;
+                self.k.train_grad_sumsq_async(&self.table, sumsq)?;
             }
-            self.k
-                .train_adamw_async(&self.table, self.addr(&self.sumsq), &sc, clip)?;
+            // nvfp4-full with accumulation: the linears step now, from the accumulator.
+            if let Some(p) = self.packed.as_mut().filter(|p| p.accumulates()) {
+                p.add_acc_sumsq(&self.k, sumsq)?;
+                for l in 0..p.layer_count() {
+                    p.step_layer(
+                        &self.k,
+                        l,
+                        hp,
+                        step,
+                        self.seed,
+                        (sumsq, clip),
+                        &mut self.status,
+                    )?;
+                }
+            }
+            self.k.train_adamw_async(&self.table, sumsq, &sc, clip)?;
         }
         let loss = s.clone_dtoh(&self.loss).map_err(cuda("reading the loss"))?[0];
         let sumsq = s
@@ -604,8 +630,12 @@ impl CudaTrainer {
         if batch == 0 {
             return Err(unsupported("backward before any forward".into()));
         }
-        if self.packed.is_none() {
-            return self.backward_layers(batch, seq, passes::Pass::Dense);
+        match &self.packed {
+            None => return self.backward_layers(batch, seq, passes::Pass::Dense),
+            Some(p) if p.accumulates() => {
+                return self.backward_layers(batch, seq, passes::Pass::Accumulate)
+            }
+            Some(_) => {}
         }
         if self.sums_in_backward() {
             // Clipping needs the global norm before any update: sum first, then apply.
@@ -642,9 +672,10 @@ impl CudaTrainer {
     }
 
     /// Whether the step's whole gradient norm is summed during backward: `nvfp4-full` with
-    /// clipping, whose first backward pass sums before the second applies.
+    /// clipping and without accumulation, whose first backward pass sums before the second
+    /// applies.
     fn sums_in_backward(&self) -> bool {
-        self.packed.is_some() && self.opt.2 > 0.0
+        self.packed.as_ref().is_some_and(|p| !p.accumulates()) && self.opt.2 > 0.0
     }
 
     /// Copy the master weights (packed weights in `nvfp4-full`) and, with `moments`, the AdamW
@@ -737,17 +768,10 @@ mod tests {
     #[test]
     fn unsupported_modes_and_shapes_are_refused_with_the_way_out() {
         let cfg = crate::tiny::config().unwrap();
-        let e = CudaTrainer::check_supported(&cfg, QuantSpec::Nvfp4Full, 2)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("--grad-accum") && e.contains("--device cpu"),
-            "{e}"
-        );
         for q in [QuantSpec::Nvfp4Ste, QuantSpec::Nvfp4Full, QuantSpec::None] {
             assert!(CudaTrainer::check_supported(&cfg, q, 1).is_ok());
+            assert!(CudaTrainer::check_supported(&cfg, q, 4).is_ok());
         }
-        assert!(CudaTrainer::check_supported(&cfg, QuantSpec::Nvfp4Ste, 4).is_ok());
         // Qwen3 trains; q/k norm together with q/k/v biases (no released model) does not.
         let qwen3 = ModelConfig::qwen3_8b();
         for q in [QuantSpec::Nvfp4Ste, QuantSpec::Nvfp4Full, QuantSpec::None] {
@@ -757,5 +781,6 @@ mod tests {
         both.attention_bias = true;
         let e = CudaTrainer::check_supported(&both, QuantSpec::Nvfp4Ste, 1).unwrap_err();
         assert!(e.to_string().contains("q/k norm"), "{e}");
+        assert!(e.to_string().contains("--device cpu"), "{e}");
     }
 }

@@ -12,6 +12,11 @@
 //! gradients are dropped after), the second recomputes the linear gradients and applies them.
 //! The dense parameters' gradients come from the first pass only (the second sends them to a
 //! small discard buffer and skips the embedding's scatter-add).
+//!
+//! With gradient accumulation (`--grad-accum N`) the layers' gradients must outlive the
+//! micro-batch, so they are summed into one f32 accumulator of every linear (4 bytes per
+//! parameter, counted by the plan) and the linears take their step after the last micro-batch,
+//! from there — one backward per micro-batch, clipped or not.
 
 use cudarc::driver::CudaSlice;
 use kiln_kernels::cpu::{AdamWParams, AdamWScalars};
@@ -97,6 +102,9 @@ pub(super) struct PackedModel {
     /// q/k/v biases): `max(H, qkv_cols)` f32.
     pub(super) discard: CudaSlice<f32>,
     moments: MomentsSpec,
+    /// With gradient accumulation: every layer's linear gradients, f32, layer after layer
+    /// (each [`StackOffsets::total`] long), and that buffer as one tensor for its norm.
+    acc: Option<(CudaSlice<f32>, TrainTensorTable)>,
 }
 
 /// Bytes of the packed state by category.
@@ -110,6 +118,8 @@ pub(super) struct PackedBytes {
     pub(super) moments: u64,
     /// The layer gradient scratch and the discard buffer (f32).
     pub(super) grad_scratch: u64,
+    /// With gradient accumulation: the accumulator of every linear's gradient (f32).
+    pub(super) grad_acc: u64,
 }
 
 /// The bytes [`PackedModel::new`] allocates for a model of shape `cfg` (the plan's formula).
@@ -142,7 +152,13 @@ pub(super) fn packed_bytes(cfg: &ModelConfig, moments: MomentsSpec) -> Result<Pa
         moments: 2 * elems * moments.bytes(),
         grad_scratch: 4 * StackOffsets::new(cfg).total as u64
             + 4 * cfg.hidden_size.max(qkv_cols) as u64,
+        grad_acc: 0,
     })
+}
+
+/// The bytes of the gradient accumulator [`PackedModel::enable_accumulation`] allocates.
+pub(super) fn accumulator_bytes(cfg: &ModelConfig) -> u64 {
+    4 * (cfg.num_hidden_layers * StackOffsets::new(cfg).total) as u64
 }
 
 impl PackedModel {
@@ -227,7 +243,69 @@ impl PackedModel {
             stacks,
             discard,
             moments,
+            acc: None,
         })
+    }
+
+    /// Allocate the gradient accumulator (once; gradient accumulation needs it).
+    pub(super) fn enable_accumulation(&mut self, k: &CudaKernels) -> Result<()> {
+        if self.acc.is_some() {
+            return Ok(());
+        }
+        let n = self.layers.len() * self.stacks.total;
+        let acc = k
+            .stream()
+            .alloc_zeros::<f32>(n)
+            .map_err(cuda("allocating the gradient accumulator"))?;
+        let table = k.train_tensor_table(
+            &[TrainTensor {
+                w: 0,
+                g: k.addr(&acc, 0),
+                m: 0,
+                v: 0,
+                n: n as i64,
+            }],
+            false,
+        )?;
+        self.acc = Some((acc, table));
+        Ok(())
+    }
+
+    /// Whether the gradient accumulator is allocated.
+    pub(super) fn accumulates(&self) -> bool {
+        self.acc.is_some()
+    }
+
+    /// Queue zeros into the accumulator (the start of a step).
+    pub(super) fn zero_accumulator(&mut self, k: &CudaKernels) -> Result<()> {
+        if let Some((acc, _)) = &mut self.acc {
+            k.stream()
+                .memset_zeros(acc)
+                .map_err(cuda("zeroing the gradient accumulator"))?;
+        }
+        Ok(())
+    }
+
+    /// The gradient address of layer `l`'s `stack` in the accumulator.
+    pub(super) fn acc_of(&self, k: &CudaKernels, l: usize, stack: Stack) -> DevAddr {
+        let (acc, _) = self.acc.as_ref().expect("accumulation enabled");
+        k.addr(acc, l * self.stacks.total + self.stacks.of(stack))
+    }
+
+    /// Queue `sumsq += Σ acc²`.
+    ///
+    /// # Safety
+    /// `sumsq` is one live f64.
+    pub(super) unsafe fn add_acc_sumsq(&self, k: &CudaKernels, sumsq: DevAddr) -> Result<()> {
+        let (_, table) = self.acc.as_ref().expect("accumulation enabled");
+        // SAFETY: the table names the accumulator, live with self.
+        unsafe { k.train_grad_sumsq_async(table, sumsq)? };
+        Ok(())
+    }
+
+    /// Layers.
+    pub(super) fn layer_count(&self) -> usize {
+        self.layers.len()
     }
 
     /// Bytes held, by category.
@@ -237,6 +315,7 @@ impl PackedModel {
             scales: 0,
             moments: 0,
             grad_scratch: (self.lgrad.len() + self.discard.len()) as u64 * 4,
+            grad_acc: self.acc.as_ref().map_or(0, |(a, _)| a.len() as u64 * 4),
         };
         for p in self.layers.iter().flatten() {
             b.codes += p.w.packed.len() as u64;
@@ -285,8 +364,9 @@ impl PackedModel {
         Ok(())
     }
 
-    /// Queue AdamW on layer `l`'s linears from the scratch gradients (clipped to `max_norm`
-    /// by `sumsq`), exactly as `ParamStore::adamw_step` steps packed weights: the weight's
+    /// Queue AdamW on layer `l`'s linears from its gradients — the scratch, or with
+    /// accumulation the layer's part of the accumulator — (clipped to `max_norm` by `sumsq`),
+    /// exactly as `ParamStore::adamw_step` steps packed weights: the weight's
     /// stochastic rounding seeded by `seed ^ fnv1a(name)`, bf16 moments' by the run's
     /// `sr_seed ^ fnv1a(name)`. With `lr == 0` only the moments change (the weights stay
     /// bit-identical, as on the CPU).
@@ -307,7 +387,10 @@ impl PackedModel {
         let run = AdamWScalars::new(hp, step, seed);
         let bf16 = self.moments == MomentsSpec::Bf16;
         let stacks = self.stacks;
-        let g0 = k.addr(&self.lgrad, 0);
+        let g0 = match &self.acc {
+            Some((acc, _)) => k.addr(acc, l * stacks.total),
+            None => k.addr(&self.lgrad, 0),
+        };
         for p in &mut self.layers[l] {
             let name_hash = fnv1a(&p.name);
             let wsc = AdamWScalars::new(hp, step, seed ^ name_hash);

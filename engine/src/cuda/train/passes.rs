@@ -29,6 +29,9 @@ pub(super) enum Pass {
     /// `nvfp4-full` without clipping: dense gradients as usual, each layer's linears summed
     /// into the norm and stepped.
     SumAndApply,
+    /// `nvfp4-full` with gradient accumulation: dense gradients as usual, each layer's linear
+    /// gradients added into the accumulator (they step after the last micro-batch).
+    Accumulate,
 }
 
 impl CudaTrainer {
@@ -50,10 +53,11 @@ impl CudaTrainer {
         Ok(lw)
     }
 
-    /// Where a linear's weight gradient goes: its flat offset `off`, or in `nvfp4-full` its
-    /// stack in the layer scratch.
-    fn lin_grad(&self, off: usize, stack: Stack) -> DevAddr {
+    /// Where layer `l`'s linear weight gradient goes: its flat offset `off`, or in
+    /// `nvfp4-full` its stack in the layer scratch (in the accumulator when accumulating).
+    fn lin_grad(&self, l: usize, off: usize, stack: Stack) -> DevAddr {
         match &self.packed {
+            Some(p) if p.accumulates() => p.acc_of(&self.k, l, stack),
             Some(p) => p.grad_of(&self.k, stack),
             None => self.grad_at(off),
         }
@@ -304,7 +308,7 @@ impl CudaTrainer {
             }
             for l in (0..self.layers.len()).rev() {
                 let (off, lw, a) = (self.layers[l], self.layer_weights(l)?, &w.layers[l]);
-                if let Some(p) = &self.packed {
+                if let Some(p) = self.packed.as_ref().filter(|p| !p.accumulates()) {
                     zero_f32(k, self.addr(&p.lgrad), p.lgrad.len())?;
                 }
                 // MLP branch: dh (the gradient of h_out) is the down GEMM's output gradient.
@@ -320,7 +324,7 @@ impl CudaTrainer {
                     (h, i, n),
                     (self.addr(&w.dh_bf16), true),
                     (self.addr(&a.a), false),
-                    self.lin_grad(off.down, Stack::Down),
+                    self.lin_grad(l, off.down, Stack::Down),
                 )
                 .accumulate()
                 .run(k)?;
@@ -335,7 +339,7 @@ impl CudaTrainer {
                     (2 * i, h, n),
                     (self.addr(&w.dmid), true),
                     (self.addr(&a.xn2), false),
-                    self.lin_grad(off.gate_up, Stack::GateUp),
+                    self.lin_grad(l, off.gate_up, Stack::GateUp),
                 )
                 .accumulate()
                 .run(k)?;
@@ -369,7 +373,7 @@ impl CudaTrainer {
                     (h, nh * hd, n),
                     (self.addr(&w.dh_bf16), true),
                     (self.addr(&a.attn), false),
-                    self.lin_grad(off.o, Stack::O),
+                    self.lin_grad(l, off.o, Stack::O),
                 )
                 .accumulate()
                 .run(k)?;
@@ -442,7 +446,7 @@ impl CudaTrainer {
                     (qkv_cols, h, n),
                     (self.addr(&w.dmid), true),
                     (self.addr(&a.xn1), false),
-                    self.lin_grad(off.qkv, Stack::Qkv),
+                    self.lin_grad(l, off.qkv, Stack::Qkv),
                 )
                 .accumulate()
                 .run(k)?;

@@ -10,7 +10,7 @@
 use kiln_job::units::human_bytes as human;
 
 use super::layout::flat_layout;
-use super::packed::packed_bytes;
+use super::packed::{accumulator_bytes, packed_bytes};
 use super::workspace::LOGIT_CHUNK;
 use crate::cuda::plan::CONTEXT_BYTES;
 use crate::error::{EngineError, Result};
@@ -42,6 +42,9 @@ pub struct TrainPlan {
     pub batch: usize,
     /// Tokens per row.
     pub seq: usize,
+    /// Micro-batches per optimizer step (`--grad-accum`; 1 unless
+    /// [`TrainPlan::with_micro_batches`] said otherwise).
+    pub micro_batches: u32,
 }
 
 impl TrainPlan {
@@ -85,7 +88,19 @@ impl TrainPlan {
             moments,
             batch,
             seq,
+            micro_batches: 1,
         })
+    }
+
+    /// The plan when each step accumulates `n` micro-batches: in `nvfp4-full` every linear's
+    /// gradient then outlives its micro-batch in an f32 accumulator (4 bytes a parameter,
+    /// under gradients); the other modes accumulate into the gradients they hold anyway.
+    pub fn with_micro_batches(mut self, cfg: &ModelConfig, n: u32) -> Self {
+        if self.quant == QuantSpec::Nvfp4Full && n > 1 && self.micro_batches <= 1 {
+            self.grads += accumulator_bytes(cfg);
+        }
+        self.micro_batches = n.max(1);
+        self
     }
 
     /// Tensor bytes (what the trainer reports; no context).
@@ -106,12 +121,14 @@ impl TrainPlan {
         }
         let (quant, moments) = (self.quant, self.moments);
         let mut ways = Vec::new();
-        match largest_seq(cfg, quant, moments, self.batch, self.seq, budget) {
+        let micro = self.micro_batches;
+        match largest_seq(cfg, quant, moments, (self.batch, micro), self.seq, budget) {
             Some(s) => ways.push(format!("--seq-len {s} (at --batch {})", self.batch)),
             None => ways.push("no --seq-len at this --batch".into()),
         }
         if moments == MomentsSpec::F32 {
-            let bf = TrainPlan::new(cfg, quant, MomentsSpec::Bf16, self.batch, self.seq)?;
+            let bf = TrainPlan::new(cfg, quant, MomentsSpec::Bf16, self.batch, self.seq)?
+                .with_micro_batches(cfg, micro);
             if bf.total() <= budget {
                 ways.push("--moments bf16 at this --seq-len".into());
             }
@@ -133,18 +150,19 @@ impl TrainPlan {
     }
 }
 
-/// The largest sequence length up to `seq` whose plan fits `budget` at `batch`, if any.
+/// The largest sequence length up to `seq` whose plan fits `budget` at `batch` rows and
+/// `micro` micro-batches a step, if any.
 pub fn largest_seq(
     cfg: &ModelConfig,
     quant: QuantSpec,
     moments: MomentsSpec,
-    batch: usize,
+    (batch, micro): (usize, u32),
     seq: usize,
     budget: u64,
 ) -> Option<usize> {
     let fits = |s: usize| {
         TrainPlan::new(cfg, quant, moments, batch, s)
-            .map(|p| p.total() <= budget)
+            .map(|p| p.with_micro_batches(cfg, micro).total() <= budget)
             .unwrap_or(false)
     };
     if !fits(2) {
@@ -289,6 +307,29 @@ mod tests {
     }
 
     #[test]
+    fn accumulating_nvfp4_full_gradients_costs_four_bytes_a_linear_parameter() {
+        let cfg = ModelConfig::qwen3_8b();
+        let one = TrainPlan::new(&cfg, QuantSpec::Nvfp4Full, MomentsSpec::Bf16, 1, 192).unwrap();
+        let four = one.with_micro_batches(&cfg, 4);
+        // Four bytes for each of the 6.95 B linear parameters (16 per block scale byte).
+        let extra = four.grads - one.grads;
+        assert_eq!(extra, accumulator_bytes(&cfg));
+        let linear = one.scales * 16;
+        assert!(
+            extra.abs_diff(4 * linear) < linear / 100,
+            "{extra} vs {linear}"
+        );
+        assert_eq!(four.micro_batches, 4);
+        // Idempotent, and the other modes hold whole gradients anyway.
+        assert_eq!(four.with_micro_batches(&cfg, 4).grads, four.grads);
+        let ste = TrainPlan::new(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::Bf16, 1, 192).unwrap();
+        assert_eq!(ste.with_micro_batches(&cfg, 4).grads, ste.grads);
+        // Over budget, what would fit keeps the accumulator in the sums.
+        let e = four.check(&cfg, one.total()).unwrap_err().to_string();
+        assert!(e.contains("budget"), "{e}");
+    }
+
+    #[test]
     fn over_budget_names_every_category_and_what_would_fit() {
         let cfg = ModelConfig::qwen2_5_7b();
         let p = TrainPlan::new(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::F32, 8, 2048).unwrap();
@@ -305,7 +346,15 @@ mod tests {
         ] {
             assert!(e.contains(word), "{word} missing: {e}");
         }
-        let s = largest_seq(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::F32, 8, 2048, budget).unwrap();
+        let s = largest_seq(
+            &cfg,
+            QuantSpec::Nvfp4Ste,
+            MomentsSpec::F32,
+            (8, 1),
+            2048,
+            budget,
+        )
+        .unwrap();
         assert!((2..2048).contains(&s));
         assert!(
             TrainPlan::new(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::F32, 8, s)
