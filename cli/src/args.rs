@@ -379,6 +379,11 @@ pub struct TrainArgs {
     /// checkpoint (--resume, or a retry after LOST) restarts the moments from zero.
     #[arg(long)]
     pub save_only_model: bool,
+    /// Recompute each layer's activations just before its backward instead of keeping them
+    /// (GPU): activation memory for one layer instead of all of them, for about one more
+    /// forward per step — for long --seq-len. The budget check counts it.
+    #[arg(long)]
+    pub recompute: bool,
     /// Where to train: by default on the GPU the job is placed on (every --quant mode; the job
     /// fails at once, with the numbers and the --seq-len / --moments that would fit, when its
     /// planned bytes exceed --budget-gb), on the CPU in a CPU slot (--gpus 0). `cpu` forces

@@ -77,7 +77,7 @@ fn spec_json(spec: Option<&v1::JobSpec>) -> Value {
             "batch": t.batch, "lr": t.lr, "quant": t.quant, "step_chunk_rows": t.step_chunk_rows,
             "seed": t.seed, "out_dir": t.out_dir, "resume": t.resume, "device": t.device,
             "save_every": t.save_every, "grad_accum": t.grad_accum, "clip_grad": t.clip_grad,
-            "moments": t.moments, "save_only_model": t.save_only_model,
+            "moments": t.moments, "save_only_model": t.save_only_model, "recompute": t.recompute,
         }),
         Some(job_spec::Spec::Export(e)) => json!({
             "checkpoint": e.checkpoint, "format": e.format, "out_dir": e.out_dir,

@@ -60,6 +60,7 @@ pub fn engine_spec(spec: Option<&v1::JobSpec>) -> Result<spec::JobSpec, String> 
             clip_grad: t.clip_grad,
             moments: spec::MomentsSpec::parse(&t.moments)?,
             save_only_model: t.save_only_model,
+            recompute: t.recompute,
         }),
         Some(job_spec::Spec::Export(e)) => spec::JobSpec::Export(spec::ExportSpec {
             checkpoint: e.checkpoint.clone(),

@@ -288,6 +288,10 @@ pub struct TrainSpec {
     /// restarts the moments from zero.
     #[serde(default)]
     pub save_only_model: bool,
+    /// Recompute each layer's activations in backward instead of keeping them (GPU; less
+    /// activation memory for one more forward per step).
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 /// The gradient clipping threshold a train job uses when it does not say.

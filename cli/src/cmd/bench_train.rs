@@ -58,6 +58,9 @@ pub struct BenchTrainArgs {
     /// allocating — as a train job with --budget-gb does.
     #[arg(long, value_name = "GIB")]
     pub budget_gb: Option<f64>,
+    /// Recompute each layer's activations in backward (as a train job with --recompute).
+    #[arg(long)]
+    pub recompute: bool,
     /// The JSON `scripts/anchors/torch_train.py --json` wrote (PyTorch measured in the same
     /// run); its tokens/s and the ratios join the table.
     #[arg(long, value_name = "FILE")]
@@ -116,6 +119,7 @@ pub fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
         moments,
         clip: args.clip_grad,
         budget: args.budget_gb.map(|g| (g * (1u64 << 30) as f64) as u64),
+        recompute: args.recompute,
     };
     let rows = run_train_bench(args.gpu, &opts)?;
     if args.json {

@@ -188,6 +188,7 @@ pub fn build_request(kind: &SubmitKind) -> anyhow::Result<(v1::SubmitJobRequest,
                 clip_grad: Some(t.clip_grad),
                 moments: t.moments.clone(),
                 save_only_model: t.save_only_model,
+                recompute: t.recompute,
             })
         }
         SubmitKind::Export(e) => {

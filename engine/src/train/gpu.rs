@@ -49,7 +49,8 @@ pub(super) fn start(
 ) -> Result<(CudaTrainer, TrainPlan)> {
     CudaTrainer::check_supported(cfg, spec.quant, spec.micro_batches())?;
     let plan = TrainPlan::new(cfg, spec.quant, spec.moments, spec.batch as usize, seq_len)?
-        .with_micro_batches(cfg, spec.micro_batches());
+        .with_micro_batches(cfg, spec.micro_batches())
+        .with_recompute(cfg, spec.recompute);
     if budget_bytes > 0 {
         plan.check(cfg, budget_bytes)?;
     }
@@ -57,6 +58,7 @@ pub(super) fn start(
     let mut gpu = CudaTrainer::new(engine.kernels().clone(), cfg, store)?;
     gpu.set_seed(spec.seed);
     gpu.set_micro_batches(spec.micro_batches() as usize)?;
+    gpu.set_recompute(spec.recompute);
     // Every buffer of the longest micro-batch, allocated now: what the plan checked.
     gpu.reserve(spec.batch as usize, seq_len)?;
     let p = phase(&gpu, "model_loaded", step)?.metric("planned_bytes", plan.total() as f64);

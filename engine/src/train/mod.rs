@@ -345,6 +345,12 @@ fn train_checked(
             Some(trainer)
         }
         Engine::Cpu(_) => {
+            if spec.recompute {
+                reporter.log(
+                    "--recompute applies to the GPU trainer; the CPU trainer keeps its activations"
+                        .to_string(),
+                );
+            }
             let b = store.bytes();
             reporter.phase(PhaseReport::now("model_loaded", state.step as u32).bytes([
                 ("weights", b.weights),

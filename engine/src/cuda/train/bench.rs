@@ -38,6 +38,8 @@ pub struct TrainBenchOptions {
     pub clip: f32,
     /// Fail a row whose plan exceeds this many bytes before allocating (as a job would).
     pub budget: Option<u64>,
+    /// Recompute each layer's activations in backward (`--recompute`).
+    pub recompute: bool,
 }
 
 impl Default for TrainBenchOptions {
@@ -51,6 +53,7 @@ impl Default for TrainBenchOptions {
             moments: MomentsSpec::F32,
             clip: 1.0,
             budget: None,
+            recompute: false,
         }
     }
 }
@@ -148,7 +151,8 @@ fn bench_one(
     };
     let (b, t) = (opts.batch, opts.seq.min(cfg.max_position_embeddings));
     CudaTrainer::check_supported(cfg, quant, 1)?;
-    let plan = super::TrainPlan::new(cfg, quant, opts.moments, b, t)?;
+    let plan =
+        super::TrainPlan::new(cfg, quant, opts.moments, b, t)?.with_recompute(cfg, opts.recompute);
     if let Some(budget) = opts.budget {
         plan.check(cfg, budget)?;
     }
@@ -168,6 +172,7 @@ fn bench_one(
         ParamStore::from_source(cfg, &mut src, quant, engine.device())?.with_moments(opts.moments);
     let mut gpu = CudaTrainer::new(k.clone(), cfg, &store)?;
     drop(store);
+    gpu.set_recompute(opts.recompute);
     gpu.reserve(b, t)?;
     gpu.sync()?;
     let load_s = t_load.elapsed().as_secs_f64();
@@ -219,7 +224,11 @@ fn bench_one(
     tracing::info!(model = name, quant = quant.name(), step_ms, "train bench");
     Ok(TrainBenchRow {
         model: name.into(),
-        quant: quant.name().into(),
+        quant: if opts.recompute {
+            format!("{} +recompute", quant.name())
+        } else {
+            quant.name().into()
+        },
         batch: b,
         seq: t,
         step_ms,

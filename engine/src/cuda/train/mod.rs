@@ -22,7 +22,8 @@
 //! logits never exist. Backward walks the layers in reverse with the saved activations; the
 //! embedding's gradient is a scatter-add.
 //!
-//! Not here yet: activation recomputation.
+//! `--recompute` keeps only the residual stream into each layer through forward and remakes
+//! the layer's other activations just before its backward.
 //!
 //! - `layout` — the flat parameter order and each layer's offsets;
 //! - `packed` — `nvfp4-full`: packed linears, per-layer dequantize, gradient and AdamW;
@@ -162,6 +163,8 @@ pub struct CudaTrainer {
     opt: (AdamWParams, u64, f32),
     /// The micro-batch in flight (rows, tokens per row).
     current: (usize, usize),
+    /// Activations recomputed per layer in backward (`--recompute`).
+    recompute: bool,
     seed: u64,
 }
 
@@ -323,6 +326,7 @@ impl CudaTrainer {
             packed,
             opt: (AdamWParams::default(), 1, 0.0),
             current: (0, 0),
+            recompute: false,
             seed: 0,
         })
     }
@@ -443,9 +447,9 @@ impl CudaTrainer {
             &self.k,
             &self.cfg,
             self.layers.len(),
-            batch.max(cb),
-            seq.max(cs),
+            (batch.max(cb), seq.max(cs)),
             self.packed.is_some(),
+            self.recompute,
         )?);
         Ok(())
     }
@@ -457,6 +461,17 @@ impl CudaTrainer {
         match &mut self.packed {
             Some(p) if n > 1 => p.enable_accumulation(&self.k),
             _ => Ok(()),
+        }
+    }
+
+    /// Keep only each layer's input through forward and recompute the rest of its activations
+    /// just before its backward (`--recompute`: one more forward per step, in exchange for one
+    /// layer's activations instead of all of them; what [`TrainPlan::with_recompute`]
+    /// counts). Call it before [`CudaTrainer::reserve`].
+    pub fn set_recompute(&mut self, on: bool) {
+        if on != self.recompute {
+            self.recompute = on;
+            self.work = None;
         }
     }
 

@@ -75,6 +75,52 @@ impl CudaTrainer {
     pub(super) fn forward_layers(&mut self, batch: usize, seq: usize) -> Result<()> {
         let k = &*self.k;
         let w = self.work.as_ref().expect("ensured");
+        let (n, h) = (batch * seq, self.cfg.hidden_size);
+        // SAFETY: every buffer comes from Workspace::new for this (B, T) or from the trainer's
+        // own allocations, sized as each launcher's contract says.
+        unsafe {
+            k.train_embed_fwd_async(
+                self.addr(&w.ids),
+                self.master_at(self.embed),
+                self.addr(&w.h[0]),
+                n,
+                h,
+            )?;
+            for l in 0..self.layers.len() {
+                let lw = self.layer_weights(l)?;
+                self.forward_layer(l, batch, seq, lw, Some(&w.h[l + 1]))?;
+            }
+            let l = self.layers.len();
+            k.train_rmsnorm_fwd_async(
+                self.addr(&w.h[l]),
+                self.master_at(self.norm),
+                self.addr(&w.xnf),
+                self.addr(&w.rstdf),
+                n,
+                h,
+                self.cfg.rms_norm_eps as f32,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Layer `l`'s forward on its input `w.h[l]` with its working weights `lw`, saving what its
+    /// backward reads in `w.acts(l)` and writing its output into `next`; with `next` `None` (a
+    /// recompute before the layer's backward) it stops once the saved activations are made.
+    ///
+    /// # Safety
+    /// `lw` holds layer `l`'s working weights until the queued work runs; `next` holds
+    /// `batch·seq·H` f32.
+    unsafe fn forward_layer(
+        &self,
+        l: usize,
+        batch: usize,
+        seq: usize,
+        lw: &LayerWeights,
+        next: Option<&CudaSlice<f32>>,
+    ) -> Result<()> {
+        let k = &*self.k;
+        let w = self.work.as_ref().expect("ensured");
         let cfg = &self.cfg;
         let sh = self.shape(batch, seq);
         let n = sh.tokens();
@@ -84,132 +130,112 @@ impl CudaTrainer {
         let eps = cfg.rms_norm_eps as f32;
         let scale = 1.0 / (hd as f32).sqrt();
         let s = k.stream();
-        // SAFETY (whole function): every buffer comes from Workspace::new for this (B, T) or
-        // from the trainer's own allocations, sized as each launcher's contract says.
+        let (off, a, h_in) = (self.layers[l], w.acts(l), &w.h[l]);
+        // SAFETY (whole function): as in forward_layers; the caller's contract for lw / next.
         unsafe {
-            k.train_embed_fwd_async(
-                self.addr(&w.ids),
-                self.master_at(self.embed),
-                self.addr(&w.layers[0].h_in),
-                n,
-                h,
-            )?;
-            for l in 0..self.layers.len() {
-                let (off, lw, a) = (self.layers[l], self.layer_weights(l)?, &w.layers[l]);
-                k.train_rmsnorm_fwd_async(
-                    self.addr(&a.h_in),
-                    self.master_at(off.input_norm),
-                    self.addr(&a.xn1),
-                    self.addr(&a.rstd1),
-                    n,
-                    h,
-                    eps,
-                )?;
-                Mm::new(
-                    (n, qkv_cols, h),
-                    (self.addr(&a.xn1), false),
-                    (self.addr(&lw.qkv), true),
-                    self.addr(&w.qkv),
-                )
-                .run(k)?;
-                if let (Some((qn, kn)), Some((xhat, rstd))) = (off.qk_norm, &a.qk_norm) {
-                    k.train_head_norm_fwd_async(
-                        sh,
-                        self.addr(&w.qkv),
-                        self.master_at(qn),
-                        self.master_at(kn),
-                        self.addr(xhat),
-                        self.addr(rstd),
-                        eps,
-                    )?;
-                }
-                k.train_qkv_fwd_async(
-                    sh,
-                    self.addr(&w.qkv),
-                    off.qkv_bias.map_or(0, |o| self.master_at(o)),
-                    self.addr(&self.inv_freq),
-                    self.addr(&a.q),
-                    self.addr(&a.k),
-                    self.addr(&a.v),
-                )?;
-                let groups = batch * kvh;
-                let rt = rep * seq;
-                // S = Q·Kᵀ per group, then P = causal softmax, O = P·V.
-                Mm::new(
-                    (rt, seq, hd),
-                    (self.addr(&a.q), false),
-                    (self.addr(&a.k), true),
-                    self.addr(&w.scores),
-                )
-                .batched(groups, (rt * hd, seq * hd, rt * seq))
-                .run(k)?;
-                k.train_causal_softmax_async(
-                    self.addr(&w.scores),
-                    self.addr(&a.p),
-                    groups * rt,
-                    seq,
-                    scale,
-                )?;
-                Mm::new(
-                    (rt, hd, seq),
-                    (self.addr(&a.p), false),
-                    (self.addr(&a.v), false),
-                    self.addr(&w.o),
-                )
-                .batched(groups, (rt * seq, seq * hd, rt * hd))
-                .run(k)?;
-                k.train_merge_heads_async(sh, self.addr(&w.o), self.addr(&a.attn))?;
-                // h_mid = h_in + attn · Woᵀ
-                copy_f32(s, &a.h_mid, &a.h_in, n * h, k)?;
-                Mm::new(
-                    (n, h, nh * hd),
-                    (self.addr(&a.attn), false),
-                    (self.addr(&lw.o), true),
-                    self.addr(&a.h_mid),
-                )
-                .accumulate()
-                .run(k)?;
-                k.train_rmsnorm_fwd_async(
-                    self.addr(&a.h_mid),
-                    self.master_at(off.post_norm),
-                    self.addr(&a.xn2),
-                    self.addr(&a.rstd2),
-                    n,
-                    h,
-                    eps,
-                )?;
-                Mm::new(
-                    (n, 2 * i, h),
-                    (self.addr(&a.xn2), false),
-                    (self.addr(&lw.gate_up), true),
-                    self.addr(&a.gu),
-                )
-                .run(k)?;
-                k.train_swiglu_fwd_async(self.addr(&a.gu), self.addr(&a.a), n, i)?;
-                // h_out = h_mid + a · Wdownᵀ, the next layer's input.
-                let next = match w.layers.get(l + 1) {
-                    Some(nx) => &nx.h_in,
-                    None => &w.h_out,
-                };
-                copy_f32(s, next, &a.h_mid, n * h, k)?;
-                Mm::new(
-                    (n, h, i),
-                    (self.addr(&a.a), false),
-                    (self.addr(&lw.down), true),
-                    self.addr(next),
-                )
-                .accumulate()
-                .run(k)?;
-            }
             k.train_rmsnorm_fwd_async(
-                self.addr(&w.h_out),
-                self.master_at(self.norm),
-                self.addr(&w.xnf),
-                self.addr(&w.rstdf),
+                self.addr(h_in),
+                self.master_at(off.input_norm),
+                self.addr(&a.xn1),
+                self.addr(&a.rstd1),
                 n,
                 h,
                 eps,
             )?;
+            Mm::new(
+                (n, qkv_cols, h),
+                (self.addr(&a.xn1), false),
+                (self.addr(&lw.qkv), true),
+                self.addr(&w.qkv),
+            )
+            .run(k)?;
+            if let (Some((qn, kn)), Some((xhat, rstd))) = (off.qk_norm, &a.qk_norm) {
+                k.train_head_norm_fwd_async(
+                    sh,
+                    self.addr(&w.qkv),
+                    self.master_at(qn),
+                    self.master_at(kn),
+                    self.addr(xhat),
+                    self.addr(rstd),
+                    eps,
+                )?;
+            }
+            k.train_qkv_fwd_async(
+                sh,
+                self.addr(&w.qkv),
+                off.qkv_bias.map_or(0, |o| self.master_at(o)),
+                self.addr(&self.inv_freq),
+                self.addr(&a.q),
+                self.addr(&a.k),
+                self.addr(&a.v),
+            )?;
+            let groups = batch * kvh;
+            let rt = rep * seq;
+            // S = Q·Kᵀ per group, then P = causal softmax, O = P·V.
+            Mm::new(
+                (rt, seq, hd),
+                (self.addr(&a.q), false),
+                (self.addr(&a.k), true),
+                self.addr(&w.scores),
+            )
+            .batched(groups, (rt * hd, seq * hd, rt * seq))
+            .run(k)?;
+            k.train_causal_softmax_async(
+                self.addr(&w.scores),
+                self.addr(&a.p),
+                groups * rt,
+                seq,
+                scale,
+            )?;
+            Mm::new(
+                (rt, hd, seq),
+                (self.addr(&a.p), false),
+                (self.addr(&a.v), false),
+                self.addr(&w.o),
+            )
+            .batched(groups, (rt * seq, seq * hd, rt * hd))
+            .run(k)?;
+            k.train_merge_heads_async(sh, self.addr(&w.o), self.addr(&a.attn))?;
+            // h_mid = h_in + attn · Woᵀ
+            copy_f32(s, &a.h_mid, h_in, n * h, k)?;
+            Mm::new(
+                (n, h, nh * hd),
+                (self.addr(&a.attn), false),
+                (self.addr(&lw.o), true),
+                self.addr(&a.h_mid),
+            )
+            .accumulate()
+            .run(k)?;
+            k.train_rmsnorm_fwd_async(
+                self.addr(&a.h_mid),
+                self.master_at(off.post_norm),
+                self.addr(&a.xn2),
+                self.addr(&a.rstd2),
+                n,
+                h,
+                eps,
+            )?;
+            Mm::new(
+                (n, 2 * i, h),
+                (self.addr(&a.xn2), false),
+                (self.addr(&lw.gate_up), true),
+                self.addr(&a.gu),
+            )
+            .run(k)?;
+            k.train_swiglu_fwd_async(self.addr(&a.gu), self.addr(&a.a), n, i)?;
+            // The next layer's input = h_mid + a · Wdownᵀ (a recompute stops before it).
+            let Some(next) = next else {
+                return Ok(());
+            };
+            copy_f32(s, next, &a.h_mid, n * h, k)?;
+            Mm::new(
+                (n, h, i),
+                (self.addr(&a.a), false),
+                (self.addr(&lw.down), true),
+                self.addr(next),
+            )
+            .accumulate()
+            .run(k)?;
         }
         Ok(())
     }
@@ -293,7 +319,7 @@ impl CudaTrainer {
             if pass != Pass::Apply {
                 // Final norm: dh = its input gradient (dx from the head).
                 k.train_rmsnorm_bwd_async(
-                    self.addr(&w.h_out),
+                    self.addr(&w.h[self.layers.len()]),
                     self.master_at(self.norm),
                     self.addr(&w.rstdf),
                     self.addr(&w.dx),
@@ -307,7 +333,11 @@ impl CudaTrainer {
                 copy_f32(k.stream(), &w.dh_top, &w.dh, n * h, k)?;
             }
             for l in (0..self.layers.len()).rev() {
-                let (off, lw, a) = (self.layers[l], self.layer_weights(l)?, &w.layers[l]);
+                let (off, lw, a) = (self.layers[l], self.layer_weights(l)?, w.acts(l));
+                if w.recompute {
+                    // Only the layer's input was kept: make its activations again.
+                    self.forward_layer(l, batch, seq, lw, None)?;
+                }
                 if let Some(p) = self.packed.as_ref().filter(|p| !p.accumulates()) {
                     zero_f32(k, self.addr(&p.lgrad), p.lgrad.len())?;
                 }
@@ -458,7 +488,7 @@ impl CudaTrainer {
                 )
                 .run(k)?;
                 k.train_rmsnorm_bwd_async(
-                    self.addr(&a.h_in),
+                    self.addr(&w.h[l]),
                     self.master_at(off.input_norm),
                     self.addr(&a.rstd1),
                     self.addr(&w.dx),

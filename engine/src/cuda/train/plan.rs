@@ -45,6 +45,9 @@ pub struct TrainPlan {
     /// Micro-batches per optimizer step (`--grad-accum`; 1 unless
     /// [`TrainPlan::with_micro_batches`] said otherwise).
     pub micro_batches: u32,
+    /// Activations recomputed per layer in backward (`--recompute`; see
+    /// [`TrainPlan::with_recompute`]).
+    pub recompute: bool,
 }
 
 impl TrainPlan {
@@ -82,14 +85,25 @@ impl TrainPlan {
             scales: pb(|b| b.scales),
             grads: total * 4 + pb(|b| b.grad_scratch),
             optimizer_state: 2 * total * moments.bytes() + pb(|b| b.moments),
-            activations: activation_bytes(cfg, batch, seq, full),
+            activations: activation_bytes(cfg, (batch, seq), full, false),
             context: CONTEXT_BYTES,
             quant,
             moments,
             batch,
             seq,
             micro_batches: 1,
+            recompute: false,
         })
+    }
+
+    /// The plan when each layer's activations are recomputed just before its backward
+    /// (`--recompute`): the residual stream into every layer is kept, the rest of the saved
+    /// activations only for one layer at a time.
+    pub fn with_recompute(mut self, cfg: &ModelConfig, on: bool) -> Self {
+        let full = self.quant == QuantSpec::Nvfp4Full;
+        self.activations = activation_bytes(cfg, (self.batch, self.seq), full, on);
+        self.recompute = on;
+        self
     }
 
     /// The plan when each step accumulates `n` micro-batches: in `nvfp4-full` every linear's
@@ -122,13 +136,15 @@ impl TrainPlan {
         let (quant, moments) = (self.quant, self.moments);
         let mut ways = Vec::new();
         let micro = self.micro_batches;
-        match largest_seq(cfg, quant, moments, (self.batch, micro), self.seq, budget) {
+        let at = (self.batch, micro, self.recompute);
+        match largest_seq(cfg, quant, moments, at, self.seq, budget) {
             Some(s) => ways.push(format!("--seq-len {s} (at --batch {})", self.batch)),
             None => ways.push("no --seq-len at this --batch".into()),
         }
         if moments == MomentsSpec::F32 {
             let bf = TrainPlan::new(cfg, quant, MomentsSpec::Bf16, self.batch, self.seq)?
-                .with_micro_batches(cfg, micro);
+                .with_micro_batches(cfg, micro)
+                .with_recompute(cfg, self.recompute);
             if bf.total() <= budget {
                 ways.push("--moments bf16 at this --seq-len".into());
             }
@@ -150,19 +166,24 @@ impl TrainPlan {
     }
 }
 
-/// The largest sequence length up to `seq` whose plan fits `budget` at `batch` rows and
-/// `micro` micro-batches a step, if any.
+/// The largest sequence length up to `seq` whose plan fits `budget` at `batch` rows,
+/// `micro` micro-batches a step and `recompute`, if any.
 pub fn largest_seq(
     cfg: &ModelConfig,
     quant: QuantSpec,
     moments: MomentsSpec,
-    (batch, micro): (usize, u32),
+    (batch, micro, recompute): (usize, u32, bool),
     seq: usize,
     budget: u64,
 ) -> Option<usize> {
     let fits = |s: usize| {
         TrainPlan::new(cfg, quant, moments, batch, s)
-            .map(|p| p.with_micro_batches(cfg, micro).total() <= budget)
+            .map(|p| {
+                p.with_micro_batches(cfg, micro)
+                    .with_recompute(cfg, recompute)
+                    .total()
+                    <= budget
+            })
             .unwrap_or(false)
     };
     if !fits(2) {
@@ -181,8 +202,14 @@ pub fn largest_seq(
     Some(lo)
 }
 
-/// The bytes `Workspace::new` allocates for `batch × seq` (the same buffers, term by term).
-pub(super) fn activation_bytes(cfg: &ModelConfig, batch: usize, seq: usize, packed: bool) -> u64 {
+/// The bytes `Workspace::new` allocates for `batch × seq` (the same buffers, term by term);
+/// with `recompute`, one layer's saved activations instead of every layer's.
+pub(super) fn activation_bytes(
+    cfg: &ModelConfig,
+    (batch, seq): (usize, usize),
+    packed: bool,
+    recompute: bool,
+) -> u64 {
     let n = (batch * seq) as u64;
     let (h, i, hd) = (
         cfg.hidden_size as u64,
@@ -197,9 +224,8 @@ pub(super) fn activation_bytes(cfg: &ModelConfig, batch: usize, seq: usize, pack
     let scores = batch as u64 * nh * (seq * seq) as u64;
     let chunk = (LOGIT_CHUNK as u64).min(n);
     let v = cfg.vocab_size as u64;
-    // h_in, xn1, rstd1, q, k, v, p, attn, h_mid, xn2, rstd2, gu, a
-    let per_layer = 4 * n * h
-        + 2 * n * h
+    // xn1, rstd1, q, k, v, p, attn, h_mid, xn2, rstd2, gu, a
+    let per_layer = 2 * n * h
         + 4 * n
         + 2 * n * nh * hd
         + 2 * 2 * n * kvh * hd
@@ -216,12 +242,11 @@ pub(super) fn activation_bytes(cfg: &ModelConfig, batch: usize, seq: usize, pack
         } else {
             0
         };
-    // ids + target (i32), weight, h_out, xnf, rstdf, qkv, scores, o, dh, dh_top, dh_bf16, dx,
-    // dmid, d_o, dp, ds, dq, dk, dv, logits, dlogits
+    // ids + target (i32), dh_top, weight, xnf, rstdf, qkv, scores, o, dh, dh_bf16, dx, dmid,
+    // d_o, dp, ds, dq, dk, dv, logits, dlogits
     let shared = 8 * n
         + 4 * if packed { n * h } else { 1 }
         + 4 * n
-        + 4 * n * h
         + 2 * n * h
         + 4 * n
         + 4 * n * qkv_cols
@@ -238,7 +263,11 @@ pub(super) fn activation_bytes(cfg: &ModelConfig, batch: usize, seq: usize, pack
         + 2 * 4 * n * kvh * hd
         + 4 * chunk * v
         + 2 * chunk * v;
-    cfg.num_hidden_layers as u64 * per_layer + shared
+    let layers = cfg.num_hidden_layers as u64;
+    let sets = if recompute { layers.min(1) } else { layers };
+    // the residual stream into every layer and out of the last
+    let residual = (layers + 1) * 4 * n * h;
+    sets * per_layer + residual + shared
 }
 
 #[cfg(test)]
@@ -330,6 +359,23 @@ mod tests {
     }
 
     #[test]
+    fn recompute_keeps_one_layer_of_activations_and_every_layer_input() {
+        let cfg = ModelConfig::qwen2_5_0_5b();
+        let keep = TrainPlan::new(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::F32, 8, 512).unwrap();
+        let re = keep.with_recompute(&cfg, true);
+        assert!(re.recompute && !keep.recompute);
+        // 24 layers' saved activations become one layer's: 23 sets fewer.
+        assert_eq!((keep.activations - re.activations) % 23, 0);
+        assert!(re.activations < keep.activations / 4, "{re:?} vs {keep:?}");
+        assert_eq!(re.with_recompute(&cfg, false).activations, keep.activations);
+        // What would fit is found with recompute kept.
+        let budget = re.total();
+        assert!(re.check(&cfg, budget).is_ok());
+        let e = keep.check(&cfg, budget).unwrap_err().to_string();
+        assert!(e.contains("--seq-len"), "{e}");
+    }
+
+    #[test]
     fn over_budget_names_every_category_and_what_would_fit() {
         let cfg = ModelConfig::qwen2_5_7b();
         let p = TrainPlan::new(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::F32, 8, 2048).unwrap();
@@ -350,7 +396,7 @@ mod tests {
             &cfg,
             QuantSpec::Nvfp4Ste,
             MomentsSpec::F32,
-            (8, 1),
+            (8, 1, false),
             2048,
             budget,
         )

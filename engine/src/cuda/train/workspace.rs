@@ -13,10 +13,8 @@ use crate::model::ModelConfig;
 /// `LOGIT_CHUNK × vocab × 6` bytes).
 pub const LOGIT_CHUNK: usize = 1024;
 
-/// Activations one layer saves for its backward.
+/// Activations one layer saves for its backward (besides its input, in [`Workspace::h`]).
 pub(super) struct LayerActs {
-    /// Residual stream into the layer, f32 `[N, H]`.
-    pub(super) h_in: CudaSlice<f32>,
     pub(super) xn1: CudaSlice<bf16>,
     pub(super) rstd1: CudaSlice<f32>,
     pub(super) q: CudaSlice<bf16>,
@@ -46,9 +44,13 @@ pub(super) struct Workspace {
     pub(super) ids: CudaSlice<i32>,
     pub(super) target: CudaSlice<i32>,
     pub(super) weight: CudaSlice<f32>,
-    pub(super) layers: Vec<LayerActs>,
-    /// Residual stream out of the last layer.
-    pub(super) h_out: CudaSlice<f32>,
+    /// The residual stream into each layer and, last, out of the last one: f32 `[N, H]` each.
+    pub(super) h: Vec<CudaSlice<f32>>,
+    /// Each layer's saved activations; with `recompute` one set that every layer remakes
+    /// just before its backward.
+    layers: Vec<LayerActs>,
+    /// Activations are recomputed per layer in backward (`--recompute`).
+    pub(super) recompute: bool,
     pub(super) xnf: CudaSlice<bf16>,
     pub(super) rstdf: CudaSlice<f32>,
     /// GEMM outputs reused by every layer.
@@ -82,9 +84,9 @@ impl Workspace {
         k: &CudaKernels,
         cfg: &ModelConfig,
         layers: usize,
-        batch: usize,
-        seq: usize,
+        (batch, seq): (usize, usize),
         packed: bool,
+        recompute: bool,
     ) -> Result<Self> {
         let s = k.stream();
         let n = batch * seq;
@@ -100,10 +102,10 @@ impl Workspace {
             s.alloc_zeros::<bf16>(len.max(1))
                 .map_err(cuda("allocating training activations"))
         };
-        let acts = (0..layers)
+        let saved = if recompute { layers.min(1) } else { layers };
+        let acts = (0..saved)
             .map(|_| {
                 Ok(LayerActs {
-                    h_in: f(n * h)?,
                     xn1: b(n * h)?,
                     rstd1: f(n)?,
                     q: b(n * nh * hd)?,
@@ -135,8 +137,9 @@ impl Workspace {
                 .alloc_zeros::<i32>(n)
                 .map_err(cuda("allocating the batch"))?,
             weight: f(n)?,
+            h: (0..=layers).map(|_| f(n * h)).collect::<Result<_>>()?,
             layers: acts,
-            h_out: f(n * h)?,
+            recompute,
             xnf: b(n * h)?,
             rstdf: f(n)?,
             qkv: f(n * qkv_cols)?,
@@ -158,6 +161,11 @@ impl Workspace {
         })
     }
 
+    /// The activations layer `l` saves (the one recomputed set with `recompute`).
+    pub(super) fn acts(&self, l: usize) -> &LayerActs {
+        &self.layers[if self.recompute { 0 } else { l }]
+    }
+
     pub(super) fn bytes(&self) -> u64 {
         let f = |s: &CudaSlice<f32>| s.len() as u64 * 4;
         let b = |s: &CudaSlice<bf16>| s.len() as u64 * 2;
@@ -165,8 +173,7 @@ impl Workspace {
             .layers
             .iter()
             .map(|a| {
-                f(&a.h_in)
-                    + b(&a.xn1)
+                b(&a.xn1)
                     + f(&a.rstd1)
                     + b(&a.q)
                     + b(&a.k)
@@ -182,9 +189,9 @@ impl Workspace {
             })
             .sum();
         per_layer
+            + self.h.iter().map(f).sum::<u64>()
             + self.ids.len() as u64 * 8
             + f(&self.weight)
-            + f(&self.h_out)
             + b(&self.xnf)
             + f(&self.rstdf)
             + f(&self.qkv)
