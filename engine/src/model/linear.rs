@@ -71,6 +71,11 @@ impl Linear {
         self.bias.as_ref()
     }
 
+    /// The weight and the bias, taken apart.
+    pub fn into_parts(self) -> (LinearWeight, Option<Tensor>) {
+        (self.weight, self.bias)
+    }
+
     /// `x[..., in] → y[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut out_dims = x.dims().to_vec();

@@ -187,15 +187,22 @@ impl ParamStore {
                 ParamSpec::Linear(l) => {
                     let lin = src.layer(l)?;
                     let w = l.weight();
-                    match (quant, lin.weight()) {
-                        (QuantSpec::Nvfp4Full, LinearWeight::Nvfp4(q)) => params.push(Param::new(
-                            w.name,
-                            w.shape,
-                            ParamValue::Packed(q.as_ref().clone()),
-                        )),
-                        _ => params.push(dense_param(w.name, &lin.dense_weight(device)?)?),
+                    let dense = match (quant, lin.weight()) {
+                        (QuantSpec::Nvfp4Full, LinearWeight::Nvfp4(_)) => None,
+                        _ => Some(lin.dense_weight(device)?),
+                    };
+                    let (weight, bias) = lin.into_parts();
+                    match (dense, weight) {
+                        (Some(d), _) => params.push(dense_param(w.name, &d)?),
+                        (None, LinearWeight::Nvfp4(q)) => {
+                            // The source's copy when it is the only one (no second copy of a
+                            // large model's packed weights).
+                            let q = std::sync::Arc::try_unwrap(q).unwrap_or_else(|a| (*a).clone());
+                            params.push(Param::new(w.name, w.shape, ParamValue::Packed(q)))
+                        }
+                        (None, _) => unreachable!("matched as packed above"),
                     }
-                    if let (Some(b), Some(spec)) = (lin.bias(), l.bias_tensor()) {
+                    if let (Some(b), Some(spec)) = (bias.as_ref(), l.bias_tensor()) {
                         params.push(dense_param(spec.name, b)?);
                     }
                 }

@@ -5,8 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 
 use crate::KernelError;
 
@@ -186,29 +185,72 @@ pub fn list_shards(path: &Path) -> Result<CheckpointShards, KernelError> {
 
 /// Read one safetensors file completely: its tensors (name order) and its metadata.
 pub fn read_safetensors_file(path: &Path) -> Result<(TensorMap, Option<Metadata>), KernelError> {
-    let bytes = std::fs::read(path).map_err(|e| KernelError::io("reading", path, e))?;
-    let corrupt = |e: safetensors::SafeTensorError| {
+    use std::io::Read;
+    let corrupt = |what: String| {
         KernelError::checkpoint(
             path,
-            format!("not a valid safetensors file ({e:?}); it may be truncated or corrupt — download it again"),
+            format!("not a valid safetensors file ({what}); it may be truncated or corrupt — download it again"),
         )
     };
-    let st = SafeTensors::deserialize(&bytes).map_err(corrupt)?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(corrupt)?;
-    let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        out.insert(name, tensor_from_view(&view));
+    let mut file = std::fs::File::open(path).map_err(|e| KernelError::io("reading", path, e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| KernelError::io("reading", path, e))?
+        .len();
+    let read = |file: &mut std::fs::File, buf: &mut [u8], what: &str| {
+        file.read_exact(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => corrupt(format!("it ends inside its {what}")),
+            _ => KernelError::io("reading", path, e),
+        })
+    };
+    let mut n8 = [0u8; 8];
+    read(&mut file, &mut n8, "header length")?;
+    let n = u64::from_le_bytes(n8);
+    if n > MAX_HEADER_BYTES || 8 + n > len {
+        return Err(corrupt(format!("a {n}-byte header in a {len}-byte file")));
     }
-    Ok((out, header.metadata().clone()))
+    let mut header = vec![0u8; n as usize];
+    read(&mut file, &mut header, "header")?;
+    let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header)
+        .map_err(|e| corrupt(format!("its header does not parse: {e}")))?;
+    // Metadata's parse checked that the tensors tile the data from 0 without gaps; the file
+    // must end where the last one does.
+    let mut infos: Vec<(String, &safetensors::tensor::TensorInfo)> =
+        meta.tensors().into_iter().collect();
+    infos.sort_by_key(|(_, i)| i.data_offsets);
+    let end = infos.last().map_or(0, |(_, i)| i.data_offsets.1) as u64;
+    if 8 + n + end != len {
+        return Err(corrupt(format!(
+            "the header declares {end} bytes of tensor data, the file holds {}",
+            len - 8 - n
+        )));
+    }
+    // Each tensor read straight into its own buffer (no copy of the whole file first).
+    let mut out = BTreeMap::new();
+    for (name, info) in infos {
+        let (s, e) = info.data_offsets;
+        let mut data = Vec::with_capacity(e - s);
+        (&mut file)
+            .take((e - s) as u64)
+            .read_to_end(&mut data)
+            .map_err(|err| KernelError::io("reading", path, err))?;
+        if data.len() != e - s {
+            return Err(corrupt(format!("it ends inside tensor {name}")));
+        }
+        out.insert(
+            name,
+            TensorData {
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                data,
+            },
+        );
+    }
+    Ok((out, meta.metadata().clone()))
 }
 
-fn tensor_from_view(v: &TensorView<'_>) -> TensorData {
-    TensorData {
-        dtype: v.dtype(),
-        shape: v.shape().to_vec(),
-        data: v.data().to_vec(),
-    }
-}
+/// The largest safetensors header read (the format's own limit is 100 MB).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// Write `tensors` to one safetensors file (written to a temporary name, then renamed, so a
 /// crash never leaves a half-written file under the final name). Reusable for any export:
@@ -236,4 +278,84 @@ pub fn write_safetensors_file(
     safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.as_str(), v)), metadata, &tmp)
         .map_err(|e| KernelError::checkpoint(path, format!("writing failed: {e:?}")))?;
     std::fs::rename(&tmp, path).map_err(|e| KernelError::io("renaming into place", path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(dir: &Path) -> (PathBuf, Vec<u8>) {
+        let p = dir.join("m.safetensors");
+        let mut t = BTreeMap::new();
+        t.insert(
+            "a".to_string(),
+            TensorData::from_f32(vec![2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+        );
+        t.insert(
+            "b".to_string(),
+            TensorData::new(Dtype::U8, vec![5], vec![9, 8, 7, 6, 5]).unwrap(),
+        );
+        let meta = HashMap::from([("step".to_string(), "3".to_string())]);
+        write_safetensors_file(&p, &t, Some(meta)).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        (p, bytes)
+    }
+
+    #[test]
+    fn a_written_file_reads_back_tensor_by_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, _) = sample(dir.path());
+        let (t, meta) = read_safetensors_file(&p).unwrap();
+        assert_eq!(t["a"].to_f32().unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        assert_eq!(
+            (t["b"].shape.clone(), t["b"].data.clone()),
+            (vec![5], vec![9, 8, 7, 6, 5])
+        );
+        assert_eq!(meta.unwrap()["step"], "3");
+    }
+
+    #[test]
+    fn truncated_padded_or_garbled_files_are_named_and_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, bytes) = sample(dir.path());
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("short", bytes[..5].to_vec(), "header length"),
+            ("in-header", bytes[..8 + n / 2].to_vec(), "header"),
+            ("in-data", bytes[..bytes.len() - 3].to_vec(), "tensor data"),
+            (
+                "padded",
+                [bytes.clone(), vec![0; 4]].concat(),
+                "tensor data",
+            ),
+            (
+                "huge-header",
+                {
+                    let mut b = bytes.clone();
+                    b[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+                    b
+                },
+                "header",
+            ),
+            (
+                "garbled",
+                {
+                    let mut b = bytes.clone();
+                    b[8] = b'#';
+                    b
+                },
+                "does not parse",
+            ),
+        ];
+        for (name, data, why) in cases {
+            std::fs::write(&p, &data).unwrap();
+            let e = read_safetensors_file(&p).unwrap_err().to_string();
+            assert!(
+                e.contains("m.safetensors")
+                    && e.contains("not a valid safetensors file")
+                    && e.contains(why),
+                "{name}: {e}"
+            );
+        }
+    }
 }
