@@ -375,7 +375,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "f32")]
     pub moments: String,
     /// Write checkpoints without the AdamW moments (the weights only): far smaller and faster
-    /// for large models (f32 moments of an 8B model are 55 GB). A run resumed from such a
+    /// for large models (f32 moments of an 8B model are 65 GB). A run resumed from such a
     /// checkpoint (--resume, or a retry after LOST) restarts the moments from zero.
     #[arg(long)]
     pub save_only_model: bool,
