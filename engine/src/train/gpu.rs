@@ -47,7 +47,7 @@ pub(super) fn start(
     step: u64,
     reporter: &Reporter,
 ) -> Result<(CudaTrainer, TrainPlan)> {
-    CudaTrainer::check_supported(cfg, spec.quant, spec.micro_batches())?;
+    CudaTrainer::check_supported(cfg)?;
     let plan = TrainPlan::new(cfg, spec.quant, spec.moments, spec.batch as usize, seq_len)?
         .with_micro_batches(cfg, spec.micro_batches())
         .with_recompute(cfg, spec.recompute);

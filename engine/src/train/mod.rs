@@ -316,16 +316,14 @@ fn train_checked(
     let engine = match engine {
         // Placed on a GPU without asking: the GPU trainer where it takes this model and
         // mode, otherwise the CPU, saying why.
-        Engine::Cuda(_) if spec.device.is_empty() => {
-            match CudaTrainer::check_supported(&cfg, spec.quant, spec.micro_batches()) {
-                Ok(()) => engine,
-                Err(why) => {
-                    reporter.log(format!("{why}; training on the CPU"));
-                    cpu = Engine::cpu();
-                    &cpu
-                }
+        Engine::Cuda(_) if spec.device.is_empty() => match CudaTrainer::check_supported(&cfg) {
+            Ok(()) => engine,
+            Err(why) => {
+                reporter.log(format!("{why}; training on the CPU"));
+                cpu = Engine::cpu();
+                &cpu
             }
-        }
+        },
         _ => engine,
     };
     let mut store = store.with_moments(spec.moments);

@@ -150,7 +150,7 @@ fn bench_one(
         Ok(f as u64)
     };
     let (b, t) = (opts.batch, opts.seq.min(cfg.max_position_embeddings));
-    CudaTrainer::check_supported(cfg, quant, 1)?;
+    CudaTrainer::check_supported(cfg)?;
     let plan =
         super::TrainPlan::new(cfg, quant, opts.moments, b, t)?.with_recompute(cfg, opts.recompute);
     if let Some(budget) = opts.budget {
