@@ -1,7 +1,8 @@
 //! Engine jobs through a real cluster (coordinator and agent processes, jobs as child
 //! processes): train → export → generate with a two-turn session, results in `kiln job -o
 //! json`, the session listed by the agent; and generate jobs on broken inputs end FAILED with
-//! the reason while the agent stays alive and runs the next job.
+//! the reason while the agent stays alive and runs the next job; a `kiln random-model`
+//! directory trains with the large-model flags.
 
 mod common;
 
@@ -204,6 +205,66 @@ fn a_train_job_whose_agent_dies_resumes_from_its_last_checkpoint_on_the_retry() 
         .unwrap();
     assert_eq!(resumed_at as usize, steps - retried, "{tel:#}");
     assert!(resumed_at >= 3 && resumed_at % 3 == 0, "{resumed_at}");
+}
+
+/// `kiln random-model` writes a model a train job takes as `--model`; the new train flags
+/// travel through the coordinator to the job: `--save-only-model` (no optimizer state in the
+/// checkpoint), `--grad-accum`, and `--recompute` (which the CPU trainer says it ignores); the
+/// result carries the mean step time.
+#[test]
+fn a_random_model_trains_with_the_large_model_flags_through_the_cluster() {
+    let mut c = Cluster::start();
+    c.start_agent("cpu-1", 6.0);
+    let root = c.dir.path().to_path_buf();
+    let model = root.join("random-tiny");
+    let out = c.kiln(&[
+        "random-model",
+        "--shape",
+        "tiny",
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("parameters"));
+    let ckpt = root.join("ckpt");
+    let id = submit(
+        &c,
+        &[
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--quant",
+            "nvfp4-full",
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--grad-accum",
+            "2",
+            "--seq-len",
+            "48",
+            "--save-only-model",
+            "--recompute",
+            "--out",
+            ckpt.to_str().unwrap(),
+        ],
+    );
+    let job = c.wait_state(id, "SUCCEEDED", LONG);
+    assert_eq!(job["spec"]["save_only_model"], true, "{job:#}");
+    assert_eq!(job["spec"]["recompute"], true, "{job:#}");
+    assert_eq!(job["result"]["loss"].as_array().unwrap().len(), 2);
+    assert!(job["result"]["step_ms"].as_f64().unwrap() > 0.0, "{job:#}");
+    // On the CPU nothing is planned on a GPU.
+    assert_eq!(job["result"]["planned_bytes"], 0, "{job:#}");
+    assert!(ckpt.join("model.safetensors").is_file());
+    assert!(!ckpt.join("optimizer").exists(), "the moments were saved");
+    let log = c.kiln(&["logs", &id.to_string()]);
+    let log = String::from_utf8_lossy(&log.stdout);
+    assert!(
+        log.contains("--recompute applies to the GPU trainer"),
+        "{log}"
+    );
+    assert!(log.contains("(model only)"), "{log}");
 }
 
 #[test]
