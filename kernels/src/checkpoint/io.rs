@@ -45,26 +45,35 @@ impl TensorData {
         }
     }
 
-    /// The values as f32, for F32, F16 and BF16 tensors (None for other dtypes).
+    /// The values as f32, for F32, F16 and BF16 tensors (None for other dtypes); large
+    /// tensors are converted on all cores (an 8B model's embeddings are 1.2 B values).
     pub fn to_f32(&self) -> Option<Vec<f32>> {
-        let c = self.data.chunks_exact(2);
-        match self.dtype {
-            Dtype::F32 => Some(
-                self.data
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            ),
-            Dtype::F16 => Some(
-                c.map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-            ),
-            Dtype::BF16 => Some(
-                c.map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-            ),
-            _ => None,
-        }
+        use rayon::prelude::*;
+        let width = match self.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            _ => return None,
+        };
+        const CHUNK: usize = 1 << 16;
+        let mut out = vec![0f32; self.data.len() / width];
+        let dtype = self.dtype;
+        out.par_chunks_mut(CHUNK)
+            .zip(self.data.par_chunks(CHUNK * width))
+            .for_each(|(dst, src)| {
+                let values = dst.iter_mut().zip(src.chunks_exact(width));
+                match dtype {
+                    Dtype::F32 => values.for_each(|(d, b)| {
+                        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    }),
+                    Dtype::F16 => values.for_each(|(d, b)| {
+                        *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    }),
+                    _ => values.for_each(|(d, b)| {
+                        *d = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                    }),
+                }
+            });
+        Some(out)
     }
 
     /// Number of elements.
@@ -312,6 +321,36 @@ mod tests {
             (vec![5], vec![9, 8, 7, 6, 5])
         );
         assert_eq!(meta.unwrap()["step"], "3");
+    }
+
+    #[test]
+    fn to_f32_widens_every_float_dtype_across_chunk_edges() {
+        // More than one parallel chunk (65,536 values), with a partial last one.
+        let vals: Vec<f32> = (0..150_001).map(|i| (i as f32 - 75_000.0) * 0.25).collect();
+        let f32t = TensorData::from_f32(vec![vals.len()], &vals);
+        assert_eq!(f32t.to_f32().unwrap(), vals);
+        let b: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect();
+        let bf = TensorData::new(Dtype::BF16, vec![vals.len()], b).unwrap();
+        let want: Vec<f32> = vals
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        assert_eq!(bf.to_f32().unwrap(), want);
+        let h: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
+        let f16t = TensorData::new(Dtype::F16, vec![vals.len()], h).unwrap();
+        let want: Vec<f32> = vals
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_f32())
+            .collect();
+        assert_eq!(f16t.to_f32().unwrap(), want);
+        let u8t = TensorData::new(Dtype::U8, vec![2], vec![1, 2]).unwrap();
+        assert!(u8t.to_f32().is_none());
     }
 
     #[test]
