@@ -71,19 +71,24 @@ struct OutTensor {
 }
 
 fn dense_out(name: String, values: &[f32], shape: Vec<usize>, dt: DenseDtype) -> OutTensor {
-    let (dtype, data) = match dt {
-        DenseDtype::F32 => (
-            Dtype::F32,
-            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ),
-        DenseDtype::Bf16 => (
-            Dtype::BF16,
-            values
-                .iter()
-                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-                .collect(),
-        ),
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let (dtype, width) = match dt {
+        DenseDtype::F32 => (Dtype::F32, 4),
+        DenseDtype::Bf16 => (Dtype::BF16, 2),
     };
+    // Little-endian bytes, written on all cores (an 8B model's f32 embeddings are 5 GB).
+    let mut data = vec![0u8; values.len() * width];
+    data.par_chunks_mut(CHUNK * width)
+        .zip(values.par_chunks(CHUNK))
+        .for_each(|(dst, src)| {
+            for (d, v) in dst.chunks_exact_mut(width).zip(src) {
+                match dt {
+                    DenseDtype::F32 => d.copy_from_slice(&v.to_le_bytes()),
+                    DenseDtype::Bf16 => d.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes()),
+                }
+            }
+        });
     OutTensor {
         name,
         dtype,
@@ -339,6 +344,20 @@ mod tests {
         cfg.head_dim = 32;
         cfg.vocab_size = 512;
         cfg
+    }
+
+    #[test]
+    fn dense_tensors_are_little_endian_f32_or_bf16_across_chunk_edges() {
+        let vals: Vec<f32> = (0..150_001).map(|i| (i as f32 - 75_000.0) * 0.37).collect();
+        let f = dense_out("a".into(), &vals, vec![vals.len()], DenseDtype::F32);
+        let want: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!((f.dtype, f.data), (Dtype::F32, want));
+        let b = dense_out("a".into(), &vals, vec![vals.len()], DenseDtype::Bf16);
+        let want: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        assert_eq!((b.dtype, b.data), (Dtype::BF16, want));
     }
 
     #[test]
