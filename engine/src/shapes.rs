@@ -66,10 +66,10 @@ pub fn write_random_model(
 ) -> Result<RandomModelSummary> {
     let mut cfg = shape(name)?;
     if dir.join("config.json").exists() {
-        return Err(EngineError::config(
-            dir,
-            "already holds a model (config.json); choose an empty --out",
-        ));
+        return Err(EngineError::InvalidArgument(format!(
+            "{} already holds a model (config.json); choose an empty --out",
+            dir.display()
+        )));
     }
     let tok = crate::tiny::tokenizer()?;
     // The tiny tokenizer's end-of-turn token ends generation in this model too.

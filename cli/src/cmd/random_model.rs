@@ -2,6 +2,7 @@
 //! Thin: the work is `kiln_engine::shapes::write_random_model`.
 
 use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
 use kiln_engine::model::SaveFormat;
 use kiln_engine::shapes::write_random_model;
 
@@ -15,14 +16,22 @@ pub fn run(args: RandomModelArgs) -> anyhow::Result<()> {
         RandomModelFormat::ModelOpt => SaveFormat::Nvfp4ModelOpt,
         RandomModelFormat::CompressedTensors => SaveFormat::Nvfp4CompressedTensors,
     };
-    eprintln!(
-        "drawing the {} weights (seed {}) and writing them to {}…",
+    // Minutes for the large shapes: a spinner with the elapsed time while it works.
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            .expect("valid template"),
+    );
+    spinner.set_message(format!(
+        "drawing the {} weights (seed {}) and writing them to {}",
         args.shape,
         args.seed,
         args.out.display()
-    );
-    let s = write_random_model(&args.shape, &args.out, format, args.seed)
-        .with_context(|| format!("writing a random {} model", args.shape))?;
+    ));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let s = write_random_model(&args.shape, &args.out, format, args.seed);
+    spinner.finish_and_clear();
+    let s = s.with_context(|| format!("writing a random {} model", args.shape))?;
     let params = if s.params >= 1_000_000_000 {
         format!("{:.2} B", s.params as f64 / 1e9)
     } else {
