@@ -251,6 +251,21 @@ pub struct LayerLayout {
     pub down_proj: LinearSpec,
 }
 
+impl LayerLayout {
+    /// The seven linear layers, in order: q, k, v, o, gate, up, down.
+    pub fn linears(&self) -> [&LinearSpec; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
+}
+
 /// A parameter of a decoder layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LayerParam {

@@ -23,6 +23,17 @@ pub enum LinearWeight {
     Ste(Tensor),
 }
 
+impl LinearWeight {
+    /// The weight as dense f32 `[out, in]` (dequantized onto `device` if packed; a dense
+    /// weight stays where it is).
+    pub fn dense(&self, device: &Device) -> Result<Tensor> {
+        Ok(match self {
+            LinearWeight::Dense(w) | LinearWeight::Ste(w) => w.clone(),
+            LinearWeight::Nvfp4(q) => Tensor::from_vec(q.dequantize(), (q.rows, q.cols), device)?,
+        })
+    }
+}
+
 /// A linear layer. Invariant: the weight is `[out_features, in_features]` and the bias, if
 /// any, is `[out_features]`.
 #[derive(Debug, Clone)]
@@ -116,10 +127,7 @@ impl Linear {
     /// The weight as dense f32 `[out, in]` (dequantized onto `device` if packed; a dense
     /// weight stays where it is).
     pub fn dense_weight(&self, device: &Device) -> Result<Tensor> {
-        Ok(match &self.weight {
-            LinearWeight::Dense(w) | LinearWeight::Ste(w) => w.clone(),
-            LinearWeight::Nvfp4(q) => Tensor::from_vec(q.dequantize(), (q.rows, q.cols), device)?,
-        })
+        self.weight.dense(device)
     }
 }
 

@@ -185,22 +185,16 @@ impl ParamStore {
             match spec {
                 ParamSpec::Tensor(t) => params.push(dense_param(t.name.clone(), &src.tensor(t)?)?),
                 ParamSpec::Linear(l) => {
-                    let lin = src.layer(l)?;
+                    let (weight, bias) = src.layer(l)?.into_parts();
                     let w = l.weight();
-                    let dense = match (quant, lin.weight()) {
-                        (QuantSpec::Nvfp4Full, LinearWeight::Nvfp4(_)) => None,
-                        _ => Some(lin.dense_weight(device)?),
-                    };
-                    let (weight, bias) = lin.into_parts();
-                    match (dense, weight) {
-                        (Some(d), _) => params.push(dense_param(w.name, &d)?),
-                        (None, LinearWeight::Nvfp4(q)) => {
+                    match weight {
+                        LinearWeight::Nvfp4(q) if quant == QuantSpec::Nvfp4Full => {
                             // The source's copy when it is the only one (no second copy of a
                             // large model's packed weights).
                             let q = std::sync::Arc::try_unwrap(q).unwrap_or_else(|a| (*a).clone());
                             params.push(Param::new(w.name, w.shape, ParamValue::Packed(q)))
                         }
-                        (None, _) => unreachable!("matched as packed above"),
+                        other => params.push(dense_param(w.name, &other.dense(device)?)?),
                     }
                     if let (Some(b), Some(spec)) = (bias.as_ref(), l.bias_tensor()) {
                         params.push(dense_param(spec.name, b)?);

@@ -139,18 +139,10 @@ pub(super) fn flat_layout(
             .layers()
             .iter()
             .map(|l| {
-                [
-                    &l.q_proj,
-                    &l.k_proj,
-                    &l.v_proj,
-                    &l.o_proj,
-                    &l.gate_proj,
-                    &l.up_proj,
-                    &l.down_proj,
-                ]
-                .iter()
-                .filter(|s| s.bias_tensor().is_some())
-                .count()
+                l.linears()
+                    .iter()
+                    .filter(|s| s.bias_tensor().is_some())
+                    .count()
             })
             .sum::<usize>();
     if params.len() + skipped != want {

@@ -128,15 +128,7 @@ pub(super) fn packed_bytes(cfg: &ModelConfig, moments: MomentsSpec) -> Result<Pa
     let mut elems = 0u64;
     let mut tensors = 0u64;
     for l in layout.layers() {
-        for s in [
-            &l.q_proj,
-            &l.k_proj,
-            &l.v_proj,
-            &l.o_proj,
-            &l.gate_proj,
-            &l.up_proj,
-            &l.down_proj,
-        ] {
+        for s in l.linears() {
             if s.nvfp4 {
                 let w = s.weight();
                 elems += w.shape.iter().product::<usize>() as u64;
