@@ -374,15 +374,20 @@ fn exec_user_runs_commands_as_that_user() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("needs the agent to run as root"));
         return;
     }
-    // The test's directory must be reachable by the unprivileged user.
+    // The test's directory must be reachable by the unprivileged user, and so must the kiln
+    // binary the job runs (`kiln phase`): a copy there, since the checkout holding the build
+    // may not be (a `mktemp -d` clone is 0700).
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let kiln = c.dir.path().join("kiln");
+    std::fs::copy(kiln_bin(), &kiln).unwrap();
+    std::fs::set_permissions(&kiln, std::fs::Permissions::from_mode(0o755)).unwrap();
     c.start_agent_with(
         "exec-nobody",
         2.0,
         &["--allow-exec", "--exec-user", "nobody"],
     );
-    let script = format!("id -u; {}", phase("as_nobody"));
+    let script = format!("id -u; {} phase as_nobody", kiln.display());
     let id = submit_exec(&c, &["--budget-gb", "0.5"], &["sh", "-c", &script]);
     c.wait_state(id, "SUCCEEDED", T);
     let logs = String::from_utf8_lossy(&c.kiln(&["logs", &id.to_string()]).stdout).to_string();
