@@ -57,10 +57,26 @@ impl ChatModel {
 
     /// Load `tiny` or a Hugging Face directory on `engine`, linears in `format`.
     pub fn load_on(engine: &Engine, model: &str, format: LinearFormat) -> Result<Self> {
+        Self::load_with(engine, model, engine.load_options(format))
+    }
+
+    /// Load `tiny` or a Hugging Face directory on the host (the CPU engine), NVFP4 linears,
+    /// float ones quantized by `gpu`'s quantize kernel where it is the GPU engine: what a GPU
+    /// job holds before it checks its budget and uploads the model.
+    pub fn load_host_for(gpu: &Engine, model: &str) -> Result<Self> {
+        let host = Engine::cpu();
+        let opts = LoadOptions {
+            quantizer: gpu.quantizer(),
+            ..host.load_options(LinearFormat::Nvfp4)
+        };
+        Self::load_with(&host, model, opts)
+    }
+
+    fn load_with(engine: &Engine, model: &str, opts: LoadOptions) -> Result<Self> {
         if model == TINY_MODEL {
-            Self::tiny_on(engine, format)
+            Self::tiny_on(engine, opts.format)
         } else {
-            Self::from_dir_on(engine, Path::new(model), format)
+            Self::from_dir_on(engine, Path::new(model), &opts)
         }
     }
 
@@ -89,17 +105,19 @@ impl ChatModel {
     /// A Hugging Face directory: config.json, safetensors, tokenizer.json,
     /// tokenizer_config.json.
     pub fn from_dir(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        Self::from_dir_on(&Engine::for_device(&opts.device)?, dir, opts.format)
+        let engine = Engine::for_device(&opts.device)?;
+        let opts = engine.load_options(opts.format);
+        Self::from_dir_on(&engine, dir, &opts)
     }
 
-    fn from_dir_on(engine: &Engine, dir: &Path, format: LinearFormat) -> Result<Self> {
+    fn from_dir_on(engine: &Engine, dir: &Path, opts: &LoadOptions) -> Result<Self> {
         if !dir.is_dir() {
             return Err(EngineError::config(
                 dir,
                 "not a directory; --model takes `tiny` or a Hugging Face model directory",
             ));
         }
-        let model = engine.load_model(dir, format)?;
+        let model = Model::load(dir, opts)?;
         let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
         let template = ChatTemplate::from_model_dir(dir)?;
         let fingerprint = format!("dir-{:016x}", fnv1a(&dir_signature(dir, &model)?));

@@ -23,8 +23,8 @@ use crate::cuda::{CudaModel, CudaSequence};
 
 use crate::error::{EngineError, Result};
 use crate::model::{
-    Checkpoint, CheckpointWeights, KvCache, LinearFormat, LoadOptions, Logits, Model, ModelConfig,
-    Pass, RandomWeights, WeightSource,
+    Checkpoint, CheckpointWeights, GpuQuantizer, KvCache, LinearFormat, LoadOptions, Logits, Model,
+    ModelConfig, Pass, RandomWeights, WeightSource,
 };
 use crate::spec::DeviceSpec;
 
@@ -213,6 +213,15 @@ impl Engine {
         LoadOptions {
             format,
             device: self.device().clone(),
+            quantizer: self.quantizer(),
+        }
+    }
+
+    /// On the GPU engine, its GPU as the quantizer of float linears loaded as NVFP4.
+    pub fn quantizer(&self) -> Option<GpuQuantizer> {
+        match self {
+            Engine::Cpu(_) => None,
+            Engine::Cuda(e) => Some(GpuQuantizer(e.kernels.clone())),
         }
     }
 
@@ -237,7 +246,7 @@ impl Engine {
         ckpt: &'a Checkpoint,
         format: LinearFormat,
     ) -> CheckpointWeights<'a> {
-        CheckpointWeights::new(ckpt, format, self.device().clone())
+        CheckpointWeights::new(ckpt, format, self.device().clone()).with_quantizer(self.quantizer())
     }
 
     /// An empty cache for a model of `num_layers` layers.

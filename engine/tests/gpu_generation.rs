@@ -306,3 +306,52 @@ fn sampling_on_the_gpu_is_seeded() {
         "temperature 1.5 on an untrained model departs from greedy"
     );
 }
+
+/// The packed matrices of `m` once uploaded to the GPU engine.
+fn gpu_linears(m: &Model) -> Vec<(String, kiln_kernels::Nvfp4Tensor, Vec<f32>)> {
+    let loaded = LoadedModel::new(gpu(), m.clone()).unwrap();
+    loaded.gpu().unwrap().download_linears().unwrap()
+}
+
+fn assert_same_linears(
+    what: &str,
+    want: &[(String, kiln_kernels::Nvfp4Tensor, Vec<f32>)],
+    got: &[(String, kiln_kernels::Nvfp4Tensor, Vec<f32>)],
+) {
+    assert_eq!(want.len(), got.len(), "{what}");
+    for ((name, a, sa), (_, b, sb)) in want.iter().zip(got) {
+        assert_eq!((a.rows, a.cols), (b.rows, b.cols), "{what}: {name} shape");
+        let bits = |s: &[f32]| s.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(sa), bits(sb), "{what}: {name} tensor scales");
+        assert!(a.scales == b.scales, "{what}: {name} block scales differ");
+        assert!(a.packed == b.packed, "{what}: {name} codes differ");
+    }
+}
+
+/// A float model is quantized by the GPU's kernel — when a model held dense is uploaded, and
+/// when an f32 directory is loaded for the GPU engine — to exactly the bytes the CPU's quantize
+/// makes (tied heads, q/k/v biases and untied heads included).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn float_models_are_quantized_on_the_gpu_to_the_cpus_bytes() {
+    for arch in [Architecture::Qwen2, Architecture::Llama] {
+        let cfg = small_config(arch);
+        let want = gpu_linears(&random_model(&cfg, LinearFormat::Nvfp4));
+        let dense = random_model(&cfg, LinearFormat::Dense);
+        assert_same_linears(
+            &format!("{arch:?} dense upload"),
+            &want,
+            &gpu_linears(&dense),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        save(&dense, dir.path(), &DENSE_F32);
+        let g = gpu();
+        let loaded = Model::load(dir.path(), &g.load_options(LinearFormat::Nvfp4)).unwrap();
+        let got = gpu_linears(&loaded);
+        assert_same_linears(&format!("{arch:?} f32 directory"), &want, &got);
+        eprintln!(
+            "{arch:?}: {} packed matrices identical to the CPU's",
+            got.len()
+        );
+    }
+}

@@ -20,12 +20,6 @@ fn load(dir: &std::path::Path, format: LinearFormat) -> Result<Model, EngineErro
     )
 }
 
-const DENSE_F32: SaveOptions = SaveOptions {
-    format: SaveFormat::Dense,
-    dense_dtype: DenseDtype::F32,
-    max_shard_bytes: None,
-};
-
 #[test]
 fn every_architecture_round_trips_through_a_directory() {
     for arch in [

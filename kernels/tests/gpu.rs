@@ -94,6 +94,55 @@ fn quantize_and_dequantize_are_bit_identical_to_the_cpu() {
     }
 }
 
+/// Two matrices of one width, quantized row range by row range through a staging buffer
+/// smaller than either into one stacked tensor (what the GPU model loader does), equal the
+/// CPU's quantize of each, byte for byte, with each part's own tensor scale.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn quantize_rows_into_stacks_matrices_bit_identically() {
+    use kiln_kernels::cuda::DeviceInput;
+    use kiln_kernels::nvfp4::tensor::{checked_amax, tensor_scale_for_amax};
+    let k = gpu();
+    let mut r = rng("quantize_rows_into");
+    let cols = 896;
+    let parts = [weights(&mut r, 300, cols), weights(&mut r, 77, cols)];
+    let rows: usize = parts.iter().map(|p| p.len() / cols).sum();
+    let mut out = k.alloc_nvfp4(rows, cols).unwrap();
+    let chunk_rows = 64;
+    let mut staging = k.stream().alloc_zeros::<f32>(chunk_rows * cols).unwrap();
+    let mut first = 0;
+    for p in &parts {
+        let ts = tensor_scale_for_amax(checked_amax(p, cols).unwrap());
+        for c in p.chunks(chunk_rows * cols) {
+            let mut view = staging.slice_mut(0..c.len());
+            k.stream().memcpy_htod(c, &mut view).unwrap();
+            let n = c.len() / cols;
+            k.quantize_rows_into_async(DeviceInput::F32(&staging), n, ts, &mut out, first)
+                .unwrap();
+            first += n;
+        }
+    }
+    let all = k.download_nvfp4(&out).unwrap();
+    let mut row = 0;
+    for (i, p) in parts.iter().enumerate() {
+        let n = p.len() / cols;
+        let cpu = Nvfp4Tensor::quantize(p, n, cols).unwrap();
+        let (a, b) = (row * cols, (row + n) * cols);
+        let gpu = Nvfp4Tensor::from_parts(
+            n,
+            cols,
+            all.packed[a / 2..b / 2].to_vec(),
+            all.scales[a / 16..b / 16].to_vec(),
+            cpu.tensor_scale,
+        )
+        .unwrap();
+        assert_same(&cpu, &gpu, &format!("part {i}"));
+        row += n;
+    }
+    let too_many = k.quantize_rows_into_async(DeviceInput::F32(&staging), 64, 1.0, &mut out, 340);
+    assert!(too_many.is_err(), "rows past the end must be refused");
+}
+
 fn assert_same(cpu: &Nvfp4Tensor, gpu: &Nvfp4Tensor, what: &str) {
     assert_eq!(
         cpu.tensor_scale.to_bits(),

@@ -10,6 +10,7 @@
 
 use clap::{Args, ValueEnum};
 use kiln_engine::cuda::bench::{run_gpu_bench, Anchor, GpuBenchOptions};
+use kiln_engine::cuda::load_bench::run_load_bench;
 use kiln_engine::generate::bench::{run_engine_bench, BenchOptions};
 
 /// Which engine `kiln bench engine` measures.
@@ -61,6 +62,14 @@ pub struct BenchEngineArgs {
     /// transformers bf16 measured in the same run); its ratios join the tables.
     #[arg(long, value_name = "FILE")]
     pub anchor: Option<std::path::PathBuf>,
+    /// With --device cuda: instead of the decode benchmark, time loading this Hugging Face
+    /// directory onto the GPU with its float linears quantized by the host's cores (the
+    /// baseline) and by the GPU's quantize kernel, after checking both give the same bytes.
+    #[arg(long, value_name = "DIR")]
+    pub load_model: Option<std::path::PathBuf>,
+    /// With --load-model: loads per path (the median is printed).
+    #[arg(long, default_value_t = 3)]
+    pub load_runs: usize,
 }
 
 /// Runs the benchmark and prints its tables (progress on stderr).
@@ -88,6 +97,19 @@ pub fn run(args: BenchEngineArgs) -> anyhow::Result<()> {
 
 fn run_cuda(args: BenchEngineArgs) -> anyhow::Result<()> {
     use anyhow::Context;
+    if let Some(dir) = &args.load_model {
+        let k = std::sync::Arc::new(kiln_kernels::cuda::CudaKernels::new(args.gpu)?);
+        let t = std::time::Instant::now();
+        let report = run_load_bench(k, dir, args.load_runs, &mut |m| {
+            eprintln!("[{:>6.1}s] {m}", t.elapsed().as_secs_f64())
+        })?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!("{}", report.to_table());
+        }
+        return Ok(());
+    }
     let anchor: Option<Anchor> = match &args.anchor {
         Some(p) => Some(
             serde_json::from_str(

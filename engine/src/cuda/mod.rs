@@ -4,6 +4,8 @@
 //!   gate/up concatenated, NVFP4 vocabulary projection, bf16 embedding), from a host model or
 //!   seeded random codes; [`GpuWeightBytes`].
 //! - `bench` — the GPU engine benchmark (`kiln bench engine --device cuda`).
+//! - `load_bench` — loading a model directory with float linears quantized by the host's cores
+//!   or by the GPU's kernel (`kiln bench engine --device cuda --load-model DIR`).
 //! - `plan` — [`GpuPlan`]: the bytes a generation will hold, checked against the job's budget
 //!   before anything is allocated; the sizing rules of the sequence.
 //! - `sequence` — [`CudaSequence`]: a sequence's bf16 KV cache, buffers, device scalars and
@@ -15,6 +17,7 @@
 //! falls back to the CPU.
 
 pub mod bench;
+pub mod load_bench;
 pub mod plan;
 pub mod sequence;
 pub mod train;

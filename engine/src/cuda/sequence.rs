@@ -19,7 +19,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaGraph, CudaSlice};
 use half::bf16;
-use kiln_kernels::cuda::decode::{AttentionShape, DevAddr, DeviceSampling, QkvPost, ARGMAX_BLOCKS};
+use kiln_kernels::cuda::decode::{
+    AttentionShape, DevAddr, DeviceSampling, QkvPost, ARGMAX_BLOCKS, FLASH_PREFILL_HEAD_DIMS,
+};
 use kiln_kernels::cuda::{CudaKernels, DeviceNvfp4};
 
 use super::cuda;
@@ -542,11 +544,13 @@ impl CudaSequence {
         // the prompt path's pick does not advance it
         self.device_pos = Some(self.len);
         let ids_dev = s.clone_htod(ids).map_err(cuda("uploading token ids"))?;
-        // prefill attention: over 8 rows, two GEMMs around a softmax, through scores and
-        // probabilities of [kv_heads][rows][keys]; else one split per query
+        // prefill attention: over 8 rows, the flash kernel, or (head dims it is not built
+        // for) two GEMMs around a softmax, through scores and probabilities of
+        // [kv_heads][rows][keys]; else one split per query
         let keys = self.len + rows;
         let score_elems = self.cfg.num_key_value_heads * rows * keys;
-        let (scores, probs) = if rows > 8 {
+        let flash = FLASH_PREFILL_HEAD_DIMS.contains(&self.cfg.head_dim);
+        let (scores, probs) = if rows > 8 && !flash {
             // SAFETY: written by the GEMM before they are read
             unsafe {
                 (
@@ -911,9 +915,10 @@ unsafe fn attention_block(
     Ok(())
 }
 
-/// Prefill attention on the tensor cores: per query head of each KV group, S = Q·Kᵀ (scaled)
-/// as one strided batched GEMM over the groups, the causal softmax into bf16 P, then O = P·V
-/// into `attn`.
+/// Prefill attention on the tensor cores: the flash kernel (scores in registers) where it is
+/// built for the head dim; else per query head of each KV group, S = Q·Kᵀ (scaled) as one
+/// strided batched GEMM over the groups, the causal softmax into bf16 P, then O = P·V into
+/// `attn`.
 ///
 /// # Safety
 /// As [`layers`], with `sc.scores` / `sc.probs` holding `kv_heads·rows·keys` elements.
@@ -938,6 +943,22 @@ unsafe fn attention_gemm(
     let bf = bf.as_mut().expect("rows > 8 have bf16 twins");
     k.f32_to_bf16_async(q, &mut bf.q)?;
     let (q_bf, out) = (k.addr(&bf.q, 0), k.addr(attn, 0));
+    // SAFETY: the caller's contract: q and attn hold rows · nh · hd, the caches kv_heads · cap
+    // · hd with positions below pos + rows written by the epilogue just queued.
+    if unsafe {
+        k.flash_prefill_async(
+            q_bf,
+            k_cache,
+            v_cache,
+            sc.pos,
+            out,
+            rows,
+            (nh, kvh, hd),
+            sc.cap,
+        )
+    }? {
+        return Ok(());
+    }
     for r in 0..rep {
         // SAFETY: the caller's contract; the strides stay inside the cache (kv_heads · cap ·
         // hd), the queries (rows · nh · hd), the scores and the output.

@@ -14,6 +14,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 use kiln_kernels::cuda::decode::attention_kernel_for;
 use kiln_kernels::cuda::{CudaKernels, DeviceNvfp4};
+use kiln_kernels::nvfp4::tensor::{checked_amax, tensor_scale_for_amax};
 use kiln_kernels::nvfp4::Nvfp4Tensor;
 
 use super::cuda;
@@ -144,35 +145,95 @@ fn f32_host(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
-/// A linear's weight as NVFP4 on the host (dense weights are quantized: the GPU engine keeps
-/// every linear packed).
-fn nvfp4_of(l: &Linear) -> Result<Arc<Nvfp4Tensor>> {
-    Ok(match l.weight() {
-        LinearWeight::Nvfp4(q) => q.clone(),
-        LinearWeight::Dense(w) | LinearWeight::Ste(w) => {
-            let (n, k) = w.dims2()?;
-            Arc::new(Nvfp4Tensor::quantize(&f32_host(w)?, n, k)?)
-        }
-    })
+/// One matrix of a stacked GPU linear: packed NVFP4 (uploaded byte for byte) or dense f32
+/// (quantized on the GPU).
+enum Part<'a> {
+    Packed(&'a Nvfp4Tensor),
+    Dense {
+        what: String,
+        data: Vec<f32>,
+        rows: usize,
+    },
 }
 
-/// Rows of several NVFP4 matrices of one width stacked into one, tensor scale 1; the parts'
-/// own tensor scales are returned beside it.
-fn stack(k: &CudaKernels, parts: &[&Nvfp4Tensor]) -> Result<(DeviceNvfp4, Vec<f32>)> {
-    let cols = parts[0].cols;
-    let rows: usize = parts.iter().map(|p| p.rows).sum();
-    let mut packed = Vec::with_capacity(rows * cols / 2);
-    let mut scales = Vec::with_capacity(rows * cols / 16);
-    for p in parts {
-        debug_assert_eq!(p.cols, cols);
-        packed.extend_from_slice(&p.packed);
-        scales.extend_from_slice(&p.scales);
+impl<'a> Part<'a> {
+    /// The weight of linear `key` of `model`.
+    fn of(l: &'a Linear, key: ParamKey) -> Result<Self> {
+        Ok(match l.weight() {
+            LinearWeight::Nvfp4(q) => Part::Packed(q),
+            LinearWeight::Dense(w) | LinearWeight::Ste(w) => Part::Dense {
+                what: format!("{key:?}"),
+                data: f32_host(w)?,
+                rows: w.dims2()?.0,
+            },
+        })
     }
-    let t = Nvfp4Tensor::from_parts(rows, cols, packed, scales, 1.0)?;
-    Ok((
-        k.upload_nvfp4(&t)?,
-        parts.iter().map(|p| p.tensor_scale).collect(),
-    ))
+
+    fn rows(&self) -> usize {
+        match self {
+            Part::Packed(q) => q.rows,
+            Part::Dense { rows, .. } => *rows,
+        }
+    }
+}
+
+/// Rows of several matrices of one width stacked into one NVFP4 tensor on the GPU, tensor
+/// scale 1; the parts' own tensor scales are returned beside it. Packed parts are copied in as
+/// they are; dense ones are quantized on the GPU (round to nearest, tensor scale from their
+/// amax: the bytes [`Nvfp4Tensor::quantize`] makes on the CPU) through one staging buffer of at
+/// most 64 MiB, so a dense weight never needs more than that beside the weights. A non-finite
+/// value in a dense weight is an error naming the parameter, the row and the column.
+fn stack(k: &CudaKernels, cols: usize, parts: &[Part]) -> Result<(DeviceNvfp4, Vec<f32>)> {
+    let rows: usize = parts.iter().map(Part::rows).sum();
+    let mut out = k.alloc_nvfp4(rows, cols)?;
+    let mut staging: Option<CudaSlice<f32>> = None;
+    let mut scales = Vec::with_capacity(parts.len());
+    let mut first = 0;
+    for p in parts {
+        match p {
+            Part::Packed(q) => {
+                if q.cols != cols {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "stacking a [{}, {}] NVFP4 matrix into one of width {cols}",
+                        q.rows, q.cols
+                    )));
+                }
+                let (a, b) = (first * cols, (first + q.rows) * cols);
+                let s = k.stream();
+                s.memcpy_htod(&q.packed, &mut out.packed.slice_mut(a / 2..b / 2))
+                    .map_err(cuda("uploading packed codes"))?;
+                s.memcpy_htod(&q.scales, &mut out.scales.slice_mut(a / 16..b / 16))
+                    .map_err(cuda("uploading block scales"))?;
+                scales.push(q.tensor_scale);
+                first += q.rows;
+            }
+            Part::Dense { what, data, rows } => {
+                let amax = checked_amax(data, cols)
+                    .map_err(|e| EngineError::InvalidArgument(format!("weight {what}: {e}")))?;
+                let ts = tensor_scale_for_amax(amax);
+                k.quantize_rows_from_host(data, ts, &mut out, first, &mut staging)?;
+                scales.push(ts);
+                first += rows;
+            }
+        }
+    }
+    k.stream()
+        .memcpy_htod(&[1.0f32], &mut out.tensor_scale)
+        .map_err(cuda("setting a tensor scale"))?;
+    if staging.is_some() {
+        // the queued quantizes read the staging buffer: let them finish before it is freed
+        k.synchronize()?;
+    }
+    Ok((out, scales))
+}
+
+/// One linear on the GPU with its own tensor scale.
+fn single(k: &CudaKernels, cols: usize, part: Part) -> Result<DeviceNvfp4> {
+    let (mut w, ts) = stack(k, cols, &[part])?;
+    k.stream()
+        .memcpy_htod(&ts, &mut w.tensor_scale)
+        .map_err(cuda("setting a tensor scale"))?;
+    Ok(w)
 }
 
 fn upload_f32(k: &CudaKernels, v: &[f32]) -> Result<CudaSlice<f32>> {
@@ -192,23 +253,22 @@ impl CudaModel {
                 ParamRef::Linear(_) => unreachable!("{key:?} is a tensor"),
             }
         };
-        let linear = |key: ParamKey| -> &Linear {
+        let linear = |key: ParamKey| -> Result<(&Linear, Part)> {
             match model.param_ref(key) {
-                ParamRef::Linear(l) => l,
+                ParamRef::Linear(l) => Ok((l, Part::of(l, key)?)),
                 ParamRef::Tensor(_) => unreachable!("{key:?} is a linear"),
             }
         };
+        let (h, i_size) = (cfg.hidden_size, cfg.intermediate_size);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = |lp| ParamKey::Layer(i, lp);
             use LayerParam as L;
-            let (q, kk, v) = (
-                linear(p(L::QProj)),
-                linear(p(L::KProj)),
-                linear(p(L::VProj)),
+            let ((q, qp), (kk, kp), (v, vp)) = (
+                linear(p(L::QProj))?,
+                linear(p(L::KProj))?,
+                linear(p(L::VProj))?,
             );
-            let (qn, kn, vn) = (nvfp4_of(q)?, nvfp4_of(kk)?, nvfp4_of(v)?);
-            let (qkv, qkv_scale) = stack(&k, &[&qn, &kn, &vn])?;
             let qkv_bias = match (q.bias(), kk.bias(), v.bias()) {
                 (Some(a), Some(b), Some(c)) => {
                     let mut all = f32_host(a)?;
@@ -218,6 +278,7 @@ impl CudaModel {
                 }
                 _ => None,
             };
+            let (qkv, qkv_scale) = stack(&k, h, &[qp, kp, vp])?;
             let qk_norm = if cfg.qk_norm() {
                 Some((
                     upload_f32(&k, &tensor(p(L::QNorm))?)?,
@@ -226,22 +287,19 @@ impl CudaModel {
             } else {
                 None
             };
-            let (g, u) = (
-                nvfp4_of(linear(p(L::GateProj)))?,
-                nvfp4_of(linear(p(L::UpProj)))?,
-            );
-            let (gate_up, gate_up_scale) = stack(&k, &[&g, &u])?;
+            let (gate_up, gate_up_scale) =
+                stack(&k, h, &[linear(p(L::GateProj))?.1, linear(p(L::UpProj))?.1])?;
             layers.push(CudaLayer {
                 input_norm: upload_f32(&k, &tensor(p(L::InputNorm))?)?,
                 qkv,
                 qkv_scale: upload_f32(&k, &qkv_scale)?,
                 qkv_bias,
                 qk_norm,
-                o: k.upload_nvfp4(&*nvfp4_of(linear(p(L::OProj)))?)?,
+                o: single(&k, cfg.q_size(), linear(p(L::OProj))?.1)?,
                 post_norm: upload_f32(&k, &tensor(p(L::PostAttentionNorm))?)?,
                 gate_up,
                 gate_up_scale: upload_f32(&k, &gate_up_scale)?,
-                down: k.upload_nvfp4(&*nvfp4_of(linear(p(L::DownProj)))?)?,
+                down: single(&k, i_size, linear(p(L::DownProj))?.1)?,
             });
         }
         let embed_f32 = tensor(ParamKey::Embed)?;
@@ -251,13 +309,19 @@ impl CudaModel {
             .clone_htod(&embed_bf16)
             .map_err(cuda("uploading the embedding"))?;
         let lm_head = if cfg.tie_word_embeddings {
-            k.upload_nvfp4(&Nvfp4Tensor::quantize(
-                &embed_f32,
-                cfg.vocab_size,
-                cfg.hidden_size,
-            )?)?
+            let rows = cfg.vocab_size;
+            let what = "the tied vocabulary projection (the embedding)".to_string();
+            single(
+                &k,
+                h,
+                Part::Dense {
+                    what,
+                    data: embed_f32,
+                    rows,
+                },
+            )?
         } else {
-            k.upload_nvfp4(&*nvfp4_of(linear(ParamKey::LmHead))?)?
+            single(&k, h, linear(ParamKey::LmHead)?.1)?
         };
         let norm = upload_f32(&k, &tensor(ParamKey::Norm)?)?;
         let inv_freq = upload_f32(&k, Rope::new(&cfg).inv_freq())?;
@@ -368,6 +432,40 @@ impl CudaModel {
     /// Bytes on the GPU by category.
     pub fn bytes(&self) -> GpuWeightBytes {
         self.bytes
+    }
+
+    /// Every packed matrix as the GPU holds it, copied back (synchronises): per layer `qkv`,
+    /// `o`, `gate_up`, `down`, then `lm_head`, each with the tensor scales of its parts (the
+    /// stacked ones hold tensor scale 1 and their parts' scales beside them). For checks
+    /// against the host's quantize.
+    pub fn download_linears(&self) -> Result<Vec<(String, Nvfp4Tensor, Vec<f32>)>> {
+        let k = &self.k;
+        let scales = |s: &CudaSlice<f32>| -> Result<Vec<f32>> {
+            k.stream()
+                .clone_dtoh(s)
+                .map_err(cuda("reading tensor scales"))
+        };
+        let own = |w: &DeviceNvfp4| -> Result<(Nvfp4Tensor, Vec<f32>)> {
+            let t = k.download_nvfp4(w)?;
+            let ts = vec![t.tensor_scale];
+            Ok((t, ts))
+        };
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let qkv = (k.download_nvfp4(&l.qkv)?, scales(&l.qkv_scale)?);
+            let gate_up = (k.download_nvfp4(&l.gate_up)?, scales(&l.gate_up_scale)?);
+            for (name, (t, s)) in [
+                ("qkv", qkv),
+                ("o", own(&l.o)?),
+                ("gate_up", gate_up),
+                ("down", own(&l.down)?),
+            ] {
+                out.push((format!("layer {i} {name}"), t, s));
+            }
+        }
+        let (t, s) = own(&self.lm_head)?;
+        out.push(("lm_head".into(), t, s));
+        Ok(out)
     }
 }
 

@@ -14,7 +14,6 @@ use crate::chat_model::ChatModel;
 use crate::cuda::GpuPlan;
 use crate::engine::{Engine, LoadedModel};
 use crate::error::{EngineError, Result};
-use crate::model::LinearFormat;
 use crate::report::{JobOutput, PhaseReport, Report, Reporter};
 use crate::session::Session as StoredSession;
 use crate::session::Session;
@@ -119,8 +118,9 @@ pub fn run_job(
     let engine_ms = t_engine.elapsed().as_secs_f64() * 1e3;
     let sampling = sampling_params(&spec.sampling)?;
     let t = Instant::now();
-    // Built on the host first (the GPU engine uploads it below, once the budget is checked).
-    let mut cm = ChatModel::load_on(&Engine::cpu(), &spec.model, LinearFormat::Nvfp4)?;
+    // Built on the host first (the GPU engine uploads it below, once the budget is checked);
+    // float linears are quantized by the GPU's kernel on a GPU.
+    let mut cm = ChatModel::load_host_for(&engine, &spec.model)?;
     // What the generation will forward: the prompt, or the session and its new turn.
     let mut work = if spec.session_id.is_empty() {
         let prompt = if spec.messages.is_empty() {

@@ -47,7 +47,7 @@ pub use layout::{
 pub use linear::{Linear, LinearWeight};
 pub use save::{save_model_dir, DenseDtype, SaveFormat, SaveOptions};
 pub use transformer::{Logits, Model, ParamRef, Pass};
-pub use weights::{CheckpointWeights, LinearFormat, RandomWeights, WeightSource};
+pub use weights::{CheckpointWeights, GpuQuantizer, LinearFormat, RandomWeights, WeightSource};
 
 /// How to load a model.
 #[derive(Debug, Clone)]
@@ -56,6 +56,8 @@ pub struct LoadOptions {
     pub format: LinearFormat,
     /// Where the tensors live.
     pub device: Device,
+    /// Quantize float linears on this GPU instead of the CPU (same bytes).
+    pub quantizer: Option<GpuQuantizer>,
 }
 
 impl Default for LoadOptions {
@@ -63,6 +65,7 @@ impl Default for LoadOptions {
         LoadOptions {
             format: LinearFormat::Nvfp4,
             device: Device::Cpu,
+            quantizer: None,
         }
     }
 }
@@ -82,7 +85,8 @@ impl Model {
         ckpt: &Checkpoint,
         opts: &LoadOptions,
     ) -> Result<Model> {
-        let mut src = CheckpointWeights::new(ckpt, opts.format, opts.device.clone());
+        let mut src = CheckpointWeights::new(ckpt, opts.format, opts.device.clone())
+            .with_quantizer(opts.quantizer.clone());
         let model = Model::build(cfg, &mut src, &opts.device)?;
         tracing::debug!(dir = %ckpt.dir().display(), arch = ?cfg.architecture, "model loaded");
         Ok(model)

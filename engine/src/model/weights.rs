@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use kiln_kernels::checkpoint::nvfp4_from_tensors;
+use kiln_kernels::cuda::CudaKernels;
 use kiln_kernels::nvfp4::Nvfp4Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -79,12 +80,31 @@ pub trait WeightSource {
     }
 }
 
+/// The GPU whose quantize kernel turns a loader's float linears into NVFP4 (the bytes the CPU
+/// makes, [`Nvfp4Tensor::quantize`]): a model loaded for the GPU engine is quantized there,
+/// one tensor at a time through a bounded staging buffer, instead of on the host's cores.
+#[derive(Clone)]
+pub struct GpuQuantizer(pub Arc<CudaKernels>);
+
+impl std::fmt::Debug for GpuQuantizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuQuantizer({})", self.0.device_name())
+    }
+}
+
+impl GpuQuantizer {
+    fn quantize(&self, data: &[f32], out: usize, inp: usize) -> Result<Nvfp4Tensor> {
+        Ok(self.0.quantize_staged(data, out, inp)?)
+    }
+}
+
 /// Weights read from a checkpoint directory.
 #[derive(Debug)]
 pub struct CheckpointWeights<'a> {
     ckpt: &'a Checkpoint,
     format: LinearFormat,
     device: Device,
+    quantizer: Option<GpuQuantizer>,
 }
 
 impl<'a> CheckpointWeights<'a> {
@@ -94,7 +114,14 @@ impl<'a> CheckpointWeights<'a> {
             ckpt,
             format,
             device,
+            quantizer: None,
         }
+    }
+
+    /// Float linears loaded as NVFP4 are quantized by `quantizer`'s GPU (None: on the CPU).
+    pub fn with_quantizer(mut self, quantizer: Option<GpuQuantizer>) -> Self {
+        self.quantizer = quantizer;
+        self
     }
 
     fn dense(&self, raw: &RawTensor<'_>) -> Result<Tensor> {
@@ -151,7 +178,13 @@ impl WeightSource for CheckpointWeights<'_> {
                 let w = spec.weight();
                 let raw = self.ckpt.get(&w.name)?;
                 raw.expect_shape(&w.shape)?;
-                self.format.weight(raw.to_f32()?, out, inp, &self.device)?
+                let data = raw.to_f32()?;
+                match (&self.quantizer, self.format) {
+                    (Some(q), LinearFormat::Nvfp4) => {
+                        LinearWeight::Nvfp4(Arc::new(q.quantize(&data, out, inp)?))
+                    }
+                    _ => self.format.weight(data, out, inp, &self.device)?,
+                }
             }
         };
         let bias = self.bias(spec)?;

@@ -6,8 +6,8 @@
 
 use candle_core::Device;
 use kiln_engine::model::{
-    save_model_dir, Architecture, LinearFormat, Logits, Model, ModelConfig, RandomWeights,
-    SaveOptions,
+    save_model_dir, Architecture, DenseDtype, LinearFormat, Logits, Model, ModelConfig,
+    RandomWeights, SaveFormat, SaveOptions,
 };
 
 /// A small config of `arch` (vocab of the bundled tokenizer).
@@ -24,6 +24,13 @@ pub fn small_config(arch: Architecture) -> ModelConfig {
     };
     c
 }
+
+/// A dense f32 Hugging Face directory, one file.
+pub const DENSE_F32: SaveOptions = SaveOptions {
+    format: SaveFormat::Dense,
+    dense_dtype: DenseDtype::F32,
+    max_shard_bytes: None,
+};
 
 /// A seeded random model of `cfg`.
 pub fn random_model(cfg: &ModelConfig, format: LinearFormat) -> Model {

@@ -71,6 +71,10 @@ pub const SOURCES: &[KernelSource] = &[
         source: include_str!("../../cuda/decode.cu"),
     },
     KernelSource {
+        file: "attention_prefill.cu",
+        source: include_str!("../../cuda/attention_prefill.cu"),
+    },
+    KernelSource {
         file: "adamw_nvfp4.cu",
         source: include_str!("../../cuda/adamw_nvfp4.cu"),
     },

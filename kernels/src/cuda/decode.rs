@@ -46,6 +46,10 @@ pub const ATTENTION_KERNELS: &[(usize, usize)] = &[
     (256, 8),
 ];
 
+/// The head dims the flash prefill attention (`attention_prefill.cu`) is built for; others take
+/// the GEMM path (S and P through global memory).
+pub const FLASH_PREFILL_HEAD_DIMS: &[usize] = &[32, 64, 128];
+
 /// Blocks of the greedy pick (its scratch holds one value and index per block).
 pub const ARGMAX_BLOCKS: usize = 264;
 
@@ -58,6 +62,7 @@ pub(crate) struct DecodeFunctions {
     attention_combine: CudaFunction,
     swiglu: CudaFunction,
     causal_softmax: CudaFunction,
+    flash_prefill: Vec<(usize, CudaFunction)>,
     argmax_advance: CudaFunction,
     sample_advance: CudaFunction,
     random_nvfp4: CudaFunction,
@@ -80,6 +85,18 @@ impl DecodeFunctions {
             attention_combine: f("kiln_attention_combine")?,
             swiglu: f("kiln_swiglu")?,
             causal_softmax: f("kiln_causal_softmax_bf16")?,
+            flash_prefill: FLASH_PREFILL_HEAD_DIMS
+                .iter()
+                .map(|&hd| {
+                    Ok((
+                        hd,
+                        func(
+                            "attention_prefill.cu",
+                            &format!("kiln_flash_prefill_hd{hd}"),
+                        )?,
+                    ))
+                })
+                .collect::<Result<_, KernelError>>()?,
             argmax_advance: f("kiln_argmax_advance")?,
             sample_advance: f("kiln_sample_advance")?,
             random_nvfp4: f("kiln_random_nvfp4")?,
@@ -423,6 +440,58 @@ impl CudaKernels {
                 &mut [param(&s), param(&p), param(&l), param(&t), param(&pos)],
             )
         }
+    }
+
+    /// Queue the causal attention of a prompt batch of `tokens` queries on the tensor cores
+    /// (flash-attention style: the scores stay in registers): `out[t, h, :]` (f32) attends
+    /// query `q[t, h, :]` (bf16, `[tokens][nh][hd]`) over keys `0 ..= pos + t` of KV head
+    /// `h / (nh / kvh)` in the bf16 caches `[kvh][cap][hd]`. Returns `false` (nothing queued)
+    /// for a head dim not in [`FLASH_PREFILL_HEAD_DIMS`].
+    ///
+    /// # Safety
+    /// `q` holds `tokens·nh·hd` bf16, `out` as many f32, the caches `kvh·cap·hd` bf16 with
+    /// positions `0 .. pos + tokens` written, `pos` one i32 with `pos + tokens <= cap`; `nh` is
+    /// a multiple of `kvh`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn flash_prefill_async(
+        &self,
+        q: DevAddr,
+        k_cache: DevAddr,
+        v_cache: DevAddr,
+        pos: DevAddr,
+        out: DevAddr,
+        tokens: usize,
+        heads: (usize, usize, usize),
+        cap: usize,
+    ) -> Result<bool, KernelError> {
+        let (nh, kvh, hd) = heads;
+        let Some((_, f)) = self.f.decode.flash_prefill.iter().find(|(d, _)| *d == hd) else {
+            return Ok(false);
+        };
+        let (t, nh_i, kvh_i, cap_i) = (tokens as i32, nh as i32, kvh as i32, cap as i32);
+        let scale_log2 = std::f32::consts::LOG2_E / (hd as f32).sqrt();
+        // SAFETY: the parameters match kiln_flash_prefill_hd{hd}; the caller's contract covers
+        // the buffers.
+        unsafe {
+            self.go(
+                f,
+                cfg((tokens.div_ceil(64) as u32, nh as u32, 1), 128),
+                "launching kiln_flash_prefill",
+                &mut [
+                    param(&q),
+                    param(&k_cache),
+                    param(&v_cache),
+                    param(&pos),
+                    param(&out),
+                    param(&t),
+                    param(&nh_i),
+                    param(&kvh_i),
+                    param(&cap_i),
+                    param(&scale_log2),
+                ],
+            )?;
+        }
+        Ok(true)
     }
 
     /// Queue `act[t, i] = silu(gu[t, i]·scale[0]) · gu[t, I + i]·scale[1]` for `t < tokens`.

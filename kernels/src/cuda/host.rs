@@ -8,10 +8,15 @@ use half::bf16;
 use super::context::CudaKernels;
 use super::driver::drv;
 use super::gemv::GemvKernel;
-use super::ops::DeviceInput;
+use cudarc::driver::CudaSlice;
+
+use super::ops::{DeviceInput, DeviceNvfp4};
 use crate::cpu::{AdamWParams, AdamWStepStats};
 use crate::nvfp4::{Nvfp4Tensor, Rounding, BLOCK};
 use crate::KernelError;
+
+/// Most f32 values [`CudaKernels::quantize_staged`] uploads at once (16 Mi = 64 MiB).
+pub const QUANTIZE_STAGING_VALUES: usize = 16 << 20;
 
 /// Most bf16 elements of W dequantized at once by the large-M matmul (64 Mi = 128 MiB).
 const LARGE_MATMUL_SCRATCH: usize = 64 << 20;
@@ -25,6 +30,69 @@ impl CudaKernels {
         cols: usize,
     ) -> Result<Nvfp4Tensor, KernelError> {
         self.quantize_host(HostInput::F32(data), rows, cols, Rounding::Nearest)
+    }
+
+    /// [`Nvfp4Tensor::quantize`] on the GPU (bit-identical) through a staging buffer of at
+    /// most [`QUANTIZE_STAGING_VALUES`] f32 beside the result, for model loaders (a whole f32
+    /// embedding of a large vocabulary would be gigabytes). The tensor scale comes from the
+    /// host's amax pass, which also names the first non-finite value as the CPU does.
+    pub fn quantize_staged(
+        &self,
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Nvfp4Tensor, KernelError> {
+        if data.len() != rows * cols {
+            return Err(KernelError::LengthMismatch {
+                what: "data [rows, cols]",
+                expected: rows * cols,
+                got: data.len(),
+            });
+        }
+        let ts = crate::nvfp4::tensor::tensor_scale_for_amax(crate::nvfp4::tensor::checked_amax(
+            data, cols,
+        )?);
+        let mut out = self.alloc_nvfp4(rows, cols)?;
+        self.quantize_rows_from_host(data, ts, &mut out, 0, &mut None)?;
+        let mut t = self.download_nvfp4(&out)?;
+        t.tensor_scale = ts;
+        Ok(t)
+    }
+
+    /// Queue the round-to-nearest quantize of host rows `data` (`[n, out.cols]` f32) with the
+    /// known `tensor_scale` into rows `first_row .. first_row + n` of `out`, uploading at most
+    /// [`QUANTIZE_STAGING_VALUES`] values at a time into `staging` (allocated on first use and
+    /// reused; keep it alive until the stream has run the queued work). `out`'s tensor scale is
+    /// left alone.
+    pub fn quantize_rows_from_host(
+        &self,
+        data: &[f32],
+        tensor_scale: f32,
+        out: &mut DeviceNvfp4,
+        first_row: usize,
+        staging: &mut Option<CudaSlice<f32>>,
+    ) -> Result<(), KernelError> {
+        let cols = out.cols;
+        let chunk_rows = (QUANTIZE_STAGING_VALUES / cols).max(1);
+        let len = (chunk_rows * cols).min(data.len());
+        if staging.as_ref().is_none_or(|s| s.len() < len) {
+            *staging = Some(
+                self.stream
+                    .alloc_zeros::<f32>(len)
+                    .map_err(drv("allocating the quantize staging buffer"))?,
+            );
+        }
+        let buf = staging.as_mut().expect("allocated above");
+        let mut row = first_row;
+        for c in data.chunks(chunk_rows * cols) {
+            self.stream
+                .memcpy_htod(c, &mut buf.slice_mut(0..c.len()))
+                .map_err(drv("uploading rows to quantize"))?;
+            let n = c.len() / cols;
+            self.quantize_rows_into_async(DeviceInput::F32(buf), n, tensor_scale, out, row)?;
+            row += n;
+        }
+        Ok(())
     }
 
     /// [`Nvfp4Tensor::quantize_stochastic`] on the GPU (bit-identical).

@@ -281,6 +281,71 @@ impl CudaKernels {
         self.launch_quantize(x, out, None, tensor_scale, rounding)
     }
 
+    /// Queue a round-to-nearest quantize of `x` (`rows` rows of `out.cols` values, f32 or bf16)
+    /// with a known tensor scale into rows `first_row .. first_row + rows` of `out`, leaving
+    /// its other rows and its own tensor scale alone: how a model loader quantizes a matrix
+    /// through a bounded staging buffer, or stacks several matrices of one width (each with
+    /// its own tensor scale) into one. The codes and block scales are those of
+    /// [`Nvfp4Tensor::quantize_with`] for that tensor scale.
+    pub fn quantize_rows_into_async(
+        &self,
+        x: DeviceInput<'_>,
+        rows: usize,
+        tensor_scale: f32,
+        out: &mut DeviceNvfp4,
+        first_row: usize,
+    ) -> Result<(), KernelError> {
+        let cols = out.cols;
+        if x.len() < rows * cols || first_row + rows > out.rows {
+            return Err(KernelError::InvalidArgument(format!(
+                "quantizing {rows} rows of {cols} from {} values into rows {first_row}.. of a \
+                 [{}, {cols}] tensor",
+                x.len(),
+                out.rows
+            )));
+        }
+        if !(tensor_scale.is_finite() && tensor_scale > 0.0) {
+            return Err(KernelError::InvalidArgument(format!(
+                "tensor scale must be > 0, got {tensor_scale}"
+            )));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let nblocks = (rows * cols / BLOCK) as u64;
+        let first_block = first_row * cols / BLOCK;
+        let (null, reverse, seed, first): (u64, i32, u64, u64) = (0, 0, 0, 0);
+        let mut packed = out
+            .packed
+            .slice_mut(first_block * 8..(first_block + nblocks as usize) * 8);
+        let mut scales = out
+            .scales
+            .slice_mut(first_block..first_block + nblocks as usize);
+        let func = match x {
+            DeviceInput::F32(_) => &self.f.quantize_f32,
+            DeviceInput::Bf16(_) => &self.f.quantize_bf16,
+        };
+        let mut b = self.stream.launch_builder(func);
+        match x {
+            DeviceInput::F32(x) => b.arg(x),
+            DeviceInput::Bf16(x) => b.arg(x),
+        };
+        b.arg(&nblocks)
+            .arg(&null)
+            .arg(&tensor_scale)
+            .arg(&reverse)
+            .arg(&seed)
+            .arg(&first)
+            .arg(&mut packed)
+            .arg(&mut scales)
+            .arg(&null);
+        // SAFETY: argument list matches KILN_QUANT (amax_bits and tensor_scale_out null); x
+        // holds at least nblocks*16 elements, the views nblocks*8 and nblocks bytes.
+        unsafe { b.launch(grid(nblocks as usize)) }
+            .map(|_| ())
+            .map_err(drv("launching kiln_quantize_nvfp4"))
+    }
+
     fn check_quant_shapes(
         &self,
         x: &DeviceInput<'_>,
