@@ -32,10 +32,16 @@ extern "C" __global__ void kiln_embed_bf16(const u32* __restrict__ ids, const u1
 }
 
 // Per row (grid = rows): with d, x += d first (the residual add); then
-// h = x / sqrt(mean(x²) + eps) · w. Block size a multiple of 32.
-extern "C" __global__ void kiln_add_rmsnorm(float* __restrict__ x, const float* __restrict__ d,
-                                            const float* __restrict__ w, float* __restrict__ h,
-                                            int H, float eps) {
+// h = x / sqrt(mean(x²) + eps) · w, as f32 (OUT = float) or bf16 bits (OUT = u16: the prompt
+// path's GEMM input, written directly instead of converted afterwards). Block size a multiple
+// of 32.
+__device__ __forceinline__ void kiln_store_act(float* p, float v) { *p = v; }
+__device__ __forceinline__ void kiln_store_act(u16* p, float v) { *p = kiln_f32_to_bf16(v); }
+
+template <typename OUT>
+__device__ __forceinline__ void kiln_add_rmsnorm_body(float* __restrict__ x, const float* __restrict__ d,
+                                                      const float* __restrict__ w, OUT* __restrict__ h,
+                                                      int H, float eps) {
     KILN_PDL_ENTER();
     __shared__ float red[32];
     const size_t base = (size_t)blockIdx.x * H;
@@ -50,7 +56,18 @@ extern "C" __global__ void kiln_add_rmsnorm(float* __restrict__ x, const float* 
     }
     ss = kiln_block_sum(ss, red);
     const float r = 1.0f / sqrtf(ss / (float)H + eps);
-    for (int i = threadIdx.x; i < H; i += blockDim.x) h[base + i] = x[base + i] * r * w[i];
+    for (int i = threadIdx.x; i < H; i += blockDim.x) kiln_store_act(h + base + i, x[base + i] * r * w[i]);
+}
+
+extern "C" __global__ void kiln_add_rmsnorm(float* __restrict__ x, const float* __restrict__ d,
+                                            const float* __restrict__ w, float* __restrict__ h,
+                                            int H, float eps) {
+    kiln_add_rmsnorm_body<float>(x, d, w, h, H, eps);
+}
+extern "C" __global__ void kiln_add_rmsnorm_bf16(float* __restrict__ x, const float* __restrict__ d,
+                                                 const float* __restrict__ w, u16* __restrict__ h,
+                                                 int H, float eps) {
+    kiln_add_rmsnorm_body<u16>(x, d, w, h, H, eps);
 }
 
 // The q/k/v epilogue. qkv is [T, (nh + 2·kvh)·hd]: one GEMV over the concatenated q, k, v rows
@@ -323,16 +340,27 @@ extern "C" __global__ void kiln_causal_softmax_bf16(const float* __restrict__ S,
 }
 
 // act[t, i] = silu(g) · u with g = gu[t, i]·scale[0], u = gu[t, I + i]·scale[1] (one GEMV over the
-// concatenated gate and up rows, tensor scale 1). n = T·I.
-extern "C" __global__ void kiln_swiglu(const float* __restrict__ gu, const float* __restrict__ scale,
-                                       float* __restrict__ act, int I, int n) {
+// concatenated gate and up rows, tensor scale 1). n = T·I. act f32, or bf16 bits (_bf16: the
+// prompt path's input of the down GEMM).
+template <typename OUT>
+__device__ __forceinline__ void kiln_swiglu_body(const float* __restrict__ gu, const float* __restrict__ scale,
+                                                 OUT* __restrict__ act, int I, int n) {
     KILN_PDL_ENTER();
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= n) return;
     const int t = idx / I, i = idx - t * I;
     const float g = gu[(size_t)t * 2 * I + i] * scale[0];
     const float u = gu[(size_t)t * 2 * I + I + i] * scale[1];
-    act[idx] = g / (1.0f + expf(-g)) * u;
+    kiln_store_act(act + idx, g / (1.0f + expf(-g)) * u);
+}
+
+extern "C" __global__ void kiln_swiglu(const float* __restrict__ gu, const float* __restrict__ scale,
+                                       float* __restrict__ act, int I, int n) {
+    kiln_swiglu_body<float>(gu, scale, act, I, n);
+}
+extern "C" __global__ void kiln_swiglu_bf16(const float* __restrict__ gu, const float* __restrict__ scale,
+                                            u16* __restrict__ act, int I, int n) {
+    kiln_swiglu_body<u16>(gu, scale, act, I, n);
 }
 
 // The warp's largest value and, on ties, its smallest index: every lane gets both.

@@ -122,6 +122,10 @@ fn quantize_rows_into_stacks_matrices_bit_identically() {
             first += n;
         }
     }
+    // the stacked tensor's own scale (the parts keep theirs beside it)
+    k.stream()
+        .memcpy_htod(&[1.0f32], &mut out.tensor_scale)
+        .unwrap();
     let all = k.download_nvfp4(&out).unwrap();
     let mut row = 0;
     for (i, p) in parts.iter().enumerate() {

@@ -507,6 +507,7 @@ impl CudaSequence {
                     1,
                     h,
                     eps,
+                    false,
                 )?;
             }
             if gemv {
@@ -604,6 +605,7 @@ impl CudaSequence {
                 1,
                 h,
                 eps,
+                false,
             )?;
             k.gemv_async(&self.dec.h, 1, &m.lm_head, &mut self.logits)?;
             pick(&k, cfg, &sc, false)?;
@@ -752,6 +754,13 @@ unsafe fn layers(
         sc.mask & class::GEMV != 0,
         sc.mask & class::ATTENTION != 0,
     );
+    // over 8 rows the linears are bf16 GEMMs: the norms and SwiGLU write their bf16 input
+    // directly (no f32 copy to convert)
+    let (h_out, act_out) = match (&acts.bf, rows > 8) {
+        (Some(bf), true) => (k.addr(&bf.h, 0), k.addr(&bf.act, 0)),
+        _ => (k.addr(&acts.h, 0), k.addr(&acts.act, 0)),
+    };
+    let bf16_out = rows > 8;
     for (l, layer) in m.layers.iter().enumerate() {
         let resid = if l == 0 { 0 } else { k.addr(&acts.tmp, 0) };
         // SAFETY: the caller's contract.
@@ -761,10 +770,11 @@ unsafe fn layers(
                     k.addr(&acts.x, 0),
                     resid,
                     k.addr(&layer.input_norm, 0),
-                    k.addr(&acts.h, 0),
+                    h_out,
                     rows,
                     h,
                     eps,
+                    bf16_out,
                 )?;
             }
             if gemv {
@@ -779,10 +789,11 @@ unsafe fn layers(
                     k.addr(&acts.x, 0),
                     k.addr(&acts.tmp, 0),
                     k.addr(&layer.post_norm, 0),
-                    k.addr(&acts.h, 0),
+                    h_out,
                     rows,
                     h,
                     eps,
+                    bf16_out,
                 )?;
             }
             if gemv {
@@ -792,9 +803,10 @@ unsafe fn layers(
                 k.swiglu_async(
                     k.addr(&acts.gu, 0),
                     k.addr(&layer.gate_up_scale, 0),
-                    k.addr(&acts.act, 0),
+                    act_out,
                     rows,
                     cfg.intermediate_size,
+                    bf16_out,
                 )?;
             }
             if gemv {
@@ -1055,12 +1067,15 @@ fn linear(
         w: scratch,
         ..
     } = bf;
+    // the norms and SwiGLU wrote h and act in bf16 already; attention's output is f32
     let xb: &mut CudaSlice<bf16> = match input {
         Input::H => bh,
-        Input::Attn => battn,
+        Input::Attn => {
+            k.f32_to_bf16_async(x, battn)?;
+            battn
+        }
         Input::Act => bact,
     };
-    k.f32_to_bf16_async(x, xb)?;
     // W dequantized to bf16 a slab of rows at a time; cublasGemmEx writes the slab's columns
     // of y (f32) directly: C[N × T] column-major is y [T, N] row-major
     let (n, kk) = (w.rows, w.cols);

@@ -13,6 +13,7 @@ use candle_core::{DType, Tensor};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use kiln_kernels::cuda::decode::attention_kernel_for;
+use kiln_kernels::cuda::host::{HostInput, QuantizeStaging};
 use kiln_kernels::cuda::{CudaKernels, DeviceNvfp4};
 use kiln_kernels::nvfp4::tensor::{checked_amax, tensor_scale_for_amax};
 use kiln_kernels::nvfp4::Nvfp4Tensor;
@@ -186,7 +187,7 @@ impl<'a> Part<'a> {
 fn stack(k: &CudaKernels, cols: usize, parts: &[Part]) -> Result<(DeviceNvfp4, Vec<f32>)> {
     let rows: usize = parts.iter().map(Part::rows).sum();
     let mut out = k.alloc_nvfp4(rows, cols)?;
-    let mut staging: Option<CudaSlice<f32>> = None;
+    let mut staging = QuantizeStaging::default();
     let mut scales = Vec::with_capacity(parts.len());
     let mut first = 0;
     for p in parts {
@@ -211,7 +212,7 @@ fn stack(k: &CudaKernels, cols: usize, parts: &[Part]) -> Result<(DeviceNvfp4, V
                 let amax = checked_amax(data, cols)
                     .map_err(|e| EngineError::InvalidArgument(format!("weight {what}: {e}")))?;
                 let ts = tensor_scale_for_amax(amax);
-                k.quantize_rows_from_host(data, ts, &mut out, first, &mut staging)?;
+                k.quantize_rows_from_host(HostInput::F32(data), ts, &mut out, first, &mut staging)?;
                 scales.push(ts);
                 first += rows;
             }
@@ -220,7 +221,7 @@ fn stack(k: &CudaKernels, cols: usize, parts: &[Part]) -> Result<(DeviceNvfp4, V
     k.stream()
         .memcpy_htod(&[1.0f32], &mut out.tensor_scale)
         .map_err(cuda("setting a tensor scale"))?;
-    if staging.is_some() {
+    if staging.in_use() {
         // the queued quantizes read the staging buffer: let them finish before it is freed
         k.synchronize()?;
     }
@@ -303,7 +304,10 @@ impl CudaModel {
             });
         }
         let embed_f32 = tensor(ParamKey::Embed)?;
-        let embed_bf16: Vec<bf16> = embed_f32.iter().map(|&x| bf16::from_f32(x)).collect();
+        let embed_bf16: Vec<bf16> = {
+            use rayon::prelude::*;
+            embed_f32.par_iter().map(|&x| bf16::from_f32(x)).collect()
+        };
         let embed = k
             .stream()
             .clone_htod(&embed_bf16)

@@ -93,8 +93,24 @@ impl std::fmt::Debug for GpuQuantizer {
 }
 
 impl GpuQuantizer {
-    fn quantize(&self, data: &[f32], out: usize, inp: usize) -> Result<Nvfp4Tensor> {
-        Ok(self.0.quantize_staged(data, out, inp)?)
+    /// The checkpoint tensor `raw` (`[out, inp]`) quantized on the GPU; bf16 goes up as it is
+    /// stored (half the bytes of f32, no f32 copy on the host).
+    fn quantize(&self, raw: &RawTensor<'_>, out: usize, inp: usize) -> Result<Nvfp4Tensor> {
+        use kiln_kernels::cuda::host::HostInput;
+        if raw.dtype == safetensors::Dtype::BF16 {
+            let copied: Vec<half::bf16>;
+            let values: &[half::bf16] = match bytemuck::try_cast_slice(raw.data) {
+                Ok(v) => v,
+                Err(_) => {
+                    // not 2-byte aligned in the file: one copy
+                    copied = bytemuck::pod_collect_to_vec(raw.data);
+                    &copied
+                }
+            };
+            return Ok(self.0.quantize_staged(HostInput::Bf16(values), out, inp)?);
+        }
+        let data = raw.to_f32()?;
+        Ok(self.0.quantize_staged(HostInput::F32(&data), out, inp)?)
     }
 }
 
@@ -178,12 +194,11 @@ impl WeightSource for CheckpointWeights<'_> {
                 let w = spec.weight();
                 let raw = self.ckpt.get(&w.name)?;
                 raw.expect_shape(&w.shape)?;
-                let data = raw.to_f32()?;
                 match (&self.quantizer, self.format) {
                     (Some(q), LinearFormat::Nvfp4) => {
-                        LinearWeight::Nvfp4(Arc::new(q.quantize(&data, out, inp)?))
+                        LinearWeight::Nvfp4(Arc::new(q.quantize(&raw, out, inp)?))
                     }
-                    _ => self.format.weight(data, out, inp, &self.device)?,
+                    _ => self.format.weight(raw.to_f32()?, out, inp, &self.device)?,
                 }
             }
         };

@@ -50,6 +50,12 @@ pub const ATTENTION_KERNELS: &[(usize, usize)] = &[
 /// the GEMM path (S and P through global memory).
 pub const FLASH_PREFILL_HEAD_DIMS: &[usize] = &[32, 64, 128];
 
+/// Dynamic shared memory of the flash prefill kernel for `hd` (`KILN_FA_SMEM`): two stages of
+/// 64 keys and 64 values, rows padded to hd + 8 bf16 (69,632 bytes at hd 128).
+pub fn flash_prefill_smem(hd: usize) -> u32 {
+    (2 * 2 * 64 * (hd + 8) * 2) as u32
+}
+
 /// Blocks of the greedy pick (its scratch holds one value and index per block).
 pub const ARGMAX_BLOCKS: usize = 264;
 
@@ -57,10 +63,12 @@ pub const ARGMAX_BLOCKS: usize = 264;
 pub(crate) struct DecodeFunctions {
     embed_bf16: CudaFunction,
     add_rmsnorm: CudaFunction,
+    add_rmsnorm_bf16: CudaFunction,
     qkv_post: CudaFunction,
     attention: Vec<((usize, usize), CudaFunction)>,
     attention_combine: CudaFunction,
     swiglu: CudaFunction,
+    swiglu_bf16: CudaFunction,
     causal_softmax: CudaFunction,
     flash_prefill: Vec<(usize, CudaFunction)>,
     argmax_advance: CudaFunction,
@@ -77,6 +85,7 @@ impl DecodeFunctions {
         Ok(DecodeFunctions {
             embed_bf16: f("kiln_embed_bf16")?,
             add_rmsnorm: f("kiln_add_rmsnorm")?,
+            add_rmsnorm_bf16: f("kiln_add_rmsnorm_bf16")?,
             qkv_post: f("kiln_qkv_post")?,
             attention: ATTENTION_KERNELS
                 .iter()
@@ -84,17 +93,18 @@ impl DecodeFunctions {
                 .collect::<Result<_, KernelError>>()?,
             attention_combine: f("kiln_attention_combine")?,
             swiglu: f("kiln_swiglu")?,
+            swiglu_bf16: f("kiln_swiglu_bf16")?,
             causal_softmax: f("kiln_causal_softmax_bf16")?,
             flash_prefill: FLASH_PREFILL_HEAD_DIMS
                 .iter()
                 .map(|&hd| {
-                    Ok((
-                        hd,
-                        func(
-                            "attention_prefill.cu",
-                            &format!("kiln_flash_prefill_hd{hd}"),
-                        )?,
-                    ))
+                    let f = func("attention_prefill.cu", &format!("kiln_flash_prefill_hd{hd}"))?;
+                    f.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        flash_prefill_smem(hd) as i32,
+                    )
+                    .map_err(drv("raising the flash prefill kernel's shared-memory limit"))?;
+                    Ok((hd, f))
                 })
                 .collect::<Result<_, KernelError>>()?,
             argmax_advance: f("kiln_argmax_advance")?,
@@ -234,10 +244,12 @@ impl CudaKernels {
         }
     }
 
-    /// Queue, per row of `rows`: `x += d` (when `d` ≠ 0), then `h = rmsnorm(x) · w`.
+    /// Queue, per row of `rows`: `x += d` (when `d` ≠ 0), then `h = rmsnorm(x) · w`, written as
+    /// f32, or as bf16 with `bf16_out` (the prompt path's GEMM input).
     ///
     /// # Safety
-    /// `x`, `h` (and `d` if given) hold `rows·width` f32, `w` holds `width` f32.
+    /// `x` (and `d` if given) hold `rows·width` f32, `h` as many f32 (bf16 with `bf16_out`),
+    /// `w` holds `width` f32.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn add_rmsnorm_async(
         &self,
@@ -248,13 +260,19 @@ impl CudaKernels {
         rows: usize,
         width: usize,
         eps: f32,
+        bf16_out: bool,
     ) -> Result<(), KernelError> {
         let wi = width as i32;
         let block = (width.div_ceil(32) * 32).clamp(32, 1024) as u32;
+        let f = if bf16_out {
+            &self.f.decode.add_rmsnorm_bf16
+        } else {
+            &self.f.decode.add_rmsnorm
+        };
         // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
         unsafe {
             self.go(
-                &self.f.decode.add_rmsnorm,
+                f,
                 cfg((rows as u32, 1, 1), block),
                 "launching kiln_add_rmsnorm",
                 &mut [
@@ -475,7 +493,10 @@ impl CudaKernels {
         unsafe {
             self.go(
                 f,
-                cfg((tokens.div_ceil(64) as u32, nh as u32, 1), 128),
+                LaunchConfig {
+                    shared_mem_bytes: flash_prefill_smem(hd),
+                    ..cfg((nh as u32, tokens.div_ceil(64) as u32, 1), 128)
+                },
                 "launching kiln_flash_prefill",
                 &mut [
                     param(&q),
@@ -494,10 +515,12 @@ impl CudaKernels {
         Ok(true)
     }
 
-    /// Queue `act[t, i] = silu(gu[t, i]·scale[0]) · gu[t, I + i]·scale[1]` for `t < tokens`.
+    /// Queue `act[t, i] = silu(gu[t, i]·scale[0]) · gu[t, I + i]·scale[1]` for `t < tokens`,
+    /// written as f32, or as bf16 with `bf16_out` (the prompt path's down-GEMM input).
     ///
     /// # Safety
-    /// `gu` holds `tokens·2·inter` f32, `scale` 2 f32, `act` `tokens·inter` f32.
+    /// `gu` holds `tokens·2·inter` f32, `scale` 2 f32, `act` `tokens·inter` f32 (bf16 with
+    /// `bf16_out`).
     pub unsafe fn swiglu_async(
         &self,
         gu: DevAddr,
@@ -505,13 +528,19 @@ impl CudaKernels {
         act: DevAddr,
         tokens: usize,
         inter: usize,
+        bf16_out: bool,
     ) -> Result<(), KernelError> {
         let n = tokens * inter;
         let (ii, ni) = (inter as i32, n as i32);
+        let f = if bf16_out {
+            &self.f.decode.swiglu_bf16
+        } else {
+            &self.f.decode.swiglu
+        };
         // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
         unsafe {
             self.go(
-                &self.f.decode.swiglu,
+                f,
                 cfg((n.div_ceil(256) as u32, 1, 1), 256),
                 "launching kiln_swiglu",
                 &mut [

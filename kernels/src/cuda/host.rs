@@ -33,12 +33,13 @@ impl CudaKernels {
     }
 
     /// [`Nvfp4Tensor::quantize`] on the GPU (bit-identical) through a staging buffer of at
-    /// most [`QUANTIZE_STAGING_VALUES`] f32 beside the result, for model loaders (a whole f32
-    /// embedding of a large vocabulary would be gigabytes). The tensor scale comes from the
-    /// host's amax pass, which also names the first non-finite value as the CPU does.
+    /// most [`QUANTIZE_STAGING_VALUES`] values beside the result, for model loaders (a whole f32
+    /// embedding of a large vocabulary would be gigabytes). bf16 input is uploaded as it is
+    /// (half the bytes of f32; the codes are those of its f32 values). The tensor scale comes
+    /// from the host's amax pass, which also names the first non-finite value as the CPU does.
     pub fn quantize_staged(
         &self,
-        data: &[f32],
+        data: HostInput<'_>,
         rows: usize,
         cols: usize,
     ) -> Result<Nvfp4Tensor, KernelError> {
@@ -49,48 +50,72 @@ impl CudaKernels {
                 got: data.len(),
             });
         }
-        let ts = crate::nvfp4::tensor::tensor_scale_for_amax(crate::nvfp4::tensor::checked_amax(
-            data, cols,
-        )?);
+        let ts = crate::nvfp4::tensor::tensor_scale_for_amax(data.checked_amax(cols)?);
         let mut out = self.alloc_nvfp4(rows, cols)?;
-        self.quantize_rows_from_host(data, ts, &mut out, 0, &mut None)?;
-        let mut t = self.download_nvfp4(&out)?;
-        t.tensor_scale = ts;
-        Ok(t)
+        self.stream
+            .memcpy_htod(&[ts], &mut out.tensor_scale)
+            .map_err(drv("setting the tensor scale"))?;
+        let mut staging = QuantizeStaging::default();
+        self.quantize_rows_from_host(data, ts, &mut out, 0, &mut staging)?;
+        self.download_nvfp4(&out)
     }
 
-    /// Queue the round-to-nearest quantize of host rows `data` (`[n, out.cols]` f32) with the
-    /// known `tensor_scale` into rows `first_row .. first_row + n` of `out`, uploading at most
+    /// Queue the round-to-nearest quantize of host rows `data` (`[n, out.cols]`) with the known
+    /// `tensor_scale` into rows `first_row .. first_row + n` of `out`, uploading at most
     /// [`QUANTIZE_STAGING_VALUES`] values at a time into `staging` (allocated on first use and
     /// reused; keep it alive until the stream has run the queued work). `out`'s tensor scale is
     /// left alone.
     pub fn quantize_rows_from_host(
         &self,
-        data: &[f32],
+        data: HostInput<'_>,
         tensor_scale: f32,
         out: &mut DeviceNvfp4,
         first_row: usize,
-        staging: &mut Option<CudaSlice<f32>>,
+        staging: &mut QuantizeStaging,
     ) -> Result<(), KernelError> {
         let cols = out.cols;
-        let chunk_rows = (QUANTIZE_STAGING_VALUES / cols).max(1);
-        let len = (chunk_rows * cols).min(data.len());
-        if staging.as_ref().is_none_or(|s| s.len() < len) {
-            *staging = Some(
-                self.stream
-                    .alloc_zeros::<f32>(len)
-                    .map_err(drv("allocating the quantize staging buffer"))?,
-            );
+        let chunk = (QUANTIZE_STAGING_VALUES / cols).max(1) * cols;
+        let len = chunk.min(data.len());
+        fn grown<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+            k: &CudaKernels,
+            buf: &mut Option<CudaSlice<T>>,
+            len: usize,
+        ) -> Result<(), KernelError> {
+            if buf.as_ref().is_none_or(|s| s.len() < len) {
+                *buf = Some(
+                    k.stream
+                        .alloc_zeros::<T>(len)
+                        .map_err(drv("allocating the quantize staging buffer"))?,
+                );
+            }
+            Ok(())
         }
-        let buf = staging.as_mut().expect("allocated above");
         let mut row = first_row;
-        for c in data.chunks(chunk_rows * cols) {
-            self.stream
-                .memcpy_htod(c, &mut buf.slice_mut(0..c.len()))
-                .map_err(drv("uploading rows to quantize"))?;
-            let n = c.len() / cols;
-            self.quantize_rows_into_async(DeviceInput::F32(buf), n, tensor_scale, out, row)?;
-            row += n;
+        match data {
+            HostInput::F32(d) => {
+                grown(self, &mut staging.f32, len)?;
+                let buf = staging.f32.as_mut().expect("allocated above");
+                for c in d.chunks(chunk) {
+                    self.stream
+                        .memcpy_htod(c, &mut buf.slice_mut(0..c.len()))
+                        .map_err(drv("uploading rows to quantize"))?;
+                    let n = c.len() / cols;
+                    self.quantize_rows_into_async(DeviceInput::F32(buf), n, tensor_scale, out, row)?;
+                    row += n;
+                }
+            }
+            HostInput::Bf16(d) => {
+                grown(self, &mut staging.bf16, len)?;
+                let buf = staging.bf16.as_mut().expect("allocated above");
+                for c in d.chunks(chunk) {
+                    self.stream
+                        .memcpy_htod(c, &mut buf.slice_mut(0..c.len()))
+                        .map_err(drv("uploading rows to quantize"))?;
+                    let n = c.len() / cols;
+                    self.quantize_rows_into_async(DeviceInput::Bf16(buf), n, tensor_scale, out, row)?;
+                    row += n;
+                }
+            }
         }
         Ok(())
     }
@@ -307,17 +332,49 @@ impl CudaKernels {
     }
 }
 
+/// Values on the host, f32 or bf16.
 #[derive(Clone, Copy)]
-enum HostInput<'a> {
+pub enum HostInput<'a> {
+    /// f32 values.
     F32(&'a [f32]),
+    /// bf16 values.
     Bf16(&'a [bf16]),
 }
 
 impl HostInput<'_> {
-    fn len(&self) -> usize {
+    /// Number of values.
+    pub fn len(&self) -> usize {
         match self {
             HostInput::F32(d) => d.len(),
             HostInput::Bf16(d) => d.len(),
         }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Largest |x| (as f32), or the first non-finite value as an error, as
+    /// [`crate::nvfp4::tensor::checked_amax`] of the f32 values.
+    pub fn checked_amax(&self, cols: usize) -> Result<f32, KernelError> {
+        match self {
+            HostInput::F32(d) => crate::nvfp4::tensor::checked_amax(d, cols),
+            HostInput::Bf16(d) => crate::nvfp4::tensor::checked_amax_by(d, cols, |x| x.to_f32()),
+        }
+    }
+}
+
+/// The device staging buffers of [`CudaKernels::quantize_rows_from_host`], reused across calls.
+#[derive(Default)]
+pub struct QuantizeStaging {
+    f32: Option<CudaSlice<f32>>,
+    bf16: Option<CudaSlice<bf16>>,
+}
+
+impl QuantizeStaging {
+    /// Whether a buffer was allocated (work may be queued that reads it).
+    pub fn in_use(&self) -> bool {
+        self.f32.is_some() || self.bf16.is_some()
     }
 }

@@ -72,21 +72,31 @@ pub fn tensor_scale_for_amax(amax: f32) -> f32 {
 
 /// Largest |x| over `data`, or the first non-finite element as an error (`cols` names it).
 pub fn checked_amax(data: &[f32], cols: usize) -> Result<f32, KernelError> {
+    checked_amax_by(data, cols, |x| x)
+}
+
+/// [`checked_amax`] over values `f` turns into f32 (e.g. bf16 read straight from a checkpoint,
+/// without an f32 copy).
+pub fn checked_amax_by<T: Copy + Sync>(
+    data: &[T],
+    cols: usize,
+    f: impl Fn(T) -> f32 + Sync,
+) -> Result<f32, KernelError> {
     let amax = data
         .par_chunks(1 << 16)
-        .map(|c| c.iter().fold(0.0f32, |m, &x| m.max(x.abs())))
+        .map(|c| c.iter().fold(0.0f32, |m, &x| m.max(f(x).abs())))
         .reduce(|| 0.0f32, f32::max);
     // f32::max ignores NaN, so test for it separately (rare path: only when something is off).
-    if amax.is_finite() && !data.par_iter().any(|x| x.is_nan()) {
+    if amax.is_finite() && !data.par_iter().any(|&x| f(x).is_nan()) {
         return Ok(amax);
     }
-    let index = data.iter().position(|x| !x.is_finite()).unwrap_or(0);
+    let index = data.iter().position(|&x| !f(x).is_finite()).unwrap_or(0);
     let cols = cols.max(1);
     Err(KernelError::NonFinite {
         index,
         row: index / cols,
         col: index % cols,
-        value: data[index],
+        value: f(data[index]),
     })
 }
 
