@@ -13,7 +13,9 @@
 # then on the GPU machine: scripts/gpu-engine.sh [BIN_DIR] (default target-carry). Runs the
 # decode kernels' GPU tests, the engine's GPU tests (GPU vs CPU reference, cache vs replay, graph vs plain launches, session
 # restore), the HF transformers anchor, `kiln bench engine --device cuda` with the anchor's
-# ratios, and `kiln demo` (which generates on the GPU). Output under $OUT (default out/).
+# ratios, and `kiln demo` (which generates on the GPU). LOAD_BENCH=1 adds the model-load
+# benchmark on a random bf16 directory (LOAD_SHAPE, default qwen2.5-7b: 15 GB written first).
+# Output under $OUT (default out/).
 set -uo pipefail
 bin=${1:-target-carry}
 out=${OUT:-out}
@@ -43,6 +45,18 @@ timeout 400 "$bin/kiln" bench engine --device cuda ${SKIP_7B:+--skip-7b} "${anch
 result[bench]=$?
 cat "$out/bench-engine.txt"; tail -5 "$out/bench-engine.err"
 
+if [[ -n "${LOAD_BENCH:-}" ]]; then
+    # loading a bf16 directory: float linears quantized by the host's cores vs the GPU's kernel
+    echo "== kiln bench engine --device cuda --load-model (random bf16 ${LOAD_SHAPE:-qwen2.5-7b})"
+    model="$out/load-${LOAD_SHAPE:-qwen2.5-7b}-bf16"
+    [[ -f "$model/config.json" ]] || "$bin/kiln" random-model --shape "${LOAD_SHAPE:-qwen2.5-7b}" \
+        --format bf16 --out "$model" > /dev/null
+    timeout 400 "$bin/kiln" bench engine --device cuda --load-model "$model" --load-runs 2 \
+        > "$out/bench-load.txt" 2> "$out/bench-load.err"
+    result[load_bench]=$?
+    cat "$out/bench-load.txt"; tail -4 "$out/bench-load.err"
+fi
+
 echo "== kiln demo (generates on the GPU)"
 timeout 300 "$bin/kiln" demo > "$out/demo.txt" 2>&1
 result[demo]=$?
@@ -51,7 +65,7 @@ tail -30 "$out/demo.txt"
 echo
 echo "== summary (exit status of each part; 0 = passed)"
 status=0
-for k in kernel_tests gpu_tests anchor bench demo; do
+for k in kernel_tests gpu_tests anchor bench ${LOAD_BENCH:+load_bench} demo; do
     printf '%-12s %s\n' "$k" "${result[$k]}"
     [[ "${result[$k]}" == 0 ]] || status=1
 done

@@ -5,7 +5,7 @@
 //! sizing rules the sequence uses (decode attention splits, prefill batch).
 
 use kiln_job::units::human_bytes as human;
-use kiln_kernels::cuda::decode::ARGMAX_BLOCKS;
+use kiln_kernels::cuda::decode::{ARGMAX_BLOCKS, FLASH_PREFILL_HEAD_DIMS};
 
 use super::weights::GpuWeightBytes;
 use crate::error::{EngineError, Result};
@@ -72,7 +72,7 @@ impl GpuPlan {
         let (_, splits) = decode_chunk(positions, cfg.num_key_value_heads, 132);
         let workspace = acts_bytes(cfg, 1, splits.max(264))
             + if rows > 1 {
-                acts_bytes(cfg, rows, 1)
+                acts_bytes(cfg, rows, 1) + prefill_scores_bytes(cfg, rows, positions)
             } else {
                 0
             }
@@ -119,6 +119,16 @@ impl GpuPlan {
 /// Bytes of keys and values (bf16) for `positions` positions.
 pub fn kv_bytes(cfg: &ModelConfig, positions: usize) -> u64 {
     (2 * 2 * cfg.num_hidden_layers * cfg.kv_size() * positions) as u64
+}
+
+/// Bytes of the prompt path's attention scores (f32) and probabilities (bf16),
+/// `[kv_heads][rows][keys]` each, for a batch of `rows` tokens over up to `keys` positions:
+/// only where the flash kernel is not built for the head dim (it keeps them in registers).
+fn prefill_scores_bytes(cfg: &ModelConfig, rows: usize, keys: usize) -> u64 {
+    if rows <= 8 || FLASH_PREFILL_HEAD_DIMS.contains(&cfg.head_dim) {
+        return 0;
+    }
+    (cfg.num_key_value_heads * rows * keys * 6) as u64
 }
 
 /// Bytes of the activations of a forward of `rows` tokens (`Acts`), with the bf16 twins and
@@ -169,5 +179,27 @@ mod tests {
         assert!(e.contains("KV cache") && e.contains("384 positions"), "{e}");
         let long = GpuPlan::new(&cfg, 32_768, 2048);
         assert!(long.kv_cache == kv_bytes(&cfg, 32_768) && long.kv_cache > plan.kv_cache);
+    }
+
+    #[test]
+    fn prompt_scores_are_planned_only_where_the_flash_kernel_does_not_run() {
+        let cfg = ModelConfig::qwen2_5_0_5b();
+        assert_eq!(prefill_scores_bytes(&cfg, 2048, 4096), 0);
+        let mut wide = cfg.clone();
+        wide.head_dim = 256;
+        let (with, without) = (
+            GpuPlan::new(&wide, 4096, 2048),
+            GpuPlan::new(&wide, 4096, 8),
+        );
+        assert_eq!(
+            prefill_scores_bytes(&wide, 8, 4096),
+            0,
+            "decode-sized batches"
+        );
+        let scores = (wide.num_key_value_heads * 2048 * 4096 * 6) as u64;
+        assert!(
+            with.workspace >= without.workspace + scores,
+            "{with:?} {without:?}"
+        );
     }
 }

@@ -101,15 +101,24 @@ impl Checkpoint {
             ),
             e => io_or_kernel(e),
         })?;
+        // shards are read in parallel (a 7B model is several files of gigabytes); their
+        // tensors join in file order
+        use rayon::prelude::*;
+        let read: Vec<_> = shards
+            .files
+            .par_iter()
+            .map(|path| {
+                read_safetensors_file(path).map_err(|e| match e {
+                    KernelError::Checkpoint { path, message } => EngineError::CorruptSafetensors {
+                        path,
+                        reason: message,
+                    },
+                    e => io_or_kernel(e),
+                })
+            })
+            .collect::<Result<_>>()?;
         let mut tensors = BTreeMap::new();
-        for path in &shards.files {
-            let (file, _) = read_safetensors_file(path).map_err(|e| match e {
-                KernelError::Checkpoint { path, message } => EngineError::CorruptSafetensors {
-                    path,
-                    reason: message,
-                },
-                e => io_or_kernel(e),
-            })?;
+        for (file, _) in read {
             tensors.extend(file);
         }
         Ok(Checkpoint {

@@ -103,7 +103,11 @@ impl GpuQuantizer {
                 Ok(v) => v,
                 Err(_) => {
                     // not 2-byte aligned in the file: one copy
-                    copied = bytemuck::pod_collect_to_vec(raw.data);
+                    copied = raw
+                        .data
+                        .chunks_exact(2)
+                        .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])))
+                        .collect();
                     &copied
                 }
             };

@@ -100,7 +100,13 @@ impl CudaKernels {
                         .memcpy_htod(c, &mut buf.slice_mut(0..c.len()))
                         .map_err(drv("uploading rows to quantize"))?;
                     let n = c.len() / cols;
-                    self.quantize_rows_into_async(DeviceInput::F32(buf), n, tensor_scale, out, row)?;
+                    self.quantize_rows_into_async(
+                        DeviceInput::F32(buf),
+                        n,
+                        tensor_scale,
+                        out,
+                        row,
+                    )?;
                     row += n;
                 }
             }
@@ -112,7 +118,13 @@ impl CudaKernels {
                         .memcpy_htod(c, &mut buf.slice_mut(0..c.len()))
                         .map_err(drv("uploading rows to quantize"))?;
                     let n = c.len() / cols;
-                    self.quantize_rows_into_async(DeviceInput::Bf16(buf), n, tensor_scale, out, row)?;
+                    self.quantize_rows_into_async(
+                        DeviceInput::Bf16(buf),
+                        n,
+                        tensor_scale,
+                        out,
+                        row,
+                    )?;
                     row += n;
                 }
             }
