@@ -60,7 +60,8 @@ pub const TENSOR_CORE_KERNELS: &[TensorCoreConfig] = &[
 ];
 
 /// The split-K kernels (the `KILN_GEMV_SPLIT_K` lines): the defaults of
-/// `CudaKernels::default_gemv_kernel` for m = 1 (K > 1024; K ≤ 1024), 2..4 and 5..8.
+/// `CudaKernels::default_gemv_kernel` for m = 1 (K > 1024 under 128 Mi weights; K ≤ 1024 or
+/// at least 128 Mi weights), 2..4 and 5..8.
 pub const SPLIT_K_KERNELS: &[SplitKConfig] = &[
     (1, 2, 2, false, 2),
     (1, 1, 3, true, 3),
