@@ -380,27 +380,33 @@ extern "C" __global__ void kiln_train_split_heads(const float* __restrict__ d,
 
 __device__ __forceinline__ float kiln_sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
 
-// a bf16 [N, I]. Grid ceil(N·I / blockDim).
+// a bf16 [N, I]. Grid (ceil(I / blockDim), min(N, 65535)): column i of rows blockIdx.y,
+// blockIdx.y + gridDim.y, … (no 64-bit division per element).
 extern "C" __global__ void kiln_train_swiglu_fwd(const float* __restrict__ gu, u16* __restrict__ a,
-                                                 int I, long long count) {
-    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= count) return;
-    const long long n = e / I, i = e % I;
-    const float g = gu[n * 2 * I + i], u = gu[n * 2 * I + I + i];
-    a[e] = kiln_f32_to_bf16(g * kiln_sigmoid(g) * u);
+                                                 int I, int N) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= I) return;
+    for (int n = blockIdx.y; n < N; n += gridDim.y) {
+        const size_t row = (size_t)n * 2 * I;
+        const float g = gu[row + i], u = gu[row + I + i];
+        a[(size_t)n * I + i] = kiln_f32_to_bf16(g * kiln_sigmoid(g) * u);
+    }
 }
 
 // Given da f32 [N, I]: dg = da·u·σ(g)·(1 + g·(1 − σ(g))), du = da·g·σ(g) → dgu bf16 [N, 2·I].
+// Grid (ceil(I / block), min(N, 65535)), as the forward.
 extern "C" __global__ void kiln_train_swiglu_bwd(const float* __restrict__ gu,
                                                  const float* __restrict__ da,
-                                                 u16* __restrict__ dgu, int I, long long count) {
-    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= count) return;
-    const long long n = e / I, i = e % I;
-    const float g = gu[n * 2 * I + i], u = gu[n * 2 * I + I + i], d = da[e];
-    const float sg = kiln_sigmoid(g);
-    dgu[n * 2 * I + i] = kiln_f32_to_bf16(d * u * sg * (1.0f + g * (1.0f - sg)));
-    dgu[n * 2 * I + I + i] = kiln_f32_to_bf16(d * g * sg);
+                                                 u16* __restrict__ dgu, int I, int N) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= I) return;
+    for (int n = blockIdx.y; n < N; n += gridDim.y) {
+        const size_t row = (size_t)n * 2 * I;
+        const float g = gu[row + i], u = gu[row + I + i], d = da[(size_t)n * I + i];
+        const float sg = kiln_sigmoid(g);
+        dgu[row + i] = kiln_f32_to_bf16(d * u * sg * (1.0f + g * (1.0f - sg)));
+        dgu[row + I + i] = kiln_f32_to_bf16(d * g * sg);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
