@@ -340,17 +340,20 @@ extern "C" __global__ void kiln_causal_softmax_bf16(const float* __restrict__ S,
 }
 
 // act[t, i] = silu(g) · u with g = gu[t, i]·scale[0], u = gu[t, I + i]·scale[1] (one GEMV over the
-// concatenated gate and up rows, tensor scale 1). n = T·I. act f32, or bf16 bits (_bf16: the
-// prompt path's input of the down GEMM).
-template <typename OUT>
-__device__ __forceinline__ void kiln_swiglu_body(const float* __restrict__ gu, const float* __restrict__ scale,
-                                                 OUT* __restrict__ act, int I, int n) {
+// concatenated gate and up rows, tensor scale 1). n = T·I. f32 in and out, or (_bf16: the
+// prompt path, between its bf16 GEMMs) bf16 bits in and out.
+__device__ __forceinline__ float kiln_load_act(const float* p) { return *p; }
+__device__ __forceinline__ float kiln_load_act(const u16* p) { return kiln_bf16_to_f32(*p); }
+
+template <typename T>
+__device__ __forceinline__ void kiln_swiglu_body(const T* __restrict__ gu, const float* __restrict__ scale,
+                                                 T* __restrict__ act, int I, int n) {
     KILN_PDL_ENTER();
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= n) return;
     const int t = idx / I, i = idx - t * I;
-    const float g = gu[(size_t)t * 2 * I + i] * scale[0];
-    const float u = gu[(size_t)t * 2 * I + I + i] * scale[1];
+    const float g = kiln_load_act(gu + (size_t)t * 2 * I + i) * scale[0];
+    const float u = kiln_load_act(gu + (size_t)t * 2 * I + I + i) * scale[1];
     kiln_store_act(act + idx, g / (1.0f + expf(-g)) * u);
 }
 
@@ -358,7 +361,7 @@ extern "C" __global__ void kiln_swiglu(const float* __restrict__ gu, const float
                                        float* __restrict__ act, int I, int n) {
     kiln_swiglu_body<float>(gu, scale, act, I, n);
 }
-extern "C" __global__ void kiln_swiglu_bf16(const float* __restrict__ gu, const float* __restrict__ scale,
+extern "C" __global__ void kiln_swiglu_bf16(const u16* __restrict__ gu, const float* __restrict__ scale,
                                             u16* __restrict__ act, int I, int n) {
     kiln_swiglu_body<u16>(gu, scale, act, I, n);
 }

@@ -131,17 +131,21 @@ fn prefill_scores_bytes(cfg: &ModelConfig, rows: usize, keys: usize) -> u64 {
     (cfg.num_key_value_heads * rows * keys * 6) as u64
 }
 
-/// Bytes of the activations of a forward of `rows` tokens (`Acts`), with the bf16 twins and
-/// the GEMM scratch when rows > 8.
+/// Bytes of the activations of a forward of `rows` tokens (`Acts`); over 8 rows the bf16
+/// buffers of the GEMM path (h, q, attn, gate/up, act) and the GEMM scratch instead of the f32
+/// h, gate/up and act.
 fn acts_bytes(cfg: &ModelConfig, rows: usize, splits: usize) -> u64 {
     let (h, q, i) = (cfg.hidden_size, cfg.q_size(), cfg.intermediate_size);
     let qkv = q + 2 * cfg.kv_size();
-    let f32s = rows * (3 * h + qkv + 2 * q + 3 * i)
-        + rows * cfg.num_attention_heads * splits * (cfg.head_dim + 2);
-    let bf16s = if rows > 8 {
-        rows * (h + 2 * q + i) + prefill_scratch_elems(cfg)
+    let parts = rows * cfg.num_attention_heads * splits * (cfg.head_dim + 2);
+    // over 8 rows h, gu and act live in bf16 only (one-element f32 placeholders)
+    let (f32s, bf16s) = if rows > 8 {
+        (
+            rows * (2 * h + qkv + 2 * q) + 3 + parts,
+            rows * (h + 2 * q + 3 * i) + prefill_scratch_elems(cfg),
+        )
     } else {
-        0
+        (rows * (3 * h + qkv + 2 * q + 3 * i) + parts, 0)
     };
     (f32s * 4 + bf16s * 2) as u64
 }

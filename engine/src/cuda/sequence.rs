@@ -44,7 +44,8 @@ struct Acts {
     act: CudaSlice<f32>,
     part_o: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
-    /// bf16 copies for the GEMM path (rows > 8): the linears' inputs h, attn, act, and q.
+    /// bf16 buffers of the GEMM path (rows > 8): the linears' inputs h, attn and act, the
+    /// gate/up output and q. There `h`, `gu` and `act` above are one-element placeholders.
     bf: Option<BfActs>,
 }
 
@@ -53,6 +54,8 @@ struct BfActs {
     /// The queries, for the attention GEMMs.
     q: CudaSlice<bf16>,
     attn: CudaSlice<bf16>,
+    /// The gate/up GEMM's output (SwiGLU reads it).
+    gu: CudaSlice<bf16>,
     act: CudaSlice<bf16>,
     /// W dequantized slab by slab.
     w: CudaSlice<bf16>,
@@ -77,22 +80,25 @@ impl Acts {
                 h: b(rows * h)?,
                 q: b(rows * q)?,
                 attn: b(rows * q)?,
+                gu: b(rows * 2 * i)?,
                 act: b(rows * i)?,
                 w: b(prefill_scratch_elems(cfg))?,
             })
         } else {
             None
         };
+        // over 8 rows the bf16 buffers stand in for h, gu and act
+        let f32_rows = if rows > 8 { 0 } else { rows };
         Ok(Acts {
             rows,
             x: f(rows * h)?,
-            h: f(rows * h)?,
+            h: f((f32_rows * h).max(1))?,
             qkv: f(rows * qkv)?,
             q: f(rows * q)?,
             attn: f(rows * q)?,
             tmp: f(rows * h)?,
-            gu: f(rows * 2 * i)?,
-            act: f(rows * i)?,
+            gu: f((f32_rows * 2 * i).max(1))?,
+            act: f((f32_rows * i).max(1))?,
             part_o: f(rows * nh * splits * cfg.head_dim)?,
             part_ml: f(rows * nh * splits * 2)?,
             bf,
@@ -755,10 +761,14 @@ unsafe fn layers(
         sc.mask & class::ATTENTION != 0,
     );
     // over 8 rows the linears are bf16 GEMMs: the norms and SwiGLU write their bf16 input
-    // directly (no f32 copy to convert)
-    let (h_out, act_out) = match (&acts.bf, rows > 8) {
-        (Some(bf), true) => (k.addr(&bf.h, 0), k.addr(&bf.act, 0)),
-        _ => (k.addr(&acts.h, 0), k.addr(&acts.act, 0)),
+    // directly (no f32 copy to convert), and SwiGLU reads the gate/up GEMM's bf16 output
+    let (h_out, gu_in, act_out) = match (&acts.bf, rows > 8) {
+        (Some(bf), true) => (k.addr(&bf.h, 0), k.addr(&bf.gu, 0), k.addr(&bf.act, 0)),
+        _ => (
+            k.addr(&acts.h, 0),
+            k.addr(&acts.gu, 0),
+            k.addr(&acts.act, 0),
+        ),
     };
     let bf16_out = rows > 8;
     for (l, layer) in m.layers.iter().enumerate() {
@@ -801,7 +811,7 @@ unsafe fn layers(
             }
             if small {
                 k.swiglu_async(
-                    k.addr(&acts.gu, 0),
+                    gu_in,
                     k.addr(&layer.gate_up_scale, 0),
                     act_out,
                     rows,
@@ -1063,10 +1073,20 @@ fn linear(
     let BfActs {
         h: bh,
         attn: battn,
+        gu: bgu,
         act: bact,
         w: scratch,
         ..
     } = bf;
+    // the gate/up output goes to bf16 (SwiGLU's input), the others to f32
+    let c_f32 = !matches!(output, Output::Gu);
+    let c_at = |r0: usize| {
+        if c_f32 {
+            k.addr(y, r0)
+        } else {
+            k.addr(bgu, r0)
+        }
+    };
     // the norms and SwiGLU wrote h and act in bf16 already; attention's output is f32
     let xb: &mut CudaSlice<bf16> = match input {
         Input::H => bh,
@@ -1077,7 +1097,7 @@ fn linear(
         Input::Act => bact,
     };
     // W dequantized to bf16 a slab of rows at a time; cublasGemmEx writes the slab's columns
-    // of y (f32) directly: C[N × T] column-major is y [T, N] row-major
+    // of y (f32, or bf16 for gate/up) directly: C[N × T] column-major is y [T, N] row-major
     let (n, kk) = (w.rows, w.cols);
     // slabs of a multiple of 128 rows: every slab's first column of y stays 16-byte aligned
     // (an odd offset sends cuBLAS to slow unvectorized kernels)
@@ -1103,8 +1123,8 @@ fn linear(
                 beta: 0.0,
                 a: (k.addr(scratch, 0), kk, 0),
                 b: (k.addr(xb, 0), kk, 0),
-                c: (k.addr(y, r0), n, 0),
-                c_f32: true,
+                c: (c_at(r0), n, 0),
+                c_f32,
                 batch: 1,
             })?;
         }

@@ -515,12 +515,12 @@ impl CudaKernels {
         Ok(true)
     }
 
-    /// Queue `act[t, i] = silu(gu[t, i]·scale[0]) · gu[t, I + i]·scale[1]` for `t < tokens`,
-    /// written as f32, or as bf16 with `bf16_out` (the prompt path's down-GEMM input).
+    /// Queue `act[t, i] = silu(gu[t, i]·scale[0]) · gu[t, I + i]·scale[1]` for `t < tokens`:
+    /// f32 in and out, or with `bf16` bf16 in and out (the prompt path, between its GEMMs).
     ///
     /// # Safety
-    /// `gu` holds `tokens·2·inter` f32, `scale` 2 f32, `act` `tokens·inter` f32 (bf16 with
-    /// `bf16_out`).
+    /// `gu` holds `tokens·2·inter` and `act` `tokens·inter` f32 (bf16 with `bf16`), `scale` 2
+    /// f32.
     pub unsafe fn swiglu_async(
         &self,
         gu: DevAddr,
@@ -528,11 +528,11 @@ impl CudaKernels {
         act: DevAddr,
         tokens: usize,
         inter: usize,
-        bf16_out: bool,
+        bf16: bool,
     ) -> Result<(), KernelError> {
         let n = tokens * inter;
         let (ii, ni) = (inter as i32, n as i32);
-        let f = if bf16_out {
+        let f = if bf16 {
             &self.f.decode.swiglu_bf16
         } else {
             &self.f.decode.swiglu

@@ -35,7 +35,11 @@ const NORM_BWD_ROWS: usize = 32;
 /// loop).
 fn swiglu_grid(tokens: usize, inter: usize) -> LaunchConfig {
     cfg(
-        (inter.div_ceil(256) as u32, tokens.clamp(1, 65_535) as u32, 1),
+        (
+            inter.div_ceil(256) as u32,
+            tokens.clamp(1, 65_535) as u32,
+            1,
+        ),
         256,
     )
 }
@@ -45,7 +49,8 @@ fn swiglu_grid(tokens: usize, inter: usize) -> LaunchConfig {
 /// four warps: 197 µs for 4,096 rows of 896 on the H200, 16% of a 0.5B train step, by ncu),
 /// at most [`NORM_BWD_ROWS`] so the dw atomics stay few.
 fn norm_bwd_rows(rows: usize, sm_count: u32) -> usize {
-    rows.div_ceil(8 * sm_count.max(1) as usize).clamp(1, NORM_BWD_ROWS)
+    rows.div_ceil(8 * sm_count.max(1) as usize)
+        .clamp(1, NORM_BWD_ROWS)
 }
 /// Rotation pairs each thread of the q/k/v backward owns (`KILN_QKV_PAIRS_PER_THREAD`).
 const QKV_PAIRS_PER_THREAD: usize = 4;
@@ -728,13 +733,7 @@ impl CudaKernels {
                 &self.f.train.swiglu_bwd,
                 swiglu_grid(tokens, inter),
                 "launching kiln_train_swiglu_bwd",
-                &mut [
-                    param(&gu),
-                    param(&da),
-                    param(&dgu),
-                    param(&ii),
-                    param(&ni),
-                ],
+                &mut [param(&gu), param(&da), param(&dgu), param(&ii), param(&ni)],
             )
         }
     }
