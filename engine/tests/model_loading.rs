@@ -292,3 +292,31 @@ fn a_checkpoint_holds_exactly_the_tensors_its_layout_lists() {
         assert_eq!(got, want, "{arch:?} {format:?}");
     }
 }
+
+/// A NaN in a float checkpoint's linear weight fails the load with the tensor's name, the
+/// element and the fix, instead of a model with garbage codes.
+#[test]
+fn a_nan_in_a_float_checkpoint_names_the_tensor() {
+    use kiln_kernels::checkpoint::{read_safetensors_file, write_safetensors_file};
+    let cfg = small_config(Architecture::Llama);
+    let dir = tempfile::tempdir().unwrap();
+    save(
+        &random_model(&cfg, LinearFormat::Dense),
+        dir.path(),
+        &DENSE_F32,
+    );
+    let file = dir.path().join("model.safetensors");
+    let (mut tensors, meta) = read_safetensors_file(&file).unwrap();
+    let name = "model.layers.1.mlp.down_proj.weight";
+    let t = tensors.get_mut(name).expect("a down projection");
+    // element 3 (row 0, column 3) becomes NaN
+    t.data[12..16].copy_from_slice(&f32::NAN.to_le_bytes());
+    write_safetensors_file(&file, &tensors, meta).unwrap();
+    let e = load(dir.path(), LinearFormat::Nvfp4)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(name) && e.contains("row 0, column 3") && e.contains("NaN"),
+        "{e}"
+    );
+}

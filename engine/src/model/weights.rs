@@ -198,12 +198,25 @@ impl WeightSource for CheckpointWeights<'_> {
                 let w = spec.weight();
                 let raw = self.ckpt.get(&w.name)?;
                 raw.expect_shape(&w.shape)?;
-                match (&self.quantizer, self.format) {
-                    (Some(q), LinearFormat::Nvfp4) => {
-                        LinearWeight::Nvfp4(Arc::new(q.quantize(&raw, out, inp)?))
+                let weight = match (&self.quantizer, self.format) {
+                    (Some(q), LinearFormat::Nvfp4) => q
+                        .quantize(&raw, out, inp)
+                        .map(|t| LinearWeight::Nvfp4(Arc::new(t))),
+                    _ => raw
+                        .to_f32()
+                        .and_then(|v| self.format.weight(v, out, inp, &self.device)),
+                };
+                // a NaN or infinity in a float checkpoint: say which tensor holds it
+                weight.map_err(|e| match e {
+                    EngineError::Kernel(k @ kiln_kernels::KernelError::NonFinite { .. }) => {
+                        EngineError::InvalidArgument(format!(
+                            "checkpoint tensor {} in {}: {k}",
+                            w.name,
+                            self.ckpt.dir().display()
+                        ))
                     }
-                    _ => self.format.weight(raw.to_f32()?, out, inp, &self.device)?,
-                }
+                    e => e,
+                })?
             }
         };
         let bias = self.bias(spec)?;
