@@ -368,3 +368,31 @@ impl Nvfp4Tensor {
         self.packed.len() + self.scales.len() + 4
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    #[test]
+    fn checked_amax_over_bf16_equals_the_f32_pass_and_names_the_first_bad_value() {
+        let f: Vec<f32> = (0..70_000)
+            .map(|i| ((i as f32) * 0.37).sin() * 3.0)
+            .collect();
+        let b: Vec<bf16> = f.iter().map(|&x| bf16::from_f32(x)).collect();
+        let widened: Vec<f32> = b.iter().map(|x| x.to_f32()).collect();
+        let want = checked_amax(&widened, 100).unwrap();
+        assert_eq!(checked_amax_by(&b, 100, |x| x.to_f32()).unwrap(), want);
+        let mut bad = b.clone();
+        bad[65_603] = bf16::NAN;
+        bad[65_700] = bf16::INFINITY;
+        match checked_amax_by(&bad, 100, |x| x.to_f32()) {
+            Err(KernelError::NonFinite {
+                index, row, col, ..
+            }) => {
+                assert_eq!((index, row, col), (65_603, 656, 3))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
