@@ -209,6 +209,12 @@ fn stack(k: &CudaKernels, cols: usize, parts: &[Part]) -> Result<(DeviceNvfp4, V
                 first += q.rows;
             }
             Part::Dense { what, data, rows } => {
+                if data.len() != rows * cols {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "stacking {what} ({} values) as {rows} rows into a matrix of width {cols}",
+                        data.len()
+                    )));
+                }
                 let amax = checked_amax(data, cols)
                     .map_err(|e| EngineError::InvalidArgument(format!("weight {what}: {e}")))?;
                 let ts = tensor_scale_for_amax(amax);

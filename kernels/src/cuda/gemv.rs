@@ -142,13 +142,19 @@ impl CudaKernels {
             // the largest matrices (a 7B model's gate/up and vocabulary projections: on the
             // H200, 2026-12-04, chained, 34.9 vs 36.1 µs at 37888×3584 and 106 vs 129 µs at
             // 152064×3584), two tiles deep-2 in between (3584² … 8192²)
+            let two_tiles = (1, 2, 2, false, 2);
             let c = match m {
                 1 if k <= 1024 || n.saturating_mul(k) >= 128 << 20 => (1, 1, 3, true, 3),
-                1 => (1, 2, 2, false, 2),
+                1 => two_tiles,
                 2..=4 => (m, 2, 3, true, 2),
                 _ => (m, 2, 2, true, 2),
             };
-            if self.split_k_fits(c, n, k) {
+            // (a very wide K can keep 3 blocks a SM from fitting: then the two-tile kernel)
+            if let Some(c) = [c, two_tiles]
+                .into_iter()
+                .filter(|c| c.0 == m)
+                .find(|&c| self.split_k_fits(c, n, k))
+            {
                 return GemvKernel::split_k(c);
             }
         }
