@@ -75,59 +75,58 @@ impl CudaKernels {
     ) -> Result<(), KernelError> {
         let cols = out.cols;
         let chunk = (QUANTIZE_STAGING_VALUES / cols).max(1) * cols;
-        let len = chunk.min(data.len());
-        fn grown<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-            k: &CudaKernels,
-            buf: &mut Option<CudaSlice<T>>,
-            len: usize,
-        ) -> Result<(), KernelError> {
-            if buf.as_ref().is_none_or(|s| s.len() < len) {
-                *buf = Some(
-                    k.stream
-                        .alloc_zeros::<T>(len)
-                        .map_err(drv("allocating the quantize staging buffer"))?,
-                );
-            }
-            Ok(())
-        }
-        let mut row = first_row;
         match data {
-            HostInput::F32(d) => {
-                grown(self, &mut staging.f32, len)?;
-                let buf = staging.f32.as_mut().expect("allocated above");
-                for c in d.chunks(chunk) {
-                    self.stream
-                        .memcpy_htod(c, &mut buf.slice_mut(0..c.len()))
-                        .map_err(drv("uploading rows to quantize"))?;
-                    let n = c.len() / cols;
-                    self.quantize_rows_into_async(
-                        DeviceInput::F32(buf),
-                        n,
-                        tensor_scale,
-                        out,
-                        row,
-                    )?;
-                    row += n;
-                }
-            }
-            HostInput::Bf16(d) => {
-                grown(self, &mut staging.bf16, len)?;
-                let buf = staging.bf16.as_mut().expect("allocated above");
-                for c in d.chunks(chunk) {
-                    self.stream
-                        .memcpy_htod(c, &mut buf.slice_mut(0..c.len()))
-                        .map_err(drv("uploading rows to quantize"))?;
-                    let n = c.len() / cols;
-                    self.quantize_rows_into_async(
-                        DeviceInput::Bf16(buf),
-                        n,
-                        tensor_scale,
-                        out,
-                        row,
-                    )?;
-                    row += n;
-                }
-            }
+            HostInput::F32(d) => self.quantize_chunks(
+                d,
+                chunk,
+                &mut staging.f32,
+                |b| DeviceInput::F32(b),
+                tensor_scale,
+                out,
+                first_row,
+            ),
+            HostInput::Bf16(d) => self.quantize_chunks(
+                d,
+                chunk,
+                &mut staging.bf16,
+                |b| DeviceInput::Bf16(b),
+                tensor_scale,
+                out,
+                first_row,
+            ),
+        }
+    }
+
+    /// [`CudaKernels::quantize_rows_from_host`] for one element type: `data` up `chunk` values
+    /// at a time through `buf` (grown to fit), each chunk quantized into its rows of `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn quantize_chunks<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        data: &[T],
+        chunk: usize,
+        buf: &mut Option<CudaSlice<T>>,
+        input: impl for<'b> Fn(&'b CudaSlice<T>) -> DeviceInput<'b>,
+        tensor_scale: f32,
+        out: &mut DeviceNvfp4,
+        first_row: usize,
+    ) -> Result<(), KernelError> {
+        let len = chunk.min(data.len());
+        if buf.as_ref().is_none_or(|s| s.len() < len) {
+            *buf = Some(
+                self.stream
+                    .alloc_zeros::<T>(len)
+                    .map_err(drv("allocating the quantize staging buffer"))?,
+            );
+        }
+        let buf = buf.as_mut().expect("allocated above");
+        let mut row = first_row;
+        for c in data.chunks(chunk) {
+            self.stream
+                .memcpy_htod(c, &mut buf.slice_mut(0..c.len()))
+                .map_err(drv("uploading rows to quantize"))?;
+            let n = c.len() / out.cols;
+            self.quantize_rows_into_async(input(buf), n, tensor_scale, out, row)?;
+            row += n;
         }
         Ok(())
     }
