@@ -83,14 +83,26 @@ pub fn run(args: BenchEngineArgs) -> anyhow::Result<()> {
         big_new_tokens: if args.quick { 0 } else { args.big_new_tokens },
         turn_new_tokens: args.turn_new_tokens,
     };
+    timed_report(
+        args.json,
+        |progress| Ok(run_engine_bench(&opts, progress)?),
+        |r| r.to_table(),
+    )
+}
+
+/// Run a benchmark with its progress lines on stderr (seconds since the start), then print its
+/// report as JSON or as `table` makes it.
+fn timed_report<R: serde::Serialize>(
+    json: bool,
+    run: impl FnOnce(&mut dyn FnMut(&str)) -> anyhow::Result<R>,
+    table: impl FnOnce(&R) -> String,
+) -> anyhow::Result<()> {
     let t = std::time::Instant::now();
-    let report = run_engine_bench(&opts, &mut |m| {
-        eprintln!("[{:>6.1}s] {m}", t.elapsed().as_secs_f64())
-    })?;
-    if args.json {
+    let report = run(&mut |m| eprintln!("[{:>6.1}s] {m}", t.elapsed().as_secs_f64()))?;
+    if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("{}", report.to_table());
+        println!("{}", table(&report));
     }
     Ok(())
 }
@@ -99,16 +111,11 @@ fn run_cuda(args: BenchEngineArgs) -> anyhow::Result<()> {
     use anyhow::Context;
     if let Some(dir) = &args.load_model {
         let k = std::sync::Arc::new(kiln_kernels::cuda::CudaKernels::new(args.gpu)?);
-        let t = std::time::Instant::now();
-        let report = run_load_bench(k, dir, args.load_runs, &mut |m| {
-            eprintln!("[{:>6.1}s] {m}", t.elapsed().as_secs_f64())
-        })?;
-        if args.json {
-            println!("{}", serde_json::to_string_pretty(&report)?);
-        } else {
-            println!("{}", report.to_table());
-        }
-        return Ok(());
+        return timed_report(
+            args.json,
+            |progress| Ok(run_load_bench(k, dir, args.load_runs, progress)?),
+            |r| r.to_table(),
+        );
     }
     let anchor: Option<Anchor> = match &args.anchor {
         Some(p) => Some(
@@ -128,14 +135,9 @@ fn run_cuda(args: BenchEngineArgs) -> anyhow::Result<()> {
         skip_7b: args.skip_7b,
         ..Default::default()
     };
-    let t = std::time::Instant::now();
-    let report = run_gpu_bench(args.gpu, &opts, &mut |m| {
-        eprintln!("[{:>6.1}s] {m}", t.elapsed().as_secs_f64())
-    })?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!("{}", report.to_table(anchor.as_ref()));
-    }
-    Ok(())
+    timed_report(
+        args.json,
+        |progress| Ok(run_gpu_bench(args.gpu, &opts, progress)?),
+        |r| r.to_table(anchor.as_ref()),
+    )
 }
