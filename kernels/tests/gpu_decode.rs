@@ -15,6 +15,13 @@ fn gpu() -> CudaKernels {
     CudaKernels::new(0).unwrap_or_else(|e| panic!("GPU test run where CUDA is not usable: {e}"))
 }
 
+/// `n` values uniform in (-lim, lim), as bf16.
+fn bf16s(r: &mut ChaCha8Rng, n: usize, lim: f32) -> Vec<bf16> {
+    (0..n)
+        .map(|_| bf16::from_f32(r.random_range(-lim..lim)))
+        .collect()
+}
+
 /// Attention of `tokens` queries at positions pos..pos+T over a bf16 cache, on the CPU (f64).
 #[allow(clippy::too_many_arguments)]
 fn attention_ref(
@@ -79,12 +86,8 @@ fn split_attention_matches_the_cpu_reference() {
         let q: Vec<f32> = (0..tokens * nh * hd)
             .map(|_| r.random_range(-2.0..2.0))
             .collect();
-        let kc: Vec<bf16> = (0..kvh * cap * hd)
-            .map(|_| bf16::from_f32(r.random_range(-2.0..2.0)))
-            .collect();
-        let vc: Vec<bf16> = (0..kvh * cap * hd)
-            .map(|_| bf16::from_f32(r.random_range(-1.0..1.0)))
-            .collect();
+        let kc = bf16s(&mut r, kvh * cap * hd, 2.0);
+        let vc = bf16s(&mut r, kvh * cap * hd, 1.0);
         let qd = s.clone_htod(&q).unwrap();
         let kd = s.clone_htod(&kc).unwrap();
         let vd = s.clone_htod(&vc).unwrap();
@@ -281,15 +284,9 @@ fn flash_prefill_attention_matches_the_cpu_reference() {
         (32, 8, 128, 1100, 1000, 65),
         (14, 2, 64, 64, 0, 9),
     ] {
-        let q: Vec<bf16> = (0..tokens * nh * hd)
-            .map(|_| bf16::from_f32(r.random_range(-2.0..2.0)))
-            .collect();
-        let kc: Vec<bf16> = (0..kvh * cap * hd)
-            .map(|_| bf16::from_f32(r.random_range(-2.0..2.0)))
-            .collect();
-        let vc: Vec<bf16> = (0..kvh * cap * hd)
-            .map(|_| bf16::from_f32(r.random_range(-1.0..1.0)))
-            .collect();
+        let q = bf16s(&mut r, tokens * nh * hd, 2.0);
+        let kc = bf16s(&mut r, kvh * cap * hd, 2.0);
+        let vc = bf16s(&mut r, kvh * cap * hd, 1.0);
         let qd = s.clone_htod(&q).unwrap();
         let kd = s.clone_htod(&kc).unwrap();
         let vd = s.clone_htod(&vc).unwrap();
