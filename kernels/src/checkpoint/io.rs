@@ -329,26 +329,26 @@ mod tests {
         let vals: Vec<f32> = (0..150_001).map(|i| (i as f32 - 75_000.0) * 0.25).collect();
         let f32t = TensorData::from_f32(vec![vals.len()], &vals);
         assert_eq!(f32t.to_f32().unwrap(), vals);
-        let b: Vec<u8> = vals
-            .iter()
-            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-            .collect();
-        let bf = TensorData::new(Dtype::BF16, vec![vals.len()], b).unwrap();
-        let want: Vec<f32> = vals
-            .iter()
-            .map(|&v| half::bf16::from_f32(v).to_f32())
-            .collect();
-        assert_eq!(bf.to_f32().unwrap(), want);
-        let h: Vec<u8> = vals
-            .iter()
-            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-            .collect();
-        let f16t = TensorData::new(Dtype::F16, vec![vals.len()], h).unwrap();
-        let want: Vec<f32> = vals
-            .iter()
-            .map(|&v| half::f16::from_f32(v).to_f32())
-            .collect();
-        assert_eq!(f16t.to_f32().unwrap(), want);
+        // each 16-bit dtype: (its bytes of v, v rounded to it and widened back)
+        type Half = (Dtype, fn(f32) -> [u8; 2], fn(f32) -> f32);
+        let halves: [Half; 2] = [
+            (
+                Dtype::BF16,
+                |v| half::bf16::from_f32(v).to_le_bytes(),
+                |v| half::bf16::from_f32(v).to_f32(),
+            ),
+            (
+                Dtype::F16,
+                |v| half::f16::from_f32(v).to_le_bytes(),
+                |v| half::f16::from_f32(v).to_f32(),
+            ),
+        ];
+        for (dtype, bytes, rounded) in halves {
+            let data: Vec<u8> = vals.iter().flat_map(|&v| bytes(v)).collect();
+            let t = TensorData::new(dtype, vec![vals.len()], data).unwrap();
+            let want: Vec<f32> = vals.iter().map(|&v| rounded(v)).collect();
+            assert_eq!(t.to_f32().unwrap(), want, "{dtype:?}");
+        }
         let u8t = TensorData::new(Dtype::U8, vec![2], vec![1, 2]).unwrap();
         assert!(u8t.to_f32().is_none());
     }
