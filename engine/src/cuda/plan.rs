@@ -69,10 +69,17 @@ impl GpuPlan {
         } else {
             prefill_rows.min(PREFILL_ROWS)
         };
-        let (_, splits) = decode_chunk(positions, cfg.num_key_value_heads, 132);
-        let workspace = acts_bytes(cfg, 1, splits.max(264))
+        // The decode attention's splits on a 132-SM H200, at least 264 (two per SM) so that a
+        // GPU with more SMs is covered too.
+        let splits = decode_chunk(positions, cfg.num_key_value_heads, 132)
+            .1
+            .max(264);
+        // prompts of up to 8 rows go through the decode attention (its splits); longer ones
+        // through the prefill attention (one split)
+        let prefill_splits = if rows > 8 { 1 } else { splits };
+        let workspace = acts_bytes(cfg, 1, splits)
             + if rows > 1 {
-                acts_bytes(cfg, rows, 1) + prefill_scores_bytes(cfg, rows, positions)
+                acts_bytes(cfg, rows, prefill_splits) + prefill_scores_bytes(cfg, rows, positions)
             } else {
                 0
             }
@@ -183,6 +190,21 @@ mod tests {
         assert!(e.contains("KV cache") && e.contains("384 positions"), "{e}");
         let long = GpuPlan::new(&cfg, 32_768, 2048);
         assert!(long.kv_cache == kv_bytes(&cfg, 32_768) && long.kv_cache > plan.kv_cache);
+    }
+
+    #[test]
+    fn short_prompts_are_planned_with_the_decode_attentions_splits() {
+        // up to 8 prompt rows go through the decode attention: its partial outputs and
+        // max/sum per row, head and split (f32)
+        let cfg = ModelConfig::qwen2_5_7b();
+        let positions = 4096;
+        let splits = decode_chunk(positions, cfg.num_key_value_heads, 132)
+            .1
+            .max(264);
+        let one = GpuPlan::new(&cfg, positions, 1).workspace;
+        let eight = GpuPlan::new(&cfg, positions, 8).workspace;
+        let parts = (8 * cfg.num_attention_heads * splits * (cfg.head_dim + 2) * 4) as u64;
+        assert!(eight >= one + parts, "{eight} < {one} + {parts}");
     }
 
     #[test]

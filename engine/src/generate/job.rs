@@ -6,14 +6,16 @@
 //! sequence length after the turn.
 
 use std::ops::ControlFlow;
+use std::path::Path;
 use std::time::Instant;
 
 use super::{ab, GenerateOptions, Generation, KvMode, SamplingParams, Sequence};
 use crate::chat::ChatMessage;
-use crate::chat_model::ChatModel;
+use crate::chat_model::{ChatModel, TINY_MODEL};
 use crate::cuda::GpuPlan;
 use crate::engine::{Engine, LoadedModel};
 use crate::error::{EngineError, Result};
+use crate::model::ModelConfig;
 use crate::report::{JobOutput, PhaseReport, Report, Reporter};
 use crate::session::Session as StoredSession;
 use crate::session::Session;
@@ -49,6 +51,25 @@ fn check_spec(spec: &GenerateSpec, device: DeviceSpec) -> Result<Engine> {
         _ => {}
     }
     Engine::for_job(&spec.device, device)
+}
+
+/// Before any weight is read: fail a GPU generation whose budget cannot hold even the model,
+/// a cache for its new tokens and the decode workspace (seconds of loading a model that
+/// cannot fit saved). The prompt's tokens are counted by the full check after the load.
+/// A model directory without a readable config.json passes here; the load names the problem.
+fn check_budget_before_load(model: &str, max_tokens: usize, budget: u64) -> Result<()> {
+    if budget == 0 {
+        return Ok(());
+    }
+    let cfg = if model == TINY_MODEL {
+        crate::tiny::config()?
+    } else {
+        match ModelConfig::from_file(&Path::new(model).join("config.json")) {
+            Ok(cfg) => cfg,
+            Err(_) => return Ok(()),
+        }
+    };
+    GpuPlan::new(&cfg, max_tokens, 1).check(budget)
 }
 
 /// What a generate job forwards.
@@ -117,6 +138,9 @@ pub fn run_job(
     // on a GPU: the CUDA context, the kernels (PTX from the cache or NVRTC), cuBLAS handles
     let engine_ms = t_engine.elapsed().as_secs_f64() * 1e3;
     let sampling = sampling_params(&spec.sampling)?;
+    if matches!(engine, Engine::Cuda(_)) {
+        check_budget_before_load(&spec.model, spec.max_tokens as usize, request.budget_bytes)?;
+    }
     let t = Instant::now();
     // Built on the host first (the GPU engine uploads it below, once the budget is checked);
     // float linears are quantized by the GPU's kernel on a GPU.
@@ -416,5 +440,33 @@ fn session_user_message(spec: &GenerateSpec) -> Result<String> {
         _ => Err(EngineError::InvalidArgument(
             "a session turn takes exactly one user message (the session keeps the history; system messages are not supported in sessions)".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gpu_budget_that_cannot_hold_the_model_fails_before_the_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ModelConfig::qwen2_5_7b();
+        std::fs::write(dir.path().join("config.json"), cfg.to_hf_json().to_string()).unwrap();
+        let model = dir.path().to_str().unwrap();
+        let e = check_budget_before_load(model, 256, 2 << 30)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("budget is 2.00 GiB") && e.contains("--budget-gb"),
+            "{e}"
+        );
+        check_budget_before_load(model, 256, 64 << 30).unwrap();
+        check_budget_before_load(model, 256, 0).unwrap();
+        let e = check_budget_before_load(TINY_MODEL, 16, 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("budget is 1.0 MiB"), "{e}");
+        // no config.json: the load reports the directory's problem
+        check_budget_before_load("/nonexistent/model", 16, 1 << 20).unwrap();
     }
 }
