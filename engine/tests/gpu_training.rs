@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use kiln_engine::chat_model::model_files;
-use kiln_engine::cuda::train::{CudaTrainer, HostBatch, TrainPlan};
+use kiln_engine::cuda::train::{CudaTrainer, HostBatch, TrainAttention, TrainPlan};
 use kiln_engine::engine::Engine;
 use kiln_engine::model::LinearFormat;
 use kiln_engine::report::Reporter;
@@ -129,12 +129,15 @@ fn micro_batches(data: &TrainData, s: &TrainSpec, step: u64) -> Vec<HostBatch> {
 
 /// Loss curves of `s.steps` steps on the CPU and on the GPU, same batches.
 fn curves(s: &TrainSpec) -> (Vec<f32>, Vec<f32>) {
-    curves_as(s, Arch::Qwen2)
+    curves_as(s, Arch::Qwen2, false)
 }
 
-fn curves_as(s: &TrainSpec, arch: Arch) -> (Vec<f32>, Vec<f32>) {
+/// [`curves`] for `arch`, the GPU's attention as the flash kernels with `flash`.
+fn curves_as(s: &TrainSpec, arch: Arch, flash: bool) -> (Vec<f32>, Vec<f32>) {
     let (engine, cfg, mut cpu, gpu_store, data) = setup_as(s, arch);
     let mut gpu = CudaTrainer::new(kernels(), &cfg, &gpu_store).unwrap();
+    gpu.set_flash_attention(flash);
+    assert_eq!(gpu.attention() == TrainAttention::Flash, flash);
     // The run's seed, as the job path sets it: stochastic rounding (nvfp4-full weights, bf16
     // moments) then draws the same numbers as the CPU's.
     gpu.set_seed(s.seed);
@@ -172,13 +175,15 @@ fn assert_curves_agree(a: &[f32], b: &[f32]) {
     }
 }
 
-/// The first step's gradients on the GPU and on the CPU, same weights and batch.
-fn assert_first_gradients_agree(quant: QuantSpec, arch: Arch) {
+/// The first step's gradients on the GPU (its attention as the flash kernels with `flash`)
+/// and on the CPU, same weights and batch.
+fn assert_first_gradients_agree(quant: QuantSpec, arch: Arch, flash: bool) {
     let s = spec(quant, 1);
     let (engine, cfg, mut cpu, gpu_store, data) = setup_as(&s, arch);
     let r = Reporter::capture().0;
     let (want, want_loss, _) = cpu_gradients(&engine, &cfg, &mut cpu, &data, &s, 1, &r).unwrap();
     let mut gpu = CudaTrainer::new(kernels(), &cfg, &gpu_store).unwrap();
+    gpu.set_flash_attention(flash);
     gpu.begin_step(AdamWParams::default(), 1, 0.0).unwrap();
     let (parts, denom) = data.step_samples(&s, 1);
     for p in &parts {
@@ -190,7 +195,7 @@ fn assert_first_gradients_agree(quant: QuantSpec, arch: Arch) {
     let got_loss = gpu.finish_step().unwrap().loss;
     let rel_loss = ((got_loss - want_loss) / want_loss).abs();
     eprintln!(
-        "{arch:?} {quant:?} step-1 loss: CPU {want_loss}, GPU {got_loss} (relative {rel_loss:.2e})"
+        "{arch:?} {quant:?} flash {flash} step-1 loss: CPU {want_loss}, GPU {got_loss} (relative {rel_loss:.2e})"
     );
     assert!(rel_loss < 1e-3, "loss CPU {want_loss} GPU {got_loss}");
     let mut worst = (0.0f64, String::new());
@@ -227,8 +232,8 @@ fn assert_first_gradients_agree(quant: QuantSpec, arch: Arch) {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn first_step_gradients_on_the_gpu_equal_the_cpu_autograd_ones() {
-    assert_first_gradients_agree(QuantSpec::Nvfp4Ste, Arch::Qwen2);
-    assert_first_gradients_agree(QuantSpec::None, Arch::Qwen2);
+    assert_first_gradients_agree(QuantSpec::Nvfp4Ste, Arch::Qwen2, false);
+    assert_first_gradients_agree(QuantSpec::None, Arch::Qwen2, false);
 }
 
 /// Qwen3's per-head q/k norm on the GPU: first-step gradients (the norms' own included) equal
@@ -236,11 +241,11 @@ fn first_step_gradients_on_the_gpu_equal_the_cpu_autograd_ones() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn qwen3_qk_norm_trains_on_the_gpu_like_on_the_cpu() {
-    assert_first_gradients_agree(QuantSpec::Nvfp4Ste, Arch::Qwen3);
-    assert_first_gradients_agree(QuantSpec::None, Arch::Qwen3);
+    assert_first_gradients_agree(QuantSpec::Nvfp4Ste, Arch::Qwen3, false);
+    assert_first_gradients_agree(QuantSpec::None, Arch::Qwen3, false);
     let mut s = spec(QuantSpec::Nvfp4Full, 10);
     s.lr = CURVE_LR;
-    let (a, b) = curves_as(&s, Arch::Qwen3);
+    let (a, b) = curves_as(&s, Arch::Qwen3, false);
     assert_curves_agree(&a, &b);
     assert!(b[9] < b[0], "the GPU loss did not fall: {b:?}");
 }
@@ -270,13 +275,13 @@ fn full_precision_and_accumulated_bf16_moment_steps_follow_the_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_trained_weights_come_back_to_the_host_store() {
-    weights_come_back(QuantSpec::Nvfp4Ste, 1, false);
-    weights_come_back(QuantSpec::Nvfp4Full, 1, false);
+    weights_come_back(QuantSpec::Nvfp4Ste, 1, false, false);
+    weights_come_back(QuantSpec::Nvfp4Full, 1, false, false);
     // nvfp4-full with accumulation holds an accumulator of every linear gradient.
-    weights_come_back(QuantSpec::Nvfp4Full, 2, false);
+    weights_come_back(QuantSpec::Nvfp4Full, 2, false, false);
     // --recompute holds one layer's activations.
-    weights_come_back(QuantSpec::Nvfp4Ste, 1, true);
-    weights_come_back(QuantSpec::Nvfp4Full, 2, true);
+    weights_come_back(QuantSpec::Nvfp4Ste, 1, true, false);
+    weights_come_back(QuantSpec::Nvfp4Full, 2, true, false);
 }
 
 /// The first parameter's values and the packed q_proj weight of layer 0, if packed.
@@ -297,7 +302,7 @@ fn snapshot(store: &ParamStore) -> (Vec<f32>, Option<kiln_kernels::nvfp4::Nvfp4T
     (dense, packed)
 }
 
-fn weights_come_back(quant: QuantSpec, grad_accum: u32, recompute: bool) {
+fn weights_come_back(quant: QuantSpec, grad_accum: u32, recompute: bool, flash: bool) {
     let mut s = spec(quant, 3);
     s.grad_accum = grad_accum;
     let (_, cfg, _, mut store, data) = setup(&s);
@@ -305,6 +310,7 @@ fn weights_come_back(quant: QuantSpec, grad_accum: u32, recompute: bool) {
     let mut gpu = CudaTrainer::new(kernels(), &cfg, &store).unwrap();
     gpu.set_micro_batches(grad_accum as usize).unwrap();
     gpu.set_recompute(recompute);
+    gpu.set_flash_attention(flash);
     // Room for every micro-batch of the run: the workspace is allocated once.
     gpu.reserve(s.batch as usize, s.seq_len as usize).unwrap();
     let hp = AdamWParams {
@@ -345,7 +351,8 @@ fn weights_come_back(quant: QuantSpec, grad_accum: u32, recompute: bool) {
     )
     .unwrap()
     .with_micro_batches(&cfg, grad_accum)
-    .with_recompute(&cfg, recompute);
+    .with_recompute(&cfg, recompute)
+    .with_flash_attention(&cfg, flash);
     assert_eq!(
         (
             plan.weights,
@@ -398,6 +405,25 @@ fn accumulated_nvfp4_full_steps_follow_the_cpu_loss_curve() {
         assert_curves_agree(&a, &b);
         assert!(b[9] < b[0] * 0.8, "the GPU loss did not fall: {b:?}");
     }
+}
+
+/// The flash attention kernels in the train step: first-step gradients equal the CPU autograd
+/// ones (Qwen2 and Qwen3, `none` and `nvfp4-ste`), 20 `nvfp4-ste` steps follow the CPU's
+/// loss curve, and the plan predicts the trainer's bytes (with and without `--recompute`).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn flash_attention_steps_follow_the_cpu() {
+    for arch in [Arch::Qwen2, Arch::Qwen3] {
+        assert_first_gradients_agree(QuantSpec::Nvfp4Ste, arch, true);
+        assert_first_gradients_agree(QuantSpec::None, arch, true);
+    }
+    let mut s = spec(QuantSpec::Nvfp4Ste, 20);
+    s.lr = CURVE_LR;
+    let (a, b) = curves_as(&s, Arch::Qwen2, true);
+    assert_curves_agree(&a, &b);
+    assert!(b[19] < b[0] * 0.8, "the GPU loss did not fall: {b:?}");
+    weights_come_back(QuantSpec::Nvfp4Ste, 1, false, true);
+    weights_come_back(QuantSpec::Nvfp4Full, 2, true, true);
 }
 
 /// The GPU's loss curve of `s` with or without `--recompute`.

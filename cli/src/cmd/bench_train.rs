@@ -61,6 +61,11 @@ pub struct BenchTrainArgs {
     /// Recompute each layer's activations in backward (as a train job with --recompute).
     #[arg(long)]
     pub recompute: bool,
+    /// The attention's form, one row each: `materialized` (cuBLAS GEMMs and softmax kernels
+    /// over [B·heads·T × T] buffers) and/or `flash` (the flash kernels: no T × T buffers;
+    /// head dims 32, 64 and 128, others run materialized and the row says so).
+    #[arg(long, value_delimiter = ',', default_value = "materialized")]
+    pub attention: Vec<String>,
     /// The JSON `scripts/anchors/torch_train.py --json` wrote (PyTorch measured in the same
     /// run); its tokens/s and the ratios join the table.
     #[arg(long, value_name = "FILE")]
@@ -68,6 +73,20 @@ pub struct BenchTrainArgs {
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--attention`'s forms as the benchmark's flags (`true`: flash).
+fn attention_forms(names: &[String]) -> anyhow::Result<Vec<bool>> {
+    names
+        .iter()
+        .map(|a| match a.as_str() {
+            "materialized" => Ok(false),
+            "flash" => Ok(true),
+            other => bail!(
+                "--attention {other}: choose materialized or flash (or both, comma-separated)"
+            ),
+        })
+        .collect()
 }
 
 /// Runs the benchmark and prints its table.
@@ -120,6 +139,7 @@ pub fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
         clip: args.clip_grad,
         budget: args.budget_gb.map(|g| (g * (1u64 << 30) as f64) as u64),
         recompute: args.recompute,
+        flash: attention_forms(&args.attention)?,
     };
     let rows = run_train_bench(args.gpu, &opts)?;
     if args.json {
@@ -131,4 +151,23 @@ pub fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_forms_parse_and_a_bad_one_names_the_choices() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            attention_forms(&names(&["materialized", "flash"])).unwrap(),
+            [false, true]
+        );
+        let e = attention_forms(&names(&["fast"])).unwrap_err().to_string();
+        assert!(
+            e.contains("--attention fast") && e.contains("materialized or flash"),
+            "{e}"
+        );
+    }
 }

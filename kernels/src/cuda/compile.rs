@@ -34,6 +34,10 @@ pub const HEADERS: &[(&str, &str)] = &[
         "block_reduce.cuh",
         include_str!("../../cuda/block_reduce.cuh"),
     ),
+    (
+        "flash_attention.cuh",
+        include_str!("../../cuda/flash_attention.cuh"),
+    ),
 ];
 
 /// Every kernel file, in load order.
@@ -73,6 +77,10 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         file: "attention_prefill.cu",
         source: include_str!("../../cuda/attention_prefill.cu"),
+    },
+    KernelSource {
+        file: "attention_train.cu",
+        source: include_str!("../../cuda/attention_train.cu"),
     },
     KernelSource {
         file: "adamw_nvfp4.cu",
@@ -266,6 +274,9 @@ mod tests {
             eprintln!("skipping: libnvrtc not found (set LD_LIBRARY_PATH to a CUDA 13 NVRTC to run this check)");
             return;
         }
+        // KILN_PTX_DUMP=DIR keeps each file's PTX there (scripts/ptxas-check.sh reads
+        // registers and spills from it without a GPU)
+        let dump = std::env::var_os("KILN_PTX_DUMP").map(PathBuf::from);
         for src in SOURCES {
             let ptx =
                 compile(src, &full_source(src), "compute_90").unwrap_or_else(|e| panic!("{e}"));
@@ -274,6 +285,11 @@ mod tests {
                 "{} produced no kernels",
                 src.file
             );
+            if let Some(d) = &dump {
+                std::fs::create_dir_all(d).unwrap();
+                let name = src.file.replace(".cu", ".ptx");
+                std::fs::write(d.join(name), ptx.to_src()).unwrap();
+            }
         }
     }
 

@@ -11,6 +11,7 @@
 //!   [`decode`] — the GPU engine's other transformer kernels (norms, RoPE + KV append,
 //!   attention, SwiGLU, the greedy pick); [`train`] — the train step's kernels besides the
 //!   GEMMs (forward and backward, cross-entropy, fake-quant, multi-tensor AdamW);
+//!   [`train_attention`] — the train step's flash attention, forward and backward;
 //!   [`adamw`] — the packed-weight optimizer step; [`blas`] — cuBLAS / cuBLASLt calls.
 //! - [`host`] — host-slice conveniences checked against the CPU reference.
 //!
@@ -30,6 +31,7 @@ pub mod gemv_kernels;
 pub mod host;
 pub mod ops;
 pub mod train;
+pub mod train_attention;
 
 pub use context::{check_cuda_libraries, CudaKernels};
 pub use gemv::{GemvKernel, GemvLaunch};

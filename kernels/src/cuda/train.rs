@@ -19,6 +19,7 @@ use super::context::CudaKernels;
 use super::decode::{cfg, DevAddr};
 use super::driver::{drv, launch_raw, param};
 use super::ops::DeviceStatus;
+use super::train_attention::TrainFlashFunctions;
 use crate::cpu::adamw::{MOMENT1_SR_SALT, MOMENT2_SR_SALT};
 use crate::cpu::AdamWScalars;
 use crate::KernelError;
@@ -83,6 +84,7 @@ pub(crate) struct TrainFunctions {
     grad_sumsq: CudaFunction,
     adamw_f32m: CudaFunction,
     adamw_bf16m: CudaFunction,
+    pub(super) flash: TrainFlashFunctions,
 }
 
 impl TrainFunctions {
@@ -110,6 +112,7 @@ impl TrainFunctions {
             grad_sumsq: f("kiln_train_grad_sumsq")?,
             adamw_f32m: f("kiln_train_adamw_f32m")?,
             adamw_bf16m: f("kiln_train_adamw_bf16m")?,
+            flash: TrainFlashFunctions::load(func)?,
         })
     }
 }
@@ -151,7 +154,7 @@ impl TrainAttnShape {
         self.batch * self.heads * self.seq
     }
 
-    fn check(&self) -> Result<(), KernelError> {
+    pub(crate) fn check(&self) -> Result<(), KernelError> {
         let ok = self.batch > 0
             && self.seq > 0
             && self.heads > 0
@@ -220,7 +223,7 @@ struct AdamWArgs {
 
 impl CudaKernels {
     /// A plain launch of a train kernel.
-    unsafe fn train_go(
+    pub(super) unsafe fn train_go(
         &self,
         f: &CudaFunction,
         c: LaunchConfig,

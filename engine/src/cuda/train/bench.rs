@@ -40,6 +40,9 @@ pub struct TrainBenchOptions {
     pub budget: Option<u64>,
     /// Recompute each layer's activations in backward (`--recompute`).
     pub recompute: bool,
+    /// The attention forms to run each (model, mode) with: `false` materialized, `true`
+    /// flash (where built for the head dim; else the row says materialized).
+    pub flash: Vec<bool>,
 }
 
 impl Default for TrainBenchOptions {
@@ -54,6 +57,7 @@ impl Default for TrainBenchOptions {
             clip: 1.0,
             budget: None,
             recompute: false,
+            flash: vec![false],
         }
     }
 }
@@ -84,6 +88,9 @@ pub struct TrainBenchRow {
     /// Moments' element type.
     #[serde(default)]
     pub moments: String,
+    /// The attention's form: `materialized` or `flash`.
+    #[serde(default)]
+    pub attention: String,
     /// Tensor bytes on the GPU (weights, scales, gradients, moments, activations).
     pub gpu_bytes: u64,
     /// What the plan predicted for them.
@@ -129,7 +136,9 @@ pub fn run_train_bench(ordinal: usize, opts: &TrainBenchOptions) -> Result<Vec<T
     for name in &opts.models {
         let cfg = bench_model(name)?;
         for &quant in &opts.quants {
-            rows.push(bench_one(&k, name, &cfg, quant, opts)?);
+            for &flash in &opts.flash {
+                rows.push(bench_one(&k, name, &cfg, (quant, flash), opts)?);
+            }
         }
     }
     Ok(rows)
@@ -139,7 +148,7 @@ fn bench_one(
     k: &Arc<CudaKernels>,
     name: &str,
     cfg: &ModelConfig,
-    quant: QuantSpec,
+    (quant, flash): (QuantSpec, bool),
     opts: &TrainBenchOptions,
 ) -> Result<TrainBenchRow> {
     let free = |k: &CudaKernels| -> Result<u64> {
@@ -151,8 +160,9 @@ fn bench_one(
     };
     let (b, t) = (opts.batch, opts.seq.min(cfg.max_position_embeddings));
     CudaTrainer::check_supported(cfg)?;
-    let plan =
-        super::TrainPlan::new(cfg, quant, opts.moments, b, t)?.with_recompute(cfg, opts.recompute);
+    let plan = super::TrainPlan::new(cfg, quant, opts.moments, b, t)?
+        .with_recompute(cfg, opts.recompute)
+        .with_flash_attention(cfg, flash);
     if let Some(budget) = opts.budget {
         plan.check(cfg, budget)?;
     }
@@ -173,6 +183,7 @@ fn bench_one(
     let mut gpu = CudaTrainer::new(k.clone(), cfg, &store)?;
     drop(store);
     gpu.set_recompute(opts.recompute);
+    gpu.set_flash_attention(flash);
     gpu.reserve(b, t)?;
     gpu.sync()?;
     let load_s = t_load.elapsed().as_secs_f64();
@@ -234,6 +245,11 @@ fn bench_one(
         step_ms,
         tok_s: n as f64 / (step_ms / 1e3),
         moments: opts.moments.name().into(),
+        attention: match gpu.attention() {
+            super::TrainAttention::Flash => "flash",
+            super::TrainAttention::Materialized => "materialized",
+        }
+        .into(),
         gpu_bytes: bytes.weights
             + bytes.scales
             + bytes.grads
@@ -257,6 +273,7 @@ pub fn train_table(device: &str, rows: &[TrainBenchRow], anchor: Option<&TrainAn
         "step ms",
         "tok/s",
         "moments",
+        "attention",
         "load s",
         "tensor bytes",
         "planned",
@@ -278,6 +295,7 @@ pub fn train_table(device: &str, rows: &[TrainBenchRow], anchor: Option<&TrainAn
             format!("{:.1}", r.step_ms),
             format!("{:.0}", r.tok_s),
             r.moments.clone(),
+            r.attention.clone(),
             format!("{:.1}", r.load_s),
             kiln_job::units::human_bytes(r.gpu_bytes),
             kiln_job::units::human_bytes(r.planned_bytes),
@@ -308,6 +326,7 @@ mod tests {
             step_ms: 100.0,
             tok_s: 40_960.0,
             moments: "f32".into(),
+            attention: "flash".into(),
             gpu_bytes: 10 << 30,
             planned_bytes: 10 << 30,
             load_s: 1.0,

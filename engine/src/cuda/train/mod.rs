@@ -25,6 +25,8 @@
 //! `--recompute` keeps only the residual stream into each layer through forward and remakes
 //! the layer's other activations just before its backward.
 //!
+//! - `attention` — [`TrainAttention`]: the causal attention forward and backward, materialized
+//!   (GEMMs + softmax kernels) or flash (`--flash-attention`: no `T × T` buffers);
 //! - `layout` — the flat parameter order and each layer's offsets;
 //! - `packed` — `nvfp4-full`: packed linears, per-layer dequantize, gradient and AdamW;
 //! - `workspace` — the buffers of one micro-batch shape;
@@ -34,6 +36,7 @@
 //!   budget before anything is allocated;
 //! - `bench` — the GPU train benchmark (`kiln bench train --device cuda`).
 
+mod attention;
 pub mod bench;
 mod gemm;
 mod layout;
@@ -42,6 +45,7 @@ mod passes;
 pub mod plan;
 mod workspace;
 
+pub use attention::TrainAttention;
 pub use plan::TrainPlan;
 pub use workspace::LOGIT_CHUNK;
 
@@ -165,6 +169,8 @@ pub struct CudaTrainer {
     current: (usize, usize),
     /// Activations recomputed per layer in backward (`--recompute`).
     recompute: bool,
+    /// The attention's form ([`CudaTrainer::set_flash_attention`]).
+    attention: TrainAttention,
     seed: u64,
 }
 
@@ -322,6 +328,7 @@ impl CudaTrainer {
             opt: (AdamWParams::default(), 1, 0.0),
             current: (0, 0),
             recompute: false,
+            attention: TrainAttention::Materialized,
             seed: 0,
         })
     }
@@ -445,6 +452,7 @@ impl CudaTrainer {
             (batch.max(cb), seq.max(cs)),
             self.packed.is_some(),
             self.recompute,
+            self.attention,
         )?);
         Ok(())
     }
@@ -468,6 +476,23 @@ impl CudaTrainer {
             self.recompute = on;
             self.work = None;
         }
+    }
+
+    /// Run the attention as the flash kernels where they are built for the model's head dim
+    /// (no `[B·nh·T × T]` scores, probabilities or their gradients; what
+    /// [`TrainPlan::with_flash_attention`] counts), as GEMMs and softmax kernels otherwise.
+    /// Call it before [`CudaTrainer::reserve`].
+    pub fn set_flash_attention(&mut self, on: bool) {
+        let form = TrainAttention::for_config(&self.cfg, on);
+        if form != self.attention {
+            self.attention = form;
+            self.work = None;
+        }
+    }
+
+    /// The attention's form in use.
+    pub fn attention(&self) -> TrainAttention {
+        self.attention
     }
 
     /// The seed of the bf16 moments' stochastic rounding (the run's `--seed`).

@@ -125,10 +125,9 @@ impl CudaTrainer {
         let sh = self.shape(batch, seq);
         let n = sh.tokens();
         let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
-        let (nh, kvh, rep) = (sh.heads, sh.kv_heads, sh.rep());
+        let nh = sh.heads;
         let qkv_cols = sh.qkv_cols();
         let eps = cfg.rms_norm_eps as f32;
-        let scale = 1.0 / (hd as f32).sqrt();
         let s = k.stream();
         let (off, a, h_in) = (self.layers[l], w.acts(l), &w.h[l]);
         // SAFETY (whole function): as in forward_layers; the caller's contract for lw / next.
@@ -169,33 +168,7 @@ impl CudaTrainer {
                 self.addr(&a.k),
                 self.addr(&a.v),
             )?;
-            let groups = batch * kvh;
-            let rt = rep * seq;
-            // S = Q·Kᵀ per group, then P = causal softmax, O = P·V.
-            Mm::new(
-                (rt, seq, hd),
-                (self.addr(&a.q), false),
-                (self.addr(&a.k), true),
-                self.addr(&w.scores),
-            )
-            .batched(groups, (rt * hd, seq * hd, rt * seq))
-            .run(k)?;
-            k.train_causal_softmax_async(
-                self.addr(&w.scores),
-                self.addr(&a.p),
-                groups * rt,
-                seq,
-                scale,
-            )?;
-            Mm::new(
-                (rt, hd, seq),
-                (self.addr(&a.p), false),
-                (self.addr(&a.v), false),
-                self.addr(&w.o),
-            )
-            .batched(groups, (rt * seq, seq * hd, rt * hd))
-            .run(k)?;
-            k.train_merge_heads_async(sh, self.addr(&w.o), self.addr(&a.attn))?;
+            self.attention_forward(sh, a, w)?;
             // h_mid = h_in + attn · Woᵀ
             copy_f32(s, &a.h_mid, h_in, n * h, k)?;
             Mm::new(
@@ -311,9 +284,8 @@ impl CudaTrainer {
         let sh = self.shape(batch, seq);
         let n = sh.tokens();
         let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
-        let (nh, kvh, rep) = (sh.heads, sh.kv_heads, sh.rep());
+        let nh = sh.heads;
         let qkv_cols = sh.qkv_cols();
-        let scale = 1.0 / (hd as f32).sqrt();
         // SAFETY (whole function): as in forward.
         unsafe {
             if pass != Pass::Apply {
@@ -407,50 +379,7 @@ impl CudaTrainer {
                 )
                 .accumulate()
                 .run(k)?;
-                k.train_split_heads_async(sh, self.addr(&w.dx), self.addr(&w.d_o))?;
-                let groups = batch * kvh;
-                let rt = rep * seq;
-                // dP = dO·Vᵀ; dV = Pᵀ·dO; dS = softmax backward; dQ = dS·K; dK = dSᵀ·Q.
-                Mm::new(
-                    (rt, seq, hd),
-                    (self.addr(&w.d_o), false),
-                    (self.addr(&a.v), true),
-                    self.addr(&w.dp),
-                )
-                .batched(groups, (rt * hd, seq * hd, rt * seq))
-                .run(k)?;
-                Mm::new(
-                    (seq, hd, rt),
-                    (self.addr(&a.p), true),
-                    (self.addr(&w.d_o), false),
-                    self.addr(&w.dv),
-                )
-                .batched(groups, (rt * seq, rt * hd, seq * hd))
-                .run(k)?;
-                k.train_softmax_bwd_async(
-                    self.addr(&a.p),
-                    self.addr(&w.dp),
-                    self.addr(&w.ds),
-                    groups * rt,
-                    seq,
-                    scale,
-                )?;
-                Mm::new(
-                    (rt, hd, seq),
-                    (self.addr(&w.ds), false),
-                    (self.addr(&a.k), false),
-                    self.addr(&w.dq),
-                )
-                .batched(groups, (rt * seq, seq * hd, rt * hd))
-                .run(k)?;
-                Mm::new(
-                    (seq, hd, rt),
-                    (self.addr(&w.ds), true),
-                    (self.addr(&a.q), false),
-                    self.addr(&w.dk),
-                )
-                .batched(groups, (rt * seq, rt * hd, seq * hd))
-                .run(k)?;
+                self.attention_backward(sh, a, w)?;
                 k.train_qkv_bwd_async(
                     sh,
                     self.addr(&w.dq),

@@ -9,6 +9,7 @@
 
 use kiln_job::units::human_bytes as human;
 
+use super::attention::TrainAttention;
 use super::layout::flat_layout;
 use super::packed::{accumulator_bytes, packed_bytes};
 use super::workspace::LOGIT_CHUNK;
@@ -48,6 +49,9 @@ pub struct TrainPlan {
     /// Activations recomputed per layer in backward (`--recompute`; see
     /// [`TrainPlan::with_recompute`]).
     pub recompute: bool,
+    /// The attention's form planned for (materialized unless
+    /// [`TrainPlan::with_flash_attention`] said otherwise).
+    pub attention: TrainAttention,
 }
 
 impl TrainPlan {
@@ -85,7 +89,13 @@ impl TrainPlan {
             scales: pb(|b| b.scales),
             grads: total * 4 + pb(|b| b.grad_scratch),
             optimizer_state: 2 * total * moments.bytes() + pb(|b| b.moments),
-            activations: activation_bytes(cfg, (batch, seq), full, false),
+            activations: activation_bytes(
+                cfg,
+                (batch, seq),
+                full,
+                false,
+                TrainAttention::Materialized,
+            ),
             context: CONTEXT_BYTES,
             quant,
             moments,
@@ -93,6 +103,7 @@ impl TrainPlan {
             seq,
             micro_batches: 1,
             recompute: false,
+            attention: TrainAttention::Materialized,
         })
     }
 
@@ -100,10 +111,32 @@ impl TrainPlan {
     /// (`--recompute`): the residual stream into every layer is kept, the rest of the saved
     /// activations only for one layer at a time.
     pub fn with_recompute(mut self, cfg: &ModelConfig, on: bool) -> Self {
-        let full = self.quant == QuantSpec::Nvfp4Full;
-        self.activations = activation_bytes(cfg, (self.batch, self.seq), full, on);
         self.recompute = on;
+        self.replan_activations(cfg)
+    }
+
+    /// The plan when the attention runs as the flash kernels where they are built for the
+    /// model's head dim ([`TrainAttention::for_config`]): no `[B·nh·T × T]` buffers, a
+    /// log-sum-exp per query row and layer instead.
+    pub fn with_flash_attention(mut self, cfg: &ModelConfig, on: bool) -> Self {
+        self.attention = TrainAttention::for_config(cfg, on);
+        self.replan_activations(cfg)
+    }
+
+    fn replan_activations(mut self, cfg: &ModelConfig) -> Self {
+        let full = self.quant == QuantSpec::Nvfp4Full;
+        let (shape, re, att) = ((self.batch, self.seq), self.recompute, self.attention);
+        self.activations = activation_bytes(cfg, shape, full, re, att);
         self
+    }
+
+    /// This plan's options (micro-batches, recompute, attention) at `seq` tokens a row and
+    /// with `moments`.
+    fn at(&self, cfg: &ModelConfig, seq: usize, moments: MomentsSpec) -> Result<Self> {
+        Ok(TrainPlan::new(cfg, self.quant, moments, self.batch, seq)?
+            .with_micro_batches(cfg, self.micro_batches)
+            .with_recompute(cfg, self.recompute)
+            .with_flash_attention(cfg, self.attention == TrainAttention::Flash))
     }
 
     /// The plan when each step accumulates `n` micro-batches: in `nvfp4-full` every linear's
@@ -133,18 +166,13 @@ impl TrainPlan {
         if self.total() <= budget {
             return Ok(());
         }
-        let (quant, moments) = (self.quant, self.moments);
         let mut ways = Vec::new();
-        let micro = self.micro_batches;
-        let at = (self.batch, micro, self.recompute);
-        match largest_seq(cfg, quant, moments, at, self.seq, budget) {
+        match largest_seq(cfg, self, self.seq, budget) {
             Some(s) => ways.push(format!("--seq-len {s} (at --batch {})", self.batch)),
             None => ways.push("no --seq-len at this --batch".into()),
         }
-        if moments == MomentsSpec::F32 {
-            let bf = TrainPlan::new(cfg, quant, MomentsSpec::Bf16, self.batch, self.seq)?
-                .with_micro_batches(cfg, micro)
-                .with_recompute(cfg, self.recompute);
+        if self.moments == MomentsSpec::F32 {
+            let bf = self.at(cfg, self.seq, MomentsSpec::Bf16)?;
             if bf.total() <= budget {
                 ways.push("--moments bf16 at this --seq-len".into());
             }
@@ -166,24 +194,12 @@ impl TrainPlan {
     }
 }
 
-/// The largest sequence length up to `seq` whose plan fits `budget` at `batch` rows,
-/// `micro` micro-batches a step and `recompute`, if any.
-pub fn largest_seq(
-    cfg: &ModelConfig,
-    quant: QuantSpec,
-    moments: MomentsSpec,
-    (batch, micro, recompute): (usize, u32, bool),
-    seq: usize,
-    budget: u64,
-) -> Option<usize> {
+/// The largest sequence length up to `seq` whose plan — `like`'s mode, moments, batch,
+/// micro-batches, recompute and attention — fits `budget`, if any.
+pub fn largest_seq(cfg: &ModelConfig, like: &TrainPlan, seq: usize, budget: u64) -> Option<usize> {
     let fits = |s: usize| {
-        TrainPlan::new(cfg, quant, moments, batch, s)
-            .map(|p| {
-                p.with_micro_batches(cfg, micro)
-                    .with_recompute(cfg, recompute)
-                    .total()
-                    <= budget
-            })
+        like.at(cfg, s, like.moments)
+            .map(|p| p.total() <= budget)
             .unwrap_or(false)
     };
     if !fits(2) {
@@ -209,6 +225,7 @@ pub(super) fn activation_bytes(
     (batch, seq): (usize, usize),
     packed: bool,
     recompute: bool,
+    attention: TrainAttention,
 ) -> u64 {
     let n = (batch * seq) as u64;
     let (h, i, hd) = (
@@ -221,15 +238,19 @@ pub(super) fn activation_bytes(
         cfg.num_key_value_heads as u64,
     );
     let qkv_cols = (nh + 2 * kvh) * hd;
-    let scores = batch as u64 * nh * (seq * seq) as u64;
+    // the form's buffers, one element where the form has none (as Workspace allocates)
+    let scores = attention.score_elems(cfg, (batch, seq)).max(1) as u64;
+    let rows = attention.row_elems(cfg, (batch, seq)).max(1) as u64;
+    let out = attention.out_elems(cfg, batch * seq).max(1) as u64;
     let chunk = (LOGIT_CHUNK as u64).min(n);
     let v = cfg.vocab_size as u64;
-    // xn1, rstd1, q, k, v, p, attn, h_mid, xn2, rstd2, gu, a
+    // xn1, rstd1, q, k, v, p, lse, attn, h_mid, xn2, rstd2, gu, a
     let per_layer = 2 * n * h
         + 4 * n
         + 2 * n * nh * hd
         + 2 * 2 * n * kvh * hd
         + 2 * scores
+        + 4 * rows
         + 2 * n * nh * hd
         + 4 * n * h
         + 2 * n * h
@@ -243,7 +264,7 @@ pub(super) fn activation_bytes(
             0
         };
     // ids + target (i32), dh_top, weight, xnf, rstdf, qkv, scores, o, dh, dh_bf16, dx, dmid,
-    // d_o, dp, ds, dq, dk, dv, logits, dlogits
+    // d_o, dp, ds, dq, dk, dv, dd, logits, dlogits
     let shared = 8 * n
         + 4 * if packed { n * h } else { 1 }
         + 4 * n
@@ -251,7 +272,7 @@ pub(super) fn activation_bytes(
         + 4 * n
         + 4 * n * qkv_cols
         + 4 * scores
-        + 4 * n * nh * hd
+        + 4 * out
         + 4 * n * h
         + 2 * n * h
         + 4 * n * h.max(i).max(nh * hd)
@@ -261,6 +282,7 @@ pub(super) fn activation_bytes(
         + 2 * scores
         + 4 * n * nh * hd
         + 2 * 4 * n * kvh * hd
+        + 4 * rows
         + 4 * chunk * v
         + 2 * chunk * v;
     let layers = cfg.num_hidden_layers as u64;
@@ -376,6 +398,39 @@ mod tests {
     }
 
     #[test]
+    fn flash_attention_drops_the_score_buffers_where_its_kernels_are_built() {
+        let cfg = ModelConfig::qwen2_5_0_5b();
+        let plan = |seq, flash| {
+            TrainPlan::new(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::F32, 8, seq)
+                .unwrap()
+                .with_flash_attention(&cfg, flash)
+        };
+        let (mat, flash) = (plan(512, false), plan(512, true));
+        assert_eq!(flash.attention, TrainAttention::Flash);
+        // 24 layers of bf16 probabilities and the shared f32 scores, dP and bf16 dS, each
+        // [8·14·512 × 512], less the log-sum-exp per layer and D (f32 [8·14·512]) and the
+        // group-layout f32 output.
+        let (scores, rows) = (8 * 14 * 512 * 512u64, 8 * 14 * 512u64);
+        let out = 8 * 512 * 14 * 64u64;
+        let saved = 24 * (2 * scores - 2) + (4 + 4 + 2) * (scores - 1) + 4 * (out - 1);
+        let added = 25 * 4 * (rows - 1);
+        assert_eq!(mat.activations - flash.activations, saved - added);
+        // without the T × T terms, doubling seq at most doubles the activations
+        assert!(plan(1024, true).activations <= 2 * flash.activations);
+        assert!(plan(1024, false).activations > 2 * mat.activations);
+        // what would fit is searched with the same attention
+        let e = flash.check(&cfg, mat.total() - 1);
+        assert!(e.is_ok(), "{e:?}");
+        // a head dim without a flash kernel keeps the materialized form
+        let mut wide = cfg.clone();
+        wide.head_dim = 256;
+        let p = TrainPlan::new(&wide, QuantSpec::Nvfp4Ste, MomentsSpec::F32, 8, 512)
+            .unwrap()
+            .with_flash_attention(&wide, true);
+        assert_eq!(p.attention, TrainAttention::Materialized);
+    }
+
+    #[test]
     fn over_budget_names_every_category_and_what_would_fit() {
         let cfg = ModelConfig::qwen2_5_7b();
         let p = TrainPlan::new(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::F32, 8, 2048).unwrap();
@@ -392,15 +447,7 @@ mod tests {
         ] {
             assert!(e.contains(word), "{word} missing: {e}");
         }
-        let s = largest_seq(
-            &cfg,
-            QuantSpec::Nvfp4Ste,
-            MomentsSpec::F32,
-            (8, 1, false),
-            2048,
-            budget,
-        )
-        .unwrap();
+        let s = largest_seq(&cfg, &p, 2048, budget).unwrap();
         assert!((2..2048).contains(&s));
         assert!(
             TrainPlan::new(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::F32, 8, s)

@@ -6,6 +6,7 @@ use half::bf16;
 use kiln_kernels::cuda::CudaKernels;
 
 use super::super::cuda;
+use super::attention::TrainAttention;
 use crate::error::Result;
 use crate::model::ModelConfig;
 
@@ -23,8 +24,11 @@ pub(super) struct LayerActs {
     /// Qwen3: the per-head q/k norm's normalized values (bf16 `[N·(nh + kvh)·hd]`) and
     /// reciprocal RMS (`[N·(nh + kvh)]`).
     pub(super) qk_norm: Option<(CudaSlice<bf16>, CudaSlice<f32>)>,
-    /// Attention probabilities `[B·nh·T, T]`.
+    /// Materialized attention: the probabilities `[B·nh·T, T]` (one element in the flash
+    /// form).
     pub(super) p: CudaSlice<bf16>,
+    /// Flash attention: each query row's log-sum-exp `[B·nh·T]` (one element otherwise).
+    pub(super) lse: CudaSlice<f32>,
     /// Merged attention output `[N, nh·hd]`.
     pub(super) attn: CudaSlice<bf16>,
     /// Residual stream after attention.
@@ -51,9 +55,13 @@ pub(super) struct Workspace {
     layers: Vec<LayerActs>,
     /// Activations are recomputed per layer in backward (`--recompute`).
     pub(super) recompute: bool,
+    /// The attention's form; its score-shaped buffers (`scores`, `o`, `dp`, `ds`, each
+    /// layer's `p`) are one element in the flash form, its row buffers (`dd`, each layer's
+    /// `lse`) one element in the materialized form.
+    pub(super) attention: TrainAttention,
     pub(super) xnf: CudaSlice<bf16>,
     pub(super) rstdf: CudaSlice<f32>,
-    /// GEMM outputs reused by every layer.
+    /// GEMM outputs reused by every layer (`scores`, `o`: materialized attention).
     pub(super) qkv: CudaSlice<f32>,
     pub(super) scores: CudaSlice<f32>,
     pub(super) o: CudaSlice<f32>,
@@ -74,6 +82,8 @@ pub(super) struct Workspace {
     pub(super) dq: CudaSlice<f32>,
     pub(super) dk: CudaSlice<f32>,
     pub(super) dv: CudaSlice<f32>,
+    /// Flash attention backward: D = rowsum(dO ⊙ O) per query row `[B·nh·T]`.
+    pub(super) dd: CudaSlice<f32>,
     /// One chunk of logits and their gradient.
     pub(super) logits: CudaSlice<f32>,
     pub(super) dlogits: CudaSlice<bf16>,
@@ -87,13 +97,15 @@ impl Workspace {
         (batch, seq): (usize, usize),
         packed: bool,
         recompute: bool,
+        attention: TrainAttention,
     ) -> Result<Self> {
         let s = k.stream();
         let n = batch * seq;
         let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
         let (nh, kvh) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let qkv_cols = (nh + 2 * kvh) * hd;
-        let scores = batch * nh * seq * seq;
+        let scores = attention.score_elems(cfg, (batch, seq));
+        let rows = attention.row_elems(cfg, (batch, seq));
         let f = |len: usize| {
             s.alloc_zeros::<f32>(len.max(1))
                 .map_err(cuda("allocating training activations"))
@@ -117,6 +129,7 @@ impl Workspace {
                         None
                     },
                     p: b(scores)?,
+                    lse: f(rows)?,
                     attn: b(n * nh * hd)?,
                     h_mid: f(n * h)?,
                     xn2: b(n * h)?,
@@ -140,11 +153,12 @@ impl Workspace {
             h: (0..=layers).map(|_| f(n * h)).collect::<Result<_>>()?,
             layers: acts,
             recompute,
+            attention,
             xnf: b(n * h)?,
             rstdf: f(n)?,
             qkv: f(n * qkv_cols)?,
             scores: f(scores)?,
-            o: f(n * nh * hd)?,
+            o: f(attention.out_elems(cfg, n))?,
             dh: f(n * h)?,
             dh_top: f(if packed { n * h } else { 1 })?,
             dh_bf16: b(n * h)?,
@@ -156,6 +170,7 @@ impl Workspace {
             dq: f(n * nh * hd)?,
             dk: f(n * kvh * hd)?,
             dv: f(n * kvh * hd)?,
+            dd: f(rows)?,
             logits: f(chunk * cfg.vocab_size)?,
             dlogits: b(chunk * cfg.vocab_size)?,
         })
@@ -180,6 +195,7 @@ impl Workspace {
                     + b(&a.v)
                     + a.qk_norm.as_ref().map_or(0, |(x, r)| b(x) + f(r))
                     + b(&a.p)
+                    + f(&a.lse)
                     + b(&a.attn)
                     + f(&a.h_mid)
                     + b(&a.xn2)
@@ -208,6 +224,7 @@ impl Workspace {
             + f(&self.dq)
             + f(&self.dk)
             + f(&self.dv)
+            + f(&self.dd)
             + f(&self.logits)
             + b(&self.dlogits)
     }

@@ -1,0 +1,201 @@
+//! The train step's causal attention, forward and backward, in one of two forms
+//! ([`TrainAttention`]): materialized — S = Q·Kᵀ and O = P·V as batched cuBLAS GEMMs with
+//! the `[B·nh·T × T]` scores, probabilities and their gradients in global memory and the
+//! softmax kernels between them — or flash — `attention_train.cu`'s kernels, which keep the
+//! scores on chip, save each query row's log-sum-exp and recompute P in the backward (no
+//! `T × T` buffers at all). The workspace and the plan size their buffers by the form.
+
+use kiln_kernels::cuda::decode::DevAddr;
+use kiln_kernels::cuda::train::TrainAttnShape;
+use kiln_kernels::cuda::train_attention::TRAIN_FLASH_HEAD_DIMS;
+use kiln_kernels::cuda::CudaKernels;
+
+use super::gemm::Mm;
+use super::workspace::{LayerActs, Workspace};
+use super::CudaTrainer;
+use crate::error::Result;
+use crate::model::ModelConfig;
+
+/// How the train step computes its attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainAttention {
+    /// GEMMs and softmax kernels over `[B·nh·T × T]` buffers.
+    Materialized,
+    /// The flash kernels (head dims in [`TRAIN_FLASH_HEAD_DIMS`]).
+    Flash,
+}
+
+impl TrainAttention {
+    /// Flash where it is asked for and built for the model's head dim, materialized
+    /// otherwise.
+    pub fn for_config(cfg: &ModelConfig, flash: bool) -> Self {
+        if flash && TRAIN_FLASH_HEAD_DIMS.contains(&cfg.head_dim) {
+            TrainAttention::Flash
+        } else {
+            TrainAttention::Materialized
+        }
+    }
+
+    /// Elements of the `[B·nh·T × T]` score-shaped buffers (scores, probabilities and their
+    /// gradients), 0 in the flash form.
+    pub(super) fn score_elems(self, cfg: &ModelConfig, (batch, seq): (usize, usize)) -> usize {
+        match self {
+            TrainAttention::Materialized => batch * cfg.num_attention_heads * seq * seq,
+            TrainAttention::Flash => 0,
+        }
+    }
+
+    /// Elements of the per-query-row buffers (log-sum-exp, the backward's D), 0 in the
+    /// materialized form.
+    pub(super) fn row_elems(self, cfg: &ModelConfig, (batch, seq): (usize, usize)) -> usize {
+        match self {
+            TrainAttention::Materialized => 0,
+            TrainAttention::Flash => batch * cfg.num_attention_heads * seq,
+        }
+    }
+
+    /// Elements of the group-layout f32 output the materialized form merges into tokens.
+    pub(super) fn out_elems(self, cfg: &ModelConfig, tokens: usize) -> usize {
+        match self {
+            TrainAttention::Materialized => tokens * cfg.num_attention_heads * cfg.head_dim,
+            TrainAttention::Flash => 0,
+        }
+    }
+}
+
+/// A GEMM per attention group (`B·kvh` of them) through [`Mm`], called with `(m, n, k)`, A
+/// and whether it is stored transposed, B likewise, C, and the strides of A, B and C between
+/// groups.
+#[allow(clippy::type_complexity)]
+fn batched_mm(
+    k: &CudaKernels,
+    sh: TrainAttnShape,
+) -> impl Fn(
+    (usize, usize, usize),
+    (DevAddr, bool),
+    (DevAddr, bool),
+    DevAddr,
+    (usize, usize, usize),
+) -> Result<()>
+       + '_ {
+    let groups = sh.batch * sh.kv_heads;
+    move |dims, a, b, c, strides| Mm::new(dims, a, b, c).batched(groups, strides).run(k)
+}
+
+impl CudaTrainer {
+    /// The attention forward of one layer: `a.q`, `a.k`, `a.v` (group layouts) → `a.attn`
+    /// (tokens, bf16), saving what the backward needs (`a.p` or `a.lse`).
+    ///
+    /// # Safety
+    /// `w` and `a` come from `Workspace::new` for a micro-batch at least `sh`.
+    pub(super) unsafe fn attention_forward(
+        &self,
+        sh: TrainAttnShape,
+        a: &LayerActs,
+        w: &Workspace,
+    ) -> Result<()> {
+        let k: &CudaKernels = &self.k;
+        let (hd, seq) = (sh.head_dim, sh.seq);
+        // SAFETY (whole function): the caller's contract; every buffer is sized for `sh`.
+        unsafe {
+            if w.attention == TrainAttention::Flash {
+                let qkv = (self.addr(&a.q), self.addr(&a.k), self.addr(&a.v));
+                k.train_flash_attn_fwd_async(sh, qkv, self.addr(&a.attn), self.addr(&a.lse))?;
+                return Ok(());
+            }
+            let (rt, bmm) = (sh.rep() * seq, batched_mm(k, sh));
+            // S = Q·Kᵀ per group, then P = causal softmax, O = P·V.
+            bmm(
+                (rt, seq, hd),
+                (self.addr(&a.q), false),
+                (self.addr(&a.k), true),
+                self.addr(&w.scores),
+                (rt * hd, seq * hd, rt * seq),
+            )?;
+            k.train_causal_softmax_async(
+                self.addr(&w.scores),
+                self.addr(&a.p),
+                sh.batch * sh.kv_heads * rt,
+                seq,
+                1.0 / (hd as f32).sqrt(),
+            )?;
+            bmm(
+                (rt, hd, seq),
+                (self.addr(&a.p), false),
+                (self.addr(&a.v), false),
+                self.addr(&w.o),
+                (rt * seq, seq * hd, rt * hd),
+            )?;
+            k.train_merge_heads_async(sh, self.addr(&w.o), self.addr(&a.attn))?;
+        }
+        Ok(())
+    }
+
+    /// The attention backward of one layer: from the output's gradient `w.dx` (tokens, f32)
+    /// to `w.dq`, `w.dk`, `w.dv` (f32, the group layouts).
+    ///
+    /// # Safety
+    /// As [`CudaTrainer::attention_forward`], after it (or its recompute) for this layer.
+    pub(super) unsafe fn attention_backward(
+        &self,
+        sh: TrainAttnShape,
+        a: &LayerActs,
+        w: &Workspace,
+    ) -> Result<()> {
+        let k: &CudaKernels = &self.k;
+        let (hd, seq) = (sh.head_dim, sh.seq);
+        // SAFETY (whole function): as in attention_forward.
+        unsafe {
+            k.train_split_heads_async(sh, self.addr(&w.dx), self.addr(&w.d_o))?;
+            if w.attention == TrainAttention::Flash {
+                return Ok(k.train_flash_attn_bwd_async(
+                    sh,
+                    (self.addr(&a.q), self.addr(&a.k), self.addr(&a.v)),
+                    (self.addr(&a.attn), self.addr(&a.lse)),
+                    (self.addr(&w.dx), self.addr(&w.d_o)),
+                    self.addr(&w.dd),
+                    (self.addr(&w.dq), self.addr(&w.dk), self.addr(&w.dv)),
+                )?);
+            }
+            let (rt, bmm) = (sh.rep() * seq, batched_mm(k, sh));
+            // dP = dO·Vᵀ; dV = Pᵀ·dO; dS = softmax backward; dQ = dS·K; dK = dSᵀ·Q.
+            bmm(
+                (rt, seq, hd),
+                (self.addr(&w.d_o), false),
+                (self.addr(&a.v), true),
+                self.addr(&w.dp),
+                (rt * hd, seq * hd, rt * seq),
+            )?;
+            bmm(
+                (seq, hd, rt),
+                (self.addr(&a.p), true),
+                (self.addr(&w.d_o), false),
+                self.addr(&w.dv),
+                (rt * seq, rt * hd, seq * hd),
+            )?;
+            k.train_softmax_bwd_async(
+                self.addr(&a.p),
+                self.addr(&w.dp),
+                self.addr(&w.ds),
+                sh.batch * sh.kv_heads * rt,
+                seq,
+                1.0 / (hd as f32).sqrt(),
+            )?;
+            bmm(
+                (rt, hd, seq),
+                (self.addr(&w.ds), false),
+                (self.addr(&a.k), false),
+                self.addr(&w.dq),
+                (rt * seq, seq * hd, rt * hd),
+            )?;
+            bmm(
+                (seq, hd, rt),
+                (self.addr(&w.ds), true),
+                (self.addr(&a.q), false),
+                self.addr(&w.dk),
+                (rt * seq, rt * hd, seq * hd),
+            )?;
+        }
+        Ok(())
+    }
+}
