@@ -10,7 +10,7 @@ use kiln_kernels::cpu::AdamWParams;
 
 use super::params::ParamStore;
 use super::{tag_micro, StepOutcome, TrainData};
-use crate::cuda::train::{CudaTrainer, HostBatch, TrainPlan};
+use crate::cuda::train::{CudaTrainer, HostBatch, TrainPlan, TRAIN_FLASH_ATTENTION};
 use crate::engine::CudaEngine;
 use crate::error::Result;
 use crate::model::ModelConfig;
@@ -50,7 +50,8 @@ pub(super) fn start(
     CudaTrainer::check_supported(cfg)?;
     let plan = TrainPlan::new(cfg, spec.quant, spec.moments, spec.batch as usize, seq_len)?
         .with_micro_batches(cfg, spec.micro_batches())
-        .with_recompute(cfg, spec.recompute);
+        .with_recompute(cfg, spec.recompute)
+        .with_flash_attention(cfg, TRAIN_FLASH_ATTENTION);
     if budget_bytes > 0 {
         plan.check(cfg, budget_bytes)?;
     }
@@ -59,13 +60,14 @@ pub(super) fn start(
     gpu.set_seed(spec.seed);
     gpu.set_micro_batches(spec.micro_batches() as usize)?;
     gpu.set_recompute(spec.recompute);
+    gpu.set_flash_attention(TRAIN_FLASH_ATTENTION);
     // Every buffer of the longest micro-batch, allocated now: what the plan checked.
     gpu.reserve(spec.batch as usize, seq_len)?;
     let p = phase(&gpu, "model_loaded", step)?.metric("planned_bytes", plan.total() as f64);
     let (free, total) = (p.cuda_free, p.cuda_total);
     reporter.phase(p);
     reporter.log(format!(
-        "training on cuda:{} ({}): planned {} at most (weights {}, gradients {}, optimizer state {}, activations {} for {}×{seq_len} tokens), uploaded and allocated in {:.1} s; device memory free {} of {}",
+        "training on cuda:{} ({}): planned {} at most (weights {}, gradients {}, optimizer state {}, activations {} for {}×{seq_len} tokens, {:?} attention), uploaded and allocated in {:.1} s; device memory free {} of {}",
         engine.ordinal(),
         engine.kernels().device_name(),
         human(plan.total()),
@@ -74,6 +76,7 @@ pub(super) fn start(
         human(plan.optimizer_state),
         human(plan.activations),
         spec.batch,
+        plan.attention,
         t_up.elapsed().as_secs_f64(),
         human(free),
         human(total),

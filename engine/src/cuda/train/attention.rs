@@ -16,6 +16,12 @@ use super::CudaTrainer;
 use crate::error::Result;
 use crate::model::ModelConfig;
 
+/// Whether train jobs run their attention as the flash kernels (where built for the head
+/// dim). Off until the flash kernels have passed their GPU tests (`gpu_train_attention`,
+/// `gpu_training::flash_attention_steps_follow_the_cpu`) on a GPU; the benchmark runs
+/// either form (`kiln bench train --attention materialized,flash`).
+pub const TRAIN_FLASH_ATTENTION: bool = false;
+
 /// How the train step computes its attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrainAttention {

@@ -45,7 +45,7 @@ mod passes;
 pub mod plan;
 mod workspace;
 
-pub use attention::TrainAttention;
+pub use attention::{TrainAttention, TRAIN_FLASH_ATTENTION};
 pub use plan::TrainPlan;
 pub use workspace::LOGIT_CHUNK;
 

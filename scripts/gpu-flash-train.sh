@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The flash train attention's checks and numbers in one GPU call, from prebuilt binaries (the GPU
+# machine has no Rust toolchain). On a dev machine, from the repository root:
+#
+#   cargo test --release -p kiln-kernels --test gpu_train_attention --test gpu_decode --no-run
+#   cargo test --release -p kiln-engine --test gpu_training --no-run
+#   cargo build --release -p kiln
+#   mkdir -p target-carry
+#   for t in gpu_train_attention gpu_decode gpu_training; do
+#       cp "$(ls -t target/release/deps/$t-* | grep -v '\.d$' | head -1)" target-carry/test-$t
+#   done
+#   cp target/release/kiln target-carry/ && strip target-carry/*
+#
+# then on the GPU machine: scripts/gpu-flash-train.sh [BIN_DIR] (default target-carry). Runs
+# the flash kernels against the f64 reference (forward output and log-sum-exp, dq / dk / dv),
+# the prompt path's flash kernel (it shares flash_attention.cuh), the trainer with flash
+# attention against the CPU trainer (first-step gradients, 20-step curve, plan = bytes), then
+# `kiln bench train --attention materialized,flash` at 8 × 512 and a long sequence the
+# materialized form cannot hold. Output under $OUT (default out/).
+set -uo pipefail
+bin=${1:-target-carry}
+out=${OUT:-out}
+mkdir -p "$out"
+export KILN_CACHE_DIR="$out/cache"
+declare -A result
+
+echo "== flash train attention kernels vs the f64 reference"
+timeout 120 "$bin/test-gpu_train_attention" --ignored --nocapture --test-threads=1 > "$out/flash-kernel-tests.txt" 2>&1
+result[kernels]=$?
+grep -E "max \|Δ\||test |panicked|result" "$out/flash-kernel-tests.txt" | tail -40
+
+echo "== prompt-path flash kernel (shares flash_attention.cuh)"
+timeout 60 "$bin/test-gpu_decode" --ignored --nocapture --test-threads=1 flash_prefill > "$out/flash-prefill-test.txt" 2>&1
+result[prefill]=$?
+grep -E "max|test |panicked|result" "$out/flash-prefill-test.txt" | tail -8
+
+echo "== GPU trainer with flash attention against the CPU trainer"
+timeout 150 "$bin/test-gpu_training" --ignored --nocapture --test-threads=1 flash_attention > "$out/flash-trainer-tests.txt" 2>&1
+result[trainer]=$?
+grep -E "CPU|GPU|flash|test |panicked|result" "$out/flash-trainer-tests.txt" | tail -30
+
+echo "== kiln bench train --attention materialized,flash (8 × 512)"
+timeout 150 "$bin/kiln" bench train --device cuda --quant none,nvfp4-ste --attention materialized,flash \
+    > "$out/bench-flash.txt" 2> "$out/bench-flash.err"
+result[bench]=$?
+cat "$out/bench-flash.txt"; tail -3 "$out/bench-flash.err"
+
+echo "== long sequences: Qwen2.5-0.5B shape, 1 × ${LONG_SEQ:-16384}, nvfp4-ste, budget 100 GiB"
+for att in materialized flash; do
+    timeout 120 "$bin/kiln" bench train --device cuda --model qwen2.5-0.5b --quant nvfp4-ste \
+        --batch 1 --seq "${LONG_SEQ:-16384}" --steps 3 --budget-gb 100 --attention "$att" \
+        > "$out/bench-long-$att.txt" 2> "$out/bench-long-$att.err"
+    echo "$att: exit $?"; grep -E "qwen|budget|fit" "$out/bench-long-$att.txt" "$out/bench-long-$att.err" | tail -3
+done
+
+for k in "${!result[@]}"; do echo "$k: ${result[$k]}"; done
