@@ -69,23 +69,51 @@ impl TrainAttention {
     }
 }
 
-/// A GEMM per attention group (`B·kvh` of them) through [`Mm`], called with `(m, n, k)`, A
-/// and whether it is stored transposed, B likewise, C, and the strides of A, B and C between
-/// groups.
-#[allow(clippy::type_complexity)]
-fn batched_mm(
-    k: &CudaKernels,
-    sh: TrainAttnShape,
-) -> impl Fn(
-    (usize, usize, usize),
-    (DevAddr, bool),
-    (DevAddr, bool),
-    DevAddr,
-    (usize, usize, usize),
-) -> Result<()>
-       + '_ {
-    let groups = sh.batch * sh.kv_heads;
-    move |dims, a, b, c, strides| Mm::new(dims, a, b, c).batched(groups, strides).run(k)
+/// The materialized attention's GEMMs, one per attention group (`B·kvh` of them): the group's
+/// `rt = rep·T` query rows against its `T` keys, bf16 in and f32 out.
+struct GroupGemms<'a> {
+    k: &'a CudaKernels,
+    groups: usize,
+    rt: usize,
+    seq: usize,
+    hd: usize,
+}
+
+impl<'a> GroupGemms<'a> {
+    fn new(k: &'a CudaKernels, sh: TrainAttnShape) -> Self {
+        GroupGemms {
+            k,
+            groups: sh.batch * sh.kv_heads,
+            rt: sh.rep() * sh.seq,
+            seq: sh.seq,
+            hd: sh.head_dim,
+        }
+    }
+
+    /// `out[rt × T] = x[rt × hd] · y[T × hd]ᵀ` (S = Q·Kᵀ, dP = dO·Vᵀ).
+    fn row_key(&self, x: DevAddr, y: DevAddr, out: DevAddr) -> Result<()> {
+        let (rt, seq, hd) = (self.rt, self.seq, self.hd);
+        Mm::new((rt, seq, hd), (x, false), (y, true), out)
+            .batched(self.groups, (rt * hd, seq * hd, rt * seq))
+            .run(self.k)
+    }
+
+    /// `out[rt × hd] = p[rt × T] · y[T × hd]` (O = P·V, dQ = dS·K).
+    fn row_dim(&self, p: DevAddr, y: DevAddr, out: DevAddr) -> Result<()> {
+        let (rt, seq, hd) = (self.rt, self.seq, self.hd);
+        Mm::new((rt, hd, seq), (p, false), (y, false), out)
+            .batched(self.groups, (rt * seq, seq * hd, rt * hd))
+            .run(self.k)
+    }
+
+    /// `out[T × hd] = p[rt × T]ᵀ · y[rt × hd]` (dV = Pᵀ·dO, dK = dSᵀ·Q; the group's query heads
+    /// sum inside the GEMM).
+    fn key_dim(&self, p: DevAddr, y: DevAddr, out: DevAddr) -> Result<()> {
+        let (rt, seq, hd) = (self.rt, self.seq, self.hd);
+        Mm::new((seq, hd, rt), (p, true), (y, false), out)
+            .batched(self.groups, (rt * seq, rt * hd, seq * hd))
+            .run(self.k)
+    }
 }
 
 impl CudaTrainer {
@@ -109,29 +137,13 @@ impl CudaTrainer {
                 k.train_flash_attn_fwd_async(sh, qkv, self.addr(&a.attn), self.addr(&a.lse))?;
                 return Ok(());
             }
-            let (rt, bmm) = (sh.rep() * seq, batched_mm(k, sh));
+            let gg = GroupGemms::new(k, sh);
+            let scale = 1.0 / (hd as f32).sqrt();
             // S = Q·Kᵀ per group, then P = causal softmax, O = P·V.
-            bmm(
-                (rt, seq, hd),
-                (self.addr(&a.q), false),
-                (self.addr(&a.k), true),
-                self.addr(&w.scores),
-                (rt * hd, seq * hd, rt * seq),
-            )?;
-            k.train_causal_softmax_async(
-                self.addr(&w.scores),
-                self.addr(&a.p),
-                sh.batch * sh.kv_heads * rt,
-                seq,
-                1.0 / (hd as f32).sqrt(),
-            )?;
-            bmm(
-                (rt, hd, seq),
-                (self.addr(&a.p), false),
-                (self.addr(&a.v), false),
-                self.addr(&w.o),
-                (rt * seq, seq * hd, rt * hd),
-            )?;
+            gg.row_key(self.addr(&a.q), self.addr(&a.k), self.addr(&w.scores))?;
+            let rows = gg.groups * gg.rt;
+            k.train_causal_softmax_async(self.addr(&w.scores), self.addr(&a.p), rows, seq, scale)?;
+            gg.row_dim(self.addr(&a.p), self.addr(&a.v), self.addr(&w.o))?;
             k.train_merge_heads_async(sh, self.addr(&w.o), self.addr(&a.attn))?;
         }
         Ok(())
@@ -163,44 +175,15 @@ impl CudaTrainer {
                     (self.addr(&w.dq), self.addr(&w.dk), self.addr(&w.dv)),
                 )?);
             }
-            let (rt, bmm) = (sh.rep() * seq, batched_mm(k, sh));
+            let gg = GroupGemms::new(k, sh);
+            let scale = 1.0 / (hd as f32).sqrt();
             // dP = dO·Vᵀ; dV = Pᵀ·dO; dS = softmax backward; dQ = dS·K; dK = dSᵀ·Q.
-            bmm(
-                (rt, seq, hd),
-                (self.addr(&w.d_o), false),
-                (self.addr(&a.v), true),
-                self.addr(&w.dp),
-                (rt * hd, seq * hd, rt * seq),
-            )?;
-            bmm(
-                (seq, hd, rt),
-                (self.addr(&a.p), true),
-                (self.addr(&w.d_o), false),
-                self.addr(&w.dv),
-                (rt * seq, rt * hd, seq * hd),
-            )?;
-            k.train_softmax_bwd_async(
-                self.addr(&a.p),
-                self.addr(&w.dp),
-                self.addr(&w.ds),
-                sh.batch * sh.kv_heads * rt,
-                seq,
-                1.0 / (hd as f32).sqrt(),
-            )?;
-            bmm(
-                (rt, hd, seq),
-                (self.addr(&w.ds), false),
-                (self.addr(&a.k), false),
-                self.addr(&w.dq),
-                (rt * seq, seq * hd, rt * hd),
-            )?;
-            bmm(
-                (seq, hd, rt),
-                (self.addr(&w.ds), true),
-                (self.addr(&a.q), false),
-                self.addr(&w.dk),
-                (rt * seq, rt * hd, seq * hd),
-            )?;
+            gg.row_key(self.addr(&w.d_o), self.addr(&a.v), self.addr(&w.dp))?;
+            gg.key_dim(self.addr(&a.p), self.addr(&w.d_o), self.addr(&w.dv))?;
+            let (p, dp, ds) = (self.addr(&a.p), self.addr(&w.dp), self.addr(&w.ds));
+            k.train_softmax_bwd_async(p, dp, ds, gg.groups * gg.rt, seq, scale)?;
+            gg.row_dim(ds, self.addr(&a.k), self.addr(&w.dq))?;
+            gg.key_dim(ds, self.addr(&a.q), self.addr(&w.dk))?;
         }
         Ok(())
     }
