@@ -7,6 +7,7 @@
 //   k, v   bf16 [B][kvh][T][HD]
 //   out    bf16 [N][nh·HD]       (tokens: the O projection's input)
 //   lse    f32  [B][nh][T]       (max + log2(sum) of the scaled log2 scores)
+//   dout_g bf16 as q              (the output's gradient in the group layout)
 //   dq     f32  as q, dk and dv f32 as k and v (the q/k/v epilogue's backward reads them)
 // Query t sees keys 0 ..= t of its own sequence.
 
@@ -30,26 +31,24 @@ KILN_TRAIN_FLASH_FWD(32)
 KILN_TRAIN_FLASH_FWD(64)
 KILN_TRAIN_FLASH_FWD(128)
 
-// dd[(b·nh + h)·T + t] = Σ_c dout[n, h·HD + c] · out[n, h·HD + c] for token n = b·T + t (the
-// softmax backward's row term D = rowsum(dO ⊙ O)); dout f32 and out bf16, both [N][nh·HD].
-// One warp per (token, head): grid ceil(N·nh / 8), block 256.
-extern "C" __global__ void kiln_train_attn_dot(const float* __restrict__ dout,
+// dd[row] = Σ_c dout_g[row, c] · out[n, h·HD + c] for each query row row = (b·nh + h)·T + t
+// (token n = b·T + t): the softmax backward's row term D = rowsum(dO ⊙ O), from the same bf16
+// dO the backward's dP = dO·Vᵀ reads. One warp per row: grid ceil(B·nh·T / 8), block 256.
+extern "C" __global__ void kiln_train_attn_dot(const u16* __restrict__ dout_g,
                                                const u16* __restrict__ out,
                                                float* __restrict__ dd, int T, int nh, int hd,
                                                long rows) {
     const long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
-    const float* a = dout + row * hd;
-    const u16* o = out + row * hd;
+    const long t = row % T, bh = row / T, h = bh % nh, b = bh / nh;
+    const u16* a = dout_g + row * hd;
+    const u16* o = out + ((b * T + t) * nh + h) * hd;
     float s = 0.0f;
-    for (int c = lane; c < hd; c += 32) s += a[c] * kiln_bf16_to_f32(o[c]);
+    for (int c = lane; c < hd; c += 32) s += kiln_bf16_to_f32(a[c]) * kiln_bf16_to_f32(o[c]);
 #pragma unroll
     for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, d);
-    if (lane == 0) {
-        const long n = row / nh, h = row % nh, b = n / T, t = n % T;
-        dd[(b * nh + h) * T + t] = s;
-    }
+    if (lane == 0) dd[row] = s;
 }
 
 // Backward. Block (key tile blockIdx.x of 64 keys, b·kvh + g = blockIdx.y), 128 threads: warp
@@ -114,7 +113,7 @@ __device__ __forceinline__ void kiln_fb_acc(float acc[HD / 8][4], const u32 f[KI
 template <int HD>
 __device__ __forceinline__ void kiln_train_flash_bwd(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-    const u16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dd,
+    const u16* __restrict__ dout_g, const float* __restrict__ lse, const float* __restrict__ dd,
     float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv, int T, int nh,
     int kvh, float scale_log2, float scale) {
     static_assert(HD % 32 == 0 && HD <= 128, "head_dim a multiple of 32, at most 128");
@@ -164,7 +163,7 @@ __device__ __forceinline__ void kiln_train_flash_bwd(
                 const int rr = i / (HD / 8), c = (i % (HD / 8)) * 8;
                 if (q0 + rr < T) {
                     kiln_cp_async16(qs + rr * S + c, q + (row0 + q0 + rr) * HD + c);
-                    kiln_cp_async16(os + rr * S + c, dout + (row0 + q0 + rr) * HD + c);
+                    kiln_cp_async16(os + rr * S + c, dout_g + (row0 + q0 + rr) * HD + c);
                 } else {
                     *reinterpret_cast<uint4*>(qs + rr * S + c) = make_uint4(0u, 0u, 0u, 0u);
                     *reinterpret_cast<uint4*>(os + rr * S + c) = make_uint4(0u, 0u, 0u, 0u);
@@ -278,10 +277,10 @@ __device__ __forceinline__ void kiln_train_flash_bwd(
 #define KILN_TRAIN_FLASH_BWD(HD)                                                                  \
     extern "C" __global__ void __launch_bounds__(128, 1) kiln_train_flash_bwd_hd##HD(             \
         const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,         \
-        const u16* __restrict__ dout, const float* __restrict__ lse,                              \
+        const u16* __restrict__ dout_g, const float* __restrict__ lse,                            \
         const float* __restrict__ dd, float* __restrict__ dq, float* __restrict__ dk,             \
         float* __restrict__ dv, int T, int nh, int kvh, float scale_log2, float scale) {          \
-        kiln_train_flash_bwd<HD>(q, k, v, dout, lse, dd, dq, dk, dv, T, nh, kvh, scale_log2,     \
+        kiln_train_flash_bwd<HD>(q, k, v, dout_g, lse, dd, dq, dk, dv, T, nh, kvh, scale_log2,   \
                                  scale);                                                          \
     }
 

@@ -84,10 +84,21 @@ pub(crate) struct TrainFunctions {
     grad_sumsq: CudaFunction,
     adamw_f32m: CudaFunction,
     adamw_bf16m: CudaFunction,
-    pub(super) flash: TrainFlashFunctions,
+    /// The flash attention kernels, or why they could not be loaded (kept apart so that a
+    /// failure there leaves every other kernel usable).
+    flash: Result<TrainFlashFunctions, String>,
 }
 
 impl TrainFunctions {
+    /// The flash attention kernels, or the error that kept them from loading.
+    pub(super) fn flash(&self) -> Result<&TrainFlashFunctions, KernelError> {
+        self.flash.as_ref().map_err(|e| {
+            KernelError::InvalidArgument(format!(
+                "the flash train attention kernels did not load: {e}"
+            ))
+        })
+    }
+
     pub(crate) fn load(
         func: &dyn Fn(&str, &str) -> Result<CudaFunction, KernelError>,
     ) -> Result<Self, KernelError> {
@@ -112,7 +123,7 @@ impl TrainFunctions {
             grad_sumsq: f("kiln_train_grad_sumsq")?,
             adamw_f32m: f("kiln_train_adamw_f32m")?,
             adamw_bf16m: f("kiln_train_adamw_bf16m")?,
-            flash: TrainFlashFunctions::load(func)?,
+            flash: TrainFlashFunctions::load(func).map_err(|e| e.to_string()),
         })
     }
 }

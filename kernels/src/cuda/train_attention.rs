@@ -102,7 +102,7 @@ impl CudaKernels {
     ) -> Result<(), KernelError> {
         shape.check()?;
         let hd = shape.head_dim;
-        let f = for_hd(&self.f.train.flash.fwd, hd)?;
+        let f = for_hd(&self.f.train.flash()?.fwd, hd)?;
         let (t, nh, kvh) = ints(shape);
         let sl2 = scale_log2(hd);
         let grid = (
@@ -136,31 +136,31 @@ impl CudaKernels {
     }
 
     /// Queue the causal attention backward: from the forward's inputs, its output `out`
-    /// (bf16 tokens) and log-sum-exp `lse`, and the output's gradient — `dout` (f32 tokens
-    /// `[N][nh·hd]`) and the same in bf16 in the group layout (`dout_g`) — the gradients `dq`,
-    /// `dk`, `dv` (f32, the layouts of q, k, v; `dq` is zeroed here, `dk` and `dv` are
-    /// overwritten). `dd` (f32 `B·nh·T`) is scratch for the row term D = rowsum(dO ⊙ O).
+    /// (bf16 tokens) and log-sum-exp `lse`, and the output's gradient `dout_g` (bf16, the
+    /// group layout of q), the gradients `dq`, `dk`, `dv` (f32, the layouts of q, k, v; `dq`
+    /// is zeroed here, `dk` and `dv` are overwritten). `dd` (f32 `B·nh·T`) is scratch for the
+    /// row term D = rowsum(dO ⊙ O).
     ///
     /// # Safety
     /// The buffers of [`CudaKernels::train_flash_attn_fwd_async`] with the forward's results;
-    /// `dout` `N·nh·hd` f32, `dout_g` `N·nh·hd` bf16, `dd` `B·nh·T` f32, `dq` `N·nh·hd` f32,
-    /// `dk` and `dv` `N·kvh·hd` f32.
-    #[allow(clippy::too_many_arguments)]
+    /// `dout_g` `N·nh·hd` bf16, `dd` `B·nh·T` f32, `dq` `N·nh·hd` f32, `dk` and `dv` `N·kvh·hd`
+    /// f32.
     pub unsafe fn train_flash_attn_bwd_async(
         &self,
         shape: TrainAttnShape,
         (q, k, v): (DevAddr, DevAddr, DevAddr),
         (out, lse): (DevAddr, DevAddr),
-        (dout, dout_g): (DevAddr, DevAddr),
+        dout_g: DevAddr,
         dd: DevAddr,
         (dq, dk, dv): (DevAddr, DevAddr, DevAddr),
     ) -> Result<(), KernelError> {
         shape.check()?;
         let hd = shape.head_dim;
-        let f = for_hd(&self.f.train.flash.bwd, hd)?;
+        let fl = self.f.train.flash()?;
+        let f = for_hd(&fl.bwd, hd)?;
         let (t, nh, kvh) = ints(shape);
         let hd_i = hd as i32;
-        let rows = (shape.tokens() * shape.heads) as i64;
+        let rows = (shape.batch * shape.heads * shape.seq) as i64;
         let (sl2, scale) = (scale_log2(hd), 1.0 / (hd as f32).sqrt());
         // SAFETY: the parameters match kiln_train_attn_dot and kiln_train_flash_bwd_hd{hd};
         // the caller's contract covers the buffers (dq: N·nh·hd f32).
@@ -173,11 +173,11 @@ impl CudaKernels {
             )
             .map_err(drv("zeroing the query gradient"))?;
             self.train_go(
-                &self.f.train.flash.dot,
+                &fl.dot,
                 cfg(((rows as u64).div_ceil(8) as u32, 1, 1), 256),
                 "launching kiln_train_attn_dot",
                 &mut [
-                    param(&dout),
+                    param(&dout_g),
                     param(&out),
                     param(&dd),
                     param(&t),

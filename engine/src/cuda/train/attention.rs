@@ -170,7 +170,7 @@ impl CudaTrainer {
                     sh,
                     (self.addr(&a.q), self.addr(&a.k), self.addr(&a.v)),
                     (self.addr(&a.attn), self.addr(&a.lse)),
-                    (self.addr(&w.dx), self.addr(&w.d_o)),
+                    self.addr(&w.d_o),
                     self.addr(&w.dd),
                     (self.addr(&w.dq), self.addr(&w.dk), self.addr(&w.dv)),
                 )?);
