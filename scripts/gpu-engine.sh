@@ -14,7 +14,8 @@
 # decode kernels' GPU tests, the engine's GPU tests (GPU vs CPU reference, cache vs replay, graph vs plain launches, session
 # restore), the HF transformers anchor, `kiln bench engine --device cuda` with the anchor's
 # ratios, and `kiln demo` (which generates on the GPU). LOAD_BENCH=1 adds the model-load
-# benchmark on a random bf16 directory (LOAD_SHAPE, default qwen2.5-7b: 15 GB written first).
+# benchmark on a random bf16 directory (LOAD_SHAPE, default qwen2.5-7b: 15 GB written first);
+# SLABS=8,16,32 also times the longest prompt with the weights dequantized in slabs of those MiB.
 # Output under $OUT (default out/).
 set -uo pipefail
 bin=${1:-target-carry}
@@ -41,7 +42,8 @@ tail -5 "$out/hf.txt"
 echo "== kiln bench engine --device cuda"
 anchor=()
 [[ -s "$out/hf.json" ]] && anchor=(--anchor "$out/hf.json")
-timeout 400 "$bin/kiln" bench engine --device cuda ${SKIP_7B:+--skip-7b} "${anchor[@]}" > "$out/bench-engine.txt" 2> "$out/bench-engine.err"
+timeout 400 "$bin/kiln" bench engine --device cuda ${SKIP_7B:+--skip-7b} ${SLABS:+--prefill-slab-mib "$SLABS"} \
+    "${anchor[@]}" > "$out/bench-engine.txt" 2> "$out/bench-engine.err"
 result[bench]=$?
 cat "$out/bench-engine.txt"; tail -5 "$out/bench-engine.err"
 

@@ -70,6 +70,11 @@ pub struct BenchEngineArgs {
     /// With --load-model: loads per path (the median is printed).
     #[arg(long, default_value_t = 3)]
     pub load_runs: usize,
+    /// With --device cuda: also time the longest prompt with the prompt GEMMs' weights
+    /// dequantized in slabs of these sizes (MiB of bf16, comma-separated; jobs use the
+    /// default, 64 MiB or the largest matrix) — a table of time to first token by slab size.
+    #[arg(long, value_delimiter = ',', value_name = "MIB")]
+    pub prefill_slab_mib: Vec<usize>,
 }
 
 /// Runs the benchmark and prints its tables (progress on stderr).
@@ -133,8 +138,12 @@ fn run_cuda(args: BenchEngineArgs) -> anyhow::Result<()> {
         prompt_tokens: args.gpu_prompt_tokens,
         new_tokens: args.gpu_new_tokens.max(2),
         skip_7b: args.skip_7b,
+        prefill_slabs_mib: args.prefill_slab_mib.clone(),
         ..Default::default()
     };
+    if let Some(bad) = opts.prefill_slabs_mib.iter().find(|&&m| m == 0 || m > 1024) {
+        anyhow::bail!("--prefill-slab-mib {bad}: give sizes from 1 to 1024 MiB");
+    }
     timed_report(
         args.json,
         |progress| Ok(run_gpu_bench(args.gpu, &opts, progress)?),

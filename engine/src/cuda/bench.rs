@@ -29,6 +29,9 @@ pub struct GpuBenchOptions {
     pub skip_7b: bool,
     /// Replays per kernel-class timing.
     pub reps: usize,
+    /// Slab sizes (MiB of bf16) of the prompt GEMMs' dequantized weights to time the longest
+    /// prompt with, besides the default (empty: none).
+    pub prefill_slabs_mib: Vec<usize>,
 }
 
 impl Default for GpuBenchOptions {
@@ -39,6 +42,7 @@ impl Default for GpuBenchOptions {
             prefill_tokens: vec![512, 2048],
             skip_7b: false,
             reps: 200,
+            prefill_slabs_mib: Vec::new(),
         }
     }
 }
@@ -68,6 +72,10 @@ pub struct GpuModelRow {
     /// The same prompts with only one kernel class queued: (prompt tokens, linears ms,
     /// attention ms, norms/RoPE/SwiGLU ms) — each includes the head and pick of the last row.
     pub prefill_split: Vec<(usize, f64, f64, f64)>,
+    /// The longest prompt with the dequantized-weight slabs of other sizes: (prompt tokens,
+    /// slab MiB, time to first token ms).
+    #[serde(default)]
+    pub prefill_slabs: Vec<(usize, usize, f64)>,
     /// One decode step by kernel class, µs per replay: whole step, GEMVs, attention,
     /// norms/RoPE/SwiGLU/embedding, pick.
     pub step_us: StepSplit,
@@ -217,6 +225,7 @@ fn bench_model(
     let decode_tok_s_host_sampled = sampled_rate(m, opts.prompt_tokens, opts.new_tokens, false)?;
     let mut prefill = Vec::new();
     let mut prefill_split = Vec::new();
+    let mut prefill_slabs = Vec::new();
     for &n in &opts.prefill_tokens {
         if n + 1 > cfg.max_position_embeddings {
             continue;
@@ -247,6 +256,17 @@ fn bench_model(
         }
         seq.set_prefill_classes(class::ALL);
         prefill_split.push((n, by_class[0], by_class[1], by_class[2]));
+        if Some(&n) == opts.prefill_tokens.iter().max() {
+            for &mib in &opts.prefill_slabs_mib {
+                progress(&format!(
+                    "{name}: prefill of {n} tokens, {mib} MiB weight slabs"
+                ));
+                seq.set_prefill_scratch_elems((mib << 20) / 2);
+                seq.truncate(0);
+                seq.forward(m, &p, true)?; // allocates the scratch
+                prefill_slabs.push((n, mib, ttft(&mut seq)?));
+            }
+        }
     }
     progress(&format!("{name}: one decode step by kernel class"));
     let prompt = opts
@@ -268,6 +288,7 @@ fn bench_model(
         decode_tok_s_host_sampled,
         prefill,
         prefill_split,
+        prefill_slabs,
         step_us: StepSplit {
             total: get(class::ALL),
             gemv: get(class::GEMV),
@@ -385,6 +406,34 @@ impl GpuBench {
             }
         }
         out += &format!("{t}\n");
+        if self.rows.iter().any(|r| !r.prefill_slabs.is_empty()) {
+            let mut t = Table::new();
+            t.load_preset(UTF8_FULL);
+            t.set_header(vec![
+                "model",
+                "prompt tokens",
+                "weight slab MiB",
+                "time to first token ms",
+                "× default slab",
+            ]);
+            for r in &self.rows {
+                for &(n, mib, ms) in &r.prefill_slabs {
+                    let base = r.prefill.iter().find(|p| p.0 == n).map(|p| p.1);
+                    t.add_row(vec![
+                        r.model.clone(),
+                        n.to_string(),
+                        mib.to_string(),
+                        format!("{ms:.2}"),
+                        base.map_or("—".into(), |b| format!("{:.3}", ms / b)),
+                    ]);
+                }
+            }
+            out += &format!(
+                "{t}\n(the prompt GEMMs' weights dequantized to bf16 in slabs of this size; the \
+                 default is {} MiB, at most the largest matrix)\n",
+                (super::plan::PREFILL_SCRATCH_ELEMS * 2) >> 20
+            );
+        }
         let mut t = Table::new();
         t.load_preset(UTF8_FULL);
         t.set_header(vec![
@@ -416,5 +465,45 @@ impl GpuBench {
              classes: launch gaps the classes overlap or add)\n"
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(slabs: Vec<(usize, usize, f64)>) -> GpuModelRow {
+        GpuModelRow {
+            model: "qwen2.5-7b".into(),
+            weights: 5 << 30,
+            scales: 1 << 29,
+            embeddings: 1 << 30,
+            decode_tok_s: 360.0,
+            decode_tok_s_plain: 300.0,
+            decode_tok_s_sampled: 355.0,
+            decode_tok_s_host_sampled: 200.0,
+            prefill: vec![(2048, 60.0)],
+            prefill_split: vec![(2048, 46.0, 5.5, 9.0)],
+            prefill_slabs: slabs,
+            step_us: StepSplit::default(),
+        }
+    }
+
+    #[test]
+    fn the_slab_table_gives_each_size_against_the_default() {
+        let bench = |slabs| GpuBench {
+            device: "test".into(),
+            prompt_tokens: 128,
+            new_tokens: 256,
+            rows: vec![row(slabs)],
+        };
+        let t = bench(vec![(2048, 16, 54.0), (2048, 8, 66.0)]).to_table(None);
+        assert!(
+            t.contains("weight slab MiB") && t.contains("default is 64 MiB"),
+            "{t}"
+        );
+        assert!(t.contains("0.900") && t.contains("1.100"), "{t}");
+        let t = bench(Vec::new()).to_table(None);
+        assert!(!t.contains("weight slab MiB"), "{t}");
     }
 }

@@ -62,7 +62,14 @@ struct BfActs {
 }
 
 impl Acts {
-    fn new(k: &CudaKernels, cfg: &ModelConfig, rows: usize, splits: usize) -> Result<Self> {
+    /// Activations of `rows` tokens, `splits` attention splits; over 8 rows with a scratch of
+    /// `scratch` bf16 elements for the dequantized weight slabs.
+    fn new(
+        k: &CudaKernels,
+        cfg: &ModelConfig,
+        (rows, splits): (usize, usize),
+        scratch: usize,
+    ) -> Result<Self> {
         let s = k.stream();
         let f = |n: usize| {
             s.alloc_zeros::<f32>(n)
@@ -82,7 +89,7 @@ impl Acts {
                 attn: b(rows * q)?,
                 gu: b(rows * 2 * i)?,
                 act: b(rows * i)?,
-                w: b(prefill_scratch_elems(cfg))?,
+                w: b(scratch)?,
             })
         } else {
             None
@@ -150,6 +157,9 @@ pub struct CudaSequence {
     prefill: Option<Acts>,
     /// Kernel classes the prompt path queues ([`class`]; all but in benchmarks).
     prefill_mask: u8,
+    /// bf16 elements of the prompt GEMMs' dequantized-weight scratch (the plan's
+    /// [`prefill_scratch_elems`] but in benchmarks).
+    prefill_scratch: usize,
     /// Sampling on the GPU instead of the greedy pick (`None`: greedy).
     sampling: Option<DeviceSampling>,
     /// The sampler's step counter (its noise stream), advanced by every sampled pick.
@@ -173,7 +183,7 @@ impl CudaSequence {
         let s = k.stream().clone();
         let kv_elems = cfg.num_hidden_layers * cfg.kv_size() * capacity;
         let (chunk, splits) = decode_chunk(capacity, cfg.num_key_value_heads, k.sm_count());
-        let dec = Acts::new(&k, cfg, 1, splits)?;
+        let dec = Acts::new(&k, cfg, (1, splits), 0)?;
         let seq = CudaSequence {
             kc: s
                 .alloc_zeros::<bf16>(kv_elems)
@@ -208,6 +218,7 @@ impl CudaSequence {
             use_graph: std::env::var_os("KILN_NO_CUDA_GRAPH").is_none(),
             prefill: None,
             prefill_mask: class::ALL,
+            prefill_scratch: prefill_scratch_elems(cfg),
             sampling: None,
             step: s
                 .alloc_zeros::<u32>(1)
@@ -394,6 +405,20 @@ impl CudaSequence {
         self.prefill_mask = mask;
     }
 
+    /// Dequantize the prompt GEMMs' weights in slabs of at most `elems` bf16 elements (at
+    /// least one row of the widest matrix is kept): a benchmark's way to compare slab sizes —
+    /// a slab small enough to stay in L2 between its dequantization and its GEMM saves the
+    /// DRAM round trip. Jobs use the plan's [`prefill_scratch_elems`].
+    pub fn set_prefill_scratch_elems(&mut self, elems: usize) {
+        let cfg = &self.cfg;
+        let widest = cfg.hidden_size.max(cfg.intermediate_size).max(cfg.q_size());
+        let elems = elems.max(widest);
+        if elems != self.prefill_scratch {
+            self.prefill_scratch = elems;
+            self.prefill = None;
+        }
+    }
+
     /// Forget every position from `len` on (a benchmark runs several prompts on one
     /// sequence; the bytes stay until overwritten).
     pub fn truncate(&mut self, len: usize) {
@@ -532,7 +557,8 @@ impl CudaSequence {
         if self.prefill.as_ref().map(|p| p.rows) != Some(rows) {
             self.prefill = None;
             let splits = if rows > 8 { 1 } else { self.splits };
-            self.prefill = Some(Acts::new(&self.k, &self.cfg, rows, splits)?);
+            let acts = Acts::new(&self.k, &self.cfg, (rows, splits), self.prefill_scratch)?;
+            self.prefill = Some(acts);
         }
         let mut acts = self.prefill.take().expect("allocated above");
         let r = self.prefill_with(m, ids, &mut acts);
