@@ -421,6 +421,15 @@ mod tests {
         // what would fit is searched with the same attention
         let e = flash.check(&cfg, mat.total() - 1);
         assert!(e.is_ok(), "{e:?}");
+        // a 16,384-token row: refused materialized (the probabilities alone ~180 GB), fits flash
+        let long = |flash| {
+            TrainPlan::new(&cfg, QuantSpec::Nvfp4Ste, MomentsSpec::F32, 1, 16_384)
+                .unwrap()
+                .with_flash_attention(&cfg, flash)
+        };
+        let e = long(false).check(&cfg, 100 << 30).unwrap_err().to_string();
+        assert!(e.contains("--seq-len"), "{e}");
+        long(true).check(&cfg, 100 << 30).unwrap();
         // a head dim without a flash kernel keeps the materialized form
         let mut wide = cfg.clone();
         wide.head_dim = 256;
