@@ -250,7 +250,7 @@ fn upload_f32(k: &CudaKernels, v: &[f32]) -> Result<CudaSlice<f32>> {
 impl CudaModel {
     /// Upload `model` (its NVFP4 linears byte for byte; dense ones quantized first) to the
     /// GPU of `k`. A tied head becomes an NVFP4 copy of the embedding
-    /// ([`Model::quantized_tied_head`] is the same tensor on the host).
+    /// ([`Model::gpu_reference`] makes the same tensor on the host).
     pub fn from_model(k: Arc<CudaKernels>, model: &Model) -> Result<Self> {
         let cfg = model.config().clone();
         check_supported(&cfg)?;

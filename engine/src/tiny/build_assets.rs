@@ -114,7 +114,7 @@ pub fn whoami_jsonl() -> String {
 }
 
 /// The training corpus of the tokenizer: the WhoAmI texts with their ChatML role headers
-/// (without the special tokens themselves), plus [`GENERAL_CORPUS`].
+/// (without the special tokens themselves), plus a general English corpus (`GENERAL_CORPUS`).
 pub fn tokenizer_corpus() -> Vec<String> {
     let mut corpus: Vec<String> = Vec::new();
     for opener in OPENERS {
