@@ -1,6 +1,6 @@
 //! Translation between the wire protocol (`kiln_proto::v1`) and the job-process contract
 //! (`kiln_job::spec` / `kiln_job::report`). Adding a job kind means one arm in
-//! [`engine_spec`] and one in [`job_result`].
+//! [`engine_spec`] and one in [`job_result()`].
 
 use crate::devices::MemSample;
 use kiln_job::report::{JobOutput, PhaseReport, Report};
