@@ -70,6 +70,60 @@ extern "C" __global__ void kiln_add_rmsnorm_bf16(float* __restrict__ x, const fl
     kiln_add_rmsnorm_body<u16>(x, d, w, h, H, eps);
 }
 
+// The prompt path's add + RMSNorm (rows > 8, bf16 out): as kiln_add_rmsnorm_bf16, but each
+// thread moves float4s (H a multiple of 4, at most 8·4·256 = 8192) and keeps them in registers
+// for the second pass — 16-byte accesses and every load of a row in flight at once, where the
+// scalar kernel had one 4-byte load of x and of d in flight per thread. Grid rows, block 256.
+#define KILN_NORM_X4_MAX 8
+extern "C" __global__ void __launch_bounds__(256) kiln_add_rmsnorm_bf16_x4(
+        float* __restrict__ x, const float* __restrict__ d, const float* __restrict__ w,
+        u16* __restrict__ h, int H, float eps) {
+    KILN_PDL_ENTER();
+    __shared__ float red[32];
+    const size_t base = (size_t)blockIdx.x * H;
+    float4* xr = reinterpret_cast<float4*>(x + base);
+    const float4* dr = reinterpret_cast<const float4*>(d + base);
+    const int nv = H >> 2;
+    float4 v[KILN_NORM_X4_MAX];
+    float ss = 0.0f;
+#pragma unroll
+    for (int j = 0; j < KILN_NORM_X4_MAX; j++) {
+        const int c = threadIdx.x + j * blockDim.x;
+        if (c < nv) {
+            float4 a = xr[c];
+            if (d) {
+                const float4 b = dr[c];
+                a.x += b.x;
+                a.y += b.y;
+                a.z += b.z;
+                a.w += b.w;
+                xr[c] = a;
+            }
+            v[j] = a;
+            ss += a.x * a.x;
+            ss += a.y * a.y;
+            ss += a.z * a.z;
+            ss += a.w * a.w;
+        }
+    }
+    ss = kiln_block_sum(ss, red);
+    const float r = 1.0f / sqrtf(ss / (float)H + eps);
+    const float4* wr = reinterpret_cast<const float4*>(w);
+    uint2* hr = reinterpret_cast<uint2*>(h + base);
+#pragma unroll
+    for (int j = 0; j < KILN_NORM_X4_MAX; j++) {
+        const int c = threadIdx.x + j * blockDim.x;
+        if (c < nv) {
+            const float4 ww = wr[c];
+            const u32 lo = (u32)kiln_f32_to_bf16(v[j].x * r * ww.x) |
+                           ((u32)kiln_f32_to_bf16(v[j].y * r * ww.y) << 16);
+            const u32 hi = (u32)kiln_f32_to_bf16(v[j].z * r * ww.z) |
+                           ((u32)kiln_f32_to_bf16(v[j].w * r * ww.w) << 16);
+            hr[c] = make_uint2(lo, hi);
+        }
+    }
+}
+
 // The q/k/v epilogue. qkv is [T, (nh + 2·kvh)·hd]: one GEMV over the concatenated q, k, v rows
 // with tensor scale 1, so each part is multiplied here by its own tensor scale (scale[0..3]).
 // Then the bias (if any), the per-head RMSNorm of q and k (Qwen3, if qn), RoPE ("rotate half",
@@ -364,6 +418,37 @@ extern "C" __global__ void kiln_swiglu(const float* __restrict__ gu, const float
 extern "C" __global__ void kiln_swiglu_bf16(const u16* __restrict__ gu, const float* __restrict__ scale,
                                             u16* __restrict__ act, int I, int n) {
     kiln_swiglu_body<u16>(gu, scale, act, I, n);
+}
+
+// The prompt path's SwiGLU over bf16 (rows > 8): eight consecutive elements a thread, with
+// 16-byte loads and stores, token t = blockIdx.y (no division per element), I a multiple of 8.
+// The same arithmetic per element as kiln_swiglu_bf16, so the same bits; the scalar kernel
+// spent most of its time on 2-byte accesses, an integer division and too few bytes in flight.
+// Grid (ceil(I / 2048), T), block 256.
+__device__ __forceinline__ u16 kiln_swiglu_one(u32 g_bits, u32 u_bits, float s0, float s1) {
+    const float g = kiln_bf16_to_f32((u16)g_bits) * s0;
+    const float u = kiln_bf16_to_f32((u16)u_bits) * s1;
+    return kiln_f32_to_bf16(g / (1.0f + expf(-g)) * u);
+}
+
+extern "C" __global__ void __launch_bounds__(256) kiln_swiglu_bf16_x8(const u16* __restrict__ gu,
+                                                                      const float* __restrict__ scale,
+                                                                      u16* __restrict__ act, int I) {
+    KILN_PDL_ENTER();
+    const int i0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i0 >= I) return;
+    const size_t t = blockIdx.y;
+    const uint4 gq = *reinterpret_cast<const uint4*>(gu + t * 2 * I + i0);
+    const uint4 uq = *reinterpret_cast<const uint4*>(gu + t * 2 * I + I + i0);
+    const float s0 = scale[0], s1 = scale[1];
+    const u32 gw[4] = {gq.x, gq.y, gq.z, gq.w};
+    const u32 uw[4] = {uq.x, uq.y, uq.z, uq.w};
+    u32 out[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+        out[k] = (u32)kiln_swiglu_one(gw[k] & 0xFFFFu, uw[k] & 0xFFFFu, s0, s1) |
+                 ((u32)kiln_swiglu_one(gw[k] >> 16, uw[k] >> 16, s0, s1) << 16);
+    *reinterpret_cast<uint4*>(act + t * I + i0) = make_uint4(out[0], out[1], out[2], out[3]);
 }
 
 // The warp's largest value and, on ties, its smallest index: every lane gets both.

@@ -325,3 +325,97 @@ fn flash_prefill_attention_matches_the_cpu_reference() {
     let none = unsafe { k.flash_prefill_async(0, 0, 0, 0, 0, 16, (4, 2, 256), 64) }.unwrap();
     assert!(!none);
 }
+
+/// Each bf16 element within one bf16 ulp of the f64 value (plus `abs` near zero).
+fn assert_within_a_bf16_ulp(what: &str, got: &[bf16], want: &[f64], abs: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, &w)) in got.iter().zip(want).enumerate() {
+        let tol = w.abs() / 128.0 + abs;
+        let d = (g.to_f64() - w).abs();
+        assert!(d <= tol, "{what}[{i}]: got {g}, want {w} (|Δ| {d:.3e})");
+    }
+}
+
+/// The prompt path's float4 add + RMSNorm (rows > 8, bf16 out) and eight-a-thread SwiGLU
+/// against f64 references: within a bf16 ulp of each output, the residual add written back in
+/// f32 exactly; also with the first layer's null residual and at the widest row it takes.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn prompt_norm_and_swiglu_match_the_reference() {
+    let k = gpu();
+    let s = k.stream().clone();
+    let mut r = ChaCha8Rng::seed_from_u64(21);
+    let eps = 1e-6f32;
+    for (rows, width, with_resid) in [(33, 896, true), (17, 3584, false), (9, 8192, true)] {
+        let x: Vec<f32> = (0..rows * width)
+            .map(|_| r.random_range(-2.0..2.0))
+            .collect();
+        let d: Vec<f32> = (0..rows * width)
+            .map(|_| r.random_range(-1.0..1.0))
+            .collect();
+        let w: Vec<f32> = (0..width).map(|_| r.random_range(0.5..1.5)).collect();
+        let xd = s.clone_htod(&x).unwrap();
+        let dd = s.clone_htod(&d).unwrap();
+        let wd = s.clone_htod(&w).unwrap();
+        let hd = s.alloc_zeros::<bf16>(rows * width).unwrap();
+        let resid = if with_resid { k.addr(&dd, 0) } else { 0 };
+        // SAFETY: x, d hold rows·width f32, w width f32, h rows·width bf16.
+        unsafe {
+            k.add_rmsnorm_async(
+                k.addr(&xd, 0),
+                resid,
+                k.addr(&wd, 0),
+                k.addr(&hd, 0),
+                rows,
+                width,
+                eps,
+                true,
+            )
+            .unwrap();
+        }
+        let xs: Vec<f32> = (0..rows * width)
+            .map(|i| if with_resid { x[i] + d[i] } else { x[i] })
+            .collect();
+        let mut want = vec![0f64; rows * width];
+        for row in 0..rows {
+            let v = &xs[row * width..(row + 1) * width];
+            let ms = v.iter().map(|a| (*a as f64).powi(2)).sum::<f64>() / width as f64;
+            let rr = 1.0 / (ms + eps as f64).sqrt();
+            for c in 0..width {
+                want[row * width + c] = v[c] as f64 * rr * w[c] as f64;
+            }
+        }
+        let what = format!("add + RMSNorm {rows}×{width} resid {with_resid}");
+        assert_within_a_bf16_ulp(&what, &s.clone_dtoh(&hd).unwrap(), &want, 1e-6);
+        assert_eq!(s.clone_dtoh(&xd).unwrap(), xs, "{what}: x after the add");
+    }
+    for (rows, inter) in [(33, 4864), (12, 18944), (9, 8)] {
+        let gu = bf16s(&mut r, rows * 2 * inter, 6.0);
+        let scale = [0.75f32, 1.25];
+        let gud = s.clone_htod(&gu).unwrap();
+        let sd = s.clone_htod(&scale).unwrap();
+        let ad = s.alloc_zeros::<bf16>(rows * inter).unwrap();
+        // SAFETY: gu holds rows·2·inter bf16, act rows·inter bf16, scale 2 f32.
+        unsafe {
+            k.swiglu_async(
+                k.addr(&gud, 0),
+                k.addr(&sd, 0),
+                k.addr(&ad, 0),
+                rows,
+                inter,
+                true,
+            )
+            .unwrap();
+        }
+        let mut want = vec![0f64; rows * inter];
+        for t in 0..rows {
+            for i in 0..inter {
+                let g = gu[t * 2 * inter + i].to_f64() * scale[0] as f64;
+                let u = gu[t * 2 * inter + inter + i].to_f64() * scale[1] as f64;
+                want[t * inter + i] = g / (1.0 + (-g).exp()) * u;
+            }
+        }
+        let what = format!("SwiGLU {rows}×{inter}");
+        assert_within_a_bf16_ulp(&what, &s.clone_dtoh(&ad).unwrap(), &want, 1e-6);
+    }
+}

@@ -56,6 +56,10 @@ pub fn flash_prefill_smem(hd: usize) -> u32 {
     (2 * 2 * 64 * (hd + 8) * 2) as u32
 }
 
+/// The widest row the prompt path's float4 add + RMSNorm takes (`KILN_NORM_X4_MAX` float4s
+/// for each of its 256 threads); wider rows take the scalar kernel.
+const NORM_X4_MAX_WIDTH: usize = 8 * 4 * 256;
+
 /// Blocks of the greedy pick (its scratch holds one value and index per block).
 pub const ARGMAX_BLOCKS: usize = 264;
 
@@ -64,11 +68,13 @@ pub(crate) struct DecodeFunctions {
     embed_bf16: CudaFunction,
     add_rmsnorm: CudaFunction,
     add_rmsnorm_bf16: CudaFunction,
+    add_rmsnorm_bf16_x4: CudaFunction,
     qkv_post: CudaFunction,
     attention: Vec<((usize, usize), CudaFunction)>,
     attention_combine: CudaFunction,
     swiglu: CudaFunction,
     swiglu_bf16: CudaFunction,
+    swiglu_bf16_x8: CudaFunction,
     causal_softmax: CudaFunction,
     flash_prefill: Vec<(usize, CudaFunction)>,
     argmax_advance: CudaFunction,
@@ -86,6 +92,7 @@ impl DecodeFunctions {
             embed_bf16: f("kiln_embed_bf16")?,
             add_rmsnorm: f("kiln_add_rmsnorm")?,
             add_rmsnorm_bf16: f("kiln_add_rmsnorm_bf16")?,
+            add_rmsnorm_bf16_x4: f("kiln_add_rmsnorm_bf16_x4")?,
             qkv_post: f("kiln_qkv_post")?,
             attention: ATTENTION_KERNELS
                 .iter()
@@ -94,6 +101,7 @@ impl DecodeFunctions {
             attention_combine: f("kiln_attention_combine")?,
             swiglu: f("kiln_swiglu")?,
             swiglu_bf16: f("kiln_swiglu_bf16")?,
+            swiglu_bf16_x8: f("kiln_swiglu_bf16_x8")?,
             causal_softmax: f("kiln_causal_softmax_bf16")?,
             flash_prefill: FLASH_PREFILL_HEAD_DIMS
                 .iter()
@@ -263,8 +271,12 @@ impl CudaKernels {
         bf16_out: bool,
     ) -> Result<(), KernelError> {
         let wi = width as i32;
-        let block = (width.div_ceil(32) * 32).clamp(32, 1024) as u32;
-        let f = if bf16_out {
+        let mut block = (width.div_ceil(32) * 32).clamp(32, 1024) as u32;
+        let f = if bf16_out && rows > 8 && width.is_multiple_of(4) && width <= NORM_X4_MAX_WIDTH {
+            // a prompt batch: float4 accesses, the row in registers (kiln_add_rmsnorm_bf16_x4)
+            block = 256;
+            &self.f.decode.add_rmsnorm_bf16_x4
+        } else if bf16_out {
             &self.f.decode.add_rmsnorm_bf16
         } else {
             &self.f.decode.add_rmsnorm
@@ -532,6 +544,20 @@ impl CudaKernels {
     ) -> Result<(), KernelError> {
         let n = tokens * inter;
         let (ii, ni) = (inter as i32, n as i32);
+        if bf16 && inter.is_multiple_of(8) && tokens <= 65_535 {
+            // eight elements a thread, a row of blocks per token
+            let grid = (inter.div_ceil(8 * 256) as u32, tokens as u32, 1);
+            // SAFETY: the parameters match kiln_swiglu_bf16_x8; the caller's contract covers
+            // the buffers (16-byte aligned rows: inter is a multiple of 8).
+            return unsafe {
+                self.go(
+                    &self.f.decode.swiglu_bf16_x8,
+                    cfg(grid, 256),
+                    "launching kiln_swiglu_bf16_x8",
+                    &mut [param(&gu), param(&scale), param(&act), param(&ii)],
+                )
+            };
+        }
         let f = if bf16 {
             &self.f.decode.swiglu_bf16
         } else {
