@@ -170,6 +170,106 @@ extern "C" __global__ void kiln_qkv_post(const float* __restrict__ qkv, const fl
     }
 }
 
+// The prompt path's q/k/v epilogue (batches over 8 rows): the same work as kiln_qkv_post, but
+// U = hd / 8 lanes per (head, token) unit, each owning the float4 at c = 4·lane of the first
+// half of the head and the one at c + hd/2 — the two halves RoPE mixes — so accesses are 16
+// bytes, one sincosf serves both halves, and a 128-thread block holds 128 / U units. Qwen3's
+// per-head norm reduces over the unit's lanes by shuffles. Grid ceil(T·(nh + 2·kvh) / (128 /
+// U)), block 128; hd a multiple of 8, at most 256 (a unit within a warp).
+__device__ __forceinline__ void kiln_f4_scale_add(float4& a, float s, const float* bias) {
+    a.x *= s;
+    a.y *= s;
+    a.z *= s;
+    a.w *= s;
+    if (bias) {
+        const float4 b = *reinterpret_cast<const float4*>(bias);
+        a.x += b.x;
+        a.y += b.y;
+        a.z += b.z;
+        a.w += b.w;
+    }
+}
+
+__device__ __forceinline__ uint2 kiln_f4_to_bf16x4(float4 a) {
+    return make_uint2((u32)kiln_f32_to_bf16(a.x) | ((u32)kiln_f32_to_bf16(a.y) << 16),
+                      (u32)kiln_f32_to_bf16(a.z) | ((u32)kiln_f32_to_bf16(a.w) << 16));
+}
+
+// a / sqrt(ms + eps) · w, element by element (the per-head norm's last step).
+__device__ __forceinline__ float4 kiln_f4_norm(float4 a, float d, const float* w) {
+    const float4 ww = *reinterpret_cast<const float4*>(w);
+    return make_float4(a.x / d * ww.x, a.y / d * ww.y, a.z / d * ww.z, a.w / d * ww.w);
+}
+
+extern "C" __global__ void __launch_bounds__(128) kiln_qkv_post_x4(
+        const float* __restrict__ qkv, const float* __restrict__ scale,
+        const float* __restrict__ bias, const float* __restrict__ qn,
+        const float* __restrict__ kn, const float* __restrict__ inv_freq,
+        const int* __restrict__ pos, float* __restrict__ q_out, u16* __restrict__ kc,
+        u16* __restrict__ vc, int nh, int kvh, int hd, int cap, float eps, int T) {
+    KILN_PDL_ENTER();
+    const int U = hd >> 3, heads = nh + 2 * kvh, half = hd >> 1;
+    const long unit = (long)blockIdx.x * (blockDim.x / U) + threadIdx.x / U;
+    const int lane = threadIdx.x % U;
+    // every lane of a unit takes the same branches; units past the end sit out together
+    // (a whole unit's lanes, so the shuffles below stay within live lanes of the group)
+    const bool live = unit < (long)T * heads;
+    const int head = live ? (int)(unit % heads) : 0;
+    const int t = live ? (int)(unit / heads) : 0;
+    const int c = 4 * lane;
+    const int kind = head < nh ? 0 : (head < nh + kvh ? 1 : 2);
+    const size_t at = (size_t)t * heads * hd + (size_t)head * hd;
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
+    if (live) {
+        a = *reinterpret_cast<const float4*>(qkv + at + c);
+        b = *reinterpret_cast<const float4*>(qkv + at + c + half);
+        const float sc = scale[kind];
+        kiln_f4_scale_add(a, sc, bias ? bias + head * hd + c : nullptr);
+        kiln_f4_scale_add(b, sc, bias ? bias + head * hd + c + half : nullptr);
+    }
+    const int p = (live ? *pos : 0) + t;
+    if (qn) {  // the same for every thread: the whole warp shuffles
+        float ss = a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y +
+                   b.z * b.z + b.w * b.w;
+        for (int o = U >> 1; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
+        if (live && kind != 2) {
+            const float d = sqrtf(ss / (float)hd + eps);
+            const float* w = kind == 0 ? qn : kn;
+            a = kiln_f4_norm(a, d, w + c);
+            b = kiln_f4_norm(b, d, w + c + half);
+        }
+    }
+    if (!live) return;
+    if (kind == 2) {
+        const size_t row = ((size_t)(head - nh - kvh) * cap + p) * hd;
+        *reinterpret_cast<uint2*>(vc + row + c) = kiln_f4_to_bf16x4(a);
+        *reinterpret_cast<uint2*>(vc + row + c + half) = kiln_f4_to_bf16x4(b);
+        return;
+    }
+    const float4 f = *reinterpret_cast<const float4*>(inv_freq + c);
+    const float fr[4] = {f.x, f.y, f.z, f.w};
+    float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+    float o1[4], o2[4];
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        float sn, cs;
+        sincosf((float)p * fr[e], &sn, &cs);
+        o1[e] = av[e] * cs - bv[e] * sn;
+        o2[e] = bv[e] * cs + av[e] * sn;
+    }
+    const float4 lo = make_float4(o1[0], o1[1], o1[2], o1[3]);
+    const float4 hi = make_float4(o2[0], o2[1], o2[2], o2[3]);
+    if (kind == 0) {
+        float* q = q_out + (size_t)t * nh * hd + (size_t)head * hd;
+        *reinterpret_cast<float4*>(q + c) = lo;
+        *reinterpret_cast<float4*>(q + c + half) = hi;
+    } else {
+        const size_t row = ((size_t)(head - nh) * cap + p) * hd;
+        *reinterpret_cast<uint2*>(kc + row + c) = kiln_f4_to_bf16x4(lo);
+        *reinterpret_cast<uint2*>(kc + row + c + half) = kiln_f4_to_bf16x4(hi);
+    }
+}
+
 // Load E consecutive bf16 as f32.
 template <int E>
 __device__ __forceinline__ void kiln_load_bf16(const u16* p, float out[E]) {

@@ -419,3 +419,180 @@ fn prompt_norm_and_swiglu_match_the_reference() {
         assert_within_a_bf16_ulp(&what, &s.clone_dtoh(&ad).unwrap(), &want, 1e-6);
     }
 }
+
+/// The q/k/v epilogue on the CPU (f64): scale, bias, Qwen3's per-head norm, RoPE (rotate
+/// half); queries `[T, nh·hd]`, keys and values `[kvh][cap][hd]` at positions pos + t.
+struct QkvRef {
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn qkv_post_ref(
+    qkv: &[f32],
+    scale: [f32; 3],
+    bias: Option<&[f32]>,
+    norm: Option<(&[f32], &[f32])>,
+    inv_freq: &[f32],
+    (pos, cap): (usize, usize),
+    (t_n, nh, kvh, hd): (usize, usize, usize, usize),
+    eps: f64,
+) -> QkvRef {
+    let heads = nh + 2 * kvh;
+    let half = hd / 2;
+    let mut r = QkvRef {
+        q: vec![0.0; t_n * nh * hd],
+        k: vec![0.0; kvh * cap * hd],
+        v: vec![0.0; kvh * cap * hd],
+    };
+    for t in 0..t_n {
+        let p = pos + t;
+        for head in 0..heads {
+            let kind = if head < nh {
+                0
+            } else if head < nh + kvh {
+                1
+            } else {
+                2
+            };
+            let mut v: Vec<f64> = (0..hd)
+                .map(|i| {
+                    qkv[t * heads * hd + head * hd + i] as f64 * scale[kind] as f64
+                        + bias.map_or(0.0, |b| b[head * hd + i] as f64)
+                })
+                .collect();
+            if kind == 2 {
+                let row = ((head - nh - kvh) * cap + p) * hd;
+                r.v[row..row + hd].copy_from_slice(&v);
+                continue;
+            }
+            if let Some((qn, kn)) = norm {
+                let w = if kind == 0 { qn } else { kn };
+                let d = (v.iter().map(|x| x * x).sum::<f64>() / hd as f64 + eps).sqrt();
+                for (i, x) in v.iter_mut().enumerate() {
+                    *x = *x / d * w[i] as f64;
+                }
+            }
+            let out: Vec<f64> = (0..hd)
+                .map(|i| {
+                    let j = i % half;
+                    let ang = p as f64 * inv_freq[j] as f64;
+                    if i < half {
+                        v[i] * ang.cos() - v[i + half] * ang.sin()
+                    } else {
+                        v[i] * ang.cos() + v[i - half] * ang.sin()
+                    }
+                })
+                .collect();
+            if kind == 0 {
+                let at = t * nh * hd + head * hd;
+                r.q[at..at + hd].copy_from_slice(&out);
+            } else {
+                let row = ((head - nh) * cap + p) * hd;
+                r.k[row..row + hd].copy_from_slice(&out);
+            }
+        }
+    }
+    r
+}
+
+/// The prompt path's q/k/v epilogue (over 8 tokens: hd / 8 lanes per head and token) against
+/// the f64 reference: with and without a bias and Qwen3's per-head norm, head dims 32 / 64 /
+/// 128, GQA groups of 1 to 7; queries within 2e-4 of the largest (f32 angles of positions up to
+/// ~40), keys and values within a bf16 ulp.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn prompt_qkv_epilogue_matches_the_reference() {
+    use kiln_kernels::cuda::decode::QkvPost;
+    let k = gpu();
+    let s = k.stream().clone();
+    let mut r = ChaCha8Rng::seed_from_u64(22);
+    let eps = 1e-6f32;
+    for (t_n, nh, kvh, hd, with_bias, with_norm) in [
+        (12, 4, 2, 64, true, false),
+        (9, 7, 1, 128, false, true),
+        (20, 2, 2, 32, true, true),
+    ] {
+        let (pos, heads) = (5usize, nh + 2 * kvh);
+        let cap = pos + t_n + 3;
+        let f = |r: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32| -> Vec<f32> {
+            (0..n).map(|_| r.random_range(lo..hi)).collect()
+        };
+        let qkv = f(&mut r, t_n * heads * hd, -2.0, 2.0);
+        let bias = f(&mut r, heads * hd, -0.5, 0.5);
+        let (qn, kn) = (f(&mut r, hd, 0.5, 1.5), f(&mut r, hd, 0.5, 1.5));
+        let inv_freq: Vec<f32> = (0..hd / 2)
+            .map(|i| 10000f32.powf(-((2 * i) as f32) / hd as f32))
+            .collect();
+        let scale = [0.9f32, 1.1, 0.8];
+        let up = |v: &[f32]| s.clone_htod(v).unwrap();
+        let (qkvd, sd, bd, qnd, knd, fd) = (
+            up(&qkv),
+            up(&scale),
+            up(&bias),
+            up(&qn),
+            up(&kn),
+            up(&inv_freq),
+        );
+        let posd = s.clone_htod(&[pos as i32]).unwrap();
+        let qd = s.alloc_zeros::<f32>(t_n * nh * hd).unwrap();
+        let kcd = s.alloc_zeros::<bf16>(kvh * cap * hd).unwrap();
+        let vcd = s.alloc_zeros::<bf16>(kvh * cap * hd).unwrap();
+        let post = QkvPost {
+            qkv: k.addr(&qkvd, 0),
+            scale: k.addr(&sd, 0),
+            bias: if with_bias { k.addr(&bd, 0) } else { 0 },
+            q_norm: if with_norm { k.addr(&qnd, 0) } else { 0 },
+            k_norm: if with_norm { k.addr(&knd, 0) } else { 0 },
+            inv_freq: k.addr(&fd, 0),
+            pos: k.addr(&posd, 0),
+            q_out: k.addr(&qd, 0),
+            k_cache: k.addr(&kcd, 0),
+            v_cache: k.addr(&vcd, 0),
+        };
+        // SAFETY: every buffer is sized as QkvPost describes; pos + T <= cap.
+        unsafe { k.qkv_post_async(&post, t_n, nh, kvh, hd, cap, eps) }.unwrap();
+        let want = qkv_post_ref(
+            &qkv,
+            scale,
+            with_bias.then_some(&bias[..]),
+            with_norm.then_some((&qn[..], &kn[..])),
+            &inv_freq,
+            (pos, cap),
+            (t_n, nh, kvh, hd),
+            eps as f64,
+        );
+        let what = format!(
+            "q/k/v epilogue T {t_n} nh {nh} kvh {kvh} hd {hd} bias {with_bias} norm {with_norm}"
+        );
+        let q = s.clone_dtoh(&qd).unwrap();
+        let big = want.q.iter().fold(1f64, |m, v| m.max(v.abs()));
+        let dq = q
+            .iter()
+            .zip(&want.q)
+            .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+        assert!(
+            dq <= 2e-4 * big,
+            "{what}: queries max |Δ| {dq} (scale {big})"
+        );
+        // only the positions the epilogue wrote (the rest stay zero on both sides)
+        let big_kv = want
+            .k
+            .iter()
+            .chain(&want.v)
+            .fold(1f64, |m, v| m.max(v.abs()));
+        assert_within_a_bf16_ulp(
+            &format!("{what}: keys"),
+            &s.clone_dtoh(&kcd).unwrap(),
+            &want.k,
+            2e-4 * big_kv,
+        );
+        assert_within_a_bf16_ulp(
+            &format!("{what}: values"),
+            &s.clone_dtoh(&vcd).unwrap(),
+            &want.v,
+            1e-6,
+        );
+    }
+}

@@ -70,6 +70,7 @@ pub(crate) struct DecodeFunctions {
     add_rmsnorm_bf16: CudaFunction,
     add_rmsnorm_bf16_x4: CudaFunction,
     qkv_post: CudaFunction,
+    qkv_post_x4: CudaFunction,
     attention: Vec<((usize, usize), CudaFunction)>,
     attention_combine: CudaFunction,
     swiglu: CudaFunction,
@@ -94,6 +95,7 @@ impl DecodeFunctions {
             add_rmsnorm_bf16: f("kiln_add_rmsnorm_bf16")?,
             add_rmsnorm_bf16_x4: f("kiln_add_rmsnorm_bf16_x4")?,
             qkv_post: f("kiln_qkv_post")?,
+            qkv_post_x4: f("kiln_qkv_post_x4")?,
             attention: ATTENTION_KERNELS
                 .iter()
                 .map(|&(hd, rep)| Ok(((hd, rep), f(&attention_name(hd, rep))?)))
@@ -326,6 +328,39 @@ impl CudaKernels {
             head_dim as i32,
             capacity as i32,
         );
+        if tokens > 8 && head_dim.is_multiple_of(8) {
+            // a prompt batch: hd / 8 lanes per (head, token), float4 accesses
+            let units_per_block = 128 / (head_dim / 8);
+            let units = tokens * (heads + 2 * kv_heads);
+            let t = tokens as i32;
+            // SAFETY: the parameters match kiln_qkv_post_x4; the caller's contract covers the
+            // buffers (rows of a multiple of 8 elements: every float4 is aligned).
+            return unsafe {
+                self.go(
+                    &self.f.decode.qkv_post_x4,
+                    cfg((units.div_ceil(units_per_block) as u32, 1, 1), 128),
+                    "launching kiln_qkv_post_x4",
+                    &mut [
+                        param(&p.qkv),
+                        param(&p.scale),
+                        param(&p.bias),
+                        param(&p.q_norm),
+                        param(&p.k_norm),
+                        param(&p.inv_freq),
+                        param(&p.pos),
+                        param(&p.q_out),
+                        param(&p.k_cache),
+                        param(&p.v_cache),
+                        param(&nh),
+                        param(&kvh),
+                        param(&hd),
+                        param(&cap),
+                        param(&eps),
+                        param(&t),
+                    ],
+                )
+            };
+        }
         // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
         unsafe {
             self.go(
