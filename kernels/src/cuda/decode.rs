@@ -328,66 +328,50 @@ impl CudaKernels {
             head_dim as i32,
             capacity as i32,
         );
-        if tokens > 8 && head_dim.is_multiple_of(8) {
-            // a prompt batch: hd / 8 lanes per (head, token), float4 accesses
-            let units_per_block = 128 / (head_dim / 8);
-            let units = tokens * (heads + 2 * kv_heads);
-            let t = tokens as i32;
-            // SAFETY: the parameters match kiln_qkv_post_x4; the caller's contract covers the
-            // buffers (rows of a multiple of 8 elements: every float4 is aligned).
-            return unsafe {
+        let t = tokens as i32;
+        let mut params = [
+            param(&p.qkv),
+            param(&p.scale),
+            param(&p.bias),
+            param(&p.q_norm),
+            param(&p.k_norm),
+            param(&p.inv_freq),
+            param(&p.pos),
+            param(&p.q_out),
+            param(&p.k_cache),
+            param(&p.v_cache),
+            param(&nh),
+            param(&kvh),
+            param(&hd),
+            param(&cap),
+            param(&eps),
+            param(&t),
+        ];
+        // SAFETY: the parameters match the kernel chosen (kiln_qkv_post takes all but the
+        // last); the caller's contract covers the buffers (for the prompt kernel, rows of a
+        // multiple of 8 elements keep every float4 aligned).
+        unsafe {
+            if tokens > 8 && head_dim.is_multiple_of(8) {
+                // a prompt batch: hd / 8 lanes per (head, token), float4 accesses
+                let units_per_block = 128 / (head_dim / 8);
+                let units = tokens * (heads + 2 * kv_heads);
                 self.go(
                     &self.f.decode.qkv_post_x4,
                     cfg((units.div_ceil(units_per_block) as u32, 1, 1), 128),
                     "launching kiln_qkv_post_x4",
-                    &mut [
-                        param(&p.qkv),
-                        param(&p.scale),
-                        param(&p.bias),
-                        param(&p.q_norm),
-                        param(&p.k_norm),
-                        param(&p.inv_freq),
-                        param(&p.pos),
-                        param(&p.q_out),
-                        param(&p.k_cache),
-                        param(&p.v_cache),
-                        param(&nh),
-                        param(&kvh),
-                        param(&hd),
-                        param(&cap),
-                        param(&eps),
-                        param(&t),
-                    ],
+                    &mut params,
                 )
-            };
-        }
-        // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
-        unsafe {
-            self.go(
-                &self.f.decode.qkv_post,
-                cfg(
-                    ((heads + 2 * kv_heads) as u32, tokens as u32, 1),
-                    head_dim as u32,
-                ),
-                "launching kiln_qkv_post",
-                &mut [
-                    param(&p.qkv),
-                    param(&p.scale),
-                    param(&p.bias),
-                    param(&p.q_norm),
-                    param(&p.k_norm),
-                    param(&p.inv_freq),
-                    param(&p.pos),
-                    param(&p.q_out),
-                    param(&p.k_cache),
-                    param(&p.v_cache),
-                    param(&nh),
-                    param(&kvh),
-                    param(&hd),
-                    param(&cap),
-                    param(&eps),
-                ],
-            )
+            } else {
+                self.go(
+                    &self.f.decode.qkv_post,
+                    cfg(
+                        ((heads + 2 * kv_heads) as u32, tokens as u32, 1),
+                        head_dim as u32,
+                    ),
+                    "launching kiln_qkv_post",
+                    &mut params[..15],
+                )
+            }
         }
     }
 
