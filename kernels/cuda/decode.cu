@@ -82,7 +82,7 @@ extern "C" __global__ void __launch_bounds__(256) kiln_add_rmsnorm_bf16_x4(
     __shared__ float red[32];
     const size_t base = (size_t)blockIdx.x * H;
     float4* xr = reinterpret_cast<float4*>(x + base);
-    const float4* dr = reinterpret_cast<const float4*>(d + base);
+    const float4* dr = d ? reinterpret_cast<const float4*>(d + base) : nullptr;
     const int nv = H >> 2;
     float4 v[KILN_NORM_X4_MAX];
     float ss = 0.0f;
@@ -175,7 +175,8 @@ extern "C" __global__ void kiln_qkv_post(const float* __restrict__ qkv, const fl
 // half of the head and the one at c + hd/2 — the two halves RoPE mixes — so accesses are 16
 // bytes, one sincosf serves both halves, and a 128-thread block holds 128 / U units. Qwen3's
 // per-head norm reduces over the unit's lanes by shuffles. Grid ceil(T·(nh + 2·kvh) / (128 /
-// U)), block 128; hd a multiple of 8, at most 256 (a unit within a warp).
+// U)), block 128; U a power of two up to 32 (hd = 8, 16, 32, 64, 128 or 256), so a unit's
+// lanes are aligned inside one warp and a block holds whole units.
 __device__ __forceinline__ void kiln_f4_scale_add(float4& a, float s, const float* bias) {
     a.x *= s;
     a.y *= s;

@@ -499,7 +499,7 @@ fn qkv_post_ref(
 
 /// The prompt path's q/k/v epilogue (over 8 tokens: hd / 8 lanes per head and token) against
 /// the f64 reference: with and without a bias and Qwen3's per-head norm, head dims 32 / 64 /
-/// 128, GQA groups of 1 to 7; queries within 2e-4 of the largest (f32 angles of positions up to
+/// 128 / 256 (a unit per warp), GQA groups of 1 to 7; queries within 2e-4 of the largest (f32 angles of positions up to
 /// ~40), keys and values within a bf16 ulp.
 #[test]
 #[ignore = "needs a CUDA GPU"]
@@ -513,6 +513,8 @@ fn prompt_qkv_epilogue_matches_the_reference() {
         (12, 4, 2, 64, true, false),
         (9, 7, 1, 128, false, true),
         (20, 2, 2, 32, true, true),
+        (10, 4, 2, 64, false, true),
+        (9, 4, 1, 256, true, true),
     ] {
         let (pos, heads) = (5usize, nh + 2 * kvh);
         let cap = pos + t_n + 3;
