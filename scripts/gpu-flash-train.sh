@@ -2,11 +2,11 @@
 # The flash train attention's checks and numbers in one GPU call, from prebuilt binaries (the GPU
 # machine has no Rust toolchain). On a dev machine, from the repository root:
 #
-#   cargo test --release -p kiln-kernels --test gpu_train_attention --test gpu_decode --no-run
+#   cargo test --release -p kiln-kernels --test gpu_train --test gpu_decode --no-run
 #   cargo test --release -p kiln-engine --test gpu_training --no-run
 #   cargo build --release -p kiln
 #   mkdir -p target-carry
-#   for t in gpu_train_attention gpu_decode gpu_training; do
+#   for t in gpu_train gpu_decode gpu_training; do
 #       cp "$(ls -t target/release/deps/$t-* | grep -v '\.d$' | head -1)" target-carry/test-$t
 #   done
 #   cp target/release/kiln target-carry/ && strip target-carry/*
@@ -25,7 +25,7 @@ export KILN_CACHE_DIR="$out/cache"
 declare -A result
 
 echo "== flash train attention kernels vs the f64 reference"
-timeout 120 "$bin/test-gpu_train_attention" --ignored --nocapture --test-threads=1 > "$out/flash-kernel-tests.txt" 2>&1
+timeout 120 "$bin/test-gpu_train" --ignored --nocapture --test-threads=1 flash > "$out/flash-kernel-tests.txt" 2>&1
 result[kernels]=$?
 grep -E "max \|Δ\||test |panicked|result" "$out/flash-kernel-tests.txt" | tail -40
 

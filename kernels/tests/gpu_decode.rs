@@ -499,8 +499,8 @@ fn qkv_post_ref(
 
 /// The prompt path's q/k/v epilogue (over 8 tokens: hd / 8 lanes per head and token) against
 /// the f64 reference: with and without a bias and Qwen3's per-head norm, head dims 32 / 64 /
-/// 128 / 256 (a unit per warp), GQA groups of 1 to 7; queries within 2e-4 of the largest (f32 angles of positions up to
-/// ~40), keys and values within a bf16 ulp.
+/// 128 / 256 (a unit per warp), GQA groups of 1 to 7; queries within 2e-4 of the largest (f32
+/// angles of positions up to 24), keys and values within a bf16 ulp.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn prompt_qkv_epilogue_matches_the_reference() {

@@ -60,6 +60,11 @@ pub fn flash_prefill_smem(hd: usize) -> u32 {
 /// for each of its 256 threads); wider rows take the scalar kernel.
 const NORM_X4_MAX_WIDTH: usize = 8 * 4 * 256;
 
+/// `log2(e) / sqrt(hd)`: the flash kernels' score scale in the exp2 domain.
+pub(crate) fn flash_scale_log2(hd: usize) -> f32 {
+    std::f32::consts::LOG2_E / (hd as f32).sqrt()
+}
+
 /// Blocks of the greedy pick (its scratch holds one value and index per block).
 pub const ARGMAX_BLOCKS: usize = 264;
 
@@ -526,7 +531,7 @@ impl CudaKernels {
             return Ok(false);
         };
         let (t, nh_i, kvh_i, cap_i) = (tokens as i32, nh as i32, kvh as i32, cap as i32);
-        let scale_log2 = std::f32::consts::LOG2_E / (hd as f32).sqrt();
+        let scale_log2 = flash_scale_log2(hd);
         // SAFETY: the parameters match kiln_flash_prefill_hd{hd}; the caller's contract covers
         // the buffers.
         unsafe {

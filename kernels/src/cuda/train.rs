@@ -583,7 +583,8 @@ impl CudaKernels {
         Ok(())
     }
 
-    fn attn_ints(shape: TrainAttnShape) -> (i32, i32, i32, i32) {
+    /// The shape's (T, nh, kvh, hd) as the kernels take them.
+    pub(super) fn attn_ints(shape: TrainAttnShape) -> (i32, i32, i32, i32) {
         (
             shape.seq as i32,
             shape.heads as i32,

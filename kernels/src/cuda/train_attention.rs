@@ -13,7 +13,7 @@
 use cudarc::driver::{CudaFunction, LaunchConfig};
 
 use super::context::CudaKernels;
-use super::decode::{cfg, flash_prefill_smem, DevAddr, FLASH_PREFILL_HEAD_DIMS};
+use super::decode::{cfg, flash_prefill_smem, flash_scale_log2, DevAddr, FLASH_PREFILL_HEAD_DIMS};
 use super::driver::{drv, param};
 use super::train::TrainAttnShape;
 use crate::KernelError;
@@ -76,16 +76,6 @@ fn for_hd(table: &[(usize, CudaFunction)], hd: usize) -> Result<&CudaFunction, K
         })
 }
 
-/// `log2(e) / sqrt(hd)`: the scores' scale in the exp2 domain.
-fn scale_log2(hd: usize) -> f32 {
-    std::f32::consts::LOG2_E / (hd as f32).sqrt()
-}
-
-/// The shape's sizes as the kernels take them.
-fn ints(shape: TrainAttnShape) -> (i32, i32, i32) {
-    (shape.seq as i32, shape.heads as i32, shape.kv_heads as i32)
-}
-
 impl CudaKernels {
     /// Queue the causal attention forward: `out` (bf16 tokens `[N][nh·hd]`) and each query
     /// row's log-sum-exp `lse` (f32 `[B][nh][T]`, for the backward) from `q`, `k`, `v` (bf16,
@@ -103,8 +93,8 @@ impl CudaKernels {
         shape.check()?;
         let hd = shape.head_dim;
         let f = for_hd(&self.f.train.flash()?.fwd, hd)?;
-        let (t, nh, kvh) = ints(shape);
-        let sl2 = scale_log2(hd);
+        let (t, nh, kvh, _) = Self::attn_ints(shape);
+        let sl2 = flash_scale_log2(hd);
         let grid = (
             shape.heads as u32,
             shape.seq.div_ceil(64) as u32,
@@ -158,10 +148,9 @@ impl CudaKernels {
         let hd = shape.head_dim;
         let fl = self.f.train.flash()?;
         let f = for_hd(&fl.bwd, hd)?;
-        let (t, nh, kvh) = ints(shape);
-        let hd_i = hd as i32;
+        let (t, nh, kvh, hd_i) = Self::attn_ints(shape);
         let rows = (shape.batch * shape.heads * shape.seq) as i64;
-        let (sl2, scale) = (scale_log2(hd), 1.0 / (hd as f32).sqrt());
+        let (sl2, scale) = (flash_scale_log2(hd), 1.0 / (hd as f32).sqrt());
         // SAFETY: the parameters match kiln_train_attn_dot and kiln_train_flash_bwd_hd{hd};
         // the caller's contract covers the buffers (dq: N·nh·hd f32).
         unsafe {
