@@ -10,6 +10,7 @@ use clap::Args;
 use kiln_engine::cuda::train::bench::{
     run_train_bench, train_table, TrainAnchor, TrainBenchOptions, BENCH_MODELS,
 };
+use kiln_engine::cuda::train::TrainAttention;
 use kiln_engine::spec::{MomentsSpec, QuantSpec};
 
 /// The trainer `kiln bench train` measures.
@@ -79,12 +80,11 @@ pub struct BenchTrainArgs {
 fn attention_forms(names: &[String]) -> anyhow::Result<Vec<bool>> {
     names
         .iter()
-        .map(|a| match a.as_str() {
-            "materialized" => Ok(false),
-            "flash" => Ok(true),
-            other => bail!(
-                "--attention {other}: choose materialized or flash (or both, comma-separated)"
-            ),
+        .map(|a| match TrainAttention::parse(a) {
+            Some(form) => Ok(form == TrainAttention::Flash),
+            None => {
+                bail!("--attention {a}: choose materialized or flash (or both, comma-separated)")
+            }
         })
         .collect()
 }

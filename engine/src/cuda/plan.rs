@@ -25,7 +25,31 @@ pub const PREFILL_SCRATCH_ELEMS: usize = 32 << 20;
 pub fn prefill_scratch_elems(cfg: &ModelConfig) -> usize {
     let (h, q, i) = (cfg.hidden_size, cfg.q_size(), cfg.intermediate_size);
     let qkv = q + 2 * cfg.kv_size();
-    PREFILL_SCRATCH_ELEMS.min(qkv.max(2 * i).max(h) * h.max(i).max(q))
+    PREFILL_SCRATCH_ELEMS.min(qkv.max(2 * i).max(h) * widest_input(cfg))
+}
+
+/// The widest input (K) of the model's linears: one row of the widest matrix, the least a
+/// dequantized-weight slab can hold.
+pub fn widest_input(cfg: &ModelConfig) -> usize {
+    cfg.hidden_size.max(cfg.intermediate_size).max(cfg.q_size())
+}
+
+/// Attention splits of a forward of `rows` tokens: up to 8 rows go through the decode
+/// attention (`decode_splits`), longer prompts through the prefill attention (one split).
+pub fn forward_splits(rows: usize, decode_splits: usize) -> usize {
+    if rows > 8 {
+        1
+    } else {
+        decode_splits
+    }
+}
+
+/// The decode attention's splits the plan counts for a cache of `positions`: those of a
+/// 132-SM H200, at least 264 (two per SM) so that a GPU with more SMs is covered too.
+fn planned_decode_splits(cfg: &ModelConfig, positions: usize) -> usize {
+    decode_chunk(positions, cfg.num_key_value_heads, 132)
+        .1
+        .max(264)
 }
 
 /// GPU memory the CUDA context, the loaded kernels and the cuBLAS / cuBLASLt handles take
@@ -69,17 +93,11 @@ impl GpuPlan {
         } else {
             prefill_rows.min(PREFILL_ROWS)
         };
-        // The decode attention's splits on a 132-SM H200, at least 264 (two per SM) so that a
-        // GPU with more SMs is covered too.
-        let splits = decode_chunk(positions, cfg.num_key_value_heads, 132)
-            .1
-            .max(264);
-        // prompts of up to 8 rows go through the decode attention (its splits); longer ones
-        // through the prefill attention (one split)
-        let prefill_splits = if rows > 8 { 1 } else { splits };
+        let splits = planned_decode_splits(cfg, positions);
         let workspace = acts_bytes(cfg, 1, splits)
             + if rows > 1 {
-                acts_bytes(cfg, rows, prefill_splits) + prefill_scores_bytes(cfg, rows, positions)
+                acts_bytes(cfg, rows, forward_splits(rows, splits))
+                    + prefill_scores_bytes(cfg, rows, positions)
             } else {
                 0
             }
@@ -198,9 +216,7 @@ mod tests {
         // max/sum per row, head and split (f32)
         let cfg = ModelConfig::qwen2_5_7b();
         let positions = 4096;
-        let splits = decode_chunk(positions, cfg.num_key_value_heads, 132)
-            .1
-            .max(264);
+        let splits = planned_decode_splits(&cfg, positions);
         let one = GpuPlan::new(&cfg, positions, 1).workspace;
         let eight = GpuPlan::new(&cfg, positions, 8).workspace;
         let parts = (8 * cfg.num_attention_heads * splits * (cfg.head_dim + 2) * 4) as u64;

@@ -25,7 +25,10 @@ use kiln_kernels::cuda::decode::{
 use kiln_kernels::cuda::{CudaKernels, DeviceNvfp4};
 
 use super::cuda;
-use super::plan::{decode_chunk, kv_bytes, prefill_scratch_elems, PREFILL_ROWS, SHORT_PROMPT};
+use super::plan::{
+    decode_chunk, forward_splits, kv_bytes, prefill_scratch_elems, widest_input, PREFILL_ROWS,
+    SHORT_PROMPT,
+};
 use super::weights::CudaModel;
 use crate::engine::HostTensor;
 use crate::error::{EngineError, Result};
@@ -410,9 +413,7 @@ impl CudaSequence {
     /// a slab small enough to stay in L2 between its dequantization and its GEMM saves the
     /// DRAM round trip. Jobs use the plan's [`prefill_scratch_elems`].
     pub fn set_prefill_scratch_elems(&mut self, elems: usize) {
-        let cfg = &self.cfg;
-        let widest = cfg.hidden_size.max(cfg.intermediate_size).max(cfg.q_size());
-        let elems = elems.max(widest);
+        let elems = elems.max(widest_input(&self.cfg));
         if elems != self.prefill_scratch {
             self.prefill_scratch = elems;
             self.prefill = None;
@@ -556,7 +557,7 @@ impl CudaSequence {
         let rows = ids.len();
         if self.prefill.as_ref().map(|p| p.rows) != Some(rows) {
             self.prefill = None;
-            let splits = if rows > 8 { 1 } else { self.splits };
+            let splits = forward_splits(rows, self.splits);
             let acts = Acts::new(&self.k, &self.cfg, (rows, splits), self.prefill_scratch)?;
             self.prefill = Some(acts);
         }

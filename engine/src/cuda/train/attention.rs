@@ -17,7 +17,7 @@ use crate::error::Result;
 use crate::model::ModelConfig;
 
 /// Whether train jobs run their attention as the flash kernels (where built for the head
-/// dim). Off until the flash kernels have passed their GPU tests (`gpu_train_attention`,
+/// dim). Off until the flash kernels have passed their GPU tests (`gpu_train::flash_*`,
 /// `gpu_training::flash_attention_steps_follow_the_cpu`) on a GPU; the benchmark runs
 /// either form (`kiln bench train --attention materialized,flash`).
 pub const TRAIN_FLASH_ATTENTION: bool = false;
@@ -40,6 +40,21 @@ impl TrainAttention {
         } else {
             TrainAttention::Materialized
         }
+    }
+
+    /// The form's name, as `kiln bench train --attention` takes it and its table shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainAttention::Materialized => "materialized",
+            TrainAttention::Flash => "flash",
+        }
+    }
+
+    /// The form named `name` ([`TrainAttention::name`]), if any.
+    pub fn parse(name: &str) -> Option<Self> {
+        [TrainAttention::Materialized, TrainAttention::Flash]
+            .into_iter()
+            .find(|a| a.name() == name)
     }
 
     /// Elements of the `[B·nh·T × T]` score-shaped buffers (scores, probabilities and their

@@ -245,11 +245,7 @@ fn bench_one(
         step_ms,
         tok_s: n as f64 / (step_ms / 1e3),
         moments: opts.moments.name().into(),
-        attention: match gpu.attention() {
-            super::TrainAttention::Flash => "flash",
-            super::TrainAttention::Materialized => "materialized",
-        }
-        .into(),
+        attention: gpu.attention().name().into(),
         gpu_bytes: bytes.weights
             + bytes.scales
             + bytes.grads
