@@ -23,10 +23,9 @@
 # (scripts/gpu-train.sh); prints a line per part last.
 # Output under $OUT.
 set -uo pipefail
-bin=${1:-target-carry}
-out=${OUT:-out}
-mkdir -p "$out"
-declare -A result
+# bin (first argument, default target-carry), out ($OUT, default out/), result, summary
+# shellcheck source=SCRIPTDIR/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 OUT="$out/gpu-kernels" timeout 420 scripts/gpu-kernels.sh "$bin" > "$out/gpu-kernels.txt" 2>&1
 result[kernels]=$?
@@ -58,11 +57,4 @@ OUT="$out/gpu-train" timeout 400 scripts/gpu-train.sh "$bin" > "$out/gpu-train.t
 result[train]=$?
 tail -30 "$out/gpu-train.txt"
 
-echo
-echo "== summary (exit status of each part; 0 = passed)"
-status=0
-for k in kernels agent_guard_test agent_check exec_check engine train; do
-    printf '%-20s %s\n' "$k" "${result[$k]}"
-    [[ "${result[$k]}" == 0 ]] || status=1
-done
-exit $status
+summary 20 kernels agent_guard_test agent_check exec_check engine train

@@ -18,11 +18,10 @@
 # SLABS=8,16,32 also times the longest prompt with the weights dequantized in slabs of those MiB.
 # Output under $OUT (default out/).
 set -uo pipefail
-bin=${1:-target-carry}
-out=${OUT:-out}
-mkdir -p "$out"
+# bin (first argument, default target-carry), out ($OUT, default out/), result, summary
+# shellcheck source=SCRIPTDIR/lib.sh
+. "$(dirname "$0")/lib.sh"
 export KILN_CACHE_DIR="$out/cache"
-declare -A result
 
 echo "== decode kernels' GPU tests"
 timeout 200 "$bin/test-gpu_decode" --ignored --nocapture > "$out/gpu-decode-tests.txt" 2>&1
@@ -64,11 +63,4 @@ timeout 300 "$bin/kiln" demo > "$out/demo.txt" 2>&1
 result[demo]=$?
 tail -30 "$out/demo.txt"
 
-echo
-echo "== summary (exit status of each part; 0 = passed)"
-status=0
-for k in kernel_tests gpu_tests anchor bench ${LOAD_BENCH:+load_bench} demo; do
-    printf '%-12s %s\n' "$k" "${result[$k]}"
-    [[ "${result[$k]}" == 0 ]] || status=1
-done
-exit $status
+summary 12 kernel_tests gpu_tests anchor bench ${LOAD_BENCH:+load_bench} demo

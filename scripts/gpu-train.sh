@@ -18,11 +18,10 @@
 # full-NVFP4 step of the Qwen2.5-14B shape with bf16 moments under a 108 GiB budget. Output
 # under $OUT (default out/).
 set -uo pipefail
-bin=${1:-target-carry}
-out=${OUT:-out}
-mkdir -p "$out"
+# bin (first argument, default target-carry), out ($OUT, default out/), result, summary
+# shellcheck source=SCRIPTDIR/lib.sh
+. "$(dirname "$0")/lib.sh"
 export KILN_CACHE_DIR="$out/cache"
-declare -A result
 
 echo "== train kernels' GPU tests"
 timeout 90 "$bin/test-gpu_train" --ignored --nocapture --test-threads=1 > "$out/gpu-train-tests.txt" 2>&1
@@ -60,11 +59,4 @@ for run in $(seq 1 "${RUNS:-3}"); do
     [[ $rc == 0 ]] || result[big]=$rc
 done
 
-echo
-echo "== summary (exit status of each part; 0 = passed)"
-status=0
-for k in train_kernel_tests trainer_tests anchor bench big; do
-    printf '%-20s %s\n' "$k" "${result[$k]}"
-    [[ "${result[$k]}" == 0 ]] || status=1
-done
-exit $status
+summary 20 train_kernel_tests trainer_tests anchor bench big

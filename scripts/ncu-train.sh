@@ -6,9 +6,9 @@
 #
 #   scripts/ncu-train.sh [BIN_DIR]    settings: MODEL (qwen2.5-0.5b), QUANT (nvfp4-ste), OUT (out)
 set -uo pipefail
-bin=${1:-target-carry}
-out=${OUT:-out}
-mkdir -p "$out"
+# bin (first argument, default target-carry), out ($OUT, default out/)
+# shellcheck source=SCRIPTDIR/lib.sh
+. "$(dirname "$0")/lib.sh"
 export KILN_CACHE_DIR="$out/cache"
 model=${MODEL:-qwen2.5-0.5b}
 quant=${QUANT:-nvfp4-ste}
