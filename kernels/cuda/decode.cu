@@ -20,6 +20,7 @@
     } while (0)
 
 #include "block_reduce.cuh"
+#include "decode_ops.cuh"
 
 // x[t, :] = table[ids[t], :] (bf16 → f32). Grid T, any block size.
 extern "C" __global__ void kiln_embed_bf16(const u32* __restrict__ ids, const u16* __restrict__ table,
@@ -55,7 +56,7 @@ __device__ __forceinline__ void kiln_add_rmsnorm_body(float* __restrict__ x, con
         ss += v * v;
     }
     ss = kiln_block_sum(ss, red);
-    const float r = 1.0f / sqrtf(ss / (float)H + eps);
+    const float r = kiln_rms_scale(ss, H, eps);
     for (int i = threadIdx.x; i < H; i += blockDim.x) kiln_store_act(h + base + i, x[base + i] * r * w[i]);
 }
 
@@ -107,7 +108,7 @@ extern "C" __global__ void __launch_bounds__(256) kiln_add_rmsnorm_bf16_x4(
         }
     }
     ss = kiln_block_sum(ss, red);
-    const float r = 1.0f / sqrtf(ss / (float)H + eps);
+    const float r = kiln_rms_scale(ss, H, eps);
     const float4* wr = reinterpret_cast<const float4*>(w);
     uint2* hr = reinterpret_cast<uint2*>(h + base);
 #pragma unroll
@@ -454,24 +455,12 @@ extern "C" __global__ void kiln_attention_combine(const float* __restrict__ part
                                                   int splits, int chunk) {
     KILN_PDL_ENTER();
     const int h = blockIdx.x, t = blockIdx.y;
-    const int len = *pos + t + 1;
-    const int ns = min(splits, (len + chunk - 1) / chunk);
+    const int ns = kiln_combine_splits(*pos + t + 1, splits, chunk);
     const size_t row0 = ((size_t)t * nh + h) * splits;
-    float mx = KILN_NEG_INF;
-    for (int s = 0; s < ns; ++s) mx = fmaxf(mx, part_ml[(row0 + s) * 2]);
-    float sum = 0.0f;
-    for (int s = 0; s < ns; ++s) {
-        const float m = part_ml[(row0 + s) * 2];
-        sum += part_ml[(row0 + s) * 2 + 1] * (m == KILN_NEG_INF ? 0.0f : expf(m - mx));
-    }
-    for (int e = threadIdx.x; e < hd; e += blockDim.x) {
-        float o = 0.0f;
-        for (int s = 0; s < ns; ++s) {
-            const float m = part_ml[(row0 + s) * 2];
-            if (m != KILN_NEG_INF) o += part_o[(row0 + s) * hd + e] * expf(m - mx);
-        }
-        out[(size_t)t * nh * hd + h * hd + e] = o / sum;
-    }
+    float mx, sum;
+    kiln_combine_stats(part_ml, row0, ns, mx, sum);
+    for (int e = threadIdx.x; e < hd; e += blockDim.x)
+        out[(size_t)t * nh * hd + h * hd + e] = kiln_combine_elem(part_o, part_ml, row0, ns, hd, e, mx, sum);
 }
 
 // The prefill attention's softmax (tensor-core path: S = Q·Kᵀ and O = P·V are cuBLAS GEMMs):
@@ -509,7 +498,7 @@ __device__ __forceinline__ void kiln_swiglu_body(const T* __restrict__ gu, const
     const int t = idx / I, i = idx - t * I;
     const float g = kiln_load_act(gu + (size_t)t * 2 * I + i) * scale[0];
     const float u = kiln_load_act(gu + (size_t)t * 2 * I + I + i) * scale[1];
-    kiln_store_act(act + idx, g / (1.0f + expf(-g)) * u);
+    kiln_store_act(act + idx, kiln_silu_mul(g, u));
 }
 
 extern "C" __global__ void kiln_swiglu(const float* __restrict__ gu, const float* __restrict__ scale,
@@ -529,7 +518,7 @@ extern "C" __global__ void kiln_swiglu_bf16(const u16* __restrict__ gu, const fl
 __device__ __forceinline__ u16 kiln_swiglu_one(u32 g_bits, u32 u_bits, float s0, float s1) {
     const float g = kiln_bf16_to_f32((u16)g_bits) * s0;
     const float u = kiln_bf16_to_f32((u16)u_bits) * s1;
-    return kiln_f32_to_bf16(g / (1.0f + expf(-g)) * u);
+    return kiln_f32_to_bf16(kiln_silu_mul(g, u));
 }
 
 extern "C" __global__ void __launch_bounds__(256) kiln_swiglu_bf16_x8(const u16* __restrict__ gu,

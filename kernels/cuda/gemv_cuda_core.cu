@@ -21,7 +21,17 @@
 // that x stays in L1. Chained launches (src/cuda/gemv.rs): only the first weight loads come
 // before the griddepcontrol.wait; x and y after it.
 
+//
+// The fused decode GEMVs (kiln_gemv_cc_m1_*, M = 1): the same body with the decode step's small
+// kernel before it folded into its x load and, optionally, the residual add into its store —
+// x is computed after the wait by every block into shared memory (see KilnXNorm, KilnXSwiglu,
+// KilnXCombine below) and y[n] += W·x replaces y[n] = W·x. Each computes the bits the separate
+// kernels (decode.cu) compute: the same per-element functions (decode_ops.cuh), the same
+// reduction orders. Dynamic shared memory: K floats.
+
 // kiln_ld_stream (the weight loads) and the chained-launch helpers are in nvfp4_common.cuh.
+#include "block_reduce.cuh"
+#include "decode_ops.cuh"
 
 // f16 bit pair -> two f32 (exact widening).
 __device__ __forceinline__ void kiln_h2_to_f2(u32 h, float& lo, float& hi) {
@@ -40,11 +50,28 @@ __device__ __forceinline__ void kiln_decode8(u32 q, float f[8]) {
     }
 }
 
-template <int M, int R>
-__device__ __forceinline__ void kiln_gemv_cuda_core_body(const float* __restrict__ x,
+// x read from global memory as is (the plain GEMV).
+struct KilnXGlobal {
+    const float* __restrict__ x;
+    static constexpr bool kShared = false;
+    __device__ __forceinline__ void fill(float*, int) const {}
+};
+
+// Where element i of x sits in the fused kernels' shared copy: the 8 float4s of each 32-element
+// unit rotated by the unit's index (mod 8), so that the 8 lanes of a quarter warp, which read
+// the same float4 of 8 consecutive units, hit 8 different bank groups.
+__device__ __forceinline__ int kiln_xs_float4(int unit, int q) { return (unit << 3) | (q ^ (unit & 7)); }
+__device__ __forceinline__ int kiln_xs_index(int i) {
+    return (kiln_xs_float4(i >> 5, (i >> 2) & 7) << 2) | (i & 3);
+}
+
+template <int M, int R, class X, bool RESIDUAL>
+__device__ __forceinline__ void kiln_gemv_cuda_core_body(const X xsrc,
         const u8* __restrict__ packed, const u8* __restrict__ scales,
         const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
     __shared__ float red[8][R][M];
+    extern __shared__ float4 xs4[];  // the fused kernels' x (K floats, kiln_xs_index order)
+    static_assert(M == 1 || !X::kShared, "the fused kernels are M = 1");
     kiln_pdl_launch_dependents();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int groups = 8 / ksplit;
@@ -79,6 +106,7 @@ __device__ __forceinline__ void kiln_gemv_cuda_core_body(const float* __restrict
     }
     // chained launches: x and y only after the previous kernel on the stream is done
     kiln_pdl_wait();
+    xsrc.fill(reinterpret_cast<float*>(xs4), K);  // (the fused kernels: x into shared memory)
     while (u < u_end) {
         uint4 w[R];
         float sc[R][2];
@@ -103,8 +131,16 @@ __device__ __forceinline__ void kiln_gemv_cuda_core_body(const float* __restrict
             float xv[M][8];
 #pragma unroll
             for (int m = 0; m < M; m++) {
-                const float4* xp = reinterpret_cast<const float4*>(x + (size_t)m * K + (size_t)uc * 32 + j * 8);
-                float4 a = __ldg(xp), b = __ldg(xp + 1);
+                float4 a, b;
+                if constexpr (X::kShared) {
+                    a = xs4[kiln_xs_float4(uc, 2 * j)];
+                    b = xs4[kiln_xs_float4(uc, 2 * j + 1)];
+                } else {
+                    const float4* xp =
+                        reinterpret_cast<const float4*>(xsrc.x + (size_t)m * K + (size_t)uc * 32 + j * 8);
+                    a = __ldg(xp);
+                    b = __ldg(xp + 1);
+                }
                 xv[m][0] = a.x; xv[m][1] = a.y; xv[m][2] = a.z; xv[m][3] = a.w;
                 xv[m][4] = b.x; xv[m][5] = b.y; xv[m][6] = b.z; xv[m][7] = b.w;
             }
@@ -141,7 +177,10 @@ __device__ __forceinline__ void kiln_gemv_cuda_core_body(const float* __restrict
         int n = (blockIdx.x * groups + gg) * R + r;
         float v = 0.0f;
         for (int k = 0; k < ksplit; k++) v += red[gg * ksplit + k][r][m];
-        if (n < N) y[(size_t)m * N + n] = v * post;
+        if (n >= N) continue;
+        // the residual add as the separate kernels did it: x + (the rounded product)
+        if (RESIDUAL) y[(size_t)m * N + n] = y[(size_t)m * N + n] + __fmul_rn(v, post);
+        else y[(size_t)m * N + n] = v * post;
     }
 }
 
@@ -150,7 +189,8 @@ __device__ __forceinline__ void kiln_gemv_cuda_core_body(const float* __restrict
             const float* __restrict__ x, const u8* __restrict__ packed,                         \
             const u8* __restrict__ scales, const float* __restrict__ tensor_scale,              \
             float* __restrict__ y, int N, int K, int ksplit) {                                  \
-        kiln_gemv_cuda_core_body<MM, RR>(x, packed, scales, tensor_scale, y, N, K, ksplit);     \
+        kiln_gemv_cuda_core_body<MM, RR, KilnXGlobal, false>(KilnXGlobal{x}, packed, scales,    \
+                                                             tensor_scale, y, N, K, ksplit);   \
     }
 
 // (M, rows per warp R, min blocks per SM): keep in sync with CUDA_CORE_KERNELS (production) and
@@ -168,3 +208,103 @@ KILN_GEMV_CUDA_CORE(8, 4, 1)
 // 8 rows per warp at M = 1 (no default uses it).
 KILN_GEMV_CUDA_CORE(1, 8, 1)
 #endif
+
+// ---- The fused decode GEMVs (M = 1, 4 rows per warp): x computed into shared memory ----
+
+// RMSNorm of the residual stream h [K] with weight w: x = h · r · w. The sum of squares in
+// kiln_add_rmsnorm's order: that kernel runs B = clamp(ceil32(K), 32, 1024) threads, thread t
+// summing h[t], h[t + B], ... in turn, then each warp's butterfly, then the warps' sums in
+// order; here the block's warps play its virtual warps warp, warp + 8, ...
+struct KilnXNorm {
+    const float* __restrict__ h;
+    const float* __restrict__ w;
+    float eps;
+    static constexpr bool kShared = true;
+    __device__ __forceinline__ void fill(float* xs, int K) const {
+        __shared__ float red[32];
+        const int B = min(max((K + 31) & ~31, 32), 1024);
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        for (int vw = warp; vw < (B >> 5); vw += (int)(blockDim.x >> 5)) {
+            float ss = 0.0f;
+            for (int i = (vw << 5) + lane; i < K; i += B) {
+                const float v = h[i];
+                ss += v * v;
+            }
+            ss = kiln_warp_sum(ss);
+            if (lane == 0) red[vw] = ss;
+        }
+        __syncthreads();
+        float ss = 0.0f;
+        for (int v = 0; v < (B >> 5); ++v) ss += red[v];
+        const float r = kiln_rms_scale(ss, K, eps);
+        for (int i = threadIdx.x; i < K; i += blockDim.x) xs[kiln_xs_index(i)] = h[i] * r * w[i];
+        __syncthreads();
+    }
+};
+
+// SwiGLU of the gate/up GEMV's output gu [2K] (gate, then up) with their tensor scales.
+struct KilnXSwiglu {
+    const float* __restrict__ gu;
+    const float* __restrict__ scale;
+    static constexpr bool kShared = true;
+    __device__ __forceinline__ void fill(float* xs, int K) const {
+        const float s0 = scale[0], s1 = scale[1];
+        for (int i = threadIdx.x; i < K; i += blockDim.x)
+            xs[kiln_xs_index(i)] = kiln_silu_mul(gu[i] * s0, gu[K + i] * s1);
+        __syncthreads();
+    }
+};
+
+// The decode attention's combine of one token: x[h·hd + e] over heads h < K / hd from the
+// splits' partial outputs (kiln_attention_combine's part_o / part_ml layout, T = 1).
+#define KILN_FUSED_COMBINE_MAX_HEADS 128
+struct KilnXCombine {
+    const float* __restrict__ part_o;
+    const float* __restrict__ part_ml;
+    const int* __restrict__ pos;
+    int hd, splits, chunk;
+    static constexpr bool kShared = true;
+    __device__ __forceinline__ void fill(float* xs, int K) const {
+        __shared__ float stat[2 * KILN_FUSED_COMBINE_MAX_HEADS];
+        const int nh = K / hd;
+        const int ns = kiln_combine_splits(*pos + 1, splits, chunk);
+        for (int h = threadIdx.x; h < nh; h += blockDim.x)
+            kiln_combine_stats(part_ml, (size_t)h * splits, ns, stat[2 * h], stat[2 * h + 1]);
+        __syncthreads();
+        for (int i = threadIdx.x; i < K; i += blockDim.x) {
+            const int h = i / hd, e = i - h * hd;
+            xs[kiln_xs_index(i)] =
+                kiln_combine_elem(part_o, part_ml, (size_t)h * splits, ns, hd, e, stat[2 * h], stat[2 * h + 1]);
+        }
+        __syncthreads();
+    }
+};
+
+// y = W · rmsnorm(h) (the q/k/v and gate/up GEMVs of a decode step, the norm folded in).
+extern "C" __global__ void __launch_bounds__(256, 3) kiln_gemv_cc_m1_norm(
+        const float* __restrict__ h, const float* __restrict__ w, float eps,
+        const u8* __restrict__ packed, const u8* __restrict__ scales,
+        const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
+    kiln_gemv_cuda_core_body<1, 4, KilnXNorm, false>(KilnXNorm{h, w, eps}, packed, scales, tensor_scale,
+                                                     y, N, K, ksplit);
+}
+
+// y += W · swiglu(gu) (the down GEMV, SwiGLU and the residual add folded in; y the residual).
+extern "C" __global__ void __launch_bounds__(256, 3) kiln_gemv_cc_m1_swiglu_residual(
+        const float* __restrict__ gu, const float* __restrict__ scale,
+        const u8* __restrict__ packed, const u8* __restrict__ scales,
+        const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
+    kiln_gemv_cuda_core_body<1, 4, KilnXSwiglu, true>(KilnXSwiglu{gu, scale}, packed, scales, tensor_scale,
+                                                      y, N, K, ksplit);
+}
+
+// y += W · combine(part_o, part_ml) (the o GEMV, the attention's combine and the residual add
+// folded in; y the residual).
+extern "C" __global__ void __launch_bounds__(256, 3) kiln_gemv_cc_m1_combine_residual(
+        const float* __restrict__ part_o, const float* __restrict__ part_ml, const int* __restrict__ pos,
+        int hd, int splits, int chunk,
+        const u8* __restrict__ packed, const u8* __restrict__ scales,
+        const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
+    kiln_gemv_cuda_core_body<1, 4, KilnXCombine, true>(KilnXCombine{part_o, part_ml, pos, hd, splits, chunk},
+                                                       packed, scales, tensor_scale, y, N, K, ksplit);
+}

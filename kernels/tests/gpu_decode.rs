@@ -113,7 +113,7 @@ fn split_attention_matches_the_cpu_reference() {
                 k.addr(&posd, 0),
                 k.addr(&po, 0),
                 k.addr(&pml, 0),
-                k.addr(&out, 0),
+                Some(k.addr(&out, 0)),
                 &shape,
             )
             .unwrap();
@@ -597,4 +597,226 @@ fn prompt_qkv_epilogue_matches_the_reference() {
             1e-6,
         );
     }
+}
+
+/// The residual stream after `y = x + W·src` the separate way: `tmp = W·src` by the chained
+/// GEMV, then the residual add of `kiln_add_rmsnorm` (its norm output is not compared).
+fn separate_residual(
+    k: &CudaKernels,
+    src: &cudarc::driver::CudaSlice<f32>,
+    w: &kiln_kernels::cuda::DeviceNvfp4,
+    x0: &[f32],
+    norm_w: &cudarc::driver::CudaSlice<f32>,
+) -> Vec<f32> {
+    let s = k.stream().clone();
+    let n = w.rows;
+    let mut tmp = s.alloc_zeros::<f32>(n).unwrap();
+    let xa = s.clone_htod(x0).unwrap();
+    let h = s.alloc_zeros::<f32>(n).unwrap();
+    k.gemv_chained_async(src, 1, w, &mut tmp).unwrap();
+    // SAFETY: x, d, h hold n floats, the weight n.
+    unsafe {
+        k.add_rmsnorm_async(
+            k.addr(&xa, 0),
+            k.addr(&tmp, 0),
+            k.addr(norm_w, 0),
+            k.addr(&h, 0),
+            1,
+            n,
+            1e-6,
+            false,
+        )
+        .unwrap();
+    }
+    s.clone_dtoh(&xa).unwrap()
+}
+
+fn assert_same_bits(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let differ = got
+        .iter()
+        .zip(want)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    let first = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a.to_bits() != b.to_bits());
+    assert_eq!(
+        differ,
+        0,
+        "{what}: {differ} of {} outputs differ from the separate kernels' (first at {first:?}: {:?} vs {:?})",
+        got.len(),
+        first.map(|i| got[i]),
+        first.map(|i| want[i]),
+    );
+    assert!(want.iter().any(|v| *v != 0.0), "{what}: all zero");
+}
+
+/// The fused decode GEMVs (`kiln_gemv_cc_m1_*`) against the separate kernels they replace, on
+/// the Qwen2.5-0.5B decode shapes: bit-identical outputs (the same per-element functions and
+/// reduction orders), so the fused step can replace the separate one without a tolerance.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_decode_gemvs_equal_the_separate_kernels() {
+    use kiln_kernels::cuda::gemv_fused::FusedX;
+    use kiln_kernels::nvfp4::Nvfp4Tensor;
+    let k = gpu();
+    let s = k.stream().clone();
+    let mut r = ChaCha8Rng::seed_from_u64(33);
+    let vals = |r: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32| -> Vec<f32> {
+        (0..n).map(|_| r.random_range(lo..hi)).collect()
+    };
+    let upload = |w: &[f32], n: usize, kk: usize| {
+        k.upload_nvfp4(&Nvfp4Tensor::quantize(w, n, kk).unwrap())
+            .unwrap()
+    };
+    let (hidden, inter, nh, kvh, hd) = (896usize, 4864usize, 14usize, 2usize, 64usize);
+    let eps = 1e-6f32;
+
+    // RMSNorm folded into the q/k/v and gate/up GEMVs (K = hidden)
+    for n in [nh * hd + 2 * kvh * hd, 2 * inter] {
+        assert!(k.fused_gemv_fits(n, hidden), "{n} × {hidden}");
+        let w = upload(&vals(&mut r, n * hidden, -0.1, 0.1), n, hidden);
+        let h = s.clone_htod(&vals(&mut r, hidden, -3.0, 3.0)).unwrap();
+        let nw = s.clone_htod(&vals(&mut r, hidden, 0.5, 1.5)).unwrap();
+        let normed = s.alloc_zeros::<f32>(hidden).unwrap();
+        let mut want = s.alloc_zeros::<f32>(n).unwrap();
+        let got = s.alloc_zeros::<f32>(n).unwrap();
+        // SAFETY: every buffer holds what the launchers' contracts say.
+        unsafe {
+            k.add_rmsnorm_async(
+                k.addr(&h, 0),
+                0,
+                k.addr(&nw, 0),
+                k.addr(&normed, 0),
+                1,
+                hidden,
+                eps,
+                false,
+            )
+            .unwrap();
+            k.gemv_chained_async(&normed, 1, &w, &mut want).unwrap();
+            let src = FusedX::Norm {
+                h: k.addr(&h, 0),
+                weight: k.addr(&nw, 0),
+                eps,
+            };
+            k.gemv_fused_async(&src, &w, k.addr(&got, 0)).unwrap();
+        }
+        assert_same_bits(
+            &format!("norm + GEMV {n} × {hidden}"),
+            &s.clone_dtoh(&got).unwrap(),
+            &s.clone_dtoh(&want).unwrap(),
+        );
+    }
+
+    // SwiGLU folded into the down GEMV, the residual add into its store (K = intermediate)
+    let norm_w = s.clone_htod(&vec![1.0f32; hidden]).unwrap();
+    let w_down = upload(&vals(&mut r, hidden * inter, -0.05, 0.05), hidden, inter);
+    let gu = s.clone_htod(&vals(&mut r, 2 * inter, -4.0, 4.0)).unwrap();
+    let gu_scale = s.clone_htod(&[0.75f32, 1.25]).unwrap();
+    let x0 = vals(&mut r, hidden, -2.0, 2.0);
+    let act = s.alloc_zeros::<f32>(inter).unwrap();
+    let got = s.clone_htod(&x0).unwrap();
+    // SAFETY: as above.
+    unsafe {
+        k.swiglu_async(
+            k.addr(&gu, 0),
+            k.addr(&gu_scale, 0),
+            k.addr(&act, 0),
+            1,
+            inter,
+            false,
+        )
+        .unwrap();
+    }
+    let want = separate_residual(&k, &act, &w_down, &x0, &norm_w);
+    // SAFETY: as above.
+    unsafe {
+        let src = FusedX::SwigluResidual {
+            gate_up: k.addr(&gu, 0),
+            scales: k.addr(&gu_scale, 0),
+        };
+        k.gemv_fused_async(&src, &w_down, k.addr(&got, 0)).unwrap();
+    }
+    assert_same_bits(
+        "SwiGLU + down GEMV + residual",
+        &s.clone_dtoh(&got).unwrap(),
+        &want,
+    );
+
+    // the attention's combine folded into the o GEMV (K = heads · head_dim), with splits
+    // past the position (ns < splits) and one split
+    let w_o = upload(&vals(&mut r, hidden * nh * hd, -0.1, 0.1), hidden, nh * hd);
+    for (cap, pos, chunk) in [(512usize, 100usize, 32usize), (64, 40, 64)] {
+        let splits = cap.div_ceil(chunk);
+        let q = s.clone_htod(&vals(&mut r, nh * hd, -2.0, 2.0)).unwrap();
+        let kc = s.clone_htod(&bf16s(&mut r, kvh * cap * hd, 2.0)).unwrap();
+        let vc = s.clone_htod(&bf16s(&mut r, kvh * cap * hd, 1.0)).unwrap();
+        let posd = s.clone_htod(&[pos as i32]).unwrap();
+        let po = s.alloc_zeros::<f32>(nh * splits * hd).unwrap();
+        let pml = s.alloc_zeros::<f32>(nh * splits * 2).unwrap();
+        let attn = s.alloc_zeros::<f32>(nh * hd).unwrap();
+        let shape = AttentionShape {
+            tokens: 1,
+            heads: nh,
+            kv_heads: kvh,
+            head_dim: hd,
+            capacity: cap,
+            chunk,
+            splits,
+        };
+        let x0 = vals(&mut r, hidden, -2.0, 2.0);
+        let got = s.clone_htod(&x0).unwrap();
+        // SAFETY: as above.
+        unsafe {
+            let (qa, ka, va, pa) = (
+                k.addr(&q, 0),
+                k.addr(&kc, 0),
+                k.addr(&vc, 0),
+                k.addr(&posd, 0),
+            );
+            let (oa, ma) = (k.addr(&po, 0), k.addr(&pml, 0));
+            k.attention_async(qa, ka, va, pa, oa, ma, Some(k.addr(&attn, 0)), &shape)
+                .unwrap();
+            k.attention_async(qa, ka, va, pa, oa, ma, None, &shape)
+                .unwrap();
+            let src = FusedX::CombineResidual {
+                part_o: oa,
+                part_ml: ma,
+                pos: pa,
+                head_dim: hd,
+                splits,
+                chunk,
+            };
+            k.gemv_fused_async(&src, &w_o, k.addr(&got, 0)).unwrap();
+        }
+        let want = separate_residual(&k, &attn, &w_o, &x0, &norm_w);
+        assert_same_bits(
+            &format!("combine + o GEMV + residual (capacity {cap}, pos {pos}, chunk {chunk})"),
+            &s.clone_dtoh(&got).unwrap(),
+            &want,
+        );
+    }
+
+    // a shape the fused kernels do not take is refused with the reason
+    let big = k.alloc_nvfp4(8192, 8192).unwrap();
+    let y = s.alloc_zeros::<f32>(8192).unwrap();
+    let x = s.alloc_zeros::<f32>(8192).unwrap();
+    // SAFETY: refused before any launch.
+    let err = unsafe {
+        k.gemv_fused_async(
+            &FusedX::Norm {
+                h: k.addr(&x, 0),
+                weight: k.addr(&x, 0),
+                eps,
+            },
+            &big,
+            k.addr(&y, 0),
+        )
+    }
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("separate kernels"), "{err}");
 }

@@ -75,6 +75,12 @@ pub struct BenchEngineArgs {
     /// default, 64 MiB or the largest matrix) — a table of time to first token by slab size.
     #[arg(long, value_delimiter = ',', value_name = "MIB")]
     pub prefill_slab_mib: Vec<usize>,
+    /// With --device cuda: also decode with the fused GEMVs (RMSNorm, SwiGLU and the
+    /// attention's combine folded into the GEMVs, six launches a layer instead of ten) where
+    /// the model's shapes allow, checked to give the default's tokens — a table of tok/s and
+    /// step time against the default.
+    #[arg(long)]
+    pub fused_decode: bool,
 }
 
 /// Runs the benchmark and prints its tables (progress on stderr).
@@ -139,6 +145,7 @@ fn run_cuda(args: BenchEngineArgs) -> anyhow::Result<()> {
         new_tokens: args.gpu_new_tokens.max(2),
         skip_7b: args.skip_7b,
         prefill_slabs_mib: args.prefill_slab_mib.clone(),
+        fused_decode: args.fused_decode,
         ..Default::default()
     };
     if let Some(bad) = opts.prefill_slabs_mib.iter().find(|&&m| m == 0 || m > 1024) {

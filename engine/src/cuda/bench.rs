@@ -32,6 +32,9 @@ pub struct GpuBenchOptions {
     /// Slab sizes (MiB of bf16) of the prompt GEMMs' dequantized weights to time the longest
     /// prompt with, besides the default (empty: none).
     pub prefill_slabs_mib: Vec<usize>,
+    /// Also decode with the fused GEMVs (`CudaSequence::set_fused_decode`), against the
+    /// default in the same run.
+    pub fused_decode: bool,
 }
 
 impl Default for GpuBenchOptions {
@@ -43,6 +46,7 @@ impl Default for GpuBenchOptions {
             skip_7b: false,
             reps: 200,
             prefill_slabs_mib: Vec::new(),
+            fused_decode: false,
         }
     }
 }
@@ -79,6 +83,22 @@ pub struct GpuModelRow {
     /// One decode step by kernel class, µs per replay: whole step, GEMVs, attention,
     /// norms/RoPE/SwiGLU/embedding, pick.
     pub step_us: StepSplit,
+    /// Decode with the fused GEMVs, when asked for.
+    #[serde(default)]
+    pub decode_fused: Option<FusedDecodeRow>,
+}
+
+/// Decode with the fused GEMVs ([`CudaSequence::set_fused_decode`]).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct FusedDecodeRow {
+    /// Whether the model's shapes run fused at all (else the rest is zero).
+    pub fits: bool,
+    /// Tokens/s through the token loop with the captured graph.
+    pub tok_s: f64,
+    /// One whole step, µs per replay.
+    pub step_us: f64,
+    /// Whether the greedy tokens equal the default decode's (they must: same bits).
+    pub same_tokens: bool,
 }
 
 /// A decode step's time by kernel class (each class replayed alone in its own graph).
@@ -191,22 +211,35 @@ fn sampled_rate(m: &CudaModel, prompt: usize, new: usize, on_gpu: bool) -> Resul
     Ok(new.saturating_sub(2) as f64 / t.elapsed().as_secs_f64())
 }
 
-/// Tokens/s of `new` greedy decode steps after a prompt of `prompt` tokens.
-fn decode_rate(m: &CudaModel, prompt: usize, new: usize, graph: bool) -> Result<f64> {
+/// Tokens/s of `new` greedy decode steps after a prompt of `prompt` tokens (with the fused
+/// GEMVs when `fused`), and the tokens.
+fn decode_rate(
+    m: &CudaModel,
+    prompt: usize,
+    new: usize,
+    graph: bool,
+    fused: bool,
+) -> Result<(f64, Vec<u32>)> {
     let cfg = m.config();
     let (prompt, new) = fit_context(cfg, prompt, new);
     let mut seq = CudaSequence::new(m.kernels().clone(), cfg, prompt + new + 1)?;
     seq.set_use_graph(graph);
+    seq.set_fused_decode(fused)?;
     let mut tok = seq
         .forward(m, &ids(prompt, cfg.vocab_size, 1), true)?
         .expect("read");
     // warm-up step (captures the graph)
     tok = seq.forward(m, &[tok], true)?.expect("read");
+    let mut toks = vec![tok];
     let t = Instant::now();
     for _ in 0..new.saturating_sub(1) {
         tok = seq.forward(m, &[tok], true)?.expect("read");
+        toks.push(tok);
     }
-    Ok(new.saturating_sub(1) as f64 / t.elapsed().as_secs_f64())
+    Ok((
+        new.saturating_sub(1) as f64 / t.elapsed().as_secs_f64(),
+        toks,
+    ))
 }
 
 fn bench_model(
@@ -218,8 +251,8 @@ fn bench_model(
     let cfg = m.config();
     let b: GpuWeightBytes = m.bytes();
     progress(&format!("{name}: decode (graph, then plain launches)"));
-    let decode_tok_s = decode_rate(m, opts.prompt_tokens, opts.new_tokens, true)?;
-    let decode_tok_s_plain = decode_rate(m, opts.prompt_tokens, opts.new_tokens, false)?;
+    let (decode_tok_s, tokens) = decode_rate(m, opts.prompt_tokens, opts.new_tokens, true, false)?;
+    let decode_tok_s_plain = decode_rate(m, opts.prompt_tokens, opts.new_tokens, false, false)?.0;
     progress(&format!("{name}: decode sampled (GPU, then host)"));
     let decode_tok_s_sampled = sampled_rate(m, opts.prompt_tokens, opts.new_tokens, true)?;
     let decode_tok_s_host_sampled = sampled_rate(m, opts.prompt_tokens, opts.new_tokens, false)?;
@@ -277,6 +310,31 @@ fn bench_model(
     seq.forward(m, &ids(prompt, cfg.vocab_size, 5), false)?;
     let times = seq.time_step_classes(m, opts.reps)?;
     let get = |c: u8| times.iter().find(|(k, _)| *k == c).map_or(0.0, |t| t.1);
+    let decode_fused = if !opts.fused_decode {
+        None
+    } else if !super::sequence::fused_decode_fits(m.kernels(), cfg) {
+        Some(FusedDecodeRow {
+            fits: false,
+            tok_s: 0.0,
+            step_us: 0.0,
+            same_tokens: false,
+        })
+    } else {
+        progress(&format!("{name}: decode with the fused GEMVs"));
+        let (tok_s, fused_tokens) =
+            decode_rate(m, opts.prompt_tokens, opts.new_tokens, true, true)?;
+        seq.set_fused_decode(true)?;
+        let step = seq.time_step_classes(m, opts.reps)?;
+        Some(FusedDecodeRow {
+            fits: true,
+            tok_s,
+            step_us: step
+                .iter()
+                .find(|(k, _)| *k == class::ALL)
+                .map_or(0.0, |t| t.1),
+            same_tokens: fused_tokens == tokens,
+        })
+    };
     Ok(GpuModelRow {
         model: name.to_string(),
         weights: b.total(),
@@ -296,6 +354,7 @@ fn bench_model(
             small: get(class::SMALL),
             pick: get(class::PICK),
         },
+        decode_fused,
     })
 }
 
@@ -464,7 +523,54 @@ impl GpuBench {
             "{t}\n(each class replayed alone in its own graph; \"rest\" = the whole step minus the \
              classes: launch gaps the classes overlap or add)\n"
         );
+        if self.rows.iter().any(|r| r.decode_fused.is_some()) {
+            out += &self.fused_table();
+        }
         out
+    }
+
+    /// The fused decode GEMVs against the default decode of the same run.
+    fn fused_table(&self) -> String {
+        use comfy_table::{presets::UTF8_FULL, Table};
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL);
+        t.set_header(vec![
+            "model",
+            "decode tok/s (default)",
+            "fused GEMVs tok/s",
+            "× default",
+            "step µs (default)",
+            "fused step µs",
+            "same tokens",
+        ]);
+        for r in &self.rows {
+            let Some(f) = r.decode_fused else { continue };
+            if !f.fits {
+                t.add_row(vec![
+                    r.model.clone(),
+                    format!("{:.1}", r.decode_tok_s),
+                    "— (a layer matrix over the fused GEMVs' shapes)".into(),
+                ]);
+                continue;
+            }
+            t.add_row(vec![
+                r.model.clone(),
+                format!("{:.1}", r.decode_tok_s),
+                format!("{:.1}", f.tok_s),
+                format!("{:.3}×", f.tok_s / r.decode_tok_s.max(1e-9)),
+                format!("{:.1}", r.step_us.total),
+                format!("{:.1}", f.step_us),
+                if f.same_tokens {
+                    "yes".into()
+                } else {
+                    "NO — a defect: the fused step must give the same bits".into()
+                },
+            ]);
+        }
+        format!(
+            "{t}\n(the norms, SwiGLU and the attention's combine folded into the GEMVs' x load, \
+             the residual adds into their stores: six launches a layer instead of ten)\n"
+        )
     }
 }
 
@@ -485,8 +591,46 @@ mod tests {
             prefill: vec![(2048, 60.0)],
             prefill_split: vec![(2048, 46.0, 5.5, 9.0)],
             prefill_slabs: slabs,
-            step_us: StepSplit::default(),
+            step_us: StepSplit {
+                total: 2700.0,
+                ..StepSplit::default()
+            },
+            decode_fused: None,
         }
+    }
+
+    #[test]
+    fn the_fused_table_compares_with_the_default_and_flags_other_tokens() {
+        let bench = |f: Option<FusedDecodeRow>| GpuBench {
+            device: "test".into(),
+            prompt_tokens: 128,
+            new_tokens: 256,
+            rows: vec![GpuModelRow {
+                decode_fused: f,
+                ..row(Vec::new())
+            }],
+        };
+        let fused = |same_tokens| FusedDecodeRow {
+            fits: true,
+            tok_s: 450.0,
+            step_us: 2160.0,
+            same_tokens,
+        };
+        let t = bench(Some(fused(true))).to_table(None);
+        assert!(
+            t.contains("fused GEMVs tok/s") && t.contains("1.250×"),
+            "{t}"
+        );
+        assert!(t.contains("2160.0") && t.contains("yes"), "{t}");
+        let t = bench(Some(fused(false))).to_table(None);
+        assert!(t.contains("NO — a defect"), "{t}");
+        let t = bench(Some(FusedDecodeRow {
+            fits: false,
+            ..fused(true)
+        }))
+        .to_table(None);
+        assert!(t.contains("over the fused GEMVs' shapes"), "{t}");
+        assert!(!bench(None).to_table(None).contains("fused GEMVs"));
     }
 
     #[test]

@@ -10,6 +10,11 @@
 //! token id crosses to the host (the logits only when a caller asks for them); a sequence can
 //! sample on the GPU instead of picking greedily ([`CudaSequence::set_sampling`]).
 //!
+//! With the fused decode GEMVs ([`CudaSequence::set_fused_decode`]) a layer is six launches
+//! instead of ten: the norms are folded into the q/k/v and gate/up GEMVs' x load, the
+//! attention's combine into the o GEMV's and SwiGLU into the down GEMV's, and those two add
+//! their output to the residual stream as they store it — the same bits as the separate kernels.
+//!
 //! Prefill runs the same kernels over T rows: prompts of up to `SHORT_PROMPT` tokens 8 rows at a
 //! time through the GEMVs and the split attention; longer ones in batches of up to
 //! `PREFILL_ROWS` through bf16 tensor-core GEMMs (W dequantized slab by slab) and attention as
@@ -22,6 +27,7 @@ use half::bf16;
 use kiln_kernels::cuda::decode::{
     AttentionShape, DevAddr, DeviceSampling, QkvPost, ARGMAX_BLOCKS, FLASH_PREFILL_HEAD_DIMS,
 };
+use kiln_kernels::cuda::gemv_fused::{FusedX, FUSED_COMBINE_MAX_HEADS};
 use kiln_kernels::cuda::{CudaKernels, DeviceNvfp4};
 
 use super::cuda;
@@ -167,6 +173,26 @@ pub struct CudaSequence {
     sampling: Option<DeviceSampling>,
     /// The sampler's step counter (its noise stream), advanced by every sampled pick.
     step: CudaSlice<u32>,
+    /// Decode steps run the fused GEMVs ([`CudaSequence::set_fused_decode`]).
+    fused_decode: bool,
+}
+
+/// Whether decode steps run the fused GEMVs where the model's shapes allow them
+/// ([`CudaSequence::set_fused_decode`]). Off until they are measured on a GPU: the GPU tests
+/// check that they give the separate kernels' bits, `kiln bench engine --fused-decode` times
+/// both.
+pub const FUSED_DECODE: bool = false;
+
+/// Whether every GEMV of a decode layer of `cfg` can run fused on `k` (see
+/// [`CudaKernels::fused_gemv_fits`]): the CUDA-core kernel is the m = 1 default for all four
+/// (matrices under 16 Mi weights) and the combine takes the model's heads.
+pub fn fused_decode_fits(k: &CudaKernels, cfg: &ModelConfig) -> bool {
+    let (h, i, q) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_size());
+    k.fused_gemv_fits(q + 2 * cfg.kv_size(), h)
+        && k.fused_gemv_fits(h, q)
+        && k.fused_gemv_fits(2 * i, h)
+        && k.fused_gemv_fits(h, i)
+        && cfg.num_attention_heads <= FUSED_COMBINE_MAX_HEADS
 }
 
 impl std::fmt::Debug for CudaSequence {
@@ -226,6 +252,7 @@ impl CudaSequence {
             step: s
                 .alloc_zeros::<u32>(1)
                 .map_err(cuda("allocating scalars"))?,
+            fused_decode: FUSED_DECODE && fused_decode_fits(&k, cfg),
             k,
             cfg: cfg.clone(),
             cap: capacity,
@@ -265,6 +292,31 @@ impl CudaSequence {
         self.use_graph = on;
     }
 
+    /// Run decode steps with the fused GEMVs (`true`) or the separate kernels (the step graph
+    /// is re-captured at the next step). Both give the same bits; the fused step launches four
+    /// kernels fewer per layer. Errors when `on` and the model's shapes cannot run fused
+    /// ([`fused_decode_fits`]).
+    pub fn set_fused_decode(&mut self, on: bool) -> Result<()> {
+        if on && !fused_decode_fits(&self.k, &self.cfg) {
+            return Err(EngineError::InvalidArgument(format!(
+                "the fused decode GEMVs need every layer matrix under 16 Mi weights (the \
+                 CUDA-core GEMV's regime) and at most {FUSED_COMBINE_MAX_HEADS} heads; this \
+                 model (hidden {}, intermediate {}, {} heads) runs the separate kernels",
+                self.cfg.hidden_size, self.cfg.intermediate_size, self.cfg.num_attention_heads
+            )));
+        }
+        if on != self.fused_decode {
+            self.fused_decode = on;
+            self.graph = None;
+        }
+        Ok(())
+    }
+
+    /// Whether decode steps run the fused GEMVs.
+    pub fn fused_decode(&self) -> bool {
+        self.fused_decode
+    }
+
     /// Make room for `positions` positions (copying what is held; the step graph is
     /// re-captured at the next step).
     pub fn reserve(&mut self, positions: usize) -> Result<()> {
@@ -278,6 +330,7 @@ impl CudaSequence {
         grown.use_graph = self.use_graph;
         grown.prefill_mask = self.prefill_mask;
         grown.sampling = self.sampling;
+        grown.fused_decode = self.fused_decode;
         // the sampler's noise stream goes on where it was
         let mut st = [0u32];
         self.k
@@ -498,6 +551,7 @@ impl CudaSequence {
             chunk: self.chunk,
             splits: self.splits,
             mask: class::ALL,
+            fused: false,
             keys: self.len + 1,
             scores: 0,
             probs: 0,
@@ -516,6 +570,7 @@ impl CudaSequence {
     fn enqueue_step_classes(&mut self, m: &CudaModel, mask: u8) -> Result<()> {
         let sc = Scalars {
             mask,
+            fused: self.fused_decode,
             ..self.scalars()
         };
         let (small, gemv) = (mask & class::SMALL != 0, mask & class::GEMV != 0);
@@ -531,9 +586,11 @@ impl CudaSequence {
             }
             layers(&k, cfg, &sc, m, d, 1)?;
             if small {
+                // (the fused layers leave the last MLP output added to x already)
+                let resid = if sc.fused { 0 } else { k.addr(&d.tmp, 0) };
                 k.add_rmsnorm_async(
                     k.addr(&d.x, 0),
-                    k.addr(&d.tmp, 0),
+                    resid,
                     k.addr(&m.norm, 0),
                     k.addr(&d.h, 0),
                     1,
@@ -757,6 +814,8 @@ struct Scalars {
     splits: usize,
     /// Which kernel classes to queue ([`class`]).
     mask: u8,
+    /// One token through the fused GEMVs ([`fused_layers`]).
+    fused: bool,
     /// Keys the forward's last query sees (pos + rows), for the prefill attention GEMMs.
     keys: usize,
     /// Prefill attention scores `[kv_heads][rows][keys]` f32 and probabilities (bf16), or 0.
@@ -768,7 +827,8 @@ struct Scalars {
 }
 
 /// Queue every decoder layer for `rows` tokens of `acts` (x holds the embeddings; on return
-/// tmp holds the last layer's MLP output, not yet added to x).
+/// tmp holds the last layer's MLP output, not yet added to x — with `sc.fused`, x holds the
+/// sum, see [`fused_layers`]).
 ///
 /// # Safety
 /// `acts` is sized for `rows` tokens and `sc.splits` splits; `sc` holds live buffers of a
@@ -781,6 +841,10 @@ unsafe fn layers(
     acts: &mut Acts,
     rows: usize,
 ) -> Result<()> {
+    if sc.fused && rows == 1 {
+        // SAFETY: the caller's contract.
+        return unsafe { fused_layers(k, cfg, sc, m, acts) };
+    }
     let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps as f32);
     let (small, gemv, attn) = (
         sc.mask & class::SMALL != 0,
@@ -848,6 +912,63 @@ unsafe fn layers(
             }
             if gemv {
                 linear(k, acts, &layer.down, Input::Act, Output::Tmp, rows)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`layers`] for one token through the fused GEMVs: per layer the q/k/v GEMV with the input
+/// norm in its x load, the q/k/v epilogue, the attention's splits, the o GEMV with their
+/// combine in its x load adding its output to x, the gate/up GEMV with the post-attention
+/// norm, the down GEMV with SwiGLU adding its output to x. On return x holds the residual
+/// stream after the last layer (tmp, h and attn are not used).
+///
+/// # Safety
+/// As [`layers`] with `rows` = 1, and the model's shapes fit ([`fused_decode_fits`]).
+unsafe fn fused_layers(
+    k: &CudaKernels,
+    cfg: &ModelConfig,
+    sc: &Scalars,
+    m: &CudaModel,
+    acts: &mut Acts,
+) -> Result<()> {
+    let (small, gemv, attn) = (
+        sc.mask & class::SMALL != 0,
+        sc.mask & class::GEMV != 0,
+        sc.mask & class::ATTENTION != 0,
+    );
+    let eps = cfg.rms_norm_eps as f32;
+    let x = k.addr(&acts.x, 0);
+    let combine = FusedX::CombineResidual {
+        part_o: k.addr(&acts.part_o, 0),
+        part_ml: k.addr(&acts.part_ml, 0),
+        pos: sc.pos,
+        head_dim: cfg.head_dim,
+        splits: sc.splits,
+        chunk: sc.chunk,
+    };
+    for (l, layer) in m.layers.iter().enumerate() {
+        let norm = |w: &CudaSlice<f32>| FusedX::Norm {
+            h: x,
+            weight: k.addr(w, 0),
+            eps,
+        };
+        // SAFETY: the caller's contract; y never overlaps the fused kernel's inputs (qkv and
+        // gu are written from x, x from part_o / part_ml and gu).
+        unsafe {
+            if gemv {
+                k.gemv_fused_async(&norm(&layer.input_norm), &layer.qkv, k.addr(&acts.qkv, 0))?;
+            }
+            attention_block(k, cfg, sc, m, l, acts, 1, small, attn)?;
+            if gemv {
+                k.gemv_fused_async(&combine, &layer.o, x)?;
+                k.gemv_fused_async(&norm(&layer.post_norm), &layer.gate_up, k.addr(&acts.gu, 0))?;
+                let swiglu = FusedX::SwigluResidual {
+                    gate_up: k.addr(&acts.gu, 0),
+                    scales: k.addr(&layer.gate_up_scale, 0),
+                };
+                k.gemv_fused_async(&swiglu, &layer.down, x)?;
             }
         }
     }
@@ -950,6 +1071,8 @@ unsafe fn attention_block(
         if rows > 8 {
             return attention_gemm(k, cfg, sc, acts, rows, post.k_cache, post.v_cache);
         }
+        // fused, the o GEMV combines the splits (fused_layers)
+        let out = (!sc.fused).then(|| k.addr(&acts.attn, 0));
         k.attention_async(
             post.q_out,
             post.k_cache,
@@ -957,7 +1080,7 @@ unsafe fn attention_block(
             post.pos,
             k.addr(&acts.part_o, 0),
             k.addr(&acts.part_ml, 0),
-            k.addr(&acts.attn, 0),
+            out,
             &shape,
         )?;
     }

@@ -38,6 +38,7 @@ pub const HEADERS: &[(&str, &str)] = &[
         "flash_attention.cuh",
         include_str!("../../cuda/flash_attention.cuh"),
     ),
+    ("decode_ops.cuh", include_str!("../../cuda/decode_ops.cuh")),
 ];
 
 /// Every kernel file, in load order.

@@ -388,15 +388,13 @@ impl CudaKernels {
         }
     }
 
-    /// Queue attention over the cache for `s.tokens` queries (query t sees positions
-    /// `0..=pos+t`), split over the context, then the combine into `out` `[T, nh·hd]`.
+    /// The splits of [`CudaKernels::attention_async`]: each split's partial output and (max,
+    /// sum of exp) into `part_o` / `part_ml`.
     ///
     /// # Safety
-    /// `q` holds `T·nh·hd` f32; `k_cache`/`v_cache` are the layer's bf16 `[kvh][cap][hd]` with
-    /// positions `0..pos+T` written; `part_o` holds `T·nh·splits·hd` f32 and `part_ml`
-    /// `T·nh·splits·2`; `splits·chunk >= pos + T`.
+    /// As [`CudaKernels::attention_async`].
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn attention_async(
+    unsafe fn attention_splits_async(
         &self,
         q: DevAddr,
         k_cache: DevAddr,
@@ -404,7 +402,6 @@ impl CudaKernels {
         pos: DevAddr,
         part_o: DevAddr,
         part_ml: DevAddr,
-        out: DevAddr,
         s: &AttentionShape,
     ) -> Result<(), KernelError> {
         let rep = s.heads / s.kv_heads.max(1);
@@ -453,8 +450,39 @@ impl CudaKernels {
                     param(&scale),
                 ],
             )
-        }?;
-        let (hd, splits) = (s.head_dim as i32, s.splits as i32);
+        }
+    }
+
+    /// Queue attention over the cache for `s.tokens` queries (query t sees positions
+    /// `0..=pos+t`), split over the context, then the combine into `out` `[T, nh·hd]` — or,
+    /// with `out` `None`, no combine: the splits stay in `part_o` / `part_ml` for the fused o
+    /// GEMV ([`crate::cuda::gemv_fused::FusedX::CombineResidual`]) to combine in its x load.
+    ///
+    /// # Safety
+    /// `q` holds `T·nh·hd` f32; `k_cache`/`v_cache` are the layer's bf16 `[kvh][cap][hd]` with
+    /// positions `0..pos+T` written; `part_o` holds `T·nh·splits·hd` f32 and `part_ml`
+    /// `T·nh·splits·2`; `splits·chunk >= pos + T`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn attention_async(
+        &self,
+        q: DevAddr,
+        k_cache: DevAddr,
+        v_cache: DevAddr,
+        pos: DevAddr,
+        part_o: DevAddr,
+        part_ml: DevAddr,
+        out: Option<DevAddr>,
+        s: &AttentionShape,
+    ) -> Result<(), KernelError> {
+        // SAFETY: the caller's contract.
+        unsafe { self.attention_splits_async(q, k_cache, v_cache, pos, part_o, part_ml, s) }?;
+        let Some(out) = out else { return Ok(()) };
+        let (nh, hd, splits, chunk) = (
+            s.heads as i32,
+            s.head_dim as i32,
+            s.splits as i32,
+            s.chunk as i32,
+        );
         // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
         unsafe {
             self.go(

@@ -143,6 +143,8 @@ pub(crate) struct GemvFunctions {
     pub(crate) tensor_core_hilo: Vec<(usize, CudaFunction)>,
     pub(crate) tensor_core: Vec<(TensorCoreConfig, CudaFunction)>,
     pub(crate) split_k: Vec<(SplitKConfig, CudaFunction)>,
+    /// The decode step's fused GEMVs (`kiln_gemv_cc_m1_*`, see [`super::gemv_fused`]).
+    pub(crate) fused: FusedGemvFunctions,
     /// `kiln_gemv_tensor_core_probe{1,2,3}`.
     #[cfg(feature = "bench")]
     pub(crate) probes: Vec<CudaFunction>,
@@ -150,7 +152,7 @@ pub(crate) struct GemvFunctions {
 
 impl GemvFunctions {
     /// Load every GEMV kernel this build has with `func(file, name)`, and let the tensor-core
-    /// ones use up to `smem_optin` bytes of dynamic shared memory.
+    /// and the fused ones use up to `smem_optin` bytes of dynamic shared memory.
     pub(crate) fn load(
         func: &dyn Fn(&str, &str) -> Result<CudaFunction, KernelError>,
         smem_optin: usize,
@@ -180,6 +182,11 @@ impl GemvFunctions {
             split_k: each(built(SPLIT_K_KERNELS, experiments::SPLIT_K_KERNELS), |c| {
                 func("gemv_tensor_core_split_k.cu", &split_k_name(c))
             })?,
+            fused: FusedGemvFunctions {
+                norm: func("gemv_cuda_core.cu", "kiln_gemv_cc_m1_norm")?,
+                swiglu_residual: func("gemv_cuda_core.cu", "kiln_gemv_cc_m1_swiglu_residual")?,
+                combine_residual: func("gemv_cuda_core.cu", "kiln_gemv_cc_m1_combine_residual")?,
+            },
             #[cfg(feature = "bench")]
             probes: (1..=experiments::PROBES)
                 .map(|p| {
@@ -190,15 +197,20 @@ impl GemvFunctions {
                 })
                 .collect::<Result<_, _>>()?,
         };
-        let tensor_core = f
+        let dynamic_smem = f
             .tensor_core_hilo
             .iter()
             .map(|(_, func)| func)
             .chain(f.tensor_core.iter().map(|(_, func)| func))
-            .chain(f.split_k.iter().map(|(_, func)| func));
+            .chain(f.split_k.iter().map(|(_, func)| func))
+            .chain([
+                &f.fused.norm,
+                &f.fused.swiglu_residual,
+                &f.fused.combine_residual,
+            ]);
         #[cfg(feature = "bench")]
-        let tensor_core = tensor_core.chain(&f.probes);
-        for func in tensor_core {
+        let dynamic_smem = dynamic_smem.chain(&f.probes);
+        for func in dynamic_smem {
             func.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem_optin as i32,
@@ -227,6 +239,14 @@ impl GemvFunctions {
     pub(crate) fn split_k(&self, c: SplitKConfig) -> Option<&CudaFunction> {
         find(&self.split_k, c)
     }
+}
+
+/// The decode step's fused GEMVs (`gemv_cuda_core.cu`): RMSNorm folded into the x load; SwiGLU,
+/// and the attention's combine, folded into the x load with the residual add in the store.
+pub(crate) struct FusedGemvFunctions {
+    pub(crate) norm: CudaFunction,
+    pub(crate) swiglu_residual: CudaFunction,
+    pub(crate) combine_residual: CudaFunction,
 }
 
 fn find<C: PartialEq>(loaded: &[(C, CudaFunction)], c: C) -> Option<&CudaFunction> {

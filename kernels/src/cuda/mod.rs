@@ -7,6 +7,8 @@
 //! - [`context`] — [`CudaKernels`]: device, stream, loaded kernels, cuBLAS handles.
 //! - [`ops`] — device-resident NVFP4 ops (quantize, dequantize, conversions);
 //!   [`gemv`] — the decode GEMV: default kernel per shape and the production launchers;
+//!   [`gemv_fused`] — the decode step's GEMVs with RMSNorm, SwiGLU or the attention's
+//!   combine folded into their x load (and the residual add into their store);
 //!   `gemv_bench` (`bench` feature) — the benchmark's probe and two-launch GEMVs;
 //!   [`decode`] — the GPU engine's other transformer kernels (norms, RoPE + KV append,
 //!   attention, SwiGLU, the greedy pick); [`train`] — the train step's kernels besides the
@@ -27,6 +29,7 @@ pub(crate) mod driver;
 pub mod gemv;
 #[cfg(feature = "bench")]
 pub mod gemv_bench;
+pub mod gemv_fused;
 pub mod gemv_kernels;
 pub mod host;
 pub mod ops;

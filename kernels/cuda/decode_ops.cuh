@@ -1,0 +1,44 @@
+// Per-element math of the decode step shared by its separate kernels (decode.cu) and by the
+// GEMVs that fold those kernels into their x load (gemv_cuda_core.cu's fused decode GEMVs):
+// one definition of each, so that the fused and the separate forms compute the same bits.
+// Include after block_reduce.cuh (KILN_NEG_INF).
+
+// RMSNorm's scale from the sum of squares of a row of H: 1 / sqrt(mean(x²) + eps).
+__device__ __forceinline__ float kiln_rms_scale(float sum_sq, int H, float eps) {
+    return 1.0f / sqrtf(sum_sq / (float)H + eps);
+}
+
+// SwiGLU of one element: silu(g) · u.
+__device__ __forceinline__ float kiln_silu_mul(float g, float u) {
+    return g / (1.0f + expf(-g)) * u;
+}
+
+// The decode attention's splits that hold positions, for a query that sees `len` positions.
+__device__ __forceinline__ int kiln_combine_splits(int len, int splits, int chunk) {
+    return min(splits, (len + chunk - 1) / chunk);
+}
+
+// The combine's per-(token, head) statistics over its `ns` splits (rows row0.. of part_ml, each
+// (max, sum of exp) of its split): the largest max and Σ l·exp(m - max).
+__device__ __forceinline__ void kiln_combine_stats(const float* __restrict__ part_ml, size_t row0,
+                                                   int ns, float& mx, float& sum) {
+    mx = KILN_NEG_INF;
+    for (int s = 0; s < ns; ++s) mx = fmaxf(mx, part_ml[(row0 + s) * 2]);
+    sum = 0.0f;
+    for (int s = 0; s < ns; ++s) {
+        const float m = part_ml[(row0 + s) * 2];
+        sum += part_ml[(row0 + s) * 2 + 1] * (m == KILN_NEG_INF ? 0.0f : expf(m - mx));
+    }
+}
+
+// Element e of the combined output of one (token, head): Σ o·exp(m - max) / sum.
+__device__ __forceinline__ float kiln_combine_elem(const float* __restrict__ part_o,
+                                                   const float* __restrict__ part_ml, size_t row0,
+                                                   int ns, int hd, int e, float mx, float sum) {
+    float o = 0.0f;
+    for (int s = 0; s < ns; ++s) {
+        const float m = part_ml[(row0 + s) * 2];
+        if (m != KILN_NEG_INF) o += part_o[(row0 + s) * hd + e] * expf(m - mx);
+    }
+    return o / sum;
+}
