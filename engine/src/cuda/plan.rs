@@ -6,6 +6,7 @@
 
 use kiln_job::units::human_bytes as human;
 use kiln_kernels::cuda::decode::{ARGMAX_BLOCKS, FLASH_PREFILL_HEAD_DIMS};
+use kiln_kernels::cuda::gemv::GEMV_MAX_ROWS;
 
 use super::weights::GpuWeightBytes;
 use crate::error::{EngineError, Result};
@@ -37,7 +38,7 @@ pub fn widest_input(cfg: &ModelConfig) -> usize {
 /// Attention splits of a forward of `rows` tokens: up to 8 rows go through the decode
 /// attention (`decode_splits`), longer prompts through the prefill attention (one split).
 pub fn forward_splits(rows: usize, decode_splits: usize) -> usize {
-    if rows > 8 {
+    if rows > GEMV_MAX_ROWS {
         1
     } else {
         decode_splits
@@ -89,7 +90,7 @@ impl GpuPlan {
         let positions = positions.clamp(1, cfg.max_position_embeddings);
         let kv_cache = kv_bytes(cfg, positions);
         let rows = if prefill_rows <= SHORT_PROMPT {
-            prefill_rows.clamp(1, 8)
+            prefill_rows.clamp(1, GEMV_MAX_ROWS)
         } else {
             prefill_rows.min(PREFILL_ROWS)
         };
@@ -150,7 +151,7 @@ pub fn kv_bytes(cfg: &ModelConfig, positions: usize) -> u64 {
 /// `[kv_heads][rows][keys]` each, for a batch of `rows` tokens over up to `keys` positions:
 /// only where the flash kernel is not built for the head dim (it keeps them in registers).
 fn prefill_scores_bytes(cfg: &ModelConfig, rows: usize, keys: usize) -> u64 {
-    if rows <= 8 || FLASH_PREFILL_HEAD_DIMS.contains(&cfg.head_dim) {
+    if rows <= GEMV_MAX_ROWS || FLASH_PREFILL_HEAD_DIMS.contains(&cfg.head_dim) {
         return 0;
     }
     (cfg.num_key_value_heads * rows * keys * 6) as u64
@@ -164,7 +165,7 @@ fn acts_bytes(cfg: &ModelConfig, rows: usize, splits: usize) -> u64 {
     let qkv = q + 2 * cfg.kv_size();
     let parts = rows * cfg.num_attention_heads * splits * (cfg.head_dim + 2);
     // over 8 rows h, gu and act live in bf16 only (one-element f32 placeholders)
-    let (f32s, bf16s) = if rows > 8 {
+    let (f32s, bf16s) = if rows > GEMV_MAX_ROWS {
         (
             rows * (2 * h + qkv + 2 * q) + 3 + parts,
             rows * (h + 2 * q + 3 * i) + prefill_scratch_elems(cfg),

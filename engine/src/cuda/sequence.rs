@@ -27,6 +27,7 @@ use half::bf16;
 use kiln_kernels::cuda::decode::{
     AttentionShape, DevAddr, DeviceSampling, QkvPost, ARGMAX_BLOCKS, FLASH_PREFILL_HEAD_DIMS,
 };
+use kiln_kernels::cuda::gemv::GEMV_MAX_ROWS;
 use kiln_kernels::cuda::gemv_fused::{FusedX, FUSED_COMBINE_MAX_HEADS};
 use kiln_kernels::cuda::{CudaKernels, DeviceNvfp4};
 
@@ -91,7 +92,7 @@ impl Acts {
         let (h, q, i) = (cfg.hidden_size, cfg.q_size(), cfg.intermediate_size);
         let qkv = q + 2 * cfg.kv_size();
         let nh = cfg.num_attention_heads;
-        let bf = if rows > 8 {
+        let bf = if rows > GEMV_MAX_ROWS {
             Some(BfActs {
                 h: b(rows * h)?,
                 q: b(rows * q)?,
@@ -104,7 +105,7 @@ impl Acts {
             None
         };
         // over 8 rows the bf16 buffers stand in for h, gu and act
-        let f32_rows = if rows > 8 { 0 } else { rows };
+        let f32_rows = if rows > GEMV_MAX_ROWS { 0 } else { rows };
         Ok(Acts {
             rows,
             x: f(rows * h)?,
@@ -375,7 +376,7 @@ impl CudaSequence {
             // short prompts (a chat turn's delta) go 8 rows at a time through the GEMVs: no
             // GEMM set-up, weights read once per 8 tokens; longer ones through the GEMMs
             let batch = if ids.len() <= SHORT_PROMPT {
-                8
+                GEMV_MAX_ROWS
             } else {
                 PREFILL_ROWS
             };
@@ -641,7 +642,7 @@ impl CudaSequence {
         let keys = self.len + rows;
         let score_elems = self.cfg.num_key_value_heads * rows * keys;
         let flash = FLASH_PREFILL_HEAD_DIMS.contains(&self.cfg.head_dim);
-        let (scores, probs) = if rows > 8 && !flash {
+        let (scores, probs) = if rows > GEMV_MAX_ROWS && !flash {
             // SAFETY: written by the GEMM before they are read
             unsafe {
                 (
@@ -658,7 +659,7 @@ impl CudaSequence {
         } else {
             (None, None)
         };
-        let (chunk, splits) = if rows > 8 {
+        let (chunk, splits) = if rows > GEMV_MAX_ROWS {
             (self.cap, 1)
         } else {
             (self.chunk, self.splits)
@@ -853,7 +854,7 @@ unsafe fn layers(
     );
     // over 8 rows the linears are bf16 GEMMs: the norms and SwiGLU write their bf16 input
     // directly (no f32 copy to convert), and SwiGLU reads the gate/up GEMM's bf16 output
-    let (h_out, gu_in, act_out) = match (&acts.bf, rows > 8) {
+    let (h_out, gu_in, act_out) = match (&acts.bf, rows > GEMV_MAX_ROWS) {
         (Some(bf), true) => (k.addr(&bf.h, 0), k.addr(&bf.gu, 0), k.addr(&bf.act, 0)),
         _ => (
             k.addr(&acts.h, 0),
@@ -861,7 +862,7 @@ unsafe fn layers(
             k.addr(&acts.act, 0),
         ),
     };
-    let bf16_out = rows > 8;
+    let bf16_out = rows > GEMV_MAX_ROWS;
     for (l, layer) in m.layers.iter().enumerate() {
         let resid = if l == 0 { 0 } else { k.addr(&acts.tmp, 0) };
         // SAFETY: the caller's contract.
@@ -1068,7 +1069,7 @@ unsafe fn attention_block(
         if !attention {
             return Ok(());
         }
-        if rows > 8 {
+        if rows > GEMV_MAX_ROWS {
             return attention_gemm(k, cfg, sc, acts, rows, post.k_cache, post.v_cache);
         }
         // fused, the o GEMV combines the splits (fused_layers)
@@ -1215,7 +1216,7 @@ fn linear(
         Output::Tmp => tmp,
         Output::Gu => gu,
     };
-    if rows <= 8 {
+    if rows <= GEMV_MAX_ROWS {
         k.gemv_chained_async(x, rows, w, y)?;
         return Ok(());
     }

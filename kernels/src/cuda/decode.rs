@@ -11,6 +11,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKerne
 
 use super::context::CudaKernels;
 use super::driver::{drv, launch_raw, param};
+use super::gemv::GEMV_MAX_ROWS;
 use crate::KernelError;
 use std::ffi::c_void;
 
@@ -279,22 +280,25 @@ impl CudaKernels {
     ) -> Result<(), KernelError> {
         let wi = width as i32;
         let mut block = (width.div_ceil(32) * 32).clamp(32, 1024) as u32;
-        let (f, what) =
-            if bf16_out && rows > 8 && width.is_multiple_of(4) && width <= NORM_X4_MAX_WIDTH {
-                // a prompt batch: float4 accesses, the row in registers
-                block = 256;
-                (
-                    &self.f.decode.add_rmsnorm_bf16_x4,
-                    "launching kiln_add_rmsnorm_bf16_x4",
-                )
-            } else if bf16_out {
-                (
-                    &self.f.decode.add_rmsnorm_bf16,
-                    "launching kiln_add_rmsnorm_bf16",
-                )
-            } else {
-                (&self.f.decode.add_rmsnorm, "launching kiln_add_rmsnorm")
-            };
+        let (f, what) = if bf16_out
+            && rows > GEMV_MAX_ROWS
+            && width.is_multiple_of(4)
+            && width <= NORM_X4_MAX_WIDTH
+        {
+            // a prompt batch: float4 accesses, the row in registers
+            block = 256;
+            (
+                &self.f.decode.add_rmsnorm_bf16_x4,
+                "launching kiln_add_rmsnorm_bf16_x4",
+            )
+        } else if bf16_out {
+            (
+                &self.f.decode.add_rmsnorm_bf16,
+                "launching kiln_add_rmsnorm_bf16",
+            )
+        } else {
+            (&self.f.decode.add_rmsnorm, "launching kiln_add_rmsnorm")
+        };
         // SAFETY: the parameters match the kernel; the caller's contract covers the buffers.
         unsafe {
             self.go(
@@ -364,7 +368,10 @@ impl CudaKernels {
         // multiple of 8 elements keep every float4 aligned).
         unsafe {
             // a unit of hd / 8 lanes must be a power of two within a warp (hd 8 · 2^k ≤ 256)
-            if tokens > 8 && head_dim.is_multiple_of(8) && (head_dim / 8).is_power_of_two() {
+            if tokens > GEMV_MAX_ROWS
+                && head_dim.is_multiple_of(8)
+                && (head_dim / 8).is_power_of_two()
+            {
                 // a prompt batch: hd / 8 lanes per (head, token), float4 accesses
                 let units_per_block = 128 / (head_dim / 8);
                 let units = tokens * (heads + 2 * kv_heads);

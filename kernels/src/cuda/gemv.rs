@@ -28,6 +28,12 @@ use super::gemv_kernels::SplitKConfig;
 use super::ops::DeviceNvfp4;
 use crate::KernelError;
 
+/// Most rows of x a GEMV takes (m = 1..=GEMV_MAX_ROWS): the decode step, and prompts in
+/// batches of this many rows; over it a forward's linears are GEMMs (the engine's prompt path,
+/// whose kernels — `kiln_add_rmsnorm_bf16_x4`, `kiln_qkv_post_x4`, … — are chosen by the same
+/// bound).
+pub const GEMV_MAX_ROWS: usize = 8;
+
 /// Which GEMV kernel (see the module docs for the regime of each).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemvKernel {
@@ -221,9 +227,9 @@ impl CudaKernels {
         launch: GemvLaunch,
     ) -> Result<(), KernelError> {
         let (n, k) = (w.rows, w.cols);
-        if !(1..=8).contains(&m) {
+        if !(1..=GEMV_MAX_ROWS).contains(&m) {
             return Err(KernelError::InvalidArgument(format!(
-                "GEMV takes 1 to 8 rows of x, got {m}"
+                "GEMV takes 1 to {GEMV_MAX_ROWS} rows of x, got {m}"
             )));
         }
         if !k.is_multiple_of(32) {
@@ -407,7 +413,7 @@ impl CudaKernels {
     /// with this K (a kernel built for m and tiles, at any depth; K % 128 == 0; x as bf16 hi/lo
     /// fits in shared memory).
     fn tensor_core_fits(&self, m: usize, k: usize, tiles: usize) -> bool {
-        (1..=8).contains(&m)
+        (1..=GEMV_MAX_ROWS).contains(&m)
             && self
                 .f
                 .gemv
@@ -453,9 +459,9 @@ impl CudaKernels {
     /// one for all shapes (launches on the one stream run in order) and only grows (zeroed);
     /// growing replaces the buffers, so capture graphs after the last call.
     pub fn reserve_gemv(&self, m: usize, n: usize, k: usize) -> Result<(), KernelError> {
-        if !(1..=8).contains(&m) {
+        if !(1..=GEMV_MAX_ROWS).contains(&m) {
             return Err(KernelError::InvalidArgument(format!(
-                "GEMV takes 1 to 8 rows of x, got {m}"
+                "GEMV takes 1 to {GEMV_MAX_ROWS} rows of x, got {m}"
             )));
         }
         let (partials, counters) =

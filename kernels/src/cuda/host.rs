@@ -7,7 +7,7 @@ use half::bf16;
 
 use super::context::CudaKernels;
 use super::driver::drv;
-use super::gemv::GemvKernel;
+use super::gemv::{GemvKernel, GEMV_MAX_ROWS};
 use cudarc::driver::CudaSlice;
 
 use super::ops::{DeviceInput, DeviceNvfp4};
@@ -251,7 +251,7 @@ impl CudaKernels {
         }
         let s = &self.stream;
         let dw = self.upload_nvfp4(w)?;
-        if (1..=8).contains(&m) && k.is_multiple_of(32) {
+        if (1..=GEMV_MAX_ROWS).contains(&m) && k.is_multiple_of(32) {
             self.reserve_gemv(m, n, k)?;
             let dx = s.clone_htod(x).map_err(drv("uploading x"))?;
             let mut dy = s.alloc_zeros::<f32>(m * n).map_err(drv("allocating y"))?;
