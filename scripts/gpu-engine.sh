@@ -2,13 +2,7 @@
 # The GPU engine's checks and benchmark in one go, from prebuilt binaries (the GPU machine has
 # no Rust toolchain). On a dev machine, from the repository root:
 #
-#   cargo build --release -p kiln
-#   cargo test --release -p kiln-engine --test gpu_generation --no-run
-#   cargo test --release -p kiln-kernels --test gpu_decode --no-run
-#   mkdir -p target-carry && cp target/release/kiln target-carry/ && strip target-carry/kiln
-#   cp "$(ls -t target/release/deps/gpu_generation-* | grep -v '\.d$' | head -1)" target-carry/test-gpu_generation
-#   cp "$(ls -t target/release/deps/gpu_decode-* | grep -v '\.d$' | head -1)" target-carry/test-gpu_decode
-#   strip target-carry/test-gpu_generation target-carry/test-gpu_decode
+#   scripts/build-carry.sh gpu_decode gpu_generation
 #
 # then on the GPU machine: scripts/gpu-engine.sh [BIN_DIR] (default target-carry). Runs the
 # decode kernels' GPU tests, the engine's GPU tests (GPU vs CPU reference, cache vs replay, graph vs plain launches, session

@@ -2,14 +2,7 @@
 # The flash train attention's checks and numbers in one GPU call, from prebuilt binaries (the GPU
 # machine has no Rust toolchain). On a dev machine, from the repository root:
 #
-#   cargo test --release -p kiln-kernels --test gpu_train --test gpu_decode --no-run
-#   cargo test --release -p kiln-engine --test gpu_training --no-run
-#   cargo build --release -p kiln
-#   mkdir -p target-carry
-#   for t in gpu_train gpu_decode gpu_training; do
-#       cp "$(ls -t target/release/deps/$t-* | grep -v '\.d$' | head -1)" target-carry/test-$t
-#   done
-#   cp target/release/kiln target-carry/ && strip target-carry/*
+#   scripts/build-carry.sh gpu_train gpu_decode gpu_training
 #
 # then on the GPU machine: scripts/gpu-flash-train.sh [BIN_DIR] (default target-carry). Runs
 # the flash kernels against the f64 reference (forward output and log-sum-exp, dq / dk / dv),

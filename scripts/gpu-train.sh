@@ -2,13 +2,7 @@
 # The GPU train path's checks in one go, from prebuilt binaries (the GPU machine has no Rust
 # toolchain). On a dev machine, from the repository root:
 #
-#   cargo test --release -p kiln-kernels --test gpu_train --no-run
-#   cargo test --release -p kiln-engine --test gpu_training --no-run
-#   mkdir -p target-carry
-#   cp "$(ls -t target/release/deps/gpu_train-* | grep -v '\.d$' | head -1)" target-carry/test-gpu_train
-#   cp "$(ls -t target/release/deps/gpu_training-* | grep -v '\.d$' | head -1)" target-carry/test-gpu_training
-#   strip target-carry/test-gpu_train target-carry/test-gpu_training
-#   cargo build --release -p kiln && cp target/release/kiln target-carry/ && strip target-carry/kiln
+#   scripts/build-carry.sh gpu_train gpu_training
 #
 # then on the GPU machine: scripts/gpu-train.sh [BIN_DIR] (default target-carry). Runs the train
 # kernels' GPU tests (train.cu against f64 CPU references and finite differences), then the GPU
