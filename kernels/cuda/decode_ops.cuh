@@ -31,7 +31,8 @@ __device__ __forceinline__ void kiln_combine_stats(const float* __restrict__ par
     }
 }
 
-// Element e of the combined output of one (token, head): Σ o·exp(m - max) / sum.
+// Element e of the combined output of one (token, head): Σ o·exp(m - max) / sum. (The fused o
+// GEMV's KilnXCombine does the same operations with exp(m - max) cached per split.)
 __device__ __forceinline__ float kiln_combine_elem(const float* __restrict__ part_o,
                                                    const float* __restrict__ part_ml, size_t row0,
                                                    int ns, int hd, int e, float mx, float sum) {

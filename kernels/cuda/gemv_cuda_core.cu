@@ -27,7 +27,8 @@
 // x is computed after the wait by every block into shared memory (see KilnXNorm, KilnXSwiglu,
 // KilnXCombine below) and y[n] += W·x replaces y[n] = W·x. Each computes the bits the separate
 // kernels (decode.cu) compute: the same per-element functions (decode_ops.cuh), the same
-// reduction orders. Dynamic shared memory: K floats.
+// reduction orders. Dynamic shared memory: K floats (the combine: + heads · splits); static:
+// at most 1.25 KiB (src/cuda/gemv_fused.rs reserves 4 KiB of the block's limit for it).
 
 // kiln_ld_stream (the weight loads) and the chained-launch helpers are in nvfp4_common.cuh.
 #include "block_reduce.cuh"
@@ -256,7 +257,10 @@ struct KilnXSwiglu {
 };
 
 // The decode attention's combine of one token: x[h·hd + e] over heads h < K / hd from the
-// splits' partial outputs (kiln_attention_combine's part_o / part_ml layout, T = 1).
+// splits' partial outputs (kiln_attention_combine's part_o / part_ml layout, T = 1). Each
+// (head, split)'s weight exp(m - max) is computed once into shared memory after x (nh · ns
+// floats; KILN_NEG_INF marks a split without positions), then each element sums
+// part_o · weight in split order — the separate kernel's operations on the same values.
 #define KILN_FUSED_COMBINE_MAX_HEADS 128
 struct KilnXCombine {
     const float* __restrict__ part_o;
@@ -268,13 +272,24 @@ struct KilnXCombine {
         __shared__ float stat[2 * KILN_FUSED_COMBINE_MAX_HEADS];
         const int nh = K / hd;
         const int ns = kiln_combine_splits(*pos + 1, splits, chunk);
+        float* wts = xs + K;  // [nh][ns]
         for (int h = threadIdx.x; h < nh; h += blockDim.x)
             kiln_combine_stats(part_ml, (size_t)h * splits, ns, stat[2 * h], stat[2 * h + 1]);
         __syncthreads();
+        for (int t = threadIdx.x; t < nh * ns; t += blockDim.x) {
+            const int h = t / ns, sp = t - h * ns;
+            const float m = part_ml[((size_t)h * splits + sp) * 2];
+            wts[t] = m == KILN_NEG_INF ? KILN_NEG_INF : expf(m - stat[2 * h]);
+        }
+        __syncthreads();
         for (int i = threadIdx.x; i < K; i += blockDim.x) {
             const int h = i / hd, e = i - h * hd;
-            xs[kiln_xs_index(i)] =
-                kiln_combine_elem(part_o, part_ml, (size_t)h * splits, ns, hd, e, stat[2 * h], stat[2 * h + 1]);
+            const float* po = part_o + (size_t)h * splits * hd + e;
+            const float* w = wts + h * ns;
+            float o = 0.0f;
+            for (int sp = 0; sp < ns; ++sp)
+                if (w[sp] != KILN_NEG_INF) o += po[(size_t)sp * hd] * w[sp];
+            xs[kiln_xs_index(i)] = o / stat[2 * h + 1];
         }
         __syncthreads();
     }
@@ -287,6 +302,14 @@ extern "C" __global__ void __launch_bounds__(256, 3) kiln_gemv_cc_m1_norm(
         const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
     kiln_gemv_cuda_core_body<1, 4, KilnXNorm, false>(KilnXNorm{h, w, eps}, packed, scales, tensor_scale,
                                                      y, N, K, ksplit);
+}
+
+// y += W · x (the o GEMV after a separate combine, the residual add folded in).
+extern "C" __global__ void __launch_bounds__(256, 3) kiln_gemv_cc_m1_residual(
+        const float* __restrict__ x, const u8* __restrict__ packed, const u8* __restrict__ scales,
+        const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
+    kiln_gemv_cuda_core_body<1, 4, KilnXGlobal, true>(KilnXGlobal{x}, packed, scales, tensor_scale, y, N, K,
+                                                      ksplit);
 }
 
 // y += W · swiglu(gu) (the down GEMV, SwiGLU and the residual add folded in; y the residual).

@@ -674,8 +674,13 @@ fn fused_decode_gemvs_equal_the_separate_kernels() {
     let (hidden, inter, nh, kvh, hd) = (896usize, 4864usize, 14usize, 2usize, 64usize);
     let eps = 1e-6f32;
 
-    // RMSNorm folded into the q/k/v and gate/up GEMVs (K = hidden)
-    for n in [nh * hd + 2 * kvh * hd, 2 * inter] {
+    // RMSNorm folded into the q/k/v and gate/up GEMVs (K = hidden); and a hidden size over
+    // 1024 (the separate norm's threads stride the row) with K split across warps
+    for (n, hidden) in [
+        (nh * hd + 2 * kvh * hd, hidden),
+        (2 * inter, hidden),
+        (512, 3584),
+    ] {
         assert!(k.fused_gemv_fits(n, hidden), "{n} × {hidden}");
         let w = upload(&vals(&mut r, n * hidden, -0.1, 0.1), n, hidden);
         let h = s.clone_htod(&vals(&mut r, hidden, -3.0, 3.0)).unwrap();
@@ -747,10 +752,17 @@ fn fused_decode_gemvs_equal_the_separate_kernels() {
     );
 
     // the attention's combine folded into the o GEMV (K = heads · head_dim), with splits
-    // past the position (ns < splits) and one split
-    let w_o = upload(&vals(&mut r, hidden * nh * hd, -0.1, 0.1), hidden, nh * hd);
-    for (cap, pos, chunk) in [(512usize, 100usize, 32usize), (64, 40, 64)] {
+    // past the position (ns < splits), one split, and K split across warps (K = 2048); then the
+    // o GEMV after a separate combine (x as is, the residual add in the store)
+    for (nh, kvh, hd, n, cap, pos, chunk) in [
+        (nh, kvh, hd, hidden, 512usize, 100usize, 32usize),
+        (nh, kvh, hd, hidden, 64, 40, 64),
+        (32, 8, 64, 512, 640, 600, 32),
+    ] {
         let splits = cap.div_ceil(chunk);
+        assert!(k.fused_combine_fits(n, nh, hd, splits));
+        let w_o = upload(&vals(&mut r, n * nh * hd, -0.1, 0.1), n, nh * hd);
+        let norm_w = s.clone_htod(&vec![1.0f32; n]).unwrap();
         let q = s.clone_htod(&vals(&mut r, nh * hd, -2.0, 2.0)).unwrap();
         let kc = s.clone_htod(&bf16s(&mut r, kvh * cap * hd, 2.0)).unwrap();
         let vc = s.clone_htod(&bf16s(&mut r, kvh * cap * hd, 1.0)).unwrap();
@@ -767,8 +779,8 @@ fn fused_decode_gemvs_equal_the_separate_kernels() {
             chunk,
             splits,
         };
-        let x0 = vals(&mut r, hidden, -2.0, 2.0);
-        let got = s.clone_htod(&x0).unwrap();
+        let x0 = vals(&mut r, n, -2.0, 2.0);
+        let (got, got_plain) = (s.clone_htod(&x0).unwrap(), s.clone_htod(&x0).unwrap());
         // SAFETY: as above.
         unsafe {
             let (qa, ka, va, pa) = (
@@ -779,6 +791,11 @@ fn fused_decode_gemvs_equal_the_separate_kernels() {
             );
             let (oa, ma) = (k.addr(&po, 0), k.addr(&pml, 0));
             k.attention_async(qa, ka, va, pa, oa, ma, Some(k.addr(&attn, 0)), &shape)
+                .unwrap();
+            let plain = FusedX::Residual {
+                x: k.addr(&attn, 0),
+            };
+            k.gemv_fused_async(&plain, &w_o, k.addr(&got_plain, 0))
                 .unwrap();
             k.attention_async(qa, ka, va, pa, oa, ma, None, &shape)
                 .unwrap();
@@ -793,17 +810,24 @@ fn fused_decode_gemvs_equal_the_separate_kernels() {
             k.gemv_fused_async(&src, &w_o, k.addr(&got, 0)).unwrap();
         }
         let want = separate_residual(&k, &attn, &w_o, &x0, &norm_w);
+        let what =
+            format!("{nh} heads × {hd}, o {n} rows, capacity {cap}, pos {pos}, chunk {chunk}");
         assert_same_bits(
-            &format!("combine + o GEMV + residual (capacity {cap}, pos {pos}, chunk {chunk})"),
+            &format!("combine + o GEMV + residual ({what})"),
             &s.clone_dtoh(&got).unwrap(),
+            &want,
+        );
+        assert_same_bits(
+            &format!("o GEMV + residual ({what})"),
+            &s.clone_dtoh(&got_plain).unwrap(),
             &want,
         );
     }
 
-    // a shape the fused kernels do not take is refused with the reason
-    let big = k.alloc_nvfp4(8192, 8192).unwrap();
-    let y = s.alloc_zeros::<f32>(8192).unwrap();
-    let x = s.alloc_zeros::<f32>(8192).unwrap();
+    // a shape the fused kernels do not take (K % 32 != 0) is refused with the reason
+    let big = k.alloc_nvfp4(64, 48).unwrap();
+    let y = s.alloc_zeros::<f32>(64).unwrap();
+    let x = s.alloc_zeros::<f32>(64).unwrap();
     // SAFETY: refused before any launch.
     let err = unsafe {
         k.gemv_fused_async(

@@ -12,8 +12,10 @@
 //!
 //! With the fused decode GEMVs ([`CudaSequence::set_fused_decode`]) a layer is six launches
 //! instead of ten: the norms are folded into the q/k/v and gate/up GEMVs' x load, the
-//! attention's combine into the o GEMV's and SwiGLU into the down GEMV's, and those two add
-//! their output to the residual stream as they store it — the same bits as the separate kernels.
+//! attention's combine into the o GEMV's (up to [`FUSED_COMBINE_MAX_SPLITS`] splits; past
+//! that the combine stays a launch of its own) and SwiGLU into the down GEMV's, and those two
+//! add their output to the residual stream as they store it — the same bits as the separate
+//! kernels.
 //!
 //! Prefill runs the same kernels over T rows: prompts of up to `SHORT_PROMPT` tokens 8 rows at a
 //! time through the GEMVs and the split attention; longer ones in batches of up to
@@ -28,7 +30,7 @@ use kiln_kernels::cuda::decode::{
     AttentionShape, DevAddr, DeviceSampling, QkvPost, ARGMAX_BLOCKS, FLASH_PREFILL_HEAD_DIMS,
 };
 use kiln_kernels::cuda::gemv::GEMV_MAX_ROWS;
-use kiln_kernels::cuda::gemv_fused::{FusedX, FUSED_COMBINE_MAX_HEADS};
+use kiln_kernels::cuda::gemv_fused::{FusedX, FUSED_COMBINE_MAX_SPLITS};
 use kiln_kernels::cuda::{CudaKernels, DeviceNvfp4};
 
 use super::cuda;
@@ -186,14 +188,25 @@ pub const FUSED_DECODE: bool = false;
 
 /// Whether every GEMV of a decode layer of `cfg` can run fused on `k` (see
 /// [`CudaKernels::fused_gemv_fits`]): the CUDA-core kernel is the m = 1 default for all four
-/// (matrices under 16 Mi weights) and the combine takes the model's heads.
+/// (matrices under 16 Mi weights) and x fits in shared memory.
 pub fn fused_decode_fits(k: &CudaKernels, cfg: &ModelConfig) -> bool {
     let (h, i, q) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_size());
     k.fused_gemv_fits(q + 2 * cfg.kv_size(), h)
         && k.fused_gemv_fits(h, q)
         && k.fused_gemv_fits(2 * i, h)
         && k.fused_gemv_fits(h, i)
-        && cfg.num_attention_heads <= FUSED_COMBINE_MAX_HEADS
+}
+
+/// Whether the fused o GEMV of a decode step of `cfg` with `splits` attention splits also
+/// combines them: at most [`FUSED_COMBINE_MAX_SPLITS`], and the kernel takes the heads.
+fn fused_combine(k: &CudaKernels, cfg: &ModelConfig, splits: usize) -> bool {
+    splits <= FUSED_COMBINE_MAX_SPLITS
+        && k.fused_combine_fits(
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.head_dim,
+            splits,
+        )
 }
 
 impl std::fmt::Debug for CudaSequence {
@@ -301,9 +314,9 @@ impl CudaSequence {
         if on && !fused_decode_fits(&self.k, &self.cfg) {
             return Err(EngineError::InvalidArgument(format!(
                 "the fused decode GEMVs need every layer matrix under 16 Mi weights (the \
-                 CUDA-core GEMV's regime) and at most {FUSED_COMBINE_MAX_HEADS} heads; this \
-                 model (hidden {}, intermediate {}, {} heads) runs the separate kernels",
-                self.cfg.hidden_size, self.cfg.intermediate_size, self.cfg.num_attention_heads
+                 CUDA-core GEMV's regime); this model (hidden {}, intermediate {}) runs the \
+                 separate kernels",
+                self.cfg.hidden_size, self.cfg.intermediate_size
             )));
         }
         if on != self.fused_decode {
@@ -553,6 +566,7 @@ impl CudaSequence {
             splits: self.splits,
             mask: class::ALL,
             fused: false,
+            fused_combine: false,
             keys: self.len + 1,
             scores: 0,
             probs: 0,
@@ -572,6 +586,7 @@ impl CudaSequence {
         let sc = Scalars {
             mask,
             fused: self.fused_decode,
+            fused_combine: self.fused_decode && fused_combine(&self.k, &self.cfg, self.splits),
             ..self.scalars()
         };
         let (small, gemv) = (mask & class::SMALL != 0, mask & class::GEMV != 0);
@@ -815,8 +830,10 @@ struct Scalars {
     splits: usize,
     /// Which kernel classes to queue ([`class`]).
     mask: u8,
-    /// One token through the fused GEMVs ([`fused_layers`]).
+    /// A decode step (one token) through the fused GEMVs ([`fused_layers`]).
     fused: bool,
+    /// With `fused`, the o GEMV also combines the attention's splits.
+    fused_combine: bool,
     /// Keys the forward's last query sees (pos + rows), for the prefill attention GEMMs.
     keys: usize,
     /// Prefill attention scores `[kv_heads][rows][keys]` f32 and probabilities (bf16), or 0.
@@ -842,7 +859,8 @@ unsafe fn layers(
     acts: &mut Acts,
     rows: usize,
 ) -> Result<()> {
-    if sc.fused && rows == 1 {
+    if sc.fused {
+        assert_eq!(rows, 1, "the fused layers are a decode step's");
         // SAFETY: the caller's contract.
         return unsafe { fused_layers(k, cfg, sc, m, acts) };
     }
@@ -921,9 +939,10 @@ unsafe fn layers(
 
 /// [`layers`] for one token through the fused GEMVs: per layer the q/k/v GEMV with the input
 /// norm in its x load, the q/k/v epilogue, the attention's splits, the o GEMV with their
-/// combine in its x load adding its output to x, the gate/up GEMV with the post-attention
-/// norm, the down GEMV with SwiGLU adding its output to x. On return x holds the residual
-/// stream after the last layer (tmp, h and attn are not used).
+/// combine in its x load (with `sc.fused_combine`; else the attention's own combine first)
+/// adding its output to x, the gate/up GEMV with the post-attention norm, the down GEMV with
+/// SwiGLU adding its output to x. On return x holds the residual stream after the last layer
+/// (tmp and h are not used).
 ///
 /// # Safety
 /// As [`layers`] with `rows` = 1, and the model's shapes fit ([`fused_decode_fits`]).
@@ -941,13 +960,20 @@ unsafe fn fused_layers(
     );
     let eps = cfg.rms_norm_eps as f32;
     let x = k.addr(&acts.x, 0);
-    let combine = FusedX::CombineResidual {
-        part_o: k.addr(&acts.part_o, 0),
-        part_ml: k.addr(&acts.part_ml, 0),
-        pos: sc.pos,
-        head_dim: cfg.head_dim,
-        splits: sc.splits,
-        chunk: sc.chunk,
+    let o_input = if sc.fused_combine {
+        FusedX::CombineResidual {
+            part_o: k.addr(&acts.part_o, 0),
+            part_ml: k.addr(&acts.part_ml, 0),
+            pos: sc.pos,
+            head_dim: cfg.head_dim,
+            splits: sc.splits,
+            chunk: sc.chunk,
+        }
+    } else {
+        // the attention combined its splits into attn
+        FusedX::Residual {
+            x: k.addr(&acts.attn, 0),
+        }
     };
     for (l, layer) in m.layers.iter().enumerate() {
         let norm = |w: &CudaSlice<f32>| FusedX::Norm {
@@ -963,7 +989,7 @@ unsafe fn fused_layers(
             }
             attention_block(k, cfg, sc, m, l, acts, 1, small, attn)?;
             if gemv {
-                k.gemv_fused_async(&combine, &layer.o, x)?;
+                k.gemv_fused_async(&o_input, &layer.o, x)?;
                 k.gemv_fused_async(&norm(&layer.post_norm), &layer.gate_up, k.addr(&acts.gu, 0))?;
                 let swiglu = FusedX::SwigluResidual {
                     gate_up: k.addr(&acts.gu, 0),
@@ -1072,8 +1098,8 @@ unsafe fn attention_block(
         if rows > GEMV_MAX_ROWS {
             return attention_gemm(k, cfg, sc, acts, rows, post.k_cache, post.v_cache);
         }
-        // fused, the o GEMV combines the splits (fused_layers)
-        let out = (!sc.fused).then(|| k.addr(&acts.attn, 0));
+        // the fused o GEMV may combine the splits itself (fused_layers)
+        let out = (!(sc.fused && sc.fused_combine)).then(|| k.addr(&acts.attn, 0));
         k.attention_async(
             post.q_out,
             post.k_cache,

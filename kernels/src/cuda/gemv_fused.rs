@@ -21,6 +21,15 @@ const ROWS_PER_WARP: usize = 4;
 /// Most heads the fused combine takes (`KILN_FUSED_COMBINE_MAX_HEADS` in the kernel).
 pub const FUSED_COMBINE_MAX_HEADS: usize = 128;
 
+/// Most attention splits the engine lets the o GEMV combine: every block of the o GEMV
+/// combines every head, reading `splits · K` partial outputs, so at many splits (long
+/// contexts) the separate combine, which reads them once, is the cheaper one.
+pub const FUSED_COMBINE_MAX_SPLITS: usize = 32;
+
+/// Bytes of a block's shared memory kept for the fused kernels' static arrays (1.25 KiB: the
+/// GEMV's reduction, the norm's, the combine's per-head statistics); the rest may hold x.
+pub(crate) const FUSED_STATIC_SMEM: usize = 4 << 10;
+
 /// What a fused GEMV computes its x from (each f32 on the device), and where its output goes.
 #[derive(Clone, Copy, Debug)]
 pub enum FusedX {
@@ -42,9 +51,15 @@ pub enum FusedX {
         /// The gate and up tensor scales.
         scales: DevAddr,
     },
+    /// `y += W · x`: x as is (K floats) — the o GEMV after a separate combine.
+    Residual {
+        /// The GEMV's input.
+        x: DevAddr,
+    },
     /// `y += W · combine(part_o, part_ml)`: the attention's split outputs of one token as
     /// [`CudaKernels::attention_async`] without `out` left them, combined as
-    /// `kiln_attention_combine` does; K = heads · head_dim.
+    /// `kiln_attention_combine` does; K = heads · head_dim. Shared memory: K + heads · splits
+    /// floats ([`CudaKernels::fused_combine_fits`]).
     CombineResidual {
         /// Partial outputs `[heads][splits][head_dim]`.
         part_o: DevAddr,
@@ -67,7 +82,23 @@ impl CudaKernels {
     pub fn fused_gemv_fits(&self, n: usize, k: usize) -> bool {
         self.default_gemv_kernel(1, n, k) == GemvKernel::CUDA_CORE
             && k.is_multiple_of(32)
-            && k * 4 <= self.smem_optin
+            && k * 4 + FUSED_STATIC_SMEM <= self.smem_optin
+    }
+
+    /// Whether the fused combine can run for an o projection `[n, heads · head_dim]` with
+    /// `splits` attention splits: [`CudaKernels::fused_gemv_fits`], at most
+    /// [`FUSED_COMBINE_MAX_HEADS`] heads, and x with the splits' weights in shared memory.
+    pub fn fused_combine_fits(
+        &self,
+        n: usize,
+        heads: usize,
+        head_dim: usize,
+        splits: usize,
+    ) -> bool {
+        let k = heads * head_dim;
+        self.fused_gemv_fits(n, k)
+            && heads <= FUSED_COMBINE_MAX_HEADS
+            && (k + heads * splits) * 4 + FUSED_STATIC_SMEM <= self.smem_optin
     }
 
     /// Queue `y (+)= W · x(src)` for one token as a chained launch (see [`FusedX`]).
@@ -92,10 +123,17 @@ impl CudaKernels {
             )));
         }
         let ksplit = cuda_core_ksplit(n, k, ROWS_PER_WARP, self.sm_count as usize);
+        let x_floats = match *src {
+            FusedX::Residual { .. } => 0,
+            FusedX::CombineResidual {
+                head_dim, splits, ..
+            } => k + k / head_dim.max(1) * splits,
+            _ => k,
+        };
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(ROWS_PER_WARP * (8 / ksplit)) as u32, 1, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: (k * 4) as u32,
+            shared_mem_bytes: (x_floats * 4) as u32,
         };
         let s = &self.stream;
         let (packed, scales, tensor_scale) = (
@@ -125,6 +163,12 @@ impl CudaKernels {
                 unsafe { launch_chained(s, &f.norm, cfg, &mut p) }
                     .map_err(drv("launching kiln_gemv_cc_m1_norm"))
             }
+            FusedX::Residual { x } => {
+                let mut p = vec![param(&x)];
+                tail(&mut p);
+                unsafe { launch_chained(s, &f.residual, cfg, &mut p) }
+                    .map_err(drv("launching kiln_gemv_cc_m1_residual"))
+            }
             FusedX::SwigluResidual { gate_up, scales } => {
                 let mut p = vec![param(&gate_up), param(&scales)];
                 tail(&mut p);
@@ -141,11 +185,13 @@ impl CudaKernels {
             } => {
                 if head_dim == 0
                     || !k.is_multiple_of(head_dim)
-                    || k / head_dim > FUSED_COMBINE_MAX_HEADS
+                    || !self.fused_combine_fits(n, k / head_dim, head_dim, splits)
                 {
                     return Err(KernelError::InvalidArgument(format!(
                         "the fused combine needs K = heads · head_dim with at most \
-                         {FUSED_COMBINE_MAX_HEADS} heads; K = {k}, head_dim = {head_dim}"
+                         {FUSED_COMBINE_MAX_HEADS} heads and x with heads · splits weights in \
+                         shared memory; K = {k}, head_dim = {head_dim}, {splits} splits — \
+                         combine separately (attention_async with an output) instead"
                     )));
                 }
                 let (hd, sp, ch) = (head_dim as i32, splits as i32, chunk as i32);

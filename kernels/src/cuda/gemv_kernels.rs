@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream};
 
 use super::driver::drv;
+use super::gemv_fused::FUSED_STATIC_SMEM;
 use crate::KernelError;
 
 /// A CUDA-core kernel (`gemv_cuda_core.cu`): (m, rows of W per warp).
@@ -184,6 +185,7 @@ impl GemvFunctions {
             })?,
             fused: FusedGemvFunctions {
                 norm: func("gemv_cuda_core.cu", "kiln_gemv_cc_m1_norm")?,
+                residual: func("gemv_cuda_core.cu", "kiln_gemv_cc_m1_residual")?,
                 swiglu_residual: func("gemv_cuda_core.cu", "kiln_gemv_cc_m1_swiglu_residual")?,
                 combine_residual: func("gemv_cuda_core.cu", "kiln_gemv_cc_m1_combine_residual")?,
             },
@@ -202,18 +204,23 @@ impl GemvFunctions {
             .iter()
             .map(|(_, func)| func)
             .chain(f.tensor_core.iter().map(|(_, func)| func))
-            .chain(f.split_k.iter().map(|(_, func)| func))
-            .chain([
-                &f.fused.norm,
-                &f.fused.swiglu_residual,
-                &f.fused.combine_residual,
-            ]);
+            .chain(f.split_k.iter().map(|(_, func)| func));
         #[cfg(feature = "bench")]
         let dynamic_smem = dynamic_smem.chain(&f.probes);
-        for func in dynamic_smem {
+        // (the driver refuses a dynamic limit that leaves no room for a kernel's static shared
+        // memory: the tensor-core kernels have none, the fused ones up to FUSED_STATIC_SMEM)
+        let fused = [
+            &f.fused.norm,
+            &f.fused.swiglu_residual,
+            &f.fused.combine_residual,
+        ];
+        let limits = dynamic_smem
+            .map(|func| (func, smem_optin))
+            .chain(fused.map(|func| (func, smem_optin.saturating_sub(FUSED_STATIC_SMEM))));
+        for (func, limit) in limits {
             func.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem_optin as i32,
+                limit as i32,
             )
             .map_err(drv("raising the GEMV kernel's shared-memory limit"))?;
         }
@@ -245,6 +252,8 @@ impl GemvFunctions {
 /// and the attention's combine, folded into the x load with the residual add in the store.
 pub(crate) struct FusedGemvFunctions {
     pub(crate) norm: CudaFunction,
+    /// x as is, the residual add in the store (the o GEMV after a separate combine).
+    pub(crate) residual: CudaFunction,
     pub(crate) swiglu_residual: CudaFunction,
     pub(crate) combine_residual: CudaFunction,
 }
