@@ -2,7 +2,8 @@
 # Registers, spills and stack of every CUDA kernel as ptxas assembles it for sm_90 — no GPU
 # needed. NVRTC (what .ci/run installs) compiles each kernel file to PTX; ptxas comes from the
 # nvidia-cuda-nvcc pip wheel, fetched once into target/ptxas. A kernel that spills or sits at
-# 255 registers is worth a look before it costs device time.
+# 255 registers is worth a look before it costs device time; static shared memory (bytes) must
+# leave room for whatever dynamic shared memory its launcher asks for.
 #
 #   scripts/ptxas-check.sh [FILTER]    FILTER: only kernels whose name contains it
 set -euo pipefail
@@ -25,13 +26,18 @@ ptx_dir="$target_dir/ptx-dump"
 rm -rf "$ptx_dir"
 KILN_PTX_DUMP="$ptx_dir" LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
     cargo test -q -p kiln-kernels --lib every_kernel_compiles_with_nvrtc > /dev/null
-printf '%-44s %5s %8s %8s\n' kernel regs spill-st stack
+printf '%-44s %5s %8s %8s %11s\n' kernel regs spill-st stack static-smem
 for f in "$ptx_dir"/*.ptx; do
     "$ptxas" -arch=sm_90 -v "$f" -o /dev/null 2>&1 | awk -v filter="${1:-}" '
         /Compiling entry function/ { name = $7; gsub(/\047/, "", name) }
         /bytes stack frame/ { stack = $1; spill = $5 }
         /Used [0-9]+ registers/ {
-            for (i = 1; i <= NF; i++) if ($i == "Used") regs = $(i + 1)
-            if (filter == "" || index(name, filter)) printf "%-44s %5s %8s %8s\n", name, regs, spill, stack
+            regs = 0; smem = 0
+            for (i = 1; i <= NF; i++) {
+                if ($i == "Used") regs = $(i + 1)
+                if ($i ~ /^smem/) smem = $(i - 2)
+            }
+            if (filter == "" || index(name, filter))
+                printf "%-44s %5s %8s %8s %11s\n", name, regs, spill, stack, smem
         }'
 done
