@@ -28,7 +28,7 @@
 // KilnXCombine below) and y[n] += W·x replaces y[n] = W·x. Each computes the bits the separate
 // kernels (decode.cu) compute: the same per-element functions (decode_ops.cuh), the same
 // reduction orders. Dynamic shared memory: K floats (the combine: + heads · splits); static:
-// at most 1.25 KiB (src/cuda/gemv_fused.rs reserves 4 KiB of the block's limit for it).
+// up to 1,152 bytes (the loader, src/cuda/gemv_kernels.rs, reads it and leaves room for it).
 
 // kiln_ld_stream (the weight loads) and the chained-launch helpers are in nvfp4_common.cuh.
 #include "block_reduce.cuh"

@@ -26,10 +26,6 @@ pub const FUSED_COMBINE_MAX_HEADS: usize = 128;
 /// contexts) the separate combine, which reads them once, is the cheaper one.
 pub const FUSED_COMBINE_MAX_SPLITS: usize = 32;
 
-/// Bytes of a block's shared memory kept for the fused kernels' static arrays (1.25 KiB: the
-/// GEMV's reduction, the norm's, the combine's per-head statistics); the rest may hold x.
-pub(crate) const FUSED_STATIC_SMEM: usize = 4 << 10;
-
 /// What a fused GEMV computes its x from (each f32 on the device), and where its output goes.
 #[derive(Clone, Copy, Debug)]
 pub enum FusedX {
@@ -82,7 +78,7 @@ impl CudaKernels {
     pub fn fused_gemv_fits(&self, n: usize, k: usize) -> bool {
         self.default_gemv_kernel(1, n, k) == GemvKernel::CUDA_CORE
             && k.is_multiple_of(32)
-            && k * 4 + FUSED_STATIC_SMEM <= self.smem_optin
+            && k * 4 <= self.f.gemv.fused.x_bytes
     }
 
     /// Whether the fused combine can run for an o projection `[n, heads · head_dim]` with
@@ -98,7 +94,7 @@ impl CudaKernels {
         let k = heads * head_dim;
         self.fused_gemv_fits(n, k)
             && heads <= FUSED_COMBINE_MAX_HEADS
-            && (k + heads * splits) * 4 + FUSED_STATIC_SMEM <= self.smem_optin
+            && (k + heads * splits) * 4 <= self.f.gemv.fused.x_bytes
     }
 
     /// Queue `y (+)= W · x(src)` for one token as a chained launch (see [`FusedX`]).
@@ -119,7 +115,7 @@ impl CudaKernels {
                 "the fused GEMV runs only where the CUDA-core kernel is the m = 1 default and x \
                  fits in shared memory (K % 32 == 0, 4·K ≤ {} bytes); W is [{n}, {k}] — queue \
                  the separate kernels instead",
-                self.smem_optin
+                self.f.gemv.fused.x_bytes
             )));
         }
         let ksplit = cuda_core_ksplit(n, k, ROWS_PER_WARP, self.sm_count as usize);

@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream};
 
 use super::driver::drv;
-use super::gemv_fused::FUSED_STATIC_SMEM;
 use crate::KernelError;
 
 /// A CUDA-core kernel (`gemv_cuda_core.cu`): (m, rows of W per warp).
@@ -164,7 +163,7 @@ impl GemvFunctions {
         ) -> Result<Vec<(C, CudaFunction)>, KernelError> {
             configs.into_iter().map(|c| Ok((c, load(c)?))).collect()
         }
-        let f = GemvFunctions {
+        let mut f = GemvFunctions {
             cuda_core: each(
                 built(CUDA_CORE_KERNELS, experiments::CUDA_CORE_KERNELS),
                 |c| func("gemv_cuda_core.cu", &cuda_core_name(c)),
@@ -184,6 +183,7 @@ impl GemvFunctions {
                 func("gemv_tensor_core_split_k.cu", &split_k_name(c))
             })?,
             fused: FusedGemvFunctions {
+                x_bytes: 0,
                 norm: func("gemv_cuda_core.cu", "kiln_gemv_cc_m1_norm")?,
                 residual: func("gemv_cuda_core.cu", "kiln_gemv_cc_m1_residual")?,
                 swiglu_residual: func("gemv_cuda_core.cu", "kiln_gemv_cc_m1_swiglu_residual")?,
@@ -207,23 +207,33 @@ impl GemvFunctions {
             .chain(f.split_k.iter().map(|(_, func)| func));
         #[cfg(feature = "bench")]
         let dynamic_smem = dynamic_smem.chain(&f.probes);
-        // (the driver refuses a dynamic limit that leaves no room for a kernel's static shared
-        // memory: the tensor-core kernels have none, the fused ones up to FUSED_STATIC_SMEM)
+        for func in dynamic_smem {
+            func.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem_optin as i32,
+            )
+            .map_err(drv("raising the GEMV kernel's shared-memory limit"))?;
+        }
+        // the fused kernels have static shared memory too, and the driver refuses a dynamic
+        // limit that leaves no room for it
         let fused = [
             &f.fused.norm,
             &f.fused.swiglu_residual,
             &f.fused.combine_residual,
         ];
-        let limits = dynamic_smem
-            .map(|func| (func, smem_optin))
-            .chain(fused.map(|func| (func, smem_optin.saturating_sub(FUSED_STATIC_SMEM))));
-        for (func, limit) in limits {
+        let mut static_bytes = 0;
+        for func in fused {
+            static_bytes = static_bytes.max(static_smem(func)?);
+        }
+        let x_bytes = smem_optin.saturating_sub(static_bytes);
+        for func in fused {
             func.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                limit as i32,
+                x_bytes as i32,
             )
-            .map_err(drv("raising the GEMV kernel's shared-memory limit"))?;
+            .map_err(drv("raising the fused GEMV kernel's shared-memory limit"))?;
         }
+        f.fused.x_bytes = x_bytes;
         Ok(f)
     }
 
@@ -251,11 +261,30 @@ impl GemvFunctions {
 /// The decode step's fused GEMVs (`gemv_cuda_core.cu`): RMSNorm folded into the x load; SwiGLU,
 /// and the attention's combine, folded into the x load with the residual add in the store.
 pub(crate) struct FusedGemvFunctions {
+    /// Dynamic shared memory each may use (the device's opt-in limit less their largest
+    /// static shared memory).
+    pub(crate) x_bytes: usize,
     pub(crate) norm: CudaFunction,
     /// x as is, the residual add in the store (the o GEMV after a separate combine).
     pub(crate) residual: CudaFunction,
     pub(crate) swiglu_residual: CudaFunction,
     pub(crate) combine_residual: CudaFunction,
+}
+
+/// Bytes of static shared memory `func` declares.
+fn static_smem(func: &CudaFunction) -> Result<usize, KernelError> {
+    let mut v: std::ffi::c_int = 0;
+    // SAFETY: a live function handle and a valid out-pointer.
+    unsafe {
+        cudarc::driver::sys::cuFuncGetAttribute(
+            &mut v,
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+            func.cu_function(),
+        )
+    }
+    .result()
+    .map_err(drv("reading a GEMV kernel's static shared memory"))?;
+    Ok(v.max(0) as usize)
 }
 
 fn find<C: PartialEq>(loaded: &[(C, CudaFunction)], c: C) -> Option<&CudaFunction> {
