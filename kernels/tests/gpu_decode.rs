@@ -673,6 +673,7 @@ fn fused_decode_gemvs_equal_the_separate_kernels() {
     };
     let (hidden, inter, nh, kvh, hd) = (896usize, 4864usize, 14usize, 2usize, 64usize);
     let eps = 1e-6f32;
+    assert_eq!(k.fused_gemv_load_error(), None, "the fused GEMVs must load");
 
     // RMSNorm folded into the q/k/v and gate/up GEMVs (K = hidden); and a hidden size over
     // 1024 (the separate norm's threads stride the row) with K split across warps

@@ -311,6 +311,12 @@ impl CudaSequence {
     /// kernels fewer per layer. Errors when `on` and the model's shapes cannot run fused
     /// ([`fused_decode_fits`]).
     pub fn set_fused_decode(&mut self, on: bool) -> Result<()> {
+        if let (true, Some(e)) = (on, self.k.fused_gemv_load_error()) {
+            return Err(EngineError::InvalidArgument(format!(
+                "the fused decode GEMVs did not load on this GPU ({e}); decode runs the separate \
+                 kernels"
+            )));
+        }
         if on && !fused_decode_fits(&self.k, &self.cfg) {
             return Err(EngineError::InvalidArgument(format!(
                 "the fused decode GEMVs need every layer matrix under 16 Mi weights (the \

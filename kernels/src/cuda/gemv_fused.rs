@@ -73,12 +73,20 @@ pub enum FusedX {
 }
 
 impl CudaKernels {
+    /// Why the fused GEMVs did not load, if they did not (the separate kernels are unaffected).
+    pub fn fused_gemv_load_error(&self) -> Option<&str> {
+        self.f.gemv.fused.as_ref().err().map(String::as_str)
+    }
+
     /// Whether the fused GEMVs can run W `[n, k]`: the CUDA-core kernel is the m = 1 default at
     /// this shape (the fused kernels are that kernel) and x fits in shared memory.
     pub fn fused_gemv_fits(&self, n: usize, k: usize) -> bool {
+        let Ok(fused) = &self.f.gemv.fused else {
+            return false;
+        };
         self.default_gemv_kernel(1, n, k) == GemvKernel::CUDA_CORE
             && k.is_multiple_of(32)
-            && k * 4 <= self.f.gemv.fused.x_bytes
+            && k * 4 <= fused.x_bytes
     }
 
     /// Whether the fused combine can run for an o projection `[n, heads · head_dim]` with
@@ -94,7 +102,12 @@ impl CudaKernels {
         let k = heads * head_dim;
         self.fused_gemv_fits(n, k)
             && heads <= FUSED_COMBINE_MAX_HEADS
-            && (k + heads * splits) * 4 <= self.f.gemv.fused.x_bytes
+            && self
+                .f
+                .gemv
+                .fused
+                .as_ref()
+                .is_ok_and(|f| (k + heads * splits) * 4 <= f.x_bytes)
     }
 
     /// Queue `y (+)= W · x(src)` for one token as a chained launch (see [`FusedX`]).
@@ -110,12 +123,15 @@ impl CudaKernels {
         y: DevAddr,
     ) -> Result<(), KernelError> {
         let (n, k) = (w.rows, w.cols);
+        let f = self.f.gemv.fused.as_ref().map_err(|e| {
+            KernelError::InvalidArgument(format!("the fused decode GEMVs did not load: {e}"))
+        })?;
         if !self.fused_gemv_fits(n, k) {
             return Err(KernelError::InvalidArgument(format!(
                 "the fused GEMV runs only where the CUDA-core kernel is the m = 1 default and x \
                  fits in shared memory (K % 32 == 0, 4·K ≤ {} bytes); W is [{n}, {k}] — queue \
                  the separate kernels instead",
-                self.f.gemv.fused.x_bytes
+                f.x_bytes
             )));
         }
         let ksplit = cuda_core_ksplit(n, k, ROWS_PER_WARP, self.sm_count as usize);
@@ -138,7 +154,6 @@ impl CudaKernels {
             w.tensor_scale.device_ptr(s).0,
         );
         let (ni, ki, ks) = (n as i32, k as i32, ksplit as i32);
-        let f = &self.f.gemv.fused;
         let tail = |p: &mut Vec<*mut std::ffi::c_void>| {
             p.extend([
                 param(&packed),

@@ -143,8 +143,10 @@ pub(crate) struct GemvFunctions {
     pub(crate) tensor_core_hilo: Vec<(usize, CudaFunction)>,
     pub(crate) tensor_core: Vec<(TensorCoreConfig, CudaFunction)>,
     pub(crate) split_k: Vec<(SplitKConfig, CudaFunction)>,
-    /// The decode step's fused GEMVs (`kiln_gemv_cc_m1_*`, see [`super::gemv_fused`]).
-    pub(crate) fused: FusedGemvFunctions,
+    /// The decode step's fused GEMVs (`kiln_gemv_cc_m1_*`, see [`super::gemv_fused`]), or why
+    /// they could not be loaded (kept apart so that a failure there leaves every other kernel,
+    /// and the separate decode kernels, usable).
+    pub(crate) fused: Result<FusedGemvFunctions, String>,
     /// `kiln_gemv_tensor_core_probe{1,2,3}`.
     #[cfg(feature = "bench")]
     pub(crate) probes: Vec<CudaFunction>,
@@ -163,7 +165,7 @@ impl GemvFunctions {
         ) -> Result<Vec<(C, CudaFunction)>, KernelError> {
             configs.into_iter().map(|c| Ok((c, load(c)?))).collect()
         }
-        let mut f = GemvFunctions {
+        let f = GemvFunctions {
             cuda_core: each(
                 built(CUDA_CORE_KERNELS, experiments::CUDA_CORE_KERNELS),
                 |c| func("gemv_cuda_core.cu", &cuda_core_name(c)),
@@ -182,13 +184,10 @@ impl GemvFunctions {
             split_k: each(built(SPLIT_K_KERNELS, experiments::SPLIT_K_KERNELS), |c| {
                 func("gemv_tensor_core_split_k.cu", &split_k_name(c))
             })?,
-            fused: FusedGemvFunctions {
-                x_bytes: 0,
-                norm: func("gemv_cuda_core.cu", "kiln_gemv_cc_m1_norm")?,
-                residual: func("gemv_cuda_core.cu", "kiln_gemv_cc_m1_residual")?,
-                swiglu_residual: func("gemv_cuda_core.cu", "kiln_gemv_cc_m1_swiglu_residual")?,
-                combine_residual: func("gemv_cuda_core.cu", "kiln_gemv_cc_m1_combine_residual")?,
-            },
+            fused: FusedGemvFunctions::load(func, smem_optin).map_err(|e| {
+                tracing::warn!("the fused decode GEMVs did not load ({e}); decode steps run the separate kernels");
+                e.to_string()
+            }),
             #[cfg(feature = "bench")]
             probes: (1..=experiments::PROBES)
                 .map(|p| {
@@ -214,26 +213,6 @@ impl GemvFunctions {
             )
             .map_err(drv("raising the GEMV kernel's shared-memory limit"))?;
         }
-        // the fused kernels have static shared memory too, and the driver refuses a dynamic
-        // limit that leaves no room for it
-        let fused = [
-            &f.fused.norm,
-            &f.fused.swiglu_residual,
-            &f.fused.combine_residual,
-        ];
-        let mut static_bytes = 0;
-        for func in fused {
-            static_bytes = static_bytes.max(static_smem(func)?);
-        }
-        let x_bytes = smem_optin.saturating_sub(static_bytes);
-        for func in fused {
-            func.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                x_bytes as i32,
-            )
-            .map_err(drv("raising the fused GEMV kernel's shared-memory limit"))?;
-        }
-        f.fused.x_bytes = x_bytes;
         Ok(f)
     }
 
@@ -269,6 +248,39 @@ pub(crate) struct FusedGemvFunctions {
     pub(crate) residual: CudaFunction,
     pub(crate) swiglu_residual: CudaFunction,
     pub(crate) combine_residual: CudaFunction,
+}
+
+impl FusedGemvFunctions {
+    /// Load the fused kernels and let them use the device's opt-in shared memory less their
+    /// static shared memory (the driver refuses a dynamic limit that leaves no room for it).
+    fn load(
+        func: &dyn Fn(&str, &str) -> Result<CudaFunction, KernelError>,
+        smem_optin: usize,
+    ) -> Result<Self, KernelError> {
+        let f = |name: &str| func("gemv_cuda_core.cu", name);
+        let mut fused = FusedGemvFunctions {
+            x_bytes: 0,
+            norm: f("kiln_gemv_cc_m1_norm")?,
+            residual: f("kiln_gemv_cc_m1_residual")?,
+            swiglu_residual: f("kiln_gemv_cc_m1_swiglu_residual")?,
+            combine_residual: f("kiln_gemv_cc_m1_combine_residual")?,
+        };
+        let with_x = [&fused.norm, &fused.swiglu_residual, &fused.combine_residual];
+        let mut static_bytes = 0;
+        for func in with_x {
+            static_bytes = static_bytes.max(static_smem(func)?);
+        }
+        let x_bytes = smem_optin.saturating_sub(static_bytes);
+        for func in with_x {
+            func.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                x_bytes as i32,
+            )
+            .map_err(drv("raising the fused GEMV kernel's shared-memory limit"))?;
+        }
+        fused.x_bytes = x_bytes;
+        Ok(fused)
+    }
 }
 
 /// Bytes of static shared memory `func` declares.
