@@ -136,6 +136,11 @@ pub fn run_gpu_bench(
     progress: &mut dyn FnMut(&str),
 ) -> Result<GpuBench> {
     let k = Arc::new(CudaKernels::new(ordinal)?);
+    if let (true, Some(e)) = (opts.fused_decode, k.fused_gemv_load_error()) {
+        return Err(crate::error::EngineError::InvalidArgument(format!(
+            "--fused-decode: the fused decode GEMVs did not load on this GPU: {e}"
+        )));
+    }
     let mut rows = Vec::new();
     progress("tiny model: uploading");
     let tiny = crate::chat_model::ChatModel::tiny(&Default::default())?;
