@@ -382,8 +382,8 @@ fn decode_run(
 /// The fused decode GEMVs (norms, SwiGLU and the attention's combine folded into the GEMVs'
 /// x load, the residual adds into their stores) give the separate kernels' bits: the same
 /// tokens and the same logits, bit for bit, at every step — on the tiny model's real weights,
-/// a 2-layer Llama and the Qwen2.5-0.5B shape, with the graph and with plain launches. A prompt
-/// over 8 tokens (the GEMM path) and one under (the GEMV path, never fused) lead in; the 0.5B
+/// a 2-layer Llama and the Qwen2.5-0.5B shape, with the graph and with plain launches. A
+/// 20-token prompt (8-row batches) and a 5-token one lead in (prompts are never fused); the 0.5B
 /// shape also in a 4,096-position cache, whose attention splits are too many for the o GEMV to
 /// combine (the attention's own combine runs, the o GEMV only adds the residual).
 #[test]
