@@ -319,10 +319,12 @@ impl CudaSequence {
         }
         if on && !fused_decode_fits(&self.k, &self.cfg) {
             return Err(EngineError::InvalidArgument(format!(
-                "the fused decode GEMVs need every layer matrix under 16 Mi weights (the \
-                 CUDA-core GEMV's regime); this model (hidden {}, intermediate {}) runs the \
-                 separate kernels",
-                self.cfg.hidden_size, self.cfg.intermediate_size
+                "the fused decode GEMVs need every layer matrix in the CUDA-core GEMV's regime \
+                 (under 16 Mi weights), K a multiple of 32 and x in shared memory (K up to {}); \
+                 this model (hidden {}, intermediate {}) runs the separate kernels",
+                self.k.fused_gemv_max_k(),
+                self.cfg.hidden_size,
+                self.cfg.intermediate_size
             )));
         }
         if on != self.fused_decode {

@@ -78,6 +78,11 @@ impl CudaKernels {
         self.f.gemv.fused.as_ref().err().map(String::as_str)
     }
 
+    /// The widest K whose x fits in the fused GEMVs' shared memory (0 when they did not load).
+    pub fn fused_gemv_max_k(&self) -> usize {
+        self.f.gemv.fused.as_ref().map_or(0, |f| f.x_bytes / 4)
+    }
+
     /// Whether the fused GEMVs can run W `[n, k]`: the CUDA-core kernel is the m = 1 default at
     /// this shape (the fused kernels are that kernel) and x fits in shared memory.
     pub fn fused_gemv_fits(&self, n: usize, k: usize) -> bool {

@@ -154,7 +154,8 @@ pub(crate) struct GemvFunctions {
 
 impl GemvFunctions {
     /// Load every GEMV kernel this build has with `func(file, name)`, and let the tensor-core
-    /// and the fused ones use up to `smem_optin` bytes of dynamic shared memory.
+    /// ones use up to `smem_optin` bytes of dynamic shared memory (the fused ones that less
+    /// their static shared memory; their loading failing leaves the rest usable).
     pub(crate) fn load(
         func: &dyn Fn(&str, &str) -> Result<CudaFunction, KernelError>,
         smem_optin: usize,
@@ -285,17 +286,11 @@ impl FusedGemvFunctions {
 
 /// Bytes of static shared memory `func` declares.
 fn static_smem(func: &CudaFunction) -> Result<usize, KernelError> {
-    let mut v: std::ffi::c_int = 0;
-    // SAFETY: a live function handle and a valid out-pointer.
-    unsafe {
-        cudarc::driver::sys::cuFuncGetAttribute(
-            &mut v,
+    let v = func
+        .get_attribute(
             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
-            func.cu_function(),
         )
-    }
-    .result()
-    .map_err(drv("reading a GEMV kernel's static shared memory"))?;
+        .map_err(drv("reading a GEMV kernel's static shared memory"))?;
     Ok(v.max(0) as usize)
 }
 
