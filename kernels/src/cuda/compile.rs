@@ -39,6 +39,10 @@ pub const HEADERS: &[(&str, &str)] = &[
         include_str!("../../cuda/flash_attention.cuh"),
     ),
     ("decode_ops.cuh", include_str!("../../cuda/decode_ops.cuh")),
+    (
+        "gemv_cuda_core.cuh",
+        include_str!("../../cuda/gemv_cuda_core.cuh"),
+    ),
 ];
 
 /// Every kernel file, in load order.
@@ -58,6 +62,10 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         file: "gemv_cuda_core.cu",
         source: include_str!("../../cuda/gemv_cuda_core.cu"),
+    },
+    KernelSource {
+        file: "gemv_fused.cu",
+        source: include_str!("../../cuda/gemv_fused.cu"),
     },
     KernelSource {
         file: "gemv_tensor_core_hilo.cu",

@@ -1,4 +1,4 @@
-//! The decode step's fused GEMVs (`gemv_cuda_core.cu`, `kiln_gemv_cc_m1_*`): the CUDA-core
+//! The decode step's fused GEMVs (`gemv_fused.cu`, `kiln_gemv_cc_m1_*`): the CUDA-core
 //! m = 1 GEMV with the small kernel that would run before it — RMSNorm, SwiGLU or the
 //! attention's combine — computed by every block into shared memory after the wait, and, for
 //! the o and down projections, the residual add folded into its store. One launch instead of

@@ -238,7 +238,7 @@ impl GemvFunctions {
     }
 }
 
-/// The decode step's fused GEMVs (`gemv_cuda_core.cu`): RMSNorm folded into the x load; SwiGLU,
+/// The decode step's fused GEMVs (`gemv_fused.cu`): RMSNorm folded into the x load; SwiGLU,
 /// and the attention's combine, folded into the x load with the residual add in the store.
 pub(crate) struct FusedGemvFunctions {
     /// Dynamic shared memory each may use (the device's opt-in limit less their largest
@@ -258,7 +258,7 @@ impl FusedGemvFunctions {
         func: &dyn Fn(&str, &str) -> Result<CudaFunction, KernelError>,
         smem_optin: usize,
     ) -> Result<Self, KernelError> {
-        let f = |name: &str| func("gemv_cuda_core.cu", name);
+        let f = |name: &str| func("gemv_fused.cu", name);
         let mut fused = FusedGemvFunctions {
             x_bytes: 0,
             norm: f("kiln_gemv_cc_m1_norm")?,

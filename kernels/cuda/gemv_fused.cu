@@ -1,0 +1,136 @@
+// gemv_fused.cu — the decode step's fused GEMVs (kiln_gemv_cc_m1_*, M = 1, 4 rows per warp;
+// launchers in src/cuda/gemv_fused.rs). A module of its own, so that a problem with these
+// kernels (they are off by default until measured) cannot keep the production GEMVs from
+// loading.
+//
+// The CUDA-core GEMV's body (gemv_cuda_core.cuh) with the decode step's small
+// kernel before it folded into its x load and, optionally, the residual add into its store —
+// x is computed after the wait by every block into shared memory (see KilnXNorm, KilnXSwiglu,
+// KilnXCombine below) and y[n] += W·x replaces y[n] = W·x. Each computes the bits the separate
+// kernels (decode.cu) compute: the same per-element functions (decode_ops.cuh), the same
+// reduction orders. Dynamic shared memory: K floats (the combine: + heads · splits); static:
+// up to 1,152 bytes (the loader, src/cuda/gemv_kernels.rs, reads it and leaves room for it).
+
+#include "block_reduce.cuh"
+#include "decode_ops.cuh"
+#include "gemv_cuda_core.cuh"
+
+// RMSNorm of the residual stream h [K] with weight w: x = h · r · w. The sum of squares in
+// kiln_add_rmsnorm's order: that kernel runs B = clamp(ceil32(K), 32, 1024) threads, thread t
+// summing h[t], h[t + B], ... in turn, then each warp's butterfly, then the warps' sums in
+// order; here the block's warps play its virtual warps warp, warp + 8, ...
+struct KilnXNorm {
+    const float* __restrict__ h;
+    const float* __restrict__ w;
+    float eps;
+    static constexpr bool kShared = true;
+    __device__ __forceinline__ void fill(float* xs, int K) const {
+        __shared__ float red[32];
+        const int B = min(max((K + 31) & ~31, 32), 1024);
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        for (int vw = warp; vw < (B >> 5); vw += (int)(blockDim.x >> 5)) {
+            float ss = 0.0f;
+            for (int i = (vw << 5) + lane; i < K; i += B) {
+                const float v = h[i];
+                ss += v * v;
+            }
+            ss = kiln_warp_sum(ss);
+            if (lane == 0) red[vw] = ss;
+        }
+        __syncthreads();
+        float ss = 0.0f;
+        for (int v = 0; v < (B >> 5); ++v) ss += red[v];
+        const float r = kiln_rms_scale(ss, K, eps);
+        for (int i = threadIdx.x; i < K; i += blockDim.x) xs[kiln_xs_index(i)] = h[i] * r * w[i];
+        __syncthreads();
+    }
+};
+
+// SwiGLU of the gate/up GEMV's output gu [2K] (gate, then up) with their tensor scales.
+struct KilnXSwiglu {
+    const float* __restrict__ gu;
+    const float* __restrict__ scale;
+    static constexpr bool kShared = true;
+    __device__ __forceinline__ void fill(float* xs, int K) const {
+        const float s0 = scale[0], s1 = scale[1];
+        for (int i = threadIdx.x; i < K; i += blockDim.x)
+            xs[kiln_xs_index(i)] = kiln_silu_mul(gu[i] * s0, gu[K + i] * s1);
+        __syncthreads();
+    }
+};
+
+// The decode attention's combine of one token: x[h·hd + e] over heads h < K / hd from the
+// splits' partial outputs (kiln_attention_combine's part_o / part_ml layout, T = 1). Each
+// (head, split)'s weight exp(m - max) is computed once into shared memory after x (nh · ns
+// floats; KILN_NEG_INF marks a split without positions), then each element sums
+// part_o · weight in split order — the separate kernel's operations on the same values.
+#define KILN_FUSED_COMBINE_MAX_HEADS 128
+struct KilnXCombine {
+    const float* __restrict__ part_o;
+    const float* __restrict__ part_ml;
+    const int* __restrict__ pos;
+    int hd, splits, chunk;
+    static constexpr bool kShared = true;
+    __device__ __forceinline__ void fill(float* xs, int K) const {
+        __shared__ float stat[2 * KILN_FUSED_COMBINE_MAX_HEADS];
+        const int nh = K / hd;
+        const int ns = kiln_combine_splits(*pos + 1, splits, chunk);
+        float* wts = xs + K;  // [nh][ns]
+        for (int h = threadIdx.x; h < nh; h += blockDim.x)
+            kiln_combine_stats(part_ml, (size_t)h * splits, ns, stat[2 * h], stat[2 * h + 1]);
+        __syncthreads();
+        for (int t = threadIdx.x; t < nh * ns; t += blockDim.x) {
+            const int h = t / ns, sp = t - h * ns;
+            const float m = part_ml[((size_t)h * splits + sp) * 2];
+            wts[t] = m == KILN_NEG_INF ? KILN_NEG_INF : expf(m - stat[2 * h]);
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < K; i += blockDim.x) {
+            const int h = i / hd, e = i - h * hd;
+            const float* po = part_o + (size_t)h * splits * hd + e;
+            const float* w = wts + h * ns;
+            float o = 0.0f;
+            for (int sp = 0; sp < ns; ++sp)
+                if (w[sp] != KILN_NEG_INF) o += po[(size_t)sp * hd] * w[sp];
+            xs[kiln_xs_index(i)] = o / stat[2 * h + 1];
+        }
+        __syncthreads();
+    }
+};
+
+// y = W · rmsnorm(h) (the q/k/v and gate/up GEMVs of a decode step, the norm folded in).
+extern "C" __global__ void __launch_bounds__(256, 3) kiln_gemv_cc_m1_norm(
+        const float* __restrict__ h, const float* __restrict__ w, float eps,
+        const u8* __restrict__ packed, const u8* __restrict__ scales,
+        const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
+    kiln_gemv_cuda_core_body<1, 4, KilnXNorm, false>(KilnXNorm{h, w, eps}, packed, scales, tensor_scale,
+                                                     y, N, K, ksplit);
+}
+
+// y += W · x (the o GEMV after a separate combine, the residual add folded in).
+extern "C" __global__ void __launch_bounds__(256, 3) kiln_gemv_cc_m1_residual(
+        const float* __restrict__ x, const u8* __restrict__ packed, const u8* __restrict__ scales,
+        const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
+    kiln_gemv_cuda_core_body<1, 4, KilnXGlobal, true>(KilnXGlobal{x}, packed, scales, tensor_scale, y, N, K,
+                                                      ksplit);
+}
+
+// y += W · swiglu(gu) (the down GEMV, SwiGLU and the residual add folded in; y the residual).
+extern "C" __global__ void __launch_bounds__(256, 3) kiln_gemv_cc_m1_swiglu_residual(
+        const float* __restrict__ gu, const float* __restrict__ scale,
+        const u8* __restrict__ packed, const u8* __restrict__ scales,
+        const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
+    kiln_gemv_cuda_core_body<1, 4, KilnXSwiglu, true>(KilnXSwiglu{gu, scale}, packed, scales, tensor_scale,
+                                                      y, N, K, ksplit);
+}
+
+// y += W · combine(part_o, part_ml) (the o GEMV, the attention's combine and the residual add
+// folded in; y the residual).
+extern "C" __global__ void __launch_bounds__(256, 3) kiln_gemv_cc_m1_combine_residual(
+        const float* __restrict__ part_o, const float* __restrict__ part_ml, const int* __restrict__ pos,
+        int hd, int splits, int chunk,
+        const u8* __restrict__ packed, const u8* __restrict__ scales,
+        const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
+    kiln_gemv_cuda_core_body<1, 4, KilnXCombine, true>(KilnXCombine{part_o, part_ml, pos, hd, splits, chunk},
+                                                       packed, scales, tensor_scale, y, N, K, ksplit);
+}
