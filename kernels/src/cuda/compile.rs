@@ -45,6 +45,11 @@ pub const HEADERS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Kernel files whose kernels the rest can do without: if one fails to compile or load, its
+/// kernels report that when asked for and everything else loads — the fused decode GEMVs
+/// (the separate kernels serve) and the flash train attention (the materialized one serves).
+pub const OPTIONAL_SOURCES: &[&str] = &["gemv_fused.cu", "attention_train.cu"];
+
 /// Every kernel file, in load order.
 pub const SOURCES: &[KernelSource] = &[
     KernelSource {
@@ -299,6 +304,16 @@ mod tests {
                 let name = src.file.replace(".cu", ".ptx");
                 std::fs::write(d.join(name), ptx.to_src()).unwrap();
             }
+        }
+    }
+
+    #[test]
+    fn optional_sources_are_kernel_files() {
+        for f in OPTIONAL_SOURCES {
+            assert!(
+                SOURCES.iter().any(|s| s.file == *f),
+                "{f} is not in SOURCES"
+            );
         }
     }
 

@@ -10,7 +10,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
-use super::compile::{arch_for, compile_cached, SOURCES};
+use super::compile::{arch_for, compile_cached, OPTIONAL_SOURCES, SOURCES};
 use super::decode::DecodeFunctions;
 use super::driver::drv;
 use super::gemv_kernels::{GemvFunctions, ScratchCell};
@@ -128,26 +128,44 @@ impl CudaKernels {
             .map_err(drv("reading the multiprocessor count"))? as u32;
         let arch = arch_for(compute_capability.0, compute_capability.1);
         let context_ms = started.elapsed().as_secs_f64() * 1e3;
-        let mut modules: Vec<(&str, Arc<CudaModule>)> = Vec::new();
+        // (an optional file that fails to compile or load leaves its kernels unavailable, with
+        // the reason; any other file failing fails the whole start)
+        let mut modules: Vec<(&str, Result<Arc<CudaModule>, String>)> = Vec::new();
         let mut ptx_from_cache = 0;
         for src in SOURCES {
-            let (ptx, cached) = compile_cached(src, arch)?;
-            ptx_from_cache += cached as usize;
-            let module = ctx.load_module(ptx).map_err(|e| KernelError::Cuda {
-                context: format!("loading the PTX of {}", src.file),
-                message: e.to_string(),
-            })?;
-            modules.push((src.file, module));
+            let loaded = compile_cached(src, arch).and_then(|(ptx, cached)| {
+                let module = ctx.load_module(ptx).map_err(|e| KernelError::Cuda {
+                    context: format!("loading the PTX of {}", src.file),
+                    message: e.to_string(),
+                })?;
+                Ok((module, cached))
+            });
+            match loaded {
+                Ok((module, cached)) => {
+                    ptx_from_cache += cached as usize;
+                    modules.push((src.file, Ok(module)));
+                }
+                Err(e) if OPTIONAL_SOURCES.contains(&src.file) => {
+                    tracing::warn!(file = src.file, "optional kernels unavailable: {e}");
+                    modules.push((src.file, Err(e.to_string())));
+                }
+                Err(e) => return Err(e),
+            }
         }
         let func = |file: &str, name: &str| -> Result<CudaFunction, KernelError> {
-            let m = &modules
+            let m = modules
                 .iter()
                 .find(|(f, _)| *f == file)
                 .ok_or_else(|| KernelError::Cuda {
                     context: format!("loading kernel {name}"),
                     message: format!("{file} is not among the compiled kernel files"),
                 })?
-                .1;
+                .1
+                .as_ref()
+                .map_err(|e| KernelError::Cuda {
+                    context: format!("loading kernel {name}"),
+                    message: format!("{file} did not compile or load: {e}"),
+                })?;
             m.load_function(name).map_err(|e| KernelError::Cuda {
                 context: format!("loading kernel {name} from {file}"),
                 message: e.to_string(),
