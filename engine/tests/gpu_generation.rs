@@ -357,17 +357,16 @@ fn float_models_are_quantized_on_the_gpu_to_the_cpus_bytes() {
 }
 
 /// Greedy tokens and every step's logits of `steps` decode steps after `prompt` in a cache of
-/// `capacity` positions, with the fused decode GEMVs on or off, with or without the captured
-/// graph.
+/// `capacity` positions, with the decode fusion `fusion`, with or without the captured graph.
 fn decode_run(
     m: &kiln_engine::cuda::CudaModel,
     prompt: &[u32],
     (steps, capacity): (usize, usize),
-    (fused, graph): (bool, bool),
+    (fusion, graph): (kiln_engine::cuda::DecodeFusion, bool),
 ) -> (Vec<u32>, Vec<Vec<f32>>) {
     use kiln_engine::cuda::CudaSequence;
     let mut seq = CudaSequence::new(m.kernels().clone(), m.config(), capacity).unwrap();
-    seq.set_fused_decode(fused).unwrap();
+    seq.set_decode_fusion(fusion).unwrap();
     seq.set_use_graph(graph);
     let mut tok = seq.forward(m, prompt, true).unwrap().unwrap();
     let (mut toks, mut logits) = (vec![tok], Vec::new());
@@ -380,7 +379,8 @@ fn decode_run(
 }
 
 /// The fused decode GEMVs (norms, SwiGLU and the attention's combine folded into the GEMVs'
-/// x load, the residual adds into their stores) give the separate kernels' bits: the same
+/// x load, the residual adds into their stores; and the form with SwiGLU apart) give the
+/// separate kernels' bits: the same
 /// tokens and the same logits, bit for bit, at every step — on the tiny model's real weights,
 /// a 2-layer Llama and the Qwen2.5-0.5B shape, with the graph and with plain launches. A
 /// 20-token prompt (8-row batches) and a 5-token one lead in (prompts are never fused); the 0.5B
@@ -389,7 +389,7 @@ fn decode_run(
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn fused_decode_steps_equal_the_separate_kernels() {
-    use kiln_engine::cuda::CudaModel;
+    use kiln_engine::cuda::{CudaModel, DecodeFusion};
     use std::sync::Arc;
     let k = Arc::new(kiln_kernels::cuda::CudaKernels::new(0).expect("a CUDA GPU"));
     let tiny = ChatModel::tiny(&Default::default()).unwrap();
@@ -414,13 +414,17 @@ fn fused_decode_steps_equal_the_separate_kernels() {
             runs.push((prompt(20), 4096));
         }
         for (p, cap) in runs {
-            let want = decode_run(m, &p, (24, cap), (false, true));
-            for graph in [true, false] {
-                let got = decode_run(m, &p, (24, cap), (true, graph));
+            let want = decode_run(m, &p, (24, cap), (DecodeFusion::Off, true));
+            for (fusion, graph) in [
+                (DecodeFusion::All, true),
+                (DecodeFusion::All, false),
+                (DecodeFusion::AllButSwiglu, true),
+            ] {
+                let got = decode_run(m, &p, (24, cap), (fusion, graph));
                 assert_eq!(
                     got.0,
                     want.0,
-                    "{name}, prompt {}, capacity {cap}, graph {graph}: tokens",
+                    "{name}, prompt {}, capacity {cap}, {fusion:?}, graph {graph}: tokens",
                     p.len()
                 );
                 let same = got
@@ -430,8 +434,8 @@ fn fused_decode_steps_equal_the_separate_kernels() {
                     .all(|(a, b)| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
                 assert!(
                     same,
-                    "{name}, prompt {}, capacity {cap}, graph {graph}: fused logits differ \
-                     from the separate kernels' (max |Δ| {})",
+                    "{name}, prompt {}, capacity {cap}, {fusion:?}, graph {graph}: fused logits \
+                     differ from the separate kernels' (max |Δ| {})",
                     p.len(),
                     max_diff(&got.1, &want.1)
                 );

@@ -11,7 +11,7 @@ use std::time::Instant;
 use kiln_kernels::cuda::CudaKernels;
 use serde::{Deserialize, Serialize};
 
-use super::sequence::class;
+use super::sequence::{class, DecodeFusion};
 use super::{CudaModel, CudaSequence, GpuWeightBytes};
 use crate::error::Result;
 use crate::model::ModelConfig;
@@ -32,8 +32,8 @@ pub struct GpuBenchOptions {
     /// Slab sizes (MiB of bf16) of the prompt GEMMs' dequantized weights to time the longest
     /// prompt with, besides the default (empty: none).
     pub prefill_slabs_mib: Vec<usize>,
-    /// Also decode with the fused GEMVs (`CudaSequence::set_fused_decode`), against the
-    /// default in the same run.
+    /// Also decode with the fused GEMVs, each form of [`DecodeFusion`] against the default
+    /// in the same run.
     pub fused_decode: bool,
 }
 
@@ -83,14 +83,16 @@ pub struct GpuModelRow {
     /// One decode step by kernel class, µs per replay: whole step, GEMVs, attention,
     /// norms/RoPE/SwiGLU/embedding, pick.
     pub step_us: StepSplit,
-    /// Decode with the fused GEMVs, when asked for.
+    /// Decode with the fused GEMVs, one row per form, when asked for (empty: not asked).
     #[serde(default)]
-    pub decode_fused: Option<FusedDecodeRow>,
+    pub decode_fused: Vec<FusedDecodeRow>,
 }
 
-/// Decode with the fused GEMVs ([`CudaSequence::set_fused_decode`]).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+/// Decode with the fused GEMVs in one form ([`CudaSequence::set_decode_fusion`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FusedDecodeRow {
+    /// The form ([`DecodeFusion::name`]).
+    pub fusion: String,
     /// Whether the model's shapes run fused at all (else the rest is zero).
     pub fits: bool,
     /// Tokens/s through the token loop with the captured graph.
@@ -216,20 +218,20 @@ fn sampled_rate(m: &CudaModel, prompt: usize, new: usize, on_gpu: bool) -> Resul
     Ok(new.saturating_sub(2) as f64 / t.elapsed().as_secs_f64())
 }
 
-/// Tokens/s of `new` greedy decode steps after a prompt of `prompt` tokens (with the fused
-/// GEMVs when `fused`), and the tokens.
+/// Tokens/s of `new` greedy decode steps after a prompt of `prompt` tokens (with the decode
+/// fusion `fusion`), and the tokens.
 fn decode_rate(
     m: &CudaModel,
     prompt: usize,
     new: usize,
     graph: bool,
-    fused: bool,
+    fusion: DecodeFusion,
 ) -> Result<(f64, Vec<u32>)> {
     let cfg = m.config();
     let (prompt, new) = fit_context(cfg, prompt, new);
     let mut seq = CudaSequence::new(m.kernels().clone(), cfg, prompt + new + 1)?;
     seq.set_use_graph(graph);
-    seq.set_fused_decode(fused)?;
+    seq.set_decode_fusion(fusion)?;
     let mut tok = seq
         .forward(m, &ids(prompt, cfg.vocab_size, 1), true)?
         .expect("read");
@@ -256,8 +258,9 @@ fn bench_model(
     let cfg = m.config();
     let b: GpuWeightBytes = m.bytes();
     progress(&format!("{name}: decode (graph, then plain launches)"));
-    let (decode_tok_s, tokens) = decode_rate(m, opts.prompt_tokens, opts.new_tokens, true, false)?;
-    let decode_tok_s_plain = decode_rate(m, opts.prompt_tokens, opts.new_tokens, false, false)?.0;
+    let off = DecodeFusion::Off;
+    let (decode_tok_s, tokens) = decode_rate(m, opts.prompt_tokens, opts.new_tokens, true, off)?;
+    let decode_tok_s_plain = decode_rate(m, opts.prompt_tokens, opts.new_tokens, false, off)?.0;
     progress(&format!("{name}: decode sampled (GPU, then host)"));
     let decode_tok_s_sampled = sampled_rate(m, opts.prompt_tokens, opts.new_tokens, true)?;
     let decode_tok_s_host_sampled = sampled_rate(m, opts.prompt_tokens, opts.new_tokens, false)?;
@@ -315,22 +318,29 @@ fn bench_model(
     seq.forward(m, &ids(prompt, cfg.vocab_size, 5), false)?;
     let times = seq.time_step_classes(m, opts.reps)?;
     let get = |c: u8| times.iter().find(|(k, _)| *k == c).map_or(0.0, |t| t.1);
-    let decode_fused = if !opts.fused_decode {
-        None
-    } else if !super::sequence::fused_decode_fits(m.kernels(), cfg) {
-        Some(FusedDecodeRow {
-            fits: false,
-            tok_s: 0.0,
-            step_us: 0.0,
-            same_tokens: false,
-        })
-    } else {
-        progress(&format!("{name}: decode with the fused GEMVs"));
+    let mut decode_fused = Vec::new();
+    let forms = [DecodeFusion::All, DecodeFusion::AllButSwiglu];
+    for fusion in forms.into_iter().filter(|_| opts.fused_decode) {
+        if !super::sequence::fused_decode_fits(m.kernels(), cfg) {
+            decode_fused.push(FusedDecodeRow {
+                fusion: fusion.name().into(),
+                fits: false,
+                tok_s: 0.0,
+                step_us: 0.0,
+                same_tokens: false,
+            });
+            continue;
+        }
+        progress(&format!(
+            "{name}: decode with the fused GEMVs ({})",
+            fusion.name()
+        ));
         let (tok_s, fused_tokens) =
-            decode_rate(m, opts.prompt_tokens, opts.new_tokens, true, true)?;
-        seq.set_fused_decode(true)?;
+            decode_rate(m, opts.prompt_tokens, opts.new_tokens, true, fusion)?;
+        seq.set_decode_fusion(fusion)?;
         let step = seq.time_step_classes(m, opts.reps)?;
-        Some(FusedDecodeRow {
+        decode_fused.push(FusedDecodeRow {
+            fusion: fusion.name().into(),
             fits: true,
             tok_s,
             step_us: step
@@ -338,8 +348,8 @@ fn bench_model(
                 .find(|(k, _)| *k == class::ALL)
                 .map_or(0.0, |t| t.1),
             same_tokens: fused_tokens == tokens,
-        })
-    };
+        });
+    }
     Ok(GpuModelRow {
         model: name.to_string(),
         weights: b.total(),
@@ -528,7 +538,7 @@ impl GpuBench {
             "{t}\n(each class replayed alone in its own graph; \"rest\" = the whole step minus the \
              classes: launch gaps the classes overlap or add)\n"
         );
-        if self.rows.iter().any(|r| r.decode_fused.is_some()) {
+        if self.rows.iter().any(|r| !r.decode_fused.is_empty()) {
             out += &self.fused_table();
         }
         out
@@ -541,6 +551,7 @@ impl GpuBench {
         t.load_preset(UTF8_FULL);
         t.set_header(vec![
             "model",
+            "fused",
             "decode tok/s (default)",
             "fused GEMVs tok/s",
             "× default",
@@ -548,11 +559,15 @@ impl GpuBench {
             "fused step µs",
             "same tokens",
         ]);
-        for r in &self.rows {
-            let Some(f) = r.decode_fused else { continue };
+        for (r, f) in self
+            .rows
+            .iter()
+            .flat_map(|r| r.decode_fused.iter().map(move |f| (r, f)))
+        {
             if !f.fits {
                 t.add_row(vec![
                     r.model.clone(),
+                    f.fusion.clone(),
                     format!("{:.1}", r.decode_tok_s),
                     "— (a layer matrix over the fused GEMVs' shapes)".into(),
                 ]);
@@ -560,6 +575,7 @@ impl GpuBench {
             }
             t.add_row(vec![
                 r.model.clone(),
+                f.fusion.clone(),
                 format!("{:.1}", r.decode_tok_s),
                 format!("{:.1}", f.tok_s),
                 format!("{:.3}×", f.tok_s / r.decode_tok_s.max(1e-9)),
@@ -573,8 +589,9 @@ impl GpuBench {
             ]);
         }
         format!(
-            "{t}\n(the norms, SwiGLU and the attention's combine folded into the GEMVs' x load, \
-             the residual adds into their stores: six launches a layer instead of ten)\n"
+            "{t}\n(\"all\": the norms, SwiGLU and the attention's combine folded into the GEMVs' x \
+             load, the residual adds into their stores — six launches a layer instead of ten; \
+             \"all but SwiGLU\": SwiGLU its own launch, seven)\n"
         )
     }
 }
@@ -600,7 +617,7 @@ mod tests {
                 total: 2700.0,
                 ..StepSplit::default()
             },
-            decode_fused: None,
+            decode_fused: Vec::new(),
         }
     }
 
@@ -611,11 +628,12 @@ mod tests {
             prompt_tokens: 128,
             new_tokens: 256,
             rows: vec![GpuModelRow {
-                decode_fused: f,
+                decode_fused: f.into_iter().collect(),
                 ..row(Vec::new())
             }],
         };
         let fused = |same_tokens| FusedDecodeRow {
+            fusion: "all but SwiGLU".into(),
             fits: true,
             tok_s: 450.0,
             step_us: 2160.0,
@@ -627,6 +645,7 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("2160.0") && t.contains("yes"), "{t}");
+        assert!(t.contains("all but SwiGLU"), "{t}");
         let t = bench(Some(fused(false))).to_table(None);
         assert!(t.contains("NO — a defect"), "{t}");
         let t = bench(Some(FusedDecodeRow {

@@ -36,5 +36,5 @@ fn cuda(what: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> Engin
         })
     }
 }
-pub use sequence::CudaSequence;
+pub use sequence::{CudaSequence, DecodeFusion, DECODE_FUSION};
 pub use weights::{CudaModel, GpuWeightBytes};

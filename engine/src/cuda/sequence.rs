@@ -10,7 +10,7 @@
 //! token id crosses to the host (the logits only when a caller asks for them); a sequence can
 //! sample on the GPU instead of picking greedily ([`CudaSequence::set_sampling`]).
 //!
-//! With the fused decode GEMVs ([`CudaSequence::set_fused_decode`]) a layer is six launches
+//! With the fused decode GEMVs ([`CudaSequence::set_decode_fusion`]) a layer is six launches
 //! instead of ten: the norms are folded into the q/k/v and gate/up GEMVs' x load, the
 //! attention's combine into the o GEMV's (up to [`FUSED_COMBINE_MAX_SPLITS`] splits; past
 //! that the combine stays a launch of its own) and SwiGLU into the down GEMV's, and those two
@@ -176,15 +176,39 @@ pub struct CudaSequence {
     sampling: Option<DeviceSampling>,
     /// The sampler's step counter (its noise stream), advanced by every sampled pick.
     step: CudaSlice<u32>,
-    /// Decode steps run the fused GEMVs ([`CudaSequence::set_fused_decode`]).
-    fused_decode: bool,
+    /// Which kernels of a decode step run fused ([`CudaSequence::set_decode_fusion`]).
+    fusion: DecodeFusion,
 }
 
-/// Whether decode steps run the fused GEMVs where the model's shapes allow them
-/// ([`CudaSequence::set_fused_decode`]). Off until they are measured on a GPU: the GPU tests
-/// check that they give the separate kernels' bits, `kiln bench engine --fused-decode` times
-/// both.
-pub const FUSED_DECODE: bool = false;
+/// Which of a decode step's small kernels the fused GEMVs take in (all forms give the same
+/// bits; see `kiln_kernels::cuda::gemv_fused`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeFusion {
+    /// The separate kernels: ten launches a layer.
+    Off,
+    /// The norms, SwiGLU and the attention's combine (up to [`FUSED_COMBINE_MAX_SPLITS`]
+    /// splits) folded into the GEMVs, the residual adds into the o and down GEMVs: six.
+    All,
+    /// As `All` but SwiGLU a launch of its own (every block of the down GEMV recomputes all of
+    /// SwiGLU in `All`, which may cost more than the launch it saves): seven.
+    AllButSwiglu,
+}
+
+impl DecodeFusion {
+    /// Its name in benchmark tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            DecodeFusion::Off => "off",
+            DecodeFusion::All => "all",
+            DecodeFusion::AllButSwiglu => "all but SwiGLU",
+        }
+    }
+}
+
+/// The decode fusion a new sequence runs where the model's shapes allow it. Off until the
+/// fused GEMVs are measured on a GPU: the GPU tests check that they give the separate kernels'
+/// bits, `kiln bench engine --fused-decode` times each form against the separate kernels.
+pub const DECODE_FUSION: DecodeFusion = DecodeFusion::Off;
 
 /// Whether every GEMV of a decode layer of `cfg` can run fused on `k` (see
 /// [`CudaKernels::fused_gemv_fits`]): the CUDA-core kernel is the m = 1 default for all four
@@ -266,7 +290,11 @@ impl CudaSequence {
             step: s
                 .alloc_zeros::<u32>(1)
                 .map_err(cuda("allocating scalars"))?,
-            fused_decode: FUSED_DECODE && fused_decode_fits(&k, cfg),
+            fusion: if fused_decode_fits(&k, cfg) {
+                DECODE_FUSION
+            } else {
+                DecodeFusion::Off
+            },
             k,
             cfg: cfg.clone(),
             cap: capacity,
@@ -306,11 +334,13 @@ impl CudaSequence {
         self.use_graph = on;
     }
 
-    /// Run decode steps with the fused GEMVs (`true`) or the separate kernels (the step graph
-    /// is re-captured at the next step). Both give the same bits; the fused step launches four
-    /// kernels fewer per layer. Errors when `on` and the model's shapes cannot run fused
+    /// Run decode steps with the fused GEMVs (see [`DecodeFusion`]) or the separate kernels
+    /// (the step graph is re-captured at the next step). Every form gives the same bits; the
+    /// fused step launches three or four kernels fewer per layer. Errors when fusing and the
+    /// fused kernels did not load or the model's shapes cannot run fused
     /// ([`fused_decode_fits`]).
-    pub fn set_fused_decode(&mut self, on: bool) -> Result<()> {
+    pub fn set_decode_fusion(&mut self, fusion: DecodeFusion) -> Result<()> {
+        let on = fusion != DecodeFusion::Off;
         if let (true, Some(e)) = (on, self.k.fused_gemv_load_error()) {
             return Err(EngineError::InvalidArgument(format!(
                 "the fused decode GEMVs did not load on this GPU ({e}); decode runs the separate \
@@ -327,16 +357,16 @@ impl CudaSequence {
                 self.cfg.intermediate_size
             )));
         }
-        if on != self.fused_decode {
-            self.fused_decode = on;
+        if fusion != self.fusion {
+            self.fusion = fusion;
             self.graph = None;
         }
         Ok(())
     }
 
-    /// Whether decode steps run the fused GEMVs.
-    pub fn fused_decode(&self) -> bool {
-        self.fused_decode
+    /// Which kernels decode steps fuse.
+    pub fn decode_fusion(&self) -> DecodeFusion {
+        self.fusion
     }
 
     /// Make room for `positions` positions (copying what is held; the step graph is
@@ -352,7 +382,7 @@ impl CudaSequence {
         grown.use_graph = self.use_graph;
         grown.prefill_mask = self.prefill_mask;
         grown.sampling = self.sampling;
-        grown.fused_decode = self.fused_decode;
+        grown.fusion = self.fusion;
         // the sampler's noise stream goes on where it was
         let mut st = [0u32];
         self.k
@@ -575,6 +605,7 @@ impl CudaSequence {
             mask: class::ALL,
             fused: false,
             fused_combine: false,
+            fused_swiglu: false,
             keys: self.len + 1,
             scores: 0,
             probs: 0,
@@ -593,8 +624,10 @@ impl CudaSequence {
     fn enqueue_step_classes(&mut self, m: &CudaModel, mask: u8) -> Result<()> {
         let sc = Scalars {
             mask,
-            fused: self.fused_decode,
-            fused_combine: self.fused_decode && fused_combine(&self.k, &self.cfg, self.splits),
+            fused: self.fusion != DecodeFusion::Off,
+            fused_combine: self.fusion != DecodeFusion::Off
+                && fused_combine(&self.k, &self.cfg, self.splits),
+            fused_swiglu: self.fusion == DecodeFusion::All,
             ..self.scalars()
         };
         let (small, gemv) = (mask & class::SMALL != 0, mask & class::GEMV != 0);
@@ -842,6 +875,8 @@ struct Scalars {
     fused: bool,
     /// With `fused`, the o GEMV also combines the attention's splits.
     fused_combine: bool,
+    /// With `fused`, the down GEMV also computes SwiGLU.
+    fused_swiglu: bool,
     /// Keys the forward's last query sees (pos + rows), for the prefill attention GEMMs.
     keys: usize,
     /// Prefill attention scores `[kv_heads][rows][keys]` f32 and probabilities (bf16), or 0.
@@ -949,8 +984,9 @@ unsafe fn layers(
 /// norm in its x load, the q/k/v epilogue, the attention's splits, the o GEMV with their
 /// combine in its x load (with `sc.fused_combine`; else the attention's own combine first)
 /// adding its output to x, the gate/up GEMV with the post-attention norm, the down GEMV with
-/// SwiGLU adding its output to x. On return x holds the residual stream after the last layer
-/// (tmp and h are not used).
+/// SwiGLU in its x load (with `sc.fused_swiglu`; else SwiGLU's own kernel first) adding its
+/// output to x. On return x holds the residual stream after the last layer (tmp and h are
+/// not used).
 ///
 /// # Safety
 /// As [`layers`] with `rows` = 1, and the model's shapes fit ([`fused_decode_fits`]).
@@ -999,11 +1035,24 @@ unsafe fn fused_layers(
             if gemv {
                 k.gemv_fused_async(&o_input, &layer.o, x)?;
                 k.gemv_fused_async(&norm(&layer.post_norm), &layer.gate_up, k.addr(&acts.gu, 0))?;
-                let swiglu = FusedX::SwigluResidual {
-                    gate_up: k.addr(&acts.gu, 0),
-                    scales: k.addr(&layer.gate_up_scale, 0),
-                };
-                k.gemv_fused_async(&swiglu, &layer.down, x)?;
+            }
+            let (gu, scales) = (k.addr(&acts.gu, 0), k.addr(&layer.gate_up_scale, 0));
+            let down_input = if sc.fused_swiglu {
+                FusedX::SwigluResidual {
+                    gate_up: gu,
+                    scales,
+                }
+            } else {
+                if small {
+                    let act = k.addr(&acts.act, 0);
+                    k.swiglu_async(gu, scales, act, 1, cfg.intermediate_size, false)?;
+                }
+                FusedX::Residual {
+                    x: k.addr(&acts.act, 0),
+                }
+            };
+            if gemv {
+                k.gemv_fused_async(&down_input, &layer.down, x)?;
             }
         }
     }
