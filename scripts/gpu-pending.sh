@@ -16,7 +16,8 @@
 #   flash_kernels, flash_trainer the flash train attention (else TRAIN_FLASH_ATTENTION stays
 #                                false)
 #   bench_engine                 0.5B decode with each fused form against the default, time to
-#                                first token by weight-slab size (no 7B: scripts/gpu-engine.sh)
+#                                first token by weight-slab size, short prompts through GEMV
+#                                batches vs GEMMs (SHORT_PROMPT) (no 7B: scripts/gpu-engine.sh)
 #   bench_train                  the train step with flash attention against the materialized
 set -uo pipefail
 # bin (first argument, default target-carry), out ($OUT, default out/), result, summary
@@ -41,7 +42,7 @@ part fused_engine 200 "$bin/test-gpu_generation" --ignored --nocapture --test-th
 part prompts 200 "$bin/test-gpu_generation" --ignored --nocapture --test-threads=1 gpu_matches
 part flash_trainer 200 "$bin/test-gpu_training" --ignored --nocapture --test-threads=1 flash_attention
 part bench_engine 200 "$bin/kiln" bench engine --device cuda --skip-7b --fused-decode \
-    --prefill-slab-mib "${SLABS:-8,16,32}"
+    --prefill-slab-mib "${SLABS:-8,16,32}" --short-prompts 16,32,64
 cat "$out/bench_engine.txt"
 part bench_train 150 "$bin/kiln" bench train --device cuda --quant nvfp4-ste \
     --attention materialized,flash

@@ -81,6 +81,11 @@ pub struct BenchEngineArgs {
     /// step time against the default.
     #[arg(long)]
     pub fused_decode: bool,
+    /// With --device cuda: also time prompts of these lengths (comma-separated) both ways —
+    /// 8 rows at a time through the GEMVs (what jobs do up to 64 tokens, e.g. a chat turn's
+    /// delta) and through the GEMMs — a table of time to first token.
+    #[arg(long, value_delimiter = ',', value_name = "TOKENS")]
+    pub short_prompts: Vec<usize>,
 }
 
 /// Runs the benchmark and prints its tables (progress on stderr).
@@ -146,6 +151,7 @@ fn run_cuda(args: BenchEngineArgs) -> anyhow::Result<()> {
         skip_7b: args.skip_7b,
         prefill_slabs_mib: args.prefill_slab_mib.clone(),
         fused_decode: args.fused_decode,
+        short_prompts: args.short_prompts.clone(),
         ..Default::default()
     };
     if let Some(bad) = opts.prefill_slabs_mib.iter().find(|&&m| m == 0 || m > 1024) {

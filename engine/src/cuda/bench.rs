@@ -35,6 +35,10 @@ pub struct GpuBenchOptions {
     /// Also decode with the fused GEMVs, each form of [`DecodeFusion`] against the default
     /// in the same run.
     pub fused_decode: bool,
+    /// Short prompt lengths to time both ways: 8 rows at a time through the GEMVs (the path
+    /// of prompts up to [`super::plan::SHORT_PROMPT`] tokens) and through the GEMMs (empty:
+    /// none).
+    pub short_prompts: Vec<usize>,
 }
 
 impl Default for GpuBenchOptions {
@@ -47,6 +51,7 @@ impl Default for GpuBenchOptions {
             reps: 200,
             prefill_slabs_mib: Vec::new(),
             fused_decode: false,
+            short_prompts: Vec::new(),
         }
     }
 }
@@ -86,6 +91,10 @@ pub struct GpuModelRow {
     /// Decode with the fused GEMVs, one row per form, when asked for (empty: not asked).
     #[serde(default)]
     pub decode_fused: Vec<FusedDecodeRow>,
+    /// Short prompts both ways: (prompt tokens, ms through 8-row GEMV batches, ms through the
+    /// GEMMs), time to first token.
+    #[serde(default)]
+    pub short_prompts: Vec<(usize, f64, f64)>,
 }
 
 /// Decode with the fused GEMVs in one form ([`CudaSequence::set_decode_fusion`]).
@@ -309,6 +318,31 @@ fn bench_model(
             }
         }
     }
+    let mut short_prompts = Vec::new();
+    for &n in &opts.short_prompts {
+        if n < 2 || n + 1 > cfg.max_position_embeddings {
+            continue;
+        }
+        progress(&format!(
+            "{name}: prompt of {n} tokens, GEMV batches and GEMMs"
+        ));
+        let p = ids(n, cfg.vocab_size, 9);
+        let mut ms = [0.0; 2];
+        for (slot, limit) in [usize::MAX, 0].into_iter().enumerate() {
+            let mut seq = CudaSequence::new(m.kernels().clone(), cfg, n + 1)?;
+            seq.set_short_prompt(limit);
+            seq.forward(m, &p, true)?; // warm-up: allocates the prompt buffers
+            let mut best = f64::INFINITY;
+            for _ in 0..3 {
+                seq.truncate(0);
+                let t = Instant::now();
+                seq.forward(m, &p, true)?;
+                best = best.min(t.elapsed().as_secs_f64() * 1e3);
+            }
+            ms[slot] = best;
+        }
+        short_prompts.push((n, ms[0], ms[1]));
+    }
     progress(&format!("{name}: one decode step by kernel class"));
     let prompt = opts
         .prompt_tokens
@@ -370,6 +404,7 @@ fn bench_model(
             pick: get(class::PICK),
         },
         decode_fused,
+        short_prompts,
     })
 }
 
@@ -541,7 +576,46 @@ impl GpuBench {
         if self.rows.iter().any(|r| !r.decode_fused.is_empty()) {
             out += &self.fused_table();
         }
+        if self.rows.iter().any(|r| !r.short_prompts.is_empty()) {
+            out += &self.short_prompt_table();
+        }
         out
+    }
+
+    /// Short prompts through 8-row GEMV batches against the GEMMs.
+    fn short_prompt_table(&self) -> String {
+        use comfy_table::{presets::UTF8_FULL, Table};
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL);
+        t.set_header(vec![
+            "model",
+            "prompt tokens",
+            "8-row GEMV batches ms",
+            "GEMMs ms",
+            "GEMMs × GEMV batches",
+            "jobs take",
+        ]);
+        for r in &self.rows {
+            for &(n, gemv, gemm) in &r.short_prompts {
+                t.add_row(vec![
+                    r.model.clone(),
+                    n.to_string(),
+                    format!("{gemv:.2}"),
+                    format!("{gemm:.2}"),
+                    format!("{:.2}", gemm / gemv.max(1e-9)),
+                    if n <= super::plan::SHORT_PROMPT {
+                        "GEMV batches".into()
+                    } else {
+                        "GEMMs".into()
+                    },
+                ]);
+            }
+        }
+        format!(
+            "{t}\n(time to first token; prompts of up to {} tokens take the GEMV batches in \
+             jobs — a chat turn's delta is usually one)\n",
+            super::plan::SHORT_PROMPT
+        )
     }
 
     /// The fused decode GEMVs against the default decode of the same run.
@@ -618,7 +692,36 @@ mod tests {
                 ..StepSplit::default()
             },
             decode_fused: Vec::new(),
+            short_prompts: Vec::new(),
         }
+    }
+
+    #[test]
+    fn the_short_prompt_table_compares_both_paths() {
+        let bench = GpuBench {
+            device: "test".into(),
+            prompt_tokens: 128,
+            new_tokens: 256,
+            rows: vec![GpuModelRow {
+                short_prompts: vec![(16, 8.0, 12.0), (128, 40.0, 10.0)],
+                ..row(Vec::new())
+            }],
+        };
+        let t = bench.to_table(None);
+        assert!(
+            t.contains("8-row GEMV batches ms") && t.contains("1.50"),
+            "{t}"
+        );
+        assert!(
+            t.contains("0.25") && t.contains("GEMV batches") && t.contains("GEMMs"),
+            "{t}"
+        );
+        assert!(!GpuBench {
+            rows: vec![row(Vec::new())],
+            ..bench
+        }
+        .to_table(None)
+        .contains("8-row GEMV batches ms"));
     }
 
     #[test]

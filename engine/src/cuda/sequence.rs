@@ -172,6 +172,9 @@ pub struct CudaSequence {
     /// bf16 elements of the prompt GEMMs' dequantized-weight scratch (the plan's
     /// [`prefill_scratch_elems`] but in benchmarks).
     prefill_scratch: usize,
+    /// Prompts of at most this many tokens go 8 rows at a time through the GEMVs
+    /// ([`SHORT_PROMPT`] but in benchmarks).
+    short_prompt: usize,
     /// Sampling on the GPU instead of the greedy pick (`None`: greedy).
     sampling: Option<DeviceSampling>,
     /// The sampler's step counter (its noise stream), advanced by every sampled pick.
@@ -286,6 +289,7 @@ impl CudaSequence {
             prefill: None,
             prefill_mask: class::ALL,
             prefill_scratch: prefill_scratch_elems(cfg),
+            short_prompt: SHORT_PROMPT,
             sampling: None,
             step: s
                 .alloc_zeros::<u32>(1)
@@ -426,7 +430,7 @@ impl CudaSequence {
         } else {
             // short prompts (a chat turn's delta) go 8 rows at a time through the GEMVs: no
             // GEMM set-up, weights read once per 8 tokens; longer ones through the GEMMs
-            let batch = if ids.len() <= SHORT_PROMPT {
+            let batch = if ids.len() <= self.short_prompt {
                 GEMV_MAX_ROWS
             } else {
                 PREFILL_ROWS
@@ -523,6 +527,13 @@ impl CudaSequence {
             self.prefill_scratch = elems;
             self.prefill = None;
         }
+    }
+
+    /// Send prompts of at most `tokens` tokens 8 rows at a time through the GEMVs, longer ones
+    /// through the GEMMs (0: every prompt through the GEMMs): a benchmark's way to time both
+    /// paths at one length. Jobs use [`SHORT_PROMPT`] (the plan sizes their buffers for it).
+    pub fn set_short_prompt(&mut self, tokens: usize) {
+        self.short_prompt = tokens;
     }
 
     /// Forget every position from `len` on (a benchmark runs several prompts on one
