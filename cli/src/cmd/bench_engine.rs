@@ -76,9 +76,9 @@ pub struct BenchEngineArgs {
     #[arg(long, value_delimiter = ',', value_name = "MIB")]
     pub prefill_slab_mib: Vec<usize>,
     /// With --device cuda: also decode with the fused GEMVs (RMSNorm, SwiGLU and the
-    /// attention's combine folded into the GEMVs, six launches a layer instead of ten) where
-    /// the model's shapes allow, checked to give the default's tokens — a table of tok/s and
-    /// step time against the default.
+    /// attention's combine folded into the GEMVs, six launches a layer instead of ten; and the
+    /// same with SwiGLU a launch of its own) where the model's shapes allow, checked to give
+    /// the default's tokens — a table of tok/s and step time per form against the default.
     #[arg(long)]
     pub fused_decode: bool,
     /// With --device cuda: also time prompts of these lengths (comma-separated) both ways —
