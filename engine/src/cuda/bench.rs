@@ -11,7 +11,7 @@ use std::time::Instant;
 use kiln_kernels::cuda::CudaKernels;
 use serde::{Deserialize, Serialize};
 
-use super::sequence::{class, DecodeFusion};
+use super::forward::{class, fused_decode_fits, DecodeFusion};
 use super::{CudaModel, CudaSequence, GpuWeightBytes};
 use crate::error::Result;
 use crate::model::ModelConfig;
@@ -358,7 +358,7 @@ fn bench_model(
     let mut decode_fused = Vec::new();
     let forms = [DecodeFusion::All, DecodeFusion::AllButSwiglu];
     for fusion in forms.into_iter().filter(|_| opts.fused_decode) {
-        if !super::sequence::fused_decode_fits(m.kernels(), cfg) {
+        if !fused_decode_fits(m.kernels(), cfg) {
             decode_fused.push(FusedDecodeRow {
                 fusion: fusion.name().into(),
                 fits: false,

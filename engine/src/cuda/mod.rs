@@ -10,6 +10,8 @@
 //!   before anything is allocated; the sizing rules of the sequence.
 //! - `sequence` — [`CudaSequence`]: a sequence's bf16 KV cache, buffers, device scalars and
 //!   captured decode step; prefill.
+//! - `forward` — the kernels one forward queues (activations, layers — separate or fused,
+//!   [`DecodeFusion`] —, attention, linears, the pick).
 //! - `train` — [`train::CudaTrainer`]: a train step (`none` / `nvfp4-ste`) with the model's
 //!   parameters, gradients and moments resident on the GPU.
 //!
@@ -17,6 +19,7 @@
 //! falls back to the CPU.
 
 pub mod bench;
+pub mod forward;
 pub mod load_bench;
 pub mod plan;
 pub mod sequence;
@@ -36,5 +39,6 @@ fn cuda(what: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> Engin
         })
     }
 }
-pub use sequence::{CudaSequence, DecodeFusion, DECODE_FUSION};
+pub use forward::{DecodeFusion, DECODE_FUSION};
+pub use sequence::CudaSequence;
 pub use weights::{CudaModel, GpuWeightBytes};
