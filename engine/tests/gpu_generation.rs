@@ -444,3 +444,72 @@ fn fused_decode_steps_equal_the_separate_kernels() {
         eprintln!("{name}: fused decode = separate kernels, bit for bit, 24 steps a run");
     }
 }
+
+/// The prompt path's logits (and the first token) with the weight slabs dequantized serially
+/// and overlapped with the GEMMs on a side stream are the same bits — the same GEMMs on the
+/// same slabs, only ordered by events instead of by one stream. Slab sizes from one row of the
+/// widest matrix (tiny model: every linear many slabs, both buffers in turn) to the jobs'
+/// default; prompts
+/// of one batch and of two (the second batch reuses the slabs after a join), and a Qwen2.5-0.5B
+/// shape whose gate/up matrix is several default slabs.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn overlapped_weight_slabs_give_the_serial_bits() {
+    use kiln_engine::cuda::{CudaModel, CudaSequence};
+    use std::sync::Arc;
+    let k = Arc::new(kiln_kernels::cuda::CudaKernels::new(0).expect("a CUDA GPU"));
+    let tiny = ChatModel::tiny(&Default::default()).unwrap();
+    let models = [
+        (
+            "tiny",
+            CudaModel::from_model(k.clone(), tiny.model.model()).unwrap(),
+        ),
+        (
+            "qwen2.5-0.5b-shape",
+            CudaModel::random(k.clone(), &ModelConfig::qwen2_5_0_5b(), 7).unwrap(),
+        ),
+    ];
+    for (name, m) in &models {
+        let cfg = m.config();
+        let widest = cfg.hidden_size.max(cfg.intermediate_size);
+        // (one-row slabs only on the tiny model: 0.5B would be ~300k GEMMs a prompt)
+        let sizes = if *name == "tiny" {
+            vec![widest, 300 * widest, 32 << 20]
+        } else {
+            vec![300 * widest, 32 << 20]
+        };
+        for slab_elems in sizes {
+            // (the tiny model's context may be shorter than two batches)
+            for n in [40, 2100.min(cfg.max_position_embeddings - 2)] {
+                let p = prompt(n);
+                let run = |overlap: bool| {
+                    let mut seq = CudaSequence::new(m.kernels().clone(), cfg, n + 2).unwrap();
+                    seq.set_prefill_scratch_elems(slab_elems);
+                    seq.set_prefill_overlap(overlap);
+                    let tok = seq.forward(m, &p, true).unwrap().unwrap();
+                    (tok, seq.logits().unwrap())
+                };
+                let (serial, overlapped) = (run(false), run(true));
+                assert_eq!(
+                    serial.0, overlapped.0,
+                    "{name}, {n} tokens, slab {slab_elems}"
+                );
+                let same = serial
+                    .1
+                    .iter()
+                    .zip(&overlapped.1)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{name}, {n} tokens, slabs of {slab_elems} elements: overlapped logits \
+                     differ from the serial ones (max |Δ| {})",
+                    max_diff(
+                        std::slice::from_ref(&serial.1),
+                        std::slice::from_ref(&overlapped.1)
+                    )
+                );
+            }
+        }
+        eprintln!("{name}: overlapped weight slabs = serial, bit for bit");
+    }
+}

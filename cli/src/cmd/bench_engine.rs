@@ -72,7 +72,9 @@ pub struct BenchEngineArgs {
     pub load_runs: usize,
     /// With --device cuda: also time the longest prompt with the prompt GEMMs' weights
     /// dequantized in slabs of these sizes (MiB of bf16, comma-separated; jobs use the
-    /// default, 64 MiB or the largest matrix) — a table of time to first token by slab size.
+    /// default, 64 MiB or the largest matrix, which is timed too), each dequantized serially
+    /// and overlapped with the GEMMs (the next slab on a side stream) — a table of time to
+    /// first token by slab size and form.
     #[arg(long, value_delimiter = ',', value_name = "MIB")]
     pub prefill_slab_mib: Vec<usize>,
     /// With --device cuda: also decode with the fused GEMVs (RMSNorm, SwiGLU and the
@@ -82,8 +84,8 @@ pub struct BenchEngineArgs {
     #[arg(long)]
     pub fused_decode: bool,
     /// With --device cuda: also time prompts of these lengths (comma-separated) both ways —
-    /// 8 rows at a time through the GEMVs (what jobs do up to 64 tokens, e.g. a chat turn's
-    /// delta) and through the GEMMs — a table of time to first token.
+    /// 8 rows at a time through the GEMVs (what jobs do up to 8 tokens, or 16 on models of
+    /// 1 Gi linear weights and more) and through the GEMMs — a table of time to first token.
     #[arg(long, value_delimiter = ',', value_name = "TOKENS")]
     pub short_prompts: Vec<usize>,
 }

@@ -64,8 +64,9 @@ pub struct BenchTrainArgs {
     pub recompute: bool,
     /// The attention's form, one row each: `materialized` (cuBLAS GEMMs and softmax kernels
     /// over [B·heads·T × T] buffers) and/or `flash` (the flash kernels: no T × T buffers;
-    /// head dims 32, 64 and 128, others run materialized and the row says so).
-    #[arg(long, value_delimiter = ',', default_value = "materialized")]
+    /// head dims 32, 64 and 128, others run materialized and the row says so). Train jobs
+    /// use flash, the default here.
+    #[arg(long, value_delimiter = ',', default_value = "flash")]
     pub attention: Vec<String>,
     /// The JSON `scripts/anchors/torch_train.py --json` wrote (PyTorch measured in the same
     /// run); its tokens/s and the ratios join the table.

@@ -36,7 +36,7 @@ pub struct GpuBenchOptions {
     /// in the same run.
     pub fused_decode: bool,
     /// Short prompt lengths to time both ways: 8 rows at a time through the GEMVs (the path
-    /// of prompts up to [`super::plan::SHORT_PROMPT`] tokens) and through the GEMMs (empty:
+    /// of short prompts, [`super::plan::short_prompt`]) and through the GEMMs (empty:
     /// none).
     pub short_prompts: Vec<usize>,
 }
@@ -81,10 +81,10 @@ pub struct GpuModelRow {
     /// The same prompts with only one kernel class queued: (prompt tokens, linears ms,
     /// attention ms, norms/RoPE/SwiGLU ms) — each includes the head and pick of the last row.
     pub prefill_split: Vec<(usize, f64, f64, f64)>,
-    /// The longest prompt with the dequantized-weight slabs of other sizes: (prompt tokens,
-    /// slab MiB, time to first token ms).
+    /// The longest prompt with the dequantized-weight slabs of other sizes, each dequantized
+    /// serially and overlapped with the GEMMs.
     #[serde(default)]
-    pub prefill_slabs: Vec<(usize, usize, f64)>,
+    pub prefill_slabs: Vec<SlabTiming>,
     /// One decode step by kernel class, µs per replay: whole step, GEMVs, attention,
     /// norms/RoPE/SwiGLU/embedding, pick.
     pub step_us: StepSplit,
@@ -95,6 +95,24 @@ pub struct GpuModelRow {
     /// GEMMs), time to first token.
     #[serde(default)]
     pub short_prompts: Vec<(usize, f64, f64)>,
+    /// Prompts of up to this many tokens take the GEMV batches in jobs
+    /// ([`super::plan::short_prompt`] of the model).
+    #[serde(default)]
+    pub short_prompt: usize,
+}
+
+/// Time to first token with the prompt GEMMs' weights dequantized in slabs of one size, both
+/// ways ([`CudaSequence::set_prefill_overlap`]).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct SlabTiming {
+    /// Prompt tokens.
+    pub tokens: usize,
+    /// Slab size, MiB of bf16.
+    pub mib: usize,
+    /// Dequantize, GEMM, dequantize, GEMM on one stream (one buffer).
+    pub serial_ms: f64,
+    /// The next slab dequantized on a side stream while the GEMM reads the last (two buffers).
+    pub overlapped_ms: f64,
 }
 
 /// Decode with the fused GEMVs in one form ([`CudaSequence::set_decode_fusion`]).
@@ -306,16 +324,35 @@ fn bench_model(
         }
         seq.set_prefill_classes(class::ALL);
         prefill_split.push((n, by_class[0], by_class[1], by_class[2]));
-        if Some(&n) == opts.prefill_tokens.iter().max() {
-            for &mib in &opts.prefill_slabs_mib {
+        if Some(&n) == opts.prefill_tokens.iter().max() && !opts.prefill_slabs_mib.is_empty() {
+            // each size both ways, the default size too (the forms' difference at the jobs'
+            // size); the sequence goes back to the jobs' settings after
+            let default_mib = (super::plan::prefill_scratch_elems(cfg) * 2) >> 20;
+            let mut sizes = opts.prefill_slabs_mib.clone();
+            if !sizes.contains(&default_mib) {
+                sizes.push(default_mib);
+            }
+            for &mib in &sizes {
                 progress(&format!(
-                    "{name}: prefill of {n} tokens, {mib} MiB weight slabs"
+                    "{name}: prefill of {n} tokens, {mib} MiB weight slabs, serial and overlapped"
                 ));
                 seq.set_prefill_scratch_elems((mib << 20) / 2);
-                seq.truncate(0);
-                seq.forward(m, &p, true)?; // allocates the scratch
-                prefill_slabs.push((n, mib, ttft(&mut seq)?));
+                let mut ms = [0.0; 2];
+                for (slot, overlap) in [false, true].into_iter().enumerate() {
+                    seq.set_prefill_overlap(overlap);
+                    seq.truncate(0);
+                    seq.forward(m, &p, true)?; // allocates the slabs
+                    ms[slot] = ttft(&mut seq)?;
+                }
+                prefill_slabs.push(SlabTiming {
+                    tokens: n,
+                    mib,
+                    serial_ms: ms[0],
+                    overlapped_ms: ms[1],
+                });
             }
+            seq.set_prefill_scratch_elems(super::plan::prefill_scratch_elems(cfg));
+            seq.set_prefill_overlap(super::slabs::PREFILL_OVERLAP);
         }
     }
     let mut short_prompts = Vec::new();
@@ -408,6 +445,7 @@ fn bench_model(
         },
         decode_fused,
         short_prompts,
+        short_prompt: super::plan::short_prompt(cfg),
     })
 }
 
@@ -525,25 +563,37 @@ impl GpuBench {
                 "model",
                 "prompt tokens",
                 "weight slab MiB",
-                "time to first token ms",
-                "× default slab",
+                "serial ms",
+                "overlapped ms",
+                "overlapped × serial",
+                "× jobs' default",
             ]);
             for r in &self.rows {
-                for &(n, mib, ms) in &r.prefill_slabs {
-                    let base = r.prefill.iter().find(|p| p.0 == n).map(|p| p.1);
+                for s in &r.prefill_slabs {
+                    let base = r.prefill.iter().find(|p| p.0 == s.tokens).map(|p| p.1);
+                    let best = s.serial_ms.min(s.overlapped_ms);
                     t.add_row(vec![
                         r.model.clone(),
-                        n.to_string(),
-                        mib.to_string(),
-                        format!("{ms:.2}"),
-                        base.map_or("—".into(), |b| format!("{:.3}", ms / b)),
+                        s.tokens.to_string(),
+                        s.mib.to_string(),
+                        format!("{:.2}", s.serial_ms),
+                        format!("{:.2}", s.overlapped_ms),
+                        format!("{:.3}", s.overlapped_ms / s.serial_ms.max(1e-9)),
+                        base.map_or("—".into(), |b| format!("{:.3}", best / b)),
                     ]);
                 }
             }
             out += &format!(
-                "{t}\n(the prompt GEMMs' weights dequantized to bf16 in slabs of this size; the \
-                 default is {} MiB, at most the largest matrix)\n",
-                (super::plan::PREFILL_SCRATCH_ELEMS * 2) >> 20
+                "{t}\n(time to first token with the prompt GEMMs' weights dequantized to bf16 in \
+                 slabs of this size — serially, or the next slab on a side stream while the GEMM \
+                 reads the last; \"× jobs' default\": the faster form against the time to first \
+                 token above — jobs use {} MiB, at most the largest matrix, {})\n",
+                (super::plan::PREFILL_SCRATCH_ELEMS * 2) >> 20,
+                if super::slabs::PREFILL_OVERLAP {
+                    "overlapped"
+                } else {
+                    "serially"
+                }
             );
         }
         let mut t = Table::new();
@@ -606,7 +656,7 @@ impl GpuBench {
                     format!("{gemv:.2}"),
                     format!("{gemm:.2}"),
                     format!("{:.2}", gemm / gemv.max(1e-9)),
-                    if n <= super::plan::SHORT_PROMPT {
+                    if n <= r.short_prompt {
                         "GEMV batches".into()
                     } else {
                         "GEMMs".into()
@@ -615,9 +665,9 @@ impl GpuBench {
             }
         }
         format!(
-            "{t}\n(time to first token; prompts of up to {} tokens take the GEMV batches in \
-             jobs — a chat turn's delta is usually one)\n",
-            super::plan::SHORT_PROMPT
+            "{t}\n(time to first token; \"jobs take\": the path a job's prompt of that length \
+             takes — the GEMV batches up to 8 tokens, 16 on models of 1 Gi linear weights and \
+             more)\n"
         )
     }
 
@@ -677,7 +727,7 @@ impl GpuBench {
 mod tests {
     use super::*;
 
-    fn row(slabs: Vec<(usize, usize, f64)>) -> GpuModelRow {
+    fn row(slabs: Vec<SlabTiming>) -> GpuModelRow {
         GpuModelRow {
             model: "qwen2.5-7b".into(),
             weights: 5 << 30,
@@ -696,6 +746,7 @@ mod tests {
             },
             decode_fused: Vec::new(),
             short_prompts: Vec::new(),
+            short_prompt: 8,
         }
     }
 
@@ -707,6 +758,7 @@ mod tests {
             new_tokens: 256,
             rows: vec![GpuModelRow {
                 short_prompts: vec![(16, 8.0, 12.0), (128, 40.0, 10.0)],
+                short_prompt: 16,
                 ..row(Vec::new())
             }],
         };
@@ -764,19 +816,28 @@ mod tests {
     }
 
     #[test]
-    fn the_slab_table_gives_each_size_against_the_default() {
+    fn the_slab_table_gives_each_size_both_ways_against_the_default() {
         let bench = |slabs| GpuBench {
             device: "test".into(),
             prompt_tokens: 128,
             new_tokens: 256,
             rows: vec![row(slabs)],
         };
-        let t = bench(vec![(2048, 16, 54.0), (2048, 8, 66.0)]).to_table(None);
+        let slab = |mib, serial_ms, overlapped_ms| SlabTiming {
+            tokens: 2048,
+            mib,
+            serial_ms,
+            overlapped_ms,
+        };
+        let t = bench(vec![slab(16, 54.0, 60.0), slab(64, 62.0, 55.8)]).to_table(None);
         assert!(
-            t.contains("weight slab MiB") && t.contains("default is 64 MiB"),
+            t.contains("weight slab MiB") && t.contains("jobs use 64 MiB"),
             "{t}"
         );
-        assert!(t.contains("0.900") && t.contains("1.100"), "{t}");
+        // 16 MiB: overlapped 60 / serial 54 = 1.111, the faster (54) / the default's 60 =
+        // 0.900; 64 MiB: 55.8 / 62 = 0.900, 55.8 / 60 = 0.930
+        assert!(t.contains("1.111") && t.contains("0.900"), "{t}");
+        assert!(t.contains("0.930"), "{t}");
         let t = bench(Vec::new()).to_table(None);
         assert!(!t.contains("weight slab MiB"), "{t}");
     }

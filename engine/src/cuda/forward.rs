@@ -13,6 +13,7 @@ use kiln_kernels::cuda::gemv_fused::{FusedX, FUSED_COMBINE_MAX_SPLITS};
 use kiln_kernels::cuda::{CudaKernels, DeviceNvfp4};
 
 use super::cuda;
+use super::slabs::WeightSlabs;
 use super::weights::CudaModel;
 use crate::error::Result;
 use crate::model::ModelConfig;
@@ -43,18 +44,19 @@ pub(super) struct BfActs {
     /// The gate/up GEMM's output (SwiGLU reads it).
     pub(super) gu: CudaSlice<bf16>,
     pub(super) act: CudaSlice<bf16>,
-    /// W dequantized slab by slab.
-    pub(super) w: CudaSlice<bf16>,
+    /// W dequantized slab by slab (overlapped with the GEMMs or not).
+    pub(super) w: WeightSlabs,
 }
 
 impl Acts {
-    /// Activations of `rows` tokens, `splits` attention splits; over 8 rows with a scratch of
-    /// `scratch` bf16 elements for the dequantized weight slabs.
+    /// Activations of `rows` tokens, `splits` attention splits; over 8 rows with slab buffers
+    /// of `scratch` bf16 elements for the dequantized weights, two and a side stream when
+    /// `overlap` ([`WeightSlabs`]).
     pub(super) fn new(
         k: &CudaKernels,
         cfg: &ModelConfig,
         (rows, splits): (usize, usize),
-        scratch: usize,
+        (scratch, overlap): (usize, bool),
     ) -> Result<Self> {
         let s = k.stream();
         let f = |n: usize| {
@@ -75,7 +77,7 @@ impl Acts {
                 attn: b(rows * q)?,
                 gu: b(rows * 2 * i)?,
                 act: b(rows * i)?,
-                w: b(scratch)?,
+                w: WeightSlabs::new(k, scratch, overlap)?,
             })
         } else {
             None
@@ -124,9 +126,11 @@ impl DecodeFusion {
     }
 }
 
-/// The decode fusion a new sequence runs where the model's shapes allow it. Off until the
-/// fused GEMVs are measured on a GPU: the GPU tests check that they give the separate kernels'
-/// bits, `kiln bench engine --fused-decode` times each form against the separate kernels.
+/// The decode fusion a new sequence runs where the model's shapes allow it: off. The fused
+/// GEMVs give the separate kernels' bits (GPU tests) but are slower — measured on the H200
+/// (2026-12-05, `kiln bench engine --device cuda --fused-decode`), Qwen2.5-0.5B shape: 1,306
+/// tok/s separate, 1,061 `All`, 1,221 `AllButSwiglu`: every block recomputing its x after
+/// the wait lengthens each GEMV more than the dropped launches save.
 pub const DECODE_FUSION: DecodeFusion = DecodeFusion::Off;
 
 /// Whether every GEMV of a decode layer of `cfg` can run fused on `k` (see
@@ -652,15 +656,13 @@ fn linear(
     let (n, kk) = (w.rows, w.cols);
     // slabs of a multiple of 128 rows: every slab's first column of y stays 16-byte aligned
     // (an odd offset sends cuBLAS to slow unvectorized kernels)
-    let rows_fit = CudaKernels::large_matmul_chunk_rows(w, scratch.len()).max(1);
+    let rows_fit = CudaKernels::large_matmul_chunk_rows(w, scratch.elems()).max(1);
     let slab = if rows_fit >= 128 {
         rows_fit / 128 * 128
     } else {
         rows_fit
     };
-    for r0 in (0..n).step_by(slab) {
-        let r1 = (r0 + slab).min(n);
-        k.dequantize_bf16_rows_async(w, r0, r1, scratch)?;
+    scratch.for_each(k, w, slab, |r0, r1, a| {
         // SAFETY: A = the slab (K × (r1-r0), ld K), B = x (K × rows, ld K), C = y from column
         // r0 with ld N: every access is inside the buffers.
         unsafe {
@@ -672,13 +674,13 @@ fn linear(
                 k: kk,
                 alpha: 1.0,
                 beta: 0.0,
-                a: (k.addr(scratch, 0), kk, 0),
+                a: (k.addr(a, 0), kk, 0),
                 b: (k.addr(xb, 0), kk, 0),
                 c: (c_at(r0), n, 0),
                 c_f32,
                 batch: 1,
             })?;
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }

@@ -23,6 +23,7 @@ pub mod forward;
 pub mod load_bench;
 pub mod plan;
 pub mod sequence;
+pub mod slabs;
 pub mod train;
 pub mod weights;
 

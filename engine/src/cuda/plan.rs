@@ -8,6 +8,7 @@ use kiln_job::units::human_bytes as human;
 use kiln_kernels::cuda::decode::{ARGMAX_BLOCKS, FLASH_PREFILL_HEAD_DIMS};
 use kiln_kernels::cuda::gemv::GEMV_MAX_ROWS;
 
+use super::slabs::PREFILL_OVERLAP;
 use super::weights::GpuWeightBytes;
 use crate::error::{EngineError, Result};
 use crate::model::ModelConfig;
@@ -15,8 +16,35 @@ use crate::model::ModelConfig;
 /// Most prompt tokens forwarded as one batch (longer prompts go in batches of this many).
 pub const PREFILL_ROWS: usize = 2048;
 
-/// Prompts of at most this many tokens go 8 rows at a time through the GEMVs (no GEMM set-up).
-pub const SHORT_PROMPT: usize = 64;
+/// Linear weights from which a model counts as large for [`short_prompt`].
+pub const LARGE_MODEL_LINEAR_WEIGHTS: usize = 1 << 30;
+
+/// Prompts of at most this many tokens go 8 rows at a time through the GEMVs (no dequantized
+/// weights, no GEMM set-up); longer ones through the GEMMs: 8 for models under
+/// [`LARGE_MODEL_LINEAR_WEIGHTS`] linear weights, 16 from there on. Measured on the H200
+/// (2026-12-05, `kiln bench engine --device cuda --short-prompts 2,4,8,16,32,64`): an 8-row
+/// GEMV batch costs about what the GEMM path's whole prompt does at 8 tokens on the
+/// Qwen2.5-0.5B shape (1.43 vs 1.44 ms; 16 tokens: 2.87 vs 1.91), and a third of it on the 7B
+/// shape, whose GEMM path dequantizes 13 GB of bf16 (4.3 vs 12.8 ms; 16 tokens 8.6 vs 12.8,
+/// 32 tokens 17.0 vs 12.6). Single tokens always take the decode step.
+pub fn short_prompt(cfg: &ModelConfig) -> usize {
+    if linear_weights(cfg) >= LARGE_MODEL_LINEAR_WEIGHTS {
+        2 * GEMV_MAX_ROWS
+    } else {
+        GEMV_MAX_ROWS
+    }
+}
+
+/// Weights of the model's layer linears (q, k, v, o, gate, up, down), all layers.
+pub fn linear_weights(cfg: &ModelConfig) -> usize {
+    let (h, q, kv, i) = (
+        cfg.hidden_size,
+        cfg.q_size(),
+        cfg.kv_size(),
+        cfg.intermediate_size,
+    );
+    cfg.num_hidden_layers * (h * (q + 2 * kv) + q * h + 3 * h * i)
+}
 
 /// Most bf16 elements of W dequantized at once by the prefill GEMM (64 MiB).
 pub const PREFILL_SCRATCH_ELEMS: usize = 32 << 20;
@@ -27,6 +55,16 @@ pub fn prefill_scratch_elems(cfg: &ModelConfig) -> usize {
     let (h, q, i) = (cfg.hidden_size, cfg.q_size(), cfg.intermediate_size);
     let qkv = q + 2 * cfg.kv_size();
     PREFILL_SCRATCH_ELEMS.min(qkv.max(2 * i).max(h) * widest_input(cfg))
+}
+
+/// Slab buffers of the prompt GEMMs' dequantized weights: two when the dequantization overlaps
+/// the GEMMs ([`PREFILL_OVERLAP`]), else one.
+pub fn slab_buffers() -> usize {
+    if PREFILL_OVERLAP {
+        2
+    } else {
+        1
+    }
 }
 
 /// The widest input (K) of the model's linears: one row of the widest matrix, the least a
@@ -89,7 +127,7 @@ impl GpuPlan {
     pub fn new(cfg: &ModelConfig, positions: usize, prefill_rows: usize) -> Self {
         let positions = positions.clamp(1, cfg.max_position_embeddings);
         let kv_cache = kv_bytes(cfg, positions);
-        let rows = if prefill_rows <= SHORT_PROMPT {
+        let rows = if prefill_rows <= short_prompt(cfg) {
             prefill_rows.clamp(1, GEMV_MAX_ROWS)
         } else {
             prefill_rows.min(PREFILL_ROWS)
@@ -168,7 +206,7 @@ fn acts_bytes(cfg: &ModelConfig, rows: usize, splits: usize) -> u64 {
     let (f32s, bf16s) = if rows > GEMV_MAX_ROWS {
         (
             rows * (2 * h + qkv + 2 * q) + 3 + parts,
-            rows * (h + 2 * q + 3 * i) + prefill_scratch_elems(cfg),
+            rows * (h + 2 * q + 3 * i) + slab_buffers() * prefill_scratch_elems(cfg),
         )
     } else {
         (rows * (3 * h + qkv + 2 * q + 3 * i) + parts, 0)
@@ -209,6 +247,23 @@ mod tests {
         assert!(e.contains("KV cache") && e.contains("384 positions"), "{e}");
         let long = GpuPlan::new(&cfg, 32_768, 2048);
         assert!(long.kv_cache == kv_bytes(&cfg, 32_768) && long.kv_cache > plan.kv_cache);
+    }
+
+    #[test]
+    fn short_prompts_are_longer_for_large_models() {
+        let (small, large) = (ModelConfig::qwen2_5_0_5b(), ModelConfig::qwen2_5_7b());
+        // 24 × (896 × 1152 + 896² + 3 × 896 × 4864) and 28 × (3584 × 4608 + 3584² + 3 ×
+        // 3584 × 18944)
+        assert_eq!(linear_weights(&small), 357_826_560);
+        assert_eq!(linear_weights(&large), 6_525_288_448);
+        assert_eq!(short_prompt(&small), 8);
+        assert_eq!(short_prompt(&large), 16);
+        // a 12-token prompt is one GEMV batch's plan on the 7B shape, a GEMM batch on the 0.5B
+        assert_eq!(
+            GpuPlan::new(&large, 64, 12).workspace,
+            GpuPlan::new(&large, 64, 8).workspace
+        );
+        assert!(GpuPlan::new(&small, 64, 12).workspace > GpuPlan::new(&small, 64, 8).workspace);
     }
 
     #[test]

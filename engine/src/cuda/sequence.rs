@@ -18,10 +18,11 @@
 //! kernels. The kernels a forward queues are in `forward`; this module holds the sequence's
 //! state and the step's graph.
 //!
-//! Prefill runs the same kernels over T rows: prompts of up to `SHORT_PROMPT` tokens 8 rows at a
-//! time through the GEMVs and the split attention; longer ones in batches of up to
-//! `PREFILL_ROWS` through bf16 tensor-core GEMMs (W dequantized slab by slab) and attention as
-//! two cuBLAS GEMMs around a causal softmax.
+//! Prefill runs the same kernels over T rows: short prompts (`plan::short_prompt`: 8 or 16
+//! tokens by the model's size) 8 rows at a time through the GEMVs and the split attention;
+//! longer ones in batches of up to `PREFILL_ROWS` through bf16 tensor-core GEMMs (W dequantized
+//! slab by slab) and the flash prefill attention (two cuBLAS GEMMs around a causal softmax for
+//! head dims it is not built for).
 
 use std::sync::Arc;
 
@@ -37,9 +38,10 @@ use super::forward::{
     DECODE_FUSION,
 };
 use super::plan::{
-    decode_chunk, forward_splits, kv_bytes, prefill_scratch_elems, widest_input, PREFILL_ROWS,
-    SHORT_PROMPT,
+    decode_chunk, forward_splits, kv_bytes, prefill_scratch_elems, short_prompt, widest_input,
+    PREFILL_ROWS,
 };
+use super::slabs::PREFILL_OVERLAP;
 use super::weights::CudaModel;
 use crate::engine::HostTensor;
 use crate::error::{EngineError, Result};
@@ -92,8 +94,11 @@ pub struct CudaSequence {
     /// bf16 elements of the prompt GEMMs' dequantized-weight scratch (the plan's
     /// [`prefill_scratch_elems`] but in benchmarks).
     prefill_scratch: usize,
+    /// Whether the prompt GEMMs' weight dequantization overlaps them ([`PREFILL_OVERLAP`] but
+    /// in benchmarks).
+    prefill_overlap: bool,
     /// Prompts of at most this many tokens go 8 rows at a time through the GEMVs
-    /// ([`SHORT_PROMPT`] but in benchmarks).
+    /// ([`short_prompt`] but in benchmarks).
     short_prompt: usize,
     /// Sampling on the GPU instead of the greedy pick (`None`: greedy).
     sampling: Option<DeviceSampling>,
@@ -120,7 +125,7 @@ impl CudaSequence {
         let s = k.stream().clone();
         let kv_elems = cfg.num_hidden_layers * cfg.kv_size() * capacity;
         let (chunk, splits) = decode_chunk(capacity, cfg.num_key_value_heads, k.sm_count());
-        let dec = Acts::new(&k, cfg, (1, splits), 0)?;
+        let dec = Acts::new(&k, cfg, (1, splits), (0, false))?;
         let seq = CudaSequence {
             kc: s
                 .alloc_zeros::<bf16>(kv_elems)
@@ -156,7 +161,8 @@ impl CudaSequence {
             prefill: None,
             prefill_mask: class::ALL,
             prefill_scratch: prefill_scratch_elems(cfg),
-            short_prompt: SHORT_PROMPT,
+            prefill_overlap: PREFILL_OVERLAP,
+            short_prompt: short_prompt(cfg),
             sampling: None,
             step: s
                 .alloc_zeros::<u32>(1)
@@ -396,9 +402,19 @@ impl CudaSequence {
         }
     }
 
+    /// Dequantize the prompt GEMMs' next weight slab on a side stream while the GEMM reads
+    /// the last (`true`, two slab buffers) or one after the other (`false`, one buffer): a
+    /// benchmark's way to time both. Jobs use [`PREFILL_OVERLAP`].
+    pub fn set_prefill_overlap(&mut self, on: bool) {
+        if on != self.prefill_overlap {
+            self.prefill_overlap = on;
+            self.prefill = None;
+        }
+    }
+
     /// Send prompts of at most `tokens` tokens 8 rows at a time through the GEMVs, longer ones
     /// through the GEMMs (0: every prompt through the GEMMs): a benchmark's way to time both
-    /// paths at one length. Jobs use [`SHORT_PROMPT`] (the plan sizes their buffers for it).
+    /// paths at one length. Jobs use [`short_prompt`] (the plan sizes their buffers for it).
     pub fn set_short_prompt(&mut self, tokens: usize) {
         self.short_prompt = tokens;
     }
@@ -550,7 +566,12 @@ impl CudaSequence {
         if self.prefill.as_ref().map(|p| p.rows) != Some(rows) {
             self.prefill = None;
             let splits = forward_splits(rows, self.splits);
-            let acts = Acts::new(&self.k, &self.cfg, (rows, splits), self.prefill_scratch)?;
+            let acts = Acts::new(
+                &self.k,
+                &self.cfg,
+                (rows, splits),
+                (self.prefill_scratch, self.prefill_overlap),
+            )?;
             self.prefill = Some(acts);
         }
         let mut acts = self.prefill.take().expect("allocated above");
@@ -570,6 +591,10 @@ impl CudaSequence {
         // the prompt path's pick does not advance it
         self.device_pos = Some(self.len);
         let ids_dev = s.clone_htod(ids).map_err(cuda("uploading token ids"))?;
+        if let Some(bf) = &acts.bf {
+            // the weight slabs' side stream starts after everything queued so far
+            bf.w.join(&k)?;
+        }
         // prefill attention: over 8 rows, the flash kernel, or (head dims it is not built
         // for) two GEMMs around a softmax, through scores and probabilities of
         // [kv_heads][rows][keys]; else one split per query

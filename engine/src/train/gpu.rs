@@ -10,7 +10,9 @@ use kiln_kernels::cpu::AdamWParams;
 
 use super::params::ParamStore;
 use super::{tag_micro, StepOutcome, TrainData};
-use crate::cuda::train::{CudaTrainer, HostBatch, TrainPlan, TRAIN_FLASH_ATTENTION};
+use crate::cuda::train::{
+    flash_kernels_loaded, CudaTrainer, HostBatch, TrainPlan, TRAIN_FLASH_ATTENTION,
+};
 use crate::engine::CudaEngine;
 use crate::error::Result;
 use crate::model::ModelConfig;
@@ -48,10 +50,11 @@ pub(super) fn start(
     reporter: &Reporter,
 ) -> Result<(CudaTrainer, TrainPlan)> {
     CudaTrainer::check_supported(cfg)?;
+    let flash = TRAIN_FLASH_ATTENTION && flash_kernels_loaded(engine.kernels());
     let plan = TrainPlan::new(cfg, spec.quant, spec.moments, spec.batch as usize, seq_len)?
         .with_micro_batches(cfg, spec.micro_batches())
         .with_recompute(cfg, spec.recompute)
-        .with_flash_attention(cfg, TRAIN_FLASH_ATTENTION);
+        .with_flash_attention(cfg, flash);
     if budget_bytes > 0 {
         plan.check(cfg, budget_bytes)?;
     }
@@ -60,7 +63,7 @@ pub(super) fn start(
     gpu.set_seed(spec.seed);
     gpu.set_micro_batches(spec.micro_batches() as usize)?;
     gpu.set_recompute(spec.recompute);
-    gpu.set_flash_attention(TRAIN_FLASH_ATTENTION);
+    gpu.set_flash_attention(flash);
     // Every buffer of the longest micro-batch, allocated now: what the plan checked.
     gpu.reserve(spec.batch as usize, seq_len)?;
     let p = phase(&gpu, "model_loaded", step)?.metric("planned_bytes", plan.total() as f64);

@@ -3,7 +3,7 @@
 //! the benchmark can time them. Non-finite inputs are found by the amax pass and reported
 //! through [`DeviceStatus`] when the caller reads it.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::context::CudaKernels;
@@ -455,6 +455,20 @@ impl CudaKernels {
         r1: usize,
         out: &mut CudaSlice<bf16>,
     ) -> Result<(), KernelError> {
+        self.dequantize_bf16_rows_on(&self.stream, w, r0, r1, out)
+    }
+
+    /// [`CudaKernels::dequantize_bf16_rows_async`] queued on `stream` (a stream of this
+    /// context: the prompt GEMMs' side stream dequantizes the next slab while the main
+    /// stream's GEMM reads the last; the caller orders the two with events).
+    pub fn dequantize_bf16_rows_on(
+        &self,
+        stream: &CudaStream,
+        w: &DeviceNvfp4,
+        r0: usize,
+        r1: usize,
+        out: &mut CudaSlice<bf16>,
+    ) -> Result<(), KernelError> {
         if r0 > r1 || r1 > w.rows || out.len() < (r1 - r0) * w.cols {
             return Err(KernelError::InvalidArgument(format!(
                 "dequantize rows {r0}..{r1} of {} into a buffer of {} elements",
@@ -466,7 +480,7 @@ impl CudaKernels {
         let nblocks = ((r1 - r0) * bpr) as u64;
         let packed = w.packed.slice(r0 * bpr * 8..r1 * bpr * 8);
         let scales = w.scales.slice(r0 * bpr..r1 * bpr);
-        let mut b = self.stream.launch_builder(&self.f.dequantize_bf16);
+        let mut b = stream.launch_builder(&self.f.dequantize_bf16);
         b.arg(&packed)
             .arg(&scales)
             .arg(&w.tensor_scale)

@@ -86,7 +86,7 @@ pub(crate) struct TrainFunctions {
     adamw_bf16m: CudaFunction,
     /// The flash attention kernels, or why they could not be loaded (kept apart so that a
     /// failure there leaves every other kernel usable).
-    flash: Result<TrainFlashFunctions, String>,
+    pub(super) flash: Result<TrainFlashFunctions, String>,
 }
 
 impl TrainFunctions {

@@ -77,6 +77,12 @@ fn for_hd(table: &[(usize, CudaFunction)], hd: usize) -> Result<&CudaFunction, K
 }
 
 impl CudaKernels {
+    /// Why the flash train attention kernels did not load (`attention_train.cu` is an optional
+    /// module: its failure leaves the materialized attention usable), or `None` when they did.
+    pub fn train_flash_load_error(&self) -> Option<&str> {
+        self.f.train.flash.as_ref().err().map(String::as_str)
+    }
+
     /// Queue the causal attention forward: `out` (bf16 tokens `[N][nh·hd]`) and each query
     /// row's log-sum-exp `lse` (f32 `[B][nh][T]`, for the backward) from `q`, `k`, `v` (bf16,
     /// the group layouts). Fails for a head dim not in [`TRAIN_FLASH_HEAD_DIMS`].

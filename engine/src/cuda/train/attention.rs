@@ -17,10 +17,12 @@ use crate::error::Result;
 use crate::model::ModelConfig;
 
 /// Whether train jobs run their attention as the flash kernels (where built for the head
-/// dim). Off until the flash kernels have passed their GPU tests (`gpu_train::flash_*`,
-/// `gpu_training::flash_attention_steps_follow_the_cpu`) on a GPU; the benchmark runs
-/// either form (`kiln bench train --attention materialized,flash`).
-pub const TRAIN_FLASH_ATTENTION: bool = false;
+/// dim, and where `attention_train.cu` loaded). On since the GPU tests passed on the H200
+/// (2026-12-05): the kernels against f64 references, first-step gradients and a 20-step loss
+/// curve against the CPU as closely as the materialized form; 0.5B 8 × 512 `nvfp4-ste`
+/// 52.0 → 49.2 ms a step and 1.6 GiB less memory. The benchmark runs either form
+/// (`kiln bench train --attention materialized,flash`).
+pub const TRAIN_FLASH_ATTENTION: bool = true;
 
 /// How the train step computes its attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -174,6 +174,20 @@ pub struct CudaTrainer {
     seed: u64,
 }
 
+/// Whether the flash train attention kernels loaded; if not, says why (once per call) and the
+/// caller keeps the materialized attention.
+pub fn flash_kernels_loaded(k: &CudaKernels) -> bool {
+    match k.train_flash_load_error() {
+        None => true,
+        Some(e) => {
+            tracing::warn!(
+                "the flash train attention is unavailable, using the materialized one: {e}"
+            );
+            false
+        }
+    }
+}
+
 /// A moment buffer in its element type.
 enum Moments {
     F32(CudaSlice<f32>),
@@ -481,8 +495,10 @@ impl CudaTrainer {
     /// Run the attention as the flash kernels where they are built for the model's head dim
     /// (no `[B·nh·T × T]` scores, probabilities or their gradients; what
     /// [`TrainPlan::with_flash_attention`] counts), as GEMMs and softmax kernels otherwise.
-    /// Call it before [`CudaTrainer::reserve`].
+    /// Call it before [`CudaTrainer::reserve`]. If the flash kernels did not load (an
+    /// optional module), the materialized form serves and the reason is logged.
     pub fn set_flash_attention(&mut self, on: bool) {
+        let on = on && flash_kernels_loaded(&self.k);
         let form = TrainAttention::for_config(&self.cfg, on);
         if form != self.attention {
             self.attention = form;
