@@ -110,6 +110,13 @@ fn gpu_matches_the_cpu_reference_on_a_qwen2_5_0_5b_shaped_model() {
     check_model("qwen2.5-0.5b-shape", &m, &prompt(24));
 }
 
+/// Cache vs replay on the GPU. A replay forwards the whole sequence again at every step, as a
+/// prompt: past 8 tokens (`plan::short_prompt`) through the bf16 GEMMs, while the cached run
+/// decodes each new token through the f32 GEMVs. So their logits differ by the prompt path's
+/// rounding (measured on the H200: 0.042 over 14 steps), and greedy tokens can part where two
+/// candidates are that close — a flip at step 13 here, which any logit difference can cause
+/// (the cache's margin between the two picks is at most twice the difference). The check is
+/// the logits of every step up to and including the first divergence.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn cache_and_replay_agree_on_the_gpu() {
@@ -126,7 +133,7 @@ fn cache_and_replay_agree_on_the_gpu() {
         "GPU cache vs replay: identical {}, max |Δlogit| {:.4}",
         r.tokens_identical, r.max_logit_diff
     );
-    assert!(r.tokens_identical, "{r:?}");
+    assert!(r.compared_steps >= 2, "{r:?}");
     assert!(r.max_logit_diff < LOGIT_TOL_PREFILL, "{r:?}");
 }
 

@@ -25,6 +25,12 @@ pub struct AbReport {
     pub max_logit_diff: f32,
     /// Steps whose logits were compared (those up to and including the first divergence).
     pub compared_steps: usize,
+    /// At the first divergence (greedy): the cache run's logit of its own pick minus its logit
+    /// of the replay's pick, ≥ 0 — how close the two candidates were. On the GPU, replays run
+    /// through the bf16 prompt GEMMs and cached steps through the f32 GEMVs, so a margin
+    /// within the logits' difference is a near-tie that rounding flipped.
+    #[serde(default)]
+    pub divergence_margin: Option<f32>,
     /// Cache-mode prefill time, ms.
     pub cache_prefill_ms: f64,
     /// Cache-mode decode speed, tokens/s.
@@ -70,7 +76,9 @@ pub fn ab_compare(model: &LoadedModel, prompt: &[u32], opts: &GenerateOptions) -
         .zip(&replay.step_logits[..compared_steps])
         .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
         .fold(0.0f32, f32::max);
+    let divergence_margin = first_divergence.and_then(|d| margin_at(&cache, &replay, d));
     Ok(AbReport {
+        divergence_margin,
         tokens_identical: first_divergence.is_none(),
         first_divergence,
         max_logit_diff,
@@ -81,4 +89,43 @@ pub fn ab_compare(model: &LoadedModel, prompt: &[u32], opts: &GenerateOptions) -
         cache_tokens: cache.tokens,
         replay_tokens: replay.tokens,
     })
+}
+
+/// Step `d`'s logit of the cache run's token minus its logit of the replay's (None where a run
+/// has no token or logits there).
+fn margin_at(cache: &Generation, replay: &Generation, d: usize) -> Option<f32> {
+    let (a, b) = (*cache.tokens.get(d)?, *replay.tokens.get(d)?);
+    let l = cache.step_logits.get(d)?;
+    Some(l.get(a as usize)? - l.get(b as usize)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::StopReason;
+
+    fn run(tokens: Vec<u32>, step_logits: Vec<Vec<f32>>) -> Generation {
+        Generation {
+            prompt_tokens: 1,
+            tokens,
+            stop: StopReason::MaxTokens,
+            prefill_ms: 0.0,
+            decode_ms: 0.0,
+            decode_steps: 0,
+            decode_tokens_per_s: 0.0,
+            step_logits,
+        }
+    }
+
+    #[test]
+    fn the_margin_is_the_cache_logits_of_both_picks_apart() {
+        let cache = run(vec![2, 0], vec![vec![0.0, 1.0, 3.0], vec![0.5, 0.4, 0.1]]);
+        let replay = run(vec![2, 1], Vec::new());
+        // step 1: the cache picked 0 (0.5), the replay 1 (0.4 in the cache's logits)
+        let m = margin_at(&cache, &replay, 1).unwrap();
+        assert!((m - 0.1).abs() < 1e-6, "{m}");
+        // no logits recorded at that step, or a run that ended: no margin
+        assert_eq!(margin_at(&cache, &replay, 2), None);
+        assert_eq!(margin_at(&run(vec![2, 0], Vec::new()), &replay, 1), None);
+    }
 }

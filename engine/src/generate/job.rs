@@ -275,10 +275,14 @@ pub fn run_job(
             let text = cm.tokenizer.decode(&r.cache_tokens, true)?;
             reporter.log(format!(
                 "A/B: cache and replay tokens {}, max |Δlogit| {:.3e} over {} steps; cache {:.1} tok/s, replay {:.1} tok/s",
-                match r.first_divergence {
+                match (r.first_divergence, r.divergence_margin) {
                     _ if r.tokens_identical => "identical".to_string(),
-                    Some(step) => format!("DIFFER from step {step}"),
-                    None => "DIFFER".to_string(),
+                    (Some(step), Some(m)) => format!(
+                        "DIFFER from step {step} (there the cache's logits of the two tokens \
+                         {m:.3e} apart)"
+                    ),
+                    (Some(step), None) => format!("DIFFER from step {step}"),
+                    (None, _) => "DIFFER".to_string(),
                 },
                 r.max_logit_diff,
                 r.compared_steps,
