@@ -7,11 +7,12 @@
 # then on the GPU machine: scripts/gpu-engine.sh [BIN_DIR] (default target-carry). Runs the
 # decode kernels' GPU tests, the engine's GPU tests (GPU vs CPU reference, cache vs replay, graph vs plain launches, session
 # restore, the fused decode GEMVs against the separate kernels), the HF transformers anchor,
-# `kiln bench engine --device cuda --fused-decode --short-prompts 16,32,64` with the anchor's
-# ratios (and the fused decode GEMVs against the default, short prompts through GEMV batches
-# against the GEMMs), and `kiln demo` (which generates on the GPU). LOAD_BENCH=1 adds the model-load
+# `kiln bench engine --device cuda --short-prompts 8,16,32` with the anchor's ratios (short
+# prompts through GEMV batches against the GEMMs; FUSED=1 adds the fused decode GEMVs against
+# the default), and `kiln demo` (which generates on the GPU). LOAD_BENCH=1 adds the model-load
 # benchmark on a random bf16 directory (LOAD_SHAPE, default qwen2.5-7b: 15 GB written first);
-# SLABS=8,16,32 also times the longest prompt with the weights dequantized in slabs of those MiB.
+# SLABS=32,128 also times the longest prompt with the weights dequantized in slabs of those MiB
+# (and the default size), each serially and overlapped with the GEMMs.
 # Output under $OUT (default out/).
 set -uo pipefail
 # bin (first argument, default target-carry), out ($OUT, default out/), result, summary
@@ -37,7 +38,7 @@ tail -5 "$out/hf.txt"
 echo "== kiln bench engine --device cuda"
 anchor=()
 [[ -s "$out/hf.json" ]] && anchor=(--anchor "$out/hf.json")
-timeout 400 "$bin/kiln" bench engine --device cuda --fused-decode --short-prompts 16,32,64 \
+timeout 400 "$bin/kiln" bench engine --device cuda ${FUSED:+--fused-decode} --short-prompts 8,16,32 \
     ${SKIP_7B:+--skip-7b} ${SLABS:+--prefill-slab-mib "$SLABS"} "${anchor[@]}" > "$out/bench-engine.txt" 2> "$out/bench-engine.err"
 result[bench]=$?
 cat "$out/bench-engine.txt"; tail -5 "$out/bench-engine.err"
