@@ -665,9 +665,10 @@ impl GpuBench {
             }
         }
         format!(
-            "{t}\n(time to first token; \"jobs take\": the path a job's prompt of that length \
-             takes — the GEMV batches up to 8 tokens, 16 on models of 1 Gi linear weights and \
-             more)\n"
+            "{t}\n(time to first token, warm; \"jobs take\": the path a prompt of that length \
+             takes once the process has run the GEMMs — the GEMV batches up to 8 tokens, 16 on \
+             models of 1 Gi linear weights and more; before that, up to 64 tokens, since the \
+             first GEMMs of a process cost ~160 ms once)\n"
         )
     }
 

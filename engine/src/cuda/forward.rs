@@ -5,6 +5,8 @@
 //! slab by slab) and the pick of the next token; and the kernel classes a benchmark times apart
 //! ([`class`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use kiln_kernels::cuda::decode::{AttentionShape, DevAddr, DeviceSampling, QkvPost};
@@ -582,6 +584,30 @@ enum Input {
     Act,
 }
 
+/// Whether this process has run the prompt GEMMs (cuBLAS) once: the first call pays a one-time
+/// cost — ~160 ms measured on the H200 (the demo's 12-token turns took 164–167 ms through the
+/// GEMMs in a fresh job process against 0.6 ms through the GEMV batches) — that a short prompt
+/// should not. Set by the first GEMM-path linear; see [`super::plan::prompt_takes_gemvs`].
+static GEMM_PATH_WARM: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process has run the prompt GEMMs ([`GEMM_PATH_WARM`]).
+pub fn gemm_path_warm() -> bool {
+    GEMM_PATH_WARM.load(Ordering::Relaxed)
+}
+
+/// Rows per weight slab for a matrix of `n` rows when a slab buffer holds `rows_fit` rows: as
+/// few slabs as fit, of equal size rounded up to a multiple of 128 rows (a slab's first column
+/// of y stays 16-byte aligned: an odd offset sends cuBLAS to slow unvectorized kernels) — no
+/// short last slab, whose GEMM would take a whole wave of the GPU for a sliver of the rows.
+pub(super) fn balanced_slab_rows(n: usize, rows_fit: usize) -> usize {
+    if rows_fit < 128 {
+        return rows_fit.max(1);
+    }
+    let most = rows_fit / 128 * 128;
+    let slabs = n.div_ceil(most);
+    n.div_ceil(slabs).div_ceil(128) * 128
+}
+
 /// Which activation a linear writes.
 #[derive(Clone, Copy)]
 enum Output {
@@ -657,11 +683,8 @@ fn linear(
     // slabs of a multiple of 128 rows: every slab's first column of y stays 16-byte aligned
     // (an odd offset sends cuBLAS to slow unvectorized kernels)
     let rows_fit = CudaKernels::large_matmul_chunk_rows(w, scratch.elems()).max(1);
-    let slab = if rows_fit >= 128 {
-        rows_fit / 128 * 128
-    } else {
-        rows_fit
-    };
+    let slab = balanced_slab_rows(n, rows_fit);
+    GEMM_PATH_WARM.store(true, Ordering::Relaxed);
     scratch.for_each(k, w, slab, |r0, r1, a| {
         // SAFETY: A = the slab (K × (r1-r0), ld K), B = x (K × rows, ld K), C = y from column
         // r0 with ld N: every access is inside the buffers.
@@ -683,4 +706,30 @@ fn linear(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slabs_are_balanced_multiples_of_128_rows() {
+        // the 7B gate/up matrix (37,888 rows) through a 64 MiB buffer (9,362 rows of 3,584):
+        // 5 slabs of 7,680 (the last 7,168) instead of 4 × 9,344 and 512
+        assert_eq!(balanced_slab_rows(37_888, 9_362), 7_680);
+        // the 7B down matrix (3,584 rows of 18,944) through 64 MiB (1,771 rows): 3 × 1,280
+        assert_eq!(balanced_slab_rows(3_584, 1_771), 1_280);
+        // everything in one slab when it fits; tiny buffers keep whole rows
+        assert_eq!(balanced_slab_rows(4_608, 9_362), 4_608);
+        assert_eq!(balanced_slab_rows(4_608, 100), 100);
+        assert_eq!(balanced_slab_rows(4_608, 0), 1);
+        for (n, fit) in [(37_888, 4_681), (1_000, 128), (129, 128), (151_936, 37_449)] {
+            let slab = balanced_slab_rows(n, fit);
+            assert!(
+                slab <= fit / 128 * 128 && slab.is_multiple_of(128),
+                "{n} {fit} {slab}"
+            );
+            assert_eq!(n.div_ceil(slab), n.div_ceil(fit / 128 * 128), "{n} {fit}");
+        }
+    }
 }

@@ -35,6 +35,19 @@ pub fn short_prompt(cfg: &ModelConfig) -> usize {
     }
 }
 
+/// Prompts of up to this many tokens take the GEMV batches while the process has not run the
+/// prompt GEMMs yet ([`prompt_takes_gemvs`]): the GEMMs' one-time cost in a fresh process
+/// (~160 ms on the H200) is more than 64 tokens of GEMV batches take (1.5 / 11.5 / 34 ms on the
+/// tiny / 0.5B / 7B shapes).
+pub const COLD_SHORT_PROMPT: usize = 64;
+
+/// Whether a prompt of `tokens` tokens goes 8 rows at a time through the GEMVs (else through the
+/// GEMMs): up to [`short_prompt`] tokens, or [`COLD_SHORT_PROMPT`] while the process has not
+/// run the GEMMs (`gemm_warm`) — a job process's first prompt, a chat turn's delta.
+pub fn prompt_takes_gemvs(cfg: &ModelConfig, tokens: usize, gemm_warm: bool) -> bool {
+    tokens <= short_prompt(cfg) || (!gemm_warm && tokens <= COLD_SHORT_PROMPT)
+}
+
 /// Weights of the model's layer linears (q, k, v, o, gate, up, down), all layers.
 pub fn linear_weights(cfg: &ModelConfig) -> usize {
     let (h, q, kv, i) = (
@@ -127,19 +140,31 @@ impl GpuPlan {
     pub fn new(cfg: &ModelConfig, positions: usize, prefill_rows: usize) -> Self {
         let positions = positions.clamp(1, cfg.max_position_embeddings);
         let kv_cache = kv_bytes(cfg, positions);
-        let rows = if prefill_rows <= short_prompt(cfg) {
-            prefill_rows.clamp(1, GEMV_MAX_ROWS)
-        } else {
-            prefill_rows.min(PREFILL_ROWS)
-        };
         let splits = planned_decode_splits(cfg, positions);
-        let workspace = acts_bytes(cfg, 1, splits)
-            + if rows > 1 {
+        // a prompt takes the GEMV batches or the GEMMs depending on whether the process has
+        // run the GEMMs before: the larger of the two forms it can take (one exists at a time)
+        let prompt = |rows: usize| {
+            if rows > 1 {
                 acts_bytes(cfg, rows, forward_splits(rows, splits))
                     + prefill_scores_bytes(cfg, rows, positions)
             } else {
                 0
             }
+        };
+        let gemvs = prompt_takes_gemvs(cfg, prefill_rows, false);
+        let gemms = !prompt_takes_gemvs(cfg, prefill_rows, true);
+        let as_gemvs = if gemvs {
+            prompt(prefill_rows.clamp(1, GEMV_MAX_ROWS))
+        } else {
+            0
+        };
+        let as_gemms = if gemms {
+            prompt(prefill_rows.min(PREFILL_ROWS))
+        } else {
+            0
+        };
+        let workspace = acts_bytes(cfg, 1, splits)
+            + as_gemvs.max(as_gemms)
             + (cfg.vocab_size * 4 + ARGMAX_BLOCKS * 8) as u64;
         GpuPlan {
             model: GpuWeightBytes::of_config(cfg),
@@ -258,12 +283,22 @@ mod tests {
         assert_eq!(linear_weights(&large), 6_525_288_448);
         assert_eq!(short_prompt(&small), 8);
         assert_eq!(short_prompt(&large), 16);
-        // a 12-token prompt is one GEMV batch's plan on the 7B shape, a GEMM batch on the 0.5B
+        // a 12-token prompt takes the GEMV batches on the 7B shape; on the 0.5B shape the
+        // GEMMs once the process has run them, the GEMV batches before
+        assert!(prompt_takes_gemvs(&large, 12, true) && prompt_takes_gemvs(&large, 16, true));
+        assert!(!prompt_takes_gemvs(&small, 12, true) && prompt_takes_gemvs(&small, 12, false));
+        assert!(prompt_takes_gemvs(&small, 64, false) && !prompt_takes_gemvs(&small, 65, false));
+        assert!(!prompt_takes_gemvs(&large, 17, true));
+        // the plan holds the larger of the forms a prompt can take
         assert_eq!(
             GpuPlan::new(&large, 64, 12).workspace,
             GpuPlan::new(&large, 64, 8).workspace
         );
         assert!(GpuPlan::new(&small, 64, 12).workspace > GpuPlan::new(&small, 64, 8).workspace);
+        let long = 4096;
+        assert!(
+            GpuPlan::new(&small, long, 12).workspace >= GpuPlan::new(&small, long, 8).workspace
+        );
     }
 
     #[test]

@@ -18,8 +18,8 @@
 //! kernels. The kernels a forward queues are in `forward`; this module holds the sequence's
 //! state and the step's graph.
 //!
-//! Prefill runs the same kernels over T rows: short prompts (`plan::short_prompt`: 8 or 16
-//! tokens by the model's size) 8 rows at a time through the GEMVs and the split attention;
+//! Prefill runs the same kernels over T rows: short prompts (`plan::prompt_takes_gemvs`: 8 or
+//! 16 tokens by the model's size, 64 until the process has run the GEMMs once) 8 rows at a time through the GEMVs and the split attention;
 //! longer ones in batches of up to `PREFILL_ROWS` through bf16 tensor-core GEMMs (W dequantized
 //! slab by slab) and the flash prefill attention (two cuBLAS GEMMs around a causal softmax for
 //! head dims it is not built for).
@@ -34,12 +34,12 @@ use kiln_kernels::cuda::CudaKernels;
 
 use super::cuda;
 use super::forward::{
-    class, fused_combine, fused_decode_fits, layers, pick, Acts, DecodeFusion, Scalars,
-    DECODE_FUSION,
+    class, fused_combine, fused_decode_fits, gemm_path_warm, layers, pick, Acts, DecodeFusion,
+    Scalars, DECODE_FUSION,
 };
 use super::plan::{
-    decode_chunk, forward_splits, kv_bytes, prefill_scratch_elems, short_prompt, widest_input,
-    PREFILL_ROWS,
+    decode_chunk, forward_splits, kv_bytes, prefill_scratch_elems, prompt_takes_gemvs,
+    widest_input, PREFILL_ROWS,
 };
 use super::slabs::PREFILL_OVERLAP;
 use super::weights::CudaModel;
@@ -98,8 +98,8 @@ pub struct CudaSequence {
     /// in benchmarks).
     prefill_overlap: bool,
     /// Prompts of at most this many tokens go 8 rows at a time through the GEMVs
-    /// ([`short_prompt`] but in benchmarks).
-    short_prompt: usize,
+    /// A fixed bound set by a benchmark; `None`: the jobs' rule ([`prompt_takes_gemvs`]).
+    short_prompt: Option<usize>,
     /// Sampling on the GPU instead of the greedy pick (`None`: greedy).
     sampling: Option<DeviceSampling>,
     /// The sampler's step counter (its noise stream), advanced by every sampled pick.
@@ -162,7 +162,7 @@ impl CudaSequence {
             prefill_mask: class::ALL,
             prefill_scratch: prefill_scratch_elems(cfg),
             prefill_overlap: PREFILL_OVERLAP,
-            short_prompt: short_prompt(cfg),
+            short_prompt: None,
             sampling: None,
             step: s
                 .alloc_zeros::<u32>(1)
@@ -303,11 +303,11 @@ impl CudaSequence {
         } else {
             // short prompts (a chat turn's delta) go 8 rows at a time through the GEMVs: no
             // GEMM set-up, weights read once per 8 tokens; longer ones through the GEMMs
-            let batch = if ids.len() <= self.short_prompt {
-                GEMV_MAX_ROWS
-            } else {
-                PREFILL_ROWS
+            let gemvs = match self.short_prompt {
+                Some(most) => ids.len() <= most,
+                None => prompt_takes_gemvs(&self.cfg, ids.len(), gemm_path_warm()),
             };
+            let batch = if gemvs { GEMV_MAX_ROWS } else { PREFILL_ROWS };
             for part in ids.chunks(batch) {
                 self.prefill_rows(m, part)?;
             }
@@ -414,9 +414,9 @@ impl CudaSequence {
 
     /// Send prompts of at most `tokens` tokens 8 rows at a time through the GEMVs, longer ones
     /// through the GEMMs (0: every prompt through the GEMMs): a benchmark's way to time both
-    /// paths at one length. Jobs use [`short_prompt`] (the plan sizes their buffers for it).
+    /// paths at one length. Jobs use [`prompt_takes_gemvs`] (the plan sizes their buffers for it).
     pub fn set_short_prompt(&mut self, tokens: usize) {
-        self.short_prompt = tokens;
+        self.short_prompt = Some(tokens);
     }
 
     /// Forget every position from `len` on (a benchmark runs several prompts on one
