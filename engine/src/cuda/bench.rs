@@ -666,9 +666,10 @@ impl GpuBench {
         }
         format!(
             "{t}\n(time to first token, warm; \"jobs take\": the path a prompt of that length \
-             takes once the process has run the GEMMs — the GEMV batches up to 8 tokens, 16 on \
-             models of 1 Gi linear weights and more; before that, up to 64 tokens, since the \
-             first GEMMs of a process cost ~160 ms once)\n"
+             takes once the process has run the GEMMs (`plan::short_prompt`); before that, up \
+             to {} tokens take the GEMV batches, since the first GEMMs of a process cost \
+             ~160 ms once)\n",
+            super::plan::COLD_SHORT_PROMPT
         )
     }
 

@@ -680,8 +680,6 @@ fn linear(
     // W dequantized to bf16 a slab of rows at a time; cublasGemmEx writes the slab's columns
     // of y (f32, or bf16 for gate/up) directly: C[N × T] column-major is y [T, N] row-major
     let (n, kk) = (w.rows, w.cols);
-    // slabs of a multiple of 128 rows: every slab's first column of y stays 16-byte aligned
-    // (an odd offset sends cuBLAS to slow unvectorized kernels)
     let rows_fit = CudaKernels::large_matmul_chunk_rows(w, scratch.elems()).max(1);
     let slab = balanced_slab_rows(n, rows_fit);
     GEMM_PATH_WARM.store(true, Ordering::Relaxed);

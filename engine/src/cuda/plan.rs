@@ -8,7 +8,7 @@ use kiln_job::units::human_bytes as human;
 use kiln_kernels::cuda::decode::{ARGMAX_BLOCKS, FLASH_PREFILL_HEAD_DIMS};
 use kiln_kernels::cuda::gemv::GEMV_MAX_ROWS;
 
-use super::slabs::PREFILL_OVERLAP;
+use super::slabs::{self, PREFILL_OVERLAP};
 use super::weights::GpuWeightBytes;
 use crate::error::{EngineError, Result};
 use crate::model::ModelConfig;
@@ -68,16 +68,6 @@ pub fn prefill_scratch_elems(cfg: &ModelConfig) -> usize {
     let (h, q, i) = (cfg.hidden_size, cfg.q_size(), cfg.intermediate_size);
     let qkv = q + 2 * cfg.kv_size();
     PREFILL_SCRATCH_ELEMS.min(qkv.max(2 * i).max(h) * widest_input(cfg))
-}
-
-/// Slab buffers of the prompt GEMMs' dequantized weights: two when the dequantization overlaps
-/// the GEMMs ([`PREFILL_OVERLAP`]), else one.
-pub fn slab_buffers() -> usize {
-    if PREFILL_OVERLAP {
-        2
-    } else {
-        1
-    }
 }
 
 /// The widest input (K) of the model's linears: one row of the widest matrix, the least a
@@ -231,7 +221,8 @@ fn acts_bytes(cfg: &ModelConfig, rows: usize, splits: usize) -> u64 {
     let (f32s, bf16s) = if rows > GEMV_MAX_ROWS {
         (
             rows * (2 * h + qkv + 2 * q) + 3 + parts,
-            rows * (h + 2 * q + 3 * i) + slab_buffers() * prefill_scratch_elems(cfg),
+            rows * (h + 2 * q + 3 * i)
+                + slabs::buffers(PREFILL_OVERLAP) * prefill_scratch_elems(cfg),
         )
     } else {
         (rows * (3 * h + qkv + 2 * q + 3 * i) + parts, 0)

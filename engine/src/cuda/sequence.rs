@@ -19,8 +19,8 @@
 //! state and the step's graph.
 //!
 //! Prefill runs the same kernels over T rows: short prompts (`plan::prompt_takes_gemvs`: 8 or
-//! 16 tokens by the model's size, 64 until the process has run the GEMMs once) 8 rows at a time through the GEMVs and the split attention;
-//! longer ones in batches of up to `PREFILL_ROWS` through bf16 tensor-core GEMMs (W dequantized
+//! 16 tokens by the model's size, 64 until the process has run the GEMMs once) 8 rows at a
+//! time through the GEMVs and the split attention; longer ones in batches of up to `PREFILL_ROWS` through bf16 tensor-core GEMMs (W dequantized
 //! slab by slab) and the flash prefill attention (two cuBLAS GEMMs around a causal softmax for
 //! head dims it is not built for).
 
@@ -97,8 +97,8 @@ pub struct CudaSequence {
     /// Whether the prompt GEMMs' weight dequantization overlaps them ([`PREFILL_OVERLAP`] but
     /// in benchmarks).
     prefill_overlap: bool,
-    /// Prompts of at most this many tokens go 8 rows at a time through the GEMVs
-    /// A fixed bound set by a benchmark; `None`: the jobs' rule ([`prompt_takes_gemvs`]).
+    /// Prompts of at most this many tokens go 8 rows at a time through the GEMVs: a fixed
+    /// bound set by a benchmark; `None`: the jobs' rule ([`prompt_takes_gemvs`]).
     short_prompt: Option<usize>,
     /// Sampling on the GPU instead of the greedy pick (`None`: greedy).
     sampling: Option<DeviceSampling>,

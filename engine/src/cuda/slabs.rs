@@ -20,6 +20,15 @@ use crate::error::Result;
 /// side stream) — a benchmark can time either (`CudaSequence::set_prefill_overlap`).
 pub const PREFILL_OVERLAP: bool = true;
 
+/// Slab buffers the prompt GEMMs use: two when the dequantization overlaps the GEMMs, else one.
+pub fn buffers(overlap: bool) -> usize {
+    if overlap {
+        2
+    } else {
+        1
+    }
+}
+
 /// Slab buffers of the prompt GEMMs, `elems` bf16 elements each.
 pub(super) struct WeightSlabs {
     bufs: Vec<CudaSlice<bf16>>,
@@ -39,8 +48,7 @@ impl WeightSlabs {
     /// Buffers of `elems` bf16 elements: two and a side stream when `overlap`, else one.
     pub(super) fn new(k: &CudaKernels, elems: usize, overlap: bool) -> Result<Self> {
         let s = k.stream();
-        let n = if overlap { 2 } else { 1 };
-        let bufs = (0..n)
+        let bufs = (0..buffers(overlap))
             .map(|_| {
                 // SAFETY: every slab is written by the dequantization before its GEMM reads it
                 unsafe { s.alloc::<bf16>(elems) }.map_err(cuda("allocating the weight slabs"))

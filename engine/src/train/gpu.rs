@@ -10,9 +10,7 @@ use kiln_kernels::cpu::AdamWParams;
 
 use super::params::ParamStore;
 use super::{tag_micro, StepOutcome, TrainData};
-use crate::cuda::train::{
-    flash_kernels_loaded, CudaTrainer, HostBatch, TrainPlan, TRAIN_FLASH_ATTENTION,
-};
+use crate::cuda::train::{CudaTrainer, HostBatch, TrainPlan, TRAIN_FLASH_ATTENTION};
 use crate::engine::CudaEngine;
 use crate::error::Result;
 use crate::model::ModelConfig;
@@ -50,7 +48,8 @@ pub(super) fn start(
     reporter: &Reporter,
 ) -> Result<(CudaTrainer, TrainPlan)> {
     CudaTrainer::check_supported(cfg)?;
-    let flash = TRAIN_FLASH_ATTENTION && flash_kernels_loaded(engine.kernels());
+    // (if the flash kernels did not load, set_flash_attention below says so)
+    let flash = TRAIN_FLASH_ATTENTION && engine.kernels().train_flash_load_error().is_none();
     let plan = TrainPlan::new(cfg, spec.quant, spec.moments, spec.batch as usize, seq_len)?
         .with_micro_batches(cfg, spec.micro_batches())
         .with_recompute(cfg, spec.recompute)

@@ -86,10 +86,15 @@ pub(crate) struct TrainFunctions {
     adamw_bf16m: CudaFunction,
     /// The flash attention kernels, or why they could not be loaded (kept apart so that a
     /// failure there leaves every other kernel usable).
-    pub(super) flash: Result<TrainFlashFunctions, String>,
+    flash: Result<TrainFlashFunctions, String>,
 }
 
 impl TrainFunctions {
+    /// Why the flash attention kernels did not load, or `None` when they did.
+    pub(super) fn flash_load_error(&self) -> Option<&str> {
+        self.flash.as_ref().err().map(String::as_str)
+    }
+
     /// The flash attention kernels, or the error that kept them from loading.
     pub(super) fn flash(&self) -> Result<&TrainFlashFunctions, KernelError> {
         self.flash.as_ref().map_err(|e| {

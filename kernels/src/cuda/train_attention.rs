@@ -80,7 +80,7 @@ impl CudaKernels {
     /// Why the flash train attention kernels did not load (`attention_train.cu` is an optional
     /// module: its failure leaves the materialized attention usable), or `None` when they did.
     pub fn train_flash_load_error(&self) -> Option<&str> {
-        self.f.train.flash.as_ref().err().map(String::as_str)
+        self.f.train.flash_load_error()
     }
 
     /// Queue the causal attention forward: `out` (bf16 tokens `[N][nh·hd]`) and each query

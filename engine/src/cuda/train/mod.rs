@@ -174,9 +174,9 @@ pub struct CudaTrainer {
     seed: u64,
 }
 
-/// Whether the flash train attention kernels loaded; if not, says why (once per call) and the
-/// caller keeps the materialized attention.
-pub fn flash_kernels_loaded(k: &CudaKernels) -> bool {
+/// Whether the flash train attention kernels loaded; if not, logs why (the caller keeps the
+/// materialized attention).
+fn flash_kernels_loaded(k: &CudaKernels) -> bool {
     match k.train_flash_load_error() {
         None => true,
         Some(e) => {
