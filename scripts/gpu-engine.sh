@@ -9,7 +9,7 @@
 # restore, the fused decode GEMVs against the separate kernels), the HF transformers anchor,
 # `kiln bench engine --device cuda --short-prompts 8,16,32` with the anchor's ratios (short
 # prompts through GEMV batches against the GEMMs; FUSED=1 adds the fused decode GEMVs against
-# the default), and `kiln demo` (which generates on the GPU). LOAD_BENCH=1 adds the model-load
+# the default, PERSISTENT=1 the persistent decode kernel), and `kiln demo` (which generates on the GPU). LOAD_BENCH=1 adds the model-load
 # benchmark on a random bf16 directory (LOAD_SHAPE, default qwen2.5-7b: 15 GB written first);
 # SLABS=32,128 also times the longest prompt with the weights dequantized in slabs of those MiB
 # (and the default size), each serially and overlapped with the GEMMs.
@@ -38,7 +38,8 @@ tail -5 "$out/hf.txt"
 echo "== kiln bench engine --device cuda"
 anchor=()
 [[ -s "$out/hf.json" ]] && anchor=(--anchor "$out/hf.json")
-timeout 400 "$bin/kiln" bench engine --device cuda ${FUSED:+--fused-decode} --short-prompts 8,16,32 \
+timeout 400 "$bin/kiln" bench engine --device cuda ${FUSED:+--fused-decode} \
+    ${PERSISTENT:+--persistent-decode} --short-prompts 8,16,32 \
     ${SKIP_7B:+--skip-7b} ${SLABS:+--prefill-slab-mib "$SLABS"} "${anchor[@]}" > "$out/bench-engine.txt" 2> "$out/bench-engine.err"
 result[bench]=$?
 cat "$out/bench-engine.txt"; tail -5 "$out/bench-engine.err"

@@ -386,10 +386,11 @@ fn decode_run(
 }
 
 /// The fused decode GEMVs (norms, SwiGLU and the attention's combine folded into the GEMVs'
-/// x load, the residual adds into their stores; and the form with SwiGLU apart) give the
-/// separate kernels' bits: the same
+/// x load, the residual adds into their stores; and the form with SwiGLU apart) and the
+/// persistent decode kernel give the separate kernels' bits: the same
 /// tokens and the same logits, bit for bit, at every step — on the tiny model's real weights,
-/// a 2-layer Llama and the Qwen2.5-0.5B shape, with the graph and with plain launches. A
+/// a 2-layer Llama, a 2-layer Qwen3 (q/k norm) and the Qwen2.5-0.5B shape, with the graph and
+/// with plain launches. A
 /// 20-token prompt (8-row batches) and a 5-token one lead in (prompts are never fused); the 0.5B
 /// shape also in a 4,096-position cache, whose attention splits are too many for the o GEMV to
 /// combine (the attention's own combine runs, the o GEMV only adds the residual).
@@ -401,6 +402,7 @@ fn fused_decode_steps_equal_the_separate_kernels() {
     let k = Arc::new(kiln_kernels::cuda::CudaKernels::new(0).expect("a CUDA GPU"));
     let tiny = ChatModel::tiny(&Default::default()).unwrap();
     let llama = random_model(&small_config(Architecture::Llama), LinearFormat::Nvfp4);
+    let qwen3 = random_model(&small_config(Architecture::Qwen3), LinearFormat::Nvfp4);
     let models = [
         (
             "tiny",
@@ -409,6 +411,10 @@ fn fused_decode_steps_equal_the_separate_kernels() {
         (
             "llama-2-layer",
             CudaModel::from_model(k.clone(), &llama).unwrap(),
+        ),
+        (
+            "qwen3-2-layer",
+            CudaModel::from_model(k.clone(), &qwen3).unwrap(),
         ),
         (
             "qwen2.5-0.5b-shape",
@@ -426,6 +432,8 @@ fn fused_decode_steps_equal_the_separate_kernels() {
                 (DecodeFusion::All, true),
                 (DecodeFusion::All, false),
                 (DecodeFusion::AllButSwiglu, true),
+                (DecodeFusion::Persistent, true),
+                (DecodeFusion::Persistent, false),
             ] {
                 let got = decode_run(m, &p, (24, cap), (fusion, graph));
                 assert_eq!(
@@ -448,7 +456,9 @@ fn fused_decode_steps_equal_the_separate_kernels() {
                 );
             }
         }
-        eprintln!("{name}: fused decode = separate kernels, bit for bit, 24 steps a run");
+        eprintln!(
+            "{name}: fused and persistent decode = separate kernels, bit for bit, 24 steps a run"
+        );
     }
 }
 

@@ -144,8 +144,7 @@ extern "C" __global__ void kiln_qkv_post(const float* __restrict__ qkv, const fl
     const int head = blockIdx.x, t = blockIdx.y, i = threadIdx.x;
     const int width = (nh + 2 * kvh) * hd;
     const int kind = head < nh ? 0 : (head < nh + kvh ? 1 : 2);
-    float val = qkv[(size_t)t * width + head * hd + i] * scale[kind];
-    if (bias) val += bias[head * hd + i];
+    float val = kiln_qkv_value(qkv[(size_t)t * width + head * hd + i], scale[kind], bias, head * hd + i);
     const int p = *pos + t;
     if (kind == 2) {
         const int kv = head - nh - kvh;
@@ -154,7 +153,7 @@ extern "C" __global__ void kiln_qkv_post(const float* __restrict__ qkv, const fl
     }
     if (qn) {
         const float ss = kiln_block_sum(val * val, red);
-        val = val / sqrtf(ss / (float)hd + eps) * (kind == 0 ? qn[i] : kn[i]);
+        val = kiln_head_norm(val, ss, hd, eps, kind == 0 ? qn[i] : kn[i]);
     }
     v[i] = val;
     __syncthreads();
@@ -163,7 +162,7 @@ extern "C" __global__ void kiln_qkv_post(const float* __restrict__ qkv, const fl
     const float ang = (float)p * inv_freq[j];
     float s, c;
     sincosf(ang, &s, &c);
-    const float out = i < half ? v[i] * c - v[i + half] * s : v[i] * c + v[i - half] * s;
+    const float out = kiln_rope(v[i], i < half ? v[i + half] : v[i - half], c, s, i < half);
     if (kind == 0) {
         q_out[(size_t)t * nh * hd + head * hd + i] = out;
     } else {
@@ -293,12 +292,7 @@ __device__ __forceinline__ void kiln_load_bf16(const u16* p, float out[E]) {
     }
 }
 
-// Warps per attention block and positions per warp load: 8 warps of 4 for small query groups
-// (HD·REP ≤ 512: shorter chains per warp), else 4 of 8 (the shared arrays stay within 48 KiB).
-// Either way a block takes 32 positions per pass. Keep in step with attention_warps() in
-// decode.rs.
-#define KILN_ATTN_WARPS_FOR(HD, REP) ((HD) * (REP) <= 512 ? 8 : 4)
-#define KILN_ATTN_GROUP_FOR(HD, REP) (32 / KILN_ATTN_WARPS_FOR(HD, REP))
+// (KILN_ATTN_WARPS_FOR / KILN_ATTN_GROUP_FOR, the attention block's shape: decode_ops.cuh.)
 
 // Attention of one KV head's query group over one chunk of the context. Grid (kvh, splits, T),
 // block 32·KILN_ATTN_WARPS_FOR(HD, REP). Split s covers positions [s·chunk, (s+1)·chunk) ∩ [0, len), len =

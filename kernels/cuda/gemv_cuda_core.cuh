@@ -37,18 +37,35 @@ __device__ __forceinline__ int kiln_xs_index(int i) {
     return (kiln_xs_float4(i >> 5, (i >> 2) & 7) << 2) | (i & 3);
 }
 
-template <int M, int R, class X, bool RESIDUAL>
-__device__ __forceinline__ void kiln_gemv_cuda_core_body(const X xsrc,
+// Which rows a row group of the GEMV takes: group gi (of all blocks' groups, in order) takes
+// rows row0(gi) .. row0(gi) + R - 1. The plain GEMV: consecutive groups, consecutive rows.
+template <int R>
+struct KilnRowsLinear {
+    __device__ __forceinline__ int operator()(int gi) const { return gi * R; }
+};
+
+// The chained launch's wait (see nvfp4_common.cuh).
+struct KilnPdlWait {
+    __device__ __forceinline__ void operator()() const { kiln_pdl_wait(); }
+};
+
+// One block's share of the GEMV: its row groups tile·groups .. tile·groups + groups - 1 (rows
+// from ROWS). With `first`, the block's first weight loads go out, then wait(), then x is filled
+// (a block that runs several tiles of one GEMV, the persistent decode kernel, fills x once).
+// With PDL, the next kernel on the stream may start launching at once.
+template <int M, int R, class X, bool RESIDUAL, bool PDL, class ROWS, class WAIT>
+__device__ __forceinline__ void kiln_gemv_cuda_core_tile(const X xsrc,
         const u8* __restrict__ packed, const u8* __restrict__ scales,
-        const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
+        const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit,
+        int tile, bool first, const ROWS rows, const WAIT wait) {
     __shared__ float red[8][R][M];
     extern __shared__ float4 xs4[];  // the fused kernels' x (K floats, kiln_xs_index order)
     static_assert(M == 1 || !X::kShared, "the fused kernels are M = 1");
-    kiln_pdl_launch_dependents();
+    if (PDL) kiln_pdl_launch_dependents();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int groups = 8 / ksplit;
     const int g = warp / ksplit, kp = warp % ksplit;
-    const int row0 = (blockIdx.x * groups + g) * R;
+    const int row0 = rows(tile * groups + g);
     const int units = K >> 5;  // 16-byte units per row
     const int per = (units + ksplit - 1) / ksplit;
     const int u_begin = kp * per;
@@ -77,8 +94,10 @@ __device__ __forceinline__ void kiln_gemv_cuda_core_body(const X xsrc,
         }
     }
     // chained launches: x and y only after the previous kernel on the stream is done
-    kiln_pdl_wait();
-    xsrc.fill(reinterpret_cast<float*>(xs4), K);  // (the fused kernels: x into shared memory)
+    if (first) {
+        wait();
+        xsrc.fill(reinterpret_cast<float*>(xs4), K);  // (the fused kernels: x into shared memory)
+    }
     while (u < u_end) {
         uint4 w[R];
         float sc[R][2];
@@ -146,12 +165,23 @@ __device__ __forceinline__ void kiln_gemv_cuda_core_body(const X xsrc,
     const float post = __ldg(tensor_scale) * 4194304.0f;
     for (int t = threadIdx.x; t < groups * R * M; t += blockDim.x) {
         int gg = t / (R * M), r = (t / M) % R, m = t % M;
-        int n = (blockIdx.x * groups + gg) * R + r;
+        int n = rows(tile * groups + gg) + r;
         float v = 0.0f;
         for (int k = 0; k < ksplit; k++) v += red[gg * ksplit + k][r][m];
         if (n >= N) continue;
-        // the residual add as the separate kernels did it: x + (the rounded product)
-        if (RESIDUAL) y[(size_t)m * N + n] = y[(size_t)m * N + n] + __fmul_rn(v, post);
+        // the residual add as the separate kernels did it: x + (the rounded product); y read
+        // through L2 (the persistent kernel's other blocks wrote it in the same launch)
+        if (RESIDUAL) y[(size_t)m * N + n] = __ldcg(y + (size_t)m * N + n) + __fmul_rn(v, post);
         else y[(size_t)m * N + n] = v * post;
     }
+}
+
+// The whole GEMV as one launch: block b takes tile b.
+template <int M, int R, class X, bool RESIDUAL>
+__device__ __forceinline__ void kiln_gemv_cuda_core_body(const X xsrc,
+        const u8* __restrict__ packed, const u8* __restrict__ scales,
+        const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit) {
+    kiln_gemv_cuda_core_tile<M, R, X, RESIDUAL, true>(xsrc, packed, scales, tensor_scale, y, N, K,
+                                                      ksplit, blockIdx.x, true,
+                                                      KilnRowsLinear<R>{}, KilnPdlWait{});
 }

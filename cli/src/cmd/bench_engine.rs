@@ -83,6 +83,12 @@ pub struct BenchEngineArgs {
     /// the default's tokens — a table of tok/s and step time per form against the default.
     #[arg(long)]
     pub fused_decode: bool,
+    /// With --device cuda: also decode with the persistent kernel (the embedding, every layer
+    /// and the final norm as one kernel whose stages wait on grid barriers instead of kernel
+    /// boundaries) where the model's shapes allow, checked to give the default's tokens — a
+    /// row per model in the same table as --fused-decode.
+    #[arg(long)]
+    pub persistent_decode: bool,
     /// With --device cuda: also time prompts of these lengths (comma-separated) both ways —
     /// 8 rows at a time through the GEMVs (what jobs do up to 8 tokens, or 16 on models of
     /// 1 Gi linear weights and more) and through the GEMMs — a table of time to first token.
@@ -153,6 +159,7 @@ fn run_cuda(args: BenchEngineArgs) -> anyhow::Result<()> {
         skip_7b: args.skip_7b,
         prefill_slabs_mib: args.prefill_slab_mib.clone(),
         fused_decode: args.fused_decode,
+        persistent_decode: args.persistent_decode,
         short_prompts: args.short_prompts.clone(),
         ..Default::default()
     };

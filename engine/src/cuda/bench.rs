@@ -11,7 +11,7 @@ use std::time::Instant;
 use kiln_kernels::cuda::CudaKernels;
 use serde::{Deserialize, Serialize};
 
-use super::forward::{class, fused_decode_fits, DecodeFusion};
+use super::forward::{class, decode_fusion_fits, DecodeFusion};
 use super::{CudaModel, CudaSequence, GpuWeightBytes};
 use crate::error::Result;
 use crate::model::ModelConfig;
@@ -35,6 +35,9 @@ pub struct GpuBenchOptions {
     /// Also decode with the fused GEMVs, each form of [`DecodeFusion`] against the default
     /// in the same run.
     pub fused_decode: bool,
+    /// Also decode with the persistent kernel ([`DecodeFusion::Persistent`]) against the
+    /// default in the same run (a row of the same table).
+    pub persistent_decode: bool,
     /// Short prompt lengths to time both ways: 8 rows at a time through the GEMVs (the path
     /// of short prompts, [`super::plan::short_prompt`]) and through the GEMMs (empty:
     /// none).
@@ -51,6 +54,7 @@ impl Default for GpuBenchOptions {
             reps: 200,
             prefill_slabs_mib: Vec::new(),
             fused_decode: false,
+            persistent_decode: false,
             short_prompts: Vec::new(),
         }
     }
@@ -393,9 +397,14 @@ fn bench_model(
     let times = seq.time_step_classes(m, opts.reps)?;
     let get = |c: u8| times.iter().find(|(k, _)| *k == c).map_or(0.0, |t| t.1);
     let mut decode_fused = Vec::new();
-    let forms = [DecodeFusion::All, DecodeFusion::AllButSwiglu];
-    for fusion in forms.into_iter().filter(|_| opts.fused_decode) {
-        if !fused_decode_fits(m.kernels(), cfg) {
+    let forms = [
+        (DecodeFusion::All, opts.fused_decode),
+        (DecodeFusion::AllButSwiglu, opts.fused_decode),
+        (DecodeFusion::Persistent, opts.persistent_decode),
+    ];
+    for fusion in forms.into_iter().filter(|f| f.1).map(|f| f.0) {
+        if let Err(e) = decode_fusion_fits(m.kernels(), cfg, fusion) {
+            progress(&format!("{name}: no {} decode: {e}", fusion.name()));
             decode_fused.push(FusedDecodeRow {
                 fusion: fusion.name().into(),
                 fits: false,
@@ -405,10 +414,7 @@ fn bench_model(
             });
             continue;
         }
-        progress(&format!(
-            "{name}: decode with the fused GEMVs ({})",
-            fusion.name()
-        ));
+        progress(&format!("{name}: decode, {}", fusion.name()));
         let (tok_s, fused_tokens) =
             decode_rate(m, opts.prompt_tokens, opts.new_tokens, true, fusion)?;
         seq.set_decode_fusion(fusion)?;
@@ -682,10 +688,10 @@ impl GpuBench {
             "model",
             "fused",
             "decode tok/s (default)",
-            "fused GEMVs tok/s",
+            "form's tok/s",
             "× default",
             "step µs (default)",
-            "fused step µs",
+            "form's step µs",
             "same tokens",
         ]);
         for (r, f) in self
@@ -698,7 +704,7 @@ impl GpuBench {
                     r.model.clone(),
                     f.fusion.clone(),
                     format!("{:.1}", r.decode_tok_s),
-                    "— (a layer matrix over the fused GEMVs' shapes)".into(),
+                    "— (the model's shapes do not run this form; the log says why)".into(),
                 ]);
                 continue;
             }
@@ -720,7 +726,8 @@ impl GpuBench {
         format!(
             "{t}\n(\"all\": the norms, SwiGLU and the attention's combine folded into the GEMVs' x \
              load, the residual adds into their stores — six launches a layer instead of ten; \
-             \"all but SwiGLU\": SwiGLU its own launch, seven)\n"
+             \"all but SwiGLU\": SwiGLU its own launch, seven; \"persistent kernel\": the embedding, \
+             every layer and the final norm as one kernel with grid barriers between its stages)\n"
         )
     }
 }

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use kiln_kernels::cuda::decode::{AttentionShape, DevAddr, DeviceSampling, QkvPost};
+use kiln_kernels::cuda::decode_persistent::PersistentShape;
 use kiln_kernels::cuda::gemv::GEMV_MAX_ROWS;
 use kiln_kernels::cuda::gemv_fused::{FusedX, FUSED_COMBINE_MAX_SPLITS};
 use kiln_kernels::cuda::{CudaKernels, DeviceNvfp4};
@@ -115,6 +116,10 @@ pub enum DecodeFusion {
     /// As `All` but SwiGLU a launch of its own (every block of the down GEMV recomputes all of
     /// SwiGLU in `All`, which may cost more than the launch it saves): seven.
     AllButSwiglu,
+    /// The embedding, every layer and the final norm as one persistent kernel whose stages are
+    /// separated by grid barriers ([`kiln_kernels::cuda::decode_persistent`]): no launch per
+    /// layer at all; then the vocabulary GEMV and the pick.
+    Persistent,
 }
 
 impl DecodeFusion {
@@ -124,6 +129,54 @@ impl DecodeFusion {
             DecodeFusion::Off => "off",
             DecodeFusion::All => "all",
             DecodeFusion::AllButSwiglu => "all but SwiGLU",
+            DecodeFusion::Persistent => "persistent kernel",
+        }
+    }
+
+    /// Whether a step of this form runs the fused GEMVs ([`fused_layers`]).
+    pub(super) fn fused_gemvs(self) -> bool {
+        matches!(self, DecodeFusion::All | DecodeFusion::AllButSwiglu)
+    }
+}
+
+/// The model's shape as the persistent decode kernel takes it.
+pub fn persistent_shape(cfg: &ModelConfig) -> PersistentShape {
+    PersistentShape {
+        layers: cfg.num_hidden_layers,
+        hidden: cfg.hidden_size,
+        intermediate: cfg.intermediate_size,
+        heads: cfg.num_attention_heads,
+        kv_heads: cfg.num_key_value_heads,
+        head_dim: cfg.head_dim,
+    }
+}
+
+/// Whether decode steps of `cfg` can run as `fusion` on `k`; the error says why not.
+pub fn decode_fusion_fits(k: &CudaKernels, cfg: &ModelConfig, fusion: DecodeFusion) -> Result<()> {
+    let bad = |m: String| Err(crate::error::EngineError::InvalidArgument(m));
+    match fusion {
+        DecodeFusion::Off => Ok(()),
+        DecodeFusion::Persistent => k
+            .persistent_decode_fits(&persistent_shape(cfg))
+            .or_else(|e| bad(format!("{e}; decode runs the captured separate kernels"))),
+        DecodeFusion::All | DecodeFusion::AllButSwiglu => {
+            if let Some(e) = k.fused_gemv_load_error() {
+                return bad(format!(
+                    "the fused decode GEMVs did not load on this GPU ({e}); decode runs the \
+                     separate kernels"
+                ));
+            }
+            if !fused_decode_fits(k, cfg) {
+                return bad(format!(
+                    "the fused decode GEMVs need every layer matrix in the CUDA-core GEMV's \
+                     regime (under 16 Mi weights), K a multiple of 32 and x in shared memory (K \
+                     up to {}); this model (hidden {}, intermediate {}) runs the separate kernels",
+                    k.fused_gemv_max_k(),
+                    cfg.hidden_size,
+                    cfg.intermediate_size
+                ));
+            }
+            Ok(())
         }
     }
 }

@@ -29,13 +29,14 @@ use std::sync::Arc;
 use cudarc::driver::{sys, CudaGraph, CudaSlice};
 use half::bf16;
 use kiln_kernels::cuda::decode::{DeviceSampling, ARGMAX_BLOCKS, FLASH_PREFILL_HEAD_DIMS};
+use kiln_kernels::cuda::decode_persistent::{PersistentLayer, PersistentStep};
 use kiln_kernels::cuda::gemv::GEMV_MAX_ROWS;
 use kiln_kernels::cuda::CudaKernels;
 
 use super::cuda;
 use super::forward::{
-    class, fused_combine, fused_decode_fits, gemm_path_warm, layers, pick, Acts, DecodeFusion,
-    Scalars, DECODE_FUSION,
+    class, decode_fusion_fits, fused_combine, gemm_path_warm, layers, persistent_shape, pick, Acts,
+    DecodeFusion, Scalars, DECODE_FUSION,
 };
 use super::plan::{
     decode_chunk, forward_splits, kv_bytes, prefill_scratch_elems, prompt_takes_gemvs,
@@ -106,6 +107,10 @@ pub struct CudaSequence {
     step: CudaSlice<u32>,
     /// Which kernels of a decode step run fused ([`CudaSequence::set_decode_fusion`]).
     fusion: DecodeFusion,
+    /// The persistent kernel's layer table for the model at this address.
+    persistent_layers: Option<(usize, CudaSlice<u64>)>,
+    /// The persistent kernel's grid-barrier counter.
+    barrier: CudaSlice<u32>,
 }
 
 impl std::fmt::Debug for CudaSequence {
@@ -167,11 +172,15 @@ impl CudaSequence {
             step: s
                 .alloc_zeros::<u32>(1)
                 .map_err(cuda("allocating scalars"))?,
-            fusion: if fused_decode_fits(&k, cfg) {
+            fusion: if decode_fusion_fits(&k, cfg, DECODE_FUSION).is_ok() {
                 DECODE_FUSION
             } else {
                 DecodeFusion::Off
             },
+            persistent_layers: None,
+            barrier: s
+                .alloc_zeros::<u32>(1)
+                .map_err(cuda("allocating scalars"))?,
             k,
             cfg: cfg.clone(),
             cap: capacity,
@@ -211,29 +220,13 @@ impl CudaSequence {
         self.use_graph = on;
     }
 
-    /// Run decode steps with the fused GEMVs (see [`DecodeFusion`]) or the separate kernels
-    /// (the step graph is re-captured at the next step). Every form gives the same bits; the
-    /// fused step launches three or four kernels fewer per layer. Errors when fusing and the
-    /// fused kernels did not load or the model's shapes cannot run fused
-    /// ([`fused_decode_fits`]).
+    /// Run decode steps with the fused GEMVs or the persistent kernel (see [`DecodeFusion`]) or
+    /// the separate kernels (the step graph is re-captured at the next step). Every form gives
+    /// the same bits; the fused step launches three or four kernels fewer per layer, the
+    /// persistent one none. Errors when the form's kernels did not load or the model's shapes
+    /// cannot run it ([`decode_fusion_fits`]).
     pub fn set_decode_fusion(&mut self, fusion: DecodeFusion) -> Result<()> {
-        let on = fusion != DecodeFusion::Off;
-        if let (true, Some(e)) = (on, self.k.fused_gemv_load_error()) {
-            return Err(EngineError::InvalidArgument(format!(
-                "the fused decode GEMVs did not load on this GPU ({e}); decode runs the separate \
-                 kernels"
-            )));
-        }
-        if on && !fused_decode_fits(&self.k, &self.cfg) {
-            return Err(EngineError::InvalidArgument(format!(
-                "the fused decode GEMVs need every layer matrix in the CUDA-core GEMV's regime \
-                 (under 16 Mi weights), K a multiple of 32 and x in shared memory (K up to {}); \
-                 this model (hidden {}, intermediate {}) runs the separate kernels",
-                self.k.fused_gemv_max_k(),
-                self.cfg.hidden_size,
-                self.cfg.intermediate_size
-            )));
-        }
+        decode_fusion_fits(&self.k, &self.cfg, fusion)?;
         if fusion != self.fusion {
             self.fusion = fusion;
             self.graph = None;
@@ -347,6 +340,7 @@ impl CudaSequence {
             s.memcpy_htod(&[self.len as i32], &mut self.pos)
                 .map_err(cuda("writing the position"))?;
         }
+        self.ensure_persistent_layers(m)?;
         let key = m as *const CudaModel as usize;
         if self.use_graph {
             if self.graph.as_ref().map(|g| g.model) != Some(key) {
@@ -466,6 +460,7 @@ impl CudaSequence {
 
     /// Capture the decode step's kernels of `mask` as a graph.
     fn capture_classes(&mut self, m: &CudaModel, mask: u8) -> Result<CudaGraph> {
+        self.ensure_persistent_layers(m)?;
         let s = self.k.stream().clone();
         s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(cuda("starting the decode graph capture"))?;
@@ -516,10 +511,13 @@ impl CudaSequence {
 
     /// [`CudaSequence::enqueue_step`] with only the kernel classes in `mask`.
     fn enqueue_step_classes(&mut self, m: &CudaModel, mask: u8) -> Result<()> {
+        if self.fusion == DecodeFusion::Persistent {
+            return self.enqueue_persistent_step(m, mask);
+        }
         let sc = Scalars {
             mask,
-            fused: self.fusion != DecodeFusion::Off,
-            fused_combine: self.fusion != DecodeFusion::Off
+            fused: self.fusion.fused_gemvs(),
+            fused_combine: self.fusion.fused_gemvs()
                 && fused_combine(&self.k, &self.cfg, self.splits),
             fused_swiglu: self.fusion == DecodeFusion::All,
             ..self.scalars()
@@ -555,6 +553,108 @@ impl CudaSequence {
             }
             if mask & class::PICK != 0 {
                 pick(&k, cfg, &sc, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Upload the persistent kernel's layer table of `m` unless held (outside a capture: it
+    /// copies from the host).
+    fn ensure_persistent_layers(&mut self, m: &CudaModel) -> Result<()> {
+        let key = m as *const CudaModel as usize;
+        if self.fusion != DecodeFusion::Persistent
+            || self.persistent_layers.as_ref().map(|l| l.0) == Some(key)
+        {
+            return Ok(());
+        }
+        let k = &*self.k;
+        let opt = |b: &Option<CudaSlice<f32>>| b.as_ref().map_or(0, |b| k.addr(b, 0));
+        let table: Vec<PersistentLayer> = m
+            .layers
+            .iter()
+            .map(|l| {
+                let (qn, kn) = l
+                    .qk_norm
+                    .as_ref()
+                    .map_or((0, 0), |(q, kk)| (k.addr(q, 0), k.addr(kk, 0)));
+                PersistentLayer {
+                    input_norm: k.addr(&l.input_norm, 0),
+                    qkv_packed: k.addr(&l.qkv.packed, 0),
+                    qkv_scales: k.addr(&l.qkv.scales, 0),
+                    qkv_tensor_scale: k.addr(&l.qkv.tensor_scale, 0),
+                    qkv_part_scales: k.addr(&l.qkv_scale, 0),
+                    qkv_bias: opt(&l.qkv_bias),
+                    q_norm: qn,
+                    k_norm: kn,
+                    o_packed: k.addr(&l.o.packed, 0),
+                    o_scales: k.addr(&l.o.scales, 0),
+                    o_tensor_scale: k.addr(&l.o.tensor_scale, 0),
+                    post_norm: k.addr(&l.post_norm, 0),
+                    gate_up_packed: k.addr(&l.gate_up.packed, 0),
+                    gate_up_scales: k.addr(&l.gate_up.scales, 0),
+                    gate_up_tensor_scale: k.addr(&l.gate_up.tensor_scale, 0),
+                    gate_up_part_scales: k.addr(&l.gate_up_scale, 0),
+                    down_packed: k.addr(&l.down.packed, 0),
+                    down_scales: k.addr(&l.down.scales, 0),
+                    down_tensor_scale: k.addr(&l.down.tensor_scale, 0),
+                }
+            })
+            .collect();
+        let dev = k.upload_persistent_layers(&table)?;
+        self.persistent_layers = Some((key, dev));
+        Ok(())
+    }
+
+    /// [`CudaSequence::enqueue_step_classes`] for the persistent kernel: it runs for any
+    /// class of the layers (it cannot be split), the vocabulary GEMV with [`class::GEMV`], the
+    /// pick with [`class::PICK`].
+    fn enqueue_persistent_step(&mut self, m: &CudaModel, mask: u8) -> Result<()> {
+        let k = self.k.clone();
+        let layers = match &self.persistent_layers {
+            Some((key, t)) if *key == m as *const CudaModel as usize => k.addr(t, 0),
+            _ => {
+                return Err(EngineError::InvalidArgument(
+                    "the persistent kernel's layer table was not uploaded for this model".into(),
+                ))
+            }
+        };
+        let sc = self.scalars();
+        let d = &mut self.dec;
+        let step = PersistentStep {
+            layers,
+            token: sc.token,
+            pos: sc.pos,
+            embed: k.addr(&m.embed, 0),
+            final_norm: k.addr(&m.norm, 0),
+            inv_freq: k.addr(&m.inv_freq, 0),
+            x: k.addr(&d.x, 0),
+            qkv: k.addr(&d.qkv, 0),
+            attn: k.addr(&d.attn, 0),
+            gate_up: k.addr(&d.gu, 0),
+            act: k.addr(&d.act, 0),
+            h: k.addr(&d.h, 0),
+            part_o: k.addr(&d.part_o, 0),
+            part_ml: k.addr(&d.part_ml, 0),
+            k_cache: sc.kc,
+            v_cache: sc.vc,
+            barrier: k.addr(&self.barrier, 0),
+            capacity: sc.cap,
+            chunk: sc.chunk,
+            splits: sc.splits,
+            eps: self.cfg.rms_norm_eps as f32,
+        };
+        // SAFETY: every address is a live buffer of this sequence or of `m` sized for one
+        // token of its shape (Acts::new, CudaModel), the table holds m's layers, and pos <
+        // capacity (checked by forward).
+        unsafe {
+            if mask & (class::GEMV | class::ATTENTION | class::SMALL) != 0 {
+                k.persistent_decode_async(&persistent_shape(&self.cfg), &step)?;
+            }
+            if mask & class::GEMV != 0 {
+                k.gemv_chained_async(&d.h, 1, &m.lm_head, &mut self.logits)?;
+            }
+            if mask & class::PICK != 0 {
+                pick(&k, &self.cfg, &sc, true)?;
             }
         }
         Ok(())

@@ -43,12 +43,18 @@ pub const HEADERS: &[(&str, &str)] = &[
         "gemv_cuda_core.cuh",
         include_str!("../../cuda/gemv_cuda_core.cuh"),
     ),
+    ("gemv_x.cuh", include_str!("../../cuda/gemv_x.cuh")),
 ];
 
 /// Kernel files whose kernels the rest can do without: if one fails to compile or load, its
 /// kernels report that when asked for and everything else loads — the fused decode GEMVs
-/// (the separate kernels serve) and the flash train attention (the materialized one serves).
-pub const OPTIONAL_SOURCES: &[&str] = &["gemv_fused.cu", "attention_train.cu"];
+/// (the separate kernels serve), the flash train attention (the materialized one serves) and
+/// the persistent decode kernel (the captured step of separate kernels serves).
+pub const OPTIONAL_SOURCES: &[&str] = &[
+    "gemv_fused.cu",
+    "attention_train.cu",
+    "decode_persistent.cu",
+];
 
 /// Every kernel file, in load order.
 pub const SOURCES: &[KernelSource] = &[
@@ -87,6 +93,10 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         file: "decode.cu",
         source: include_str!("../../cuda/decode.cu"),
+    },
+    KernelSource {
+        file: "decode_persistent.cu",
+        source: include_str!("../../cuda/decode_persistent.cu"),
     },
     KernelSource {
         file: "attention_prefill.cu",

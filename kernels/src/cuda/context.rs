@@ -12,6 +12,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
 use super::compile::{arch_for, compile_cached, OPTIONAL_SOURCES, SOURCES};
 use super::decode::DecodeFunctions;
+use super::decode_persistent::PersistentFunctions;
 use super::driver::drv;
 use super::gemv_kernels::{GemvFunctions, ScratchCell};
 use super::train::TrainFunctions;
@@ -74,6 +75,8 @@ pub(crate) struct Functions {
     pub decode: DecodeFunctions,
     /// The train step's kernels besides the GEMMs (`train.cu`).
     pub train: TrainFunctions,
+    /// The persistent decode kernel (`decode_persistent.cu`), or why it did not load.
+    pub persistent: Result<PersistentFunctions, String>,
 }
 
 /// One CUDA device with Kiln's kernels loaded. All work goes to one stream, in order.
@@ -203,6 +206,13 @@ impl CudaKernels {
             gemv: GemvFunctions::load(&func, smem_optin)?,
             decode: DecodeFunctions::load(&func)?,
             train: TrainFunctions::load(&func)?,
+            persistent: PersistentFunctions::load(&func, smem_optin).map_err(|e| {
+                tracing::warn!(
+                    "the persistent decode kernel did not load ({e}); decode steps run the \
+                     captured separate kernels"
+                );
+                e.to_string()
+            }),
         };
         let modules_ms = started.elapsed().as_secs_f64() * 1e3 - context_ms;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| KernelError::Cuda {

@@ -1,6 +1,7 @@
 //! Driver-level helpers the CUDA modules share (a leaf: it knows no Kiln type but
 //! [`KernelError`]): turning a driver error into a [`KernelError`] that says what was being done
-//! ([`drv`]), and queueing a kernel as a programmatic dependent launch ([`launch_chained`]).
+//! ([`drv`]), and queueing a kernel as a programmatic dependent launch ([`launch_chained`]) or
+//! a cooperative one ([`launch_cooperative`]).
 
 use std::ffi::c_void;
 
@@ -51,11 +52,47 @@ pub(crate) unsafe fn launch_raw(
     params: &mut [*mut c_void],
     chained: bool,
 ) -> Result<(), DriverError> {
-    stream.context().bind_to_thread()?;
     // SAFETY: a zeroed attribute is a valid "ignore" attribute; id and value are set below.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
     attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
     attr.value.programmaticStreamSerializationAllowed = 1;
+    // SAFETY: the caller's contract.
+    unsafe { launch_with(stream, func, cfg, params, chained.then_some(attr)) }
+}
+
+/// Queue `func` as a cooperative launch: every block of the grid is resident at once (the
+/// driver refuses a grid larger than fits), so its blocks may wait on one another.
+///
+/// # Safety
+/// As [`launch_raw`] for a plain launch.
+pub(crate) unsafe fn launch_cooperative(
+    stream: &CudaStream,
+    func: &CudaFunction,
+    cfg: LaunchConfig,
+    params: &mut [*mut c_void],
+) -> Result<(), DriverError> {
+    // SAFETY: a zeroed attribute is a valid "ignore" attribute; id and value are set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+    attr.value.cooperative = 1;
+    // SAFETY: the caller's contract.
+    unsafe { launch_with(stream, func, cfg, params, Some(attr)) }
+}
+
+/// `cuLaunchKernelEx` with at most one launch attribute.
+unsafe fn launch_with(
+    stream: &CudaStream,
+    func: &CudaFunction,
+    cfg: LaunchConfig,
+    params: &mut [*mut c_void],
+    attr: Option<sys::CUlaunchAttribute>,
+) -> Result<(), DriverError> {
+    stream.context().bind_to_thread()?;
+    let (mut attr, with) = match attr {
+        Some(a) => (a, true),
+        // SAFETY: as above; not passed (numAttrs 0)
+        None => (unsafe { std::mem::zeroed() }, false),
+    };
     let lc = sys::CUlaunchConfig {
         gridDimX: cfg.grid_dim.0,
         gridDimY: cfg.grid_dim.1,
@@ -66,7 +103,7 @@ pub(crate) unsafe fn launch_raw(
         sharedMemBytes: cfg.shared_mem_bytes,
         hStream: stream.cu_stream(),
         attrs: &mut attr,
-        numAttrs: u32::from(chained),
+        numAttrs: u32::from(with),
     };
     // SAFETY: lc and params are valid for the call (the caller's contract for params).
     unsafe {

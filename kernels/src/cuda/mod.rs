@@ -11,7 +11,8 @@
 //!   combine folded into their x load (and the residual add into their store);
 //!   `gemv_bench` (`bench` feature) — the benchmark's probe and two-launch GEMVs;
 //!   [`decode`] — the GPU engine's other transformer kernels (norms, RoPE + KV append,
-//!   attention, SwiGLU, the greedy pick); [`train`] — the train step's kernels besides the
+//!   attention, SwiGLU, the greedy pick); [`decode_persistent`] — a decode step's layers as
+//!   one persistent kernel with grid barriers between its stages; [`train`] — the train step's kernels besides the
 //!   GEMMs (forward and backward, cross-entropy, fake-quant, multi-tensor AdamW);
 //!   [`train_attention`] — the train step's flash attention, forward and backward;
 //!   [`adamw`] — the packed-weight optimizer step; [`blas`] — cuBLAS / cuBLASLt calls.
@@ -25,6 +26,7 @@ pub mod blas;
 pub mod compile;
 pub mod context;
 pub mod decode;
+pub mod decode_persistent;
 pub(crate) mod driver;
 pub mod gemv;
 #[cfg(feature = "bench")]

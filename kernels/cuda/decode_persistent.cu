@@ -1,0 +1,404 @@
+// decode_persistent.cu — a whole decode step's decoder layers as one persistent kernel
+// (kiln_decode_persistent_hd{HD}_rep{REP}; launcher in src/cuda/decode_persistent.rs).
+//
+// The separate kernels of a decode step (decode.cu, gemv_cuda_core.cu) are ~10 launches a layer;
+// on a small model each costs a few µs of launch and drain however little it computes, and the
+// step is launch-bound (Qwen2.5-0.5B shape: 97 GEMVs of ~4 µs). Here every block of one
+// co-resident grid (a cooperative launch: at most as many blocks as fit at once) runs every
+// stage, and the stages are separated by a grid barrier (a counter in global memory) instead of
+// a kernel boundary. Per layer:
+//   A  RMSNorm → q/k/v GEMV        (every block normalises x into shared memory itself)
+//   B  q/k/v epilogue + attention  (items (kv head, split); the split that holds the new
+//                                   position also writes its k and v to the cache)
+//   C  the splits' combine         (attn)
+//   D  o GEMV, residual added to x
+//   E  RMSNorm → gate/up GEMV, SwiGLU (a tile takes gate rows and the matching up rows, so the
+//                                   block that computed them applies SwiGLU: act)
+//   F  down GEMV, residual added to x
+// then the final RMSNorm into h (the vocabulary GEMV and the pick are the next launches).
+// Before the barrier that opens a GEMV stage, each block issues its first weight loads (weights
+// never depend on the step), as a chained launch does before griddepcontrol.wait.
+//
+// The same bits as the separate kernels: the GEMV is the CUDA-core GEMV's tile
+// (gemv_cuda_core.cuh) with the separate path's K split; the norms, the epilogue, attention and
+// the combine use the same per-element functions and reduction orders (decode_ops.cuh,
+// gemv_x.cuh). Activations written in the launch are read through L2 (__ldcg).
+//
+// Block 256 threads; dynamic shared memory max(H, nh·hd, I, (2·REP + 2)·HD) floats.
+
+#include "block_reduce.cuh"
+#include "decode_ops.cuh"
+#include "gemv_cuda_core.cuh"
+#include "gemv_x.cuh"
+
+// One decoder layer's weights (device addresses; null where the model has none).
+struct KilnPLayer {
+    const float* in_norm;
+    const u8* qkv_w;
+    const u8* qkv_s;
+    const float* qkv_ts;
+    const float* qkv_scale;  // q, k, v tensor scales
+    const float* qkv_bias;
+    const float* q_norm;
+    const float* k_norm;
+    const u8* o_w;
+    const u8* o_s;
+    const float* o_ts;
+    const float* post_norm;
+    const u8* gu_w;
+    const u8* gu_s;
+    const float* gu_ts;
+    const float* gu_scale;  // gate, up tensor scales
+    const u8* dn_w;
+    const u8* dn_s;
+    const float* dn_ts;
+};
+
+// Everything else a step reads and writes (DecodePersistentArgs in decode_persistent.rs: keep
+// the order).
+struct KilnPArgs {
+    const KilnPLayer* layers;
+    const u32* token;
+    const int* pos;
+    const u16* embed;
+    const float* final_norm;
+    const float* inv_freq;
+    float* x;
+    float* qkv;
+    float* attn;
+    float* gu;
+    float* act;
+    float* h;
+    float* part_o;
+    float* part_ml;
+    u16* kc;
+    u16* vc;
+    u32* bar;  // the grid barrier's counter, zero at launch
+    int n_layers, H, I, nh, kvh, cap, chunk, splits;
+    int ks_qkv, ks_o, ks_gu, ks_down;
+    float eps, softmax_scale;
+};
+static_assert(sizeof(KilnPArgs) == 192, "KilnPArgs layout (decode_persistent.rs)");
+static_assert(sizeof(KilnPLayer) == 152, "KilnPLayer layout (decode_persistent.rs)");
+
+// Every block arrives, then waits until all gridDim.x blocks have arrived `target / gridDim.x`
+// times in all. The block's writes before it are visible to every block after it.
+__device__ __forceinline__ void kiln_grid_barrier(u32* bar, u32 target) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(bar, 1u);
+        u32 v;
+        do {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
+        } while (v < target);
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// The GEMV tile's wait: the barrier that ends the previous stage.
+struct KilnGridWait {
+    u32* bar;
+    u32 target;
+    __device__ __forceinline__ void operator()() const { kiln_grid_barrier(bar, target); }
+};
+
+// Gate/up rows in pairs: group gi of a tile of 2·half groups takes gate rows (the first half)
+// or the up rows I apart (the second), so tile t holds gate and up rows t·half·4 .. +half·4.
+struct KilnRowsPaired {
+    int half, I;
+    __device__ __forceinline__ int operator()(int gi) const {
+        const int t = gi / (2 * half), g = gi - t * 2 * half;
+        const int base = t * half * 4;
+        return g < half ? base + g * 4 : I + base + (g - half) * 4;
+    }
+};
+
+// One GEMV stage: the block's tiles (tile = blockIdx.x, + gridDim.x, ...), the barrier after
+// the first tile's first loads; a block without a tile still takes part in the barrier. After
+// each tile, `after(tile)` (with the tile's stores visible to the block).
+template <class X, bool RESIDUAL, class ROWS, class AFTER>
+__device__ __forceinline__ void kiln_p_gemv(const X xsrc, const u8* w, const u8* s, const float* ts,
+                                            float* y, int N, int K, int ksplit, int tiles,
+                                            const ROWS rows, u32* bar, u32 target, const AFTER after) {
+    bool first = true;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        kiln_gemv_cuda_core_tile<1, 4, X, RESIDUAL, false>(xsrc, w, s, ts, y, N, K, ksplit, tile,
+                                                          first, rows, KilnGridWait{bar, target});
+        first = false;
+        __syncthreads();
+        after(tile);
+        __syncthreads();
+    }
+    if (first) kiln_grid_barrier(bar, target);
+}
+
+struct KilnNoAfter {
+    __device__ __forceinline__ void operator()(int) const {}
+};
+
+// SwiGLU of the gate and up rows a paired tile computed.
+struct KilnSwigluAfter {
+    const float* gu;
+    const float* scale;
+    float* act;
+    int I, rows;  // gate rows per tile
+    __device__ __forceinline__ void operator()(int tile) const {
+        const int i = tile * rows + (int)threadIdx.x;
+        if ((int)threadIdx.x < rows && i < I)
+            act[i] = kiln_silu_mul(__ldcg(gu + i) * scale[0], __ldcg(gu + I + i) * scale[1]);
+    }
+};
+
+// E bf16 from global memory through L2, as f32.
+template <int E>
+__device__ __forceinline__ void kiln_load_bf16_cg(const u16* p, float out[E]) {
+    if constexpr (E == 1) {
+        out[0] = kiln_bf16_to_f32(__ldcg(reinterpret_cast<const unsigned short*>(p)));
+    } else if constexpr (E == 2) {
+        const u32 w = __ldcg(reinterpret_cast<const unsigned int*>(p));
+        out[0] = kiln_bf16_to_f32((u16)(w & 0xFFFFu));
+        out[1] = kiln_bf16_to_f32((u16)(w >> 16));
+    } else {
+#pragma unroll
+        for (int e = 0; e < E; e += 4) {
+            const uint2 w = __ldcg(reinterpret_cast<const uint2*>(p + e));
+            out[e] = kiln_bf16_to_f32((u16)(w.x & 0xFFFFu));
+            out[e + 1] = kiln_bf16_to_f32((u16)(w.x >> 16));
+            out[e + 2] = kiln_bf16_to_f32((u16)(w.y & 0xFFFFu));
+            out[e + 3] = kiln_bf16_to_f32((u16)(w.y >> 16));
+        }
+    }
+}
+
+// Stage B for one (kv head, split): the epilogue of the group's rep query heads (and, in the
+// split that holds position p, of k and v, appended to the cache), then kiln_attention_body's
+// computation over the split's positions with q from shared memory.
+template <int HD, int REP>
+__device__ __forceinline__ void kiln_p_attention_item(const KilnPArgs& a, const KilnPLayer& L,
+                                                      u16* kc, u16* vc, int kv, int s, int p,
+                                                      int ns, float* sh) {
+    constexpr int E = HD / 32;
+    constexpr int W = KILN_ATTN_WARPS_FOR(HD, REP);
+    constexpr int GROUP = KILN_ATTN_GROUP_FOR(HD, REP);
+    __shared__ float wsum[(REP + 2) * HD / 32];
+    __shared__ float sm_m[W][REP], sm_l[W][REP];
+    __shared__ float sm_o[W][REP][HD];
+    const int rep = a.nh / a.kvh, half = HD / 2;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const bool holds_p = s == ns - 1;
+    const int nheads = rep + (holds_p ? 2 : 0);  // q heads of the group, then k and v
+    float* raw = sh;                // [nheads][HD]: scaled + bias
+    float* qs = sh + (REP + 2) * HD;  // [rep][HD]: the rotated queries
+    const float* qn = L.q_norm;
+    auto head_of = [&](int slot, int& kind) {
+        kind = slot < rep ? 0 : (slot == rep ? 1 : 2);
+        return kind == 0 ? kv * rep + slot : (kind == 1 ? a.nh + kv : a.nh + a.kvh + kv);
+    };
+    for (int t = threadIdx.x; t < nheads * HD; t += blockDim.x) {
+        const int slot = t / HD, i = t - slot * HD;
+        int kind;
+        const int head = head_of(slot, kind);
+        const float val = kiln_qkv_value(__ldcg(a.qkv + head * HD + i), L.qkv_scale[kind], L.qkv_bias,
+                                          head * HD + i);
+        raw[t] = val;
+        if (qn) {  // a warp lies within one head (HD a multiple of 32, nheads·HD too)
+            const float ss = kiln_warp_sum(val * val);
+            if (lane == 0) wsum[t >> 5] = ss;
+        }
+    }
+    __syncthreads();
+    // the head norm, RoPE; k and v of position p to the cache, q to qs
+    for (int t = threadIdx.x; t < nheads * HD; t += blockDim.x) {
+        const int slot = t / HD, i = t - slot * HD;
+        int kind;
+        head_of(slot, kind);
+        const size_t row = ((size_t)kv * a.cap + p) * HD;
+        if (kind == 2) {
+            vc[row + i] = kiln_f32_to_bf16(raw[t]);
+            continue;
+        }
+        const int pi = i < half ? i + half : i - half;
+        float val = raw[t], partner = raw[slot * HD + pi];
+        if (qn) {
+            float ss = 0.0f;
+            for (int w = 0; w < HD / 32; ++w) ss += wsum[slot * (HD / 32) + w];
+            const float* nw = kind == 0 ? qn : L.k_norm;
+            val = kiln_head_norm(val, ss, HD, a.eps, nw[i]);
+            partner = kiln_head_norm(partner, ss, HD, a.eps, nw[pi]);
+        }
+        const float ang = (float)p * a.inv_freq[i < half ? i : i - half];
+        float sn, cs;
+        sincosf(ang, &sn, &cs);
+        const float out = kiln_rope(val, partner, cs, sn, i < half);
+        if (kind == 0) qs[slot * HD + i] = out;
+        else kc[row + i] = kiln_f32_to_bf16(out);
+    }
+    __syncthreads();
+
+    const int len = p + 1, start = s * a.chunk, end = min(start + a.chunk, len);
+    float qr[REP][E];
+#pragma unroll
+    for (int r = 0; r < REP; ++r)
+#pragma unroll
+        for (int e = 0; e < E; ++e) qr[r][e] = r < rep ? qs[r * HD + lane * E + e] * a.softmax_scale : 0.0f;
+    float m[REP], l[REP], acc[REP][E];
+#pragma unroll
+    for (int r = 0; r < REP; ++r) {
+        m[r] = KILN_NEG_INF;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[r][e] = 0.0f;
+    }
+    if (warp < W) {
+        const u16* kb = kc + (size_t)kv * a.cap * HD + lane * E;
+        const u16* vb = vc + (size_t)kv * a.cap * HD + lane * E;
+        for (int j0 = start + warp * GROUP; j0 < end; j0 += W * GROUP) {
+            float k[GROUP][E], v[GROUP][E];
+#pragma unroll
+            for (int g = 0; g < GROUP; ++g) {
+                const int j = min(j0 + g, end - 1);
+                kiln_load_bf16_cg<E>(kb + (size_t)j * HD, k[g]);
+                kiln_load_bf16_cg<E>(vb + (size_t)j * HD, v[g]);
+            }
+#pragma unroll
+            for (int g = 0; g < GROUP; ++g) {
+                if (j0 + g >= end) break;
+                float d[REP];
+#pragma unroll
+                for (int r = 0; r < REP; ++r) {
+                    float acc_d = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < E; ++e) acc_d = fmaf(qr[r][e], k[g][e], acc_d);
+                    d[r] = acc_d;
+                }
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+                    for (int r = 0; r < REP; ++r) d[r] += __shfl_xor_sync(0xFFFFFFFFu, d[r], o);
+                }
+#pragma unroll
+                for (int r = 0; r < REP; ++r) {
+                    const float mn = fmaxf(m[r], d[r]);
+                    const float corr = expf(m[r] - mn);
+                    const float pr = expf(d[r] - mn);
+                    l[r] = l[r] * corr + pr;
+#pragma unroll
+                    for (int e = 0; e < E; ++e) acc[r][e] = fmaf(acc[r][e], corr, pr * v[g][e]);
+                    m[r] = mn;
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < REP; ++r) {
+            if (lane == 0) {
+                sm_m[warp][r] = m[r];
+                sm_l[warp][r] = l[r];
+            }
+#pragma unroll
+            for (int e = 0; e < E; ++e) sm_o[warp][r][lane * E + e] = acc[r][e];
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < rep * HD; idx += blockDim.x) {
+        const int r = idx / HD, e = idx % HD;
+        float mx = KILN_NEG_INF;
+#pragma unroll
+        for (int w = 0; w < W; ++w) mx = fmaxf(mx, sm_m[w][r]);
+        float sum = 0.0f, o = 0.0f;
+#pragma unroll
+        for (int w = 0; w < W; ++w) {
+            const float wt = sm_m[w][r] == KILN_NEG_INF ? 0.0f : expf(sm_m[w][r] - mx);
+            sum += sm_l[w][r] * wt;
+            o += sm_o[w][r][e] * wt;
+        }
+        const size_t prow = ((size_t)kv * rep + r) * a.splits + s;
+        a.part_o[prow * HD + e] = o;
+        if (e == 0) {
+            a.part_ml[prow * 2] = mx;
+            a.part_ml[prow * 2 + 1] = sum;
+        }
+    }
+    __syncthreads();
+}
+
+template <int HD, int REP>
+__device__ __forceinline__ void kiln_decode_persistent_body(const KilnPArgs& a) {
+    extern __shared__ float4 xs4[];
+    float* sh = reinterpret_cast<float*>(xs4);
+    const int p = __ldcg(a.pos);
+    const int H = a.H, I = a.I, q_size = a.nh * HD, qkv_rows = q_size + 2 * a.kvh * HD;
+    u32 epoch = 0;
+    const u32 nb = gridDim.x;
+    // the embedding of the token into x
+    {
+        const u16* row = a.embed + (size_t)__ldcg(a.token) * H;
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < H; i += gridDim.x * blockDim.x)
+            a.x[i] = kiln_bf16_to_f32(row[i]);
+    }
+    const int ns = kiln_combine_splits(p + 1, a.splits, a.chunk);
+    const size_t layer_kv = (size_t)a.kvh * a.cap * HD;
+    // rows per tile of a GEMV with K split ks: 8 / ks groups of 4
+    auto tiles = [](int n, int ks) { return (n + 32 / ks - 1) / (32 / ks); };
+    const int gu_half = 8 / a.ks_gu / 2;
+    for (int l = 0; l < a.n_layers; ++l) {
+        const KilnPLayer& L = a.layers[l];
+        // A: RMSNorm → q/k/v
+        kiln_p_gemv<KilnXNorm, false>(KilnXNorm{a.x, L.in_norm, a.eps}, L.qkv_w, L.qkv_s, L.qkv_ts,
+                                      a.qkv, qkv_rows, H, a.ks_qkv, tiles(qkv_rows, a.ks_qkv),
+                                      KilnRowsLinear<4>{}, a.bar, ++epoch * nb, KilnNoAfter{});
+        // B: epilogue + attention
+        kiln_grid_barrier(a.bar, ++epoch * nb);
+        u16* kc = a.kc + l * layer_kv;
+        u16* vc = a.vc + l * layer_kv;
+        for (int item = blockIdx.x; item < a.kvh * ns; item += gridDim.x)
+            kiln_p_attention_item<HD, REP>(a, L, kc, vc, item / ns, item % ns, p, ns, sh);
+        // C: combine
+        kiln_grid_barrier(a.bar, ++epoch * nb);
+        for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < q_size; t += gridDim.x * blockDim.x) {
+            const int hh = t / HD, e = t - hh * HD;
+            const size_t row0 = (size_t)hh * a.splits;
+            float mx, sum;
+            kiln_combine_stats(a.part_ml, row0, ns, mx, sum);
+            a.attn[t] = kiln_combine_elem(a.part_o, a.part_ml, row0, ns, HD, e, mx, sum);
+        }
+        // D: o, residual
+        kiln_p_gemv<KilnXL2, true>(KilnXL2{a.attn}, L.o_w, L.o_s, L.o_ts, a.x, H, q_size, a.ks_o,
+                                   tiles(H, a.ks_o), KilnRowsLinear<4>{}, a.bar, ++epoch * nb,
+                                   KilnNoAfter{});
+        // E: RMSNorm → gate/up, SwiGLU
+        kiln_p_gemv<KilnXNorm, false>(KilnXNorm{a.x, L.post_norm, a.eps}, L.gu_w, L.gu_s, L.gu_ts,
+                                      a.gu, 2 * I, H, a.ks_gu, I / (gu_half * 4),
+                                      KilnRowsPaired{gu_half, I}, a.bar, ++epoch * nb,
+                                      KilnSwigluAfter{a.gu, L.gu_scale, a.act, I, gu_half * 4});
+        // F: down, residual
+        kiln_p_gemv<KilnXL2, true>(KilnXL2{a.act}, L.dn_w, L.dn_s, L.dn_ts, a.x, H, I, a.ks_down,
+                                   tiles(H, a.ks_down), KilnRowsLinear<4>{}, a.bar, ++epoch * nb,
+                                   KilnNoAfter{});
+    }
+    // the final RMSNorm into h; the vocabulary GEMV (a chained launch) may start launching
+    kiln_pdl_launch_dependents();
+    kiln_grid_barrier(a.bar, ++epoch * nb);
+    if (blockIdx.x != 0) return;
+    KilnXNorm{a.x, a.final_norm, a.eps}.fill(sh, H);
+    for (int i = threadIdx.x; i < H; i += blockDim.x) a.h[i] = sh[kiln_xs_index(i)];
+}
+
+#define KILN_DECODE_PERSISTENT(HD, REP)                                                        \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                       \
+        kiln_decode_persistent_hd##HD##_rep##REP(const KilnPArgs a) {                          \
+        kiln_decode_persistent_body<HD, REP>(a);                                               \
+    }
+
+// (head_dim, query heads per KV head bound): keep in step with PERSISTENT_KERNELS in
+// src/cuda/decode_persistent.rs.
+KILN_DECODE_PERSISTENT(32, 2)
+KILN_DECODE_PERSISTENT(32, 4)
+KILN_DECODE_PERSISTENT(32, 8)
+KILN_DECODE_PERSISTENT(64, 2)
+KILN_DECODE_PERSISTENT(64, 4)
+KILN_DECODE_PERSISTENT(64, 8)
+KILN_DECODE_PERSISTENT(128, 2)
+KILN_DECODE_PERSISTENT(128, 4)
+KILN_DECODE_PERSISTENT(128, 8)

@@ -1,0 +1,391 @@
+//! The persistent decode kernel (`decode_persistent.cu`, `kiln_decode_persistent_hd*_rep*`): a
+//! decode step's embedding, every decoder layer and the final norm as one cooperative launch
+//! whose blocks run the stages one after another, separated by grid barriers (a counter in
+//! global memory) instead of kernel boundaries — ~10 launches a layer become none. It computes
+//! the separate kernels' bits (GPU test `fused_decode_steps_equal_the_separate_kernels` in the
+//! engine). Where it runs is the engine's choice; [`CudaKernels::persistent_decode_fits`] says
+//! where it can.
+
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig};
+
+use super::context::CudaKernels;
+use super::decode::{attention_kernel_for, DevAddr};
+use super::driver::{drv, launch_cooperative, param};
+use super::gemv::{cuda_core_ksplit, GemvKernel};
+use crate::KernelError;
+
+/// The kernels built: (head_dim, most query heads per KV head), as the attention kernels
+/// ([`attention_kernel_for`] picks the entry). Keep in step with `decode_persistent.cu`.
+pub const PERSISTENT_KERNELS: &[(usize, usize)] = &[
+    (32, 2),
+    (32, 4),
+    (32, 8),
+    (64, 2),
+    (64, 4),
+    (64, 8),
+    (128, 2),
+    (128, 4),
+    (128, 8),
+];
+
+/// Threads per block (the CUDA-core GEMV tile's 8 warps).
+const BLOCK: u32 = 256;
+
+/// Most blocks per SM the launch asks for (the kernel's `__launch_bounds__(256, 2)`): more
+/// blocks make each grid barrier slower, and a step's stages have few tiles each.
+const MAX_BLOCKS_PER_SM: u32 = 2;
+
+/// One decoder layer's device addresses (`KilnPLayer`; 0 where the model has none).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PersistentLayer {
+    /// The input RMSNorm weight (f32).
+    pub input_norm: DevAddr,
+    /// The q/k/v matrix (rows concatenated, tensor scale 1): packed codes,
+    pub qkv_packed: DevAddr,
+    /// its block scales,
+    pub qkv_scales: DevAddr,
+    /// its tensor scale.
+    pub qkv_tensor_scale: DevAddr,
+    /// q, k and v tensor scales (three f32).
+    pub qkv_part_scales: DevAddr,
+    /// q, k, v biases concatenated (Qwen2), or 0.
+    pub qkv_bias: DevAddr,
+    /// Per-head q norm weight (Qwen3), or 0.
+    pub q_norm: DevAddr,
+    /// Per-head k norm weight (Qwen3), or 0.
+    pub k_norm: DevAddr,
+    /// The o matrix: packed codes,
+    pub o_packed: DevAddr,
+    /// block scales,
+    pub o_scales: DevAddr,
+    /// tensor scale.
+    pub o_tensor_scale: DevAddr,
+    /// The post-attention RMSNorm weight.
+    pub post_norm: DevAddr,
+    /// The gate/up matrix (rows concatenated, tensor scale 1): packed codes,
+    pub gate_up_packed: DevAddr,
+    /// block scales,
+    pub gate_up_scales: DevAddr,
+    /// tensor scale.
+    pub gate_up_tensor_scale: DevAddr,
+    /// gate and up tensor scales (two f32).
+    pub gate_up_part_scales: DevAddr,
+    /// The down matrix: packed codes,
+    pub down_packed: DevAddr,
+    /// block scales,
+    pub down_scales: DevAddr,
+    /// tensor scale.
+    pub down_tensor_scale: DevAddr,
+}
+
+/// A model's shape as the persistent kernel needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PersistentShape {
+    /// Decoder layers.
+    pub layers: usize,
+    /// Hidden size.
+    pub hidden: usize,
+    /// MLP intermediate size.
+    pub intermediate: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+}
+
+/// The step's buffers and scalars besides the layers (`KilnPArgs` less the shape and K
+/// splits). Activations are f32 of one token.
+#[derive(Debug, Clone, Copy)]
+pub struct PersistentStep {
+    /// The device array of [`PersistentLayer`]s ([`CudaKernels::upload_persistent_layers`]).
+    pub layers: DevAddr,
+    /// The input token (one u32).
+    pub token: DevAddr,
+    /// Its position (one i32).
+    pub pos: DevAddr,
+    /// The embedding table, bf16 `[vocab, hidden]`.
+    pub embed: DevAddr,
+    /// The final RMSNorm weight.
+    pub final_norm: DevAddr,
+    /// `head_dim / 2` RoPE inverse frequencies.
+    pub inv_freq: DevAddr,
+    /// The residual stream (hidden).
+    pub x: DevAddr,
+    /// q/k/v GEMV output ((heads + 2·kv_heads)·head_dim).
+    pub qkv: DevAddr,
+    /// Attention output (heads·head_dim).
+    pub attn: DevAddr,
+    /// Gate/up GEMV output (2·intermediate).
+    pub gate_up: DevAddr,
+    /// SwiGLU output (intermediate).
+    pub act: DevAddr,
+    /// The final norm's output (hidden): the vocabulary GEMV's input.
+    pub h: DevAddr,
+    /// The attention splits' outputs `[heads][splits][head_dim]`.
+    pub part_o: DevAddr,
+    /// Their (max, sum) `[heads][splits][2]`.
+    pub part_ml: DevAddr,
+    /// Key cache, bf16 `[layers][kv_heads][capacity][head_dim]`.
+    pub k_cache: DevAddr,
+    /// Value cache, same layout.
+    pub v_cache: DevAddr,
+    /// One u32 the launch zeroes first (the grid barrier's counter).
+    pub barrier: DevAddr,
+    /// Positions the caches hold.
+    pub capacity: usize,
+    /// Attention: positions per split.
+    pub chunk: usize,
+    /// Attention splits.
+    pub splits: usize,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+}
+
+/// `KilnPArgs`: the order and types of the kernel's by-value parameter.
+#[repr(C)]
+struct KernelArgs {
+    ptrs: [DevAddr; 17],
+    n_layers: i32,
+    hidden: i32,
+    intermediate: i32,
+    heads: i32,
+    kv_heads: i32,
+    cap: i32,
+    chunk: i32,
+    splits: i32,
+    ks: [i32; 4],
+    eps: f32,
+    softmax_scale: f32,
+}
+
+const _: () = assert!(std::mem::size_of::<KernelArgs>() == 192);
+const _: () = assert!(std::mem::size_of::<PersistentLayer>() == 152);
+
+/// The loaded kernels, each with how many blocks of it fit on an SM.
+pub(crate) struct PersistentFunctions {
+    kernels: Vec<((usize, usize), CudaFunction)>,
+    /// Dynamic shared memory the kernels may use.
+    smem_bytes: usize,
+}
+
+impl PersistentFunctions {
+    /// Load every kernel and let it use the device's opt-in shared memory less its static
+    /// shared memory.
+    pub(crate) fn load(
+        func: &dyn Fn(&str, &str) -> Result<CudaFunction, KernelError>,
+        smem_optin: usize,
+    ) -> Result<Self, KernelError> {
+        let mut kernels = Vec::new();
+        let mut static_bytes = 0usize;
+        for &(hd, rep) in PERSISTENT_KERNELS {
+            let f = func(
+                "decode_persistent.cu",
+                &format!("kiln_decode_persistent_hd{hd}_rep{rep}"),
+            )?;
+            let s = f
+                .get_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                )
+                .map_err(drv("reading the persistent kernel's static shared memory"))?;
+            static_bytes = static_bytes.max(s.max(0) as usize);
+            kernels.push(((hd, rep), f));
+        }
+        // two blocks per SM: each may take half the SM's shared memory
+        let smem_bytes = (smem_optin / MAX_BLOCKS_PER_SM as usize).saturating_sub(static_bytes);
+        for (_, f) in &kernels {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem_bytes as i32,
+            )
+            .map_err(drv("raising the persistent kernel's shared-memory limit"))?;
+        }
+        Ok(PersistentFunctions {
+            kernels,
+            smem_bytes,
+        })
+    }
+}
+
+/// Dynamic shared memory of a step of `s`: x of the widest GEMV input, or the attention
+/// stage's scaled q/k/v rows and rotated queries.
+fn smem_floats(s: &PersistentShape, rep_bound: usize) -> usize {
+    let q = s.heads * s.head_dim;
+    s.hidden
+        .max(q)
+        .max(s.intermediate)
+        .max((2 * rep_bound + 2) * s.head_dim)
+}
+
+impl CudaKernels {
+    /// Why the persistent decode kernel did not load, if it did not.
+    pub fn persistent_decode_load_error(&self) -> Option<&str> {
+        self.f.persistent.as_ref().err().map(String::as_str)
+    }
+
+    /// The K splits of the q/k/v, o, gate/up and down GEMVs of `s` as the separate CUDA-core
+    /// GEMVs run them (the same splits give the same bits).
+    fn persistent_ksplits(&self, s: &PersistentShape) -> [usize; 4] {
+        let (h, i, q) = (s.hidden, s.intermediate, s.heads * s.head_dim);
+        let qkv = q + 2 * s.kv_heads * s.head_dim;
+        let sm = self.sm_count as usize;
+        [
+            cuda_core_ksplit(qkv, h, 4, sm),
+            cuda_core_ksplit(h, q, 4, sm),
+            cuda_core_ksplit(2 * i, h, 4, sm),
+            cuda_core_ksplit(h, i, 4, sm),
+        ]
+    }
+
+    /// Whether the persistent kernel can run a decode step of `s`; the error says why not.
+    /// It needs: the kernel loaded and built for the head dim and query group; every layer
+    /// matrix in the CUDA-core GEMV's regime (the separate step's m = 1 default, whose bits
+    /// it reproduces), K a multiple of 32; the gate/up K split at most 4 with the intermediate
+    /// size a multiple of its paired tile; the widest x in shared memory.
+    pub fn persistent_decode_fits(&self, s: &PersistentShape) -> Result<(), String> {
+        let f = self
+            .f
+            .persistent
+            .as_ref()
+            .map_err(|e| format!("the persistent decode kernel did not load ({e})"))?;
+        let rep = s.heads / s.kv_heads.max(1);
+        let Some(key) =
+            attention_kernel_for(s.head_dim, rep).filter(|k| PERSISTENT_KERNELS.contains(k))
+        else {
+            return Err(format!(
+                "no persistent decode kernel for head_dim {} with {rep} query heads per KV head",
+                s.head_dim
+            ));
+        };
+        let (h, i, q) = (s.hidden, s.intermediate, s.heads * s.head_dim);
+        let qkv = q + 2 * s.kv_heads * s.head_dim;
+        for (n, k) in [(qkv, h), (h, q), (2 * i, h), (h, i)] {
+            if self.default_gemv_kernel(1, n, k) != GemvKernel::CUDA_CORE || !k.is_multiple_of(32) {
+                return Err(format!(
+                    "the layer matrix [{n}, {k}] is not in the CUDA-core GEMV's regime (under 16 \
+                     Mi weights, K a multiple of 32)"
+                ));
+            }
+        }
+        let ks_gu = self.persistent_ksplits(s)[2];
+        let paired = 4 * (8 / ks_gu) / 2;
+        if ks_gu > 4 || !i.is_multiple_of(paired) {
+            return Err(format!(
+                "the gate/up GEMV's tiles (K split {ks_gu}) cannot pair gate and up rows of \
+                 intermediate size {i}"
+            ));
+        }
+        let need = smem_floats(s, key.1) * 4;
+        if need > f.smem_bytes {
+            return Err(format!(
+                "x needs {need} bytes of shared memory, the kernel has {}",
+                f.smem_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    /// Upload the layers' addresses for [`PersistentStep::layers`].
+    pub fn upload_persistent_layers(
+        &self,
+        layers: &[PersistentLayer],
+    ) -> Result<CudaSlice<u64>, KernelError> {
+        let words: Vec<u64> = layers
+            .iter()
+            .flat_map(|l| {
+                // SAFETY: PersistentLayer is repr(C) of 19 u64 fields and nothing else.
+                let w: [u64; 19] = unsafe { std::mem::transmute(*l) };
+                w
+            })
+            .collect();
+        self.stream
+            .clone_htod(&words)
+            .map_err(drv("uploading the persistent kernel's layer table"))
+    }
+
+    /// Queue one decode step's embedding, layers and final norm (into `step.h`) for a model
+    /// of shape `s` as the persistent kernel: the barrier counter zeroed, then one cooperative
+    /// launch of as many blocks as fit on the device at once (at most two per SM).
+    ///
+    /// # Safety
+    /// Every address of `step` is a live buffer of the size [`PersistentStep`] states for `s`,
+    /// the layer table holds `s.layers` entries of live weights of this shape, and
+    /// pos < capacity.
+    pub unsafe fn persistent_decode_async(
+        &self,
+        s: &PersistentShape,
+        step: &PersistentStep,
+    ) -> Result<(), KernelError> {
+        self.persistent_decode_fits(s)
+            .map_err(KernelError::InvalidArgument)?;
+        let f = self.f.persistent.as_ref().expect("checked by fits");
+        let rep = s.heads / s.kv_heads;
+        let key = attention_kernel_for(s.head_dim, rep).expect("checked by fits");
+        let func = &f
+            .kernels
+            .iter()
+            .find(|(k, _)| *k == key)
+            .expect("checked by fits")
+            .1;
+        let smem = smem_floats(s, key.1) * 4;
+        let per_sm = func
+            .occupancy_max_active_blocks_per_multiprocessor(BLOCK, smem, None)
+            .map_err(drv("reading the persistent kernel's occupancy"))?
+            .min(MAX_BLOCKS_PER_SM);
+        if per_sm == 0 {
+            return Err(KernelError::InvalidArgument(format!(
+                "the persistent decode kernel does not fit on an SM with {smem} bytes of shared \
+                 memory"
+            )));
+        }
+        let ks = self.persistent_ksplits(s).map(|k| k as i32);
+        let i32_of = |v: usize| v as i32;
+        let args = KernelArgs {
+            ptrs: [
+                step.layers,
+                step.token,
+                step.pos,
+                step.embed,
+                step.final_norm,
+                step.inv_freq,
+                step.x,
+                step.qkv,
+                step.attn,
+                step.gate_up,
+                step.act,
+                step.h,
+                step.part_o,
+                step.part_ml,
+                step.k_cache,
+                step.v_cache,
+                step.barrier,
+            ],
+            n_layers: i32_of(s.layers),
+            hidden: i32_of(s.hidden),
+            intermediate: i32_of(s.intermediate),
+            heads: i32_of(s.heads),
+            kv_heads: i32_of(s.kv_heads),
+            cap: i32_of(step.capacity),
+            chunk: i32_of(step.chunk),
+            splits: i32_of(step.splits),
+            ks,
+            eps: step.eps,
+            softmax_scale: 1.0 / (s.head_dim as f32).sqrt(),
+        };
+        // SAFETY: one u32 (the caller's contract).
+        unsafe {
+            cudarc::driver::result::memset_d8_async(step.barrier, 0, 4, self.stream.cu_stream())
+        }
+        .map_err(drv("zeroing the persistent kernel's barrier"))?;
+        let cfg = LaunchConfig {
+            grid_dim: (per_sm * self.sm_count, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: the parameter is KilnPArgs by value; the caller's contract covers the rest.
+        unsafe { launch_cooperative(&self.stream, func, cfg, &mut [param(&args)]) }
+            .map_err(drv("launching the persistent decode kernel"))
+    }
+}
