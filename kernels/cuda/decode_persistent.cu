@@ -10,21 +10,24 @@
 //   A  RMSNorm → q/k/v GEMV        (every block normalises x into shared memory itself)
 //   B  q/k/v epilogue + attention  (items (kv head, split); the split that holds the new
 //                                   position also writes its k and v to the cache)
-//   C  the splits' combine         (attn)
+//   C  the splits' combine         (attn; or, up to 32 splits, every block of stage D combines
+//                                   them into its x itself: one barrier fewer)
 //   D  o GEMV, residual added to x
 //   E  RMSNorm → gate/up GEMV, SwiGLU (a tile takes gate rows and the matching up rows, so the
 //                                   block that computed them applies SwiGLU: act)
 //   F  down GEMV, residual added to x
 // then the final RMSNorm into h (the vocabulary GEMV and the pick are the next launches).
 // Before the barrier that opens a GEMV stage, each block issues its first weight loads (weights
-// never depend on the step), as a chained launch does before griddepcontrol.wait.
+// never depend on the step), as a chained launch does before griddepcontrol.wait; and each
+// layer starts by asking the L2 for the next layer's weights.
 //
 // The same bits as the separate kernels: the GEMV is the CUDA-core GEMV's tile
 // (gemv_cuda_core.cuh) with the separate path's K split; the norms, the epilogue, attention and
 // the combine use the same per-element functions and reduction orders (decode_ops.cuh,
 // gemv_x.cuh). Activations written in the launch are read through L2 (__ldcg).
 //
-// Block 256 threads; dynamic shared memory max(H, nh·hd, I, (2·REP + 2)·HD) floats.
+// Block 256 threads; dynamic shared memory max(H, nh·hd (+ nh·splits when stage D combines), I,
+// (2·REP + 2)·HD) floats.
 
 #include "block_reduce.cuh"
 #include "decode_ops.cuh"
@@ -76,9 +79,11 @@ struct KilnPArgs {
     u32* bar;  // the grid barrier's counter, zero at launch
     int n_layers, H, I, nh, kvh, cap, chunk, splits;
     int ks_qkv, ks_o, ks_gu, ks_down;
+    int fold_combine;  // the o stage combines the splits itself (no stage C)
+    int prefetch;      // each layer asks the L2 for the next layer's weights
     float eps, softmax_scale;
 };
-static_assert(sizeof(KilnPArgs) == 192, "KilnPArgs layout (decode_persistent.rs)");
+static_assert(sizeof(KilnPArgs) == 200, "KilnPArgs layout (decode_persistent.rs)");
 static_assert(sizeof(KilnPLayer) == 152, "KilnPLayer layout (decode_persistent.rs)");
 
 // Every block arrives, then waits until all gridDim.x blocks have arrived `target / gridDim.x`
@@ -323,6 +328,30 @@ __device__ __forceinline__ void kiln_p_attention_item(const KilnPArgs& a, const 
     __syncthreads();
 }
 
+// Ask the L2 for `bytes` bytes at p, one 128-byte line per thread of the grid in turn.
+__device__ __forceinline__ void kiln_p_prefetch(const u8* p, size_t bytes) {
+    const size_t stride = (size_t)gridDim.x * blockDim.x * 128;
+    for (size_t off = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 128; off < bytes; off += stride)
+        kiln_prefetch_l2(p + off);
+}
+
+// A layer's weights into the L2 (codes and scales of its four matrices), spread over the grid:
+// at ~8 MB a layer on the Qwen2.5-0.5B shape a few lines a thread, so that its GEMV stages
+// find their weights in the L2 instead of waiting for DRAM.
+__device__ __forceinline__ void kiln_p_prefetch_layer(const KilnPLayer& L, int qkv_rows, int H,
+                                                      int q_size, int I) {
+    const size_t wq = (size_t)qkv_rows * H, wo = (size_t)H * q_size, wg = (size_t)2 * I * H,
+                 wd = (size_t)H * I;
+    kiln_p_prefetch(L.qkv_w, wq / 2);
+    kiln_p_prefetch(L.qkv_s, wq / 16);
+    kiln_p_prefetch(L.o_w, wo / 2);
+    kiln_p_prefetch(L.o_s, wo / 16);
+    kiln_p_prefetch(L.gu_w, wg / 2);
+    kiln_p_prefetch(L.gu_s, wg / 16);
+    kiln_p_prefetch(L.dn_w, wd / 2);
+    kiln_p_prefetch(L.dn_s, wd / 16);
+}
+
 template <int HD, int REP>
 __device__ __forceinline__ void kiln_decode_persistent_body(const KilnPArgs& a) {
     extern __shared__ float4 xs4[];
@@ -331,6 +360,7 @@ __device__ __forceinline__ void kiln_decode_persistent_body(const KilnPArgs& a) 
     const int H = a.H, I = a.I, q_size = a.nh * HD, qkv_rows = q_size + 2 * a.kvh * HD;
     u32 epoch = 0;
     const u32 nb = gridDim.x;
+    if (a.prefetch) kiln_p_prefetch_layer(a.layers[0], qkv_rows, H, q_size, I);
     // the embedding of the token into x
     {
         const u16* row = a.embed + (size_t)__ldcg(a.token) * H;
@@ -344,6 +374,7 @@ __device__ __forceinline__ void kiln_decode_persistent_body(const KilnPArgs& a) 
     const int gu_half = 8 / a.ks_gu / 2;
     for (int l = 0; l < a.n_layers; ++l) {
         const KilnPLayer& L = a.layers[l];
+        if (a.prefetch && l + 1 < a.n_layers) kiln_p_prefetch_layer(a.layers[l + 1], qkv_rows, H, q_size, I);
         // A: RMSNorm → q/k/v
         kiln_p_gemv<KilnXNorm, false>(KilnXNorm{a.x, L.in_norm, a.eps}, L.qkv_w, L.qkv_s, L.qkv_ts,
                                       a.qkv, qkv_rows, H, a.ks_qkv, tiles(qkv_rows, a.ks_qkv),
@@ -354,19 +385,27 @@ __device__ __forceinline__ void kiln_decode_persistent_body(const KilnPArgs& a) 
         u16* vc = a.vc + l * layer_kv;
         for (int item = blockIdx.x; item < a.kvh * ns; item += gridDim.x)
             kiln_p_attention_item<HD, REP>(a, L, kc, vc, item / ns, item % ns, p, ns, sh);
-        // C: combine
-        kiln_grid_barrier(a.bar, ++epoch * nb);
-        for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < q_size; t += gridDim.x * blockDim.x) {
-            const int hh = t / HD, e = t - hh * HD;
-            const size_t row0 = (size_t)hh * a.splits;
-            float mx, sum;
-            kiln_combine_stats(a.part_ml, row0, ns, mx, sum);
-            a.attn[t] = kiln_combine_elem(a.part_o, a.part_ml, row0, ns, HD, e, mx, sum);
+        if (a.fold_combine) {
+            // C + D: every block of the o stage combines the splits into its x
+            kiln_p_gemv<KilnXCombine, true>(KilnXCombine{a.part_o, a.part_ml, a.pos, HD, a.splits, a.chunk},
+                                            L.o_w, L.o_s, L.o_ts, a.x, H, q_size, a.ks_o,
+                                            tiles(H, a.ks_o), KilnRowsLinear<4>{}, a.bar, ++epoch * nb,
+                                            KilnNoAfter{});
+        } else {
+            // C: combine
+            kiln_grid_barrier(a.bar, ++epoch * nb);
+            for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < q_size; t += gridDim.x * blockDim.x) {
+                const int hh = t / HD, e = t - hh * HD;
+                const size_t row0 = (size_t)hh * a.splits;
+                float mx, sum;
+                kiln_combine_stats(a.part_ml, row0, ns, mx, sum);
+                a.attn[t] = kiln_combine_elem(a.part_o, a.part_ml, row0, ns, HD, e, mx, sum);
+            }
+            // D: o, residual
+            kiln_p_gemv<KilnXL2, true>(KilnXL2{a.attn}, L.o_w, L.o_s, L.o_ts, a.x, H, q_size, a.ks_o,
+                                       tiles(H, a.ks_o), KilnRowsLinear<4>{}, a.bar, ++epoch * nb,
+                                       KilnNoAfter{});
         }
-        // D: o, residual
-        kiln_p_gemv<KilnXL2, true>(KilnXL2{a.attn}, L.o_w, L.o_s, L.o_ts, a.x, H, q_size, a.ks_o,
-                                   tiles(H, a.ks_o), KilnRowsLinear<4>{}, a.bar, ++epoch * nb,
-                                   KilnNoAfter{});
         // E: RMSNorm → gate/up, SwiGLU
         kiln_p_gemv<KilnXNorm, false>(KilnXNorm{a.x, L.post_norm, a.eps}, L.gu_w, L.gu_s, L.gu_ts,
                                       a.gu, 2 * I, H, a.ks_gu, I / (gu_half * 4),

@@ -29,44 +29,6 @@ struct KilnXSwiglu {
     }
 };
 
-// The decode attention's combine of one token: x[h·hd + e] over heads h < K / hd from the
-// splits' partial outputs (kiln_attention_combine's part_o / part_ml layout, T = 1). Each
-// (head, split)'s weight exp(m - max) is computed once into shared memory after x (nh · ns
-// floats; KILN_NEG_INF marks a split without positions), then each element sums
-// part_o · weight in split order — the separate kernel's operations on the same values.
-#define KILN_FUSED_COMBINE_MAX_HEADS 128
-struct KilnXCombine {
-    const float* __restrict__ part_o;
-    const float* __restrict__ part_ml;
-    const int* __restrict__ pos;
-    int hd, splits, chunk;
-    static constexpr bool kShared = true;
-    __device__ __forceinline__ void fill(float* xs, int K) const {
-        __shared__ float stat[2 * KILN_FUSED_COMBINE_MAX_HEADS];
-        const int nh = K / hd;
-        const int ns = kiln_combine_splits(*pos + 1, splits, chunk);
-        float* wts = xs + K;  // [nh][ns]
-        for (int h = threadIdx.x; h < nh; h += blockDim.x)
-            kiln_combine_stats(part_ml, (size_t)h * splits, ns, stat[2 * h], stat[2 * h + 1]);
-        __syncthreads();
-        for (int t = threadIdx.x; t < nh * ns; t += blockDim.x) {
-            const int h = t / ns, sp = t - h * ns;
-            const float m = part_ml[((size_t)h * splits + sp) * 2];
-            wts[t] = m == KILN_NEG_INF ? KILN_NEG_INF : expf(m - stat[2 * h]);
-        }
-        __syncthreads();
-        for (int i = threadIdx.x; i < K; i += blockDim.x) {
-            const int h = i / hd, e = i - h * hd;
-            const float* po = part_o + (size_t)h * splits * hd + e;
-            const float* w = wts + h * ns;
-            float o = 0.0f;
-            for (int sp = 0; sp < ns; ++sp)
-                if (w[sp] != KILN_NEG_INF) o += po[(size_t)sp * hd] * w[sp];
-            xs[kiln_xs_index(i)] = o / stat[2 * h + 1];
-        }
-        __syncthreads();
-    }
-};
 
 // y = W · rmsnorm(h) (the q/k/v and gate/up GEMVs of a decode step, the norm folded in).
 extern "C" __global__ void __launch_bounds__(256, 3) kiln_gemv_cc_m1_norm(

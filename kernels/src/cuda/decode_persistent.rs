@@ -12,6 +12,7 @@ use super::context::CudaKernels;
 use super::decode::{attention_kernel_for, DevAddr};
 use super::driver::{drv, launch_cooperative, param};
 use super::gemv::{cuda_core_ksplit, GemvKernel};
+use super::gemv_fused::{FUSED_COMBINE_MAX_HEADS, FUSED_COMBINE_MAX_SPLITS};
 use crate::KernelError;
 
 /// The kernels built: (head_dim, most query heads per KV head), as the attention kernels
@@ -157,11 +158,60 @@ struct KernelArgs {
     chunk: i32,
     splits: i32,
     ks: [i32; 4],
+    fold_combine: i32,
+    prefetch: i32,
     eps: f32,
     softmax_scale: f32,
 }
 
-const _: () = assert!(std::mem::size_of::<KernelArgs>() == 192);
+const _: () = assert!(std::mem::size_of::<KernelArgs>() == 200);
+
+/// How the persistent kernel runs; [`PersistentOptions::default`] is what jobs run, a
+/// benchmark may set `KILN_PERSISTENT` (e.g. `blocks=1,fold=0,prefetch=0`) to compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PersistentOptions {
+    /// Most blocks per SM (1 or 2; fewer if fewer fit).
+    pub blocks_per_sm: u32,
+    /// The o stage combines the attention's splits itself, up to
+    /// [`super::gemv_fused::FUSED_COMBINE_MAX_SPLITS`] splits (one grid barrier a layer fewer).
+    pub fold_combine: bool,
+    /// Each layer asks the L2 for the next layer's weights.
+    pub prefetch: bool,
+}
+
+impl Default for PersistentOptions {
+    fn default() -> Self {
+        PersistentOptions {
+            blocks_per_sm: MAX_BLOCKS_PER_SM,
+            fold_combine: true,
+            prefetch: true,
+        }
+    }
+}
+
+impl PersistentOptions {
+    /// The defaults with `KILN_PERSISTENT`'s `key=value` pairs applied (unknown keys and
+    /// values are ignored with a warning).
+    pub fn from_env() -> Self {
+        let mut o = PersistentOptions::default();
+        let Ok(v) = std::env::var("KILN_PERSISTENT") else {
+            return o;
+        };
+        for kv in v.split(',').filter(|s| !s.is_empty()) {
+            match kv.split_once('=') {
+                Some(("blocks", n)) if matches!(n, "1" | "2") => {
+                    o.blocks_per_sm = n.parse().expect("1 or 2")
+                }
+                Some(("fold", b)) if matches!(b, "0" | "1") => o.fold_combine = b == "1",
+                Some(("prefetch", b)) if matches!(b, "0" | "1") => o.prefetch = b == "1",
+                _ => tracing::warn!(
+                    "KILN_PERSISTENT: ignoring {kv:?} (blocks=1|2, fold=0|1, prefetch=0|1)"
+                ),
+            }
+        }
+        o
+    }
+}
 const _: () = assert!(std::mem::size_of::<PersistentLayer>() == 152);
 
 /// The loaded kernels, each with how many blocks of it fit on an SM.
@@ -209,14 +259,21 @@ impl PersistentFunctions {
     }
 }
 
-/// Dynamic shared memory of a step of `s`: x of the widest GEMV input, or the attention
-/// stage's scaled q/k/v rows and rotated queries.
-fn smem_floats(s: &PersistentShape, rep_bound: usize) -> usize {
+/// Dynamic shared memory of a step of `s`: x of the widest GEMV input (the o GEMV's with
+/// the splits' weights when it combines `fold_splits` splits), or the attention stage's scaled
+/// q/k/v rows and rotated queries.
+fn smem_floats(s: &PersistentShape, rep_bound: usize, fold_splits: usize) -> usize {
     let q = s.heads * s.head_dim;
     s.hidden
-        .max(q)
+        .max(q + s.heads * fold_splits)
         .max(s.intermediate)
         .max((2 * rep_bound + 2) * s.head_dim)
+}
+
+/// Whether the o stage combines `splits` splits itself (`o.fold_combine`, at most
+/// [`FUSED_COMBINE_MAX_SPLITS`] and [`FUSED_COMBINE_MAX_HEADS`] heads).
+fn folds(o: &PersistentOptions, s: &PersistentShape, splits: usize) -> bool {
+    o.fold_combine && splits <= FUSED_COMBINE_MAX_SPLITS && s.heads <= FUSED_COMBINE_MAX_HEADS
 }
 
 impl CudaKernels {
@@ -277,7 +334,7 @@ impl CudaKernels {
                  intermediate size {i}"
             ));
         }
-        let need = smem_floats(s, key.1) * 4;
+        let need = smem_floats(s, key.1, 0) * 4;
         if need > f.smem_bytes {
             return Err(format!(
                 "x needs {need} bytes of shared memory, the kernel has {}",
@@ -329,11 +386,16 @@ impl CudaKernels {
             .find(|(k, _)| *k == key)
             .expect("checked by fits")
             .1;
-        let smem = smem_floats(s, key.1) * 4;
+        let opts = PersistentOptions::from_env();
+        let mut fold = folds(&opts, s, step.splits);
+        if smem_floats(s, key.1, step.splits) * 4 > f.smem_bytes {
+            fold = false;
+        }
+        let smem = smem_floats(s, key.1, if fold { step.splits } else { 0 }) * 4;
         let per_sm = func
             .occupancy_max_active_blocks_per_multiprocessor(BLOCK, smem, None)
             .map_err(drv("reading the persistent kernel's occupancy"))?
-            .min(MAX_BLOCKS_PER_SM);
+            .min(opts.blocks_per_sm);
         if per_sm == 0 {
             return Err(KernelError::InvalidArgument(format!(
                 "the persistent decode kernel does not fit on an SM with {smem} bytes of shared \
@@ -371,6 +433,8 @@ impl CudaKernels {
             chunk: i32_of(step.chunk),
             splits: i32_of(step.splits),
             ks,
+            fold_combine: i32::from(fold),
+            prefetch: i32::from(opts.prefetch),
             eps: step.eps,
             softmax_scale: 1.0 / (s.head_dim as f32).sqrt(),
         };
