@@ -193,10 +193,12 @@ impl PersistentOptions {
     /// The defaults with `KILN_PERSISTENT`'s `key=value` pairs applied (unknown keys and
     /// values are ignored with a warning).
     pub fn from_env() -> Self {
+        std::env::var("KILN_PERSISTENT").map_or_else(|_| Self::default(), |v| Self::parse(&v))
+    }
+
+    /// The defaults with the `key=value` pairs of `v` (comma-separated) applied.
+    pub fn parse(v: &str) -> Self {
         let mut o = PersistentOptions::default();
-        let Ok(v) = std::env::var("KILN_PERSISTENT") else {
-            return o;
-        };
         for kv in v.split(',').filter(|s| !s.is_empty()) {
             match kv.split_once('=') {
                 Some(("blocks", n)) if matches!(n, "1" | "2") => {
@@ -451,5 +453,68 @@ impl CudaKernels {
         // SAFETY: the parameter is KilnPArgs by value; the caller's contract covers the rest.
         unsafe { launch_cooperative(&self.stream, func, cfg, &mut [param(&args)]) }
             .map_err(drv("launching the persistent decode kernel"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qwen05() -> PersistentShape {
+        PersistentShape {
+            layers: 24,
+            hidden: 896,
+            intermediate: 4864,
+            heads: 14,
+            kv_heads: 2,
+            head_dim: 64,
+        }
+    }
+
+    #[test]
+    fn options_parse_known_keys_and_ignore_the_rest() {
+        assert_eq!(PersistentOptions::parse(""), PersistentOptions::default());
+        let o = PersistentOptions::parse("blocks=1,fold=0,prefetch=0");
+        assert_eq!(
+            o,
+            PersistentOptions {
+                blocks_per_sm: 1,
+                fold_combine: false,
+                prefetch: false
+            }
+        );
+        assert_eq!(
+            PersistentOptions::parse("blocks=9,nonsense,fold=x"),
+            PersistentOptions::default()
+        );
+    }
+
+    #[test]
+    fn shared_memory_covers_the_widest_x_and_the_attention_rows() {
+        let s = qwen05();
+        // the down GEMV's x (intermediate) is the widest
+        assert_eq!(smem_floats(&s, 8, 0), 4864);
+        // the o GEMV's x with 32 splits' weights: 896 + 14·32 = 1344 < 4864
+        assert_eq!(smem_floats(&s, 8, 32), 4864);
+        let wide = PersistentShape {
+            intermediate: 64,
+            hidden: 64,
+            ..s
+        };
+        assert_eq!(smem_floats(&wide, 8, 0), 18 * 64);
+        assert_eq!(smem_floats(&wide, 8, 32), 896 + 14 * 32);
+    }
+
+    #[test]
+    fn the_o_stage_combines_only_few_splits() {
+        let (s, o) = (qwen05(), PersistentOptions::default());
+        assert!(folds(&o, &s, 12));
+        assert!(folds(&o, &s, FUSED_COMBINE_MAX_SPLITS));
+        assert!(!folds(&o, &s, FUSED_COMBINE_MAX_SPLITS + 1));
+        let off = PersistentOptions {
+            fold_combine: false,
+            ..o
+        };
+        assert!(!folds(&off, &s, 12));
     }
 }
