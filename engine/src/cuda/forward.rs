@@ -185,7 +185,9 @@ pub fn decode_fusion_fits(k: &CudaKernels, cfg: &ModelConfig, fusion: DecodeFusi
 /// GEMVs give the separate kernels' bits (GPU tests) but are slower — measured on the H200
 /// (2026-12-05, `kiln bench engine --device cuda --fused-decode`), Qwen2.5-0.5B shape: 1,306
 /// tok/s separate, 1,061 `All`, 1,221 `AllButSwiglu`: every block recomputing its x after
-/// the wait lengthens each GEMV more than the dropped launches save.
+/// the wait lengthens each GEMV more than the dropped launches save. The persistent kernel is
+/// slower still — H100, same run: 1,198 tok/s (816 µs a step) separate, 895 tok/s (1,105 µs)
+/// persistent; see engine/BENCHMARKS.md.
 pub const DECODE_FUSION: DecodeFusion = DecodeFusion::Off;
 
 /// Whether every GEMV of a decode layer of `cfg` can run fused on `k` (see
