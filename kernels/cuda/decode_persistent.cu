@@ -76,38 +76,86 @@ struct KilnPArgs {
     float* part_ml;
     u16* kc;
     u16* vc;
-    u32* bar;  // the grid barrier's counter, zero at launch
+    u32* bar;    // the grid barrier's counter and flag (KilnGridBarrier), zero at launch
+    u64* trace;  // null, or the barriers' timestamps (KilnGridBarrier)
     int n_layers, H, I, nh, kvh, cap, chunk, splits;
     int ks_qkv, ks_o, ks_gu, ks_down;
     int fold_combine;  // the o stage combines the splits itself (no stage C)
     int prefetch;      // each layer asks the L2 for the next layer's weights
+    int barrier_kind;  // KilnGridBarrier's kind
     float eps, softmax_scale;
 };
-static_assert(sizeof(KilnPArgs) == 200, "KilnPArgs layout (decode_persistent.rs)");
+static_assert(sizeof(KilnPArgs) == 216, "KilnPArgs layout (decode_persistent.rs)");
 static_assert(sizeof(KilnPLayer) == 152, "KilnPLayer layout (decode_persistent.rs)");
 
-// Every block arrives, then waits until all gridDim.x blocks have arrived `target / gridDim.x`
-// times in all. The block's writes before it are visible to every block after it.
-__device__ __forceinline__ void kiln_grid_barrier(u32* bar, u32 target) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        atomicAdd(bar, 1u);
-        u32 v;
-        do {
-            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
-        } while (v < target);
-        __threadfence();
-    }
-    __syncthreads();
+__device__ __forceinline__ u64 kiln_globaltimer() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
 }
+
+// The grid barrier: every block arrives, then waits until all gridDim.x blocks have arrived
+// `target / gridDim.x` times in all; the block's writes before it are visible to every block
+// after it. bar[0] counts arrivals, bar[32] (its own 128-byte line) is kind 2's release flag;
+// both zero at launch. Kinds (KILN_PERSISTENT=barrier=K; the probe kernel times each):
+//   0  __threadfence, atomicAdd, poll the counter (ld.acquire), __threadfence
+//   1  red.release.gpu on the counter, poll it with ld.acquire (no sequentially consistent fences)
+//   2  atom.acq_rel.gpu on the counter; the last block to arrive stores the target to the flag
+//      (st.release), the others poll the flag, so the pollers do not slow the arrivals' atomics
+// With `trace`, thread 0 of each block writes the global timer (ns) at its arrival and at its
+// release: trace[8 + 2·(barrier·gridDim + block)] and the next word.
+struct KilnGridBarrier {
+    u32* bar;
+    u64* trace;
+    int kind;
+    __device__ __forceinline__ void operator()(u32 target) const {
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            const size_t slot = 8 + 2 * ((size_t)(target / gridDim.x - 1) * gridDim.x + blockIdx.x);
+            if (trace) trace[slot] = kiln_globaltimer();
+            u32 v;
+            if (kind == 0) {
+                __threadfence();
+                atomicAdd(bar, 1u);
+                do {
+                    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
+                } while (v < target);
+                __threadfence();
+            } else if (kind == 1) {
+                asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
+                do {
+                    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
+                } while (v < target);
+            } else {
+                asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(v) : "l"(bar) : "memory");
+                if (v + 1 == target) {
+                    asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(bar + 32), "r"(target) : "memory");
+                } else {
+                    do {
+                        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar + 32) : "memory");
+                    } while (v < target);
+                }
+            }
+            if (trace) trace[slot + 1] = kiln_globaltimer();
+        }
+        __syncthreads();
+    }
+};
 
 // The GEMV tile's wait: the barrier that ends the previous stage.
 struct KilnGridWait {
-    u32* bar;
+    KilnGridBarrier b;
     u32 target;
-    __device__ __forceinline__ void operator()() const { kiln_grid_barrier(bar, target); }
+    __device__ __forceinline__ void operator()() const { b(target); }
 };
+
+// A kernel of grid barriers alone (n of them, as the persistent kernel's blocks run them):
+// what one costs with this many blocks, apart from the stages' work.
+extern "C" __global__ void __launch_bounds__(256) kiln_grid_barrier_probe(u32* bar, u64* trace,
+                                                                          int kind, int n) {
+    const KilnGridBarrier b{bar, trace, kind};
+    for (int i = 1; i <= n; ++i) b((u32)i * gridDim.x);
+}
 
 // Gate/up rows in pairs: group gi of a tile of 2·half groups takes gate rows (the first half)
 // or the up rows I apart (the second), so tile t holds gate and up rows t·half·4 .. +half·4.
@@ -126,7 +174,8 @@ struct KilnRowsPaired {
 template <class X, bool RESIDUAL, class ROWS, class AFTER>
 __device__ __forceinline__ void kiln_p_gemv(const X xsrc, const u8* w, const u8* s, const float* ts,
                                             float* y, int N, int K, int ksplit, int tiles,
-                                            const ROWS rows, u32* bar, u32 target, const AFTER after) {
+                                            const ROWS rows, const KilnGridBarrier bar, u32 target,
+                                            const AFTER after) {
     bool first = true;
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         kiln_gemv_cuda_core_tile<1, 4, X, RESIDUAL, false>(xsrc, w, s, ts, y, N, K, ksplit, tile,
@@ -136,7 +185,7 @@ __device__ __forceinline__ void kiln_p_gemv(const X xsrc, const u8* w, const u8*
         after(tile);
         __syncthreads();
     }
-    if (first) kiln_grid_barrier(bar, target);
+    if (first) bar(target);
 }
 
 struct KilnNoAfter {
@@ -360,6 +409,7 @@ __device__ __forceinline__ void kiln_decode_persistent_body(const KilnPArgs& a) 
     const int H = a.H, I = a.I, q_size = a.nh * HD, qkv_rows = q_size + 2 * a.kvh * HD;
     u32 epoch = 0;
     const u32 nb = gridDim.x;
+    const KilnGridBarrier gb{a.bar, a.trace, a.barrier_kind};
     if (a.prefetch) kiln_p_prefetch_layer(a.layers[0], qkv_rows, H, q_size, I);
     // the embedding of the token into x
     {
@@ -378,9 +428,9 @@ __device__ __forceinline__ void kiln_decode_persistent_body(const KilnPArgs& a) 
         // A: RMSNorm → q/k/v
         kiln_p_gemv<KilnXNorm, false>(KilnXNorm{a.x, L.in_norm, a.eps}, L.qkv_w, L.qkv_s, L.qkv_ts,
                                       a.qkv, qkv_rows, H, a.ks_qkv, tiles(qkv_rows, a.ks_qkv),
-                                      KilnRowsLinear<4>{}, a.bar, ++epoch * nb, KilnNoAfter{});
+                                      KilnRowsLinear<4>{}, gb, ++epoch * nb, KilnNoAfter{});
         // B: epilogue + attention
-        kiln_grid_barrier(a.bar, ++epoch * nb);
+        gb(++epoch * nb);
         u16* kc = a.kc + l * layer_kv;
         u16* vc = a.vc + l * layer_kv;
         for (int item = blockIdx.x; item < a.kvh * ns; item += gridDim.x)
@@ -389,11 +439,11 @@ __device__ __forceinline__ void kiln_decode_persistent_body(const KilnPArgs& a) 
             // C + D: every block of the o stage combines the splits into its x
             kiln_p_gemv<KilnXCombine, true>(KilnXCombine{a.part_o, a.part_ml, a.pos, HD, a.splits, a.chunk},
                                             L.o_w, L.o_s, L.o_ts, a.x, H, q_size, a.ks_o,
-                                            tiles(H, a.ks_o), KilnRowsLinear<4>{}, a.bar, ++epoch * nb,
+                                            tiles(H, a.ks_o), KilnRowsLinear<4>{}, gb, ++epoch * nb,
                                             KilnNoAfter{});
         } else {
             // C: combine
-            kiln_grid_barrier(a.bar, ++epoch * nb);
+            gb(++epoch * nb);
             for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < q_size; t += gridDim.x * blockDim.x) {
                 const int hh = t / HD, e = t - hh * HD;
                 const size_t row0 = (size_t)hh * a.splits;
@@ -403,23 +453,27 @@ __device__ __forceinline__ void kiln_decode_persistent_body(const KilnPArgs& a) 
             }
             // D: o, residual
             kiln_p_gemv<KilnXL2, true>(KilnXL2{a.attn}, L.o_w, L.o_s, L.o_ts, a.x, H, q_size, a.ks_o,
-                                       tiles(H, a.ks_o), KilnRowsLinear<4>{}, a.bar, ++epoch * nb,
+                                       tiles(H, a.ks_o), KilnRowsLinear<4>{}, gb, ++epoch * nb,
                                        KilnNoAfter{});
         }
         // E: RMSNorm → gate/up, SwiGLU
         kiln_p_gemv<KilnXNorm, false>(KilnXNorm{a.x, L.post_norm, a.eps}, L.gu_w, L.gu_s, L.gu_ts,
                                       a.gu, 2 * I, H, a.ks_gu, I / (gu_half * 4),
-                                      KilnRowsPaired{gu_half, I}, a.bar, ++epoch * nb,
+                                      KilnRowsPaired{gu_half, I}, gb, ++epoch * nb,
                                       KilnSwigluAfter{a.gu, L.gu_scale, a.act, I, gu_half * 4});
         // F: down, residual
         kiln_p_gemv<KilnXL2, true>(KilnXL2{a.act}, L.dn_w, L.dn_s, L.dn_ts, a.x, H, I, a.ks_down,
-                                   tiles(H, a.ks_down), KilnRowsLinear<4>{}, a.bar, ++epoch * nb,
+                                   tiles(H, a.ks_down), KilnRowsLinear<4>{}, gb, ++epoch * nb,
                                    KilnNoAfter{});
     }
     // the final RMSNorm into h; the vocabulary GEMV (a chained launch) may start launching
     kiln_pdl_launch_dependents();
-    kiln_grid_barrier(a.bar, ++epoch * nb);
+    gb(++epoch * nb);
     if (blockIdx.x != 0) return;
+    if (a.trace && threadIdx.x == 0) {  // the trace's header: blocks, barriers
+        a.trace[0] = nb;
+        a.trace[1] = epoch;
+    }
     KilnXNorm{a.x, a.final_norm, a.eps}.fill(sh, H);
     for (int i = threadIdx.x; i < H; i += blockDim.x) a.h[i] = sh[kiln_xs_index(i)];
 }

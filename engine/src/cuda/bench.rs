@@ -132,6 +132,23 @@ pub struct FusedDecodeRow {
     pub step_us: f64,
     /// Whether the greedy tokens equal the default decode's (they must: same bits).
     pub same_tokens: bool,
+    /// The persistent kernel's stages in one traced step (empty for the other forms).
+    #[serde(default)]
+    pub stages: Vec<StageRow>,
+}
+
+/// One stage of the persistent kernel in a traced step, µs, the mean over layers
+/// ([`kiln_kernels::cuda::decode_persistent::StageTiming`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageRow {
+    /// What the stage computes.
+    pub stage: String,
+    /// First block released before it → last block arrived after it.
+    pub span_us: f64,
+    /// The same to the median block's arrival.
+    pub median_block_us: f64,
+    /// The barrier after it: last arrival → last release.
+    pub barrier_us: f64,
 }
 
 /// A decode step's time by kernel class (each class replayed alone in its own graph).
@@ -160,6 +177,9 @@ pub struct GpuBench {
     pub new_tokens: usize,
     /// Rows.
     pub rows: Vec<GpuModelRow>,
+    /// With the persistent kernel: one grid barrier alone, µs, by (kind, blocks per SM).
+    #[serde(default)]
+    pub barrier_probe: Vec<(u32, u32, f64)>,
 }
 
 /// Run the benchmark on GPU `ordinal`; `progress` gets a line per stage.
@@ -189,11 +209,24 @@ pub fn run_gpu_bench(
         let m = CudaModel::random(k.clone(), &cfg, 7)?;
         rows.push(bench_model(name, &m, opts, progress)?);
     }
+    let mut barrier_probe = Vec::new();
+    if opts.persistent_decode {
+        progress("grid barriers alone (the persistent kernel's barrier probe)");
+        for kind in 0..3 {
+            for blocks in [1, 2] {
+                match k.grid_barrier_probe_us(kind, blocks, 4000) {
+                    Ok(us) => barrier_probe.push((kind, blocks, us)),
+                    Err(e) => progress(&format!("barrier probe kind {kind}: FAILED: {e}")),
+                }
+            }
+        }
+    }
     Ok(GpuBench {
         device: k.device_name().to_string(),
         prompt_tokens: opts.prompt_tokens,
         new_tokens: opts.new_tokens,
         rows,
+        barrier_probe,
     })
 }
 
@@ -411,6 +444,7 @@ fn bench_model(
                 tok_s: 0.0,
                 step_us: 0.0,
                 same_tokens: false,
+                stages: Vec::new(),
             });
             continue;
         }
@@ -419,6 +453,25 @@ fn bench_model(
             decode_rate(m, opts.prompt_tokens, opts.new_tokens, true, fusion)?;
         seq.set_decode_fusion(fusion)?;
         let step = seq.time_step_classes(m, opts.reps)?;
+        let mut stages = Vec::new();
+        if fusion == DecodeFusion::Persistent {
+            match seq.trace_persistent_step(m) {
+                Ok(t) => {
+                    stages = t
+                        .into_iter()
+                        .map(|s| StageRow {
+                            stage: s.stage.into(),
+                            span_us: s.span_us,
+                            median_block_us: s.median_block_us,
+                            barrier_us: s.barrier_us,
+                        })
+                        .collect()
+                }
+                Err(e) => progress(&format!(
+                    "{name}: tracing the persistent kernel FAILED: {e}"
+                )),
+            }
+        }
         decode_fused.push(FusedDecodeRow {
             fusion: fusion.name().into(),
             fits: true,
@@ -428,6 +481,7 @@ fn bench_model(
                 .find(|(k, _)| *k == class::ALL)
                 .map_or(0.0, |t| t.1),
             same_tokens: fused_tokens == tokens,
+            stages,
         });
     }
     Ok(GpuModelRow {
@@ -635,10 +689,74 @@ impl GpuBench {
         if self.rows.iter().any(|r| !r.decode_fused.is_empty()) {
             out += &self.fused_table();
         }
+        if self
+            .rows
+            .iter()
+            .any(|r| r.decode_fused.iter().any(|f| !f.stages.is_empty()))
+        {
+            out += &self.stage_table();
+        }
+        if !self.barrier_probe.is_empty() {
+            out += &self.barrier_table();
+        }
         if self.rows.iter().any(|r| !r.short_prompts.is_empty()) {
             out += &self.short_prompt_table();
         }
         out
+    }
+
+    /// The persistent kernel's stages in a traced step.
+    fn stage_table(&self) -> String {
+        use comfy_table::{presets::UTF8_FULL, Table};
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL);
+        t.set_header(vec![
+            "model",
+            "persistent stage",
+            "span µs",
+            "median block µs",
+            "barrier after µs",
+        ]);
+        for r in &self.rows {
+            for f in &r.decode_fused {
+                for s in &f.stages {
+                    t.add_row(vec![
+                        r.model.clone(),
+                        s.stage.clone(),
+                        format!("{:.2}", s.span_us),
+                        format!("{:.2}", s.median_block_us),
+                        format!("{:.2}", s.barrier_us),
+                    ]);
+                }
+            }
+        }
+        format!(
+            "{t}\n(one decode step with a global-timer stamp at every grid barrier, mean over \
+             layers: span = first block released before the stage → last block arrived after \
+             it; median block = the same to the median block's arrival; barrier = last arrival \
+             → last release)\n"
+        )
+    }
+
+    /// Grid barriers alone, by implementation and blocks per SM.
+    fn barrier_table(&self) -> String {
+        use comfy_table::{presets::UTF8_FULL, Table};
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL);
+        t.set_header(vec!["barrier kind", "blocks per SM", "µs per barrier"]);
+        let base = self.barrier_probe.first().map_or(1.0, |b| b.2);
+        for &(kind, blocks, us) in &self.barrier_probe {
+            t.add_row(vec![
+                kind.to_string(),
+                blocks.to_string(),
+                format!("{us:.2} ({:.2}× kind 0, 1 block/SM)", us / base.max(1e-9)),
+            ]);
+        }
+        format!(
+            "{t}\n(4,000 barriers in one cooperative launch of 256-thread blocks, median of 5; \
+             kind 0 fences + polls the counter, 1 release/acquire on the counter, 2 the last \
+             block releases a flag the others poll; KILN_PERSISTENT=barrier=K picks one)\n"
+        )
     }
 
     /// Short prompts through 8-row GEMV batches against the GEMMs.
@@ -765,6 +883,7 @@ mod tests {
             device: "test".into(),
             prompt_tokens: 128,
             new_tokens: 256,
+            barrier_probe: Vec::new(),
             rows: vec![GpuModelRow {
                 short_prompts: vec![(16, 8.0, 12.0), (128, 40.0, 10.0)],
                 short_prompt: 16,
@@ -794,6 +913,7 @@ mod tests {
             device: "test".into(),
             prompt_tokens: 128,
             new_tokens: 256,
+            barrier_probe: Vec::new(),
             rows: vec![GpuModelRow {
                 decode_fused: f.into_iter().collect(),
                 ..row(Vec::new())
@@ -805,6 +925,7 @@ mod tests {
             tok_s: 450.0,
             step_us: 2160.0,
             same_tokens,
+            stages: Vec::new(),
         };
         let t = bench(Some(fused(true))).to_table(None);
         assert!(t.contains("form's tok/s") && t.contains("1.250×"), "{t}");
@@ -822,11 +943,56 @@ mod tests {
     }
 
     #[test]
+    fn the_persistent_kernel_gets_a_stage_and_a_barrier_table() {
+        let stage = |stage: &str, span_us| StageRow {
+            stage: stage.into(),
+            span_us,
+            median_block_us: 1.25,
+            barrier_us: 2.5,
+        };
+        let bench = GpuBench {
+            device: "test".into(),
+            prompt_tokens: 128,
+            new_tokens: 256,
+            barrier_probe: vec![(0, 1, 4.0), (2, 2, 1.0)],
+            rows: vec![GpuModelRow {
+                decode_fused: vec![FusedDecodeRow {
+                    fusion: "persistent kernel".into(),
+                    fits: true,
+                    tok_s: 900.0,
+                    step_us: 1100.0,
+                    same_tokens: true,
+                    stages: vec![stage("q/k/v", 3.5), stage("down", 7.75)],
+                }],
+                ..row(Vec::new())
+            }],
+        };
+        let t = bench.to_table(None);
+        assert!(t.contains("persistent stage") && t.contains("q/k/v"), "{t}");
+        assert!(
+            t.contains("7.75") && t.contains("1.25") && t.contains("2.50"),
+            "{t}"
+        );
+        assert!(
+            t.contains("µs per barrier") && t.contains("0.25× kind 0"),
+            "{t}"
+        );
+        let plain = GpuBench {
+            barrier_probe: Vec::new(),
+            rows: vec![row(Vec::new())],
+            ..bench
+        }
+        .to_table(None);
+        assert!(!plain.contains("persistent stage") && !plain.contains("µs per barrier"));
+    }
+
+    #[test]
     fn the_slab_table_gives_each_size_both_ways_against_the_default() {
         let bench = |slabs| GpuBench {
             device: "test".into(),
             prompt_tokens: 128,
             new_tokens: 256,
+            barrier_probe: Vec::new(),
             rows: vec![row(slabs)],
         };
         let slab = |mib, serial_ms, overlapped_ms| SlabTiming {

@@ -29,7 +29,9 @@ use std::sync::Arc;
 use cudarc::driver::{sys, CudaGraph, CudaSlice};
 use half::bf16;
 use kiln_kernels::cuda::decode::{DeviceSampling, ARGMAX_BLOCKS, FLASH_PREFILL_HEAD_DIMS};
-use kiln_kernels::cuda::decode_persistent::{PersistentLayer, PersistentStep};
+use kiln_kernels::cuda::decode_persistent::{
+    stage_timings, PersistentLayer, PersistentStep, StageTiming, BARRIER_WORDS,
+};
 use kiln_kernels::cuda::gemv::GEMV_MAX_ROWS;
 use kiln_kernels::cuda::CudaKernels;
 
@@ -109,8 +111,10 @@ pub struct CudaSequence {
     fusion: DecodeFusion,
     /// The persistent kernel's layer table for the model at this address.
     persistent_layers: Option<(usize, CudaSlice<u64>)>,
-    /// The persistent kernel's grid-barrier counter.
+    /// The persistent kernel's grid-barrier counter and flag.
     barrier: CudaSlice<u32>,
+    /// While [`CudaSequence::trace_persistent_step`] runs: the barriers' timestamps.
+    trace: Option<CudaSlice<u64>>,
 }
 
 impl std::fmt::Debug for CudaSequence {
@@ -179,8 +183,9 @@ impl CudaSequence {
             },
             persistent_layers: None,
             barrier: s
-                .alloc_zeros::<u32>(1)
+                .alloc_zeros::<u32>(BARRIER_WORDS)
                 .map_err(cuda("allocating scalars"))?,
+            trace: None,
             k,
             cfg: cfg.clone(),
             cap: capacity,
@@ -458,6 +463,38 @@ impl CudaSequence {
         Ok(out)
     }
 
+    /// Where the persistent kernel's time goes: one decode step at the current position (as
+    /// [`CudaSequence::time_step_classes`] replays it, nothing advances) run once with the
+    /// kernel writing a timestamp at every grid barrier, as the mean per stage over layers.
+    /// Only with the persistent kernel set ([`CudaSequence::set_decode_fusion`]).
+    pub fn trace_persistent_step(&mut self, m: &CudaModel) -> Result<Vec<StageTiming>> {
+        if self.fusion != DecodeFusion::Persistent {
+            return Err(EngineError::InvalidArgument(
+                "tracing a decode step needs the persistent kernel".into(),
+            ));
+        }
+        self.reserve(self.len + 2)?;
+        self.ensure_persistent_layers(m)?;
+        let s = self.k.stream().clone();
+        let words = self.k.persistent_trace_words(self.cfg.num_hidden_layers);
+        self.trace = Some(
+            s.alloc_zeros::<u64>(words)
+                .map_err(cuda("allocating the step's trace"))?,
+        );
+        s.memcpy_htod(&[self.len as i32], &mut self.pos)
+            .map_err(cuda("writing the position"))?;
+        let ran = self.enqueue_step_classes(m, class::ALL);
+        let trace = self.trace.take().expect("set above");
+        ran?;
+        self.k.synchronize()?;
+        self.device_pos = Some(self.len);
+        self.device_token = None;
+        let raw = s
+            .clone_dtoh(&trace)
+            .map_err(cuda("reading the step's trace"))?;
+        stage_timings(&raw, self.cfg.num_hidden_layers).map_err(EngineError::InvalidArgument)
+    }
+
     /// Capture the decode step's kernels of `mask` as a graph.
     fn capture_classes(&mut self, m: &CudaModel, mask: u8) -> Result<CudaGraph> {
         self.ensure_persistent_layers(m)?;
@@ -638,6 +675,7 @@ impl CudaSequence {
             k_cache: sc.kc,
             v_cache: sc.vc,
             barrier: k.addr(&self.barrier, 0),
+            trace: self.trace.as_ref().map_or(0, |t| k.addr(t, 0)),
             capacity: sc.cap,
             chunk: sc.chunk,
             splits: sc.splits,

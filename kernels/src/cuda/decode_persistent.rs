@@ -33,6 +33,83 @@ pub const PERSISTENT_KERNELS: &[(usize, usize)] = &[
     (128, 8),
 ];
 
+/// u32 words of a step's barrier buffer ([`PersistentStep::barrier`]): the arrival counter
+/// at word 0, kind 2's release flag at word 32 (its own 128-byte line).
+pub const BARRIER_WORDS: usize = 64;
+
+/// The stages a layer's grid barriers end, in order: without the combine folded into the o
+/// stage, and with it.
+const STAGES: [&str; 6] = ["q/k/v", "attention", "combine", "o", "gate/up", "down"];
+const STAGES_FOLDED: [&str; 5] = ["q/k/v", "attention", "o + combine", "gate/up", "down"];
+
+/// One stage of the persistent kernel as a traced step ran it (µs, the mean over layers).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageTiming {
+    /// What the stage computes.
+    pub stage: &'static str,
+    /// From the first block leaving the barrier before it to the last block arriving at the
+    /// barrier after it: the stage's critical path.
+    pub span_us: f64,
+    /// The same to the median block's arrival (most blocks of a small stage have no tile and
+    /// arrive at once).
+    pub median_block_us: f64,
+    /// From the last block's arrival to the last block's release: the barrier itself.
+    pub barrier_us: f64,
+}
+
+/// The stage timings of a trace the kernel wrote ([`PersistentStep::trace`]): header (blocks,
+/// barriers), then per barrier and block the global timer (ns) at arrival and at release.
+/// Barrier 0 ends the embedding; then each layer's stages ([`STAGES`], or five with the
+/// combine folded), the last barrier ending the last layer's down GEMV.
+pub fn stage_timings(raw: &[u64], layers: usize) -> Result<Vec<StageTiming>, String> {
+    let (nb, nbar) = (
+        raw.first().copied().unwrap_or(0) as usize,
+        raw.get(1).copied().unwrap_or(0) as usize,
+    );
+    if nb == 0 || layers == 0 || nbar < 2 || raw.len() < 8 + 2 * nb * nbar {
+        return Err(format!(
+            "the trace is empty or short ({nb} blocks, {nbar} barriers)"
+        ));
+    }
+    let per = (nbar - 1) / layers;
+    let names: &[&'static str] = match per {
+        6 => &STAGES,
+        5 => &STAGES_FOLDED,
+        _ => {
+            return Err(format!(
+                "{nbar} barriers do not make {layers} layers of 5 or 6 stages"
+            ))
+        }
+    };
+    let at =
+        |e: usize, b: usize, release: bool| raw[8 + 2 * (e * nb + b) + usize::from(release)] as f64;
+    let mut sums = vec![(0.0f64, 0.0f64, 0.0f64); per];
+    for e in 1..nbar {
+        let start = (0..nb)
+            .map(|b| at(e - 1, b, true))
+            .fold(f64::INFINITY, f64::min);
+        let mut arrivals: Vec<f64> = (0..nb).map(|b| at(e, b, false)).collect();
+        arrivals.sort_by(f64::total_cmp);
+        let last = arrivals[nb - 1];
+        let released = (0..nb).map(|b| at(e, b, true)).fold(0.0, f64::max);
+        let t = &mut sums[(e - 1) % per];
+        t.0 += last - start;
+        t.1 += arrivals[nb / 2] - start;
+        t.2 += released - last;
+    }
+    let n = (nbar - 1) as f64 / per as f64;
+    Ok(names
+        .iter()
+        .zip(sums)
+        .map(|(stage, (span, median, barrier))| StageTiming {
+            stage,
+            span_us: span / n / 1e3,
+            median_block_us: median / n / 1e3,
+            barrier_us: barrier / n / 1e3,
+        })
+        .collect())
+}
+
 /// Threads per block (the CUDA-core GEMV tile's 8 warps).
 const BLOCK: u32 = 256;
 
@@ -137,8 +214,10 @@ pub struct PersistentStep {
     pub k_cache: DevAddr,
     /// Value cache, same layout.
     pub v_cache: DevAddr,
-    /// One u32 the launch zeroes first (the grid barrier's counter).
+    /// [`BARRIER_WORDS`] u32 the launch zeroes first (the grid barrier's counter and flag).
     pub barrier: DevAddr,
+    /// 0, or [`trace_words`] u64 for the barriers' timestamps (see [`PersistentTrace`]).
+    pub trace: DevAddr,
     /// Positions the caches hold.
     pub capacity: usize,
     /// Attention: positions per split.
@@ -152,7 +231,7 @@ pub struct PersistentStep {
 /// `KilnPArgs`: the order and types of the kernel's by-value parameter.
 #[repr(C)]
 struct KernelArgs {
-    ptrs: [DevAddr; 17],
+    ptrs: [DevAddr; 18],
     n_layers: i32,
     hidden: i32,
     intermediate: i32,
@@ -164,11 +243,12 @@ struct KernelArgs {
     ks: [i32; 4],
     fold_combine: i32,
     prefetch: i32,
+    barrier_kind: i32,
     eps: f32,
     softmax_scale: f32,
 }
 
-const _: () = assert!(std::mem::size_of::<KernelArgs>() == 200);
+const _: () = assert!(std::mem::size_of::<KernelArgs>() == 216);
 
 /// How the persistent kernel runs; [`PersistentOptions::default`] is what jobs run, a
 /// benchmark may set `KILN_PERSISTENT` (e.g. `blocks=1,fold=0,prefetch=0`) to compare.
@@ -181,6 +261,10 @@ pub struct PersistentOptions {
     pub fold_combine: bool,
     /// Each layer asks the L2 for the next layer's weights.
     pub prefetch: bool,
+    /// The grid barrier's implementation (`KilnGridBarrier` in the kernel): 0 fences and
+    /// polls the counter, 1 release/acquire on the counter, 2 the last block to arrive
+    /// releases a flag the others poll.
+    pub barrier: u32,
 }
 
 impl Default for PersistentOptions {
@@ -191,6 +275,7 @@ impl Default for PersistentOptions {
             blocks_per_sm: MAX_BLOCKS_PER_SM,
             fold_combine: false,
             prefetch: false,
+            barrier: 0,
         }
     }
 }
@@ -212,8 +297,12 @@ impl PersistentOptions {
                 }
                 Some(("fold", b)) if matches!(b, "0" | "1") => o.fold_combine = b == "1",
                 Some(("prefetch", b)) if matches!(b, "0" | "1") => o.prefetch = b == "1",
+                Some(("barrier", k)) if matches!(k, "0" | "1" | "2") => {
+                    o.barrier = k.parse().expect("0, 1 or 2")
+                }
                 _ => tracing::warn!(
-                    "KILN_PERSISTENT: ignoring {kv:?} (blocks=1|2, fold=0|1, prefetch=0|1)"
+                    "KILN_PERSISTENT: ignoring {kv:?} (blocks=1|2, fold=0|1, prefetch=0|1, \
+                     barrier=0|1|2)"
                 ),
             }
         }
@@ -225,6 +314,8 @@ const _: () = assert!(std::mem::size_of::<PersistentLayer>() == 152);
 /// The loaded kernels, each with how many blocks of it fit on an SM.
 pub(crate) struct PersistentFunctions {
     kernels: Vec<((usize, usize), CudaFunction)>,
+    /// `kiln_grid_barrier_probe`: grid barriers alone.
+    probe: CudaFunction,
     /// Dynamic shared memory the kernels may use.
     smem_bytes: usize,
 }
@@ -260,8 +351,10 @@ impl PersistentFunctions {
             )
             .map_err(drv("raising the persistent kernel's shared-memory limit"))?;
         }
+        let probe = func("decode_persistent.cu", "kiln_grid_barrier_probe")?;
         Ok(PersistentFunctions {
             kernels,
+            probe,
             smem_bytes,
         })
     }
@@ -352,6 +445,67 @@ impl CudaKernels {
         Ok(())
     }
 
+    /// u64 words a trace of a step of `layers` layers needs ([`PersistentStep::trace`]).
+    pub fn persistent_trace_words(&self, layers: usize) -> usize {
+        8 + 2 * (6 * layers + 1) * (MAX_BLOCKS_PER_SM * self.sm_count) as usize
+    }
+
+    /// What one grid barrier of `kind` (as [`PersistentOptions::barrier`]) costs with
+    /// `blocks_per_sm` blocks of 256 threads on every SM, in µs: the median of five
+    /// cooperative launches of `n` barriers and nothing else (after one warm-up launch).
+    pub fn grid_barrier_probe_us(
+        &self,
+        kind: u32,
+        blocks_per_sm: u32,
+        n: u32,
+    ) -> Result<f64, KernelError> {
+        let f = self.f.persistent.as_ref().map_err(|e| {
+            KernelError::InvalidArgument(format!("the persistent decode kernel did not load ({e})"))
+        })?;
+        let bar = self
+            .stream
+            .alloc_zeros::<u32>(BARRIER_WORDS)
+            .map_err(drv("allocating the barrier probe's counter"))?;
+        let (bar_addr, no_trace, kind, n_i) = (self.addr(&bar, 0), 0u64, kind as i32, n as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks_per_sm * self.sm_count, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut times = Vec::new();
+        for _ in 0..6 {
+            let t = std::time::Instant::now();
+            // SAFETY: the counter is BARRIER_WORDS live u32; the parameters match
+            // kiln_grid_barrier_probe's (u32*, u64*, int, int).
+            unsafe {
+                cudarc::driver::result::memset_d8_async(
+                    bar_addr,
+                    0,
+                    BARRIER_WORDS * 4,
+                    self.stream.cu_stream(),
+                )
+                .map_err(drv("zeroing the barrier probe's counter"))?;
+                launch_cooperative(
+                    &self.stream,
+                    &f.probe,
+                    cfg,
+                    &mut [
+                        param(&bar_addr),
+                        param(&no_trace),
+                        param(&kind),
+                        param(&n_i),
+                    ],
+                )
+                .map_err(drv("launching the barrier probe"))?;
+            }
+            self.synchronize()?;
+            times.push(t.elapsed().as_secs_f64() * 1e6 / f64::from(n));
+        }
+        let mut timed = times.split_off(1);
+        timed.sort_by(f64::total_cmp);
+        Ok(timed[timed.len() / 2])
+    }
+
     /// Upload the layers' addresses for [`PersistentStep::layers`].
     pub fn upload_persistent_layers(
         &self,
@@ -431,6 +585,7 @@ impl CudaKernels {
                 step.k_cache,
                 step.v_cache,
                 step.barrier,
+                step.trace,
             ],
             n_layers: i32_of(s.layers),
             hidden: i32_of(s.hidden),
@@ -443,12 +598,18 @@ impl CudaKernels {
             ks,
             fold_combine: i32::from(fold),
             prefetch: i32::from(opts.prefetch),
+            barrier_kind: opts.barrier as i32,
             eps: step.eps,
             softmax_scale: 1.0 / (s.head_dim as f32).sqrt(),
         };
-        // SAFETY: one u32 (the caller's contract).
+        // SAFETY: BARRIER_WORDS u32 (the caller's contract).
         unsafe {
-            cudarc::driver::result::memset_d8_async(step.barrier, 0, 4, self.stream.cu_stream())
+            cudarc::driver::result::memset_d8_async(
+                step.barrier,
+                0,
+                BARRIER_WORDS * 4,
+                self.stream.cu_stream(),
+            )
         }
         .map_err(drv("zeroing the persistent kernel's barrier"))?;
         let cfg = LaunchConfig {
@@ -480,17 +641,18 @@ mod tests {
     #[test]
     fn options_parse_known_keys_and_ignore_the_rest() {
         assert_eq!(PersistentOptions::parse(""), PersistentOptions::default());
-        let o = PersistentOptions::parse("blocks=1,fold=1,prefetch=1");
+        let o = PersistentOptions::parse("blocks=1,fold=1,prefetch=1,barrier=2");
         assert_eq!(
             o,
             PersistentOptions {
                 blocks_per_sm: 1,
                 fold_combine: true,
-                prefetch: true
+                prefetch: true,
+                barrier: 2,
             }
         );
         assert_eq!(
-            PersistentOptions::parse("blocks=9,nonsense,fold=x"),
+            PersistentOptions::parse("blocks=9,nonsense,fold=x,barrier=3"),
             PersistentOptions::default()
         );
     }
@@ -509,6 +671,34 @@ mod tests {
         };
         assert_eq!(smem_floats(&wide, 8, 0), 18 * 64);
         assert_eq!(smem_floats(&wide, 8, 32), 896 + 14 * 32);
+    }
+
+    #[test]
+    fn a_trace_becomes_stage_timings() {
+        // 2 blocks, 1 layer of 6 stages: barrier e released by both blocks at 10e µs; block 0
+        // arrives 1 µs after the previous release, block 1 (the stage's tile) after 3e µs
+        let (nb, nbar) = (2usize, 7usize);
+        let mut raw = vec![0u64; 8 + 2 * nb * nbar];
+        raw[0] = nb as u64;
+        raw[1] = nbar as u64;
+        for e in 0..nbar {
+            let rel = 10_000 * e as u64;
+            let prev = 10_000 * e.saturating_sub(1) as u64;
+            for (b, arrive) in [(0, prev + 1_000), (1, prev + 3_000 * e as u64)] {
+                raw[8 + 2 * (e * nb + b)] = arrive;
+                raw[8 + 2 * (e * nb + b) + 1] = rel;
+            }
+        }
+        let t = stage_timings(&raw, 1).unwrap();
+        assert_eq!(t.len(), 6);
+        assert_eq!(t[1].stage, "attention");
+        // barrier 2 (ends attention): last arrival 6 µs after barrier 1's release at 10
+        assert!((t[1].span_us - 6.0).abs() < 1e-9);
+        // the median of two blocks is the upper one
+        assert!((t[1].median_block_us - 6.0).abs() < 1e-9);
+        assert!((t[1].barrier_us - 4.0).abs() < 1e-9);
+        assert!(stage_timings(&raw, 2).is_err());
+        assert!(stage_timings(&raw[..20], 1).is_err());
     }
 
     #[test]
