@@ -26,13 +26,8 @@
 // the combine use the same per-element functions and reduction orders (decode_ops.cuh,
 // gemv_x.cuh). Activations written in the launch are read through L2 (__ldcg).
 //
-// Weight staging (wbuf_bytes > 0): each GEMV stage's tiles are copied into shared memory by
-// cp.async while the stages before it run (q/k/v and gate/up in one buffer, o and down in the
-// other: the o tiles go out as a layer starts, the gate/up tiles before the o stage, ...), so
-// that after the barrier that opens a GEMV stage its weights are already on the SM.
-//
 // Block 256 threads; dynamic shared memory max(H, nh·hd (+ nh·splits when stage D combines), I,
-// (2·REP + 2)·HD) floats, then (at wbuf_off) the two staging buffers of wbuf_bytes each.
+// (2·REP + 2)·HD) floats.
 
 #include "block_reduce.cuh"
 #include "decode_ops.cuh"
@@ -88,11 +83,9 @@ struct KilnPArgs {
     int fold_combine;  // the o stage combines the splits itself (no stage C)
     int prefetch;      // each layer asks the L2 for the next layer's weights
     int barrier_kind;  // KilnGridBarrier's kind
-    int wbuf_off;      // where the two weight-staging buffers start in dynamic shared memory
-    int wbuf_bytes;    // bytes of each (0: the GEMV stages read their weights from global memory)
     float eps, softmax_scale;
 };
-static_assert(sizeof(KilnPArgs) == 224, "KilnPArgs layout (decode_persistent.rs)");
+static_assert(sizeof(KilnPArgs) == 216, "KilnPArgs layout (decode_persistent.rs)");
 static_assert(sizeof(KilnPLayer) == 152, "KilnPLayer layout (decode_persistent.rs)");
 
 __device__ __forceinline__ u64 kiln_globaltimer() {
@@ -175,82 +168,18 @@ struct KilnRowsPaired {
     }
 };
 
-// ---- Weight staging: a GEMV stage's tiles copied into shared memory (cp.async) while the
-// stages before it run, so that no weight load waits on DRAM after the barrier that opens it.
-
-__device__ __forceinline__ void kiln_cp_async16(void* smem, const void* g) {
-    const u32 sa = (u32)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa), "l"(g) : "memory");
-}
-__device__ __forceinline__ void kiln_cp_async4(void* smem, const void* g) {
-    const u32 sa = (u32)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(sa), "l"(g) : "memory");
-}
-
-// Bytes of one staged tile of a GEMV with K split ksplit: its 32 / ksplit rows' codes (K / 2
-// bytes a row), then their scales (K / 16); a multiple of 16 when K % 64 == 0.
-__device__ __forceinline__ int kiln_p_tile_bytes(int K, int ksplit) { return (32 / ksplit) * (K >> 5) * 18; }
-
-// Copy this block's first tiles of a GEMV stage (as many as fit in buf_bytes) into buf, in the
-// layout kiln_gemv_cuda_core_tile<..., SMEM_W> reads, as one cp.async group (committed even
-// when empty, so that each stage's group is the one before the newest when it is waited for).
-template <class ROWS>
-__device__ __forceinline__ void kiln_p_stage_tiles(const u8* w, const u8* s, int N, int K, int ksplit,
-                                                   int tiles, const ROWS rows, u8* buf, int buf_bytes) {
-    const int groups = 8 / ksplit, trows = groups * 4, units = K >> 5, words = units >> 1;
-    const int tile_bytes = kiln_p_tile_bytes(K, ksplit);
-    const int slots = buf ? buf_bytes / tile_bytes : 0;
-    int j = 0;
-    for (int tile = blockIdx.x; tile < tiles && j < slots; tile += gridDim.x, ++j) {
-        u8* dst = buf + (size_t)j * tile_bytes;
-        for (int c = threadIdx.x; c < trows * units; c += blockDim.x) {
-            const int tr = c / units, u = c - tr * units;
-            const int row = min(rows(tile * groups + (tr >> 2)) + (tr & 3), N - 1);
-            kiln_cp_async16(dst + (size_t)c * 16, w + ((size_t)row * units + u) * 16);
-        }
-        u8* sdst = dst + (size_t)trows * units * 16;
-        for (int c = threadIdx.x; c < trows * words; c += blockDim.x) {
-            const int tr = c / words, q = c - tr * words;
-            const int row = min(rows(tile * groups + (tr >> 2)) + (tr & 3), N - 1);
-            kiln_cp_async4(sdst + (size_t)c * 4, s + (size_t)row * units * 2 + q * 4);
-        }
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-}
-
-// The staged tile's wait: the barrier, then this thread's copies of the stage (every group but
-// the newest, the next stage's), then the block's.
-struct KilnGridWaitStaged {
-    KilnGridBarrier b;
-    u32 target;
-    __device__ __forceinline__ void operator()() const {
-        b(target);
-        asm volatile("cp.async.wait_group 1;" ::: "memory");
-        __syncthreads();
-    }
-};
-
-// One GEMV stage: the block's tiles (tile = blockIdx.x, + gridDim.x, ...): those staged in buf
-// (kiln_p_stage_tiles) read from shared memory after the barrier, the rest from global memory
-// with the barrier after their first loads; a block without a tile still takes part in the
-// barrier. After each tile, `after(tile)` (with the tile's stores visible to the block).
+// One GEMV stage: the block's tiles (tile = blockIdx.x, + gridDim.x, ...), the barrier after
+// the first tile's first loads; a block without a tile still takes part in the barrier. After
+// each tile, `after(tile)` (with the tile's stores visible to the block).
 template <class X, bool RESIDUAL, class ROWS, class AFTER>
 __device__ __forceinline__ void kiln_p_gemv(const X xsrc, const u8* w, const u8* s, const float* ts,
                                             float* y, int N, int K, int ksplit, int tiles,
                                             const ROWS rows, const KilnGridBarrier bar, u32 target,
-                                            const AFTER after, const u8* buf, int buf_bytes) {
-    const int tile_bytes = kiln_p_tile_bytes(K, ksplit);
-    const int slots = buf ? buf_bytes / tile_bytes : 0;
+                                            const AFTER after) {
     bool first = true;
-    int j = 0;
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++j) {
-        if (j < slots)
-            kiln_gemv_cuda_core_tile<1, 4, X, RESIDUAL, false, true>(
-                xsrc, w, s, ts, y, N, K, ksplit, tile, first, rows, KilnGridWaitStaged{bar, target},
-                reinterpret_cast<const uint4*>(buf + (size_t)j * tile_bytes));
-        else
-            kiln_gemv_cuda_core_tile<1, 4, X, RESIDUAL, false>(xsrc, w, s, ts, y, N, K, ksplit, tile,
-                                                              first, rows, KilnGridWait{bar, target});
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        kiln_gemv_cuda_core_tile<1, 4, X, RESIDUAL, false>(xsrc, w, s, ts, y, N, K, ksplit, tile,
+                                                          first, rows, KilnGridWait{bar, target});
         first = false;
         __syncthreads();
         after(tile);
@@ -481,10 +410,6 @@ __device__ __forceinline__ void kiln_decode_persistent_body(const KilnPArgs& a) 
     u32 epoch = 0;
     const u32 nb = gridDim.x;
     const KilnGridBarrier gb{a.bar, a.trace, a.barrier_kind};
-    // the two staging buffers: q/k/v and gate/up in wb0, o and down in wb1
-    u8* wb0 = a.wbuf_bytes ? reinterpret_cast<u8*>(xs4) + a.wbuf_off : nullptr;
-    u8* wb1 = a.wbuf_bytes ? wb0 + a.wbuf_bytes : nullptr;
-    const int wbb = a.wbuf_bytes;
     if (a.prefetch) kiln_p_prefetch_layer(a.layers[0], qkv_rows, H, q_size, I);
     // the embedding of the token into x
     {
@@ -497,30 +422,25 @@ __device__ __forceinline__ void kiln_decode_persistent_body(const KilnPArgs& a) 
     // rows per tile of a GEMV with K split ks: 8 / ks groups of 4
     auto tiles = [](int n, int ks) { return (n + 32 / ks - 1) / (32 / ks); };
     const int gu_half = 8 / a.ks_gu / 2;
-    const int gu_tiles = I / (gu_half * 4);
-    kiln_p_stage_tiles(a.layers[0].qkv_w, a.layers[0].qkv_s, qkv_rows, H, a.ks_qkv,
-                       tiles(qkv_rows, a.ks_qkv), KilnRowsLinear<4>{}, wb0, wbb);
     for (int l = 0; l < a.n_layers; ++l) {
         const KilnPLayer& L = a.layers[l];
         if (a.prefetch && l + 1 < a.n_layers) kiln_p_prefetch_layer(a.layers[l + 1], qkv_rows, H, q_size, I);
-        kiln_p_stage_tiles(L.o_w, L.o_s, H, q_size, a.ks_o, tiles(H, a.ks_o), KilnRowsLinear<4>{}, wb1, wbb);
         // A: RMSNorm → q/k/v
         kiln_p_gemv<KilnXNorm, false>(KilnXNorm{a.x, L.in_norm, a.eps}, L.qkv_w, L.qkv_s, L.qkv_ts,
                                       a.qkv, qkv_rows, H, a.ks_qkv, tiles(qkv_rows, a.ks_qkv),
-                                      KilnRowsLinear<4>{}, gb, ++epoch * nb, KilnNoAfter{}, wb0, wbb);
+                                      KilnRowsLinear<4>{}, gb, ++epoch * nb, KilnNoAfter{});
         // B: epilogue + attention
         gb(++epoch * nb);
         u16* kc = a.kc + l * layer_kv;
         u16* vc = a.vc + l * layer_kv;
         for (int item = blockIdx.x; item < a.kvh * ns; item += gridDim.x)
             kiln_p_attention_item<HD, REP>(a, L, kc, vc, item / ns, item % ns, p, ns, sh);
-        kiln_p_stage_tiles(L.gu_w, L.gu_s, 2 * I, H, a.ks_gu, gu_tiles, KilnRowsPaired{gu_half, I}, wb0, wbb);
         if (a.fold_combine) {
             // C + D: every block of the o stage combines the splits into its x
             kiln_p_gemv<KilnXCombine, true>(KilnXCombine{a.part_o, a.part_ml, a.pos, HD, a.splits, a.chunk},
                                             L.o_w, L.o_s, L.o_ts, a.x, H, q_size, a.ks_o,
                                             tiles(H, a.ks_o), KilnRowsLinear<4>{}, gb, ++epoch * nb,
-                                            KilnNoAfter{}, wb1, wbb);
+                                            KilnNoAfter{});
         } else {
             // C: combine
             gb(++epoch * nb);
@@ -534,25 +454,18 @@ __device__ __forceinline__ void kiln_decode_persistent_body(const KilnPArgs& a) 
             // D: o, residual
             kiln_p_gemv<KilnXL2, true>(KilnXL2{a.attn}, L.o_w, L.o_s, L.o_ts, a.x, H, q_size, a.ks_o,
                                        tiles(H, a.ks_o), KilnRowsLinear<4>{}, gb, ++epoch * nb,
-                                       KilnNoAfter{}, wb1, wbb);
+                                       KilnNoAfter{});
         }
-        kiln_p_stage_tiles(L.dn_w, L.dn_s, H, I, a.ks_down, tiles(H, a.ks_down), KilnRowsLinear<4>{}, wb1, wbb);
         // E: RMSNorm → gate/up, SwiGLU
         kiln_p_gemv<KilnXNorm, false>(KilnXNorm{a.x, L.post_norm, a.eps}, L.gu_w, L.gu_s, L.gu_ts,
-                                      a.gu, 2 * I, H, a.ks_gu, gu_tiles,
+                                      a.gu, 2 * I, H, a.ks_gu, I / (gu_half * 4),
                                       KilnRowsPaired{gu_half, I}, gb, ++epoch * nb,
-                                      KilnSwigluAfter{a.gu, L.gu_scale, a.act, I, gu_half * 4}, wb0, wbb);
-        // the next layer's q/k/v (none after the last: an empty group)
-        const bool next = l + 1 < a.n_layers;
-        kiln_p_stage_tiles(next ? a.layers[l + 1].qkv_w : nullptr, next ? a.layers[l + 1].qkv_s : nullptr,
-                           qkv_rows, H, a.ks_qkv, next ? tiles(qkv_rows, a.ks_qkv) : 0,
-                           KilnRowsLinear<4>{}, wb0, wbb);
+                                      KilnSwigluAfter{a.gu, L.gu_scale, a.act, I, gu_half * 4});
         // F: down, residual
         kiln_p_gemv<KilnXL2, true>(KilnXL2{a.act}, L.dn_w, L.dn_s, L.dn_ts, a.x, H, I, a.ks_down,
                                    tiles(H, a.ks_down), KilnRowsLinear<4>{}, gb, ++epoch * nb,
-                                   KilnNoAfter{}, wb1, wbb);
+                                   KilnNoAfter{});
     }
-    asm volatile("cp.async.wait_all;" ::: "memory");
     // the final RMSNorm into h; the vocabulary GEMV (a chained launch) may start launching
     kiln_pdl_launch_dependents();
     gb(++epoch * nb);

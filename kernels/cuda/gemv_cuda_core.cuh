@@ -53,15 +53,11 @@ struct KilnPdlWait {
 // from ROWS). With `first`, the block's first weight loads go out, then wait(), then x is filled
 // (a block that runs several tiles of one GEMV, the persistent decode kernel, fills x once).
 // With PDL, the next kernel on the stream may start launching at once.
-// SMEM_W: the tile's weights were copied into shared memory at `wsm` (the persistent kernel's
-// kiln_p_stage_tiles: the tile's rows in group order, codes then scales, each row whole) and
-// are read from there, after wait() (which waits for the copy); the same operations in the
-// same order as from global memory.
-template <int M, int R, class X, bool RESIDUAL, bool PDL, bool SMEM_W = false, class ROWS, class WAIT>
+template <int M, int R, class X, bool RESIDUAL, bool PDL, class ROWS, class WAIT>
 __device__ __forceinline__ void kiln_gemv_cuda_core_tile(const X xsrc,
         const u8* __restrict__ packed, const u8* __restrict__ scales,
         const float* __restrict__ tensor_scale, float* __restrict__ y, int N, int K, int ksplit,
-        int tile, bool first, const ROWS rows, const WAIT wait, const uint4* wsm = nullptr) {
+        int tile, bool first, const ROWS rows, const WAIT wait) {
     __shared__ float red[8][R][M];
     extern __shared__ float4 xs4[];  // the fused kernels' x (K floats, kiln_xs_index order)
     static_assert(M == 1 || !X::kShared, "the fused kernels are M = 1");
@@ -79,16 +75,6 @@ __device__ __forceinline__ void kiln_gemv_cuda_core_tile(const X xsrc,
     const uint4* wbase = reinterpret_cast<const uint4*>(packed) + (size_t)min(row0, N - 1) * wstride;
     const u16* sbase = reinterpret_cast<const u16*>(scales) + (size_t)min(row0, N - 1) * sstride;
     int rlast = N - 1 - min(row0, N - 1);  // rows past N re-read the last row (never written)
-    if constexpr (SMEM_W) {
-        // the copy holds the group's R rows (the clamped ones as copies of the last row)
-        wbase = wsm + (size_t)g * R * wstride;
-        sbase = reinterpret_cast<const u16*>(wsm + (size_t)groups * R * wstride) + (size_t)g * R * sstride;
-        rlast = R - 1;
-        if (first) {
-            wait();
-            xsrc.fill(reinterpret_cast<float*>(xs4), K);
-        }
-    }
 
     float acc[R][M];
 #pragma unroll
@@ -103,17 +89,12 @@ __device__ __forceinline__ void kiln_gemv_cuda_core_tile(const X xsrc,
 #pragma unroll
         for (int r = 0; r < R; r++) {
             int rr = min(r, rlast);
-            if constexpr (SMEM_W) {
-                wn[r] = wbase[rr * wstride + u];
-                sn[r] = sbase[rr * sstride + u];
-            } else {
-                wn[r] = kiln_ld_stream(wbase + rr * wstride + u);
-                sn[r] = __ldg(sbase + rr * sstride + u);
-            }
+            wn[r] = kiln_ld_stream(wbase + rr * wstride + u);
+            sn[r] = __ldg(sbase + rr * sstride + u);
         }
     }
     // chained launches: x and y only after the previous kernel on the stream is done
-    if (!SMEM_W && first) {
+    if (first) {
         wait();
         xsrc.fill(reinterpret_cast<float*>(xs4), K);  // (the fused kernels: x into shared memory)
     }
@@ -132,13 +113,8 @@ __device__ __forceinline__ void kiln_gemv_cuda_core_tile(const X xsrc,
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 int rr = min(r, rlast);
-                if constexpr (SMEM_W) {
-                    wn[r] = wbase[rr * wstride + u];
-                    sn[r] = sbase[rr * sstride + u];
-                } else {
-                    wn[r] = kiln_ld_stream(wbase + rr * wstride + u);
-                    sn[r] = __ldg(sbase + rr * sstride + u);
-                }
+                wn[r] = kiln_ld_stream(wbase + rr * wstride + u);
+                sn[r] = __ldg(sbase + rr * sstride + u);
             }
         }
 #pragma unroll

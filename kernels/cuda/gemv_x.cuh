@@ -18,34 +18,6 @@ struct KilnXNorm {
         __shared__ float red[32];
         const int B = min(max((K + 31) & ~31, 32), 1024);
         const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-        if (K <= 1024 && blockDim.x == 256) {
-            // one element per virtual thread (B >= K): every load in flight at once, and the
-            // values kept for the scaling (one trip to L2 instead of one per virtual warp and
-            // one more for the scaling)
-            float v[4], wv[4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int i = ((warp + 8 * j) << 5) + lane;
-                v[j] = i < K ? __ldcg(h + i) : 0.0f;
-                wv[j] = i < K ? w[i] : 0.0f;
-            }
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const float ss = kiln_warp_sum(v[j] * v[j]);
-                if (lane == 0 && warp + 8 * j < (B >> 5)) red[warp + 8 * j] = ss;
-            }
-            __syncthreads();
-            float ss = 0.0f;
-            for (int vw = 0; vw < (B >> 5); ++vw) ss += red[vw];
-            const float r = kiln_rms_scale(ss, K, eps);
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int i = ((warp + 8 * j) << 5) + lane;
-                if (i < K) xs[kiln_xs_index(i)] = v[j] * r * wv[j];
-            }
-            __syncthreads();
-            return;
-        }
         for (int vw = warp; vw < (B >> 5); vw += (int)(blockDim.x >> 5)) {
             float ss = 0.0f;
             for (int i = (vw << 5) + lane; i < K; i += B) {
@@ -69,24 +41,7 @@ struct KilnXL2 {
     const float* x;
     static constexpr bool kShared = true;
     __device__ __forceinline__ void fill(float* xs, int K) const {
-        // float4s (K is a multiple of 32; four consecutive elements stay together in the
-        // swizzled copy), four loads of a thread in flight at once
-        float4* xs4 = reinterpret_cast<float4*>(xs);
-        const float4* x4 = reinterpret_cast<const float4*>(x);
-        const int n4 = K >> 2;
-        for (int base = threadIdx.x; base < n4; base += 4 * blockDim.x) {
-            float4 v[4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int c = base + j * blockDim.x;
-                if (c < n4) v[j] = __ldcg(x4 + c);
-            }
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int c = base + j * blockDim.x;
-                if (c < n4) xs4[kiln_xs_float4(c >> 3, c & 7)] = v[j];
-            }
-        }
+        for (int i = threadIdx.x; i < K; i += blockDim.x) xs[kiln_xs_index(i)] = __ldcg(x + i);
         __syncthreads();
     }
 };

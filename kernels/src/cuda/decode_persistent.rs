@@ -244,13 +244,11 @@ struct KernelArgs {
     fold_combine: i32,
     prefetch: i32,
     barrier_kind: i32,
-    wbuf_off: i32,
-    wbuf_bytes: i32,
     eps: f32,
     softmax_scale: f32,
 }
 
-const _: () = assert!(std::mem::size_of::<KernelArgs>() == 224);
+const _: () = assert!(std::mem::size_of::<KernelArgs>() == 216);
 
 /// How the persistent kernel runs; [`PersistentOptions::default`] is what jobs run, a
 /// benchmark may set `KILN_PERSISTENT` (e.g. `blocks=1,fold=0,prefetch=0`) to compare.
@@ -267,9 +265,6 @@ pub struct PersistentOptions {
     /// polls the counter, 1 release/acquire on the counter, 2 the last block to arrive
     /// releases a flag the others poll.
     pub barrier: u32,
-    /// Each GEMV stage's weights are copied into shared memory (cp.async) while the stages
-    /// before it run, where they fit and every K is a multiple of 64.
-    pub stage_weights: bool,
 }
 
 impl Default for PersistentOptions {
@@ -281,7 +276,6 @@ impl Default for PersistentOptions {
             fold_combine: false,
             prefetch: false,
             barrier: 0,
-            stage_weights: true,
         }
     }
 }
@@ -306,10 +300,9 @@ impl PersistentOptions {
                 Some(("barrier", k)) if matches!(k, "0" | "1" | "2") => {
                     o.barrier = k.parse().expect("0, 1 or 2")
                 }
-                Some(("stage", b)) if matches!(b, "0" | "1") => o.stage_weights = b == "1",
                 _ => tracing::warn!(
                     "KILN_PERSISTENT: ignoring {kv:?} (blocks=1|2, fold=0|1, prefetch=0|1, \
-                     barrier=0|1|2, stage=0|1)"
+                     barrier=0|1|2)"
                 ),
             }
         }
@@ -376,37 +369,6 @@ fn smem_floats(s: &PersistentShape, rep_bound: usize, fold_splits: usize) -> usi
         .max(q + s.heads * fold_splits)
         .max(s.intermediate)
         .max((2 * rep_bound + 2) * s.head_dim)
-}
-
-/// Bytes of one staged tile of a GEMV with K split `ks` (`kiln_p_tile_bytes`): its 32 / ks
-/// rows' codes and scales.
-fn tile_bytes(k: usize, ks: usize) -> usize {
-    (32 / ks) * (k / 32) * 18
-}
-
-/// Bytes of each weight-staging buffer a step of `s` wants with `blocks` blocks: the most any
-/// GEMV stage's block copies — up to two tiles (a block with more reads the rest from global
-/// memory) — or 0 where a K is not a multiple of 64 (the scales go as 4-byte copies).
-fn staging_bytes(s: &PersistentShape, ks: [usize; 4], blocks: usize) -> usize {
-    let (h, i, q) = (s.hidden, s.intermediate, s.heads * s.head_dim);
-    let qkv = q + 2 * s.kv_heads * s.head_dim;
-    let gemvs = [
-        (qkv, h, ks[0]),
-        (h, q, ks[1]),
-        (2 * i, h, ks[2]),
-        (h, i, ks[3]),
-    ];
-    if gemvs.iter().any(|&(_, k, _)| !k.is_multiple_of(64)) {
-        return 0;
-    }
-    gemvs
-        .iter()
-        .map(|&(n, k, ks)| {
-            let tiles = n.div_ceil(32 / ks);
-            tiles.div_ceil(blocks.max(1)).min(2) * tile_bytes(k, ks)
-        })
-        .max()
-        .unwrap_or(0)
 }
 
 /// Whether the o stage combines `splits` splits itself (`o.fold_combine`, at most
@@ -591,17 +553,7 @@ impl CudaKernels {
         if smem_floats(s, key.1, step.splits) * 4 > f.smem_bytes {
             fold = false;
         }
-        let x_bytes =
-            (smem_floats(s, key.1, if fold { step.splits } else { 0 }) * 4).next_multiple_of(16);
-        let ks_u = self.persistent_ksplits(s);
-        let blocks = (opts.blocks_per_sm * self.sm_count) as usize;
-        let wbuf = if opts.stage_weights {
-            // as much as wanted, or as fits (each buffer a multiple of 16 bytes)
-            staging_bytes(s, ks_u, blocks).min((f.smem_bytes.saturating_sub(x_bytes) / 2) & !15)
-        } else {
-            0
-        };
-        let smem = x_bytes + 2 * wbuf;
+        let smem = smem_floats(s, key.1, if fold { step.splits } else { 0 }) * 4;
         let per_sm = func
             .occupancy_max_active_blocks_per_multiprocessor(BLOCK, smem, None)
             .map_err(drv("reading the persistent kernel's occupancy"))?
@@ -612,7 +564,7 @@ impl CudaKernels {
                  memory"
             )));
         }
-        let ks = ks_u.map(|k| k as i32);
+        let ks = self.persistent_ksplits(s).map(|k| k as i32);
         let i32_of = |v: usize| v as i32;
         let args = KernelArgs {
             ptrs: [
@@ -647,8 +599,6 @@ impl CudaKernels {
             fold_combine: i32::from(fold),
             prefetch: i32::from(opts.prefetch),
             barrier_kind: opts.barrier as i32,
-            wbuf_off: x_bytes as i32,
-            wbuf_bytes: wbuf as i32,
             eps: step.eps,
             softmax_scale: 1.0 / (s.head_dim as f32).sqrt(),
         };
@@ -691,7 +641,6 @@ mod tests {
     #[test]
     fn options_parse_known_keys_and_ignore_the_rest() {
         assert_eq!(PersistentOptions::parse(""), PersistentOptions::default());
-        assert!(!PersistentOptions::parse("stage=0").stage_weights);
         let o = PersistentOptions::parse("blocks=1,fold=1,prefetch=1,barrier=2");
         assert_eq!(
             o,
@@ -700,7 +649,6 @@ mod tests {
                 fold_combine: true,
                 prefetch: true,
                 barrier: 2,
-                stage_weights: true,
             }
         );
         assert_eq!(
@@ -723,23 +671,6 @@ mod tests {
         };
         assert_eq!(smem_floats(&wide, 8, 0), 18 * 64);
         assert_eq!(smem_floats(&wide, 8, 32), 896 + 14 * 32);
-    }
-
-    #[test]
-    fn staging_takes_the_largest_stage_up_to_two_tiles() {
-        let s = qwen05();
-        // K splits of the 0.5B shape: q/k/v, o, gate/up 1 (32 rows a tile), down 4 (8 rows)
-        let ks = [1, 1, 1, 4];
-        // 264 blocks: gate/up has 304 tiles → 2 a block of 32 · 28 · 18 bytes
-        assert_eq!(tile_bytes(896, 1), 16_128);
-        assert_eq!(tile_bytes(4864, 4), 21_888);
-        assert_eq!(staging_bytes(&s, ks, 264), 2 * 16_128);
-        // 132 blocks: three gate/up tiles a block, two staged; down 112 tiles, one
-        assert_eq!(staging_bytes(&s, ks, 132), 2 * 16_128);
-        // 1,000 blocks: one tile each at most, the down tile the largest
-        assert_eq!(staging_bytes(&s, ks, 1000), 21_888);
-        let odd = PersistentShape { hidden: 928, ..s };
-        assert_eq!(staging_bytes(&odd, ks, 264), 0);
     }
 
     #[test]
