@@ -271,28 +271,8 @@ extern "C" __global__ void __launch_bounds__(128) kiln_qkv_post_x4(
     }
 }
 
-// Load E consecutive bf16 as f32.
-template <int E>
-__device__ __forceinline__ void kiln_load_bf16(const u16* p, float out[E]) {
-    if constexpr (E == 1) {
-        out[0] = kiln_bf16_to_f32(*p);
-    } else if constexpr (E == 2) {
-        const u32 w = *reinterpret_cast<const u32*>(p);
-        out[0] = kiln_bf16_to_f32((u16)(w & 0xFFFFu));
-        out[1] = kiln_bf16_to_f32((u16)(w >> 16));
-    } else if constexpr (E == 4) {
-        const uint2 w = *reinterpret_cast<const uint2*>(p);
-        out[0] = kiln_bf16_to_f32((u16)(w.x & 0xFFFFu));
-        out[1] = kiln_bf16_to_f32((u16)(w.x >> 16));
-        out[2] = kiln_bf16_to_f32((u16)(w.y & 0xFFFFu));
-        out[3] = kiln_bf16_to_f32((u16)(w.y >> 16));
-    } else {
-#pragma unroll
-        for (int e = 0; e < E; e += 4) kiln_load_bf16<4>(p + e, out + e);
-    }
-}
-
-// (KILN_ATTN_WARPS_FOR / KILN_ATTN_GROUP_FOR, the attention block's shape: decode_ops.cuh.)
+// (KILN_ATTN_WARPS_FOR / KILN_ATTN_GROUP_FOR, the attention block's shape, kiln_load_bf16 and
+// the split's loop and warp combine, kiln_attention_split: decode_ops.cuh.)
 
 // Attention of one KV head's query group over one chunk of the context. Grid (kvh, splits, T),
 // block 32·KILN_ATTN_WARPS_FOR(HD, REP). Split s covers positions [s·chunk, (s+1)·chunk) ∩ [0, len), len =
@@ -310,16 +290,13 @@ __device__ __forceinline__ void kiln_attention_body(const float* __restrict__ q,
                                                     int cap, int chunk, float softmax_scale) {
     KILN_PDL_ENTER();
     constexpr int E = HD / 32;
-    constexpr int KILN_ATTN_WARPS = KILN_ATTN_WARPS_FOR(HD, REP);
-    constexpr int KILN_ATTN_GROUP = KILN_ATTN_GROUP_FOR(HD, REP);
     const int kv = blockIdx.x, s = blockIdx.y, t = blockIdx.z, splits = gridDim.y;
     const int rep = nh / kvh;
     const int len = *pos + t + 1;
     const int start = s * chunk;
     if (start >= len) return;
     const int end = min(start + chunk, len);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-
+    const int lane = threadIdx.x & 31;
     float qr[REP][E];
 #pragma unroll
     for (int r = 0; r < REP; ++r) {
@@ -330,89 +307,9 @@ __device__ __forceinline__ void kiln_attention_body(const float* __restrict__ q,
                                : 0.0f;
         }
     }
-    float m[REP], l[REP], acc[REP][E];
-#pragma unroll
-    for (int r = 0; r < REP; ++r) {
-        m[r] = KILN_NEG_INF;
-        l[r] = 0.0f;
-#pragma unroll
-        for (int e = 0; e < E; ++e) acc[r][e] = 0.0f;
-    }
-    const u16* kb = kc + (size_t)kv * cap * HD + lane * E;
-    const u16* vb = vc + (size_t)kv * cap * HD + lane * E;
-    // KILN_ATTN_GROUP consecutive positions per warp at a time, their rows loaded before any
-    // is used: the loads are in flight together instead of one latency per position
-    for (int j0 = start + warp * KILN_ATTN_GROUP; j0 < end; j0 += KILN_ATTN_WARPS * KILN_ATTN_GROUP) {
-        float k[KILN_ATTN_GROUP][E], v[KILN_ATTN_GROUP][E];
-#pragma unroll
-        for (int g = 0; g < KILN_ATTN_GROUP; ++g) {
-            const int j = min(j0 + g, end - 1);
-            kiln_load_bf16<E>(kb + (size_t)j * HD, k[g]);
-            kiln_load_bf16<E>(vb + (size_t)j * HD, v[g]);
-        }
-#pragma unroll
-        for (int g = 0; g < KILN_ATTN_GROUP; ++g) {
-            if (j0 + g >= end) break;
-            // every r of REP, without a branch on rep: the REP dot products and their
-            // shuffle reductions are independent and interleave (heads past rep have q = 0
-            // and are never written)
-            float d[REP];
-#pragma unroll
-            for (int r = 0; r < REP; ++r) {
-                float acc_d = 0.0f;
-#pragma unroll
-                for (int e = 0; e < E; ++e) acc_d = fmaf(qr[r][e], k[g][e], acc_d);
-                d[r] = acc_d;
-            }
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
-#pragma unroll
-                for (int r = 0; r < REP; ++r) d[r] += __shfl_xor_sync(0xFFFFFFFFu, d[r], o);
-            }
-#pragma unroll
-            for (int r = 0; r < REP; ++r) {
-                const float mn = fmaxf(m[r], d[r]);
-                const float corr = expf(m[r] - mn);
-                const float p = expf(d[r] - mn);
-                l[r] = l[r] * corr + p;
-#pragma unroll
-                for (int e = 0; e < E; ++e) acc[r][e] = fmaf(acc[r][e], corr, p * v[g][e]);
-                m[r] = mn;
-            }
-        }
-    }
-    // combine the warps
-    __shared__ float sm_m[KILN_ATTN_WARPS][REP], sm_l[KILN_ATTN_WARPS][REP];
-    __shared__ float sm_o[KILN_ATTN_WARPS][REP][HD];
-#pragma unroll
-    for (int r = 0; r < REP; ++r) {
-        if (lane == 0) {
-            sm_m[warp][r] = m[r];
-            sm_l[warp][r] = l[r];
-        }
-#pragma unroll
-        for (int e = 0; e < E; ++e) sm_o[warp][r][lane * E + e] = acc[r][e];
-    }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < rep * HD; idx += blockDim.x) {
-        const int r = idx / HD, e = idx % HD;
-        float mx = KILN_NEG_INF;
-#pragma unroll
-        for (int w = 0; w < KILN_ATTN_WARPS; ++w) mx = fmaxf(mx, sm_m[w][r]);
-        float sum = 0.0f, o = 0.0f;
-#pragma unroll
-        for (int w = 0; w < KILN_ATTN_WARPS; ++w) {
-            const float wt = sm_m[w][r] == KILN_NEG_INF ? 0.0f : expf(sm_m[w][r] - mx);
-            sum += sm_l[w][r] * wt;
-            o += sm_o[w][r][e] * wt;
-        }
-        const size_t row = ((size_t)t * nh + kv * rep + r) * splits + s;
-        part_o[row * HD + e] = o;
-        if (e == 0) {
-            part_ml[row * 2] = mx;
-            part_ml[row * 2 + 1] = sum;
-        }
-    }
+    kiln_attention_split<HD, REP, false>(qr, kc + (size_t)kv * cap * HD + lane * E,
+                                         vc + (size_t)kv * cap * HD + lane * E, start, end, rep,
+                                         part_o, part_ml, (size_t)t * nh + kv * rep, splits, s);
 }
 
 #define KILN_ATTENTION(HD, REP)                                                                   \

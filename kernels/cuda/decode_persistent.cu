@@ -205,42 +205,17 @@ struct KilnSwigluAfter {
     }
 };
 
-// E bf16 from global memory through L2, as f32.
-template <int E>
-__device__ __forceinline__ void kiln_load_bf16_cg(const u16* p, float out[E]) {
-    if constexpr (E == 1) {
-        out[0] = kiln_bf16_to_f32(__ldcg(reinterpret_cast<const unsigned short*>(p)));
-    } else if constexpr (E == 2) {
-        const u32 w = __ldcg(reinterpret_cast<const unsigned int*>(p));
-        out[0] = kiln_bf16_to_f32((u16)(w & 0xFFFFu));
-        out[1] = kiln_bf16_to_f32((u16)(w >> 16));
-    } else {
-#pragma unroll
-        for (int e = 0; e < E; e += 4) {
-            const uint2 w = __ldcg(reinterpret_cast<const uint2*>(p + e));
-            out[e] = kiln_bf16_to_f32((u16)(w.x & 0xFFFFu));
-            out[e + 1] = kiln_bf16_to_f32((u16)(w.x >> 16));
-            out[e + 2] = kiln_bf16_to_f32((u16)(w.y & 0xFFFFu));
-            out[e + 3] = kiln_bf16_to_f32((u16)(w.y >> 16));
-        }
-    }
-}
-
 // Stage B for one (kv head, split): the epilogue of the group's rep query heads (and, in the
-// split that holds position p, of k and v, appended to the cache), then kiln_attention_body's
-// computation over the split's positions with q from shared memory.
+// split that holds position p, of k and v, appended to the cache), then the attention kernel's
+// split (kiln_attention_split) with q from shared memory and the cache read through L2.
 template <int HD, int REP>
 __device__ __forceinline__ void kiln_p_attention_item(const KilnPArgs& a, const KilnPLayer& L,
                                                       u16* kc, u16* vc, int kv, int s, int p,
                                                       int ns, float* sh) {
     constexpr int E = HD / 32;
-    constexpr int W = KILN_ATTN_WARPS_FOR(HD, REP);
-    constexpr int GROUP = KILN_ATTN_GROUP_FOR(HD, REP);
     __shared__ float wsum[(REP + 2) * HD / 32];
-    __shared__ float sm_m[W][REP], sm_l[W][REP];
-    __shared__ float sm_o[W][REP][HD];
     const int rep = a.nh / a.kvh, half = HD / 2;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int lane = threadIdx.x & 31;
     const bool holds_p = s == ns - 1;
     const int nheads = rep + (holds_p ? 2 : 0);  // q heads of the group, then k and v
     float* raw = sh;                // [nheads][HD]: scaled + bias
@@ -297,83 +272,9 @@ __device__ __forceinline__ void kiln_p_attention_item(const KilnPArgs& a, const 
     for (int r = 0; r < REP; ++r)
 #pragma unroll
         for (int e = 0; e < E; ++e) qr[r][e] = r < rep ? qs[r * HD + lane * E + e] * a.softmax_scale : 0.0f;
-    float m[REP], l[REP], acc[REP][E];
-#pragma unroll
-    for (int r = 0; r < REP; ++r) {
-        m[r] = KILN_NEG_INF;
-        l[r] = 0.0f;
-#pragma unroll
-        for (int e = 0; e < E; ++e) acc[r][e] = 0.0f;
-    }
-    if (warp < W) {
-        const u16* kb = kc + (size_t)kv * a.cap * HD + lane * E;
-        const u16* vb = vc + (size_t)kv * a.cap * HD + lane * E;
-        for (int j0 = start + warp * GROUP; j0 < end; j0 += W * GROUP) {
-            float k[GROUP][E], v[GROUP][E];
-#pragma unroll
-            for (int g = 0; g < GROUP; ++g) {
-                const int j = min(j0 + g, end - 1);
-                kiln_load_bf16_cg<E>(kb + (size_t)j * HD, k[g]);
-                kiln_load_bf16_cg<E>(vb + (size_t)j * HD, v[g]);
-            }
-#pragma unroll
-            for (int g = 0; g < GROUP; ++g) {
-                if (j0 + g >= end) break;
-                float d[REP];
-#pragma unroll
-                for (int r = 0; r < REP; ++r) {
-                    float acc_d = 0.0f;
-#pragma unroll
-                    for (int e = 0; e < E; ++e) acc_d = fmaf(qr[r][e], k[g][e], acc_d);
-                    d[r] = acc_d;
-                }
-#pragma unroll
-                for (int o = 16; o > 0; o >>= 1) {
-#pragma unroll
-                    for (int r = 0; r < REP; ++r) d[r] += __shfl_xor_sync(0xFFFFFFFFu, d[r], o);
-                }
-#pragma unroll
-                for (int r = 0; r < REP; ++r) {
-                    const float mn = fmaxf(m[r], d[r]);
-                    const float corr = expf(m[r] - mn);
-                    const float pr = expf(d[r] - mn);
-                    l[r] = l[r] * corr + pr;
-#pragma unroll
-                    for (int e = 0; e < E; ++e) acc[r][e] = fmaf(acc[r][e], corr, pr * v[g][e]);
-                    m[r] = mn;
-                }
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < REP; ++r) {
-            if (lane == 0) {
-                sm_m[warp][r] = m[r];
-                sm_l[warp][r] = l[r];
-            }
-#pragma unroll
-            for (int e = 0; e < E; ++e) sm_o[warp][r][lane * E + e] = acc[r][e];
-        }
-    }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < rep * HD; idx += blockDim.x) {
-        const int r = idx / HD, e = idx % HD;
-        float mx = KILN_NEG_INF;
-#pragma unroll
-        for (int w = 0; w < W; ++w) mx = fmaxf(mx, sm_m[w][r]);
-        float sum = 0.0f, o = 0.0f;
-#pragma unroll
-        for (int w = 0; w < W; ++w) {
-            const float wt = sm_m[w][r] == KILN_NEG_INF ? 0.0f : expf(sm_m[w][r] - mx);
-            sum += sm_l[w][r] * wt;
-            o += sm_o[w][r][e] * wt;
-        }
-        const size_t prow = ((size_t)kv * rep + r) * a.splits + s;
-        a.part_o[prow * HD + e] = o;
-        if (e == 0) {
-            a.part_ml[prow * 2] = mx;
-            a.part_ml[prow * 2 + 1] = sum;
-        }
-    }
+    kiln_attention_split<HD, REP, true>(qr, kc + (size_t)kv * a.cap * HD + lane * E,
+                                        vc + (size_t)kv * a.cap * HD + lane * E, start, end, rep,
+                                        a.part_o, a.part_ml, (size_t)kv * rep, a.splits, s);
     __syncthreads();
 }
 
