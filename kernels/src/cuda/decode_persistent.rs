@@ -3,12 +3,14 @@
 //! whose blocks run the stages one after another, separated by grid barriers (a counter in
 //! global memory) instead of kernel boundaries — ~10 launches a layer become none. It computes
 //! the separate kernels' bits (GPU test `fused_decode_steps_equal_the_separate_kernels` in the
-//! engine, passed on an H100). Where it runs is the engine's choice;
-//! [`CudaKernels::persistent_decode_fits`] says where it can. Measured (H100, 2026-12-05) it
-//! is slower than the captured graph of separate kernels — Qwen2.5-0.5B shape 1,105 vs 819 µs
-//! a step, ~9 µs a stage where a chained launch costs ~3.5 — so the engine does not run it by
-//! default (`DECODE_FUSION`); it is a benchmark option (`kiln bench engine --device cuda
-//! --persistent-decode`).
+//! engine, passed on an H100 and an H200). Where it runs is the engine's choice;
+//! [`CudaKernels::persistent_decode_fits`] says where it can. Measured it is slower than the
+//! captured graph of separate kernels — Qwen2.5-0.5B shape 1,105 vs 819 µs a step on an H100,
+//! 1,029 vs 767 µs on an H200 — so the engine does not run it by default (`DECODE_FUSION`); it
+//! is a benchmark option (`kiln bench engine --device cuda --persistent-decode`), which also
+//! traces a step ([`PersistentStep::trace`], [`stage_timings`]) and times grid barriers alone
+//! ([`CudaKernels::grid_barrier_probe_us`]): a barrier costs ~1 µs, a stage 3–8 µs, the
+//! critical path of the few blocks with a tile.
 
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig};
 
