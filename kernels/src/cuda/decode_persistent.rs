@@ -61,8 +61,8 @@ pub struct StageTiming {
 
 /// The stage timings of a trace the kernel wrote ([`PersistentStep::trace`]): header (blocks,
 /// barriers), then per barrier and block the global timer (ns) at arrival and at release.
-/// Barrier 0 ends the embedding; then each layer's stages ([`STAGES`], or five with the
-/// combine folded), the last barrier ending the last layer's down GEMV.
+/// Barrier 0 ends the embedding; then each layer's six stages (q/k/v, attention, combine, o,
+/// gate/up, down; five with the combine folded into o), the last barrier ending the last layer's down GEMV.
 pub fn stage_timings(raw: &[u64], layers: usize) -> Result<Vec<StageTiming>, String> {
     let (nb, nbar) = (
         raw.first().copied().unwrap_or(0) as usize,
@@ -218,7 +218,8 @@ pub struct PersistentStep {
     pub v_cache: DevAddr,
     /// [`BARRIER_WORDS`] u32 the launch zeroes first (the grid barrier's counter and flag).
     pub barrier: DevAddr,
-    /// 0, or [`trace_words`] u64 for the barriers' timestamps (see [`PersistentTrace`]).
+    /// 0, or [`CudaKernels::persistent_trace_words`] u64 for the barriers' timestamps (see
+    /// [`stage_timings`]).
     pub trace: DevAddr,
     /// Positions the caches hold.
     pub capacity: usize,
