@@ -680,6 +680,22 @@ mod tests {
     }
 
     #[test]
+    fn the_kernel_table_is_what_the_cu_file_instantiates() {
+        let built: Vec<(usize, usize)> = crate::cuda::compile::macro_instances(
+            include_str!("../../cuda/decode_persistent.cu"),
+            "KILN_DECODE_PERSISTENT",
+        )
+        .into_iter()
+        .map(|(v, _)| (v[0], v[1]))
+        .collect();
+        assert_eq!(built, PERSISTENT_KERNELS);
+        // each is an attention kernel's configuration (the engine picks both by one key)
+        for k in PERSISTENT_KERNELS {
+            assert!(super::super::decode::ATTENTION_KERNELS.contains(k), "{k:?}");
+        }
+    }
+
+    #[test]
     fn a_trace_becomes_stage_timings() {
         // 2 blocks, 1 layer of 6 stages: barrier e released by both blocks at 10e µs; block 0
         // arrives 1 µs after the previous release, block 1 (the stage's tile) after 3e µs
