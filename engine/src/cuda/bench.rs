@@ -530,18 +530,23 @@ pub struct AnchorRow {
     pub param_bytes: u64,
 }
 
+/// A benchmark table in the style every GPU benchmark prints (UTF-8 borders) with `header`.
+pub(crate) fn table(header: Vec<&str>) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::UTF8_FULL);
+    t.set_header(header);
+    t
+}
+
 impl GpuBench {
     /// The tables, with the anchor's ratios where it has the model.
     pub fn to_table(&self, anchor: Option<&Anchor>) -> String {
-        use comfy_table::{presets::UTF8_FULL, Table};
         let find = |m: &str| anchor.and_then(|a| a.rows.iter().find(|r| r.model == m));
         let mut out = format!(
             "GPU engine on {} — batch 1, {} prompt tokens then {} greedy tokens\n",
             self.device, self.prompt_tokens, self.new_tokens
         );
-        let mut t = Table::new();
-        t.load_preset(UTF8_FULL);
-        t.set_header(vec![
+        let mut t = table(vec![
             "model",
             "decode tok/s (graph)",
             "plain launches",
@@ -573,9 +578,7 @@ impl GpuBench {
             ]);
         }
         out += &format!("{t}\n");
-        let mut t = Table::new();
-        t.load_preset(UTF8_FULL);
-        t.set_header(vec![
+        let mut t = table(vec![
             "model",
             "prompt tokens",
             "time to first token ms",
@@ -617,9 +620,7 @@ impl GpuBench {
         }
         out += &format!("{t}\n");
         if self.rows.iter().any(|r| !r.prefill_slabs.is_empty()) {
-            let mut t = Table::new();
-            t.load_preset(UTF8_FULL);
-            t.set_header(vec![
+            let mut t = table(vec![
                 "model",
                 "prompt tokens",
                 "weight slab MiB",
@@ -656,9 +657,7 @@ impl GpuBench {
                 }
             );
         }
-        let mut t = Table::new();
-        t.load_preset(UTF8_FULL);
-        t.set_header(vec![
+        let mut t = table(vec![
             "model",
             "step µs",
             "GEMVs",
@@ -707,10 +706,7 @@ impl GpuBench {
 
     /// The persistent kernel's stages in a traced step.
     fn stage_table(&self) -> String {
-        use comfy_table::{presets::UTF8_FULL, Table};
-        let mut t = Table::new();
-        t.load_preset(UTF8_FULL);
-        t.set_header(vec![
+        let mut t = table(vec![
             "model",
             "persistent stage",
             "span µs",
@@ -740,10 +736,7 @@ impl GpuBench {
 
     /// Grid barriers alone, by implementation and blocks per SM.
     fn barrier_table(&self) -> String {
-        use comfy_table::{presets::UTF8_FULL, Table};
-        let mut t = Table::new();
-        t.load_preset(UTF8_FULL);
-        t.set_header(vec!["barrier kind", "blocks per SM", "µs per barrier"]);
+        let mut t = table(vec!["barrier kind", "blocks per SM", "µs per barrier"]);
         let base = self.barrier_probe.first().map_or(1.0, |b| b.2);
         for &(kind, blocks, us) in &self.barrier_probe {
             t.add_row(vec![
@@ -761,10 +754,7 @@ impl GpuBench {
 
     /// Short prompts through 8-row GEMV batches against the GEMMs.
     fn short_prompt_table(&self) -> String {
-        use comfy_table::{presets::UTF8_FULL, Table};
-        let mut t = Table::new();
-        t.load_preset(UTF8_FULL);
-        t.set_header(vec![
+        let mut t = table(vec![
             "model",
             "prompt tokens",
             "8-row GEMV batches ms",
@@ -799,10 +789,7 @@ impl GpuBench {
 
     /// The fused decode GEMVs against the default decode of the same run.
     fn fused_table(&self) -> String {
-        use comfy_table::{presets::UTF8_FULL, Table};
-        let mut t = Table::new();
-        t.load_preset(UTF8_FULL);
-        t.set_header(vec![
+        let mut t = table(vec![
             "model",
             "fused",
             "decode tok/s (default)",

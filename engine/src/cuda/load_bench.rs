@@ -134,10 +134,7 @@ fn check_same(
 impl LoadBench {
     /// The table, the host's cores as the baseline.
     pub fn to_table(&self) -> String {
-        use comfy_table::{presets::UTF8_FULL, Table};
-        let mut t = Table::new();
-        t.load_preset(UTF8_FULL);
-        t.set_header(vec![
+        let mut t = super::bench::table(vec![
             "float linears quantized on",
             "read files ms",
             "build + quantize ms",

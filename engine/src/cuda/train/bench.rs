@@ -260,9 +260,7 @@ fn bench_one(
 
 /// The results as a table, with the anchor's tokens/s and the ratio where it has the row.
 pub fn train_table(device: &str, rows: &[TrainBenchRow], anchor: Option<&TrainAnchor>) -> String {
-    use comfy_table::{presets::UTF8_FULL, Table};
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL).set_header(vec![
+    let mut t = crate::cuda::bench::table(vec![
         "model",
         "mode",
         "batch × seq",
