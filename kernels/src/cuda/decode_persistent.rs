@@ -75,6 +75,9 @@ pub fn stage_timings(raw: &[u64], layers: usize) -> Result<Vec<StageTiming>, Str
     }
     let per = (nbar - 1) / layers;
     let names: &[&'static str] = match per {
+        6 | 5 if per * layers != nbar - 1 => {
+            return Err(format!("{nbar} barriers do not make {layers} whole layers"))
+        }
         6 => &STAGES,
         5 => &STAGES_FOLDED,
         _ => {
@@ -451,6 +454,24 @@ impl CudaKernels {
         Ok(())
     }
 
+    /// Queue the zeroing of a grid barrier's [`BARRIER_WORDS`] u32 at `bar` (before each
+    /// launch that waits on it).
+    ///
+    /// # Safety
+    /// `bar` is a live buffer of [`BARRIER_WORDS`] u32.
+    unsafe fn zero_barrier(&self, bar: DevAddr) -> Result<(), KernelError> {
+        // SAFETY: the caller's contract.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                bar,
+                0,
+                BARRIER_WORDS * 4,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(drv("zeroing a grid barrier"))
+    }
+
     /// u64 words a trace of a step of `layers` layers needs ([`PersistentStep::trace`]).
     pub fn persistent_trace_words(&self, layers: usize) -> usize {
         8 + 2 * (6 * layers + 1) * (MAX_BLOCKS_PER_SM * self.sm_count) as usize
@@ -484,13 +505,7 @@ impl CudaKernels {
             // SAFETY: the counter is BARRIER_WORDS live u32; the parameters match
             // kiln_grid_barrier_probe's (u32*, u64*, int, int).
             unsafe {
-                cudarc::driver::result::memset_d8_async(
-                    bar_addr,
-                    0,
-                    BARRIER_WORDS * 4,
-                    self.stream.cu_stream(),
-                )
-                .map_err(drv("zeroing the barrier probe's counter"))?;
+                self.zero_barrier(bar_addr)?;
                 launch_cooperative(
                     &self.stream,
                     &f.probe,
@@ -609,15 +624,7 @@ impl CudaKernels {
             softmax_scale: 1.0 / (s.head_dim as f32).sqrt(),
         };
         // SAFETY: BARRIER_WORDS u32 (the caller's contract).
-        unsafe {
-            cudarc::driver::result::memset_d8_async(
-                step.barrier,
-                0,
-                BARRIER_WORDS * 4,
-                self.stream.cu_stream(),
-            )
-        }
-        .map_err(drv("zeroing the persistent kernel's barrier"))?;
+        unsafe { self.zero_barrier(step.barrier)? };
         let cfg = LaunchConfig {
             grid_dim: (per_sm * self.sm_count, 1, 1),
             block_dim: (BLOCK, 1, 1),
@@ -721,6 +728,11 @@ mod tests {
         assert!((t[1].barrier_us - 4.0).abs() < 1e-9);
         assert!(stage_timings(&raw, 2).is_err());
         assert!(stage_timings(&raw[..20], 1).is_err());
+        // 14 barriers: 2 layers of 6 and one too many
+        let mut odd = vec![0u64; 8 + 2 * nb * 14];
+        odd[0] = nb as u64;
+        odd[1] = 14;
+        assert!(stage_timings(&odd, 2).unwrap_err().contains("whole layers"));
     }
 
     #[test]
